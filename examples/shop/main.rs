@@ -1,0 +1,109 @@
+//! The shop: pgfresh's reference use. A product card fragment, kept fresh in Redis, with the pgfresh
+//! command line plus `setup` (schema, sample data, pgfresh, watches) and `demo` (setup, a first sweep,
+//! then listen).
+//!
+//!     cargo run --release --example shop -- demo
+
+mod product_card;
+mod setup;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use pgfresh::cli::{self, Command, Connections};
+use pgfresh::config::{ListenSettings, SweepSettings};
+use pgfresh::db::Database;
+use pgfresh::sink::RedisSink;
+use pgfresh::{Fragments, shutdown};
+
+use product_card::ProductCard;
+
+#[derive(Parser)]
+#[command(about = "pgfresh's example shop: product cards kept fresh in Redis")]
+struct ShopCli {
+    #[command(flatten)]
+    connections: Connections,
+    #[command(subcommand)]
+    command: ShopCommand,
+}
+
+#[derive(Subcommand)]
+enum ShopCommand {
+    /// Create the shop schema, load sample products when empty, install pgfresh and the watches.
+    Setup {
+        /// Products to load into an empty table (3 reviews each).
+        #[arg(long, default_value_t = 1000)]
+        products: i64,
+    },
+    /// Setup, fill Redis with a sweep, then listen: watch fragments follow your UPDATEs.
+    Demo {
+        /// Products to load into an empty table (3 reviews each).
+        #[arg(long, default_value_t = 1000)]
+        products: i64,
+    },
+    #[command(flatten)]
+    Pgfresh(Command),
+}
+
+fn main() -> ExitCode {
+    let shop = ShopCli::parse();
+    let fragments = Fragments::new().with(ProductCard::new());
+    cli::run_command(|| async move {
+        match shop.command {
+            ShopCommand::Setup { products } => {
+                let db = Database::new(&shop.connections.database_url, 2)?;
+                db.check().await?;
+                let report = setup::setup(&db, products).await?;
+                println!("{}", describe_setup(&report, &db));
+                Ok(ExitCode::SUCCESS)
+            }
+            ShopCommand::Demo { products } => demo(&shop.connections, fragments, products).await,
+            ShopCommand::Pgfresh(command) => {
+                cli::execute(&shop.connections, command, &fragments).await
+            }
+        }
+    })
+}
+
+fn describe_setup(report: &setup::SetupReport, db: &Database) -> String {
+    format!(
+        "shop ready in database {}: {} products ({} loaded now), pgfresh installed, watching products.id and reviews.product_id",
+        db.name(),
+        report.products,
+        report.loaded
+    )
+}
+
+async fn demo(
+    connections: &Connections,
+    fragments: Fragments,
+    products: i64,
+) -> Result<ExitCode, pgfresh::Error> {
+    let db = Database::new(&connections.database_url, 12)?;
+    db.check().await?;
+    let sink = RedisSink::connect(&connections.redis_url).await?;
+    sink.ping().await?;
+    let report = setup::setup(&db, products).await?;
+    println!("{}", describe_setup(&report, &db));
+
+    let shutdown = shutdown::on_signal();
+    let sweep =
+        pgfresh::sweep::run(&db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
+    println!("{sweep}");
+
+    let id = 42.min(report.products.max(1));
+    println!(
+        "\nListening. In another terminal, read a card, change its product, and read it again:\n\
+         \n  redis-cli -u {redis} GET {prefix}{id}:full\
+         \n  psql {database} -c \"UPDATE products SET price_cents = price_cents + 100 WHERE id = {id}\"\
+         \n  redis-cli -u {redis} GET {prefix}{id}:full\
+         \n\nOr add a review:\
+         \n  psql {database} -c \"INSERT INTO reviews (product_id, author, rating, body) VALUES ({id}, 'You', 5, 'Fresh!')\"\
+         \n\nCtrl-C stops the listener.\n",
+        redis = sink.url(),
+        database = db.url(),
+        prefix = product_card::KEY_PREFIX,
+    );
+    pgfresh::listener::run(db, sink, fragments, ListenSettings::default(), shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,21 @@
+-- pgfresh: install or upgrade, in one transaction.
+--
+--     psql -v ON_ERROR_STOP=1 -f sql/install.sql "$DATABASE_URL"
+--
+-- Running it again is a no-op: each numbered file in migrations/ runs once, and records itself in
+-- pgfresh.migrations. `pgfresh install` applies exactly these files, embedded at compile time, in the same
+-- order and the same way. Read every file before you run it; nothing here touches your tables until you
+-- call pgfresh.watch().
+
+\set ON_ERROR_STOP 1
+BEGIN;
+SET LOCAL client_min_messages = warning;
+
+\ir prepare.sql
+
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 1) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0001_initial.sql
+\endif
+
+COMMIT;

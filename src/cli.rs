@@ -1,0 +1,405 @@
+//! The command line that users reuse in their own fragment binary: `install`, `uninstall`, `listen`,
+//! `sweep`, `render`, `status` and `retry-failed`.
+//!
+//! This is the only layer that reads flags and the environment; it turns them into typed settings once
+//! and hands them to the library. A binary with extra commands (like `examples/shop`) flattens
+//! [`Connections`] and [`Command`] into its own parser and calls [`execute`].
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::Error;
+use crate::config::{ListenSettings, SweepSettings};
+use crate::db::Database;
+use crate::fragment::Fragments;
+use crate::sink::RedisSink;
+use crate::{queue, schema, shutdown};
+
+/// Where PostgreSQL and Redis are.
+#[derive(Args, Clone, Debug)]
+pub struct Connections {
+    /// PostgreSQL connection URL (or libpq key=value string).
+    #[arg(
+        long,
+        env = "DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
+        hide_env_values = true,
+        global = true
+    )]
+    pub database_url: String,
+    /// Redis connection URL; a /N path selects database N.
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true,
+        global = true
+    )]
+    pub redis_url: String,
+}
+
+/// pgfresh's commands.
+#[derive(Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Install pgfresh in the database, or upgrade it (runs the same SQL as sql/install.sql).
+    Install,
+    /// Remove every pgfresh object, triggers included; your tables are untouched.
+    Uninstall,
+    /// Keep Redis fresh: apply committed changes as they happen, until SIGINT or SIGTERM.
+    Listen(ListenArgs),
+    /// Re-render every fragment once and delete entries whose row is gone.
+    Sweep(SweepArgs),
+    /// Print the HTML of one fragment for one key, touching nothing.
+    Render(RenderArgs),
+    /// Show the installed version, watches, queue and listeners.
+    Status,
+    /// Put changes parked in pgfresh.failed back into the queue.
+    RetryFailed,
+}
+
+/// Flags of `listen`.
+#[derive(Args, Clone, Debug)]
+pub struct ListenArgs {
+    /// How often to check the queue when no NOTIFY arrives (the fallback for lost wake-ups).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    pub poll_interval: Duration,
+    /// How often to run a full sweep (one listener of all at a time); 0 disables.
+    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    pub sweep_interval: Duration,
+    /// Most changes claimed per batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub batch_size: i64,
+    /// Batches processed concurrently.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// Failed attempts before a change is parked in pgfresh.failed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_attempts: i32,
+    /// How the periodic sweep pages through keys.
+    #[command(flatten)]
+    pub sweep: SweepTuning,
+}
+
+/// Flags of `sweep`.
+#[derive(Args, Clone, Debug)]
+pub struct SweepArgs {
+    /// Sweep only this fragment.
+    #[arg(long)]
+    pub fragment: Option<String>,
+    /// How the sweep pages through keys.
+    #[command(flatten)]
+    pub tuning: SweepTuning,
+}
+
+/// How a sweep pages through keys.
+#[derive(Args, Clone, Debug)]
+pub struct SweepTuning {
+    /// Keys per sweep page.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub page_size: i64,
+    /// Sweep pages in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub sweep_concurrency: u16,
+}
+
+/// Arguments of `render`.
+#[derive(Args, Clone, Debug)]
+pub struct RenderArgs {
+    /// Fragment name.
+    pub fragment: String,
+    /// Key, as its text form in the queue (e.g. a product id).
+    pub key: String,
+    /// Variant to render (default: the fragment's first).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+/// The plain pgfresh command line.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Keep pre-rendered HTML fragments in Redis fresh from PostgreSQL"
+)]
+pub struct Cli {
+    /// Where PostgreSQL and Redis are.
+    #[command(flatten)]
+    pub connections: Connections,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Runs the pgfresh command line with these fragments: a complete `main` for a fragment binary.
+pub fn main(fragments: Fragments) -> ExitCode {
+    let cli = Cli::parse();
+    run_command(|| execute(&cli.connections, cli.command.clone(), &fragments))
+}
+
+/// Sets up logging, panics as one log line, and a runtime; runs `command`; prints an error as one
+/// line and turns it into the exit code.
+pub fn run_command<F, Fut>(command: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, Error>>,
+{
+    init_logging();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs to stderr, filtered by `RUST_LOG` (default `info`); a panic becomes one error line.
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .try_init();
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!("panic{place}: {message}");
+    }));
+}
+
+/// Runs one pgfresh command.
+pub async fn execute(
+    connections: &Connections,
+    command: Command,
+    fragments: &Fragments,
+) -> Result<ExitCode, Error> {
+    fragments.validate()?;
+    let db = Database::new(&connections.database_url, pool_size(&command))?;
+    db.check().await?;
+    match command {
+        Command::Install => install(&db).await,
+        Command::Uninstall => {
+            schema::uninstall(&db).await?;
+            println!(
+                "pgfresh uninstalled from database {}; your tables are untouched",
+                db.name()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status => status(&db).await,
+        Command::RetryFailed => {
+            schema::ensure_installed(&db).await?;
+            let moved = queue::retry_failed(&*db.get().await?).await?;
+            println!("{moved} parked changes put back in the queue");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Render(args) => render(&db, fragments, args).await,
+        Command::Listen(args) => {
+            require_fragments(fragments)?;
+            let sink = RedisSink::connect(&connections.redis_url).await?;
+            sink.ping().await.map_err(|e| redis_unreachable(&sink, e))?;
+            let settings = ListenSettings {
+                batch_size: args.batch_size,
+                workers: args.workers.into(),
+                poll_interval: args.poll_interval,
+                sweep_interval: (!args.sweep_interval.is_zero()).then_some(args.sweep_interval),
+                max_attempts: args.max_attempts,
+                sweep: sweep_settings(&args.sweep, None),
+            };
+            crate::listener::run(db, sink, fragments.clone(), settings, shutdown::on_signal())
+                .await?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Sweep(args) => {
+            require_fragments(fragments)?;
+            schema::ensure_installed(&db).await?;
+            let sink = RedisSink::connect(&connections.redis_url).await?;
+            sink.ping().await.map_err(|e| redis_unreachable(&sink, e))?;
+            let settings = sweep_settings(&args.tuning, args.fragment);
+            let report =
+                crate::sweep::run(&db, &sink, fragments, &settings, &shutdown::on_signal()).await?;
+            println!("{report}");
+            Ok(if report.succeeded() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+    }
+}
+
+fn pool_size(command: &Command) -> usize {
+    match command {
+        // Workers, the sweep's pages and its pager, and the bookkeeping (idle flag, heartbeat).
+        Command::Listen(args) => {
+            usize::from(args.workers) + usize::from(args.sweep.sweep_concurrency) + 3
+        }
+        Command::Sweep(args) => usize::from(args.tuning.sweep_concurrency) + 1,
+        _ => 1,
+    }
+}
+
+fn sweep_settings(tuning: &SweepTuning, only: Option<String>) -> SweepSettings {
+    SweepSettings {
+        page_size: tuning.page_size,
+        concurrency: tuning.sweep_concurrency.into(),
+        only,
+    }
+}
+
+fn require_fragments(fragments: &Fragments) -> Result<(), Error> {
+    if fragments.is_empty() {
+        return Err(Error::Fragment(
+            "this binary has no fragments; build your own binary with pgfresh::cli::main (see README, \"Writing a fragment\")"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
+fn redis_unreachable(sink: &RedisSink, error: Error) -> Error {
+    Error::RedisConnect {
+        url: sink.url().to_string(),
+        reason: error.to_string(),
+    }
+}
+
+async fn install(db: &Database) -> Result<ExitCode, Error> {
+    let applied = schema::install(db).await?;
+    if applied.is_empty() {
+        println!(
+            "pgfresh schema version {} is already installed in database {}; nothing to do",
+            schema::required_version(),
+            db.name()
+        );
+    } else {
+        println!(
+            "pgfresh schema version {} installed in database {} (applied {})",
+            schema::required_version(),
+            db.name(),
+            applied.join(", ")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn render(db: &Database, fragments: &Fragments, args: RenderArgs) -> Result<ExitCode, Error> {
+    let fragment = fragments.get(&args.fragment).ok_or_else(|| {
+        Error::Fragment(format!(
+            "no fragment named {:?}; this binary has: {}",
+            args.fragment,
+            fragments.names()
+        ))
+    })?;
+    let variant = args.variant.as_deref().unwrap_or(fragment.variants()[0]);
+    if !fragment.variants().contains(&variant) {
+        return Err(Error::Fragment(format!(
+            "{} has no variant {variant:?}; it has: {}",
+            fragment.name(),
+            fragment.variants().join(", ")
+        )));
+    }
+    let client = db.get().await?;
+    let keys = [args.key.clone()];
+    let outcome = fragment.render_keys(&client, &keys).await?.pop();
+    match outcome {
+        Some(crate::fragment::KeyOutcome::Rendered(entries)) => {
+            let index = fragment
+                .variants()
+                .iter()
+                .position(|v| *v == variant)
+                .unwrap_or(0);
+            println!("{}", entries[index].1);
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(crate::fragment::KeyOutcome::Gone(_)) => Err(Error::Fragment(format!(
+            "{} has no row for key {:?}",
+            fragment.name(),
+            args.key
+        ))),
+        Some(crate::fragment::KeyOutcome::Failed(reason)) => Err(Error::Fragment(reason)),
+        None => Err(Error::Fragment("nothing rendered".into())),
+    }
+}
+
+async fn status(db: &Database) -> Result<ExitCode, Error> {
+    let client = db.get().await?;
+    let Some(version) = schema::installed_version(&client).await? else {
+        return Err(Error::NotInstalled {
+            database: db.name(),
+        });
+    };
+    println!(
+        "pgfresh {} (schema version {version}, this binary needs {}) in database {} at {}",
+        env!("CARGO_PKG_VERSION"),
+        schema::required_version(),
+        db.name(),
+        db.url()
+    );
+    let watches = client
+        .query(
+            "SELECT table_oid::regclass::text, key_column::text, topic FROM pgfresh.watches ORDER BY 1, 3",
+            &[],
+        )
+        .await?;
+    println!("watches: {}", watches.len());
+    for row in &watches {
+        println!(
+            "  {}.{} -> topic {}",
+            row.get::<_, String>(0),
+            row.get::<_, String>(1),
+            row.get::<_, String>(2)
+        );
+    }
+    let stats = queue::stats(&client).await?;
+    let oldest = stats.oldest.map_or("none".to_string(), |age| {
+        format!("{:.1} s old", age.as_secs_f64())
+    });
+    println!(
+        "queue: {} pending (oldest {oldest}), {} parked in pgfresh.failed",
+        stats.pending, stats.failed
+    );
+    let listeners = client
+        .query(
+            "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8 FROM pgfresh.listeners
+             WHERE seen_at > now() - interval '1 minute' ORDER BY started_at",
+            &[],
+        )
+        .await?;
+    println!("listeners: {}", listeners.len());
+    for row in &listeners {
+        println!(
+            "  {} ({}, seen {:.0} s ago)",
+            row.get::<_, String>(0),
+            if row.get(1) { "idle" } else { "busy" },
+            row.get::<_, f64>(2)
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Parses "500ms", "1s", "1h", or "0".
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 1s, 10m, 1h, 0)"))
+}

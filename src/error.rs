@@ -1,0 +1,115 @@
+//! The library's error type: one enum callers can match, whose messages say what failed and what to do.
+//!
+//! Connection URLs in messages are always redacted (see [`crate::config::redact_url`]).
+
+/// Everything that can go wrong in pgfresh.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// PostgreSQL could not be reached or refused the connection.
+    #[error(
+        "cannot connect to PostgreSQL at {url}: {reason}; start it, or point --database-url / DATABASE_URL at it"
+    )]
+    PostgresConnect {
+        /// The URL, password removed.
+        url: String,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// Redis could not be reached or refused the connection.
+    #[error(
+        "cannot connect to Redis at {url}: {reason}; start it, or point --redis-url / REDIS_URL at it"
+    )]
+    RedisConnect {
+        /// The URL, password removed.
+        url: String,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// A connection URL that does not parse.
+    #[error("invalid {what} URL {url}: {reason}")]
+    InvalidUrl {
+        /// "PostgreSQL" or "Redis".
+        what: &'static str,
+        /// The URL, password removed.
+        url: String,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// The pgfresh schema is missing from the database.
+    #[error(
+        "pgfresh is not installed in database {database}; run the `install` command (or psql -f sql/install.sql) first"
+    )]
+    NotInstalled {
+        /// The database name.
+        database: String,
+    },
+    /// The installed schema is older than this binary needs.
+    #[error(
+        "pgfresh schema version {installed} is installed in database {database} but this binary needs {required}; run the `install` command to upgrade"
+    )]
+    OutdatedSchema {
+        /// The database name.
+        database: String,
+        /// Highest migration applied.
+        installed: i32,
+        /// Highest migration this binary knows.
+        required: i32,
+    },
+    /// A query failed.
+    #[error("PostgreSQL: {}", describe_postgres(.0))]
+    Postgres(#[from] tokio_postgres::Error),
+    /// No pooled PostgreSQL connection could be had.
+    #[error("PostgreSQL connection pool: {}", describe_pool(.0))]
+    Pool(#[from] deadpool_postgres::PoolError),
+    /// A Redis command failed.
+    #[error("Redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// A fragment is misdefined or misbehaved, or a name given on the command line matches none.
+    #[error("{0}")]
+    Fragment(String),
+}
+
+/// One line for a PostgreSQL error: the server's own message (with its hint) when there is one.
+pub fn describe_postgres(error: &tokio_postgres::Error) -> String {
+    if let Some(db) = error.as_db_error() {
+        return match db.hint() {
+            Some(hint) => format!("{} ({hint})", db.message()),
+            None => db.message().to_string(),
+        };
+    }
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+fn describe_pool(error: &deadpool_postgres::PoolError) -> String {
+    match error {
+        deadpool_postgres::PoolError::Backend(e) => describe_postgres(e),
+        other => other.to_string(),
+    }
+}
+
+impl Error {
+    /// True when the error means a connection is gone (or never came), so retrying later can succeed;
+    /// false for errors in the data or the code, which retrying the same input would only repeat.
+    pub fn is_connection(&self) -> bool {
+        match self {
+            Error::PostgresConnect { .. } | Error::RedisConnect { .. } | Error::Pool(_) => true,
+            Error::Postgres(e) => e.is_closed() || e.as_db_error().is_none(),
+            Error::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_timeout()
+                    || e.is_connection_refusal()
+            }
+            _ => false,
+        }
+    }
+}

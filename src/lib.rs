@@ -1,0 +1,44 @@
+//! pgfresh keeps pre-rendered HTML fragments in Redis fresh from PostgreSQL.
+//!
+//! Triggers (installed from `sql/`) queue every committed change to watched tables; a listener
+//! re-renders only the affected fragments with maud and writes them to Redis within milliseconds; a
+//! full sweep repairs anything else. You write fragments against [`Fragment`] and reuse the command
+//! line with [`cli::main`].
+//!
+//! # Layout
+//! - [`fragment`]: the [`Fragment`] trait users implement, and the [`Fragments`] a binary serves.
+//! - [`schema`]: installing, upgrading, checking and removing the SQL in `sql/`.
+//! - [`queue`]: claiming and settling batches of changes; the listener registry.
+//! - [`refresh`]: the load → render → write path shared by the listener and the sweep.
+//! - [`sink`]: version-checked batched writes to Redis.
+//! - [`listener`]: the long-running `listen` loop.
+//! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
+//! - [`sweep`]: the full sweep, periodic or one-off.
+//! - [`db`]: the connection pool and dedicated connections.
+//! - [`config`]: typed settings; URL redaction.
+//! - [`backoff`]: capped jittered exponential backoff.
+//! - [`shutdown`]: the shutdown token and signal handling.
+//! - [`cli`]: the command line users reuse in their own binary.
+//! - [`error`]: the [`Error`] type.
+
+#![warn(missing_docs)]
+
+pub mod backoff;
+pub mod cli;
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod fragment;
+pub mod listener;
+pub mod queue;
+pub mod refresh;
+pub mod schema;
+pub mod shutdown;
+pub mod sink;
+pub mod sweep;
+pub mod wakeup;
+
+pub use error::Error;
+pub use fragment::{Fragment, Fragments};
+pub use maud;
+pub use tokio_postgres;

@@ -1,0 +1,368 @@
+//! The listener: keeps Redis fresh by working through the change queue as changes commit.
+//!
+//! It drains the queue at start-up, after every NOTIFY wake-up, after every reconnect, and every
+//! poll interval in case a wake-up was lost. Each batch is claimed with `FOR UPDATE SKIP LOCKED` in a
+//! transaction that stays open until its fragments are in Redis, so any number of listeners share the
+//! queue without doing a batch twice, and a crash at any point leaves the batch queued
+//! (at-least-once). One listener at a time (an advisory lock elects it) also runs the periodic sweep.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::Error;
+use crate::backoff::Backoff;
+use crate::config::ListenSettings;
+use crate::db::Database;
+use crate::fragment::Fragments;
+use crate::queue::{self, Failure};
+use crate::refresh::{RefreshStats, refresh};
+use crate::shutdown::Shutdown;
+use crate::sink::RedisSink;
+use crate::sweep;
+
+/// How often a listener tells the database it is alive.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+
+/// The advisory lock key held by the listener that runs periodic sweeps ("pgfresh" in ASCII).
+const SWEEP_LOCK: i64 = 0x7067_6672_6573_68;
+
+/// A batch at least this large means the listener is busy: it stops asking triggers to NOTIFY until it
+/// has caught up, so that writers under load do not pay for notifications nobody needs.
+const BUSY_BATCH: usize = 64;
+
+/// Everything the listener's tasks share.
+struct Shared {
+    db: Database,
+    sink: RedisSink,
+    fragments: Fragments,
+    settings: ListenSettings,
+    listener_id: String,
+    shutdown: Shutdown,
+}
+
+/// What one pass over the queue found.
+#[derive(Default)]
+struct Drained {
+    /// Some batch was large: writers are busy.
+    busy: bool,
+    stats: RefreshStats,
+    changes: u64,
+}
+
+/// Runs a listener until `shutdown` is cancelled. Returns early only if pgfresh is not installed or a
+/// fragment is misdefined; lost connections are retried forever.
+pub async fn run(
+    db: Database,
+    sink: RedisSink,
+    fragments: Fragments,
+    settings: ListenSettings,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    fragments.validate()?;
+    crate::schema::ensure_installed(&db).await?;
+    let listener_id = format!(
+        "{}:{}:{:08x}",
+        hostname(),
+        std::process::id(),
+        fastrand::u32(..)
+    );
+    let shared = Arc::new(Shared {
+        db,
+        sink,
+        fragments,
+        settings,
+        listener_id,
+        shutdown,
+    });
+    queue::register_listener(&*shared.db.get().await?, &shared.listener_id).await?;
+    tracing::info!(
+        listener = %shared.listener_id,
+        fragments = %shared.fragments.names(),
+        database = %shared.db.url(),
+        redis = %shared.sink.url(),
+        "listening for changes"
+    );
+
+    let wake = Arc::new(Notify::new());
+    let mut tasks = JoinSet::new();
+    tasks.spawn(crate::wakeup::run(
+        shared.db.clone(),
+        shared.listener_id.clone(),
+        wake.clone(),
+        shared.shutdown.clone(),
+    ));
+    tasks.spawn(heartbeat(shared.clone()));
+    if let Some(interval) = shared.settings.sweep_interval {
+        tasks.spawn(periodic_sweep(shared.clone(), interval));
+    }
+
+    drain_loop(&shared, &wake).await;
+
+    // Every task selects on the shutdown token; wait for them to finish their current step.
+    shared.shutdown.cancel();
+    while tasks.join_next().await.is_some() {}
+    if let Ok(client) = shared.db.get().await {
+        let _ = queue::deregister_listener(&client, &shared.listener_id).await;
+    }
+    tracing::info!("listener stopped");
+    Ok(())
+}
+
+/// Drains the queue whenever there may be work, until shutdown.
+async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut failing_since: Option<std::time::Instant> = None;
+    let mut marked_idle = false;
+    while !shared.shutdown.is_cancelled() {
+        let pass = async {
+            let drained = drain(shared).await?;
+            if drained.busy && marked_idle {
+                queue::set_listener_idle(&*shared.db.get().await?, &shared.listener_id, false)
+                    .await?;
+                marked_idle = false;
+            }
+            Ok::<Drained, Error>(drained)
+        };
+        match pass.await {
+            Ok(drained) => {
+                backoff.reset();
+                if let Some(since) = failing_since.take() {
+                    tracing::info!(after = ?since.elapsed(), "processing changes again");
+                }
+                if drained.changes > 0 {
+                    tracing::debug!(changes = drained.changes, stats = ?drained.stats, "drained");
+                }
+            }
+            Err(error) => {
+                if failing_since.is_none() {
+                    tracing::warn!(%error, "cannot process changes; they stay queued, retrying with backoff");
+                    failing_since = Some(std::time::Instant::now());
+                } else {
+                    tracing::debug!(%error, "still cannot process changes");
+                }
+                backoff.wait(&shared.shutdown).await;
+                continue;
+            }
+        }
+        if !marked_idle {
+            // Ask triggers to NOTIFY from now on, then drain once more: a change whose trigger read the
+            // flag just before this commit would otherwise wait for the next poll.
+            match shared.db.get().await {
+                Ok(client) => {
+                    if queue::set_listener_idle(&client, &shared.listener_id, true)
+                        .await
+                        .is_ok()
+                    {
+                        marked_idle = true;
+                    }
+                }
+                Err(_) => continue,
+            }
+            continue;
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => {}
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(shared.settings.poll_interval) => {}
+        }
+    }
+}
+
+/// Works through the queue with `workers` concurrent batches until a claim comes back short.
+async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
+    let mut workers = JoinSet::new();
+    for _ in 0..shared.settings.workers.max(1) {
+        let shared = shared.clone();
+        workers.spawn(async move {
+            let mut drained = Drained::default();
+            while !shared.shutdown.is_cancelled() {
+                let (claimed, stats) = process_batch(&shared).await?;
+                drained.changes += claimed as u64;
+                drained.stats += stats;
+                drained.busy |= claimed >= BUSY_BATCH;
+                if (claimed as i64) < shared.settings.batch_size {
+                    break;
+                }
+            }
+            Ok::<Drained, Error>(drained)
+        });
+    }
+    let mut total = Drained::default();
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(drained)) => {
+                total.busy |= drained.busy;
+                total.changes += drained.changes;
+                total.stats += drained.stats;
+            }
+            Ok(Err(error)) => first_error = first_error.or(Some(error)),
+            Err(join_error) => {
+                first_error =
+                    first_error.or(Some(Error::Fragment(format!("worker died: {join_error}"))))
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(total),
+    }
+}
+
+/// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
+/// changes it claimed. On an error the transaction rolls back and the batch stays queued.
+async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
+    let mut client = shared.db.get().await?;
+    let txn = client.transaction().await?;
+    let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
+    if claim.changes.is_empty() {
+        txn.rollback().await?;
+        return Ok((0, RefreshStats::default()));
+    }
+
+    // The same (topic, key) may be queued many times: render it once, settle every copy.
+    let mut ids_by_change: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
+    for change in &claim.changes {
+        ids_by_change
+            .entry((change.topic.as_str(), change.key.as_str()))
+            .or_default()
+            .push(change.id);
+    }
+    let mut failed: HashMap<(&str, &str), String> = HashMap::new();
+    let mut keys_by_fragment: HashMap<usize, Vec<String>> = HashMap::new();
+    for &(topic, key) in ids_by_change.keys() {
+        let mut subscribed = false;
+        for (index, fragment) in shared.fragments.iter().enumerate() {
+            if fragment.topics().contains(&topic) {
+                subscribed = true;
+                keys_by_fragment
+                    .entry(index)
+                    .or_default()
+                    .push(key.to_string());
+            }
+        }
+        if !subscribed {
+            failed.insert(
+                (topic, key),
+                format!("no fragment subscribes to topic {topic:?}"),
+            );
+        }
+    }
+
+    let mut stats = RefreshStats::default();
+    for (index, fragment) in shared.fragments.iter().enumerate() {
+        let Some(mut keys) = keys_by_fragment.remove(&index) else {
+            continue;
+        };
+        keys.sort();
+        keys.dedup();
+        let refreshed = refresh(
+            txn.client(),
+            &shared.sink,
+            fragment.as_ref(),
+            &keys,
+            claim.ticket,
+        )
+        .await?;
+        stats += refreshed.stats;
+        for (key_index, reason) in refreshed.failed {
+            // Every queued (topic, key) that reached this fragment with this key failed with it.
+            let key = keys[key_index].as_str();
+            for &(topic, queued_key) in ids_by_change.keys() {
+                if queued_key == key && fragment.topics().contains(&topic) {
+                    failed
+                        .entry((topic, queued_key))
+                        .or_insert_with(|| reason.clone());
+                }
+            }
+        }
+    }
+
+    let mut done = Vec::with_capacity(claim.changes.len());
+    let mut failures = Vec::new();
+    for (change, ids) in &ids_by_change {
+        match failed.get(change) {
+            None => done.extend_from_slice(ids),
+            Some(reason) => {
+                tracing::warn!(topic = change.0, key = change.1, error = %reason, "change failed; will retry");
+                failures.extend(ids.iter().map(|&id| Failure {
+                    id,
+                    error: reason.clone(),
+                }));
+            }
+        }
+    }
+    queue::complete(txn.client(), &done).await?;
+    queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
+    txn.commit().await?;
+    Ok((claim.changes.len(), stats))
+}
+
+/// Keeps this listener's registry row fresh so triggers keep waking it.
+async fn heartbeat(shared: Arc<Shared>) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+        if let Ok(client) = shared.db.get().await {
+            if let Err(error) = queue::heartbeat(&client, &shared.listener_id).await {
+                tracing::debug!(%error, "heartbeat failed");
+            }
+        }
+    }
+}
+
+/// Every `interval`, runs a full sweep if no other listener is running one.
+async fn periodic_sweep(shared: Arc<Shared>, interval: Duration) {
+    loop {
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(interval) => {}
+        }
+        match sweep_if_elected(&shared).await {
+            Ok(Some(report)) => tracing::info!("periodic {report}"),
+            Ok(None) => {
+                tracing::debug!("another listener holds the sweep lock; skipping this sweep")
+            }
+            Err(error) => tracing::warn!(%error, "periodic sweep failed; the next one will retry"),
+        }
+    }
+}
+
+/// Runs a sweep while holding the sweep advisory lock on a dedicated session; `None` if another
+/// listener holds it. The lock goes with the session if this process dies.
+async fn sweep_if_elected(shared: &Shared) -> Result<Option<sweep::SweepReport>, Error> {
+    let lock_session = shared.db.connect_dedicated().await?;
+    let elected: bool = lock_session
+        .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
+        .await?
+        .get(0);
+    if !elected {
+        return Ok(None);
+    }
+    let report = sweep::run(
+        &shared.db,
+        &shared.sink,
+        &shared.fragments,
+        &shared.settings.sweep,
+        &shared.shutdown,
+    )
+    .await;
+    let _ = lock_session
+        .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK])
+        .await;
+    report.map(Some)
+}
+
+/// This machine's name, for the listener id; "localhost" when it cannot be read.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}

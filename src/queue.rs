@@ -1,0 +1,216 @@
+//! The change queue in PostgreSQL: claiming batches, settling them, parking failures, and the
+//! listener registry that tells triggers whether anyone wants a NOTIFY.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::Error;
+
+/// One queued change: `key` of `topic` changed in a committed transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Change {
+    /// Queue row id.
+    pub id: i64,
+    /// Topic given to `pgfresh.watch`.
+    pub topic: String,
+    /// Text form of the watched key column.
+    pub key: String,
+}
+
+/// Changes claimed by one transaction, with the render ticket taken before any row is loaded.
+#[derive(Debug, Default)]
+pub struct Claim {
+    /// Orders this batch's Redis writes against every other render (see `sink`).
+    pub ticket: i64,
+    /// The claimed changes, oldest first.
+    pub changes: Vec<Change>,
+}
+
+/// A failed change and why.
+#[derive(Clone, Debug)]
+pub struct Failure {
+    /// Queue row id.
+    pub id: i64,
+    /// One line for `status` and `pgfresh.failed`.
+    pub error: String,
+}
+
+/// Queue figures for `status` and metrics.
+#[derive(Clone, Debug, Default)]
+pub struct QueueStats {
+    /// Changes waiting, retrying ones included.
+    pub pending: i64,
+    /// Age of the oldest waiting change.
+    pub oldest: Option<Duration>,
+    /// Changes parked in `pgfresh.failed`.
+    pub failed: i64,
+}
+
+/// Claims up to `limit` ready changes, skipping rows another transaction holds, and takes one render
+/// ticket. Must run inside a transaction: the row locks last until it ends, and a crash or rollback
+/// leaves the changes queued.
+pub async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error> {
+    // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
+    // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
+    // renders by the data they saw.
+    let rows = txn
+        .query(
+            "SELECT (SELECT nextval('pgfresh.render_tickets')), id, topic, key
+             FROM pgfresh.changes
+             WHERE retry_at <= now()
+             ORDER BY id
+             LIMIT $1
+             FOR UPDATE SKIP LOCKED",
+            &[&limit],
+        )
+        .await?;
+    Ok(Claim {
+        ticket: rows.first().map_or(0, |r| r.get(0)),
+        changes: rows
+            .iter()
+            .map(|r| Change {
+                id: r.get(1),
+                topic: r.get(2),
+                key: r.get(3),
+            })
+            .collect(),
+    })
+}
+
+/// Takes a render ticket, for renders that do not come from a claim (the sweep).
+pub async fn take_ticket(client: &Client) -> Result<i64, Error> {
+    Ok(client
+        .query_one("SELECT nextval('pgfresh.render_tickets')", &[])
+        .await?
+        .get(0))
+}
+
+/// Deletes changes whose fragments are now in Redis.
+pub async fn complete(txn: &Client, ids: &[i64]) -> Result<(), Error> {
+    if !ids.is_empty() {
+        txn.execute("DELETE FROM pgfresh.changes WHERE id = ANY($1)", &[&ids])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records failed attempts: each change is retried after an exponential backoff (1 s doubling, at
+/// most 5 minutes) until it has failed `max_attempts` times, then moved to `pgfresh.failed`.
+pub async fn record_failures(
+    txn: &Client,
+    failures: &[Failure],
+    max_attempts: i32,
+) -> Result<(), Error> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+    let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+    txn.execute(
+        "WITH failure AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+         ), parked AS (
+             DELETE FROM pgfresh.changes c USING failure f
+             WHERE c.id = f.id AND c.attempts + 1 >= $3
+             RETURNING c.id, c.topic, c.key, c.enqueued_at, c.attempts + 1, f.error
+         ), recorded AS (
+             INSERT INTO pgfresh.failed (change_id, topic, key, enqueued_at, attempts, error)
+             SELECT * FROM parked
+             ON CONFLICT (change_id) DO NOTHING
+         )
+         UPDATE pgfresh.changes c
+         SET attempts = c.attempts + 1,
+             last_error = f.error,
+             retry_at = now() + least(interval '1 second' * power(2, c.attempts), interval '5 minutes')
+         FROM failure f
+         WHERE c.id = f.id AND c.attempts + 1 < $3",
+        &[&ids, &errors, &max_attempts],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Moves every parked change back into the queue; returns how many.
+pub async fn retry_failed(client: &Client) -> Result<u64, Error> {
+    Ok(client
+        .execute(
+            "WITH moved AS (DELETE FROM pgfresh.failed RETURNING topic, key, change_id)
+             INSERT INTO pgfresh.changes (topic, key)
+             SELECT topic, key FROM moved ORDER BY change_id",
+            &[],
+        )
+        .await?)
+}
+
+/// Pending and parked counts and the age of the oldest pending change.
+pub async fn stats(client: &Client) -> Result<QueueStats, Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pgfresh.changes),
+                    (SELECT extract(epoch FROM now() - min(enqueued_at))::float8 FROM pgfresh.changes),
+                    (SELECT count(*) FROM pgfresh.failed)",
+            &[],
+        )
+        .await?;
+    Ok(QueueStats {
+        pending: row.get(0),
+        oldest: row
+            .get::<_, Option<f64>>(1)
+            .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+        failed: row.get(2),
+    })
+}
+
+/// Registers a running listener (busy until it says otherwise).
+pub async fn register_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO pgfresh.listeners (id) VALUES ($1)
+             ON CONFLICT (id) DO UPDATE SET idle = false, seen_at = now()",
+            &[&listener_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Says whether this listener is idle (waiting for a NOTIFY) and that it is alive. Re-registers a
+/// listener whose row vanished (an unlogged table is emptied by a PostgreSQL crash).
+pub async fn set_listener_idle(
+    client: &Client,
+    listener_id: &str,
+    idle: bool,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO pgfresh.listeners (id, idle) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET idle = $2, seen_at = now()",
+            &[&listener_id, &idle],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Refreshes `seen_at`, without which triggers stop waking this listener after a minute. Re-registers
+/// (as busy) a listener whose row vanished.
+pub async fn heartbeat(client: &Client, listener_id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO pgfresh.listeners (id) VALUES ($1)
+             ON CONFLICT (id) DO UPDATE SET seen_at = now()",
+            &[&listener_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Removes a listener that is shutting down.
+pub async fn deregister_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "DELETE FROM pgfresh.listeners WHERE id = $1",
+            &[&listener_id],
+        )
+        .await?;
+    Ok(())
+}

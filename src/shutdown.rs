@@ -1,0 +1,41 @@
+//! Graceful shutdown: one token, cancelled once on SIGINT or SIGTERM, that every loop selects on.
+//!
+//! Library functions take the token rather than installing signal handlers themselves, so a program
+//! embedding pgfresh decides when to stop it.
+
+pub use tokio_util::sync::CancellationToken as Shutdown;
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM.
+pub async fn signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut terminate) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = terminate.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// A token cancelled at the first SIGINT or SIGTERM.
+pub fn on_signal() -> Shutdown {
+    let shutdown = Shutdown::new();
+    let trigger = shutdown.clone();
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("shutdown requested: finishing the batches in hand");
+        trigger.cancel();
+    });
+    shutdown
+}
