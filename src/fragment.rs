@@ -18,6 +18,10 @@ use tokio_postgres::Client;
 /// A boxed future, as returned by the object-safe fragment methods.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
+/// What a loader returns: each key that still has a row, with that row.
+pub type Loaded<F> =
+    Result<Vec<(<F as Fragment>::Key, <F as Fragment>::Row)>, tokio_postgres::Error>;
+
 /// One kind of pre-rendered HTML, kept in Redis for every key of its source rows.
 ///
 /// The loader and the key enumeration receive a [`Client`] that may be inside pgfresh's transaction:
@@ -54,11 +58,7 @@ pub trait Fragment: Send + Sync + 'static {
 
     /// Loads the rows for a batch of keys in as few queries as possible (e.g. `WHERE id = ANY($1)`).
     /// A key missing from the result has no row any more: its entries are deleted from Redis.
-    fn load(
-        &self,
-        db: &Client,
-        keys: &[Self::Key],
-    ) -> impl Future<Output = Result<Vec<(Self::Key, Self::Row)>, tokio_postgres::Error>> + Send;
+    fn load(&self, db: &Client, keys: &[Self::Key]) -> impl Future<Output = Loaded<Self>> + Send;
 
     /// Renders one variant of one row. Splice row data (maud escapes it); never `PreEscaped` it.
     fn render(&self, key: &Self::Key, row: &Self::Row, variant: &str) -> Markup;

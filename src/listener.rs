@@ -28,7 +28,7 @@ use crate::sweep;
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
 
 /// The advisory lock key held by the listener that runs periodic sweeps ("pgfresh" in ASCII).
-const SWEEP_LOCK: i64 = 0x7067_6672_6573_68;
+const SWEEP_LOCK: i64 = 0x0070_6766_7265_7368;
 
 /// A batch at least this large means the listener is busy: it stops asking triggers to NOTIFY until it
 /// has caught up, so that writers under load do not pay for notifications nobody needs.
@@ -309,10 +309,10 @@ async fn heartbeat(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
-        if let Ok(client) = shared.db.get().await {
-            if let Err(error) = queue::heartbeat(&client, &shared.listener_id).await {
-                tracing::debug!(%error, "heartbeat failed");
-            }
+        if let Ok(client) = shared.db.get().await
+            && let Err(error) = queue::heartbeat(&client, &shared.listener_id).await
+        {
+            tracing::debug!(%error, "heartbeat failed");
         }
     }
 }

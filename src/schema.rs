@@ -71,14 +71,17 @@ pub async fn uninstall(db: &Database) -> Result<(), Error> {
 
 /// The installed schema version, or `None` when pgfresh is not installed.
 pub async fn installed_version(client: &Client) -> Result<Option<i32>, Error> {
-    let row = client
-        .query_one(
-            "SELECT CASE WHEN to_regclass('pgfresh.migrations') IS NOT NULL
-                    THEN (SELECT max(version) FROM pgfresh.migrations) END AS version",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
+    let present: bool = client
+        .query_one("SELECT to_regclass('pgfresh.migrations') IS NOT NULL", &[])
+        .await?
+        .get(0);
+    if !present {
+        return Ok(None);
+    }
+    Ok(client
+        .query_one("SELECT max(version) FROM pgfresh.migrations", &[])
+        .await?
+        .get(0))
 }
 
 /// Fails with a message saying what to run unless this binary's schema version is installed.

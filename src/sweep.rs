@@ -148,7 +148,7 @@ async fn sweep_page(
     sink: RedisSink,
     fragment: Arc<dyn DynFragment>,
     keys: Vec<String>,
-) -> Result<RefreshStats, (u64, String)> {
+) -> PageResult {
     let failed_page = |error: Error| (keys.len() as u64, error.to_string());
     let client = db.get().await.map_err(failed_page)?;
     let ticket = take_ticket(&client).await.map_err(failed_page)?;
@@ -161,10 +161,11 @@ async fn sweep_page(
     Ok(refreshed.stats)
 }
 
-fn collect(
-    joined: Option<Result<Result<RefreshStats, (u64, String)>, tokio::task::JoinError>>,
-    report: &mut SweepReport,
-) {
+/// A sweep page's result: its counts, or how many keys failed and why.
+type PageResult = Result<RefreshStats, (u64, String)>;
+
+/// Adds a finished page to the report.
+fn collect(joined: Option<Result<PageResult, tokio::task::JoinError>>, report: &mut SweepReport) {
     match joined {
         None => {}
         Some(Ok(Ok(stats))) => report.stats += stats,

@@ -1,0 +1,200 @@
+//! The command line as a user runs it: the shop example binary and the plain pgfresh binary, as child
+//! processes. Failures are one clear line on stderr and a non-zero exit, never a panic, a backtrace or a
+//! password.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::TestEnv;
+
+/// The shop example, built by `cargo test` next to the test binaries.
+fn shop_binary() -> PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    deps.parent().unwrap().join("examples").join("shop")
+}
+
+fn run(binary: &PathBuf, database_url: &str, redis_url: &str, args: &[&str]) -> Output {
+    Command::new(binary)
+        .args(args)
+        .env("DATABASE_URL", database_url)
+        .env("REDIS_URL", redis_url)
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .expect("binary runs")
+}
+
+fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn stderr(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Exactly one line on stderr, starting "error: ", with no secret, panic or backtrace in it.
+fn assert_one_clear_error(out: &Output, expected: &str) {
+    let err = stderr(out);
+    assert!(!out.status.success(), "exit code must be non-zero");
+    assert_eq!(err.lines().count(), 1, "one line: {err}");
+    assert!(err.starts_with("error: "), "{err}");
+    assert!(err.contains(expected), "expected {expected:?} in {err}");
+    for forbidden in ["hunter2", "panicked", "backtrace", "RUST_BACKTRACE"] {
+        assert!(!err.contains(forbidden), "{forbidden} in {err}");
+    }
+}
+
+#[test]
+fn unreachable_postgres_gives_one_clear_line_without_the_password() {
+    let out = run(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pgfresh")),
+        "postgres://app:hunter2@127.0.0.1:1/shop",
+        "redis://127.0.0.1:6379",
+        &["status"],
+    );
+    assert_one_clear_error(
+        &out,
+        "cannot connect to PostgreSQL at postgres://app:***@127.0.0.1:1/shop",
+    );
+    assert!(stderr(&out).contains("DATABASE_URL"), "says what to do");
+}
+
+#[tokio::test]
+async fn unreachable_redis_gives_one_clear_line_without_the_password() {
+    let env = TestEnv::shop(2).await;
+    let out = run(
+        &shop_binary(),
+        &env.url,
+        "redis://:hunter2@127.0.0.1:1/0",
+        &["sweep"],
+    );
+    assert_one_clear_error(
+        &out,
+        "cannot connect to Redis at redis://:***@127.0.0.1:1/0",
+    );
+    assert!(stderr(&out).contains("REDIS_URL"), "says what to do");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn commands_on_a_database_without_pgfresh_say_to_install_it() {
+    let env = TestEnv::empty().await;
+    for args in [&["status"][..], &["sweep"], &["retry-failed"]] {
+        let out = run(&shop_binary(), &env.url, &common::redis_url(), args);
+        assert_one_clear_error(&out, "pgfresh is not installed in database");
+        assert!(stderr(&out).contains("install"), "{}", stderr(&out));
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn shop_setup_render_sweep_and_status_work_from_the_command_line() {
+    let env = TestEnv::empty().await;
+    let redis = common::redis_url();
+    let setup = run(
+        &shop_binary(),
+        &env.url,
+        &redis,
+        &["setup", "--products", "12"],
+    );
+    assert!(setup.status.success(), "{}", stderr(&setup));
+    assert!(
+        stdout(&setup).contains("12 products (12 loaded now)"),
+        "{}",
+        stdout(&setup)
+    );
+    let again = run(
+        &shop_binary(),
+        &env.url,
+        &redis,
+        &["setup", "--products", "12"],
+    );
+    assert!(
+        stdout(&again).contains("12 products (0 loaded now)"),
+        "setup is idempotent: {}",
+        stdout(&again)
+    );
+
+    // render touches nothing: it does not even need Redis.
+    let no_redis = "redis://127.0.0.1:1";
+    let render = run(
+        &shop_binary(),
+        &env.url,
+        no_redis,
+        &["render", "product_card", "3", "--variant", "full"],
+    );
+    assert!(render.status.success(), "{}", stderr(&render));
+    assert_eq!(
+        stdout(&render).trim_end(),
+        env.fresh_render(3, "full").await.unwrap()
+    );
+
+    let missing = run(
+        &shop_binary(),
+        &env.url,
+        &redis,
+        &["render", "product_card", "999"],
+    );
+    assert_one_clear_error(&missing, "product_card has no row for key \"999\"");
+    let bad_variant = run(
+        &shop_binary(),
+        &env.url,
+        &redis,
+        &["render", "product_card", "1", "--variant", "huge"],
+    );
+    assert_one_clear_error(
+        &bad_variant,
+        "product_card has no variant \"huge\"; it has: compact, full",
+    );
+
+    let status = run(&shop_binary(), &env.url, &redis, &["status"]);
+    assert!(status.status.success(), "{}", stderr(&status));
+    let text = stdout(&status);
+    assert!(text.contains("products.id -> topic product"), "{text}");
+    assert!(
+        text.contains("reviews.product_id -> topic product"),
+        "{text}"
+    );
+    assert!(text.contains("queue: 0 pending"), "{text}");
+
+    let client = env.client().await;
+    client
+        .batch_execute("UPDATE products SET name = 'x' WHERE id = 1")
+        .await
+        .unwrap();
+    let status = stdout(&run(&shop_binary(), &env.url, &redis, &["status"]));
+    assert!(status.contains("queue: 1 pending (oldest "), "{status}");
+    env.cleanup().await;
+}
+
+#[test]
+fn the_plain_binary_explains_that_listening_needs_your_fragments() {
+    let out = run(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pgfresh")),
+        &common::admin_url(),
+        &common::redis_url(),
+        &["listen"],
+    );
+    assert_one_clear_error(&out, "this binary has no fragments");
+}
+
+#[test]
+fn bad_flag_values_are_rejected_with_a_hint() {
+    let out = run(
+        &PathBuf::from(env!("CARGO_BIN_EXE_pgfresh")),
+        &common::admin_url(),
+        &common::redis_url(),
+        &["listen", "--sweep-interval", "often"],
+    );
+    assert!(!out.status.success());
+    assert!(
+        stderr(&out).contains("examples: 500ms, 1s, 10m, 1h, 0"),
+        "{}",
+        stderr(&out)
+    );
+}

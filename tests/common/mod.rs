@@ -1,0 +1,290 @@
+//! Test harness: every test gets its own PostgreSQL database and its own Redis key prefix on the local
+//! services, so the suite runs in parallel; helpers wait on conditions, never on fixed sleeps.
+//!
+//! `PGFRESH_TEST_DATABASE_URL` (a database to create test databases from) and `PGFRESH_TEST_REDIS_URL`
+//! override the defaults, the local services on their standard ports.
+
+#![allow(dead_code)]
+
+#[path = "../../examples/shop/product_card.rs"]
+pub mod product_card;
+#[path = "../../examples/shop/setup.rs"]
+pub mod setup;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use pgfresh::config::ListenSettings;
+use pgfresh::db::Database;
+use pgfresh::shutdown::Shutdown;
+use pgfresh::sink::RedisSink;
+use pgfresh::tokio_postgres::{self, NoTls};
+use pgfresh::{Fragments, listener};
+
+use product_card::ProductCard;
+
+/// How long a condition may take before a test fails: generous, for a loaded 2-core machine.
+pub const PATIENCE: Duration = Duration::from_secs(30);
+
+pub fn admin_url() -> String {
+    std::env::var("PGFRESH_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn redis_url() -> String {
+    std::env::var("PGFRESH_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One test's own database and Redis key prefix.
+pub struct TestEnv {
+    pub name: String,
+    pub url: String,
+    pub db: Database,
+    pub sink: RedisSink,
+    /// The test's product card key prefix, e.g. `t1234_5:shop:product_card:`.
+    pub prefix: String,
+    redis: redis::aio::MultiplexedConnection,
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+impl TestEnv {
+    /// A fresh, empty database (no pgfresh, no shop) and a unique Redis prefix.
+    pub async fn empty() -> TestEnv {
+        let name = format!(
+            "pgfresh_test_{}_{}_{:04x}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst),
+            fastrand::u16(..)
+        );
+        let admin = admin_client().await;
+        drop_leftover_databases(&admin).await;
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .expect("create test database");
+        let url = database_url_for(&name);
+        let db = Database::new(&url, 16).expect("database url");
+        let sink = RedisSink::connect(&redis_url())
+            .await
+            .expect("connect to Redis");
+        let redis = redis::Client::open(redis_url())
+            .unwrap()
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to Redis");
+        let prefix = format!("{name}:shop:product_card:");
+        TestEnv {
+            name,
+            url,
+            db,
+            sink,
+            prefix,
+            redis,
+        }
+    }
+
+    /// A database with the shop schema, `products` sample products, pgfresh and the watches.
+    pub async fn shop(products: i64) -> TestEnv {
+        let env = TestEnv::empty().await;
+        setup::setup(&env.db, products).await.expect("shop setup");
+        env
+    }
+
+    pub fn fragments(&self) -> Fragments {
+        Fragments::new().with(ProductCard::with_key_prefix(self.prefix.clone()))
+    }
+
+    pub fn key(&self, id: i64, variant: &str) -> String {
+        format!("{}{id}:{variant}", self.prefix)
+    }
+
+    /// A new connection of its own, outside the pool (commits are real commits).
+    pub async fn client(&self) -> tokio_postgres::Client {
+        connect(&self.url).await
+    }
+
+    pub async fn get(&self, key: &str) -> Option<String> {
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut self.redis.clone())
+            .await
+            .expect("redis GET")
+    }
+
+    pub async fn set(&self, key: &str, value: &str) {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap();
+    }
+
+    pub async fn del(&self, key: &str) {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap();
+    }
+
+    /// Every Redis key of this test's fragments, sorted.
+    pub async fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut self.redis.clone())
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// What the shop's fragment renders for this product now, straight from the database.
+    pub async fn fresh_render(&self, id: i64, variant: &str) -> Option<String> {
+        use pgfresh::Fragment;
+        let card = ProductCard::with_key_prefix(self.prefix.clone());
+        let client = self.client().await;
+        let rows = card.load(&client, &[id]).await.expect("load");
+        rows.first()
+            .map(|(id, row)| card.render(id, row, variant).into_string())
+    }
+
+    /// Waits until `key` holds what a fresh render says (or is absent when the product is gone).
+    pub async fn wait_fresh(&self, id: i64) {
+        for variant in ["compact", "full"] {
+            let key = self.key(id, variant);
+            eventually(&format!("{key} to be fresh"), || async {
+                self.get(&key).await == self.fresh_render(id, variant).await
+            })
+            .await;
+        }
+    }
+
+    /// Starts a listener for this test's fragments; stop it with the returned token.
+    pub fn start_listener(&self, settings: ListenSettings) -> RunningListener {
+        let shutdown = Shutdown::new();
+        let task = tokio::spawn(listener::run(
+            self.db.clone(),
+            self.sink.clone(),
+            self.fragments(),
+            settings,
+            shutdown.clone(),
+        ));
+        RunningListener { shutdown, task }
+    }
+
+    pub async fn pending(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM pgfresh.changes", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// Drops the database and this test's Redis keys.
+    pub async fn cleanup(self) {
+        let mut keys = self.keys().await;
+        let tickets: Vec<String> = keys.iter().map(|k| format!("pgfresh:ticket:{k}")).collect();
+        keys.extend(tickets);
+        if !keys.is_empty() {
+            let _: () = redis::cmd("DEL")
+                .arg(&keys)
+                .query_async(&mut self.redis.clone())
+                .await
+                .unwrap();
+        }
+        drop(self.db);
+        let admin = admin_client().await;
+        let _ = admin
+            .batch_execute(&format!(
+                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+                self.name
+            ))
+            .await;
+    }
+}
+
+/// Settings for tests: fast polling, no periodic sweep unless a test asks for one.
+pub fn test_settings() -> ListenSettings {
+    ListenSettings {
+        poll_interval: Duration::from_millis(200),
+        sweep_interval: None,
+        ..ListenSettings::default()
+    }
+}
+
+pub struct RunningListener {
+    pub shutdown: Shutdown,
+    pub task: tokio::task::JoinHandle<Result<(), pgfresh::Error>>,
+}
+
+impl RunningListener {
+    pub async fn stop(self) {
+        self.shutdown.cancel();
+        tokio::time::timeout(PATIENCE, self.task)
+            .await
+            .expect("listener stops in time")
+            .expect("listener task")
+            .expect("listener ran without error");
+    }
+}
+
+/// Polls `condition` every 20 ms until it holds; fails the test after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    while !condition().await {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, NoTls)
+        .await
+        .expect("connect to PostgreSQL");
+    tokio::spawn(connection);
+    client
+}
+
+async fn admin_client() -> tokio_postgres::Client {
+    connect(&admin_url()).await
+}
+
+/// The admin URL with its database replaced by `name`.
+fn database_url_for(name: &str) -> String {
+    let admin = admin_url();
+    let base = match admin.rfind('/') {
+        Some(slash) if slash > admin.find("://").map_or(0, |i| i + 2) => &admin[..slash],
+        _ => admin.as_str(),
+    };
+    format!("{base}/{name}")
+}
+
+/// Drops databases left by test processes that died before cleaning up.
+async fn drop_leftover_databases(admin: &tokio_postgres::Client) {
+    let rows = admin
+        .query(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'pgfresh\\_test\\_%'",
+            &[],
+        )
+        .await
+        .unwrap();
+    for row in rows {
+        let name: String = row.get(0);
+        let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
+        if let Some(pid) = pid
+            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+        {
+            let _ = admin
+                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+                .await;
+        }
+    }
+}

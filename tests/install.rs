@@ -1,0 +1,230 @@
+//! Installing and removing pgfresh: both paths (psql with sql/install.sql, the binary) run the same
+//! files, are idempotent, and uninstall leaves the user's tables and data untouched.
+
+mod common;
+
+use common::TestEnv;
+
+/// Every object that belongs to pgfresh: its schema, anything in it, and triggers calling into it.
+async fn pgfresh_objects(env: &TestEnv) -> i64 {
+    env.client()
+        .await
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_namespace WHERE nspname = 'pgfresh')
+                  + (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                     WHERE n.nspname = 'pgfresh')
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                     WHERE n.nspname = 'pgfresh')
+                  + (SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgfresh%')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+async fn product_and_review_counts(env: &TestEnv) -> (i64, i64) {
+    let row = env
+        .client()
+        .await
+        .query_one(
+            "SELECT (SELECT count(*) FROM products), (SELECT count(*) FROM reviews)",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+fn psql(env: &TestEnv, file: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, &env.url])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("psql runs")
+}
+
+#[tokio::test]
+async fn installing_twice_then_uninstalling_leaves_no_pgfresh_object_and_keeps_user_data() {
+    let env = TestEnv::shop(20).await;
+    let applied_again = pgfresh::schema::install(&env.db).await.unwrap();
+    assert!(applied_again.is_empty(), "a second install applies nothing");
+    assert!(pgfresh_objects(&env).await > 10);
+
+    pgfresh::schema::uninstall(&env.db).await.unwrap();
+    pgfresh::schema::uninstall(&env.db).await.unwrap();
+    assert_eq!(pgfresh_objects(&env).await, 0);
+    assert_eq!(product_and_review_counts(&env).await, (20, 60));
+    // Writes to the formerly watched tables work without pgfresh.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'after' WHERE id = 1")
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn psql_install_sql_is_idempotent_and_matches_the_binary() {
+    let env = TestEnv::empty().await;
+    for _ in 0..2 {
+        let out = psql(&env, "sql/install.sql");
+        assert!(
+            out.status.success(),
+            "psql install: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let version = pgfresh::schema::installed_version(&env.client().await)
+        .await
+        .unwrap();
+    assert_eq!(version, Some(pgfresh::schema::required_version()));
+    // The binary sees a complete install and has nothing left to apply.
+    assert!(pgfresh::schema::install(&env.db).await.unwrap().is_empty());
+
+    common::setup::setup(&env.db, 5).await.unwrap();
+    let out = psql(&env, "sql/uninstall.sql");
+    assert!(
+        out.status.success(),
+        "psql uninstall: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(pgfresh_objects(&env).await, 0);
+    assert_eq!(product_and_review_counts(&env).await, (5, 15));
+    env.cleanup().await;
+}
+
+#[test]
+fn install_sql_applies_every_embedded_migration_in_order() {
+    let install =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/install.sql")).unwrap();
+    let mut position = install
+        .find(r"\ir prepare.sql")
+        .expect("install.sql runs prepare.sql first");
+    for migration in pgfresh::schema::MIGRATIONS {
+        let guard = format!("WHERE version = {}", migration.version);
+        let include = format!(r"\ir migrations/{}.sql", migration.name);
+        let at = install[position..]
+            .find(&guard)
+            .expect("a version guard per migration")
+            + position;
+        let included = install[at..]
+            .find(&include)
+            .expect("each migration included after its guard")
+            + at;
+        position = included;
+        assert!(
+            migration.sql.contains(&format!(
+                "VALUES ({}, '{}')",
+                migration.version, migration.name
+            )),
+            "{} records its own version",
+            migration.name
+        );
+    }
+}
+
+#[tokio::test]
+async fn watch_and_unwatch_are_idempotent_and_reject_bad_input_clearly() {
+    let env = TestEnv::shop(3).await;
+    let client = env.client().await;
+    client
+        .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
+        .await
+        .unwrap();
+    let triggers: i64 = client
+        .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'products'::regclass AND tgname LIKE 'pgfresh%'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, 1, "watching twice leaves one trigger");
+
+    let error = client
+        .batch_execute("SELECT pgfresh.watch('products', 'nope', 'product')")
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("has no column nope")
+    );
+    let error = client
+        .batch_execute("SELECT pgfresh.watch('products', 'id', 'Bad; DROP')")
+        .await
+        .unwrap_err();
+    assert!(
+        error
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("not a valid topic name")
+    );
+
+    client.batch_execute("SELECT pgfresh.unwatch('reviews', 'product'); SELECT pgfresh.unwatch('reviews', 'product')").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO reviews (product_id, author, rating, body) VALUES (1, 'a', 5, 'b')",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("DELETE FROM pgfresh.changes")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO reviews (product_id, author, rating, body) VALUES (1, 'a', 5, 'b')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.pending().await, 0, "an unwatched table queues nothing");
+    env.cleanup().await;
+}
+
+/// Takes every queued key out of the queue, sorted.
+async fn queued(client: &pgfresh::tokio_postgres::Client) -> Vec<String> {
+    let rows = client
+        .query("DELETE FROM pgfresh.changes RETURNING key", &[])
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn triggers_queue_old_and_new_keys_and_nothing_on_rollback() {
+    let env = TestEnv::shop(3).await;
+    let mut client = env.client().await;
+    client
+        .batch_execute("UPDATE reviews SET product_id = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        queued(&client).await,
+        ["1", "2"],
+        "moving a review queues both products"
+    );
+    client
+        .batch_execute("DELETE FROM products WHERE id = 3")
+        .await
+        .unwrap();
+    assert_eq!(
+        queued(&client).await,
+        ["3", "3", "3", "3"],
+        "the product and its three cascaded reviews"
+    );
+
+    let txn = client.transaction().await.unwrap();
+    txn.batch_execute("UPDATE products SET name = 'never' WHERE id = 1")
+        .await
+        .unwrap();
+    txn.rollback().await.unwrap();
+    assert!(
+        queued(&client).await.is_empty(),
+        "a rolled-back change leaves no trace"
+    );
+    env.cleanup().await;
+}

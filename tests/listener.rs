@@ -1,0 +1,265 @@
+//! The listener against real PostgreSQL and Redis: committed changes to products and reviews reach
+//! Redis, deletes delete, moves refresh both parents, hostile text is escaped, changes made while no
+//! listener ran are applied at start-up, and rolled-back transactions leave nothing.
+
+mod common;
+
+use common::{TestEnv, eventually, test_settings};
+
+#[tokio::test]
+async fn updates_inserts_and_deletes_of_products_reach_redis() {
+    let env = TestEnv::shop(10).await;
+    let listener = env.start_listener(test_settings());
+    let db = env.client().await;
+
+    db.batch_execute("UPDATE products SET price_cents = 1234, name = 'Renamed' WHERE id = 3")
+        .await
+        .unwrap();
+    env.wait_fresh(3).await;
+    assert!(
+        env.get(&env.key(3, "compact"))
+            .await
+            .unwrap()
+            .contains("<h2>Renamed</h2><p class=\"price\">$12.34</p>")
+    );
+
+    db.batch_execute("INSERT INTO products (id, name, description, price_cents) VALUES (11, 'New', 'Brand new', 500)")
+        .await
+        .unwrap();
+    env.wait_fresh(11).await;
+    assert_eq!(
+        env.get(&env.key(11, "compact")).await.as_deref(),
+        Some(
+            r#"<article class="product-card compact" id="product-11"><h2>New</h2><p class="price">$5.00</p><p class="rating">0 reviews</p></article>"#
+        )
+    );
+
+    db.batch_execute("DELETE FROM products WHERE id = 11")
+        .await
+        .unwrap();
+    eventually("product 11's cards to be deleted", || async {
+        env.get(&env.key(11, "compact")).await.is_none()
+            && env.get(&env.key(11, "full")).await.is_none()
+    })
+    .await;
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn review_changes_refresh_their_product_and_a_moved_review_refreshes_both() {
+    let env = TestEnv::shop(5).await;
+    let listener = env.start_listener(test_settings());
+    let db = env.client().await;
+
+    db.batch_execute("INSERT INTO reviews (product_id, author, rating, body) VALUES (2, 'Zoe', 1, 'Broke on day one')")
+        .await
+        .unwrap();
+    eventually("the new review on product 2", || async {
+        env.get(&env.key(2, "full"))
+            .await
+            .is_some_and(|html| html.contains("<b>Zoe</b> (1/5): Broke on day one"))
+    })
+    .await;
+    env.wait_fresh(2).await;
+    assert!(
+        env.get(&env.key(2, "compact"))
+            .await
+            .unwrap()
+            .contains("4 reviews")
+    );
+
+    let moved: i64 = db
+        .query_one("SELECT id FROM reviews WHERE author = 'Zoe'", &[])
+        .await
+        .unwrap()
+        .get(0);
+    db.execute("UPDATE reviews SET product_id = 4 WHERE id = $1", &[&moved])
+        .await
+        .unwrap();
+    eventually("both products to show the move", || async {
+        let from = env.get(&env.key(2, "compact")).await.unwrap_or_default();
+        let to = env.get(&env.key(4, "full")).await.unwrap_or_default();
+        from.contains("3 reviews") && to.contains("<b>Zoe</b>") && to.contains("4 reviews")
+    })
+    .await;
+
+    db.execute(
+        "UPDATE reviews SET body = 'Fixed by support' WHERE id = $1",
+        &[&moved],
+    )
+    .await
+    .unwrap();
+    eventually("the edited review", || async {
+        env.get(&env.key(4, "full"))
+            .await
+            .is_some_and(|html| html.contains("Fixed by support"))
+    })
+    .await;
+    db.execute("DELETE FROM reviews WHERE id = $1", &[&moved])
+        .await
+        .unwrap();
+    eventually("the deleted review to disappear", || async {
+        env.get(&env.key(4, "full"))
+            .await
+            .is_some_and(|html| !html.contains("Zoe") && html.contains("3 reviews"))
+    })
+    .await;
+    env.wait_fresh(2).await;
+    env.wait_fresh(4).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn hostile_text_is_escaped_in_every_field() {
+    let env = TestEnv::shop(1).await;
+    let listener = env.start_listener(test_settings());
+    let db = env.client().await;
+    db.batch_execute(
+        r#"DELETE FROM reviews;
+           UPDATE products SET price_cents = 798, name = '<script>alert("x")</script>', description = 'Tom & Jerry''s <b>' WHERE id = 1;
+           INSERT INTO reviews (product_id, author, rating, body, created_at)
+           VALUES (1, '"><img src=x onerror=alert(1)>', 5, '</li></ul><h1>pwned', now());"#,
+    )
+    .await
+    .unwrap();
+    let expected = concat!(
+        r#"<article class="product-card full" id="product-1">"#,
+        r#"<h2>&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt;</h2><p class="price">$7.98</p>"#,
+        r#"<p class="description">Tom &amp; Jerry's &lt;b&gt;</p><p class="rating">1 review, average 5.0</p>"#,
+        r#"<ul class="reviews"><li><b>&quot;&gt;&lt;img src=x onerror=alert(1)&gt;</b> (5/5): "#,
+        r#"&lt;/li&gt;&lt;/ul&gt;&lt;h1&gt;pwned</li></ul></article>"#
+    );
+    env.wait_fresh(1).await;
+    assert_eq!(
+        env.get(&env.key(1, "full")).await.as_deref(),
+        Some(expected)
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn changes_committed_while_no_listener_runs_are_applied_when_it_starts() {
+    let env = TestEnv::shop(4).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "UPDATE products SET price_cents = 100 WHERE id = 1;
+         UPDATE products SET price_cents = 200 WHERE id = 2;
+         DELETE FROM products WHERE id = 3;",
+    )
+    .await
+    .unwrap();
+    env.set(
+        &env.key(3, "full"),
+        "stale card of a product deleted while nobody listened",
+    )
+    .await;
+    assert!(env.pending().await > 0);
+
+    let listener = env.start_listener(test_settings());
+    env.wait_fresh(1).await;
+    env.wait_fresh(2).await;
+    eventually("product 3's stale card to be deleted", || async {
+        env.get(&env.key(3, "full")).await.is_none()
+    })
+    .await;
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_rolled_back_transaction_renders_nothing() {
+    let env = TestEnv::shop(2).await;
+    let listener = env.start_listener(test_settings());
+    let mut db = env.client().await;
+    db.batch_execute("UPDATE products SET name = 'Committed' WHERE id = 1")
+        .await
+        .unwrap();
+    eventually("the committed name", || async {
+        env.get(&env.key(1, "compact"))
+            .await
+            .is_some_and(|html| html.contains("Committed"))
+    })
+    .await;
+
+    let txn = db.transaction().await.unwrap();
+    txn.batch_execute(
+        "UPDATE products SET name = 'Rolled back' WHERE id = 1; DELETE FROM products WHERE id = 2",
+    )
+    .await
+    .unwrap();
+    txn.rollback().await.unwrap();
+    // A later committed change is applied; by then anything queued before it would have been too.
+    db.batch_execute("UPDATE products SET price_cents = 4242 WHERE id = 1")
+        .await
+        .unwrap();
+    eventually("the later commit", || async {
+        env.get(&env.key(1, "compact"))
+            .await
+            .is_some_and(|html| html.contains("$42.42"))
+    })
+    .await;
+    let card = env.get(&env.key(1, "full")).await.unwrap();
+    assert!(card.contains("Committed") && !card.contains("Rolled back"));
+    assert_eq!(
+        env.get(&env.key(2, "full")).await,
+        None,
+        "product 2 was never rendered: it never changed"
+    );
+    assert_eq!(env.pending().await, 0);
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed_requeues_it() {
+    let env = TestEnv::shop(1).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "INSERT INTO pgfresh.changes (topic, key) VALUES ('nobody_listens', '1'), ('product', 'not-a-number');
+         UPDATE products SET name = 'Still fine' WHERE id = 1;",
+    )
+    .await
+    .unwrap();
+    let settings = pgfresh::config::ListenSettings {
+        max_attempts: 2,
+        ..test_settings()
+    };
+    let listener = env.start_listener(settings);
+    eventually("the good change to be applied", || async {
+        env.get(&env.key(1, "compact"))
+            .await
+            .is_some_and(|html| html.contains("Still fine"))
+    })
+    .await;
+    eventually("both bad changes to be parked", || async {
+        let parked: i64 = db
+            .query_one("SELECT count(*) FROM pgfresh.failed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        parked == 2 && env.pending().await == 0
+    })
+    .await;
+    let errors: Vec<String> = db
+        .query("SELECT error FROM pgfresh.failed ORDER BY change_id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        errors[0].contains("no fragment subscribes to topic \"nobody_listens\""),
+        "{errors:?}"
+    );
+    assert!(errors[1].contains("does not parse"), "{errors:?}");
+    listener.stop().await;
+
+    assert_eq!(pgfresh::queue::retry_failed(&db).await.unwrap(), 2);
+    assert_eq!(env.pending().await, 2);
+    env.cleanup().await;
+}

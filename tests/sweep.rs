@@ -1,0 +1,169 @@
+//! The full sweep: fills an empty Redis, repairs deleted and corrupted entries, deletes orphans, leaves
+//! other keys alone, and reports what it did.
+
+mod common;
+
+use common::TestEnv;
+use pgfresh::config::SweepSettings;
+use pgfresh::shutdown::Shutdown;
+
+async fn sweep(env: &TestEnv, settings: SweepSettings) -> pgfresh::sweep::SweepReport {
+    pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &settings,
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap()
+}
+
+/// Small pages, so that a few products span several pages run concurrently.
+fn small_pages() -> SweepSettings {
+    SweepSettings {
+        page_size: 7,
+        concurrency: 3,
+        only: None,
+    }
+}
+
+#[tokio::test]
+async fn a_sweep_fills_redis_then_repairs_deleted_and_corrupted_entries_and_removes_orphans() {
+    let env = TestEnv::shop(30).await;
+    let first = sweep(&env, small_pages()).await;
+    assert_eq!(
+        (
+            first.stats.rendered,
+            first.stats.written,
+            first.stats.errors
+        ),
+        (60, 60, 0)
+    );
+    for id in 1..=30 {
+        env.wait_fresh(id).await;
+    }
+
+    env.del(&env.key(5, "full")).await;
+    env.set(&env.key(6, "compact"), "<p>corrupted</p>").await;
+    env.set(
+        &env.key(999, "full"),
+        "orphan of a product that never existed",
+    )
+    .await;
+    env.set(
+        &env.key(7, "retired_variant"),
+        "a variant the fragment no longer has",
+    )
+    .await;
+    let unrelated = format!("{}other:keep-me", env.name);
+    env.set(&unrelated, "not under the fragment prefix").await;
+    // A product deleted behind pgfresh's back (its change removed from the queue).
+    let db = env.client().await;
+    db.batch_execute("DELETE FROM products WHERE id = 30; DELETE FROM pgfresh.changes")
+        .await
+        .unwrap();
+
+    let second = sweep(&env, small_pages()).await;
+    assert_eq!(second.stats.rendered, 58);
+    assert_eq!(
+        second.stats.written, 2,
+        "the deleted and the corrupted entry"
+    );
+    assert_eq!(second.stats.unchanged, 56);
+    assert_eq!(
+        second.orphans_deleted, 4,
+        "product 999, product 30's two cards, the retired variant"
+    );
+    assert!(second.succeeded());
+    for id in [5, 6, 30] {
+        env.wait_fresh(id).await;
+    }
+    assert_eq!(env.get(&env.key(999, "full")).await, None);
+    assert_eq!(env.get(&env.key(7, "retired_variant")).await, None);
+    assert!(
+        env.get(&unrelated).await.is_some(),
+        "keys outside the prefix are never touched"
+    );
+    env.del(&unrelated).await;
+
+    let line = second.to_string();
+    assert!(
+        line.starts_with(
+            "sweep: 58 fragments rendered, 2 written, 56 unchanged, 4 orphans deleted, 0 errors in "
+        ),
+        "{line}"
+    );
+    assert!(line.ends_with("fragments/s)"), "{line}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn sweeping_an_unknown_fragment_fails_with_the_names_there_are() {
+    let env = TestEnv::shop(1).await;
+    let settings = SweepSettings {
+        only: Some("nope".into()),
+        ..SweepSettings::default()
+    };
+    let error = pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &settings,
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        error.to_string(),
+        "no fragment named \"nope\"; this binary has: product_card"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_older_render_never_overwrites_a_newer_one() {
+    use pgfresh::sink::{Write, WriteResult};
+    let env = TestEnv::empty().await;
+    let key = env.key(1, "full");
+    let set = |html: &str| {
+        vec![Write::Set {
+            key: key.clone(),
+            html: html.into(),
+        }]
+    };
+    assert_eq!(
+        env.sink.write(10, &set("new")).await.unwrap(),
+        [WriteResult::Written]
+    );
+    assert_eq!(
+        env.sink.write(9, &set("old")).await.unwrap(),
+        [WriteResult::Refused]
+    );
+    assert_eq!(
+        env.sink.write(10, &set("new")).await.unwrap(),
+        [WriteResult::Unchanged]
+    );
+    assert_eq!(env.get(&key).await.as_deref(), Some("new"));
+
+    let delete = vec![Write::Delete { key: key.clone() }];
+    assert_eq!(
+        env.sink.write(11, &delete).await.unwrap(),
+        [WriteResult::Deleted]
+    );
+    assert_eq!(
+        env.sink.write(10, &set("resurrected")).await.unwrap(),
+        [WriteResult::Refused]
+    );
+    assert_eq!(
+        env.get(&key).await,
+        None,
+        "a render older than the delete cannot bring the key back"
+    );
+    assert_eq!(
+        env.sink.write(12, &set("recreated")).await.unwrap(),
+        [WriteResult::Written]
+    );
+    env.del(&format!("pgfresh:ticket:{key}")).await;
+    env.cleanup().await;
+}
