@@ -263,3 +263,33 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
     assert_eq!(env.pending().await, 2);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_idle_listener_is_woken_by_notify_without_waiting_for_the_poll() {
+    let env = TestEnv::shop(2).await;
+    let settings = pgfresh::config::ListenSettings {
+        poll_interval: std::time::Duration::from_secs(3600),
+        ..test_settings()
+    };
+    let listener = env.start_listener(settings);
+    let db = env.client().await;
+    eventually("the listener to say it is idle", || async {
+        let idle: i64 = db
+            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+            .await
+            .unwrap()
+            .get(0);
+        idle == 1
+    })
+    .await;
+    // With an hour between polls, only the trigger's NOTIFY can bring this change in time.
+    db.batch_execute("UPDATE products SET name = 'Woken' WHERE id = 2").await.unwrap();
+    eventually("the change to arrive through NOTIFY", || async {
+        env.get(&env.key(2, "compact")).await.is_some_and(|html| html.contains("Woken"))
+    })
+    .await;
+    listener.stop().await;
+    let registered: i64 = db.query_one("SELECT count(*) FROM pgfresh.listeners", &[]).await.unwrap().get(0);
+    assert_eq!(registered, 0, "a stopped listener deregisters, so triggers stop notifying it");
+    env.cleanup().await;
+}

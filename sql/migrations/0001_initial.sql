@@ -64,22 +64,12 @@ CREATE TABLE pgfresh.watches (
 );
 COMMENT ON TABLE pgfresh.watches IS 'pgfresh watches: tables whose committed changes are queued, by topic';
 
--- Called by every capture trigger, once per row: NOTIFY only when an idle listener waits for it.
-CREATE FUNCTION pgfresh.wake_listeners() RETURNS void
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-BEGIN
-    IF EXISTS (SELECT FROM pgfresh.listeners WHERE idle AND seen_at > now() - interval '1 minute') THEN
-        -- The payload is empty: a NOTIFY is a wake-up, the queue is the truth. Identical payloads fold
-        -- into one notification per transaction.
-        PERFORM pg_notify('pgfresh', '');
-    END IF;
-END
-$$;
-COMMENT ON FUNCTION pgfresh.wake_listeners() IS
-    'pgfresh: NOTIFY channel pgfresh if a live listener is idle (called by capture triggers)';
-
 -- watch() generates one small trigger function per (table, topic) so the key column is read with static
--- field access (NEW.col): no dynamic SQL, no row-to-JSON conversion, and a plan cached per session.
+-- field access (NEW.col): no dynamic SQL, no row-to-JSON conversion, and plans cached per session.
+-- It is SECURITY DEFINER with a fixed search_path so that writers need no grant on schema pgfresh and
+-- cannot redirect what it calls. After queueing, it NOTIFYs only if a live listener is idle; the
+-- payload is empty because a NOTIFY is a wake-up and the queue is the truth (identical payloads fold
+-- into one notification per transaction).
 CREATE FUNCTION pgfresh.watch(tbl regclass, key_column name, topic text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $watch$
 DECLARE
@@ -109,7 +99,10 @@ BEGIN
                AND (TG_OP = 'DELETE' OR OLD.%2$I IS DISTINCT FROM NEW.%2$I) THEN
                 INSERT INTO pgfresh.changes (topic, key) VALUES (%3$L, OLD.%2$I::text);
             END IF;
-            PERFORM pgfresh.wake_listeners();
+            IF EXISTS (SELECT FROM pgfresh.listeners
+                       WHERE idle AND seen_at > now() - interval '1 minute') THEN
+                PERFORM pg_notify('pgfresh', '');
+            END IF;
             RETURN NULL;
         END
         $body$$f$, fn, key_column, topic);
@@ -144,6 +137,5 @@ COMMENT ON FUNCTION pgfresh.unwatch(regclass, text) IS
 
 REVOKE ALL ON FUNCTION pgfresh.watch(regclass, name, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgfresh.unwatch(regclass, text) FROM PUBLIC;
-REVOKE ALL ON FUNCTION pgfresh.wake_listeners() FROM PUBLIC;
 
 INSERT INTO pgfresh.migrations (version, name) VALUES (1, '0001_initial');
