@@ -283,13 +283,24 @@ async fn an_idle_listener_is_woken_by_notify_without_waiting_for_the_poll() {
     })
     .await;
     // With an hour between polls, only the trigger's NOTIFY can bring this change in time.
-    db.batch_execute("UPDATE products SET name = 'Woken' WHERE id = 2").await.unwrap();
+    db.batch_execute("UPDATE products SET name = 'Woken' WHERE id = 2")
+        .await
+        .unwrap();
     eventually("the change to arrive through NOTIFY", || async {
-        env.get(&env.key(2, "compact")).await.is_some_and(|html| html.contains("Woken"))
+        env.get(&env.key(2, "compact"))
+            .await
+            .is_some_and(|html| html.contains("Woken"))
     })
     .await;
     listener.stop().await;
-    let registered: i64 = db.query_one("SELECT count(*) FROM pgfresh.listeners", &[]).await.unwrap().get(0);
-    assert_eq!(registered, 0, "a stopped listener deregisters, so triggers stop notifying it");
+    let registered: i64 = db
+        .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        registered, 0,
+        "a stopped listener deregisters, so triggers stop notifying it"
+    );
     env.cleanup().await;
 }

@@ -167,3 +167,21 @@ async fn an_older_render_never_overwrites_a_newer_one() {
     env.del(&format!("pgfresh:ticket:{key}")).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_listener_runs_the_periodic_sweep() {
+    let env = TestEnv::shop(3).await;
+    let settings = pgfresh::config::ListenSettings {
+        sweep_interval: Some(std::time::Duration::from_millis(200)),
+        ..common::test_settings()
+    };
+    let listener = env.start_listener(settings);
+    // Nothing changed, so only a sweep can fill Redis, and refill what is deleted behind its back.
+    for id in 1..=3 {
+        env.wait_fresh(id).await;
+    }
+    env.del(&env.key(2, "full")).await;
+    env.wait_fresh(2).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
