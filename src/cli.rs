@@ -379,7 +379,8 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
     );
     let listeners = client
         .query(
-            "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8 FROM pgfresh.listeners
+            "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8, changes_done, refused_writes
+             FROM pgfresh.listeners
              WHERE seen_at > now() - interval '1 minute' ORDER BY started_at",
             &[],
         )
@@ -387,10 +388,12 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
     println!("listeners: {}", listeners.len());
     for row in &listeners {
         println!(
-            "  {} ({}, seen {:.0} s ago)",
+            "  {} ({}, seen {:.0} s ago): {} changes applied, {} stale writes refused",
             row.get::<_, String>(0),
             if row.get(1) { "idle" } else { "busy" },
-            row.get::<_, f64>(2)
+            row.get::<_, f64>(2),
+            row.get::<_, i64>(3),
+            row.get::<_, i64>(4)
         );
     }
     Ok(ExitCode::SUCCESS)

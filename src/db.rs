@@ -94,8 +94,8 @@ impl Database {
 
     /// Opens a connection outside the pool, driven by a spawned task until the client is dropped.
     /// For the advisory lock that elects the sweeping listener, which must outlive any pooled use.
-    pub async fn connect_dedicated(&self) -> Result<Client, Error> {
-        let (client, connection) = self.connect_raw().await?;
+    pub async fn connect_dedicated(&self, application_name: &str) -> Result<Client, Error> {
+        let (client, connection) = self.connect_raw(application_name).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
                 tracing::debug!(%error, "dedicated PostgreSQL connection ended");
@@ -108,6 +108,7 @@ impl Database {
     /// (the LISTEN connection reads notifications from it).
     pub async fn connect_raw(
         &self,
+        application_name: &str,
     ) -> Result<
         (
             Client,
@@ -115,7 +116,9 @@ impl Database {
         ),
         Error,
     > {
-        self.config
+        let mut config = self.config.clone();
+        config.application_name(application_name);
+        config
             .connect(NoTls)
             .await
             .map_err(|e| self.connect_error(&e))

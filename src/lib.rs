@@ -14,6 +14,7 @@
 //! - [`listener`]: the long-running `listen` loop.
 //! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
 //! - [`sweep`]: the full sweep, periodic or one-off.
+//! - [`maintenance`]: the sweeps a listener runs itself (periodic, Redis emptied, markup changed).
 //! - [`db`]: the connection pool and dedicated connections.
 //! - [`config`]: typed settings; URL redaction.
 //! - [`backoff`]: capped jittered exponential backoff.
@@ -30,6 +31,7 @@ pub mod db;
 pub mod error;
 pub mod fragment;
 pub mod listener;
+pub mod maintenance;
 pub mod queue;
 pub mod refresh;
 pub mod schema;

@@ -8,6 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -22,13 +23,9 @@ use crate::queue::{self, Failure};
 use crate::refresh::{RefreshStats, refresh};
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
-use crate::sweep;
 
 /// How often a listener tells the database it is alive.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
-
-/// The advisory lock key held by the listener that runs periodic sweeps ("pgfresh" in ASCII).
-const SWEEP_LOCK: i64 = 0x0070_6766_7265_7368;
 
 /// A batch at least this large means the listener is busy: it stops asking triggers to NOTIFY until it
 /// has caught up, so that writers under load do not pay for notifications nobody needs.
@@ -42,6 +39,30 @@ struct Shared {
     settings: ListenSettings,
     listener_id: String,
     shutdown: Shutdown,
+    counters: Counters,
+}
+
+/// Running totals, reported in `pgfresh.listeners` (and so by `status`) at every heartbeat.
+#[derive(Default)]
+struct Counters {
+    changes_done: AtomicI64,
+    refused_writes: AtomicI64,
+}
+
+impl Counters {
+    fn add(&self, changes: usize, stats: &RefreshStats) {
+        self.changes_done
+            .fetch_add(changes as i64, Ordering::Relaxed);
+        self.refused_writes
+            .fetch_add(stats.refused as i64, Ordering::Relaxed);
+    }
+
+    fn read(&self) -> (i64, i64) {
+        (
+            self.changes_done.load(Ordering::Relaxed),
+            self.refused_writes.load(Ordering::Relaxed),
+        )
+    }
 }
 
 /// What one pass over the queue found.
@@ -77,6 +98,7 @@ pub async fn run(
         settings,
         listener_id,
         shutdown,
+        counters: Counters::default(),
     });
     queue::register_listener(&*shared.db.get().await?, &shared.listener_id).await?;
     tracing::info!(
@@ -96,9 +118,14 @@ pub async fn run(
         shared.shutdown.clone(),
     ));
     tasks.spawn(heartbeat(shared.clone()));
-    if let Some(interval) = shared.settings.sweep_interval {
-        tasks.spawn(periodic_sweep(shared.clone(), interval));
-    }
+    tasks.spawn(crate::maintenance::run(
+        shared.db.clone(),
+        shared.sink.clone(),
+        shared.fragments.clone(),
+        shared.settings.sweep_interval,
+        shared.settings.sweep.clone(),
+        shared.shutdown.clone(),
+    ));
 
     drain_loop(&shared, &wake).await;
 
@@ -108,7 +135,12 @@ pub async fn run(
     if let Ok(client) = shared.db.get().await {
         let _ = queue::deregister_listener(&client, &shared.listener_id).await;
     }
-    tracing::info!("listener stopped");
+    let (changes, refused) = shared.counters.read();
+    tracing::info!(
+        changes_done = changes,
+        refused_writes = refused,
+        "listener stopped"
+    );
     Ok(())
 }
 
@@ -299,64 +331,25 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
     queue::complete(txn.client(), &done).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     txn.commit().await?;
+    shared.counters.add(claim.changes.len(), &stats);
     Ok((claim.changes.len(), stats))
 }
 
-/// Keeps this listener's registry row fresh so triggers keep waking it.
+/// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current.
 async fn heartbeat(shared: Arc<Shared>) {
     loop {
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
+        let (changes, refused) = shared.counters.read();
         if let Ok(client) = shared.db.get().await
-            && let Err(error) = queue::heartbeat(&client, &shared.listener_id).await
+            && let Err(error) =
+                queue::heartbeat(&client, &shared.listener_id, changes, refused).await
         {
             tracing::debug!(%error, "heartbeat failed");
         }
     }
-}
-
-/// Every `interval`, runs a full sweep if no other listener is running one.
-async fn periodic_sweep(shared: Arc<Shared>, interval: Duration) {
-    loop {
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(interval) => {}
-        }
-        match sweep_if_elected(&shared).await {
-            Ok(Some(report)) => tracing::info!("periodic {report}"),
-            Ok(None) => {
-                tracing::debug!("another listener holds the sweep lock; skipping this sweep")
-            }
-            Err(error) => tracing::warn!(%error, "periodic sweep failed; the next one will retry"),
-        }
-    }
-}
-
-/// Runs a sweep while holding the sweep advisory lock on a dedicated session; `None` if another
-/// listener holds it. The lock goes with the session if this process dies.
-async fn sweep_if_elected(shared: &Shared) -> Result<Option<sweep::SweepReport>, Error> {
-    let lock_session = shared.db.connect_dedicated().await?;
-    let elected: bool = lock_session
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
-        .await?
-        .get(0);
-    if !elected {
-        return Ok(None);
-    }
-    let report = sweep::run(
-        &shared.db,
-        &shared.sink,
-        &shared.fragments,
-        &shared.settings.sweep,
-        &shared.shutdown,
-    )
-    .await;
-    let _ = lock_session
-        .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK])
-        .await;
-    report.map(Some)
 }
 
 /// This machine's name, for the listener id; "localhost" when it cannot be read.

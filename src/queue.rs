@@ -191,14 +191,20 @@ pub async fn set_listener_idle(
     Ok(())
 }
 
-/// Refreshes `seen_at`, without which triggers stop waking this listener after a minute. Re-registers
-/// (as busy) a listener whose row vanished.
-pub async fn heartbeat(client: &Client, listener_id: &str) -> Result<(), Error> {
+/// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
+/// listener's counters shown by `status`. Re-registers (as busy) a listener whose row vanished.
+pub async fn heartbeat(
+    client: &Client,
+    listener_id: &str,
+    changes_done: i64,
+    refused_writes: i64,
+) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO pgfresh.listeners (id) VALUES ($1)
-             ON CONFLICT (id) DO UPDATE SET seen_at = now()",
-            &[&listener_id],
+            "INSERT INTO pgfresh.listeners (id, changes_done, refused_writes) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE
+             SET seen_at = now(), changes_done = $2, refused_writes = $3",
+            &[&listener_id, &changes_done, &refused_writes],
         )
         .await?;
     Ok(())

@@ -78,10 +78,13 @@ pub async fn refresh(
 
     let mut refreshed = Refreshed::default();
     let mut writes = Vec::with_capacity(keys.len() * fragment.variants().len());
+    // For each write, the index of the key it belongs to, to map a refused key back to its change.
+    let mut owners = Vec::with_capacity(writes.capacity());
     for (index, outcome) in outcomes.into_iter().enumerate() {
         match outcome {
             KeyOutcome::Rendered(entries) => {
                 refreshed.stats.rendered += entries.len() as u64;
+                owners.extend(std::iter::repeat_n(index, entries.len()));
                 writes.extend(
                     entries
                         .into_iter()
@@ -89,6 +92,7 @@ pub async fn refresh(
                 );
             }
             KeyOutcome::Gone(redis_keys) => {
+                owners.extend(std::iter::repeat_n(index, redis_keys.len()));
                 writes.extend(redis_keys.into_iter().map(|key| Write::Delete { key }));
             }
             KeyOutcome::Failed(reason) => {
@@ -97,19 +101,31 @@ pub async fn refresh(
             }
         }
     }
-    for result in sink.write(ticket, &writes).await? {
-        count(&mut refreshed.stats, result);
+    let results = sink.write(ticket, &writes).await?;
+    for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
+        if let WriteResult::Failed(reason) = &result {
+            if !refreshed.failed.iter().any(|(failed, _)| *failed == owner) {
+                refreshed.stats.errors += 1;
+                let key = match write {
+                    Write::Set { key, .. } | Write::Delete { key } => key,
+                };
+                refreshed
+                    .failed
+                    .push((owner, format!("Redis refused {key}: {reason}")));
+            }
+        }
+        count(&mut refreshed.stats, &result);
     }
     Ok(refreshed)
 }
 
 /// Adds one write result to the counts.
-pub fn count(stats: &mut RefreshStats, result: WriteResult) {
+pub fn count(stats: &mut RefreshStats, result: &WriteResult) {
     match result {
         WriteResult::Written => stats.written += 1,
         WriteResult::Unchanged => stats.unchanged += 1,
         WriteResult::Refused => stats.refused += 1,
         WriteResult::Deleted => stats.deleted += 1,
-        WriteResult::Absent => {}
+        WriteResult::Absent | WriteResult::Failed(_) => {}
     }
 }

@@ -20,6 +20,10 @@ pub const BOOKKEEPING_PREFIX: &str = "pgfresh:";
 /// Where each fragment key's render ticket is kept.
 const TICKET_PREFIX: &str = "pgfresh:ticket:";
 
+/// Where the version of each fragment's last complete sweep is kept, by key prefix. Its absence means
+/// Redis lost its data (or never had it), which calls for a sweep.
+const MARKER_PREFIX: &str = "pgfresh:fragment:";
+
 /// Keys per script call: large enough to make round trips rare, small enough that one call does not
 /// stall other Redis clients noticeably.
 const KEYS_PER_CALL: usize = 1000;
@@ -32,28 +36,36 @@ const WRITE_SCRIPT: &str = r#"
 -- pgfresh: version-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
 -- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), then one (op, html) pair per
 -- key pair: op 's' sets the fragment to html, 'd' deletes it.
--- Returns one code per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
--- 3 deleted, 4 already absent.
+-- Returns one result per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
+-- 3 deleted, 4 already absent, or the error text when Redis refused this key (the others go on).
 local ticket = tonumber(ARGV[1])
 local results = {}
 for i = 1, #KEYS, 2 do
     local key, ticket_key = KEYS[i], KEYS[i + 1]
     local op, html = ARGV[i + 2], ARGV[i + 3]
-    local stored = tonumber(redis.call('GET', ticket_key) or '0') or 0
-    if stored > ticket then
-        results[#results + 1] = 2
-    elseif op == 's' then
-        if redis.call('GET', key) == html then
-            results[#results + 1] = 1
+    local ok, result = pcall(function()
+        local stored = tonumber(redis.call('GET', ticket_key) or '0') or 0
+        if stored > ticket then
+            return 2
+        elseif op == 's' then
+            local code = 0
+            if redis.call('GET', key) == html then
+                code = 1
+            else
+                redis.call('SET', key, html)
+            end
+            redis.call('SET', ticket_key, ticket)
+            return code
         else
-            redis.call('SET', key, html)
-            results[#results + 1] = 0
+            local removed = redis.call('DEL', key)
+            redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
+            return removed == 1 and 3 or 4
         end
-        redis.call('SET', ticket_key, ticket)
+    end)
+    if ok then
+        results[#results + 1] = result
     else
-        local removed = redis.call('DEL', key)
-        redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
-        results[#results + 1] = removed == 1 and 3 or 4
+        results[#results + 1] = 'error: ' .. tostring(result.err or result)
     end
 end
 return results
@@ -77,7 +89,7 @@ pub enum Write {
 }
 
 /// What happened to one [`Write`].
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum WriteResult {
     /// The value changed and was stored.
     Written,
@@ -89,6 +101,8 @@ pub enum WriteResult {
     Deleted,
     /// The key to delete did not exist.
     Absent,
+    /// Redis refused this key (for example it holds a list, or memory is full); nothing was written.
+    Failed(String),
 }
 
 /// A Redis connection that writes fragments. Cheap to clone; reconnects by itself.
@@ -150,15 +164,16 @@ impl RedisSink {
                     .arg(op)
                     .arg(html);
             }
-            let codes: Vec<u8> = invocation
+            let replies: Vec<redis::Value> = invocation
                 .invoke_async(&mut self.connection.clone())
                 .await?;
-            results.extend(codes.into_iter().map(|code| match code {
-                0 => WriteResult::Written,
-                1 => WriteResult::Unchanged,
-                2 => WriteResult::Refused,
-                3 => WriteResult::Deleted,
-                _ => WriteResult::Absent,
+            results.extend(replies.into_iter().map(|reply| match reply {
+                redis::Value::Int(0) => WriteResult::Written,
+                redis::Value::Int(1) => WriteResult::Unchanged,
+                redis::Value::Int(2) => WriteResult::Refused,
+                redis::Value::Int(3) => WriteResult::Deleted,
+                redis::Value::Int(4) => WriteResult::Absent,
+                other => WriteResult::Failed(describe_reply(other)),
             }));
         }
         Ok(results)
@@ -195,6 +210,34 @@ impl RedisSink {
             .query_async(&mut self.connection.clone())
             .await?;
         Ok(())
+    }
+
+    /// The version of a fragment whose entries Redis holds (set after a complete sweep), or `None` when
+    /// Redis has no record of it: never swept, or emptied since (restart, FLUSHALL, failover).
+    pub async fn fragment_marker(&self, key_prefix: &str) -> Result<Option<u32>, Error> {
+        Ok(redis::cmd("GET")
+            .arg(format!("{MARKER_PREFIX}{key_prefix}"))
+            .query_async(&mut self.connection.clone())
+            .await?)
+    }
+
+    /// Records that every entry of a fragment was rendered by `version`.
+    pub async fn set_fragment_marker(&self, key_prefix: &str, version: u32) -> Result<(), Error> {
+        let _: () = redis::cmd("SET")
+            .arg(format!("{MARKER_PREFIX}{key_prefix}"))
+            .arg(version)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(())
+    }
+}
+
+/// One line for a script reply that is not a result code.
+fn describe_reply(reply: redis::Value) -> String {
+    match reply {
+        redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        redis::Value::SimpleString(text) => text,
+        other => format!("unexpected reply {other:?}"),
     }
 }
 

@@ -76,7 +76,6 @@ pub async fn run(
     shutdown: &Shutdown,
 ) -> Result<SweepReport, Error> {
     fragments.validate()?;
-    let started = Instant::now();
     let selected: Vec<Arc<dyn DynFragment>> = match &settings.only {
         None => fragments.iter().cloned().collect(),
         Some(name) => vec![fragments.get(name).cloned().ok_or_else(|| {
@@ -86,9 +85,21 @@ pub async fn run(
             ))
         })?],
     };
+    run_selected(db, sink, &selected, settings, shutdown).await
+}
+
+/// Sweeps these fragments, one after the other; `settings.only` is ignored.
+pub async fn run_selected(
+    db: &Database,
+    sink: &RedisSink,
+    selected: &[Arc<dyn DynFragment>],
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+) -> Result<SweepReport, Error> {
+    let started = Instant::now();
     let mut report = SweepReport::default();
     for fragment in selected {
-        sweep_fragment(db, sink, fragment, settings, shutdown, &mut report).await?;
+        sweep_fragment(db, sink, fragment.clone(), settings, shutdown, &mut report).await?;
         if report.interrupted {
             break;
         }

@@ -67,7 +67,7 @@ async fn session(
     backoff: &mut Backoff,
     lost_since: &mut Option<std::time::Instant>,
 ) -> Result<(), Error> {
-    let (client, mut connection) = db.connect_raw().await?;
+    let (client, mut connection) = db.connect_raw("pgfresh listen").await?;
     let ping_payload = format!("ping:{listener_id}");
     let (pongs, mut pong_received) = mpsc::unbounded_channel::<()>();
 

@@ -46,13 +46,18 @@ COMMENT ON SEQUENCE pgfresh.render_tickets IS
 -- Triggers NOTIFY only while some live listener says it is idle: a NOTIFY makes every committing
 -- transaction take a cluster-wide lock, so under load the listener keeps draining and nobody notifies.
 CREATE UNLOGGED TABLE pgfresh.listeners (
-    id         text        PRIMARY KEY,
-    idle       boolean     NOT NULL DEFAULT false,
-    started_at timestamptz NOT NULL DEFAULT now(),
-    seen_at    timestamptz NOT NULL DEFAULT now()
+    id             text        PRIMARY KEY,
+    idle           boolean     NOT NULL DEFAULT false,
+    started_at     timestamptz NOT NULL DEFAULT now(),
+    seen_at        timestamptz NOT NULL DEFAULT now(),
+    changes_done   bigint      NOT NULL DEFAULT 0,
+    refused_writes bigint      NOT NULL DEFAULT 0
 );
 COMMENT ON TABLE pgfresh.listeners IS
     'pgfresh listeners alive now (seen_at refreshed every few seconds); idle ones want a NOTIFY on new changes';
+COMMENT ON COLUMN pgfresh.listeners.changes_done IS 'changes this listener applied since it started';
+COMMENT ON COLUMN pgfresh.listeners.refused_writes IS
+    'renders this listener dropped because Redis already held a newer one (a lost race, not an error)';
 
 -- The watch registry: which table feeds which topic through which key column.
 CREATE TABLE pgfresh.watches (

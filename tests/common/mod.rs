@@ -86,10 +86,20 @@ impl TestEnv {
     }
 
     /// A database with the shop schema, `products` sample products, pgfresh and the watches.
+    /// Redis is taken as already filled (the fragment's sweep marker is set), so a listener does not
+    /// sweep at start-up; tests of that remove the marker.
     pub async fn shop(products: i64) -> TestEnv {
         let env = TestEnv::empty().await;
         setup::setup(&env.db, products).await.expect("shop setup");
+        env.sink
+            .set_fragment_marker(&env.prefix, 1)
+            .await
+            .expect("set marker");
         env
+    }
+
+    pub fn marker_key(&self) -> String {
+        format!("pgfresh:fragment:{}", self.prefix)
     }
 
     pub fn fragments(&self) -> Fragments {
@@ -189,6 +199,7 @@ impl TestEnv {
         let mut keys = self.keys().await;
         let tickets: Vec<String> = keys.iter().map(|k| format!("pgfresh:ticket:{k}")).collect();
         keys.extend(tickets);
+        keys.push(self.marker_key());
         if !keys.is_empty() {
             let _: () = redis::cmd("DEL")
                 .arg(&keys)
