@@ -103,16 +103,16 @@ pub async fn refresh(
     }
     let results = sink.write(ticket, &writes).await?;
     for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
-        if let WriteResult::Failed(reason) = &result {
-            if !refreshed.failed.iter().any(|(failed, _)| *failed == owner) {
-                refreshed.stats.errors += 1;
-                let key = match write {
-                    Write::Set { key, .. } | Write::Delete { key } => key,
-                };
-                refreshed
-                    .failed
-                    .push((owner, format!("Redis refused {key}: {reason}")));
-            }
+        if let WriteResult::Failed(reason) = &result
+            && !refreshed.failed.iter().any(|(failed, _)| *failed == owner)
+        {
+            refreshed.stats.errors += 1;
+            let key = match write {
+                Write::Set { key, .. } | Write::Delete { key } => key,
+            };
+            refreshed
+                .failed
+                .push((owner, format!("Redis refused {key}: {reason}")));
         }
         count(&mut refreshed.stats, &result);
     }
