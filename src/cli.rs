@@ -248,9 +248,9 @@ pub async fn execute(
 
 fn pool_size(command: &Command) -> usize {
     match command {
-        // Workers, the sweep's pages and its pager, and the bookkeeping (idle flag, heartbeat).
+        // Two per worker (claim, load), the sweep's pages and its pager, and the bookkeeping.
         Command::Listen(args) => {
-            usize::from(args.workers) + usize::from(args.sweep.sweep_concurrency) + 3
+            2 * usize::from(args.workers) + usize::from(args.sweep.sweep_concurrency) + 3
         }
         Command::Sweep(args) => usize::from(args.tuning.sweep_concurrency) + 1,
         _ => 1,

@@ -247,6 +247,9 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
 
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
 /// changes it claimed. On an error the transaction rolls back and the batch stays queued.
+///
+/// Rows are loaded on a second connection: a loader's SQL error would otherwise abort the claiming
+/// transaction, and with it the recording of that very failure.
 async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.get().await?;
     let txn = client.transaction().await?;
@@ -255,6 +258,7 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
+    let loader = shared.db.get().await?;
 
     // The same (topic, key) may be queued many times: render it once, settle every copy.
     let mut ids_by_change: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
@@ -293,7 +297,7 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
         keys.sort();
         keys.dedup();
         let refreshed = refresh(
-            txn.client(),
+            &loader,
             &shared.sink,
             fragment.as_ref(),
             &keys,

@@ -198,3 +198,50 @@ fn bad_flag_values_are_rejected_with_a_hint() {
         stderr(&out)
     );
 }
+
+#[tokio::test]
+async fn sigterm_stops_the_listener_cleanly_within_ten_seconds() {
+    let env = TestEnv::shop(3).await;
+    let mut listener = Command::new(shop_binary())
+        .args(["listen", "--sweep-interval", "0"])
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", common::redis_url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let db = env.client().await;
+    common::eventually("the listener to register", || async {
+        let n: i64 = db
+            .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    let status = Command::new("kill")
+        .args(["-TERM", &listener.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let stopped = std::time::Instant::now();
+    let exit = loop {
+        if let Some(exit) = listener.try_wait().unwrap() {
+            break exit;
+        }
+        assert!(
+            stopped.elapsed() < std::time::Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert!(exit.success(), "exit status {exit:?}");
+    let n: i64 = db
+        .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 0, "it deregistered on the way out");
+    env.cleanup().await;
+}

@@ -8,6 +8,7 @@
 
 #[path = "../../examples/shop/product_card.rs"]
 pub mod product_card;
+pub mod servers;
 #[path = "../../examples/shop/setup.rs"]
 pub mod setup;
 
@@ -44,7 +45,7 @@ pub struct TestEnv {
     pub sink: RedisSink,
     /// The test's product card key prefix, e.g. `t1234_5:shop:product_card:`.
     pub prefix: String,
-    redis: redis::aio::MultiplexedConnection,
+    redis: redis::aio::ConnectionManager,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -52,6 +53,11 @@ static COUNTER: AtomicU32 = AtomicU32::new(0);
 impl TestEnv {
     /// A fresh, empty database (no pgfresh, no shop) and a unique Redis prefix.
     pub async fn empty() -> TestEnv {
+        TestEnv::empty_with_redis(&redis_url()).await
+    }
+
+    /// Like [`TestEnv::empty`], on another Redis.
+    pub async fn empty_with_redis(redis_url: &str) -> TestEnv {
         let name = format!(
             "pgfresh_test_{}_{}_{:04x}",
             std::process::id(),
@@ -66,12 +72,12 @@ impl TestEnv {
             .expect("create test database");
         let url = database_url_for(&name);
         let db = Database::new(&url, 16).expect("database url");
-        let sink = RedisSink::connect(&redis_url())
+        let sink = RedisSink::connect(redis_url)
             .await
             .expect("connect to Redis");
-        let redis = redis::Client::open(redis_url())
+        let redis = redis::Client::open(redis_url)
             .unwrap()
-            .get_multiplexed_async_connection()
+            .get_connection_manager()
             .await
             .expect("connect to Redis");
         let prefix = format!("{name}:shop:product_card:");
@@ -89,7 +95,12 @@ impl TestEnv {
     /// Redis is taken as already filled (the fragment's sweep marker is set), so a listener does not
     /// sweep at start-up; tests of that remove the marker.
     pub async fn shop(products: i64) -> TestEnv {
-        let env = TestEnv::empty().await;
+        TestEnv::shop_with_redis(products, &redis_url()).await
+    }
+
+    /// Like [`TestEnv::shop`], on another Redis.
+    pub async fn shop_with_redis(products: i64, redis_url: &str) -> TestEnv {
+        let env = TestEnv::empty_with_redis(redis_url).await;
         setup::setup(&env.db, products).await.expect("shop setup");
         env.sink
             .set_fragment_marker(&env.prefix, 1)
@@ -115,12 +126,25 @@ impl TestEnv {
         connect(&self.url).await
     }
 
+    /// Reads a key, riding out the reconnect after a Redis restart.
     pub async fn get(&self, key: &str) -> Option<String> {
-        redis::cmd("GET")
-            .arg(key)
-            .query_async(&mut self.redis.clone())
-            .await
-            .expect("redis GET")
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match redis::cmd("GET")
+                .arg(key)
+                .query_async(&mut self.redis.clone())
+                .await
+            {
+                Ok(value) => return value,
+                Err(error)
+                    if Instant::now() < deadline
+                        && (error.is_io_error() || error.is_connection_dropped()) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => panic!("redis GET {key}: {error}"),
+            }
+        }
     }
 
     pub async fn set(&self, key: &str, value: &str) {
@@ -174,15 +198,37 @@ impl TestEnv {
 
     /// Starts a listener for this test's fragments; stop it with the returned token.
     pub fn start_listener(&self, settings: ListenSettings) -> RunningListener {
+        self.start_listener_with(self.fragments(), settings)
+    }
+
+    /// Starts a listener for these fragments.
+    pub fn start_listener_with(
+        &self,
+        fragments: Fragments,
+        settings: ListenSettings,
+    ) -> RunningListener {
         let shutdown = Shutdown::new();
         let task = tokio::spawn(listener::run(
             self.db.clone(),
             self.sink.clone(),
-            self.fragments(),
+            fragments,
             settings,
             shutdown.clone(),
         ));
         RunningListener { shutdown, task }
+    }
+
+    /// The sum of a column of `pgfresh.listeners` (changes_done, refused_writes).
+    pub async fn listener_total(&self, column: &str) -> i64 {
+        self.client()
+            .await
+            .query_one(
+                &format!("SELECT coalesce(sum({column}), 0)::bigint FROM pgfresh.listeners"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0)
     }
 
     pub async fn pending(&self) -> i64 {

@@ -1,0 +1,470 @@
+//! One test per promise of the listener under faults and bad input: lost and frozen connections,
+//! Redis outages and restarts, several instances, bad changes, hostile notifications, deploys.
+
+mod common;
+
+use std::time::Duration;
+
+use common::servers::TempRedis;
+use common::{TestEnv, eventually, test_settings};
+use pgfresh::config::ListenSettings;
+use pgfresh::{Fragment, Fragments};
+
+/// Settings under which only NOTIFYs and reconnects (never the poll) bring changes in.
+fn no_polling() -> ListenSettings {
+    ListenSettings {
+        poll_interval: Duration::from_secs(3600),
+        ..test_settings()
+    }
+}
+
+async fn wait_idle(env: &TestEnv, listeners: i64) {
+    let db = env.client().await;
+    eventually("the listeners to be idle", || async {
+        let idle: i64 = db
+            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+            .await
+            .unwrap()
+            .get(0);
+        idle == listeners
+    })
+    .await;
+}
+
+async fn rename(env: &TestEnv, id: i64, name: &str) {
+    env.client()
+        .await
+        .execute("UPDATE products SET name = $2 WHERE id = $1", &[&id, &name])
+        .await
+        .unwrap();
+}
+
+async fn wait_name(env: &TestEnv, id: i64, name: &str) {
+    let needle = format!("<h2>{name}</h2>");
+    eventually(&format!("product {id} to be named {name}"), || async {
+        env.get(&env.key(id, "compact"))
+            .await
+            .is_some_and(|html| html.contains(&needle))
+    })
+    .await;
+}
+
+/// The backend pids of this test database's connections whose application_name starts with `name`.
+async fn backends(env: &TestEnv, name: &str) -> Vec<i32> {
+    env.client()
+        .await
+        .query(
+            "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE $2 || '%'",
+            &[&env.name, &name],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn terminated_backends_are_replaced_and_changes_keep_flowing() {
+    let env = TestEnv::shop(3).await;
+    let listener = env.start_listener(no_polling());
+    wait_idle(&env, 1).await;
+    let admin = env.client().await;
+    admin
+        .execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = $1 AND application_name LIKE 'pgfresh%'",
+            &[&env.name],
+        )
+        .await
+        .unwrap();
+    // Committed while the LISTEN session is gone: only the drain after reconnecting can apply it.
+    rename(&env, 1, "After the cut").await;
+    wait_name(&env, 1, "After the cut").await;
+    eventually("a new LISTEN session", || async {
+        !backends(&env, "pgfresh listen").await.is_empty()
+    })
+    .await;
+    wait_idle(&env, 1).await;
+    rename(&env, 2, "Through NOTIFY again").await;
+    wait_name(&env, 2, "Through NOTIFY again").await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_frozen_listen_session_is_detected_and_replaced() {
+    let env = TestEnv::shop(2).await;
+    let listener = env.start_listener(no_polling());
+    wait_idle(&env, 1).await;
+    let frozen = backends(&env, "pgfresh listen").await;
+    assert_eq!(frozen.len(), 1);
+    // SIGSTOP: the session stays connected but delivers nothing, like a half-open TCP connection.
+    let status = std::process::Command::new("kill")
+        .args(["-STOP", &frozen[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    rename(&env, 1, "Despite the freeze").await;
+    let started = std::time::Instant::now();
+    wait_name(&env, 1, "Despite the freeze").await;
+    let _ = std::process::Command::new("kill")
+        .args(["-CONT", &frozen[0].to_string()])
+        .status();
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "detected within 30 s"
+    );
+    let current = backends(&env, "pgfresh listen").await;
+    assert!(
+        !current.contains(&frozen[0]) || current.len() > 1,
+        "a new session replaced the frozen one"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn while_redis_is_down_changes_stay_queued_and_an_emptied_redis_is_swept() {
+    let mut redis = TempRedis::start();
+    let env = TestEnv::shop_with_redis(6, &redis.url()).await;
+    let listener = env.start_listener(test_settings());
+    rename(&env, 1, "Before the outage").await;
+    wait_name(&env, 1, "Before the outage").await;
+
+    redis.stop();
+    rename(&env, 2, "During the outage").await;
+    // The change cannot be applied, and it is not lost: it waits in the queue.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(env.pending().await >= 1, "the change waits in PostgreSQL");
+
+    redis.start_again();
+    wait_name(&env, 2, "During the outage").await;
+    // Redis came back empty: the listener notices the missing marker and sweeps everything, so even
+    // products that never changed are back.
+    for id in 1..=6 {
+        env.wait_fresh(id).await;
+    }
+    eventually("the sweep marker to be back", || async {
+        env.get(&env.marker_key()).await.is_some()
+    })
+    .await;
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
+    let env = TestEnv::shop(50).await;
+    let settings = ListenSettings {
+        batch_size: 7,
+        ..test_settings()
+    };
+    let first = env.start_listener(settings.clone());
+    let second = env.start_listener(settings.clone());
+    let third = env.start_listener(settings);
+    let db = env.client().await;
+    for round in 0..4 {
+        db.execute(
+            "UPDATE products SET price_cents = price_cents + $1",
+            &[&(round + 1)],
+        )
+        .await
+        .unwrap();
+    }
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    for id in 1..=50 {
+        env.wait_fresh(id).await;
+    }
+    // Every change is counted once by the listener that applied it (heartbeats publish the counts).
+    eventually("all 200 changes to be counted exactly once", || async {
+        env.listener_total("changes_done").await == 200
+    })
+    .await;
+    for listener in [first, second, third] {
+        listener.stop().await;
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn only_the_listener_holding_the_sweep_lock_sweeps() {
+    let env = TestEnv::shop(3).await;
+    env.del(&env.marker_key()).await;
+    // Another listener (here, the test) holds the lock: this one must not sweep.
+    let holder = env.client().await;
+    holder
+        .execute("SELECT pg_advisory_lock(x'0070676672657368'::bigint)", &[])
+        .await
+        .unwrap();
+    let listener = env.start_listener(test_settings());
+    wait_idle(&env, 1).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        env.get(&env.key(3, "full")).await,
+        None,
+        "no sweep without the lock"
+    );
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock(x'0070676672657368'::bigint)",
+            &[],
+        )
+        .await
+        .unwrap();
+    env.wait_fresh(3).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn refused_stale_writes_are_counted_for_status() {
+    let env = TestEnv::shop(1).await;
+    // A render from the far future is stored: any render of product 1 now is older, and refused.
+    let ticket_key = format!("pgfresh:ticket:{}", env.key(1, "compact"));
+    env.set(&ticket_key, "9000000000000000").await;
+    let listener = env.start_listener(test_settings());
+    rename(&env, 1, "Refused").await;
+    eventually("the refused write to be counted", || async {
+        env.listener_total("refused_writes").await >= 1
+    })
+    .await;
+    assert!(
+        env.get(&env.key(1, "compact")).await.is_none(),
+        "the older render was not written"
+    );
+    listener.stop().await;
+    env.del(&ticket_key).await;
+    env.cleanup().await;
+}
+
+/// The shop's card, except that rendering a product named "PANIC" panics: a bug in user code.
+struct Fussy(common::product_card::ProductCard);
+
+impl Fragment for Fussy {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    fn name(&self) -> &str {
+        "fussy_card"
+    }
+    fn topics(&self) -> &[&str] {
+        self.0.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.0.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.0.key_prefix()
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::fragment::Loaded<Self> {
+        self.0.load(db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+        assert!(row.name != "PANIC", "cannot render a product named PANIC");
+        self.0.render(key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        self.0.keys_after(db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and_are_parked() {
+    let env = TestEnv::shop(4).await;
+    let fragments = Fragments::new().with(Fussy(
+        common::product_card::ProductCard::with_key_prefix(env.prefix.clone()),
+    ));
+    let settings = ListenSettings {
+        max_attempts: 2,
+        ..test_settings()
+    };
+    let listener = env.start_listener_with(fragments, settings);
+    // A key of the wrong type: Redis refuses to GET it as a string.
+    let _: () = redis::cmd("RPUSH")
+        .arg(env.key(2, "compact"))
+        .arg("not a string")
+        .query_async(
+            &mut redis::Client::open(common::redis_url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    rename(&env, 1, "PANIC").await;
+    rename(&env, 2, "Wrong type in Redis").await;
+    rename(&env, 3, "Fine").await;
+    wait_name(&env, 3, "Fine").await;
+    let db = env.client().await;
+    eventually(
+        "the panicking and the refused change to be parked",
+        || async {
+            let parked: i64 = db
+                .query_one("SELECT count(*) FROM pgfresh.failed", &[])
+                .await
+                .unwrap()
+                .get(0);
+            parked == 2
+        },
+    )
+    .await;
+    let errors: Vec<String> = db
+        .query("SELECT error FROM pgfresh.failed ORDER BY key", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(
+        errors[0].contains("panicked: cannot render a product named PANIC"),
+        "{errors:?}"
+    );
+    assert!(
+        errors[1].contains("Redis refused") && errors[1].contains("WRONGTYPE"),
+        "{errors:?}"
+    );
+
+    // A loader that fails (its table is gone for a moment) fails its batch's changes, which are retried.
+    db.batch_execute("ALTER TABLE reviews RENAME TO reviews_away")
+        .await
+        .unwrap();
+    rename(&env, 4, "After the loader recovered").await;
+    eventually("the loader failure to be recorded for retry", || async {
+        let row = db
+            .query_opt(
+                "SELECT last_error FROM pgfresh.changes WHERE key = '4'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.and_then(|r| r.get::<_, Option<String>>(0))
+            .is_some_and(|e| e.contains("load of fussy_card failed"))
+    })
+    .await;
+    db.batch_execute("ALTER TABLE reviews_away RENAME TO reviews")
+        .await
+        .unwrap();
+    wait_name(&env, 4, "After the loader recovered").await;
+    listener.stop().await;
+    env.del(&env.key(2, "compact")).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn notifications_from_anyone_are_only_hints() {
+    let env = TestEnv::shop(3).await;
+    let listener = env.start_listener(no_polling());
+    wait_idle(&env, 1).await;
+    let stranger = env.client().await;
+    let huge = "x".repeat(7990);
+    for payload in [
+        "",
+        "product:1",
+        "ping:not-yours",
+        "DROP TABLE products",
+        "{\"topic\":\"product\",\"key\":\"2\"}",
+        &huge,
+    ] {
+        stranger
+            .execute("SELECT pg_notify('pgfresh', $1)", &[&payload])
+            .await
+            .unwrap();
+    }
+    // Nothing changed, so nothing is rendered, whatever the payloads asked for.
+    rename(&env, 3, "A real change").await;
+    wait_name(&env, 3, "A real change").await;
+    assert_eq!(env.get(&env.key(1, "compact")).await, None);
+    assert_eq!(env.get(&env.key(2, "compact")).await, None);
+    assert!(
+        !listener.task.is_finished(),
+        "the listener is still running"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+/// The shop's card with new markup: what a deploy of changed fragment code looks like.
+struct CardV2(common::product_card::ProductCard);
+
+impl Fragment for CardV2 {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    fn name(&self) -> &str {
+        "product_card"
+    }
+    fn topics(&self) -> &[&str] {
+        self.0.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.0.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.0.key_prefix()
+    }
+    fn version(&self) -> u32 {
+        2
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::fragment::Loaded<Self> {
+        self.0.load(db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+        maud::html! { div class="v2" { (self.0.render(key, row, variant)) } }
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        self.0.keys_after(db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_once() {
+    let env = TestEnv::shop(5).await;
+    pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &Default::default(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let fragments = Fragments::new().with(CardV2(
+        common::product_card::ProductCard::with_key_prefix(env.prefix.clone()),
+    ));
+    // The periodic sweep is off: only the version check can replace the old entries.
+    let listener = env.start_listener_with(fragments, test_settings());
+    for id in 1..=5 {
+        let key = env.key(id, "full");
+        eventually("the new markup", || async {
+            env.get(&key)
+                .await
+                .is_some_and(|html| html.starts_with(r#"<div class="v2">"#))
+        })
+        .await;
+    }
+    eventually("the marker to record version 2", || async {
+        env.get(&env.marker_key()).await.as_deref() == Some("2")
+    })
+    .await;
+    listener.stop().await;
+    env.cleanup().await;
+}
