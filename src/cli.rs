@@ -161,10 +161,15 @@ where
     }
 }
 
-/// Logs to stderr, filtered by `RUST_LOG` (default `info`); a panic becomes one error line.
+/// What is logged when `RUST_LOG` is not set: pgfresh's own events, without the pool's and the
+/// driver's per-connection warnings, which would repeat every loss that pgfresh already reports once.
+const DEFAULT_LOG_FILTER: &str = "info,deadpool=error,tokio_postgres=warn";
+
+/// Logs to stderr, filtered by `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]); a panic becomes one error
+/// line.
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -8,7 +8,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -25,7 +25,7 @@ use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
 
 /// How often a listener tells the database it is alive.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(15);
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 
 /// A batch at least this large means the listener is busy: it stops asking triggers to NOTIFY until it
 /// has caught up, so that writers under load do not pay for notifications nobody needs.
@@ -40,6 +40,9 @@ struct Shared {
     listener_id: String,
     shutdown: Shutdown,
     counters: Counters,
+    /// Whether this listener last told the database it is idle (wants NOTIFYs). The heartbeat
+    /// re-asserts it, since a PostgreSQL crash empties the unlogged registry.
+    idle: AtomicBool,
 }
 
 /// Running totals, reported in `pgfresh.listeners` (and so by `status`) at every heartbeat.
@@ -99,6 +102,7 @@ pub async fn run(
         listener_id,
         shutdown,
         counters: Counters::default(),
+        idle: AtomicBool::new(false),
     });
     queue::register_listener(&*shared.db.get().await?, &shared.listener_id).await?;
     tracing::info!(
@@ -148,14 +152,13 @@ pub async fn run(
 async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     let mut failing_since: Option<std::time::Instant> = None;
-    let mut marked_idle = false;
     while !shared.shutdown.is_cancelled() {
         let pass = async {
             let drained = drain(shared).await?;
-            if drained.busy && marked_idle {
+            if drained.busy && shared.idle.load(Ordering::Relaxed) {
                 queue::set_listener_idle(&*shared.db.get().await?, &shared.listener_id, false)
                     .await?;
-                marked_idle = false;
+                shared.idle.store(false, Ordering::Relaxed);
             }
             Ok::<Drained, Error>(drained)
         };
@@ -180,21 +183,18 @@ async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
                 continue;
             }
         }
-        if !marked_idle {
+        if !shared.idle.load(Ordering::Relaxed) {
             // Ask triggers to NOTIFY from now on, then drain once more: a change whose trigger read the
-            // flag just before this commit would otherwise wait for the next poll.
-            match shared.db.get().await {
-                Ok(client) => {
-                    if queue::set_listener_idle(&client, &shared.listener_id, true)
-                        .await
-                        .is_ok()
-                    {
-                        marked_idle = true;
-                    }
-                }
-                Err(_) => continue,
+            // flag just before this commit would otherwise wait for the next poll. If the flag cannot be
+            // set, the poll still finds every change.
+            let marked = match shared.db.get().await {
+                Ok(client) => queue::set_listener_idle(&client, &shared.listener_id, true).await,
+                Err(error) => Err(error),
+            };
+            if marked.is_ok() {
+                shared.idle.store(true, Ordering::Relaxed);
+                continue;
             }
-            continue;
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => {}
@@ -348,8 +348,14 @@ async fn heartbeat(shared: Arc<Shared>) {
         }
         let (changes, refused) = shared.counters.read();
         if let Ok(client) = shared.db.get().await
-            && let Err(error) =
-                queue::heartbeat(&client, &shared.listener_id, changes, refused).await
+            && let Err(error) = queue::heartbeat(
+                &client,
+                &shared.listener_id,
+                shared.idle.load(Ordering::Relaxed),
+                changes,
+                refused,
+            )
+            .await
         {
             tracing::debug!(%error, "heartbeat failed");
         }

@@ -37,39 +37,36 @@ pub async fn run(
     shutdown: Shutdown,
 ) {
     let mut next_periodic = periodic.map(|interval| Instant::now() + interval);
-    let mut started = true;
+    let mut at_startup = true;
     loop {
-        let (due, reason) = match next_periodic {
-            Some(at) if Instant::now() >= at => (fragments.iter().cloned().collect(), "periodic"),
-            _ => match fragments_needing_sweep(&sink, &fragments, started).await {
+        let periodic_due = next_periodic.is_some_and(|at| Instant::now() >= at);
+        let due = if periodic_due {
+            fragments.iter().cloned().collect()
+        } else {
+            match fragments_needing_sweep(&sink, &fragments, at_startup).await {
                 Ok(due) => {
-                    started = false;
-                    (due, "Redis lacks the current render of")
+                    at_startup = false;
+                    due
                 }
                 Err(error) => {
                     tracing::debug!(%error, "cannot read fragment markers");
-                    (Vec::new(), "")
+                    Vec::new()
                 }
-            },
+            }
         };
         if !due.is_empty() {
+            let reason = if periodic_due {
+                "periodic"
+            } else {
+                "missing or outdated in Redis"
+            };
             match sweep_if_elected(&db, &sink, &due, &settings, &shutdown).await {
-                Ok(Some(report)) => {
-                    log_report(reason, &due, &report);
-                    if report.succeeded() {
-                        mark_swept(&sink, &due).await;
-                    }
-                    if reason == "periodic" {
-                        next_periodic = periodic.map(|interval| Instant::now() + interval);
-                    }
-                }
-                Ok(None) => {
-                    tracing::debug!("another listener is sweeping");
-                    if reason == "periodic" {
-                        next_periodic = periodic.map(|interval| Instant::now() + interval);
-                    }
-                }
+                Ok(Some(report)) => log_report(reason, &due, &report),
+                Ok(None) => tracing::debug!("another listener is sweeping"),
                 Err(error) => tracing::warn!(%error, "sweep failed; it will be tried again"),
+            }
+            if periodic_due {
+                next_periodic = periodic.map(|interval| Instant::now() + interval);
             }
         }
         tokio::select! {
@@ -116,7 +113,25 @@ async fn sweep_if_elected(
     if !elected {
         return Ok(None);
     }
+    let mut tokens = Vec::with_capacity(due.len());
+    for fragment in due {
+        tokens.push(sink.start_sweep(fragment.key_prefix()).await?);
+    }
     let report = sweep::run_selected(db, sink, due, settings, shutdown).await;
+    if report.as_ref().is_ok_and(SweepReport::succeeded) {
+        for (fragment, token) in due.iter().zip(&tokens) {
+            let key_prefix = fragment.key_prefix();
+            if !sink
+                .finish_sweep(key_prefix, token, fragment.version())
+                .await?
+            {
+                tracing::warn!(
+                    fragment = fragment.name(),
+                    "Redis lost its data during the sweep; sweeping again"
+                );
+            }
+        }
+    }
     // Dropping the session releases the lock too; unlocking first frees it without waiting for that.
     let _ = lock_session
         .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK])
@@ -124,22 +139,12 @@ async fn sweep_if_elected(
     report.map(Some)
 }
 
-async fn mark_swept(sink: &RedisSink, swept: &[Arc<dyn DynFragment>]) {
-    for fragment in swept {
-        if let Err(error) = sink
-            .set_fragment_marker(fragment.key_prefix(), fragment.version())
-            .await
-        {
-            tracing::warn!(%error, fragment = fragment.name(), "cannot record the sweep in Redis");
-        }
-    }
-}
-
 fn log_report(reason: &str, swept: &[Arc<dyn DynFragment>], report: &SweepReport) {
     let names: Vec<&str> = swept.iter().map(|f| f.name()).collect();
+    let fragments = names.join(", ");
     if report.succeeded() {
-        tracing::info!(fragments = %names.join(", "), "{reason} {report}");
+        tracing::info!(%fragments, reason, "{report}");
     } else {
-        tracing::warn!(fragments = %names.join(", "), "{reason} {report}");
+        tracing::warn!(%fragments, reason, "{report}");
     }
 }

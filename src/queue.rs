@@ -192,19 +192,22 @@ pub async fn set_listener_idle(
 }
 
 /// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
-/// listener's counters shown by `status`. Re-registers (as busy) a listener whose row vanished.
+/// listener's idle flag and counters. Re-registers a listener whose row vanished (a PostgreSQL crash
+/// empties the unlogged table).
 pub async fn heartbeat(
     client: &Client,
     listener_id: &str,
+    idle: bool,
     changes_done: i64,
     refused_writes: i64,
 ) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO pgfresh.listeners (id, changes_done, refused_writes) VALUES ($1, $2, $3)
+            "INSERT INTO pgfresh.listeners (id, idle, changes_done, refused_writes)
+             VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE
-             SET seen_at = now(), changes_done = $2, refused_writes = $3",
-            &[&listener_id, &changes_done, &refused_writes],
+             SET seen_at = now(), idle = $2, changes_done = $3, refused_writes = $4",
+            &[&listener_id, &idle, &changes_done, &refused_writes],
         )
         .await?;
     Ok(())

@@ -24,6 +24,9 @@ const TICKET_PREFIX: &str = "pgfresh:ticket:";
 /// Redis lost its data (or never had it), which calls for a sweep.
 const MARKER_PREFIX: &str = "pgfresh:fragment:";
 
+/// Set while a listener sweeps a fragment, to tell whether Redis was emptied during the sweep.
+const SWEEPING_PREFIX: &str = "pgfresh:sweeping:";
+
 /// Keys per script call: large enough to make round trips rare, small enough that one call does not
 /// stall other Redis clients noticeably.
 const KEYS_PER_CALL: usize = 1000;
@@ -221,7 +224,45 @@ impl RedisSink {
             .await?)
     }
 
-    /// Records that every entry of a fragment was rendered by `version`.
+    /// Notes that a sweep of a fragment starts; hand the token to [`RedisSink::finish_sweep`].
+    pub async fn start_sweep(&self, key_prefix: &str) -> Result<String, Error> {
+        let token = format!("{:016x}", fastrand::u64(..));
+        let _: () = redis::cmd("SET")
+            .arg(format!("{SWEEPING_PREFIX}{key_prefix}"))
+            .arg(&token)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(token)
+    }
+
+    /// Records that every entry of a fragment was rendered by `version`, unless Redis lost its data
+    /// since [`RedisSink::start_sweep`] (then the sweep's early pages are gone, and the missing marker
+    /// calls for another). Returns whether the marker was set.
+    pub async fn finish_sweep(
+        &self,
+        key_prefix: &str,
+        token: &str,
+        version: u32,
+    ) -> Result<bool, Error> {
+        let set: i64 = Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then
+                 redis.call('SET', KEYS[2], ARGV[2])
+                 redis.call('DEL', KEYS[1])
+                 return 1
+             end
+             return 0",
+        )
+        .key(format!("{SWEEPING_PREFIX}{key_prefix}"))
+        .key(format!("{MARKER_PREFIX}{key_prefix}"))
+        .arg(token)
+        .arg(version)
+        .invoke_async(&mut self.connection.clone())
+        .await?;
+        Ok(set == 1)
+    }
+
+    /// Records that every entry of a fragment was rendered by `version` (tests, and tools that fill
+    /// Redis by other means).
     pub async fn set_fragment_marker(&self, key_prefix: &str, version: u32) -> Result<(), Error> {
         let _: () = redis::cmd("SET")
             .arg(format!("{MARKER_PREFIX}{key_prefix}"))
