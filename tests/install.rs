@@ -228,3 +228,52 @@ async fn triggers_queue_old_and_new_keys_and_nothing_on_rollback() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn writers_need_no_grant_on_pgfresh_and_their_writes_are_queued() {
+    let env = TestEnv::shop(2).await;
+    let role = format!("{}_writer", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON products, reviews TO {role};
+             GRANT USAGE ON SEQUENCE reviews_id_seq TO {role};"
+        ))
+        .await
+        .unwrap();
+    let mut writer = env.client().await;
+    let txn = writer.transaction().await.unwrap();
+    txn.batch_execute(&format!("SET LOCAL ROLE {role}"))
+        .await
+        .unwrap();
+    let denied = txn
+        .batch_execute("SELECT count(*) FROM pgfresh.changes")
+        .await
+        .unwrap_err();
+    assert!(
+        denied
+            .as_db_error()
+            .unwrap()
+            .message()
+            .contains("permission denied")
+    );
+    txn.rollback().await.unwrap();
+
+    let txn = writer.transaction().await.unwrap();
+    txn.batch_execute(&format!(
+        "SET LOCAL ROLE {role};
+         UPDATE products SET name = 'by the writer' WHERE id = 1;
+         INSERT INTO reviews (product_id, author, rating, body) VALUES (2, 'w', 4, 'ok');
+         DELETE FROM reviews WHERE product_id = 1;"
+    ))
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    assert_eq!(queued(&admin).await, ["1", "1", "1", "1", "2"]);
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
