@@ -253,7 +253,9 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
 async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.get().await?;
     let txn = client.transaction().await?;
+    let started = std::time::Instant::now();
     let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
+    let claimed_at = started.elapsed();
     if claim.changes.is_empty() {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
@@ -318,6 +320,7 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
         }
     }
 
+    let refreshed_at = started.elapsed();
     let mut done = Vec::with_capacity(claim.changes.len());
     let mut failures = Vec::new();
     for (change, ids) in &ids_by_change {
@@ -335,6 +338,14 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
     queue::complete(txn.client(), &done).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     txn.commit().await?;
+    tracing::debug!(
+        changes = claim.changes.len(),
+        keys = ids_by_change.len(),
+        claim = ?claimed_at,
+        refresh = ?(refreshed_at - claimed_at),
+        settle = ?(started.elapsed() - refreshed_at),
+        "batch applied"
+    );
     shared.counters.add(claim.changes.len(), &stats);
     Ok((claim.changes.len(), stats))
 }

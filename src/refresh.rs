@@ -57,6 +57,7 @@ pub async fn refresh(
     keys: &[String],
     ticket: i64,
 ) -> Result<Refreshed, Error> {
+    let started = std::time::Instant::now();
     let outcomes = match fragment.render_keys(db, keys).await {
         Ok(outcomes) => outcomes,
         Err(error) if error.as_db_error().is_some() => {
@@ -101,7 +102,9 @@ pub async fn refresh(
             }
         }
     }
+    let rendered_at = started.elapsed();
     let results = sink.write(ticket, &writes).await?;
+    tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?(started.elapsed() - rendered_at), "refreshed");
     for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
         if let WriteResult::Failed(reason) = &result
             && !refreshed.failed.iter().any(|(failed, _)| *failed == owner)

@@ -1,0 +1,75 @@
+//! pgfresh's benchmark: the shop's product card on the local PostgreSQL and Redis, one line of figures
+//! per scenario. BENCHMARKS.md records the results and the machine.
+//!
+//!     cargo run --release --example bench -- all
+//!
+//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `all`. Each works in databases
+//! of its own (`pgfresh_bench_<products>`, created and filled on first use, kept for later runs) and in
+//! a Redis database of its own (`--redis-url`, default database 9), which it empties.
+
+#[path = "../shop/product_card.rs"]
+mod product_card;
+mod scenarios;
+#[allow(dead_code)] // the bench only needs `setup` itself
+#[path = "../shop/setup.rs"]
+mod setup;
+
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+
+#[derive(Parser)]
+#[command(about = "pgfresh benchmarks on the shop example")]
+struct BenchCli {
+    /// A database to connect to for creating the benchmark databases.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres"
+    )]
+    database_url: String,
+    /// The Redis database to use; it is emptied.
+    #[arg(
+        long,
+        env = "BENCH_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379/9"
+    )]
+    redis_url: String,
+    /// What to measure.
+    scenario: Scenario,
+    /// Internal: the product count of a `sweep-once` child.
+    #[arg(long, hide = true, default_value_t = 0)]
+    products: i64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    Sweep,
+    Latency,
+    WriteOverhead,
+    Burst,
+    CatchUp,
+    All,
+    /// Internal: one sweep in a fresh process, so its peak RSS is its own.
+    #[value(hide = true)]
+    SweepOnce,
+}
+
+fn main() -> ExitCode {
+    let cli = BenchCli::parse();
+    pgfresh::cli::run_command(|| async move {
+        let bench = scenarios::Bench::new(&cli.database_url, &cli.redis_url);
+        let result = match cli.scenario {
+            Scenario::SweepOnce => bench.sweep_once(cli.products).await,
+            Scenario::Sweep => bench.sweep().await,
+            Scenario::Latency => bench.latency().await,
+            Scenario::WriteOverhead => bench.write_overhead().await,
+            Scenario::Burst => bench.burst().await,
+            Scenario::CatchUp => bench.catch_up().await,
+            Scenario::All => bench.all().await,
+        };
+        result
+            .map(|()| ExitCode::SUCCESS)
+            .map_err(|e| pgfresh::Error::Fragment(format!("{e:#}")))
+    })
+}

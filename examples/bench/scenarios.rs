@@ -1,0 +1,686 @@
+//! The benchmark scenarios. Each prints one line of figures; timing lives here, never in tests.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use futures_util::StreamExt;
+use pgfresh::config::{ListenSettings, SweepSettings};
+use pgfresh::db::Database;
+use pgfresh::shutdown::Shutdown;
+use pgfresh::sink::RedisSink;
+use pgfresh::tokio_postgres::{self, NoTls};
+use pgfresh::{Fragment, Fragments};
+
+use crate::product_card::ProductCard;
+
+/// Every benchmark fragment lives under this Redis prefix.
+const PREFIX: &str = "bench:product_card:";
+/// The table size for everything but the large sweep.
+const PRODUCTS: i64 = 20_000;
+/// How long each pgbench run lasts.
+const PGBENCH_SECONDS: u32 = 10;
+
+pub struct Bench {
+    admin_url: String,
+    redis_url: String,
+}
+
+fn fragments() -> Fragments {
+    Fragments::new().with(ProductCard::with_key_prefix(PREFIX))
+}
+
+async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    tokio::spawn(connection);
+    Ok(client)
+}
+
+/// Peak resident set size of this process, in MiB.
+fn peak_rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0.0);
+    kib / 1024.0
+}
+
+/// CPU time (user + system) this process has used.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: u64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0);
+    Duration::from_millis(ticks * 10)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+/// A listener running in this process, for the scenarios that measure it.
+struct Running {
+    shutdown: Shutdown,
+    task: tokio::task::JoinHandle<Result<(), pgfresh::Error>>,
+}
+
+impl Running {
+    async fn stop(self) -> Result<()> {
+        self.shutdown.cancel();
+        self.task.await??;
+        Ok(())
+    }
+}
+
+impl Bench {
+    pub fn new(admin_url: &str, redis_url: &str) -> Bench {
+        Bench {
+            admin_url: admin_url.into(),
+            redis_url: redis_url.into(),
+        }
+    }
+
+    fn database_url(&self, name: &str) -> String {
+        let base = self
+            .admin_url
+            .rsplit_once('/')
+            .map_or(self.admin_url.as_str(), |(base, _)| base);
+        format!("{base}/{name}")
+    }
+
+    /// The shop with `products` products in a database of its own, pgfresh installed and watching, the
+    /// queue empty.
+    async fn shop(&self, products: i64) -> Result<(Database, String)> {
+        let name = format!("pgfresh_bench_{products}");
+        let admin = connect(&self.admin_url)
+            .await
+            .context("connecting to PostgreSQL")?;
+        let exists = admin
+            .query_opt("SELECT FROM pg_database WHERE datname = $1", &[&name])
+            .await?
+            .is_some();
+        if !exists {
+            admin
+                .batch_execute(&format!("CREATE DATABASE {name}"))
+                .await?;
+        }
+        let url = self.database_url(&name);
+        let db = Database::new(&url, 16)?;
+        setup_shop(&db, products).await?;
+        Ok((db, url))
+    }
+
+    /// An empty Redis database and a sink on it.
+    async fn redis(&self) -> Result<(RedisSink, redis::aio::ConnectionManager)> {
+        let sink = RedisSink::connect(&self.redis_url).await?;
+        let mut plain = redis::Client::open(self.redis_url.as_str())?
+            .get_connection_manager()
+            .await?;
+        let _: () = redis::cmd("FLUSHDB").query_async(&mut plain).await?;
+        Ok((sink, plain))
+    }
+
+    /// Starts a listener here, after telling it Redis is already filled (no start-up sweep), and
+    /// waits until it is idle.
+    async fn start_listener(&self, db: &Database, sink: &RedisSink, url: &str) -> Result<Running> {
+        sink.set_fragment_marker(PREFIX, 1).await?;
+        let shutdown = Shutdown::new();
+        let settings = ListenSettings {
+            sweep_interval: None,
+            ..ListenSettings::default()
+        };
+        let task = tokio::spawn(pgfresh::listener::run(
+            db.clone(),
+            sink.clone(),
+            fragments(),
+            settings,
+            shutdown.clone(),
+        ));
+        let client = connect(url).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let idle: i64 = client
+                .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+                .await?
+                .get(0);
+            if idle > 0 {
+                return Ok(Running { shutdown, task });
+            }
+            if Instant::now() > deadline {
+                bail!("the listener did not become idle");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn all(&self) -> Result<()> {
+        self.sweep().await?;
+        self.latency().await?;
+        self.write_overhead().await?;
+        self.burst().await?;
+        self.catch_up().await
+    }
+
+    /// Full sweeps of 20,000 and 200,000 products, each in a fresh process, against a naive
+    /// per-product rebuild (the cron job's shape).
+    pub async fn sweep(&self) -> Result<()> {
+        let mut small_rss = 0.0;
+        for products in [PRODUCTS, 10 * PRODUCTS] {
+            self.shop(products).await?;
+            self.redis().await?;
+            let child = tokio::process::Command::new(std::env::current_exe()?)
+                .args([
+                    "--database-url",
+                    &self.admin_url,
+                    "--redis-url",
+                    &self.redis_url,
+                ])
+                .args(["--products", &products.to_string(), "sweep-once"])
+                .output()
+                .await?;
+            let out = String::from_utf8_lossy(&child.stdout);
+            if !child.status.success() {
+                bail!(
+                    "sweep child failed: {}",
+                    String::from_utf8_lossy(&child.stderr)
+                );
+            }
+            let figures: Vec<f64> = out
+                .split_whitespace()
+                .filter_map(|w| w.parse().ok())
+                .collect();
+            let [rendered, secs, rss] = figures[..] else {
+                bail!("unexpected sweep child output: {out}")
+            };
+            let mut line = format!(
+                "sweep: {products} products, {rendered} fragments in {secs:.2} s: {:.0} fragments/s, peak RSS {rss:.1} MiB",
+                rendered / secs
+            );
+            if products == PRODUCTS {
+                small_rss = rss;
+                let naive = self.naive_rebuild(products).await?;
+                line += &format!(
+                    "; naive per-product rebuild {naive:.0} fragments/s ({:.0}x slower)",
+                    rendered / secs / naive
+                );
+            } else {
+                line += &format!(" ({:.2}x the {PRODUCTS}-product run)", rss / small_rss);
+            }
+            println!("{line}");
+        }
+        Ok(())
+    }
+
+    /// Child process: one sweep, printing "rendered seconds peak_rss_mib".
+    pub async fn sweep_once(&self, products: i64) -> Result<()> {
+        let db = Database::new(&self.database_url(&format!("pgfresh_bench_{products}")), 16)?;
+        let sink = RedisSink::connect(&self.redis_url).await?;
+        let report = pgfresh::sweep::run(
+            &db,
+            &sink,
+            &fragments(),
+            &SweepSettings::default(),
+            &Shutdown::new(),
+        )
+        .await?;
+        if !report.succeeded() {
+            bail!("{report}");
+        }
+        println!(
+            "{} {} {}",
+            report.stats.rendered,
+            report.elapsed.as_secs_f64(),
+            peak_rss_mib()
+        );
+        Ok(())
+    }
+
+    /// What the hourly cron job does: one product at a time, a query, two renders, two SETs. Runs for
+    /// three seconds; returns fragments per second.
+    async fn naive_rebuild(&self, products: i64) -> Result<f64> {
+        let client = connect(&self.database_url(&format!("pgfresh_bench_{products}"))).await?;
+        let mut redis = redis::Client::open(self.redis_url.as_str())?
+            .get_connection_manager()
+            .await?;
+        let card = ProductCard::with_key_prefix("bench:naive:");
+        let started = Instant::now();
+        let mut rendered = 0u64;
+        let mut id = 1;
+        while started.elapsed() < Duration::from_secs(3) && id <= products {
+            for (key, row) in card.load(&client, &[id]).await? {
+                for variant in card.variants() {
+                    let html = card.render(&key, &row, variant).into_string();
+                    let _: () = redis::cmd("SET")
+                        .arg(card.redis_key(&key, variant))
+                        .arg(html)
+                        .query_async(&mut redis)
+                        .await?;
+                    rendered += 1;
+                }
+            }
+            id += 1;
+        }
+        Ok(rendered as f64 / started.elapsed().as_secs_f64())
+    }
+
+    /// Commit-to-Redis latency of UPDATEs at 100 and 1,000 per second over random products.
+    pub async fn latency(&self) -> Result<()> {
+        let (db, url) = self.shop(PRODUCTS).await?;
+        let (sink, _) = self.redis().await?;
+        let listener = self.start_listener(&db, &sink, &url).await?;
+        for rate in [100u32, 1000] {
+            let samples = self
+                .measure_latency(&url, rate, Duration::from_secs(10))
+                .await?;
+            let mut sorted = samples.latencies.clone();
+            sorted.sort();
+            println!(
+                "latency at {rate}/s: {} updates, p50 {}, p99 {}, max {}{}",
+                sorted.len(),
+                ms(percentile(&sorted, 0.50)),
+                ms(percentile(&sorted, 0.99)),
+                ms(sorted.last().copied().unwrap_or_default()),
+                if samples.missing > 0 {
+                    format!(", {} never seen", samples.missing)
+                } else {
+                    String::new()
+                },
+            );
+        }
+        listener.stop().await
+    }
+
+    async fn measure_latency(&self, url: &str, rate: u32, duration: Duration) -> Result<Latencies> {
+        // seq -> (product, time just before COMMIT); resolved when Redis shows that name or a later one.
+        let pending: Arc<Mutex<HashMap<u64, (i64, Instant)>>> = Arc::default();
+        let results: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let watcher = self
+            .watch_keyspace(pending.clone(), results.clone())
+            .await?;
+
+        let writers = rate.div_ceil(250);
+        let mut tasks = Vec::new();
+        for writer in 0..writers {
+            let client = connect(url).await?;
+            let pending = pending.clone();
+            let period = Duration::from_secs_f64(f64::from(writers) / f64::from(rate));
+            tasks.push(tokio::spawn(async move {
+                let mut client = client;
+                let mut ticker = tokio::time::interval(period);
+                ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                let started = Instant::now();
+                let mut seq = u64::from(writer) << 40;
+                while started.elapsed() < duration {
+                    ticker.tick().await;
+                    seq += 1;
+                    let id = fastrand::i64(1..=PRODUCTS);
+                    let txn = client.transaction().await?;
+                    txn.execute(
+                        "UPDATE products SET name = $2 WHERE id = $1",
+                        &[&id, &format!("lat-{seq}")],
+                    )
+                    .await?;
+                    pending.lock().unwrap().insert(seq, (id, Instant::now()));
+                    txn.commit().await?;
+                }
+                Ok::<(), anyhow::Error>(())
+            }));
+        }
+        for task in tasks {
+            task.await??;
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !pending.lock().unwrap().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        watcher.abort();
+        let missing = pending.lock().unwrap().len();
+        pending.lock().unwrap().clear();
+        let latencies = std::mem::take(&mut *results.lock().unwrap());
+        Ok(Latencies { latencies, missing })
+    }
+
+    /// Subscribes to SETs of compact cards; resolves every pending update the new value covers.
+    async fn watch_keyspace(
+        &self,
+        pending: Arc<Mutex<HashMap<u64, (i64, Instant)>>>,
+        results: Arc<Mutex<Vec<Duration>>>,
+    ) -> Result<tokio::task::JoinHandle<()>> {
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let mut config = client.get_connection_manager().await?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("K$")
+            .query_async(&mut config)
+            .await?;
+        let database = self
+            .redis_url
+            .rsplit_once('/')
+            .and_then(|(_, n)| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub
+            .psubscribe(format!("__keyspace@{database}__:{PREFIX}*:compact"))
+            .await?;
+        let mut reader = client.get_connection_manager().await?;
+        Ok(tokio::spawn(async move {
+            let mut messages = pubsub.into_on_message();
+            while let Some(message) = messages.next().await {
+                let now = Instant::now();
+                let Some(key) = message
+                    .get_channel_name()
+                    .split_once("__:")
+                    .map(|(_, k)| k.to_string())
+                else {
+                    continue;
+                };
+                let Ok(Some(html)) = redis::cmd("GET")
+                    .arg(&key)
+                    .query_async::<Option<String>>(&mut reader)
+                    .await
+                else {
+                    continue;
+                };
+                let Some(seq) = html
+                    .split("<h2>lat-")
+                    .nth(1)
+                    .and_then(|rest| rest.split('<').next())
+                    .and_then(|s| s.parse::<u64>().ok())
+                else {
+                    continue;
+                };
+                let id: i64 = key
+                    .trim_start_matches(PREFIX)
+                    .split(':')
+                    .next()
+                    .and_then(|i| i.parse().ok())
+                    .unwrap_or(0);
+                let mut pending = pending.lock().unwrap();
+                let writer = seq >> 40;
+                let done: Vec<u64> = pending
+                    .iter()
+                    .filter(|(s, (product, _))| *product == id && **s >> 40 == writer && **s <= seq)
+                    .map(|(s, _)| *s)
+                    .collect();
+                let mut results = results.lock().unwrap();
+                for s in done {
+                    if let Some((_, committed)) = pending.remove(&s) {
+                        results.push(now.saturating_duration_since(committed));
+                    }
+                }
+            }
+        }))
+    }
+
+    /// pgbench-style load with and without pgfresh's triggers, without and with a listener draining.
+    pub async fn write_overhead(&self) -> Result<()> {
+        let (db, url) = self.shop(PRODUCTS).await?;
+        let (sink, _) = self.redis().await?;
+        let script = std::env::temp_dir().join("pgfresh-bench-update.sql");
+        std::fs::write(
+            &script,
+            format!(
+                "\\set id random(1, {PRODUCTS})\nUPDATE products SET price_cents = price_cents + 1 WHERE id = :id;\n"
+            ),
+        )?;
+        let client = connect(&url).await?;
+        for with_listener in [false, true] {
+            let listener = if with_listener {
+                Some(self.start_listener(&db, &sink, &url).await?)
+            } else {
+                None
+            };
+            let (mut plain, mut triggered, mut listener_cpu, mut triggered_time) =
+                (vec![], vec![], Duration::ZERO, Duration::ZERO);
+            for round in 0..4 {
+                let watched = round % 2 == 1;
+                client.batch_execute("TRUNCATE pgfresh.changes").await?;
+                client
+                    .batch_execute(if watched {
+                        "SELECT pgfresh.watch('products', 'id', 'product')"
+                    } else {
+                        "SELECT pgfresh.unwatch('products', 'product')"
+                    })
+                    .await?;
+                let cpu_before = cpu_time();
+                let started = Instant::now();
+                let tps = pgbench(&url, &script).await?;
+                if watched {
+                    triggered.push(tps);
+                    listener_cpu += cpu_time() - cpu_before;
+                    triggered_time += started.elapsed();
+                } else {
+                    plain.push(tps);
+                }
+            }
+            client
+                .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
+                .await?;
+            let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
+            let ratio = mean(&triggered) / mean(&plain);
+            let runs = |v: &[f64]| {
+                v.iter()
+                    .map(|t| format!("{t:.0}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            if let Some(listener) = listener {
+                // Let the listener finish the queue, so the next scenario starts clean.
+                wait_for_empty_queue(&client).await?;
+                listener.stop().await?;
+                let share = listener_cpu.as_secs_f64() / triggered_time.as_secs_f64();
+                println!(
+                    "write-overhead (b) listener draining: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}; listener CPU {:.0}% of one core ({:.0}% of the 2-core machine)",
+                    runs(&plain),
+                    runs(&triggered),
+                    share * 100.0,
+                    share * 50.0
+                );
+            } else {
+                println!(
+                    "write-overhead (a) no listener: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}",
+                    runs(&plain),
+                    runs(&triggered)
+                );
+            }
+        }
+        client.batch_execute("TRUNCATE pgfresh.changes").await?;
+        Ok(())
+    }
+
+    /// 10,000 updates to one product from one client, as fast as it commits them.
+    pub async fn burst(&self) -> Result<()> {
+        let (db, url) = self.shop(PRODUCTS).await?;
+        let (sink, _) = self.redis().await?;
+        let listener = self.start_listener(&db, &sink, &url).await?;
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let mut config = client.get_connection_manager().await?;
+        let _: () = redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("notify-keyspace-events")
+            .arg("K$")
+            .query_async(&mut config)
+            .await?;
+        let database = self
+            .redis_url
+            .rsplit_once('/')
+            .and_then(|(_, n)| n.parse::<u32>().ok())
+            .unwrap_or(0);
+        let key = format!("{PREFIX}1:compact");
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub
+            .subscribe(format!("__keyspace@{database}__:{key}"))
+            .await?;
+        let renders: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let recorder = {
+            let renders = renders.clone();
+            tokio::spawn(async move {
+                let mut messages = pubsub.into_on_message();
+                while messages.next().await.is_some() {
+                    renders.lock().unwrap().push(Instant::now());
+                }
+            })
+        };
+        let writer = connect(&url).await?;
+        let update = writer
+            .prepare("UPDATE products SET name = $1 WHERE id = 1")
+            .await?;
+        let started = Instant::now();
+        for i in 0..10_000 {
+            writer.execute(&update, &[&format!("burst-{i}")]).await?;
+        }
+        let last_commit = Instant::now();
+        let burst = last_commit - started;
+        let mut reader = client.get_connection_manager().await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let html: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut reader).await?;
+            if html.is_some_and(|h| h.contains("<h2>burst-9999</h2>")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the last burst update never reached Redis");
+            }
+            tokio::task::yield_now().await;
+        }
+        let settled = last_commit.elapsed();
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        recorder.abort();
+        let times = renders.lock().unwrap().clone();
+        let during: Vec<&Instant> = times.iter().filter(|t| **t <= last_commit).collect();
+        let min_gap = during
+            .windows(2)
+            .map(|w| w[1].saturating_duration_since(*w[0]))
+            .min()
+            .unwrap_or_default();
+        println!(
+            "burst: 10000 updates to one product in {:.2} s: {} renders ({} during the burst, {:.0}/s, closest {} apart); final fragment correct {} after the last commit",
+            burst.as_secs_f64(),
+            times.len(),
+            during.len(),
+            during.len() as f64 / burst.as_secs_f64(),
+            ms(min_gap),
+            ms(settled),
+        );
+        listener.stop().await
+    }
+
+    /// 100,000 changes over 20,000 products queued while no listener runs; then one starts.
+    pub async fn catch_up(&self) -> Result<()> {
+        let (db, url) = self.shop(PRODUCTS).await?;
+        let (sink, _) = self.redis().await?;
+        let client = connect(&url).await?;
+        client.batch_execute("TRUNCATE pgfresh.changes").await?;
+        for _ in 0..5 {
+            client
+                .batch_execute("UPDATE products SET price_cents = price_cents + 1")
+                .await?;
+        }
+        let queued: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.changes", &[])
+            .await?
+            .get(0);
+        sink.set_fragment_marker(PREFIX, 1).await?;
+        let started = Instant::now();
+        let shutdown = Shutdown::new();
+        let settings = ListenSettings {
+            sweep_interval: None,
+            ..ListenSettings::default()
+        };
+        let task = tokio::spawn(pgfresh::listener::run(
+            db.clone(),
+            sink.clone(),
+            fragments(),
+            settings,
+            shutdown.clone(),
+        ));
+        wait_for_empty_queue(&client).await?;
+        let elapsed = started.elapsed();
+        Running { shutdown, task }.stop().await?;
+        println!(
+            "catch-up: {queued} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s",
+            elapsed.as_secs_f64(),
+            queued as f64 / elapsed.as_secs_f64()
+        );
+        Ok(())
+    }
+}
+
+struct Latencies {
+    latencies: Vec<Duration>,
+    missing: usize,
+}
+
+/// The shop, set up (idempotently), its queue emptied and stale listener rows removed.
+async fn setup_shop(db: &Database, products: i64) -> Result<()> {
+    crate::setup::setup(db, products).await?;
+    db.get()
+        .await?
+        .batch_execute("TRUNCATE pgfresh.changes, pgfresh.failed; DELETE FROM pgfresh.listeners")
+        .await?;
+    Ok(())
+}
+
+async fn wait_for_empty_queue(client: &tokio_postgres::Client) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let pending: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.changes", &[])
+            .await?
+            .get(0);
+        if pending == 0 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("{pending} changes still queued after 120 s");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// One pgbench run: 8 clients, random one-row UPDATEs; returns transactions per second.
+async fn pgbench(url: &str, script: &std::path::Path) -> Result<f64> {
+    let out = tokio::process::Command::new("pgbench")
+        .args([
+            "-n",
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-T",
+            &PGBENCH_SECONDS.to_string(),
+            "-f",
+        ])
+        .arg(script)
+        .arg(url)
+        .output()
+        .await
+        .context("running pgbench (package postgresql-client)")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .find_map(|line| line.strip_prefix("tps = "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|tps| tps.parse().ok())
+        .with_context(|| {
+            format!(
+                "pgbench output: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
+}
