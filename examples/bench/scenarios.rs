@@ -282,7 +282,10 @@ impl Bench {
     pub async fn latency(&self) -> Result<()> {
         let (db, url) = self.shop(PRODUCTS).await?;
         let (sink, _) = self.redis().await?;
-        let listener = self.start_listener(&db, &sink, &url).await?;
+        let listener = self
+            .start_listener(&db, &sink, &url)
+            .await
+            .context("starting the listener")?;
         for rate in [100u32, 1000] {
             let samples = self
                 .measure_latency(&url, rate, Duration::from_secs(10))
@@ -342,7 +345,7 @@ impl Bench {
             }));
         }
         for task in tasks {
-            task.await??;
+            task.await?.context("latency writer")?;
         }
         let deadline = Instant::now() + Duration::from_secs(5);
         while !pending.lock().unwrap().is_empty() && Instant::now() < deadline {
@@ -412,10 +415,14 @@ impl Bench {
                     .and_then(|i| i.parse().ok())
                     .unwrap_or(0);
                 let mut pending = pending.lock().unwrap();
-                let writer = seq >> 40;
+                // Every update of this product committed no later than the one shown is visible now,
+                // whichever writer sent it. (If the shown one was resolved before, so were those.)
+                let Some(&(_, shown_at)) = pending.get(&seq) else {
+                    continue;
+                };
                 let done: Vec<u64> = pending
                     .iter()
-                    .filter(|(s, (product, _))| *product == id && **s >> 40 == writer && **s <= seq)
+                    .filter(|(_, (product, committed))| *product == id && *committed <= shown_at)
                     .map(|(s, _)| *s)
                     .collect();
                 let mut results = results.lock().unwrap();
