@@ -196,12 +196,10 @@ async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
         } else {
             last_change.elapsed() >= QUIET_BEFORE_IDLE
         };
-        if want_idle != idle {
-            if set_idle(shared, want_idle).await && want_idle {
-                // Drain once more: a change whose trigger read the flag just before it was set would
-                // otherwise wait for the next poll.
-                continue;
-            }
+        // After asking for NOTIFYs, drain once more: a change whose trigger read the flag just before
+        // it was set would otherwise wait for the next poll.
+        if want_idle != idle && set_idle(shared, want_idle).await && want_idle {
+            continue;
         }
         let pause = if shared.idle.load(Ordering::Relaxed) {
             shared.settings.poll_interval
