@@ -31,6 +31,9 @@ const SWEEPING_PREFIX: &str = "pgfresh:sweeping:";
 /// stall other Redis clients noticeably.
 const KEYS_PER_CALL: usize = 1000;
 
+/// Keys a SCAN step looks at: SCAN walks the whole keyspace whatever the MATCH, so few large steps.
+const SCAN_COUNT: usize = 5000;
+
 /// How long the ticket of a deleted fragment is kept, to refuse a late write of a render that started
 /// before the delete. Renders take milliseconds; a day is a wide margin that still frees the memory.
 const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
@@ -41,35 +44,33 @@ const WRITE_SCRIPT: &str = r#"
 -- key pair: op 's' sets the fragment to html, 'd' deletes it.
 -- Returns one result per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
 -- 3 deleted, 4 already absent, or the error text when Redis refused this key (the others go on).
+-- A fragment key holding another type is simply overwritten: it is under pgfresh's prefix.
 local ticket = tonumber(ARGV[1])
 local results = {}
 for i = 1, #KEYS, 2 do
     local key, ticket_key = KEYS[i], KEYS[i + 1]
     local op, html = ARGV[i + 2], ARGV[i + 3]
-    local ok, result = pcall(function()
-        local stored = tonumber(redis.call('GET', ticket_key) or '0') or 0
-        if stored > ticket then
-            return 2
-        elseif op == 's' then
-            local code = 0
-            if redis.call('GET', key) == html then
-                code = 1
-            else
-                redis.call('SET', key, html)
-            end
-            redis.call('SET', ticket_key, ticket)
-            return code
-        else
-            local removed = redis.call('DEL', key)
-            redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
-            return removed == 1 and 3 or 4
-        end
-    end)
-    if ok then
-        results[#results + 1] = result
+    local stored = redis.pcall('GET', ticket_key)
+    local result
+    if type(stored) == 'table' and stored.err then
+        result = 'error: ' .. stored.err
+    elseif (tonumber(stored) or 0) > ticket then
+        result = 2
+    elseif op == 'd' then
+        local removed = redis.call('DEL', key)
+        redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
+        result = removed == 1 and 3 or 4
     else
-        results[#results + 1] = 'error: ' .. tostring(result.err or result)
+        result = 1
+        if redis.pcall('GET', key) ~= html then
+            local set = redis.pcall('SET', key, html)
+            result = (type(set) == 'table' and set.err) and ('error: ' .. set.err) or 0
+        end
+        if result == 0 or result == 1 then
+            redis.call('SET', ticket_key, ticket)
+        end
     end
+    results[#results + 1] = result
 end
 return results
 "#;
@@ -193,13 +194,29 @@ impl RedisSink {
             .arg("MATCH")
             .arg(format!("{}*", escape_glob(prefix)))
             .arg("COUNT")
-            .arg(KEYS_PER_CALL)
+            .arg(SCAN_COUNT)
             .query_async(&mut self.connection.clone())
             .await?;
         Ok((next, keys))
     }
 
-    /// Reads one key (for `render --compare`, tests and the demo).
+    /// The render tickets stored beside these fragment keys (0 where there is none), in one round trip.
+    pub async fn tickets(&self, keys: &[String]) -> Result<Vec<i64>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ticket_keys: Vec<String> = keys.iter().map(|k| format!("{TICKET_PREFIX}{k}")).collect();
+        let stored: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(ticket_keys)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(stored
+            .into_iter()
+            .map(|t| t.and_then(|t| t.parse().ok()).unwrap_or(0))
+            .collect())
+    }
+
+    /// Reads one key (for tests and the demo).
     pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
         Ok(redis::cmd("GET")
             .arg(key)

@@ -199,7 +199,15 @@ async fn delete_orphans(sink: &RedisSink, prefix: &str, start_ticket: i64) -> Re
     let mut cursor = 0;
     loop {
         let (next, keys) = sink.scan_prefix(prefix, cursor).await?;
-        let writes: Vec<Write> = keys.into_iter().map(|key| Write::Delete { key }).collect();
+        // Most entries were just rewritten: read their tickets in one round trip and send only the
+        // candidates through the version-checked delete, which checks again atomically.
+        let tickets = sink.tickets(&keys).await?;
+        let writes: Vec<Write> = keys
+            .into_iter()
+            .zip(tickets)
+            .filter(|(_, ticket)| *ticket < start_ticket)
+            .map(|(key, _)| Write::Delete { key })
+            .collect();
         for result in sink.write(start_ticket, &writes).await? {
             if result == WriteResult::Deleted {
                 deleted += 1;

@@ -289,9 +289,10 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
         ..test_settings()
     };
     let listener = env.start_listener_with(fragments, settings);
-    // A key of the wrong type: Redis refuses to GET it as a string.
+    // A ticket key of the wrong type: Redis refuses to GET it as a string.
+    let ticket_key = format!("pgfresh:ticket:{}", env.key(2, "compact"));
     let _: () = redis::cmd("RPUSH")
-        .arg(env.key(2, "compact"))
+        .arg(&ticket_key)
         .arg("not a string")
         .query_async(
             &mut redis::Client::open(common::redis_url())
@@ -357,7 +358,7 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
         .unwrap();
     wait_name(&env, 4, "After the loader recovered").await;
     listener.stop().await;
-    env.del(&env.key(2, "compact")).await;
+    env.del(&ticket_key).await;
     env.cleanup().await;
 }
 

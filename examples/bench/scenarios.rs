@@ -131,7 +131,10 @@ impl Bench {
         let mut plain = redis::Client::open(self.redis_url.as_str())?
             .get_connection_manager()
             .await?;
-        let _: () = redis::cmd("FLUSHDB").query_async(&mut plain).await?;
+        let _: () = redis::cmd("FLUSHDB")
+            .arg("ASYNC")
+            .query_async(&mut plain)
+            .await?;
         Ok((sink, plain))
     }
 
