@@ -10,6 +10,7 @@
 //! - [`schema`]: installing, upgrading, checking and removing the SQL in `sql/`.
 //! - [`queue`]: claiming and settling batches of changes; the listener registry.
 //! - [`refresh`]: the load → render → write path shared by the listener and the sweep.
+//! - [`coalesce`]: settling changes a recent render already covers; rendering hot keys less often.
 //! - [`sink`]: version-checked batched writes to Redis.
 //! - [`listener`]: the long-running `listen` loop.
 //! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
@@ -26,6 +27,7 @@
 
 pub mod backoff;
 pub mod cli;
+pub mod coalesce;
 pub mod config;
 pub mod db;
 pub mod error;

@@ -7,8 +7,8 @@
 //! (at-least-once). One listener at a time (an advisory lock elects it) also runs the periodic sweep.
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::Notify;
@@ -16,6 +16,7 @@ use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::backoff::Backoff;
+use crate::coalesce::{Plan, RecentRenders};
 use crate::config::ListenSettings;
 use crate::db::Database;
 use crate::fragment::Fragments;
@@ -33,7 +34,7 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 const BUSY_RATE: f64 = 300.0;
 
 /// How often a busy listener looks at the queue: this bounds the latency it adds under load.
-const BUSY_POLL: Duration = Duration::from_millis(5);
+const BUSY_POLL: Duration = Duration::from_millis(20);
 
 /// How long the queue must stay empty before a busy listener asks for NOTIFYs again.
 const QUIET_BEFORE_IDLE: Duration = Duration::from_millis(100);
@@ -53,6 +54,18 @@ struct Shared {
     /// Whether this listener last told the database it is idle (wants NOTIFYs). The heartbeat
     /// re-asserts it, since a PostgreSQL crash empties the unlogged registry.
     idle: AtomicBool,
+    /// Recent renders, to settle covered changes and slow down hot keys.
+    recent: RecentRenders,
+    /// When deferred changes become ready: the drain loop looks at the queue again then.
+    next_wake: Mutex<Option<Instant>>,
+}
+
+impl Shared {
+    /// Makes the drain loop look at the queue again no later than `at`.
+    fn wake_by(&self, at: Instant) {
+        let mut next = self.next_wake.lock().expect("next wake lock");
+        *next = Some(next.map_or(at, |earlier| earlier.min(at)));
+    }
 }
 
 /// Running totals, reported in `pgfresh.listeners` (and so by `status`) at every heartbeat.
@@ -111,6 +124,8 @@ pub async fn run(
         shutdown,
         counters: Counters::default(),
         idle: AtomicBool::new(false),
+        recent: RecentRenders::default(),
+        next_wake: Mutex::new(None),
     });
     queue::register_listener(&*shared.db.get().await?, &shared.listener_id).await?;
     tracing::info!(
@@ -201,11 +216,16 @@ async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
         if want_idle != idle && set_idle(shared, want_idle).await && want_idle {
             continue;
         }
-        let pause = if shared.idle.load(Ordering::Relaxed) {
+        let mut pause = if shared.idle.load(Ordering::Relaxed) {
             shared.settings.poll_interval
         } else {
             BUSY_POLL
         };
+        if let Some(at) = shared.next_wake.lock().expect("next wake lock").take() {
+            // A little after the deferred changes' retry time, which PostgreSQL's clock decides.
+            pause =
+                pause.min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(2));
+        }
         tokio::select! {
             _ = shared.shutdown.cancelled() => {}
             _ = wake.notified() => {}
@@ -298,81 +318,48 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
 
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
 /// changes it claimed. On an error the transaction rolls back and the batch stays queued.
-///
-/// Rows are loaded on a second connection: a loader's SQL error would otherwise abort the claiming
-/// transaction, and with it the recording of that very failure.
 async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.get().await?;
     let txn = client.transaction().await?;
-    let started = std::time::Instant::now();
+    let started = Instant::now();
     let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
-    let claimed_at = started.elapsed();
     if claim.changes.is_empty() {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
-    let loader = shared.db.get().await?;
+    let claimed_at = started.elapsed();
 
     // The same (topic, key) may be queued many times: render it once, settle every copy.
+    let mut covered = Vec::new();
+    let mut deferred = Vec::new();
+    let mut defer_for = Duration::ZERO;
     let mut ids_by_change: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
     for change in &claim.changes {
-        ids_by_change
-            .entry((change.topic.as_str(), change.key.as_str()))
-            .or_default()
-            .push(change.id);
-    }
-    let mut failed: HashMap<(&str, &str), String> = HashMap::new();
-    let mut keys_by_fragment: HashMap<usize, Vec<String>> = HashMap::new();
-    for &(topic, key) in ids_by_change.keys() {
-        let mut subscribed = false;
-        for (index, fragment) in shared.fragments.iter().enumerate() {
-            if fragment.topics().contains(&topic) {
-                subscribed = true;
-                keys_by_fragment
-                    .entry(index)
-                    .or_default()
-                    .push(key.to_string());
+        match shared
+            .recent
+            .plan(&change.topic, &change.key, change.xid, started)
+        {
+            Plan::Covered => covered.push(change.id),
+            Plan::Defer(delay) => {
+                deferred.push(change.id);
+                defer_for = defer_for.max(delay);
             }
-        }
-        if !subscribed {
-            failed.insert(
-                (topic, key),
-                format!("no fragment subscribes to topic {topic:?}"),
-            );
+            Plan::Render => ids_by_change
+                .entry((change.topic.as_str(), change.key.as_str()))
+                .or_default()
+                .push(change.id),
         }
     }
-
-    let mut stats = RefreshStats::default();
-    for (index, fragment) in shared.fragments.iter().enumerate() {
-        let Some(mut keys) = keys_by_fragment.remove(&index) else {
-            continue;
-        };
-        keys.sort();
-        keys.dedup();
-        let refreshed = refresh(
-            &loader,
-            &shared.sink,
-            fragment.as_ref(),
-            &keys,
-            claim.ticket,
-        )
-        .await?;
-        stats += refreshed.stats;
-        for (key_index, reason) in refreshed.failed {
-            // Every queued (topic, key) that reached this fragment with this key failed with it.
-            let key = keys[key_index].as_str();
-            for &(topic, queued_key) in ids_by_change.keys() {
-                if queued_key == key && fragment.topics().contains(&topic) {
-                    failed
-                        .entry((topic, queued_key))
-                        .or_insert_with(|| reason.clone());
-                }
-            }
-        }
+    let (stats, failed) = render_changes(shared, &ids_by_change, claim.ticket).await?;
+    if let Some(snapshot) = claim.snapshot {
+        let rendered = ids_by_change
+            .keys()
+            .filter(|change| !failed.contains_key(*change));
+        shared.recent.record(rendered.copied(), Arc::new(snapshot));
     }
+    let rendered_at = started.elapsed();
 
-    let refreshed_at = started.elapsed();
-    let mut done = Vec::with_capacity(claim.changes.len());
+    let mut done = covered;
     let mut failures = Vec::new();
     for (change, ids) in &ids_by_change {
         match failed.get(change) {
@@ -386,19 +373,72 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
             }
         }
     }
+    let settled = done.len();
     queue::complete(txn.client(), &done).await?;
+    queue::defer(txn.client(), &deferred, defer_for).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     txn.commit().await?;
+    if !deferred.is_empty() {
+        shared.wake_by(Instant::now() + defer_for);
+    }
     tracing::debug!(
         changes = claim.changes.len(),
-        keys = ids_by_change.len(),
+        rendered = ids_by_change.len(),
+        deferred = deferred.len(),
         claim = ?claimed_at,
-        refresh = ?(refreshed_at - claimed_at),
-        settle = ?(started.elapsed() - refreshed_at),
+        render = ?(rendered_at - claimed_at),
+        settle = ?(started.elapsed() - rendered_at),
         "batch applied"
     );
-    shared.counters.add(claim.changes.len(), &stats);
+    shared.counters.add(settled, &stats);
     Ok((claim.changes.len(), stats))
+}
+
+/// Refreshes every fragment subscribed to the changes' topics; returns the counts and the changes that
+/// failed, with why. Rows are loaded on a connection of their own: a loader's SQL error would
+/// otherwise abort the claiming transaction, and with it the recording of that very failure.
+async fn render_changes<'a>(
+    shared: &Shared,
+    changes: &HashMap<(&'a str, &'a str), Vec<i64>>,
+    ticket: i64,
+) -> Result<(RefreshStats, HashMap<(&'a str, &'a str), String>), Error> {
+    let mut failed = HashMap::new();
+    let mut stats = RefreshStats::default();
+    if changes.is_empty() {
+        return Ok((stats, failed));
+    }
+    let loader = shared.db.get().await?;
+    for &(topic, key) in changes.keys() {
+        if shared.fragments.for_topic(topic).next().is_none() {
+            failed.insert(
+                (topic, key),
+                format!("no fragment subscribes to topic {topic:?}"),
+            );
+        }
+    }
+    for fragment in shared.fragments.iter() {
+        let mut keys: Vec<String> = changes
+            .keys()
+            .filter(|(topic, _)| fragment.topics().contains(topic))
+            .map(|(_, key)| key.to_string())
+            .collect();
+        if keys.is_empty() {
+            continue;
+        }
+        keys.sort();
+        keys.dedup();
+        let refreshed = refresh(&loader, &shared.sink, fragment.as_ref(), &keys, ticket).await?;
+        stats += refreshed.stats;
+        for (index, reason) in refreshed.failed {
+            // Every queued (topic, key) that reached this fragment with this key failed with it.
+            for &(topic, key) in changes.keys() {
+                if key == keys[index] && fragment.topics().contains(&topic) {
+                    failed.entry((topic, key)).or_insert_with(|| reason.clone());
+                }
+            }
+        }
+    }
+    Ok((stats, failed))
 }
 
 /// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current.

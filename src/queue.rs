@@ -16,6 +16,8 @@ pub struct Change {
     pub topic: String,
     /// Text form of the watched key column.
     pub key: String,
+    /// The transaction that made the change.
+    pub xid: u64,
 }
 
 /// Changes claimed by one transaction, with the render ticket taken before any row is loaded.
@@ -25,6 +27,8 @@ pub struct Claim {
     pub ticket: i64,
     /// The claimed changes, oldest first.
     pub changes: Vec<Change>,
+    /// The claiming statement's snapshot: every render of this batch saw what it saw, and more.
+    pub snapshot: Option<crate::coalesce::Snapshot>,
 }
 
 /// A failed change and why.
@@ -56,7 +60,8 @@ pub async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error> {
     // renders by the data they saw.
     let rows = txn
         .query(
-            "SELECT (SELECT nextval('pgfresh.render_tickets')), id, topic, key
+            "SELECT (SELECT nextval('pgfresh.render_tickets')), id, topic, key, xid::text::bigint,
+                    (SELECT pg_current_snapshot()::text)
              FROM pgfresh.changes
              WHERE retry_at <= now()
              ORDER BY id
@@ -73,9 +78,26 @@ pub async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error> {
                 id: r.get(1),
                 topic: r.get(2),
                 key: r.get(3),
+                xid: r.get::<_, i64>(4) as u64,
             })
             .collect(),
+        snapshot: rows
+            .first()
+            .and_then(|r| crate::coalesce::Snapshot::parse(r.get(5))),
     })
+}
+
+/// Puts changes back in the queue, untouched but for when they may be claimed again.
+pub async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<(), Error> {
+    if !ids.is_empty() {
+        txn.execute(
+            "UPDATE pgfresh.changes SET retry_at = now() + $2::float8 * interval '1 millisecond'
+             WHERE id = ANY($1)",
+            &[&ids, &(delay.as_secs_f64() * 1000.0)],
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 /// Takes a render ticket, for renders that do not come from a claim (the sweep).

@@ -13,7 +13,8 @@ CREATE TABLE pgfresh.changes (
     enqueued_at timestamptz NOT NULL DEFAULT now(),
     attempts    integer     NOT NULL DEFAULT 0,
     retry_at    timestamptz NOT NULL DEFAULT '-infinity',
-    last_error  text
+    last_error  text,
+    xid         xid8        NOT NULL DEFAULT pg_current_xact_id()
 );
 COMMENT ON TABLE pgfresh.changes IS
     'pgfresh queue: one row per committed change to a watched key, deleted once its fragments are in Redis';
@@ -22,6 +23,8 @@ COMMENT ON COLUMN pgfresh.changes.key IS 'text form of the watched key column (o
 COMMENT ON COLUMN pgfresh.changes.attempts IS 'failed attempts so far; parked in pgfresh.failed at the limit';
 COMMENT ON COLUMN pgfresh.changes.retry_at IS 'not claimed before this time (backoff after a failure)';
 COMMENT ON COLUMN pgfresh.changes.last_error IS 'error of the last failed attempt, for status';
+COMMENT ON COLUMN pgfresh.changes.xid IS
+    'transaction that made the change: a listener settles it without rendering when a render it made already saw that transaction';
 
 -- Changes that failed too often. Nothing is dropped silently: `retry-failed` puts them back in the queue.
 CREATE TABLE pgfresh.failed (
