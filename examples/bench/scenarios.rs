@@ -207,11 +207,11 @@ impl Bench {
                 .split_whitespace()
                 .filter_map(|w| w.parse().ok())
                 .collect();
-            let [rendered, secs, rss] = figures[..] else {
+            let [rendered, secs, rss, cpu] = figures[..] else {
                 bail!("unexpected sweep child output: {out}")
             };
             let mut line = format!(
-                "sweep: {products} products, {rendered} fragments in {secs:.2} s: {:.0} fragments/s, peak RSS {rss:.1} MiB",
+                "sweep: {products} products, {rendered} fragments in {secs:.2} s: {:.0} fragments/s, peak RSS {rss:.1} MiB, sweep process CPU {cpu:.2} s",
                 rendered / secs
             );
             if products == PRODUCTS {
@@ -229,7 +229,7 @@ impl Bench {
         Ok(())
     }
 
-    /// Child process: one sweep, printing "rendered seconds peak_rss_mib".
+    /// Child process: one sweep, printing "rendered seconds peak_rss_mib cpu_seconds".
     pub async fn sweep_once(&self, products: i64) -> Result<()> {
         let db = Database::new(&self.database_url(&format!("pgfresh_bench_{products}")), 16)?;
         let sink = RedisSink::connect(&self.redis_url).await?;
@@ -245,10 +245,11 @@ impl Bench {
             bail!("{report}");
         }
         println!(
-            "{} {} {}",
+            "{} {} {} {}",
             report.stats.rendered,
             report.elapsed.as_secs_f64(),
-            peak_rss_mib()
+            peak_rss_mib(),
+            cpu_time().as_secs_f64()
         );
         Ok(())
     }
