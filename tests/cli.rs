@@ -7,18 +7,9 @@ mod common;
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
-use common::TestEnv;
+use common::{TestEnv, shop_binary};
 
 /// The shop example, built by `cargo test` next to the test binaries.
-fn shop_binary() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    deps.parent().unwrap().join("examples").join("shop")
-}
-
 fn run(binary: &PathBuf, database_url: &str, redis_url: &str, args: &[&str]) -> Output {
     Command::new(binary)
         .args(args)

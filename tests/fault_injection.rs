@@ -19,6 +19,7 @@ use std::time::{Duration, Instant};
 
 use common::product_card::ProductCard;
 use common::servers::{TempPostgres, TempRedis};
+use common::shop_binary;
 use pgfresh::Fragment;
 use pgfresh::db::Database;
 use pgfresh::tokio_postgres::{self, NoTls};
@@ -27,15 +28,6 @@ const PRODUCTS: i64 = 60;
 /// How long writers run between two faults.
 const BETWEEN_FAULTS: Duration = Duration::from_millis(1500);
 const WRITERS: usize = 3;
-
-fn shop_binary() -> PathBuf {
-    let deps = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    deps.parent().unwrap().join("examples").join("shop")
-}
 
 struct Cluster {
     pg: TempPostgres,

@@ -237,21 +237,10 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
     })
     .await;
     eventually("both bad changes to be parked", || async {
-        let parked: i64 = db
-            .query_one("SELECT count(*) FROM pgfresh.failed", &[])
-            .await
-            .unwrap()
-            .get(0);
-        parked == 2 && env.pending().await == 0
+        env.parked().await == 2 && env.pending().await == 0
     })
     .await;
-    let errors: Vec<String> = db
-        .query("SELECT error FROM pgfresh.failed ORDER BY change_id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let errors = env.parked_errors("change_id").await;
     assert!(
         errors[0].contains("no fragment subscribes to topic \"nobody_listens\""),
         "{errors:?}"

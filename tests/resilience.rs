@@ -5,9 +5,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::product_card::{Product, ProductCard};
 use common::servers::TempRedis;
 use common::{TestEnv, eventually, test_settings};
 use pgfresh::config::ListenSettings;
+use pgfresh::tokio_postgres::Client;
 use pgfresh::{Fragment, Fragments};
 
 /// Settings under which only NOTIFYs and reconnects (never the poll) bring changes in.
@@ -15,6 +17,59 @@ fn no_polling() -> ListenSettings {
     ListenSettings {
         poll_interval: Duration::from_secs(3600),
         ..test_settings()
+    }
+}
+
+/// The shop's card with another name, version or markup: user code with a bug in it, or a deploy.
+struct AlteredCard {
+    card: ProductCard,
+    name: &'static str,
+    version: u32,
+    render: fn(&ProductCard, &i64, &Product, &str) -> maud::Markup,
+}
+
+impl AlteredCard {
+    fn new(env: &TestEnv, name: &'static str, version: u32) -> AlteredCard {
+        AlteredCard {
+            card: ProductCard::with_key_prefix(env.prefix.clone()),
+            name,
+            version,
+            render: |card, key, row, variant| card.render(key, row, variant),
+        }
+    }
+}
+
+impl Fragment for AlteredCard {
+    type Key = i64;
+    type Row = Product;
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn topics(&self) -> &[&str] {
+        self.card.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.card.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.card.key_prefix()
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    async fn load(&self, db: &Client, keys: &[i64]) -> pgfresh::fragment::Loaded<Self> {
+        self.card.load(db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Product, variant: &str) -> maud::Markup {
+        (self.render)(&self.card, key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        self.card.keys_after(db, after, limit).await
     }
 }
 
@@ -239,51 +294,18 @@ async fn refused_stale_writes_are_counted_for_status() {
     env.cleanup().await;
 }
 
-/// The shop's card, except that rendering a product named "PANIC" panics: a bug in user code.
-struct Fussy(common::product_card::ProductCard);
-
-impl Fragment for Fussy {
-    type Key = i64;
-    type Row = common::product_card::Product;
-    fn name(&self) -> &str {
-        "fussy_card"
-    }
-    fn topics(&self) -> &[&str] {
-        self.0.topics()
-    }
-    fn variants(&self) -> &[&str] {
-        self.0.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.0.key_prefix()
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::fragment::Loaded<Self> {
-        self.0.load(db, keys).await
-    }
-    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
-        assert!(row.name != "PANIC", "cannot render a product named PANIC");
-        self.0.render(key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        self.0.keys_after(db, after, limit).await
-    }
-}
-
 #[tokio::test]
 async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and_are_parked() {
     let env = TestEnv::shop(4).await;
-    let fragments = Fragments::new().with(Fussy(
-        common::product_card::ProductCard::with_key_prefix(env.prefix.clone()),
-    ));
+    // Rendering a product named "PANIC" panics: a bug in user code.
+    let fussy = AlteredCard {
+        render: |card, key, row, variant| {
+            assert!(row.name != "PANIC", "cannot render a product named PANIC");
+            card.render(key, row, variant)
+        },
+        ..AlteredCard::new(&env, "fussy_card", 1)
+    };
+    let fragments = Fragments::new().with(fussy);
     let settings = ListenSettings {
         max_attempts: 2,
         ..test_settings()
@@ -310,23 +332,10 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
     let db = env.client().await;
     eventually(
         "the panicking and the refused change to be parked",
-        || async {
-            let parked: i64 = db
-                .query_one("SELECT count(*) FROM pgfresh.failed", &[])
-                .await
-                .unwrap()
-                .get(0);
-            parked == 2
-        },
+        || async { env.parked().await == 2 },
     )
     .await;
-    let errors: Vec<String> = db
-        .query("SELECT error FROM pgfresh.failed ORDER BY key", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|r| r.get(0))
-        .collect();
+    let errors = env.parked_errors("key").await;
     assert!(
         errors[0].contains("panicked: cannot render a product named PANIC"),
         "{errors:?}"
@@ -395,47 +404,6 @@ async fn notifications_from_anyone_are_only_hints() {
     env.cleanup().await;
 }
 
-/// The shop's card with new markup: what a deploy of changed fragment code looks like.
-struct CardV2(common::product_card::ProductCard);
-
-impl Fragment for CardV2 {
-    type Key = i64;
-    type Row = common::product_card::Product;
-    fn name(&self) -> &str {
-        "product_card"
-    }
-    fn topics(&self) -> &[&str] {
-        self.0.topics()
-    }
-    fn variants(&self) -> &[&str] {
-        self.0.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.0.key_prefix()
-    }
-    fn version(&self) -> u32 {
-        2
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::fragment::Loaded<Self> {
-        self.0.load(db, keys).await
-    }
-    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
-        maud::html! { div class="v2" { (self.0.render(key, row, variant)) } }
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        self.0.keys_after(db, after, limit).await
-    }
-}
-
 #[tokio::test]
 async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_once() {
     let env = TestEnv::shop(5).await;
@@ -448,9 +416,14 @@ async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_
     )
     .await
     .unwrap();
-    let fragments = Fragments::new().with(CardV2(
-        common::product_card::ProductCard::with_key_prefix(env.prefix.clone()),
-    ));
+    // Version 2 of the card, with new markup: what a deploy of changed fragment code looks like.
+    let card_v2 = AlteredCard {
+        render: |card, key, row, variant| {
+            maud::html! { div class="v2" { (card.render(key, row, variant)) } }
+        },
+        ..AlteredCard::new(&env, "product_card", 2)
+    };
+    let fragments = Fragments::new().with(card_v2);
     // The periodic sweep is off: only the version check can replace the old entries.
     let listener = env.start_listener_with(fragments, test_settings());
     for id in 1..=5 {

@@ -7,7 +7,10 @@ use common::TestEnv;
 use pgfresh::config::SweepSettings;
 use pgfresh::shutdown::Shutdown;
 
-async fn sweep(env: &TestEnv, settings: SweepSettings) -> pgfresh::sweep::SweepReport {
+async fn try_sweep(
+    env: &TestEnv,
+    settings: SweepSettings,
+) -> Result<pgfresh::sweep::SweepReport, pgfresh::Error> {
     pgfresh::sweep::run(
         &env.db,
         &env.sink,
@@ -16,7 +19,10 @@ async fn sweep(env: &TestEnv, settings: SweepSettings) -> pgfresh::sweep::SweepR
         &Shutdown::new(),
     )
     .await
-    .unwrap()
+}
+
+async fn sweep(env: &TestEnv, settings: SweepSettings) -> pgfresh::sweep::SweepReport {
+    try_sweep(env, settings).await.unwrap()
 }
 
 /// Small pages, so that a few products span several pages run concurrently.
@@ -105,15 +111,7 @@ async fn sweeping_an_unknown_fragment_fails_with_the_names_there_are() {
         only: Some("nope".into()),
         ..SweepSettings::default()
     };
-    let error = pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &settings,
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap_err();
+    let error = try_sweep(&env, settings).await.unwrap_err();
     assert_eq!(
         error.to_string(),
         "no fragment named \"nope\"; this binary has: product_card"

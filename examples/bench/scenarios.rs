@@ -369,18 +369,7 @@ impl Bench {
         results: Arc<Mutex<Vec<Duration>>>,
     ) -> Result<tokio::task::JoinHandle<()>> {
         let client = redis::Client::open(self.redis_url.as_str())?;
-        let mut config = client.get_connection_manager().await?;
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("notify-keyspace-events")
-            .arg("K$")
-            .query_async(&mut config)
-            .await?;
-        let database = self
-            .redis_url
-            .rsplit_once('/')
-            .and_then(|(_, n)| n.parse::<u32>().ok())
-            .unwrap_or(0);
+        let database = enable_keyspace_events(&client, &self.redis_url).await?;
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub
             .psubscribe(format!("__keyspace@{database}__:{PREFIX}*:compact"))
@@ -521,18 +510,7 @@ impl Bench {
         let (sink, _) = self.redis().await?;
         let listener = self.start_listener(&db, &sink, &url).await?;
         let client = redis::Client::open(self.redis_url.as_str())?;
-        let mut config = client.get_connection_manager().await?;
-        let _: () = redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("notify-keyspace-events")
-            .arg("K$")
-            .query_async(&mut config)
-            .await?;
-        let database = self
-            .redis_url
-            .rsplit_once('/')
-            .and_then(|(_, n)| n.parse::<u32>().ok())
-            .unwrap_or(0);
+        let database = enable_keyspace_events(&client, &self.redis_url).await?;
         let key = format!("{PREFIX}1:compact");
         let mut pubsub = client.get_async_pubsub().await?;
         pubsub
@@ -663,6 +641,22 @@ async fn wait_for_empty_queue(client: &tokio_postgres::Client) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Turns on keyspace notifications for string commands; returns the Redis database number the URL
+/// selects, which names the notification channels.
+async fn enable_keyspace_events(client: &redis::Client, url: &str) -> Result<u32> {
+    let mut config = client.get_connection_manager().await?;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("K$")
+        .query_async(&mut config)
+        .await?;
+    Ok(url
+        .rsplit_once('/')
+        .and_then(|(_, n)| n.parse().ok())
+        .unwrap_or(0))
 }
 
 /// One pgbench run: 8 clients, random one-row UPDATEs; returns transactions per second.

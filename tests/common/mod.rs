@@ -28,6 +28,16 @@ use product_card::ProductCard;
 /// How long a condition may take before a test fails: generous, for a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(30);
 
+/// The shop example binary, built by `cargo test` next to the test binaries.
+pub fn shop_binary() -> std::path::PathBuf {
+    let deps = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    deps.parent().unwrap().join("examples").join("shop")
+}
+
 pub fn admin_url() -> String {
     std::env::var("PGFRESH_TEST_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
@@ -216,6 +226,31 @@ impl TestEnv {
             shutdown.clone(),
         ));
         RunningListener { shutdown, task }
+    }
+
+    /// How many changes are parked in `pgfresh.failed`.
+    pub async fn parked(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM pgfresh.failed", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
+    /// The errors of the parked changes, ordered by `order_by`.
+    pub async fn parked_errors(&self, order_by: &str) -> Vec<String> {
+        self.client()
+            .await
+            .query(
+                &format!("SELECT error FROM pgfresh.failed ORDER BY {order_by}"),
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
     }
 
     /// The sum of a column of `pgfresh.listeners` (changes_done, refused_writes).
