@@ -40,6 +40,23 @@ pub struct Connections {
     pub redis_url: String,
 }
 
+/// How logs are written.
+#[derive(Args, Clone, Debug)]
+pub struct Logging {
+    /// Log format on stderr: human-readable text, or one JSON object per line for log collectors.
+    #[arg(long, env = "PGFRESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+/// See [`Logging`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
 /// pgfresh's commands.
 #[derive(Subcommand, Clone, Debug)]
 pub enum Command {
@@ -74,6 +91,9 @@ pub struct ListenArgs {
     /// Batches processed concurrently.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
+    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9187.
+    #[arg(long)]
+    pub http: Option<std::net::SocketAddr>,
     /// Failed attempts before a change is parked in pgfresh.failed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
@@ -126,6 +146,9 @@ pub struct Cli {
     /// Where PostgreSQL and Redis are.
     #[command(flatten)]
     pub connections: Connections,
+    /// How logs are written.
+    #[command(flatten)]
+    pub logging: Logging,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
@@ -134,17 +157,19 @@ pub struct Cli {
 /// Runs the pgfresh command line with these fragments: a complete `main` for a fragment binary.
 pub fn main(fragments: Fragments) -> ExitCode {
     let cli = Cli::parse();
-    run_command(|| execute(&cli.connections, cli.command.clone(), &fragments))
+    run_command(&cli.logging, || {
+        execute(&cli.connections, cli.command.clone(), &fragments)
+    })
 }
 
 /// Sets up logging, panics as one log line, and a runtime; runs `command`; prints an error as one
 /// line and turns it into the exit code.
-pub fn run_command<F, Fut>(command: F) -> ExitCode
+pub fn run_command<F, Fut>(logging: &Logging, command: F) -> ExitCode
 where
     F: FnOnce() -> Fut,
     Fut: std::future::Future<Output = Result<ExitCode, Error>>,
 {
-    init_logging();
+    init_logging(logging.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(runtime) => runtime,
         Err(error) => {
@@ -167,14 +192,18 @@ const DEFAULT_LOG_FILTER: &str = "info,deadpool=error,tokio_postgres=warn";
 
 /// Logs to stderr, filtered by `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]); a panic becomes one error
 /// line.
-pub fn init_logging() {
+pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
-    let _ = tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .try_init();
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
     std::panic::set_hook(Box::new(|info| {
         let message = info
             .payload()
@@ -227,6 +256,7 @@ pub async fn execute(
                 poll_interval: args.poll_interval,
                 sweep_interval: (!args.sweep_interval.is_zero()).then_some(args.sweep_interval),
                 max_attempts: args.max_attempts,
+                http: args.http,
                 sweep: sweep_settings(&args.sweep, None),
             };
             crate::listener::run(db, sink, fragments.clone(), settings, shutdown::on_signal())

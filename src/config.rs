@@ -19,6 +19,8 @@ pub struct ListenSettings {
     pub max_attempts: i32,
     /// How the periodic sweep works.
     pub sweep: SweepSettings,
+    /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
+    pub http: Option<std::net::SocketAddr>,
 }
 
 impl Default for ListenSettings {
@@ -30,6 +32,7 @@ impl Default for ListenSettings {
             sweep_interval: Some(Duration::from_secs(3600)),
             max_attempts: 10,
             sweep: SweepSettings::default(),
+            http: None,
         }
     }
 }

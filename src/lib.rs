@@ -20,6 +20,8 @@
 //! - [`config`]: typed settings; URL redaction.
 //! - [`backoff`]: capped jittered exponential backoff.
 //! - [`shutdown`]: the shutdown token and signal handling.
+//! - [`telemetry`]: metrics through the `metrics` facade; the Prometheus recorder.
+//! - [`http`]: `/metrics`, `/healthz`, `/readyz` for `listen --http`.
 //! - [`cli`]: the command line users reuse in their own binary.
 //! - [`error`]: the [`Error`] type.
 
@@ -32,6 +34,7 @@ pub mod config;
 pub mod db;
 pub mod error;
 pub mod fragment;
+pub mod http;
 pub mod listener;
 pub mod maintenance;
 pub mod queue;
@@ -40,6 +43,7 @@ pub mod schema;
 pub mod shutdown;
 pub mod sink;
 pub mod sweep;
+pub mod telemetry;
 pub mod wakeup;
 
 pub use error::Error;

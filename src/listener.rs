@@ -127,6 +127,18 @@ pub async fn run(
         recent: RecentRenders::default(),
         next_wake: Mutex::new(None),
     });
+    // Bind the HTTP port before registering, so that a taken port fails start-up cleanly.
+    let listen_connected = Arc::new(AtomicBool::new(false));
+    let http_server = match shared.settings.http {
+        Some(address) => {
+            let readiness = crate::http::Readiness {
+                listen_connected: listen_connected.clone(),
+                sink: shared.sink.clone(),
+            };
+            Some(crate::http::bind(address, readiness, shared.shutdown.clone()).await?)
+        }
+        None => None,
+    };
     queue::register_listener(&*shared.db.get().await?, &shared.listener_id).await?;
     tracing::info!(
         listener = %shared.listener_id,
@@ -138,10 +150,14 @@ pub async fn run(
 
     let wake = Arc::new(Notify::new());
     let mut tasks = JoinSet::new();
+    if let Some(server) = http_server {
+        tasks.spawn(server);
+    }
     tasks.spawn(crate::wakeup::run(
         shared.db.clone(),
         shared.listener_id.clone(),
         wake.clone(),
+        listen_connected,
         shared.shutdown.clone(),
     ));
     tasks.spawn(heartbeat(shared.clone()));
@@ -359,6 +375,7 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
     }
     let rendered_at = started.elapsed();
 
+    let covered_count = covered.len();
     let mut done = covered;
     let mut failures = Vec::new();
     for (change, ids) in &ids_by_change {
@@ -374,6 +391,13 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
         }
     }
     let settled = done.len();
+    crate::telemetry::batch(
+        claim.changes.len(),
+        settled,
+        covered_count,
+        deferred.len(),
+        failures.len(),
+    );
     queue::complete(txn.client(), &done).await?;
     queue::defer(txn.client(), &deferred, defer_for).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
@@ -449,6 +473,12 @@ async fn heartbeat(shared: Arc<Shared>) {
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
         let (changes, refused) = shared.counters.read();
+        if let Ok(client) = shared.db.get().await
+            && let Ok(stats) = queue::stats(&client).await
+            && let Ok(usage) = queue::notification_queue_usage(&client).await
+        {
+            crate::telemetry::queue(&stats, usage);
+        }
         if let Ok(client) = shared.db.get().await
             && let Err(error) = queue::heartbeat(
                 &client,

@@ -61,7 +61,13 @@ pub async fn run(
                 "missing or outdated in Redis"
             };
             match sweep_if_elected(&db, &sink, &due, &settings, &shutdown).await {
-                Ok(Some(report)) => log_report(reason, &due, &report),
+                Ok(Some(report)) => {
+                    log_report(reason, &due, &report);
+                    crate::telemetry::swept(
+                        if periodic_due { "periodic" } else { "marker" },
+                        report.stats.written + report.orphans_deleted,
+                    );
+                }
                 Ok(None) => tracing::debug!("another listener is sweeping"),
                 Err(error) => tracing::warn!(%error, "sweep failed; it will be tried again"),
             }

@@ -184,6 +184,15 @@ pub async fn stats(client: &Client) -> Result<QueueStats, Error> {
     })
 }
 
+/// `pg_notification_queue_usage()`: how full PostgreSQL's NOTIFY queue is (0 to 1). A long-open
+/// transaction in a listening session stops it from being cleaned up.
+pub async fn notification_queue_usage(client: &Client) -> Result<f64, Error> {
+    Ok(client
+        .query_one("SELECT pg_notification_queue_usage()", &[])
+        .await?
+        .get(0))
+}
+
 /// Registers a running listener (busy until it says otherwise).
 pub async fn register_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
     client

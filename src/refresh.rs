@@ -104,7 +104,7 @@ pub async fn refresh(
     }
     let rendered_at = started.elapsed();
     let results = sink.write(ticket, &writes).await?;
-    tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?(started.elapsed() - rendered_at), "refreshed");
+    let write_time = started.elapsed() - rendered_at;
     for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
         if let WriteResult::Failed(reason) = &result
             && !refreshed.failed.iter().any(|(failed, _)| *failed == owner)
@@ -119,6 +119,8 @@ pub async fn refresh(
         }
         count(&mut refreshed.stats, &result);
     }
+    crate::telemetry::refreshed(fragment.name(), &refreshed.stats, rendered_at, write_time);
+    tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
 }
 

@@ -8,6 +8,7 @@
 //! periodic NOTIFY to itself that must come back in time.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{Notify, mpsc};
@@ -29,11 +30,19 @@ const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Keeps a LISTEN session open until shutdown, waking `wake` on every notification and after every
 /// (re)connect. Losses and recoveries are logged once each, not on every retry.
-pub async fn run(db: Database, listener_id: String, wake: Arc<Notify>, shutdown: Shutdown) {
+/// `connected` tells readiness checks whether a LISTEN session is up.
+pub async fn run(
+    db: Database,
+    listener_id: String,
+    wake: Arc<Notify>,
+    connected: Arc<AtomicBool>,
+    shutdown: Shutdown,
+) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     let mut lost_since: Option<std::time::Instant> = None;
     while !shutdown.is_cancelled() {
         let error = match session(
+            &connected,
             &db,
             &listener_id,
             &wake,
@@ -46,6 +55,7 @@ pub async fn run(db: Database, listener_id: String, wake: Arc<Notify>, shutdown:
             Ok(()) => return,
             Err(error) => error,
         };
+        connected.store(false, Ordering::Relaxed);
         if lost_since.is_none() {
             tracing::warn!(error = %error, "LISTEN connection lost; reconnecting with backoff");
             lost_since = Some(std::time::Instant::now());
@@ -60,6 +70,7 @@ pub async fn run(db: Database, listener_id: String, wake: Arc<Notify>, shutdown:
 
 /// One LISTEN session, from connect until it fails (Err) or shutdown (Ok).
 async fn session(
+    connected: &AtomicBool,
     db: &Database,
     listener_id: &str,
     wake: &Notify,
@@ -81,6 +92,7 @@ async fn session(
                     if note.payload() == own_ping {
                         let _ = pongs.send(());
                     } else {
+                        crate::telemetry::notification();
                         wake.notify_one();
                     }
                 }
@@ -101,7 +113,9 @@ async fn session(
         // Anything committed while no session listened was never announced: drain now.
         wake.notify_one();
         backoff.reset();
+        connected.store(true, Ordering::Relaxed);
         if let Some(since) = lost_since.take() {
+            crate::telemetry::reconnected("listen");
             tracing::info!(down_for = ?since.elapsed(), "LISTEN connection restored");
         } else {
             tracing::debug!("LISTEN connection established");

@@ -191,10 +191,10 @@ fn bad_flag_values_are_rejected_with_a_hint() {
 }
 
 #[tokio::test]
-async fn sigterm_stops_the_listener_cleanly_within_ten_seconds() {
+async fn sigterm_stops_the_listener_cleanly_within_ten_seconds_and_json_logs_are_json() {
     let env = TestEnv::shop(3).await;
     let mut listener = Command::new(shop_binary())
-        .args(["listen", "--sweep-interval", "0"])
+        .args(["listen", "--sweep-interval", "0", "--log-format", "json"])
         .env("DATABASE_URL", &env.url)
         .env("REDIS_URL", common::redis_url())
         .stdout(std::process::Stdio::null())
@@ -228,6 +228,18 @@ async fn sigterm_stops_the_listener_cleanly_within_ten_seconds() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     };
     assert!(exit.success(), "exit status {exit:?}");
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut listener.stderr.take().unwrap(), &mut logs).unwrap();
+    assert!(
+        logs.contains("listening for changes") && logs.contains("listener stopped"),
+        "{logs}"
+    );
+    for line in logs.lines() {
+        assert!(
+            line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":\"INFO\""),
+            "--log-format json writes one JSON object per line: {line}"
+        );
+    }
     let n: i64 = db
         .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
         .await

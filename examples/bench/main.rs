@@ -57,7 +57,10 @@ enum Scenario {
 
 fn main() -> ExitCode {
     let cli = BenchCli::parse();
-    pgfresh::cli::run_command(|| async move {
+    let logging = pgfresh::cli::Logging {
+        log_format: pgfresh::cli::LogFormat::Text,
+    };
+    pgfresh::cli::run_command(&logging, || async move {
         let bench = scenarios::Bench::new(&cli.database_url, &cli.redis_url);
         let result = match cli.scenario {
             Scenario::SweepOnce => bench.sweep_once(cli.products).await,

@@ -10,7 +10,7 @@ mod setup;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
-use pgfresh::cli::{self, Command, Connections};
+use pgfresh::cli::{self, Command, Connections, Logging};
 use pgfresh::config::{ListenSettings, SweepSettings};
 use pgfresh::db::Database;
 use pgfresh::sink::RedisSink;
@@ -23,6 +23,8 @@ use product_card::ProductCard;
 struct ShopCli {
     #[command(flatten)]
     connections: Connections,
+    #[command(flatten)]
+    logging: Logging,
     #[command(subcommand)]
     command: ShopCommand,
 }
@@ -48,7 +50,7 @@ enum ShopCommand {
 fn main() -> ExitCode {
     let shop = ShopCli::parse();
     let fragments = Fragments::new().with(ProductCard::new());
-    cli::run_command(|| async move {
+    cli::run_command(&shop.logging, || async move {
         match shop.command {
             ShopCommand::Setup { products } => {
                 let db = Database::new(&shop.connections.database_url, 2)?;

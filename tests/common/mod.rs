@@ -276,17 +276,18 @@ impl TestEnv {
     }
 
     /// Drops the database and this test's Redis keys.
+    /// Best effort on Redis: a test's own throwaway server may be gone already.
     pub async fn cleanup(self) {
-        let mut keys = self.keys().await;
-        let tickets: Vec<String> = keys.iter().map(|k| format!("pgfresh:ticket:{k}")).collect();
-        keys.extend(tickets);
-        keys.push(self.marker_key());
-        if !keys.is_empty() {
-            let _: () = redis::cmd("DEL")
-                .arg(&keys)
-                .query_async(&mut self.redis.clone())
-                .await
-                .unwrap();
+        let mut redis = self.redis.clone();
+        let keys: Result<Vec<String>, _> = redis::cmd("KEYS")
+            .arg(format!("{}*", self.prefix))
+            .query_async(&mut redis)
+            .await;
+        if let Ok(mut keys) = keys {
+            let tickets: Vec<String> = keys.iter().map(|k| format!("pgfresh:ticket:{k}")).collect();
+            keys.extend(tickets);
+            keys.push(self.marker_key());
+            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
         }
         drop(self.db);
         let admin = admin_client().await;

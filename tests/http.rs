@@ -1,0 +1,126 @@
+//! `listen --http`: the Prometheus scrape, liveness and readiness, against real services.
+
+mod common;
+
+use std::time::Duration;
+
+use common::servers::{TempRedis, free_port};
+use common::{TestEnv, eventually, test_settings};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// A plain HTTP/1.1 GET: the status code and the body; status 0 while nothing listens.
+async fn get(port: u16, path: &str) -> (u16, String) {
+    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
+        return (0, String::new());
+    };
+    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let status = response
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
+}
+
+#[tokio::test]
+async fn metrics_health_and_readiness_are_served() {
+    let mut redis = TempRedis::start();
+    let env = TestEnv::shop_with_redis(3, &redis.url()).await;
+    let port = free_port();
+    let settings = pgfresh::config::ListenSettings {
+        http: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+        ..test_settings()
+    };
+    let listener = env.start_listener(settings);
+    eventually("/readyz to say ready", || async {
+        get(port, "/readyz").await == (200, "ready\n".into())
+    })
+    .await;
+    assert_eq!(get(port, "/healthz").await, (200, "ok\n".into()));
+
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Scraped' WHERE id = 1")
+        .await
+        .unwrap();
+    env.wait_fresh(1).await;
+    let expected = [
+        "pgfresh_changes_claimed_total",
+        "pgfresh_changes_applied_total",
+        "pgfresh_renders_total{fragment=\"product_card\"}",
+        "pgfresh_writes_total{fragment=\"product_card\",result=\"written\"}",
+        "pgfresh_load_render_seconds_bucket",
+        "pgfresh_redis_write_seconds_bucket",
+        "pgfresh_queue_pending",
+        "pgfresh_queue_oldest_seconds",
+        "pgfresh_parked_changes",
+        "pgfresh_notification_queue_usage",
+    ];
+    // Queue gauges come with the next heartbeat, a few seconds on.
+    eventually("every metric in the scrape", || async {
+        let (status, body) = get(port, "/metrics").await;
+        status == 200 && expected.iter().all(|name| body.contains(name))
+    })
+    .await;
+
+    redis.stop();
+    eventually("/readyz to report Redis down", || async {
+        let (status, body) = get(port, "/readyz").await;
+        status == 503 && body.starts_with("Redis")
+    })
+    .await;
+    assert_eq!(get(port, "/healthz").await.0, 200, "alive all the same");
+    redis.start_again();
+    eventually("/readyz to recover", || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    listener.stop().await;
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the HTTP server stops with the listener");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
+    let env = TestEnv::shop(1).await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = taken.local_addr().unwrap();
+    let settings = pgfresh::config::ListenSettings {
+        http: Some(address),
+        ..test_settings()
+    };
+    let listener = env.start_listener(settings);
+    let error = listener.task.await.unwrap().unwrap_err().to_string();
+    assert!(
+        error.starts_with(&format!("cannot serve HTTP on {address}")),
+        "{error}"
+    );
+    let registered: i64 = env
+        .client()
+        .await
+        .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(
+        registered, 0,
+        "nothing registered for a listener that never started"
+    );
+    env.cleanup().await;
+}
