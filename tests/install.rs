@@ -277,3 +277,70 @@ async fn writers_need_no_grant_on_pgfresh_and_their_writes_are_queued() {
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
+    let env = TestEnv::shop(3).await;
+    let out = psql(&env, "sql/roles.sql");
+    assert!(
+        out.status.success(),
+        "roles.sql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = psql(&env, "sql/roles.sql");
+    assert!(
+        again.status.success(),
+        "roles.sql twice: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let login = format!("{}_listener", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {login} LOGIN IN ROLE pgfresh_listener;
+             GRANT SELECT ON products, reviews TO {login};
+             CREATE TABLE secrets (id int); INSERT INTO secrets VALUES (1);"
+        ))
+        .await
+        .unwrap();
+    let url = env.url.replacen("postgres@", &format!("{login}@"), 1);
+    let as_listener = common::connect(&url).await;
+    for forbidden in [
+        "SELECT * FROM secrets",
+        "UPDATE products SET name = 'x'",
+        "DROP TABLE pgfresh.changes",
+    ] {
+        let error = as_listener.batch_execute(forbidden).await.unwrap_err();
+        let message = error.as_db_error().unwrap().message().to_string();
+        assert!(
+            message.contains("permission denied") || message.contains("must be owner"),
+            "{forbidden}: {message}"
+        );
+    }
+
+    // A listener running as that role applies changes.
+    let db = pgfresh::db::Database::new(&url, 8).unwrap();
+    let shutdown = pgfresh::shutdown::Shutdown::new();
+    let task = tokio::spawn(pgfresh::listener::run(
+        db,
+        env.sink.clone(),
+        env.fragments(),
+        common::test_settings(),
+        shutdown.clone(),
+    ));
+    admin
+        .batch_execute("UPDATE products SET name = 'Least privilege' WHERE id = 2")
+        .await
+        .unwrap();
+    env.wait_fresh(2).await;
+    shutdown.cancel();
+    task.await.unwrap().unwrap();
+    drop(as_listener);
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE secrets; DROP OWNED BY {login}; DROP ROLE {login}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
