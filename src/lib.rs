@@ -21,7 +21,8 @@
 //! - [`backoff`]: capped jittered exponential backoff.
 //! - [`shutdown`]: the shutdown token and signal handling.
 //! - [`telemetry`]: metrics through the `metrics` facade; the Prometheus recorder.
-//! - [`http`]: `/metrics`, `/healthz`, `/readyz` for `listen --http`.
+//! - [`http`]: the status page, `/metrics`, `/healthz`, `/readyz` for `listen --http`.
+//! - [`status`]: what a running listener knows about itself, for the status page.
 //! - [`cli`]: the command line users reuse in their own binary.
 //! - [`error`]: the [`Error`] type.
 
@@ -42,6 +43,7 @@ pub mod refresh;
 pub mod schema;
 pub mod shutdown;
 pub mod sink;
+pub mod status;
 pub mod sweep;
 pub mod telemetry;
 pub mod wakeup;

@@ -24,6 +24,7 @@ use crate::queue::{self, Failure};
 use crate::refresh::{RefreshStats, refresh};
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
+use crate::status::StatusBoard;
 
 /// How often a listener tells the database it is alive.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -58,6 +59,8 @@ struct Shared {
     recent: RecentRenders,
     /// When deferred changes become ready: the drain loop looks at the queue again then.
     next_wake: Mutex<Option<Instant>>,
+    /// What the status page shows.
+    board: Arc<StatusBoard>,
 }
 
 impl Shared {
@@ -126,14 +129,18 @@ pub async fn run(
         idle: AtomicBool::new(false),
         recent: RecentRenders::default(),
         next_wake: Mutex::new(None),
+        board: Arc::new(StatusBoard::default()),
     });
     // Bind the HTTP port before registering, so that a taken port fails start-up cleanly.
     let listen_connected = Arc::new(AtomicBool::new(false));
     let http_server = match shared.settings.http {
         Some(address) => {
-            let readiness = crate::http::Readiness {
+            let readiness = crate::http::Sources {
                 listen_connected: listen_connected.clone(),
                 sink: shared.sink.clone(),
+                db: shared.db.clone(),
+                board: shared.board.clone(),
+                listener_id: shared.listener_id.clone(),
             };
             Some(crate::http::bind(address, readiness, shared.shutdown.clone()).await?)
         }
@@ -167,6 +174,7 @@ pub async fn run(
         shared.fragments.clone(),
         shared.settings.sweep_interval,
         shared.settings.sweep.clone(),
+        shared.board.clone(),
         shared.shutdown.clone(),
     ));
 
@@ -383,6 +391,7 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
             None => done.extend_from_slice(ids),
             Some(reason) => {
                 tracing::warn!(topic = change.0, key = change.1, error = %reason, "change failed; will retry");
+                shared.board.failed(change.0, change.1, reason);
                 failures.extend(ids.iter().map(|&id| Failure {
                     id,
                     error: reason.clone(),
@@ -415,6 +424,7 @@ async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> 
         "batch applied"
     );
     shared.counters.add(settled, &stats);
+    shared.board.applied(settled);
     Ok((claim.changes.len(), stats))
 }
 
@@ -452,6 +462,7 @@ async fn render_changes<'a>(
         keys.sort();
         keys.dedup();
         let refreshed = refresh(&loader, &shared.sink, fragment.as_ref(), &keys, ticket).await?;
+        shared.board.refreshed(fragment.name(), refreshed.stats);
         stats += refreshed.stats;
         for (index, reason) in refreshed.failed {
             // Every queued (topic, key) that reached this fragment with this key failed with it.

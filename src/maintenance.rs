@@ -18,6 +18,7 @@ use crate::db::Database;
 use crate::fragment::{DynFragment, Fragments};
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
+use crate::status::StatusBoard;
 use crate::sweep::{self, SweepReport};
 
 /// The advisory lock key held by the listener that sweeps ("pgfresh" in ASCII).
@@ -34,6 +35,7 @@ pub async fn run(
     fragments: Fragments,
     periodic: Option<Duration>,
     settings: SweepSettings,
+    board: Arc<StatusBoard>,
     shutdown: Shutdown,
 ) {
     let mut next_periodic = periodic.map(|interval| Instant::now() + interval);
@@ -63,10 +65,9 @@ pub async fn run(
             match sweep_if_elected(&db, &sink, &due, &settings, &shutdown).await {
                 Ok(Some(report)) => {
                     log_report(reason, &due, &report);
-                    crate::telemetry::swept(
-                        if periodic_due { "periodic" } else { "marker" },
-                        report.stats.written + report.orphans_deleted,
-                    );
+                    let label = if periodic_due { "periodic" } else { "marker" };
+                    crate::telemetry::swept(label, report.stats.written + report.orphans_deleted);
+                    board.swept(label, report.to_string(), report.succeeded());
                 }
                 Ok(None) => tracing::debug!("another listener is sweeping"),
                 Err(error) => tracing::warn!(%error, "sweep failed; it will be tried again"),

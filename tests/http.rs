@@ -70,6 +70,23 @@ async fn metrics_health_and_readiness_are_served() {
     })
     .await;
 
+    // The status page: connections, queue, fragments, failures, as plain HTML.
+    env.client()
+        .await
+        .batch_execute("INSERT INTO pgfresh.changes (topic, key) VALUES ('<nobody>', '1')")
+        .await
+        .unwrap();
+    eventually("the status page to list the failure", || async {
+        let (status, page) = get(port, "/").await;
+        status == 200
+            && page.contains("PostgreSQL LISTEN session up, Redis answering.")
+            && page.contains("<td>product_card</td>")
+            && page.contains("parked in pgfresh.failed")
+            && page.contains("no fragment subscribes to topic &quot;&lt;nobody&gt;&quot;")
+            && page.contains(r#"<meta http-equiv="refresh" content="2">"#)
+    })
+    .await;
+
     redis.stop();
     eventually("/readyz to report Redis down", || async {
         let (status, body) = get(port, "/readyz").await;

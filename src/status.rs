@@ -1,0 +1,217 @@
+//! What a running listener knows about itself, for the status page: recent failures, the last sweep,
+//! and what each fragment has done. Updated as things happen; read by [`crate::http`].
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use crate::refresh::RefreshStats;
+
+/// Failures kept for the page.
+const RECENT_FAILURES: usize = 20;
+
+/// One failed attempt to apply a change.
+#[derive(Clone, Debug)]
+pub struct RecentFailure {
+    /// When it failed.
+    pub at: SystemTime,
+    /// The change's topic.
+    pub topic: String,
+    /// The change's key.
+    pub key: String,
+    /// Why.
+    pub error: String,
+}
+
+/// The last sweep this listener ran.
+#[derive(Clone, Debug)]
+pub struct LastSweep {
+    /// When it ended.
+    pub at: SystemTime,
+    /// Why it ran ("periodic", "marker").
+    pub reason: &'static str,
+    /// Its summary line.
+    pub summary: String,
+    /// Whether it succeeded.
+    pub succeeded: bool,
+}
+
+/// A snapshot of the board, for rendering.
+#[derive(Clone, Debug)]
+pub struct BoardView {
+    /// When the listener started.
+    pub started: Instant,
+    /// Newest first.
+    pub recent_failures: Vec<RecentFailure>,
+    /// The last sweep, if any.
+    pub last_sweep: Option<LastSweep>,
+    /// Totals by fragment name.
+    pub fragments: BTreeMap<String, RefreshStats>,
+    /// Changes settled since start.
+    pub changes_applied: u64,
+}
+
+/// The listener's status board.
+pub struct StatusBoard {
+    started: Instant,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    recent_failures: VecDeque<RecentFailure>,
+    last_sweep: Option<LastSweep>,
+    fragments: BTreeMap<String, RefreshStats>,
+    changes_applied: u64,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            inner: Mutex::default(),
+        }
+    }
+}
+
+impl StatusBoard {
+    /// Adds a fragment's batch to its totals.
+    pub fn refreshed(&self, fragment: &str, stats: RefreshStats) {
+        let mut inner = self.inner.lock().expect("status board lock");
+        *inner.fragments.entry(fragment.to_string()).or_default() += stats;
+    }
+
+    /// Counts changes settled.
+    pub fn applied(&self, changes: usize) {
+        self.inner
+            .lock()
+            .expect("status board lock")
+            .changes_applied += changes as u64;
+    }
+
+    /// Notes a failed attempt.
+    pub fn failed(&self, topic: &str, key: &str, error: &str) {
+        let mut inner = self.inner.lock().expect("status board lock");
+        if inner.recent_failures.len() == RECENT_FAILURES {
+            inner.recent_failures.pop_back();
+        }
+        inner.recent_failures.push_front(RecentFailure {
+            at: SystemTime::now(),
+            topic: topic.into(),
+            key: key.into(),
+            error: error.into(),
+        });
+    }
+
+    /// Notes a finished sweep.
+    pub fn swept(&self, reason: &'static str, summary: String, succeeded: bool) {
+        self.inner.lock().expect("status board lock").last_sweep = Some(LastSweep {
+            at: SystemTime::now(),
+            reason,
+            summary,
+            succeeded,
+        });
+    }
+
+    /// A copy of everything, for the page.
+    pub fn view(&self) -> BoardView {
+        let inner = self.inner.lock().expect("status board lock");
+        BoardView {
+            started: self.started,
+            recent_failures: inner.recent_failures.iter().cloned().collect(),
+            last_sweep: inner.last_sweep.clone(),
+            fragments: inner.fragments.clone(),
+            changes_applied: inner.changes_applied,
+        }
+    }
+}
+
+/// The status page: plain HTML that refreshes itself every two seconds.
+pub fn page(
+    listener_id: &str,
+    problem: Option<&str>,
+    queue: &Result<crate::queue::QueueStats, String>,
+    board: &BoardView,
+) -> maud::Markup {
+    let uptime = board.started.elapsed().as_secs_f64().max(1.0);
+    maud::html! {
+        (maud::DOCTYPE)
+        html lang="en" {
+            head {
+                meta charset="utf-8";
+                meta http-equiv="refresh" content="2";
+                title { "pgfresh listener" }
+                style { (maud::PreEscaped(STYLE)) }
+            }
+            body {
+                h1 { "pgfresh listener " small { (listener_id) } }
+                section {
+                    h2 { "Connections" }
+                    @match problem {
+                        None => p class="ok" { "PostgreSQL LISTEN session up, Redis answering." },
+                        Some(problem) => p class="bad" { (problem) },
+                    }
+                }
+                section {
+                    h2 { "Queue" }
+                    @match queue {
+                        Ok(stats) => p {
+                            (stats.pending) " pending"
+                            @if let Some(oldest) = stats.oldest { ", oldest " (format!("{:.1}", oldest.as_secs_f64())) " s" }
+                            "; " (stats.failed) " parked in pgfresh.failed"
+                        },
+                        Err(error) => p class="bad" { "cannot read the queue: " (error) },
+                    }
+                    p {
+                        (board.changes_applied) " changes applied since start ("
+                        (format!("{:.1}", board.changes_applied as f64 / uptime)) " per second)"
+                    }
+                }
+                section {
+                    h2 { "Fragments" }
+                    table {
+                        tr { th { "fragment" } th { "rendered" } th { "written" } th { "unchanged" } th { "stale writes refused" } th { "deleted" } th { "errors" } }
+                        @for (name, stats) in &board.fragments {
+                            tr {
+                                td { (name) } td { (stats.rendered) } td { (stats.written) } td { (stats.unchanged) }
+                                td { (stats.refused) } td { (stats.deleted) } td { (stats.errors) }
+                            }
+                        }
+                    }
+                }
+                section {
+                    h2 { "Last sweep" }
+                    @match &board.last_sweep {
+                        None => p { "none yet" },
+                        Some(sweep) => p class=(if sweep.succeeded { "ok" } else { "bad" }) {
+                            (ago(sweep.at)) " (" (sweep.reason) "): " (sweep.summary)
+                        },
+                    }
+                }
+                section {
+                    h2 { "Recent failures" }
+                    @if board.recent_failures.is_empty() {
+                        p { "none" }
+                    } @else {
+                        table {
+                            tr { th { "when" } th { "topic" } th { "key" } th { "error" } }
+                            @for failure in &board.recent_failures {
+                                tr { td { (ago(failure.at)) } td { (failure.topic) } td { (failure.key) } td { (failure.error) } }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn ago(at: SystemTime) -> String {
+    let secs = at.elapsed().map_or(0, |d| d.as_secs());
+    format!("{secs} s ago")
+}
+
+/// Inline styles: the page needs no other request.
+const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em;max-width:70em}\
+h1 small{font-weight:normal;color:#666}table{border-collapse:collapse}\
+td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}.ok{color:#176117}.bad{color:#a31515}";
