@@ -6,6 +6,7 @@
 
 mod product_card;
 mod setup;
+mod web;
 
 use std::process::ExitCode;
 
@@ -37,11 +38,17 @@ enum ShopCommand {
         #[arg(long, default_value_t = 1000)]
         products: i64,
     },
-    /// Setup, fill Redis with a sweep, then listen: watch fragments follow your UPDATEs.
+    /// Setup, fill Redis with a sweep, listen, and serve a demo shop page whose cards come from Redis.
     Demo {
         /// Products to load into an empty table (3 reviews each).
         #[arg(long, default_value_t = 1000)]
         products: i64,
+        /// Where to serve the demo shop.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        web: std::net::SocketAddr,
+        /// Where the listener serves its status page and /metrics.
+        #[arg(long, default_value = "127.0.0.1:9187")]
+        http: std::net::SocketAddr,
     },
     #[command(flatten)]
     Pgfresh(Command),
@@ -59,7 +66,11 @@ fn main() -> ExitCode {
                 println!("{}", describe_setup(&report, &db));
                 Ok(ExitCode::SUCCESS)
             }
-            ShopCommand::Demo { products } => demo(&shop.connections, fragments, products).await,
+            ShopCommand::Demo {
+                products,
+                web,
+                http,
+            } => demo(&shop.connections, fragments, products, web, http).await,
             ShopCommand::Pgfresh(command) => {
                 cli::execute(&shop.connections, command, &fragments).await
             }
@@ -80,6 +91,8 @@ async fn demo(
     connections: &Connections,
     fragments: Fragments,
     products: i64,
+    web: std::net::SocketAddr,
+    http: std::net::SocketAddr,
 ) -> Result<ExitCode, pgfresh::Error> {
     let db = Database::new(&connections.database_url, 12)?;
     db.check().await?;
@@ -93,19 +106,36 @@ async fn demo(
         pgfresh::sweep::run(&db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
     println!("{sweep}");
 
+    let shop = web::bind(
+        web,
+        db.clone(),
+        connections.redis_url.clone(),
+        ProductCard::new(),
+        shutdown.clone(),
+    )
+    .await
+    .map_err(pgfresh::Error::Fragment)?;
+    tokio::spawn(shop);
+    tokio::spawn(web::writer(db.clone(), shutdown.clone()));
     let id = 42.min(report.products.max(1));
     println!(
-        "\nListening. In another terminal, read a card, change its product, and read it again:\n\
+        "\nListening. Open the demo shop at http://{web}/ (its cards come from Redis; a writer changes a few\n\
+         every second) and the listener's status page at http://{http}/ (metrics at /metrics).\n\
+         \nOr, in another terminal, read a card, change its product, and read it again:\n\
          \n  redis-cli -u {redis} GET {prefix}{id}:full\
          \n  psql {database} -c \"UPDATE products SET price_cents = price_cents + 100 WHERE id = {id}\"\
          \n  redis-cli -u {redis} GET {prefix}{id}:full\
          \n\nOr add a review:\
          \n  psql {database} -c \"INSERT INTO reviews (product_id, author, rating, body) VALUES ({id}, 'You', 5, 'Fresh!')\"\
-         \n\nCtrl-C stops the listener.\n",
+         \n\nCtrl-C stops everything.\n",
         redis = sink.url(),
         database = db.url(),
         prefix = product_card::KEY_PREFIX,
     );
-    pgfresh::listener::run(db, sink, fragments, ListenSettings::default(), shutdown).await?;
+    let settings = ListenSettings {
+        http: Some(http),
+        ..ListenSettings::default()
+    };
+    pgfresh::listener::run(db, sink, fragments, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,0 +1,119 @@
+//! The demo shop (`shop demo`): its page is assembled from the cards in Redis, falls back to a live
+//! render for a missing one, says which is which, and its writer's changes reach the page.
+
+mod common;
+
+// The web module refers to `crate::product_card`, as in the shop binary.
+use common::product_card;
+#[path = "../examples/shop/web.rs"]
+mod web;
+
+use common::servers::free_port;
+use common::{TestEnv, eventually, test_settings};
+use pgfresh::shutdown::Shutdown;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The shop page's body, if it is served.
+async fn get_page(port: u16) -> Option<String> {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    // The body only: headers (a Date among them) differ on every request.
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_string())?;
+    response.starts_with("HTTP/1.1 200").then_some(body)
+}
+
+#[tokio::test]
+async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() {
+    let env = TestEnv::shop(12).await;
+    pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    env.del(&env.key(5, "compact")).await;
+
+    let card = product_card::ProductCard::with_key_prefix(env.prefix.clone());
+    let mut redis = redis::Client::open(common::redis_url())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let cards = web::cards(&env.db, &mut redis, &card, 12).await.unwrap();
+    assert_eq!(cards.len(), 12);
+    assert_eq!(
+        cards
+            .iter()
+            .filter(|(_, s)| *s == web::Source::Fallback)
+            .count(),
+        1
+    );
+    assert_eq!(
+        cards[4].0,
+        env.fresh_render(5, "compact").await.unwrap(),
+        "the fallback is the same card"
+    );
+
+    let port = free_port();
+    let shutdown = Shutdown::new();
+    let server = web::bind(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        env.db.clone(),
+        common::redis_url(),
+        card,
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
+    let server = tokio::spawn(server);
+    let page = get_page(port).await.expect("the shop page");
+    assert_eq!(
+        page.matches(r#"<article class="product-card compact""#)
+            .count(),
+        12
+    );
+    assert_eq!(
+        page.matches(r#"<span class="source cache">from Redis</span>"#)
+            .count(),
+        11
+    );
+    assert_eq!(
+        page.matches(r#"<span class="source fallback">rendered live (not in Redis)</span>"#)
+            .count(),
+        1
+    );
+
+    // The demo writer changes prices and adds reviews; with a listener running, the page follows.
+    let listener = env.start_listener(test_settings());
+    let before = page;
+    tokio::spawn(web::writer(env.db.clone(), shutdown.clone()));
+    eventually("a written change to show on the page", || async {
+        get_page(port)
+            .await
+            .is_some_and(|now| strip_sources(&now) != strip_sources(&before))
+    })
+    .await;
+    shutdown.cancel();
+    server.await.unwrap();
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+/// The cards alone, without the per-request source labels.
+fn strip_sources(page: &str) -> String {
+    page.split("<span class=\"source")
+        .map(|part| part.split_once("</span>").map_or(part, |(_, rest)| rest))
+        .collect()
+}
