@@ -269,8 +269,16 @@ pub async fn execute(
             let sink = RedisSink::connect(&connections.redis_url).await?;
             sink.ping().await.map_err(|e| redis_unreachable(&sink, e))?;
             let settings = sweep_settings(&args.tuning, args.fragment);
-            let report =
-                crate::sweep::run(&db, &sink, fragments, &settings, &shutdown::on_signal()).await?;
+            let progress = crate::progress::SweepProgress::for_stderr();
+            let report = crate::sweep::run_with_progress(
+                &db,
+                &sink,
+                fragments,
+                &settings,
+                &shutdown::on_signal(),
+                &progress,
+            )
+            .await?;
             println!("{report}");
             Ok(if report.succeeded() {
                 ExitCode::SUCCESS

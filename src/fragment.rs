@@ -71,6 +71,15 @@ pub trait Fragment: Send + Sync + 'static {
         after: Option<&Self::Key>,
         limit: i64,
     ) -> impl Future<Output = Result<Vec<Self::Key>, tokio_postgres::Error>> + Send;
+
+    /// How many keys there are, if cheap to tell (e.g. `SELECT count(*)`): the sweep's progress bar
+    /// then shows an ETA. `None` (the default) shows progress without one.
+    fn count_keys(
+        &self,
+        _db: &Client,
+    ) -> impl Future<Output = Result<Option<i64>, tokio_postgres::Error>> + Send {
+        async { Ok(None) }
+    }
 }
 
 /// What a batch refresh found for one requested key (as text).
@@ -103,6 +112,11 @@ pub trait DynFragment: Send + Sync {
         db: &'a Client,
         keys: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<KeyOutcome>, tokio_postgres::Error>>;
+    /// See [`Fragment::count_keys`].
+    fn count_keys<'a>(
+        &'a self,
+        db: &'a Client,
+    ) -> BoxFuture<'a, Result<Option<i64>, tokio_postgres::Error>>;
     /// Keyset pagination over all keys, in text form. See [`Fragment::keys_after`].
     fn keys_after<'a>(
         &'a self,
@@ -166,6 +180,13 @@ impl<F: Fragment> DynFragment for F {
                 })
                 .collect())
         })
+    }
+
+    fn count_keys<'a>(
+        &'a self,
+        db: &'a Client,
+    ) -> BoxFuture<'a, Result<Option<i64>, tokio_postgres::Error>> {
+        Box::pin(Fragment::count_keys(self, db))
     }
 
     fn keys_after<'a>(

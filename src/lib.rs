@@ -24,6 +24,7 @@
 //! - [`http`]: the status page, `/metrics`, `/healthz`, `/readyz` for `listen --http`.
 //! - [`status`]: what a running listener knows about itself, for the status page.
 //! - [`cli`]: the command line users reuse in their own binary.
+//! - [`progress`]: the `sweep` command's progress bar or periodic lines.
 //! - [`error`]: the [`Error`] type.
 
 #![warn(missing_docs)]
@@ -38,6 +39,7 @@ pub mod fragment;
 pub mod http;
 pub mod listener;
 pub mod maintenance;
+pub mod progress;
 pub mod queue;
 pub mod refresh;
 pub mod schema;

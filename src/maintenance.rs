@@ -124,7 +124,7 @@ async fn sweep_if_elected(
     for fragment in due {
         tokens.push(sink.start_sweep(fragment.key_prefix()).await?);
     }
-    let report = sweep::run_selected(db, sink, due, settings, shutdown).await;
+    let report = sweep::run_selected(db, sink, due, settings, shutdown, &sweep::Silent).await;
     if report.as_ref().is_ok_and(SweepReport::succeeded) {
         for (fragment, token) in due.iter().zip(&tokens) {
             let key_prefix = fragment.key_prefix();

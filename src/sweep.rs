@@ -67,6 +67,21 @@ impl fmt::Display for SweepReport {
     }
 }
 
+/// Told how a sweep advances. The `sweep` command shows a progress bar; others stay silent.
+pub trait Progress: Send + Sync {
+    /// A fragment's sweep starts; `fragments` is how many it will render, when known.
+    fn fragment_started(&self, _name: &str, _fragments: Option<u64>) {}
+    /// More fragments were rendered (or failed).
+    fn advanced(&self, _fragments: u64) {}
+    /// The fragment's sweep ended.
+    fn fragment_finished(&self, _name: &str) {}
+}
+
+/// Reports nothing.
+pub struct Silent;
+
+impl Progress for Silent {}
+
 /// Sweeps every fragment (or only `settings.only`).
 pub async fn run(
     db: &Database,
@@ -74,6 +89,18 @@ pub async fn run(
     fragments: &Fragments,
     settings: &SweepSettings,
     shutdown: &Shutdown,
+) -> Result<SweepReport, Error> {
+    run_with_progress(db, sink, fragments, settings, shutdown, &Silent).await
+}
+
+/// Like [`run`], telling `progress` how it advances.
+pub async fn run_with_progress(
+    db: &Database,
+    sink: &RedisSink,
+    fragments: &Fragments,
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+    progress: &dyn Progress,
 ) -> Result<SweepReport, Error> {
     fragments.validate()?;
     let selected: Vec<Arc<dyn DynFragment>> = match &settings.only {
@@ -85,7 +112,7 @@ pub async fn run(
             ))
         })?],
     };
-    run_selected(db, sink, &selected, settings, shutdown).await
+    run_selected(db, sink, &selected, settings, shutdown, progress).await
 }
 
 /// Sweeps these fragments, one after the other; `settings.only` is ignored.
@@ -95,11 +122,21 @@ pub async fn run_selected(
     selected: &[Arc<dyn DynFragment>],
     settings: &SweepSettings,
     shutdown: &Shutdown,
+    progress: &dyn Progress,
 ) -> Result<SweepReport, Error> {
     let started = Instant::now();
     let mut report = SweepReport::default();
     for fragment in selected {
-        sweep_fragment(db, sink, fragment.clone(), settings, shutdown, &mut report).await?;
+        sweep_fragment(
+            db,
+            sink,
+            fragment.clone(),
+            settings,
+            shutdown,
+            progress,
+            &mut report,
+        )
+        .await?;
         if report.interrupted {
             break;
         }
@@ -115,10 +152,17 @@ async fn sweep_fragment(
     fragment: Arc<dyn DynFragment>,
     settings: &SweepSettings,
     shutdown: &Shutdown,
+    progress: &dyn Progress,
     report: &mut SweepReport,
 ) -> Result<(), Error> {
     let pager = db.get().await?;
     let start_ticket = take_ticket(&pager).await?;
+    let total = fragment.count_keys(&pager).await?;
+    let variants = fragment.variants().len() as u64;
+    progress.fragment_started(
+        fragment.name(),
+        total.map(|keys| keys.max(0) as u64 * variants),
+    );
     let errors_before = report.stats.errors;
     let mut pages = JoinSet::new();
     let mut after: Option<String> = None;
@@ -134,7 +178,7 @@ async fn sweep_fragment(
         after = keys.last().cloned();
         if !keys.is_empty() {
             while pages.len() >= settings.concurrency.max(1) {
-                collect(pages.join_next().await, report);
+                collect(pages.join_next().await, report, progress);
             }
             pages.spawn(sweep_page(db.clone(), sink.clone(), fragment.clone(), keys));
         }
@@ -144,8 +188,9 @@ async fn sweep_fragment(
     }
     drop(pager);
     while let Some(joined) = pages.join_next().await {
-        collect(Some(joined), report);
+        collect(Some(joined), report, progress);
     }
+    progress.fragment_finished(fragment.name());
     // An entry whose render failed here would look like an orphan: only delete when all went well.
     if report.stats.errors == errors_before && !report.interrupted {
         report.orphans_deleted += delete_orphans(sink, fragment.key_prefix(), start_ticket).await?;
@@ -176,11 +221,19 @@ async fn sweep_page(
 type PageResult = Result<RefreshStats, (u64, String)>;
 
 /// Adds a finished page to the report.
-fn collect(joined: Option<Result<PageResult, tokio::task::JoinError>>, report: &mut SweepReport) {
+fn collect(
+    joined: Option<Result<PageResult, tokio::task::JoinError>>,
+    report: &mut SweepReport,
+    progress: &dyn Progress,
+) {
     match joined {
         None => {}
-        Some(Ok(Ok(stats))) => report.stats += stats,
+        Some(Ok(Ok(stats))) => {
+            progress.advanced(stats.rendered + stats.errors);
+            report.stats += stats;
+        }
         Some(Ok(Err((keys, error)))) => {
+            progress.advanced(keys);
             report.stats.errors += keys;
             report.first_error.get_or_insert(error);
         }

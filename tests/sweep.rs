@@ -183,3 +183,53 @@ async fn the_listener_runs_the_periodic_sweep() {
     listener.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_sweep_reports_its_progress_against_the_fragment_count() {
+    use std::sync::Mutex;
+    #[derive(Default)]
+    struct Seen {
+        started: Vec<(String, Option<u64>)>,
+        advanced: u64,
+        finished: Vec<String>,
+    }
+    #[derive(Default)]
+    struct Recorded(Mutex<Seen>);
+    impl pgfresh::sweep::Progress for Recorded {
+        fn fragment_started(&self, name: &str, fragments: Option<u64>) {
+            self.0
+                .lock()
+                .unwrap()
+                .started
+                .push((name.into(), fragments));
+        }
+        fn advanced(&self, fragments: u64) {
+            self.0.lock().unwrap().advanced += fragments;
+        }
+        fn fragment_finished(&self, name: &str) {
+            self.0.lock().unwrap().finished.push(name.into());
+        }
+    }
+    let env = TestEnv::shop(9).await;
+    let recorded = Recorded::default();
+    let report = pgfresh::sweep::run_with_progress(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &small_pages(),
+        &Shutdown::new(),
+        &recorded,
+    )
+    .await
+    .unwrap();
+    let Seen {
+        started,
+        advanced,
+        finished,
+    } = recorded.0.into_inner().unwrap();
+    assert_eq!(started, [("product_card".to_string(), Some(18))]);
+    assert_eq!(advanced, report.stats.rendered);
+    assert_eq!(advanced, 18);
+    assert_eq!(finished, ["product_card"]);
+    env.cleanup().await;
+}

@@ -128,6 +128,14 @@ impl Fragment for ProductCard {
         product_card(*id, product, variant == "full", variant)
     }
 
+    async fn count_keys(&self, db: &Client) -> Result<Option<i64>, Error> {
+        Ok(Some(
+            db.query_one("SELECT count(*) FROM products", &[])
+                .await?
+                .get(0),
+        ))
+    }
+
     async fn keys_after(
         &self,
         db: &Client,
