@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
-use tokio_postgres::{Client, Config, NoTls};
+use tokio_postgres::{Client, Config};
 
 use crate::Error;
 use crate::config::redact_url;
@@ -32,6 +32,11 @@ impl Database {
                     url: shown.clone(),
                     reason: crate::error::describe_postgres(&e),
                 })?;
+        // TLS only when the URL asks for it (see `tls`).
+        let asks_for_tls = url.contains("sslmode=");
+        if !asks_for_tls {
+            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
+        }
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
@@ -46,7 +51,7 @@ impl Database {
         pooled.options("-c synchronous_commit=off -c jit=off");
         let manager = Manager::from_config(
             pooled,
-            NoTls,
+            crate::tls::connector(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -114,14 +119,14 @@ impl Database {
     ) -> Result<
         (
             Client,
-            tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+            tokio_postgres::Connection<tokio_postgres::Socket, crate::tls::TlsStream>,
         ),
         Error,
     > {
         let mut config = self.config.clone();
         config.application_name(application_name);
         config
-            .connect(NoTls)
+            .connect(crate::tls::connector())
             .await
             .map_err(|e| self.connect_error(&e))
     }

@@ -17,6 +17,7 @@
 //! - [`sweep`]: the full sweep, periodic or one-off.
 //! - [`maintenance`]: the sweeps a listener runs itself (periodic, Redis emptied, markup changed).
 //! - [`db`]: the connection pool and dedicated connections.
+//! - [`tls`]: TLS to PostgreSQL with libpq's `sslmode` meaning.
 //! - [`config`]: typed settings; URL redaction.
 //! - [`backoff`]: capped jittered exponential backoff.
 //! - [`shutdown`]: the shutdown token and signal handling.
@@ -48,6 +49,7 @@ pub mod sink;
 pub mod status;
 pub mod sweep;
 pub mod telemetry;
+pub mod tls;
 pub mod wakeup;
 
 pub use error::Error;

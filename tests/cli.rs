@@ -248,3 +248,27 @@ async fn sigterm_stops_the_listener_cleanly_within_ten_seconds_and_json_logs_are
     assert_eq!(n, 0, "it deregistered on the way out");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn redis_over_tls_works_with_a_rediss_url() {
+    let redis = common::servers::TempRedis::start_tls();
+    let env = TestEnv::shop(4).await;
+    let out = Command::new(shop_binary())
+        .arg("sweep")
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", redis.url())
+        .env("SSL_CERT_FILE", redis.certificate_authority())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("sweep: 8 fragments rendered, 8 written"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Without trusting the certificate, the connection is refused with one clear line.
+    let untrusted = run(&shop_binary(), &env.url, &redis.url(), &["sweep"]);
+    assert_one_clear_error(&untrusted, "cannot connect to Redis at rediss://127.0.0.1:");
+    env.cleanup().await;
+}

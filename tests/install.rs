@@ -344,3 +344,36 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn postgres_tls_is_used_when_the_url_asks_for_it() {
+    let env = TestEnv::empty().await;
+    let encrypted = |db: pgfresh::db::Database| async move {
+        let client = db.get().await?;
+        let row = client
+            .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
+            .await?;
+        Ok::<bool, pgfresh::Error>(row.get(0))
+    };
+    let plain = pgfresh::db::Database::new(&env.url, 1).unwrap();
+    assert!(!encrypted(plain).await.unwrap(), "no sslmode: plain text");
+
+    let server_ssl: String = env
+        .client()
+        .await
+        .query_one("SHOW ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let required = pgfresh::db::Database::new(&format!("{}?sslmode=require", env.url), 1).unwrap();
+    if server_ssl == "on" {
+        assert!(
+            encrypted(required).await.unwrap(),
+            "sslmode=require: encrypted"
+        );
+    } else {
+        let error = encrypted(required).await.unwrap_err().to_string();
+        assert!(error.starts_with("cannot connect to PostgreSQL"), "{error}");
+    }
+    env.cleanup().await;
+}

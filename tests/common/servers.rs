@@ -149,6 +149,8 @@ impl Drop for TempPostgres {
 pub struct TempRedis {
     pub port: u16,
     child: Option<Child>,
+    /// With TLS: the directory holding its self-signed certificate (`cert.pem`) and key.
+    tls: Option<PathBuf>,
 }
 
 impl TempRedis {
@@ -156,27 +158,80 @@ impl TempRedis {
         let mut server = TempRedis {
             port: free_port(),
             child: None,
+            tls: None,
         };
         server.start_server();
         server
     }
 
+    /// A server that speaks only TLS, with a certificate for 127.0.0.1 signed by a throwaway CA
+    /// (made with the `openssl` command); clients trust the CA through `SSL_CERT_FILE` =
+    /// [`TempRedis::certificate_authority`].
+    pub fn start_tls() -> TempRedis {
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("pgfresh-redis-tls-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ext.cnf"),
+            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+        )
+        .unwrap();
+        for args in [
+            "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=pgfresh-test-ca -keyout ca.key -out ca.pem",
+            "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out server.csr",
+            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out cert.pem",
+        ] {
+            let status = Command::new("openssl")
+                .args(args.split(' '))
+                .current_dir(&dir)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("openssl runs");
+            assert!(status.success(), "openssl {args}");
+        }
+        let mut server = TempRedis {
+            port,
+            child: None,
+            tls: Some(dir),
+        };
+        server.start_server();
+        server
+    }
+
+    /// The CA that signed a TLS server's certificate.
+    pub fn certificate_authority(&self) -> PathBuf {
+        self.tls.as_ref().expect("a TLS server").join("ca.pem")
+    }
+
     pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        match self.tls {
+            Some(_) => format!("rediss://127.0.0.1:{}", self.port),
+            None => format!("redis://127.0.0.1:{}", self.port),
+        }
     }
 
     fn start_server(&mut self) {
-        let child = Command::new("redis-server")
-            .args([
-                "--bind",
-                "127.0.0.1",
-                "--port",
-                &self.port.to_string(),
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
+        let mut command = Command::new("redis-server");
+        command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        match &self.tls {
+            None => command.args(["--port", &self.port.to_string()]),
+            Some(dir) => command
+                .args([
+                    "--port",
+                    "0",
+                    "--tls-port",
+                    &self.port.to_string(),
+                    "--tls-auth-clients",
+                    "no",
+                ])
+                .arg("--tls-cert-file")
+                .arg(dir.join("cert.pem"))
+                .arg("--tls-key-file")
+                .arg(dir.join("key.pem")),
+        };
+        let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -206,5 +261,8 @@ impl TempRedis {
 impl Drop for TempRedis {
     fn drop(&mut self) {
         self.stop();
+        if let Some(dir) = &self.tls {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
