@@ -26,7 +26,10 @@ pub enum Error {
         reason: String,
     },
     /// A connection URL that does not parse.
-    #[error("invalid {what} URL {url}: {reason}")]
+    #[error(
+        "invalid {what} URL `{url}`: {reason}; expected e.g. {}",
+        example_url(what)
+    )]
     InvalidUrl {
         /// "PostgreSQL" or "Redis".
         what: &'static str,
@@ -67,6 +70,15 @@ pub enum Error {
     /// A fragment is misdefined or misbehaved, or a name given on the command line matches none.
     #[error("{0}")]
     Fragment(String),
+}
+
+/// What a URL of this kind looks like.
+fn example_url(what: &str) -> &'static str {
+    if what == "Redis" {
+        "redis://127.0.0.1:6379/0"
+    } else {
+        "postgres://user@127.0.0.1:5432/database"
+    }
 }
 
 /// One line for a PostgreSQL error: the server's own message (with its hint) when there is one.
