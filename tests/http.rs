@@ -128,13 +128,7 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
         error.starts_with(&format!("cannot serve HTTP on {address}")),
         "{error}"
     );
-    let registered: i64 = env
-        .client()
-        .await
-        .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let registered = env.registered_listeners().await;
     assert_eq!(
         registered, 0,
         "nothing registered for a listener that never started"

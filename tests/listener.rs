@@ -282,11 +282,7 @@ async fn an_idle_listener_is_woken_by_notify_without_waiting_for_the_poll() {
     })
     .await;
     listener.stop().await;
-    let registered: i64 = db
-        .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let registered = env.registered_listeners().await;
     assert_eq!(
         registered, 0,
         "a stopped listener deregisters, so triggers stop notifying it"

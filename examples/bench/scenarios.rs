@@ -141,19 +141,7 @@ impl Bench {
     /// Starts a listener here, after telling it Redis is already filled (no start-up sweep), and
     /// waits until it is idle.
     async fn start_listener(&self, db: &Database, sink: &RedisSink, url: &str) -> Result<Running> {
-        sink.set_fragment_marker(PREFIX, 1).await?;
-        let shutdown = Shutdown::new();
-        let settings = ListenSettings {
-            sweep_interval: None,
-            ..ListenSettings::default()
-        };
-        let task = tokio::spawn(pgfresh::listener::run(
-            db.clone(),
-            sink.clone(),
-            fragments(),
-            settings,
-            shutdown.clone(),
-        ));
+        let listener = spawn_listener(db, sink).await?;
         let client = connect(url).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -162,7 +150,7 @@ impl Bench {
                 .await?
                 .get(0);
             if idle > 0 {
-                return Ok(Running { shutdown, task });
+                return Ok(listener);
             }
             if Instant::now() > deadline {
                 bail!("the listener did not become idle");
@@ -585,23 +573,11 @@ impl Bench {
             .query_one("SELECT count(*) FROM pgfresh.changes", &[])
             .await?
             .get(0);
-        sink.set_fragment_marker(PREFIX, 1).await?;
         let started = Instant::now();
-        let shutdown = Shutdown::new();
-        let settings = ListenSettings {
-            sweep_interval: None,
-            ..ListenSettings::default()
-        };
-        let task = tokio::spawn(pgfresh::listener::run(
-            db.clone(),
-            sink.clone(),
-            fragments(),
-            settings,
-            shutdown.clone(),
-        ));
+        let listener = spawn_listener(&db, &sink).await?;
         wait_for_empty_queue(&client).await?;
         let elapsed = started.elapsed();
-        Running { shutdown, task }.stop().await?;
+        listener.stop().await?;
         println!(
             "catch-up: {queued} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s",
             elapsed.as_secs_f64(),
@@ -614,6 +590,25 @@ impl Bench {
 struct Latencies {
     latencies: Vec<Duration>,
     missing: usize,
+}
+
+/// Starts a listener in this process with default settings but no periodic sweep, after telling it
+/// Redis is already filled (so it does not sweep at start-up either).
+async fn spawn_listener(db: &Database, sink: &RedisSink) -> Result<Running> {
+    sink.set_fragment_marker(PREFIX, 1).await?;
+    let shutdown = Shutdown::new();
+    let settings = ListenSettings {
+        sweep_interval: None,
+        ..ListenSettings::default()
+    };
+    let task = tokio::spawn(pgfresh::listener::run(
+        db.clone(),
+        sink.clone(),
+        fragments(),
+        settings,
+        shutdown.clone(),
+    ));
+    Ok(Running { shutdown, task })
 }
 
 /// The shop, set up (idempotently), its queue emptied and stale listener rows removed.

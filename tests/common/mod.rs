@@ -228,6 +228,16 @@ impl TestEnv {
         RunningListener { shutdown, task }
     }
 
+    /// How many listeners are registered in `pgfresh.listeners`.
+    pub async fn registered_listeners(&self) -> i64 {
+        self.client()
+            .await
+            .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+            .await
+            .unwrap()
+            .get(0)
+    }
+
     /// How many changes are parked in `pgfresh.failed`.
     pub async fn parked(&self) -> i64 {
         self.client()
