@@ -155,12 +155,15 @@ impl<F: Fragment> DynFragment for F {
         Box::pin(async move {
             let parsed: Vec<Option<F::Key>> = keys.iter().map(|k| k.parse().ok()).collect();
             let valid: Vec<F::Key> = parsed.iter().flatten().cloned().collect();
+            let started = std::time::Instant::now();
             let mut rows: HashMap<F::Key, F::Row> = if valid.is_empty() {
                 HashMap::new()
             } else {
                 self.load(db, &valid).await?.into_iter().collect()
             };
-            Ok(keys
+            let loaded = std::time::Instant::now();
+            crate::telemetry::loaded(Fragment::name(self), loaded - started);
+            let outcomes = keys
                 .iter()
                 .zip(parsed)
                 .map(|(text, key)| match key {
@@ -178,7 +181,9 @@ impl<F: Fragment> DynFragment for F {
                         ),
                     },
                 })
-                .collect())
+                .collect();
+            crate::telemetry::rendered(Fragment::name(self), loaded.elapsed());
+            Ok(outcomes)
         })
     }
 

@@ -119,7 +119,7 @@ pub async fn refresh(
         }
         count(&mut refreshed.stats, &result);
     }
-    crate::telemetry::refreshed(fragment.name(), &refreshed.stats, rendered_at, write_time);
+    crate::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
     tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
 }

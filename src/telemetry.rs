@@ -58,8 +58,12 @@ fn describe() {
         "Redis writes by fragment and result (written, unchanged, refused: a newer render was stored, deleted)"
     );
     describe_histogram!(
-        "pgfresh_load_render_seconds",
-        "Time to load and render one batch of keys, by fragment"
+        "pgfresh_load_seconds",
+        "Time to load the rows of one batch of keys, by fragment"
+    );
+    describe_histogram!(
+        "pgfresh_render_seconds",
+        "Time to render one batch of keys, by fragment"
     );
     describe_histogram!(
         "pgfresh_redis_write_seconds",
@@ -93,8 +97,18 @@ fn describe() {
     );
 }
 
-/// Records one refresh of a batch of keys.
-pub fn refreshed(fragment: &str, stats: &RefreshStats, load_and_render: Duration, write: Duration) {
+/// Records the load of one batch of keys.
+pub fn loaded(fragment: &str, took: Duration) {
+    histogram!("pgfresh_load_seconds", "fragment" => fragment.to_string()).record(took);
+}
+
+/// Records the render of one batch of keys.
+pub fn rendered(fragment: &str, took: Duration) {
+    histogram!("pgfresh_render_seconds", "fragment" => fragment.to_string()).record(took);
+}
+
+/// Records one refresh of a batch of keys (its load and render are recorded as they happen).
+pub fn refreshed(fragment: &str, stats: &RefreshStats, write: Duration) {
     let fragment = fragment.to_string();
     counter!("pgfresh_renders_total", "fragment" => fragment.clone()).increment(stats.rendered);
     for (result, count) in [
@@ -106,7 +120,6 @@ pub fn refreshed(fragment: &str, stats: &RefreshStats, load_and_render: Duration
         counter!("pgfresh_writes_total", "fragment" => fragment.clone(), "result" => result)
             .increment(count);
     }
-    histogram!("pgfresh_load_render_seconds", "fragment" => fragment).record(load_and_render);
     histogram!("pgfresh_redis_write_seconds").record(write);
 }
 
