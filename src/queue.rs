@@ -223,8 +223,9 @@ pub async fn set_listener_idle(
 }
 
 /// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
-/// listener's idle flag and counters. Re-registers a listener whose row vanished (a PostgreSQL crash
-/// empties the unlogged table).
+/// listener's counters. Re-registers a listener whose row vanished (a PostgreSQL crash empties the
+/// unlogged table) with its current idle flag; an existing row's flag is left to `set_listener_idle`,
+/// so a heartbeat racing a switch cannot undo it.
 pub async fn heartbeat(
     client: &Client,
     listener_id: &str,
@@ -237,7 +238,7 @@ pub async fn heartbeat(
             "INSERT INTO pgfresh.listeners (id, idle, changes_done, refused_writes)
              VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE
-             SET seen_at = now(), idle = $2, changes_done = $3, refused_writes = $4",
+             SET seen_at = now(), changes_done = $3, refused_writes = $4",
             &[&listener_id, &idle, &changes_done, &refused_writes],
         )
         .await?;
