@@ -1,5 +1,6 @@
-//! The full sweep: fills an empty Redis, repairs deleted and corrupted entries, deletes orphans, leaves
-//! other keys alone, and reports what it did.
+//! The full sweep and the write path it shares with the listener: fills an empty Redis, repairs
+//! deleted and corrupted entries, deletes orphans, leaves other keys alone, reports what it did; and an
+//! older render never overwrites a newer one, whichever finishes last.
 
 mod common;
 
@@ -231,5 +232,112 @@ async fn a_sweep_reports_its_progress_against_the_fragment_count() {
     assert_eq!(advanced, report.stats.rendered);
     assert_eq!(advanced, 18);
     assert_eq!(finished, ["product_card"]);
+    env.cleanup().await;
+}
+
+/// The shop's card whose load, once armed, reads the rows and then waits for a signal before handing
+/// them over: a slow render of old data.
+struct SlowCard {
+    card: common::product_card::ProductCard,
+    gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl pgfresh::Fragment for SlowCard {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    fn name(&self) -> &str {
+        "product_card"
+    }
+    fn topics(&self) -> &[&str] {
+        self.card.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.card.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.card.key_prefix()
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::fragment::Loaded<Self> {
+        let rows = self.card.load(db, keys).await?;
+        let gate = self.gate.lock().unwrap().take();
+        if let Some(gate) = gate {
+            let _ = gate.await;
+        }
+        Ok(rows)
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+        self.card.render(key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        self.card.keys_after(db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_slow_render_of_old_data_finishing_last_is_refused() {
+    use pgfresh::fragment::DynFragment;
+    use pgfresh::queue::take_ticket;
+    use pgfresh::refresh::refresh;
+    let env = TestEnv::shop(1).await;
+    let db = env.client().await;
+    db.batch_execute("UPDATE products SET name = 'Old' WHERE id = 1")
+        .await
+        .unwrap();
+
+    // The slow render takes its ticket and reads "Old", then stalls.
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let slow = std::sync::Arc::new(SlowCard {
+        card: common::product_card::ProductCard::with_key_prefix(env.prefix.clone()),
+        gate: std::sync::Mutex::new(Some(gate)),
+    });
+    let slow_ticket = take_ticket(&db).await.unwrap();
+    let slow_render = {
+        let (slow, sink, url) = (slow.clone(), env.sink.clone(), env.url.clone());
+        tokio::spawn(async move {
+            let client = common::connect(&url).await;
+            let fragment: &dyn DynFragment = slow.as_ref();
+            refresh(&client, &sink, fragment, &["1".to_string()], slow_ticket)
+                .await
+                .unwrap()
+        })
+    };
+    common::eventually("the slow render to have read its rows", || async {
+        slow.gate.lock().unwrap().is_none()
+    })
+    .await;
+
+    // Meanwhile the product changes and a fast render writes the new data.
+    db.batch_execute("UPDATE products SET name = 'New' WHERE id = 1")
+        .await
+        .unwrap();
+    let fast_ticket = take_ticket(&db).await.unwrap();
+    let fast = common::product_card::ProductCard::with_key_prefix(env.prefix.clone());
+    let written = refresh(&db, &env.sink, &fast, &["1".to_string()], fast_ticket)
+        .await
+        .unwrap();
+    assert_eq!(written.stats.written, 2);
+
+    release.send(()).unwrap();
+    let late = slow_render.await.unwrap();
+    assert_eq!(
+        late.stats.refused, 2,
+        "both variants of the stale render are refused"
+    );
+    env.wait_fresh(1).await;
+    assert!(
+        env.get(&env.key(1, "full"))
+            .await
+            .unwrap()
+            .contains("<h2>New</h2>")
+    );
     env.cleanup().await;
 }
