@@ -70,6 +70,17 @@ pub enum Error {
     /// A fragment is misdefined or misbehaved, or a name given on the command line matches none.
     #[error("{0}")]
     Fragment(String),
+    /// An address to serve HTTP on cannot be used.
+    #[error("cannot serve HTTP on {address}: {reason}; choose another --http address")]
+    Http {
+        /// The address asked for.
+        address: std::net::SocketAddr,
+        /// Why, in one line.
+        reason: String,
+    },
+    /// A task of pgfresh's own stopped unexpectedly (a bug: please report it).
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 /// What a URL of this kind looks like.

@@ -48,11 +48,12 @@ pub async fn bind(
     sources: Sources,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()>, Error> {
-    let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
-        Error::Fragment(format!(
-            "cannot serve HTTP on {address}: {e}; choose another --http address"
-        ))
-    })?;
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| Error::Http {
+            address,
+            reason: e.to_string(),
+        })?;
     let state = AppState {
         metrics: crate::telemetry::install_prometheus(),
         sources,

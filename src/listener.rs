@@ -329,8 +329,9 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
             }
             Ok(Err(error)) => first_error = first_error.or(Some(error)),
             Err(join_error) => {
-                first_error =
-                    first_error.or(Some(Error::Fragment(format!("worker died: {join_error}"))))
+                first_error = first_error.or(Some(Error::Internal(format!(
+                    "batch worker died: {join_error}"
+                ))))
             }
         }
     }
