@@ -13,6 +13,7 @@
 //! - [`coalesce`]: settling changes a recent render already covers; rendering hot keys less often.
 //! - [`sink`]: version-checked batched writes to Redis.
 //! - [`listener`]: the long-running `listen` loop.
+//! - `batch` (internal): one claimed batch, from claim to commit.
 //! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
 //! - [`sweep`]: the full sweep, periodic or one-off.
 //! - [`maintenance`]: the sweeps a listener runs itself (periodic, Redis emptied, markup changed).
@@ -31,6 +32,7 @@
 #![warn(missing_docs)]
 
 pub mod backoff;
+mod batch;
 pub mod cli;
 pub mod coalesce;
 pub mod config;

@@ -6,7 +6,6 @@
 //! queue without doing a batch twice, and a crash at any point leaves the batch queued
 //! (at-least-once). One listener at a time (an advisory lock elects it) also runs the periodic sweep.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -16,12 +15,12 @@ use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::backoff::Backoff;
-use crate::coalesce::{Plan, RecentRenders};
+use crate::coalesce::RecentRenders;
 use crate::config::ListenSettings;
 use crate::db::Database;
 use crate::fragment::Fragments;
-use crate::queue::{self, Failure};
-use crate::refresh::{RefreshStats, refresh};
+use crate::queue;
+use crate::refresh::RefreshStats;
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
 use crate::status::StatusBoard;
@@ -44,28 +43,28 @@ const QUIET_BEFORE_IDLE: Duration = Duration::from_millis(100);
 const RATE_WINDOW: Duration = Duration::from_millis(200);
 
 /// Everything the listener's tasks share.
-struct Shared {
-    db: Database,
-    sink: RedisSink,
-    fragments: Fragments,
-    settings: ListenSettings,
-    listener_id: String,
-    shutdown: Shutdown,
-    counters: Counters,
+pub(crate) struct Shared {
+    pub(crate) db: Database,
+    pub(crate) sink: RedisSink,
+    pub(crate) fragments: Fragments,
+    pub(crate) settings: ListenSettings,
+    pub(crate) listener_id: String,
+    pub(crate) shutdown: Shutdown,
+    pub(crate) counters: Counters,
     /// Whether this listener last told the database it is idle (wants NOTIFYs). The heartbeat
     /// re-asserts it, since a PostgreSQL crash empties the unlogged registry.
-    idle: AtomicBool,
+    pub(crate) idle: AtomicBool,
     /// Recent renders, to settle covered changes and slow down hot keys.
-    recent: RecentRenders,
+    pub(crate) recent: RecentRenders,
     /// When deferred changes become ready: the drain loop looks at the queue again then.
-    next_wake: Mutex<Option<Instant>>,
+    pub(crate) next_wake: Mutex<Option<Instant>>,
     /// What the status page shows.
-    board: Arc<StatusBoard>,
+    pub(crate) board: Arc<StatusBoard>,
 }
 
 impl Shared {
     /// Makes the drain loop look at the queue again no later than `at`.
-    fn wake_by(&self, at: Instant) {
+    pub(crate) fn wake_by(&self, at: Instant) {
         let mut next = self.next_wake.lock().expect("next wake lock");
         *next = Some(next.map_or(at, |earlier| earlier.min(at)));
     }
@@ -73,13 +72,13 @@ impl Shared {
 
 /// Running totals, reported in `pgfresh.listeners` (and so by `status`) at every heartbeat.
 #[derive(Default)]
-struct Counters {
+pub(crate) struct Counters {
     changes_done: AtomicI64,
     refused_writes: AtomicI64,
 }
 
 impl Counters {
-    fn add(&self, changes: usize, stats: &RefreshStats) {
+    pub(crate) fn add(&self, changes: usize, stats: &RefreshStats) {
         self.changes_done
             .fetch_add(changes as i64, Ordering::Relaxed);
         self.refused_writes
@@ -309,7 +308,7 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
         workers.spawn(async move {
             let mut drained = Drained::default();
             while !shared.shutdown.is_cancelled() {
-                let (claimed, stats) = process_batch(&shared).await?;
+                let (claimed, stats) = crate::batch::process(&shared).await?;
                 drained.changes += claimed as u64;
                 drained.stats += stats;
                 if (claimed as i64) < shared.settings.batch_size {
@@ -339,142 +338,6 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
         Some(error) => Err(error),
         None => Ok(total),
     }
-}
-
-/// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
-/// changes it claimed. On an error the transaction rolls back and the batch stays queued.
-async fn process_batch(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
-    let mut client = shared.db.get().await?;
-    let txn = client.transaction().await?;
-    let started = Instant::now();
-    let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
-    if claim.changes.is_empty() {
-        txn.rollback().await?;
-        return Ok((0, RefreshStats::default()));
-    }
-    let claimed_at = started.elapsed();
-
-    // The same (topic, key) may be queued many times: render it once, settle every copy.
-    let mut covered = Vec::new();
-    let mut deferred = Vec::new();
-    let mut defer_for = Duration::ZERO;
-    let mut ids_by_change: HashMap<(&str, &str), Vec<i64>> = HashMap::new();
-    for change in &claim.changes {
-        match shared
-            .recent
-            .plan(&change.topic, &change.key, change.xid, started)
-        {
-            Plan::Covered => covered.push(change.id),
-            Plan::Defer(delay) => {
-                deferred.push(change.id);
-                defer_for = defer_for.max(delay);
-            }
-            Plan::Render => ids_by_change
-                .entry((change.topic.as_str(), change.key.as_str()))
-                .or_default()
-                .push(change.id),
-        }
-    }
-    let (stats, failed) = render_changes(shared, &ids_by_change, claim.ticket).await?;
-    if let Some(snapshot) = claim.snapshot {
-        let rendered = ids_by_change
-            .keys()
-            .filter(|change| !failed.contains_key(*change));
-        shared.recent.record(rendered.copied(), Arc::new(snapshot));
-    }
-    let rendered_at = started.elapsed();
-
-    let covered_count = covered.len();
-    let mut done = covered;
-    let mut failures = Vec::new();
-    for (change, ids) in &ids_by_change {
-        match failed.get(change) {
-            None => done.extend_from_slice(ids),
-            Some(reason) => {
-                tracing::warn!(topic = change.0, key = change.1, error = %reason, "change failed; will retry");
-                shared.board.failed(change.0, change.1, reason);
-                failures.extend(ids.iter().map(|&id| Failure {
-                    id,
-                    error: reason.clone(),
-                }));
-            }
-        }
-    }
-    let settled = done.len();
-    crate::telemetry::batch(
-        claim.changes.len(),
-        settled,
-        covered_count,
-        deferred.len(),
-        failures.len(),
-    );
-    queue::complete(txn.client(), &done).await?;
-    queue::defer(txn.client(), &deferred, defer_for).await?;
-    queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
-    txn.commit().await?;
-    if !deferred.is_empty() {
-        shared.wake_by(Instant::now() + defer_for);
-    }
-    tracing::debug!(
-        changes = claim.changes.len(),
-        rendered = ids_by_change.len(),
-        deferred = deferred.len(),
-        claim = ?claimed_at,
-        render = ?(rendered_at - claimed_at),
-        settle = ?(started.elapsed() - rendered_at),
-        "batch applied"
-    );
-    shared.counters.add(settled, &stats);
-    shared.board.applied(settled);
-    Ok((claim.changes.len(), stats))
-}
-
-/// Refreshes every fragment subscribed to the changes' topics; returns the counts and the changes that
-/// failed, with why. Rows are loaded on a connection of their own: a loader's SQL error would
-/// otherwise abort the claiming transaction, and with it the recording of that very failure.
-async fn render_changes<'a>(
-    shared: &Shared,
-    changes: &HashMap<(&'a str, &'a str), Vec<i64>>,
-    ticket: i64,
-) -> Result<(RefreshStats, HashMap<(&'a str, &'a str), String>), Error> {
-    let mut failed = HashMap::new();
-    let mut stats = RefreshStats::default();
-    if changes.is_empty() {
-        return Ok((stats, failed));
-    }
-    let loader = shared.db.get().await?;
-    for &(topic, key) in changes.keys() {
-        if shared.fragments.for_topic(topic).next().is_none() {
-            failed.insert(
-                (topic, key),
-                format!("no fragment subscribes to topic {topic:?}"),
-            );
-        }
-    }
-    for fragment in shared.fragments.iter() {
-        let mut keys: Vec<String> = changes
-            .keys()
-            .filter(|(topic, _)| fragment.topics().contains(topic))
-            .map(|(_, key)| key.to_string())
-            .collect();
-        if keys.is_empty() {
-            continue;
-        }
-        keys.sort();
-        keys.dedup();
-        let refreshed = refresh(&loader, &shared.sink, fragment.as_ref(), &keys, ticket).await?;
-        shared.board.refreshed(fragment.name(), refreshed.stats);
-        stats += refreshed.stats;
-        for (index, reason) in refreshed.failed {
-            // Every queued (topic, key) that reached this fragment with this key failed with it.
-            for &(topic, key) in changes.keys() {
-                if key == keys[index] && fragment.topics().contains(&topic) {
-                    failed.entry((topic, key)).or_insert_with(|| reason.clone());
-                }
-            }
-        }
-    }
-    Ok((stats, failed))
 }
 
 /// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current.
