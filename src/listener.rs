@@ -347,22 +347,18 @@ async fn heartbeat(shared: Arc<Shared>) {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
-        let (changes, refused) = shared.counters.read();
-        if let Ok(client) = shared.db.get().await
-            && let Ok(stats) = queue::stats(&client).await
+        let Ok(client) = shared.db.get().await else {
+            continue;
+        };
+        if let Ok(stats) = queue::stats(&client).await
             && let Ok(usage) = queue::notification_queue_usage(&client).await
         {
             crate::telemetry::queue(&stats, usage);
         }
-        if let Ok(client) = shared.db.get().await
-            && let Err(error) = queue::heartbeat(
-                &client,
-                &shared.listener_id,
-                shared.idle.load(Ordering::Relaxed),
-                changes,
-                refused,
-            )
-            .await
+        let (changes, refused) = shared.counters.read();
+        let idle = shared.idle.load(Ordering::Relaxed);
+        if let Err(error) =
+            queue::heartbeat(&client, &shared.listener_id, idle, changes, refused).await
         {
             tracing::debug!(%error, "heartbeat failed");
         }

@@ -5,11 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::product_card::{Product, ProductCard};
 use common::servers::TempRedis;
-use common::{TestEnv, eventually, test_settings};
+use common::{AlteredCard, TestEnv, eventually, test_settings};
 use pgfresh::config::ListenSettings;
-use pgfresh::tokio_postgres::Client;
 use pgfresh::{Fragment, Fragments};
 
 /// Settings under which only NOTIFYs and reconnects (never the poll) bring changes in.
@@ -17,59 +15,6 @@ fn no_polling() -> ListenSettings {
     ListenSettings {
         poll_interval: Duration::from_secs(3600),
         ..test_settings()
-    }
-}
-
-/// The shop's card with another name, version or markup: user code with a bug in it, or a deploy.
-struct AlteredCard {
-    card: ProductCard,
-    name: &'static str,
-    version: u32,
-    render: fn(&ProductCard, &i64, &Product, &str) -> maud::Markup,
-}
-
-impl AlteredCard {
-    fn new(env: &TestEnv, name: &'static str, version: u32) -> AlteredCard {
-        AlteredCard {
-            card: ProductCard::with_key_prefix(env.prefix.clone()),
-            name,
-            version,
-            render: |card, key, row, variant| card.render(key, row, variant),
-        }
-    }
-}
-
-impl Fragment for AlteredCard {
-    type Key = i64;
-    type Row = Product;
-    fn name(&self) -> &str {
-        self.name
-    }
-    fn topics(&self) -> &[&str] {
-        self.card.topics()
-    }
-    fn variants(&self) -> &[&str] {
-        self.card.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.card.key_prefix()
-    }
-    fn version(&self) -> u32 {
-        self.version
-    }
-    async fn load(&self, db: &Client, keys: &[i64]) -> pgfresh::fragment::Loaded<Self> {
-        self.card.load(db, keys).await
-    }
-    fn render(&self, key: &i64, row: &Product, variant: &str) -> maud::Markup {
-        (self.render)(&self.card, key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        self.card.keys_after(db, after, limit).await
     }
 }
 

@@ -235,53 +235,6 @@ async fn a_sweep_reports_its_progress_against_the_fragment_count() {
     env.cleanup().await;
 }
 
-/// The shop's card whose load, once armed, reads the rows and then waits for a signal before handing
-/// them over: a slow render of old data.
-struct SlowCard {
-    card: common::product_card::ProductCard,
-    gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
-}
-
-impl pgfresh::Fragment for SlowCard {
-    type Key = i64;
-    type Row = common::product_card::Product;
-    fn name(&self) -> &str {
-        "product_card"
-    }
-    fn topics(&self) -> &[&str] {
-        self.card.topics()
-    }
-    fn variants(&self) -> &[&str] {
-        self.card.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.card.key_prefix()
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::fragment::Loaded<Self> {
-        let rows = self.card.load(db, keys).await?;
-        let gate = self.gate.lock().unwrap().take();
-        if let Some(gate) = gate {
-            let _ = gate.await;
-        }
-        Ok(rows)
-    }
-    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
-        self.card.render(key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        self.card.keys_after(db, after, limit).await
-    }
-}
-
 #[tokio::test]
 async fn a_slow_render_of_old_data_finishing_last_is_refused() {
     use pgfresh::fragment::DynFragment;
@@ -295,9 +248,9 @@ async fn a_slow_render_of_old_data_finishing_last_is_refused() {
 
     // The slow render takes its ticket and reads "Old", then stalls.
     let (release, gate) = tokio::sync::oneshot::channel();
-    let slow = std::sync::Arc::new(SlowCard {
-        card: common::product_card::ProductCard::with_key_prefix(env.prefix.clone()),
+    let slow = std::sync::Arc::new(common::AlteredCard {
         gate: std::sync::Mutex::new(Some(gate)),
+        ..common::AlteredCard::new(&env, "product_card", 1)
     });
     let slow_ticket = take_ticket(&db).await.unwrap();
     let slow_render = {

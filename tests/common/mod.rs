@@ -21,7 +21,7 @@ use pgfresh::db::Database;
 use pgfresh::shutdown::Shutdown;
 use pgfresh::sink::RedisSink;
 use pgfresh::tokio_postgres::{self, NoTls};
-use pgfresh::{Fragments, listener};
+use pgfresh::{Fragment, Fragments, listener};
 
 use product_card::ProductCard;
 
@@ -187,7 +187,6 @@ impl TestEnv {
 
     /// What the shop's fragment renders for this product now, straight from the database.
     pub async fn fresh_render(&self, id: i64, variant: &str) -> Option<String> {
-        use pgfresh::Fragment;
         let card = ProductCard::with_key_prefix(self.prefix.clone());
         let client = self.client().await;
         let rows = card.load(&client, &[id]).await.expect("load");
@@ -389,5 +388,70 @@ async fn drop_leftover_databases(admin: &tokio_postgres::Client) {
                 .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
                 .await;
         }
+    }
+}
+
+/// The shop's card with another name, version or markup (user code with a bug in it, or a deploy),
+/// and optionally a load that stalls after reading its rows until `gate` fires (a slow render).
+pub struct AlteredCard {
+    pub card: ProductCard,
+    pub name: &'static str,
+    pub version: u32,
+    pub render: fn(&ProductCard, &i64, &product_card::Product, &str) -> maud::Markup,
+    pub gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
+}
+
+impl AlteredCard {
+    pub fn new(env: &TestEnv, name: &'static str, version: u32) -> AlteredCard {
+        AlteredCard {
+            card: ProductCard::with_key_prefix(env.prefix.clone()),
+            name,
+            version,
+            render: |card, key, row, variant| card.render(key, row, variant),
+            gate: std::sync::Mutex::new(None),
+        }
+    }
+}
+
+impl Fragment for AlteredCard {
+    type Key = i64;
+    type Row = product_card::Product;
+    fn name(&self) -> &str {
+        self.name
+    }
+    fn topics(&self) -> &[&str] {
+        self.card.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.card.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.card.key_prefix()
+    }
+    fn version(&self) -> u32 {
+        self.version
+    }
+    async fn load(
+        &self,
+        db: &tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::fragment::Loaded<Self> {
+        let rows = self.card.load(db, keys).await?;
+        let gate = self.gate.lock().unwrap().take();
+        if let Some(gate) = gate {
+            let _ = gate.await;
+        }
+        Ok(rows)
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+        (self.render)(&self.card, key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        self.card.keys_after(db, after, limit).await
     }
 }
