@@ -29,7 +29,8 @@ pub struct Connections {
         global = true
     )]
     pub database_url: String,
-    /// Redis connection URL; a /N path selects database N.
+    /// Redis connection URL; a /N path selects database N. With --redis-cluster, one or more cluster
+    /// nodes, comma-separated (the others are discovered).
     #[arg(
         long,
         env = "REDIS_URL",
@@ -38,6 +39,37 @@ pub struct Connections {
         global = true
     )]
     pub redis_url: String,
+    /// Redis is a Redis Cluster: --redis-url names some of its nodes.
+    #[arg(long, env = "REDIS_CLUSTER", global = true)]
+    pub redis_cluster: bool,
+}
+
+impl Connections {
+    /// Connects to Redis, a cluster or one server as the flags say, and checks that it answers.
+    pub async fn redis(&self) -> Result<RedisSink, Error> {
+        let sink = if self.redis_cluster {
+            let nodes: Vec<&str> = self
+                .redis_url
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .collect();
+            RedisSink::connect_cluster(&nodes).await?
+        } else if self.redis_url.contains(',') {
+            return Err(Error::InvalidUrl {
+                what: "Redis",
+                url: crate::config::redact_url(&self.redis_url),
+                reason:
+                    "several nodes are listed, which is for a Redis Cluster: add --redis-cluster \
+                         (REDIS_CLUSTER=1)"
+                        .into(),
+            });
+        } else {
+            RedisSink::connect(&self.redis_url).await?
+        };
+        sink.ping().await.map_err(|e| redis_unreachable(&sink, e))?;
+        Ok(sink)
+    }
 }
 
 /// How logs are written.
@@ -248,8 +280,7 @@ pub async fn execute(
         Command::Render(args) => render(&db, fragments, args).await,
         Command::Listen(args) => {
             require_fragments(fragments)?;
-            let sink = RedisSink::connect(&connections.redis_url).await?;
-            sink.ping().await.map_err(|e| redis_unreachable(&sink, e))?;
+            let sink = connections.redis().await?;
             let settings = ListenSettings {
                 batch_size: args.batch_size,
                 workers: args.workers.into(),
@@ -266,8 +297,7 @@ pub async fn execute(
         Command::Sweep(args) => {
             require_fragments(fragments)?;
             schema::ensure_installed(&db).await?;
-            let sink = RedisSink::connect(&connections.redis_url).await?;
-            sink.ping().await.map_err(|e| redis_unreachable(&sink, e))?;
+            let sink = connections.redis().await?;
             let settings = sweep_settings(&args.tuning, args.fragment);
             let progress = crate::progress::SweepProgress::for_stderr();
             let report = crate::sweep::run_with_progress(

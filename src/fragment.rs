@@ -292,11 +292,11 @@ impl Fragments {
         }
         if new
             .key_prefix()
-            .starts_with(crate::sink::BOOKKEEPING_PREFIX)
+            .starts_with(crate::keys::BOOKKEEPING_PREFIX)
         {
             return Err(format!(
                 "key prefix must not start with {}",
-                crate::sink::BOOKKEEPING_PREFIX
+                crate::keys::BOOKKEEPING_PREFIX
             ));
         }
         for old in &self.all {

@@ -11,7 +11,8 @@
 //! - [`queue`]: claiming and settling batches of changes; the listener registry.
 //! - [`refresh`]: the load → render → write path shared by the listener and the sweep.
 //! - [`coalesce`]: settling changes a recent render already covers; rendering hot keys less often.
-//! - [`sink`]: version-checked batched writes to Redis.
+//! - [`sink`]: version-checked batched writes to Redis, one server or a cluster.
+//! - [`keys`]: where pgfresh's own Redis keys live (tickets, markers), cluster hash slots included.
 //! - [`listener`]: the long-running `listen` loop.
 //! - `batch` (internal): one claimed batch, from claim to commit.
 //! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
@@ -40,6 +41,7 @@ pub mod db;
 pub mod error;
 pub mod fragment;
 pub mod http;
+pub mod keys;
 pub mod listener;
 pub mod maintenance;
 pub mod progress;

@@ -1,8 +1,8 @@
 //! Sweeps a listener runs on its own: periodically, when Redis has lost its data, and when a deploy
 //! changed a fragment's markup.
 //!
-//! Each fragment has a marker in Redis, `pgfresh:fragment:<key prefix>`, holding the fragment version
-//! of its last complete sweep. Every second the listener reads the markers: a missing marker means
+//! Each fragment has a marker in Redis, `pgfresh:fragment:<key prefix>` (one per master in a cluster,
+//! see [`crate::keys`]), holding the fragment version of its last complete sweep. Every second the listener reads the markers: a missing marker means
 //! Redis came back empty (restart without persistence, FLUSHALL, failover to an empty replica) or was
 //! never filled; an older version means this binary renders differently from what Redis holds. Either
 //! way the fragment is swept, and the marker set once the sweep has succeeded. Only one listener at a
@@ -92,11 +92,12 @@ async fn fragments_needing_sweep(
 ) -> Result<Vec<Arc<dyn DynFragment>>, Error> {
     let mut due = Vec::new();
     for fragment in fragments.iter() {
-        let needed = match sink.fragment_marker(fragment.key_prefix()).await? {
+        let markers = sink.fragment_markers(fragment.key_prefix()).await?;
+        let needed = markers.into_iter().any(|marker| match marker {
             None => true,
             Some(version) if version < fragment.version() => true,
             Some(version) => at_startup && version != fragment.version(),
-        };
+        });
         if needed {
             due.push(fragment.clone());
         }

@@ -1,35 +1,36 @@
-//! Redis: version-checked, batched writes of rendered fragments, and the key scan the sweep uses to find
-//! orphans.
+//! Redis: version-checked, batched writes of rendered fragments; the key scan the sweep uses to find
+//! orphans; the per-fragment markers that tell whether Redis still holds what was written.
 //!
-//! Every fragment key has a companion ticket key, `pgfresh:ticket:<fragment key>`, holding the render
-//! ticket of the value stored. One Lua script applies a whole batch: for each key it refuses the write
-//! when a higher ticket is stored, so a slow render of old data can never overwrite a newer one. The
-//! fragment itself stays a plain string that any client can `GET`.
+//! Every fragment key has a companion ticket key (see [`crate::keys`]) holding the render ticket of the
+//! value stored. One Lua script applies many writes: for each key it refuses the write when a higher
+//! ticket is stored, so a slow render of old data can never overwrite a newer one. The fragment itself
+//! stays a plain string that any client can `GET`.
+//!
+//! The same sink talks to a single server or to a Redis Cluster. In a cluster one script call may only
+//! touch one hash slot, so a batch is split by slot and the calls are sent concurrently (the
+//! connection to each node pipelines them); scans and markers visit every master.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::Script;
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use futures_util::{StreamExt, stream};
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use crate::Error;
 use crate::config::redact_url;
+use crate::keys::Layout;
 
-/// Redis keys pgfresh keeps for itself start with this; fragment prefixes may not.
-pub const BOOKKEEPING_PREFIX: &str = "pgfresh:";
-
-/// Where each fragment key's render ticket is kept.
-const TICKET_PREFIX: &str = "pgfresh:ticket:";
-
-/// Where the version of each fragment's last complete sweep is kept, by key prefix. Its absence means
-/// Redis lost its data (or never had it), which calls for a sweep.
-const MARKER_PREFIX: &str = "pgfresh:fragment:";
-
-/// Set while a listener sweeps a fragment, to tell whether Redis was emptied during the sweep.
-const SWEEPING_PREFIX: &str = "pgfresh:sweeping:";
+pub use crate::keys::BOOKKEEPING_PREFIX;
 
 /// Keys per script call: large enough to make round trips rare, small enough that one call does not
 /// stall other Redis clients noticeably.
 const KEYS_PER_CALL: usize = 1000;
+
+/// Script calls in flight at once on a cluster, where a batch becomes one call per hash slot.
+const CLUSTER_CALLS_IN_FLIGHT: usize = 256;
 
 /// Keys a SCAN step looks at: SCAN walks the whole keyspace whatever the MATCH, so few large steps.
 const SCAN_COUNT: usize = 5000;
@@ -75,6 +76,16 @@ end
 return results
 "#;
 
+/// Sets a fragment's marker if its sweep's canary still holds the sweep's token.
+const FINISH_SWEEP_SCRIPT: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+    redis.call('SET', KEYS[2], ARGV[2])
+    redis.call('DEL', KEYS[1])
+    return 1
+end
+return 0
+"#;
+
 /// One write for [`RedisSink::write`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Write {
@@ -90,6 +101,15 @@ pub enum Write {
         /// Fragment key.
         key: String,
     },
+}
+
+impl Write {
+    /// The fragment key written.
+    pub fn key(&self) -> &str {
+        match self {
+            Write::Set { key, .. } | Write::Delete { key } => key,
+        }
+    }
 }
 
 /// What happened to one [`Write`].
@@ -109,103 +129,254 @@ pub enum WriteResult {
     Failed(String),
 }
 
+/// A connection to one server or to a cluster, usable with any `redis` command
+/// (`redis::cmd(..).query_async(&mut connection)`). Both kinds reconnect by themselves; clones share
+/// the connection.
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// One server.
+    Server(ConnectionManager),
+    /// A Redis Cluster: commands go to the node serving their keys' slot.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Server(connection) => connection.req_packed_command(cmd),
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Server(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Server(connection) => connection.get_db(),
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
 /// A Redis connection that writes fragments. Cheap to clone; reconnects by itself.
 #[derive(Clone)]
 pub struct RedisSink {
-    connection: ConnectionManager,
+    connection: RedisConnection,
+    layout: Layout,
     url: String,
     script: Script,
 }
 
 impl RedisSink {
-    /// Connects, failing with a clear message when Redis cannot be reached. A `/N` path in the URL
-    /// selects database N.
+    /// Connects to one Redis server, failing with a clear message when it cannot be reached or is a
+    /// cluster node (use [`RedisSink::connect_cluster`]). A `/N` path in the URL selects database N.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let shown = redact_url(url);
-        let client = redis::Client::open(url).map_err(|e| Error::InvalidUrl {
-            what: "Redis",
-            url: shown.clone(),
-            reason: e.to_string(),
-        })?;
+        let client = redis::Client::open(url).map_err(|e| invalid_url(&shown, e))?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(5)))
-            .set_response_timeout(Some(Duration::from_secs(10)))
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(RESPONSE_TIMEOUT))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_secs(1));
-        let connection = ConnectionManager::new_with_config(client, config)
+        let connect_error = |e: redis::RedisError| Error::RedisConnect {
+            url: shown.clone(),
+            reason: e.to_string(),
+        };
+        let mut connection = ConnectionManager::new_with_config(client, config)
+            .await
+            .map_err(connect_error)?;
+        let info: String = redis::cmd("INFO")
+            .arg("cluster")
+            .query_async(&mut connection)
+            .await
+            .map_err(connect_error)?;
+        if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            return Err(Error::RedisConnect {
+                url: shown,
+                reason: "this server is a Redis Cluster node; pass --redis-cluster \
+                         (REDIS_CLUSTER=1) to use the cluster"
+                    .into(),
+            });
+        }
+        Ok(Self::new(
+            RedisConnection::Server(connection),
+            Layout::Server,
+            shown,
+        ))
+    }
+
+    /// Connects to a Redis Cluster through any of `urls` (seed nodes; the others are discovered).
+    pub async fn connect_cluster(urls: &[&str]) -> Result<Self, Error> {
+        let shown = urls
+            .iter()
+            .map(|url| redact_url(url))
+            .collect::<Vec<_>>()
+            .join(",");
+        let client = redis::cluster::ClusterClient::builder(urls.iter().copied())
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(3)
+            .max_retry_wait(1000)
+            .build()
+            .map_err(|e| invalid_url(&shown, e))?;
+        let connection = client
+            .get_async_connection()
             .await
             .map_err(|e| Error::RedisConnect {
                 url: shown.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self {
-            connection,
-            url: shown,
-            script: Script::new(WRITE_SCRIPT),
-        })
+        Ok(Self::new(
+            RedisConnection::Cluster(connection),
+            Layout::Cluster,
+            shown,
+        ))
     }
 
-    /// The URL with its password removed, for messages.
+    fn new(connection: RedisConnection, layout: Layout, url: String) -> Self {
+        Self {
+            connection,
+            layout,
+            url,
+            script: Script::new(WRITE_SCRIPT),
+        }
+    }
+
+    /// The URL with its password removed, for messages (several, comma-separated, for a cluster).
     pub fn url(&self) -> &str {
         &self.url
+    }
+
+    /// The sink's connection, for commands of your own (reading fragments, tests).
+    pub fn connection(&self) -> RedisConnection {
+        self.connection.clone()
+    }
+
+    /// Whether this sink writes to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.layout == Layout::Cluster
+    }
+
+    /// The key holding the render ticket of the value stored under fragment key `key`.
+    pub fn ticket_key(&self, key: &str) -> String {
+        self.layout.ticket(key)
     }
 
     /// Applies writes taken under one render ticket, in as few round trips as the batch allows.
     /// Results come back in the order of `writes`.
     pub async fn write(&self, ticket: i64, writes: &[Write]) -> Result<Vec<WriteResult>, Error> {
-        let mut results = Vec::with_capacity(writes.len());
-        for chunk in writes.chunks(KEYS_PER_CALL) {
-            let mut invocation = self.script.prepare_invoke();
-            invocation.arg(ticket).arg(TOMBSTONE_MILLIS);
-            for write in chunk {
-                let (key, op, html) = match write {
-                    Write::Set { key, html } => (key, "s", html.as_str()),
-                    Write::Delete { key } => (key, "d", ""),
-                };
-                invocation
-                    .key(key)
-                    .key(format!("{TICKET_PREFIX}{key}"))
-                    .arg(op)
-                    .arg(html);
+        if !self.is_cluster() {
+            let mut results = Vec::with_capacity(writes.len());
+            for chunk in writes.chunks(KEYS_PER_CALL) {
+                results.extend(self.write_call(ticket, chunk.iter()).await?);
             }
-            let replies: Vec<redis::Value> = invocation
-                .invoke_async(&mut self.connection.clone())
-                .await?;
-            results.extend(replies.into_iter().map(|reply| match reply {
-                redis::Value::Int(0) => WriteResult::Written,
-                redis::Value::Int(1) => WriteResult::Unchanged,
-                redis::Value::Int(2) => WriteResult::Refused,
-                redis::Value::Int(3) => WriteResult::Deleted,
-                redis::Value::Int(4) => WriteResult::Absent,
-                other => WriteResult::Failed(describe_reply(other)),
-            }));
+            return Ok(results);
         }
-        Ok(results)
+        // One call per slot (and per KEYS_PER_CALL keys within a slot), all in flight together.
+        let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
+        for (index, write) in writes.iter().enumerate() {
+            by_slot
+                .entry(Slot::for_key(write.key()))
+                .or_default()
+                .push(index);
+        }
+        let calls = by_slot
+            .into_values()
+            .flat_map(|indices| {
+                indices
+                    .chunks(KEYS_PER_CALL)
+                    .map(<[usize]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .map(|indices| async move {
+                let results = self
+                    .write_call(ticket, indices.iter().map(|&i| &writes[i]))
+                    .await?;
+                Ok::<_, Error>((indices, results))
+            });
+        let mut results = vec![None; writes.len()];
+        let mut replies = stream::iter(calls).buffer_unordered(CLUSTER_CALLS_IN_FLIGHT);
+        while let Some(reply) = replies.next().await {
+            let (indices, call_results) = reply?;
+            for (index, result) in indices.into_iter().zip(call_results) {
+                results[index] = Some(result);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| WriteResult::Failed("Redis returned no result".into()))
+            })
+            .collect())
     }
 
-    /// One step of a SCAN over keys starting with `prefix`: the next cursor (0 when done) and keys.
-    pub async fn scan_prefix(
+    /// One script call applying `writes`, which a cluster needs all in one slot.
+    async fn write_call(
         &self,
-        prefix: &str,
-        cursor: u64,
-    ) -> Result<(u64, Vec<String>), Error> {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{}*", escape_glob(prefix)))
-            .arg("COUNT")
-            .arg(SCAN_COUNT)
-            .query_async(&mut self.connection.clone())
+        ticket: i64,
+        writes: impl Iterator<Item = &Write>,
+    ) -> Result<Vec<WriteResult>, Error> {
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg(ticket).arg(TOMBSTONE_MILLIS);
+        for write in writes {
+            let (op, html) = match write {
+                Write::Set { html, .. } => ("s", html.as_str()),
+                Write::Delete { .. } => ("d", ""),
+            };
+            invocation
+                .key(write.key())
+                .key(self.layout.ticket(write.key()))
+                .arg(op)
+                .arg(html);
+        }
+        let replies: Vec<Value> = invocation
+            .invoke_async(&mut self.connection.clone())
             .await?;
-        Ok((next, keys))
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Int(0) => WriteResult::Written,
+                Value::Int(1) => WriteResult::Unchanged,
+                Value::Int(2) => WriteResult::Refused,
+                Value::Int(3) => WriteResult::Deleted,
+                Value::Int(4) => WriteResult::Absent,
+                other => WriteResult::Failed(describe_reply(other)),
+            })
+            .collect())
     }
 
-    /// The render tickets stored beside these fragment keys (0 where there is none), in one round trip.
+    /// Starts a scan of the keys starting with `prefix`, on every master of a cluster.
+    pub async fn scan_prefix(&self, prefix: &str) -> Result<KeyScan, Error> {
+        let anchors = self.anchors().await?;
+        Ok(KeyScan {
+            connection: self.connection.clone(),
+            pattern: format!("{}*", escape_glob(prefix)),
+            anchors,
+            cursor: 0,
+        })
+    }
+
+    /// The render tickets stored beside these fragment keys (0 where there is none), in one round trip
+    /// (one per node in a cluster).
     pub async fn tickets(&self, keys: &[String]) -> Result<Vec<i64>, Error> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
-        let ticket_keys: Vec<String> = keys.iter().map(|k| format!("{TICKET_PREFIX}{k}")).collect();
+        let ticket_keys: Vec<String> = keys.iter().map(|k| self.layout.ticket(k)).collect();
         let stored: Vec<Option<String>> = redis::cmd("MGET")
             .arg(ticket_keys)
             .query_async(&mut self.connection.clone())
@@ -216,6 +387,18 @@ impl RedisSink {
             .collect())
     }
 
+    /// Reads many keys with one MGET (one per node in a cluster), `None` where a key is missing: how
+    /// a page reads its fragments.
+    pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut self.connection.clone())
+            .await?)
+    }
+
     /// Reads one key (for tests and the demo).
     pub async fn get(&self, key: &str) -> Result<Option<String>, Error> {
         Ok(redis::cmd("GET")
@@ -224,69 +407,173 @@ impl RedisSink {
             .await?)
     }
 
-    /// Fails unless Redis answers a PING.
+    /// Fails unless Redis answers a PING (every node of a cluster).
     pub async fn ping(&self) -> Result<(), Error> {
-        let _: String = redis::cmd("PING")
+        let _: Value = redis::cmd("PING")
             .query_async(&mut self.connection.clone())
             .await?;
         Ok(())
     }
 
     /// The version of a fragment whose entries Redis holds (set after a complete sweep), or `None` when
-    /// Redis has no record of it: never swept, or emptied since (restart, FLUSHALL, failover).
-    pub async fn fragment_marker(&self, key_prefix: &str) -> Result<Option<u32>, Error> {
-        Ok(redis::cmd("GET")
-            .arg(format!("{MARKER_PREFIX}{key_prefix}"))
-            .query_async(&mut self.connection.clone())
-            .await?)
+    /// Redis has no record of it: never swept, or emptied since (restart, FLUSHALL, failover). In a
+    /// cluster, one answer per master: each may have lost its data on its own.
+    pub async fn fragment_markers(&self, key_prefix: &str) -> Result<Vec<Option<u32>>, Error> {
+        let mut markers = Vec::new();
+        for anchor in self.anchors().await? {
+            markers.push(
+                redis::cmd("GET")
+                    .arg(self.layout.marker(key_prefix, anchor))
+                    .query_async(&mut self.connection.clone())
+                    .await?,
+            );
+        }
+        Ok(markers)
     }
 
     /// Notes that a sweep of a fragment starts; hand the token to [`RedisSink::finish_sweep`].
     pub async fn start_sweep(&self, key_prefix: &str) -> Result<String, Error> {
         let token = format!("{:016x}", fastrand::u64(..));
-        let _: () = redis::cmd("SET")
-            .arg(format!("{SWEEPING_PREFIX}{key_prefix}"))
-            .arg(&token)
-            .query_async(&mut self.connection.clone())
-            .await?;
+        for anchor in self.anchors().await? {
+            let _: () = redis::cmd("SET")
+                .arg(self.layout.canary(key_prefix, anchor))
+                .arg(&token)
+                .query_async(&mut self.connection.clone())
+                .await?;
+        }
         Ok(token)
     }
 
     /// Records that every entry of a fragment was rendered by `version`, unless Redis lost its data
     /// since [`RedisSink::start_sweep`] (then the sweep's early pages are gone, and the missing marker
-    /// calls for another). Returns whether the marker was set.
+    /// calls for another). Returns whether the marker was set (on every master of a cluster).
     pub async fn finish_sweep(
         &self,
         key_prefix: &str,
         token: &str,
         version: u32,
     ) -> Result<bool, Error> {
-        let set: i64 = Script::new(
-            "if redis.call('GET', KEYS[1]) == ARGV[1] then
-                 redis.call('SET', KEYS[2], ARGV[2])
-                 redis.call('DEL', KEYS[1])
-                 return 1
-             end
-             return 0",
-        )
-        .key(format!("{SWEEPING_PREFIX}{key_prefix}"))
-        .key(format!("{MARKER_PREFIX}{key_prefix}"))
-        .arg(token)
-        .arg(version)
-        .invoke_async(&mut self.connection.clone())
-        .await?;
-        Ok(set == 1)
+        let script = Script::new(FINISH_SWEEP_SCRIPT);
+        let mut all_set = true;
+        for anchor in self.anchors().await? {
+            let set: i64 = script
+                .key(self.layout.canary(key_prefix, anchor))
+                .key(self.layout.marker(key_prefix, anchor))
+                .arg(token)
+                .arg(version)
+                .invoke_async(&mut self.connection.clone())
+                .await?;
+            all_set &= set == 1;
+        }
+        Ok(all_set)
     }
 
     /// Records that every entry of a fragment was rendered by `version` (tests, and tools that fill
     /// Redis by other means).
     pub async fn set_fragment_marker(&self, key_prefix: &str, version: u32) -> Result<(), Error> {
-        let _: () = redis::cmd("SET")
-            .arg(format!("{MARKER_PREFIX}{key_prefix}"))
-            .arg(version)
+        for anchor in self.anchors().await? {
+            let _: () = redis::cmd("SET")
+                .arg(self.layout.marker(key_prefix, anchor))
+                .arg(version)
+                .query_async(&mut self.connection.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// One slot served by each master of a cluster (its lowest), or a single `None` for one server:
+    /// where per-node keys go, and how commands are sent to each node.
+    async fn anchors(&self) -> Result<Vec<Option<Slot>>, Error> {
+        if !self.is_cluster() {
+            return Ok(vec![None]);
+        }
+        let ranges: Vec<Vec<Value>> = redis::cmd("CLUSTER")
+            .arg("SLOTS")
             .query_async(&mut self.connection.clone())
             .await?;
-        Ok(())
+        let mut lowest: HashMap<Vec<u8>, i64> = HashMap::new();
+        for range in &ranges {
+            let (Some(Value::Int(start)), Some(Value::Array(master))) =
+                (range.first(), range.get(2))
+            else {
+                continue;
+            };
+            if let [Value::BulkString(host), Value::Int(port), ..] = master.as_slice() {
+                let mut node = host.clone();
+                node.extend_from_slice(format!(":{port}").as_bytes());
+                let slot = lowest.entry(node).or_insert(*start);
+                *slot = (*slot).min(*start);
+            }
+        }
+        let mut slots: Vec<i64> = lowest.into_values().collect();
+        slots.sort_unstable();
+        let anchors: Vec<Option<Slot>> = slots
+            .into_iter()
+            .filter_map(|slot| u16::try_from(slot).ok().and_then(Slot::new))
+            .map(Some)
+            .collect();
+        if anchors.is_empty() {
+            return Err(Error::Internal(
+                "CLUSTER SLOTS named no master; is the cluster set up?".into(),
+            ));
+        }
+        Ok(anchors)
+    }
+}
+
+/// How long connecting to Redis may take before it counts as unreachable.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one Redis command may take.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn invalid_url(shown: &str, error: redis::RedisError) -> Error {
+    Error::InvalidUrl {
+        what: "Redis",
+        url: shown.to_string(),
+        reason: error.to_string(),
+    }
+}
+
+/// A SCAN over the keys matching a prefix: over one server, or master after master in a cluster. Keys
+/// written or moved between nodes during the scan may be missed or seen twice.
+pub struct KeyScan {
+    connection: RedisConnection,
+    pattern: String,
+    /// Nodes still to scan, the current one last.
+    anchors: Vec<Option<Slot>>,
+    cursor: u64,
+}
+
+impl KeyScan {
+    /// The next page of keys, or `None` when the scan is complete.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<String>>, Error> {
+        let Some(&anchor) = self.anchors.last() else {
+            return Ok(None);
+        };
+        let mut scan = redis::cmd("SCAN");
+        scan.arg(self.cursor)
+            .arg("MATCH")
+            .arg(&self.pattern)
+            .arg("COUNT")
+            .arg(SCAN_COUNT);
+        let reply = match (&mut self.connection, anchor) {
+            (RedisConnection::Cluster(cluster), Some(slot)) => {
+                let node =
+                    SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
+                cluster
+                    .route_command(scan, RoutingInfo::SingleNode(node))
+                    .await?
+            }
+            (connection, _) => scan.query_async(connection).await?,
+        };
+        let (next, keys): (u64, Vec<String>) =
+            redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+        self.cursor = next;
+        if next == 0 {
+            self.anchors.pop();
+        }
+        Ok(Some(keys))
     }
 }
 

@@ -249,9 +249,8 @@ fn collect(
 /// Deletes every entry under `prefix` whose ticket is older than `start_ticket`; returns how many.
 async fn delete_orphans(sink: &RedisSink, prefix: &str, start_ticket: i64) -> Result<u64, Error> {
     let mut deleted = 0;
-    let mut cursor = 0;
-    loop {
-        let (next, keys) = sink.scan_prefix(prefix, cursor).await?;
+    let mut scan = sink.scan_prefix(prefix).await?;
+    while let Some(keys) = scan.next_page().await? {
         // Most entries were just rewritten: read their tickets in one round trip and send only the
         // candidates through the version-checked delete, which checks again atomically.
         let tickets = sink.tickets(&keys).await?;
@@ -266,9 +265,6 @@ async fn delete_orphans(sink: &RedisSink, prefix: &str, start_ticket: i64) -> Re
                 deleted += 1;
             }
         }
-        if next == 0 {
-            return Ok(deleted);
-        }
-        cursor = next;
     }
+    Ok(deleted)
 }

@@ -46,12 +46,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     env.del(&env.key(5, "compact")).await;
 
     let card = product_card::ProductCard::with_key_prefix(env.prefix.clone());
-    let mut redis = redis::Client::open(common::redis_url())
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .unwrap();
-    let cards = web::cards(&env.db, &mut redis, &card, 12).await.unwrap();
+    let cards = web::cards(&env.db, &env.sink, &card, 12).await.unwrap();
     assert_eq!(cards.len(), 12);
     assert_eq!(
         cards
@@ -71,7 +66,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     let server = web::bind(
         format!("127.0.0.1:{port}").parse().unwrap(),
         env.db.clone(),
-        common::redis_url(),
+        env.sink.clone(),
         card,
         shutdown.clone(),
     )

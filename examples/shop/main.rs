@@ -14,7 +14,6 @@ use clap::{Parser, Subcommand};
 use pgfresh::cli::{self, Command, Connections, Logging};
 use pgfresh::config::{ListenSettings, SweepSettings};
 use pgfresh::db::Database;
-use pgfresh::sink::RedisSink;
 use pgfresh::{Fragments, shutdown};
 
 use product_card::ProductCard;
@@ -96,8 +95,7 @@ async fn demo(
 ) -> Result<ExitCode, pgfresh::Error> {
     let db = Database::new(&connections.database_url, 12)?;
     db.check().await?;
-    let sink = RedisSink::connect(&connections.redis_url).await?;
-    sink.ping().await?;
+    let sink = connections.redis().await?;
     let report = setup::setup(&db, products).await?;
     println!("{}", describe_setup(&report, &db));
 
@@ -109,7 +107,7 @@ async fn demo(
     let shop = web::bind(
         web,
         db.clone(),
-        connections.redis_url.clone(),
+        sink.clone(),
         ProductCard::new(),
         shutdown.clone(),
     )

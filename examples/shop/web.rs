@@ -1,5 +1,6 @@
 //! The demo's web shop: the consumer side, as a real site would do it. The product list is assembled
-//! from the cards in Redis with one MGET, falling back to a live render for any card that is missing,
+//! from the cards in Redis with one MGET ([`RedisSink::get_many`]; any Redis client does the same),
+//! falling back to a live render for any card that is missing,
 //! and each card says where it came from. A background writer changes a few prices and reviews every
 //! second, so the page (which refreshes itself) shows pgfresh keeping up.
 
@@ -15,6 +16,7 @@ use maud::{PreEscaped, html};
 use pgfresh::Fragment;
 use pgfresh::db::Database;
 use pgfresh::shutdown::Shutdown;
+use pgfresh::sink::RedisSink;
 
 use crate::product_card::ProductCard;
 
@@ -32,20 +34,20 @@ pub enum Source {
 
 struct Shop {
     db: Database,
-    redis: redis::aio::ConnectionManager,
+    redis: RedisSink,
     card: ProductCard,
 }
 
 /// The compact cards of products 1..=`count`, from Redis where present, else rendered live.
 pub async fn cards(
     db: &Database,
-    redis: &mut redis::aio::ConnectionManager,
+    redis: &RedisSink,
     card: &ProductCard,
     count: i64,
 ) -> Result<Vec<(String, Source)>, Box<dyn std::error::Error + Send + Sync>> {
     let ids: Vec<i64> = (1..=count).collect();
     let keys: Vec<String> = ids.iter().map(|id| card.redis_key(id, "compact")).collect();
-    let cached: Vec<Option<String>> = redis::cmd("MGET").arg(&keys).query_async(redis).await?;
+    let cached = redis.get_many(&keys).await?;
     let missing: Vec<i64> = ids
         .iter()
         .zip(&cached)
@@ -70,8 +72,7 @@ pub async fn cards(
 }
 
 async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
-    let mut redis = shop.redis.clone();
-    let body = match cards(&shop.db, &mut redis, &shop.card, SHOWN).await {
+    let body = match cards(&shop.db, &shop.redis, &shop.card, SHOWN).await {
         Ok(cards) => html! {
             div class="grid" {
                 @for (card, source) in &cards {
@@ -113,15 +114,10 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
 pub async fn bind(
     address: SocketAddr,
     db: Database,
-    redis_url: String,
+    redis: RedisSink,
     card: ProductCard,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()>, String> {
-    let redis = redis::Client::open(redis_url)
-        .map_err(|e| e.to_string())?
-        .get_connection_manager()
-        .await
-        .map_err(|e| e.to_string())?;
     let shop = Arc::new(Shop { db, redis, card });
     let app = Router::new().route("/", get(product_list)).with_state(shop);
     let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use pgfresh::config::ListenSettings;
 use pgfresh::db::Database;
 use pgfresh::shutdown::Shutdown;
-use pgfresh::sink::RedisSink;
+use pgfresh::sink::{RedisConnection, RedisSink};
 use pgfresh::tokio_postgres::{self, NoTls};
 use pgfresh::{Fragment, Fragments, listener};
 
@@ -55,7 +55,7 @@ pub struct TestEnv {
     pub sink: RedisSink,
     /// The test's product card key prefix, e.g. `t1234_5:shop:product_card:`.
     pub prefix: String,
-    redis: redis::aio::ConnectionManager,
+    redis: RedisConnection,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -68,6 +68,14 @@ impl TestEnv {
 
     /// Like [`TestEnv::empty`], on another Redis.
     pub async fn empty_with_redis(redis_url: &str) -> TestEnv {
+        let sink = RedisSink::connect(redis_url)
+            .await
+            .expect("connect to Redis");
+        TestEnv::empty_with_sink(sink).await
+    }
+
+    /// Like [`TestEnv::empty`], writing through `sink` (another server, a cluster).
+    pub async fn empty_with_sink(sink: RedisSink) -> TestEnv {
         let name = format!(
             "pgfresh_test_{}_{}_{:04x}",
             std::process::id(),
@@ -82,14 +90,7 @@ impl TestEnv {
             .expect("create test database");
         let url = database_url_for(&name);
         let db = Database::new(&url, 16).expect("database url");
-        let sink = RedisSink::connect(redis_url)
-            .await
-            .expect("connect to Redis");
-        let redis = redis::Client::open(redis_url)
-            .unwrap()
-            .get_connection_manager()
-            .await
-            .expect("connect to Redis");
+        let redis = sink.connection();
         let prefix = format!("{name}:shop:product_card:");
         TestEnv {
             name,
@@ -110,7 +111,15 @@ impl TestEnv {
 
     /// Like [`TestEnv::shop`], on another Redis.
     pub async fn shop_with_redis(products: i64, redis_url: &str) -> TestEnv {
-        let env = TestEnv::empty_with_redis(redis_url).await;
+        let sink = RedisSink::connect(redis_url)
+            .await
+            .expect("connect to Redis");
+        TestEnv::shop_with_sink(products, sink).await
+    }
+
+    /// Like [`TestEnv::shop`], writing through `sink` (another server, a cluster).
+    pub async fn shop_with_sink(products: i64, sink: RedisSink) -> TestEnv {
+        let env = TestEnv::empty_with_sink(sink).await;
         setup::setup(&env.db, products).await.expect("shop setup");
         env.sink
             .set_fragment_marker(&env.prefix, 1)
@@ -293,7 +302,7 @@ impl TestEnv {
             .query_async(&mut redis)
             .await;
         if let Ok(mut keys) = keys {
-            let tickets: Vec<String> = keys.iter().map(|k| format!("pgfresh:ticket:{k}")).collect();
+            let tickets: Vec<String> = keys.iter().map(|k| self.sink.ticket_key(k)).collect();
             keys.extend(tickets);
             keys.push(self.marker_key());
             let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;

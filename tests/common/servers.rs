@@ -151,6 +151,9 @@ pub struct TempRedis {
     child: Option<Child>,
     /// With TLS: the directory holding its self-signed certificate (`cert.pem`) and key.
     tls: Option<PathBuf>,
+    /// In a cluster: the directory holding its cluster configuration (kept across restarts), and
+    /// its cluster bus port.
+    cluster: Option<(PathBuf, u16)>,
 }
 
 impl TempRedis {
@@ -159,6 +162,7 @@ impl TempRedis {
             port: free_port(),
             child: None,
             tls: None,
+            cluster: None,
         };
         server.start_server();
         server
@@ -195,6 +199,7 @@ impl TempRedis {
             port,
             child: None,
             tls: Some(dir),
+            cluster: None,
         };
         server.start_server();
         server
@@ -231,6 +236,15 @@ impl TempRedis {
                 .arg("--tls-key-file")
                 .arg(dir.join("key.pem")),
         };
+        if let Some((dir, bus_port)) = &self.cluster {
+            command
+                .args(["--cluster-enabled", "yes", "--cluster-port"])
+                .arg(bus_port.to_string())
+                .arg("--cluster-config-file")
+                .arg(dir.join(format!("nodes-{}.conf", self.port)))
+                .arg("--dir")
+                .arg(dir);
+        }
         let child = command
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -264,5 +278,82 @@ impl Drop for TempRedis {
         if let Some(dir) = &self.tls {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// A throwaway Redis Cluster: three masters without replicas, each its own `redis-server`, joined with
+/// `redis-cli --cluster create`. A node restarted with [`TempRedis::start_again`] keeps its slots
+/// (its cluster configuration is on disk) and comes back empty, like a master without persistence.
+pub struct TempRedisCluster {
+    pub nodes: Vec<TempRedis>,
+    dir: PathBuf,
+}
+
+impl TempRedisCluster {
+    pub fn start() -> TempRedisCluster {
+        let dir = std::env::temp_dir().join(format!(
+            "pgfresh-redis-cluster-{}-{}",
+            std::process::id(),
+            free_port()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let nodes: Vec<TempRedis> = (0..3)
+            .map(|_| {
+                let mut node = TempRedis {
+                    port: free_port(),
+                    child: None,
+                    tls: None,
+                    cluster: Some((dir.clone(), free_port())),
+                };
+                node.start_server();
+                node
+            })
+            .collect();
+        let status = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .arg("--cluster-yes")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("redis-cli runs");
+        assert!(status.success(), "redis-cli --cluster create");
+        let cluster = TempRedisCluster { nodes, dir };
+        cluster.wait_until_ok();
+        cluster
+    }
+
+    /// Seed URLs, comma-separated, as `--redis-url` takes them with `--redis-cluster`.
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(TempRedis::url)
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Waits until every node reports the cluster healthy (all slots served).
+    pub fn wait_until_ok(&self) {
+        for node in &self.nodes {
+            let port = node.port.to_string();
+            wait_until("redis cluster state ok", || {
+                Command::new("redis-cli")
+                    .args(["-p", &port, "cluster", "info"])
+                    .output()
+                    .is_ok_and(|out| {
+                        String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
+                    })
+            });
+        }
+    }
+}
+
+impl Drop for TempRedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            node.stop();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

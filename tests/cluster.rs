@@ -1,0 +1,201 @@
+//! Redis Cluster: the listener, the sweep and the CLI against a throwaway three-master cluster. Each
+//! test starts its own cluster (about a second), so they run in parallel with the rest.
+
+mod common;
+
+use std::process::Command;
+
+use common::servers::TempRedisCluster;
+use common::{TestEnv, eventually, product_card, shop_binary, test_settings};
+use pgfresh::config::SweepSettings;
+use pgfresh::shutdown::Shutdown;
+use pgfresh::sink::{RedisSink, Write, WriteResult};
+
+async fn cluster_env(cluster: &TempRedisCluster, products: i64) -> TestEnv {
+    let urls = cluster.urls();
+    let nodes: Vec<&str> = urls.split(',').collect();
+    let sink = RedisSink::connect_cluster(&nodes)
+        .await
+        .expect("connect to the cluster");
+    TestEnv::shop_with_sink(products, sink).await
+}
+
+/// How many keys each node holds, from the node itself.
+fn keys_per_node(cluster: &TempRedisCluster) -> Vec<i64> {
+    cluster
+        .nodes
+        .iter()
+        .map(|node| {
+            let out = Command::new("redis-cli")
+                .args(["-p", &node.port.to_string(), "DBSIZE"])
+                .output()
+                .expect("redis-cli runs");
+            String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn the_sweep_and_the_listener_keep_a_cluster_fresh() {
+    let cluster = TempRedisCluster::start();
+    let env = cluster_env(&cluster, 60).await;
+    let orphan = env.key(999, "compact");
+    env.set(&orphan, "<p>a product that is gone</p>").await;
+
+    let report = pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &SweepSettings::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert!(report.succeeded(), "{report}");
+    assert_eq!(env.keys().await.len(), 120, "two variants of 60 products");
+    assert_eq!(
+        env.get(&orphan).await,
+        None,
+        "the orphan was found on its node"
+    );
+    for id in [1, 17, 60] {
+        for variant in ["compact", "full"] {
+            assert_eq!(
+                env.get(&env.key(id, variant)).await,
+                env.fresh_render(id, variant).await
+            );
+        }
+    }
+    let spread = keys_per_node(&cluster);
+    assert!(
+        spread.iter().all(|&keys| keys > 0),
+        "every master holds entries: {spread:?}"
+    );
+
+    let listener = env.start_listener(test_settings());
+    let db = env.client().await;
+    db.execute(
+        "UPDATE products SET price_cents = price_cents + 100 WHERE id <= 30",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.execute("DELETE FROM reviews WHERE product_id = 40", &[])
+        .await
+        .unwrap();
+    db.execute("DELETE FROM products WHERE id = 41", &[])
+        .await
+        .unwrap();
+    for id in (1..=30).chain([40, 41]) {
+        env.wait_fresh(id).await;
+    }
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn version_checked_writes_hold_across_slots() {
+    let cluster = TempRedisCluster::start();
+    let env = cluster_env(&cluster, 1).await;
+    // Keys in many slots (and so on every node), one of them with a hash tag of its own.
+    let mut keys: Vec<String> = (0..200).map(|i| env.key(i, "x")).collect();
+    keys.push(format!("{}{{tagged}}:1", env.prefix));
+    let writes = |html: &str| -> Vec<Write> {
+        keys.iter()
+            .map(|key| Write::Set {
+                key: key.clone(),
+                html: html.to_string(),
+            })
+            .collect()
+    };
+    let newer = env.sink.write(20, &writes("new")).await.unwrap();
+    assert!(
+        newer.iter().all(|r| *r == WriteResult::Written),
+        "{newer:?}"
+    );
+    let older = env.sink.write(10, &writes("old")).await.unwrap();
+    assert!(
+        older.iter().all(|r| *r == WriteResult::Refused),
+        "{older:?}"
+    );
+    assert_eq!(
+        env.sink.get_many(&keys).await.unwrap(),
+        vec![Some("new".to_string()); keys.len()]
+    );
+    assert_eq!(env.sink.tickets(&keys).await.unwrap(), vec![20; keys.len()]);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_master_restarted_empty_is_refilled() {
+    let mut cluster = TempRedisCluster::start();
+    let env = cluster_env(&cluster, 40).await;
+    let listener = env.start_listener(test_settings());
+    // The marker set by the test setup says Redis is full; the first sweep fills it.
+    pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &SweepSettings::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(env.keys().await.len(), 80);
+
+    // One master loses everything; the other two keep their entries and their markers.
+    cluster.nodes[1].start_again();
+    cluster.wait_until_ok();
+    eventually("the emptied master to be refilled", || async {
+        env.keys().await.len() == 80 && keys_per_node(&cluster)[1] > 0
+    })
+    .await;
+    for id in [1, 20, 40] {
+        env.wait_fresh(id).await;
+    }
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_command_line_sweeps_a_cluster_and_refuses_a_node_without_the_flag() {
+    let cluster = TempRedisCluster::start();
+    let env = cluster_env(&cluster, 5).await;
+    let sweep = |redis_url: &str, extra: &[&str]| {
+        Command::new(shop_binary())
+            .arg("sweep")
+            .args(extra)
+            .env("DATABASE_URL", &env.url)
+            .env("REDIS_URL", redis_url)
+            .output()
+            .expect("shop runs")
+    };
+
+    // Without the flag, one node or several: one line that says what to do, nothing written.
+    for redis_url in [cluster.nodes[0].url(), cluster.urls()] {
+        let refused = sweep(&redis_url, &[]);
+        let stderr = String::from_utf8_lossy(&refused.stderr);
+        assert!(!refused.status.success());
+        assert_eq!(stderr.lines().count(), 1, "{stderr}");
+        assert!(
+            stderr.contains("--redis-cluster"),
+            "says what to do: {stderr}"
+        );
+    }
+
+    let swept = sweep(&cluster.urls(), &["--redis-cluster"]);
+    assert!(
+        swept.status.success(),
+        "{}",
+        String::from_utf8_lossy(&swept.stderr)
+    );
+    // The binary writes under the shop's own prefix: this cluster is the test's alone.
+    let mut redis = env.sink.connection();
+    let cards: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}*", product_card::KEY_PREFIX))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(cards.len(), 10, "two variants of 5 products: {cards:?}");
+    env.cleanup().await;
+}
