@@ -3,10 +3,12 @@
 //!
 //!     cargo run --release --example bench -- all
 //!
-//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `all`. Each works in databases
-//! of its own (`pgfresh_bench_<products>`, created and filled on first use, kept for later runs) and in
-//! a Redis database of its own (`--redis-url`, default database 9), which it empties.
+//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `cluster`, `all`. Each works
+//! in databases of its own (`pgfresh_bench_<products>`, created and filled on first use, kept for later
+//! runs) and in a Redis database of its own (`--redis-url`, default database 9), which it empties;
+//! `cluster` also starts a throwaway Redis Cluster of its own.
 
+mod cluster;
 #[path = "../shop/product_card.rs"]
 mod product_card;
 mod scenarios;
@@ -49,6 +51,7 @@ enum Scenario {
     WriteOverhead,
     Burst,
     CatchUp,
+    Cluster,
     All,
     /// Internal: one sweep in a fresh process, so its peak RSS is its own.
     #[value(hide = true)]
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
             Scenario::WriteOverhead => bench.write_overhead().await,
             Scenario::Burst => bench.burst().await,
             Scenario::CatchUp => bench.catch_up().await,
+            Scenario::Cluster => bench.cluster().await,
             Scenario::All => bench.all().await,
         };
         result

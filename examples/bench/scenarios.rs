@@ -18,7 +18,7 @@ use crate::product_card::ProductCard;
 /// Every benchmark fragment lives under this Redis prefix.
 const PREFIX: &str = "bench:product_card:";
 /// The table size for everything but the large sweep.
-const PRODUCTS: i64 = 20_000;
+pub(crate) const PRODUCTS: i64 = 20_000;
 /// How long each pgbench run lasts.
 const PGBENCH_SECONDS: u32 = 10;
 
@@ -27,7 +27,7 @@ pub struct Bench {
     redis_url: String,
 }
 
-fn fragments() -> Fragments {
+pub(crate) fn fragments() -> Fragments {
     Fragments::new().with(ProductCard::with_key_prefix(PREFIX))
 }
 
@@ -105,7 +105,7 @@ impl Bench {
 
     /// The shop with `products` products in a database of its own, pgfresh installed and watching, the
     /// queue empty.
-    async fn shop(&self, products: i64) -> Result<(Database, String)> {
+    pub(crate) async fn shop(&self, products: i64) -> Result<(Database, String)> {
         let name = format!("pgfresh_bench_{products}");
         let admin = connect(&self.admin_url)
             .await
@@ -126,7 +126,7 @@ impl Bench {
     }
 
     /// An empty Redis database and a sink on it.
-    async fn redis(&self) -> Result<(RedisSink, redis::aio::ConnectionManager)> {
+    pub(crate) async fn redis(&self) -> Result<(RedisSink, redis::aio::ConnectionManager)> {
         let sink = RedisSink::connect(&self.redis_url).await?;
         let mut plain = redis::Client::open(self.redis_url.as_str())?
             .get_connection_manager()
@@ -164,7 +164,8 @@ impl Bench {
         self.latency().await?;
         self.write_overhead().await?;
         self.burst().await?;
-        self.catch_up().await
+        self.catch_up().await?;
+        self.cluster().await
     }
 
     /// Full sweeps of 20,000 and 200,000 products, each in a fresh process, against a naive
