@@ -5,9 +5,11 @@ use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio_postgres::{Client, Config};
+use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::Error;
 use crate::config::redact_url;
+use crate::tls::PostgresTls;
 
 /// How long a connection attempt may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -18,6 +20,7 @@ pub struct Database {
     config: Config,
     url: String,
     pool: Pool,
+    connector: MakeRustlsConnect,
 }
 
 impl Database {
@@ -25,16 +28,18 @@ impl Database {
     /// [`Database::check`] to fail early with a clear message.
     pub fn new(url: &str, pool_size: usize) -> Result<Self, Error> {
         let shown = redact_url(url);
-        let mut config: Config =
-            url.parse()
-                .map_err(|e: tokio_postgres::Error| Error::InvalidUrl {
-                    what: "PostgreSQL",
-                    url: shown.clone(),
-                    reason: crate::error::describe_postgres(&e),
-                })?;
+        let invalid = |reason: String| Error::InvalidUrl {
+            what: "PostgreSQL",
+            url: shown.clone(),
+            reason,
+        };
+        let tls = PostgresTls::from_url(url).map_err(invalid)?;
+        let mut config: Config = tls
+            .url
+            .parse()
+            .map_err(|e: tokio_postgres::Error| invalid(crate::error::describe_postgres(&e)))?;
         // TLS only when the URL asks for it (see `tls`).
-        let asks_for_tls = url.contains("sslmode=");
-        if !asks_for_tls {
+        if !tls.asks_for_tls {
             config.ssl_mode(tokio_postgres::config::SslMode::Disable);
         }
         if config.get_connect_timeout().is_none() {
@@ -49,9 +54,10 @@ impl Database {
         // 20 ms load.
         let mut pooled = config.clone();
         pooled.options("-c synchronous_commit=off -c jit=off");
+        let connector = tls.connector();
         let manager = Manager::from_config(
             pooled,
-            crate::tls::connector(),
+            connector.clone(),
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },
@@ -67,6 +73,7 @@ impl Database {
             config,
             url: shown,
             pool,
+            connector,
         })
     }
 
@@ -126,7 +133,7 @@ impl Database {
         let mut config = self.config.clone();
         config.application_name(application_name);
         config
-            .connect(crate::tls::connector())
+            .connect(self.connector.clone())
             .await
             .map_err(|e| self.connect_error(&e))
     }
@@ -138,9 +145,12 @@ impl Database {
     }
 
     fn connect_error(&self, error: &tokio_postgres::Error) -> Error {
-        Error::PostgresConnect {
-            url: self.url.clone(),
-            reason: crate::error::describe_postgres(error),
+        let url = self.url.clone();
+        let reason = crate::error::describe_postgres(error);
+        if reason.contains("invalid peer certificate") {
+            Error::PostgresCertificate { url, reason }
+        } else {
+            Error::PostgresConnect { url, reason }
         }
     }
 }

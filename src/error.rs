@@ -15,6 +15,16 @@ pub enum Error {
         /// Why, in one line.
         reason: String,
     },
+    /// PostgreSQL's certificate failed the check `sslmode=verify-ca`/`verify-full` asked for.
+    #[error(
+        "refusing PostgreSQL at {url}: {reason}; check sslrootcert and the host name in the URL, or use sslmode=require to encrypt without verifying"
+    )]
+    PostgresCertificate {
+        /// The URL, password removed.
+        url: String,
+        /// Why, in one line.
+        reason: String,
+    },
     /// Redis could not be reached or refused the connection.
     #[error(
         "cannot connect to Redis at {url}: {reason}; start it, or point --redis-url / REDIS_URL at it"

@@ -4,6 +4,7 @@
 mod common;
 
 use common::TestEnv;
+use common::servers::{TempPostgres, make_certificates};
 
 /// Every object that belongs to pgfresh: its schema, anything in it, and triggers calling into it.
 async fn pgfresh_objects(env: &TestEnv) -> i64 {
@@ -376,4 +377,86 @@ async fn postgres_tls_is_used_when_the_url_asks_for_it() {
         assert!(error.starts_with("cannot connect to PostgreSQL"), "{error}");
     }
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_certificates_are_verified_when_the_url_asks_for_it() {
+    let server = TempPostgres::start_tls();
+    let ca = server.certificate_authority();
+    let stranger = std::env::temp_dir().join(format!("pgfresh-other-ca-{}", server.port));
+    std::fs::create_dir_all(&stranger).unwrap();
+    make_certificates(&stranger);
+    let connect = |host: &str, params: String| {
+        let url = format!(
+            "postgres://postgres@{host}:{}/postgres?{params}",
+            server.port
+        );
+        async move {
+            let db = pgfresh::db::Database::new(&url, 1)?;
+            let client = db.get().await?;
+            let row = client
+                .query_one(
+                    "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+                    &[],
+                )
+                .await?;
+            Ok::<bool, pgfresh::Error>(row.get(0))
+        }
+    };
+    let with_ca =
+        |mode: &str, ca: &std::path::Path| format!("sslmode={mode}&sslrootcert={}", ca.display());
+
+    // The certificate names 127.0.0.1 and is signed by the server's CA.
+    assert!(
+        connect("127.0.0.1", with_ca("verify-full", &ca))
+            .await
+            .unwrap()
+    );
+    assert!(
+        connect("127.0.0.1", with_ca("verify-ca", &ca))
+            .await
+            .unwrap()
+    );
+    // Through another name: verify-ca accepts it, verify-full does not.
+    assert!(
+        connect("localhost", with_ca("verify-ca", &ca))
+            .await
+            .unwrap()
+    );
+    let wrong_name = connect("localhost", with_ca("verify-full", &ca))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        wrong_name.starts_with("refusing PostgreSQL") && wrong_name.contains("sslrootcert"),
+        "{wrong_name}"
+    );
+    assert!(wrong_name.contains("certificate"), "{wrong_name}");
+    // Signed by a CA we do not trust: refused whatever the name. `require` still encrypts.
+    for mode in ["verify-ca", "verify-full"] {
+        let impostor = connect("127.0.0.1", with_ca(mode, &stranger.join("ca.pem")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(impostor.contains("certificate"), "{mode}: {impostor}");
+        assert_eq!(impostor.lines().count(), 1, "{impostor}");
+    }
+    assert!(
+        connect("127.0.0.1", with_ca("require", &stranger.join("ca.pem")))
+            .await
+            .unwrap()
+    );
+    // No roots to verify against: a clear error before connecting.
+    let missing = connect(
+        "127.0.0.1",
+        "sslmode=verify-full&sslrootcert=/nonexistent.pem".into(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        missing.starts_with("invalid PostgreSQL URL") && missing.contains("sslrootcert=system"),
+        "{missing}"
+    );
+    let _ = std::fs::remove_dir_all(&stranger);
 }

@@ -53,14 +53,54 @@ fn wait_until(what: &str, mut ready: impl FnMut() -> bool) {
     }
 }
 
+/// A throwaway CA (`ca.pem`, `ca.key`) and a certificate for 127.0.0.1 it signed (`cert.pem`,
+/// `key.pem`), made with the `openssl` command in `dir`.
+pub fn make_certificates(dir: &Path) {
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    for args in [
+        "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=pgfresh-test-ca -keyout ca.key -out ca.pem",
+        "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out server.csr",
+        "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out cert.pem",
+    ] {
+        let status = Command::new("openssl")
+            .args(args.split(' '))
+            .current_dir(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .expect("openssl runs");
+        assert!(status.success(), "openssl {args}");
+    }
+}
+
 /// A PostgreSQL cluster of its own (trust auth, fsync off).
 pub struct TempPostgres {
     pub port: u16,
     dir: PathBuf,
+    /// Serves TLS with a certificate for 127.0.0.1 from [`make_certificates`] in `<dir>/tls`.
+    tls: bool,
 }
 
 impl TempPostgres {
     pub fn start() -> TempPostgres {
+        TempPostgres::start_with(false)
+    }
+
+    /// A server that offers TLS with its own CA: see [`TempPostgres::certificate_authority`].
+    pub fn start_tls() -> TempPostgres {
+        TempPostgres::start_with(true)
+    }
+
+    /// The CA that signed a TLS server's certificate.
+    pub fn certificate_authority(&self) -> PathBuf {
+        self.dir.join("tls").join("ca.pem")
+    }
+
+    fn start_with(tls: bool) -> TempPostgres {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("pgfresh-pg-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -83,7 +123,25 @@ impl TempPostgres {
             "initdb: {}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let server = TempPostgres { port, dir };
+        if tls {
+            let certificates = dir.join("tls");
+            std::fs::create_dir_all(&certificates).unwrap();
+            make_certificates(&certificates);
+            std::fs::set_permissions(
+                certificates.join("key.pem"),
+                std::os::unix::fs::PermissionsExt::from_mode(0o600),
+            )
+            .unwrap();
+            if running_as_root() {
+                let status = Command::new("chown")
+                    .args(["-R", "postgres"])
+                    .arg(&certificates)
+                    .status()
+                    .unwrap();
+                assert!(status.success());
+            }
+        }
+        let server = TempPostgres { port, dir, tls };
         server.start_server();
         server
     }
@@ -103,11 +161,19 @@ impl TempPostgres {
     }
 
     fn start_server(&self) {
-        let options = format!(
+        let mut options = format!(
             "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off -c max_connections=200",
             self.port,
             self.dir.display()
         );
+        if self.tls {
+            let certificates = self.dir.join("tls");
+            options += &format!(
+                " -c ssl=on -c ssl_cert_file={} -c ssl_key_file={}",
+                certificates.join("cert.pem").display(),
+                certificates.join("key.pem").display()
+            );
+        }
         let log = self.dir.join("server.log");
         let out = self.pg_ctl(&[
             "-w",
@@ -176,25 +242,7 @@ impl TempRedis {
         let dir =
             std::env::temp_dir().join(format!("pgfresh-redis-tls-{}-{port}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        std::fs::write(
-            dir.join("ext.cnf"),
-            "subjectAltName=IP:127.0.0.1\nbasicConstraints=CA:FALSE\n",
-        )
-        .unwrap();
-        for args in [
-            "req -x509 -newkey rsa:2048 -nodes -days 2 -subj /CN=pgfresh-test-ca -keyout ca.key -out ca.pem",
-            "req -newkey rsa:2048 -nodes -subj /CN=127.0.0.1 -keyout key.pem -out server.csr",
-            "x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -days 2 -extfile ext.cnf -out cert.pem",
-        ] {
-            let status = Command::new("openssl")
-                .args(args.split(' '))
-                .current_dir(&dir)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .status()
-                .expect("openssl runs");
-            assert!(status.success(), "openssl {args}");
-        }
+        make_certificates(&dir);
         let mut server = TempRedis {
             port,
             child: None,
