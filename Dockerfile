@@ -10,7 +10,11 @@ COPY . .
 RUN cargo build --release --locked --example shop --bin pgfresh
 
 FROM debian:bookworm-slim
-RUN useradd --system --uid 10001 --no-create-home pgfresh
+# CA certificates: for rediss:// and sslrootcert=system.
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends ca-certificates \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --system --uid 10001 --no-create-home pgfresh
 COPY --from=build /src/target/release/examples/shop /usr/local/bin/shop
 COPY --from=build /src/target/release/pgfresh /usr/local/bin/pgfresh
 USER pgfresh

@@ -56,6 +56,20 @@ fn the_image_is_multi_stage_and_runs_unprivileged_on_the_demo_ports() {
     assert!(
         dockerfile.contains(r#"CMD ["demo", "--web", "0.0.0.0:8080", "--http", "0.0.0.0:9187"]"#)
     );
+    assert!(
+        dockerfile.contains("ca-certificates"),
+        "rediss:// and sslrootcert=system need the system's roots"
+    );
+    let ignored: Vec<String> = read(".dockerignore")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .map(String::from)
+        .collect();
+    assert!(
+        ignored.iter().any(|l| l == "target"),
+        "the build context must not carry the target directory"
+    );
 }
 
 #[test]
