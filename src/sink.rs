@@ -199,12 +199,13 @@ impl RedisSink {
         let mut connection = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(connect_error)?;
-        let info: String = redis::cmd("INFO")
+        // A user whose ACL forbids INFO skips this check; writes would then fail with MOVED errors.
+        let info: Option<String> = redis::cmd("INFO")
             .arg("cluster")
             .query_async(&mut connection)
             .await
-            .map_err(connect_error)?;
-        if info.lines().any(|line| line.trim() == "cluster_enabled:1") {
+            .ok();
+        if info.is_some_and(|info| info.lines().any(|line| line.trim() == "cluster_enabled:1")) {
             return Err(Error::RedisConnect {
                 url: shown,
                 reason: "this server is a Redis Cluster node; pass --redis-cluster \

@@ -4,7 +4,10 @@
 mod common;
 
 use common::TestEnv;
-use common::servers::{TempPostgres, make_certificates};
+use common::servers::{TempPostgres, TempRedis, make_certificates};
+use common::test_settings;
+use pgfresh::shutdown::Shutdown;
+use std::process::Command;
 
 /// Every object that belongs to pgfresh: its schema, anything in it, and triggers calling into it.
 async fn pgfresh_objects(env: &TestEnv) -> i64 {
@@ -459,4 +462,49 @@ async fn postgres_certificates_are_verified_when_the_url_asks_for_it() {
         "{missing}"
     );
     let _ = std::fs::remove_dir_all(&stranger);
+}
+
+#[tokio::test]
+async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
+    let redis = TempRedis::start();
+    // The ACL README gives, with every test database's key prefix.
+    let acl = "ACL SETUSER pgfresh on >s3cret resetkeys ~pgfresh_test_* ~pgfresh:* resetchannels \
+               -@all +get +set +del +mget +scan +ping +evalsha +eval +script|load";
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(acl.split_whitespace())
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    let url = format!("redis://pgfresh:s3cret@127.0.0.1:{}", redis.port);
+
+    let env = TestEnv::shop_with_redis(4, &url).await;
+    let report = pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert!(report.succeeded(), "{report}");
+    let cards = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string(), "--scan", "--pattern"])
+        .arg(format!("{}*", env.prefix))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cards.stdout).lines().count(), 8);
+    let listener = env.start_listener(test_settings());
+    env.client()
+        .await
+        .execute("UPDATE products SET price_cents = 1 WHERE id = 3", &[])
+        .await
+        .unwrap();
+    env.wait_fresh(3).await;
+    listener.stop().await;
+    // And nothing outside its keys.
+    let denied = env.sink.get("someone:else").await.unwrap_err().to_string();
+    assert!(denied.contains("no permissions"), "{denied}");
+    env.cleanup().await;
 }
