@@ -18,4 +18,9 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 1) AS pgfresh_
 \ir migrations/0001_initial.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 2) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0002_truncate.sql
+\endif
+
 COMMIT;

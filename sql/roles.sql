@@ -33,6 +33,8 @@ GRANT SELECT, INSERT ON pgfresh.failed TO pgfresh_listener;
 GRANT SELECT, INSERT, UPDATE, DELETE ON pgfresh.listeners TO pgfresh_listener;
 -- Check the installed version; show watches in status.
 GRANT SELECT ON pgfresh.migrations, pgfresh.watches TO pgfresh_listener;
+-- Find truncated topics to sweep, and settle them once swept.
+GRANT SELECT, DELETE ON pgfresh.truncations TO pgfresh_listener;
 -- Take render tickets.
 GRANT USAGE ON SEQUENCE pgfresh.render_tickets TO pgfresh_listener;
 

@@ -446,8 +446,16 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
     let oldest = stats.oldest.map_or("none".to_string(), |age| {
         format!("{:.1} s old", age.as_secs_f64())
     });
+    let truncations: i64 = if version >= 2 {
+        client
+            .query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+            .await?
+            .get(0)
+    } else {
+        0
+    };
     println!(
-        "queue: {} pending (oldest {oldest}), {} parked in pgfresh.failed",
+        "queue: {} pending (oldest {oldest}), {} parked in pgfresh.failed, {truncations} truncated tables awaiting a sweep",
         stats.pending, stats.failed
     );
     let listeners = client

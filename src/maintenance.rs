@@ -1,13 +1,15 @@
-//! Sweeps a listener runs on its own: periodically, when Redis has lost its data, and when a deploy
-//! changed a fragment's markup.
+//! Sweeps a listener runs on its own: periodically, when Redis has lost its data, when a deploy
+//! changed a fragment's markup, and when a watched table was truncated.
 //!
 //! Each fragment has a marker in Redis, `pgfresh:fragment:<key prefix>` (one per master in a cluster,
-//! see [`crate::keys`]), holding the fragment version of its last complete sweep. Every second the listener reads the markers: a missing marker means
-//! Redis came back empty (restart without persistence, FLUSHALL, failover to an empty replica) or was
-//! never filled; an older version means this binary renders differently from what Redis holds. Either
-//! way the fragment is swept, and the marker set once the sweep has succeeded. Only one listener at a
-//! time sweeps: the one holding a PostgreSQL advisory lock on a dedicated session, released with it if
-//! the process dies.
+//! see [`crate::keys`]), holding the fragment version of its last complete sweep. Every second the
+//! listener reads the markers: a missing marker means Redis came back empty (restart without
+//! persistence, FLUSHALL, failover to an empty replica) or was never filled; an older version means
+//! this binary renders differently from what Redis holds. Either way the fragment is swept, and the
+//! marker set once the sweep has succeeded. Only one listener at a time sweeps: the one holding a
+//! PostgreSQL advisory lock on a dedicated session, released with it if the process dies. A TRUNCATE of
+//! a watched table leaves a row in `pgfresh.truncations`, read every second too: the fragments of its
+//! topic are swept, and the row deleted once the sweep has succeeded.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,7 +44,15 @@ pub async fn run(
     let mut at_startup = true;
     loop {
         let periodic_due = next_periodic.is_some_and(|at| Instant::now() >= at);
-        let due = if periodic_due {
+        // Read before sweeping, so the sweep sees the truncated tables.
+        let truncated = match truncations(&db, &fragments).await {
+            Ok(truncated) => truncated,
+            Err(error) => {
+                tracing::debug!(%error, "cannot read pgfresh.truncations");
+                Truncations::default()
+            }
+        };
+        let mut due: Vec<Arc<dyn DynFragment>> = if periodic_due {
             fragments.iter().cloned().collect()
         } else {
             match fragments_needing_sweep(&sink, &fragments, at_startup).await {
@@ -56,18 +66,31 @@ pub async fn run(
                 }
             }
         };
+        let marker_due = !due.is_empty();
+        for fragment in &truncated.fragments {
+            if !due.iter().any(|f| f.name() == fragment.name()) {
+                due.push(fragment.clone());
+            }
+        }
         if !due.is_empty() {
-            let reason = if periodic_due {
-                "periodic"
+            let (reason, label) = if periodic_due {
+                ("periodic", "periodic")
+            } else if marker_due {
+                ("missing or outdated in Redis", "marker")
             } else {
-                "missing or outdated in Redis"
+                ("a watched table was truncated", "truncate")
             };
             match sweep_if_elected(&db, &sink, &due, &settings, &shutdown).await {
                 Ok(Some(report)) => {
                     log_report(reason, &due, &report);
-                    let label = if periodic_due { "periodic" } else { "marker" };
                     crate::telemetry::swept(label, report.stats.written + report.orphans_deleted);
                     board.swept(label, report.to_string(), report.succeeded());
+                    if report.succeeded()
+                        && !truncated.ids.is_empty()
+                        && let Err(error) = settle_truncations(&db, &truncated.ids).await
+                    {
+                        tracing::warn!(%error, "cannot settle swept truncations; they will be swept again");
+                    }
                 }
                 Ok(None) => tracing::debug!("another listener is sweeping"),
                 Err(error) => tracing::warn!(%error, "sweep failed; it will be tried again"),
@@ -81,6 +104,57 @@ pub async fn run(
             _ = tokio::time::sleep(MARKER_CHECK_INTERVAL) => {}
         }
     }
+}
+
+/// TRUNCATEs of watched tables waiting for a sweep (see `sql/migrations/0002_truncate.sql`): the rows
+/// and the fragments that subscribe to their topics. Rows of topics no fragment here handles are left
+/// for a binary that does.
+#[derive(Default)]
+struct Truncations {
+    ids: Vec<i64>,
+    fragments: Vec<Arc<dyn DynFragment>>,
+}
+
+async fn truncations(db: &Database, fragments: &Fragments) -> Result<Truncations, Error> {
+    let rows = db
+        .get()
+        .await?
+        .query("SELECT id, topic FROM pgfresh.truncations", &[])
+        .await?;
+    let mut truncated = Truncations::default();
+    for row in rows {
+        let topic: &str = row.get(1);
+        let subscribers: Vec<_> = fragments
+            .iter()
+            .filter(|f| f.topics().contains(&topic))
+            .collect();
+        if subscribers.is_empty() {
+            continue;
+        }
+        truncated.ids.push(row.get(0));
+        for fragment in subscribers {
+            if !truncated
+                .fragments
+                .iter()
+                .any(|f| f.name() == fragment.name())
+            {
+                truncated.fragments.push(fragment.clone());
+            }
+        }
+    }
+    Ok(truncated)
+}
+
+/// Deletes exactly the truncations a sweep covered: one committed meanwhile keeps its row.
+async fn settle_truncations(db: &Database, ids: &[i64]) -> Result<(), Error> {
+    db.get()
+        .await?
+        .execute(
+            "DELETE FROM pgfresh.truncations WHERE id = ANY($1)",
+            &[&ids],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Fragments whose marker is missing or older than this binary's version. At start-up a newer marker

@@ -25,11 +25,18 @@ pub struct Migration {
 }
 
 /// Every migration this binary knows, in order. `sql/install.sql` must apply the same list.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_initial",
-    sql: include_str!("../sql/migrations/0001_initial.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_initial",
+        sql: include_str!("../sql/migrations/0001_initial.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "0002_truncate",
+        sql: include_str!("../sql/migrations/0002_truncate.sql"),
+    },
+];
 
 /// The schema version this binary needs.
 pub fn required_version() -> i32 {

@@ -136,12 +136,25 @@ async fn watch_and_unwatch_are_idempotent_and_reject_bad_input_clearly() {
         .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
         .await
         .unwrap();
-    let triggers: i64 = client
-        .query_one("SELECT count(*) FROM pg_trigger WHERE tgrelid = 'products'::regclass AND tgname LIKE 'pgfresh%'", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(triggers, 1, "watching twice leaves one trigger");
+    let triggers = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT coalesce(array_agg(tgname::text ORDER BY tgname), '{}') FROM pg_trigger \
+                     WHERE tgrelid = $1::text::regclass AND tgname LIKE 'pgfresh%'",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get::<_, Vec<String>>(0)
+        }
+    };
+    assert_eq!(
+        triggers("products").await,
+        ["pgfresh_product", "pgfresh_product_truncate"],
+        "watching twice leaves one row trigger and one TRUNCATE trigger"
+    );
 
     let error = client
         .batch_execute("SELECT pgfresh.watch('products', 'nope', 'product')")
@@ -184,6 +197,17 @@ async fn watch_and_unwatch_are_idempotent_and_reject_bad_input_clearly() {
         .await
         .unwrap();
     assert_eq!(env.pending().await, 0, "an unwatched table queues nothing");
+    assert!(
+        triggers("reviews").await.is_empty(),
+        "unwatch drops both triggers"
+    );
+    client.batch_execute("TRUNCATE reviews").await.unwrap();
+    let truncations: i64 = client
+        .query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(truncations, 0, "an unwatched table records no TRUNCATE");
     env.cleanup().await;
 }
 
@@ -337,6 +361,18 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
         .await
         .unwrap();
     env.wait_fresh(2).await;
+    // And settles a TRUNCATE (reads and deletes pgfresh.truncations).
+    admin.batch_execute("TRUNCATE reviews").await.unwrap();
+    env.wait_fresh(3).await;
+    common::eventually("the truncation to be settled", || async {
+        admin
+            .query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
     shutdown.cancel();
     task.await.unwrap().unwrap();
     drop(as_listener);
@@ -506,5 +542,55 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
     // And nothing outside its keys.
     let denied = env.sink.get("someone:else").await.unwrap_err().to_string();
     assert!(denied.contains("no permissions"), "{denied}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn upgrading_from_0001_gives_existing_watches_their_truncate_trigger() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    let first = &pgfresh::schema::MIGRATIONS[0];
+    assert_eq!(first.name, "0001_initial");
+    client
+        .batch_execute(&format!(
+            "BEGIN; {} {} COMMIT;",
+            pgfresh::schema::PREPARE_SQL,
+            first.sql
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY); SELECT pgfresh.watch('items', 'id', 'item')",
+        )
+        .await
+        .unwrap();
+
+    let applied = pgfresh::schema::install(&env.db).await.unwrap();
+    assert_eq!(applied, ["0002_truncate"]);
+    let triggers: Vec<String> = client
+        .query_one(
+            "SELECT array_agg(tgname::text ORDER BY tgname) FROM pg_trigger WHERE tgrelid = 'items'::regclass",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(triggers, ["pgfresh_item", "pgfresh_item_truncate"]);
+    client
+        .batch_execute("INSERT INTO items VALUES (1); TRUNCATE items")
+        .await
+        .unwrap();
+    let (changes, truncations): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT (SELECT count(*) FROM pgfresh.changes), (SELECT count(*) FROM pgfresh.truncations WHERE topic = 'item')",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!((changes, truncations), (1, 1));
     env.cleanup().await;
 }

@@ -289,3 +289,46 @@ async fn an_idle_listener_is_woken_by_notify_without_waiting_for_the_poll() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_truncated_table_is_swept_so_what_it_held_is_gone_from_redis() {
+    let env = TestEnv::shop(12).await;
+    let listener = env.start_listener(test_settings());
+    let db = env.client().await;
+    let truncations = || async {
+        db.query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+
+    // No row trigger fires on TRUNCATE: only the statement trigger and the sweep it calls for.
+    db.batch_execute("TRUNCATE reviews").await.unwrap();
+    for id in 1..=12 {
+        env.wait_fresh(id).await;
+    }
+    assert!(
+        env.get(&env.key(5, "full"))
+            .await
+            .is_some_and(|html| !html.contains("<li")),
+        "the card lists no reviews"
+    );
+    eventually("the truncation to be settled", || async {
+        truncations().await == 0
+    })
+    .await;
+
+    db.batch_execute("TRUNCATE products, reviews")
+        .await
+        .unwrap();
+    eventually("every card to be gone", || async {
+        env.keys().await.is_empty()
+    })
+    .await;
+    eventually("the truncations to be settled", || async {
+        truncations().await == 0
+    })
+    .await;
+    listener.stop().await;
+    env.cleanup().await;
+}
