@@ -199,3 +199,39 @@ async fn the_command_line_sweeps_a_cluster_and_refuses_a_node_without_the_flag()
     assert_eq!(cards.len(), 10, "two variants of 5 products: {cards:?}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_master_failing_over_to_its_replica_loses_no_change() {
+    let mut cluster = TempRedisCluster::start_with_replicas();
+    let env = cluster_env(&cluster, 30).await;
+    pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &SweepSettings::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    let listener = env.start_listener(test_settings());
+    let role = Command::new("redis-cli")
+        .args(["-p", &cluster.nodes[0].port.to_string(), "ROLE"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&role.stdout).starts_with("master"));
+
+    // The master dies; every product changes while its slots have no master.
+    cluster.nodes[0].stop();
+    env.client()
+        .await
+        .execute("UPDATE products SET price_cents = price_cents + 7", &[])
+        .await
+        .unwrap();
+    cluster.kill_master_and_wait_for_failover(0);
+    for id in 1..=30 {
+        env.wait_fresh(id).await;
+    }
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -286,7 +286,10 @@ impl TempRedis {
         };
         if let Some((dir, bus_port)) = &self.cluster {
             command
-                .args(["--cluster-enabled", "yes", "--cluster-port"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+                // A replica may take over however long ago it last heard from its master.
+                .args(["--cluster-replica-validity-factor", "0"])
+                .arg("--cluster-port")
                 .arg(bus_port.to_string())
                 .arg("--cluster-config-file")
                 .arg(dir.join(format!("nodes-{}.conf", self.port)))
@@ -339,13 +342,23 @@ pub struct TempRedisCluster {
 
 impl TempRedisCluster {
     pub fn start() -> TempRedisCluster {
+        TempRedisCluster::start_with(0)
+    }
+
+    /// Three masters, each with one replica: `nodes[0..3]` are the masters, and a master that is
+    /// stopped fails over to its replica within a few seconds (node timeout 1 s).
+    pub fn start_with_replicas() -> TempRedisCluster {
+        TempRedisCluster::start_with(1)
+    }
+
+    fn start_with(replicas: usize) -> TempRedisCluster {
         let dir = std::env::temp_dir().join(format!(
             "pgfresh-redis-cluster-{}-{}",
             std::process::id(),
             free_port()
         ));
         std::fs::create_dir_all(&dir).unwrap();
-        let nodes: Vec<TempRedis> = (0..3)
+        let nodes: Vec<TempRedis> = (0..3 * (1 + replicas))
             .map(|_| {
                 let mut node = TempRedis {
                     port: free_port(),
@@ -361,6 +374,7 @@ impl TempRedisCluster {
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", &replicas.to_string()])
             .arg("--cluster-yes")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -381,9 +395,34 @@ impl TempRedisCluster {
             .join(",")
     }
 
-    /// Waits until every node reports the cluster healthy (all slots served).
+    /// Kills master `index` and waits until its replica has taken over: every running node sees three
+    /// live masters and a healthy cluster.
+    pub fn kill_master_and_wait_for_failover(&mut self, index: usize) {
+        self.nodes[index].stop();
+        let dead = format!(":{}@", self.nodes[index].port);
+        let port = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
+        wait_until("a replica to take over", || {
+            Command::new("redis-cli")
+                .args(["-p", &port.to_string(), "cluster", "nodes"])
+                .output()
+                .is_ok_and(|out| {
+                    let nodes = String::from_utf8_lossy(&out.stdout);
+                    let failed = nodes
+                        .lines()
+                        .any(|line| line.contains(&dead) && line.contains(",fail "));
+                    let live_masters = nodes
+                        .lines()
+                        .filter(|line| line.contains("master") && !line.contains("fail"))
+                        .count();
+                    failed && live_masters == 3
+                })
+        });
+        self.wait_until_ok();
+    }
+
+    /// Waits until every running node reports the cluster healthy (all slots served).
     pub fn wait_until_ok(&self) {
-        for node in &self.nodes {
+        for node in self.nodes.iter().filter(|node| node.child.is_some()) {
             let port = node.port.to_string();
             wait_until("redis cluster state ok", || {
                 Command::new("redis-cli")
