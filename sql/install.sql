@@ -23,4 +23,9 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 2) AS pgfresh_
 \ir migrations/0002_truncate.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 3) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0003_fragment_versions.sql
+\endif
+
 COMMIT;

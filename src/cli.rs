@@ -458,20 +458,38 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
         "queue: {} pending (oldest {oldest}), {} parked in pgfresh.failed, {truncations} truncated tables awaiting a sweep",
         stats.pending, stats.failed
     );
+    // Schema version 3 added what each listener renders, and whether it stands aside for a newer one.
+    let versions = if version >= 3 {
+        "superseded, array_to_string(ARRAY(SELECT f || ' v' || v FROM unnest(fragments, versions) AS x(f, v)), ', ')"
+    } else {
+        "false, ''"
+    };
     let listeners = client
         .query(
-            "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8, changes_done, refused_writes
-             FROM pgfresh.listeners
-             WHERE seen_at > now() - interval '1 minute' ORDER BY started_at",
+            &format!(
+                "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8, changes_done, refused_writes, {versions}
+                 FROM pgfresh.listeners
+                 WHERE seen_at > now() - interval '1 minute' ORDER BY started_at"
+            ),
             &[],
         )
         .await?;
     println!("listeners: {}", listeners.len());
     for row in &listeners {
+        let state = match (row.get::<_, bool>(5), row.get::<_, bool>(1)) {
+            (true, _) => "standing aside for a newer version",
+            (false, true) => "idle",
+            (false, false) => "busy",
+        };
+        let renders: String = row.get(6);
+        let renders = if renders.is_empty() {
+            String::new()
+        } else {
+            format!(" rendering {renders}")
+        };
         println!(
-            "  {} ({}, seen {:.0} s ago): {} changes applied, {} stale writes refused",
+            "  {}{renders} ({state}, seen {:.0} s ago): {} changes applied, {} stale writes refused",
             row.get::<_, String>(0),
-            if row.get(1) { "idle" } else { "busy" },
             row.get::<_, f64>(2),
             row.get::<_, i64>(3),
             row.get::<_, i64>(4)

@@ -17,7 +17,9 @@
 //! - `batch` (internal): one claimed batch, from claim to commit.
 //! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
 //! - [`sweep`]: the full sweep, periodic or one-off.
-//! - [`maintenance`]: the sweeps a listener runs itself (periodic, Redis emptied, markup changed).
+//! - [`maintenance`]: the sweeps a listener runs itself (periodic, Redis emptied, markup changed,
+//!   table truncated).
+//! - [`deploy`]: rolling deploys; a listener stands aside for one with newer fragment versions.
 //! - [`db`]: the connection pool and dedicated connections.
 //! - [`tls`]: TLS to PostgreSQL with libpq's `sslmode` meaning.
 //! - [`config`]: typed settings; URL redaction.
@@ -38,6 +40,7 @@ pub mod cli;
 pub mod coalesce;
 pub mod config;
 pub mod db;
+pub mod deploy;
 pub mod error;
 pub mod fragment;
 pub mod http;

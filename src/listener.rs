@@ -18,8 +18,9 @@ use crate::backoff::Backoff;
 use crate::coalesce::RecentRenders;
 use crate::config::ListenSettings;
 use crate::db::Database;
+use crate::deploy::StandAside;
 use crate::fragment::Fragments;
-use crate::queue;
+use crate::queue::{self, ListenerIdentity};
 use crate::refresh::RefreshStats;
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
@@ -48,7 +49,10 @@ pub(crate) struct Shared {
     pub(crate) sink: RedisSink,
     pub(crate) fragments: Fragments,
     pub(crate) settings: ListenSettings,
-    pub(crate) listener_id: String,
+    /// This listener's id and fragment versions, as registered.
+    pub(crate) me: ListenerIdentity,
+    /// Whether it stands aside for a listener with newer fragment versions (see `deploy`).
+    pub(crate) stand_aside: Arc<StandAside>,
     pub(crate) shutdown: Shutdown,
     pub(crate) counters: Counters,
     /// Whether this listener last told the database it is idle (wants NOTIFYs). The heartbeat
@@ -111,18 +115,23 @@ pub async fn run(
 ) -> Result<(), Error> {
     fragments.validate()?;
     crate::schema::ensure_installed(&db).await?;
-    let listener_id = format!(
-        "{}:{}:{:08x}",
-        hostname(),
-        std::process::id(),
-        fastrand::u32(..)
-    );
+    let me = ListenerIdentity {
+        id: format!(
+            "{}:{}:{:08x}",
+            hostname(),
+            std::process::id(),
+            fastrand::u32(..)
+        ),
+        fragments: fragments.iter().map(|f| f.name().to_string()).collect(),
+        versions: fragments.iter().map(|f| i64::from(f.version())).collect(),
+    };
     let shared = Arc::new(Shared {
         db,
         sink,
         fragments,
         settings,
-        listener_id,
+        me,
+        stand_aside: Arc::new(StandAside::default()),
         shutdown,
         counters: Counters::default(),
         idle: AtomicBool::new(false),
@@ -139,15 +148,15 @@ pub async fn run(
                 sink: shared.sink.clone(),
                 db: shared.db.clone(),
                 board: shared.board.clone(),
-                listener_id: shared.listener_id.clone(),
+                listener_id: shared.me.id.clone(),
             };
             Some(crate::http::bind(address, readiness, shared.shutdown.clone()).await?)
         }
         None => None,
     };
-    queue::register_listener(&*shared.db.get().await?, &shared.listener_id).await?;
+    queue::register_listener(&*shared.db.get().await?, &shared.me).await?;
     tracing::info!(
-        listener = %shared.listener_id,
+        listener = %shared.me.id,
         fragments = %shared.fragments.names(),
         database = %shared.db.url(),
         redis = %shared.sink.url(),
@@ -161,19 +170,29 @@ pub async fn run(
     }
     tasks.spawn(crate::wakeup::run(
         shared.db.clone(),
-        shared.listener_id.clone(),
+        shared.me.id.clone(),
         wake.clone(),
         listen_connected,
         shared.shutdown.clone(),
     ));
     tasks.spawn(heartbeat(shared.clone()));
-    tasks.spawn(crate::maintenance::run(
+    tasks.spawn(crate::deploy::watch(
         shared.db.clone(),
-        shared.sink.clone(),
-        shared.fragments.clone(),
+        shared.me.clone(),
+        shared.stand_aside.clone(),
+        shared.shutdown.clone(),
+    ));
+    tasks.spawn(crate::maintenance::run(
+        crate::maintenance::Maintainer {
+            db: shared.db.clone(),
+            sink: shared.sink.clone(),
+            fragments: shared.fragments.clone(),
+            me: shared.me.clone(),
+            stand_aside: shared.stand_aside.clone(),
+            board: shared.board.clone(),
+        },
         shared.settings.sweep_interval,
         shared.settings.sweep.clone(),
-        shared.board.clone(),
         shared.shutdown.clone(),
     ));
 
@@ -183,7 +202,7 @@ pub async fn run(
     shared.shutdown.cancel();
     while tasks.join_next().await.is_some() {}
     if let Ok(client) = shared.db.get().await {
-        let _ = queue::deregister_listener(&client, &shared.listener_id).await;
+        let _ = queue::deregister_listener(&client, &shared.me.id).await;
     }
     let (changes, refused) = shared.counters.read();
     tracing::info!(
@@ -206,6 +225,13 @@ async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
     let mut rate = ChangeRate::default();
     let mut last_change = Instant::now();
     while !shared.shutdown.is_cancelled() {
+        if stand_aside(shared).await {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(shared.settings.poll_interval) => {}
+            }
+            continue;
+        }
         let drained = match drain(shared).await {
             Ok(drained) => drained,
             Err(error) => {
@@ -257,11 +283,32 @@ async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
     }
 }
 
+/// Records in the registry whether this listener stands aside for a newer one, and returns whether it
+/// does. The drain loop calls it between drains, so by the time `superseded` is recorded no batch of
+/// this listener is in hand; a standing-aside listener also stops asking for NOTIFYs.
+async fn stand_aside(shared: &Shared) -> bool {
+    let requested = shared.stand_aside.requested();
+    if requested != shared.stand_aside.recorded() {
+        if requested && shared.idle.load(Ordering::Relaxed) {
+            set_idle(shared, false).await;
+        }
+        let recorded = match shared.db.get().await {
+            Ok(client) => queue::set_superseded(&client, &shared.me.id, requested).await,
+            Err(error) => Err(error),
+        };
+        match recorded {
+            Ok(()) => shared.stand_aside.set_recorded(requested),
+            Err(error) => tracing::debug!(%error, "cannot record standing aside"),
+        }
+    }
+    shared.stand_aside.active()
+}
+
 /// Tells the database whether this listener wants NOTIFYs; returns whether that was recorded. If it
 /// cannot be, nothing is lost: the poll still finds every change.
 async fn set_idle(shared: &Shared, idle: bool) -> bool {
     let recorded = match shared.db.get().await {
-        Ok(client) => queue::set_listener_idle(&client, &shared.listener_id, idle).await,
+        Ok(client) => queue::set_listener_idle(&client, &shared.me.id, idle).await,
         Err(error) => Err(error),
     };
     match recorded {
@@ -307,7 +354,7 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
         let shared = shared.clone();
         workers.spawn(async move {
             let mut drained = Drained::default();
-            while !shared.shutdown.is_cancelled() {
+            while !shared.shutdown.is_cancelled() && !shared.stand_aside.requested() {
                 let (claimed, stats) = crate::batch::process(&shared).await?;
                 drained.changes += claimed as u64;
                 drained.stats += stats;
@@ -357,8 +404,9 @@ async fn heartbeat(shared: Arc<Shared>) {
         }
         let (changes, refused) = shared.counters.read();
         let idle = shared.idle.load(Ordering::Relaxed);
+        let superseded = shared.stand_aside.recorded();
         if let Err(error) =
-            queue::heartbeat(&client, &shared.listener_id, idle, changes, refused).await
+            queue::heartbeat(&client, &shared.me, idle, superseded, changes, refused).await
         {
             tracing::debug!(%error, "heartbeat failed");
         }

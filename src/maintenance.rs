@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 use crate::Error;
 use crate::config::SweepSettings;
 use crate::db::Database;
+use crate::deploy::StandAside;
 use crate::fragment::{DynFragment, Fragments};
+use crate::queue::ListenerIdentity;
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
 use crate::status::StatusBoard;
@@ -30,19 +32,51 @@ const SWEEP_LOCK: i64 = 0x0070_6766_7265_7368;
 /// may sit empty before the sweep starts.
 const MARKER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// What the maintenance loop works with: the running listener's connections, fragments and state.
+pub struct Maintainer {
+    /// The database.
+    pub db: Database,
+    /// Redis.
+    pub sink: RedisSink,
+    /// The fragments to keep swept.
+    pub fragments: Fragments,
+    /// The listener, as registered.
+    pub me: ListenerIdentity,
+    /// Whether it stands aside for a newer listener: then it sweeps nothing.
+    pub stand_aside: Arc<StandAside>,
+    /// Where sweep results are shown.
+    pub board: Arc<StatusBoard>,
+}
+
 /// Runs until shutdown; never fails (a failed sweep is logged and tried again).
 pub async fn run(
-    db: Database,
-    sink: RedisSink,
-    fragments: Fragments,
+    maintainer: Maintainer,
     periodic: Option<Duration>,
     settings: SweepSettings,
-    board: Arc<StatusBoard>,
     shutdown: Shutdown,
 ) {
+    let Maintainer {
+        db,
+        sink,
+        fragments,
+        me,
+        stand_aside,
+        board,
+    } = maintainer;
     let mut next_periodic = periodic.map(|interval| Instant::now() + interval);
     let mut at_startup = true;
     loop {
+        if stand_aside.take_resumed() {
+            // Back from standing aside: the newer listener may have left its markup behind.
+            at_startup = true;
+        }
+        if stand_aside.active() {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(MARKER_CHECK_INTERVAL) => {}
+            }
+            continue;
+        }
         let periodic_due = next_periodic.is_some_and(|at| Instant::now() >= at);
         // Read before sweeping, so the sweep sees the truncated tables.
         let truncated = match truncations(&db, &fragments).await {
@@ -80,6 +114,7 @@ pub async fn run(
             } else {
                 ("a watched table was truncated", "truncate")
             };
+            crate::deploy::wait_for_older(&db, &me, &shutdown).await;
             match sweep_if_elected(&db, &sink, &due, &settings, &shutdown).await {
                 Ok(Some(report)) => {
                     log_report(reason, &due, &report);

@@ -193,13 +193,79 @@ pub async fn notification_queue_usage(client: &Client) -> Result<f64, Error> {
         .get(0))
 }
 
-/// Registers a running listener (busy until it says otherwise).
-pub async fn register_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
+/// Who a running listener is: its id and the fragment versions it renders, as kept in
+/// `pgfresh.listeners`.
+#[derive(Clone, Debug)]
+pub struct ListenerIdentity {
+    /// Unique per process: `<host>:<pid>:<random>`.
+    pub id: String,
+    /// Names of the fragments it renders.
+    pub fragments: Vec<String>,
+    /// Their versions, in the same order.
+    pub versions: Vec<i64>,
+}
+
+/// How long a listener that stopped heartbeating still counts as running (three missed heartbeats).
+const LIVE_WITHIN: &str = "15 seconds";
+
+/// Registers a running listener (busy, not superseded, until it says otherwise).
+pub async fn register_listener(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO pgfresh.listeners (id) VALUES ($1)
-             ON CONFLICT (id) DO UPDATE SET idle = false, seen_at = now()",
-            &[&listener_id],
+            "INSERT INTO pgfresh.listeners (id, fragments, versions) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE
+             SET idle = false, superseded = false, seen_at = now(), fragments = $2, versions = $3",
+            &[&me.id, &me.fragments, &me.versions],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether a live listener other than `me` renders a newer version of one of `me`'s fragments.
+pub async fn is_superseded(client: &Client, me: &ListenerIdentity) -> Result<bool, Error> {
+    Ok(client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (
+                     SELECT FROM pgfresh.listeners l
+                     CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
+                     JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
+                     WHERE l.id <> $1 AND l.seen_at > now() - interval '{LIVE_WITHIN}'
+                       AND theirs.version > mine.version)"
+            ),
+            &[&me.id, &me.fragments, &me.versions],
+        )
+        .await?
+        .get(0))
+}
+
+/// Live listeners still applying changes with an older version of one of `me`'s fragments.
+pub async fn older_listeners_working(client: &Client, me: &ListenerIdentity) -> Result<i64, Error> {
+    Ok(client
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT l.id) FROM pgfresh.listeners l
+                 CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
+                 JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
+                 WHERE l.id <> $1 AND l.seen_at > now() - interval '{LIVE_WITHIN}'
+                   AND NOT l.superseded AND theirs.version < mine.version"
+            ),
+            &[&me.id, &me.fragments, &me.versions],
+        )
+        .await?
+        .get(0))
+}
+
+/// Records whether this listener has stood aside for a newer one.
+pub async fn set_superseded(
+    client: &Client,
+    listener_id: &str,
+    superseded: bool,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE pgfresh.listeners SET superseded = $2, seen_at = now() WHERE id = $1",
+            &[&listener_id, &superseded],
         )
         .await?;
     Ok(())
@@ -224,22 +290,32 @@ pub async fn set_listener_idle(
 
 /// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
 /// listener's counters. Re-registers a listener whose row vanished (a PostgreSQL crash empties the
-/// unlogged table) with its current idle flag; an existing row's flag is left to `set_listener_idle`,
-/// so a heartbeat racing a switch cannot undo it.
+/// unlogged table) with its current idle and superseded flags; an existing row's flags are left to
+/// `set_listener_idle` and `set_superseded`, so a heartbeat racing a switch cannot undo it.
 pub async fn heartbeat(
     client: &Client,
-    listener_id: &str,
+    me: &ListenerIdentity,
     idle: bool,
+    superseded: bool,
     changes_done: i64,
     refused_writes: i64,
 ) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO pgfresh.listeners (id, idle, changes_done, refused_writes)
-             VALUES ($1, $2, $3, $4)
+            "INSERT INTO pgfresh.listeners
+                 (id, idle, superseded, changes_done, refused_writes, fragments, versions)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
              ON CONFLICT (id) DO UPDATE
-             SET seen_at = now(), changes_done = $3, refused_writes = $4",
-            &[&listener_id, &idle, &changes_done, &refused_writes],
+             SET seen_at = now(), changes_done = $4, refused_writes = $5, fragments = $6, versions = $7",
+            &[
+                &me.id,
+                &idle,
+                &superseded,
+                &changes_done,
+                &refused_writes,
+                &me.fragments,
+                &me.versions,
+            ],
         )
         .await?;
     Ok(())

@@ -36,6 +36,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0002_truncate",
         sql: include_str!("../sql/migrations/0002_truncate.sql"),
     },
+    Migration {
+        version: 3,
+        name: "0003_fragment_versions",
+        sql: include_str!("../sql/migrations/0003_fragment_versions.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

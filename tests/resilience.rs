@@ -387,3 +387,94 @@ async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_
     listener.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_gone() {
+    let env = TestEnv::shop(8).await;
+    pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &env.fragments(),
+        &Default::default(),
+        &Default::default(),
+    )
+    .await
+    .unwrap();
+    let db = env.client().await;
+    let old_superseded = || async {
+        db.query_one(
+            "SELECT bool_and(superseded) FROM pgfresh.listeners WHERE versions = '{1}'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, Option<bool>>(0)
+    };
+    let cards = || async {
+        let mut cards = Vec::new();
+        for id in 1..=8 {
+            for variant in ["compact", "full"] {
+                cards.push(env.get(&env.key(id, variant)).await.unwrap_or_default());
+            }
+        }
+        cards
+    };
+    let old = env.start_listener(test_settings());
+    eventually("the old listener to register", || async {
+        old_superseded().await == Some(false)
+    })
+    .await;
+
+    // The new version starts beside it: the old one stands aside, the new one sweeps.
+    let card_v2 = AlteredCard {
+        render: |card, key, row, variant| {
+            maud::html! { div class="v2" { (card.render(key, row, variant)) } }
+        },
+        ..AlteredCard::new(&env, "product_card", 2)
+    };
+    let new = env.start_listener_with(Fragments::new().with(card_v2), test_settings());
+    eventually("the old listener to stand aside", || async {
+        old_superseded().await == Some(true)
+    })
+    .await;
+    eventually("the new markup everywhere", || async {
+        cards()
+            .await
+            .iter()
+            .all(|html| html.starts_with(r#"<div class="v2">"#))
+    })
+    .await;
+
+    // Changes from now on are applied by the new listener only, with the new markup. One commit per
+    // product and round, so that two listeners both applying changes would each take some.
+    for round in 1..=5 {
+        for id in 1..=8i64 {
+            db.execute(
+                "UPDATE products SET price_cents = price_cents + $1 WHERE id = $2",
+                &[&round, &id],
+            )
+            .await
+            .unwrap();
+        }
+    }
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    let after = cards().await;
+    assert!(
+        after
+            .iter()
+            .all(|html| html.starts_with(r#"<div class="v2">"#)),
+        "an old listener wrote old markup after the new version swept: {after:?}"
+    );
+
+    // Rollback: the new listener goes away; the old one resumes and brings its markup back.
+    new.stop().await;
+    eventually("the old listener to resume", || async {
+        old_superseded().await == Some(false)
+    })
+    .await;
+    for id in 1..=8 {
+        env.wait_fresh(id).await;
+    }
+    old.stop().await;
+    env.cleanup().await;
+}
