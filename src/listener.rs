@@ -297,7 +297,10 @@ async fn stand_aside(shared: &Shared) -> bool {
             Err(error) => Err(error),
         };
         match recorded {
-            Ok(()) => shared.stand_aside.set_recorded(requested),
+            Ok(()) => {
+                shared.stand_aside.set_recorded(requested);
+                shared.board.standing_aside(requested);
+            }
             Err(error) => tracing::debug!(%error, "cannot record standing aside"),
         }
     }

@@ -49,6 +49,8 @@ pub struct BoardView {
     pub fragments: BTreeMap<String, RefreshStats>,
     /// Changes settled since start.
     pub changes_applied: u64,
+    /// Whether the listener stands aside for one with newer fragment versions.
+    pub standing_aside: bool,
 }
 
 /// The listener's status board.
@@ -63,6 +65,7 @@ struct Inner {
     last_sweep: Option<LastSweep>,
     fragments: BTreeMap<String, RefreshStats>,
     changes_applied: u64,
+    standing_aside: bool,
 }
 
 impl Default for StatusBoard {
@@ -113,6 +116,11 @@ impl StatusBoard {
         });
     }
 
+    /// Notes whether the listener stands aside for a newer one.
+    pub fn standing_aside(&self, standing_aside: bool) {
+        self.inner.lock().expect("status board lock").standing_aside = standing_aside;
+    }
+
     /// A copy of everything, for the page.
     pub fn view(&self) -> BoardView {
         let inner = self.inner.lock().expect("status board lock");
@@ -122,6 +130,7 @@ impl StatusBoard {
             last_sweep: inner.last_sweep.clone(),
             fragments: inner.fragments.clone(),
             changes_applied: inner.changes_applied,
+            standing_aside: inner.standing_aside,
         }
     }
 }
@@ -150,6 +159,12 @@ pub fn page(
                     @match problem {
                         None => p class="ok" { "PostgreSQL LISTEN session up, Redis answering." },
                         Some(problem) => p class="bad" { (problem) },
+                    }
+                    @if board.standing_aside {
+                        p class="bad" {
+                            "Standing aside: a listener with a newer version of these fragments is running. "
+                            "This one applies no changes until it is gone."
+                        }
                     }
                 }
                 section {
@@ -215,3 +230,19 @@ fn ago(at: SystemTime) -> String {
 const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em;max-width:70em}\
 h1 small{font-weight:normal;color:#666}table{border-collapse:collapse}\
 td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}.ok{color:#176117}.bad{color:#a31515}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_page_says_when_the_listener_stands_aside() {
+        let board = StatusBoard::default();
+        let queue = Err("not asked".to_string());
+        let before = page("me", None, &queue, &board.view()).into_string();
+        assert!(!before.contains("Standing aside"));
+        board.standing_aside(true);
+        let during = page("me", None, &queue, &board.view()).into_string();
+        assert!(during.contains("Standing aside: a listener with a newer version"));
+    }
+}
