@@ -155,6 +155,7 @@ pub async fn run(
         None => None,
     };
     queue::register_listener(&*shared.db.get().await?, &shared.me).await?;
+    crate::telemetry::standing_aside(false);
     tracing::info!(
         listener = %shared.me.id,
         fragments = %shared.fragments.names(),
@@ -300,6 +301,7 @@ async fn stand_aside(shared: &Shared) -> bool {
             Ok(()) => {
                 shared.stand_aside.set_recorded(requested);
                 shared.board.standing_aside(requested);
+                crate::telemetry::standing_aside(requested);
             }
             Err(error) => tracing::debug!(%error, "cannot record standing aside"),
         }

@@ -155,3 +155,8 @@ pub fn swept(reason: &'static str, repaired: u64) {
     counter!("pgfresh_sweeps_total", "reason" => reason).increment(1);
     counter!("pgfresh_sweep_repaired_total").increment(repaired);
 }
+
+/// Records whether the listener stands aside for one with newer fragment versions (1) or works (0).
+pub fn standing_aside(standing_aside: bool) {
+    gauge!("pgfresh_standing_aside").set(if standing_aside { 1.0 } else { 0.0 });
+}

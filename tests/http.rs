@@ -63,6 +63,7 @@ async fn metrics_health_and_readiness_are_served() {
         "pgfresh_queue_oldest_seconds",
         "pgfresh_parked_changes",
         "pgfresh_notification_queue_usage",
+        "pgfresh_standing_aside",
     ];
     // Queue gauges come with the next heartbeat, a few seconds on.
     eventually("every metric in the scrape", || async {
