@@ -285,8 +285,9 @@ impl Bench {
                 .await?;
             let mut sorted = samples.latencies.clone();
             sorted.sort();
+            let stale = stale_cards(&db, &sink, &samples.touched).await?;
             println!(
-                "latency at {rate}/s: {} updates, p50 {}, p99 {}, max {}{}",
+                "latency at {rate}/s: {} updates, p50 {}, p99 {}, max {}{}; {} products touched, {stale} stale after the queue drained",
                 sorted.len(),
                 ms(percentile(&sorted, 0.50)),
                 ms(percentile(&sorted, 0.99)),
@@ -296,6 +297,7 @@ impl Bench {
                 } else {
                     String::new()
                 },
+                samples.touched.len(),
             );
         }
         listener.stop().await
@@ -305,6 +307,7 @@ impl Bench {
         // seq -> (product, time just before COMMIT); resolved when Redis shows that name or a later one.
         let pending: Arc<Mutex<HashMap<u64, (i64, Instant)>>> = Arc::default();
         let results: Arc<Mutex<Vec<Duration>>> = Arc::default();
+        let touched: Arc<Mutex<std::collections::BTreeSet<i64>>> = Arc::default();
         let watcher = self
             .watch_keyspace(pending.clone(), results.clone())
             .await?;
@@ -314,6 +317,7 @@ impl Bench {
         for writer in 0..writers {
             let client = connect(url).await?;
             let pending = pending.clone();
+            let touched = touched.clone();
             let period = Duration::from_secs_f64(f64::from(writers) / f64::from(rate));
             tasks.push(tokio::spawn(async move {
                 let mut client = client;
@@ -332,6 +336,7 @@ impl Bench {
                     )
                     .await?;
                     pending.lock().unwrap().insert(seq, (id, Instant::now()));
+                    touched.lock().unwrap().insert(id);
                     txn.commit().await?;
                 }
                 Ok::<(), anyhow::Error>(())
@@ -348,7 +353,12 @@ impl Bench {
         let missing = pending.lock().unwrap().len();
         pending.lock().unwrap().clear();
         let latencies = std::mem::take(&mut *results.lock().unwrap());
-        Ok(Latencies { latencies, missing })
+        let touched = std::mem::take(&mut *touched.lock().unwrap());
+        Ok(Latencies {
+            latencies,
+            missing,
+            touched,
+        })
     }
 
     /// Subscribes to SETs of compact cards; resolves every pending update the new value covers.
@@ -591,6 +601,8 @@ impl Bench {
 struct Latencies {
     latencies: Vec<Duration>,
     missing: usize,
+    /// Every product updated.
+    touched: std::collections::BTreeSet<i64>,
 }
 
 /// Starts a listener in this process with default settings but no periodic sweep, after telling it
@@ -684,4 +696,42 @@ async fn pgbench(url: &str, script: &std::path::Path) -> Result<f64> {
                 String::from_utf8_lossy(&out.stderr)
             )
         })
+}
+
+/// How many of these products' compact cards in Redis differ from a render of the database now:
+/// after the queue has drained this must be 0, or a change was lost.
+async fn stale_cards(
+    db: &Database,
+    sink: &RedisSink,
+    ids: &std::collections::BTreeSet<i64>,
+) -> Result<usize> {
+    let client = db.get().await?;
+    let card = ProductCard::with_key_prefix(PREFIX);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < deadline {
+        let queued: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.changes", &[])
+            .await?
+            .get(0);
+        if queued == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ids: Vec<i64> = ids.iter().copied().collect();
+    let mut stale = 0;
+    for chunk in ids.chunks(1000) {
+        let rows = card.load(&client, chunk).await?;
+        let keys: Vec<String> = rows
+            .iter()
+            .map(|(id, _)| card.redis_key(id, "compact"))
+            .collect();
+        let stored = sink.get_many(&keys).await?;
+        for ((id, row), stored) in rows.iter().zip(stored) {
+            if stored.as_deref() != Some(card.render(id, row, "compact").into_string().as_str()) {
+                stale += 1;
+            }
+        }
+    }
+    Ok(stale)
 }
