@@ -12,6 +12,10 @@ use crate::listener::Shared;
 use crate::queue::{self, Failure};
 use crate::refresh::{RefreshStats, refresh};
 
+/// A batch taking this long is logged as a warning with where its time went: changes normally reach
+/// Redis within milliseconds.
+const SLOW_BATCH: Duration = Duration::from_secs(1);
+
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
 /// changes it claimed. On an error the transaction rolls back and the batch stays queued.
 pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
@@ -86,15 +90,27 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     if !deferred.is_empty() {
         shared.wake_by(Instant::now() + defer_for);
     }
-    tracing::debug!(
-        changes = claim.changes.len(),
-        rendered = ids_by_change.len(),
-        deferred = deferred.len(),
-        claim = ?claimed_at,
-        render = ?(rendered_at - claimed_at),
-        settle = ?(started.elapsed() - rendered_at),
-        "batch applied"
-    );
+    let (render, settle) = (rendered_at - claimed_at, started.elapsed() - rendered_at);
+    if started.elapsed() >= SLOW_BATCH {
+        tracing::warn!(
+            changes = claim.changes.len(),
+            rendered = ids_by_change.len(),
+            claim = ?claimed_at,
+            render = ?render,
+            settle = ?settle,
+            "slow batch: its changes reached Redis late"
+        );
+    } else {
+        tracing::debug!(
+            changes = claim.changes.len(),
+            rendered = ids_by_change.len(),
+            deferred = deferred.len(),
+            claim = ?claimed_at,
+            render = ?render,
+            settle = ?settle,
+            "batch applied"
+        );
+    }
     shared.counters.add(settled, &stats);
     shared.board.applied(settled);
     Ok((claim.changes.len(), stats))
