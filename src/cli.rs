@@ -299,6 +299,9 @@ pub async fn execute(
             schema::ensure_installed(&db).await?;
             let sink = connections.redis().await?;
             let settings = sweep_settings(&args.tuning, args.fragment);
+            // Read before sweeping: the sweep covers the TRUNCATEs recorded so far whose fragments it
+            // sweeps.
+            let truncated = crate::maintenance::truncations(&db, fragments).await?;
             let progress = crate::progress::SweepProgress::for_stderr();
             let report = crate::sweep::run_with_progress(
                 &db,
@@ -309,6 +312,14 @@ pub async fn execute(
                 &progress,
             )
             .await?;
+            let swept: Vec<&str> = match &settings.only {
+                Some(name) => vec![name.as_str()],
+                None => fragments.iter().map(|f| f.name()).collect(),
+            };
+            let covered = truncated.covered_by(&swept);
+            if report.succeeded() && !covered.is_empty() {
+                crate::maintenance::settle_truncations(&db, &covered).await?;
+            }
             println!("{report}");
             Ok(if report.succeeded() {
                 ExitCode::SUCCESS

@@ -120,9 +120,11 @@ pub async fn run(
                     log_report(reason, &due, &report);
                     crate::telemetry::swept(label, report.stats.written + report.orphans_deleted);
                     board.swept(label, report.to_string(), report.succeeded());
+                    let swept: Vec<&str> = due.iter().map(|f| f.name()).collect();
+                    let covered = truncated.covered_by(&swept);
                     if report.succeeded()
-                        && !truncated.ids.is_empty()
-                        && let Err(error) = settle_truncations(&db, &truncated.ids).await
+                        && !covered.is_empty()
+                        && let Err(error) = settle_truncations(&db, &covered).await
                     {
                         tracing::warn!(%error, "cannot settle swept truncations; they will be swept again");
                     }
@@ -145,12 +147,28 @@ pub async fn run(
 /// and the fragments that subscribe to their topics. Rows of topics no fragment here handles are left
 /// for a binary that does.
 #[derive(Default)]
-struct Truncations {
-    ids: Vec<i64>,
-    fragments: Vec<Arc<dyn DynFragment>>,
+pub(crate) struct Truncations {
+    /// Each recorded TRUNCATE: its id, and the fragments that subscribe to its topic.
+    rows: Vec<(i64, Vec<String>)>,
+    /// Every fragment that subscribes to a truncated topic.
+    pub(crate) fragments: Vec<Arc<dyn DynFragment>>,
 }
 
-async fn truncations(db: &Database, fragments: &Fragments) -> Result<Truncations, Error> {
+impl Truncations {
+    /// The TRUNCATEs that a successful sweep of the fragments named `swept` covers.
+    pub(crate) fn covered_by(&self, swept: &[&str]) -> Vec<i64> {
+        self.rows
+            .iter()
+            .filter(|(_, subscribers)| subscribers.iter().all(|s| swept.contains(&s.as_str())))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+}
+
+pub(crate) async fn truncations(
+    db: &Database,
+    fragments: &Fragments,
+) -> Result<Truncations, Error> {
     let rows = db
         .get()
         .await?
@@ -166,7 +184,8 @@ async fn truncations(db: &Database, fragments: &Fragments) -> Result<Truncations
         if subscribers.is_empty() {
             continue;
         }
-        truncated.ids.push(row.get(0));
+        let names = subscribers.iter().map(|f| f.name().to_string()).collect();
+        truncated.rows.push((row.get(0), names));
         for fragment in subscribers {
             if !truncated
                 .fragments
@@ -181,7 +200,7 @@ async fn truncations(db: &Database, fragments: &Fragments) -> Result<Truncations
 }
 
 /// Deletes exactly the truncations a sweep covered: one committed meanwhile keeps its row.
-async fn settle_truncations(db: &Database, ids: &[i64]) -> Result<(), Error> {
+pub(crate) async fn settle_truncations(db: &Database, ids: &[i64]) -> Result<(), Error> {
     db.get()
         .await?
         .execute(

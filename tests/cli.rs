@@ -272,3 +272,42 @@ async fn redis_over_tls_works_with_a_rediss_url() {
     assert_one_clear_error(&untrusted, "cannot connect to Redis at rediss://127.0.0.1:");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_sweep_from_the_command_line_settles_the_truncations_it_covers() {
+    let redis = common::servers::TempRedis::start();
+    let env = TestEnv::shop(4).await;
+    let db = env.client().await;
+    db.batch_execute("TRUNCATE reviews").await.unwrap();
+    let recorded = || async {
+        db.query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(recorded().await, 1);
+
+    // A topic no fragment of this binary handles is left for a binary that does.
+    db.batch_execute("INSERT INTO pgfresh.truncations (topic, table_oid) VALUES ('elsewhere', 0)")
+        .await
+        .unwrap();
+    let one = run(
+        &shop_binary(),
+        &env.url,
+        &redis.url(),
+        &["sweep", "--fragment", "product_card"],
+    );
+    assert!(one.status.success(), "{}", stderr(&one));
+    assert_eq!(
+        recorded().await,
+        1,
+        "the shop's one fragment was swept: only the foreign topic's row is left"
+    );
+    let status = run(&shop_binary(), &env.url, &redis.url(), &["status"]);
+    assert!(
+        stdout(&status).contains("1 truncated tables awaiting a sweep"),
+        "{}",
+        stdout(&status)
+    );
+    env.cleanup().await;
+}
