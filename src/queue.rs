@@ -205,8 +205,13 @@ pub struct ListenerIdentity {
     pub versions: Vec<i64>,
 }
 
-/// How long a listener that stopped heartbeating still counts as running (three missed heartbeats).
-const LIVE_WITHIN: &str = "15 seconds";
+/// The live listeners other than `me` ($1) rendering a fragment `me` renders too (names $2, versions
+/// $3), one row per shared fragment: `theirs.version` against `mine.version`. A listener that stopped
+/// heartbeating counts as live for 15 seconds (three missed heartbeats).
+const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
+     CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
+     JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
+     WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'";
 
 /// Registers a running listener (busy, not superseded, until it says otherwise).
 pub async fn register_listener(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
@@ -226,12 +231,8 @@ pub async fn is_superseded(client: &Client, me: &ListenerIdentity) -> Result<boo
     Ok(client
         .query_one(
             &format!(
-                "SELECT EXISTS (
-                     SELECT FROM pgfresh.listeners l
-                     CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
-                     JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
-                     WHERE l.id <> $1 AND l.seen_at > now() - interval '{LIVE_WITHIN}'
-                       AND theirs.version > mine.version)"
+                "SELECT EXISTS (SELECT {OTHERS_SHARING_MY_FRAGMENTS}
+                 AND theirs.version > mine.version)"
             ),
             &[&me.id, &me.fragments, &me.versions],
         )
@@ -244,11 +245,8 @@ pub async fn older_listeners_working(client: &Client, me: &ListenerIdentity) -> 
     Ok(client
         .query_one(
             &format!(
-                "SELECT count(DISTINCT l.id) FROM pgfresh.listeners l
-                 CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
-                 JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
-                 WHERE l.id <> $1 AND l.seen_at > now() - interval '{LIVE_WITHIN}'
-                   AND NOT l.superseded AND theirs.version < mine.version"
+                "SELECT count(DISTINCT l.id) {OTHERS_SHARING_MY_FRAGMENTS}
+                 AND NOT l.superseded AND theirs.version < mine.version"
             ),
             &[&me.id, &me.fragments, &me.versions],
         )

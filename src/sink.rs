@@ -420,26 +420,24 @@ impl RedisSink {
     /// Redis has no record of it: never swept, or emptied since (restart, FLUSHALL, failover). In a
     /// cluster, one answer per master: each may have lost its data on its own.
     pub async fn fragment_markers(&self, key_prefix: &str) -> Result<Vec<Option<u32>>, Error> {
-        let mut markers = Vec::new();
-        for anchor in self.anchors().await? {
-            markers.push(
-                redis::cmd("GET")
-                    .arg(self.layout.marker(key_prefix, anchor))
-                    .query_async(&mut self.connection.clone())
-                    .await?,
-            );
-        }
-        Ok(markers)
+        let keys: Vec<String> = self
+            .anchors()
+            .await?
+            .into_iter()
+            .map(|anchor| self.layout.marker(key_prefix, anchor))
+            .collect();
+        // One MGET; a cluster connection splits it by slot and puts the answers back in order.
+        Ok(redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut self.connection.clone())
+            .await?)
     }
 
     /// Notes that a sweep of a fragment starts; hand the token to [`RedisSink::finish_sweep`].
     pub async fn start_sweep(&self, key_prefix: &str) -> Result<String, Error> {
         let token = format!("{:016x}", fastrand::u64(..));
         for anchor in self.anchors().await? {
-            let _: () = redis::cmd("SET")
-                .arg(self.layout.canary(key_prefix, anchor))
-                .arg(&token)
-                .query_async(&mut self.connection.clone())
+            self.set(&self.layout.canary(key_prefix, anchor), &token)
                 .await?;
         }
         Ok(token)
@@ -473,12 +471,19 @@ impl RedisSink {
     /// Redis by other means).
     pub async fn set_fragment_marker(&self, key_prefix: &str, version: u32) -> Result<(), Error> {
         for anchor in self.anchors().await? {
-            let _: () = redis::cmd("SET")
-                .arg(self.layout.marker(key_prefix, anchor))
-                .arg(version)
-                .query_async(&mut self.connection.clone())
+            self.set(&self.layout.marker(key_prefix, anchor), version)
                 .await?;
         }
+        Ok(())
+    }
+
+    /// One SET (not MSET: a least-privilege ACL need not allow it).
+    async fn set(&self, key: &str, value: impl redis::ToRedisArgs) -> Result<(), Error> {
+        let _: () = redis::cmd("SET")
+            .arg(key)
+            .arg(value)
+            .query_async(&mut self.connection.clone())
+            .await?;
         Ok(())
     }
 

@@ -31,14 +31,15 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 pub type TlsStream = <MakeRustlsConnect as MakeTlsConnect<Socket>>::Stream;
 
 /// How much of the server's certificate is checked.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub enum Verify {
     /// Nothing (`prefer`, `require`, or no TLS at all).
     Nothing,
-    /// The chain leads to a trusted root (`verify-ca`).
-    Chain,
-    /// The chain leads to a trusted root and the certificate names the host (`verify-full`).
-    ChainAndName,
+    /// The chain leads to one of these trusted roots (`verify-ca`).
+    Chain(Arc<RootCertStore>),
+    /// The chain leads to one of these trusted roots and the certificate names the host
+    /// (`verify-full`).
+    ChainAndName(Arc<RootCertStore>),
 }
 
 /// A PostgreSQL URL's TLS settings, and the URL as tokio-postgres can parse it.
@@ -49,8 +50,6 @@ pub struct PostgresTls {
     pub asks_for_tls: bool,
     /// What is checked of the server's certificate.
     pub verify: Verify,
-    /// The trusted roots, when something is verified.
-    roots: Option<Arc<RootCertStore>>,
 }
 
 impl PostgresTls {
@@ -58,25 +57,21 @@ impl PostgresTls {
     /// when a `verify-*` mode needs them. The error is one line saying what to fix.
     pub fn from_url(url: &str) -> Result<Self, String> {
         let (url, params) = take_params(url);
+        let roots = || load_roots(params.sslrootcert.as_deref()).map(Arc::new);
         let verify = match params.sslmode.as_deref() {
             None | Some("disable" | "prefer" | "require") => Verify::Nothing,
-            Some("verify-ca") => Verify::Chain,
-            Some("verify-full") => Verify::ChainAndName,
+            Some("verify-ca") => Verify::Chain(roots()?),
+            Some("verify-full") => Verify::ChainAndName(roots()?),
             Some(other) => {
                 return Err(format!(
                     "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
                 ));
             }
         };
-        let roots = match verify {
-            Verify::Nothing => None,
-            _ => Some(Arc::new(load_roots(params.sslrootcert.as_deref())?)),
-        };
         Ok(Self {
             url,
             asks_for_tls: params.sslmode.is_some(),
             verify,
-            roots,
         })
     }
 
@@ -86,17 +81,21 @@ impl PostgresTls {
         let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_safe_default_protocol_versions()
             .expect("ring supports the default TLS versions");
-        let verifier: Arc<dyn ServerCertVerifier> = match (&self.roots, self.verify) {
-            (Some(roots), Verify::Chain | Verify::ChainAndName) => {
-                let webpki = WebPkiServerVerifier::builder_with_provider(roots.clone(), provider)
-                    .build()
-                    .expect("a non-empty root store builds a verifier");
-                match self.verify {
-                    Verify::Chain => Arc::new(ChainOnly(webpki)),
-                    _ => webpki,
-                }
-            }
-            _ => Arc::new(EncryptOnly(provider)),
+        let webpki = |roots: &Arc<RootCertStore>| {
+            WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
+                .build()
+                .expect("a non-empty root store builds a verifier")
+        };
+        let verifier: Arc<dyn ServerCertVerifier> = match &self.verify {
+            Verify::ChainAndName(roots) => webpki(roots),
+            Verify::Chain(roots) => Arc::new(Lenient {
+                chain: Some(webpki(roots)),
+                provider: provider.clone(),
+            }),
+            Verify::Nothing => Arc::new(Lenient {
+                chain: None,
+                provider: provider.clone(),
+            }),
         };
         let config = builder
             .dangerous()
@@ -237,11 +236,16 @@ fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String
         .map_err(|e| format!("not PEM certificates ({e})"))
 }
 
-/// `sslmode=verify-ca`: the chain is verified as for `verify-full`, but any name is accepted.
+/// The modes that check less than `verify-full`, as libpq does them. The handshake's signatures are
+/// always checked. `verify-ca` (`chain` given) verifies the certificate chain as `verify-full` does but
+/// accepts any name; `prefer`/`require` (no `chain`) verify neither chain nor name.
 #[derive(Debug)]
-struct ChainOnly(Arc<WebPkiServerVerifier>);
+struct Lenient {
+    chain: Option<Arc<WebPkiServerVerifier>>,
+    provider: Arc<CryptoProvider>,
+}
 
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for Lenient {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -250,11 +254,11 @@ impl ServerCertVerifier for ChainOnly {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        let Some(chain) = &self.chain else {
+            return Ok(ServerCertVerified::assertion());
+        };
         // The name is checked only after the chain: a name error means the chain was good.
-        match self
-            .0
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
-        {
+        match chain.verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now) {
             Err(rustls::Error::InvalidCertificate(
                 CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. },
             )) => Ok(ServerCertVerified::assertion()),
@@ -268,51 +272,11 @@ impl ServerCertVerifier for ChainOnly {
         cert: &CertificateDer<'_>,
         signature: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls12_signature(message, cert, signature)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.0.verify_tls13_signature(message, cert, signature)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.supported_verify_schemes()
-    }
-}
-
-/// `sslmode=prefer`/`require` as libpq does them: the handshake's signatures are checked, the
-/// certificate chain and name are not.
-#[derive(Debug)]
-struct EncryptOnly(Arc<CryptoProvider>);
-
-impl ServerCertVerifier for EncryptOnly {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        signature: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
         rustls::crypto::verify_tls12_signature(
             message,
             cert,
             signature,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
@@ -326,12 +290,14 @@ impl ServerCertVerifier for EncryptOnly {
             message,
             cert,
             signature,
-            &self.0.signature_verification_algorithms,
+            &self.provider.signature_verification_algorithms,
         )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 

@@ -7,8 +7,6 @@ use std::process::Command;
 
 use common::servers::TempRedisCluster;
 use common::{TestEnv, eventually, product_card, shop_binary, test_settings};
-use pgfresh::config::SweepSettings;
-use pgfresh::shutdown::Shutdown;
 use pgfresh::sink::{RedisSink, Write, WriteResult};
 
 async fn cluster_env(cluster: &TempRedisCluster, products: i64) -> TestEnv {
@@ -42,15 +40,7 @@ async fn the_sweep_and_the_listener_keep_a_cluster_fresh() {
     let orphan = env.key(999, "compact");
     env.set(&orphan, "<p>a product that is gone</p>").await;
 
-    let report = pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &SweepSettings::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sweep().await;
     assert!(report.succeeded(), "{report}");
     assert_eq!(env.keys().await.len(), 120, "two variants of 60 products");
     assert_eq!(
@@ -132,15 +122,7 @@ async fn a_master_restarted_empty_is_refilled() {
     let env = cluster_env(&cluster, 40).await;
     let listener = env.start_listener(test_settings());
     // The marker set by the test setup says Redis is full; the first sweep fills it.
-    pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &SweepSettings::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    env.sweep().await;
     assert_eq!(env.keys().await.len(), 80);
 
     // One master loses everything; the other two keep their entries and their markers.
@@ -204,15 +186,7 @@ async fn the_command_line_sweeps_a_cluster_and_refuses_a_node_without_the_flag()
 async fn a_master_failing_over_to_its_replica_loses_no_change() {
     let mut cluster = TempRedisCluster::start_with_replicas();
     let env = cluster_env(&cluster, 30).await;
-    pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &SweepSettings::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    env.sweep().await;
     let listener = env.start_listener(test_settings());
     let role = Command::new("redis-cli")
         .args(["-p", &cluster.nodes[0].port.to_string(), "ROLE"])

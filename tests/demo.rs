@@ -34,15 +34,7 @@ async fn get_page(port: u16) -> Option<String> {
 #[tokio::test]
 async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() {
     let env = TestEnv::shop(12).await;
-    pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &Default::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    env.sweep().await;
     env.del(&env.key(5, "compact")).await;
 
     let card = product_card::ProductCard::with_key_prefix(env.prefix.clone());

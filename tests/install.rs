@@ -6,7 +6,6 @@ mod common;
 use common::TestEnv;
 use common::servers::{TempPostgres, TempRedis, make_certificates};
 use common::test_settings;
-use pgfresh::shutdown::Shutdown;
 use std::process::Command;
 
 /// Every object that belongs to pgfresh: its schema, anything in it, and triggers calling into it.
@@ -515,15 +514,7 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
     let url = format!("redis://pgfresh:s3cret@127.0.0.1:{}", redis.port);
 
     let env = TestEnv::shop_with_redis(4, &url).await;
-    let report = pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &Default::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sweep().await;
     assert!(report.succeeded(), "{report}");
     let cards = Command::new("redis-cli")
         .args(["-p", &redis.port.to_string(), "--scan", "--pattern"])

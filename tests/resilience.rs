@@ -352,15 +352,7 @@ async fn notifications_from_anyone_are_only_hints() {
 #[tokio::test]
 async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_once() {
     let env = TestEnv::shop(5).await;
-    pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &Default::default(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    env.sweep().await;
     // Version 2 of the card, with new markup: what a deploy of changed fragment code looks like.
     let card_v2 = AlteredCard {
         render: |card, key, row, variant| {
@@ -391,15 +383,7 @@ async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_
 #[tokio::test]
 async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_gone() {
     let env = TestEnv::shop(8).await;
-    pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &Default::default(),
-        &Default::default(),
-    )
-    .await
-    .unwrap();
+    env.sweep().await;
     let db = env.client().await;
     let old_superseded = || async {
         db.query_one(

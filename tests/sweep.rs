@@ -8,24 +8,6 @@ use common::TestEnv;
 use pgfresh::config::SweepSettings;
 use pgfresh::shutdown::Shutdown;
 
-async fn try_sweep(
-    env: &TestEnv,
-    settings: SweepSettings,
-) -> Result<pgfresh::sweep::SweepReport, pgfresh::Error> {
-    pgfresh::sweep::run(
-        &env.db,
-        &env.sink,
-        &env.fragments(),
-        &settings,
-        &Shutdown::new(),
-    )
-    .await
-}
-
-async fn sweep(env: &TestEnv, settings: SweepSettings) -> pgfresh::sweep::SweepReport {
-    try_sweep(env, settings).await.unwrap()
-}
-
 /// Small pages, so that a few products span several pages run concurrently.
 fn small_pages() -> SweepSettings {
     SweepSettings {
@@ -38,7 +20,7 @@ fn small_pages() -> SweepSettings {
 #[tokio::test]
 async fn a_sweep_fills_redis_then_repairs_deleted_and_corrupted_entries_and_removes_orphans() {
     let env = TestEnv::shop(30).await;
-    let first = sweep(&env, small_pages()).await;
+    let first = env.try_sweep(small_pages()).await.unwrap();
     assert_eq!(
         (
             first.stats.rendered,
@@ -71,7 +53,7 @@ async fn a_sweep_fills_redis_then_repairs_deleted_and_corrupted_entries_and_remo
         .await
         .unwrap();
 
-    let second = sweep(&env, small_pages()).await;
+    let second = env.try_sweep(small_pages()).await.unwrap();
     assert_eq!(second.stats.rendered, 58);
     assert_eq!(
         second.stats.written, 2,
@@ -112,7 +94,7 @@ async fn sweeping_an_unknown_fragment_fails_with_the_names_there_are() {
         only: Some("nope".into()),
         ..SweepSettings::default()
     };
-    let error = try_sweep(&env, settings).await.unwrap_err();
+    let error = env.try_sweep(settings).await.unwrap_err();
     assert_eq!(
         error.to_string(),
         "no fragment named \"nope\"; this binary has: product_card"

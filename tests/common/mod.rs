@@ -128,6 +128,26 @@ impl TestEnv {
         env
     }
 
+    /// A full sweep of this test's fragments with `settings`.
+    pub async fn try_sweep(
+        &self,
+        settings: pgfresh::config::SweepSettings,
+    ) -> Result<pgfresh::sweep::SweepReport, pgfresh::Error> {
+        pgfresh::sweep::run(
+            &self.db,
+            &self.sink,
+            &self.fragments(),
+            &settings,
+            &Shutdown::new(),
+        )
+        .await
+    }
+
+    /// A full sweep of this test's fragments with the default settings.
+    pub async fn sweep(&self) -> pgfresh::sweep::SweepReport {
+        self.try_sweep(Default::default()).await.expect("sweep")
+    }
+
     pub fn marker_key(&self) -> String {
         format!("pgfresh:fragment:{}", self.prefix)
     }
