@@ -165,7 +165,7 @@ impl TestEnv {
         connect(&self.url).await
     }
 
-    /// Reads a key, riding out the reconnect after a Redis restart.
+    /// Reads a key, riding out the reconnect after a Redis restart or a cluster failover.
     pub async fn get(&self, key: &str) -> Option<String> {
         let deadline = Instant::now() + PATIENCE;
         loop {
@@ -177,7 +177,10 @@ impl TestEnv {
                 Ok(value) => return value,
                 Err(error)
                     if Instant::now() < deadline
-                        && (error.is_io_error() || error.is_connection_dropped()) =>
+                        && (error.is_io_error()
+                            || error.is_connection_dropped()
+                            || error.is_timeout()
+                            || error.is_cluster_error()) =>
                 {
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
