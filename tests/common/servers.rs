@@ -338,6 +338,9 @@ impl Drop for TempRedis {
 pub struct TempRedisCluster {
     pub nodes: Vec<TempRedis>,
     dir: PathBuf,
+    /// Ports of killed masters, kept bound (not listening) so that no other test's server takes them
+    /// over: a client still routing there is refused at once, as it would be by a dead host.
+    held: Vec<tokio::net::TcpSocket>,
 }
 
 impl TempRedisCluster {
@@ -381,7 +384,11 @@ impl TempRedisCluster {
             .status()
             .expect("redis-cli runs");
         assert!(status.success(), "redis-cli --cluster create");
-        let cluster = TempRedisCluster { nodes, dir };
+        let cluster = TempRedisCluster {
+            nodes,
+            dir,
+            held: Vec::new(),
+        };
         cluster.wait_until_ok();
         cluster
     }
@@ -399,6 +406,12 @@ impl TempRedisCluster {
     /// live masters and a healthy cluster.
     pub fn kill_master_and_wait_for_failover(&mut self, index: usize) {
         self.nodes[index].stop();
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_reuseaddr(true).unwrap();
+        socket
+            .bind(([127, 0, 0, 1], self.nodes[index].port).into())
+            .expect("hold the killed master's port");
+        self.held.push(socket);
         let dead = format!(":{}@", self.nodes[index].port);
         let port = self.nodes.iter().find(|n| n.child.is_some()).unwrap().port;
         wait_until("a replica to take over", || {
