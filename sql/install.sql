@@ -28,4 +28,9 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 3) AS pgfresh_
 \ir migrations/0003_fragment_versions.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 4) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0004_least_privilege.sql
+\endif
+
 COMMIT;

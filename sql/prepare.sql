@@ -1,10 +1,130 @@
 -- pgfresh: what every install runs first, before any migration.
 --
--- Idempotent. It serialises concurrent installs with a transaction-scoped advisory lock, creates the
--- pgfresh schema and the table that records which numbered migrations this database has applied.
--- install.sql (psql) and `pgfresh install` (the binary) both run this file unchanged.
+-- Idempotent. It serialises concurrent installs with a transaction-scoped advisory lock, refuses a
+-- pgfresh schema or role that someone else prepared, creates the role pgfresh_capture that owns the
+-- capture code, the pgfresh schema and the table that records which numbered migrations this database
+-- has applied. install.sql (psql) and `pgfresh install` (the binary) both run this file unchanged.
 
 DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install')); END $$;
+
+-- Refuse to adopt a pgfresh schema that pgfresh did not create. Whoever owns the schema, or may create
+-- objects in it, can replace pgfresh's tables and functions (a schema owner may even drop objects it
+-- does not own), and the triggers and the DBA would then run their code. So the schema must belong to
+-- the installing role or to a superuser, nobody else may CREATE in it, and everything in it must belong
+-- to its owner, a superuser, or pgfresh_capture (the capture functions).
+DO $$
+DECLARE
+    schema_oid   oid;
+    schema_owner oid;
+    stranger     text;
+BEGIN
+    SELECT n.oid, n.nspowner INTO schema_oid, schema_owner
+    FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgfresh';
+    IF NOT FOUND THEN
+        RETURN;
+    END IF;
+    IF schema_owner <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+       AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = schema_owner) THEN
+        RAISE EXCEPTION 'pgfresh install: schema pgfresh belongs to role %, neither you (%) nor a superuser, so pgfresh did not create it and will not adopt it',
+            schema_owner::regrole, current_user
+            USING HINT = 'Inspect it, then drop or rename it; or, if that role is your DBA role, run install as it.';
+    END IF;
+
+    SELECT pg_catalog.format('role %s may create objects in schema pgfresh',
+                             CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END)
+    INTO stranger
+    FROM pg_catalog.pg_namespace n, pg_catalog.aclexplode(n.nspacl) a
+    WHERE n.oid = schema_oid AND a.privilege_type = 'CREATE' AND a.grantee <> n.nspowner
+    LIMIT 1;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: %, and could replace pgfresh''s objects', stranger
+            USING HINT = 'REVOKE CREATE ON SCHEMA pgfresh FROM that role, then install again.';
+    END IF;
+
+    SELECT pg_catalog.format('%s %s belongs to role %s', kind, name, owner::regrole)
+    INTO stranger
+    FROM (
+        SELECT 'relation' AS kind, c.relname::text AS name, c.relowner AS owner
+        FROM pg_catalog.pg_class c WHERE c.relnamespace = schema_oid
+        UNION ALL
+        SELECT 'function', p.oid::regprocedure::text, p.proowner
+        FROM pg_catalog.pg_proc p WHERE p.pronamespace = schema_oid
+        UNION ALL
+        SELECT 'type', t.typname::text, t.typowner
+        FROM pg_catalog.pg_type t WHERE t.typnamespace = schema_oid
+        UNION ALL
+        SELECT 'operator', o.oid::regoperator::text, o.oprowner
+        FROM pg_catalog.pg_operator o WHERE o.oprnamespace = schema_oid
+    ) AS object
+    WHERE owner <> schema_owner
+      AND owner <> (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user)
+      AND NOT (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.oid = owner)
+      AND NOT (kind = 'function'
+               AND owner = (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgfresh_capture'))
+    LIMIT 1;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: in schema pgfresh, %, so pgfresh did not create it', stranger
+            USING HINT = 'Inspect the schema; drop what pgfresh did not create, or drop the schema, then install again.';
+    END IF;
+END
+$$;
+
+-- The capture functions run as pgfresh_capture, a role that can only queue changes, record TRUNCATEs
+-- and read the listeners' idle flag: never as whoever called watch(). Roles are cluster-wide, so the
+-- role may exist already (pgfresh installed in another database, or someone preparing a trap): it is
+-- accepted only if it cannot log in, holds no special attribute, belongs to no role, and its only
+-- members are superusers or pgfresh's owners (a member could alter or drop the capture functions).
+DO $$
+DECLARE
+    capture   pg_catalog.pg_roles;
+    stranger  text;
+    installer oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+    superuser boolean := (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+BEGIN
+    SELECT * INTO capture FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgfresh_capture';
+    IF NOT FOUND THEN
+        BEGIN
+            CREATE ROLE pgfresh_capture NOLOGIN;
+        EXCEPTION
+            WHEN duplicate_object OR unique_violation THEN
+                NULL; -- created meanwhile by an install in another database; checked below
+            WHEN insufficient_privilege THEN
+                RAISE EXCEPTION 'pgfresh install: cannot create role pgfresh_capture, which owns the capture functions: %', SQLERRM
+                    USING HINT = 'Install as a superuser or a role with CREATEROLE, or have one run: CREATE ROLE pgfresh_capture NOLOGIN';
+        END;
+        COMMENT ON ROLE pgfresh_capture IS
+            'pgfresh: owns the capture functions; may only queue changes, record TRUNCATEs and read listeners'' idle flags';
+        SELECT * INTO capture FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgfresh_capture';
+    END IF;
+    IF capture.rolcanlogin OR capture.rolsuper OR capture.rolcreaterole OR capture.rolcreatedb
+       OR capture.rolreplication OR capture.rolbypassrls THEN
+        RAISE EXCEPTION 'pgfresh install: role pgfresh_capture exists and may log in or holds a special attribute; pgfresh did not create it that way'
+            USING HINT = 'ALTER ROLE pgfresh_capture NOLOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS, or drop it, then install again.';
+    END IF;
+    SELECT pg_catalog.format('role pgfresh_capture is a member of role %s', m.roleid::regrole)
+    INTO stranger
+    FROM pg_catalog.pg_auth_members m WHERE m.member = capture.oid
+    LIMIT 1;
+    IF stranger IS NULL THEN
+        SELECT pg_catalog.format('role %s is a member of pgfresh_capture', m.member::regrole)
+        INTO stranger
+        FROM pg_catalog.pg_auth_members m
+        JOIN pg_catalog.pg_roles r ON r.oid = m.member
+        WHERE m.roleid = capture.oid AND NOT r.rolsuper AND m.member <> installer
+          AND m.member IS DISTINCT FROM (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgfresh')
+        LIMIT 1;
+    END IF;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: %, which pgfresh did not arrange', stranger
+            USING HINT = 'Only superusers and the role that installs pgfresh may be members of pgfresh_capture, and it of no role: REVOKE that membership, then install again.';
+    END IF;
+    -- A role that is not a superuser hands the capture functions to pgfresh_capture, which takes
+    -- membership in it.
+    IF NOT superuser AND NOT pg_catalog.pg_has_role(current_user, 'pgfresh_capture', 'MEMBER') THEN
+        EXECUTE pg_catalog.format('GRANT pgfresh_capture TO %I', current_user);
+    END IF;
+END
+$$;
 
 CREATE SCHEMA IF NOT EXISTS pgfresh;
 COMMENT ON SCHEMA pgfresh IS

@@ -14,19 +14,39 @@
 BEGIN;
 SET LOCAL client_min_messages = warning;
 
+-- The role may exist already: from another database of this cluster, or prepared by someone else.
+-- Its members are meant to be your listeners' login roles, so they are yours to review (\du); but a
+-- role that can log in itself, or holds a special attribute, is not one pgfresh made: refuse it.
 DO $$
+DECLARE
+    listener pg_catalog.pg_roles;
 BEGIN
-    CREATE ROLE pgfresh_listener NOLOGIN;
-EXCEPTION WHEN duplicate_object THEN
-    NULL; -- already there (possibly created by a concurrent run)
+    SELECT * INTO listener FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgfresh_listener';
+    IF NOT FOUND THEN
+        BEGIN
+            CREATE ROLE pgfresh_listener NOLOGIN;
+        EXCEPTION WHEN duplicate_object OR unique_violation THEN
+            NULL; -- created meanwhile by a concurrent run
+        END;
+    ELSIF listener.rolcanlogin OR listener.rolsuper OR listener.rolcreaterole OR listener.rolcreatedb
+          OR listener.rolreplication OR listener.rolbypassrls THEN
+        RAISE EXCEPTION 'pgfresh roles.sql: role pgfresh_listener exists and may log in or holds a special attribute; pgfresh did not create it that way'
+            USING HINT = 'ALTER ROLE pgfresh_listener NOLOGIN NOSUPERUSER NOCREATEROLE NOCREATEDB NOREPLICATION NOBYPASSRLS, or drop it, then run roles.sql again.';
+    END IF;
 END
 $$;
 COMMENT ON ROLE pgfresh_listener IS
     'pgfresh listener: works the pgfresh queue; reads only the tables granted to it for fragments';
 
 GRANT USAGE ON SCHEMA pgfresh TO pgfresh_listener;
--- Claim (SELECT ... FOR UPDATE), defer and record failures (UPDATE), settle (DELETE).
-GRANT SELECT, UPDATE, DELETE ON pgfresh.changes TO pgfresh_listener;
+-- Earlier versions granted UPDATE on every column of the queue; only these are the listener's business.
+REVOKE UPDATE ON pgfresh.changes FROM pgfresh_listener;
+-- Claim (SELECT ... FOR UPDATE) and settle (DELETE); defer and record failures (UPDATE of these
+-- columns only, so a listener cannot rewrite what changed); queue a key once more when Redis lost
+-- its render ticket, or when a sweep could not refresh it (INSERT, with its failure).
+GRANT SELECT, DELETE ON pgfresh.changes TO pgfresh_listener;
+GRANT UPDATE (attempts, retry_at, last_error) ON pgfresh.changes TO pgfresh_listener;
+GRANT INSERT (topic, key, attempts, retry_at, last_error) ON pgfresh.changes TO pgfresh_listener;
 -- Park changes that keep failing; count them for status.
 GRANT SELECT, INSERT ON pgfresh.failed TO pgfresh_listener;
 -- Register, heartbeat, say idle or busy, deregister.

@@ -41,6 +41,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0003_fragment_versions",
         sql: include_str!("../sql/migrations/0003_fragment_versions.sql"),
     },
+    Migration {
+        version: 4,
+        name: "0004_least_privilege",
+        sql: include_str!("../sql/migrations/0004_least_privilege.sql"),
+    },
 ];
 
 /// The schema version this binary needs.

@@ -151,7 +151,7 @@ async fn watch_and_unwatch_are_idempotent_and_reject_bad_input_clearly() {
     };
     assert_eq!(
         triggers("products").await,
-        ["pgfresh_product", "pgfresh_product_truncate"],
+        ["pgfresh_product", "pgfresh_product:truncate"],
         "watching twice leaves one row trigger and one TRUNCATE trigger"
     );
 
@@ -479,11 +479,18 @@ async fn postgres_certificates_are_verified_when_the_url_asks_for_it() {
         assert!(impostor.contains("certificate"), "{mode}: {impostor}");
         assert_eq!(impostor.lines().count(), 1, "{impostor}");
     }
+    // `require` encrypts without verifying; but given root certificates it verifies the chain, as
+    // libpq's `require` does.
     assert!(
-        connect("127.0.0.1", with_ca("require", &stranger.join("ca.pem")))
+        connect("127.0.0.1", "sslmode=require".into())
             .await
             .unwrap()
     );
+    let required = connect("127.0.0.1", with_ca("require", &stranger.join("ca.pem")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(required.contains("certificate"), "{required}");
     // No roots to verify against: a clear error before connecting.
     let missing = connect(
         "127.0.0.1",
@@ -504,20 +511,28 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
     let redis = TempRedis::start();
     // The ACL README gives, with every test database's key prefix.
     let acl = "ACL SETUSER pgfresh on >s3cret resetkeys ~pgfresh_test_* ~pgfresh:* resetchannels \
-               -@all +get +set +del +mget +scan +ping +evalsha +eval +script|load";
+               -@all +get +set +del +mget +scan +ping +evalsha +eval +script|load +select +info";
     let out = Command::new("redis-cli")
         .args(["-p", &redis.port.to_string()])
         .args(acl.split_whitespace())
         .output()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
-    let url = format!("redis://pgfresh:s3cret@127.0.0.1:{}", redis.port);
+    // A database of its own, as a /N path selects, which takes SELECT.
+    let url = format!("redis://pgfresh:s3cret@127.0.0.1:{}/3", redis.port);
 
     let env = TestEnv::shop_with_redis(4, &url).await;
     let report = env.sweep().await;
     assert!(report.succeeded(), "{report}");
     let cards = Command::new("redis-cli")
-        .args(["-p", &redis.port.to_string(), "--scan", "--pattern"])
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-n",
+            "3",
+            "--scan",
+            "--pattern",
+        ])
         .arg(format!("{}*", env.prefix))
         .output()
         .unwrap();
@@ -572,7 +587,7 @@ async fn upgrading_from_0001_gives_existing_watches_their_truncate_trigger() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(triggers, ["pgfresh_item", "pgfresh_item_truncate"]);
+    assert_eq!(triggers, ["pgfresh_item", "pgfresh_item:truncate"]);
     client
         .batch_execute("INSERT INTO items VALUES (1); TRUNCATE items")
         .await

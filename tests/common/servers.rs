@@ -77,22 +77,38 @@ pub fn make_certificates(dir: &Path) {
     }
 }
 
-/// A PostgreSQL cluster of its own (trust auth, fsync off).
+/// A PostgreSQL cluster of its own (trust auth unless a password is set, fsync off).
 pub struct TempPostgres {
     pub port: u16,
     dir: PathBuf,
     /// Serves TLS with a certificate for 127.0.0.1 from [`make_certificates`] in `<dir>/tls`.
     tls: bool,
+    /// More `-c name=value` settings for the server.
+    settings: Vec<String>,
+}
+
+/// How a [`TempPostgres`] is set up.
+#[derive(Default)]
+pub struct PostgresSetup {
+    /// Offer TLS with its own CA (see [`TempPostgres::certificate_authority`]).
+    pub tls: bool,
+    /// Require this password of user postgres (scram-sha-256) instead of trusting everyone.
+    pub password: Option<&'static str>,
+    /// More server settings, `name=value`.
+    pub settings: &'static [&'static str],
 }
 
 impl TempPostgres {
     pub fn start() -> TempPostgres {
-        TempPostgres::start_with(false)
+        TempPostgres::start_with(PostgresSetup::default())
     }
 
     /// A server that offers TLS with its own CA: see [`TempPostgres::certificate_authority`].
     pub fn start_tls() -> TempPostgres {
-        TempPostgres::start_with(true)
+        TempPostgres::start_with(PostgresSetup {
+            tls: true,
+            ..PostgresSetup::default()
+        })
     }
 
     /// The CA that signed a TLS server's certificate.
@@ -100,7 +116,8 @@ impl TempPostgres {
         self.dir.join("tls").join("ca.pem")
     }
 
-    fn start_with(tls: bool) -> TempPostgres {
+    pub fn start_with(setup: PostgresSetup) -> TempPostgres {
+        let tls = setup.tls;
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("pgfresh-pg-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -113,8 +130,25 @@ impl TempPostgres {
                 .unwrap();
             assert!(status.success());
         }
-        let out = postgres_command(&postgres_bin("initdb"))
-            .args(["-A", "trust", "-U", "postgres", "--no-sync", "-D"])
+        let mut initdb = postgres_command(&postgres_bin("initdb"));
+        initdb.args(["-U", "postgres", "--no-sync"]);
+        match setup.password {
+            None => initdb.args(["-A", "trust"]),
+            Some(password) => {
+                let file = dir.join("password");
+                std::fs::write(&file, password).unwrap();
+                if running_as_root() {
+                    Command::new("chown")
+                        .arg("postgres")
+                        .arg(&file)
+                        .status()
+                        .unwrap();
+                }
+                initdb.args(["-A", "scram-sha-256", "--pwfile"]).arg(&file)
+            }
+        };
+        let out = initdb
+            .arg("-D")
             .arg(dir.join("data"))
             .output()
             .expect("initdb runs");
@@ -141,7 +175,12 @@ impl TempPostgres {
                 assert!(status.success());
             }
         }
-        let server = TempPostgres { port, dir, tls };
+        let server = TempPostgres {
+            port,
+            dir,
+            tls,
+            settings: setup.settings.iter().map(|s| s.to_string()).collect(),
+        };
         server.start_server();
         server
     }
@@ -166,6 +205,9 @@ impl TempPostgres {
             self.port,
             self.dir.display()
         );
+        for setting in &self.settings {
+            options += &format!(" -c {setting}");
+        }
         if self.tls {
             let certificates = self.dir.join("tls");
             options += &format!(
@@ -220,15 +262,23 @@ pub struct TempRedis {
     /// In a cluster: the directory holding its cluster configuration (kept across restarts), and
     /// its cluster bus port.
     cluster: Option<(PathBuf, u16)>,
+    /// More `--name value` settings.
+    settings: Vec<String>,
 }
 
 impl TempRedis {
     pub fn start() -> TempRedis {
+        TempRedis::start_with(&[])
+    }
+
+    /// A server with more settings, e.g. `["--maxmemory", "100mb"]`.
+    pub fn start_with(settings: &[&str]) -> TempRedis {
         let mut server = TempRedis {
             port: free_port(),
             child: None,
             tls: None,
             cluster: None,
+            settings: settings.iter().map(|s| s.to_string()).collect(),
         };
         server.start_server();
         server
@@ -248,6 +298,7 @@ impl TempRedis {
             child: None,
             tls: Some(dir),
             cluster: None,
+            settings: Vec::new(),
         };
         server.start_server();
         server
@@ -268,6 +319,7 @@ impl TempRedis {
     fn start_server(&mut self) {
         let mut command = Command::new("redis-server");
         command.args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]);
+        command.args(&self.settings);
         match &self.tls {
             None => command.args(["--port", &self.port.to_string()]),
             Some(dir) => command
@@ -368,6 +420,7 @@ impl TempRedisCluster {
                     child: None,
                     tls: None,
                     cluster: Some((dir.clone(), free_port())),
+                    settings: Vec::new(),
                 };
                 node.start_server();
                 node

@@ -1,0 +1,551 @@
+//! What a DBA relies on when installing pgfresh on a database shared by several roles: a table owner
+//! gains nothing through pgfresh's triggers, whatever DDL they run on their own table; install adopts
+//! no schema or role that someone else prepared; a DBA who is not a superuser can install and watch;
+//! trigger names never collide; and sites using two-phase commit have a supported way to run.
+//!
+//! Tests that change cluster-wide roles (pgfresh_capture, pgfresh_listener) run on a PostgreSQL
+//! server of their own, so that they cannot disturb the other tests' installs.
+
+mod common;
+
+use common::servers::{PostgresSetup, TempPostgres};
+use common::{TestEnv, connect, eventually, test_settings};
+use pgfresh::tokio_postgres::Client;
+
+/// The one-line error a statement fails with.
+async fn error_of(client: &Client, sql: &str) -> String {
+    let error = client.batch_execute(sql).await.unwrap_err();
+    let db = error.as_db_error().expect("a server error");
+    match db.hint() {
+        Some(hint) => format!("{} ({hint})", db.message()),
+        None => db.message().to_string(),
+    }
+}
+
+fn psql(url: &str, file: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, url])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("psql runs")
+}
+
+/// The owners of the functions pgfresh's triggers call.
+async fn capture_owners(client: &Client) -> Vec<String> {
+    client
+        .query(
+            "SELECT DISTINCT p.proowner::regrole::text FROM pg_proc p
+             WHERE p.pronamespace = 'pgfresh'::regnamespace AND p.proname LIKE 'capture%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
+    let env = TestEnv::empty().await;
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let app = format!("{}_app", env.name);
+    let admin = env.client().await;
+    // The recipe from the hardening issue, plus an equality operator of the owner's own, which
+    // `IS DISTINCT FROM` would look up.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {app} LOGIN; GRANT CREATE ON SCHEMA public TO {app};
+             SET ROLE {app}; CREATE TABLE items(id int PRIMARY KEY, tag text); RESET ROLE;
+             SELECT pgfresh.watch('items', 'tag', 'item');
+             SET ROLE {app};
+             CREATE TYPE evil AS ENUM ('x', 'y');
+             CREATE FUNCTION evil_text(evil) RETURNS text LANGUAGE plpgsql AS
+                 $$BEGIN EXECUTE 'ALTER ROLE {app} SUPERUSER'; RETURN 'x'; END$$;
+             CREATE CAST (evil AS text) WITH FUNCTION evil_text(evil);
+             CREATE FUNCTION evil_eq(evil, evil) RETURNS boolean LANGUAGE plpgsql AS
+                 $$BEGIN EXECUTE 'ALTER ROLE {app} CREATEROLE'; RETURN $1::text = $2::text; END$$;
+             CREATE OPERATOR = (LEFTARG = evil, RIGHTARG = evil, FUNCTION = evil_eq);
+             ALTER TABLE items ALTER COLUMN tag TYPE evil USING 'x';
+             INSERT INTO items VALUES (1, 'x');
+             UPDATE items SET tag = 'y';
+             DELETE FROM items;
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let (superuser, createrole): (bool, bool) = {
+        let row = admin
+            .query_one(
+                "SELECT rolsuper, rolcreaterole FROM pg_roles WHERE rolname = $1",
+                &[&app],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert!(!superuser && !createrole, "the table owner gained rights");
+    // The changes were still queued, in the type's own text form.
+    let keys: Vec<String> = admin
+        .query("SELECT key FROM pgfresh.changes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(keys, ["x", "y", "x", "y"]);
+    assert_eq!(capture_owners(&admin).await, ["pgfresh_capture"]);
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE items; DROP OWNED BY {app} CASCADE; DROP ROLE {app}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn capture_code_runs_as_a_role_that_may_only_queue_changes() {
+    let env = TestEnv::shop(2).await;
+    let client = env.client().await;
+    assert_eq!(capture_owners(&client).await, ["pgfresh_capture"]);
+    let row = client
+        .query_one(
+            "SELECT r.rolcanlogin, r.rolsuper, r.rolcreaterole, r.rolcreatedb, r.rolbypassrls,
+                    (SELECT count(*) FROM pg_auth_members m WHERE m.member = r.oid),
+                    has_table_privilege(r.oid, 'pgfresh.changes', 'SELECT'),
+                    has_table_privilege(r.oid, 'pgfresh.changes', 'UPDATE'),
+                    has_table_privilege(r.oid, 'pgfresh.changes', 'DELETE'),
+                    has_column_privilege(r.oid, 'pgfresh.changes', 'key', 'INSERT'),
+                    has_column_privilege(r.oid, 'pgfresh.changes', 'attempts', 'INSERT'),
+                    has_column_privilege(r.oid, 'pgfresh.listeners', 'idle', 'SELECT'),
+                    has_column_privilege(r.oid, 'pgfresh.listeners', 'id', 'SELECT'),
+                    has_table_privilege(r.oid, 'pgfresh.listeners', 'UPDATE'),
+                    has_table_privilege(r.oid, 'pgfresh.failed', 'SELECT'),
+                    has_table_privilege(r.oid, 'products', 'SELECT'),
+                    has_schema_privilege(r.oid, 'pgfresh', 'CREATE')
+             FROM pg_roles r WHERE r.rolname = 'pgfresh_capture'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let attributes: Vec<bool> = (0..5).map(|i| row.get(i)).collect();
+    assert_eq!(attributes, [false; 5], "no login, no special attribute");
+    assert_eq!(row.get::<_, i64>(5), 0, "a member of no role");
+    let rights: Vec<bool> = (6..17).map(|i| row.get(i)).collect();
+    assert_eq!(
+        rights,
+        [
+            false, false, false, // reads, rewrites or deletes no queued change
+            true, false, // queues (topic, key), nothing else
+            true, false, false, // reads the idle flag, nothing else of the registry
+            false, false, false // nothing else at all
+        ]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn install_refuses_a_pgfresh_schema_or_object_that_someone_else_created() {
+    let env = TestEnv::empty().await;
+    let squatter = format!("{}_squatter", env.name);
+    let admin = env.client().await;
+    // The owner of a database (or anyone with CREATE on it) prepares pgfresh's schema, with a fake
+    // migration list and a watch() of their own that the DBA would then call.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {squatter};
+             CREATE SCHEMA pgfresh AUTHORIZATION {squatter};
+             SET ROLE {squatter};
+             CREATE TABLE pgfresh.migrations (version int PRIMARY KEY, name text, applied_at timestamptz);
+             INSERT INTO pgfresh.migrations SELECT v, 'fake', now() FROM generate_series(1, 99) v;
+             CREATE FUNCTION pgfresh.watch(regclass, name, text) RETURNS void LANGUAGE sql AS 'SELECT';
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let refused = pgfresh::schema::install(&env.db)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!(
+            "schema pgfresh belongs to role {squatter}, neither you (postgres) nor a superuser"
+        )),
+        "{refused}"
+    );
+    assert_eq!(refused.lines().count(), 1, "{refused}");
+    let out = psql(&env.url, "sql/install.sql");
+    assert!(!out.status.success(), "psql install.sql adopted it too");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("will not adopt it"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A schema of the DBA's own, but with an object or a CREATE right someone else holds.
+    admin
+        .batch_execute(&format!(
+            "DROP SCHEMA pgfresh CASCADE; CREATE SCHEMA pgfresh;
+             CREATE TABLE pgfresh.changes (id int); ALTER TABLE pgfresh.changes OWNER TO {squatter};"
+        ))
+        .await
+        .unwrap();
+    let refused = pgfresh::schema::install(&env.db)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!("relation changes belongs to role {squatter}")),
+        "{refused}"
+    );
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE pgfresh.changes; GRANT CREATE ON SCHEMA pgfresh TO {squatter}"
+        ))
+        .await
+        .unwrap();
+    let refused = pgfresh::schema::install(&env.db)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!(
+            "role {squatter} may create objects in schema pgfresh"
+        )),
+        "{refused}"
+    );
+
+    // Once the DBA has cleaned up, install goes ahead.
+    admin
+        .batch_execute(&format!(
+            "REVOKE CREATE ON SCHEMA pgfresh FROM {squatter}; DROP OWNED BY {squatter}; DROP ROLE {squatter}"
+        ))
+        .await
+        .unwrap();
+    pgfresh::schema::install(&env.db).await.unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn install_refuses_pgfresh_roles_that_someone_else_prepared() {
+    let server = TempPostgres::start();
+    let admin = connect(&server.url("postgres")).await;
+    admin
+        .batch_execute("CREATE ROLE mallory LOGIN")
+        .await
+        .unwrap();
+    let db = pgfresh::db::Database::new(&server.url("postgres"), 2).unwrap();
+
+    // A capture role that can log in would let whoever knows its password alter the capture code.
+    admin
+        .batch_execute("CREATE ROLE pgfresh_capture LOGIN PASSWORD 'known'")
+        .await
+        .unwrap();
+    let refused = pgfresh::schema::install(&db).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("role pgfresh_capture exists and may log in or holds a special attribute"),
+        "{refused}"
+    );
+    // So would a member of it.
+    admin
+        .batch_execute("ALTER ROLE pgfresh_capture NOLOGIN; GRANT pgfresh_capture TO mallory")
+        .await
+        .unwrap();
+    let refused = pgfresh::schema::install(&db).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("role mallory is a member of pgfresh_capture"),
+        "{refused}"
+    );
+    admin
+        .batch_execute("REVOKE pgfresh_capture FROM mallory")
+        .await
+        .unwrap();
+    pgfresh::schema::install(&db).await.unwrap();
+
+    // roles.sql likewise refuses a pgfresh_listener that can log in by itself.
+    admin
+        .batch_execute("CREATE ROLE pgfresh_listener LOGIN")
+        .await
+        .unwrap();
+    let out = psql(&server.url("postgres"), "sql/roles.sql");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("role pgfresh_listener exists and may log in"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    admin
+        .batch_execute("ALTER ROLE pgfresh_listener NOLOGIN")
+        .await
+        .unwrap();
+    let out = psql(&server.url("postgres"), "sql/roles.sql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[tokio::test]
+async fn a_dba_who_is_not_a_superuser_can_install_and_watch() {
+    let server = TempPostgres::start();
+    let admin = connect(&server.url("postgres")).await;
+    admin
+        .batch_execute("CREATE ROLE dba LOGIN CREATEROLE")
+        .await
+        .unwrap();
+    admin
+        .batch_execute("CREATE DATABASE shop OWNER dba")
+        .await
+        .unwrap();
+    let url = server.url("shop").replacen("postgres@", "dba@", 1);
+    let db = pgfresh::db::Database::new(&url, 2).unwrap();
+    pgfresh::schema::install(&db).await.unwrap();
+    assert!(pgfresh::schema::install(&db).await.unwrap().is_empty());
+    let dba = connect(&url).await;
+    dba.batch_execute(
+        "CREATE TABLE items (id int PRIMARY KEY);
+         SELECT pgfresh.watch('items', 'id', 'item');
+         SELECT pgfresh.watch('items', 'id', 'item');
+         INSERT INTO items VALUES (7);",
+    )
+    .await
+    .unwrap();
+    assert_eq!(capture_owners(&dba).await, ["pgfresh_capture"]);
+    let queued: String = dba
+        .query_one("SELECT key FROM pgfresh.changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, "7");
+    let create: bool = dba
+        .query_one(
+            "SELECT has_schema_privilege('pgfresh_capture', 'pgfresh', 'CREATE')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        !create,
+        "the right to create was only lent for the hand-over"
+    );
+    dba.batch_execute("SELECT pgfresh.unwatch('items', 'item')")
+        .await
+        .unwrap();
+    assert!(
+        capture_owners(&dba).await.len() == 1,
+        "only capture_truncate is left"
+    );
+}
+
+/// Every pgfresh trigger on `items`, sorted.
+async fn triggers(client: &Client) -> Vec<String> {
+    client
+        .query_one(
+            "SELECT coalesce(array_agg(tgname::text ORDER BY tgname), '{}') FROM pg_trigger
+             WHERE tgrelid = 'items'::regclass AND tgname LIKE 'pgfresh%'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// The topics queued and truncations recorded by one INSERT and one TRUNCATE of `items`.
+async fn captured(client: &Client) -> (Vec<String>, Vec<String>) {
+    client
+        .batch_execute(
+            "DELETE FROM pgfresh.changes; DELETE FROM pgfresh.truncations;
+             INSERT INTO items VALUES (1); TRUNCATE items;",
+        )
+        .await
+        .unwrap();
+    let topics = |sql| async move {
+        client
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect::<Vec<String>>()
+    };
+    (
+        topics("SELECT topic FROM pgfresh.changes ORDER BY topic").await,
+        topics("SELECT topic FROM pgfresh.truncations ORDER BY topic").await,
+    )
+}
+
+#[tokio::test]
+async fn topics_x_and_x_truncate_keep_all_four_of_their_triggers() {
+    let env = TestEnv::empty().await;
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY);
+             SELECT pgfresh.watch('items', 'id', 'x');
+             SELECT pgfresh.watch('items', 'id', 'x_truncate');",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        triggers(&client).await,
+        [
+            "pgfresh_x",
+            "pgfresh_x:truncate",
+            "pgfresh_x_truncate",
+            "pgfresh_x_truncate:truncate"
+        ]
+    );
+    assert_eq!(
+        captured(&client).await,
+        (
+            vec!["x".to_string(), "x_truncate".to_string()],
+            vec!["x".to_string(), "x_truncate".to_string()]
+        )
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn upgrading_from_version_3_rebuilds_every_watch_under_the_capture_role() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    let mut sql = format!("BEGIN; {}", pgfresh::schema::PREPARE_SQL);
+    for migration in &pgfresh::schema::MIGRATIONS[..3] {
+        sql += migration.sql;
+    }
+    client.batch_execute(&(sql + " COMMIT;")).await.unwrap();
+    // Under version 3 the second watch's row trigger replaced the first's TRUNCATE trigger, and a
+    // watched table that is dropped leaves its registry row behind.
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY);
+             CREATE TABLE gone (id int PRIMARY KEY);
+             SELECT pgfresh.watch('items', 'id', 'x');
+             SELECT pgfresh.watch('items', 'id', 'x_truncate');
+             SELECT pgfresh.watch('gone', 'id', 'gone');
+             DROP TABLE gone;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        triggers(&client).await,
+        [
+            "pgfresh_x",
+            "pgfresh_x_truncate",
+            "pgfresh_x_truncate_truncate"
+        ]
+    );
+
+    let applied = pgfresh::schema::install(&env.db).await.unwrap();
+    assert_eq!(applied, ["0004_least_privilege"]);
+    assert_eq!(
+        triggers(&client).await,
+        [
+            "pgfresh_x",
+            "pgfresh_x:truncate",
+            "pgfresh_x_truncate",
+            "pgfresh_x_truncate:truncate"
+        ]
+    );
+    assert_eq!(capture_owners(&client).await, ["pgfresh_capture"]);
+    let watches: i64 = client
+        .query_one("SELECT count(*) FROM pgfresh.watches", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(watches, 2, "the dropped table's watch is forgotten");
+    assert_eq!(
+        captured(&client).await,
+        (
+            vec!["x".to_string(), "x_truncate".to_string()],
+            vec!["x".to_string(), "x_truncate".to_string()]
+        )
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn with_pgfresh_notify_off_prepared_transactions_commit_and_the_poll_applies_them() {
+    let server = TempPostgres::start_with(PostgresSetup {
+        settings: &["max_prepared_transactions=10"],
+        ..PostgresSetup::default()
+    });
+    let admin = connect(&server.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE shop").await.unwrap();
+    let url = server.url("shop");
+    let db = pgfresh::db::Database::new(&url, 8).unwrap();
+    common::setup::setup(&db, 3).await.unwrap();
+    let redis = pgfresh::sink::RedisSink::connect(&common::redis_url())
+        .await
+        .unwrap();
+    let prefix = format!("pgfresh_test_2pc_{}:card:", std::process::id());
+    let card = common::product_card::ProductCard::with_key_prefix(prefix.clone());
+    redis.set_fragment_marker(&prefix, 1).await.unwrap();
+    let shutdown = pgfresh::shutdown::Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listener::run(
+        db.clone(),
+        redis.clone(),
+        pgfresh::Fragments::new().with(card),
+        test_settings(),
+        shutdown.clone(),
+    ));
+    let client = connect(&url).await;
+    eventually("the listener to wait for NOTIFYs", || async {
+        client
+            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+
+    // While a listener is idle, a trigger NOTIFYs, and a transaction that did cannot be prepared.
+    let refused = error_of(
+        &client,
+        "BEGIN; UPDATE products SET name = 'never' WHERE id = 1; PREPARE TRANSACTION 'with_notify'",
+    )
+    .await;
+    assert!(refused.contains("NOTIFY"), "{refused}");
+    client.batch_execute("ROLLBACK").await.ok();
+
+    // With the setting off (here for the whole database), it can, and the poll finds the change.
+    admin
+        .batch_execute("ALTER DATABASE shop SET pgfresh.notify = off")
+        .await
+        .unwrap();
+    let xa = connect(&url).await;
+    xa.batch_execute(
+        "BEGIN; UPDATE products SET name = 'Two-phase' WHERE id = 2; PREPARE TRANSACTION 'xa'",
+    )
+    .await
+    .unwrap();
+    xa.batch_execute("COMMIT PREPARED 'xa'").await.unwrap();
+    let key = format!("{prefix}2:compact");
+    eventually("the prepared change to reach Redis", || async {
+        redis
+            .get(&key)
+            .await
+            .unwrap()
+            .is_some_and(|html| html.contains("<h2>Two-phase</h2>"))
+    })
+    .await;
+    shutdown.cancel();
+    listener.await.unwrap().unwrap();
+    let mut connection = redis.connection();
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("*{prefix}*"))
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    let _: () = redis::cmd("DEL")
+        .arg(keys)
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+}
