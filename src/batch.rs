@@ -2,7 +2,7 @@
 //! deferring hot keys), render them through the shared refresh path, and settle every claimed change
 //! (done, deferred, or failed for retry), all in one transaction that a crash rolls back.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -23,7 +23,8 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     let txn = client.transaction().await?;
     let started = Instant::now();
     let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
-    if claim.changes.is_empty() {
+    let claimed = claim.changes.len() + claim.undecodable.len();
+    if claimed == 0 {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
@@ -50,18 +51,32 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
                 .push(change.id),
         }
     }
-    let (stats, failed) = render_changes(shared, &ids_by_change, claim.ticket).await?;
+    let rendered = render_changes(shared, &ids_by_change, claim.ticket).await?;
+    let (stats, failed) = (rendered.stats, rendered.failed);
     if let Some(snapshot) = claim.snapshot {
-        let rendered = ids_by_change
+        // A render written without a ticket to check against may have lost to nothing: it covers
+        // nothing, not even the change this batch queues to render it again.
+        let unchecked: HashSet<&str> = rendered
+            .unchecked
+            .iter()
+            .map(|(_, key)| key.as_str())
+            .collect();
+        let covering = ids_by_change
             .keys()
-            .filter(|change| !failed.contains_key(*change));
-        shared.recent.record(rendered.copied(), Arc::new(snapshot));
+            .filter(|change| !failed.contains_key(*change) && !unchecked.contains(change.1));
+        shared.recent.record(covering.copied(), Arc::new(snapshot));
     }
     let rendered_at = started.elapsed();
 
     let covered_count = covered.len();
     let mut done = covered;
-    let mut failures = Vec::new();
+    let mut failures = claim.undecodable;
+    for failure in &failures {
+        tracing::warn!(change = failure.id, error = %failure.error, "change failed; will retry");
+        shared
+            .board
+            .failed("?", &format!("change {}", failure.id), &failure.error);
+    }
     for (change, ids) in &ids_by_change {
         match failed.get(change) {
             None => done.extend_from_slice(ids),
@@ -77,7 +92,7 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     }
     let settled = done.len();
     crate::telemetry::batch(
-        claim.changes.len(),
+        claimed,
         settled,
         covered_count,
         deferred.len(),
@@ -86,6 +101,7 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     queue::complete(txn.client(), &done).await?;
     queue::defer(txn.client(), &deferred, defer_for).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
+    requeue_unchecked(txn.client(), &rendered.unchecked).await?;
     txn.commit().await?;
     if !deferred.is_empty() {
         shared.wake_by(Instant::now() + defer_for);
@@ -93,7 +109,7 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     let (render, settle) = (rendered_at - claimed_at, started.elapsed() - rendered_at);
     if started.elapsed() >= SLOW_BATCH {
         tracing::warn!(
-            changes = claim.changes.len(),
+            changes = claimed,
             rendered = ids_by_change.len(),
             claim = ?claimed_at,
             render = ?render,
@@ -102,7 +118,7 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
         );
     } else {
         tracing::debug!(
-            changes = claim.changes.len(),
+            changes = claimed,
             rendered = ids_by_change.len(),
             deferred = deferred.len(),
             claim = ?claimed_at,
@@ -113,53 +129,90 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     }
     shared.counters.add(settled, &stats);
     shared.board.applied(settled);
-    Ok((claim.changes.len(), stats))
+    Ok((claimed, stats))
 }
 
-/// Refreshes every fragment subscribed to the changes' topics; returns the counts and the changes that
-/// failed, with why. Rows are loaded on a connection of their own: a loader's SQL error would
-/// otherwise abort the claiming transaction, and with it the recording of that very failure.
+/// Queues once more the keys written while Redis may evict keys, without a ticket to check against:
+/// the next render, under a newer ticket, restores the newest data if an older render won.
+async fn requeue_unchecked(
+    txn: &tokio_postgres::Client,
+    keys: &[(String, String)],
+) -> Result<(), Error> {
+    let mut by_topic: HashMap<&str, Vec<String>> = HashMap::new();
+    for (topic, key) in keys {
+        by_topic.entry(topic).or_default().push(key.clone());
+    }
+    for (topic, keys) in by_topic {
+        tracing::debug!(
+            topic,
+            keys = keys.len(),
+            "Redis had no ticket to check these renders against: rendering them again"
+        );
+        queue::requeue(txn, topic, &keys, &vec![None; keys.len()]).await?;
+    }
+    Ok(())
+}
+
+/// What rendering a batch's changes did.
+#[derive(Default)]
+struct RenderedChanges<'a> {
+    stats: RefreshStats,
+    /// The changes that failed, with why.
+    failed: HashMap<(&'a str, &'a str), String>,
+    /// Keys to render once more, by (topic, key): written while Redis may evict keys, without a
+    /// ticket to check against.
+    unchecked: Vec<(String, String)>,
+}
+
+/// Refreshes every fragment subscribed to the changes' topics. Rows are loaded on a connection of
+/// their own: a loader's SQL error would otherwise abort the claiming transaction, and with it the
+/// recording of that very failure.
 async fn render_changes<'a>(
     shared: &Shared,
     changes: &HashMap<(&'a str, &'a str), Vec<i64>>,
     ticket: i64,
-) -> Result<(RefreshStats, HashMap<(&'a str, &'a str), String>), Error> {
-    let mut failed = HashMap::new();
-    let mut stats = RefreshStats::default();
+) -> Result<RenderedChanges<'a>, Error> {
+    let mut rendered = RenderedChanges::default();
     if changes.is_empty() {
-        return Ok((stats, failed));
+        return Ok(rendered);
     }
     let loader = shared.db.get().await?;
     for &(topic, key) in changes.keys() {
         if shared.fragments.for_topic(topic).next().is_none() {
-            failed.insert(
+            rendered.failed.insert(
                 (topic, key),
                 format!("no fragment subscribes to topic {topic:?}"),
             );
         }
     }
     for fragment in shared.fragments.iter() {
-        let mut keys: Vec<String> = changes
-            .keys()
-            .filter(|(topic, _)| fragment.topics().contains(topic))
-            .map(|(_, key)| key.to_string())
-            .collect();
-        if keys.is_empty() {
-            continue;
-        }
-        keys.sort();
-        keys.dedup();
-        let refreshed = refresh(&loader, &shared.sink, fragment.as_ref(), &keys, ticket).await?;
-        shared.board.refreshed(fragment.name(), refreshed.stats);
-        stats += refreshed.stats;
-        for (index, reason) in refreshed.failed {
-            // Every queued (topic, key) that reached this fragment with this key failed with it.
-            for &(topic, key) in changes.keys() {
-                if key == keys[index] && fragment.topics().contains(&topic) {
-                    failed.entry((topic, key)).or_insert_with(|| reason.clone());
-                }
+        // Every queued (topic, key) that reaches this fragment, by key.
+        let mut reaching: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+        for &(topic, key) in changes.keys() {
+            if fragment.topics().contains(&topic) {
+                reaching.entry(key).or_default().push((topic, key));
             }
         }
+        if reaching.is_empty() {
+            continue;
+        }
+        let keys: Vec<String> = reaching.keys().map(|key| key.to_string()).collect();
+        let refreshed = refresh(&loader, &shared.sink, fragment.as_ref(), &keys, ticket).await?;
+        shared.board.refreshed(fragment.name(), refreshed.stats);
+        rendered.stats += refreshed.stats;
+        for (index, reason) in refreshed.failed {
+            for &change in &reaching[keys[index].as_str()] {
+                rendered
+                    .failed
+                    .entry(change)
+                    .or_insert_with(|| reason.clone());
+            }
+        }
+        let topic = fragment.topics()[0].to_string();
+        let unchecked = refreshed.unchecked.into_iter();
+        rendered
+            .unchecked
+            .extend(unchecked.map(|index| (topic.clone(), keys[index].clone())));
     }
-    Ok((stats, failed))
+    Ok(rendered)
 }

@@ -11,24 +11,21 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::Error;
-use crate::config::{ListenSettings, SweepSettings};
+use crate::config::{Environment, ListenSettings, SweepSettings};
 use crate::db::Database;
-use crate::fragment::Fragments;
+use crate::fragment::{Fragments, KeyOutcome};
 use crate::sink::RedisSink;
 use crate::{queue, schema, shutdown};
 
 /// Where PostgreSQL and Redis are.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Connections")]
 pub struct Connections {
-    /// PostgreSQL connection URL (or libpq key=value string).
-    #[arg(
-        long,
-        env = "DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432/postgres",
-        hide_env_values = true,
-        global = true
-    )]
-    pub database_url: String,
+    /// PostgreSQL connection URL or libpq key=value string. What it leaves out comes from libpq's
+    /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, ... and ~/.pgpass, then defaults
+    /// to postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
     /// Redis connection URL; a /N path selects database N. With --redis-cluster, one or more cluster
     /// nodes, comma-separated (the others are discovered).
     #[arg(
@@ -40,11 +37,18 @@ pub struct Connections {
     )]
     pub redis_url: String,
     /// Redis is a Redis Cluster: --redis-url names some of its nodes.
-    #[arg(long, env = "REDIS_CLUSTER", global = true)]
+    #[arg(long, env = "REDIS_CLUSTER", hide_env_values = true, global = true)]
     pub redis_cluster: bool,
 }
 
 impl Connections {
+    /// The PostgreSQL database, with a pool of at most `pool_size` connections, its settings
+    /// completed from this process's environment as libpq would (see [`Environment`]).
+    pub fn database(&self, pool_size: usize) -> Result<Database, Error> {
+        let url = self.database_url.as_deref().unwrap_or("");
+        Database::with_environment(url, pool_size, &Environment::from_process())
+    }
+
     /// Connects to Redis, a cluster or one server as the flags say, and checks that it answers.
     pub async fn redis(&self) -> Result<RedisSink, Error> {
         let sink = if self.redis_cluster {
@@ -58,7 +62,7 @@ impl Connections {
         } else if self.redis_url.contains(',') {
             return Err(Error::InvalidUrl {
                 what: "Redis",
-                url: crate::config::redact_url(&self.redis_url),
+                url: crate::config::shown_redis_url(&self.redis_url),
                 reason:
                     "several nodes are listed, which is for a Redis Cluster: add --redis-cluster \
                          (REDIS_CLUSTER=1)"
@@ -74,6 +78,7 @@ impl Connections {
 
 /// How logs are written.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Logging")]
 pub struct Logging {
     /// Log format on stderr: human-readable text, or one JSON object per line for log collectors.
     #[arg(long, env = "PGFRESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
@@ -110,12 +115,14 @@ pub enum Command {
 
 /// Flags of `listen`.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Listener")]
 pub struct ListenArgs {
-    /// How often to check the queue when no NOTIFY arrives (the fallback for lost wake-ups).
-    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    /// How often to check the queue when no NOTIFY arrives (the fallback for lost wake-ups; at
+    /// least 10ms).
+    #[arg(long, default_value = "1s", value_parser = parse_poll_interval)]
     pub poll_interval: Duration,
-    /// How often to run a full sweep (one listener of all at a time); 0 disables.
-    #[arg(long, default_value = "1h", value_parser = parse_duration)]
+    /// How often to run a full sweep (one listener of all at a time); 0 disables; at most 366d.
+    #[arg(long, default_value = "1h", value_parser = parse_sweep_interval)]
     pub sweep_interval: Duration,
     /// Most changes claimed per batch.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
@@ -123,9 +130,10 @@ pub struct ListenArgs {
     /// Batches processed concurrently.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
-    /// Serve /metrics (Prometheus), /healthz and /readyz on this address, e.g. 127.0.0.1:9187.
-    #[arg(long)]
-    pub http: Option<std::net::SocketAddr>,
+    /// Serve the status page (/), /metrics (Prometheus), /healthz and /readyz on this address, e.g.
+    /// 127.0.0.1:9187 or localhost:9187.
+    #[arg(long, value_parser = parse_address)]
+    pub http: Option<String>,
     /// Failed attempts before a change is parked in pgfresh.failed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
@@ -136,6 +144,7 @@ pub struct ListenArgs {
 
 /// Flags of `sweep`.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Sweep")]
 pub struct SweepArgs {
     /// Sweep only this fragment.
     #[arg(long)]
@@ -147,6 +156,7 @@ pub struct SweepArgs {
 
 /// How a sweep pages through keys.
 #[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Sweep")]
 pub struct SweepTuning {
     /// Keys per sweep page.
     #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
@@ -258,7 +268,7 @@ pub async fn execute(
     fragments: &Fragments,
 ) -> Result<ExitCode, Error> {
     fragments.validate()?;
-    let db = Database::new(&connections.database_url, pool_size(&command))?;
+    let db = connections.database(pool_size(&command))?;
     db.check().await?;
     match command {
         Command::Install => install(&db).await,
@@ -270,7 +280,11 @@ pub async fn execute(
             );
             Ok(ExitCode::SUCCESS)
         }
-        Command::Status => status(&db).await,
+        Command::Status => {
+            let code = status(&db).await?;
+            redis_status(connections).await;
+            Ok(code)
+        }
         Command::RetryFailed => {
             schema::ensure_installed(&db).await?;
             let moved = queue::retry_failed(&*db.get().await?).await?;
@@ -352,7 +366,7 @@ fn sweep_settings(tuning: &SweepTuning, only: Option<String>) -> SweepSettings {
 fn require_fragments(fragments: &Fragments) -> Result<(), Error> {
     if fragments.is_empty() {
         return Err(Error::Fragment(
-            "this binary has no fragments; build your own binary with pgfresh::cli::main (see README, \"Writing a fragment\")"
+            "this binary has no fragments; build your own binary with pgfresh::cli::main (see README, \"Writing your own fragment\")"
                 .into(),
         ));
     }
@@ -393,34 +407,38 @@ async fn render(db: &Database, fragments: &Fragments, args: RenderArgs) -> Resul
             fragments.names()
         ))
     })?;
-    let variant = args.variant.as_deref().unwrap_or(fragment.variants()[0]);
-    if !fragment.variants().contains(&variant) {
+    let variants = fragment.variants();
+    let variant = args.variant.as_deref().unwrap_or(variants[0]);
+    let Some(index) = variants.iter().position(|v| *v == variant) else {
         return Err(Error::Fragment(format!(
             "{} has no variant {variant:?}; it has: {}",
             fragment.name(),
-            fragment.variants().join(", ")
+            variants.join(", ")
         )));
-    }
+    };
     let client = db.get().await?;
     let keys = [args.key.clone()];
-    let outcome = fragment.render_keys(&client, &keys).await?.pop();
-    match outcome {
-        Some(crate::fragment::KeyOutcome::Rendered(entries)) => {
-            let index = fragment
-                .variants()
-                .iter()
-                .position(|v| *v == variant)
-                .unwrap_or(0);
+    match fragment.render_keys(&client, &keys).await?.pop() {
+        Some(KeyOutcome::Rendered(entries)) => {
+            if args.variant.is_none() && variants.len() > 1 {
+                // On stderr: stdout stays the HTML alone, for piping into a file or a diff.
+                eprintln!(
+                    "{} {}: variant {variant} (the first of {}; choose with --variant)",
+                    fragment.name(),
+                    args.key,
+                    variants.join(", ")
+                );
+            }
             println!("{}", entries[index].1);
             Ok(ExitCode::SUCCESS)
         }
-        Some(crate::fragment::KeyOutcome::Gone(_)) => Err(Error::Fragment(format!(
+        Some(KeyOutcome::Gone(_)) => Err(Error::Fragment(format!(
             "{} has no row for key {:?}",
             fragment.name(),
             args.key
         ))),
-        Some(crate::fragment::KeyOutcome::Failed(reason)) => Err(Error::Fragment(reason)),
-        None => Err(Error::Fragment("nothing rendered".into())),
+        Some(KeyOutcome::Failed(reason)) => Err(Error::Fragment(reason)),
+        Some(KeyOutcome::SameAs(_)) | None => Err(Error::Fragment("nothing rendered".into())),
     }
 }
 
@@ -465,8 +483,13 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
     } else {
         0
     };
+    let about = if stats.pending_estimated {
+        "about "
+    } else {
+        ""
+    };
     println!(
-        "queue: {} pending (oldest {oldest}), {} parked in pgfresh.failed, {truncations} truncated tables awaiting a sweep",
+        "queue: {about}{} pending (oldest {oldest}), {} parked in pgfresh.failed, {truncations} truncated tables awaiting a sweep",
         stats.pending, stats.failed
     );
     // Schema version 3 added what each listener renders, and whether it stands aside for a newer one.
@@ -509,10 +532,58 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// The last line of `status`: Redis, and whether its memory policy can evict pgfresh's keys. Redis
+/// is not needed for the rest, so a failure to connect is reported here, not as an error.
+async fn redis_status(connections: &Connections) {
+    match connections.redis().await {
+        Ok(sink) => {
+            let (eviction, policy) = sink.eviction();
+            println!(
+                "redis: {} answering; maxmemory-policy {}",
+                sink.url(),
+                eviction.describe(&policy)
+            );
+        }
+        Err(error) => println!("redis: {error}"),
+    }
+}
+
 /// Parses "500ms", "1s", "1h", or "0".
 fn parse_duration(text: &str) -> Result<Duration, String> {
     if text.trim() == "0" {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 1s, 10m, 1h, 0)"))
+}
+
+fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval < crate::config::MIN_POLL_INTERVAL {
+        return Err("at least 10ms: a shorter poll would only spin (examples: 100ms, 1s)".into());
+    }
+    Ok(interval)
+}
+
+fn parse_sweep_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval > crate::config::MAX_SWEEP_INTERVAL {
+        return Err("at most 366d (examples: 1h, 1d; 0 disables the periodic sweep)".into());
+    }
+    Ok(interval)
+}
+
+/// Checks that `host:port` names a port and a host that resolves (a name like localhost, or an
+/// address), so that a typo is caught with the other flags rather than when the listener starts.
+pub fn parse_address(text: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let (_, port) = text
+        .rsplit_once(':')
+        .ok_or("expected host:port, e.g. 127.0.0.1:9187 or localhost:9187")?;
+    port.parse::<u16>()
+        .map_err(|_| format!("{port:?} is not a port number (expected host:port)"))?;
+    match text.to_socket_addrs().map(|mut addresses| addresses.next()) {
+        Ok(Some(_)) => Ok(text.to_string()),
+        Ok(None) => Err(format!("{text} resolves to no address")),
+        Err(error) => Err(format!("cannot resolve {text}: {error}")),
+    }
 }

@@ -19,8 +19,44 @@ pub struct ListenSettings {
     pub max_attempts: i32,
     /// How the periodic sweep works.
     pub sweep: SweepSettings,
-    /// Where to serve `/metrics`, `/healthz` and `/readyz`; `None` serves nothing.
-    pub http: Option<std::net::SocketAddr>,
+    /// Where to serve the status page, `/metrics`, `/healthz` and `/readyz` (`host:port`, the host a
+    /// name or an address); `None` serves nothing.
+    pub http: Option<String>,
+}
+
+/// The shortest poll interval: a shorter one would only spin.
+pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+
+/// The longest interval between periodic sweeps: a longer one is almost certainly a typo.
+pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+impl ListenSettings {
+    /// Fails with one line saying which setting is out of range, and what the range is.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        let invalid = |text: String| Err(crate::Error::InvalidSetting(text));
+        if self.poll_interval < MIN_POLL_INTERVAL {
+            return invalid(format!(
+                "poll interval {:?} is too short: at least {MIN_POLL_INTERVAL:?}",
+                self.poll_interval
+            ));
+        }
+        if self
+            .sweep_interval
+            .is_some_and(|every| every > MAX_SWEEP_INTERVAL)
+        {
+            return invalid(
+                "sweep interval is too long: at most 366 days (0 disables the periodic sweep)"
+                    .into(),
+            );
+        }
+        if self.batch_size < 1 || self.workers < 1 || self.max_attempts < 1 {
+            return invalid("batch size, workers and max attempts must each be at least 1".into());
+        }
+        if self.sweep.page_size < 1 || self.sweep.concurrency < 1 {
+            return invalid("sweep page size and concurrency must each be at least 1".into());
+        }
+        Ok(())
+    }
 }
 
 impl Default for ListenSettings {
@@ -58,76 +94,124 @@ impl Default for SweepSettings {
     }
 }
 
-/// The URL with any password replaced by `***`, safe to print and log. Handles URLs
-/// (`postgres://user:secret@host/db`, `redis://:secret@host`) and libpq key=value strings
-/// (`host=x password=secret`).
-pub fn redact_url(url: &str) -> String {
-    if let Some(scheme_end) = url.find("://") {
-        let rest = &url[scheme_end + 3..];
-        let authority_end = rest.find(['/', '?']).unwrap_or(rest.len());
-        if let Some(at) = rest[..authority_end].rfind('@') {
-            let userinfo = &rest[..at];
-            if let Some(colon) = userinfo.find(':') {
-                return format!(
-                    "{}{}:***{}",
-                    &url[..scheme_end + 3],
-                    &userinfo[..colon],
-                    &rest[at..]
-                );
-            }
-        }
-        return redact_query_password(url);
-    }
-    url.split_whitespace()
-        .map(|pair| match pair.split_once('=') {
-            Some((key, _)) if key.trim() == "password" => "password=***".to_string(),
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
+/// What libpq would consult for the settings a PostgreSQL connection string leaves out: its `PG*`
+/// environment variables (`PGHOST`, `PGUSER`, `PGPASSWORD`, `PGSSLMODE`, ...) and the password file
+/// (`PGPASSFILE`, else `~/.pgpass`). The library never reads the process environment itself: a
+/// binary passes [`Environment::from_process`], a test or an embedding program what it chooses.
+#[derive(Clone, Debug, Default)]
+pub struct Environment {
+    vars: std::collections::HashMap<String, String>,
+    home: Option<std::path::PathBuf>,
 }
 
-/// Redacts a `password=` query parameter, which libpq URLs also accept.
-fn redact_query_password(url: &str) -> String {
-    let Some(query_start) = url.find('?') else {
-        return url.to_string();
+impl Environment {
+    /// Nothing from outside: the connection string and pgfresh's defaults alone.
+    pub fn none() -> Self {
+        Self::default()
+    }
+
+    /// This process's `PG*` variables and home directory, as libpq reads them.
+    pub fn from_process() -> Self {
+        Self {
+            vars: std::env::vars()
+                .filter(|(name, _)| name.starts_with("PG"))
+                .collect(),
+            home: std::env::var_os("HOME").map(std::path::PathBuf::from),
+        }
+    }
+
+    /// With this variable set (for tests and embedding programs).
+    pub fn with_var(mut self, name: &str, value: &str) -> Self {
+        self.vars.insert(name.to_string(), value.to_string());
+        self
+    }
+
+    /// With this home directory, where `.pgpass` and `.postgresql/root.crt` are looked for.
+    pub fn with_home(mut self, home: impl Into<std::path::PathBuf>) -> Self {
+        self.home = Some(home.into());
+        self
+    }
+
+    pub(crate) fn var(&self, name: &str) -> Option<String> {
+        self.vars.get(name).cloned()
+    }
+
+    pub(crate) fn home(&self) -> Option<&std::path::Path> {
+        self.home.as_deref()
+    }
+}
+
+/// A Redis URL as it is safe to print: built from the parsed URL, without the password; for a URL
+/// that does not parse, the text with everything that could be a password replaced by `***`.
+pub(crate) fn shown_redis_url(url: &str) -> String {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let Ok(info) = url.into_connection_info() else {
+        return redact_unparsed_url(url);
     };
-    let query = url[query_start + 1..]
-        .split('&')
-        .map(|pair| match pair.split_once('=') {
-            Some(("password", _)) => "password=***".to_string(),
-            _ => pair.to_string(),
-        })
-        .collect::<Vec<_>>()
-        .join("&");
-    format!("{}?{query}", &url[..query_start])
+    let settings = info.redis_settings();
+    let user = settings
+        .username()
+        .map(|user| format!("{user}@"))
+        .unwrap_or_default();
+    let db = match settings.db() {
+        0 => String::new(),
+        db => format!("/{db}"),
+    };
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) => format!("redis://{user}{host}:{port}{db}"),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{user}{host}:{port}{db}"),
+        ConnectionAddr::Unix(path) => format!("redis+unix://{user}{}{db}", path.display()),
+        other => format!("{other}{db}"),
+    }
+}
+
+/// A URL that did not parse, with everything between `://` and its last `@`, and any `password=`
+/// value, replaced by `***`: whatever the password holds (`/`, `?`, `@`), none of it survives.
+pub(crate) fn redact_unparsed_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
+        return "(not shown: it does not parse as a URL)".into();
+    };
+    let mut shown = match url.rfind('@').filter(|&at| at >= scheme_end) {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &url[at..]),
+        None => url.to_string(),
+    };
+    if let Some(at) = shown.find("password=") {
+        let end = shown[at..].find('&').map_or(shown.len(), |end| at + end);
+        shown.replace_range(at + "password=".len()..end, "***");
+    }
+    shown
 }
 
 #[cfg(test)]
 mod tests {
-    use super::redact_url;
+    use super::*;
 
     #[test]
-    fn passwords_never_survive_redaction() {
+    fn redis_urls_are_shown_without_their_password() {
         assert_eq!(
-            redact_url("postgres://bob:s3cret@db:5432/app"),
-            "postgres://bob:***@db:5432/app"
+            shown_redis_url("redis://:s3cret@cache:6379/2"),
+            "redis://cache:6379/2"
         );
         assert_eq!(
-            redact_url("redis://:s3cret@cache:6379/2"),
-            "redis://:***@cache:6379/2"
+            shown_redis_url("rediss://pgfresh:pa%2Fss@cache:6380"),
+            "rediss://pgfresh@cache:6380"
         );
         assert_eq!(
-            redact_url("postgres://bob@db/app?password=s3cret&sslmode=require"),
-            "postgres://bob@db/app?password=***&sslmode=require"
+            shown_redis_url("rediss://pgfresh:pa/ss@cache:6380"),
+            "rediss://***@cache:6380",
+            "a password that breaks the URL hides the user too"
         );
-        assert_eq!(
-            redact_url("host=db user=bob password=s3cret"),
-            "host=db user=bob password=***"
-        );
-        assert_eq!(
-            redact_url("postgres://postgres@127.0.0.1:5432/postgres"),
-            "postgres://postgres@127.0.0.1:5432/postgres"
-        );
+        for url in [
+            "redis://:pa/ss@127.0.0.1:6379/0",
+            "redis://user:pa?ss@host/1",
+            "redis://user:p@ss@host:1/0",
+            "redis://:x@y@z/0?password=pa/ss",
+            "redis://user:pass word@host:notaport",
+        ] {
+            let shown = shown_redis_url(url);
+            for secret in ["pa/ss", "pa?ss", "p@ss", "x@y", "pass word"] {
+                assert!(!shown.contains(secret), "{url} -> {shown}");
+            }
+        }
     }
 }

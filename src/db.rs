@@ -8,7 +8,8 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use crate::Error;
-use crate::config::redact_url;
+use crate::config::Environment;
+use crate::conninfo::{ConnInfo, redact_unparsed};
 use crate::tls::PostgresTls;
 
 /// How long a connection attempt may take before it counts as unreachable.
@@ -23,37 +24,106 @@ pub struct Database {
     connector: MakeRustlsConnect,
 }
 
+/// What pgfresh's pooled sessions always run with. The listener's own writes (deleting done changes,
+/// its idle flag) need no fsync: losing them in a crash only means a change is rendered again. And its
+/// queries are short lookups by key, for which JIT compilation never pays: with misleading statistics
+/// it was seen to add 180 ms to a 20 ms load.
+const POOLED_OPTIONS: &str = "-c synchronous_commit=off -c jit=off";
+
+/// Connection settings pgfresh honours itself rather than passing them to tokio-postgres.
+const HANDLED_HERE: &[&str] = &[
+    "sslmode",
+    "sslrootcert",
+    "passfile",
+    "fallback_application_name",
+];
+
+/// libpq settings tokio-postgres knows: passed on as given.
+const PASSED_ON: &[&str] = &[
+    "host",
+    "hostaddr",
+    "port",
+    "dbname",
+    "user",
+    "password",
+    "options",
+    "application_name",
+    "connect_timeout",
+    "keepalives",
+    "keepalives_idle",
+    "keepalives_interval",
+    "keepalives_count",
+    "tcp_user_timeout",
+    "target_session_attrs",
+    "channel_binding",
+    "load_balance_hosts",
+    "sslnegotiation",
+];
+
 impl Database {
-    /// Parses the URL and builds a pool of at most `pool_size` connections. Connects lazily: call
+    /// Parses the connection string (a URL or libpq key=value pairs) and builds a pool of at most
+    /// `pool_size` connections, with nothing taken from the environment. Connects lazily: call
     /// [`Database::check`] to fail early with a clear message.
     pub fn new(url: &str, pool_size: usize) -> Result<Self, Error> {
-        let shown = redact_url(url);
-        let invalid = |reason: String| Error::InvalidUrl {
-            what: "PostgreSQL",
-            url: shown.clone(),
-            reason,
-        };
-        let tls = PostgresTls::from_url(url).map_err(invalid)?;
-        let mut config: Config = tls
-            .url
+        Self::with_environment(url, pool_size, &Environment::none())
+    }
+
+    /// Like [`Database::new`], filling what the string leaves out as libpq does: from the `PG*`
+    /// variables and the password file of `environment`, then pgfresh's defaults (host 127.0.0.1,
+    /// port 5432, user postgres, database named as the user).
+    pub fn with_environment(
+        url: &str,
+        pool_size: usize,
+        environment: &Environment,
+    ) -> Result<Self, Error> {
+        let mut info = ConnInfo::parse(url)
+            .map_err(|reason| invalid_url(redact_unparsed(url), reason))?
+            .with_environment(|name| environment.var(name))
+            .with_defaults();
+        let shown = info.shown();
+        let invalid = |reason: String| invalid_url(shown.clone(), reason);
+        if info.get("password").is_none() {
+            match info.password_from_file(environment.home()) {
+                Ok(Some(password)) => info.set("password", &password),
+                Ok(None) => {}
+                Err(warning) => tracing::warn!("{warning}"),
+            }
+        }
+        if let Some(keyword) = info
+            .keywords()
+            .find(|k| !HANDLED_HERE.contains(k) && !PASSED_ON.contains(k))
+        {
+            return Err(invalid(format!(
+                "pgfresh does not support the connection option {keyword}, and will not connect with less than it asks for; remove it"
+            )));
+        }
+        let tls = PostgresTls::from_settings(
+            info.get("sslmode"),
+            info.get("sslrootcert"),
+            environment.home(),
+        )
+        .map_err(invalid)?;
+        if info.get("application_name").is_none() {
+            let name = info
+                .get("fallback_application_name")
+                .unwrap_or("pgfresh")
+                .to_string();
+            info.set("application_name", &name);
+        }
+        let mut config: Config = info
+            .to_tokio_postgres(HANDLED_HERE)
             .parse()
             .map_err(|e: tokio_postgres::Error| invalid(crate::error::describe_postgres(&e)))?;
-        // TLS only when the URL asks for it (see `tls`).
-        if !tls.asks_for_tls {
-            config.ssl_mode(tokio_postgres::config::SslMode::Disable);
-        }
+        config.ssl_mode(tls.mode);
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        if config.get_application_name().is_none() {
-            config.application_name("pgfresh");
-        }
-        // The listener's own writes (deleting done changes, its idle flag) need no fsync: losing them in
-        // a crash only means a change is rendered again. And its queries are short lookups by key, for
-        // which JIT compilation never pays: with misleading statistics it was seen to add 180 ms to a
-        // 20 ms load.
+        // The user's options come after pgfresh's, so that theirs win where both set something.
         let mut pooled = config.clone();
-        pooled.options("-c synchronous_commit=off -c jit=off");
+        pooled.options(&match config.get_options() {
+            Some(theirs) if !theirs.trim().is_empty() => format!("{POOLED_OPTIONS} {theirs}"),
+            _ => POOLED_OPTIONS.to_string(),
+        });
         let connector = tls.connector();
         let manager = Manager::from_config(
             pooled,
@@ -98,9 +168,16 @@ impl Database {
 
     /// A pooled connection, or an error saying PostgreSQL is unreachable.
     pub async fn get(&self) -> Result<deadpool_postgres::Object, Error> {
+        use deadpool_postgres::{PoolError, TimeoutType};
+        // Every error in making a new pooled connection is a connection error, the server's own
+        // (a wrong password, a missing database) included, and says which server it was.
         self.pool.get().await.map_err(|e| match e {
-            deadpool_postgres::PoolError::Backend(e) if e.as_db_error().is_none() => {
-                self.connect_error(&e)
+            PoolError::Backend(e) => self.connect_error(&e),
+            PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
+                Error::PostgresConnect {
+                    url: self.url.clone(),
+                    reason: format!("no connection within {CONNECT_TIMEOUT:?}"),
+                }
             }
             other => Error::Pool(other),
         })
@@ -152,5 +229,13 @@ impl Database {
         } else {
             Error::PostgresConnect { url, reason }
         }
+    }
+}
+
+fn invalid_url(url: String, reason: String) -> Error {
+    Error::InvalidUrl {
+        what: "PostgreSQL",
+        url,
+        reason,
     }
 }

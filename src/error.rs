@@ -1,14 +1,13 @@
 //! The library's error type: one enum callers can match, whose messages say what failed and what to do.
 //!
-//! Connection URLs in messages are always redacted (see [`crate::config::redact_url`]).
+//! Connection URLs in messages are always shown without their password, built from the parsed
+//! settings (see [`crate::conninfo`]).
 
 /// Everything that can go wrong in pgfresh.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// PostgreSQL could not be reached or refused the connection.
-    #[error(
-        "cannot connect to PostgreSQL at {url}: {reason}; start it, or point --database-url / DATABASE_URL at it"
-    )]
+    #[error("cannot connect to PostgreSQL at {url}: {reason}; {}", postgres_advice(.reason))]
     PostgresConnect {
         /// The URL, password removed.
         url: String,
@@ -26,9 +25,7 @@ pub enum Error {
         reason: String,
     },
     /// Redis could not be reached or refused the connection.
-    #[error(
-        "cannot connect to Redis at {url}: {reason}; start it, or point --redis-url / REDIS_URL at it"
-    )]
+    #[error("cannot connect to Redis at {url}: {reason}; {}", redis_advice(.reason))]
     RedisConnect {
         /// The URL, password removed.
         url: String,
@@ -80,17 +77,51 @@ pub enum Error {
     /// A fragment is misdefined or misbehaved, or a name given on the command line matches none.
     #[error("{0}")]
     Fragment(String),
+    /// A setting is out of its range.
+    #[error("invalid setting: {0}")]
+    InvalidSetting(String),
     /// An address to serve HTTP on cannot be used.
     #[error("cannot serve HTTP on {address}: {reason}; choose another --http address")]
     Http {
         /// The address asked for.
-        address: std::net::SocketAddr,
+        address: String,
         /// Why, in one line.
         reason: String,
     },
     /// A task of pgfresh's own stopped unexpectedly (a bug: please report it).
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+/// What to do about a failed PostgreSQL connection, from the server's or the driver's reason: the
+/// server may well be running (a wrong password, a missing database), and "start it" would mislead.
+fn postgres_advice(reason: &str) -> &'static str {
+    let reason = reason.to_lowercase();
+    if reason.contains("password") || reason.contains("authentication") {
+        "check the user and password (in the URL, PGPASSWORD or ~/.pgpass)"
+    } else if reason.contains("does not exist") {
+        "create it, or name another in the URL (or PGUSER / PGDATABASE)"
+    } else if reason.contains("too many clients") || reason.contains("remaining connection slots") {
+        "the server has no free connection slot: raise max_connections, or lower --workers"
+    } else {
+        "start it, or point --database-url / DATABASE_URL at it"
+    }
+}
+
+/// What to do about a failed Redis connection, likewise.
+fn redis_advice(reason: &str) -> &'static str {
+    let reason = reason.to_lowercase();
+    if reason.contains("wrongpass") || reason.contains("noauth") || reason.contains("password") {
+        "check the user and password in --redis-url / REDIS_URL"
+    } else if reason.contains("db index is out of range") {
+        "this server has fewer databases (its `databases` setting, 16 by default): choose one that exists in the URL's /N"
+    } else if reason.contains("noperm") || reason.contains("no permissions") {
+        "the Redis user lacks a command or key pgfresh needs: see README, \"Least privilege\", for the ACL"
+    } else if reason.contains("--redis-cluster") {
+        "see README, \"Redis Cluster\""
+    } else {
+        "start it, or point --redis-url / REDIS_URL at it"
+    }
 }
 
 /// What a URL of this kind looks like.

@@ -91,6 +91,9 @@ pub enum KeyOutcome {
     Gone(Vec<String>),
     /// This key cannot be refreshed (it does not parse, or its render panicked); the others can.
     Failed(String),
+    /// Another spelling of the key at this earlier index (`042` and `42`): that one's outcome holds
+    /// for both, and nothing is written twice.
+    SameAs(usize),
 }
 
 /// The object-safe view of a [`Fragment`] that the listener and the sweep work with.
@@ -154,29 +157,39 @@ impl<F: Fragment> DynFragment for F {
     ) -> BoxFuture<'a, Result<Vec<KeyOutcome>, tokio_postgres::Error>> {
         Box::pin(async move {
             let parsed: Vec<Option<F::Key>> = keys.iter().map(|k| k.parse().ok()).collect();
-            let valid: Vec<F::Key> = parsed.iter().flatten().cloned().collect();
+            // Each distinct key once: two spellings of one key must not load, render or write twice
+            // (a second lookup of a row already taken would read as "gone", and delete it).
+            let mut first_at: HashMap<&F::Key, usize> = HashMap::new();
+            for (index, key) in parsed.iter().enumerate() {
+                if let Some(key) = key {
+                    first_at.entry(key).or_insert(index);
+                }
+            }
+            let distinct: Vec<F::Key> = first_at.keys().map(|key| (*key).clone()).collect();
             let started = std::time::Instant::now();
-            let mut rows: HashMap<F::Key, F::Row> = if valid.is_empty() {
+            let mut rows: HashMap<F::Key, F::Row> = if distinct.is_empty() {
                 HashMap::new()
             } else {
-                self.load(db, &valid).await?.into_iter().collect()
+                self.load(db, &distinct).await?.into_iter().collect()
             };
             let loaded = std::time::Instant::now();
             crate::telemetry::loaded(Fragment::name(self), loaded - started);
             let outcomes = keys
                 .iter()
-                .zip(parsed)
-                .map(|(text, key)| match key {
+                .zip(&parsed)
+                .enumerate()
+                .map(|(index, (text, key))| match key {
                     None => KeyOutcome::Failed(format!(
                         "key {text:?} does not parse as a {} key",
                         Fragment::name(self)
                     )),
-                    Some(key) => match rows.remove(&key) {
-                        Some(row) => render_variants(self, &key, &row),
+                    Some(key) if first_at[key] != index => KeyOutcome::SameAs(first_at[key]),
+                    Some(key) => match rows.remove(key) {
+                        Some(row) => render_variants(self, key, &row),
                         None => KeyOutcome::Gone(
                             self.variants()
                                 .iter()
-                                .map(|v| self.redis_key(&key, v))
+                                .map(|v| self.redis_key(key, v))
                                 .collect(),
                         ),
                     },
@@ -290,13 +303,13 @@ impl Fragments {
         if new.name().is_empty() || new.key_prefix().is_empty() || new.variants().is_empty() {
             return Err("name, key prefix and at least one variant are required".into());
         }
-        if new
-            .key_prefix()
-            .starts_with(crate::keys::BOOKKEEPING_PREFIX)
-        {
+        // The sweep deletes orphans under a fragment's prefix: a prefix that pgfresh's own keys start
+        // with (`pg`, `pgfresh`), or one inside them, would have it delete its tickets and markers.
+        let own = crate::keys::BOOKKEEPING_PREFIX;
+        if new.key_prefix().starts_with(own) || own.starts_with(new.key_prefix()) {
             return Err(format!(
-                "key prefix must not start with {}",
-                crate::keys::BOOKKEEPING_PREFIX
+                "key prefix {:?} overlaps pgfresh's own keys ({own}*); choose a prefix that neither starts {own} nor is the start of it",
+                new.key_prefix()
             ));
         }
         for old in &self.all {

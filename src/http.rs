@@ -1,8 +1,11 @@
 //! The listener's HTTP endpoints (`listen --http ADDR`): `/` a status page (maud, refreshing itself),
 //! `/metrics` in Prometheus text format, `/healthz` (the process is alive) and `/readyz` (its LISTEN
 //! session and Redis both work).
+//!
+//! A request never takes what the listener needs: no pooled connection, no query, no Redis command.
+//! Everything served was sampled in the background (the queue by the heartbeat, Redis by
+//! [`probe_redis`]) and is read from the [`StatusBoard`], so a flood of requests costs only CPU.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -15,21 +18,25 @@ use axum::routing::get;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 use crate::Error;
-use crate::db::Database;
 use crate::shutdown::Shutdown;
 use crate::sink::RedisSink;
 use crate::status::StatusBoard;
+
+/// How often Redis is pinged in the background.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a PING may take before Redis counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An answer older than this is not trusted: the probe itself is stuck.
+const PROBE_STALE: Duration = Duration::from_secs(5);
 
 /// What the endpoints look at.
 #[derive(Clone)]
 pub struct Sources {
     /// Set while the LISTEN session is up.
     pub listen_connected: Arc<AtomicBool>,
-    /// Pinged on every readiness check.
-    pub sink: RedisSink,
-    /// Asked for the queue's state by the status page.
-    pub db: Database,
-    /// The listener's own record of what happened.
+    /// The listener's own record of what happened, and of what was sampled.
     pub board: Arc<StatusBoard>,
     /// Shown on the status page.
     pub listener_id: String,
@@ -44,16 +51,20 @@ struct AppState {
 /// Binds `address` now, so that a taken port fails start-up with a clear message, and returns the
 /// server to run until shutdown.
 pub async fn bind(
-    address: SocketAddr,
+    address: &str,
     sources: Sources,
     shutdown: Shutdown,
-) -> Result<impl std::future::Future<Output = ()>, Error> {
+) -> Result<impl std::future::Future<Output = ()> + use<>, Error> {
     let listener = tokio::net::TcpListener::bind(address)
         .await
         .map_err(|e| Error::Http {
-            address,
+            address: address.to_string(),
             reason: e.to_string(),
         })?;
+    let address = listener.local_addr().map_err(|e| Error::Http {
+        address: address.to_string(),
+        reason: e.to_string(),
+    })?;
     let state = AppState {
         metrics: crate::telemetry::install_prometheus(),
         sources,
@@ -86,38 +97,55 @@ async fn metrics(State(state): State<AppState>) -> (StatusCode, String) {
 }
 
 async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
-    match problem(&state.sources).await {
+    match problem(&state.sources) {
         None => (StatusCode::OK, "ready\n".into()),
         Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
     }
 }
 
-/// Why the listener cannot do its work right now, if it cannot.
-async fn problem(sources: &Sources) -> Option<String> {
+/// Why the listener cannot do its work right now, if it cannot, from what was last sampled.
+fn problem(sources: &Sources) -> Option<String> {
     if !sources.listen_connected.load(Ordering::Relaxed) {
         return Some("PostgreSQL LISTEN session is down".into());
     }
-    match tokio::time::timeout(Duration::from_secs(2), sources.sink.ping()).await {
-        Ok(Ok(())) => None,
-        Ok(Err(error)) => Some(format!("Redis: {error}")),
-        Err(_) => Some("Redis did not answer a PING within 2 s".into()),
+    match sources.board.view().redis_answer {
+        None => Some("Redis has not been asked yet".into()),
+        Some((at, _)) if at.elapsed() > PROBE_STALE => Some(format!(
+            "Redis has not answered a PING for {} s",
+            at.elapsed().as_secs()
+        )),
+        Some((_, Ok(()))) => None,
+        Some((_, Err(error))) => Some(error),
     }
 }
 
 async fn status_page(State(state): State<AppState>) -> Html<String> {
     let sources = &state.sources;
-    let problem = problem(sources).await;
-    let queue = match sources.db.get().await {
-        Ok(client) => crate::queue::stats(&client)
-            .await
-            .map_err(|e| e.to_string()),
-        Err(error) => Err(error.to_string()),
-    };
+    let problem = problem(sources);
     let page = crate::status::page(
         &sources.listener_id,
         problem.as_deref(),
-        &queue,
         &sources.board.view(),
     );
     Html(page.into_string())
+}
+
+/// Pings Redis every [`PROBE_INTERVAL`] until shutdown, noting each answer on the board for
+/// `/readyz` and the status page.
+pub(crate) async fn probe_redis(sink: RedisSink, board: Arc<StatusBoard>, shutdown: Shutdown) {
+    loop {
+        let answer = match tokio::time::timeout(PROBE_TIMEOUT, sink.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("Redis: {error}")),
+            Err(_) => Err(format!(
+                "Redis did not answer a PING within {} s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        };
+        board.redis_answered(answer);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+    }
 }

@@ -39,6 +39,7 @@ mod batch;
 pub mod cli;
 pub mod coalesce;
 pub mod config;
+pub(crate) mod conninfo;
 pub mod db;
 pub mod deploy;
 pub mod error;

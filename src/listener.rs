@@ -104,8 +104,9 @@ struct Drained {
     changes: u64,
 }
 
-/// Runs a listener until `shutdown` is cancelled. Returns early only if pgfresh is not installed or a
-/// fragment is misdefined; lost connections are retried forever.
+/// Runs a listener until `shutdown` is cancelled. Returns early only if pgfresh is not installed, a
+/// fragment or setting is misdefined, or one of its own tasks died (a bug: the process should stop and
+/// be restarted rather than run half-dead); lost connections are retried forever.
 pub async fn run(
     db: Database,
     sink: RedisSink,
@@ -114,6 +115,7 @@ pub async fn run(
     shutdown: Shutdown,
 ) -> Result<(), Error> {
     fragments.validate()?;
+    settings.validate()?;
     crate::schema::ensure_installed(&db).await?;
     let me = ListenerIdentity {
         id: format!(
@@ -139,65 +141,12 @@ pub async fn run(
         next_wake: Mutex::new(None),
         board: Arc::new(StatusBoard::default()),
     });
-    // Bind the HTTP port before registering, so that a taken port fails start-up cleanly.
-    let listen_connected = Arc::new(AtomicBool::new(false));
-    let http_server = match shared.settings.http {
-        Some(address) => {
-            let readiness = crate::http::Sources {
-                listen_connected: listen_connected.clone(),
-                sink: shared.sink.clone(),
-                db: shared.db.clone(),
-                board: shared.board.clone(),
-                listener_id: shared.me.id.clone(),
-            };
-            Some(crate::http::bind(address, readiness, shared.shutdown.clone()).await?)
-        }
-        None => None,
-    };
-    queue::register_listener(&*shared.db.get().await?, &shared.me).await?;
-    crate::telemetry::standing_aside(false);
-    tracing::info!(
-        listener = %shared.me.id,
-        fragments = %shared.fragments.names(),
-        database = %shared.db.url(),
-        redis = %shared.sink.url(),
-        "listening for changes"
-    );
-
     let wake = Arc::new(Notify::new());
-    let mut tasks = JoinSet::new();
-    if let Some(server) = http_server {
-        tasks.spawn(server);
-    }
-    tasks.spawn(crate::wakeup::run(
-        shared.db.clone(),
-        shared.me.id.clone(),
-        wake.clone(),
-        listen_connected,
-        shared.shutdown.clone(),
-    ));
-    tasks.spawn(heartbeat(shared.clone()));
-    tasks.spawn(crate::deploy::watch(
-        shared.db.clone(),
-        shared.me.clone(),
-        shared.stand_aside.clone(),
-        shared.shutdown.clone(),
-    ));
-    tasks.spawn(crate::maintenance::run(
-        crate::maintenance::Maintainer {
-            db: shared.db.clone(),
-            sink: shared.sink.clone(),
-            fragments: shared.fragments.clone(),
-            me: shared.me.clone(),
-            stand_aside: shared.stand_aside.clone(),
-            board: shared.board.clone(),
-        },
-        shared.settings.sweep_interval,
-        shared.settings.sweep.clone(),
-        shared.shutdown.clone(),
-    ));
-
-    drain_loop(&shared, &wake).await;
+    let mut tasks = start(&shared, &wake).await?;
+    let died = tokio::select! {
+        _ = drain_loop(&shared, &wake) => None,
+        joined = tasks.join_next() => joined,
+    };
 
     // Every task selects on the shutdown token; wait for them to finish their current step.
     shared.shutdown.cancel();
@@ -211,7 +160,108 @@ pub async fn run(
         refused_writes = refused,
         "listener stopped"
     );
-    Ok(())
+    match died {
+        None => Ok(()),
+        // Tasks end when shutdown asks them to, possibly before the drain loop has noticed.
+        Some(Ok(_)) if shared.shutdown.is_cancelled() => Ok(()),
+        Some(Ok(task)) => Err(Error::Internal(format!(
+            "the {task} task stopped on its own"
+        ))),
+        Some(Err(error)) => Err(Error::Internal(format!(
+            "a listener task died: {}",
+            describe_join_error(error)
+        ))),
+    }
+}
+
+/// Binds the HTTP address (before registering, so that a taken port fails start-up cleanly),
+/// registers the listener and spawns its tasks; each task returns its name when it ends.
+async fn start(shared: &Arc<Shared>, wake: &Arc<Notify>) -> Result<JoinSet<&'static str>, Error> {
+    let listen_connected = Arc::new(AtomicBool::new(false));
+    let mut tasks = JoinSet::new();
+    if let Some(address) = &shared.settings.http {
+        let sources = crate::http::Sources {
+            listen_connected: listen_connected.clone(),
+            board: shared.board.clone(),
+            listener_id: shared.me.id.clone(),
+        };
+        let server = crate::http::bind(address, sources, shared.shutdown.clone()).await?;
+        tasks.spawn(async move {
+            server.await;
+            "HTTP server"
+        });
+        let probe = crate::http::probe_redis(
+            shared.sink.clone(),
+            shared.board.clone(),
+            shared.shutdown.clone(),
+        );
+        tasks.spawn(async move {
+            probe.await;
+            "Redis probe"
+        });
+    }
+    queue::register_listener(&*shared.db.get().await?, &shared.me).await?;
+    crate::telemetry::register_fragments(shared.fragments.iter().map(|f| f.name()));
+    crate::telemetry::standing_aside(false);
+    tracing::info!(
+        listener = %shared.me.id,
+        fragments = %shared.fragments.names(),
+        database = %shared.db.url(),
+        redis = %shared.sink.url(),
+        "listening for changes"
+    );
+    let wakeup = crate::wakeup::run(
+        shared.db.clone(),
+        shared.me.id.clone(),
+        wake.clone(),
+        listen_connected,
+        shared.shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        wakeup.await;
+        "LISTEN session"
+    });
+    let beat = heartbeat(shared.clone());
+    tasks.spawn(async move {
+        beat.await;
+        "heartbeat"
+    });
+    let deploy = crate::deploy::watch(
+        shared.db.clone(),
+        shared.me.clone(),
+        shared.stand_aside.clone(),
+        shared.shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        deploy.await;
+        "rolling deploy watch"
+    });
+    let maintenance = crate::maintenance::run(
+        crate::maintenance::Maintainer {
+            db: shared.db.clone(),
+            sink: shared.sink.clone(),
+            fragments: shared.fragments.clone(),
+            me: shared.me.clone(),
+            stand_aside: shared.stand_aside.clone(),
+            board: shared.board.clone(),
+        },
+        shared.settings.sweep_interval,
+        shared.settings.sweep.clone(),
+        shared.shutdown.clone(),
+    );
+    tasks.spawn(async move {
+        maintenance.await;
+        "maintenance"
+    });
+    Ok(tasks)
+}
+
+/// One line for a task that panicked or was cancelled.
+fn describe_join_error(error: tokio::task::JoinError) -> String {
+    match error.try_into_panic() {
+        Ok(panic) => format!("panicked: {}", crate::fragment::panic_message(&panic)),
+        Err(error) => error.to_string(),
+    }
 }
 
 /// Drains the queue whenever there may be work, until shutdown.
@@ -392,29 +442,37 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
     }
 }
 
-/// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current.
+/// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current;
+/// samples the queue for metrics and the status page, at once and then at every beat.
 async fn heartbeat(shared: Arc<Shared>) {
     loop {
+        if let Ok(client) = shared.db.get().await {
+            beat(&shared, &client).await;
+        }
         tokio::select! {
             _ = shared.shutdown.cancelled() => return,
             _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
         }
-        let Ok(client) = shared.db.get().await else {
-            continue;
-        };
-        if let Ok(stats) = queue::stats(&client).await
-            && let Ok(usage) = queue::notification_queue_usage(&client).await
-        {
-            crate::telemetry::queue(&stats, usage);
-        }
-        let (changes, refused) = shared.counters.read();
-        let idle = shared.idle.load(Ordering::Relaxed);
-        let superseded = shared.stand_aside.recorded();
-        if let Err(error) =
-            queue::heartbeat(&client, &shared.me, idle, superseded, changes, refused).await
-        {
-            tracing::debug!(%error, "heartbeat failed");
-        }
+    }
+}
+
+async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
+    let stats = queue::stats(client).await;
+    if let Ok(stats) = &stats
+        && let Ok(usage) = queue::notification_queue_usage(client).await
+    {
+        crate::telemetry::queue(stats, usage);
+    }
+    shared
+        .board
+        .queue_sampled(stats.map_err(|error| error.to_string()));
+    let (changes, refused) = shared.counters.read();
+    let idle = shared.idle.load(Ordering::Relaxed);
+    let superseded = shared.stand_aside.recorded();
+    if let Err(error) =
+        queue::heartbeat(client, &shared.me, idle, superseded, changes, refused).await
+    {
+        tracing::debug!(%error, "heartbeat failed");
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::Error;
+use crate::backoff::Backoff;
 use crate::config::SweepSettings;
 use crate::db::Database;
 use crate::deploy::StandAside;
@@ -32,15 +33,22 @@ const SWEEP_LOCK: i64 = 0x0070_6766_7265_7368;
 /// may sit empty before the sweep starts.
 const MARKER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How often Redis's memory policy is read again (it can be changed at run time).
+const EVICTION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
+
+/// First and longest wait after a sweep that could not complete, before any sweep is tried again.
+const SWEEP_RETRY_FIRST: Duration = Duration::from_secs(1);
+const SWEEP_RETRY_MAX: Duration = Duration::from_secs(300);
+
 /// What the maintenance loop works with: the running listener's connections, fragments and state.
 pub struct Maintainer {
-    /// The database.
+    /// Where fragments are loaded from and the sweep lock is held.
     pub db: Database,
-    /// Redis.
+    /// Where fragments are written and markers read.
     pub sink: RedisSink,
     /// The fragments to keep swept.
     pub fragments: Fragments,
-    /// The listener, as registered.
+    /// The listener, as registered: a sweep waits for older versions to stand aside.
     pub me: ListenerIdentity,
     /// Whether it stands aside for a newer listener: then it sweeps nothing.
     pub stand_aside: Arc<StandAside>,
@@ -48,97 +56,265 @@ pub struct Maintainer {
     pub board: Arc<StatusBoard>,
 }
 
-/// Runs until shutdown; never fails (a failed sweep is logged and tried again).
+/// When sweeps are due: the periodic one, and after a sweep that could not complete, not before a
+/// backoff has passed (a sweep that keeps failing must not repeat back to back).
+pub(crate) struct SweepSchedule {
+    interval: Option<Duration>,
+    next_periodic: Option<Instant>,
+    retry: Backoff,
+    not_before: Option<Instant>,
+}
+
+impl SweepSchedule {
+    pub(crate) fn new(interval: Option<Duration>, now: Instant) -> Self {
+        Self {
+            interval,
+            next_periodic: interval.and_then(|interval| now.checked_add(interval)),
+            retry: Backoff::new(SWEEP_RETRY_FIRST, SWEEP_RETRY_MAX),
+            not_before: None,
+        }
+    }
+
+    /// Whether a sweep may be tried now (no backoff pending).
+    pub(crate) fn may_sweep(&self, now: Instant) -> bool {
+        self.not_before.is_none_or(|at| now >= at)
+    }
+
+    /// Whether the periodic sweep is due.
+    pub(crate) fn periodic_due(&self, now: Instant) -> bool {
+        self.next_periodic.is_some_and(|at| now >= at)
+    }
+
+    /// A sweep completed: no backoff; the next periodic one is an interval away if this was it.
+    pub(crate) fn succeeded(&mut self, was_periodic: bool, now: Instant) {
+        self.retry.reset();
+        self.not_before = None;
+        if was_periodic {
+            self.next_periodic = self.interval.and_then(|interval| now.checked_add(interval));
+        }
+    }
+
+    /// A sweep could not complete: whatever made it due is still due, after a growing backoff.
+    /// Returns the wait.
+    pub(crate) fn failed(&mut self, now: Instant) -> Duration {
+        let wait = self.retry.next_delay();
+        self.not_before = Some(now + wait);
+        wait
+    }
+}
+
+/// Why sweeps are due this round: the fragments, and the reason for the log and metrics.
+struct Due {
+    fragments: Vec<Arc<dyn DynFragment>>,
+    reason: &'static str,
+    label: &'static str,
+    periodic: bool,
+}
+
+/// Runs until shutdown; never fails (a sweep that fails is logged and tried again after a backoff).
 pub async fn run(
     maintainer: Maintainer,
     periodic: Option<Duration>,
     settings: SweepSettings,
     shutdown: Shutdown,
 ) {
-    let Maintainer {
-        db,
-        sink,
-        fragments,
-        me,
-        stand_aside,
-        board,
-    } = maintainer;
-    let mut next_periodic = periodic.map(|interval| Instant::now() + interval);
+    let mut schedule = SweepSchedule::new(periodic, Instant::now());
+    let mut lock = SweepLock::default();
     let mut at_startup = true;
+    let mut eviction_checked: Option<Instant> = None;
     loop {
-        if stand_aside.take_resumed() {
+        if eviction_checked.is_none_or(|at| at.elapsed() >= EVICTION_CHECK_INTERVAL) {
+            check_eviction(&maintainer).await;
+            eviction_checked = Some(Instant::now());
+        }
+        if maintainer.stand_aside.take_resumed() {
             // Back from standing aside: the newer listener may have left its markup behind.
             at_startup = true;
         }
-        if stand_aside.active() {
-            tokio::select! {
-                _ = shutdown.cancelled() => return,
-                _ = tokio::time::sleep(MARKER_CHECK_INTERVAL) => {}
-            }
-            continue;
-        }
-        let periodic_due = next_periodic.is_some_and(|at| Instant::now() >= at);
-        // Read before sweeping, so the sweep sees the truncated tables.
-        let truncated = match truncations(&db, &fragments).await {
-            Ok(truncated) => truncated,
-            Err(error) => {
-                tracing::debug!(%error, "cannot read pgfresh.truncations");
-                Truncations::default()
-            }
-        };
-        let mut due: Vec<Arc<dyn DynFragment>> = if periodic_due {
-            fragments.iter().cloned().collect()
-        } else {
-            match fragments_needing_sweep(&sink, &fragments, at_startup).await {
-                Ok(due) => {
-                    at_startup = false;
-                    due
-                }
+        if !maintainer.stand_aside.active() && schedule.may_sweep(Instant::now()) {
+            let truncated = match truncations(&maintainer.db, &maintainer.fragments).await {
+                Ok(truncated) => truncated,
                 Err(error) => {
-                    tracing::debug!(%error, "cannot read fragment markers");
-                    Vec::new()
+                    tracing::debug!(%error, "cannot read pgfresh.truncations");
+                    Truncations::default()
                 }
-            }
-        };
-        let marker_due = !due.is_empty();
-        for fragment in &truncated.fragments {
-            if !due.iter().any(|f| f.name() == fragment.name()) {
-                due.push(fragment.clone());
-            }
-        }
-        if !due.is_empty() {
-            let (reason, label) = if periodic_due {
-                ("periodic", "periodic")
-            } else if marker_due {
-                ("missing or outdated in Redis", "marker")
-            } else {
-                ("a watched table was truncated", "truncate")
             };
-            crate::deploy::wait_for_older(&db, &me, &shutdown).await;
-            match sweep_if_elected(&db, &sink, &due, &settings, &shutdown).await {
-                Ok(Some(report)) => {
-                    log_report(reason, &due, &report);
-                    crate::telemetry::swept(label, report.stats.written + report.orphans_deleted);
-                    board.swept(label, report.to_string(), report.succeeded());
-                    let swept: Vec<&str> = due.iter().map(|f| f.name()).collect();
-                    let covered = truncated.covered_by(&swept);
-                    if report.succeeded()
-                        && !covered.is_empty()
-                        && let Err(error) = settle_truncations(&db, &covered).await
-                    {
-                        tracing::warn!(%error, "cannot settle swept truncations; they will be swept again");
+            if let Some(due) = due(&maintainer, &schedule, &truncated, &mut at_startup).await {
+                let outcome = sweep_due(
+                    &maintainer,
+                    &mut lock,
+                    &due,
+                    &truncated,
+                    &settings,
+                    &shutdown,
+                )
+                .await;
+                match outcome {
+                    Some(true) => schedule.succeeded(due.periodic, Instant::now()),
+                    Some(false) => {
+                        let wait = schedule.failed(Instant::now());
+                        tracing::warn!(retry_in = ?wait, "the sweep could not complete; it will be tried again");
                     }
+                    None => {}
                 }
-                Ok(None) => tracing::debug!("another listener is sweeping"),
-                Err(error) => tracing::warn!(%error, "sweep failed; it will be tried again"),
-            }
-            if periodic_due {
-                next_periodic = periodic.map(|interval| Instant::now() + interval);
             }
         }
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(MARKER_CHECK_INTERVAL) => {}
+        }
+    }
+}
+
+/// Reads Redis's memory policy again, and tells metrics and the status page.
+async fn check_eviction(maintainer: &Maintainer) {
+    let (eviction, policy) = maintainer.sink.check_eviction().await;
+    crate::telemetry::redis_eviction(eviction != crate::sink::Eviction::Impossible);
+    maintainer
+        .board
+        .redis_eviction(eviction.describe(&policy), eviction);
+}
+
+/// What is due now: the periodic sweep of everything, else the fragments whose marker is missing or
+/// outdated, plus those of truncated topics.
+async fn due(
+    maintainer: &Maintainer,
+    schedule: &SweepSchedule,
+    truncated: &Truncations,
+    at_startup: &mut bool,
+) -> Option<Due> {
+    let fragments = &maintainer.fragments;
+    let periodic = schedule.periodic_due(Instant::now());
+    let mut due: Vec<Arc<dyn DynFragment>> = if periodic {
+        fragments.iter().cloned().collect()
+    } else {
+        match fragments_needing_sweep(&maintainer.sink, fragments, *at_startup).await {
+            Ok(due) => {
+                *at_startup = false;
+                due
+            }
+            Err(error) => {
+                tracing::debug!(%error, "cannot read fragment markers");
+                Vec::new()
+            }
+        }
+    };
+    let marker = !due.is_empty();
+    for fragment in &truncated.fragments {
+        if !due.iter().any(|f| f.name() == fragment.name()) {
+            due.push(fragment.clone());
+        }
+    }
+    let (reason, label) = if periodic {
+        ("periodic", "periodic")
+    } else if marker {
+        ("missing or outdated in Redis", "marker")
+    } else {
+        ("a watched table was truncated", "truncate")
+    };
+    (!due.is_empty()).then_some(Due {
+        fragments: due,
+        reason,
+        label,
+        periodic,
+    })
+}
+
+/// Sweeps what is due if this listener holds the sweep lock; settles the truncations it covered.
+/// Returns whether the sweep completed, or `None` if another listener sweeps.
+async fn sweep_due(
+    maintainer: &Maintainer,
+    lock: &mut SweepLock,
+    due: &Due,
+    truncated: &Truncations,
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+) -> Option<bool> {
+    let Maintainer {
+        db,
+        sink,
+        me,
+        board,
+        ..
+    } = maintainer;
+    crate::deploy::wait_for_older(db, me, shutdown).await;
+    let report = match lock.try_acquire(db).await {
+        Ok(false) => {
+            tracing::debug!("another listener is sweeping");
+            return None;
+        }
+        Ok(true) => {
+            let report =
+                sweep::run_selected(db, sink, &due.fragments, settings, shutdown, &sweep::Silent)
+                    .await;
+            lock.release().await;
+            report
+        }
+        Err(error) => Err(error),
+    };
+    let report = match report {
+        Ok(report) => report,
+        Err(error) => {
+            tracing::warn!(%error, reason = due.reason, "sweep failed");
+            board.swept(due.label, format!("failed: {error}"), false);
+            return Some(false);
+        }
+    };
+    log_report(due.reason, &due.fragments, &report);
+    crate::telemetry::swept(due.label, report.stats.written + report.orphans_deleted);
+    board.swept(due.label, report.to_string(), report.succeeded());
+    let swept: Vec<&str> = due.fragments.iter().map(|f| f.name()).collect();
+    let covered = truncated.covered_by(&swept);
+    if report.completed()
+        && !covered.is_empty()
+        && let Err(error) = settle_truncations(db, &covered).await
+    {
+        tracing::warn!(%error, "cannot settle swept truncations; they will be swept again");
+    }
+    Some(report.completed() || report.interrupted)
+}
+
+/// The advisory lock that elects the one listener that sweeps, held on a session of its own that
+/// lives as long as the listener (released with it if the process dies): a listener that is not
+/// elected asks again every second on the same session instead of opening a new one each time.
+#[derive(Default)]
+struct SweepLock {
+    session: Option<tokio_postgres::Client>,
+}
+
+impl SweepLock {
+    async fn try_acquire(&mut self, db: &Database) -> Result<bool, Error> {
+        if self
+            .session
+            .as_ref()
+            .is_none_or(|session| session.is_closed())
+        {
+            self.session = Some(db.connect_dedicated("pgfresh sweep lock").await?);
+        }
+        let session = self.session.as_ref().expect("connected above");
+        let elected = session
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
+            .await;
+        match elected {
+            Ok(row) => Ok(row.get(0)),
+            Err(error) => {
+                self.session = None;
+                Err(error.into())
+            }
+        }
+    }
+
+    async fn release(&mut self) {
+        let Some(session) = &self.session else {
+            return;
+        };
+        if session
+            .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK])
+            .await
+            .is_err()
+        {
+            // A session that cannot unlock may still hold the lock: drop it, which releases it.
+            self.session = None;
         }
     }
 }
@@ -233,54 +409,53 @@ async fn fragments_needing_sweep(
     Ok(due)
 }
 
-/// Sweeps `due` while holding the sweep lock; `None` if another listener holds it.
-async fn sweep_if_elected(
-    db: &Database,
-    sink: &RedisSink,
-    due: &[Arc<dyn DynFragment>],
-    settings: &SweepSettings,
-    shutdown: &Shutdown,
-) -> Result<Option<SweepReport>, Error> {
-    let lock_session = db.connect_dedicated("pgfresh sweep lock").await?;
-    let elected: bool = lock_session
-        .query_one("SELECT pg_try_advisory_lock($1)", &[&SWEEP_LOCK])
-        .await?
-        .get(0);
-    if !elected {
-        return Ok(None);
-    }
-    let mut tokens = Vec::with_capacity(due.len());
-    for fragment in due {
-        tokens.push(sink.start_sweep(fragment.key_prefix()).await?);
-    }
-    let report = sweep::run_selected(db, sink, due, settings, shutdown, &sweep::Silent).await;
-    if report.as_ref().is_ok_and(SweepReport::succeeded) {
-        for (fragment, token) in due.iter().zip(&tokens) {
-            let key_prefix = fragment.key_prefix();
-            if !sink
-                .finish_sweep(key_prefix, token, fragment.version())
-                .await?
-            {
-                tracing::warn!(
-                    fragment = fragment.name(),
-                    "Redis lost its data during the sweep; sweeping again"
-                );
-            }
-        }
-    }
-    // Dropping the session releases the lock too; unlocking first frees it without waiting for that.
-    let _ = lock_session
-        .execute("SELECT pg_advisory_unlock($1)", &[&SWEEP_LOCK])
-        .await;
-    report.map(Some)
-}
-
 fn log_report(reason: &str, swept: &[Arc<dyn DynFragment>], report: &SweepReport) {
     let names: Vec<&str> = swept.iter().map(|f| f.name()).collect();
     let fragments = names.join(", ");
-    if report.succeeded() {
+    // Stopping in the middle of a sweep is what shutdown asks for, not a problem.
+    if report.succeeded() || report.interrupted {
         tracing::info!(%fragments, reason, "{report}");
     } else {
         tracing::warn!(%fragments, reason, "{report}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sweep_that_cannot_complete_is_retried_after_a_growing_wait() {
+        let start = Instant::now();
+        let mut schedule = SweepSchedule::new(Some(Duration::from_secs(3600)), start);
+        assert!(schedule.may_sweep(start) && !schedule.periodic_due(start));
+        let later = start + Duration::from_secs(3600);
+        assert!(schedule.periodic_due(later));
+
+        let first = schedule.failed(later);
+        assert!(!schedule.may_sweep(later), "not back to back");
+        assert!(schedule.may_sweep(later + first));
+        assert!(
+            schedule.periodic_due(later + first),
+            "a failed periodic sweep is still due, not an interval away"
+        );
+        let waits: Vec<Duration> = (0..12).map(|_| schedule.failed(later)).collect();
+        assert!(
+            waits.last().unwrap() > &Duration::from_secs(60),
+            "{waits:?}"
+        );
+        assert!(waits.iter().all(|wait| *wait <= SWEEP_RETRY_MAX));
+
+        schedule.succeeded(true, later);
+        assert!(schedule.may_sweep(later));
+        assert!(!schedule.periodic_due(later + Duration::from_secs(1)));
+        assert!(schedule.periodic_due(later + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn an_interval_past_the_end_of_time_never_comes_instead_of_panicking() {
+        let start = Instant::now();
+        let schedule = SweepSchedule::new(Some(Duration::from_secs(u64::MAX)), start);
+        assert!(!schedule.periodic_due(start + Duration::from_secs(1_000_000)));
     }
 }

@@ -27,6 +27,9 @@ pub struct Claim {
     pub ticket: i64,
     /// The claimed changes, oldest first.
     pub changes: Vec<Change>,
+    /// Claimed rows whose topic or key is not UTF-8 text (possible in a `SQL_ASCII` database): they
+    /// can never be rendered, so they go the way of every failed change, retried and then parked.
+    pub undecodable: Vec<Failure>,
     /// The claiming statement's snapshot: every render of this batch saw what it saw, and more.
     pub snapshot: Option<crate::coalesce::Snapshot>,
 }
@@ -43,8 +46,11 @@ pub struct Failure {
 /// Queue figures for `status` and metrics.
 #[derive(Clone, Debug, Default)]
 pub struct QueueStats {
-    /// Changes waiting, retrying ones included.
+    /// Changes waiting, retrying ones included; an estimate when `pending_estimated`.
     pub pending: i64,
+    /// The queue is longer than [`EXACT_COUNT_LIMIT`]: `pending` spans the queue's ids instead of
+    /// counting its rows, an upper bound that is exact while the queue is drained oldest first.
+    pub pending_estimated: bool,
     /// Age of the oldest waiting change.
     pub oldest: Option<Duration>,
     /// Changes parked in `pgfresh.failed`.
@@ -58,33 +64,56 @@ pub async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error> {
     // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
     // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
     // renders by the data they saw.
+    // A SQL_ASCII database stores any bytes as text, and the server refuses to send text that is
+    // not valid in the client's encoding (UTF-8): one such row would fail every claim. There, topic
+    // and key come as raw bytes, and a row that is not UTF-8 fails alone.
     let rows = txn
         .query(
-            "SELECT (SELECT nextval('pgfresh.render_tickets')), id, topic, key, xid::text::bigint,
-                    (SELECT pg_current_snapshot()::text)
-             FROM pgfresh.changes
+            "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
+             SELECT (SELECT nextval('pgfresh.render_tickets')), id,
+                    CASE WHEN NOT raw THEN topic END, CASE WHEN NOT raw THEN key END,
+                    xid::text::bigint, (SELECT pg_current_snapshot()::text),
+                    CASE WHEN raw THEN convert_to(topic, 'SQL_ASCII') END,
+                    CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END
+             FROM pgfresh.changes, encoding
              WHERE retry_at <= now()
              ORDER BY id
              LIMIT $1
-             FOR UPDATE SKIP LOCKED",
+             FOR UPDATE OF changes SKIP LOCKED",
             &[&limit],
         )
         .await?;
-    Ok(Claim {
+    let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
-        changes: rows
-            .iter()
-            .map(|r| Change {
-                id: r.get(1),
-                topic: r.get(2),
-                key: r.get(3),
-                xid: r.get::<_, i64>(4) as u64,
-            })
-            .collect(),
         snapshot: rows
             .first()
             .and_then(|r| crate::coalesce::Snapshot::parse(r.get(5))),
-    })
+        ..Claim::default()
+    };
+    for row in &rows {
+        let id: i64 = row.get(1);
+        match (text(row, 2, 6), text(row, 3, 7)) {
+            (Some(topic), Some(key)) => claim.changes.push(Change {
+                id,
+                topic,
+                key,
+                xid: row.get::<_, i64>(4) as u64,
+            }),
+            _ => claim.undecodable.push(Failure {
+                id,
+                error: "topic or key is not valid UTF-8 text; fix or delete the row".into(),
+            }),
+        }
+    }
+    Ok(claim)
+}
+
+/// A column sent as text, or as raw bytes (from a SQL_ASCII database) that must be UTF-8.
+fn text(row: &tokio_postgres::Row, as_text: usize, as_bytes: usize) -> Option<String> {
+    match row.get::<_, Option<String>>(as_text) {
+        Some(text) => Some(text),
+        None => String::from_utf8(row.get::<_, Option<Vec<u8>>>(as_bytes)?).ok(),
+    }
 }
 
 /// Puts changes back in the queue, untouched but for when they may be claimed again.
@@ -118,7 +147,9 @@ pub async fn complete(txn: &Client, ids: &[i64]) -> Result<(), Error> {
 }
 
 /// Records failed attempts: each change is retried after an exponential backoff (1 s doubling, at
-/// most 5 minutes) until it has failed `max_attempts` times, then moved to `pgfresh.failed`.
+/// most 5 minutes) until it has failed `max_attempts` times, then moved to `pgfresh.failed`. The
+/// exponent is capped: past about 44 attempts `2^attempts` seconds is out of PostgreSQL's interval
+/// range, and the error would roll back the batch, so the change would never be parked.
 pub async fn record_failures(
     txn: &Client,
     failures: &[Failure],
@@ -144,12 +175,37 @@ pub async fn record_failures(
          UPDATE pgfresh.changes c
          SET attempts = c.attempts + 1,
              last_error = f.error,
-             retry_at = now() + least(interval '1 second' * power(2, c.attempts), interval '5 minutes')
+             retry_at = now() + least(interval '1 second' * power(2, least(c.attempts, 16)), interval '5 minutes')
          FROM failure f
          WHERE c.id = f.id AND c.attempts + 1 < $3",
         &[&ids, &errors, &max_attempts],
     )
     .await?;
+    Ok(())
+}
+
+/// Queues keys of `topic` again, outside any claim: a render whose ticket Redis had lost (so it may
+/// have lost to an older one) is done once more, and a key a sweep could not refresh goes the way of
+/// a failed change. A key given with an error counts one failed attempt and waits like one.
+pub async fn requeue(
+    client: &Client,
+    topic: &str,
+    keys: &[String],
+    errors: &[Option<String>],
+) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    client
+        .execute(
+            "INSERT INTO pgfresh.changes (topic, key, attempts, retry_at, last_error)
+             SELECT $1, k.key, CASE WHEN k.error IS NULL THEN 0 ELSE 1 END,
+                    CASE WHEN k.error IS NULL THEN '-infinity' ELSE now() + interval '1 second' END,
+                    k.error
+             FROM unnest($2::text[], $3::text[]) AS k(key, error)",
+            &[&topic, &keys, &errors],
+        )
+        .await?;
     Ok(())
 }
 
@@ -165,22 +221,37 @@ pub async fn retry_failed(client: &Client) -> Result<u64, Error> {
         .await?)
 }
 
-/// Pending and parked counts and the age of the oldest pending change.
+/// Up to this many queued or parked rows are counted exactly; beyond it the count is estimated, so
+/// that reading the figures costs little however long the queue has grown.
+pub const EXACT_COUNT_LIMIT: i64 = 100_000;
+
+/// Pending and parked counts and the age of the oldest pending change, at a bounded cost: counts
+/// stop at [`EXACT_COUNT_LIMIT`] rows, and the oldest change is the one with the lowest id (ids grow
+/// with time), found through the primary key, as are the ids that bound an estimate.
 pub async fn stats(client: &Client) -> Result<QueueStats, Error> {
     let row = client
         .query_one(
-            "SELECT (SELECT count(*) FROM pgfresh.changes),
-                    (SELECT extract(epoch FROM now() - min(enqueued_at))::float8 FROM pgfresh.changes),
-                    (SELECT count(*) FROM pgfresh.failed)",
-            &[],
+            "SELECT (SELECT count(*) FROM (SELECT FROM pgfresh.changes LIMIT $1) AS counted),
+                    (SELECT max(id) - min(id) + 1 FROM pgfresh.changes),
+                    (SELECT extract(epoch FROM now() - enqueued_at)::float8
+                     FROM pgfresh.changes ORDER BY id LIMIT 1),
+                    (SELECT count(*) FROM (SELECT FROM pgfresh.failed LIMIT $1) AS counted)",
+            &[&(EXACT_COUNT_LIMIT + 1)],
         )
         .await?;
+    let counted: i64 = row.get(0);
+    let pending_estimated = counted > EXACT_COUNT_LIMIT;
     Ok(QueueStats {
-        pending: row.get(0),
+        pending: if pending_estimated {
+            row.get::<_, Option<i64>>(1).unwrap_or(counted).max(counted)
+        } else {
+            counted
+        },
+        pending_estimated,
         oldest: row
-            .get::<_, Option<f64>>(1)
+            .get::<_, Option<f64>>(2)
             .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
-        failed: row.get(2),
+        failed: row.get(3),
     })
 }
 

@@ -44,6 +44,9 @@ pub struct Refreshed {
     pub stats: RefreshStats,
     /// Keys (by index into the input) that failed, with the reason; all others are in Redis.
     pub failed: Vec<(usize, String)>,
+    /// Keys (by index into the input) written without a ticket to check against while Redis may
+    /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
+    pub unchecked: Vec<usize>,
 }
 
 /// Loads, renders and writes `keys` (text form) of one fragment under `ticket`, which must have been
@@ -72,65 +75,116 @@ pub async fn refresh(
                     ..RefreshStats::default()
                 },
                 failed: (0..keys.len()).map(|i| (i, reason.clone())).collect(),
+                unchecked: Vec::new(),
             });
         }
         Err(error) => return Err(error.into()),
     };
-
-    let mut refreshed = Refreshed::default();
-    let mut writes = Vec::with_capacity(keys.len() * fragment.variants().len());
-    // For each write, the index of the key it belongs to, to map a refused key back to its change.
-    let mut owners = Vec::with_capacity(writes.capacity());
-    for (index, outcome) in outcomes.into_iter().enumerate() {
-        match outcome {
-            KeyOutcome::Rendered(entries) => {
-                refreshed.stats.rendered += entries.len() as u64;
-                owners.extend(std::iter::repeat_n(index, entries.len()));
-                writes.extend(
-                    entries
-                        .into_iter()
-                        .map(|(key, html)| Write::Set { key, html }),
-                );
-            }
-            KeyOutcome::Gone(redis_keys) => {
-                owners.extend(std::iter::repeat_n(index, redis_keys.len()));
-                writes.extend(redis_keys.into_iter().map(|key| Write::Delete { key }));
-            }
-            KeyOutcome::Failed(reason) => {
-                refreshed.stats.errors += 1;
-                refreshed.failed.push((index, reason));
-            }
-        }
-    }
+    let planned = plan_writes(outcomes);
     let rendered_at = started.elapsed();
-    let results = sink.write(ticket, &writes).await?;
+    let results = sink.write(ticket, &planned.writes).await?;
     let write_time = started.elapsed() - rendered_at;
-    for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
-        if let WriteResult::Failed(reason) = &result
-            && !refreshed.failed.iter().any(|(failed, _)| *failed == owner)
-        {
-            refreshed.stats.errors += 1;
-            let key = match write {
-                Write::Set { key, .. } | Write::Delete { key } => key,
-            };
-            refreshed
-                .failed
-                .push((owner, format!("Redis refused {key}: {reason}")));
-        }
-        count(&mut refreshed.stats, &result);
-    }
+    let refreshed = settle_writes(planned, results);
     crate::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
     tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
 }
 
+/// The writes a batch's outcomes call for, and which key each belongs to.
+struct PlannedWrites {
+    writes: Vec<Write>,
+    /// For each write, the index of the key it belongs to.
+    owners: Vec<usize>,
+    /// For each key, the index whose outcome it shares (itself, or an earlier spelling of it).
+    same_as: Vec<usize>,
+    refreshed: Refreshed,
+}
+
+fn plan_writes(outcomes: Vec<KeyOutcome>) -> PlannedWrites {
+    let mut planned = PlannedWrites {
+        writes: Vec::new(),
+        owners: Vec::new(),
+        same_as: (0..outcomes.len()).collect(),
+        refreshed: Refreshed::default(),
+    };
+    for (index, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            KeyOutcome::Rendered(entries) => {
+                planned.refreshed.stats.rendered += entries.len() as u64;
+                planned
+                    .owners
+                    .extend(std::iter::repeat_n(index, entries.len()));
+                let sets = entries
+                    .into_iter()
+                    .map(|(key, html)| Write::Set { key, html });
+                planned.writes.extend(sets);
+            }
+            KeyOutcome::Gone(redis_keys) => {
+                planned
+                    .owners
+                    .extend(std::iter::repeat_n(index, redis_keys.len()));
+                let deletes = redis_keys.into_iter().map(|key| Write::Delete { key });
+                planned.writes.extend(deletes);
+            }
+            KeyOutcome::Failed(reason) => {
+                planned.refreshed.stats.errors += 1;
+                planned.refreshed.failed.push((index, reason));
+            }
+            KeyOutcome::SameAs(first) => planned.same_as[index] = first,
+        }
+    }
+    planned
+}
+
+/// Counts the write results, and gives each key the failure or recheck of any of its writes; a key
+/// spelled twice shares the outcome of its first spelling.
+fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed {
+    let PlannedWrites {
+        writes,
+        owners,
+        same_as,
+        mut refreshed,
+    } = planned;
+    let mut failed: Vec<Option<String>> = vec![None; same_as.len()];
+    for (index, reason) in refreshed.failed.drain(..) {
+        failed[index] = Some(reason);
+    }
+    let mut unchecked = vec![false; same_as.len()];
+    for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
+        count(&mut refreshed.stats, &result);
+        match &result {
+            WriteResult::Failed(reason) if failed[owner].is_none() => {
+                refreshed.stats.errors += 1;
+                failed[owner] = Some(format!("Redis refused {}: {reason}", write.key()));
+            }
+            WriteResult::WrittenUnchecked | WriteResult::DeletedUnchecked => {
+                unchecked[owner] = true
+            }
+            _ => {}
+        }
+    }
+    for (index, &first) in same_as.iter().enumerate() {
+        if first != index {
+            failed[index] = failed[first].clone();
+            unchecked[index] = unchecked[first];
+        }
+    }
+    refreshed.failed = failed
+        .into_iter()
+        .enumerate()
+        .filter_map(|(index, reason)| Some((index, reason?)))
+        .collect();
+    refreshed.unchecked = (0..same_as.len()).filter(|&i| unchecked[i]).collect();
+    refreshed
+}
+
 /// Adds one write result to the counts.
 pub fn count(stats: &mut RefreshStats, result: &WriteResult) {
     match result {
-        WriteResult::Written => stats.written += 1,
+        WriteResult::Written | WriteResult::WrittenUnchecked => stats.written += 1,
         WriteResult::Unchanged => stats.unchanged += 1,
         WriteResult::Refused => stats.refused += 1,
-        WriteResult::Deleted => stats.deleted += 1,
+        WriteResult::Deleted | WriteResult::DeletedUnchecked => stats.deleted += 1,
         WriteResult::Absent | WriteResult::Failed(_) => {}
     }
 }

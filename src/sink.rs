@@ -20,7 +20,7 @@ use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, Sl
 use redis::{Cmd, Pipeline, RedisFuture, Script, Value};
 
 use crate::Error;
-use crate::config::redact_url;
+use crate::config::shown_redis_url;
 use crate::keys::Layout;
 
 pub use crate::keys::BOOKKEEPING_PREFIX;
@@ -41,34 +41,43 @@ const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
 
 const WRITE_SCRIPT: &str = r#"
 -- pgfresh: version-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
--- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), then one (op, html) pair per
--- key pair: op 's' sets the fragment to html, 'd' deletes it.
+-- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), ARGV[3] '1' when Redis may
+-- evict keys, then one (op, html) pair per key pair: op 's' sets the fragment to html, 'd' deletes it.
 -- Returns one result per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
--- 3 deleted, 4 already absent, or the error text when Redis refused this key (the others go on).
+-- 3 deleted, 4 already absent, 5 written and 6 deleted without a ticket to check against (Redis may
+-- have evicted a newer render's ticket: render the key again), or the error text when Redis refused
+-- this key (the others go on).
 -- A fragment key holding another type is simply overwritten: it is under pgfresh's prefix.
 local ticket = tonumber(ARGV[1])
+local may_evict = ARGV[3] == '1'
 local results = {}
 for i = 1, #KEYS, 2 do
     local key, ticket_key = KEYS[i], KEYS[i + 1]
-    local op, html = ARGV[i + 2], ARGV[i + 3]
+    local op, html = ARGV[i + 3], ARGV[i + 4]
     local stored = redis.pcall('GET', ticket_key)
     local result
     if type(stored) == 'table' and stored.err then
         result = 'error: ' .. stored.err
     elseif (tonumber(stored) or 0) > ticket then
         result = 2
-    elseif op == 'd' then
-        local removed = redis.call('DEL', key)
-        redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
-        result = removed == 1 and 3 or 4
     else
-        result = 1
-        if redis.pcall('GET', key) ~= html then
-            local set = redis.pcall('SET', key, html)
-            result = (type(set) == 'table' and set.err) and ('error: ' .. set.err) or 0
-        end
-        if result == 0 or result == 1 then
-            redis.call('SET', ticket_key, ticket)
+        local unchecked = may_evict and not stored
+        if op == 'd' then
+            local removed = redis.call('DEL', key)
+            redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
+            result = removed == 1 and (unchecked and 6 or 3) or 4
+        else
+            result = 1
+            if redis.pcall('GET', key) ~= html then
+                local set = redis.pcall('SET', key, html)
+                result = (type(set) == 'table' and set.err) and ('error: ' .. set.err) or 0
+            end
+            if result == 0 or result == 1 then
+                redis.call('SET', ticket_key, ticket)
+            end
+            if result == 0 and unchecked then
+                result = 5
+            end
         end
     end
     results[#results + 1] = result
@@ -123,6 +132,12 @@ pub enum WriteResult {
     Refused,
     /// The key was deleted.
     Deleted,
+    /// The value changed and was stored, but Redis held no ticket to check this render against
+    /// although it may evict keys: a newer render's ticket may have been evicted, so the key must be
+    /// rendered once more.
+    WrittenUnchecked,
+    /// Like [`WriteResult::WrittenUnchecked`], for a delete.
+    DeletedUnchecked,
     /// The key to delete did not exist.
     Absent,
     /// Redis refused this key (for example it holds a list, or memory is full); nothing was written.
@@ -179,13 +194,67 @@ pub struct RedisSink {
     layout: Layout,
     url: String,
     script: Script,
+    /// What Redis's memory policy allows, as last read (see [`RedisSink::check_eviction`]); shared
+    /// by clones, so one check serves every writer.
+    eviction: std::sync::Arc<EvictionState>,
+}
+
+/// Whether Redis may evict pgfresh's keys, which decides how far a missing ticket can be trusted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Eviction {
+    /// No `maxmemory`, or `maxmemory-policy noeviction`: a key disappears only when deleted.
+    Impossible,
+    /// `volatile-*`: keys with a TTL may go, and pgfresh's tombstones have one.
+    VolatileKeys,
+    /// `allkeys-*`: any key may go, tickets and markers included.
+    AnyKey,
+    /// Redis would not say (an ACL without `INFO`): treated as if it may evict.
+    Unknown,
+}
+
+impl Eviction {
+    /// Orders the kinds from evicting nothing to evicting anything.
+    fn severity(self) -> u8 {
+        match self {
+            Eviction::Impossible => 0,
+            Eviction::VolatileKeys => 1,
+            Eviction::AnyKey | Eviction::Unknown => 2,
+        }
+    }
+
+    /// One line for the status page and `status`.
+    pub fn describe(self, policy: &str) -> String {
+        match self {
+            Eviction::Impossible => format!("{policy}: Redis evicts nothing"),
+            Eviction::VolatileKeys => format!(
+                "{policy}: Redis may evict pgfresh's tombstones (keys with a TTL); a render that finds no ticket is done again"
+            ),
+            Eviction::AnyKey => format!(
+                "{policy}: Redis may evict any key, fragments, tickets and markers included; a render that finds no ticket is done again, an evicted fragment stays missing until it changes or the next sweep"
+            ),
+            Eviction::Unknown => {
+                "unknown (Redis refused INFO): treated as if Redis may evict any key".into()
+            }
+        }
+    }
+}
+
+/// The last [`Eviction`] read, and the policy's name.
+struct EvictionState {
+    state: std::sync::Mutex<(Eviction, String)>,
+}
+
+impl EvictionState {
+    fn load(&self) -> Eviction {
+        self.state.lock().expect("eviction state lock").0
+    }
 }
 
 impl RedisSink {
     /// Connects to one Redis server, failing with a clear message when it cannot be reached or is a
     /// cluster node (use [`RedisSink::connect_cluster`]). A `/N` path in the URL selects database N.
     pub async fn connect(url: &str) -> Result<Self, Error> {
-        let shown = redact_url(url);
+        let shown = shown_redis_url(url);
         let client = redis::Client::open(url).map_err(|e| invalid_url(&shown, e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -213,18 +282,16 @@ impl RedisSink {
                     .into(),
             });
         }
-        Ok(Self::new(
-            RedisConnection::Server(connection),
-            Layout::Server,
-            shown,
-        ))
+        let sink = Self::new(RedisConnection::Server(connection), Layout::Server, shown);
+        sink.check_eviction().await;
+        Ok(sink)
     }
 
     /// Connects to a Redis Cluster through any of `urls` (seed nodes; the others are discovered).
     pub async fn connect_cluster(urls: &[&str]) -> Result<Self, Error> {
         let shown = urls
             .iter()
-            .map(|url| redact_url(url))
+            .map(|url| shown_redis_url(url))
             .collect::<Vec<_>>()
             .join(",");
         let client = redis::cluster::ClusterClient::builder(urls.iter().copied())
@@ -241,11 +308,9 @@ impl RedisSink {
                 url: shown.clone(),
                 reason: e.to_string(),
             })?;
-        Ok(Self::new(
-            RedisConnection::Cluster(connection),
-            Layout::Cluster,
-            shown,
-        ))
+        let sink = Self::new(RedisConnection::Cluster(connection), Layout::Cluster, shown);
+        sink.check_eviction().await;
+        Ok(sink)
     }
 
     fn new(connection: RedisConnection, layout: Layout, url: String) -> Self {
@@ -254,7 +319,36 @@ impl RedisSink {
             layout,
             url,
             script: Script::new(WRITE_SCRIPT),
+            eviction: std::sync::Arc::new(EvictionState {
+                state: std::sync::Mutex::new((Eviction::Unknown, "not read yet".into())),
+            }),
         }
+    }
+
+    /// Reads Redis's `maxmemory` and `maxmemory-policy` (every master's, in a cluster), remembers
+    /// them for the writes, and returns what they allow with the policy's name. While Redis may
+    /// evict, a write that finds no ticket beside its fragment cannot tell whether a newer render's
+    /// ticket was evicted, so it is reported as unchecked and the key is rendered once more.
+    pub async fn check_eviction(&self) -> (Eviction, String) {
+        let info: Result<Value, _> = redis::cmd("INFO")
+            .arg("memory")
+            .query_async(&mut self.connection.clone())
+            .await;
+        let read = match info {
+            Ok(value) => eviction_from_info(&value),
+            Err(_) => (Eviction::Unknown, "unknown".to_string()),
+        };
+        *self.eviction.state.lock().expect("eviction state lock") = read.clone();
+        read
+    }
+
+    /// What the last [`RedisSink::check_eviction`] found.
+    pub fn eviction(&self) -> (Eviction, String) {
+        self.eviction
+            .state
+            .lock()
+            .expect("eviction state lock")
+            .clone()
     }
 
     /// The URL with its password removed, for messages (several, comma-separated, for a cluster).
@@ -332,7 +426,11 @@ impl RedisSink {
         writes: impl Iterator<Item = &Write>,
     ) -> Result<Vec<WriteResult>, Error> {
         let mut invocation = self.script.prepare_invoke();
-        invocation.arg(ticket).arg(TOMBSTONE_MILLIS);
+        let may_evict = self.eviction.load() != Eviction::Impossible;
+        invocation
+            .arg(ticket)
+            .arg(TOMBSTONE_MILLIS)
+            .arg(if may_evict { "1" } else { "0" });
         for write in writes {
             let (op, html) = match write {
                 Write::Set { html, .. } => ("s", html.as_str()),
@@ -355,6 +453,8 @@ impl RedisSink {
                 Value::Int(2) => WriteResult::Refused,
                 Value::Int(3) => WriteResult::Deleted,
                 Value::Int(4) => WriteResult::Absent,
+                Value::Int(5) => WriteResult::WrittenUnchecked,
+                Value::Int(6) => WriteResult::DeletedUnchecked,
                 other => WriteResult::Failed(describe_reply(other)),
             })
             .collect())
@@ -524,6 +624,51 @@ impl RedisSink {
             ));
         }
         Ok(anchors)
+    }
+}
+
+/// What `INFO memory` (one node's text, or every node's in a cluster) says of eviction: the most
+/// permissive of the nodes'.
+fn eviction_from_info(info: &Value) -> (Eviction, String) {
+    let mut texts = Vec::new();
+    collect_texts(info, &mut texts);
+    texts
+        .iter()
+        .filter_map(|text| node_eviction(text))
+        .max_by_key(|(eviction, _)| eviction.severity())
+        .unwrap_or((Eviction::Unknown, "unknown".into()))
+}
+
+/// One node's `INFO memory`: a node without a memory limit evicts nothing, whatever its policy.
+fn node_eviction(info: &str) -> Option<(Eviction, String)> {
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|line| line.trim().strip_prefix(name)?.strip_prefix(':'))
+            .map(str::to_string)
+    };
+    let (policy, limit) = (field("maxmemory_policy")?, field("maxmemory")?);
+    let eviction = if limit == "0" || policy == "noeviction" {
+        Eviction::Impossible
+    } else if policy.starts_with("volatile-") {
+        Eviction::VolatileKeys
+    } else {
+        Eviction::AnyKey
+    };
+    Some((eviction, policy))
+}
+
+/// Every text in a reply, however nested (a cluster answers INFO with one text per node).
+fn collect_texts(value: &Value, texts: &mut Vec<String>) {
+    match value {
+        Value::BulkString(bytes) => texts.push(String::from_utf8_lossy(bytes).into_owned()),
+        Value::SimpleString(text) | Value::VerbatimString { text, .. } => texts.push(text.clone()),
+        Value::Array(items) | Value::Set(items) => {
+            items.iter().for_each(|item| collect_texts(item, texts))
+        }
+        Value::Map(pairs) => pairs
+            .iter()
+            .for_each(|(_, item)| collect_texts(item, texts)),
+        _ => {}
     }
 }
 

@@ -1,11 +1,15 @@
-//! What a running listener knows about itself, for the status page: recent failures, the last sweep,
-//! and what each fragment has done. Updated as things happen; read by [`crate::http`].
+//! What a running listener knows about itself, for the status page and the readiness check: recent
+//! failures, the last sweep, what each fragment has done, and the queue, Redis's memory policy and
+//! Redis's answers as sampled in the background. Updated as things happen; read by [`crate::http`],
+//! whose requests therefore never take a connection or a query from the listener.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
+use crate::queue::QueueStats;
 use crate::refresh::RefreshStats;
+use crate::sink::Eviction;
 
 /// Failures kept for the page.
 const RECENT_FAILURES: usize = 20;
@@ -51,6 +55,12 @@ pub struct BoardView {
     pub changes_applied: u64,
     /// Whether the listener stands aside for one with newer fragment versions.
     pub standing_aside: bool,
+    /// The queue as last sampled, and when.
+    pub queue: Option<(Instant, Result<QueueStats, String>)>,
+    /// Redis's memory policy as last read: what it allows, in a line, and whether it may evict.
+    pub redis_eviction: Option<(String, Eviction)>,
+    /// Redis's last answer to the background PING, and when.
+    pub redis_answer: Option<(Instant, Result<(), String>)>,
 }
 
 /// The listener's status board.
@@ -66,6 +76,9 @@ struct Inner {
     fragments: BTreeMap<String, RefreshStats>,
     changes_applied: u64,
     standing_aside: bool,
+    queue: Option<(Instant, Result<QueueStats, String>)>,
+    redis_eviction: Option<(String, Eviction)>,
+    redis_answer: Option<(Instant, Result<(), String>)>,
 }
 
 impl Default for StatusBoard {
@@ -121,6 +134,22 @@ impl StatusBoard {
         self.inner.lock().expect("status board lock").standing_aside = standing_aside;
     }
 
+    /// Notes the queue's figures, sampled by the listener's heartbeat.
+    pub fn queue_sampled(&self, stats: Result<QueueStats, String>) {
+        self.inner.lock().expect("status board lock").queue = Some((Instant::now(), stats));
+    }
+
+    /// Notes what Redis's memory policy allows.
+    pub fn redis_eviction(&self, description: String, eviction: Eviction) {
+        self.inner.lock().expect("status board lock").redis_eviction =
+            Some((description, eviction));
+    }
+
+    /// Notes Redis's answer to a background PING.
+    pub fn redis_answered(&self, answer: Result<(), String>) {
+        self.inner.lock().expect("status board lock").redis_answer = Some((Instant::now(), answer));
+    }
+
     /// A copy of everything, for the page.
     pub fn view(&self) -> BoardView {
         let inner = self.inner.lock().expect("status board lock");
@@ -131,17 +160,15 @@ impl StatusBoard {
             fragments: inner.fragments.clone(),
             changes_applied: inner.changes_applied,
             standing_aside: inner.standing_aside,
+            queue: inner.queue.clone(),
+            redis_eviction: inner.redis_eviction.clone(),
+            redis_answer: inner.redis_answer.clone(),
         }
     }
 }
 
 /// The status page: plain HTML that refreshes itself every two seconds.
-pub fn page(
-    listener_id: &str,
-    problem: Option<&str>,
-    queue: &Result<crate::queue::QueueStats, String>,
-    board: &BoardView,
-) -> maud::Markup {
+pub fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) -> maud::Markup {
     let uptime = board.started.elapsed().as_secs_f64().max(1.0);
     maud::html! {
         (maud::DOCTYPE)
@@ -160,6 +187,11 @@ pub fn page(
                         None => p class="ok" { "PostgreSQL LISTEN session up, Redis answering." },
                         Some(problem) => p class="bad" { (problem) },
                     }
+                    @if let Some((policy, eviction)) = &board.redis_eviction {
+                        p class=(if *eviction == Eviction::Impossible { "ok" } else { "bad" }) {
+                            "Redis maxmemory-policy " (policy)
+                        }
+                    }
                     @if board.standing_aside {
                         p class="bad" {
                             "Standing aside: a listener with a newer version of these fragments is running. "
@@ -169,13 +201,16 @@ pub fn page(
                 }
                 section {
                     h2 { "Queue" }
-                    @match queue {
-                        Ok(stats) => p {
+                    @match &board.queue {
+                        None => p { "not sampled yet" },
+                        Some((at, Ok(stats))) => p {
+                            @if stats.pending_estimated { "about " }
                             (stats.pending) " pending"
                             @if let Some(oldest) = stats.oldest { ", oldest " (format!("{:.1}", oldest.as_secs_f64())) " s" }
                             "; " (stats.failed) " parked in pgfresh.failed"
+                            " (sampled " (at.elapsed().as_secs()) " s ago)"
                         },
-                        Err(error) => p class="bad" { "cannot read the queue: " (error) },
+                        Some((_, Err(error))) => p class="bad" { "cannot read the queue: " (error) },
                     }
                     p {
                         (board.changes_applied) " changes applied since start ("
@@ -238,11 +273,10 @@ mod tests {
     #[test]
     fn the_page_says_when_the_listener_stands_aside() {
         let board = StatusBoard::default();
-        let queue = Err("not asked".to_string());
-        let before = page("me", None, &queue, &board.view()).into_string();
+        let before = page("me", None, &board.view()).into_string();
         assert!(!before.contains("Standing aside"));
         board.standing_aside(true);
-        let during = page("me", None, &queue, &board.view()).into_string();
+        let during = page("me", None, &board.view()).into_string();
         assert!(during.contains("Standing aside: a listener with a newer version"));
     }
 }

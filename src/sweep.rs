@@ -5,6 +5,11 @@
 //! without remembering any key: the sweep takes a render ticket before it starts, so afterwards every
 //! entry under the fragment's prefix whose ticket is still older was neither rendered by this sweep nor
 //! by a listener since, and so has no row. Deleting it is one more version-checked write.
+//!
+//! A key that fails (its render panics, its loader errs, Redis refuses it) does not hold the sweep
+//! back: it is handed to the queue as a failed change, retried with backoff and parked like any other,
+//! and the sweep completes. A complete sweep of a fragment sets its marker in Redis (see
+//! `maintenance`), whoever ran it: a listener, or the one-off `sweep` command.
 
 use std::fmt;
 use std::sync::Arc;
@@ -32,6 +37,11 @@ pub struct SweepReport {
     pub elapsed: Duration,
     /// The first error met, if any (the count is in `stats.errors`).
     pub first_error: Option<String>,
+    /// Keys that failed and were handed to the queue, to be retried and parked like failed changes.
+    pub requeued: u64,
+    /// Pages that failed as a whole (PostgreSQL or Redis unreachable): their keys were neither
+    /// refreshed nor queued, so the sweep is incomplete.
+    pub pages_failed: u64,
     /// Shutdown stopped the sweep before it finished.
     pub interrupted: bool,
 }
@@ -39,7 +49,13 @@ pub struct SweepReport {
 impl SweepReport {
     /// True when every key was refreshed and the sweep ran to the end.
     pub fn succeeded(&self) -> bool {
-        self.stats.errors == 0 && !self.interrupted
+        self.stats.errors == 0 && self.completed()
+    }
+
+    /// True when the sweep ran to the end and every key was either refreshed or handed to the queue:
+    /// markers were set and orphans deleted.
+    pub fn completed(&self) -> bool {
+        self.pages_failed == 0 && !self.interrupted
     }
 }
 
@@ -57,6 +73,9 @@ impl fmt::Display for SweepReport {
             secs,
             self.stats.rendered as f64 / secs.max(1e-9),
         )?;
+        if self.requeued > 0 {
+            write!(f, "; {} failed keys queued for retry", self.requeued)?;
+        }
         if self.interrupted {
             write!(f, "; interrupted by shutdown")?;
         }
@@ -155,6 +174,7 @@ async fn sweep_fragment(
     progress: &dyn Progress,
     report: &mut SweepReport,
 ) -> Result<(), Error> {
+    let canary = sink.start_sweep(fragment.key_prefix()).await?;
     let pager = db.get().await?;
     let start_ticket = take_ticket(&pager).await?;
     let total = fragment.count_keys(&pager).await?;
@@ -163,7 +183,7 @@ async fn sweep_fragment(
         fragment.name(),
         total.map(|keys| keys.max(0) as u64 * variants),
     );
-    let errors_before = report.stats.errors;
+    let incomplete_before = report.pages_failed;
     let mut pages = JoinSet::new();
     let mut after: Option<String> = None;
     loop {
@@ -191,14 +211,26 @@ async fn sweep_fragment(
         collect(Some(joined), report, progress);
     }
     progress.fragment_finished(fragment.name());
-    // An entry whose render failed here would look like an orphan: only delete when all went well.
-    if report.stats.errors == errors_before && !report.interrupted {
+    // Entries of keys in a page that failed as a whole would look like orphans, and the marker would
+    // claim what is not true: both wait for a complete sweep.
+    if report.pages_failed == incomplete_before && !report.interrupted {
         report.orphans_deleted += delete_orphans(sink, fragment.key_prefix(), start_ticket).await?;
+        let prefix = fragment.key_prefix();
+        if !sink
+            .finish_sweep(prefix, &canary, fragment.version())
+            .await?
+        {
+            tracing::warn!(
+                fragment = fragment.name(),
+                "Redis lost its data during the sweep; the fragment will be swept again"
+            );
+        }
     }
     Ok(())
 }
 
-/// Refreshes one page of keys under a ticket of its own; counts a failed page as errors.
+/// Refreshes one page of keys under a ticket of its own. Keys that fail are handed to the queue with
+/// their error; keys written without a ticket to check against are queued to be rendered again.
 async fn sweep_page(
     db: Database,
     sink: RedisSink,
@@ -212,13 +244,42 @@ async fn sweep_page(
         .await
         .map_err(failed_page)?;
     if let Some((index, reason)) = refreshed.failed.first() {
-        tracing::warn!(fragment = fragment.name(), key = %keys[*index], error = %reason, "sweep could not refresh a key");
+        tracing::warn!(fragment = fragment.name(), key = %keys[*index], error = %reason, "sweep could not refresh a key; it is queued for retry");
     }
-    Ok(refreshed.stats)
+    let mut again: Vec<String> = Vec::new();
+    let mut errors: Vec<Option<String>> = Vec::new();
+    for (index, reason) in &refreshed.failed {
+        again.push(keys[*index].clone());
+        errors.push(Some(reason.clone()));
+    }
+    for index in &refreshed.unchecked {
+        again.push(keys[*index].clone());
+        errors.push(None);
+    }
+    let topic = fragment.topics()[0];
+    crate::queue::requeue(&client, topic, &again, &errors)
+        .await
+        .map_err(failed_page)?;
+    Ok(PageDone {
+        stats: refreshed.stats,
+        requeued: refreshed.failed.len() as u64,
+        first_error: refreshed
+            .failed
+            .into_iter()
+            .next()
+            .map(|(_, reason)| reason),
+    })
 }
 
-/// A sweep page's result: its counts, or how many keys failed and why.
-type PageResult = Result<RefreshStats, (u64, String)>;
+/// A sweep page that completed: its counts, and the failed keys it queued.
+struct PageDone {
+    stats: RefreshStats,
+    requeued: u64,
+    first_error: Option<String>,
+}
+
+/// A sweep page's result: what it did, or how many keys it could neither refresh nor queue, and why.
+type PageResult = Result<PageDone, (u64, String)>;
 
 /// Adds a finished page to the report.
 fn collect(
@@ -228,17 +289,23 @@ fn collect(
 ) {
     match joined {
         None => {}
-        Some(Ok(Ok(stats))) => {
-            progress.advanced(stats.rendered + stats.errors);
-            report.stats += stats;
+        Some(Ok(Ok(page))) => {
+            progress.advanced(page.stats.rendered + page.stats.errors);
+            report.stats += page.stats;
+            report.requeued += page.requeued;
+            if let Some(error) = page.first_error {
+                report.first_error.get_or_insert(error);
+            }
         }
         Some(Ok(Err((keys, error)))) => {
             progress.advanced(keys);
             report.stats.errors += keys;
+            report.pages_failed += 1;
             report.first_error.get_or_insert(error);
         }
         Some(Err(join_error)) => {
             report.stats.errors += 1;
+            report.pages_failed += 1;
             report
                 .first_error
                 .get_or_insert(format!("sweep task died: {join_error}"));
@@ -250,7 +317,9 @@ fn collect(
 async fn delete_orphans(sink: &RedisSink, prefix: &str, start_ticket: i64) -> Result<u64, Error> {
     let mut deleted = 0;
     let mut scan = sink.scan_prefix(prefix).await?;
-    while let Some(keys) = scan.next_page().await? {
+    while let Some(mut keys) = scan.next_page().await? {
+        // A fragment's prefix never overlaps pgfresh's own keys (see `Fragments`); never delete those.
+        keys.retain(|key| !key.starts_with(crate::keys::BOOKKEEPING_PREFIX));
         // Most entries were just rewritten: read their tickets in one round trip and send only the
         // candidates through the version-checked delete, which checks again atomically.
         let tickets = sink.tickets(&keys).await?;
@@ -261,7 +330,7 @@ async fn delete_orphans(sink: &RedisSink, prefix: &str, start_ticket: i64) -> Re
             .map(|(key, _)| Write::Delete { key })
             .collect();
         for result in sink.write(start_ticket, &writes).await? {
-            if result == WriteResult::Deleted {
+            if matches!(result, WriteResult::Deleted | WriteResult::DeletedUnchecked) {
                 deleted += 1;
             }
         }

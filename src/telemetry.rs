@@ -26,6 +26,7 @@ pub fn install_prometheus() -> Option<PrometheusHandle> {
                 .install_recorder()
                 .ok()?;
             describe();
+            register();
             Some(handle)
         })
         .clone()
@@ -83,6 +84,14 @@ fn describe() {
         "pg_notification_queue_usage(): fraction of PostgreSQL's NOTIFY queue in use"
     );
     describe_counter!("pgfresh_notifications_total", "NOTIFY wake-ups received");
+    describe_gauge!(
+        "pgfresh_redis_can_evict",
+        "1 when Redis's maxmemory-policy can evict pgfresh's keys (renders that find no ticket are then done again)"
+    );
+    describe_gauge!(
+        "pgfresh_standing_aside",
+        "1 while this listener stands aside for one rendering newer fragment versions"
+    );
     describe_counter!(
         "pgfresh_reconnects_total",
         "Connections re-established after a loss, by connection"
@@ -95,6 +104,52 @@ fn describe() {
         "pgfresh_sweep_repaired_total",
         "Entries a sweep rewrote or deleted because they were wrong"
     );
+}
+
+/// Every metric that has no label, or a fixed set of labels, starts at zero: alerts built on
+/// `absent()`, `rate()` or `increase()` see the series from the first scrape, not after the first event.
+fn register() {
+    for name in [
+        "pgfresh_changes_claimed_total",
+        "pgfresh_changes_applied_total",
+        "pgfresh_changes_coalesced_total",
+        "pgfresh_changes_deferred_total",
+        "pgfresh_changes_failed_total",
+        "pgfresh_notifications_total",
+        "pgfresh_sweep_repaired_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    counter!("pgfresh_reconnects_total", "connection" => "listen").absolute(0);
+    for reason in ["periodic", "marker", "truncate"] {
+        counter!("pgfresh_sweeps_total", "reason" => reason).absolute(0);
+    }
+    // Creating a handle registers the series; it renders with zero observations.
+    let _ = histogram!("pgfresh_redis_write_seconds");
+    for name in [
+        "pgfresh_queue_pending",
+        "pgfresh_queue_oldest_seconds",
+        "pgfresh_parked_changes",
+        "pgfresh_notification_queue_usage",
+        "pgfresh_standing_aside",
+        "pgfresh_redis_can_evict",
+    ] {
+        gauge!(name).set(0.0);
+    }
+}
+
+/// Registers the per-fragment series at zero, for the same reason as [`register`].
+pub fn register_fragments<'a>(names: impl Iterator<Item = &'a str>) {
+    for fragment in names {
+        let fragment = fragment.to_string();
+        counter!("pgfresh_renders_total", "fragment" => fragment.clone()).absolute(0);
+        for result in ["written", "unchanged", "refused", "deleted"] {
+            counter!("pgfresh_writes_total", "fragment" => fragment.clone(), "result" => result)
+                .absolute(0);
+        }
+        let _ = histogram!("pgfresh_load_seconds", "fragment" => fragment.clone());
+        let _ = histogram!("pgfresh_render_seconds", "fragment" => fragment);
+    }
 }
 
 /// Records the load of one batch of keys.
@@ -154,6 +209,11 @@ pub fn reconnected(connection: &'static str) {
 pub fn swept(reason: &'static str, repaired: u64) {
     counter!("pgfresh_sweeps_total", "reason" => reason).increment(1);
     counter!("pgfresh_sweep_repaired_total").increment(repaired);
+}
+
+/// Records whether Redis's memory policy can evict pgfresh's keys (1) or not (0).
+pub fn redis_eviction(possible: bool) {
+    gauge!("pgfresh_redis_can_evict").set(if possible { 1.0 } else { 0.0 });
 }
 
 /// Records whether the listener stands aside for one with newer fragment versions (1) or works (0).

@@ -10,9 +10,12 @@
 //! - `verify-full` also checks that it names the host connected to.
 //!
 //! The trusted roots are the PEM file named by `sslrootcert`, `~/.postgresql/root.crt` when it is not
-//! given, or the system's roots with `sslrootcert=system`. tokio-postgres itself knows neither
-//! `verify-*` nor `sslrootcert`, so [`PostgresTls::from_url`] takes them out of the URL before it is
-//! parsed and asks tokio-postgres for `require`.
+//! given, or the system's roots with `sslrootcert=system`. As in libpq, `require` with root
+//! certificates at hand (`sslrootcert` given, or `~/.postgresql/root.crt` present) verifies the chain
+//! as `verify-ca` does. tokio-postgres itself knows neither `verify-*` nor `sslrootcert`: the settings
+//! are read from the parsed connection string ([`crate::conninfo`]) and tokio-postgres is asked for
+//! `require`. A mode pgfresh cannot honour (`allow`, which prefers plain text) is an error, never a
+//! quiet downgrade.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -24,6 +27,7 @@ use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::{CertificateError, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use tokio_postgres::Socket;
+use tokio_postgres::config::SslMode;
 use tokio_postgres::tls::MakeTlsConnect;
 use tokio_postgres_rustls::MakeRustlsConnect;
 
@@ -42,37 +46,47 @@ pub enum Verify {
     ChainAndName(Arc<RootCertStore>),
 }
 
-/// A PostgreSQL URL's TLS settings, and the URL as tokio-postgres can parse it.
+/// A PostgreSQL connection's TLS settings.
 pub struct PostgresTls {
-    /// The URL with `sslrootcert` removed and `verify-*` turned into `require`.
-    pub url: String,
-    /// Whether the URL asks for TLS at all (it names an `sslmode`).
-    pub asks_for_tls: bool,
+    /// What tokio-postgres is asked for: no TLS, TLS if offered, or TLS or fail.
+    pub mode: SslMode,
     /// What is checked of the server's certificate.
     pub verify: Verify,
 }
 
 impl PostgresTls {
-    /// Reads `sslmode` and `sslrootcert` out of a URL or key=value string; loads the trusted roots
-    /// when a `verify-*` mode needs them. The error is one line saying what to fix.
-    pub fn from_url(url: &str) -> Result<Self, String> {
-        let (url, params) = take_params(url);
-        let roots = || load_roots(params.sslrootcert.as_deref()).map(Arc::new);
-        let verify = match params.sslmode.as_deref() {
-            None | Some("disable" | "prefer" | "require") => Verify::Nothing,
-            Some("verify-ca") => Verify::Chain(roots()?),
-            Some("verify-full") => Verify::ChainAndName(roots()?),
+    /// Reads `sslmode` and `sslrootcert` as libpq does; loads the trusted roots when the mode needs
+    /// them. `home` is where `~/.postgresql/root.crt` is looked for. The error is one line saying what
+    /// to fix.
+    pub fn from_settings(
+        sslmode: Option<&str>,
+        sslrootcert: Option<&str>,
+        home: Option<&Path>,
+    ) -> Result<Self, String> {
+        let default_roots = home.map(|home| home.join(".postgresql").join("root.crt"));
+        let roots = || load_roots(sslrootcert, default_roots.as_deref()).map(Arc::new);
+        let roots_at_hand =
+            sslrootcert.is_some() || default_roots.as_deref().is_some_and(Path::exists);
+        let (mode, verify) = match sslmode {
+            None | Some("disable") => (SslMode::Disable, Verify::Nothing),
+            Some("prefer") => (SslMode::Prefer, Verify::Nothing),
+            Some("require") if roots_at_hand => (SslMode::Require, Verify::Chain(roots()?)),
+            Some("require") => (SslMode::Require, Verify::Nothing),
+            Some("verify-ca") => (SslMode::Require, Verify::Chain(roots()?)),
+            Some("verify-full") => (SslMode::Require, Verify::ChainAndName(roots()?)),
+            Some("allow") => {
+                return Err(
+                    "sslmode=allow (plain text first, TLS only if refused) is not supported: use prefer, require or disable"
+                        .into(),
+                );
+            }
             Some(other) => {
                 return Err(format!(
                     "sslmode={other} is not one of disable, prefer, require, verify-ca, verify-full"
                 ));
             }
         };
-        Ok(Self {
-            url,
-            asks_for_tls: params.sslmode.is_some(),
-            verify,
-        })
+        Ok(Self { mode, verify })
     }
 
     /// The TLS connector for these settings; it is only engaged when `sslmode` asks for TLS.
@@ -105,94 +119,8 @@ impl PostgresTls {
     }
 }
 
-/// The TLS parameters pgfresh handles itself.
-#[derive(Default)]
-struct TlsParams {
-    sslmode: Option<String>,
-    sslrootcert: Option<String>,
-}
-
-/// Takes `sslrootcert` out of the URL (query string or key=value form), and `sslmode=verify-*` down to
-/// `require`; returns the rewritten URL and what was found.
-fn take_params(url: &str) -> (String, TlsParams) {
-    let mut params = TlsParams::default();
-    let in_url = url.contains("://");
-    let mut keep = |key: &str, value: &str| -> Option<String> {
-        match key {
-            "sslrootcert" => {
-                params.sslrootcert = Some(if in_url {
-                    percent_decode(value)
-                } else {
-                    value.to_string()
-                });
-                None
-            }
-            "sslmode" => {
-                params.sslmode = Some(value.to_string());
-                Some(if value.starts_with("verify-") {
-                    "require".to_string()
-                } else {
-                    value.to_string()
-                })
-            }
-            _ => Some(value.to_string()),
-        }
-    };
-    if in_url {
-        let Some((base, query)) = url.split_once('?') else {
-            return (url.to_string(), params);
-        };
-        let query: Vec<String> = query
-            .split('&')
-            .filter_map(|pair| match pair.split_once('=') {
-                Some((key, value)) => keep(key, value).map(|value| format!("{key}={value}")),
-                None => Some(pair.to_string()),
-            })
-            .collect();
-        let url = if query.is_empty() {
-            base.to_string()
-        } else {
-            format!("{base}?{}", query.join("&"))
-        };
-        return (url, params);
-    }
-    let url = url
-        .split_whitespace()
-        .filter_map(|pair| match pair.split_once('=') {
-            Some((key, value)) => keep(key, value).map(|value| format!("{key}={value}")),
-            None => Some(pair.to_string()),
-        })
-        .collect::<Vec<_>>()
-        .join(" ");
-    (url, params)
-}
-
-/// `%XX` escapes decoded, as a URL's query may carry a path.
-fn percent_decode(value: &str) -> String {
-    let bytes = value.as_bytes();
-    let mut decoded = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = bytes
-            .get(i + 1..i + 3)
-            .and_then(|h| std::str::from_utf8(h).ok())
-            .and_then(|h| u8::from_str_radix(h, 16).ok());
-        match (bytes[i], hex) {
-            (b'%', Some(byte)) => {
-                decoded.push(byte);
-                i += 3;
-            }
-            (byte, _) => {
-                decoded.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&decoded).into_owned()
-}
-
 /// The roots `sslrootcert` names: a PEM file, `system`, or by default `~/.postgresql/root.crt`.
-fn load_roots(sslrootcert: Option<&str>) -> Result<RootCertStore, String> {
+fn load_roots(sslrootcert: Option<&str>, default: Option<&Path>) -> Result<RootCertStore, String> {
     let mut roots = RootCertStore::empty();
     if sslrootcert == Some("system") {
         let found = rustls_native_certs::load_native_certs();
@@ -206,7 +134,7 @@ fn load_roots(sslrootcert: Option<&str>) -> Result<RootCertStore, String> {
     }
     let path = match sslrootcert {
         Some(path) => PathBuf::from(path),
-        None => default_root_file().ok_or(
+        None => default.map(Path::to_path_buf).ok_or(
             "sslmode=verify-ca/verify-full needs trusted roots: add sslrootcert=<CA file> or sslrootcert=system",
         )?,
     };
@@ -222,11 +150,6 @@ fn load_roots(sslrootcert: Option<&str>) -> Result<RootCertStore, String> {
         return Err(format!("no certificate in {}; {advice}", path.display()));
     }
     Ok(roots)
-}
-
-/// libpq's default root file.
-fn default_root_file() -> Option<PathBuf> {
-    std::env::var_os("HOME").map(|home| Path::new(&home).join(".postgresql").join("root.crt"))
 }
 
 fn read_certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
@@ -306,32 +229,22 @@ mod tests {
     use super::*;
 
     #[test]
-    fn verify_modes_become_require_and_sslrootcert_is_taken_out() {
-        let (url, params) =
-            take_params("postgres://u@db/app?sslmode=verify-full&sslrootcert=%2Fetc%2Fca.pem&x=1");
-        assert_eq!(url, "postgres://u@db/app?sslmode=require&x=1");
-        assert_eq!(params.sslmode.as_deref(), Some("verify-full"));
-        assert_eq!(params.sslrootcert.as_deref(), Some("/etc/ca.pem"));
-
-        let (url, params) = take_params("host=db sslmode=verify-ca sslrootcert=/ca.pem user=u");
-        assert_eq!(url, "host=db sslmode=require user=u");
-        assert_eq!(params.sslmode.as_deref(), Some("verify-ca"));
-
-        let (url, params) = take_params("postgres://u@db/app?sslrootcert=/ca.pem");
-        assert_eq!(url, "postgres://u@db/app");
-        assert_eq!(params.sslmode, None);
-
-        let (url, _) = take_params("postgres://u@db/app?sslmode=require");
-        assert_eq!(url, "postgres://u@db/app?sslmode=require");
+    fn modes_are_honoured_or_refused_never_downgraded() {
+        let mode = |sslmode| PostgresTls::from_settings(sslmode, None, None).map(|tls| tls.mode);
+        assert!(matches!(mode(None), Ok(SslMode::Disable)));
+        assert!(matches!(mode(Some("prefer")), Ok(SslMode::Prefer)));
+        assert!(matches!(mode(Some("require")), Ok(SslMode::Require)));
+        let allow = mode(Some("allow")).err().unwrap();
+        assert!(allow.contains("not supported"), "{allow}");
+        assert!(mode(Some("requir")).is_err());
     }
 
     #[test]
     fn a_missing_root_file_is_one_line_saying_what_to_do() {
-        let error = PostgresTls::from_url(
-            "postgres://u@db/app?sslmode=verify-full&sslrootcert=/nonexistent/ca.pem",
-        )
-        .err()
-        .unwrap();
+        let error =
+            PostgresTls::from_settings(Some("verify-full"), Some("/nonexistent/ca.pem"), None)
+                .err()
+                .unwrap();
         assert!(error.starts_with("cannot read root certificates from /nonexistent/ca.pem"));
         assert!(error.contains("sslrootcert=system"), "{error}");
         assert!(!error.contains('\n'));

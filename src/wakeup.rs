@@ -28,6 +28,30 @@ const PING_INTERVAL: Duration = Duration::from_secs(10);
 /// How long a ping may take to come back before the session is replaced.
 const PING_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// What a notification on the channel is to this listener.
+#[derive(Debug, PartialEq, Eq)]
+enum Heard {
+    /// The ping this session sent itself: it still delivers.
+    OwnPing,
+    /// Another listener's ping to itself: nothing to do.
+    OthersPing,
+    /// Anything else (triggers send an empty payload): look at the queue.
+    WakeUp,
+}
+
+fn classify(payload: &str, own_ping: &str) -> Heard {
+    if payload == own_ping {
+        Heard::OwnPing
+    } else if payload.starts_with(PING_PREFIX) {
+        Heard::OthersPing
+    } else {
+        Heard::WakeUp
+    }
+}
+
+/// Every listener's ping payload starts with this, then its id.
+const PING_PREFIX: &str = "ping:";
+
 /// Keeps a LISTEN session open until shutdown, waking `wake` on every notification and after every
 /// (re)connect. Losses and recoveries are logged once each, not on every retry.
 /// `connected` tells readiness checks whether a LISTEN session is up.
@@ -79,7 +103,7 @@ async fn session(
     lost_since: &mut Option<std::time::Instant>,
 ) -> Result<(), Error> {
     let (client, mut connection) = db.connect_raw("pgfresh listen").await?;
-    let ping_payload = format!("ping:{listener_id}");
+    let ping_payload = format!("{PING_PREFIX}{listener_id}");
     let (pongs, mut pong_received) = mpsc::unbounded_channel::<()>();
 
     // The connection half must be polled for the client to make progress and for notifications to
@@ -89,11 +113,15 @@ async fn session(
         loop {
             match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
                 Some(Ok(AsyncMessage::Notification(note))) => {
-                    if note.payload() == own_ping {
-                        let _ = pongs.send(());
-                    } else {
-                        crate::telemetry::notification();
-                        wake.notify_one();
+                    match classify(note.payload(), &own_ping) {
+                        Heard::OwnPing => {
+                            let _ = pongs.send(());
+                        }
+                        Heard::OthersPing => {}
+                        Heard::WakeUp => {
+                            crate::telemetry::notification();
+                            wake.notify_one();
+                        }
                     }
                 }
                 Some(Ok(_)) => {}
@@ -149,5 +177,19 @@ async fn session(
     tokio::select! {
         error = wake_on_notify => Err(error),
         result = keep_alive => result,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn other_listeners_pings_are_neither_pongs_nor_wake_ups() {
+        let own = "ping:host:1:aa";
+        assert_eq!(classify(own, own), Heard::OwnPing);
+        assert_eq!(classify("ping:host:2:bb", own), Heard::OthersPing);
+        assert_eq!(classify("", own), Heard::WakeUp);
+        assert_eq!(classify("anything else", own), Heard::WakeUp);
     }
 }

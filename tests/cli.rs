@@ -50,7 +50,7 @@ fn unreachable_postgres_gives_one_clear_line_without_the_password() {
     );
     assert_one_clear_error(
         &out,
-        "cannot connect to PostgreSQL at postgres://app:***@127.0.0.1:1/shop",
+        "cannot connect to PostgreSQL at postgres://app@127.0.0.1:1/shop: ",
     );
     assert!(stderr(&out).contains("DATABASE_URL"), "says what to do");
 }
@@ -64,10 +64,7 @@ async fn unreachable_redis_gives_one_clear_line_without_the_password() {
         "redis://:hunter2@127.0.0.1:1/0",
         &["sweep"],
     );
-    assert_one_clear_error(
-        &out,
-        "cannot connect to Redis at redis://:***@127.0.0.1:1/0",
-    );
+    assert_one_clear_error(&out, "cannot connect to Redis at redis://127.0.0.1:1: ");
     assert!(stderr(&out).contains("REDIS_URL"), "says what to do");
     env.cleanup().await;
 }
@@ -125,6 +122,23 @@ async fn shop_setup_render_sweep_and_status_work_from_the_command_line() {
         env.fresh_render(3, "full").await.unwrap()
     );
 
+    // Without --variant, the first is rendered, and stderr says which (stdout stays the HTML).
+    let first = run(
+        &shop_binary(),
+        &env.url,
+        no_redis,
+        &["render", "product_card", "3"],
+    );
+    assert!(first.status.success(), "{}", stderr(&first));
+    assert_eq!(
+        stdout(&first).trim_end(),
+        env.fresh_render(3, "compact").await.unwrap()
+    );
+    assert_eq!(
+        stderr(&first).trim(),
+        "product_card 3: variant compact (the first of compact, full; choose with --variant)"
+    );
+
     let missing = run(
         &shop_binary(),
         &env.url,
@@ -176,18 +190,110 @@ fn the_plain_binary_explains_that_listening_needs_your_fragments() {
 
 #[test]
 fn bad_flag_values_are_rejected_with_a_hint() {
+    for (args, hint) in [
+        (
+            &["listen", "--sweep-interval", "often"][..],
+            "examples: 500ms, 1s, 10m, 1h, 0",
+        ),
+        (&["listen", "--poll-interval", "0"], "at least 10ms"),
+        (
+            &["listen", "--sweep-interval", "300000000000y"],
+            "at most 366d",
+        ),
+        (&["listen", "--http", "9187"], "expected host:port"),
+        (
+            &["listen", "--http", "nowhere.invalid:9187"],
+            "cannot resolve nowhere.invalid:9187",
+        ),
+    ] {
+        let out = run(
+            &PathBuf::from(env!("CARGO_BIN_EXE_pgfresh")),
+            &common::admin_url(),
+            &common::redis_url(),
+            args,
+        );
+        assert!(!out.status.success(), "{args:?}");
+        assert!(stderr(&out).contains(hint), "{args:?}: {}", stderr(&out));
+    }
+    // A host name is an address like any other.
+    let out = run(
+        &shop_binary(),
+        &common::admin_url(),
+        &common::redis_url(),
+        &[
+            "demo",
+            "--web",
+            "localhost:1",
+            "--http",
+            "localhost:2",
+            "--help",
+        ],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+}
+
+#[test]
+fn version_and_help_say_what_a_user_needs() {
+    let out = run(&shop_binary(), "", "", &["--version"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    // The version of pgfresh the binary was built with.
+    assert_eq!(
+        stdout(&out).trim(),
+        format!("pgfresh {}", env!("CARGO_PKG_VERSION"))
+    );
+
+    let help = stdout(&run(&shop_binary(), "", "", &["listen", "--help"]));
+    for heading in ["Listener:", "Sweep:", "Connections:", "Logging:"] {
+        assert!(help.contains(heading), "{heading} in {help}");
+    }
+    // Each group's flags under its heading: the connection flags come after the listener's.
+    assert!(help.find("--poll-interval").unwrap() < help.find("Connections:").unwrap());
+    assert!(help.find("--database-url").unwrap() > help.find("Connections:").unwrap());
+    assert!(
+        help.contains("Serve the status page (/), /metrics"),
+        "{help}"
+    );
+    assert!(help.contains("PGPASSWORD"), "{help}");
+    assert!(!help.contains("REDIS_CLUSTER="), "{help}");
+
+    // The plain binary points to a README section that exists.
     let out = run(
         &PathBuf::from(env!("CARGO_BIN_EXE_pgfresh")),
         &common::admin_url(),
         &common::redis_url(),
-        &["listen", "--sweep-interval", "often"],
+        &["listen"],
     );
-    assert!(!out.status.success());
+    let readme = include_str!("../README.md");
+    let named = stderr(&out)
+        .split("see README, \"")
+        .nth(1)
+        .and_then(|rest| rest.split('"').next())
+        .unwrap_or_default()
+        .to_string();
     assert!(
-        stderr(&out).contains("examples: 500ms, 1s, 10m, 1h, 0"),
-        "{}",
-        stderr(&out)
+        readme.contains(&format!("## {named}\n")),
+        "README has no section {named:?}"
     );
+}
+
+#[tokio::test]
+async fn connection_failures_advise_what_fits_the_failure() {
+    let env = TestEnv::shop(1).await;
+    let out = run(
+        &shop_binary(),
+        &env.url,
+        "redis://127.0.0.1:6379/99",
+        &["sweep"],
+    );
+    assert_one_clear_error(&out, "fewer databases");
+    let redis = common::servers::TempRedis::start_with(&["--requirepass", "right"]);
+    let wrong = format!("redis://:hunter2@127.0.0.1:{}/0", redis.port);
+    let out = run(&shop_binary(), &env.url, &wrong, &["sweep"]);
+    assert_one_clear_error(&out, "check the user and password in --redis-url");
+    let missing = env.url.replace(&env.name, "no_such_database");
+    let out = run(&shop_binary(), &missing, &common::redis_url(), &["status"]);
+    assert_one_clear_error(&out, "create it, or name another");
+    env.cleanup().await;
 }
 
 #[tokio::test]

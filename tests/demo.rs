@@ -56,7 +56,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     let port = free_port();
     let shutdown = Shutdown::new();
     let server = web::bind(
-        format!("127.0.0.1:{port}").parse().unwrap(),
+        &format!("127.0.0.1:{port}"),
         env.db.clone(),
         env.sink.clone(),
         card,

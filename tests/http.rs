@@ -1,4 +1,5 @@
-//! `listen --http`: the Prometheus scrape, liveness and readiness, against real services.
+//! `listen --http`: the Prometheus scrape, liveness and readiness, against real services; every
+//! series is there from the first scrape; no request waits for the database.
 
 mod common;
 
@@ -7,6 +8,14 @@ use std::time::Duration;
 use common::servers::{TempRedis, free_port};
 use common::{TestEnv, eventually, test_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// The value of a series in a scrape (0 when absent).
+fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
 
 /// A plain HTTP/1.1 GET: the status code and the body; status 0 while nothing listens.
 async fn get(port: u16, path: &str) -> (u16, String) {
@@ -35,7 +44,7 @@ async fn metrics_health_and_readiness_are_served() {
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;
     let port = free_port();
     let settings = pgfresh::config::ListenSettings {
-        http: Some(format!("127.0.0.1:{port}").parse().unwrap()),
+        http: Some(format!("127.0.0.1:{port}")),
         ..test_settings()
     };
     let listener = env.start_listener(settings);
@@ -44,6 +53,28 @@ async fn metrics_health_and_readiness_are_served() {
     })
     .await;
     assert_eq!(get(port, "/healthz").await, (200, "ok\n".into()));
+
+    // Before anything happened, every series is there at zero: `absent()` and `rate()` alerts work
+    // from the first scrape.
+    let (_, first) = get(port, "/metrics").await;
+    for zero in [
+        "pgfresh_changes_applied_total 0",
+        "pgfresh_changes_failed_total 0",
+        "pgfresh_notifications_total 0",
+        "pgfresh_reconnects_total{connection=\"listen\"} 0",
+        "pgfresh_sweeps_total{reason=\"periodic\"} 0",
+        "pgfresh_renders_total{fragment=\"product_card\"} 0",
+        "pgfresh_writes_total{fragment=\"product_card\",result=\"refused\"} 0",
+        "pgfresh_load_seconds_count{fragment=\"product_card\"} 0",
+        "pgfresh_redis_write_seconds_count 0",
+        "pgfresh_redis_can_evict 0",
+        "pgfresh_standing_aside 0",
+    ] {
+        assert!(
+            first.contains(zero),
+            "{zero} missing from the first scrape:\n{first}"
+        );
+    }
 
     env.client()
         .await
@@ -65,10 +96,12 @@ async fn metrics_health_and_readiness_are_served() {
         "pgfresh_notification_queue_usage",
         "pgfresh_standing_aside",
     ];
-    // Queue gauges come with the next heartbeat, a few seconds on.
-    eventually("every metric in the scrape", || async {
+    eventually("every metric in the scrape, the change counted", || async {
         let (status, body) = get(port, "/metrics").await;
-        status == 200 && expected.iter().all(|name| body.contains(name))
+        status == 200
+            && expected.iter().all(|name| body.contains(name))
+            && metric(&body, "pgfresh_changes_applied_total") >= 1.0
+            && metric(&body, "pgfresh_renders_total{fragment=\"product_card\"}") >= 2.0
     })
     .await;
 
@@ -121,7 +154,7 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap();
     let settings = pgfresh::config::ListenSettings {
-        http: Some(address),
+        http: Some(address.to_string()),
         ..test_settings()
     };
     let listener = env.start_listener(settings);
@@ -135,5 +168,58 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
         registered, 0,
         "nothing registered for a listener that never started"
     );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_endpoints_answer_from_samples_while_the_queue_is_locked() {
+    let env = TestEnv::shop(2).await;
+    let port = free_port();
+    let settings = pgfresh::config::ListenSettings {
+        // A host name, resolved as any address is.
+        http: Some(format!("localhost:{port}")),
+        ..test_settings()
+    };
+    let listener = env.start_listener(settings);
+    let get = |path: &'static str| async move {
+        let Ok(mut stream) = tokio::net::TcpStream::connect(("localhost", port)).await else {
+            return (0, String::new());
+        };
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.unwrap();
+        let status = response
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
+        (status, response)
+    };
+    eventually("/readyz to say ready", || async {
+        get("/readyz").await.0 == 200
+    })
+    .await;
+    eventually("the queue to be sampled", || async {
+        get("/").await.1.contains("0 pending")
+    })
+    .await;
+
+    // Whatever holds the queue (a long migration, a vacuum full, a stuck query), a request must not
+    // wait for it: it would hold one of the listener's own connections while it waits.
+    let mut locker = env.client().await;
+    let txn = locker.transaction().await.unwrap();
+    txn.batch_execute("LOCK TABLE pgfresh.changes IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    for path in ["/", "/readyz", "/metrics", "/healthz"] {
+        let (status, _) = tokio::time::timeout(Duration::from_secs(5), get(path))
+            .await
+            .unwrap_or_else(|_| panic!("{path} waited for the locked queue"));
+        assert_eq!(status, 200, "{path}");
+    }
+    txn.rollback().await.unwrap();
+    listener.stop().await;
     env.cleanup().await;
 }

@@ -44,7 +44,13 @@ async fn updates_inserts_and_deletes_of_products_reach_redis() {
     .await;
     eventually("the queue to drain", || async { env.pending().await == 0 }).await;
     listener.stop().await;
+    // Nothing of the test stays in Redis, the deleted product's tombstones included.
+    let (name, mut redis) = (env.name.clone(), env.sink.connection());
     env.cleanup().await;
+    assert_eq!(
+        common::test_keys(&mut redis, &name).await.unwrap(),
+        Vec::<String>::new()
+    );
 }
 
 #[tokio::test]

@@ -199,8 +199,35 @@ async fn only_the_listener_holding_the_sweep_lock_sweeps() {
         .await
         .unwrap();
     let listener = env.start_listener(test_settings());
-    wait_idle(&env, 1).await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The listener asks for the lock once a second, on one session of its own: wait until it has
+    // asked (and been refused) three times, and check that it never opened another session for it.
+    let db = env.client().await;
+    let attempts: std::sync::Mutex<Vec<(i32, String)>> = Default::default();
+    eventually("three refused attempts to take the sweep lock", || async {
+        let row = db
+            .query_opt(
+                "SELECT pid, query_start::text FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name = 'pgfresh sweep lock'
+                   AND query LIKE '%pg_try_advisory_lock%'",
+                &[&env.name],
+            )
+            .await
+            .unwrap();
+        let mut attempts = attempts.lock().unwrap();
+        if let Some(row) = row {
+            let attempt = (row.get(0), row.get(1));
+            if attempts.last() != Some(&attempt) {
+                attempts.push(attempt);
+            }
+        }
+        attempts.len() >= 3
+    })
+    .await;
+    let attempts = attempts.into_inner().unwrap();
+    assert!(
+        attempts.iter().all(|(pid, _)| *pid == attempts[0].0),
+        "one session for every attempt: {attempts:?}"
+    );
     assert_eq!(
         env.get(&env.key(3, "full")).await,
         None,

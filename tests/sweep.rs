@@ -276,3 +276,62 @@ async fn a_slow_render_of_old_data_finishing_last_is_refused() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_one_off_sweep_sets_the_marker_so_a_listener_does_not_sweep_again() {
+    let env = TestEnv::shop(3).await;
+    env.del(&env.marker_key()).await;
+    let report = env.sweep().await;
+    assert!(report.succeeded(), "{report}");
+    assert_eq!(env.get(&env.marker_key()).await.as_deref(), Some("1"));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_key_that_fails_in_every_sweep_is_queued_and_parked_while_the_sweep_completes() {
+    let env = TestEnv::shop(5).await;
+    // Redis refuses every write of product 3's full card: its ticket key holds a list.
+    let broken_ticket = env.sink.ticket_key(&env.key(3, "full"));
+    let _: () = redis::cmd("RPUSH")
+        .arg(&broken_ticket)
+        .arg("x")
+        .query_async(&mut env.sink.connection())
+        .await
+        .unwrap();
+    let orphan = env.key(999, "full");
+    env.set(&orphan, "a product that does not exist").await;
+    env.del(&env.marker_key()).await;
+
+    let settings = pgfresh::config::ListenSettings {
+        max_attempts: 2,
+        ..common::test_settings()
+    };
+    let listener = env.start_listener(settings);
+    // The marker sweep completes despite the key: marker set, orphans deleted, the rest fresh.
+    common::eventually("the marker to be set", || async {
+        env.get(&env.marker_key()).await.as_deref() == Some("1")
+    })
+    .await;
+    assert_eq!(env.get(&orphan).await, None, "orphans are deleted");
+    for id in [1, 2, 4, 5] {
+        env.wait_fresh(id).await;
+    }
+    // The failing key went the way of a failed change: retried, then parked with its error.
+    common::eventually("the failing key to be parked", || async {
+        env.parked().await == 1 && env.pending().await == 0
+    })
+    .await;
+    let errors = env.parked_errors("change_id").await;
+    assert!(errors[0].contains("WRONGTYPE"), "{errors:?}");
+    let parked_key: String = env
+        .client()
+        .await
+        .query_one("SELECT key FROM pgfresh.failed", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(parked_key, "3");
+    listener.stop().await;
+    env.del(&broken_ticket).await;
+    env.cleanup().await;
+}

@@ -19,7 +19,10 @@ use pgfresh::{Fragments, shutdown};
 use product_card::ProductCard;
 
 #[derive(Parser)]
-#[command(about = "pgfresh's example shop: product cards kept fresh in Redis")]
+#[command(
+    version,
+    about = "pgfresh's example shop: product cards kept fresh in Redis"
+)]
 struct ShopCli {
     #[command(flatten)]
     connections: Connections,
@@ -43,11 +46,11 @@ enum ShopCommand {
         #[arg(long, default_value_t = 1000)]
         products: i64,
         /// Where to serve the demo shop.
-        #[arg(long, default_value = "127.0.0.1:8080")]
-        web: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:8080", value_parser = cli::parse_address)]
+        web: String,
         /// Where the listener serves its status page and /metrics.
-        #[arg(long, default_value = "127.0.0.1:9187")]
-        http: std::net::SocketAddr,
+        #[arg(long, default_value = "127.0.0.1:9187", value_parser = cli::parse_address)]
+        http: String,
     },
     #[command(flatten)]
     Pgfresh(Command),
@@ -59,7 +62,7 @@ fn main() -> ExitCode {
     cli::run_command(&shop.logging, || async move {
         match shop.command {
             ShopCommand::Setup { products } => {
-                let db = Database::new(&shop.connections.database_url, 2)?;
+                let db = shop.connections.database(2)?;
                 db.check().await?;
                 let report = setup::setup(&db, products).await?;
                 println!("{}", describe_setup(&report, &db));
@@ -90,10 +93,10 @@ async fn demo(
     connections: &Connections,
     fragments: Fragments,
     products: i64,
-    web: std::net::SocketAddr,
-    http: std::net::SocketAddr,
+    web: String,
+    http: String,
 ) -> Result<ExitCode, pgfresh::Error> {
-    let db = Database::new(&connections.database_url, 12)?;
+    let db = connections.database(12)?;
     db.check().await?;
     let sink = connections.redis().await?;
     let report = setup::setup(&db, products).await?;
@@ -105,7 +108,7 @@ async fn demo(
     println!("{sweep}");
 
     let shop = web::bind(
-        web,
+        &web,
         db.clone(),
         sink.clone(),
         ProductCard::new(),

@@ -4,7 +4,6 @@
 //! and each card says where it came from. A background writer changes a few prices and reviews every
 //! second, so the page (which refreshes itself) shows pgfresh keeping up.
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -112,12 +111,12 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
 /// Binds the shop to `address` now (so a taken port fails at once) and returns the server, which
 /// runs until shutdown.
 pub async fn bind(
-    address: SocketAddr,
+    address: &str,
     db: Database,
     redis: RedisSink,
     card: ProductCard,
     shutdown: Shutdown,
-) -> Result<impl std::future::Future<Output = ()>, String> {
+) -> Result<impl std::future::Future<Output = ()> + use<>, String> {
     let shop = Arc::new(Shop { db, redis, card });
     let app = Router::new().route("/", get(product_list)).with_state(shop);
     let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {

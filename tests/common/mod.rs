@@ -76,6 +76,25 @@ impl TestEnv {
 
     /// Like [`TestEnv::empty`], writing through `sink` (another server, a cluster).
     pub async fn empty_with_sink(sink: RedisSink) -> TestEnv {
+        TestEnv::create(sink, "").await
+    }
+
+    /// Like [`TestEnv::shop`], in a `SQL_ASCII` database, which stores any bytes as text.
+    pub async fn shop_sql_ascii(products: i64) -> TestEnv {
+        let sink = RedisSink::connect(&redis_url())
+            .await
+            .expect("connect to Redis");
+        let env = TestEnv::create(
+            sink,
+            "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+        )
+        .await;
+        setup::setup(&env.db, products).await.expect("shop setup");
+        env.sink.set_fragment_marker(&env.prefix, 1).await.unwrap();
+        env
+    }
+
+    async fn create(sink: RedisSink, options: &str) -> TestEnv {
         let name = format!(
             "pgfresh_test_{}_{}_{:04x}",
             std::process::id(),
@@ -85,7 +104,7 @@ impl TestEnv {
         let admin = admin_client().await;
         drop_leftover_databases(&admin).await;
         admin
-            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .batch_execute(&format!("CREATE DATABASE {name} {options}"))
             .await
             .expect("create test database");
         let url = database_url_for(&name);
@@ -316,19 +335,17 @@ impl TestEnv {
             .get(0)
     }
 
-    /// Drops the database and this test's Redis keys.
+    /// Drops the database and this test's Redis keys: its fragments, and pgfresh's own keys about
+    /// them (tickets, tombstones, markers), which all contain the test's unique name.
     /// Best effort on Redis: a test's own throwaway server may be gone already.
     pub async fn cleanup(self) {
         let mut redis = self.redis.clone();
-        let keys: Result<Vec<String>, _> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut redis)
-            .await;
-        if let Ok(mut keys) = keys {
-            let tickets: Vec<String> = keys.iter().map(|k| self.sink.ticket_key(k)).collect();
-            keys.extend(tickets);
-            keys.push(self.marker_key());
-            let _: Result<(), _> = redis::cmd("DEL").arg(&keys).query_async(&mut redis).await;
+        if let Ok(keys) = test_keys(&mut redis, &self.name).await
+            && !keys.is_empty()
+        {
+            for key in keys {
+                let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut redis).await;
+            }
         }
         drop(self.db);
         let admin = admin_client().await;
@@ -339,6 +356,18 @@ impl TestEnv {
             ))
             .await;
     }
+}
+
+/// Every Redis key that names the test `name`: with KEYS, which a cluster connection sends to every
+/// master; tests' Redis databases are small.
+pub async fn test_keys(
+    redis: &mut RedisConnection,
+    name: &str,
+) -> Result<Vec<String>, redis::RedisError> {
+    redis::cmd("KEYS")
+        .arg(format!("*{name}*"))
+        .query_async(redis)
+        .await
 }
 
 /// Settings for tests: fast polling, no periodic sweep unless a test asks for one.
@@ -401,25 +430,37 @@ fn database_url_for(name: &str) -> String {
     format!("{base}/{name}")
 }
 
-/// Drops databases left by test processes that died before cleaning up.
+/// Drops databases and roles left by test processes that died before cleaning up (their names
+/// start with `pgfresh_test_<pid>_`).
 async fn drop_leftover_databases(admin: &tokio_postgres::Client) {
-    let rows = admin
-        .query(
-            "SELECT datname FROM pg_database WHERE datname LIKE 'pgfresh\\_test\\_%'",
-            &[],
-        )
-        .await
-        .unwrap();
-    for row in rows {
-        let name: String = row.get(0);
+    let dead = |name: &str| {
         let pid = name.split('_').nth(2).and_then(|p| p.parse::<u32>().ok());
-        if let Some(pid) = pid
-            && !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        {
-            let _ = admin
-                .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
-                .await;
-        }
+        pid.is_some_and(|pid| !std::path::Path::new(&format!("/proc/{pid}")).exists())
+    };
+    let leftovers = |sql: &'static str| async move {
+        admin
+            .query(sql, &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get::<_, String>(0))
+            .filter(|name| dead(name))
+            .collect::<Vec<String>>()
+    };
+    for name in
+        leftovers("SELECT datname FROM pg_database WHERE datname LIKE 'pgfresh\\_test\\_%'").await
+    {
+        let _ = admin
+            .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+            .await;
+    }
+    // Their databases are gone, and with them whatever the roles owned or were granted there.
+    for name in
+        leftovers("SELECT rolname FROM pg_roles WHERE rolname LIKE 'pgfresh\\_test\\_%'").await
+    {
+        let _ = admin
+            .batch_execute(&format!("DROP ROLE IF EXISTS {name}"))
+            .await;
     }
 }
 

@@ -1,0 +1,377 @@
+//! Connecting as libpq would, and never showing a secret: passwords stay out of every printed line
+//! whatever they contain; libpq's environment variables and password file are honoured with libpq's
+//! precedence; `sslmode` is read as libpq reads it, and what pgfresh cannot honour is refused rather
+//! than quietly downgraded; the user's `options` reach pooled sessions.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::{Command, Output};
+
+use common::servers::{PostgresSetup, TempPostgres, TempRedis};
+use common::{TestEnv, shop_binary};
+use pgfresh::config::Environment;
+use pgfresh::db::Database;
+
+const PASSWORD: &str = "s3cr/et?x";
+
+fn pgfresh_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_pgfresh"))
+}
+
+/// Runs a binary with exactly these environment variables (and PATH), none inherited.
+fn run(binary: &PathBuf, vars: &[(&str, &str)], args: &[&str]) -> Output {
+    Command::new(binary)
+        .args(args)
+        .env_clear()
+        .env("PATH", std::env::var("PATH").unwrap_or_default())
+        .envs(vars.iter().copied())
+        .output()
+        .expect("binary runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A server that wants [`PASSWORD`] from user postgres, with pgfresh installed in database postgres.
+async fn password_server() -> TempPostgres {
+    let server = TempPostgres::start_with(PostgresSetup {
+        password: Some(PASSWORD),
+        ..PostgresSetup::default()
+    });
+    let environment = Environment::none().with_var("PGPASSWORD", PASSWORD);
+    let db = Database::with_environment(&server.url("postgres"), 1, &environment).unwrap();
+    pgfresh::schema::install(&db).await.unwrap();
+    server
+}
+
+#[tokio::test]
+async fn passwords_never_appear_in_any_line_pgfresh_prints() {
+    let secrets = ["pa/ss", "pa?ss", "p@ss", "it's", "with space"];
+    let database_urls = [
+        "postgres://postgres:pa/ss@127.0.0.1:1/postgres".to_string(),
+        "postgres://postgres:pa?ss@127.0.0.1:1/postgres".to_string(),
+        "postgres://postgres:p@ss@127.0.0.1:1/postgres".to_string(),
+        "postgres://postgres:pa%2Fss@127.0.0.1:1/postgres".to_string(),
+        "postgres://postgres@127.0.0.1:1/postgres?password=pa/ss".to_string(),
+        "host=127.0.0.1 port=1 user=postgres password = 'with space'".to_string(),
+        r"host=127.0.0.1 port=1 password='it\'s' user=postgres".to_string(),
+        "host=127.0.0.1 port=1 password=pa/ss bogus_option=1".to_string(),
+        "host=127.0.0.1 port=1 password='unterminated pa/ss".to_string(),
+    ];
+    for url in &database_urls {
+        let out = run(&pgfresh_binary(), &[("DATABASE_URL", url)], &["status"]);
+        let printed = text(&out);
+        assert!(!out.status.success(), "{url}: {printed}");
+        assert_eq!(printed.lines().count(), 1, "{url}: {printed}");
+        for secret in secrets {
+            assert!(!printed.contains(secret), "{url} printed {printed}");
+        }
+    }
+    let env = TestEnv::shop(1).await;
+    for redis_url in [
+        "redis://:pa/ss@127.0.0.1:1/0",
+        "redis://user:p@ss@127.0.0.1:1/0",
+        "redis://:pa%2Fss@127.0.0.1:1/0",
+    ] {
+        let out = run(
+            &shop_binary(),
+            &[("DATABASE_URL", &env.url), ("REDIS_URL", redis_url)],
+            &["sweep"],
+        );
+        let printed = text(&out);
+        assert!(!out.status.success(), "{redis_url}: {printed}");
+        for secret in secrets {
+            assert!(!printed.contains(secret), "{redis_url} printed {printed}");
+        }
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn libpq_variables_and_the_password_file_are_honoured_with_libpqs_precedence() {
+    let server = password_server().await;
+    let port = server.port.to_string();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    let shown = format!("at postgres://postgres@127.0.0.1:{port}/postgres");
+
+    // PGPASSWORD completes a URL without a password.
+    let out = run(
+        &pgfresh_binary(),
+        &[("DATABASE_URL", &url), ("PGPASSWORD", PASSWORD)],
+        &["status"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(text(&out).contains(&shown), "{}", text(&out));
+    assert!(!text(&out).contains(PASSWORD));
+
+    // PGHOST, PGPORT, PGUSER and PGDATABASE stand in for a URL altogether.
+    let out = run(
+        &pgfresh_binary(),
+        &[
+            ("PGHOST", "127.0.0.1"),
+            ("PGPORT", &port),
+            ("PGUSER", "postgres"),
+            ("PGDATABASE", "postgres"),
+            ("PGPASSWORD", PASSWORD),
+        ],
+        &["status"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A password in the URL wins over PGPASSWORD.
+    let with_password = format!("postgres://postgres:s3cr%2Fet%3Fx@127.0.0.1:{port}/postgres");
+    let out = run(
+        &pgfresh_binary(),
+        &[("DATABASE_URL", &with_password), ("PGPASSWORD", "wrong")],
+        &["status"],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A wrong password says to check the password, not to start the server, and shows none.
+    let out = run(
+        &pgfresh_binary(),
+        &[("DATABASE_URL", &url), ("PGPASSWORD", "wrong")],
+        &["status"],
+    );
+    assert!(!out.status.success());
+    let printed = text(&out);
+    assert!(printed.contains("check the user and password"), "{printed}");
+    assert!(
+        !printed.contains("wrong") && !printed.contains("start it"),
+        "{printed}"
+    );
+
+    // The password file, as PGPASSFILE or ~/.pgpass, and only when only its owner can read it.
+    let home = std::env::temp_dir().join(format!("pgfresh-home-{}-{port}", std::process::id()));
+    std::fs::create_dir_all(&home).unwrap();
+    let passfile = home.join(".pgpass");
+    std::fs::write(
+        &passfile,
+        format!("# comment\nother:5432:*:*:nope\n127.0.0.1:{port}:*:postgres:{PASSWORD}\n"),
+    )
+    .unwrap();
+    let chmod = |mode| {
+        std::fs::set_permissions(
+            &passfile,
+            std::os::unix::fs::PermissionsExt::from_mode(mode),
+        )
+        .unwrap()
+    };
+    chmod(0o600);
+    let home_str = home.to_str().unwrap();
+    let out = run(
+        &pgfresh_binary(),
+        &[("DATABASE_URL", &url), ("HOME", home_str)],
+        &["status"],
+    );
+    assert!(out.status.success(), "~/.pgpass: {}", text(&out));
+    let out = run(
+        &pgfresh_binary(),
+        &[
+            ("DATABASE_URL", &url),
+            ("PGPASSFILE", passfile.to_str().unwrap()),
+        ],
+        &["status"],
+    );
+    assert!(out.status.success(), "PGPASSFILE: {}", text(&out));
+    chmod(0o644);
+    let out = run(
+        &pgfresh_binary(),
+        &[("DATABASE_URL", &url), ("HOME", home_str)],
+        &["status"],
+    );
+    assert!(!out.status.success());
+    assert!(text(&out).contains("chmod 0600"), "{}", text(&out));
+
+    // PGSSLMODE is honoured too: this server speaks no TLS, so requiring it fails.
+    let out = run(
+        &pgfresh_binary(),
+        &[
+            ("DATABASE_URL", &url),
+            ("PGPASSWORD", PASSWORD),
+            ("PGSSLMODE", "require"),
+        ],
+        &["status"],
+    );
+    assert!(!out.status.success(), "{}", text(&out));
+    let _ = std::fs::remove_dir_all(&home);
+}
+
+#[tokio::test]
+async fn the_listening_line_and_status_show_the_connection_without_its_password() {
+    let server = password_server().await;
+    let with_password = format!(
+        "postgres://postgres:s3cr%2Fet%3Fx@127.0.0.1:{}/postgres",
+        server.port
+    );
+    let redis = TempRedis::start_with(&["--requirepass", "r3dis/pw"]);
+    let redis_url = format!("redis://:r3dis%2Fpw@127.0.0.1:{}", redis.port);
+    let environment = Environment::none().with_var("PGPASSWORD", PASSWORD);
+    let db = Database::with_environment(&server.url("postgres"), 2, &environment).unwrap();
+    common::setup::setup(&db, 2).await.unwrap();
+    let status = run(
+        &shop_binary(),
+        &[("DATABASE_URL", &with_password), ("REDIS_URL", &redis_url)],
+        &["status"],
+    );
+    let printed = text(&status);
+    assert!(status.status.success(), "{printed}");
+    assert!(
+        printed.contains(&format!(
+            "at postgres://postgres@127.0.0.1:{}/postgres",
+            server.port
+        )),
+        "{printed}"
+    );
+    assert!(
+        printed.contains(&format!(
+            "redis: redis://127.0.0.1:{} answering",
+            redis.port
+        )),
+        "{printed}"
+    );
+
+    let mut listener = Command::new(shop_binary())
+        .args(["listen", "--sweep-interval", "0", "--log-format", "json"])
+        .env("DATABASE_URL", &with_password)
+        .env("REDIS_URL", &redis_url)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let client = common::connect(&with_password).await;
+    common::eventually("the listener to register", || async {
+        client
+            .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+            .await
+            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    })
+    .await;
+    Command::new("kill")
+        .args(["-TERM", &listener.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::time::timeout(common::PATIENCE, async {
+        loop {
+            if let Some(exit) = listener.try_wait().unwrap() {
+                break exit;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the listener stops on SIGTERM");
+    assert!(exit.success());
+    let mut logs = String::new();
+    std::io::Read::read_to_string(&mut listener.stderr.take().unwrap(), &mut logs).unwrap();
+    let listening = logs
+        .lines()
+        .find(|line| line.contains("listening for changes"))
+        .unwrap_or_else(|| panic!("{logs}"));
+    assert!(
+        listening.contains(&format!(
+            "postgres://postgres@127.0.0.1:{}/postgres",
+            server.port
+        )) && listening.contains(&format!("redis://127.0.0.1:{}", redis.port)),
+        "{listening}"
+    );
+    for secret in ["s3cr", "r3dis"] {
+        assert!(!logs.contains(secret), "{logs}");
+    }
+}
+
+/// Whether a pooled session of `db` is encrypted.
+async fn encrypted(db: &Database) -> Result<bool, pgfresh::Error> {
+    let client = db.get().await?;
+    let row = client
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn sslmode_is_read_as_libpq_reads_it_and_never_quietly_downgraded() {
+    let server = TempPostgres::start_tls();
+    let port = server.port;
+    for (conninfo, tls) in [
+        (
+            format!("host=127.0.0.1 port={port} user=postgres sslmode = require"),
+            true,
+        ),
+        (
+            format!(
+                "host=127.0.0.1 port={port} user=postgres application_name='a://b' sslmode=require"
+            ),
+            true,
+        ),
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=prefer"),
+            true,
+        ),
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            false,
+        ),
+    ] {
+        let db = Database::new(&conninfo, 1).unwrap();
+        assert_eq!(encrypted(&db).await.unwrap(), tls, "{conninfo}");
+    }
+    // PGSSLMODE fills in for a string that does not say.
+    let environment = Environment::none().with_var("PGSSLMODE", "require");
+    let db = Database::with_environment(&server.url("postgres"), 1, &environment).unwrap();
+    assert!(encrypted(&db).await.unwrap());
+
+    // What pgfresh cannot honour is refused before connecting, with one line saying so.
+    for (conninfo, expected) in [
+        ("sslmode=allow", "sslmode=allow"),
+        ("sslmode=verify-everything", "is not one of"),
+        (
+            "sslcert=/etc/client.pem sslmode=require",
+            "does not support the connection option sslcert",
+        ),
+        (
+            "gssencmode=require",
+            "does not support the connection option gssencmode",
+        ),
+    ] {
+        let error = Database::new(conninfo, 1).err().unwrap().to_string();
+        assert!(
+            error.starts_with("invalid PostgreSQL URL"),
+            "{conninfo}: {error}"
+        );
+        assert!(error.contains(expected), "{conninfo}: {error}");
+        assert_eq!(error.lines().count(), 1);
+    }
+}
+
+#[tokio::test]
+async fn the_users_options_reach_pooled_sessions_beside_pgfreshs_own() {
+    let env = TestEnv::empty().await;
+    let url = format!(
+        "{}?options=-c%20statement_timeout%3D1234%20-c%20work_mem%3D5MB",
+        env.url
+    );
+    let db = Database::new(&url, 1).unwrap();
+    let client = db.get().await.unwrap();
+    let mut settings = Vec::new();
+    for name in ["statement_timeout", "work_mem", "synchronous_commit", "jit"] {
+        let row = client
+            .query_one(&format!("SHOW {name}"), &[])
+            .await
+            .unwrap();
+        settings.push(row.get::<_, String>(0));
+    }
+    assert_eq!(settings, ["1234ms", "5MB", "off", "off"]);
+    drop(client);
+    drop(db);
+    env.cleanup().await;
+}

@@ -1,0 +1,138 @@
+//! Redis memory policies that evict keys: whatever the `maxmemory-policy`, every fragment converges to
+//! the render of the committed data, and `status` says when the policy can evict pgfresh's keys.
+
+mod common;
+
+use common::servers::TempRedis;
+use common::{AlteredCard, TestEnv, eventually, shop_binary, test_settings};
+use pgfresh::Fragments;
+use pgfresh::sink::Eviction;
+
+/// A Redis that evicts any key once it holds 100 MB.
+fn evicting_redis() -> TempRedis {
+    TempRedis::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"])
+}
+
+#[tokio::test]
+async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render_cannot_stay() {
+    let redis = evicting_redis();
+    let env = TestEnv::shop_with_redis(2, &redis.url()).await;
+    assert_eq!(env.sink.check_eviction().await.0, Eviction::AnyKey);
+    let db = env.client().await;
+
+    // A slow listener claims the change to "Old", reads its rows and stalls.
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let slow_card = AlteredCard {
+        gate: std::sync::Mutex::new(Some(gate)),
+        ..AlteredCard::new(&env, "product_card", 1)
+    };
+    let gate_taken = std::sync::Arc::new(slow_card);
+    let slow = env.start_listener_with(
+        Fragments::new().with(SharedCard(gate_taken.clone())),
+        test_settings(),
+    );
+    db.batch_execute("UPDATE products SET name = 'Old' WHERE id = 1")
+        .await
+        .unwrap();
+    eventually("the slow listener to have read its rows", || async {
+        gate_taken.gate.lock().unwrap().is_none()
+    })
+    .await;
+
+    // Meanwhile the product changes again and a second listener writes the new data, whose ticket
+    // Redis then evicts (here by hand).
+    let fast = env.start_listener(test_settings());
+    db.batch_execute("UPDATE products SET name = 'New' WHERE id = 1")
+        .await
+        .unwrap();
+    eventually("the new name in Redis", || async {
+        env.get(&env.key(1, "full"))
+            .await
+            .is_some_and(|html| html.contains("<h2>New</h2>"))
+    })
+    .await;
+    for variant in ["compact", "full"] {
+        env.del(&env.sink.ticket_key(&env.key(1, variant))).await;
+    }
+
+    // The slow render lands with nothing to check its ticket against. It cannot be refused, but it
+    // is rendered again, and the newest data wins.
+    release.send(()).unwrap();
+    env.wait_fresh(1).await;
+    assert!(
+        env.get(&env.key(1, "full"))
+            .await
+            .unwrap()
+            .contains("<h2>New</h2>")
+    );
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    slow.stop().await;
+    fast.stop().await;
+
+    // `status` says what the policy means for pgfresh.
+    let out = std::process::Command::new(shop_binary())
+        .arg("status")
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", redis.url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("maxmemory-policy allkeys-lru: Redis may evict any key"),
+        "{text}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn without_a_memory_limit_redis_evicts_nothing_and_status_says_so() {
+    let env = TestEnv::shop(1).await;
+    assert_eq!(env.sink.check_eviction().await.0, Eviction::Impossible);
+    let out = std::process::Command::new(shop_binary())
+        .arg("status")
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", common::redis_url())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(": Redis evicts nothing"), "{text}");
+    env.cleanup().await;
+}
+
+/// An [`AlteredCard`] shared with the test, so that it can see when the gate was taken.
+struct SharedCard(std::sync::Arc<AlteredCard>);
+
+impl pgfresh::Fragment for SharedCard {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn topics(&self) -> &[&str] {
+        self.0.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.0.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.0.key_prefix()
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::fragment::Loaded<Self> {
+        self.0.load(db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+        self.0.render(key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        self.0.keys_after(db, after, limit).await
+    }
+}
