@@ -252,10 +252,26 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
         "{errors:?}"
     );
     assert!(errors[1].contains("does not parse"), "{errors:?}");
+    let attempts: Vec<i32> = db
+        .query(
+            "SELECT attempts FROM pgfresh.failed ORDER BY change_id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        attempts,
+        [2, 2],
+        "each was tried --max-attempts times before parking"
+    );
     listener.stop().await;
 
     assert_eq!(pgfresh::queue::retry_failed(&db).await.unwrap(), 2);
     assert_eq!(env.pending().await, 2);
+    assert_eq!(env.parked().await, 0, "retry-failed empties pgfresh.failed");
     env.cleanup().await;
 }
 

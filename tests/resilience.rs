@@ -161,11 +161,36 @@ async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
         batch_size: 7,
         ..test_settings()
     };
-    let first = env.start_listener(settings.clone());
+    // The first listener claims a batch and stalls in it: the others must take the rest.
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let stalling = AlteredCard {
+        gate: std::sync::Mutex::new(Some(gate)),
+        ..AlteredCard::new(&env, "product_card", 1)
+    };
+    let one_worker = ListenSettings {
+        workers: 1,
+        ..settings.clone()
+    };
+    let first = env.start_listener_with(Fragments::new().with(stalling), one_worker);
+    let db = env.client().await;
+    db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
+        .await
+        .unwrap();
+    eventually("the first listener to hold a batch", || async {
+        let unlocked: i64 = db
+            .query_one(
+                "SELECT count(*) FROM (SELECT FROM pgfresh.changes FOR UPDATE SKIP LOCKED) AS free",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        unlocked == 43
+    })
+    .await;
     let second = env.start_listener(settings.clone());
     let third = env.start_listener(settings);
-    let db = env.client().await;
-    for round in 0..4 {
+    for round in 1..4 {
         db.execute(
             "UPDATE products SET price_cents = price_cents + $1",
             &[&(round + 1)],
@@ -173,15 +198,37 @@ async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
         .await
         .unwrap();
     }
+    eventually("all but the stalled batch to be applied", || async {
+        env.pending().await == 7
+    })
+    .await;
+    release.send(()).unwrap();
     eventually("the queue to drain", || async { env.pending().await == 0 }).await;
     for id in 1..=50 {
         env.wait_fresh(id).await;
     }
-    // Every change is counted once by the listener that applied it (heartbeats publish the counts).
+    // Every change is counted once by the listener that applied it (heartbeats publish the counts),
+    // and the stalled listener's batch by it alone.
     eventually("all 200 changes to be counted exactly once", || async {
         env.listener_total("changes_done").await == 200
     })
     .await;
+    let per_listener: Vec<i64> = db
+        .query(
+            "SELECT changes_done FROM pgfresh.listeners ORDER BY started_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(per_listener[0], 7, "{per_listener:?}");
+    assert_eq!(
+        per_listener[1..].iter().sum::<i64>(),
+        193,
+        "{per_listener:?}"
+    );
     for listener in [first, second, third] {
         listener.stop().await;
     }
@@ -297,11 +344,18 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
         )
         .await
         .unwrap();
-    rename(&env, 1, "PANIC").await;
-    rename(&env, 2, "Wrong type in Redis").await;
-    rename(&env, 3, "Fine").await;
-    wait_name(&env, 3, "Fine").await;
+    // One transaction, so one batch, and products 2 and 3 in one script call: each fails alone.
     let db = env.client().await;
+    db.batch_execute(
+        "BEGIN;
+         UPDATE products SET name = 'PANIC' WHERE id = 1;
+         UPDATE products SET name = 'Wrong type in Redis' WHERE id = 2;
+         UPDATE products SET name = 'Fine' WHERE id = 3;
+         COMMIT;",
+    )
+    .await
+    .unwrap();
+    wait_name(&env, 3, "Fine").await;
     eventually(
         "the panicking and the refused change to be parked",
         || async { env.parked().await == 2 },
