@@ -33,4 +33,6 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 4) AS pgfresh_
 \ir migrations/0004_least_privilege.sql
 \endif
 
+\ir finish.sql
+
 COMMIT;

@@ -5,6 +5,11 @@
 -- capture code, the pgfresh schema and the table that records which numbered migrations this database
 -- has applied. install.sql (psql) and `pgfresh install` (the binary) both run this file unchanged.
 
+-- Names resolve in pg_catalog, whatever search_path the database or the installing role sets: a
+-- database owner could otherwise have the install call their own `=` or now(), as the installer, or
+-- bind pgfresh's column defaults to them. Every later file of the install runs with this too.
+SET LOCAL search_path = pg_catalog, pg_temp;
+
 DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install')); END $$;
 
 -- Refuse to adopt a pgfresh schema that pgfresh did not create. Whoever owns the schema, or may create
@@ -66,20 +71,51 @@ BEGIN
         RAISE EXCEPTION 'pgfresh install: in schema pgfresh, %, so pgfresh did not create it', stranger
             USING HINT = 'Inspect the schema; drop what pgfresh did not create, or drop the schema, then install again.';
     END IF;
+
+    -- Nor may pgfresh's tables or functions use functions, operators or types from anywhere but
+    -- pg_catalog and pgfresh (column defaults bound to a stranger's now(), for instance).
+    SELECT pg_catalog.format('%s uses %s',
+                             pg_catalog.pg_describe_object(d.classid, d.objid, d.objsubid),
+                             pg_catalog.pg_describe_object(d.refclassid, d.refobjid, d.refobjsubid))
+    INTO stranger
+    FROM pg_catalog.pg_depend d
+    WHERE d.deptype = 'n'
+      AND CASE d.classid
+              WHEN 'pg_catalog.pg_attrdef'::regclass THEN EXISTS (
+                  SELECT FROM pg_catalog.pg_attrdef a JOIN pg_catalog.pg_class c ON c.oid = a.adrelid
+                  WHERE a.oid = d.objid AND c.relnamespace = schema_oid)
+              WHEN 'pg_catalog.pg_class'::regclass THEN EXISTS (
+                  SELECT FROM pg_catalog.pg_class c WHERE c.oid = d.objid AND c.relnamespace = schema_oid)
+              WHEN 'pg_catalog.pg_proc'::regclass THEN EXISTS (
+                  SELECT FROM pg_catalog.pg_proc p WHERE p.oid = d.objid AND p.pronamespace = schema_oid)
+              ELSE false
+          END
+      AND CASE d.refclassid
+              WHEN 'pg_catalog.pg_proc'::regclass THEN (
+                  SELECT p.pronamespace FROM pg_catalog.pg_proc p WHERE p.oid = d.refobjid)
+              WHEN 'pg_catalog.pg_operator'::regclass THEN (
+                  SELECT o.oprnamespace FROM pg_catalog.pg_operator o WHERE o.oid = d.refobjid)
+              WHEN 'pg_catalog.pg_type'::regclass THEN (
+                  SELECT t.typnamespace FROM pg_catalog.pg_type t WHERE t.oid = d.refobjid)
+          END NOT IN ('pg_catalog'::regnamespace, schema_oid)
+    LIMIT 1;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: in schema pgfresh, %, which pgfresh never does', stranger
+            USING HINT = 'An earlier install ran with another role''s search_path: uninstall (back up pgfresh.failed first) and install again.';
+    END IF;
 END
 $$;
 
 -- The capture functions run as pgfresh_capture, a role that can only queue changes, record TRUNCATEs
 -- and read the listeners' idle flag: never as whoever called watch(). Roles are cluster-wide, so the
 -- role may exist already (pgfresh installed in another database, or someone preparing a trap): it is
--- accepted only if it cannot log in, holds no special attribute, belongs to no role, and its only
--- members are superusers or pgfresh's owners (a member could alter or drop the capture functions).
+-- accepted only if it cannot log in, holds no special attribute, belongs to no role, and has no
+-- member but superusers (a member could alter or drop the capture functions of every database; an
+-- installer that is not a superuser is lent membership only within its own transaction).
 DO $$
 DECLARE
-    capture   pg_catalog.pg_roles;
-    stranger  text;
-    installer oid := (SELECT r.oid FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
-    superuser boolean := (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
+    capture  pg_catalog.pg_roles;
+    stranger text;
 BEGIN
     SELECT * INTO capture FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgfresh_capture';
     IF NOT FOUND THEN
@@ -110,18 +146,12 @@ BEGIN
         INTO stranger
         FROM pg_catalog.pg_auth_members m
         JOIN pg_catalog.pg_roles r ON r.oid = m.member
-        WHERE m.roleid = capture.oid AND NOT r.rolsuper AND m.member <> installer
-          AND m.member IS DISTINCT FROM (SELECT n.nspowner FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgfresh')
+        WHERE m.roleid = capture.oid AND NOT r.rolsuper
         LIMIT 1;
     END IF;
     IF stranger IS NOT NULL THEN
         RAISE EXCEPTION 'pgfresh install: %, which pgfresh did not arrange', stranger
-            USING HINT = 'Only superusers and the role that installs pgfresh may be members of pgfresh_capture, and it of no role: REVOKE that membership, then install again.';
-    END IF;
-    -- A role that is not a superuser hands the capture functions to pgfresh_capture, which takes
-    -- membership in it.
-    IF NOT superuser AND NOT pg_catalog.pg_has_role(current_user, 'pgfresh_capture', 'MEMBER') THEN
-        EXECUTE pg_catalog.format('GRANT pgfresh_capture TO %I', current_user);
+            USING HINT = 'Only superusers may be members of pgfresh_capture, and it of no role: REVOKE that membership, then install again.';
     END IF;
 END
 $$;

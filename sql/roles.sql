@@ -13,6 +13,8 @@
 
 BEGIN;
 SET LOCAL client_min_messages = warning;
+-- Names resolve in pg_catalog, whatever search_path the database or this role sets.
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 -- The role may exist already: from another database of this cluster, or prepared by someone else.
 -- Its members are meant to be your listeners' login roles, so they are yours to review (\du); but a
@@ -55,7 +57,7 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON pgfresh.listeners TO pgfresh_listener;
 GRANT SELECT ON pgfresh.migrations, pgfresh.watches TO pgfresh_listener;
 -- Find truncated topics to sweep, and settle them once swept.
 GRANT SELECT, DELETE ON pgfresh.truncations TO pgfresh_listener;
--- Take render tickets.
-GRANT USAGE ON SEQUENCE pgfresh.render_tickets TO pgfresh_listener;
+-- Take render tickets; after PostgreSQL restarted, move them ahead (setval), past any a crash lost.
+GRANT USAGE, UPDATE ON SEQUENCE pgfresh.render_tickets TO pgfresh_listener;
 
 COMMIT;

@@ -8,6 +8,8 @@
 
 BEGIN;
 SET LOCAL client_min_messages = warning;
+-- Names resolve in pg_catalog, whatever search_path the database or this role sets.
+SET LOCAL search_path = pg_catalog, pg_temp;
 
 DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install')); END $$;
 

@@ -11,6 +11,8 @@ use crate::db::Database;
 
 /// The file every install runs first (schema, version table, install lock).
 pub const PREPARE_SQL: &str = include_str!("../sql/prepare.sql");
+/// The file every install runs last (PUBLIC's rights, whatever default privileges apply).
+pub const FINISH_SQL: &str = include_str!("../sql/finish.sql");
 /// The uninstall script, run as is.
 pub const UNINSTALL_SQL: &str = include_str!("../sql/uninstall.sql");
 
@@ -75,6 +77,7 @@ pub async fn install(db: &Database) -> Result<Vec<&'static str>, Error> {
             applied.push(migration.name);
         }
     }
+    txn.batch_execute(FINISH_SQL).await?;
     txn.commit().await?;
     Ok(applied)
 }

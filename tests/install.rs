@@ -257,6 +257,49 @@ async fn triggers_queue_old_and_new_keys_and_nothing_on_rollback() {
 }
 
 #[tokio::test]
+async fn keys_queue_as_one_text_whoever_writes_and_composite_keys_with_a_null_field_count() {
+    let env = TestEnv::empty().await;
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let mut client = env.client().await;
+    client
+        .batch_execute(
+            "CREATE TYPE pair AS (a int, b int);
+             CREATE TABLE events (k pair, day date, at timestamptz);
+             SELECT pgfresh.watch('events', 'k', 'pair');
+             SELECT pgfresh.watch('events', 'day', 'day');
+             SELECT pgfresh.watch('events', 'at', 'at');",
+        )
+        .await
+        .unwrap();
+    // A writer with unusual date settings: the key's text is what it is for everyone else.
+    let txn = client.transaction().await.unwrap();
+    txn.batch_execute(
+        "SET LOCAL DateStyle = 'SQL, DMY'; SET LOCAL TimeZone = 'Asia/Tokyo';
+         INSERT INTO events VALUES (ROW(1, NULL), '2024-03-05', '2024-03-05 10:00:00+00');",
+    )
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    let mut queued: Vec<(String, String)> = client
+        .query("SELECT topic, key FROM pgfresh.changes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    queued.sort();
+    assert_eq!(
+        queued,
+        [
+            ("at".to_string(), "2024-03-05 10:00:00+00".to_string()),
+            ("day".to_string(), "2024-03-05".to_string()),
+            ("pair".to_string(), "(1,)".to_string()),
+        ]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn writers_need_no_grant_on_pgfresh_and_their_writes_are_queued() {
     let env = TestEnv::shop(2).await;
     let role = format!("{}_writer", env.name);

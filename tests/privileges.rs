@@ -549,3 +549,155 @@ async fn with_pgfresh_notify_off_prepared_transactions_commit_and_the_poll_appli
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn a_database_owners_search_path_does_not_reach_the_install() {
+    let env = TestEnv::empty().await;
+    let owner = format!("{}_owner", env.name);
+    let admin = env.client().await;
+    // The database's owner puts their own schema first, with an `=` and a now() of their own that
+    // make whoever calls them a superuser's accomplice.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner}; ALTER DATABASE {name} OWNER TO {owner};
+             ALTER DATABASE {name} SET search_path = public, pg_catalog;
+             SET ROLE {owner};
+             CREATE FUNCTION public.eq(int, int) RETURNS bool LANGUAGE plpgsql AS $$BEGIN
+                 IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+                     EXECUTE 'ALTER ROLE {owner} SUPERUSER';
+                 END IF;
+                 RETURN $1 OPERATOR(pg_catalog.=) $2; END$$;
+             CREATE OPERATOR public.= (LEFTARG = int, RIGHTARG = int, FUNCTION = public.eq);
+             CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE sql AS 'SELECT pg_catalog.now()';
+             RESET ROLE;",
+            name = env.name
+        ))
+        .await
+        .unwrap();
+    // New sessions (the database's search_path applies at connect) install, by both paths.
+    let db = pgfresh::db::Database::new(&env.url, 1).unwrap();
+    pgfresh::schema::install(&db).await.unwrap();
+    let out = psql(&env.url, "sql/install.sql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let client = env.client().await;
+    let superuser: bool = client
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = $1",
+            &[&owner],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!superuser, "the install ran the database owner's code");
+    let defaults: Vec<String> = client
+        .query(
+            "SELECT pg_get_expr(d.adbin, d.adrelid) FROM pg_attrdef d
+             JOIN pg_class c ON c.oid = d.adrelid WHERE c.relnamespace = 'pgfresh'::regnamespace",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        defaults.iter().all(|default| !default.contains("public.")),
+        "{defaults:?}"
+    );
+    drop(client);
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} OWNER TO postgres; DROP OWNED BY {owner} CASCADE; DROP ROLE {owner}",
+            name = env.name
+        ))
+        .await
+        .ok();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_column_name_cannot_smuggle_code_into_the_capture_function() {
+    let env = TestEnv::empty().await;
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let owner = format!("{}_owner", env.name);
+    let admin = env.client().await;
+    // A column name that ends the generated function's body and calls the owner's function, which
+    // would run as the DBA calling watch().
+    let column = "*/$body$;SELECT public.e();SELECT /*";
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner}; GRANT CREATE ON SCHEMA public TO {owner};
+             ALTER DATABASE {name} SET check_function_bodies = off;
+             SET ROLE {owner};
+             CREATE FUNCTION public.e() RETURNS void LANGUAGE plpgsql AS
+                 $$BEGIN EXECUTE 'ALTER ROLE {owner} SUPERUSER'; END$$;
+             CREATE TABLE items (id int, \"{column}\" int);
+             RESET ROLE;",
+            name = env.name
+        ))
+        .await
+        .unwrap();
+    let dba = env.client().await;
+    dba.execute("SELECT pgfresh.watch('items', $1, 'item')", &[&column])
+        .await
+        .unwrap();
+    dba.batch_execute("INSERT INTO items VALUES (1, 42)")
+        .await
+        .unwrap();
+    let superuser: bool = dba
+        .query_one(
+            "SELECT rolsuper FROM pg_roles WHERE rolname = $1",
+            &[&owner],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!superuser);
+    let key: String = dba
+        .query_one("SELECT key FROM pgfresh.changes", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(key, "42", "the odd column is watched like any other");
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE items; DROP OWNED BY {owner} CASCADE; DROP ROLE {owner}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_installing_roles_default_privileges_give_public_nothing() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "ALTER DEFAULT PRIVILEGES GRANT USAGE ON SCHEMAS TO PUBLIC;
+             ALTER DEFAULT PRIVILEGES GRANT SELECT, DELETE ON TABLES TO PUBLIC;
+             ALTER DEFAULT PRIVILEGES GRANT USAGE ON SEQUENCES TO PUBLIC;",
+        )
+        .await
+        .unwrap();
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let public: i64 = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM pg_namespace n, aclexplode(n.nspacl) a
+                     WHERE n.nspname = 'pgfresh' AND a.grantee = 0)
+                  + (SELECT count(*) FROM pg_class c, aclexplode(c.relacl) a
+                     WHERE c.relnamespace = 'pgfresh'::regnamespace AND a.grantee = 0)
+                  + (SELECT count(*) FROM pg_proc p, aclexplode(p.proacl) a
+                     WHERE p.pronamespace = 'pgfresh'::regnamespace AND a.grantee = 0)",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(public, 0, "PUBLIC holds rights in schema pgfresh");
+    env.cleanup().await;
+}

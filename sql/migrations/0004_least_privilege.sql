@@ -10,11 +10,14 @@
 -- watched column to a type of their own, with a cast of their own, had that cast run as the superuser.
 -- From this version:
 --   * every capture function belongs to pgfresh_capture, which may only INSERT a (topic, key) into
---     pgfresh.changes, INSERT into pgfresh.truncations and read the listeners' idle flag;
+--     pgfresh.changes, INSERT into pgfresh.truncations and read the listeners' idle flag; a role that
+--     is not a superuser is lent what handing a function over takes only within its transaction;
 --   * a key's text comes from ::text only while the column still has the built-in type it had when
 --     watched; any other type is turned into text by its output function (format('%s')), which for
 --     every type a role other than a superuser can create is PostgreSQL's own code; old and new keys
---     are compared as text, so no operator is looked up at all;
+--     are compared as text, so no operator is looked up at all; a composite key with a NULL field is
+--     a key like any other; dates, times, floats and bytes are written in fixed settings, so their
+--     text does not depend on the writer's session;
 --   * the TRUNCATE trigger of topic x is named "pgfresh_x:truncate" (it was pgfresh_x_truncate, the
 --     name of topic x_truncate's row trigger); topics cannot contain ':';
 --   * a session, role or database with pgfresh.notify = off never NOTIFYs, so its transactions can
@@ -27,38 +30,77 @@ GRANT INSERT (topic, key) ON pgfresh.changes TO pgfresh_capture;
 GRANT SELECT (idle, seen_at) ON pgfresh.listeners TO pgfresh_capture;
 GRANT INSERT (topic, table_oid) ON pgfresh.truncations TO pgfresh_capture;
 
--- Hands a function in schema pgfresh to pgfresh_capture. A role other than a superuser may give an
--- object away only to a role it belongs to (prepare.sql arranged that) that may create objects in the
--- object's schema: pgfresh_capture gets CREATE for the moment of the transfer, inside the caller's
--- transaction, so nobody ever sees it hold that right.
+-- The listeners' idle flag is read by every write to a watched table: keep that a short index scan
+-- however many rows the registry holds.
+CREATE INDEX listeners_idle_seen_at ON pgfresh.listeners (seen_at) WHERE idle;
+
+-- Lends a role that is not a superuser what handing a function to pgfresh_capture takes, for the
+-- length of the calling transaction only: membership in pgfresh_capture (to replace or give away a
+-- function it owns; granted by the caller's CREATEROLE) and, to pgfresh_capture, CREATE on schema
+-- pgfresh (a new owner must hold it). Taken back with lend = false before the transaction ends, so
+-- nobody ever sees them held, and no installer keeps power over the capture code of other databases.
+CREATE FUNCTION pgfresh.lend_capture_role(lend boolean) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+BEGIN
+    IF (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user) THEN
+        RETURN;
+    END IF;
+    IF lend THEN
+        EXECUTE pg_catalog.format('GRANT pgfresh_capture TO %I', current_user);
+        GRANT CREATE ON SCHEMA pgfresh TO pgfresh_capture;
+    ELSE
+        REVOKE CREATE ON SCHEMA pgfresh FROM pgfresh_capture;
+        EXECUTE pg_catalog.format('REVOKE pgfresh_capture FROM %I', current_user);
+    END IF;
+END
+$$;
+REVOKE ALL ON FUNCTION pgfresh.lend_capture_role(boolean) FROM PUBLIC;
+COMMENT ON FUNCTION pgfresh.lend_capture_role(boolean) IS
+    'pgfresh internal: lends, within one transaction, what handing a function to pgfresh_capture takes';
+
+-- Hands a function in schema pgfresh to pgfresh_capture; the caller has lent what it takes.
 CREATE FUNCTION pgfresh.give_to_capture_role(fn regprocedure) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
-DECLARE
-    superuser boolean := (SELECT r.rolsuper FROM pg_catalog.pg_roles r WHERE r.rolname = current_user);
 BEGIN
     EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
-    IF NOT superuser THEN
-        GRANT CREATE ON SCHEMA pgfresh TO pgfresh_capture;
-    END IF;
     EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO pgfresh_capture', fn);
-    IF NOT superuser THEN
-        REVOKE CREATE ON SCHEMA pgfresh FROM pgfresh_capture;
-    END IF;
 END
 $$;
 REVOKE ALL ON FUNCTION pgfresh.give_to_capture_role(regprocedure) FROM PUBLIC;
 COMMENT ON FUNCTION pgfresh.give_to_capture_role(regprocedure) IS
     'pgfresh internal: makes pgfresh_capture the owner of a capture function';
 
--- The row trigger half of watch(), as 0001 wrote it but for the points above.
+-- The statement that puts a watched column's text into a variable, for watch_rows(). A built-in
+-- type (or a domain over one) keeps the text ::text gives, which nobody but a superuser can
+-- redefine, while the column still has that type (checked on every row); any other type, or one the
+-- table's owner changed it to, is turned into text by its output function, which for every type a
+-- role other than a superuser can create is PostgreSQL's own code.
+CREATE FUNCTION pgfresh.key_to_text(ref text, variable text, key_type oid, base_type oid) RETURNS text
+LANGUAGE sql IMMUTABLE SET search_path = pg_catalog, pg_temp AS $$
+    SELECT CASE WHEN base_type < 16384  -- FirstNormalObjectId: below it, the types initdb created
+        THEN pg_catalog.format(
+            'IF pg_catalog.pg_typeof(%1$s)::pg_catalog.oid = %2$s THEN %3$s := %1$s::text; '
+            'ELSE %3$s := pg_catalog.format(%4$L, %1$s); END IF;',
+            ref, key_type, variable, '%s')
+        ELSE pg_catalog.format('%1$s := pg_catalog.format(%2$L, %3$s);', variable, '%s', ref)
+    END
+$$;
+REVOKE ALL ON FUNCTION pgfresh.key_to_text(text, text, oid, oid) FROM PUBLIC;
+COMMENT ON FUNCTION pgfresh.key_to_text(text, text, oid, oid) IS
+    'pgfresh internal: how a capture function turns its key column into text';
+
+-- The row trigger half of watch(), as 0001 wrote it but for the points above. The generated body is
+-- handed to CREATE FUNCTION as a quoted literal, so no column name can end it early.
 CREATE OR REPLACE FUNCTION pgfresh.watch_rows(tbl regclass, key_column name, topic text) RETURNS void
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $watch$
+LANGUAGE plpgsql
+SET search_path = pg_catalog, pg_temp SET client_min_messages = warning SET check_function_bodies = on
+AS $watch$
 DECLARE
     fn        text := pg_catalog.format('capture_%s_%s', tbl::oid, topic);
     key_type  oid;
     base_type oid;
-    -- How the generated function turns NEW.col or OLD.col (%1$s) into text (into %2$s).
-    to_text   text := '%2$s := pg_catalog.format(''%%s'', %1$s);';
+    settings  text := '';
+    body      text;
 BEGIN
     IF topic IS NULL OR topic !~ '^[a-z][a-z0-9_]{0,39}$' THEN
         RAISE EXCEPTION 'pgfresh.watch: topic % is not a valid topic name', pg_catalog.quote_literal(topic)
@@ -73,33 +115,33 @@ BEGIN
         RAISE EXCEPTION 'pgfresh.watch: table % has no column %', tbl, pg_catalog.quote_ident(key_column);
     END IF;
 
-    -- A built-in type (or a domain over one) keeps the text form ::text gives, which nobody but a
-    -- superuser can redefine: unless the column's type has changed since, checked on every row.
     base_type := key_type;
     WHILE (SELECT t.typtype FROM pg_catalog.pg_type t WHERE t.oid = base_type) = 'd' LOOP
         base_type := (SELECT t.typbasetype FROM pg_catalog.pg_type t WHERE t.oid = base_type);
     END LOOP;
-    IF base_type < 16384 THEN  -- FirstNormalObjectId: below it, types created by initdb
-        to_text := pg_catalog.format(
-            'IF pg_catalog.pg_typeof(%%1$s)::pg_catalog.oid = %s THEN %%2$s := %%1$s::text; ELSE %s END IF;',
-            key_type, to_text);
+    -- The text of a date, time, number or bytes depends on the writer's session settings: fix them,
+    -- so that one key always queues as one text, whoever writes.
+    IF (SELECT coalesce(nullif(t.typelem, 0), t.oid) FROM pg_catalog.pg_type t WHERE t.oid = base_type)
+       IN ('date'::regtype, 'time'::regtype, 'timetz'::regtype, 'timestamp'::regtype,
+           'timestamptz'::regtype, 'interval'::regtype, 'float4'::regtype, 'float8'::regtype,
+           'money'::regtype, 'bytea'::regtype) THEN
+        settings := $s$SET DateStyle = 'ISO, YMD' SET IntervalStyle = postgres SET TimeZone = 'UTC' $s$
+                 || $s$SET extra_float_digits = 1 SET bytea_output = hex SET lc_monetary = 'C'$s$;
     END IF;
 
-    EXECUTE pg_catalog.format($f$
-        CREATE OR REPLACE FUNCTION pgfresh.%1$I() RETURNS trigger
-        LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $body$
+    body := pg_catalog.format($body$
         DECLARE
             new_key text;
             old_key text;
         BEGIN
-            IF TG_OP <> 'DELETE' AND NEW.%2$I IS NOT NULL THEN
-                %4$s
-                INSERT INTO pgfresh.changes (topic, key) VALUES (%3$L, new_key);
+            IF TG_OP <> 'DELETE' AND pg_catalog.num_nulls(%1$s) = 0 THEN
+                %3$s
+                INSERT INTO pgfresh.changes (topic, key) VALUES (%5$L, new_key);
             END IF;
-            IF TG_OP <> 'INSERT' AND OLD.%2$I IS NOT NULL THEN
-                %5$s
+            IF TG_OP <> 'INSERT' AND pg_catalog.num_nulls(%2$s) = 0 THEN
+                %4$s
                 IF TG_OP = 'DELETE' OR old_key IS DISTINCT FROM new_key THEN
-                    INSERT INTO pgfresh.changes (topic, key) VALUES (%3$L, old_key);
+                    INSERT INTO pgfresh.changes (topic, key) VALUES (%5$L, old_key);
                 END IF;
             END IF;
             IF coalesce(pg_catalog.lower(pg_catalog.current_setting('pgfresh.notify', true)), 'on')
@@ -110,10 +152,18 @@ BEGIN
             END IF;
             RETURN NULL;
         END
-        $body$$f$,
-        fn, key_column, topic,
-        pg_catalog.format(to_text, pg_catalog.format('NEW.%I', key_column), 'new_key'),
-        pg_catalog.format(to_text, pg_catalog.format('OLD.%I', key_column), 'old_key'));
+        $body$,
+        pg_catalog.format('NEW.%I', key_column),
+        pg_catalog.format('OLD.%I', key_column),
+        pgfresh.key_to_text(pg_catalog.format('NEW.%I', key_column), 'new_key', key_type, base_type),
+        pgfresh.key_to_text(pg_catalog.format('OLD.%I', key_column), 'old_key', key_type, base_type),
+        topic);
+
+    -- The caller (watch()) has lent what replacing and handing over the function takes.
+    EXECUTE pg_catalog.format(
+        'CREATE OR REPLACE FUNCTION pgfresh.%I() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER '
+        'SET search_path = pg_catalog, pg_temp %s AS %L',
+        fn, settings, body);
     EXECUTE pg_catalog.format('COMMENT ON FUNCTION pgfresh.%I() IS %L', fn,
         pg_catalog.format('pgfresh: queues topic %s, key %s.%I, on every row change', topic, tbl, key_column));
     PERFORM pgfresh.give_to_capture_role(pg_catalog.format('pgfresh.%I()', fn)::regprocedure);
@@ -152,12 +202,31 @@ BEGIN
 END
 $$;
 
+-- watch() as 0002 defined it, but lending what its halves take (creating a trigger on a function
+-- takes EXECUTE on it, which only its owner, pgfresh_capture, has) for the length of the call.
+CREATE OR REPLACE FUNCTION pgfresh.watch(tbl regclass, key_column name, topic text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+BEGIN
+    PERFORM pgfresh.lend_capture_role(true);
+    PERFORM pgfresh.watch_rows(tbl, key_column, topic);  -- validates its arguments first
+    PERFORM pgfresh.watch_truncate(tbl, topic);
+    PERFORM pgfresh.lend_capture_role(false);
+END
+$$;
+
+REVOKE ALL ON FUNCTION pgfresh.watch(regclass, name, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgfresh.watch_rows(regclass, name, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgfresh.watch_truncate(regclass, text) FROM PUBLIC;
 REVOKE ALL ON FUNCTION pgfresh.unwatch(regclass, text) FROM PUBLIC;
 
 -- The TRUNCATE capture runs no code of anyone's, but it too needs no more than pgfresh_capture's rights.
-DO $$ BEGIN PERFORM pgfresh.give_to_capture_role('pgfresh.capture_truncate()'::regprocedure); END $$;
+DO $$
+BEGIN
+    PERFORM pgfresh.lend_capture_role(true);
+    PERFORM pgfresh.give_to_capture_role('pgfresh.capture_truncate()'::regprocedure);
+    PERFORM pgfresh.lend_capture_role(false);
+END
+$$;
 
 -- Rebuild every watch: drop every trigger calling into pgfresh (found from the catalog, so triggers
 -- whose names collided are found too), forget watches of tables dropped since and their capture
@@ -182,8 +251,7 @@ BEGIN
     FOR watched IN
         SELECT table_oid::regclass AS tbl, key_column, topic FROM pgfresh.watches ORDER BY created_at
     LOOP
-        PERFORM pgfresh.watch_rows(watched.tbl, watched.key_column, watched.topic);
-        PERFORM pgfresh.watch_truncate(watched.tbl, watched.topic);
+        PERFORM pgfresh.watch(watched.tbl, watched.key_column, watched.topic);
     END LOOP;
     FOR orphan IN
         SELECT p.oid::regprocedure FROM pg_catalog.pg_proc p
