@@ -17,7 +17,9 @@ use crate::refresh::{RefreshStats, refresh};
 const SLOW_BATCH: Duration = Duration::from_secs(1);
 
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
-/// changes it claimed. On an error the transaction rolls back and the batch stays queued.
+/// changes it claimed. On an error the transaction rolls back and the batch stays queued as it was,
+/// each change noting the error (without counting an attempt: an outage is not the change's fault),
+/// so that `status` and `pgfresh.changes` say why it waits.
 pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.get().await?;
     let txn = client.transaction().await?;
@@ -28,6 +30,24 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
+    let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
+    match apply(shared, txn, claim, started).await {
+        Ok(stats) => Ok((claimed, stats)),
+        Err(error) => {
+            queue::note_error(&client, &ids, &error.to_string()).await;
+            Err(error)
+        }
+    }
+}
+
+/// Everything after the claim: plan, render, write, settle, commit.
+async fn apply(
+    shared: &Shared,
+    txn: deadpool_postgres::Transaction<'_>,
+    claim: queue::Claim,
+    started: Instant,
+) -> Result<RefreshStats, Error> {
+    let claimed = claim.changes.len() + claim.undecodable.len();
     let claimed_at = started.elapsed();
 
     // The same (topic, key) may be queued many times: render it once, settle every copy.
@@ -64,7 +84,9 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
         let covering = ids_by_change
             .keys()
             .filter(|change| !failed.contains_key(*change) && !unchecked.contains(change.1));
-        shared.recent.record(covering.copied(), Arc::new(snapshot));
+        shared
+            .recent
+            .record(covering.copied(), Arc::new(snapshot), Instant::now());
     }
     let rendered_at = started.elapsed();
 
@@ -129,7 +151,7 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     }
     shared.counters.add(settled, &stats);
     shared.board.applied(settled);
-    Ok((claimed, stats))
+    Ok(stats)
 }
 
 /// Queues once more the keys written while Redis may evict keys, without a ticket to check against:

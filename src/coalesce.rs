@@ -112,21 +112,22 @@ impl RecentRenders {
     }
 
     /// Remembers that these (topic, key)s are in Redis as rendered from rows loaded after `snapshot`.
-    /// The hot-key interval runs from now, when the render landed, so that two renders of a hot key
-    /// reach Redis at least the interval apart.
+    /// The hot-key interval runs from `landed`, when the render reached Redis, so that two renders of a
+    /// hot key reach Redis at least the interval apart however long a render takes.
     pub fn record<'a>(
         &self,
         rendered: impl Iterator<Item = (&'a str, &'a str)>,
         snapshot: Arc<Snapshot>,
+        landed: Instant,
     ) {
         let mut memory = self.memory.lock().expect("recent renders lock");
         if memory.covered_by.len() > MAX_REMEMBERED {
             memory.covered_by.clear();
         }
         for (topic, key) in rendered {
-            memory
-                .covered_by
-                .insert((topic.to_string(), key.to_string()), snapshot.clone());
+            let id = (topic.to_string(), key.to_string());
+            memory.started.insert(id.clone(), landed);
+            memory.covered_by.insert(id, snapshot.clone());
         }
     }
 }
@@ -160,18 +161,21 @@ mod tests {
             "a render in flight makes the key hot, but covers nothing yet"
         );
         let snapshot = Arc::new(Snapshot::parse("100:100:").unwrap());
-        recent.record([("product", "1")].into_iter(), snapshot);
-        let landed = Instant::now();
+        // The render took 40 ms to land.
+        let landed = start + Duration::from_millis(40);
+        recent.record([("product", "1")].into_iter(), snapshot, landed);
         assert_eq!(
             recent.plan("product", "1", 99, landed),
             Plan::Covered,
             "committed before the load"
         );
-        // The interval runs from when the render landed (just before `landed`).
-        let plan = recent.plan("product", "1", 100, landed + Duration::from_millis(10));
-        assert!(
-            matches!(plan, Plan::Defer(d) if d > Duration::from_millis(35) && d <= Duration::from_millis(40)),
-            "newer, but the key is hot: {plan:?}"
+        // 60 ms after the render started, 20 ms after it landed: the interval runs from the landing,
+        // so the key waits 30 ms more (counted from the start it would be rendered at once).
+        let plan = recent.plan("product", "1", 100, start + Duration::from_millis(60));
+        assert_eq!(
+            plan,
+            Plan::Defer(Duration::from_millis(30)),
+            "newer, but the key is hot"
         );
         assert_eq!(
             recent.plan("product", "1", 100, landed + HOT_KEY_INTERVAL),

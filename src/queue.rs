@@ -184,6 +184,21 @@ pub async fn record_failures(
     Ok(())
 }
 
+/// Notes on changes whose batch failed as a whole (Redis or PostgreSQL unreachable) why they still
+/// wait, without counting an attempt. Best effort: when the database itself is gone, nothing can be
+/// noted, and the log says it.
+pub async fn note_error(client: &Client, ids: &[i64], error: &str) {
+    let noted = client
+        .execute(
+            "UPDATE pgfresh.changes SET last_error = $2 WHERE id = ANY($1)",
+            &[&ids, &error],
+        )
+        .await;
+    if let Err(noting) = noted {
+        tracing::debug!(error = %noting, "cannot note why changes wait");
+    }
+}
+
 /// Queues keys of `topic` again, outside any claim: a render whose ticket Redis had lost (so it may
 /// have lost to an older one) is done once more, and a key a sweep could not refresh goes the way of
 /// a failed change. A key given with an error counts one failed attempt and waits like one.

@@ -5,6 +5,50 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+/// Runs a command to completion and returns its output, like `Command::output`, but kills it and
+/// fails the test when it runs longer than `limit`: a hung child must fail the suite, not hang it.
+pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Output {
+    use std::io::Read;
+    let mut child = command
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let mut stdout = child.stdout.take().unwrap();
+    let mut stderr = child.stderr.take().unwrap();
+    let out = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stdout.read_to_end(&mut bytes);
+        bytes
+    });
+    let err = std::thread::spawn(move || {
+        let mut bytes = Vec::new();
+        let _ = stderr.read_to_end(&mut bytes);
+        bytes
+    });
+    let deadline = Instant::now() + limit;
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{command:?} still ran after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// How long a child process of a test may run: generous, for a loaded 2-core machine.
+pub const CHILD_PATIENCE: Duration = Duration::from_secs(120);
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -368,6 +412,12 @@ impl TempRedis {
         }
     }
 
+    /// Freezes the server (SIGSTOP): it keeps its connections and its data but answers nothing, like
+    /// a hung host, until the guard is dropped (SIGCONT), even when the test fails first.
+    pub fn freeze(&self) -> Stopped {
+        Stopped::process(self.child.as_ref().expect("a running server").id())
+    }
+
     /// Starts it again on the same port, empty.
     pub fn start_again(&mut self) {
         self.stop();
@@ -508,5 +558,28 @@ impl Drop for TempRedisCluster {
             node.stop();
         }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A process stopped with SIGSTOP, continued (SIGCONT) when dropped, so that a failing test never
+/// leaves a frozen server or backend behind.
+pub struct Stopped(u32);
+
+impl Stopped {
+    pub fn process(pid: u32) -> Stopped {
+        let status = Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "SIGSTOP {pid}");
+        Stopped(pid)
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
     }
 }
