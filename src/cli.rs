@@ -81,7 +81,14 @@ impl Connections {
 #[command(next_help_heading = "Logging")]
 pub struct Logging {
     /// Log format on stderr: human-readable text, or one JSON object per line for log collectors.
-    #[arg(long, env = "PGFRESH_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    #[arg(
+        long,
+        env = "PGFRESH_LOG_FORMAT",
+        hide_env_values = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
     pub log_format: LogFormat,
 }
 
@@ -469,6 +476,23 @@ async fn status(db: &Database) -> Result<ExitCode, Error> {
             row.get::<_, String>(0),
             row.get::<_, String>(1),
             row.get::<_, String>(2)
+        );
+    }
+    // A table's owner (or a partition's) may disable pgfresh's trigger: nothing is captured there.
+    let disabled = client
+        .query(
+            "SELECT t.tgname::text, t.tgrelid::regclass::text FROM pg_trigger t
+             JOIN pg_proc p ON p.oid = t.tgfoid
+             WHERE p.pronamespace = 'pgfresh'::regnamespace AND t.tgenabled = 'D'
+             ORDER BY 2, 1",
+            &[],
+        )
+        .await?;
+    for row in &disabled {
+        println!(
+            "  warning: trigger {} on {} is disabled: changes there are not captured (ALTER TABLE ... ENABLE TRIGGER, then sweep)",
+            row.get::<_, String>(0),
+            row.get::<_, String>(1)
         );
     }
     let stats = queue::stats(&client).await?;

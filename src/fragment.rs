@@ -115,6 +115,8 @@ pub trait DynFragment: Send + Sync {
         db: &'a Client,
         keys: &'a [String],
     ) -> BoxFuture<'a, Result<Vec<KeyOutcome>, tokio_postgres::Error>>;
+    /// The Redis keys of every variant of a key (text form), or `None` if it does not parse.
+    fn redis_keys(&self, key: &str) -> Option<Vec<String>>;
     /// See [`Fragment::count_keys`].
     fn count_keys<'a>(
         &'a self,
@@ -198,6 +200,16 @@ impl<F: Fragment> DynFragment for F {
             crate::telemetry::rendered(Fragment::name(self), loaded.elapsed());
             Ok(outcomes)
         })
+    }
+
+    fn redis_keys(&self, key: &str) -> Option<Vec<String>> {
+        let key: F::Key = key.parse().ok()?;
+        Some(
+            self.variants()
+                .iter()
+                .map(|variant| self.redis_key(&key, variant))
+                .collect(),
+        )
     }
 
     fn count_keys<'a>(
@@ -300,8 +312,14 @@ impl Fragments {
     }
 
     fn check(&self, new: &dyn DynFragment) -> Result<(), String> {
-        if new.name().is_empty() || new.key_prefix().is_empty() || new.variants().is_empty() {
-            return Err("name, key prefix and at least one variant are required".into());
+        if new.name().is_empty()
+            || new.key_prefix().is_empty()
+            || new.variants().is_empty()
+            || new.topics().is_empty()
+        {
+            return Err(
+                "name, key prefix, at least one variant and at least one topic are required".into(),
+            );
         }
         // The sweep deletes orphans under a fragment's prefix: a prefix that pgfresh's own keys start
         // with (`pg`, `pgfresh`), or one inside them, would have it delete its tickets and markers.

@@ -94,6 +94,14 @@ impl SweepSchedule {
         }
     }
 
+    /// Another listener holds the sweep lock and sweeps: if the periodic sweep was due, it is done for
+    /// this interval (every listener sweeping in turn would multiply the work by their number).
+    pub(crate) fn another_swept(&mut self, was_periodic: bool, now: Instant) {
+        if was_periodic {
+            self.next_periodic = self.interval.and_then(|interval| now.checked_add(interval));
+        }
+    }
+
     /// A sweep could not complete: whatever made it due is still due, after a growing backoff.
     /// Returns the wait.
     pub(crate) fn failed(&mut self, now: Instant) -> Duration {
@@ -109,6 +117,69 @@ struct Due {
     reason: &'static str,
     label: &'static str,
     periodic: bool,
+    /// The sweep covers a PostgreSQL restart.
+    restart: bool,
+}
+
+/// Notices that PostgreSQL restarted (its postmaster start time changed), which may have lost
+/// commits that were already rendered: a crash with `synchronous_commit = off` in any session (the
+/// listener's own, or a writer's), or a failover to a replica that had not received them. Redis may
+/// then hold renders of rows that no longer exist as rendered, and the render ticket sequence may
+/// have gone back below tickets stored in Redis (its advances were among the lost WAL), which would
+/// have Redis refuse every new render. So the sequence is moved far ahead, and everything swept.
+#[derive(Default)]
+pub(crate) struct PostgresRestarts {
+    /// The postmaster start time last seen.
+    started: Option<String>,
+    /// A restart was seen and no sweep has covered it yet.
+    sweep_due: bool,
+}
+
+/// How far the ticket sequence is moved after a restart: far more tickets than a crash can lose
+/// (those taken since the last WAL flush, seconds of work), far fewer than a bigint holds.
+const TICKET_JUMP: i64 = 1_000_000_000;
+
+impl PostgresRestarts {
+    async fn check(&mut self, db: &Database) {
+        let started = match db.get().await {
+            Ok(client) => client
+                .query_one("SELECT pg_postmaster_start_time()::text", &[])
+                .await
+                .map(|row| row.get::<_, String>(0)),
+            Err(_) => return,
+        };
+        let Ok(started) = started else { return };
+        match &self.started {
+            Some(known) if *known != started => {
+                tracing::warn!(
+                    "PostgreSQL restarted: commits lost in a crash or failover may have been rendered; moving render tickets ahead and sweeping"
+                );
+                if let Err(error) = jump_tickets(db).await {
+                    tracing::warn!(%error, "cannot move render tickets ahead; renders may be refused until the sweep");
+                }
+                self.sweep_due = true;
+            }
+            _ => {}
+        }
+        self.started = Some(started);
+    }
+
+    fn swept(&mut self, covered: bool) {
+        if covered {
+            self.sweep_due = false;
+        }
+    }
+}
+
+async fn jump_tickets(db: &Database) -> Result<(), Error> {
+    db.get()
+        .await?
+        .execute(
+            "SELECT setval('pgfresh.render_tickets', nextval('pgfresh.render_tickets') + $1)",
+            &[&TICKET_JUMP],
+        )
+        .await?;
+    Ok(())
 }
 
 /// Runs until shutdown; never fails (a sweep that fails is logged and tried again after a backoff).
@@ -122,11 +193,13 @@ pub async fn run(
     let mut lock = SweepLock::default();
     let mut at_startup = true;
     let mut eviction_checked: Option<Instant> = None;
+    let mut restarts = PostgresRestarts::default();
     loop {
         if eviction_checked.is_none_or(|at| at.elapsed() >= EVICTION_CHECK_INTERVAL) {
             check_eviction(&maintainer).await;
             eviction_checked = Some(Instant::now());
         }
+        restarts.check(&maintainer.db).await;
         if maintainer.stand_aside.take_resumed() {
             // Back from standing aside: the newer listener may have left its markup behind.
             at_startup = true;
@@ -139,7 +212,15 @@ pub async fn run(
                     Truncations::default()
                 }
             };
-            if let Some(due) = due(&maintainer, &schedule, &truncated, &mut at_startup).await {
+            let due = due(
+                &maintainer,
+                &schedule,
+                &truncated,
+                &mut at_startup,
+                &restarts,
+            )
+            .await;
+            if let Some(due) = due {
                 let outcome = sweep_due(
                     &maintainer,
                     &mut lock,
@@ -149,13 +230,17 @@ pub async fn run(
                     &shutdown,
                 )
                 .await;
+                if outcome.is_some_and(|completed| completed) || outcome.is_none() {
+                    // Swept here or by another listener: a restart is covered either way.
+                    restarts.swept(due.restart);
+                }
                 match outcome {
                     Some(true) => schedule.succeeded(due.periodic, Instant::now()),
                     Some(false) => {
                         let wait = schedule.failed(Instant::now());
                         tracing::warn!(retry_in = ?wait, "the sweep could not complete; it will be tried again");
                     }
-                    None => {}
+                    None => schedule.another_swept(due.periodic, Instant::now()),
                 }
             }
         }
@@ -182,10 +267,12 @@ async fn due(
     schedule: &SweepSchedule,
     truncated: &Truncations,
     at_startup: &mut bool,
+    restarts: &PostgresRestarts,
 ) -> Option<Due> {
     let fragments = &maintainer.fragments;
     let periodic = schedule.periodic_due(Instant::now());
-    let mut due: Vec<Arc<dyn DynFragment>> = if periodic {
+    let restart = restarts.sweep_due;
+    let mut due: Vec<Arc<dyn DynFragment>> = if periodic || restart {
         fragments.iter().cloned().collect()
     } else {
         match fragments_needing_sweep(&maintainer.sink, fragments, *at_startup).await {
@@ -205,7 +292,9 @@ async fn due(
             due.push(fragment.clone());
         }
     }
-    let (reason, label) = if periodic {
+    let (reason, label) = if restart {
+        ("PostgreSQL restarted", "restart")
+    } else if periodic {
         ("periodic", "periodic")
     } else if marker {
         ("missing or outdated in Redis", "marker")
@@ -217,6 +306,7 @@ async fn due(
         reason,
         label,
         periodic,
+        restart,
     })
 }
 
@@ -450,6 +540,18 @@ mod tests {
         assert!(schedule.may_sweep(later));
         assert!(!schedule.periodic_due(later + Duration::from_secs(1)));
         assert!(schedule.periodic_due(later + Duration::from_secs(3600)));
+    }
+
+    #[test]
+    fn a_periodic_sweep_another_listener_runs_is_not_run_again_here() {
+        let start = Instant::now();
+        let interval = Duration::from_secs(60);
+        let mut schedule = SweepSchedule::new(Some(interval), start);
+        let due = start + interval;
+        assert!(schedule.periodic_due(due));
+        schedule.another_swept(true, due);
+        assert!(!schedule.periodic_due(due + Duration::from_secs(1)));
+        assert!(schedule.periodic_due(due + interval));
     }
 
     #[test]

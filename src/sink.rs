@@ -471,9 +471,9 @@ impl RedisSink {
         })
     }
 
-    /// The render tickets stored beside these fragment keys (0 where there is none), in one round trip
-    /// (one per node in a cluster).
-    pub async fn tickets(&self, keys: &[String]) -> Result<Vec<i64>, Error> {
+    /// The render tickets stored beside these fragment keys (`None` where there is none), in one round
+    /// trip (one per node in a cluster).
+    pub async fn tickets(&self, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {
         if keys.is_empty() {
             return Ok(Vec::new());
         }
@@ -484,7 +484,7 @@ impl RedisSink {
             .await?;
         Ok(stored
             .into_iter()
-            .map(|t| t.and_then(|t| t.parse().ok()).unwrap_or(0))
+            .map(|t| t.and_then(|t| t.parse().ok()))
             .collect())
     }
 

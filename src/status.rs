@@ -232,7 +232,7 @@ pub fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) -> maud
                 section {
                     h2 { "Last sweep" }
                     @match &board.last_sweep {
-                        None => p { "none yet" },
+                        None => p { "none by this listener yet" },
                         Some(sweep) => p class=(if sweep.succeeded { "ok" } else { "bad" }) {
                             (ago(sweep.at)) " (" (sweep.reason) "): " (sweep.summary)
                         },

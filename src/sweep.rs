@@ -11,6 +11,7 @@
 //! and the sweep completes. A complete sweep of a fragment sets its marker in Redis (see
 //! `maintenance`), whoever ran it: a listener, or the one-off `sweep` command.
 
+use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ pub struct SweepReport {
     /// Pages that failed as a whole (PostgreSQL or Redis unreachable): their keys were neither
     /// refreshed nor queued, so the sweep is incomplete.
     pub pages_failed: u64,
+    /// Fragments whose marker could not be set because Redis lost data during their sweep (restart,
+    /// FLUSHALL, an evicted canary): their early pages may be gone, so the sweep is incomplete.
+    pub markers_lost: u64,
     /// Shutdown stopped the sweep before it finished.
     pub interrupted: bool,
 }
@@ -55,7 +59,7 @@ impl SweepReport {
     /// True when the sweep ran to the end and every key was either refreshed or handed to the queue:
     /// markers were set and orphans deleted.
     pub fn completed(&self) -> bool {
-        self.pages_failed == 0 && !self.interrupted
+        self.pages_failed == 0 && self.markers_lost == 0 && !self.interrupted
     }
 }
 
@@ -73,6 +77,15 @@ impl fmt::Display for SweepReport {
             secs,
             self.stats.rendered as f64 / secs.max(1e-9),
         )?;
+        if self.stats.refused > 0 {
+            // Redis held newer renders: a listener wrote meanwhile, or, if every write is refused,
+            // another database's pgfresh writes under the same key prefix.
+            write!(
+                f,
+                "; {} refused (Redis held a newer render; all of them refused means another database writes under this prefix)",
+                self.stats.refused
+            )?;
+        }
         if self.requeued > 0 {
             write!(f, "; {} failed keys queued for retry", self.requeued)?;
         }
@@ -184,6 +197,7 @@ async fn sweep_fragment(
         total.map(|keys| keys.max(0) as u64 * variants),
     );
     let incomplete_before = report.pages_failed;
+    let mut keep = HashSet::new();
     let mut pages = JoinSet::new();
     let mut after: Option<String> = None;
     loop {
@@ -198,7 +212,7 @@ async fn sweep_fragment(
         after = keys.last().cloned();
         if !keys.is_empty() {
             while pages.len() >= settings.concurrency.max(1) {
-                collect(pages.join_next().await, report, progress);
+                collect(pages.join_next().await, report, &mut keep, progress);
             }
             pages.spawn(sweep_page(db.clone(), sink.clone(), fragment.clone(), keys));
         }
@@ -208,14 +222,14 @@ async fn sweep_fragment(
     }
     drop(pager);
     while let Some(joined) = pages.join_next().await {
-        collect(Some(joined), report, progress);
+        collect(Some(joined), report, &mut keep, progress);
     }
     progress.fragment_finished(fragment.name());
     // Entries of keys in a page that failed as a whole would look like orphans, and the marker would
     // claim what is not true: both wait for a complete sweep.
     if report.pages_failed == incomplete_before && !report.interrupted {
-        report.orphans_deleted += delete_orphans(sink, fragment.key_prefix(), start_ticket).await?;
         let prefix = fragment.key_prefix();
+        report.orphans_deleted += delete_orphans(sink, prefix, start_ticket, &keep).await?;
         if !sink
             .finish_sweep(prefix, &canary, fragment.version())
             .await?
@@ -224,6 +238,7 @@ async fn sweep_fragment(
                 fragment = fragment.name(),
                 "Redis lost its data during the sweep; the fragment will be swept again"
             );
+            report.markers_lost += 1;
         }
     }
     Ok(())
@@ -237,29 +252,43 @@ async fn sweep_page(
     fragment: Arc<dyn DynFragment>,
     keys: Vec<String>,
 ) -> PageResult {
-    let failed_page = |error: Error| (keys.len() as u64, error.to_string());
-    let client = db.get().await.map_err(failed_page)?;
-    let ticket = take_ticket(&client).await.map_err(failed_page)?;
+    let failed_page = |error: String| (keys.len() as u64, error);
+    let client = db.get().await.map_err(|e| failed_page(e.to_string()))?;
+    let ticket = take_ticket(&client)
+        .await
+        .map_err(|e| failed_page(e.to_string()))?;
     let refreshed = refresh(&client, &sink, fragment.as_ref(), &keys, ticket)
         .await
-        .map_err(failed_page)?;
+        .map_err(|e| failed_page(e.to_string()))?;
+    // Every key of a page failing is the page failing (Redis out of memory or read-only, a loader
+    // that times out): the sweep is incomplete and tried again later, rather than the whole table
+    // queued, and in time parked, key by key.
+    if keys.len() > 1 && refreshed.failed.len() == keys.len() {
+        return Err(failed_page(refreshed.failed[0].1.clone()));
+    }
     if let Some((index, reason)) = refreshed.failed.first() {
         tracing::warn!(fragment = fragment.name(), key = %keys[*index], error = %reason, "sweep could not refresh a key; it is queued for retry");
     }
     let mut again: Vec<String> = Vec::new();
     let mut errors: Vec<Option<String>> = Vec::new();
+    let mut keep = Vec::new();
     for (index, reason) in &refreshed.failed {
         again.push(keys[*index].clone());
         errors.push(Some(reason.clone()));
+        keep.extend(fragment.redis_keys(&keys[*index]).unwrap_or_default());
     }
+    // Queued after the write, not with it: a crash in between leaves a render that Redis could not
+    // check unchecked until the key changes or the next sweep, which only matters while Redis may
+    // evict keys.
     for index in &refreshed.unchecked {
         again.push(keys[*index].clone());
         errors.push(None);
     }
-    let topic = fragment.topics()[0];
-    crate::queue::requeue(&client, topic, &again, &errors)
-        .await
-        .map_err(failed_page)?;
+    if !again.is_empty() {
+        crate::queue::requeue(&client, fragment.topics()[0], &again, &errors)
+            .await
+            .map_err(|e| failed_page(e.to_string()))?;
+    }
     Ok(PageDone {
         stats: refreshed.stats,
         requeued: refreshed.failed.len() as u64,
@@ -268,6 +297,7 @@ async fn sweep_page(
             .into_iter()
             .next()
             .map(|(_, reason)| reason),
+        keep,
     })
 }
 
@@ -276,15 +306,18 @@ struct PageDone {
     stats: RefreshStats,
     requeued: u64,
     first_error: Option<String>,
+    /// The Redis keys of the keys that failed: their rows exist, so the orphan pass must keep them.
+    keep: Vec<String>,
 }
 
 /// A sweep page's result: what it did, or how many keys it could neither refresh nor queue, and why.
 type PageResult = Result<PageDone, (u64, String)>;
 
-/// Adds a finished page to the report.
+/// Adds a finished page to the report, and its failed keys' entries to those the orphan pass keeps.
 fn collect(
     joined: Option<Result<PageResult, tokio::task::JoinError>>,
     report: &mut SweepReport,
+    keep: &mut HashSet<String>,
     progress: &dyn Progress,
 ) {
     match joined {
@@ -293,6 +326,7 @@ fn collect(
             progress.advanced(page.stats.rendered + page.stats.errors);
             report.stats += page.stats;
             report.requeued += page.requeued;
+            keep.extend(page.keep);
             if let Some(error) = page.first_error {
                 report.first_error.get_or_insert(error);
             }
@@ -313,20 +347,35 @@ fn collect(
     }
 }
 
-/// Deletes every entry under `prefix` whose ticket is older than `start_ticket`; returns how many.
-async fn delete_orphans(sink: &RedisSink, prefix: &str, start_ticket: i64) -> Result<u64, Error> {
+/// Deletes every entry under `prefix` whose ticket is older than `start_ticket`, but for `keep`
+/// (the entries of keys that failed in this sweep: their rows exist); returns how many.
+///
+/// While Redis may evict keys, an entry without a ticket proves nothing (its ticket may have been
+/// evicted after this sweep wrote it), so it is left alone: a real orphan is then deleted by a later
+/// sweep once it has been rewritten, or evicted. The version-checked delete checks the ticket again
+/// atomically; only a ticket evicted between the two reads escapes this, and costs one cache miss.
+async fn delete_orphans(
+    sink: &RedisSink,
+    prefix: &str,
+    start_ticket: i64,
+    keep: &HashSet<String>,
+) -> Result<u64, Error> {
+    let may_evict = sink.eviction().0 != crate::sink::Eviction::Impossible;
     let mut deleted = 0;
     let mut scan = sink.scan_prefix(prefix).await?;
     while let Some(mut keys) = scan.next_page().await? {
         // A fragment's prefix never overlaps pgfresh's own keys (see `Fragments`); never delete those.
-        keys.retain(|key| !key.starts_with(crate::keys::BOOKKEEPING_PREFIX));
+        keys.retain(|key| !key.starts_with(crate::keys::BOOKKEEPING_PREFIX) && !keep.contains(key));
         // Most entries were just rewritten: read their tickets in one round trip and send only the
-        // candidates through the version-checked delete, which checks again atomically.
+        // candidates through the version-checked delete.
         let tickets = sink.tickets(&keys).await?;
         let writes: Vec<Write> = keys
             .into_iter()
             .zip(tickets)
-            .filter(|(_, ticket)| *ticket < start_ticket)
+            .filter(|(_, ticket)| match ticket {
+                Some(ticket) => *ticket < start_ticket,
+                None => !may_evict,
+            })
             .map(|(key, _)| Write::Delete { key })
             .collect();
         for result in sink.write(start_ticket, &writes).await? {

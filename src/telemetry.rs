@@ -121,7 +121,7 @@ fn register() {
         counter!(name).absolute(0);
     }
     counter!("pgfresh_reconnects_total", "connection" => "listen").absolute(0);
-    for reason in ["periodic", "marker", "truncate"] {
+    for reason in ["periodic", "marker", "truncate", "restart"] {
         counter!("pgfresh_sweeps_total", "reason" => reason).absolute(0);
     }
     // Creating a handle registers the series; it renders with zero observations.

@@ -67,6 +67,17 @@ impl PostgresTls {
         let roots = || load_roots(sslrootcert, default_roots.as_deref()).map(Arc::new);
         let roots_at_hand =
             sslrootcert.is_some() || default_roots.as_deref().is_some_and(Path::exists);
+        // As in libpq 16: the system's roots trust any public certificate authority, so they only
+        // make sense checking the host name too; that is the default, and anything less an error.
+        let sslmode = match (sslrootcert, sslmode) {
+            (Some("system"), None) => Some("verify-full"),
+            (Some("system"), Some(mode)) if mode != "verify-full" => {
+                return Err(format!(
+                    "sslrootcert=system needs sslmode=verify-full (the system's roots would trust any public certificate for any name), not sslmode={mode}"
+                ));
+            }
+            (_, mode) => mode,
+        };
         let (mode, verify) = match sslmode {
             None | Some("disable") => (SslMode::Disable, Verify::Nothing),
             Some("prefer") => (SslMode::Prefer, Verify::Nothing),
@@ -237,6 +248,19 @@ mod tests {
         let allow = mode(Some("allow")).err().unwrap();
         assert!(allow.contains("not supported"), "{allow}");
         assert!(mode(Some("requir")).is_err());
+    }
+
+    #[test]
+    fn the_systems_roots_check_the_host_name_too_or_are_refused() {
+        let tls = PostgresTls::from_settings(None, Some("system"), None).unwrap();
+        assert!(matches!(tls.mode, SslMode::Require));
+        assert!(matches!(tls.verify, Verify::ChainAndName(_)));
+        for weaker in ["require", "verify-ca", "prefer"] {
+            let error = PostgresTls::from_settings(Some(weaker), Some("system"), None)
+                .err()
+                .unwrap();
+            assert!(error.contains("needs sslmode=verify-full"), "{error}");
+        }
     }
 
     #[test]

@@ -196,6 +196,16 @@ async fn shop_setup_render_sweep_and_status_work_from_the_command_line() {
         .unwrap();
     let status = stdout(&run(&shop_binary(), &env.url, &redis, &["status"]));
     assert!(status.contains("queue: 1 pending (oldest "), "{status}");
+    assert!(!status.contains("warning"), "{status}");
+    client
+        .batch_execute("ALTER TABLE reviews DISABLE TRIGGER pgfresh_product")
+        .await
+        .unwrap();
+    let status = stdout(&run(&shop_binary(), &env.url, &redis, &["status"]));
+    assert!(
+        status.contains("warning: trigger pgfresh_product on reviews is disabled"),
+        "{status}"
+    );
     env.cleanup().await;
 }
 

@@ -112,7 +112,10 @@ async fn version_checked_writes_hold_across_slots() {
         env.sink.get_many(&keys).await.unwrap(),
         vec![Some("new".to_string()); keys.len()]
     );
-    assert_eq!(env.sink.tickets(&keys).await.unwrap(), vec![20; keys.len()]);
+    assert_eq!(
+        env.sink.tickets(&keys).await.unwrap(),
+        vec![Some(20); keys.len()]
+    );
     env.cleanup().await;
 }
 

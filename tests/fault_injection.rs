@@ -1,12 +1,13 @@
 //! The proof of pgfresh's promise: once the last change to a row has committed, its fragments show it,
 //! whatever happened in between.
 //!
-//! On a PostgreSQL cluster and a Redis server of its own, writers make random changes to the shop while
-//! the test, in turn, SIGKILLs the listener and starts another, terminates its PostgreSQL backends,
-//! restarts PostgreSQL, restarts Redis empty, and runs a second listener and a one-off sweep at once.
-//! Then writes stop, and every product's fragments must equal a fresh render of its rows, with no
-//! fragment left for a deleted product. The periodic sweep is off: only the listener's own mechanisms
-//! (the queue, reconnects, the empty-Redis check) can repair anything.
+//! On a PostgreSQL cluster and a Redis server of its own, filled by a first sweep, writers make random
+//! changes to the shop while the test, in turn, SIGKILLs the listener and starts another, terminates
+//! its PostgreSQL backends, restarts PostgreSQL, restarts Redis empty, and runs a second listener and a
+//! one-off sweep at once. After each of the first three faults, which no sweep follows, the writers
+//! pause and every product's fragments must equal a fresh render of its rows, with no fragment left
+//! for a deleted product: the periodic sweep is off, so only the listener's own mechanisms (the
+//! queue, reconnects) can have kept them so. The last two faults sweep; the same check ends the test.
 
 mod common;
 
@@ -14,7 +15,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use common::product_card::ProductCard;
@@ -63,12 +64,13 @@ impl Cluster {
     }
 
     fn sweep(&self) -> std::process::Output {
-        Command::new(shop_binary())
-            .arg("sweep")
-            .env("DATABASE_URL", &self.database_url)
-            .env("REDIS_URL", self.redis.url())
-            .output()
-            .expect("shop sweep runs")
+        common::servers::output_within(
+            Command::new(shop_binary())
+                .arg("sweep")
+                .env("DATABASE_URL", &self.database_url)
+                .env("REDIS_URL", self.redis.url()),
+            Duration::from_secs(120),
+        )
     }
 }
 
@@ -143,17 +145,49 @@ async fn random_change(
     Ok(true)
 }
 
+/// Tells the writers to stop, or to pause while the test checks freshness.
+#[derive(Default)]
+struct Writers {
+    stop: AtomicBool,
+    paused: AtomicBool,
+    /// Transactions begun and not yet ended: the writers are quiet when it is 0 while paused.
+    in_flight: AtomicUsize,
+}
+
+impl Writers {
+    /// Pauses the writers and waits until no transaction of theirs is in flight.
+    async fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.in_flight.load(Ordering::SeqCst) > 0 {
+            assert!(Instant::now() < deadline, "the writers did not pause");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    fn resume(&self) {
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
 /// Writes until told to stop, reconnecting through faults; returns how many transactions committed.
-async fn writer(url: String, next_id: Arc<AtomicI64>, stop: Arc<AtomicBool>) -> u64 {
+async fn writer(url: String, next_id: Arc<AtomicI64>, control: Arc<Writers>) -> u64 {
     let mut committed = 0;
     let mut db = None;
-    while !stop.load(Ordering::Relaxed) {
+    while !control.stop.load(Ordering::SeqCst) {
+        control.in_flight.fetch_add(1, Ordering::SeqCst);
+        if control.paused.load(Ordering::SeqCst) {
+            control.in_flight.fetch_sub(1, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            continue;
+        }
         if db
             .as_ref()
             .is_none_or(|c: &tokio_postgres::Client| c.is_closed())
         {
             db = connect(&url).await;
             if db.is_none() {
+                control.in_flight.fetch_sub(1, Ordering::SeqCst);
                 tokio::time::sleep(Duration::from_millis(50)).await;
                 continue;
             }
@@ -161,6 +195,7 @@ async fn writer(url: String, next_id: Arc<AtomicI64>, stop: Arc<AtomicBool>) -> 
         if let Ok(true) = random_change(db.as_mut().unwrap(), &next_id).await {
             committed += 1;
         }
+        control.in_flight.fetch_sub(1, Ordering::SeqCst);
         // Pace the load: a few hundred transactions a second across writers.
         tokio::time::sleep(Duration::from_millis(3)).await;
     }
@@ -197,11 +232,71 @@ async fn refused_writes(url: &str) -> i64 {
     .await
 }
 
-fn terminate(child: &mut Child) -> std::process::ExitStatus {
+/// SIGTERM, then the exit status, which must come within the promised few seconds (generously).
+async fn terminate(child: &mut Child) -> std::process::ExitStatus {
     let _ = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status();
-    child.wait().unwrap()
+    let deadline = Instant::now() + common::PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("a listener still ran {:?} after SIGTERM", common::PATIENCE);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// Waits (60 s at most) until the queue is empty and every fragment equals a fresh render of its
+/// rows, none left for a deleted product; panics naming `after` otherwise.
+async fn assert_fresh(cluster: &Cluster, ever: i64, after: &str) {
+    let mut redis = redis::Client::open(cluster.redis.url())
+        .unwrap()
+        .get_connection_manager()
+        .await
+        .unwrap();
+    let url = &cluster.database_url;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let pending: i64 = query_until_ok(url, |c| async move {
+            Ok(c.query_one("SELECT count(*) FROM pgfresh.changes", &[])
+                .await?
+                .get(0))
+        })
+        .await;
+        let problems = if pending == 0 {
+            mismatches(url, &mut redis, ever).await
+        } else {
+            vec![]
+        };
+        if pending == 0 && problems.is_empty() {
+            return;
+        }
+        if Instant::now() > deadline {
+            panic!(
+                "not fresh 60 s after {after} ({pending} pending); logs in {}:\n{}",
+                cluster.logs.display(),
+                problems
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Lets the writers run for a while, then pauses them and checks that nothing is stale or lost.
+async fn write_then_check(cluster: &Cluster, control: &Writers, next_id: &AtomicI64, after: &str) {
+    control.resume();
+    tokio::time::sleep(BETWEEN_FAULTS).await;
+    control.pause().await;
+    assert_fresh(cluster, next_id.load(Ordering::SeqCst), after).await;
 }
 
 /// Every mismatch between Redis and a fresh render of the current rows; empty when all is fresh.
@@ -263,10 +358,24 @@ async fn nothing_is_stale_or_lost_after_kills_disconnects_restarts_and_races() {
         started: 0,
     };
 
+    // Fill Redis first (the one-off sweep sets the marker): no listener sweeps until fault 4.
+    let fill = cluster.sweep();
+    assert!(
+        fill.status.success(),
+        "{}",
+        String::from_utf8_lossy(&fill.stderr)
+    );
+
     let next_id = Arc::new(AtomicI64::new(PRODUCTS + 1));
-    let stop = Arc::new(AtomicBool::new(false));
+    let control = Arc::new(Writers::default());
     let writers: Vec<_> = (0..WRITERS)
-        .map(|_| tokio::spawn(writer(database_url.clone(), next_id.clone(), stop.clone())))
+        .map(|_| {
+            tokio::spawn(writer(
+                database_url.clone(),
+                next_id.clone(),
+                control.clone(),
+            ))
+        })
         .collect();
     let mut listener = cluster.start_listener();
     let mut refused = 0;
@@ -279,8 +388,10 @@ async fn nothing_is_stale_or_lost_after_kills_disconnects_restarts_and_races() {
     listener.wait().unwrap();
     listener = cluster.start_listener();
     faults += 1;
+    write_then_check(&cluster, &control, &next_id, "a SIGKILLed listener").await;
 
     // 2. Terminate every pgfresh backend.
+    control.resume();
     tokio::time::sleep(BETWEEN_FAULTS).await;
     query_until_ok(&database_url, |c| async move {
         c.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name LIKE 'pgfresh%'", &[])
@@ -288,14 +399,18 @@ async fn nothing_is_stale_or_lost_after_kills_disconnects_restarts_and_races() {
     })
     .await;
     faults += 1;
+    write_then_check(&cluster, &control, &next_id, "terminated backends").await;
 
     // 3. Restart PostgreSQL abruptly.
+    control.resume();
     tokio::time::sleep(BETWEEN_FAULTS).await;
     refused += refused_writes(&database_url).await;
     cluster.pg.restart();
     faults += 1;
+    write_then_check(&cluster, &control, &next_id, "a PostgreSQL restart").await;
 
-    // 4. Restart Redis empty.
+    // 4. Restart Redis empty: the listener sweeps what is missing.
+    control.resume();
     tokio::time::sleep(BETWEEN_FAULTS).await;
     cluster.redis.start_again();
     faults += 1;
@@ -312,48 +427,15 @@ async fn nothing_is_stale_or_lost_after_kills_disconnects_restarts_and_races() {
     faults += 1;
 
     tokio::time::sleep(BETWEEN_FAULTS).await;
-    stop.store(true, Ordering::Relaxed);
+    control.stop.store(true, Ordering::SeqCst);
     let mut committed = 0;
     for writer in writers {
-        committed += writer.await.unwrap();
+        committed += tokio::time::timeout(common::PATIENCE, writer)
+            .await
+            .expect("writers stop")
+            .unwrap();
     }
-
-    let mut redis = redis::Client::open(cluster.redis.url())
-        .unwrap()
-        .get_connection_manager()
-        .await
-        .unwrap();
-    let ever = next_id.load(Ordering::Relaxed);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let pending: i64 = query_until_ok(&database_url, |c| async move {
-            Ok(c.query_one("SELECT count(*) FROM pgfresh.changes", &[])
-                .await?
-                .get(0))
-        })
-        .await;
-        let problems = if pending == 0 {
-            mismatches(&database_url, &mut redis, ever).await
-        } else {
-            vec![]
-        };
-        if pending == 0 && problems.is_empty() {
-            break;
-        }
-        if Instant::now() > deadline {
-            panic!(
-                "not fresh 60 s after writes stopped ({pending} pending); logs in {}:\n{}",
-                cluster.logs.display(),
-                problems
-                    .iter()
-                    .take(10)
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    assert_fresh(&cluster, next_id.load(Ordering::SeqCst), "the last fault").await;
     let parked: i64 = query_until_ok(&database_url, |c| async move {
         Ok(c.query_one("SELECT count(*) FROM pgfresh.failed", &[])
             .await?
@@ -364,7 +446,10 @@ async fn nothing_is_stale_or_lost_after_kills_disconnects_restarts_and_races() {
 
     refused += refused_writes(&database_url).await;
     for child in [&mut listener, &mut second] {
-        assert!(terminate(child).success(), "listeners exit 0 on SIGTERM");
+        assert!(
+            terminate(child).await.success(),
+            "listeners exit 0 on SIGTERM"
+        );
     }
     let products: i64 = query_until_ok(&database_url, |c| async move {
         Ok(c.query_one("SELECT count(*) FROM products", &[])

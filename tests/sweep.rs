@@ -335,3 +335,37 @@ async fn a_key_that_fails_in_every_sweep_is_queued_and_parked_while_the_sweep_co
     env.del(&broken_ticket).await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_key_that_fails_in_a_sweep_keeps_its_entries_for_its_row_exists() {
+    let env = TestEnv::shop(5).await;
+    env.sweep().await;
+    let before = env.get(&env.key(3, "full")).await;
+    assert!(before.is_some());
+    // A render bug for product 3 only: the sweep queues it, and must not delete its entries as
+    // orphans (their tickets are older than the sweep's, as an orphan's are).
+    let buggy = common::AlteredCard {
+        render: |card, key, row, variant| {
+            assert!(*key != 3, "cannot render product 3");
+            pgfresh::Fragment::render(card, key, row, variant)
+        },
+        ..common::AlteredCard::new(&env, "product_card", 1)
+    };
+    let report = pgfresh::sweep::run(
+        &env.db,
+        &env.sink,
+        &pgfresh::Fragments::new().with(buggy),
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        (report.requeued, report.orphans_deleted),
+        (1, 0),
+        "{report}"
+    );
+    assert!(!report.succeeded() && report.completed(), "{report}");
+    assert_eq!(env.get(&env.key(3, "full")).await, before);
+    env.cleanup().await;
+}
