@@ -4,6 +4,8 @@
 
 mod common;
 
+use common::servers::BoundedOutput;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -16,7 +18,7 @@ fn run(binary: &PathBuf, database_url: &str, redis_url: &str, args: &[&str]) -> 
         .env("DATABASE_URL", database_url)
         .env("REDIS_URL", redis_url)
         .env("RUST_BACKTRACE", "1")
-        .output()
+        .output_bounded()
         .expect("binary runs")
 }
 
@@ -329,61 +331,117 @@ async fn connection_failures_advise_what_fits_the_failure() {
 }
 
 #[tokio::test]
-async fn sigterm_stops_the_listener_cleanly_within_ten_seconds_and_json_logs_are_json() {
+async fn sigterm_and_sigint_stop_the_listener_cleanly_and_json_logs_are_json() {
     let env = TestEnv::shop(3).await;
-    let mut listener = Command::new(shop_binary())
-        .args(["listen", "--sweep-interval", "0", "--log-format", "json"])
-        .env("DATABASE_URL", &env.url)
-        .env("REDIS_URL", common::redis_url())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    // A Redis of its own: the shop binary writes under the shop's real prefix.
+    let redis = common::servers::TempRedis::start();
     let db = env.client().await;
-    common::eventually("the listener to register", || async {
+    for signal in ["-TERM", "-INT"] {
+        let mut listener = Command::new(shop_binary())
+            .args(["listen", "--sweep-interval", "0", "--log-format", "json"])
+            .env("DATABASE_URL", &env.url)
+            .env("REDIS_URL", redis.url())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        common::eventually("the listener to register", || async {
+            let n: i64 = db
+                .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+                .await
+                .unwrap()
+                .get(0);
+            n == 1
+        })
+        .await;
+        let status = Command::new("kill")
+            .args([signal, &listener.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+        let stopped = std::time::Instant::now();
+        let exit = loop {
+            if let Some(exit) = listener.try_wait().unwrap() {
+                break exit;
+            }
+            if stopped.elapsed() > std::time::Duration::from_secs(10) {
+                let _ = listener.kill();
+                panic!("still running 10 s after {signal}");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        };
+        assert!(exit.success(), "{signal}: exit status {exit:?}");
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut listener.stderr.take().unwrap(), &mut logs).unwrap();
+        assert!(
+            logs.contains("listening for changes") && logs.contains("listener stopped"),
+            "{logs}"
+        );
+        for line in logs.lines() {
+            assert!(
+                line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":\"INFO\""),
+                "--log-format json writes one JSON object per line: {line}"
+            );
+        }
         let n: i64 = db
             .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
             .await
             .unwrap()
             .get(0);
-        n == 1
-    })
-    .await;
-    let status = Command::new("kill")
-        .args(["-TERM", &listener.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    let stopped = std::time::Instant::now();
-    let exit = loop {
-        if let Some(exit) = listener.try_wait().unwrap() {
-            break exit;
-        }
-        assert!(
-            stopped.elapsed() < std::time::Duration::from_secs(10),
-            "still running 10 s after SIGTERM"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    };
-    assert!(exit.success(), "exit status {exit:?}");
-    let mut logs = String::new();
-    std::io::Read::read_to_string(&mut listener.stderr.take().unwrap(), &mut logs).unwrap();
-    assert!(
-        logs.contains("listening for changes") && logs.contains("listener stopped"),
-        "{logs}"
-    );
-    for line in logs.lines() {
-        assert!(
-            line.starts_with('{') && line.ends_with('}') && line.contains("\"level\":\"INFO\""),
-            "--log-format json writes one JSON object per line: {line}"
-        );
+        assert_eq!(n, 0, "{signal}: it deregistered on the way out");
     }
-    let n: i64 = db
-        .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn retry_failed_requeues_parked_changes_and_a_sweep_with_a_failed_key_exits_non_zero() {
+    let env = TestEnv::shop(3).await;
+    let redis = common::servers::TempRedis::start();
+    let db = env.client().await;
+    db.batch_execute(
+        "INSERT INTO pgfresh.failed (change_id, topic, key, enqueued_at, attempts, error)
+         VALUES (1, 'product', '2', now(), 10, 'it failed')",
+    )
+    .await
+    .unwrap();
+    let out = run(&shop_binary(), &env.url, &redis.url(), &["retry-failed"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(
+        stdout(&out).trim(),
+        "1 parked changes put back in the queue"
+    );
+    assert_eq!(env.parked().await, 0);
+    let requeued: (String, String, i32) = {
+        let row = db
+            .query_one("SELECT topic, key, attempts FROM pgfresh.changes", &[])
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(requeued, ("product".into(), "2".into(), 0), "a fresh start");
+
+    // Redis refuses product 3's full card (its ticket key holds a list): the sweep ends, queues the
+    // key, and says so with a non-zero exit.
+    let _: () = redis::cmd("RPUSH")
+        .arg("pgfresh:ticket:shop:product_card:3:full")
+        .arg("x")
+        .query_async(
+            &mut redis::Client::open(redis.url())
+                .unwrap()
+                .get_multiplexed_async_connection()
+                .await
+                .unwrap(),
+        )
         .await
-        .unwrap()
-        .get(0);
-    assert_eq!(n, 0, "it deregistered on the way out");
+        .unwrap();
+    let out = run(&shop_binary(), &env.url, &redis.url(), &["sweep"]);
+    assert!(!out.status.success());
+    assert!(
+        stdout(&out).contains("1 errors")
+            && stdout(&out).contains("1 failed keys queued for retry"),
+        "{}",
+        stdout(&out)
+    );
     env.cleanup().await;
 }
 
@@ -396,7 +454,7 @@ async fn redis_over_tls_works_with_a_rediss_url() {
         .env("DATABASE_URL", &env.url)
         .env("REDIS_URL", redis.url())
         .env("SSL_CERT_FILE", redis.certificate_authority())
-        .output()
+        .output_bounded()
         .unwrap();
     assert!(out.status.success(), "{}", stderr(&out));
     assert!(

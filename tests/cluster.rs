@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::servers::BoundedOutput;
+
 use std::process::Command;
 
 use common::servers::TempRedisCluster;
@@ -26,7 +28,7 @@ fn keys_per_node(cluster: &TempRedisCluster) -> Vec<i64> {
         .map(|node| {
             let out = Command::new("redis-cli")
                 .args(["-p", &node.port.to_string(), "DBSIZE"])
-                .output()
+                .output_bounded()
                 .expect("redis-cli runs");
             String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
         })
@@ -152,7 +154,7 @@ async fn the_command_line_sweeps_a_cluster_and_refuses_a_node_without_the_flag()
             .args(extra)
             .env("DATABASE_URL", &env.url)
             .env("REDIS_URL", redis_url)
-            .output()
+            .output_bounded()
             .expect("shop runs")
     };
 
@@ -185,30 +187,59 @@ async fn the_command_line_sweeps_a_cluster_and_refuses_a_node_without_the_flag()
     env.cleanup().await;
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_failing_over_to_its_replica_loses_no_change() {
     let mut cluster = TempRedisCluster::start_with_replicas();
     let env = cluster_env(&cluster, 30).await;
     env.sweep().await;
     let listener = env.start_listener(test_settings());
-    let role = Command::new("redis-cli")
-        .args(["-p", &cluster.nodes[0].port.to_string(), "ROLE"])
-        .output()
-        .unwrap();
+    let role = common::servers::output_within(
+        Command::new("redis-cli").args(["-p", &cluster.nodes[0].port.to_string(), "ROLE"]),
+        common::servers::CHILD_PATIENCE,
+    );
     assert!(String::from_utf8_lossy(&role.stdout).starts_with("master"));
 
-    // The master dies; every product changes while its slots have no master.
+    // The master dies, and its replica cannot take over yet (the replicas are frozen): every product
+    // changes while its slots have no master, and the listener's writes there fail.
+    let replicas: Vec<_> = cluster.nodes[3..]
+        .iter()
+        .map(|node| node.freeze())
+        .collect();
     cluster.nodes[0].stop();
     env.client()
         .await
         .execute("UPDATE products SET price_cents = price_cents + 7", &[])
         .await
         .unwrap();
-    cluster.kill_master_and_wait_for_failover(0);
+    let db = env.client().await;
+    eventually(
+        "a write failure to be noted on the waiting changes",
+        || async {
+            db.query_one(
+            "SELECT count(*) FROM pgfresh.changes WHERE last_error LIKE 'Redis%' AND attempts = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+            > 0
+        },
+    )
+    .await;
+    assert_eq!(env.parked().await, 0);
+    // Then the replica takes over (waited for off the runtime, which keeps running the listener).
+    drop(replicas);
+    let cluster = tokio::task::spawn_blocking(move || {
+        cluster.kill_master_and_wait_for_failover(0);
+        cluster
+    })
+    .await
+    .unwrap();
     for id in 1..=30 {
         env.wait_fresh(id).await;
     }
     eventually("the queue to drain", || async { env.pending().await == 0 }).await;
     listener.stop().await;
     env.cleanup().await;
+    drop(cluster);
 }

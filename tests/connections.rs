@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::servers::BoundedOutput;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 
@@ -26,7 +28,7 @@ fn run(binary: &PathBuf, vars: &[(&str, &str)], args: &[&str]) -> Output {
         .env_clear()
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .envs(vars.iter().copied())
-        .output()
+        .output_bounded()
         .expect("binary runs")
 }
 

@@ -103,7 +103,10 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     )
     .await;
     shutdown.cancel();
-    server.await.unwrap();
+    tokio::time::timeout(common::PATIENCE, server)
+        .await
+        .expect("the shop server stops")
+        .unwrap();
     listener.stop().await;
     env.cleanup().await;
 }

@@ -3,8 +3,10 @@
 
 mod common;
 
+use common::servers::BoundedOutput;
+
 use common::servers::TempRedis;
-use common::{AlteredCard, TestEnv, eventually, shop_binary, test_settings};
+use common::{AlteredCard, SharedCard, TestEnv, eventually, shop_binary, test_settings};
 use pgfresh::Fragments;
 use pgfresh::sink::Eviction;
 
@@ -74,7 +76,7 @@ async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render
         .arg("status")
         .env("DATABASE_URL", &env.url)
         .env("REDIS_URL", redis.url())
-        .output()
+        .output_bounded()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -92,47 +94,9 @@ async fn without_a_memory_limit_redis_evicts_nothing_and_status_says_so() {
         .arg("status")
         .env("DATABASE_URL", &env.url)
         .env("REDIS_URL", common::redis_url())
-        .output()
+        .output_bounded()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(": Redis evicts nothing"), "{text}");
     env.cleanup().await;
-}
-
-/// An [`AlteredCard`] shared with the test, so that it can see when the gate was taken.
-struct SharedCard(std::sync::Arc<AlteredCard>);
-
-impl pgfresh::Fragment for SharedCard {
-    type Key = i64;
-    type Row = common::product_card::Product;
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn topics(&self) -> &[&str] {
-        self.0.topics()
-    }
-    fn variants(&self) -> &[&str] {
-        self.0.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.0.key_prefix()
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::fragment::Loaded<Self> {
-        self.0.load(db, keys).await
-    }
-    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
-        self.0.render(key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        self.0.keys_after(db, after, limit).await
-    }
 }

@@ -122,10 +122,22 @@ async fn metrics_health_and_readiness_are_served() {
     })
     .await;
 
+    // A Redis that hangs (frozen: connected, silent) is caught by the PING's 2 s limit.
+    let frozen = redis.freeze();
+    eventually("/readyz to report Redis hanging", || async {
+        get(port, "/readyz").await == (503, "Redis did not answer a PING within 2 s\n".into())
+    })
+    .await;
+    drop(frozen);
+    eventually("/readyz to recover", || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    // A Redis that is gone is reported with its error.
     redis.stop();
     eventually("/readyz to report Redis down", || async {
         let (status, body) = get(port, "/readyz").await;
-        status == 503 && body.starts_with("Redis")
+        status == 503 && body.starts_with("Redis: ")
     })
     .await;
     assert_eq!(get(port, "/healthz").await.0, 200, "alive all the same");
@@ -158,7 +170,12 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
         ..test_settings()
     };
     let listener = env.start_listener(settings);
-    let error = listener.task.await.unwrap().unwrap_err().to_string();
+    let error = tokio::time::timeout(common::PATIENCE, listener.task)
+        .await
+        .expect("start-up fails at once")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
     assert!(
         error.starts_with(&format!("cannot serve HTTP on {address}")),
         "{error}"
@@ -222,4 +239,62 @@ async fn the_endpoints_answer_from_samples_while_the_queue_is_locked() {
     txn.rollback().await.unwrap();
     listener.stop().await;
     env.cleanup().await;
+}
+
+#[tokio::test]
+async fn readiness_fails_while_the_listen_session_is_down() {
+    let postgres = common::servers::TempPostgres::start();
+    let admin = common::connect(&postgres.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE shop").await.unwrap();
+    drop(admin);
+    let db = pgfresh::db::Database::new(&postgres.url("shop"), 8).unwrap();
+    common::setup::setup(&db, 1).await.unwrap();
+    let sink = pgfresh::sink::RedisSink::connect(&common::redis_url())
+        .await
+        .unwrap();
+    let prefix = format!("pgfresh_test_readyz_{}:card:", std::process::id());
+    sink.set_fragment_marker(&prefix, 1).await.unwrap();
+    let port = free_port();
+    let settings = pgfresh::config::ListenSettings {
+        http: Some(format!("127.0.0.1:{port}")),
+        ..test_settings()
+    };
+    let shutdown = pgfresh::shutdown::Shutdown::new();
+    let card = common::product_card::ProductCard::with_key_prefix(prefix.clone());
+    let listener = tokio::spawn(pgfresh::listener::run(
+        db,
+        sink.clone(),
+        pgfresh::Fragments::new().with(card),
+        settings,
+        shutdown.clone(),
+    ));
+    eventually("/readyz to say ready", || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    postgres.stop();
+    eventually("/readyz to report the LISTEN session down", || async {
+        get(port, "/readyz").await == (503, "PostgreSQL LISTEN session is down\n".into())
+    })
+    .await;
+    postgres.start_again();
+    eventually("/readyz to recover", || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(common::PATIENCE, listener)
+        .await
+        .expect("the listener stops")
+        .unwrap()
+        .unwrap();
+    let mut connection = sink.connection();
+    let keys = common::test_keys(&mut connection, &prefix).await.unwrap();
+    for key in keys {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+    }
 }

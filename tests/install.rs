@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::servers::BoundedOutput;
+
 use common::TestEnv;
 use common::servers::{TempPostgres, TempRedis, make_certificates};
 use common::test_settings;
@@ -43,7 +45,7 @@ fn psql(env: &TestEnv, file: &str) -> std::process::Output {
     std::process::Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, &env.url])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
+        .output_bounded()
         .expect("psql runs")
 }
 
@@ -166,6 +168,30 @@ async fn watch_and_unwatch_are_idempotent_and_reject_bad_input_clearly() {
             .message()
             .contains("has no column nope")
     );
+    let long_topic = format!(
+        "SELECT pgfresh.watch('products', 'id', '{}')",
+        "t".repeat(41)
+    );
+    for bad_topic in [
+        "SELECT pgfresh.watch('products', 'id', 'Bad; DROP')",
+        long_topic.as_str(),
+    ] {
+        let error = client.batch_execute(bad_topic).await.unwrap_err();
+        assert!(
+            error
+                .as_db_error()
+                .unwrap()
+                .message()
+                .contains("not a valid topic name")
+        );
+    }
+    client
+        .batch_execute(&format!(
+            "SELECT pgfresh.watch('products', 'id', '{}')",
+            "t".repeat(40)
+        ))
+        .await
+        .expect("40 characters are fine");
     let error = client
         .batch_execute("SELECT pgfresh.watch('products', 'id', 'Bad; DROP')")
         .await
@@ -300,6 +326,97 @@ async fn keys_queue_as_one_text_whoever_writes_and_composite_keys_with_a_null_fi
 }
 
 #[tokio::test]
+async fn odd_identifiers_and_null_keys_are_watched_as_they_should_be() {
+    let env = TestEnv::empty().await;
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    client
+        .batch_execute(
+            r#"CREATE SCHEMA "My Shop";
+               CREATE TABLE "My Shop"."Odd ""Table""" ("Key Col" text, other int);
+               SELECT pgfresh.watch('"My Shop"."Odd ""Table"""', 'Key Col', 'odd');
+               INSERT INTO "My Shop"."Odd ""Table""" VALUES ('k1', 1), (NULL, 2);
+               UPDATE "My Shop"."Odd ""Table""" SET "Key Col" = NULL WHERE other = 1;
+               UPDATE "My Shop"."Odd ""Table""" SET "Key Col" = 'k2' WHERE other = 2;
+               DELETE FROM "My Shop"."Odd ""Table""";"#,
+        )
+        .await
+        .unwrap();
+    // k1 inserted; k1 moved to NULL (the old key only); NULL moved to k2 (the new key only); the
+    // delete of the NULL row queues nothing, that of k2 queues k2.
+    assert_eq!(queued(&client).await, ["k1", "k1", "k2", "k2"]);
+    let watches: Vec<String> = client
+        .query(
+            "SELECT table_oid::regclass::text || '.' || key_column FROM pgfresh.watches",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        watches,
+        [r#""My Shop"."Odd ""Table"""."Key Col""#.replace(r#"."Key Col""#, ".Key Col")]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_role_that_does_not_own_pgfresh_cannot_watch_and_a_failed_install_leaves_nothing() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    // An install that fails midway (here: a table of 0001 exists already) rolls back whole.
+    client
+        .batch_execute("CREATE SCHEMA pgfresh; CREATE TABLE pgfresh.watches (x int);")
+        .await
+        .unwrap();
+    let error = pgfresh::schema::install(&env.db)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(error.contains("already exists"), "{error}");
+    let left: Vec<String> = client
+        .query(
+            "SELECT relname::text FROM pg_class WHERE relnamespace = 'pgfresh'::regnamespace ORDER BY 1",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, ["watches"], "nothing of the failed install is left");
+    client
+        .batch_execute("DROP SCHEMA pgfresh CASCADE")
+        .await
+        .unwrap();
+
+    pgfresh::schema::install(&env.db).await.unwrap();
+    let stranger = format!("{}_stranger", env.name);
+    client
+        .batch_execute(&format!(
+            "CREATE ROLE {stranger}; CREATE TABLE items (id int); ALTER TABLE items OWNER TO {stranger}"
+        ))
+        .await
+        .unwrap();
+    // Even the table's owner may not call watch(): only pgfresh's owner and superusers may.
+    let txn_error = client
+        .batch_execute(&format!(
+            "BEGIN; SET LOCAL ROLE {stranger}; SELECT pgfresh.watch('items', 'id', 'item')"
+        ))
+        .await
+        .unwrap_err();
+    let message = txn_error.as_db_error().unwrap().message().to_string();
+    assert!(message.contains("permission denied"), "{message}");
+    client
+        .batch_execute(&format!("ROLLBACK; DROP TABLE items; DROP ROLE {stranger}"))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn writers_need_no_grant_on_pgfresh_and_their_writes_are_queued() {
     let env = TestEnv::shop(2).await;
     let role = format!("{}_writer", env.name);
@@ -395,9 +512,22 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
         db,
         env.sink.clone(),
         env.fragments(),
-        common::test_settings(),
+        pgfresh::config::ListenSettings {
+            max_attempts: 1,
+            ..common::test_settings()
+        },
         shutdown.clone(),
     ));
+    // It parks a change that fails (inserts into pgfresh.failed)...
+    admin
+        .batch_execute("INSERT INTO pgfresh.changes (topic, key) VALUES ('nobody_listens', '1')")
+        .await
+        .unwrap();
+    common::eventually("the bad change to be parked", || async {
+        env.parked().await == 1
+    })
+    .await;
+    // ...applies the good ones...
     admin
         .batch_execute("UPDATE products SET name = 'Least privilege' WHERE id = 2")
         .await
@@ -416,7 +546,11 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
     })
     .await;
     shutdown.cancel();
-    task.await.unwrap().unwrap();
+    tokio::time::timeout(common::PATIENCE, task)
+        .await
+        .expect("the listener stops")
+        .unwrap()
+        .unwrap();
     drop(as_listener);
     admin
         .batch_execute(&format!(
@@ -558,7 +692,7 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
     let out = Command::new("redis-cli")
         .args(["-p", &redis.port.to_string()])
         .args(acl.split_whitespace())
-        .output()
+        .output_bounded()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
     // A database of its own, as a /N path selects, which takes SELECT.
@@ -577,7 +711,7 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
             "--pattern",
         ])
         .arg(format!("{}*", env.prefix))
-        .output()
+        .output_bounded()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cards.stdout).lines().count(), 8);
     let listener = env.start_listener(test_settings());

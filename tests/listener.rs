@@ -354,3 +354,70 @@ async fn a_truncated_table_is_swept_so_what_it_held_is_gone_from_redis() {
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// The shop's card, as its specification spells it out (see tests/product_card.rs for each part):
+/// written by hand here, so that a loader or template bug shows, which a comparison with a fresh
+/// render (same loader, same template) cannot see.
+#[tokio::test]
+async fn a_card_in_redis_is_exactly_what_the_shop_specifies() {
+    let env = TestEnv::shop(1).await;
+    let listener = env.start_listener(test_settings());
+    env.client()
+        .await
+        .batch_execute(
+            "INSERT INTO products (id, name, description, price_cents) VALUES (100, 'Lamp & Co', 'Bright <and> warm', 1205);
+             INSERT INTO reviews (product_id, author, rating, body, created_at) VALUES
+                 (100, 'Al', 5, 'First', '2026-01-01'),
+                 (100, 'Bo', 4, 'Second', '2026-01-02'),
+                 (100, 'Cy', 4, 'Third', '2026-01-03'),
+                 (100, 'Di', 1, 'Oldest', '2025-01-01');",
+        )
+        .await
+        .unwrap();
+    let expected_full = concat!(
+        r#"<article class="product-card full" id="product-100"><h2>Lamp &amp; Co</h2>"#,
+        r#"<p class="price">$12.05</p><p class="description">Bright &lt;and&gt; warm</p>"#,
+        r#"<p class="rating">4 reviews, average 3.5</p><ul class="reviews">"#,
+        r#"<li><b>Cy</b> (4/5): Third</li><li><b>Bo</b> (4/5): Second</li><li><b>Al</b> (5/5): First</li>"#,
+        r#"</ul></article>"#
+    );
+    let expected_compact = concat!(
+        r#"<article class="product-card compact" id="product-100"><h2>Lamp &amp; Co</h2>"#,
+        r#"<p class="price">$12.05</p><p class="rating">4 reviews, average 3.5</p></article>"#
+    );
+    eventually("product 100's cards as specified", || async {
+        env.get(&env.key(100, "full")).await.as_deref() == Some(expected_full)
+            && env.get(&env.key(100, "compact")).await.as_deref() == Some(expected_compact)
+    })
+    .await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_listener_refuses_to_start_on_an_older_schema_and_says_to_install() {
+    let env = TestEnv::empty().await;
+    let mut sql = format!("BEGIN; {}", pgfresh::schema::PREPARE_SQL);
+    for migration in &pgfresh::schema::MIGRATIONS[..3] {
+        sql += migration.sql;
+    }
+    env.client()
+        .await
+        .batch_execute(&(sql + " COMMIT;"))
+        .await
+        .unwrap();
+    let listener = env.start_listener(test_settings());
+    let error = tokio::time::timeout(common::PATIENCE, listener.task)
+        .await
+        .expect("refused at once")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        error.contains("schema version 3 is installed")
+            && error.contains("run the `install` command to upgrade"),
+        "{error}"
+    );
+    assert_eq!(env.registered_listeners().await, 0);
+    env.cleanup().await;
+}

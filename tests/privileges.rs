@@ -8,6 +8,8 @@
 
 mod common;
 
+use common::servers::BoundedOutput;
+
 use common::servers::{PostgresSetup, TempPostgres};
 use common::{TestEnv, connect, eventually, test_settings};
 use pgfresh::tokio_postgres::Client;
@@ -26,7 +28,7 @@ fn psql(url: &str, file: &str) -> std::process::Output {
     std::process::Command::new("psql")
         .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, url])
         .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
+        .output_bounded()
         .expect("psql runs")
 }
 

@@ -535,6 +535,27 @@ async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_
     })
     .await;
 
+    // What the old listener has applied, as its next heartbeat (every 5 s) publishes it.
+    let old_applied = || async {
+        let since: std::time::SystemTime = db.query_one("SELECT now()", &[]).await.unwrap().get(0);
+        let applied = std::sync::Mutex::new(None);
+        eventually("the old listener's next heartbeat", || async {
+            let row = db
+                .query_one(
+                    "SELECT seen_at, changes_done FROM pgfresh.listeners WHERE versions = '{1}'",
+                    &[],
+                )
+                .await
+                .unwrap();
+            let seen: std::time::SystemTime = row.get(0);
+            *applied.lock().unwrap() = Some(row.get::<_, i64>(1));
+            seen > since
+        })
+        .await;
+        applied.into_inner().unwrap().unwrap()
+    };
+    let applied_before = old_applied().await;
+
     // Changes from now on are applied by the new listener only, with the new markup. One commit per
     // product and round, so that two listeners both applying changes would each take some.
     for round in 1..=5 {
@@ -548,6 +569,11 @@ async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_
         }
     }
     eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    assert_eq!(
+        old_applied().await,
+        applied_before,
+        "the old listener applied changes while standing aside"
+    );
     let after = cards().await;
     assert!(
         after
@@ -566,5 +592,46 @@ async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_
         env.wait_fresh(id).await;
     }
     old.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_slow_batch_of_old_data_landing_after_a_newer_batch_is_refused() {
+    let env = TestEnv::shop(2).await;
+    // One listener claims the change to "Old", reads its rows and stalls before writing.
+    let (release, gate) = tokio::sync::oneshot::channel();
+    let stalling = std::sync::Arc::new(AlteredCard {
+        gate: std::sync::Mutex::new(Some(gate)),
+        ..AlteredCard::new(&env, "product_card", 1)
+    });
+    let slow = env.start_listener_with(
+        Fragments::new().with(common::SharedCard(stalling.clone())),
+        test_settings(),
+    );
+    rename(&env, 1, "Old").await;
+    eventually("the slow listener to have read its rows", || async {
+        stalling.gate.lock().unwrap().is_none()
+    })
+    .await;
+    // Another applies the newer change meanwhile.
+    let fast = env.start_listener(test_settings());
+    rename(&env, 1, "New").await;
+    wait_name(&env, 1, "New").await;
+    // The slow batch took its ticket before it read "Old", so it is older than the fast one's, and
+    // Redis refuses it, whichever lands last.
+    release.send(()).unwrap();
+    eventually("both stale writes to be refused", || async {
+        env.listener_total("refused_writes").await >= 2
+    })
+    .await;
+    env.wait_fresh(1).await;
+    assert!(
+        env.get(&env.key(1, "full"))
+            .await
+            .unwrap()
+            .contains("<h2>New</h2>")
+    );
+    slow.stop().await;
+    fast.stop().await;
     env.cleanup().await;
 }

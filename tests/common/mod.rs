@@ -528,3 +528,41 @@ impl Fragment for AlteredCard {
         self.card.keys_after(db, after, limit).await
     }
 }
+
+/// An [`AlteredCard`] shared with the test, so that it can see when the gate was taken.
+pub struct SharedCard(pub std::sync::Arc<AlteredCard>);
+
+impl pgfresh::Fragment for SharedCard {
+    type Key = i64;
+    type Row = product_card::Product;
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn topics(&self) -> &[&str] {
+        self.0.topics()
+    }
+    fn variants(&self) -> &[&str] {
+        self.0.variants()
+    }
+    fn key_prefix(&self) -> &str {
+        self.0.key_prefix()
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::fragment::Loaded<Self> {
+        self.0.load(db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+        self.0.render(key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        self.0.keys_after(db, after, limit).await
+    }
+}

@@ -49,6 +49,17 @@ pub fn output_within(command: &mut Command, limit: Duration) -> std::process::Ou
 /// How long a child process of a test may run: generous, for a loaded 2-core machine.
 pub const CHILD_PATIENCE: Duration = Duration::from_secs(120);
 
+/// `Command::output`, bounded by [`CHILD_PATIENCE`]: what every test runs its children with.
+pub trait BoundedOutput {
+    fn output_bounded(&mut self) -> std::io::Result<std::process::Output>;
+}
+
+impl BoundedOutput for Command {
+    fn output_bounded(&mut self) -> std::io::Result<std::process::Output> {
+        Ok(output_within(self, CHILD_PATIENCE))
+    }
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -61,7 +72,7 @@ pub fn free_port() -> u16 {
 fn running_as_root() -> bool {
     Command::new("id")
         .arg("-u")
-        .output()
+        .output_bounded()
         .is_ok_and(|out| out.stdout.starts_with(b"0\n"))
 }
 
@@ -194,7 +205,7 @@ impl TempPostgres {
         let out = initdb
             .arg("-D")
             .arg(dir.join("data"))
-            .output()
+            .output_bounded()
             .expect("initdb runs");
         assert!(
             out.status.success(),
@@ -239,7 +250,7 @@ impl TempPostgres {
             .arg(self.dir.join("data"))
             .args(args)
             .stdin(Stdio::null())
-            .output()
+            .output_bounded()
             .expect("pg_ctl runs")
     }
 
@@ -280,12 +291,21 @@ impl TempPostgres {
 
     /// Stops the server abruptly (every backend killed, as in a crash), then starts it again.
     pub fn restart(&self) {
+        self.stop();
+        self.start_server();
+    }
+
+    /// Stops the server abruptly, as in a crash; [`TempPostgres::start_again`] brings it back.
+    pub fn stop(&self) {
         let out = self.pg_ctl(&["-m", "immediate", "-w", "stop"]);
         assert!(
             out.status.success(),
             "pg_ctl stop: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    pub fn start_again(&self) {
         self.start_server();
     }
 }
@@ -520,7 +540,7 @@ impl TempRedisCluster {
         wait_until("a replica to take over", || {
             Command::new("redis-cli")
                 .args(["-p", &port.to_string(), "cluster", "nodes"])
-                .output()
+                .output_bounded()
                 .is_ok_and(|out| {
                     let nodes = String::from_utf8_lossy(&out.stdout);
                     let failed = nodes
@@ -543,7 +563,7 @@ impl TempRedisCluster {
             wait_until("redis cluster state ok", || {
                 Command::new("redis-cli")
                     .args(["-p", &port, "cluster", "info"])
-                    .output()
+                    .output_bounded()
                     .is_ok_and(|out| {
                         String::from_utf8_lossy(&out.stdout).contains("cluster_state:ok")
                     })
