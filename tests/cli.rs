@@ -514,3 +514,69 @@ async fn a_sweep_from_the_command_line_settles_the_truncations_it_covers() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_listener_holds_no_more_connections_than_readme_says() {
+    let env = TestEnv::shop(100).await;
+    let redis = common::servers::TempRedis::start();
+    let db = env.client().await;
+    db.batch_execute("UPDATE products SET price_cents = price_cents + 1")
+        .await
+        .unwrap();
+    // Redis is empty: the listener sweeps (in pages of 5) while it works through the queue.
+    let mut listener = Command::new(shop_binary())
+        .args([
+            "listen",
+            "--workers",
+            "1",
+            "--sweep-concurrency",
+            "1",
+            "--page-size",
+            "5",
+        ])
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", redis.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marker = pgfresh::sink::RedisSink::connect(&redis.url())
+        .await
+        .unwrap();
+    let most = std::sync::atomic::AtomicI64::new(0);
+    common::eventually("the sweep and the queue to be done", || async {
+        let connections: i64 = db
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'pgfresh%'",
+                &[&env.name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        most.fetch_max(connections, std::sync::atomic::Ordering::SeqCst);
+        marker
+            .get("pgfresh:fragment:shop:product_card:")
+            .await
+            .unwrap()
+            .is_some()
+            && env.pending().await == 0
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &listener.id().to_string()])
+        .status();
+    common::eventually("the listener to exit", || {
+        let exited = listener.try_wait().unwrap().is_some();
+        async move { exited }
+    })
+    .await;
+    // README: one LISTEN connection, one for the sweep lock, and up to
+    // 2 x --workers + --sweep-concurrency + 3 pooled ones.
+    let bound = 1 + 1 + (2 + 1 + 3);
+    let most = most.into_inner();
+    assert!(
+        most >= 2 && most <= bound,
+        "{most} connections, at most {bound}"
+    );
+    env.cleanup().await;
+}

@@ -782,3 +782,50 @@ async fn upgrading_from_0001_gives_existing_watches_their_truncate_trigger() {
     assert_eq!((changes, truncations), (1, 1));
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn triggers_notify_only_while_a_live_listener_is_idle() {
+    use futures_util::StreamExt;
+    let env = TestEnv::shop(1).await;
+    let (client, mut connection) =
+        pgfresh::tokio_postgres::connect(&env.url, pgfresh::tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let pgfresh::tokio_postgres::AsyncMessage::Notification(note) = message {
+                let _ = heard.send(note.payload().to_string());
+            }
+        }
+    });
+    client.batch_execute("LISTEN pgfresh").await.unwrap();
+    let writer = env.client().await;
+    // No listener, then a busy one, then one idle but silent for two minutes: no NOTIFY. Then a
+    // marker of the test's own, and an idle, live listener: the trigger's empty NOTIFY comes after
+    // the marker, so none of the first three notified (NOTIFYs arrive in commit order).
+    writer
+        .batch_execute(
+            "UPDATE products SET price_cents = 1 WHERE id = 1;
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('busy', false);
+             UPDATE products SET price_cents = 2 WHERE id = 1;
+             INSERT INTO pgfresh.listeners (id, idle, seen_at) VALUES ('gone', true, now() - interval '2 minutes');
+             UPDATE products SET price_cents = 3 WHERE id = 1;
+             NOTIFY pgfresh, 'marker';
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('waiting', true);
+             UPDATE products SET price_cents = 4 WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 {
+        let payload = tokio::time::timeout(common::PATIENCE, hearing.recv())
+            .await
+            .expect("notifications arrive")
+            .unwrap();
+        payloads.push(payload);
+    }
+    assert_eq!(payloads, ["marker", ""]);
+    env.cleanup().await;
+}

@@ -421,3 +421,126 @@ async fn a_listener_refuses_to_start_on_an_older_schema_and_says_to_install() {
     assert_eq!(env.registered_listeners().await, 0);
     env.cleanup().await;
 }
+
+static BACKLOG_RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[tokio::test]
+async fn a_backlog_renders_each_key_about_once() {
+    let env = TestEnv::shop(50).await;
+    // Ten rounds of changes to every product while no listener runs: 500 changes for 50 keys.
+    let db = env.client().await;
+    for round in 1..=10 {
+        db.execute(
+            "UPDATE products SET price_cents = price_cents + $1",
+            &[&round],
+        )
+        .await
+        .unwrap();
+    }
+    let counting = common::AlteredCard {
+        render: |card, key, row, variant| {
+            BACKLOG_RENDERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            pgfresh::Fragment::render(card, key, row, variant)
+        },
+        ..common::AlteredCard::new(&env, "product_card", 1)
+    };
+    // Small batches: the changes of one key are spread over many batches.
+    let settings = pgfresh::config::ListenSettings {
+        batch_size: 20,
+        ..test_settings()
+    };
+    let listener = env.start_listener_with(pgfresh::Fragments::new().with(counting), settings);
+    eventually("the backlog to drain", || async {
+        env.pending().await == 0
+    })
+    .await;
+    for id in 1..=50 {
+        env.wait_fresh(id).await;
+    }
+    let renders = BACKLOG_RENDERS.load(std::sync::atomic::Ordering::SeqCst) / 2;
+    assert!(
+        (50..=60).contains(&renders),
+        "{renders} renders per variant for 50 keys and 500 changes"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+static HOT_RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+#[tokio::test]
+async fn a_hot_key_is_rendered_at_most_once_per_interval_and_ends_fresh() {
+    let env = TestEnv::shop(3).await;
+    let counting = common::AlteredCard {
+        render: |card, key, row, variant| {
+            if *key == 1 {
+                HOT_RENDERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+            pgfresh::Fragment::render(card, key, row, variant)
+        },
+        ..common::AlteredCard::new(&env, "product_card", 1)
+    };
+    let listener =
+        env.start_listener_with(pgfresh::Fragments::new().with(counting), test_settings());
+    let db = env.client().await;
+    eventually("the listener to be idle", || async {
+        env.listener_total("idle::int").await == 1
+    })
+    .await;
+    // Two hundred commits to one product, as fast as they go.
+    let started = std::time::Instant::now();
+    for _ in 0..200 {
+        db.execute(
+            "UPDATE products SET price_cents = price_cents + 1 WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    }
+    env.wait_fresh(1).await;
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    let took = started.elapsed();
+    // One render per 50 ms at most (HOT_KEY_INTERVAL), and the last change still shows.
+    let renders = HOT_RENDERS.load(std::sync::atomic::Ordering::SeqCst) / 2;
+    let allowed = (took.as_millis() / 50) as usize + 3;
+    assert!(
+        renders <= allowed,
+        "{renders} renders of a key changed 200 times in {took:?} (at most {allowed})"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn under_load_the_listener_stops_asking_for_notify_and_asks_again_when_quiet() {
+    let env = TestEnv::shop(200).await;
+    let listener = env.start_listener(test_settings());
+    let idle = || async { env.listener_total("idle::int").await == 1 };
+    eventually("the listener to ask for NOTIFYs", idle).await;
+    // A writer commits 200 changes at a time until told to stop: far above 300 changes a second.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, url) = (stop.clone(), env.url.clone());
+        tokio::spawn(async move {
+            let db = common::connect(&url).await;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
+                    .await
+                    .unwrap();
+            }
+        })
+    };
+    eventually("the listener to stop asking for NOTIFYs", || async {
+        env.listener_total("idle::int").await == 0
+    })
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(common::PATIENCE, writer)
+        .await
+        .expect("the writer stops")
+        .unwrap();
+    eventually("the listener to ask for NOTIFYs again", idle).await;
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    listener.stop().await;
+    env.cleanup().await;
+}

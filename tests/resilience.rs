@@ -635,3 +635,72 @@ async fn a_slow_batch_of_old_data_landing_after_a_newer_batch_is_refused() {
     fast.stop().await;
     env.cleanup().await;
 }
+
+/// Whether every card of products 1..=`products` carries the v2 markup of [`v2_card`].
+async fn all_v2(env: &TestEnv, products: i64) -> bool {
+    for id in 1..=products {
+        for variant in ["compact", "full"] {
+            let html = env.get(&env.key(id, variant)).await.unwrap_or_default();
+            if !html.starts_with(r#"<div class="v2">"#) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
+fn v2_card(env: &TestEnv) -> AlteredCard {
+    AlteredCard {
+        render: |card, key, row, variant| {
+            maud::html! { div class="v2" { (pgfresh::Fragment::render(card, key, row, variant)) } }
+        },
+        ..AlteredCard::new(env, "product_card", 2)
+    }
+}
+
+#[tokio::test]
+async fn a_newer_listener_that_stops_heartbeating_is_given_up_and_the_old_markup_returns() {
+    let env = TestEnv::shop(3).await;
+    env.sweep().await;
+    let old = env.start_listener(test_settings());
+    let new = env.start_listener_with(Fragments::new().with(v2_card(&env)), test_settings());
+    eventually("the new markup everywhere", || all_v2(&env, 3)).await;
+    // The new listener dies without deregistering (its host is gone): its registry row stays, and
+    // only its silence (15 s without a heartbeat) tells the old one it is gone.
+    new.task.abort();
+    eventually("the old markup to come back", || async {
+        !all_v2(&env, 3).await
+    })
+    .await;
+    for id in 1..=3 {
+        env.wait_fresh(id).await;
+    }
+    old.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_newer_listener_waits_for_older_ones_to_stand_aside_before_it_sweeps() {
+    let env = TestEnv::shop(2).await;
+    env.sweep().await;
+    // An older listener that never stands aside (a release from before the mechanism): live, not
+    // superseded, rendering version 1.
+    env.client()
+        .await
+        .batch_execute(
+            "INSERT INTO pgfresh.listeners (id, fragments, versions) VALUES ('old-release', '{product_card}', '{1}')",
+        )
+        .await
+        .unwrap();
+    let started = std::time::Instant::now();
+    let new = env.start_listener_with(Fragments::new().with(v2_card(&env)), test_settings());
+    eventually("the new markup everywhere", || all_v2(&env, 2)).await;
+    // It waited (up to 10 s) for the old one to stand aside before sweeping its markup in.
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "swept after {:?}, without waiting",
+        started.elapsed()
+    );
+    new.stop().await;
+    env.cleanup().await;
+}
