@@ -7,7 +7,7 @@ use crate::shutdown::Shutdown;
 /// Delays that double from `initial` up to `max`, each randomised to between half and all of its
 /// value so that many listeners restarting together do not retry in lockstep.
 #[derive(Clone, Debug)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     initial: Duration,
     max: Duration,
     attempt: u32,
@@ -15,7 +15,7 @@ pub struct Backoff {
 
 impl Backoff {
     /// A backoff starting at `initial` and never exceeding `max`.
-    pub fn new(initial: Duration, max: Duration) -> Self {
+    pub(crate) fn new(initial: Duration, max: Duration) -> Self {
         Self {
             initial,
             max,
@@ -24,17 +24,17 @@ impl Backoff {
     }
 
     /// Failures since the last success.
-    pub fn attempts(&self) -> u32 {
+    pub(crate) fn attempts(&self) -> u32 {
         self.attempt
     }
 
     /// Back to the initial delay, after a success.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.attempt = 0;
     }
 
     /// The next delay, jittered.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         let factor = 2u32.saturating_pow(self.attempt.min(20));
         self.attempt = self.attempt.saturating_add(1);
         let ceiling = self.initial.saturating_mul(factor).min(self.max);
@@ -42,7 +42,7 @@ impl Backoff {
     }
 
     /// Sleeps for the next delay; returns false if shutdown came first.
-    pub async fn wait(&mut self, shutdown: &Shutdown) -> bool {
+    pub(crate) async fn wait(&mut self, shutdown: &Shutdown) -> bool {
         let delay = self.next_delay();
         tokio::select! {
             _ = shutdown.cancelled() => false,

@@ -1,4 +1,5 @@
-//! Typed settings for the listener and the sweep, and URL redaction for anything that is displayed.
+//! Typed settings for the listener and the sweep, and the [`Environment`] a PostgreSQL connection
+//! string is completed from.
 //!
 //! The CLI layer builds these once from flags and the environment; the library never reads either.
 
@@ -25,10 +26,10 @@ pub struct ListenSettings {
 }
 
 /// The shortest poll interval: a shorter one would only spin.
-pub const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
+pub(crate) const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
 
 /// The longest interval between periodic sweeps: a longer one is almost certainly a typo.
-pub const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+pub(crate) const MAX_SWEEP_INTERVAL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
 
 impl ListenSettings {
     /// Fails with one line saying which setting is out of range, and what the range is.
@@ -52,8 +53,17 @@ impl ListenSettings {
         if self.batch_size < 1 || self.workers < 1 || self.max_attempts < 1 {
             return invalid("batch size, workers and max attempts must each be at least 1".into());
         }
-        if self.sweep.page_size < 1 || self.sweep.concurrency < 1 {
-            return invalid("sweep page size and concurrency must each be at least 1".into());
+        self.sweep.validate()
+    }
+}
+
+impl SweepSettings {
+    /// Fails with one line unless the page size and concurrency are at least 1.
+    pub fn validate(&self) -> Result<(), crate::Error> {
+        if self.page_size < 1 || self.concurrency < 1 {
+            return Err(crate::Error::InvalidSetting(
+                "sweep page size and concurrency must each be at least 1".into(),
+            ));
         }
         Ok(())
     }
@@ -80,8 +90,6 @@ pub struct SweepSettings {
     pub page_size: i64,
     /// Pages in flight at the same time.
     pub concurrency: usize,
-    /// Sweep only the fragment with this name.
-    pub only: Option<String>,
 }
 
 impl Default for SweepSettings {
@@ -89,7 +97,6 @@ impl Default for SweepSettings {
         Self {
             page_size: 500,
             concurrency: 4,
-            only: None,
         }
     }
 }
@@ -138,80 +145,5 @@ impl Environment {
 
     pub(crate) fn home(&self) -> Option<&std::path::Path> {
         self.home.as_deref()
-    }
-}
-
-/// A Redis URL as it is safe to print: built from the parsed URL, without the password; for a URL
-/// that does not parse, the text with everything that could be a password replaced by `***`.
-pub(crate) fn shown_redis_url(url: &str) -> String {
-    use redis::{ConnectionAddr, IntoConnectionInfo};
-    let Ok(info) = url.into_connection_info() else {
-        return redact_unparsed_url(url);
-    };
-    let settings = info.redis_settings();
-    let user = settings
-        .username()
-        .map(|user| format!("{user}@"))
-        .unwrap_or_default();
-    let db = match settings.db() {
-        0 => String::new(),
-        db => format!("/{db}"),
-    };
-    match info.addr() {
-        ConnectionAddr::Tcp(host, port) => format!("redis://{user}{host}:{port}{db}"),
-        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{user}{host}:{port}{db}"),
-        ConnectionAddr::Unix(path) => format!("redis+unix://{user}{}{db}", path.display()),
-        other => format!("{other}{db}"),
-    }
-}
-
-/// A URL that did not parse, with everything between `://` and its last `@`, and any `password=`
-/// value, replaced by `***`: whatever the password holds (`/`, `?`, `@`), none of it survives.
-pub(crate) fn redact_unparsed_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
-        return "(not shown: it does not parse as a URL)".into();
-    };
-    let mut shown = match url.rfind('@').filter(|&at| at >= scheme_end) {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &url[at..]),
-        None => url.to_string(),
-    };
-    if let Some(at) = shown.find("password=") {
-        let end = shown[at..].find('&').map_or(shown.len(), |end| at + end);
-        shown.replace_range(at + "password=".len()..end, "***");
-    }
-    shown
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redis_urls_are_shown_without_their_password() {
-        assert_eq!(
-            shown_redis_url("redis://:s3cret@cache:6379/2"),
-            "redis://cache:6379/2"
-        );
-        assert_eq!(
-            shown_redis_url("rediss://pgfresh:pa%2Fss@cache:6380"),
-            "rediss://pgfresh@cache:6380"
-        );
-        assert_eq!(
-            shown_redis_url("rediss://pgfresh:pa/ss@cache:6380"),
-            "rediss://***@cache:6380",
-            "a password that breaks the URL hides the user too"
-        );
-        for url in [
-            "redis://:pa/ss@127.0.0.1:6379/0",
-            "redis://user:pa?ss@host/1",
-            "redis://user:p@ss@host:1/0",
-            "redis://:x@y@z/0?password=pa/ss",
-            "redis://user:pass word@host:notaport",
-        ] {
-            let shown = shown_redis_url(url);
-            for secret in ["pa/ss", "pa?ss", "p@ss", "x@y", "pass word"] {
-                assert!(!shown.contains(secret), "{url} -> {shown}");
-            }
-        }
     }
 }

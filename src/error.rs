@@ -134,7 +134,7 @@ fn example_url(what: &str) -> &'static str {
 }
 
 /// One line for a PostgreSQL error: the server's own message (with its hint) when there is one.
-pub fn describe_postgres(error: &tokio_postgres::Error) -> String {
+pub(crate) fn describe_postgres(error: &tokio_postgres::Error) -> String {
     if let Some(db) = error.as_db_error() {
         return match db.hint() {
             Some(hint) => format!("{} ({hint})", db.message()),

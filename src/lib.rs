@@ -3,64 +3,125 @@
 //! Triggers (installed from `sql/`) queue every committed change to watched tables; a listener
 //! re-renders only the affected fragments with maud and writes them to Redis within milliseconds; a
 //! full sweep repairs anything else. You write fragments against [`Fragment`] and reuse the command
-//! line with [`cli::main`].
+//! line with [`cli::main`], or run the listener and the sweep from a program of your own with
+//! [`listen`] and [`sweep`].
 //!
-//! # Layout
-//! - [`fragment`]: the [`Fragment`] trait users implement, and the [`Fragments`] a binary serves.
-//! - [`schema`]: installing, upgrading, checking and removing the SQL in `sql/`.
-//! - [`queue`]: claiming and settling batches of changes; the listener registry.
-//! - [`refresh`]: the load → render → write path shared by the listener and the sweep.
-//! - [`coalesce`]: settling changes a recent render already covers; rendering hot keys less often.
-//! - [`sink`]: version-checked batched writes to Redis, one server or a cluster.
-//! - [`keys`]: where pgfresh's own Redis keys live (tickets, markers), cluster hash slots included.
-//! - [`listener`]: the long-running `listen` loop.
-//! - `batch` (internal): one claimed batch, from claim to commit.
-//! - [`wakeup`]: the dedicated LISTEN connection that turns NOTIFYs into wake-ups.
-//! - [`sweep`]: the full sweep, periodic or one-off.
-//! - [`maintenance`]: the sweeps a listener runs itself (periodic, Redis emptied, markup changed,
-//!   table truncated).
-//! - [`deploy`]: rolling deploys; a listener stands aside for one with newer fragment versions.
-//! - [`db`]: the connection pool and dedicated connections.
-//! - [`tls`]: TLS to PostgreSQL with libpq's `sslmode` meaning.
-//! - [`config`]: typed settings; URL redaction.
-//! - [`backoff`]: capped jittered exponential backoff.
-//! - [`shutdown`]: the shutdown token and signal handling.
-//! - [`telemetry`]: metrics through the `metrics` facade; the Prometheus recorder.
-//! - [`http`]: the status page, `/metrics`, `/healthz`, `/readyz` for `listen --http`.
-//! - [`status`]: what a running listener knows about itself, for the status page.
-//! - [`cli`]: the command line users reuse in their own binary.
-//! - [`progress`]: the `sweep` command's progress bar or periodic lines.
-//! - [`error`]: the [`Error`] type.
+//! # A complete fragment
+//!
+//! A card per product, in two variants, re-rendered whenever its product changes:
+//!
+//! ```no_run
+//! use pgfresh::maud::{Markup, html};
+//! use pgfresh::tokio_postgres::{Client, Error};
+//! use pgfresh::{Fragment, Fragments, Loaded};
+//!
+//! struct ProductCard;
+//!
+//! impl Fragment for ProductCard {
+//!     type Key = i64;
+//!     type Row = (String, i32);
+//!
+//!     fn name(&self) -> &str {
+//!         "product_card"
+//!     }
+//!     fn topics(&self) -> &[&str] {
+//!         &["product"] // SELECT pgfresh.watch('products', 'id', 'product')
+//!     }
+//!     fn variants(&self) -> &[&str] {
+//!         &["compact", "full"]
+//!     }
+//!     fn key_prefix(&self) -> &str {
+//!         "shop:product_card:" // keys are shop:product_card:42:full
+//!     }
+//!     async fn load(&self, db: &Client, ids: &[i64]) -> Loaded<Self> {
+//!         let rows = db
+//!             .query("SELECT id, name, price_cents FROM products WHERE id = ANY($1)", &[&ids])
+//!             .await?;
+//!         Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
+//!     }
+//!     fn render(&self, _id: &i64, (name, cents): &Self::Row, variant: &str) -> Markup {
+//!         html! { article class=(variant) { h2 { (name) } @if variant == "full" { p { (cents) } } } }
+//!     }
+//!     async fn keys_after(&self, db: &Client, after: Option<&i64>, limit: i64) -> Result<Vec<i64>, Error> {
+//!         let rows = db
+//!             .query(
+//!                 "SELECT id FROM products WHERE id > coalesce($1, -1) ORDER BY id LIMIT $2",
+//!                 &[&after, &limit],
+//!             )
+//!             .await?;
+//!         Ok(rows.iter().map(|r| r.get(0)).collect())
+//!     }
+//! }
+//!
+//! // The whole `main` of a binary with pgfresh's commands (install, listen, sweep, status, ...):
+//! fn main() -> std::process::ExitCode {
+//!     pgfresh::cli::main(Fragments::new().with(ProductCard))
+//! }
+//! ```
+//!
+//! `examples/shop` is the complete reference, and `ARCHITECTURE.md` the map of this crate.
 
-#![warn(missing_docs)]
+#![warn(missing_docs, unreachable_pub)]
 
-pub mod backoff;
-mod batch;
+mod backoff;
 pub mod cli;
-pub mod coalesce;
-pub mod config;
-pub(crate) mod conninfo;
-pub mod db;
-pub mod deploy;
-pub mod error;
-pub mod fragment;
-pub mod http;
-pub mod keys;
-pub mod listener;
-pub mod maintenance;
-pub mod progress;
-pub mod queue;
-pub mod refresh;
-pub mod schema;
-pub mod shutdown;
-pub mod sink;
-pub mod status;
-pub mod sweep;
-pub mod telemetry;
-pub mod tls;
-pub mod wakeup;
+mod config;
+mod error;
+mod fragment;
+mod listener;
+mod ops;
+mod pg;
+mod refresh;
+mod shutdown;
+mod stats;
+mod store;
+mod sweep;
 
+pub use config::{Environment, ListenSettings, SweepSettings};
 pub use error::Error;
-pub use fragment::{Fragment, Fragments};
+pub use fragment::{Fragment, Fragments, Loaded};
+pub use listener::listen;
+pub use pg::Database;
+pub use pg::queue::retry_failed;
+pub use pg::schema::{install, installed_version, required_version, uninstall};
+pub use shutdown::{Shutdown, shutdown_on_signal};
+pub use stats::RefreshStats;
+pub use store::{Eviction, RedisConnection, RedisStore};
+pub use sweep::{Progress, SweepReport, sweep, sweep_with_progress};
+
 pub use maud;
 pub use tokio_postgres;
+
+/// What the crate's own tests reach into: internals with no stability promise, compiled only with
+/// the `testing` feature, which `cargo test` turns on for the test suite.
+#[cfg(feature = "testing")]
+#[doc(hidden)]
+pub mod testing {
+    pub use crate::store::{Write, WriteResult};
+    use crate::{Error, RedisStore};
+
+    /// Every migration, in order, as (version, file name, SQL).
+    pub fn migrations() -> Vec<(i32, &'static str, &'static str)> {
+        let all = crate::pg::schema::MIGRATIONS.iter();
+        all.map(|m| (m.version, m.name, m.sql)).collect()
+    }
+
+    /// What every install runs before the migrations.
+    pub fn prepare_sql() -> &'static str {
+        crate::pg::schema::PREPARE_SQL
+    }
+
+    /// Version-checked writes under `ticket`.
+    pub async fn write(
+        store: &RedisStore,
+        ticket: i64,
+        writes: &[Write],
+    ) -> Result<Vec<WriteResult>, Error> {
+        store.write(ticket, writes).await
+    }
+
+    /// The tickets stored beside fragment keys.
+    pub async fn tickets(store: &RedisStore, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {
+        store.tickets(keys).await
+    }
+}

@@ -1,68 +1,39 @@
 //! The one path from keys to Redis, shared by the listener and the sweep: load the rows of a batch of
 //! keys, render every variant, and write the results under one render ticket.
 
-use std::ops::AddAssign;
-
 use tokio_postgres::Client;
 
 use crate::Error;
 use crate::fragment::{DynFragment, KeyOutcome};
-use crate::sink::{RedisSink, Write, WriteResult};
-
-/// Counts of what a refresh did, added up over batches and fragments.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct RefreshStats {
-    /// Fragments (key × variant) rendered.
-    pub rendered: u64,
-    /// Fragments stored because their HTML changed.
-    pub written: u64,
-    /// Fragments whose HTML was already stored.
-    pub unchanged: u64,
-    /// Writes refused because a newer render was already stored.
-    pub refused: u64,
-    /// Fragments deleted because their row is gone.
-    pub deleted: u64,
-    /// Keys that could not be refreshed.
-    pub errors: u64,
-}
-
-impl AddAssign for RefreshStats {
-    fn add_assign(&mut self, other: Self) {
-        self.rendered += other.rendered;
-        self.written += other.written;
-        self.unchanged += other.unchanged;
-        self.refused += other.refused;
-        self.deleted += other.deleted;
-        self.errors += other.errors;
-    }
-}
+use crate::stats::RefreshStats;
+use crate::store::{RedisStore, Write, WriteResult};
 
 /// The result of refreshing a batch of keys of one fragment.
 #[derive(Debug, Default)]
-pub struct Refreshed {
+pub(crate) struct Refreshed {
     /// What was done.
-    pub stats: RefreshStats,
+    pub(crate) stats: RefreshStats,
     /// Keys (by index into the input) that failed, with the reason; all others are in Redis.
-    pub failed: Vec<(usize, String)>,
+    pub(crate) failed: Vec<(usize, String)>,
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
-    pub unchecked: Vec<usize>,
+    pub(crate) unchecked: Vec<usize>,
 }
 
 /// Loads, renders and writes `keys` (text form) of one fragment under `ticket`, which must have been
 /// taken before this call. A load that fails with a database error fails every key of the batch, each
 /// as its own failure; a lost connection or a Redis error fails the call, so that the caller retries
 /// the whole batch later.
-pub async fn refresh(
+pub(crate) async fn refresh(
     db: &Client,
-    sink: &RedisSink,
+    store: &RedisStore,
     fragment: &dyn DynFragment,
     keys: &[String],
     ticket: i64,
 ) -> Result<Refreshed, Error> {
     let started = std::time::Instant::now();
-    let outcomes = match fragment.render_keys(db, keys).await {
-        Ok(outcomes) => outcomes,
+    let rendered = match fragment.render_keys(db, keys).await {
+        Ok(rendered) => rendered,
         Err(error) if error.as_db_error().is_some() => {
             let reason = format!(
                 "load of {} failed: {}",
@@ -80,12 +51,14 @@ pub async fn refresh(
         }
         Err(error) => return Err(error.into()),
     };
-    let planned = plan_writes(outcomes);
+    crate::ops::telemetry::loaded(fragment.name(), rendered.load_time);
+    crate::ops::telemetry::rendered(fragment.name(), rendered.render_time);
+    let planned = plan_writes(rendered.outcomes);
     let rendered_at = started.elapsed();
-    let results = sink.write(ticket, &planned.writes).await?;
+    let results = store.write(ticket, &planned.writes).await?;
     let write_time = started.elapsed() - rendered_at;
     let refreshed = settle_writes(planned, results);
-    crate::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
+    crate::ops::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
     tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
 }
@@ -179,7 +152,7 @@ fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed
 }
 
 /// Adds one write result to the counts.
-pub fn count(stats: &mut RefreshStats, result: &WriteResult) {
+pub(crate) fn count(stats: &mut RefreshStats, result: &WriteResult) {
     match result {
         WriteResult::Written | WriteResult::WrittenUnchecked => stats.written += 1,
         WriteResult::Unchanged => stats.unchanged += 1,

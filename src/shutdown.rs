@@ -3,10 +3,11 @@
 //! Library functions take the token rather than installing signal handlers themselves, so a program
 //! embedding pgfresh decides when to stop it.
 
+/// The shutdown token: cancel it to stop a listener or a sweep; clones share it.
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM.
-pub async fn signal() {
+async fn signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -29,7 +30,7 @@ pub async fn signal() {
 }
 
 /// A token cancelled at the first SIGINT or SIGTERM.
-pub fn on_signal() -> Shutdown {
+pub fn shutdown_on_signal() -> Shutdown {
     let shutdown = Shutdown::new();
     let trigger = shutdown.clone();
     tokio::spawn(async move {

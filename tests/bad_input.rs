@@ -10,7 +10,7 @@ use std::time::Duration;
 use common::product_card::ProductCard;
 use common::{TestEnv, eventually, test_settings};
 use pgfresh::Fragments;
-use pgfresh::config::ListenSettings;
+use pgfresh::ListenSettings;
 
 /// The attempts and last error recorded for the queued change with this key.
 async fn attempts(env: &TestEnv, key: &str) -> Option<(i32, Option<String>)> {

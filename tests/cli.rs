@@ -168,7 +168,7 @@ async fn shop_setup_render_sweep_and_status_work_from_the_command_line() {
         "{}",
         stdout(&sweep)
     );
-    let written = pgfresh::sink::RedisSink::connect(&redis).await.unwrap();
+    let written = pgfresh::RedisStore::connect(&redis).await.unwrap();
     for id in [1, 12] {
         for variant in ["compact", "full"] {
             assert_eq!(
@@ -540,9 +540,7 @@ async fn a_listener_holds_no_more_connections_than_readme_says() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let marker = pgfresh::sink::RedisSink::connect(&redis.url())
-        .await
-        .unwrap();
+    let marker = pgfresh::RedisStore::connect(&redis.url()).await.unwrap();
     let most = std::sync::atomic::AtomicI64::new(0);
     common::eventually("the sweep and the queue to be done", || async {
         let connections: i64 = db

@@ -9,12 +9,13 @@ use std::process::Command;
 
 use common::servers::TempRedisCluster;
 use common::{TestEnv, eventually, product_card, shop_binary, test_settings};
-use pgfresh::sink::{RedisSink, Write, WriteResult};
+use pgfresh::RedisStore;
+use pgfresh::testing::{Write, WriteResult};
 
 async fn cluster_env(cluster: &TempRedisCluster, products: i64) -> TestEnv {
     let urls = cluster.urls();
     let nodes: Vec<&str> = urls.split(',').collect();
-    let sink = RedisSink::connect_cluster(&nodes)
+    let sink = RedisStore::connect_cluster(&nodes)
         .await
         .expect("connect to the cluster");
     TestEnv::shop_with_sink(products, sink).await
@@ -100,12 +101,16 @@ async fn version_checked_writes_hold_across_slots() {
             })
             .collect()
     };
-    let newer = env.sink.write(20, &writes("new")).await.unwrap();
+    let newer = pgfresh::testing::write(&env.sink, 20, &writes("new"))
+        .await
+        .unwrap();
     assert!(
         newer.iter().all(|r| *r == WriteResult::Written),
         "{newer:?}"
     );
-    let older = env.sink.write(10, &writes("old")).await.unwrap();
+    let older = pgfresh::testing::write(&env.sink, 10, &writes("old"))
+        .await
+        .unwrap();
     assert!(
         older.iter().all(|r| *r == WriteResult::Refused),
         "{older:?}"
@@ -115,7 +120,7 @@ async fn version_checked_writes_hold_across_slots() {
         vec![Some("new".to_string()); keys.len()]
     );
     assert_eq!(
-        env.sink.tickets(&keys).await.unwrap(),
+        pgfresh::testing::tickets(&env.sink, &keys).await.unwrap(),
         vec![Some(20); keys.len()]
     );
     env.cleanup().await;
@@ -199,12 +204,27 @@ async fn a_master_failing_over_to_its_replica_loses_no_change() {
     );
     assert!(String::from_utf8_lossy(&role.stdout).starts_with("master"));
 
-    // The master dies, and its replica cannot take over yet (the replicas are frozen): every product
-    // changes while its slots have no master, and the listener's writes there fail.
-    let replicas: Vec<_> = cluster.nodes[3..]
-        .iter()
-        .map(|node| node.freeze())
-        .collect();
+    // The master dies, and its replica may not take over yet: every product changes while its slots
+    // have no master, and the listener's writes there fail.
+    let replica_failover = |nodes: &[common::servers::TempRedis], allowed: &str| {
+        for node in &nodes[3..] {
+            let port = node.port.to_string();
+            let set = [
+                "-p",
+                &port,
+                "CONFIG",
+                "SET",
+                "cluster-replica-no-failover",
+                allowed,
+            ];
+            let out = Command::new("redis-cli")
+                .args(set)
+                .output_bounded()
+                .unwrap();
+            assert!(out.status.success());
+        }
+    };
+    replica_failover(&cluster.nodes, "yes");
     cluster.nodes[0].stop();
     env.client()
         .await
@@ -228,7 +248,7 @@ async fn a_master_failing_over_to_its_replica_loses_no_change() {
     .await;
     assert_eq!(env.parked().await, 0);
     // Then the replica takes over (waited for off the runtime, which keeps running the listener).
-    drop(replicas);
+    replica_failover(&cluster.nodes, "no");
     let cluster = tokio::task::spawn_blocking(move || {
         cluster.kill_master_and_wait_for_failover(0);
         cluster

@@ -12,8 +12,8 @@ use std::process::{Command, Output};
 
 use common::servers::{PostgresSetup, TempPostgres, TempRedis};
 use common::{TestEnv, shop_binary};
-use pgfresh::config::Environment;
-use pgfresh::db::Database;
+use pgfresh::Database;
+use pgfresh::Environment;
 
 const PASSWORD: &str = "s3cr/et?x";
 
@@ -48,7 +48,7 @@ async fn password_server() -> TempPostgres {
     });
     let environment = Environment::none().with_var("PGPASSWORD", PASSWORD);
     let db = Database::with_environment(&server.url("postgres"), 1, &environment).unwrap();
-    pgfresh::schema::install(&db).await.unwrap();
+    pgfresh::install(&db).await.unwrap();
     server
 }
 

@@ -10,7 +10,7 @@ mod web;
 
 use common::servers::free_port;
 use common::{TestEnv, eventually, test_settings};
-use pgfresh::shutdown::Shutdown;
+use pgfresh::Shutdown;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The shop page's body, if it is served.

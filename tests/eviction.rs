@@ -7,8 +7,8 @@ use common::servers::BoundedOutput;
 
 use common::servers::TempRedis;
 use common::{AlteredCard, SharedCard, TestEnv, eventually, shop_binary, test_settings};
+use pgfresh::Eviction;
 use pgfresh::Fragments;
-use pgfresh::sink::Eviction;
 
 /// A Redis that evicts any key once it holds 100 MB.
 fn evicting_redis() -> TempRedis {

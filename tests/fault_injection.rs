@@ -21,8 +21,8 @@ use std::time::{Duration, Instant};
 use common::product_card::ProductCard;
 use common::servers::{TempPostgres, TempRedis};
 use common::shop_binary;
+use pgfresh::Database;
 use pgfresh::Fragment;
-use pgfresh::db::Database;
 use pgfresh::tokio_postgres::{self, NoTls};
 
 const PRODUCTS: i64 = 60;

@@ -43,7 +43,7 @@ async fn metrics_health_and_readiness_are_served() {
     let mut redis = TempRedis::start();
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;
     let port = free_port();
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         http: Some(format!("127.0.0.1:{port}")),
         ..test_settings()
     };
@@ -165,7 +165,7 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
     let env = TestEnv::shop(1).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap();
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         http: Some(address.to_string()),
         ..test_settings()
     };
@@ -192,7 +192,7 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
 async fn the_endpoints_answer_from_samples_while_the_queue_is_locked() {
     let env = TestEnv::shop(2).await;
     let port = free_port();
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         // A host name, resolved as any address is.
         http: Some(format!("localhost:{port}")),
         ..test_settings()
@@ -247,21 +247,21 @@ async fn readiness_fails_while_the_listen_session_is_down() {
     let admin = common::connect(&postgres.url("postgres")).await;
     admin.batch_execute("CREATE DATABASE shop").await.unwrap();
     drop(admin);
-    let db = pgfresh::db::Database::new(&postgres.url("shop"), 8).unwrap();
+    let db = pgfresh::Database::new(&postgres.url("shop"), 8).unwrap();
     common::setup::setup(&db, 1).await.unwrap();
-    let sink = pgfresh::sink::RedisSink::connect(&common::redis_url())
+    let sink = pgfresh::RedisStore::connect(&common::redis_url())
         .await
         .unwrap();
     let prefix = format!("pgfresh_test_readyz_{}:card:", std::process::id());
     sink.set_fragment_marker(&prefix, 1).await.unwrap();
     let port = free_port();
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         http: Some(format!("127.0.0.1:{port}")),
         ..test_settings()
     };
-    let shutdown = pgfresh::shutdown::Shutdown::new();
+    let shutdown = pgfresh::Shutdown::new();
     let card = common::product_card::ProductCard::with_key_prefix(prefix.clone());
-    let listener = tokio::spawn(pgfresh::listener::run(
+    let listener = tokio::spawn(pgfresh::listen(
         db,
         sink.clone(),
         pgfresh::Fragments::new().with(card),

@@ -52,12 +52,12 @@ fn psql(env: &TestEnv, file: &str) -> std::process::Output {
 #[tokio::test]
 async fn installing_twice_then_uninstalling_leaves_no_pgfresh_object_and_keeps_user_data() {
     let env = TestEnv::shop(20).await;
-    let applied_again = pgfresh::schema::install(&env.db).await.unwrap();
+    let applied_again = pgfresh::install(&env.db).await.unwrap();
     assert!(applied_again.is_empty(), "a second install applies nothing");
     assert!(pgfresh_objects(&env).await > 10);
 
-    pgfresh::schema::uninstall(&env.db).await.unwrap();
-    pgfresh::schema::uninstall(&env.db).await.unwrap();
+    pgfresh::uninstall(&env.db).await.unwrap();
+    pgfresh::uninstall(&env.db).await.unwrap();
     assert_eq!(pgfresh_objects(&env).await, 0);
     assert_eq!(product_and_review_counts(&env).await, (20, 60));
     // Writes to the formerly watched tables work without pgfresh.
@@ -80,12 +80,10 @@ async fn psql_install_sql_is_idempotent_and_matches_the_binary() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let version = pgfresh::schema::installed_version(&env.client().await)
-        .await
-        .unwrap();
-    assert_eq!(version, Some(pgfresh::schema::required_version()));
+    let version = pgfresh::installed_version(&env.db).await.unwrap();
+    assert_eq!(version, Some(pgfresh::required_version()));
     // The binary sees a complete install and has nothing left to apply.
-    assert!(pgfresh::schema::install(&env.db).await.unwrap().is_empty());
+    assert!(pgfresh::install(&env.db).await.unwrap().is_empty());
 
     common::setup::setup(&env.db, 5).await.unwrap();
     let out = psql(&env, "sql/uninstall.sql");
@@ -100,31 +98,15 @@ async fn psql_install_sql_is_idempotent_and_matches_the_binary() {
 }
 
 #[test]
-fn install_sql_applies_every_embedded_migration_in_order() {
-    let install =
-        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/sql/install.sql")).unwrap();
-    let mut position = install
-        .find(r"\ir prepare.sql")
-        .expect("install.sql runs prepare.sql first");
-    for migration in pgfresh::schema::MIGRATIONS {
-        let guard = format!("WHERE version = {}", migration.version);
-        let include = format!(r"\ir migrations/{}.sql", migration.name);
-        let at = install[position..]
-            .find(&guard)
-            .expect("a version guard per migration")
-            + position;
-        let included = install[at..]
-            .find(&include)
-            .expect("each migration included after its guard")
-            + at;
-        position = included;
+fn every_migration_install_sql_applies_records_its_own_version() {
+    // build.rs reads the list from sql/install.sql (and checks each file follows its guard).
+    let migrations = pgfresh::testing::migrations();
+    assert!(migrations.len() >= 4);
+    for (index, (version, name, sql)) in migrations.iter().enumerate() {
+        assert_eq!(*version as usize, index + 1, "numbered from 1 without gaps");
         assert!(
-            migration.sql.contains(&format!(
-                "VALUES ({}, '{}')",
-                migration.version, migration.name
-            )),
-            "{} records its own version",
-            migration.name
+            sql.contains(&format!("VALUES ({version}, '{name}')")),
+            "{name} records its own version"
         );
     }
 }
@@ -285,7 +267,7 @@ async fn triggers_queue_old_and_new_keys_and_nothing_on_rollback() {
 #[tokio::test]
 async fn keys_queue_as_one_text_whoever_writes_and_composite_keys_with_a_null_field_count() {
     let env = TestEnv::empty().await;
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let mut client = env.client().await;
     client
         .batch_execute(
@@ -328,7 +310,7 @@ async fn keys_queue_as_one_text_whoever_writes_and_composite_keys_with_a_null_fi
 #[tokio::test]
 async fn odd_identifiers_and_null_keys_are_watched_as_they_should_be() {
     let env = TestEnv::empty().await;
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let client = env.client().await;
     client
         .batch_execute(
@@ -371,10 +353,7 @@ async fn a_role_that_does_not_own_pgfresh_cannot_watch_and_a_failed_install_leav
         .batch_execute("CREATE SCHEMA pgfresh; CREATE TABLE pgfresh.watches (x int);")
         .await
         .unwrap();
-    let error = pgfresh::schema::install(&env.db)
-        .await
-        .unwrap_err()
-        .to_string();
+    let error = pgfresh::install(&env.db).await.unwrap_err().to_string();
     assert!(error.contains("already exists"), "{error}");
     let left: Vec<String> = client
         .query(
@@ -392,7 +371,7 @@ async fn a_role_that_does_not_own_pgfresh_cannot_watch_and_a_failed_install_leav
         .await
         .unwrap();
 
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let stranger = format!("{}_stranger", env.name);
     client
         .batch_execute(&format!(
@@ -506,13 +485,13 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
     }
 
     // A listener running as that role applies changes.
-    let db = pgfresh::db::Database::new(&url, 8).unwrap();
-    let shutdown = pgfresh::shutdown::Shutdown::new();
-    let task = tokio::spawn(pgfresh::listener::run(
+    let db = pgfresh::Database::new(&url, 8).unwrap();
+    let shutdown = pgfresh::Shutdown::new();
+    let task = tokio::spawn(pgfresh::listen(
         db,
         env.sink.clone(),
         env.fragments(),
-        pgfresh::config::ListenSettings {
+        pgfresh::ListenSettings {
             max_attempts: 1,
             ..common::test_settings()
         },
@@ -564,14 +543,14 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
 #[tokio::test]
 async fn postgres_tls_is_used_when_the_url_asks_for_it() {
     let env = TestEnv::empty().await;
-    let encrypted = |db: pgfresh::db::Database| async move {
+    let encrypted = |db: pgfresh::Database| async move {
         let client = db.get().await?;
         let row = client
             .query_one("SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)", &[])
             .await?;
         Ok::<bool, pgfresh::Error>(row.get(0))
     };
-    let plain = pgfresh::db::Database::new(&env.url, 1).unwrap();
+    let plain = pgfresh::Database::new(&env.url, 1).unwrap();
     assert!(!encrypted(plain).await.unwrap(), "no sslmode: plain text");
 
     let server_ssl: String = env
@@ -581,7 +560,7 @@ async fn postgres_tls_is_used_when_the_url_asks_for_it() {
         .await
         .unwrap()
         .get(0);
-    let required = pgfresh::db::Database::new(&format!("{}?sslmode=require", env.url), 1).unwrap();
+    let required = pgfresh::Database::new(&format!("{}?sslmode=require", env.url), 1).unwrap();
     if server_ssl == "on" {
         assert!(
             encrypted(required).await.unwrap(),
@@ -607,7 +586,7 @@ async fn postgres_certificates_are_verified_when_the_url_asks_for_it() {
             server.port
         );
         async move {
-            let db = pgfresh::db::Database::new(&url, 1)?;
+            let db = pgfresh::Database::new(&url, 1)?;
             let client = db.get().await?;
             let row = client
                 .query_one(
@@ -732,13 +711,13 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
 async fn upgrading_from_0001_gives_existing_watches_their_truncate_trigger() {
     let env = TestEnv::empty().await;
     let client = env.client().await;
-    let first = &pgfresh::schema::MIGRATIONS[0];
-    assert_eq!(first.name, "0001_initial");
+    let migrations = pgfresh::testing::migrations();
+    let (_, first_name, first) = migrations[0];
+    assert_eq!(first_name, "0001_initial");
     client
         .batch_execute(&format!(
-            "BEGIN; {} {} COMMIT;",
-            pgfresh::schema::PREPARE_SQL,
-            first.sql
+            "BEGIN; {} {first} COMMIT;",
+            pgfresh::testing::prepare_sql()
         ))
         .await
         .unwrap();
@@ -749,11 +728,8 @@ async fn upgrading_from_0001_gives_existing_watches_their_truncate_trigger() {
         .await
         .unwrap();
 
-    let applied = pgfresh::schema::install(&env.db).await.unwrap();
-    let later: Vec<&str> = pgfresh::schema::MIGRATIONS[1..]
-        .iter()
-        .map(|m| m.name)
-        .collect();
+    let applied = pgfresh::install(&env.db).await.unwrap();
+    let later: Vec<&str> = migrations[1..].iter().map(|(_, name, _)| *name).collect();
     assert_eq!(applied, later);
     assert_eq!(applied[0], "0002_truncate");
     let triggers: Vec<String> = client

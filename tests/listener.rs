@@ -231,7 +231,7 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
     )
     .await
     .unwrap();
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         max_attempts: 2,
         ..test_settings()
     };
@@ -269,7 +269,7 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
     );
     listener.stop().await;
 
-    assert_eq!(pgfresh::queue::retry_failed(&db).await.unwrap(), 2);
+    assert_eq!(pgfresh::retry_failed(&env.db).await.unwrap(), 2);
     assert_eq!(env.pending().await, 2);
     assert_eq!(env.parked().await, 0, "retry-failed empties pgfresh.failed");
     env.cleanup().await;
@@ -278,7 +278,7 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
 #[tokio::test]
 async fn an_idle_listener_is_woken_by_notify_without_waiting_for_the_poll() {
     let env = TestEnv::shop(2).await;
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         poll_interval: std::time::Duration::from_secs(3600),
         ..test_settings()
     };
@@ -397,9 +397,9 @@ async fn a_card_in_redis_is_exactly_what_the_shop_specifies() {
 #[tokio::test]
 async fn a_listener_refuses_to_start_on_an_older_schema_and_says_to_install() {
     let env = TestEnv::empty().await;
-    let mut sql = format!("BEGIN; {}", pgfresh::schema::PREPARE_SQL);
-    for migration in &pgfresh::schema::MIGRATIONS[..3] {
-        sql += migration.sql;
+    let mut sql = format!("BEGIN; {}", pgfresh::testing::prepare_sql());
+    for (_, _, migration) in &pgfresh::testing::migrations()[..3] {
+        sql += migration;
     }
     env.client()
         .await
@@ -445,7 +445,7 @@ async fn a_backlog_renders_each_key_about_once() {
         ..common::AlteredCard::new(&env, "product_card", 1)
     };
     // Small batches: the changes of one key are spread over many batches.
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         batch_size: 20,
         ..test_settings()
     };

@@ -50,7 +50,7 @@ async fn capture_owners(client: &Client) -> Vec<String> {
 #[tokio::test]
 async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
     let env = TestEnv::empty().await;
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let app = format!("{}_app", env.name);
     let admin = env.client().await;
     // The recipe from the hardening issue, plus an equality operator of the owner's own, which
@@ -166,10 +166,7 @@ async fn install_refuses_a_pgfresh_schema_or_object_that_someone_else_created() 
         ))
         .await
         .unwrap();
-    let refused = pgfresh::schema::install(&env.db)
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
     assert!(
         refused.contains(&format!(
             "schema pgfresh belongs to role {squatter}, neither you (postgres) nor a superuser"
@@ -193,10 +190,7 @@ async fn install_refuses_a_pgfresh_schema_or_object_that_someone_else_created() 
         ))
         .await
         .unwrap();
-    let refused = pgfresh::schema::install(&env.db)
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
     assert!(
         refused.contains(&format!("relation changes belongs to role {squatter}")),
         "{refused}"
@@ -207,10 +201,7 @@ async fn install_refuses_a_pgfresh_schema_or_object_that_someone_else_created() 
         ))
         .await
         .unwrap();
-    let refused = pgfresh::schema::install(&env.db)
-        .await
-        .unwrap_err()
-        .to_string();
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
     assert!(
         refused.contains(&format!(
             "role {squatter} may create objects in schema pgfresh"
@@ -225,7 +216,7 @@ async fn install_refuses_a_pgfresh_schema_or_object_that_someone_else_created() 
         ))
         .await
         .unwrap();
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     env.cleanup().await;
 }
 
@@ -237,14 +228,14 @@ async fn install_refuses_pgfresh_roles_that_someone_else_prepared() {
         .batch_execute("CREATE ROLE mallory LOGIN")
         .await
         .unwrap();
-    let db = pgfresh::db::Database::new(&server.url("postgres"), 2).unwrap();
+    let db = pgfresh::Database::new(&server.url("postgres"), 2).unwrap();
 
     // A capture role that can log in would let whoever knows its password alter the capture code.
     admin
         .batch_execute("CREATE ROLE pgfresh_capture LOGIN PASSWORD 'known'")
         .await
         .unwrap();
-    let refused = pgfresh::schema::install(&db).await.unwrap_err().to_string();
+    let refused = pgfresh::install(&db).await.unwrap_err().to_string();
     assert!(
         refused.contains("role pgfresh_capture exists and may log in or holds a special attribute"),
         "{refused}"
@@ -254,7 +245,7 @@ async fn install_refuses_pgfresh_roles_that_someone_else_prepared() {
         .batch_execute("ALTER ROLE pgfresh_capture NOLOGIN; GRANT pgfresh_capture TO mallory")
         .await
         .unwrap();
-    let refused = pgfresh::schema::install(&db).await.unwrap_err().to_string();
+    let refused = pgfresh::install(&db).await.unwrap_err().to_string();
     assert!(
         refused.contains("role mallory is a member of pgfresh_capture"),
         "{refused}"
@@ -263,7 +254,7 @@ async fn install_refuses_pgfresh_roles_that_someone_else_prepared() {
         .batch_execute("REVOKE pgfresh_capture FROM mallory")
         .await
         .unwrap();
-    pgfresh::schema::install(&db).await.unwrap();
+    pgfresh::install(&db).await.unwrap();
 
     // roles.sql likewise refuses a pgfresh_listener that can log in by itself.
     admin
@@ -303,9 +294,9 @@ async fn a_dba_who_is_not_a_superuser_can_install_and_watch() {
         .await
         .unwrap();
     let url = server.url("shop").replacen("postgres@", "dba@", 1);
-    let db = pgfresh::db::Database::new(&url, 2).unwrap();
-    pgfresh::schema::install(&db).await.unwrap();
-    assert!(pgfresh::schema::install(&db).await.unwrap().is_empty());
+    let db = pgfresh::Database::new(&url, 2).unwrap();
+    pgfresh::install(&db).await.unwrap();
+    assert!(pgfresh::install(&db).await.unwrap().is_empty());
     let dba = connect(&url).await;
     dba.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY);
@@ -383,7 +374,7 @@ async fn captured(client: &Client) -> (Vec<String>, Vec<String>) {
 #[tokio::test]
 async fn topics_x_and_x_truncate_keep_all_four_of_their_triggers() {
     let env = TestEnv::empty().await;
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let client = env.client().await;
     client
         .batch_execute(
@@ -416,9 +407,9 @@ async fn topics_x_and_x_truncate_keep_all_four_of_their_triggers() {
 async fn upgrading_from_version_3_rebuilds_every_watch_under_the_capture_role() {
     let env = TestEnv::empty().await;
     let client = env.client().await;
-    let mut sql = format!("BEGIN; {}", pgfresh::schema::PREPARE_SQL);
-    for migration in &pgfresh::schema::MIGRATIONS[..3] {
-        sql += migration.sql;
+    let mut sql = format!("BEGIN; {}", pgfresh::testing::prepare_sql());
+    for (_, _, migration) in &pgfresh::testing::migrations()[..3] {
+        sql += migration;
     }
     client.batch_execute(&(sql + " COMMIT;")).await.unwrap();
     // Under version 3 the second watch's row trigger replaced the first's TRUNCATE trigger, and a
@@ -443,7 +434,7 @@ async fn upgrading_from_version_3_rebuilds_every_watch_under_the_capture_role() 
         ]
     );
 
-    let applied = pgfresh::schema::install(&env.db).await.unwrap();
+    let applied = pgfresh::install(&env.db).await.unwrap();
     assert_eq!(applied, ["0004_least_privilege"]);
     assert_eq!(
         triggers(&client).await,
@@ -480,16 +471,16 @@ async fn with_pgfresh_notify_off_prepared_transactions_commit_and_the_poll_appli
     let admin = connect(&server.url("postgres")).await;
     admin.batch_execute("CREATE DATABASE shop").await.unwrap();
     let url = server.url("shop");
-    let db = pgfresh::db::Database::new(&url, 8).unwrap();
+    let db = pgfresh::Database::new(&url, 8).unwrap();
     common::setup::setup(&db, 3).await.unwrap();
-    let redis = pgfresh::sink::RedisSink::connect(&common::redis_url())
+    let redis = pgfresh::RedisStore::connect(&common::redis_url())
         .await
         .unwrap();
     let prefix = format!("pgfresh_test_2pc_{}:card:", std::process::id());
     let card = common::product_card::ProductCard::with_key_prefix(prefix.clone());
     redis.set_fragment_marker(&prefix, 1).await.unwrap();
-    let shutdown = pgfresh::shutdown::Shutdown::new();
-    let listener = tokio::spawn(pgfresh::listener::run(
+    let shutdown = pgfresh::Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
         db.clone(),
         redis.clone(),
         pgfresh::Fragments::new().with(card),
@@ -577,8 +568,8 @@ async fn a_database_owners_search_path_does_not_reach_the_install() {
         .await
         .unwrap();
     // New sessions (the database's search_path applies at connect) install, by both paths.
-    let db = pgfresh::db::Database::new(&env.url, 1).unwrap();
-    pgfresh::schema::install(&db).await.unwrap();
+    let db = pgfresh::Database::new(&env.url, 1).unwrap();
+    pgfresh::install(&db).await.unwrap();
     let out = psql(&env.url, "sql/install.sql");
     assert!(
         out.status.success(),
@@ -624,7 +615,7 @@ async fn a_database_owners_search_path_does_not_reach_the_install() {
 #[tokio::test]
 async fn a_column_name_cannot_smuggle_code_into_the_capture_function() {
     let env = TestEnv::empty().await;
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let owner = format!("{}_owner", env.name);
     let admin = env.client().await;
     // A column name that ends the generated function's body and calls the owner's function, which
@@ -686,7 +677,7 @@ async fn the_installing_roles_default_privileges_give_public_nothing() {
         )
         .await
         .unwrap();
-    pgfresh::schema::install(&env.db).await.unwrap();
+    pgfresh::install(&env.db).await.unwrap();
     let public: i64 = client
         .query_one(
             "SELECT (SELECT count(*) FROM pg_namespace n, aclexplode(n.nspacl) a

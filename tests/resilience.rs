@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use common::servers::{Stopped, TempRedis};
 use common::{AlteredCard, TestEnv, eventually, test_settings};
-use pgfresh::config::ListenSettings;
+use pgfresh::ListenSettings;
 use pgfresh::{Fragment, Fragments};
 
 /// Settings under which only NOTIFYs and reconnects (never the poll) bring changes in.

@@ -5,15 +5,14 @@
 mod common;
 
 use common::TestEnv;
-use pgfresh::config::SweepSettings;
-use pgfresh::shutdown::Shutdown;
+use pgfresh::Shutdown;
+use pgfresh::SweepSettings;
 
 /// Small pages, so that a few products span several pages run concurrently.
 fn small_pages() -> SweepSettings {
     SweepSettings {
         page_size: 7,
         concurrency: 3,
-        only: None,
     }
 }
 
@@ -90,11 +89,7 @@ async fn a_sweep_fills_redis_then_repairs_deleted_and_corrupted_entries_and_remo
 #[tokio::test]
 async fn sweeping_an_unknown_fragment_fails_with_the_names_there_are() {
     let env = TestEnv::shop(1).await;
-    let settings = SweepSettings {
-        only: Some("nope".into()),
-        ..SweepSettings::default()
-    };
-    let error = env.try_sweep(settings).await.unwrap_err();
+    let error = env.fragments().only("nope").err().unwrap();
     assert_eq!(
         error.to_string(),
         "no fragment named \"nope\"; this binary has: product_card"
@@ -104,7 +99,7 @@ async fn sweeping_an_unknown_fragment_fails_with_the_names_there_are() {
 
 #[tokio::test]
 async fn an_older_render_never_overwrites_a_newer_one() {
-    use pgfresh::sink::{Write, WriteResult};
+    use pgfresh::testing::{Write, WriteResult};
     let env = TestEnv::empty().await;
     let key = env.key(1, "full");
     let set = |html: &str| {
@@ -114,26 +109,36 @@ async fn an_older_render_never_overwrites_a_newer_one() {
         }]
     };
     assert_eq!(
-        env.sink.write(10, &set("new")).await.unwrap(),
+        pgfresh::testing::write(&env.sink, 10, &set("new"))
+            .await
+            .unwrap(),
         [WriteResult::Written]
     );
     assert_eq!(
-        env.sink.write(9, &set("old")).await.unwrap(),
+        pgfresh::testing::write(&env.sink, 9, &set("old"))
+            .await
+            .unwrap(),
         [WriteResult::Refused]
     );
     assert_eq!(
-        env.sink.write(10, &set("new")).await.unwrap(),
+        pgfresh::testing::write(&env.sink, 10, &set("new"))
+            .await
+            .unwrap(),
         [WriteResult::Unchanged]
     );
     assert_eq!(env.get(&key).await.as_deref(), Some("new"));
 
     let delete = vec![Write::Delete { key: key.clone() }];
     assert_eq!(
-        env.sink.write(11, &delete).await.unwrap(),
+        pgfresh::testing::write(&env.sink, 11, &delete)
+            .await
+            .unwrap(),
         [WriteResult::Deleted]
     );
     assert_eq!(
-        env.sink.write(10, &set("resurrected")).await.unwrap(),
+        pgfresh::testing::write(&env.sink, 10, &set("resurrected"))
+            .await
+            .unwrap(),
         [WriteResult::Refused]
     );
     assert_eq!(
@@ -142,7 +147,9 @@ async fn an_older_render_never_overwrites_a_newer_one() {
         "a render older than the delete cannot bring the key back"
     );
     assert_eq!(
-        env.sink.write(12, &set("recreated")).await.unwrap(),
+        pgfresh::testing::write(&env.sink, 12, &set("recreated"))
+            .await
+            .unwrap(),
         [WriteResult::Written]
     );
     env.del(&format!("pgfresh:ticket:{key}")).await;
@@ -152,7 +159,7 @@ async fn an_older_render_never_overwrites_a_newer_one() {
 #[tokio::test]
 async fn the_listener_runs_the_periodic_sweep() {
     let env = TestEnv::shop(3).await;
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         sweep_interval: Some(std::time::Duration::from_millis(200)),
         ..common::test_settings()
     };
@@ -178,7 +185,7 @@ async fn a_sweep_reports_its_progress_against_the_fragment_count() {
     }
     #[derive(Default)]
     struct Recorded(Mutex<Seen>);
-    impl pgfresh::sweep::Progress for Recorded {
+    impl pgfresh::Progress for Recorded {
         fn fragment_started(&self, name: &str, fragments: Option<u64>) {
             self.0
                 .lock()
@@ -195,7 +202,7 @@ async fn a_sweep_reports_its_progress_against_the_fragment_count() {
     }
     let env = TestEnv::shop(9).await;
     let recorded = Recorded::default();
-    let report = pgfresh::sweep::run_with_progress(
+    let report = pgfresh::sweep_with_progress(
         &env.db,
         &env.sink,
         &env.fragments(),
@@ -214,66 +221,6 @@ async fn a_sweep_reports_its_progress_against_the_fragment_count() {
     assert_eq!(advanced, report.stats.rendered);
     assert_eq!(advanced, 18);
     assert_eq!(finished, ["product_card"]);
-    env.cleanup().await;
-}
-
-#[tokio::test]
-async fn a_slow_render_of_old_data_finishing_last_is_refused() {
-    use pgfresh::fragment::DynFragment;
-    use pgfresh::queue::take_ticket;
-    use pgfresh::refresh::refresh;
-    let env = TestEnv::shop(1).await;
-    let db = env.client().await;
-    db.batch_execute("UPDATE products SET name = 'Old' WHERE id = 1")
-        .await
-        .unwrap();
-
-    // The slow render takes its ticket and reads "Old", then stalls.
-    let (release, gate) = tokio::sync::oneshot::channel();
-    let slow = std::sync::Arc::new(common::AlteredCard {
-        gate: std::sync::Mutex::new(Some(gate)),
-        ..common::AlteredCard::new(&env, "product_card", 1)
-    });
-    let slow_ticket = take_ticket(&db).await.unwrap();
-    let slow_render = {
-        let (slow, sink, url) = (slow.clone(), env.sink.clone(), env.url.clone());
-        tokio::spawn(async move {
-            let client = common::connect(&url).await;
-            let fragment: &dyn DynFragment = slow.as_ref();
-            refresh(&client, &sink, fragment, &["1".to_string()], slow_ticket)
-                .await
-                .unwrap()
-        })
-    };
-    common::eventually("the slow render to have read its rows", || async {
-        slow.gate.lock().unwrap().is_none()
-    })
-    .await;
-
-    // Meanwhile the product changes and a fast render writes the new data.
-    db.batch_execute("UPDATE products SET name = 'New' WHERE id = 1")
-        .await
-        .unwrap();
-    let fast_ticket = take_ticket(&db).await.unwrap();
-    let fast = common::product_card::ProductCard::with_key_prefix(env.prefix.clone());
-    let written = refresh(&db, &env.sink, &fast, &["1".to_string()], fast_ticket)
-        .await
-        .unwrap();
-    assert_eq!(written.stats.written, 2);
-
-    release.send(()).unwrap();
-    let late = slow_render.await.unwrap();
-    assert_eq!(
-        late.stats.refused, 2,
-        "both variants of the stale render are refused"
-    );
-    env.wait_fresh(1).await;
-    assert!(
-        env.get(&env.key(1, "full"))
-            .await
-            .unwrap()
-            .contains("<h2>New</h2>")
-    );
     env.cleanup().await;
 }
 
@@ -302,7 +249,7 @@ async fn a_key_that_fails_in_every_sweep_is_queued_and_parked_while_the_sweep_co
     env.set(&orphan, "a product that does not exist").await;
     env.del(&env.marker_key()).await;
 
-    let settings = pgfresh::config::ListenSettings {
+    let settings = pgfresh::ListenSettings {
         max_attempts: 2,
         ..common::test_settings()
     };
@@ -351,7 +298,7 @@ async fn a_key_that_fails_in_a_sweep_keeps_its_entries_for_its_row_exists() {
         },
         ..common::AlteredCard::new(&env, "product_card", 1)
     };
-    let report = pgfresh::sweep::run(
+    let report = pgfresh::sweep(
         &env.db,
         &env.sink,
         &pgfresh::Fragments::new().with(buggy),

@@ -8,10 +8,10 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use pgfresh::config::SweepSettings;
-use pgfresh::db::Database;
-use pgfresh::shutdown::Shutdown;
-use pgfresh::sink::RedisSink;
+use pgfresh::Database;
+use pgfresh::RedisStore;
+use pgfresh::Shutdown;
+use pgfresh::SweepSettings;
 
 use crate::scenarios::{Bench, PRODUCTS, fragments};
 
@@ -116,10 +116,10 @@ fn wait_for(mut ready: impl FnMut() -> bool) -> Result<()> {
 }
 
 /// Two sweeps (the first writes everything, the second finds everything unchanged); fragments/s each.
-async fn two_sweeps(db: &Database, sink: &RedisSink) -> Result<[f64; 2]> {
+async fn two_sweeps(db: &Database, sink: &RedisStore) -> Result<[f64; 2]> {
     let mut rates = [0.0; 2];
     for rate in &mut rates {
-        let report = pgfresh::sweep::run(
+        let report = pgfresh::sweep(
             db,
             sink,
             &fragments(),
@@ -144,7 +144,7 @@ impl Bench {
         let cluster = ThrowawayCluster::start()?;
         let urls = cluster.urls();
         let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
-        let sink = RedisSink::connect_cluster(&nodes).await?;
+        let sink = RedisStore::connect_cluster(&nodes).await?;
         let [cluster_new, cluster_same] = two_sweeps(&db, &sink).await?;
         println!(
             "cluster: sweep of {PRODUCTS} products ({} fragments) into 3 masters {cluster_new:.0} fragments/s written, \

@@ -6,12 +6,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
-use pgfresh::config::{ListenSettings, SweepSettings};
-use pgfresh::db::Database;
-use pgfresh::shutdown::Shutdown;
-use pgfresh::sink::RedisSink;
+use pgfresh::Database;
+use pgfresh::RedisStore;
+use pgfresh::Shutdown;
 use pgfresh::tokio_postgres::{self, NoTls};
 use pgfresh::{Fragment, Fragments};
+use pgfresh::{ListenSettings, SweepSettings};
 
 use crate::product_card::ProductCard;
 
@@ -126,8 +126,8 @@ impl Bench {
     }
 
     /// An empty Redis database and a sink on it.
-    pub(crate) async fn redis(&self) -> Result<(RedisSink, redis::aio::ConnectionManager)> {
-        let sink = RedisSink::connect(&self.redis_url).await?;
+    pub(crate) async fn redis(&self) -> Result<(RedisStore, redis::aio::ConnectionManager)> {
+        let sink = RedisStore::connect(&self.redis_url).await?;
         let mut plain = redis::Client::open(self.redis_url.as_str())?
             .get_connection_manager()
             .await?;
@@ -140,7 +140,7 @@ impl Bench {
 
     /// Starts a listener here, after telling it Redis is already filled (no start-up sweep), and
     /// waits until it is idle.
-    async fn start_listener(&self, db: &Database, sink: &RedisSink, url: &str) -> Result<Running> {
+    async fn start_listener(&self, db: &Database, sink: &RedisStore, url: &str) -> Result<Running> {
         let listener = spawn_listener(db, sink).await?;
         let client = connect(url).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -221,8 +221,8 @@ impl Bench {
     /// Child process: one sweep, printing "rendered seconds peak_rss_mib cpu_seconds".
     pub async fn sweep_once(&self, products: i64) -> Result<()> {
         let db = Database::new(&self.database_url(&format!("pgfresh_bench_{products}")), 16)?;
-        let sink = RedisSink::connect(&self.redis_url).await?;
-        let report = pgfresh::sweep::run(
+        let sink = RedisStore::connect(&self.redis_url).await?;
+        let report = pgfresh::sweep(
             &db,
             &sink,
             &fragments(),
@@ -609,14 +609,14 @@ struct Latencies {
 
 /// Starts a listener in this process with default settings but no periodic sweep, after telling it
 /// Redis is already filled (so it does not sweep at start-up either).
-async fn spawn_listener(db: &Database, sink: &RedisSink) -> Result<Running> {
+async fn spawn_listener(db: &Database, sink: &RedisStore) -> Result<Running> {
     sink.set_fragment_marker(PREFIX, 1).await?;
     let shutdown = Shutdown::new();
     let settings = ListenSettings {
         sweep_interval: None,
         ..ListenSettings::default()
     };
-    let task = tokio::spawn(pgfresh::listener::run(
+    let task = tokio::spawn(pgfresh::listen(
         db.clone(),
         sink.clone(),
         fragments(),
@@ -704,7 +704,7 @@ async fn pgbench(url: &str, script: &std::path::Path) -> Result<f64> {
 /// after the queue has drained this must be 0, or a change was lost.
 async fn stale_cards(
     db: &Database,
-    sink: &RedisSink,
+    sink: &RedisStore,
     ids: &std::collections::BTreeSet<i64>,
 ) -> Result<usize> {
     let client = db.get().await?;

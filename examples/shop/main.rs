@@ -11,10 +11,10 @@ mod web;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+use pgfresh::Database;
+use pgfresh::Fragments;
 use pgfresh::cli::{self, Command, Connections, Logging};
-use pgfresh::config::{ListenSettings, SweepSettings};
-use pgfresh::db::Database;
-use pgfresh::{Fragments, shutdown};
+use pgfresh::{ListenSettings, SweepSettings};
 
 use product_card::ProductCard;
 
@@ -102,9 +102,9 @@ async fn demo(
     let report = setup::setup(&db, products).await?;
     println!("{}", describe_setup(&report, &db));
 
-    let shutdown = shutdown::on_signal();
+    let shutdown = pgfresh::shutdown_on_signal();
     let sweep =
-        pgfresh::sweep::run(&db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
+        pgfresh::sweep(&db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
     println!("{sweep}");
 
     let shop = web::bind(
@@ -137,6 +137,6 @@ async fn demo(
         http: Some(http),
         ..ListenSettings::default()
     };
-    pgfresh::listener::run(db, sink, fragments, settings, shutdown).await?;
+    pgfresh::listen(db, sink, fragments, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,6 +1,6 @@
 //! `setup`: the shop's schema, sample data, pgfresh and its two watches, all idempotent.
 
-use pgfresh::db::Database;
+use pgfresh::Database;
 use pgfresh::tokio_postgres::Client;
 
 /// The shop schema, exactly as documented; created only where missing.
@@ -51,7 +51,7 @@ pub async fn setup(db: &Database, products: i64) -> Result<SetupReport, pgfresh:
     txn.commit().await?;
     drop(client);
 
-    pgfresh::schema::install(db).await?;
+    pgfresh::install(db).await?;
     let client = db.get().await?;
     client
         .batch_execute(

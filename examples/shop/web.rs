@@ -1,5 +1,5 @@
 //! The demo's web shop: the consumer side, as a real site would do it. The product list is assembled
-//! from the cards in Redis with one MGET ([`RedisSink::get_many`]; any Redis client does the same),
+//! from the cards in Redis with one MGET ([`RedisStore::get_many`]; any Redis client does the same),
 //! falling back to a live render for any card that is missing,
 //! and each card says where it came from. A background writer changes a few prices and reviews every
 //! second, so the page (which refreshes itself) shows pgfresh keeping up.
@@ -12,10 +12,10 @@ use axum::extract::State;
 use axum::response::Html;
 use axum::routing::get;
 use maud::{PreEscaped, html};
+use pgfresh::Database;
 use pgfresh::Fragment;
-use pgfresh::db::Database;
-use pgfresh::shutdown::Shutdown;
-use pgfresh::sink::RedisSink;
+use pgfresh::RedisStore;
+use pgfresh::Shutdown;
 
 use crate::product_card::ProductCard;
 
@@ -33,14 +33,14 @@ pub enum Source {
 
 struct Shop {
     db: Database,
-    redis: RedisSink,
+    redis: RedisStore,
     card: ProductCard,
 }
 
 /// The compact cards of products 1..=`count`, from Redis where present, else rendered live.
 pub async fn cards(
     db: &Database,
-    redis: &RedisSink,
+    redis: &RedisStore,
     card: &ProductCard,
     count: i64,
 ) -> Result<Vec<(String, Source)>, Box<dyn std::error::Error + Send + Sync>> {
@@ -113,7 +113,7 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
 pub async fn bind(
     address: &str,
     db: Database,
-    redis: RedisSink,
+    redis: RedisStore,
     card: ProductCard,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()> + use<>, String> {

@@ -16,12 +16,12 @@ use std::future::Future;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use pgfresh::config::ListenSettings;
-use pgfresh::db::Database;
-use pgfresh::shutdown::Shutdown;
-use pgfresh::sink::{RedisConnection, RedisSink};
+use pgfresh::Database;
+use pgfresh::ListenSettings;
+use pgfresh::Shutdown;
 use pgfresh::tokio_postgres::{self, NoTls};
-use pgfresh::{Fragment, Fragments, listener};
+use pgfresh::{Fragment, Fragments};
+use pgfresh::{RedisConnection, RedisStore};
 
 use product_card::ProductCard;
 
@@ -52,7 +52,7 @@ pub struct TestEnv {
     pub name: String,
     pub url: String,
     pub db: Database,
-    pub sink: RedisSink,
+    pub sink: RedisStore,
     /// The test's product card key prefix, e.g. `t1234_5:shop:product_card:`.
     pub prefix: String,
     redis: RedisConnection,
@@ -68,20 +68,20 @@ impl TestEnv {
 
     /// Like [`TestEnv::empty`], on another Redis.
     pub async fn empty_with_redis(redis_url: &str) -> TestEnv {
-        let sink = RedisSink::connect(redis_url)
+        let sink = RedisStore::connect(redis_url)
             .await
             .expect("connect to Redis");
         TestEnv::empty_with_sink(sink).await
     }
 
     /// Like [`TestEnv::empty`], writing through `sink` (another server, a cluster).
-    pub async fn empty_with_sink(sink: RedisSink) -> TestEnv {
+    pub async fn empty_with_sink(sink: RedisStore) -> TestEnv {
         TestEnv::create(sink, "").await
     }
 
     /// Like [`TestEnv::shop`], in a `SQL_ASCII` database, which stores any bytes as text.
     pub async fn shop_sql_ascii(products: i64) -> TestEnv {
-        let sink = RedisSink::connect(&redis_url())
+        let sink = RedisStore::connect(&redis_url())
             .await
             .expect("connect to Redis");
         let env = TestEnv::create(
@@ -94,7 +94,7 @@ impl TestEnv {
         env
     }
 
-    async fn create(sink: RedisSink, options: &str) -> TestEnv {
+    async fn create(sink: RedisStore, options: &str) -> TestEnv {
         let name = format!(
             "pgfresh_test_{}_{}_{:04x}",
             std::process::id(),
@@ -130,14 +130,14 @@ impl TestEnv {
 
     /// Like [`TestEnv::shop`], on another Redis.
     pub async fn shop_with_redis(products: i64, redis_url: &str) -> TestEnv {
-        let sink = RedisSink::connect(redis_url)
+        let sink = RedisStore::connect(redis_url)
             .await
             .expect("connect to Redis");
         TestEnv::shop_with_sink(products, sink).await
     }
 
     /// Like [`TestEnv::shop`], writing through `sink` (another server, a cluster).
-    pub async fn shop_with_sink(products: i64, sink: RedisSink) -> TestEnv {
+    pub async fn shop_with_sink(products: i64, sink: RedisStore) -> TestEnv {
         let env = TestEnv::empty_with_sink(sink).await;
         setup::setup(&env.db, products).await.expect("shop setup");
         env.sink
@@ -150,9 +150,9 @@ impl TestEnv {
     /// A full sweep of this test's fragments with `settings`.
     pub async fn try_sweep(
         &self,
-        settings: pgfresh::config::SweepSettings,
-    ) -> Result<pgfresh::sweep::SweepReport, pgfresh::Error> {
-        pgfresh::sweep::run(
+        settings: pgfresh::SweepSettings,
+    ) -> Result<pgfresh::SweepReport, pgfresh::Error> {
+        pgfresh::sweep(
             &self.db,
             &self.sink,
             &self.fragments(),
@@ -163,7 +163,7 @@ impl TestEnv {
     }
 
     /// A full sweep of this test's fragments with the default settings.
-    pub async fn sweep(&self) -> pgfresh::sweep::SweepReport {
+    pub async fn sweep(&self) -> pgfresh::SweepReport {
         self.try_sweep(Default::default()).await.expect("sweep")
     }
 
@@ -268,7 +268,7 @@ impl TestEnv {
         settings: ListenSettings,
     ) -> RunningListener {
         let shutdown = Shutdown::new();
-        let task = tokio::spawn(listener::run(
+        let task = tokio::spawn(pgfresh::listen(
             self.db.clone(),
             self.sink.clone(),
             fragments,
@@ -504,11 +504,7 @@ impl Fragment for AlteredCard {
     fn version(&self) -> u32 {
         self.version
     }
-    async fn load(
-        &self,
-        db: &tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::fragment::Loaded<Self> {
+    async fn load(&self, db: &tokio_postgres::Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
         let rows = self.card.load(db, keys).await?;
         let gate = self.gate.lock().unwrap().take();
         if let Some(gate) = gate {
@@ -551,7 +547,7 @@ impl pgfresh::Fragment for SharedCard {
         &self,
         db: &pgfresh::tokio_postgres::Client,
         keys: &[i64],
-    ) -> pgfresh::fragment::Loaded<Self> {
+    ) -> pgfresh::Loaded<Self> {
         self.0.load(db, keys).await
     }
     fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {

@@ -1,0 +1,241 @@
+//! The command line's arguments, as clap parses them: connections (shared by every command),
+//! logging, each command's flags, with every value checked as it is parsed.
+
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::Error;
+use crate::config::Environment;
+use crate::pg::Database;
+use crate::store::{RedisStore, shown_redis_url};
+
+/// Where PostgreSQL and Redis are.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Connections")]
+pub struct Connections {
+    /// PostgreSQL connection URL or libpq key=value string. What it leaves out comes from libpq's
+    /// PGHOST, PGPORT, PGUSER, PGPASSWORD, PGDATABASE, PGSSLMODE, ... and ~/.pgpass, then defaults
+    /// to postgres://postgres@127.0.0.1:5432/postgres.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
+    pub database_url: Option<String>,
+    /// Redis connection URL; a /N path selects database N. With --redis-cluster, one or more cluster
+    /// nodes, comma-separated (the others are discovered).
+    #[arg(
+        long,
+        env = "REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true,
+        global = true
+    )]
+    pub redis_url: String,
+    /// Redis is a Redis Cluster: --redis-url names some of its nodes.
+    #[arg(long, env = "REDIS_CLUSTER", hide_env_values = true, global = true)]
+    pub redis_cluster: bool,
+}
+
+impl Connections {
+    /// The PostgreSQL database, with a pool of at most `pool_size` connections, its settings
+    /// completed from this process's environment as libpq would (see [`Environment`]).
+    pub fn database(&self, pool_size: usize) -> Result<Database, Error> {
+        let url = self.database_url.as_deref().unwrap_or("");
+        Database::with_environment(url, pool_size, &Environment::from_process())
+    }
+
+    /// Connects to Redis, a cluster or one server as the flags say, and checks that it answers.
+    pub async fn redis(&self) -> Result<RedisStore, Error> {
+        let store = if self.redis_cluster {
+            let nodes: Vec<&str> = self
+                .redis_url
+                .split(',')
+                .map(str::trim)
+                .filter(|node| !node.is_empty())
+                .collect();
+            RedisStore::connect_cluster(&nodes).await?
+        } else if self.redis_url.contains(',') {
+            return Err(Error::InvalidUrl {
+                what: "Redis",
+                url: shown_redis_url(&self.redis_url),
+                reason:
+                    "several nodes are listed, which is for a Redis Cluster: add --redis-cluster \
+                         (REDIS_CLUSTER=1)"
+                        .into(),
+            });
+        } else {
+            RedisStore::connect(&self.redis_url).await?
+        };
+        // Connecting is lazy on a cluster: a PING tells now whether Redis answers.
+        store.ping().await.map_err(|error| Error::RedisConnect {
+            url: store.url().to_string(),
+            reason: error.to_string(),
+        })?;
+        Ok(store)
+    }
+}
+
+/// How logs are written.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Logging")]
+pub struct Logging {
+    /// Log format on stderr: human-readable text, or one JSON object per line for log collectors.
+    #[arg(
+        long,
+        env = "PGFRESH_LOG_FORMAT",
+        hide_env_values = true,
+        value_enum,
+        default_value_t = LogFormat::Text,
+        global = true
+    )]
+    pub log_format: LogFormat,
+}
+
+/// See [`Logging`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// pgfresh's commands.
+#[derive(Subcommand, Clone, Debug)]
+pub enum Command {
+    /// Install pgfresh in the database, or upgrade it (runs the same SQL as sql/install.sql).
+    Install,
+    /// Remove every pgfresh object, triggers included; your tables are untouched.
+    Uninstall,
+    /// Keep Redis fresh: apply committed changes as they happen, until SIGINT or SIGTERM.
+    Listen(ListenArgs),
+    /// Re-render every fragment once and delete entries whose row is gone.
+    Sweep(SweepArgs),
+    /// Print the HTML of one fragment for one key, touching nothing.
+    Render(RenderArgs),
+    /// Show the installed version, watches, queue and listeners.
+    Status,
+    /// Put changes parked in pgfresh.failed back into the queue.
+    RetryFailed,
+}
+
+/// Flags of `listen`.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Listener")]
+pub struct ListenArgs {
+    /// How often to check the queue when no NOTIFY arrives (the fallback for lost wake-ups; at
+    /// least 10ms).
+    #[arg(long, default_value = "1s", value_parser = parse_poll_interval)]
+    pub poll_interval: Duration,
+    /// How often to run a full sweep (one listener of all at a time); 0 disables; at most 366d.
+    #[arg(long, default_value = "1h", value_parser = parse_sweep_interval)]
+    pub sweep_interval: Duration,
+    /// Most changes claimed per batch.
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub batch_size: i64,
+    /// Batches processed concurrently.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub workers: u16,
+    /// Serve the status page (/), /metrics (Prometheus), /healthz and /readyz on this address, e.g.
+    /// 127.0.0.1:9187 or localhost:9187.
+    #[arg(long, value_parser = parse_address)]
+    pub http: Option<String>,
+    /// Failed attempts before a change is parked in pgfresh.failed.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
+    pub max_attempts: i32,
+    /// How the periodic sweep pages through keys.
+    #[command(flatten)]
+    pub sweep: SweepTuning,
+}
+
+/// Flags of `sweep`.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Sweep")]
+pub struct SweepArgs {
+    /// Sweep only this fragment.
+    #[arg(long)]
+    pub fragment: Option<String>,
+    /// How the sweep pages through keys.
+    #[command(flatten)]
+    pub tuning: SweepTuning,
+}
+
+/// How a sweep pages through keys.
+#[derive(Args, Clone, Debug)]
+#[command(next_help_heading = "Sweep")]
+pub struct SweepTuning {
+    /// Keys per sweep page.
+    #[arg(long, default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..=100_000))]
+    pub page_size: i64,
+    /// Sweep pages in flight at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    pub sweep_concurrency: u16,
+}
+
+/// Arguments of `render`.
+#[derive(Args, Clone, Debug)]
+pub struct RenderArgs {
+    /// Fragment name.
+    pub fragment: String,
+    /// Key, as its text form in the queue (e.g. a product id).
+    pub key: String,
+    /// Variant to render (default: the fragment's first).
+    #[arg(long)]
+    pub variant: Option<String>,
+}
+
+/// The plain pgfresh command line.
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Keep pre-rendered HTML fragments in Redis fresh from PostgreSQL"
+)]
+pub struct Cli {
+    /// Where PostgreSQL and Redis are.
+    #[command(flatten)]
+    pub connections: Connections,
+    /// How logs are written.
+    #[command(flatten)]
+    pub logging: Logging,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Parses "500ms", "1s", "1h", or "0".
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    if text.trim() == "0" {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 1s, 10m, 1h, 0)"))
+}
+
+fn parse_poll_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval < crate::config::MIN_POLL_INTERVAL {
+        return Err("at least 10ms: a shorter poll would only spin (examples: 100ms, 1s)".into());
+    }
+    Ok(interval)
+}
+
+fn parse_sweep_interval(text: &str) -> Result<Duration, String> {
+    let interval = parse_duration(text)?;
+    if interval > crate::config::MAX_SWEEP_INTERVAL {
+        return Err("at most 366d (examples: 1h, 1d; 0 disables the periodic sweep)".into());
+    }
+    Ok(interval)
+}
+
+/// Checks that `host:port` names a port and a host that resolves (a name like localhost, or an
+/// address), so that a typo is caught with the other flags rather than when the listener starts.
+pub fn parse_address(text: &str) -> Result<String, String> {
+    use std::net::ToSocketAddrs;
+    let (_, port) = text
+        .rsplit_once(':')
+        .ok_or("expected host:port, e.g. 127.0.0.1:9187 or localhost:9187")?;
+    port.parse::<u16>()
+        .map_err(|_| format!("{port:?} is not a port number (expected host:port)"))?;
+    match text.to_socket_addrs().map(|mut addresses| addresses.next()) {
+        Ok(Some(_)) => Ok(text.to_string()),
+        Ok(None) => Err(format!("{text} resolves to no address")),
+        Err(error) => Err(format!("cannot resolve {text}: {error}")),
+    }
+}

@@ -1,0 +1,134 @@
+//! The command line that users reuse in their own fragment binary: `install`, `uninstall`, `listen`,
+//! `sweep`, `render`, `status` and `retry-failed`.
+//!
+//! This is the only layer that reads flags and the environment; it turns them into typed settings once
+//! and hands them to the library. A binary with extra commands (like `examples/shop`) flattens
+//! [`Connections`] and [`Command`] into its own parser and calls [`execute`].
+
+mod args;
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+use crate::Error;
+use crate::fragment::Fragments;
+
+pub use args::{
+    Cli, Command, Connections, ListenArgs, LogFormat, Logging, RenderArgs, SweepArgs, SweepTuning,
+    parse_address,
+};
+
+/// Runs the pgfresh command line with these fragments: a complete `main` for a fragment binary.
+pub fn main(fragments: Fragments) -> ExitCode {
+    let cli = Cli::parse();
+    run_command(&cli.logging, || {
+        execute(&cli.connections, cli.command.clone(), &fragments)
+    })
+}
+
+/// Sets up logging, panics as one log line, and a runtime; runs `command`; prints an error as one
+/// line and turns it into the exit code.
+pub fn run_command<F, Fut>(logging: &Logging, command: F) -> ExitCode
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<ExitCode, Error>>,
+{
+    init_logging(logging.log_format);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command()) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("error: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// What is logged when `RUST_LOG` is not set: pgfresh's own events, without the pool's and the
+/// driver's per-connection warnings, which would repeat every loss that pgfresh already reports once.
+const DEFAULT_LOG_FILTER: &str = "info,deadpool=error,tokio_postgres=warn";
+
+/// Logs to stderr, filtered by `RUST_LOG` (default [`DEFAULT_LOG_FILTER`]); a panic becomes one error
+/// line.
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(DEFAULT_LOG_FILTER));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .try_init(),
+    };
+    std::panic::set_hook(Box::new(|info| {
+        let message = info
+            .payload()
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| info.payload().downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        let place = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
+        tracing::error!("panic{place}: {message}");
+    }));
+}
+
+/// Runs one pgfresh command.
+pub async fn execute(
+    connections: &Connections,
+    command: Command,
+    fragments: &Fragments,
+) -> Result<ExitCode, Error> {
+    fragments.validate()?;
+    let db = connections.database(pool_size(&command))?;
+    db.check().await?;
+    match command {
+        Command::Install => commands::install(&db).await,
+        Command::Uninstall => commands::uninstall(&db).await,
+        Command::Status => commands::status(&db, connections).await,
+        Command::RetryFailed => commands::retry_failed(&db).await,
+        Command::Render(args) => commands::render(&db, fragments, args).await,
+        Command::Listen(args) => {
+            require_fragments(fragments)?;
+            commands::listen(db, connections, fragments, args).await
+        }
+        Command::Sweep(args) => {
+            require_fragments(fragments)?;
+            commands::sweep(&db, connections, fragments, args).await
+        }
+    }
+}
+
+/// Pooled connections a command may hold at once.
+fn pool_size(command: &Command) -> usize {
+    match command {
+        // Two per worker (claim, load), the sweep's pages and its pager, and the bookkeeping.
+        Command::Listen(args) => {
+            2 * usize::from(args.workers) + usize::from(args.sweep.sweep_concurrency) + 3
+        }
+        Command::Sweep(args) => usize::from(args.tuning.sweep_concurrency) + 1,
+        _ => 1,
+    }
+}
+
+fn require_fragments(fragments: &Fragments) -> Result<(), Error> {
+    if fragments.is_empty() {
+        return Err(Error::Fragment(
+            "this binary has no fragments; build your own binary with pgfresh::cli::main (see README, \"Writing your own fragment\")"
+                .into(),
+        ));
+    }
+    Ok(())
+}

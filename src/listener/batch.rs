@@ -1,0 +1,245 @@
+//! One batch of the listener's work, as a pipeline: claim changes and take a render ticket, plan
+//! (`plan`: settle what an earlier render covered, defer hot keys, render each (topic, key) once),
+//! render and write through the shared refresh path, and settle every claimed change (applied,
+//! deferred, failed for retry or parking, queued again when Redis could not check a write), all in
+//! one transaction that a crash rolls back.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::plan::BatchPlan;
+use super::shared::Shared;
+use crate::Error;
+use crate::pg::queue::{self, Claim, Failure};
+use crate::refresh::refresh;
+use crate::stats::RefreshStats;
+
+/// A batch taking this long is logged as a warning with where its time went: changes normally reach
+/// Redis within milliseconds.
+const SLOW_BATCH: Duration = Duration::from_secs(1);
+
+/// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
+/// changes it claimed. On an error the transaction rolls back and the batch stays queued as it was,
+/// each change noting the error (without counting an attempt: an outage is not the change's fault),
+/// so that `status` and `pgfresh.changes` say why it waits.
+pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
+    let mut client = shared.db.get().await?;
+    let txn = client.transaction().await?;
+    let started = Instant::now();
+    let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
+    let claimed = claim.changes.len() + claim.undecodable.len();
+    if claimed == 0 {
+        txn.rollback().await?;
+        return Ok((0, RefreshStats::default()));
+    }
+    let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
+    match apply(shared, txn, claim, started).await {
+        Ok(stats) => Ok((claimed, stats)),
+        Err(error) => {
+            queue::note_error(&client, &ids, &error.to_string()).await;
+            Err(error)
+        }
+    }
+}
+
+/// Everything after the claim: plan, render and write, settle, commit.
+async fn apply(
+    shared: &Shared,
+    txn: deadpool_postgres::Transaction<'_>,
+    claim: Claim,
+    started: Instant,
+) -> Result<RefreshStats, Error> {
+    let claimed_at = started.elapsed();
+    let plan = shared.recent.plan_batch(&claim.changes, started);
+    let rendered = render_changes(shared, &plan.to_render, claim.ticket).await?;
+    remember_coverage(shared, &plan, &rendered, claim.snapshot);
+    let rendered_at = started.elapsed();
+    let settled = settle(shared, &txn, &plan, &rendered, claim.undecodable).await?;
+    txn.commit().await?;
+    if !plan.deferred.is_empty() {
+        shared.wake_by(Instant::now() + plan.defer_for);
+    }
+    shared.board.applied(settled);
+    log_batch(&plan, claimed_at, rendered_at, started.elapsed());
+    Ok(rendered.stats)
+}
+
+/// Remembers which (topic, key)s are now in Redis as rendered from rows loaded after the claim's
+/// snapshot. A render written without a ticket to check against may have lost to nothing: it covers
+/// nothing, not even the change this batch queues to render it again.
+fn remember_coverage(
+    shared: &Shared,
+    plan: &BatchPlan<'_>,
+    rendered: &RenderedChanges<'_>,
+    snapshot: Option<crate::pg::Snapshot>,
+) {
+    let Some(snapshot) = snapshot else { return };
+    let unchecked: HashSet<&str> = rendered
+        .unchecked
+        .iter()
+        .map(|(_, key)| key.as_str())
+        .collect();
+    let covering = plan
+        .to_render
+        .keys()
+        .filter(|change| !rendered.failed.contains_key(*change) && !unchecked.contains(change.1));
+    shared
+        .recent
+        .record(covering.copied(), Arc::new(snapshot), Instant::now());
+}
+
+/// Settles every claimed change in the claim's transaction: applied ones (rendered, or covered) are
+/// deleted, deferred ones wait, failed ones count an attempt (and are parked at the limit), keys Redis
+/// could not check are queued again. Returns how many were applied.
+async fn settle(
+    shared: &Shared,
+    txn: &deadpool_postgres::Transaction<'_>,
+    plan: &BatchPlan<'_>,
+    rendered: &RenderedChanges<'_>,
+    undecodable: Vec<Failure>,
+) -> Result<usize, Error> {
+    let mut applied = plan.covered.clone();
+    let mut failures = undecodable;
+    for failure in &failures {
+        tracing::warn!(change = failure.id, error = %failure.error, "change failed; will retry");
+        let change = format!("change {}", failure.id);
+        shared.board.failed("?", &change, &failure.error);
+    }
+    for (change, ids) in &plan.to_render {
+        match rendered.failed.get(change) {
+            None => applied.extend_from_slice(ids),
+            Some(reason) => {
+                tracing::warn!(topic = change.0, key = change.1, error = %reason, "change failed; will retry");
+                shared.board.failed(change.0, change.1, reason);
+                let failed = ids.iter().map(|&id| Failure {
+                    id,
+                    error: reason.clone(),
+                });
+                failures.extend(failed);
+            }
+        }
+    }
+    crate::ops::telemetry::batch(
+        plan.claimed(),
+        applied.len(),
+        plan.covered.len(),
+        plan.deferred.len(),
+        failures.len(),
+    );
+    queue::complete(txn.client(), &applied).await?;
+    queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
+    queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
+    requeue_unchecked(txn.client(), &rendered.unchecked).await?;
+    Ok(applied.len())
+}
+
+/// Logs a batch at debug level, or as a warning when it was slow, with where its time went.
+fn log_batch(plan: &BatchPlan<'_>, claimed: Duration, rendered: Duration, total: Duration) {
+    let (render, settle) = (rendered - claimed, total - rendered);
+    if total >= SLOW_BATCH {
+        tracing::warn!(
+            changes = plan.claimed(),
+            rendered = plan.to_render.len(),
+            claim = ?claimed,
+            render = ?render,
+            settle = ?settle,
+            "slow batch: its changes reached Redis late"
+        );
+    } else {
+        tracing::debug!(
+            changes = plan.claimed(),
+            rendered = plan.to_render.len(),
+            deferred = plan.deferred.len(),
+            claim = ?claimed,
+            render = ?render,
+            settle = ?settle,
+            "batch applied"
+        );
+    }
+}
+
+/// Queues once more the keys written while Redis may evict keys, without a ticket to check against:
+/// the next render, under a newer ticket, restores the newest data if an older render won.
+async fn requeue_unchecked(
+    txn: &tokio_postgres::Client,
+    keys: &[(String, String)],
+) -> Result<(), Error> {
+    let mut by_topic: HashMap<&str, Vec<String>> = HashMap::new();
+    for (topic, key) in keys {
+        by_topic.entry(topic).or_default().push(key.clone());
+    }
+    for (topic, keys) in by_topic {
+        tracing::debug!(
+            topic,
+            keys = keys.len(),
+            "Redis had no ticket to check these renders against: rendering them again"
+        );
+        queue::requeue(txn, topic, &keys, &vec![None; keys.len()]).await?;
+    }
+    Ok(())
+}
+
+/// What rendering a batch's changes did.
+#[derive(Default)]
+struct RenderedChanges<'a> {
+    stats: RefreshStats,
+    /// The changes that failed, with why.
+    failed: HashMap<(&'a str, &'a str), String>,
+    /// Keys to render once more, by (topic, key): written while Redis may evict keys, without a
+    /// ticket to check against.
+    unchecked: Vec<(String, String)>,
+}
+
+/// Refreshes every fragment subscribed to the changes' topics. Rows are loaded on a connection of
+/// their own: a loader's SQL error would otherwise abort the claiming transaction, and with it the
+/// recording of that very failure.
+async fn render_changes<'a>(
+    shared: &Shared,
+    changes: &HashMap<(&'a str, &'a str), Vec<i64>>,
+    ticket: i64,
+) -> Result<RenderedChanges<'a>, Error> {
+    let mut rendered = RenderedChanges::default();
+    if changes.is_empty() {
+        return Ok(rendered);
+    }
+    let loader = shared.db.get().await?;
+    for &(topic, key) in changes.keys() {
+        if shared.fragments.for_topic(topic).next().is_none() {
+            rendered.failed.insert(
+                (topic, key),
+                format!("no fragment subscribes to topic {topic:?}"),
+            );
+        }
+    }
+    for fragment in shared.fragments.iter() {
+        // Every queued (topic, key) that reaches this fragment, by key.
+        let mut reaching: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
+        for &(topic, key) in changes.keys() {
+            if fragment.topics().contains(&topic) {
+                reaching.entry(key).or_default().push((topic, key));
+            }
+        }
+        if reaching.is_empty() {
+            continue;
+        }
+        let keys: Vec<String> = reaching.keys().map(|key| key.to_string()).collect();
+        let refreshed = refresh(&loader, &shared.store, fragment.as_ref(), &keys, ticket).await?;
+        shared.board.refreshed(fragment.name(), refreshed.stats);
+        rendered.stats += refreshed.stats;
+        for (index, reason) in refreshed.failed {
+            for &change in &reaching[keys[index].as_str()] {
+                rendered
+                    .failed
+                    .entry(change)
+                    .or_insert_with(|| reason.clone());
+            }
+        }
+        let topic = fragment.topics()[0].to_string();
+        let unchecked = refreshed.unchecked.into_iter();
+        rendered
+            .unchecked
+            .extend(unchecked.map(|index| (topic.clone(), keys[index].clone())));
+    }
+    Ok(rendered)
+}

@@ -1,0 +1,215 @@
+//! The drain loop: works through the queue whenever there may be work, until shutdown, with as many
+//! batches at once as `--workers` says; switches between waiting for NOTIFYs (idle) and polling
+//! (busy) by the rate of changes; stands aside for a newer listener between drains.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use super::shared::Shared;
+use crate::Error;
+use crate::backoff::Backoff;
+use crate::pg::registry;
+use crate::stats::RefreshStats;
+
+/// Above this many changes per second the listener stops asking for NOTIFYs and polls instead. Every
+/// notifying commit takes a cluster-wide lock; at this rate that costs writers little, while a listener
+/// that kept notifications on under load was measured to cut 8-client write throughput to a fifth.
+const BUSY_RATE: f64 = 300.0;
+
+/// How often a busy listener looks at the queue: this bounds the latency it adds under load.
+const BUSY_POLL: Duration = Duration::from_millis(20);
+
+/// How long the queue must stay empty before a busy listener asks for NOTIFYs again.
+const QUIET_BEFORE_IDLE: Duration = Duration::from_millis(100);
+
+/// The window over which the change rate is measured.
+const RATE_WINDOW: Duration = Duration::from_millis(200);
+
+/// What one pass over the queue found.
+#[derive(Default)]
+struct Drained {
+    stats: RefreshStats,
+    changes: u64,
+}
+
+/// Drains the queue whenever there may be work, until shutdown.
+///
+/// While changes are rare the listener is *idle*: it has told the database so (triggers then NOTIFY)
+/// and waits for a notification or the poll interval. When they arrive faster than [`BUSY_RATE`] it
+/// turns *busy*: triggers stop notifying and the listener polls every [`BUSY_POLL`] until the queue
+/// has been empty for [`QUIET_BEFORE_IDLE`].
+pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
+    let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+    let mut failing_since: Option<Instant> = None;
+    let mut rate = ChangeRate::default();
+    let mut last_change = Instant::now();
+    while !shared.shutdown.is_cancelled() {
+        if stand_aside(shared).await {
+            tokio::select! {
+                _ = shared.shutdown.cancelled() => {}
+                _ = tokio::time::sleep(shared.settings.poll_interval) => {}
+            }
+            continue;
+        }
+        let drained = match drain(shared).await {
+            Ok(drained) => drained,
+            Err(error) => {
+                if failing_since.is_none() {
+                    tracing::warn!(%error, "cannot process changes; they stay queued, retrying with backoff");
+                    failing_since = Some(Instant::now());
+                } else {
+                    tracing::debug!(%error, "still cannot process changes");
+                }
+                backoff.wait(&shared.shutdown).await;
+                continue;
+            }
+        };
+        backoff.reset();
+        if let Some(since) = failing_since.take() {
+            tracing::info!(after = ?since.elapsed(), "processing changes again");
+        }
+        if drained.changes > 0 {
+            last_change = Instant::now();
+            tracing::debug!(changes = drained.changes, stats = ?drained.stats, "drained");
+        }
+        let per_second = rate.record(drained.changes);
+        let idle = shared.idle.load(Ordering::Relaxed);
+        let want_idle = if idle {
+            per_second <= BUSY_RATE
+        } else {
+            last_change.elapsed() >= QUIET_BEFORE_IDLE
+        };
+        // After asking for NOTIFYs, drain once more: a change whose trigger read the flag just before
+        // it was set would otherwise wait for the next poll.
+        if want_idle != idle && set_idle(shared, want_idle).await && want_idle {
+            continue;
+        }
+        let mut pause = if shared.idle.load(Ordering::Relaxed) {
+            shared.settings.poll_interval
+        } else {
+            BUSY_POLL
+        };
+        if let Some(at) = shared.next_wake.lock().expect("next wake lock").take() {
+            // A little after the deferred changes' retry time, which PostgreSQL's clock decides.
+            pause =
+                pause.min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(2));
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => {}
+            _ = wake.notified() => {}
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+/// Records in the registry whether this listener stands aside for a newer one, and returns whether it
+/// does. The drain loop calls it between drains, so by the time `superseded` is recorded no batch of
+/// this listener is in hand; a standing-aside listener also stops asking for NOTIFYs.
+async fn stand_aside(shared: &Shared) -> bool {
+    let requested = shared.stand_aside.requested();
+    if requested != shared.stand_aside.recorded() {
+        if requested && shared.idle.load(Ordering::Relaxed) {
+            set_idle(shared, false).await;
+        }
+        let recorded = match shared.db.get().await {
+            Ok(client) => registry::set_superseded(&client, &shared.me.id, requested).await,
+            Err(error) => Err(error),
+        };
+        match recorded {
+            Ok(()) => {
+                shared.stand_aside.set_recorded(requested);
+                shared.board.standing_aside(requested);
+                crate::ops::telemetry::standing_aside(requested);
+            }
+            Err(error) => tracing::debug!(%error, "cannot record standing aside"),
+        }
+    }
+    shared.stand_aside.active()
+}
+
+/// Tells the database whether this listener wants NOTIFYs; returns whether that was recorded. If it
+/// cannot be, nothing is lost: the poll still finds every change.
+async fn set_idle(shared: &Shared, idle: bool) -> bool {
+    let recorded = match shared.db.get().await {
+        Ok(client) => registry::set_listener_idle(&client, &shared.me.id, idle).await,
+        Err(error) => Err(error),
+    };
+    match recorded {
+        Ok(()) => {
+            shared.idle.store(idle, Ordering::Relaxed);
+            tracing::debug!(idle, "told the database whether to notify");
+            true
+        }
+        Err(error) => {
+            tracing::debug!(%error, "cannot record the idle flag");
+            false
+        }
+    }
+}
+
+/// Changes per second over the last [`RATE_WINDOW`].
+#[derive(Default)]
+struct ChangeRate {
+    recent: std::collections::VecDeque<(Instant, u64)>,
+}
+
+impl ChangeRate {
+    fn record(&mut self, changes: u64) -> f64 {
+        let now = Instant::now();
+        if changes > 0 {
+            self.recent.push_back((now, changes));
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|(at, _)| now.duration_since(*at) > RATE_WINDOW)
+        {
+            self.recent.pop_front();
+        }
+        self.recent.iter().map(|(_, n)| *n).sum::<u64>() as f64 / RATE_WINDOW.as_secs_f64()
+    }
+}
+
+/// Works through the queue with `workers` concurrent batches until a claim comes back short.
+async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
+    let mut workers = JoinSet::new();
+    for _ in 0..shared.settings.workers.max(1) {
+        let shared = shared.clone();
+        workers.spawn(async move {
+            let mut drained = Drained::default();
+            while !shared.shutdown.is_cancelled() && !shared.stand_aside.requested() {
+                let (claimed, stats) = super::batch::process(&shared).await?;
+                drained.changes += claimed as u64;
+                drained.stats += stats;
+                if (claimed as i64) < shared.settings.batch_size {
+                    break;
+                }
+            }
+            Ok::<Drained, Error>(drained)
+        });
+    }
+    let mut total = Drained::default();
+    let mut first_error = None;
+    while let Some(joined) = workers.join_next().await {
+        match joined {
+            Ok(Ok(drained)) => {
+                total.changes += drained.changes;
+                total.stats += drained.stats;
+            }
+            Ok(Err(error)) => first_error = first_error.or(Some(error)),
+            Err(join_error) => {
+                first_error = first_error.or(Some(Error::Internal(format!(
+                    "batch worker died: {join_error}"
+                ))))
+            }
+        }
+    }
+    match first_error {
+        Some(error) => Err(error),
+        None => Ok(total),
+    }
+}

@@ -1,0 +1,47 @@
+//! The heartbeat: keeps this listener's registry row fresh (triggers stop waking a listener silent
+//! for a minute, others count it gone after 15 s), publishes its totals for `status`, and samples the
+//! queue for the metrics and the status page, at once and then every few seconds.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use super::shared::Shared;
+use crate::pg::{queue, registry};
+
+/// How often a listener tells the database it is alive.
+const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+
+/// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current;
+/// samples the queue for metrics and the status page, at once and then at every beat.
+pub(crate) async fn heartbeat(shared: Arc<Shared>) {
+    loop {
+        if let Ok(client) = shared.db.get().await {
+            beat(&shared, &client).await;
+        }
+        tokio::select! {
+            _ = shared.shutdown.cancelled() => return,
+            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        }
+    }
+}
+
+async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
+    let stats = queue::stats(client).await;
+    if let Ok(stats) = &stats
+        && let Ok(usage) = queue::notification_queue_usage(client).await
+    {
+        crate::ops::telemetry::queue(stats, usage);
+    }
+    shared
+        .board
+        .queue_sampled(stats.map_err(|error| error.to_string()));
+    let (changes, refused) = shared.board.totals();
+    let idle = shared.idle.load(Ordering::Relaxed);
+    let superseded = shared.stand_aside.recorded();
+    if let Err(error) =
+        registry::heartbeat(client, &shared.me, idle, superseded, changes, refused).await
+    {
+        tracing::debug!(%error, "heartbeat failed");
+    }
+}

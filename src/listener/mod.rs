@@ -1,0 +1,236 @@
+//! The listener: keeps Redis fresh by working through the change queue as changes commit.
+//!
+//! It drains the queue at start-up, after every NOTIFY wake-up, after every reconnect, and every
+//! poll interval in case a wake-up was lost. Each batch is claimed with `FOR UPDATE SKIP LOCKED` in a
+//! transaction that stays open until its fragments are in Redis, so any number of listeners share the
+//! queue without doing a batch twice, and a crash at any point leaves the batch queued
+//! (at-least-once). One listener at a time (an advisory lock elects it) also runs the sweeps.
+//!
+//! - `shared`: what its tasks share.
+//! - `drain`: the loop that drains the queue, idle (waiting for NOTIFYs) or busy (polling).
+//! - `batch`: one claimed batch, from claim to commit; `plan`, the pure part deciding what to render.
+//! - `wakeup`: the LISTEN session that turns NOTIFYs into wake-ups.
+//! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled.
+//! - `stand_aside`: rolling deploys; a listener stands aside for one with newer fragment versions.
+//! - `maintenance`: the sweeps it runs itself (periodic, Redis emptied, markup changed, table
+//!   truncated, PostgreSQL restarted), elected by an advisory lock.
+
+mod batch;
+mod drain;
+mod heartbeat;
+mod maintenance;
+mod plan;
+mod shared;
+mod stand_aside;
+mod wakeup;
+
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::AtomicBool;
+
+use tokio::sync::Notify;
+use tokio::task::JoinSet;
+
+use crate::Error;
+use crate::config::ListenSettings;
+use crate::fragment::Fragments;
+use crate::ops::board::StatusBoard;
+use crate::pg::Database;
+use crate::pg::registry::{self, ListenerIdentity};
+use crate::shutdown::Shutdown;
+use crate::store::RedisStore;
+use shared::Shared;
+
+/// Runs a listener for `fragments` until `shutdown` is cancelled: applies every committed change to
+/// the watched tables, and sweeps when needed. Returns early only if pgfresh is not installed (or
+/// older than this binary), a fragment or setting is misdefined, or one of the listener's own tasks
+/// died (a bug: the process should stop and be restarted, not run half-dead); lost connections are
+/// retried forever.
+pub async fn listen(
+    db: Database,
+    store: RedisStore,
+    fragments: Fragments,
+    settings: ListenSettings,
+    shutdown: Shutdown,
+) -> Result<(), Error> {
+    fragments.validate()?;
+    settings.validate()?;
+    crate::pg::schema::ensure_installed(&db).await?;
+    Listener::new(db, store, fragments, settings, shutdown)
+        .run()
+        .await
+}
+
+/// A running listener: its shared state and the tasks around the drain loop.
+struct Listener {
+    shared: Arc<Shared>,
+    wake: Arc<Notify>,
+}
+
+impl Listener {
+    fn new(
+        db: Database,
+        store: RedisStore,
+        fragments: Fragments,
+        settings: ListenSettings,
+        shutdown: Shutdown,
+    ) -> Self {
+        let me = ListenerIdentity {
+            id: format!(
+                "{}:{}:{:08x}",
+                hostname(),
+                std::process::id(),
+                fastrand::u32(..)
+            ),
+            fragments: fragments.iter().map(|f| f.name().to_string()).collect(),
+            versions: fragments.iter().map(|f| i64::from(f.version())).collect(),
+        };
+        let shared = Arc::new(Shared {
+            db,
+            store,
+            fragments,
+            settings,
+            me,
+            stand_aside: Arc::default(),
+            shutdown,
+            idle: AtomicBool::new(false),
+            recent: Default::default(),
+            next_wake: Mutex::new(None),
+            board: Arc::new(StatusBoard::default()),
+        });
+        Self {
+            shared,
+            wake: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Starts the tasks, drains until shutdown (or until a task dies), then stops everything and
+    /// deregisters.
+    async fn run(self) -> Result<(), Error> {
+        let shared = &self.shared;
+        let mut tasks = self.start().await?;
+        let died = tokio::select! {
+            _ = drain::drain_loop(shared, &self.wake) => None,
+            joined = tasks.join_next() => joined,
+        };
+        // Every task selects on the shutdown token; wait for them to finish their current step.
+        shared.shutdown.cancel();
+        while tasks.join_next().await.is_some() {}
+        if let Ok(client) = shared.db.get().await {
+            let _ = registry::deregister_listener(&client, &shared.me.id).await;
+        }
+        let (applied, refused) = shared.board.totals();
+        tracing::info!(
+            changes_applied = applied,
+            refused_writes = refused,
+            "listener stopped"
+        );
+        match died {
+            None => Ok(()),
+            // Tasks end when shutdown asks them to, possibly before the drain loop has noticed.
+            Some(Ok(_)) if shared.shutdown.is_cancelled() => Ok(()),
+            Some(Ok(task)) => Err(Error::Internal(format!(
+                "the {task} task stopped on its own"
+            ))),
+            Some(Err(error)) => Err(Error::Internal(format!(
+                "a listener task died: {}",
+                describe_join_error(error)
+            ))),
+        }
+    }
+
+    /// Binds the HTTP address (before registering, so that a taken port fails start-up cleanly),
+    /// registers the listener and spawns its tasks; each returns its name when it ends.
+    async fn start(&self) -> Result<JoinSet<&'static str>, Error> {
+        let shared = &self.shared;
+        let listen_connected = Arc::new(AtomicBool::new(false));
+        let mut tasks = JoinSet::new();
+        if let Some(address) = &shared.settings.http {
+            self.start_http(address, &listen_connected, &mut tasks)
+                .await?;
+        }
+        registry::register_listener(&*shared.db.get().await?, &shared.me).await?;
+        crate::ops::telemetry::register_fragments(shared.fragments.iter().map(|f| f.name()));
+        crate::ops::telemetry::standing_aside(false);
+        tracing::info!(
+            listener = %shared.me.id,
+            fragments = %shared.fragments.names(),
+            database = %shared.db.url(),
+            redis = %shared.store.url(),
+            "listening for changes"
+        );
+        let wakeup = wakeup::Wakeup::new(
+            shared.db.clone(),
+            shared.me.id.clone(),
+            self.wake.clone(),
+            listen_connected,
+            shared.shutdown.clone(),
+        );
+        spawn(&mut tasks, "LISTEN session", wakeup.run());
+        spawn(
+            &mut tasks,
+            "heartbeat",
+            heartbeat::heartbeat(shared.clone()),
+        );
+        let deploy = stand_aside::watch(
+            shared.db.clone(),
+            shared.me.clone(),
+            shared.stand_aside.clone(),
+            shared.shutdown.clone(),
+        );
+        spawn(&mut tasks, "rolling deploy watch", deploy);
+        spawn(&mut tasks, "maintenance", maintenance::run(shared.clone()));
+        Ok(tasks)
+    }
+
+    async fn start_http(
+        &self,
+        address: &str,
+        listen_connected: &Arc<AtomicBool>,
+        tasks: &mut JoinSet<&'static str>,
+    ) -> Result<(), Error> {
+        let shared = &self.shared;
+        let sources = crate::ops::http::Sources {
+            listen_connected: listen_connected.clone(),
+            board: shared.board.clone(),
+            listener_id: shared.me.id.clone(),
+        };
+        let server = crate::ops::http::bind(address, sources, shared.shutdown.clone()).await?;
+        spawn(tasks, "HTTP server", server);
+        let probe = crate::ops::http::probe_redis(
+            shared.store.clone(),
+            shared.board.clone(),
+            shared.shutdown.clone(),
+        );
+        spawn(tasks, "Redis probe", probe);
+        Ok(())
+    }
+}
+
+/// Spawns a task that returns its name when it ends, so the listener can say which one stopped.
+fn spawn(
+    tasks: &mut JoinSet<&'static str>,
+    name: &'static str,
+    task: impl Future<Output = ()> + Send + 'static,
+) {
+    tasks.spawn(async move {
+        task.await;
+        name
+    });
+}
+
+/// One line for a task that panicked or was cancelled.
+fn describe_join_error(error: tokio::task::JoinError) -> String {
+    match error.try_into_panic() {
+        Ok(panic) => format!("panicked: {}", crate::fragment::panic_message(&panic)),
+        Err(error) => error.to_string(),
+    }
+}
+
+/// This machine's name, for the listener id; "localhost" when it cannot be read.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .or_else(|_| std::fs::read_to_string("/etc/hostname"))
+        .map(|name| name.trim().to_string())
+        .unwrap_or_else(|_| "localhost".into())
+}

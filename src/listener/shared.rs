@@ -1,0 +1,46 @@
+//! What the listener's tasks share: its connections, fragments, settings and identity, and the state
+//! they hand each other (the idle flag, recent renders, when deferred changes become ready).
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use super::plan::RecentRenders;
+use super::stand_aside::StandAside;
+use crate::config::ListenSettings;
+use crate::fragment::Fragments;
+use crate::ops::board::StatusBoard;
+use crate::pg::Database;
+use crate::pg::registry::ListenerIdentity;
+use crate::shutdown::Shutdown;
+use crate::store::RedisStore;
+
+/// Everything the listener's tasks share.
+pub(crate) struct Shared {
+    pub(crate) db: Database,
+    pub(crate) store: RedisStore,
+    pub(crate) fragments: Fragments,
+    pub(crate) settings: ListenSettings,
+    /// This listener's id and fragment versions, as registered.
+    pub(crate) me: ListenerIdentity,
+    /// Whether it stands aside for a listener with newer fragment versions.
+    pub(crate) stand_aside: Arc<StandAside>,
+    pub(crate) shutdown: Shutdown,
+    /// Whether this listener last told the database it is idle (wants NOTIFYs). The heartbeat
+    /// re-asserts it, since a PostgreSQL crash empties the unlogged registry.
+    pub(crate) idle: AtomicBool,
+    /// Recent renders, to settle covered changes and slow down hot keys.
+    pub(crate) recent: RecentRenders,
+    /// When deferred changes become ready: the drain loop looks at the queue again then.
+    pub(crate) next_wake: Mutex<Option<Instant>>,
+    /// Totals and samples, for the registry row, the status page and `/readyz`.
+    pub(crate) board: Arc<StatusBoard>,
+}
+
+impl Shared {
+    /// Makes the drain loop look at the queue again no later than `at`.
+    pub(crate) fn wake_by(&self, at: Instant) {
+        let mut next = self.next_wake.lock().expect("next wake lock");
+        *next = Some(next.map_or(at, |earlier| earlier.min(at)));
+    }
+}

@@ -1,0 +1,175 @@
+//! What a running listener knows about itself, for the status page, the readiness check and its
+//! registry row: totals, recent failures, the last sweep, what each fragment has done, and the queue,
+//! Redis's memory policy and Redis's answers as sampled in the background. Updated as things happen;
+//! read by `ops::http`, whose requests therefore never take a connection or a query from the listener.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Mutex;
+use std::time::{Instant, SystemTime};
+
+use crate::pg::queue::QueueStats;
+use crate::stats::RefreshStats;
+use crate::store::Eviction;
+
+/// Failures kept for the page.
+const RECENT_FAILURES: usize = 20;
+
+/// One failed attempt to apply a change.
+#[derive(Clone, Debug)]
+pub(crate) struct RecentFailure {
+    /// When it failed.
+    pub(crate) at: SystemTime,
+    /// The change's topic.
+    pub(crate) topic: String,
+    /// The change's key.
+    pub(crate) key: String,
+    /// Why.
+    pub(crate) error: String,
+}
+
+/// The last sweep this listener ran.
+#[derive(Clone, Debug)]
+pub(crate) struct LastSweep {
+    /// When it ended.
+    pub(crate) at: SystemTime,
+    /// Why it ran ("periodic", "marker").
+    pub(crate) reason: &'static str,
+    /// Its summary line.
+    pub(crate) summary: String,
+    /// Whether it succeeded.
+    pub(crate) succeeded: bool,
+}
+
+/// A snapshot of the board, for rendering.
+#[derive(Clone, Debug)]
+pub(crate) struct BoardView {
+    /// When the listener started.
+    pub(crate) started: Instant,
+    /// Newest first.
+    pub(crate) recent_failures: Vec<RecentFailure>,
+    /// The last sweep, if any.
+    pub(crate) last_sweep: Option<LastSweep>,
+    /// Totals by fragment name.
+    pub(crate) fragments: BTreeMap<String, RefreshStats>,
+    /// Changes settled since start.
+    pub(crate) changes_applied: u64,
+    /// Whether the listener stands aside for one with newer fragment versions.
+    pub(crate) standing_aside: bool,
+    /// The queue as last sampled, and when.
+    pub(crate) queue: Option<(Instant, Result<QueueStats, String>)>,
+    /// Redis's memory policy as last read: what it allows, in a line, and whether it may evict.
+    pub(crate) redis_eviction: Option<(String, Eviction)>,
+    /// Redis's last answer to the background PING, and when.
+    pub(crate) redis_answer: Option<(Instant, Result<(), String>)>,
+}
+
+/// The listener's status board.
+pub(crate) struct StatusBoard {
+    started: Instant,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Default)]
+struct Inner {
+    recent_failures: VecDeque<RecentFailure>,
+    last_sweep: Option<LastSweep>,
+    fragments: BTreeMap<String, RefreshStats>,
+    changes_applied: u64,
+    standing_aside: bool,
+    queue: Option<(Instant, Result<QueueStats, String>)>,
+    redis_eviction: Option<(String, Eviction)>,
+    redis_answer: Option<(Instant, Result<(), String>)>,
+}
+
+impl Default for StatusBoard {
+    fn default() -> Self {
+        Self {
+            started: Instant::now(),
+            inner: Mutex::default(),
+        }
+    }
+}
+
+impl StatusBoard {
+    /// Adds a fragment's batch to its totals.
+    pub(crate) fn refreshed(&self, fragment: &str, stats: RefreshStats) {
+        let mut inner = self.inner.lock().expect("status board lock");
+        *inner.fragments.entry(fragment.to_string()).or_default() += stats;
+    }
+
+    /// Counts changes settled.
+    pub(crate) fn applied(&self, changes: usize) {
+        self.inner
+            .lock()
+            .expect("status board lock")
+            .changes_applied += changes as u64;
+    }
+
+    /// Notes a failed attempt.
+    pub(crate) fn failed(&self, topic: &str, key: &str, error: &str) {
+        let mut inner = self.inner.lock().expect("status board lock");
+        if inner.recent_failures.len() == RECENT_FAILURES {
+            inner.recent_failures.pop_back();
+        }
+        inner.recent_failures.push_front(RecentFailure {
+            at: SystemTime::now(),
+            topic: topic.into(),
+            key: key.into(),
+            error: error.into(),
+        });
+    }
+
+    /// Notes a finished sweep.
+    pub(crate) fn swept(&self, reason: &'static str, summary: String, succeeded: bool) {
+        self.inner.lock().expect("status board lock").last_sweep = Some(LastSweep {
+            at: SystemTime::now(),
+            reason,
+            summary,
+            succeeded,
+        });
+    }
+
+    /// Notes whether the listener stands aside for a newer one.
+    pub(crate) fn standing_aside(&self, standing_aside: bool) {
+        self.inner.lock().expect("status board lock").standing_aside = standing_aside;
+    }
+
+    /// Notes the queue's figures, sampled by the listener's heartbeat.
+    pub(crate) fn queue_sampled(&self, stats: Result<QueueStats, String>) {
+        self.inner.lock().expect("status board lock").queue = Some((Instant::now(), stats));
+    }
+
+    /// Notes what Redis's memory policy allows.
+    pub(crate) fn redis_eviction(&self, description: String, eviction: Eviction) {
+        self.inner.lock().expect("status board lock").redis_eviction =
+            Some((description, eviction));
+    }
+
+    /// Notes Redis's answer to a background PING.
+    pub(crate) fn redis_answered(&self, answer: Result<(), String>) {
+        self.inner.lock().expect("status board lock").redis_answer = Some((Instant::now(), answer));
+    }
+
+    /// Changes applied and stale writes refused since start: the totals the registry row publishes.
+    pub(crate) fn totals(&self) -> (i64, i64) {
+        let inner = self.inner.lock().expect("status board lock");
+        let refused: u64 = inner.fragments.values().map(|stats| stats.refused).sum();
+        (inner.changes_applied as i64, refused as i64)
+    }
+
+    /// A copy of everything, for the page.
+    pub(crate) fn view(&self) -> BoardView {
+        let inner = self.inner.lock().expect("status board lock");
+        BoardView {
+            started: self.started,
+            recent_failures: inner.recent_failures.iter().cloned().collect(),
+            last_sweep: inner.last_sweep.clone(),
+            fragments: inner.fragments.clone(),
+            changes_applied: inner.changes_applied,
+            standing_aside: inner.standing_aside,
+            queue: inner.queue.clone(),
+            redis_eviction: inner.redis_eviction.clone(),
+            redis_answer: inner.redis_answer.clone(),
+        }
+    }
+}

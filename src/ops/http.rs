@@ -1,0 +1,151 @@
+//! The listener's HTTP endpoints (`listen --http ADDR`): `/` a status page (maud, refreshing itself),
+//! `/metrics` in Prometheus text format, `/healthz` (the process is alive) and `/readyz` (its LISTEN
+//! session and Redis both work).
+//!
+//! A request never takes what the listener needs: no pooled connection, no query, no Redis command.
+//! Everything served was sampled in the background (the queue by the heartbeat, Redis by
+//! [`probe_redis`]) and is read from the [`StatusBoard`], so a flood of requests costs only CPU.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Html;
+use axum::routing::get;
+use metrics_exporter_prometheus::PrometheusHandle;
+
+use crate::Error;
+use crate::ops::board::StatusBoard;
+use crate::shutdown::Shutdown;
+use crate::store::RedisStore;
+
+/// How often Redis is pinged in the background.
+const PROBE_INTERVAL: Duration = Duration::from_secs(1);
+
+/// How long a PING may take before Redis counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// An answer older than this is not trusted: the probe itself is stuck.
+const PROBE_STALE: Duration = Duration::from_secs(5);
+
+/// What the endpoints look at.
+#[derive(Clone)]
+pub(crate) struct Sources {
+    /// Set while the LISTEN session is up.
+    pub(crate) listen_connected: Arc<AtomicBool>,
+    /// The listener's own record of what happened, and of what was sampled.
+    pub(crate) board: Arc<StatusBoard>,
+    /// Shown on the status page.
+    pub(crate) listener_id: String,
+}
+
+#[derive(Clone)]
+struct AppState {
+    metrics: Option<PrometheusHandle>,
+    sources: Sources,
+}
+
+/// Binds `address` now, so that a taken port fails start-up with a clear message, and returns the
+/// server to run until shutdown.
+pub(crate) async fn bind(
+    address: &str,
+    sources: Sources,
+    shutdown: Shutdown,
+) -> Result<impl std::future::Future<Output = ()> + use<>, Error> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| Error::Http {
+            address: address.to_string(),
+            reason: e.to_string(),
+        })?;
+    let address = listener.local_addr().map_err(|e| Error::Http {
+        address: address.to_string(),
+        reason: e.to_string(),
+    })?;
+    let state = AppState {
+        metrics: crate::ops::telemetry::install_prometheus(),
+        sources,
+    };
+    let app = Router::new()
+        .route("/", get(status_page))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(ready))
+        .with_state(state);
+    tracing::info!(%address, "serving the status page, /metrics, /healthz and /readyz");
+    Ok(async move {
+        let served = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "HTTP server stopped");
+        }
+    })
+}
+
+async fn metrics(State(state): State<AppState>) -> (StatusCode, String) {
+    match &state.metrics {
+        Some(handle) => (StatusCode::OK, handle.render()),
+        None => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "another metrics recorder is installed in this process\n".into(),
+        ),
+    }
+}
+
+async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
+    match problem(&state.sources) {
+        None => (StatusCode::OK, "ready\n".into()),
+        Some(reason) => (StatusCode::SERVICE_UNAVAILABLE, format!("{reason}\n")),
+    }
+}
+
+/// Why the listener cannot do its work right now, if it cannot, from what was last sampled.
+fn problem(sources: &Sources) -> Option<String> {
+    if !sources.listen_connected.load(Ordering::Relaxed) {
+        return Some("PostgreSQL LISTEN session is down".into());
+    }
+    match sources.board.view().redis_answer {
+        None => Some("Redis has not been asked yet".into()),
+        Some((at, _)) if at.elapsed() > PROBE_STALE => Some(format!(
+            "Redis has not answered a PING for {} s",
+            at.elapsed().as_secs()
+        )),
+        Some((_, Ok(()))) => None,
+        Some((_, Err(error))) => Some(error),
+    }
+}
+
+async fn status_page(State(state): State<AppState>) -> Html<String> {
+    let sources = &state.sources;
+    let problem = problem(sources);
+    let page = super::page::page(
+        &sources.listener_id,
+        problem.as_deref(),
+        &sources.board.view(),
+    );
+    Html(page.into_string())
+}
+
+/// Pings Redis every [`PROBE_INTERVAL`] until shutdown, noting each answer on the board for
+/// `/readyz` and the status page.
+pub(crate) async fn probe_redis(sink: RedisStore, board: Arc<StatusBoard>, shutdown: Shutdown) {
+    loop {
+        let answer = match tokio::time::timeout(PROBE_TIMEOUT, sink.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(format!("Redis: {error}")),
+            Err(_) => Err(format!(
+                "Redis did not answer a PING within {} s",
+                PROBE_TIMEOUT.as_secs()
+            )),
+        };
+        board.redis_answered(answer);
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Metrics, through the `metrics` facade: the library records, the binary decides where they go.
+//!
+//! With no recorder installed every call here is a no-op. `listen --http` installs a Prometheus
+//! recorder ([`install_prometheus`]) and serves it at `/metrics` (see [`crate::http`]).
+
+use std::time::Duration;
+
+use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+
+use crate::pg::queue::QueueStats;
+use crate::stats::RefreshStats;
+
+/// Installs a Prometheus recorder for this process (once; later calls return the same handle) and
+/// describes every pgfresh metric. `None` if another recorder was installed first: then that one
+/// receives the metrics.
+pub(crate) fn install_prometheus() -> Option<PrometheusHandle> {
+    static HANDLE: std::sync::OnceLock<Option<PrometheusHandle>> = std::sync::OnceLock::new();
+    HANDLE
+        .get_or_init(|| {
+            let handle = PrometheusBuilder::new()
+                .set_buckets(&[
+                    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ])
+                .ok()?
+                .install_recorder()
+                .ok()?;
+            describe();
+            register();
+            Some(handle)
+        })
+        .clone()
+}
+
+fn describe() {
+    describe_counter!(
+        "pgfresh_changes_claimed_total",
+        "Changes claimed from the queue"
+    );
+    describe_counter!(
+        "pgfresh_changes_applied_total",
+        "Changes whose fragments are in Redis, settled"
+    );
+    describe_counter!(
+        "pgfresh_changes_coalesced_total",
+        "Changes settled without rendering: an earlier render already saw them"
+    );
+    describe_counter!(
+        "pgfresh_changes_deferred_total",
+        "Changes to hot keys put back in the queue for a moment"
+    );
+    describe_counter!(
+        "pgfresh_changes_failed_total",
+        "Failed attempts to apply a change (retried with backoff)"
+    );
+    describe_counter!("pgfresh_renders_total", "Fragments rendered, by fragment");
+    describe_counter!(
+        "pgfresh_writes_total",
+        "Redis writes by fragment and result (written, unchanged, refused: a newer render was stored, deleted)"
+    );
+    describe_histogram!(
+        "pgfresh_load_seconds",
+        "Time to load the rows of one batch of keys, by fragment"
+    );
+    describe_histogram!(
+        "pgfresh_render_seconds",
+        "Time to render one batch of keys, by fragment"
+    );
+    describe_histogram!(
+        "pgfresh_redis_write_seconds",
+        "Time of the version-checked Redis write of one batch"
+    );
+    describe_gauge!(
+        "pgfresh_queue_pending",
+        "Changes waiting in pgfresh.changes"
+    );
+    describe_gauge!(
+        "pgfresh_queue_oldest_seconds",
+        "Age of the oldest waiting change"
+    );
+    describe_gauge!("pgfresh_parked_changes", "Changes parked in pgfresh.failed");
+    describe_gauge!(
+        "pgfresh_notification_queue_usage",
+        "pg_notification_queue_usage(): fraction of PostgreSQL's NOTIFY queue in use"
+    );
+    describe_counter!("pgfresh_notifications_total", "NOTIFY wake-ups received");
+    describe_gauge!(
+        "pgfresh_redis_can_evict",
+        "1 when Redis's maxmemory-policy can evict pgfresh's keys (renders that find no ticket are then done again)"
+    );
+    describe_gauge!(
+        "pgfresh_standing_aside",
+        "1 while this listener stands aside for one rendering newer fragment versions"
+    );
+    describe_counter!(
+        "pgfresh_reconnects_total",
+        "Connections re-established after a loss, by connection"
+    );
+    describe_counter!(
+        "pgfresh_sweeps_total",
+        "Sweeps run by this listener, by reason"
+    );
+    describe_counter!(
+        "pgfresh_sweep_repaired_total",
+        "Entries a sweep rewrote or deleted because they were wrong"
+    );
+}
+
+/// Every metric that has no label, or a fixed set of labels, starts at zero: alerts built on
+/// `absent()`, `rate()` or `increase()` see the series from the first scrape, not after the first event.
+fn register() {
+    for name in [
+        "pgfresh_changes_claimed_total",
+        "pgfresh_changes_applied_total",
+        "pgfresh_changes_coalesced_total",
+        "pgfresh_changes_deferred_total",
+        "pgfresh_changes_failed_total",
+        "pgfresh_notifications_total",
+        "pgfresh_sweep_repaired_total",
+    ] {
+        counter!(name).absolute(0);
+    }
+    counter!("pgfresh_reconnects_total", "connection" => "listen").absolute(0);
+    for reason in ["periodic", "marker", "truncate", "restart"] {
+        counter!("pgfresh_sweeps_total", "reason" => reason).absolute(0);
+    }
+    // Creating a handle registers the series; it renders with zero observations.
+    let _ = histogram!("pgfresh_redis_write_seconds");
+    for name in [
+        "pgfresh_queue_pending",
+        "pgfresh_queue_oldest_seconds",
+        "pgfresh_parked_changes",
+        "pgfresh_notification_queue_usage",
+        "pgfresh_standing_aside",
+        "pgfresh_redis_can_evict",
+    ] {
+        gauge!(name).set(0.0);
+    }
+}
+
+/// Registers the per-fragment series at zero, for the same reason as [`register`].
+pub(crate) fn register_fragments<'a>(names: impl Iterator<Item = &'a str>) {
+    for fragment in names {
+        let fragment = fragment.to_string();
+        counter!("pgfresh_renders_total", "fragment" => fragment.clone()).absolute(0);
+        for result in ["written", "unchanged", "refused", "deleted"] {
+            counter!("pgfresh_writes_total", "fragment" => fragment.clone(), "result" => result)
+                .absolute(0);
+        }
+        let _ = histogram!("pgfresh_load_seconds", "fragment" => fragment.clone());
+        let _ = histogram!("pgfresh_render_seconds", "fragment" => fragment);
+    }
+}
+
+/// Records the load of one batch of keys.
+pub(crate) fn loaded(fragment: &str, took: Duration) {
+    histogram!("pgfresh_load_seconds", "fragment" => fragment.to_string()).record(took);
+}
+
+/// Records the render of one batch of keys.
+pub(crate) fn rendered(fragment: &str, took: Duration) {
+    histogram!("pgfresh_render_seconds", "fragment" => fragment.to_string()).record(took);
+}
+
+/// Records one refresh of a batch of keys (its load and render are recorded as they happen).
+pub(crate) fn refreshed(fragment: &str, stats: &RefreshStats, write: Duration) {
+    let fragment = fragment.to_string();
+    counter!("pgfresh_renders_total", "fragment" => fragment.clone()).increment(stats.rendered);
+    for (result, count) in [
+        ("written", stats.written),
+        ("unchanged", stats.unchanged),
+        ("refused", stats.refused),
+        ("deleted", stats.deleted),
+    ] {
+        counter!("pgfresh_writes_total", "fragment" => fragment.clone(), "result" => result)
+            .increment(count);
+    }
+    histogram!("pgfresh_redis_write_seconds").record(write);
+}
+
+/// Records how one claimed batch was settled.
+pub(crate) fn batch(
+    claimed: usize,
+    applied: usize,
+    coalesced: usize,
+    deferred: usize,
+    failed: usize,
+) {
+    counter!("pgfresh_changes_claimed_total").increment(claimed as u64);
+    counter!("pgfresh_changes_applied_total").increment(applied as u64);
+    counter!("pgfresh_changes_coalesced_total").increment(coalesced as u64);
+    counter!("pgfresh_changes_deferred_total").increment(deferred as u64);
+    counter!("pgfresh_changes_failed_total").increment(failed as u64);
+}
+
+/// Records the queue's state, read periodically.
+pub(crate) fn queue(stats: &QueueStats, notification_queue_usage: f64) {
+    gauge!("pgfresh_queue_pending").set(stats.pending as f64);
+    gauge!("pgfresh_queue_oldest_seconds").set(stats.oldest.map_or(0.0, |age| age.as_secs_f64()));
+    gauge!("pgfresh_parked_changes").set(stats.failed as f64);
+    gauge!("pgfresh_notification_queue_usage").set(notification_queue_usage);
+}
+
+/// Records a NOTIFY wake-up.
+pub(crate) fn notification() {
+    counter!("pgfresh_notifications_total").increment(1);
+}
+
+/// Records a connection re-established after a loss.
+pub(crate) fn reconnected(connection: &'static str) {
+    counter!("pgfresh_reconnects_total", "connection" => connection).increment(1);
+}
+
+/// Records a sweep this listener ran.
+pub(crate) fn swept(reason: &'static str, repaired: u64) {
+    counter!("pgfresh_sweeps_total", "reason" => reason).increment(1);
+    counter!("pgfresh_sweep_repaired_total").increment(repaired);
+}
+
+/// Records whether Redis's memory policy can evict pgfresh's keys (1) or not (0).
+pub(crate) fn redis_eviction(possible: bool) {
+    gauge!("pgfresh_redis_can_evict").set(if possible { 1.0 } else { 0.0 });
+}
+
+/// Records whether the listener stands aside for one with newer fragment versions (1) or works (0).
+pub(crate) fn standing_aside(standing_aside: bool) {
+    gauge!("pgfresh_standing_aside").set(if standing_aside { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,24 @@
+//! PostgreSQL: connecting as libpq would, installing pgfresh's schema, and the tables the listener
+//! works: the change queue, the listener registry, recorded TRUNCATEs.
+//!
+//! - `conninfo`: connection strings read exactly as libpq reads them, and shown without a password.
+//! - `tls`: TLS with libpq's meaning of `sslmode` and `sslrootcert`.
+//! - `database`: [`Database`], the pool and the dedicated sessions (LISTEN, the sweep lock).
+//! - `schema`: install, upgrade, check and uninstall, from the files in `sql/`.
+//! - `queue`: claim, settle, retry, park and requeue changes; the queue's figures.
+//! - `snapshot`: what a claim's snapshot saw, for the listener's planning.
+//! - `registry`: the listener registry (idle flag, fragment versions, standing aside, heartbeats).
+//! - `truncations`: TRUNCATEs of watched tables waiting for a sweep.
+
+mod conninfo;
+mod database;
+pub(crate) mod queue;
+pub(crate) mod registry;
+pub(crate) mod schema;
+mod snapshot;
+mod tls;
+pub(crate) mod truncations;
+
+pub use database::Database;
+pub(crate) use snapshot::Snapshot;
+pub(crate) use tls::TlsStream;

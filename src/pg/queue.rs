@@ -1,0 +1,284 @@
+//! The change queue, `pgfresh.changes`: claiming batches with their render ticket and snapshot,
+//! settling them (applied, deferred, failed and retried, parked), queueing keys again, and the
+//! bounded figures `status` and the metrics show.
+
+use std::time::Duration;
+
+use tokio_postgres::Client;
+
+use crate::Error;
+
+/// One queued change: `key` of `topic` changed in a committed transaction.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Change {
+    /// Queue row id.
+    pub(crate) id: i64,
+    /// Topic given to `pgfresh.watch`.
+    pub(crate) topic: String,
+    /// Text form of the watched key column.
+    pub(crate) key: String,
+    /// The transaction that made the change.
+    pub(crate) xid: u64,
+}
+
+/// Changes claimed by one transaction, with the render ticket taken before any row is loaded.
+#[derive(Debug, Default)]
+pub(crate) struct Claim {
+    /// Orders this batch's Redis writes against every other render (see `sink`).
+    pub(crate) ticket: i64,
+    /// The claimed changes, oldest first.
+    pub(crate) changes: Vec<Change>,
+    /// Claimed rows whose topic or key is not UTF-8 text (possible in a `SQL_ASCII` database): they
+    /// can never be rendered, so they go the way of every failed change, retried and then parked.
+    pub(crate) undecodable: Vec<Failure>,
+    /// The claiming statement's snapshot: every render of this batch saw what it saw, and more.
+    pub(crate) snapshot: Option<super::Snapshot>,
+}
+
+/// A failed change and why.
+#[derive(Clone, Debug)]
+pub(crate) struct Failure {
+    /// Queue row id.
+    pub(crate) id: i64,
+    /// One line for `status` and `pgfresh.failed`.
+    pub(crate) error: String,
+}
+
+/// Queue figures for `status` and metrics.
+#[derive(Clone, Debug, Default)]
+pub(crate) struct QueueStats {
+    /// Changes waiting, retrying ones included; an estimate when `pending_estimated`.
+    pub(crate) pending: i64,
+    /// The queue is longer than [`EXACT_COUNT_LIMIT`]: `pending` spans the queue's ids instead of
+    /// counting its rows, an upper bound that is exact while the queue is drained oldest first.
+    pub(crate) pending_estimated: bool,
+    /// Age of the oldest waiting change.
+    pub(crate) oldest: Option<Duration>,
+    /// Changes parked in `pgfresh.failed`.
+    pub(crate) failed: i64,
+}
+
+/// Claims up to `limit` ready changes, skipping rows another transaction holds, and takes one render
+/// ticket. Must run inside a transaction: the row locks last until it ends, and a crash or rollback
+/// leaves the changes queued.
+pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error> {
+    // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
+    // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
+    // renders by the data they saw.
+    // A SQL_ASCII database stores any bytes as text, and the server refuses to send text that is
+    // not valid in the client's encoding (UTF-8): one such row would fail every claim. There, topic
+    // and key come as raw bytes, and a row that is not UTF-8 fails alone.
+    let rows = txn
+        .query(
+            "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
+             SELECT (SELECT nextval('pgfresh.render_tickets')), id,
+                    CASE WHEN NOT raw THEN topic END, CASE WHEN NOT raw THEN key END,
+                    xid::text::bigint, (SELECT pg_current_snapshot()::text),
+                    CASE WHEN raw THEN convert_to(topic, 'SQL_ASCII') END,
+                    CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END
+             FROM pgfresh.changes, encoding
+             WHERE retry_at <= now()
+             ORDER BY id
+             LIMIT $1
+             FOR UPDATE OF changes SKIP LOCKED",
+            &[&limit],
+        )
+        .await?;
+    let mut claim = Claim {
+        ticket: rows.first().map_or(0, |r| r.get(0)),
+        snapshot: rows.first().and_then(|r| super::Snapshot::parse(r.get(5))),
+        ..Claim::default()
+    };
+    for row in &rows {
+        let id: i64 = row.get(1);
+        match (text(row, 2, 6), text(row, 3, 7)) {
+            (Some(topic), Some(key)) => claim.changes.push(Change {
+                id,
+                topic,
+                key,
+                xid: row.get::<_, i64>(4) as u64,
+            }),
+            _ => claim.undecodable.push(Failure {
+                id,
+                error: "topic or key is not valid UTF-8 text; fix or delete the row".into(),
+            }),
+        }
+    }
+    Ok(claim)
+}
+
+/// A column sent as text, or as raw bytes (from a SQL_ASCII database) that must be UTF-8.
+fn text(row: &tokio_postgres::Row, as_text: usize, as_bytes: usize) -> Option<String> {
+    match row.get::<_, Option<String>>(as_text) {
+        Some(text) => Some(text),
+        None => String::from_utf8(row.get::<_, Option<Vec<u8>>>(as_bytes)?).ok(),
+    }
+}
+
+/// Puts changes back in the queue, untouched but for when they may be claimed again.
+pub(crate) async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<(), Error> {
+    if !ids.is_empty() {
+        txn.execute(
+            "UPDATE pgfresh.changes SET retry_at = now() + $2::float8 * interval '1 millisecond'
+             WHERE id = ANY($1)",
+            &[&ids, &(delay.as_secs_f64() * 1000.0)],
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// Takes a render ticket, for renders that do not come from a claim (the sweep).
+pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
+    Ok(client
+        .query_one("SELECT nextval('pgfresh.render_tickets')", &[])
+        .await?
+        .get(0))
+}
+
+/// Deletes changes whose fragments are now in Redis.
+pub(crate) async fn complete(txn: &Client, ids: &[i64]) -> Result<(), Error> {
+    if !ids.is_empty() {
+        txn.execute("DELETE FROM pgfresh.changes WHERE id = ANY($1)", &[&ids])
+            .await?;
+    }
+    Ok(())
+}
+
+/// Records failed attempts: each change is retried after an exponential backoff (1 s doubling, at
+/// most 5 minutes) until it has failed `max_attempts` times, then moved to `pgfresh.failed`. The
+/// exponent is capped: past about 44 attempts `2^attempts` seconds is out of PostgreSQL's interval
+/// range, and the error would roll back the batch, so the change would never be parked.
+pub(crate) async fn record_failures(
+    txn: &Client,
+    failures: &[Failure],
+    max_attempts: i32,
+) -> Result<(), Error> {
+    if failures.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
+    let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
+    txn.execute(
+        "WITH failure AS (
+             SELECT * FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
+         ), parked AS (
+             DELETE FROM pgfresh.changes c USING failure f
+             WHERE c.id = f.id AND c.attempts + 1 >= $3
+             RETURNING c.id, c.topic, c.key, c.enqueued_at, c.attempts + 1, f.error
+         ), recorded AS (
+             INSERT INTO pgfresh.failed (change_id, topic, key, enqueued_at, attempts, error)
+             SELECT * FROM parked
+             ON CONFLICT (change_id) DO NOTHING
+         )
+         UPDATE pgfresh.changes c
+         SET attempts = c.attempts + 1,
+             last_error = f.error,
+             retry_at = now() + least(interval '1 second' * power(2, least(c.attempts, 16)), interval '5 minutes')
+         FROM failure f
+         WHERE c.id = f.id AND c.attempts + 1 < $3",
+        &[&ids, &errors, &max_attempts],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Notes on changes whose batch failed as a whole (Redis or PostgreSQL unreachable) why they still
+/// wait, without counting an attempt. Best effort: when the database itself is gone, nothing can be
+/// noted, and the log says it.
+pub(crate) async fn note_error(client: &Client, ids: &[i64], error: &str) {
+    let noted = client
+        .execute(
+            "UPDATE pgfresh.changes SET last_error = $2 WHERE id = ANY($1)",
+            &[&ids, &error],
+        )
+        .await;
+    if let Err(noting) = noted {
+        tracing::debug!(error = %noting, "cannot note why changes wait");
+    }
+}
+
+/// Queues keys of `topic` again, outside any claim: a render whose ticket Redis had lost (so it may
+/// have lost to an older one) is done once more, and a key a sweep could not refresh goes the way of
+/// a failed change. A key given with an error counts one failed attempt and waits like one.
+pub(crate) async fn requeue(
+    client: &Client,
+    topic: &str,
+    keys: &[String],
+    errors: &[Option<String>],
+) -> Result<(), Error> {
+    if keys.is_empty() {
+        return Ok(());
+    }
+    client
+        .execute(
+            "INSERT INTO pgfresh.changes (topic, key, attempts, retry_at, last_error)
+             SELECT $1, k.key, CASE WHEN k.error IS NULL THEN 0 ELSE 1 END,
+                    CASE WHEN k.error IS NULL THEN '-infinity' ELSE now() + interval '1 second' END,
+                    k.error
+             FROM unnest($2::text[], $3::text[]) AS k(key, error)",
+            &[&topic, &keys, &errors],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Moves every parked change back into `db`'s queue, each for a fresh start; returns how many. What
+/// the `retry-failed` command does.
+pub async fn retry_failed(db: &crate::pg::Database) -> Result<u64, Error> {
+    retry_failed_on(&*db.get().await?).await
+}
+
+async fn retry_failed_on(client: &Client) -> Result<u64, Error> {
+    Ok(client
+        .execute(
+            "WITH moved AS (DELETE FROM pgfresh.failed RETURNING topic, key, change_id)
+             INSERT INTO pgfresh.changes (topic, key)
+             SELECT topic, key FROM moved ORDER BY change_id",
+            &[],
+        )
+        .await?)
+}
+
+/// Up to this many queued or parked rows are counted exactly; beyond it the count is estimated, so
+/// that reading the figures costs little however long the queue has grown.
+pub(crate) const EXACT_COUNT_LIMIT: i64 = 100_000;
+
+/// Pending and parked counts and the age of the oldest pending change, at a bounded cost: counts
+/// stop at [`EXACT_COUNT_LIMIT`] rows, and the oldest change is the one with the lowest id (ids grow
+/// with time), found through the primary key, as are the ids that bound an estimate.
+pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
+    let row = client
+        .query_one(
+            "SELECT (SELECT count(*) FROM (SELECT FROM pgfresh.changes LIMIT $1) AS counted),
+                    (SELECT max(id) - min(id) + 1 FROM pgfresh.changes),
+                    (SELECT extract(epoch FROM now() - enqueued_at)::float8
+                     FROM pgfresh.changes ORDER BY id LIMIT 1),
+                    (SELECT count(*) FROM (SELECT FROM pgfresh.failed LIMIT $1) AS counted)",
+            &[&(EXACT_COUNT_LIMIT + 1)],
+        )
+        .await?;
+    let counted: i64 = row.get(0);
+    let pending_estimated = counted > EXACT_COUNT_LIMIT;
+    Ok(QueueStats {
+        pending: if pending_estimated {
+            row.get::<_, Option<i64>>(1).unwrap_or(counted).max(counted)
+        } else {
+            counted
+        },
+        pending_estimated,
+        oldest: row
+            .get::<_, Option<f64>>(2)
+            .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+        failed: row.get(3),
+    })
+}
+
+/// `pg_notification_queue_usage()`: how full PostgreSQL's NOTIFY queue is (0 to 1). A long-open
+/// transaction in a listening session stops it from being cleaned up.
+pub(crate) async fn notification_queue_usage(client: &Client) -> Result<f64, Error> {
+    Ok(client
+        .query_one("SELECT pg_notification_queue_usage()", &[])
+        .await?
+        .get(0))
+}

@@ -1,0 +1,196 @@
+//! The listener registry, `pgfresh.listeners` (unlogged): who runs, whether it waits for NOTIFYs
+//! (triggers only notify while a live listener is idle), which fragment versions it renders, and
+//! whether it stands aside for a newer version (the column is named `superseded`). Heartbeats keep
+//! each row fresh and publish the listener's totals for `status`.
+
+use tokio_postgres::Client;
+
+use crate::Error;
+
+/// Who a running listener is: its id and the fragment versions it renders, as kept in
+/// `pgfresh.listeners`.
+#[derive(Clone, Debug)]
+pub(crate) struct ListenerIdentity {
+    /// Unique per process: `<host>:<pid>:<random>`.
+    pub(crate) id: String,
+    /// Names of the fragments it renders.
+    pub(crate) fragments: Vec<String>,
+    /// Their versions, in the same order.
+    pub(crate) versions: Vec<i64>,
+}
+
+/// The live listeners other than `me` ($1) rendering a fragment `me` renders too (names $2, versions
+/// $3), one row per shared fragment: `theirs.version` against `mine.version`. A listener that stopped
+/// heartbeating counts as live for 15 seconds (three missed heartbeats).
+const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
+     CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
+     JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
+     WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'";
+
+/// Registers a running listener (busy, not superseded, until it says otherwise).
+pub(crate) async fn register_listener(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO pgfresh.listeners (id, fragments, versions) VALUES ($1, $2, $3)
+             ON CONFLICT (id) DO UPDATE
+             SET idle = false, superseded = false, seen_at = now(), fragments = $2, versions = $3",
+            &[&me.id, &me.fragments, &me.versions],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Whether a live listener other than `me` renders a newer version of one of `me`'s fragments.
+pub(crate) async fn is_superseded(client: &Client, me: &ListenerIdentity) -> Result<bool, Error> {
+    Ok(client
+        .query_one(
+            &format!(
+                "SELECT EXISTS (SELECT {OTHERS_SHARING_MY_FRAGMENTS}
+                 AND theirs.version > mine.version)"
+            ),
+            &[&me.id, &me.fragments, &me.versions],
+        )
+        .await?
+        .get(0))
+}
+
+/// Live listeners still applying changes with an older version of one of `me`'s fragments.
+pub(crate) async fn older_listeners_working(
+    client: &Client,
+    me: &ListenerIdentity,
+) -> Result<i64, Error> {
+    Ok(client
+        .query_one(
+            &format!(
+                "SELECT count(DISTINCT l.id) {OTHERS_SHARING_MY_FRAGMENTS}
+                 AND NOT l.superseded AND theirs.version < mine.version"
+            ),
+            &[&me.id, &me.fragments, &me.versions],
+        )
+        .await?
+        .get(0))
+}
+
+/// Records whether this listener has stood aside for a newer one.
+pub(crate) async fn set_superseded(
+    client: &Client,
+    listener_id: &str,
+    superseded: bool,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "UPDATE pgfresh.listeners SET superseded = $2, seen_at = now() WHERE id = $1",
+            &[&listener_id, &superseded],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Says whether this listener is idle (waiting for a NOTIFY) and that it is alive. Re-registers a
+/// listener whose row vanished (an unlogged table is emptied by a PostgreSQL crash).
+pub(crate) async fn set_listener_idle(
+    client: &Client,
+    listener_id: &str,
+    idle: bool,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO pgfresh.listeners (id, idle) VALUES ($1, $2)
+             ON CONFLICT (id) DO UPDATE SET idle = $2, seen_at = now()",
+            &[&listener_id, &idle],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
+/// listener's counters. Re-registers a listener whose row vanished (a PostgreSQL crash empties the
+/// unlogged table) with its current idle and superseded flags; an existing row's flags are left to
+/// `set_listener_idle` and `set_superseded`, so a heartbeat racing a switch cannot undo it.
+pub(crate) async fn heartbeat(
+    client: &Client,
+    me: &ListenerIdentity,
+    idle: bool,
+    superseded: bool,
+    changes_done: i64,
+    refused_writes: i64,
+) -> Result<(), Error> {
+    client
+        .execute(
+            "INSERT INTO pgfresh.listeners
+                 (id, idle, superseded, changes_done, refused_writes, fragments, versions)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (id) DO UPDATE
+             SET seen_at = now(), changes_done = $4, refused_writes = $5, fragments = $6, versions = $7",
+            &[
+                &me.id,
+                &idle,
+                &superseded,
+                &changes_done,
+                &refused_writes,
+                &me.fragments,
+                &me.versions,
+            ],
+        )
+        .await?;
+    Ok(())
+}
+
+/// Removes a listener that is shutting down.
+pub(crate) async fn deregister_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
+    client
+        .execute(
+            "DELETE FROM pgfresh.listeners WHERE id = $1",
+            &[&listener_id],
+        )
+        .await?;
+    Ok(())
+}
+
+/// A live listener, as `status` shows it.
+pub(crate) struct LiveListener {
+    pub(crate) id: String,
+    pub(crate) idle: bool,
+    pub(crate) seen_seconds_ago: f64,
+    /// Changes it applied (the column is `changes_done`).
+    pub(crate) applied: i64,
+    pub(crate) refused: i64,
+    pub(crate) standing_aside: bool,
+    /// The fragment versions it renders, as "name v1, other v2".
+    pub(crate) renders: String,
+}
+
+/// The listeners seen in the last minute, oldest first. `version` is the installed schema's: version
+/// 3 added what each renders, and whether it stands aside.
+pub(crate) async fn live_listeners(
+    client: &Client,
+    version: i32,
+) -> Result<Vec<LiveListener>, Error> {
+    let versions = if version >= 3 {
+        "superseded, array_to_string(ARRAY(SELECT f || ' v' || v FROM unnest(fragments, versions) AS x(f, v)), ', ')"
+    } else {
+        "false, ''"
+    };
+    let rows = client
+        .query(
+            &format!(
+                "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8, changes_done, refused_writes, {versions}
+                 FROM pgfresh.listeners
+                 WHERE seen_at > now() - interval '1 minute' ORDER BY started_at"
+            ),
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| LiveListener {
+            id: row.get(0),
+            idle: row.get(1),
+            seen_seconds_ago: row.get(2),
+            applied: row.get(3),
+            refused: row.get(4),
+            standing_aside: row.get(5),
+            renders: row.get(6),
+        })
+        .collect())
+}

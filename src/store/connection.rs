@@ -1,0 +1,143 @@
+//! The two kinds of connection pgfresh holds to Redis (one server, or a cluster whose commands go to
+//! the node serving their keys' slot), their timeouts, and how a Redis URL is shown: rebuilt from the
+//! parsed URL, never with its password.
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster_async::ClusterConnection;
+use redis::{Cmd, Pipeline, RedisFuture, Value};
+
+use crate::Error;
+
+/// How long connecting to Redis may take before it counts as unreachable.
+pub(crate) const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long one Redis command may take.
+pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A connection to one server or to a cluster, usable with any `redis` command
+/// (`redis::cmd(..).query_async(&mut connection)`). Both kinds reconnect by themselves; clones share
+/// the connection.
+#[derive(Clone)]
+pub enum RedisConnection {
+    /// One server.
+    Server(ConnectionManager),
+    /// A Redis Cluster: commands go to the node serving their keys' slot.
+    Cluster(ClusterConnection),
+}
+
+impl ConnectionLike for RedisConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            RedisConnection::Server(connection) => connection.req_packed_command(cmd),
+            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            RedisConnection::Server(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+            RedisConnection::Cluster(connection) => {
+                connection.req_packed_commands(pipeline, offset, count)
+            }
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            RedisConnection::Server(connection) => connection.get_db(),
+            RedisConnection::Cluster(connection) => connection.get_db(),
+        }
+    }
+}
+
+pub(crate) fn invalid_url(shown: &str, error: redis::RedisError) -> Error {
+    Error::InvalidUrl {
+        what: "Redis",
+        url: shown.to_string(),
+        reason: error.to_string(),
+    }
+}
+
+/// A Redis URL as it is safe to print: built from the parsed URL, without the password; for a URL
+/// that does not parse, the text with everything that could be a password replaced by `***`.
+pub(crate) fn shown_redis_url(url: &str) -> String {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let Ok(info) = url.into_connection_info() else {
+        return redact_unparsed_url(url);
+    };
+    let settings = info.redis_settings();
+    let user = settings
+        .username()
+        .map(|user| format!("{user}@"))
+        .unwrap_or_default();
+    let db = match settings.db() {
+        0 => String::new(),
+        db => format!("/{db}"),
+    };
+    match info.addr() {
+        ConnectionAddr::Tcp(host, port) => format!("redis://{user}{host}:{port}{db}"),
+        ConnectionAddr::TcpTls { host, port, .. } => format!("rediss://{user}{host}:{port}{db}"),
+        ConnectionAddr::Unix(path) => format!("redis+unix://{user}{}{db}", path.display()),
+        other => format!("{other}{db}"),
+    }
+}
+
+/// A URL that did not parse, with everything between `://` and its last `@`, and any `password=`
+/// value, replaced by `***`: whatever the password holds (`/`, `?`, `@`), none of it survives.
+pub(crate) fn redact_unparsed_url(url: &str) -> String {
+    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
+        return "(not shown: it does not parse as a URL)".into();
+    };
+    let mut shown = match url.rfind('@').filter(|&at| at >= scheme_end) {
+        Some(at) => format!("{}***{}", &url[..scheme_end], &url[at..]),
+        None => url.to_string(),
+    };
+    if let Some(at) = shown.find("password=") {
+        let end = shown[at..].find('&').map_or(shown.len(), |end| at + end);
+        shown.replace_range(at + "password=".len()..end, "***");
+    }
+    shown
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redis_urls_are_shown_without_their_password() {
+        assert_eq!(
+            shown_redis_url("redis://:s3cret@cache:6379/2"),
+            "redis://cache:6379/2"
+        );
+        assert_eq!(
+            shown_redis_url("rediss://pgfresh:pa%2Fss@cache:6380"),
+            "rediss://pgfresh@cache:6380"
+        );
+        assert_eq!(
+            shown_redis_url("rediss://pgfresh:pa/ss@cache:6380"),
+            "rediss://***@cache:6380",
+            "a password that breaks the URL hides the user too"
+        );
+        for url in [
+            "redis://:pa/ss@127.0.0.1:6379/0",
+            "redis://user:pa?ss@host/1",
+            "redis://user:p@ss@host:1/0",
+            "redis://:x@y@z/0?password=pa/ss",
+            "redis://user:pass word@host:notaport",
+        ] {
+            let shown = shown_redis_url(url);
+            for secret in ["pa/ss", "pa?ss", "p@ss", "x@y", "pass word"] {
+                assert!(!shown.contains(secret), "{url} -> {shown}");
+            }
+        }
+    }
+}

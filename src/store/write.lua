@@ -1,0 +1,43 @@
+-- pgfresh: version-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
+-- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), ARGV[3] '1' when Redis may
+-- evict keys, then one (op, html) pair per key pair: op 's' sets the fragment to html, 'd' deletes it.
+-- Returns one result per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
+-- 3 deleted, 4 already absent, 5 written and 6 deleted without a ticket to check against (Redis may
+-- have evicted a newer render's ticket: render the key again), or the error text when Redis refused
+-- this key (the others go on).
+-- A fragment key holding another type is simply overwritten: it is under pgfresh's prefix.
+local ticket = tonumber(ARGV[1])
+local may_evict = ARGV[3] == '1'
+local results = {}
+for i = 1, #KEYS, 2 do
+    local key, ticket_key = KEYS[i], KEYS[i + 1]
+    local op, html = ARGV[i + 3], ARGV[i + 4]
+    local stored = redis.pcall('GET', ticket_key)
+    local result
+    if type(stored) == 'table' and stored.err then
+        result = 'error: ' .. stored.err
+    elseif (tonumber(stored) or 0) > ticket then
+        result = 2
+    else
+        local unchecked = may_evict and not stored
+        if op == 'd' then
+            local removed = redis.call('DEL', key)
+            redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
+            result = removed == 1 and (unchecked and 6 or 3) or 4
+        else
+            result = 1
+            if redis.pcall('GET', key) ~= html then
+                local set = redis.pcall('SET', key, html)
+                result = (type(set) == 'table' and set.err) and ('error: ' .. set.err) or 0
+            end
+            if result == 0 or result == 1 then
+                redis.call('SET', ticket_key, ticket)
+            end
+            if result == 0 and unchecked then
+                result = 5
+            end
+        end
+    end
+    results[#results + 1] = result
+end
+return results

@@ -1,0 +1,198 @@
+//! The version-checked write. Beside every fragment key Redis keeps a ticket key holding the render
+//! ticket of the value stored; one call of `write.lua` applies many writes, refusing each whose ticket
+//! is older than the stored one, so a slow render of old data never overwrites a newer one. The
+//! fragment itself stays a plain string any client can `GET`. In a cluster one script call may only
+//! touch one hash slot, so a batch is split by slot and the calls sent concurrently (the connection
+//! to each node pipelines them).
+
+use std::collections::HashMap;
+
+use futures_util::{StreamExt, stream};
+use redis::Value;
+use redis::cluster_routing::Slot;
+
+use super::{Eviction, RedisStore};
+use crate::Error;
+
+/// Keys per script call: large enough to make round trips rare, small enough that one call does not
+/// stall other Redis clients noticeably.
+const KEYS_PER_CALL: usize = 1000;
+
+/// Script calls in flight at once on a cluster, where a batch becomes one call per hash slot.
+const CLUSTER_CALLS_IN_FLIGHT: usize = 256;
+
+/// How long the ticket of a deleted fragment is kept, to refuse a late write of a render that started
+/// before the delete. Renders take milliseconds; a day is a wide margin that still frees the memory.
+const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
+
+/// One write for [`RedisStore::write`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+pub enum Write {
+    /// Store this HTML under this key.
+    Set {
+        /// Fragment key.
+        key: String,
+        /// Rendered HTML.
+        html: String,
+    },
+    /// The row is gone: delete the key.
+    Delete {
+        /// Fragment key.
+        key: String,
+    },
+}
+
+impl Write {
+    /// The fragment key written.
+    pub(crate) fn key(&self) -> &str {
+        match self {
+            Write::Set { key, .. } | Write::Delete { key } => key,
+        }
+    }
+}
+
+/// What happened to one [`Write`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
+pub enum WriteResult {
+    /// The value changed and was stored.
+    Written,
+    /// The same value was already stored; only the ticket moved.
+    Unchanged,
+    /// A newer render was already stored: this one was dropped.
+    Refused,
+    /// The key was deleted.
+    Deleted,
+    /// The value changed and was stored, but Redis held no ticket to check this render against
+    /// although it may evict keys: a newer render's ticket may have been evicted, so the key must be
+    /// rendered once more.
+    WrittenUnchecked,
+    /// Like [`WriteResult::WrittenUnchecked`], for a delete.
+    DeletedUnchecked,
+    /// The key to delete did not exist.
+    Absent,
+    /// Redis refused this key (for example it holds a list, or memory is full); nothing was written.
+    Failed(String),
+}
+
+impl RedisStore {
+    /// Applies writes taken under one render ticket, in as few round trips as the batch allows.
+    /// Results come back in the order of `writes`.
+    pub(crate) async fn write(
+        &self,
+        ticket: i64,
+        writes: &[Write],
+    ) -> Result<Vec<WriteResult>, Error> {
+        if !self.is_cluster() {
+            let mut results = Vec::with_capacity(writes.len());
+            for chunk in writes.chunks(KEYS_PER_CALL) {
+                results.extend(self.write_call(ticket, chunk.iter()).await?);
+            }
+            return Ok(results);
+        }
+        // One call per slot (and per KEYS_PER_CALL keys within a slot), all in flight together.
+        let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
+        for (index, write) in writes.iter().enumerate() {
+            by_slot
+                .entry(Slot::for_key(write.key()))
+                .or_default()
+                .push(index);
+        }
+        let calls = by_slot
+            .into_values()
+            .flat_map(|indices| {
+                indices
+                    .chunks(KEYS_PER_CALL)
+                    .map(<[usize]>::to_vec)
+                    .collect::<Vec<_>>()
+            })
+            .map(|indices| async move {
+                let results = self
+                    .write_call(ticket, indices.iter().map(|&i| &writes[i]))
+                    .await?;
+                Ok::<_, Error>((indices, results))
+            });
+        let mut results = vec![None; writes.len()];
+        let mut replies = stream::iter(calls).buffer_unordered(CLUSTER_CALLS_IN_FLIGHT);
+        while let Some(reply) = replies.next().await {
+            let (indices, call_results) = reply?;
+            for (index, result) in indices.into_iter().zip(call_results) {
+                results[index] = Some(result);
+            }
+        }
+        Ok(results
+            .into_iter()
+            .map(|result| {
+                result.unwrap_or_else(|| WriteResult::Failed("Redis returned no result".into()))
+            })
+            .collect())
+    }
+
+    /// One script call applying `writes`, which a cluster needs all in one slot.
+    async fn write_call(
+        &self,
+        ticket: i64,
+        writes: impl Iterator<Item = &Write>,
+    ) -> Result<Vec<WriteResult>, Error> {
+        let mut invocation = self.write_script.prepare_invoke();
+        let may_evict = self.eviction.load() != Eviction::Impossible;
+        invocation
+            .arg(ticket)
+            .arg(TOMBSTONE_MILLIS)
+            .arg(if may_evict { "1" } else { "0" });
+        for write in writes {
+            let (op, html) = match write {
+                Write::Set { html, .. } => ("s", html.as_str()),
+                Write::Delete { .. } => ("d", ""),
+            };
+            invocation
+                .key(write.key())
+                .key(self.layout.ticket(write.key()))
+                .arg(op)
+                .arg(html);
+        }
+        let replies: Vec<Value> = invocation
+            .invoke_async(&mut self.connection.clone())
+            .await?;
+        Ok(replies
+            .into_iter()
+            .map(|reply| match reply {
+                Value::Int(0) => WriteResult::Written,
+                Value::Int(1) => WriteResult::Unchanged,
+                Value::Int(2) => WriteResult::Refused,
+                Value::Int(3) => WriteResult::Deleted,
+                Value::Int(4) => WriteResult::Absent,
+                Value::Int(5) => WriteResult::WrittenUnchecked,
+                Value::Int(6) => WriteResult::DeletedUnchecked,
+                other => WriteResult::Failed(describe_reply(other)),
+            })
+            .collect())
+    }
+
+    /// The render tickets stored beside these fragment keys (`None` where there is none), in one round
+    /// trip (one per node in a cluster).
+    pub(crate) async fn tickets(&self, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let ticket_keys: Vec<String> = keys.iter().map(|k| self.layout.ticket(k)).collect();
+        let stored: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(ticket_keys)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(stored
+            .into_iter()
+            .map(|t| t.and_then(|t| t.parse().ok()))
+            .collect())
+    }
+}
+
+/// One line for a script reply that is not a result code.
+fn describe_reply(reply: redis::Value) -> String {
+    match reply {
+        redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
+        redis::Value::SimpleString(text) => text,
+        other => format!("unexpected reply {other:?}"),
+    }
+}

@@ -1,0 +1,259 @@
+//! The full sweep: re-renders every key of every fragment and deletes entries whose row is gone.
+//!
+//! Keys are enumerated with keyset pagination (bounded memory whatever the table size) and each page goes
+//! through the same load/render/write path as the listener, several pages at a time. Orphans are found
+//! without remembering any key: the sweep takes a render ticket before it starts, so afterwards every
+//! entry under the fragment's prefix whose ticket is still older was neither rendered by this sweep nor
+//! by a listener since, and so has no row. Deleting it is one more version-checked write.
+//!
+//! A key that fails (its render panics, its loader errs, Redis refuses it) does not hold the sweep
+//! back: it is handed to the queue as a failed change, retried with backoff and parked like any other,
+//! and the sweep completes. A complete sweep of a fragment sets its marker in Redis (see
+//! `store::markers`), whoever ran it: a listener, or the one-off `sweep` command.
+//!
+//! - `page`: one page of keys, through the shared refresh path, failures queued.
+//! - `orphans`: the pass that deletes entries whose row is gone.
+//! - `truncations`: which recorded TRUNCATEs a sweep covers.
+//! - `progress`: the `sweep` command's progress bar, or a line every few seconds.
+
+mod orphans;
+mod page;
+pub(crate) mod progress;
+mod truncations;
+
+use std::collections::HashSet;
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::Error;
+use crate::config::SweepSettings;
+use crate::fragment::{DynFragment, Fragments};
+use crate::pg::Database;
+use crate::pg::queue::take_ticket;
+use crate::shutdown::Shutdown;
+use crate::stats::RefreshStats;
+use crate::store::RedisStore;
+use page::collect;
+
+pub(crate) use truncations::Truncations;
+
+/// What a sweep did.
+#[derive(Clone, Debug, Default)]
+pub struct SweepReport {
+    /// Render and write counts over all fragments.
+    pub stats: RefreshStats,
+    /// Entries deleted because their row no longer exists.
+    pub orphans_deleted: u64,
+    /// Wall-clock time.
+    pub elapsed: Duration,
+    /// The first error met, if any (the count is in `stats.errors`).
+    pub first_error: Option<String>,
+    /// Keys that failed and were handed to the queue, to be retried and parked like failed changes.
+    pub requeued: u64,
+    /// Pages that failed as a whole (PostgreSQL or Redis unreachable): their keys were neither
+    /// refreshed nor queued, so the sweep is incomplete.
+    pub pages_failed: u64,
+    /// Fragments whose marker could not be set because Redis lost data during their sweep (restart,
+    /// FLUSHALL, an evicted canary): their early pages may be gone, so the sweep is incomplete.
+    pub markers_lost: u64,
+    /// Shutdown stopped the sweep before it finished.
+    pub interrupted: bool,
+}
+
+impl SweepReport {
+    /// True when every key was refreshed and the sweep ran to the end.
+    pub fn succeeded(&self) -> bool {
+        self.stats.errors == 0 && self.completed()
+    }
+
+    /// True when the sweep ran to the end and every key was either refreshed or handed to the queue:
+    /// markers were set and orphans deleted.
+    pub fn completed(&self) -> bool {
+        self.pages_failed == 0 && self.markers_lost == 0 && !self.interrupted
+    }
+}
+
+impl fmt::Display for SweepReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let secs = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "sweep: {} fragments rendered, {} written, {} unchanged, {} orphans deleted, {} errors in {:.2} s ({:.0} fragments/s)",
+            self.stats.rendered,
+            self.stats.written,
+            self.stats.unchanged,
+            self.orphans_deleted,
+            self.stats.errors,
+            secs,
+            self.stats.rendered as f64 / secs.max(1e-9),
+        )?;
+        if self.stats.refused > 0 {
+            // Redis held newer renders: a listener wrote meanwhile, or, if every write is refused,
+            // another database's pgfresh writes under the same key prefix.
+            write!(
+                f,
+                "; {} refused (Redis held a newer render; all of them refused means another database writes under this prefix)",
+                self.stats.refused
+            )?;
+        }
+        if self.requeued > 0 {
+            write!(f, "; {} failed keys queued for retry", self.requeued)?;
+        }
+        if self.interrupted {
+            write!(f, "; interrupted by shutdown")?;
+        }
+        if let Some(error) = &self.first_error {
+            write!(f, "; first error: {error}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Told how a sweep advances. The `sweep` command shows a progress bar; others stay silent.
+pub trait Progress: Send + Sync {
+    /// A fragment's sweep starts; `fragments` is how many it will render, when known.
+    fn fragment_started(&self, _name: &str, _fragments: Option<u64>) {}
+    /// More fragments were rendered (or failed).
+    fn advanced(&self, _fragments: u64) {}
+    /// The fragment's sweep ended.
+    fn fragment_finished(&self, _name: &str) {}
+}
+
+/// Reports nothing.
+pub(crate) struct Silent;
+
+impl Progress for Silent {}
+
+/// Sweeps every one of `fragments`: renders every key, writes what changed, deletes entries whose row
+/// is gone, queues keys that fail, and marks each fragment complete in Redis. Fails only when keys
+/// cannot be enumerated at all; everything else is in the report.
+pub async fn sweep(
+    db: &Database,
+    store: &RedisStore,
+    fragments: &Fragments,
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+) -> Result<SweepReport, Error> {
+    sweep_with_progress(db, store, fragments, settings, shutdown, &Silent).await
+}
+
+/// Like [`sweep`], telling `progress` how it advances.
+pub async fn sweep_with_progress(
+    db: &Database,
+    store: &RedisStore,
+    fragments: &Fragments,
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+    progress: &dyn Progress,
+) -> Result<SweepReport, Error> {
+    fragments.validate()?;
+    settings.validate()?;
+    let all: Vec<Arc<dyn DynFragment>> = fragments.iter().cloned().collect();
+    sweep_these(db, store, &all, settings, shutdown, progress).await
+}
+
+/// Sweeps these fragments, one after the other.
+pub(crate) async fn sweep_these(
+    db: &Database,
+    store: &RedisStore,
+    selected: &[Arc<dyn DynFragment>],
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+    progress: &dyn Progress,
+) -> Result<SweepReport, Error> {
+    let started = Instant::now();
+    let mut report = SweepReport::default();
+    for fragment in selected {
+        sweep_fragment(
+            db,
+            store,
+            fragment.clone(),
+            settings,
+            shutdown,
+            progress,
+            &mut report,
+        )
+        .await?;
+        if report.interrupted {
+            break;
+        }
+    }
+    report.elapsed = started.elapsed();
+    Ok(report)
+}
+
+/// Sweeps one fragment, adding to `report`. Fails only when keys cannot be enumerated at all.
+async fn sweep_fragment(
+    db: &Database,
+    store: &RedisStore,
+    fragment: Arc<dyn DynFragment>,
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+    progress: &dyn Progress,
+    report: &mut SweepReport,
+) -> Result<(), Error> {
+    let canary = store.start_sweep(fragment.key_prefix()).await?;
+    let pager = db.get().await?;
+    let start_ticket = take_ticket(&pager).await?;
+    let total = fragment.count_keys(&pager).await?;
+    let variants = fragment.variants().len() as u64;
+    progress.fragment_started(
+        fragment.name(),
+        total.map(|keys| keys.max(0) as u64 * variants),
+    );
+    let incomplete_before = report.pages_failed;
+    let mut keep = HashSet::new();
+    let mut pages = JoinSet::new();
+    let mut after: Option<String> = None;
+    loop {
+        if shutdown.is_cancelled() {
+            report.interrupted = true;
+            break;
+        }
+        let keys = fragment
+            .keys_after(&pager, after.as_deref(), settings.page_size)
+            .await?;
+        let last_page = (keys.len() as i64) < settings.page_size;
+        after = keys.last().cloned();
+        if !keys.is_empty() {
+            while pages.len() >= settings.concurrency.max(1) {
+                collect(pages.join_next().await, report, &mut keep, progress);
+            }
+            pages.spawn(page::sweep_page(
+                db.clone(),
+                store.clone(),
+                fragment.clone(),
+                keys,
+            ));
+        }
+        if last_page {
+            break;
+        }
+    }
+    drop(pager);
+    while let Some(joined) = pages.join_next().await {
+        collect(Some(joined), report, &mut keep, progress);
+    }
+    progress.fragment_finished(fragment.name());
+    // Entries of keys in a page that failed as a whole would look like orphans, and the marker would
+    // claim what is not true: both wait for a complete sweep.
+    if report.pages_failed == incomplete_before && !report.interrupted {
+        let prefix = fragment.key_prefix();
+        report.orphans_deleted +=
+            orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
+        if !store
+            .finish_sweep(prefix, &canary, fragment.version())
+            .await?
+        {
+            tracing::warn!(
+                fragment = fragment.name(),
+                "Redis lost its data during the sweep; the fragment will be swept again"
+            );
+            report.markers_lost += 1;
+        }
+    }
+    Ok(())
+}

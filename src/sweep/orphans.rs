@@ -1,0 +1,49 @@
+//! The orphan pass: entries under a fragment's prefix whose row is gone. The sweep took a render
+//! ticket before it began, so every entry whose ticket is still older was rendered neither by the
+//! sweep nor by a listener since: its row no longer exists. Deleting it is one more version-checked
+//! write.
+
+use std::collections::HashSet;
+
+use crate::Error;
+use crate::store::{BOOKKEEPING_PREFIX, Eviction, RedisStore, Write, WriteResult};
+
+/// Deletes every entry under `prefix` whose ticket is older than `start_ticket`, but for `keep`
+/// (the entries of keys that failed in this sweep: their rows exist); returns how many.
+///
+/// While Redis may evict keys, an entry without a ticket proves nothing (its ticket may have been
+/// evicted after this sweep wrote it), so it is left alone: a real orphan is then deleted by a later
+/// sweep once it has been rewritten, or evicted. The version-checked delete checks the ticket again
+/// atomically; only a ticket evicted between the two reads escapes this, and costs one cache miss.
+pub(super) async fn delete_orphans(
+    store: &RedisStore,
+    prefix: &str,
+    start_ticket: i64,
+    keep: &HashSet<String>,
+) -> Result<u64, Error> {
+    let may_evict = store.eviction().0 != Eviction::Impossible;
+    let mut deleted = 0;
+    let mut scan = store.scan_prefix(prefix).await?;
+    while let Some(mut keys) = scan.next_page().await? {
+        // A fragment's prefix never overlaps pgfresh's own keys (see `Fragments`); never delete those.
+        keys.retain(|key| !key.starts_with(BOOKKEEPING_PREFIX) && !keep.contains(key));
+        // Most entries were just rewritten: read their tickets in one round trip and send only the
+        // candidates through the version-checked delete.
+        let tickets = store.tickets(&keys).await?;
+        let writes: Vec<Write> = keys
+            .into_iter()
+            .zip(tickets)
+            .filter(|(_, ticket)| match ticket {
+                Some(ticket) => *ticket < start_ticket,
+                None => !may_evict,
+            })
+            .map(|(key, _)| Write::Delete { key })
+            .collect();
+        for result in store.write(start_ticket, &writes).await? {
+            if matches!(result, WriteResult::Deleted | WriteResult::DeletedUnchecked) {
+                deleted += 1;
+            }
+        }
+    }
+    Ok(deleted)
+}

@@ -1,0 +1,117 @@
+//! One page of a sweep: its keys refreshed under a ticket of their own, through the path the listener
+//! uses; keys that fail queued as failed changes (their entries kept), keys Redis could not check
+//! queued to render again; a page whose every key fails counts as failed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use super::{Progress, SweepReport};
+use crate::fragment::DynFragment;
+use crate::pg::Database;
+use crate::pg::queue::take_ticket;
+use crate::refresh::refresh;
+use crate::stats::RefreshStats;
+use crate::store::RedisStore;
+
+/// Refreshes one page of keys under a ticket of its own. Keys that fail are handed to the queue with
+/// their error; keys written without a ticket to check against are queued to be rendered again.
+pub(super) async fn sweep_page(
+    db: Database,
+    store: RedisStore,
+    fragment: Arc<dyn DynFragment>,
+    keys: Vec<String>,
+) -> PageResult {
+    let failed_page = |error: String| (keys.len() as u64, error);
+    let client = db.get().await.map_err(|e| failed_page(e.to_string()))?;
+    let ticket = take_ticket(&client)
+        .await
+        .map_err(|e| failed_page(e.to_string()))?;
+    let refreshed = refresh(&client, &store, fragment.as_ref(), &keys, ticket)
+        .await
+        .map_err(|e| failed_page(e.to_string()))?;
+    // Every key of a page failing is the page failing (Redis out of memory or read-only, a loader
+    // that times out): the sweep is incomplete and tried again later, rather than the whole table
+    // queued, and in time parked, key by key.
+    if keys.len() > 1 && refreshed.failed.len() == keys.len() {
+        return Err(failed_page(refreshed.failed[0].1.clone()));
+    }
+    if let Some((index, reason)) = refreshed.failed.first() {
+        tracing::warn!(fragment = fragment.name(), key = %keys[*index], error = %reason, "sweep could not refresh a key; it is queued for retry");
+    }
+    let mut again: Vec<String> = Vec::new();
+    let mut errors: Vec<Option<String>> = Vec::new();
+    let mut keep = Vec::new();
+    for (index, reason) in &refreshed.failed {
+        again.push(keys[*index].clone());
+        errors.push(Some(reason.clone()));
+        keep.extend(fragment.redis_keys(&keys[*index]).unwrap_or_default());
+    }
+    // Queued after the write, not with it: a crash in between leaves a render that Redis could not
+    // check unchecked until the key changes or the next sweep, which only matters while Redis may
+    // evict keys.
+    for index in &refreshed.unchecked {
+        again.push(keys[*index].clone());
+        errors.push(None);
+    }
+    if !again.is_empty() {
+        crate::pg::queue::requeue(&client, fragment.topics()[0], &again, &errors)
+            .await
+            .map_err(|e| failed_page(e.to_string()))?;
+    }
+    Ok(PageDone {
+        stats: refreshed.stats,
+        requeued: refreshed.failed.len() as u64,
+        first_error: refreshed
+            .failed
+            .into_iter()
+            .next()
+            .map(|(_, reason)| reason),
+        keep,
+    })
+}
+
+/// A sweep page that completed: its counts, and the failed keys it queued.
+pub(super) struct PageDone {
+    stats: RefreshStats,
+    requeued: u64,
+    first_error: Option<String>,
+    /// The Redis keys of the keys that failed: their rows exist, so the orphan pass must keep them.
+    keep: Vec<String>,
+}
+
+/// A sweep page's result: what it did, or how many keys it could neither refresh nor queue, and why.
+pub(super) type PageResult = Result<PageDone, (u64, String)>;
+
+/// Adds a finished page to the report, and its failed keys' entries to those the orphan pass keeps.
+pub(super) fn collect(
+    joined: Option<Result<PageResult, tokio::task::JoinError>>,
+    report: &mut SweepReport,
+    keep: &mut HashSet<String>,
+    progress: &dyn Progress,
+) {
+    match joined {
+        None => {}
+        Some(Ok(Ok(page))) => {
+            progress.advanced(page.stats.rendered + page.stats.errors);
+            report.stats += page.stats;
+            report.requeued += page.requeued;
+            keep.extend(page.keep);
+            if let Some(error) = page.first_error {
+                report.first_error.get_or_insert(error);
+            }
+        }
+        Some(Ok(Err((keys, error)))) => {
+            progress.advanced(keys);
+            report.stats.errors += keys;
+            report.pages_failed += 1;
+            report.first_error.get_or_insert(error);
+        }
+        Some(Err(join_error)) => {
+            report.stats.errors += 1;
+            report.pages_failed += 1;
+            report
+                .first_error
+                .get_or_insert(format!("sweep task died: {join_error}"));
+        }
+    }
+}
