@@ -203,6 +203,17 @@ async fn a_master_failing_over_to_its_replica_loses_no_change() {
         common::servers::CHILD_PATIENCE,
     );
     assert!(String::from_utf8_lossy(&role.stdout).starts_with("master"));
+    // An idle listener, as most are most of the time: in that state a failover was seen to leave the
+    // cluster connection timing out on every command for minutes, until pgfresh replaced it.
+    let db = env.client().await;
+    eventually("the listener to wait for NOTIFYs", || async {
+        db.query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
 
     // The master dies, and its replica may not take over yet: every product changes while its slots
     // have no master, and the listener's writes there fail.
@@ -231,7 +242,6 @@ async fn a_master_failing_over_to_its_replica_loses_no_change() {
         .execute("UPDATE products SET price_cents = price_cents + 7", &[])
         .await
         .unwrap();
-    let db = env.client().await;
     eventually(
         "a write failure to be noted on the waiting changes",
         || async {

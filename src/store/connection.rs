@@ -2,9 +2,12 @@
 //! the node serving their keys' slot), their timeouts, and how a Redis URL is shown: rebuilt from the
 //! parsed URL, never with its password.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
@@ -20,18 +23,97 @@ pub(crate) const RESPONSE_TIMEOUT: Duration = Duration::from_secs(10);
 /// (`redis::cmd(..).query_async(&mut connection)`). Both kinds reconnect by themselves; clones share
 /// the connection.
 #[derive(Clone)]
-pub enum RedisConnection {
+pub struct RedisConnection(Kind);
+
+#[derive(Clone)]
+enum Kind {
     /// One server.
     Server(ConnectionManager),
     /// A Redis Cluster: commands go to the node serving their keys' slot.
-    Cluster(ClusterConnection),
+    Cluster(Arc<ClusterHandle>),
+}
+
+impl RedisConnection {
+    pub(crate) fn server(connection: ConnectionManager) -> Self {
+        RedisConnection(Kind::Server(connection))
+    }
+
+    /// Connects to a cluster through `client`.
+    pub(crate) async fn cluster(client: ClusterClient) -> redis::RedisResult<Self> {
+        let connection = client.get_async_connection().await?;
+        Ok(RedisConnection(Kind::Cluster(Arc::new(ClusterHandle {
+            client,
+            current: Mutex::new((0, connection)),
+            replacing: AtomicBool::new(false),
+        }))))
+    }
+
+    /// The cluster connection, to route a command to one node; `None` for one server.
+    pub(crate) fn cluster_connection(&self) -> Option<ClusterConnection> {
+        match &self.0 {
+            Kind::Server(_) => None,
+            Kind::Cluster(cluster) => Some(cluster.current().1),
+        }
+    }
+}
+
+/// A cluster connection that is replaced when it stops answering.
+///
+/// After a master fails over, the `redis` crate's cluster connection was seen to time out on every
+/// command for minutes (with the new master serving and a fresh connection answering at once): a
+/// listener sharing it applied nothing. A command that times out therefore has a new connection
+/// built in the background, which later commands use; one replacement at a time.
+struct ClusterHandle {
+    client: ClusterClient,
+    /// The connection in use, and how many replaced it before.
+    current: Mutex<(u64, ClusterConnection)>,
+    replacing: AtomicBool,
+}
+
+impl ClusterHandle {
+    fn current(&self) -> (u64, ClusterConnection) {
+        self.current
+            .lock()
+            .expect("cluster connection lock")
+            .clone()
+    }
+
+    /// Replaces connection number `generation` unless it was replaced already.
+    fn replace(self: &Arc<Self>, generation: u64, error: &redis::RedisError) {
+        if !error.is_timeout() || self.replacing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        tracing::warn!(%error, "the Redis Cluster connection stopped answering: connecting again");
+        let handle = self.clone();
+        tokio::spawn(async move {
+            match handle.client.get_async_connection().await {
+                Ok(connection) => {
+                    let mut current = handle.current.lock().expect("cluster connection lock");
+                    if current.0 == generation {
+                        *current = (generation + 1, connection);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "cannot connect to the Redis Cluster again yet")
+                }
+            }
+            handle.replacing.store(false, Ordering::Release);
+        });
+    }
 }
 
 impl ConnectionLike for RedisConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            RedisConnection::Server(connection) => connection.req_packed_command(cmd),
-            RedisConnection::Cluster(connection) => connection.req_packed_command(cmd),
+        match &mut self.0 {
+            Kind::Server(connection) => connection.req_packed_command(cmd),
+            Kind::Cluster(cluster) => Box::pin(async move {
+                let (generation, mut connection) = cluster.current();
+                let result = connection.req_packed_command(cmd).await;
+                if let Err(error) = &result {
+                    cluster.replace(generation, error);
+                }
+                result
+            }),
         }
     }
 
@@ -41,20 +123,25 @@ impl ConnectionLike for RedisConnection {
         offset: usize,
         count: usize,
     ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            RedisConnection::Server(connection) => {
-                connection.req_packed_commands(pipeline, offset, count)
-            }
-            RedisConnection::Cluster(connection) => {
-                connection.req_packed_commands(pipeline, offset, count)
-            }
+        match &mut self.0 {
+            Kind::Server(connection) => connection.req_packed_commands(pipeline, offset, count),
+            Kind::Cluster(cluster) => Box::pin(async move {
+                let (generation, mut connection) = cluster.current();
+                let result = connection
+                    .req_packed_commands(pipeline, offset, count)
+                    .await;
+                if let Err(error) = &result {
+                    cluster.replace(generation, error);
+                }
+                result
+            }),
         }
     }
 
     fn get_db(&self) -> i64 {
-        match self {
-            RedisConnection::Server(connection) => connection.get_db(),
-            RedisConnection::Cluster(connection) => connection.get_db(),
+        match &self.0 {
+            Kind::Server(connection) => connection.get_db(),
+            Kind::Cluster(cluster) => cluster.current().1.get_db(),
         }
     }
 }

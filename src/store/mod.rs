@@ -83,7 +83,7 @@ impl RedisStore {
                     .into(),
             });
         }
-        let store = Self::new(RedisConnection::Server(connection), Layout::Server, shown);
+        let store = Self::new(RedisConnection::server(connection), Layout::Server, shown);
         store.check_eviction().await;
         Ok(store)
     }
@@ -102,14 +102,14 @@ impl RedisStore {
             .max_retry_wait(1000)
             .build()
             .map_err(|e| invalid_url(&shown, e))?;
-        let connection = client
-            .get_async_connection()
-            .await
-            .map_err(|e| Error::RedisConnect {
-                url: shown.clone(),
-                reason: e.to_string(),
-            })?;
-        let store = Self::new(RedisConnection::Cluster(connection), Layout::Cluster, shown);
+        let connection =
+            RedisConnection::cluster(client)
+                .await
+                .map_err(|e| Error::RedisConnect {
+                    url: shown.clone(),
+                    reason: e.to_string(),
+                })?;
+        let store = Self::new(connection, Layout::Cluster, shown);
         store.check_eviction().await;
         Ok(store)
     }

@@ -44,15 +44,15 @@ impl KeyScan {
             .arg(&self.pattern)
             .arg("COUNT")
             .arg(SCAN_COUNT);
-        let reply = match (&mut self.connection, anchor) {
-            (RedisConnection::Cluster(cluster), Some(slot)) => {
+        let reply = match (self.connection.cluster_connection(), anchor) {
+            (Some(mut cluster), Some(slot)) => {
                 let node =
                     SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
                 cluster
                     .route_command(scan, RoutingInfo::SingleNode(node))
                     .await?
             }
-            (connection, _) => scan.query_async(connection).await?,
+            _ => scan.query_async(&mut self.connection).await?,
         };
         let (next, keys): (u64, Vec<String>) =
             redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
