@@ -1,7 +1,7 @@
 //! The library's error type: one enum callers can match, whose messages say what failed and what to do.
 //!
 //! Connection URLs in messages are always shown without their password, built from the parsed
-//! settings (see [`crate::conninfo`]).
+//! settings (see `pg::conninfo`).
 
 /// Everything that can go wrong in pgfresh.
 #[derive(Debug, thiserror::Error)]
@@ -157,23 +157,5 @@ fn describe_pool(error: &deadpool_postgres::PoolError) -> String {
     match error {
         deadpool_postgres::PoolError::Backend(e) => describe_postgres(e),
         other => other.to_string(),
-    }
-}
-
-impl Error {
-    /// True when the error means a connection is gone (or never came), so retrying later can succeed;
-    /// false for errors in the data or the code, which retrying the same input would only repeat.
-    pub fn is_connection(&self) -> bool {
-        match self {
-            Error::PostgresConnect { .. } | Error::RedisConnect { .. } | Error::Pool(_) => true,
-            Error::Postgres(e) => e.is_closed() || e.as_db_error().is_none(),
-            Error::Redis(e) => {
-                e.is_io_error()
-                    || e.is_connection_dropped()
-                    || e.is_timeout()
-                    || e.is_connection_refusal()
-            }
-            _ => false,
-        }
     }
 }

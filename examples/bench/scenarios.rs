@@ -394,20 +394,9 @@ impl Bench {
                 else {
                     continue;
                 };
-                let Some(seq) = html
-                    .split("<h2>lat-")
-                    .nth(1)
-                    .and_then(|rest| rest.split('<').next())
-                    .and_then(|s| s.parse::<u64>().ok())
-                else {
+                let Some((id, seq)) = shown_update(&key, &html) else {
                     continue;
                 };
-                let id: i64 = key
-                    .trim_start_matches(PREFIX)
-                    .split(':')
-                    .next()
-                    .and_then(|i| i.parse().ok())
-                    .unwrap_or(0);
                 let mut pending = pending.lock().unwrap();
                 // Every update of this product committed no later than the one shown is visible now,
                 // whichever writer sent it. (If the shown one was resolved before, so were those.)
@@ -447,29 +436,12 @@ impl Bench {
             } else {
                 None
             };
-            let (mut plain, mut triggered, mut listener_cpu, mut triggered_time) =
-                (vec![], vec![], Duration::ZERO, Duration::ZERO);
-            for round in 0..4 {
-                let watched = round % 2 == 1;
-                client.batch_execute("TRUNCATE pgfresh.changes").await?;
-                client
-                    .batch_execute(if watched {
-                        "SELECT pgfresh.watch('products', 'id', 'product')"
-                    } else {
-                        "SELECT pgfresh.unwatch('products', 'product')"
-                    })
-                    .await?;
-                let cpu_before = cpu_time();
-                let started = Instant::now();
-                let tps = pgbench(&url, &script).await?;
-                if watched {
-                    triggered.push(tps);
-                    listener_cpu += cpu_time() - cpu_before;
-                    triggered_time += started.elapsed();
-                } else {
-                    plain.push(tps);
-                }
-            }
+            let Rounds {
+                plain,
+                triggered,
+                listener_cpu,
+                triggered_time,
+            } = alternate_watching(&client, &url, &script).await?;
             client
                 .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
                 .await?;
@@ -510,23 +482,11 @@ impl Bench {
         let (db, url) = self.shop(PRODUCTS).await?;
         let (sink, _) = self.redis().await?;
         let listener = self.start_listener(&db, &sink, &url).await?;
-        let client = redis::Client::open(self.redis_url.as_str())?;
-        let database = enable_keyspace_events(&client, &self.redis_url).await?;
         let key = format!("{PREFIX}1:compact");
-        let mut pubsub = client.get_async_pubsub().await?;
-        pubsub
-            .subscribe(format!("__keyspace@{database}__:{key}"))
+        let (renders, recorder) = self.record_sets(&key).await?;
+        let mut reader = redis::Client::open(self.redis_url.as_str())?
+            .get_connection_manager()
             .await?;
-        let renders: Arc<Mutex<Vec<Instant>>> = Arc::default();
-        let recorder = {
-            let renders = renders.clone();
-            tokio::spawn(async move {
-                let mut messages = pubsub.into_on_message();
-                while messages.next().await.is_some() {
-                    renders.lock().unwrap().push(Instant::now());
-                }
-            })
-        };
         let writer = connect(&url).await?;
         let update = writer
             .prepare("UPDATE products SET name = $1 WHERE id = 1")
@@ -537,18 +497,7 @@ impl Bench {
         }
         let last_commit = Instant::now();
         let burst = last_commit - started;
-        let mut reader = client.get_connection_manager().await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let html: Option<String> = redis::cmd("GET").arg(&key).query_async(&mut reader).await?;
-            if html.is_some_and(|h| h.contains("<h2>burst-9999</h2>")) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("the last burst update never reached Redis");
-            }
-            tokio::task::yield_now().await;
-        }
+        Self::wait_for(&mut reader, &key, "<h2>burst-9999</h2>").await?;
         let settled = last_commit.elapsed();
         tokio::time::sleep(Duration::from_millis(100)).await;
         recorder.abort();
@@ -569,6 +518,49 @@ impl Bench {
             ms(settled),
         );
         listener.stop().await
+    }
+
+    /// Records when each SET of `key` happens, until the returned task is aborted.
+    async fn record_sets(
+        &self,
+        key: &str,
+    ) -> Result<(Arc<Mutex<Vec<Instant>>>, tokio::task::JoinHandle<()>)> {
+        let client = redis::Client::open(self.redis_url.as_str())?;
+        let database = enable_keyspace_events(&client, &self.redis_url).await?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub
+            .subscribe(format!("__keyspace@{database}__:{key}"))
+            .await?;
+        let sets: Arc<Mutex<Vec<Instant>>> = Arc::default();
+        let recorder = {
+            let sets = sets.clone();
+            tokio::spawn(async move {
+                let mut messages = pubsub.into_on_message();
+                while messages.next().await.is_some() {
+                    sets.lock().unwrap().push(Instant::now());
+                }
+            })
+        };
+        Ok((sets, recorder))
+    }
+
+    /// Waits (30 s at most) until `key` holds HTML containing `needle`.
+    async fn wait_for(
+        reader: &mut redis::aio::ConnectionManager,
+        key: &str,
+        needle: &str,
+    ) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let html: Option<String> = redis::cmd("GET").arg(key).query_async(reader).await?;
+            if html.is_some_and(|h| h.contains(needle)) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("{needle} never reached {key}");
+            }
+            tokio::task::yield_now().await;
+        }
     }
 
     /// 100,000 changes over 20,000 products queued while no listener runs; then one starts.
@@ -736,4 +728,64 @@ async fn stale_cards(
         }
     }
     Ok(stale)
+}
+
+/// Throughput of pgbench runs with and without the products trigger, and the CPU time used meanwhile.
+struct Rounds {
+    plain: Vec<f64>,
+    triggered: Vec<f64>,
+    listener_cpu: Duration,
+    triggered_time: Duration,
+}
+
+/// Four pgbench runs, unwatched and watched in turn, so that drift on a noisy machine hits both.
+async fn alternate_watching(
+    client: &tokio_postgres::Client,
+    url: &str,
+    script: &std::path::Path,
+) -> Result<Rounds> {
+    let mut rounds = Rounds {
+        plain: vec![],
+        triggered: vec![],
+        listener_cpu: Duration::ZERO,
+        triggered_time: Duration::ZERO,
+    };
+    for round in 0..4 {
+        let watched = round % 2 == 1;
+        client.batch_execute("TRUNCATE pgfresh.changes").await?;
+        client
+            .batch_execute(if watched {
+                "SELECT pgfresh.watch('products', 'id', 'product')"
+            } else {
+                "SELECT pgfresh.unwatch('products', 'product')"
+            })
+            .await?;
+        let cpu_before = cpu_time();
+        let started = Instant::now();
+        let tps = pgbench(url, script).await?;
+        if watched {
+            rounds.triggered.push(tps);
+            rounds.listener_cpu += cpu_time() - cpu_before;
+            rounds.triggered_time += started.elapsed();
+        } else {
+            rounds.plain.push(tps);
+        }
+    }
+    Ok(rounds)
+}
+
+/// The product and the update sequence number a latency card shows (`<h2>lat-<seq></h2>`).
+fn shown_update(key: &str, html: &str) -> Option<(i64, u64)> {
+    let seq = html
+        .split("<h2>lat-")
+        .nth(1)
+        .and_then(|rest| rest.split('<').next())
+        .and_then(|s| s.parse::<u64>().ok())?;
+    let id = key
+        .trim_start_matches(PREFIX)
+        .split(':')
+        .next()
+        .and_then(|i| i.parse().ok())
+        .unwrap_or(0);
+    Some((id, seq))
 }

@@ -207,7 +207,7 @@ async fn print_queue(client: &tokio_postgres::Client, version: i32) -> Result<()
     };
     println!(
         "queue: {about}{} pending (oldest {oldest}), {} parked in pgfresh.failed, {truncated} truncated tables awaiting a sweep",
-        stats.pending, stats.failed
+        stats.pending, stats.parked
     );
     Ok(())
 }

@@ -45,8 +45,7 @@ struct Drained {
 pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
     let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
     let mut failing_since: Option<Instant> = None;
-    let mut rate = ChangeRate::default();
-    let mut last_change = Instant::now();
+    let mut pace = Pace::new();
     while !shared.shutdown.is_cancelled() {
         if stand_aside(shared).await {
             tokio::select! {
@@ -72,42 +71,71 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
         if let Some(since) = failing_since.take() {
             tracing::info!(after = ?since.elapsed(), "processing changes again");
         }
-        if drained.changes > 0 {
-            last_change = Instant::now();
-            tracing::debug!(changes = drained.changes, stats = ?drained.stats, "drained");
-        }
-        let per_second = rate.record(drained.changes);
-        let idle = shared.idle.load(Ordering::Relaxed);
-        let want_idle = if idle {
-            per_second <= BUSY_RATE
-        } else {
-            last_change.elapsed() >= QUIET_BEFORE_IDLE
-        };
         // After asking for NOTIFYs, drain once more: a change whose trigger read the flag just before
         // it was set would otherwise wait for the next poll.
-        if want_idle != idle && set_idle(shared, want_idle).await && want_idle {
+        if pace.switch(shared, &drained).await == Some(true) {
             continue;
-        }
-        let mut pause = if shared.idle.load(Ordering::Relaxed) {
-            shared.settings.poll_interval
-        } else {
-            BUSY_POLL
-        };
-        if let Some(at) = shared.next_wake.lock().expect("next wake lock").take() {
-            // A little after the deferred changes' retry time, which PostgreSQL's clock decides.
-            pause =
-                pause.min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(2));
         }
         tokio::select! {
             _ = shared.shutdown.cancelled() => {}
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(pause) => {}
+            _ = tokio::time::sleep(pause(shared)) => {}
         }
     }
 }
 
+/// Whether the listener waits for NOTIFYs (idle) or polls (busy), by the rate of changes.
+struct Pace {
+    rate: ChangeRate,
+    /// When a drain last found changes; a listener starts busy, as if it just had.
+    last_change: Instant,
+}
+
+impl Pace {
+    fn new() -> Pace {
+        Pace {
+            rate: ChangeRate::default(),
+            last_change: Instant::now(),
+        }
+    }
+
+    /// Takes in a drain, and tells the database when the listener turns idle or busy; returns the
+    /// new state when it changed and was recorded.
+    async fn switch(&mut self, shared: &Shared, drained: &Drained) -> Option<bool> {
+        if drained.changes > 0 {
+            self.last_change = Instant::now();
+            tracing::debug!(changes = drained.changes, stats = ?drained.stats, "drained");
+        }
+        let per_second = self.rate.record(drained.changes);
+        let idle = shared.idle.load(Ordering::Relaxed);
+        let want_idle = if idle {
+            per_second <= BUSY_RATE
+        } else {
+            self.last_change.elapsed() >= QUIET_BEFORE_IDLE
+        };
+        (want_idle != idle && set_idle(shared, want_idle).await).then_some(want_idle)
+    }
+}
+
+/// How long to wait before looking at the queue again: the poll interval when idle, a short poll
+/// when busy, and no longer than until deferred changes become ready.
+fn pause(shared: &Shared) -> Duration {
+    let pause = if shared.idle.load(Ordering::Relaxed) {
+        shared.settings.poll_interval
+    } else {
+        BUSY_POLL
+    };
+    match shared.next_wake.lock().expect("next wake lock").take() {
+        // A little after the deferred changes' retry time, which PostgreSQL's clock decides.
+        Some(at) => {
+            pause.min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(2))
+        }
+        None => pause,
+    }
+}
+
 /// Records in the registry whether this listener stands aside for a newer one, and returns whether it
-/// does. The drain loop calls it between drains, so by the time `superseded` is recorded no batch of
+/// does. The drain loop calls it between drains, so by the time standing aside is recorded no batch of
 /// this listener is in hand; a standing-aside listener also stops asking for NOTIFYs.
 async fn stand_aside(shared: &Shared) -> bool {
     let requested = shared.stand_aside.requested();
@@ -116,7 +144,7 @@ async fn stand_aside(shared: &Shared) -> bool {
             set_idle(shared, false).await;
         }
         let recorded = match shared.db.get().await {
-            Ok(client) => registry::set_superseded(&client, &shared.me.id, requested).await,
+            Ok(client) => registry::set_standing_aside(&client, &shared.me.id, requested).await,
             Err(error) => Err(error),
         };
         match recorded {

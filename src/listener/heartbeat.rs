@@ -38,9 +38,9 @@ async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
         .queue_sampled(stats.map_err(|error| error.to_string()));
     let (changes, refused) = shared.board.totals();
     let idle = shared.idle.load(Ordering::Relaxed);
-    let superseded = shared.stand_aside.recorded();
+    let standing_aside = shared.stand_aside.recorded();
     if let Err(error) =
-        registry::heartbeat(client, &shared.me, idle, superseded, changes, refused).await
+        registry::heartbeat(client, &shared.me, idle, standing_aside, changes, refused).await
     {
         tracing::debug!(%error, "heartbeat failed");
     }

@@ -2,12 +2,12 @@
 //!
 //! Every listener records in `pgfresh.listeners` the fragments it renders and their versions. Once a
 //! second each one asks whether a live listener renders a newer version of one of its fragments. If
-//! so it stands aside: it finishes the batches in hand, records `superseded`, and claims nothing and
-//! sweeps nothing until that listener is gone (stopped, or silent for 15 s). Before a sweep, a
-//! listener waits (up to [`STAND_ASIDE_WAIT`]) until listeners with older versions have stood aside,
-//! so no old batch can land after the sweep has passed its keys. A listener that stood aside and
-//! resumes (the newer one went away: a rollback) checks its fragments' markers as at start-up, so the
-//! markup Redis holds is brought back to its version.
+//! so it stands aside: it finishes the batches in hand, records that (in the column `superseded`),
+//! and claims nothing and sweeps nothing until that listener is gone (stopped, or silent for 15 s).
+//! Before a sweep, a listener waits (up to [`STAND_ASIDE_WAIT`]) until listeners with older versions
+//! have stood aside, so no old batch can land after the sweep has passed its keys. A listener that
+//! stood aside and resumes (the newer one went away: a rollback) checks its fragments' markers as at
+//! start-up, so the markup Redis holds is brought back to its version.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -16,7 +16,7 @@ use crate::pg::Database;
 use crate::pg::registry::{self, ListenerIdentity};
 use crate::shutdown::Shutdown;
 
-/// How often a listener asks whether it has been superseded.
+/// How often a listener asks whether a newer listener runs.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How long a sweep waits for listeners with older versions to stand aside. Longer than a batch
@@ -51,9 +51,9 @@ impl StandAside {
     }
 
     /// Notes what the registry now says.
-    pub(crate) fn set_recorded(&self, superseded: bool) {
-        let was = self.recorded.swap(superseded, Ordering::Relaxed);
-        if was && !superseded {
+    pub(crate) fn set_recorded(&self, standing_aside: bool) {
+        let was = self.recorded.swap(standing_aside, Ordering::Relaxed);
+        if was && !standing_aside {
             self.resumed.store(true, Ordering::Relaxed);
         }
     }
@@ -72,20 +72,20 @@ pub(crate) async fn watch(
     shutdown: Shutdown,
 ) {
     loop {
-        let superseded = match db.get().await {
-            Ok(client) => registry::is_superseded(&client, &me).await,
+        let newer = match db.get().await {
+            Ok(client) => registry::newer_listener_running(&client, &me).await,
             Err(error) => Err(error),
         };
-        match superseded {
-            Ok(superseded) if superseded != state.requested() => {
-                if superseded {
+        match newer {
+            Ok(newer) if newer != state.requested() => {
+                if newer {
                     tracing::warn!(
                         "a listener with a newer version of these fragments is running: standing aside until it is gone"
                     );
                 } else {
                     tracing::info!("no newer listener is running any more: applying changes again");
                 }
-                state.requested.store(superseded, Ordering::Relaxed);
+                state.requested.store(newer, Ordering::Relaxed);
             }
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "cannot tell whether a newer listener runs"),

@@ -51,7 +51,7 @@ pub(crate) struct BoardView {
     pub(crate) last_sweep: Option<LastSweep>,
     /// Totals by fragment name.
     pub(crate) fragments: BTreeMap<String, RefreshStats>,
-    /// Changes settled since start.
+    /// Changes applied since start.
     pub(crate) changes_applied: u64,
     /// Whether the listener stands aside for one with newer fragment versions.
     pub(crate) standing_aside: bool,
@@ -97,7 +97,7 @@ impl StatusBoard {
         *inner.fragments.entry(fragment.to_string()).or_default() += stats;
     }
 
-    /// Counts changes settled.
+    /// Counts changes applied.
     pub(crate) fn applied(&self, changes: usize) {
         self.inner
             .lock()

@@ -132,9 +132,9 @@ async fn status_page(State(state): State<AppState>) -> Html<String> {
 
 /// Pings Redis every [`PROBE_INTERVAL`] until shutdown, noting each answer on the board for
 /// `/readyz` and the status page.
-pub(crate) async fn probe_redis(sink: RedisStore, board: Arc<StatusBoard>, shutdown: Shutdown) {
+pub(crate) async fn probe_redis(store: RedisStore, board: Arc<StatusBoard>, shutdown: Shutdown) {
     loop {
-        let answer = match tokio::time::timeout(PROBE_TIMEOUT, sink.ping()).await {
+        let answer = match tokio::time::timeout(PROBE_TIMEOUT, store.ping()).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(error)) => Err(format!("Redis: {error}")),
             Err(_) => Err(format!(

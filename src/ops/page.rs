@@ -46,7 +46,7 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                             @if stats.pending_estimated { "about " }
                             (stats.pending) " pending"
                             @if let Some(oldest) = stats.oldest { ", oldest " (format!("{:.1}", oldest.as_secs_f64())) " s" }
-                            "; " (stats.failed) " parked in pgfresh.failed"
+                            "; " (stats.parked) " parked in pgfresh.failed"
                             " (sampled " (at.elapsed().as_secs()) " s ago)"
                         },
                         Some((_, Err(error))) => p class="bad" { "cannot read the queue: " (error) },

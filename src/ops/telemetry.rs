@@ -1,7 +1,7 @@
 //! Metrics, through the `metrics` facade: the library records, the binary decides where they go.
 //!
 //! With no recorder installed every call here is a no-op. `listen --http` installs a Prometheus
-//! recorder ([`install_prometheus`]) and serves it at `/metrics` (see [`crate::http`]).
+//! recorder ([`install_prometheus`]) and serves it at `/metrics` (see `ops::http`).
 
 use std::time::Duration;
 
@@ -39,7 +39,7 @@ fn describe() {
     );
     describe_counter!(
         "pgfresh_changes_applied_total",
-        "Changes whose fragments are in Redis, settled"
+        "Changes applied: their fragments are in Redis"
     );
     describe_counter!(
         "pgfresh_changes_coalesced_total",
@@ -197,7 +197,7 @@ pub(crate) fn batch(
 pub(crate) fn queue(stats: &QueueStats, notification_queue_usage: f64) {
     gauge!("pgfresh_queue_pending").set(stats.pending as f64);
     gauge!("pgfresh_queue_oldest_seconds").set(stats.oldest.map_or(0.0, |age| age.as_secs_f64()));
-    gauge!("pgfresh_parked_changes").set(stats.failed as f64);
+    gauge!("pgfresh_parked_changes").set(stats.parked as f64);
     gauge!("pgfresh_notification_queue_usage").set(notification_queue_usage);
 }
 

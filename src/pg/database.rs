@@ -76,40 +76,15 @@ impl Database {
         pool_size: usize,
         environment: &Environment,
     ) -> Result<Self, Error> {
-        let mut info = ConnInfo::parse(url)
-            .map_err(|reason| invalid_url(redact_unparsed(url), reason))?
-            .with_environment(|name| environment.var(name))
-            .with_defaults();
+        let info = resolve(url, environment)?;
         let shown = info.shown();
         let invalid = |reason: String| invalid_url(shown.clone(), reason);
-        if info.get("password").is_none() {
-            match info.password_from_file(environment.home()) {
-                Ok(Some(password)) => info.set("password", &password),
-                Ok(None) => {}
-                Err(warning) => tracing::warn!("{warning}"),
-            }
-        }
-        if let Some(keyword) = info
-            .keywords()
-            .find(|k| !HANDLED_HERE.contains(k) && !PASSED_ON.contains(k))
-        {
-            return Err(invalid(format!(
-                "pgfresh does not support the connection option {keyword}, and will not connect with less than it asks for; remove it"
-            )));
-        }
         let tls = PostgresTls::from_settings(
             info.get("sslmode"),
             info.get("sslrootcert"),
             environment.home(),
         )
         .map_err(invalid)?;
-        if info.get("application_name").is_none() {
-            let name = info
-                .get("fallback_application_name")
-                .unwrap_or("pgfresh")
-                .to_string();
-            info.set("application_name", &name);
-        }
         let mut config: Config = info
             .to_tokio_postgres(HANDLED_HERE)
             .parse()
@@ -118,27 +93,8 @@ impl Database {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        // The user's options come after pgfresh's, so that theirs win where both set something.
-        let mut pooled = config.clone();
-        pooled.options(&match config.get_options() {
-            Some(theirs) if !theirs.trim().is_empty() => format!("{POOLED_OPTIONS} {theirs}"),
-            _ => POOLED_OPTIONS.to_string(),
-        });
         let connector = tls.connector();
-        let manager = Manager::from_config(
-            pooled,
-            connector.clone(),
-            ManagerConfig {
-                recycling_method: RecyclingMethod::Fast,
-            },
-        );
-        let pool = Pool::builder(manager)
-            .max_size(pool_size.max(1))
-            .runtime(Runtime::Tokio1)
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .wait_timeout(Some(Duration::from_secs(30)))
-            .build()
-            .expect("a pool with a runtime and a size always builds");
+        let pool = build_pool(&config, connector.clone(), pool_size);
         Ok(Self {
             config,
             url: shown,
@@ -159,11 +115,6 @@ impl Database {
             .or(self.config.get_user())
             .unwrap_or("postgres")
             .to_string()
-    }
-
-    /// The connection pool.
-    pub fn pool(&self) -> &Pool {
-        &self.pool
     }
 
     /// A pooled connection, or an error saying PostgreSQL is unreachable.
@@ -230,6 +181,65 @@ impl Database {
             Error::PostgresConnect { url, reason }
         }
     }
+}
+
+/// Reads the connection string and fills what it leaves out as libpq does: the `PG*` variables, the
+/// password file, then pgfresh's defaults. Refuses settings pgfresh would have to ignore.
+fn resolve(url: &str, environment: &Environment) -> Result<ConnInfo, Error> {
+    let mut info = ConnInfo::parse(url)
+        .map_err(|reason| invalid_url(redact_unparsed(url), reason))?
+        .with_environment(|name| environment.var(name))
+        .with_defaults();
+    if info.get("password").is_none() {
+        match info.password_from_file(environment.home()) {
+            Ok(Some(password)) => info.set("password", &password),
+            Ok(None) => {}
+            Err(warning) => tracing::warn!("{warning}"),
+        }
+    }
+    if let Some(keyword) = info
+        .keywords()
+        .find(|k| !HANDLED_HERE.contains(k) && !PASSED_ON.contains(k))
+    {
+        return Err(invalid_url(
+            info.shown(),
+            format!(
+                "pgfresh does not support the connection option {keyword}, and will not connect with less than it asks for; remove it"
+            ),
+        ));
+    }
+    if info.get("application_name").is_none() {
+        let name = info
+            .get("fallback_application_name")
+            .unwrap_or("pgfresh")
+            .to_string();
+        info.set("application_name", &name);
+    }
+    Ok(info)
+}
+
+/// The pool of sessions that claim, load and sweep: the user's settings plus [`POOLED_OPTIONS`].
+fn build_pool(config: &Config, connector: MakeRustlsConnect, size: usize) -> Pool {
+    // The user's options come after pgfresh's, so that theirs win where both set something.
+    let mut pooled = config.clone();
+    pooled.options(&match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{POOLED_OPTIONS} {theirs}"),
+        _ => POOLED_OPTIONS.to_string(),
+    });
+    let manager = Manager::from_config(
+        pooled,
+        connector,
+        ManagerConfig {
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(size.max(1))
+        .runtime(Runtime::Tokio1)
+        .create_timeout(Some(CONNECT_TIMEOUT))
+        .wait_timeout(Some(Duration::from_secs(30)))
+        .build()
+        .expect("a pool with a runtime and a size always builds")
 }
 
 fn invalid_url(url: String, reason: String) -> Error {

@@ -24,7 +24,7 @@ pub(crate) struct Change {
 /// Changes claimed by one transaction, with the render ticket taken before any row is loaded.
 #[derive(Debug, Default)]
 pub(crate) struct Claim {
-    /// Orders this batch's Redis writes against every other render (see `sink`).
+    /// Orders this batch's Redis writes against every other render (see `store::write`).
     pub(crate) ticket: i64,
     /// The claimed changes, oldest first.
     pub(crate) changes: Vec<Change>,
@@ -55,7 +55,7 @@ pub(crate) struct QueueStats {
     /// Age of the oldest waiting change.
     pub(crate) oldest: Option<Duration>,
     /// Changes parked in `pgfresh.failed`.
-    pub(crate) failed: i64,
+    pub(crate) parked: i64,
 }
 
 /// Claims up to `limit` ready changes, skipping rows another transaction holds, and takes one render
@@ -270,7 +270,7 @@ pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
         oldest: row
             .get::<_, Option<f64>>(2)
             .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
-        failed: row.get(3),
+        parked: row.get(3),
     })
 }
 

@@ -27,7 +27,7 @@ const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
      JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
      WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'";
 
-/// Registers a running listener (busy, not superseded, until it says otherwise).
+/// Registers a running listener (busy, not standing aside, until it says otherwise).
 pub(crate) async fn register_listener(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     client
         .execute(
@@ -41,7 +41,10 @@ pub(crate) async fn register_listener(client: &Client, me: &ListenerIdentity) ->
 }
 
 /// Whether a live listener other than `me` renders a newer version of one of `me`'s fragments.
-pub(crate) async fn is_superseded(client: &Client, me: &ListenerIdentity) -> Result<bool, Error> {
+pub(crate) async fn newer_listener_running(
+    client: &Client,
+    me: &ListenerIdentity,
+) -> Result<bool, Error> {
     Ok(client
         .query_one(
             &format!(
@@ -72,15 +75,15 @@ pub(crate) async fn older_listeners_working(
 }
 
 /// Records whether this listener has stood aside for a newer one.
-pub(crate) async fn set_superseded(
+pub(crate) async fn set_standing_aside(
     client: &Client,
     listener_id: &str,
-    superseded: bool,
+    standing_aside: bool,
 ) -> Result<(), Error> {
     client
         .execute(
             "UPDATE pgfresh.listeners SET superseded = $2, seen_at = now() WHERE id = $1",
-            &[&listener_id, &superseded],
+            &[&listener_id, &standing_aside],
         )
         .await?;
     Ok(())
@@ -105,14 +108,14 @@ pub(crate) async fn set_listener_idle(
 
 /// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
 /// listener's counters. Re-registers a listener whose row vanished (a PostgreSQL crash empties the
-/// unlogged table) with its current idle and superseded flags; an existing row's flags are left to
-/// `set_listener_idle` and `set_superseded`, so a heartbeat racing a switch cannot undo it.
+/// unlogged table) with its current idle and standing-aside flags; an existing row's flags are left to
+/// `set_listener_idle` and `set_standing_aside`, so a heartbeat racing a switch cannot undo it.
 pub(crate) async fn heartbeat(
     client: &Client,
     me: &ListenerIdentity,
     idle: bool,
-    superseded: bool,
-    changes_done: i64,
+    standing_aside: bool,
+    applied: i64,
     refused_writes: i64,
 ) -> Result<(), Error> {
     client
@@ -125,8 +128,8 @@ pub(crate) async fn heartbeat(
             &[
                 &me.id,
                 &idle,
-                &superseded,
-                &changes_done,
+                &standing_aside,
+                &applied,
                 &refused_writes,
                 &me.fragments,
                 &me.versions,

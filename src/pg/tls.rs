@@ -13,7 +13,7 @@
 //! given, or the system's roots with `sslrootcert=system`. As in libpq, `require` with root
 //! certificates at hand (`sslrootcert` given, or `~/.postgresql/root.crt` present) verifies the chain
 //! as `verify-ca` does. tokio-postgres itself knows neither `verify-*` nor `sslrootcert`: the settings
-//! are read from the parsed connection string ([`crate::conninfo`]) and tokio-postgres is asked for
+//! are read from the parsed connection string (`conninfo`) and tokio-postgres is asked for
 //! `require`. A mode pgfresh cannot honour (`allow`, which prefers plain text) is an error, never a
 //! quiet downgrade.
 

@@ -196,15 +196,47 @@ async fn sweep_fragment(
     report: &mut SweepReport,
 ) -> Result<(), Error> {
     let canary = store.start_sweep(fragment.key_prefix()).await?;
+    let start_ticket = take_ticket(&*db.get().await?).await?;
+    let incomplete_before = report.pages_failed;
+    let keep = render_pages(db, store, &fragment, settings, shutdown, progress, report).await?;
+    // Entries of keys in a page that failed as a whole would look like orphans, and the marker would
+    // claim what is not true: both wait for a complete sweep.
+    if report.pages_failed != incomplete_before || report.interrupted {
+        return Ok(());
+    }
+    let prefix = fragment.key_prefix();
+    report.orphans_deleted += orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
+    if !store
+        .finish_sweep(prefix, &canary, fragment.version())
+        .await?
+    {
+        tracing::warn!(
+            fragment = fragment.name(),
+            "Redis lost its data during the sweep; the fragment will be swept again"
+        );
+        report.markers_lost += 1;
+    }
+    Ok(())
+}
+
+/// Pages through the fragment's keys in key order and renders each page, `settings.concurrency` at a
+/// time; returns the keys that exist, whose entries the orphan pass keeps.
+async fn render_pages(
+    db: &Database,
+    store: &RedisStore,
+    fragment: &Arc<dyn DynFragment>,
+    settings: &SweepSettings,
+    shutdown: &Shutdown,
+    progress: &dyn Progress,
+    report: &mut SweepReport,
+) -> Result<HashSet<String>, Error> {
     let pager = db.get().await?;
-    let start_ticket = take_ticket(&pager).await?;
     let total = fragment.count_keys(&pager).await?;
     let variants = fragment.variants().len() as u64;
     progress.fragment_started(
         fragment.name(),
         total.map(|keys| keys.max(0) as u64 * variants),
     );
-    let incomplete_before = report.pages_failed;
     let mut keep = HashSet::new();
     let mut pages = JoinSet::new();
     let mut after: Option<String> = None;
@@ -238,22 +270,5 @@ async fn sweep_fragment(
         collect(Some(joined), report, &mut keep, progress);
     }
     progress.fragment_finished(fragment.name());
-    // Entries of keys in a page that failed as a whole would look like orphans, and the marker would
-    // claim what is not true: both wait for a complete sweep.
-    if report.pages_failed == incomplete_before && !report.interrupted {
-        let prefix = fragment.key_prefix();
-        report.orphans_deleted +=
-            orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
-        if !store
-            .finish_sweep(prefix, &canary, fragment.version())
-            .await?
-        {
-            tracing::warn!(
-                fragment = fragment.name(),
-                "Redis lost its data during the sweep; the fragment will be swept again"
-            );
-            report.markers_lost += 1;
-        }
-    }
-    Ok(())
+    Ok(keep)
 }
