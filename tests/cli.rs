@@ -4,43 +4,10 @@
 
 mod common;
 
-use common::servers::BoundedOutput;
-
-use std::path::PathBuf;
-use std::process::{Command, Output};
-
+use common::cli::{assert_one_clear_error, run, stderr, stdout};
 use common::{TestEnv, shop_binary};
-
-/// The shop example, built by `cargo test` next to the test binaries.
-fn run(binary: &PathBuf, database_url: &str, redis_url: &str, args: &[&str]) -> Output {
-    Command::new(binary)
-        .args(args)
-        .env("DATABASE_URL", database_url)
-        .env("REDIS_URL", redis_url)
-        .env("RUST_BACKTRACE", "1")
-        .output_bounded()
-        .expect("binary runs")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn stderr(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Exactly one line on stderr, starting "error: ", with no secret, panic or backtrace in it.
-fn assert_one_clear_error(out: &Output, expected: &str) {
-    let err = stderr(out);
-    assert!(!out.status.success(), "exit code must be non-zero");
-    assert_eq!(err.lines().count(), 1, "one line: {err}");
-    assert!(err.starts_with("error: "), "{err}");
-    assert!(err.contains(expected), "expected {expected:?} in {err}");
-    for forbidden in ["hunter2", "panicked", "backtrace", "RUST_BACKTRACE"] {
-        assert!(!err.contains(forbidden), "{forbidden} in {err}");
-    }
-}
+use std::path::PathBuf;
+use std::process::Command;
 
 #[test]
 fn unreachable_postgres_gives_one_clear_line_without_the_password() {
@@ -442,30 +409,6 @@ async fn retry_failed_requeues_parked_changes_and_a_sweep_with_a_failed_key_exit
         "{}",
         stdout(&out)
     );
-    env.cleanup().await;
-}
-
-#[tokio::test]
-async fn redis_over_tls_works_with_a_rediss_url() {
-    let redis = common::servers::TempRedis::start_tls();
-    let env = TestEnv::shop(4).await;
-    let out = Command::new(shop_binary())
-        .arg("sweep")
-        .env("DATABASE_URL", &env.url)
-        .env("REDIS_URL", redis.url())
-        .env("SSL_CERT_FILE", redis.certificate_authority())
-        .output_bounded()
-        .unwrap();
-    assert!(out.status.success(), "{}", stderr(&out));
-    assert!(
-        stdout(&out).starts_with("sweep: 8 fragments rendered, 8 written"),
-        "{}",
-        stdout(&out)
-    );
-
-    // Without trusting the certificate, the connection is refused with one clear line.
-    let untrusted = run(&shop_binary(), &env.url, &redis.url(), &["sweep"]);
-    assert_one_clear_error(&untrusted, "cannot connect to Redis at rediss://127.0.0.1:");
     env.cleanup().await;
 }
 

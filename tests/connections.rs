@@ -1,7 +1,6 @@
 //! Connecting as libpq would, and never showing a secret: passwords stay out of every printed line
 //! whatever they contain; libpq's environment variables and password file are honoured with libpq's
-//! precedence; `sslmode` is read as libpq reads it, and what pgfresh cannot honour is refused rather
-//! than quietly downgraded; the user's `options` reach pooled sessions.
+//! precedence; the user's `options` reach pooled sessions. (TLS settings: tests/tls.rs.)
 
 mod common;
 
@@ -285,73 +284,6 @@ async fn the_listening_line_and_status_show_the_connection_without_its_password(
     );
     for secret in ["s3cr", "r3dis"] {
         assert!(!logs.contains(secret), "{logs}");
-    }
-}
-
-/// Whether a pooled session of `db` is encrypted.
-async fn encrypted(db: &Database) -> Result<bool, pgfresh::Error> {
-    let client = db.get().await?;
-    let row = client
-        .query_one(
-            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
-            &[],
-        )
-        .await?;
-    Ok(row.get(0))
-}
-
-#[tokio::test]
-async fn sslmode_is_read_as_libpq_reads_it_and_never_quietly_downgraded() {
-    let server = TempPostgres::start_tls();
-    let port = server.port;
-    for (conninfo, tls) in [
-        (
-            format!("host=127.0.0.1 port={port} user=postgres sslmode = require"),
-            true,
-        ),
-        (
-            format!(
-                "host=127.0.0.1 port={port} user=postgres application_name='a://b' sslmode=require"
-            ),
-            true,
-        ),
-        (
-            format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=prefer"),
-            true,
-        ),
-        (
-            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
-            false,
-        ),
-    ] {
-        let db = Database::new(&conninfo, 1).unwrap();
-        assert_eq!(encrypted(&db).await.unwrap(), tls, "{conninfo}");
-    }
-    // PGSSLMODE fills in for a string that does not say.
-    let environment = Environment::none().with_var("PGSSLMODE", "require");
-    let db = Database::with_environment(&server.url("postgres"), 1, &environment).unwrap();
-    assert!(encrypted(&db).await.unwrap());
-
-    // What pgfresh cannot honour is refused before connecting, with one line saying so.
-    for (conninfo, expected) in [
-        ("sslmode=allow", "sslmode=allow"),
-        ("sslmode=verify-everything", "is not one of"),
-        (
-            "sslcert=/etc/client.pem sslmode=require",
-            "does not support the connection option sslcert",
-        ),
-        (
-            "gssencmode=require",
-            "does not support the connection option gssencmode",
-        ),
-    ] {
-        let error = Database::new(conninfo, 1).err().unwrap().to_string();
-        assert!(
-            error.starts_with("invalid PostgreSQL URL"),
-            "{conninfo}: {error}"
-        );
-        assert!(error.contains(expected), "{conninfo}: {error}");
-        assert_eq!(error.lines().count(), 1);
     }
 }
 

@@ -1,36 +1,18 @@
 //! What a DBA relies on when installing pgfresh on a database shared by several roles: a table owner
 //! gains nothing through pgfresh's triggers, whatever DDL they run on their own table; install adopts
 //! no schema or role that someone else prepared; a DBA who is not a superuser can install and watch;
-//! trigger names never collide; and sites using two-phase commit have a supported way to run.
+//! trigger names never collide; sites using two-phase commit have a supported way to run; and the
+//! listener needs only the `pgfresh_listener` role and a Redis user limited to its commands and keys.
 //!
 //! Tests that change cluster-wide roles (pgfresh_capture, pgfresh_listener) run on a PostgreSQL
 //! server of their own, so that they cannot disturb the other tests' installs.
 
 mod common;
 
-use common::servers::BoundedOutput;
-
-use common::servers::{PostgresSetup, TempPostgres};
-use common::{TestEnv, connect, eventually, test_settings};
+use common::servers::{BoundedOutput, PostgresSetup, TempPostgres, TempRedis};
+use common::{TestEnv, connect, error_of, eventually, psql, test_settings};
 use pgfresh::tokio_postgres::Client;
-
-/// The one-line error a statement fails with.
-async fn error_of(client: &Client, sql: &str) -> String {
-    let error = client.batch_execute(sql).await.unwrap_err();
-    let db = error.as_db_error().expect("a server error");
-    match db.hint() {
-        Some(hint) => format!("{} ({hint})", db.message()),
-        None => db.message().to_string(),
-    }
-}
-
-fn psql(url: &str, file: &str) -> std::process::Output {
-    std::process::Command::new("psql")
-        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, url])
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output_bounded()
-        .expect("psql runs")
-}
+use std::process::Command;
 
 /// The owners of the functions pgfresh's triggers call.
 async fn capture_owners(client: &Client) -> Vec<String> {
@@ -692,5 +674,145 @@ async fn the_installing_roles_default_privileges_give_public_nothing() {
         .unwrap()
         .get(0);
     assert_eq!(public, 0, "PUBLIC holds rights in schema pgfresh");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
+    let env = TestEnv::shop(3).await;
+    let out = psql(&env.url, "sql/roles.sql");
+    assert!(
+        out.status.success(),
+        "roles.sql: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = psql(&env.url, "sql/roles.sql");
+    assert!(
+        again.status.success(),
+        "roles.sql twice: {}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let login = format!("{}_listener", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {login} LOGIN IN ROLE pgfresh_listener;
+             GRANT SELECT ON products, reviews TO {login};
+             CREATE TABLE secrets (id int); INSERT INTO secrets VALUES (1);"
+        ))
+        .await
+        .unwrap();
+    let url = env.url.replacen("postgres@", &format!("{login}@"), 1);
+    let as_listener = common::connect(&url).await;
+    for forbidden in [
+        "SELECT * FROM secrets",
+        "UPDATE products SET name = 'x'",
+        "DROP TABLE pgfresh.changes",
+    ] {
+        let message = error_of(&as_listener, forbidden).await;
+        assert!(
+            message.contains("permission denied") || message.contains("must be owner"),
+            "{forbidden}: {message}"
+        );
+    }
+
+    // A listener running as that role applies changes.
+    let db = pgfresh::Database::new(&url, 8).unwrap();
+    let shutdown = pgfresh::Shutdown::new();
+    let task = tokio::spawn(pgfresh::listen(
+        db,
+        env.sink.clone(),
+        env.fragments(),
+        pgfresh::ListenSettings {
+            max_attempts: 1,
+            ..common::test_settings()
+        },
+        shutdown.clone(),
+    ));
+    // It parks a change that fails (inserts into pgfresh.failed)...
+    admin
+        .batch_execute("INSERT INTO pgfresh.changes (topic, key) VALUES ('nobody_listens', '1')")
+        .await
+        .unwrap();
+    common::eventually("the bad change to be parked", || async {
+        env.parked().await == 1
+    })
+    .await;
+    // ...applies the good ones...
+    admin
+        .batch_execute("UPDATE products SET name = 'Least privilege' WHERE id = 2")
+        .await
+        .unwrap();
+    env.wait_fresh(2).await;
+    // And settles a TRUNCATE (reads and deletes pgfresh.truncations).
+    admin.batch_execute("TRUNCATE reviews").await.unwrap();
+    env.wait_fresh(3).await;
+    common::eventually("the truncation to be settled", || async {
+        admin
+            .query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    shutdown.cancel();
+    tokio::time::timeout(common::PATIENCE, task)
+        .await
+        .expect("the listener stops")
+        .unwrap()
+        .unwrap();
+    drop(as_listener);
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE secrets; DROP OWNED BY {login}; DROP ROLE {login}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
+    let redis = TempRedis::start();
+    // The ACL README gives, with every test database's key prefix.
+    let acl = "ACL SETUSER pgfresh on >s3cret resetkeys ~pgfresh_test_* ~pgfresh:* resetchannels \
+               -@all +get +set +del +mget +scan +ping +evalsha +eval +script|load +select +info";
+    let out = Command::new("redis-cli")
+        .args(["-p", &redis.port.to_string()])
+        .args(acl.split_whitespace())
+        .output_bounded()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    // A database of its own, as a /N path selects, which takes SELECT.
+    let url = format!("redis://pgfresh:s3cret@127.0.0.1:{}/3", redis.port);
+
+    let env = TestEnv::shop_with_redis(4, &url).await;
+    let report = env.sweep().await;
+    assert!(report.succeeded(), "{report}");
+    let cards = Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "-n",
+            "3",
+            "--scan",
+            "--pattern",
+        ])
+        .arg(format!("{}*", env.prefix))
+        .output_bounded()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&cards.stdout).lines().count(), 8);
+    let listener = env.start_listener(test_settings());
+    env.client()
+        .await
+        .execute("UPDATE products SET price_cents = 1 WHERE id = 3", &[])
+        .await
+        .unwrap();
+    env.wait_fresh(3).await;
+    listener.stop().await;
+    // And nothing outside its keys.
+    let denied = env.sink.get("someone:else").await.unwrap_err().to_string();
+    assert!(denied.contains("no permissions"), "{denied}");
     env.cleanup().await;
 }

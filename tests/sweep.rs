@@ -316,3 +316,46 @@ async fn a_key_that_fails_in_a_sweep_keeps_its_entries_for_its_row_exists() {
     assert_eq!(env.get(&env.key(3, "full")).await, before);
     env.cleanup().await;
 }
+
+/// The harness, which every test here relies on: a test that fails leaves neither its database nor
+/// its Redis keys behind, so failures do not pile up on a developer's services.
+#[test]
+fn a_failed_tests_database_and_redis_keys_are_removed() {
+    let runtime = || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+    };
+    let (sender, names) = std::sync::mpsc::channel();
+    let failed = std::thread::spawn(move || {
+        runtime().block_on(async {
+            let env = TestEnv::shop(2).await;
+            env.sweep().await;
+            sender.send(env.name.clone()).unwrap();
+            panic!("(expected) a test failing with its environment in hand");
+        })
+    })
+    .join();
+    assert!(failed.is_err(), "the test thread panicked");
+    let name = names.recv().unwrap();
+    runtime().block_on(async {
+        let admin = common::connect(&common::admin_url()).await;
+        let databases: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_database WHERE datname = $1",
+                &[&name],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(databases, 0, "database {name} was dropped");
+        let store = pgfresh::RedisStore::connect(&common::redis_url())
+            .await
+            .unwrap();
+        let keys = common::test_keys(&mut store.connection(), &name)
+            .await
+            .unwrap();
+        assert!(keys.is_empty(), "keys left behind: {keys:?}");
+    });
+}

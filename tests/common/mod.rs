@@ -6,6 +6,7 @@
 
 #![allow(dead_code)]
 
+pub mod cli;
 #[path = "../../examples/shop/product_card.rs"]
 pub mod product_card;
 pub mod servers;
@@ -24,6 +25,7 @@ use pgfresh::{Fragment, Fragments};
 use pgfresh::{RedisConnection, RedisStore};
 
 use product_card::ProductCard;
+use servers::BoundedOutput;
 
 /// How long a condition may take before a test fails: generous, for a loaded 2-core machine.
 pub const PATIENCE: Duration = Duration::from_secs(30);
@@ -56,6 +58,10 @@ pub struct TestEnv {
     /// The test's product card key prefix, e.g. `t1234_5:shop:product_card:`.
     pub prefix: String,
     redis: RedisConnection,
+    /// Where a failed test's Redis keys are deleted from (none for a throwaway server or cluster).
+    redis_url: Option<String>,
+    /// Set by [`TestEnv::cleanup`]; otherwise dropping the environment cleans up.
+    cleaned: bool,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -71,7 +77,9 @@ impl TestEnv {
         let sink = RedisStore::connect(redis_url)
             .await
             .expect("connect to Redis");
-        TestEnv::empty_with_sink(sink).await
+        let mut env = TestEnv::empty_with_sink(sink).await;
+        env.redis_url = Some(redis_url.to_string());
+        env
     }
 
     /// Like [`TestEnv::empty`], writing through `sink` (another server, a cluster).
@@ -84,11 +92,12 @@ impl TestEnv {
         let sink = RedisStore::connect(&redis_url())
             .await
             .expect("connect to Redis");
-        let env = TestEnv::create(
+        let mut env = TestEnv::create(
             sink,
             "ENCODING 'SQL_ASCII' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
         )
         .await;
+        env.redis_url = Some(redis_url());
         setup::setup(&env.db, products).await.expect("shop setup");
         env.sink.set_fragment_marker(&env.prefix, 1).await.unwrap();
         env
@@ -118,6 +127,8 @@ impl TestEnv {
             sink,
             prefix,
             redis,
+            redis_url: None,
+            cleaned: false,
         }
     }
 
@@ -133,7 +144,9 @@ impl TestEnv {
         let sink = RedisStore::connect(redis_url)
             .await
             .expect("connect to Redis");
-        TestEnv::shop_with_sink(products, sink).await
+        let mut env = TestEnv::shop_with_sink(products, sink).await;
+        env.redis_url = Some(redis_url.to_string());
+        env
     }
 
     /// Like [`TestEnv::shop`], writing through `sink` (another server, a cluster).
@@ -338,24 +351,51 @@ impl TestEnv {
     /// Drops the database and this test's Redis keys: its fragments, and pgfresh's own keys about
     /// them (tickets, tombstones, markers), which all contain the test's unique name.
     /// Best effort on Redis: a test's own throwaway server may be gone already.
-    pub async fn cleanup(self) {
-        let mut redis = self.redis.clone();
-        if let Ok(keys) = test_keys(&mut redis, &self.name).await
-            && !keys.is_empty()
-        {
-            for key in keys {
-                let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut redis).await;
-            }
-        }
-        drop(self.db);
-        let admin = admin_client().await;
-        let _ = admin
-            .batch_execute(&format!(
-                "DROP DATABASE IF EXISTS {} WITH (FORCE)",
-                self.name
-            ))
-            .await;
+    pub async fn cleanup(mut self) {
+        self.cleaned = true;
+        remove(&self.name, Some(self.redis.clone())).await;
     }
+}
+
+/// A test that failed (or forgot [`TestEnv::cleanup`]) still leaves nothing behind. Its runtime may be
+/// unwinding, so the cleanup runs on a runtime of its own.
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if self.cleaned {
+            return;
+        }
+        let name = self.name.clone();
+        let redis_url = self.redis_url.clone();
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a runtime for cleanup");
+            runtime.block_on(async {
+                let redis = match redis_url {
+                    Some(url) => RedisStore::connect(&url).await.ok().map(|s| s.connection()),
+                    None => None,
+                };
+                remove(&name, redis).await;
+            });
+        })
+        .join();
+    }
+}
+
+/// Deletes the Redis keys naming test `name` and drops its database.
+async fn remove(name: &str, redis: Option<RedisConnection>) {
+    if let Some(mut redis) = redis
+        && let Ok(keys) = test_keys(&mut redis, name).await
+    {
+        for key in keys {
+            let _: Result<(), _> = redis::cmd("DEL").arg(key).query_async(&mut redis).await;
+        }
+    }
+    let admin = admin_client().await;
+    let _ = admin
+        .batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))
+        .await;
 }
 
 /// Every Redis key that names the test `name`: with KEYS, which a cluster connection sends to every
@@ -368,6 +408,25 @@ pub async fn test_keys(
         .arg(format!("*{name}*"))
         .query_async(redis)
         .await
+}
+
+/// The one-line error a statement fails with: PostgreSQL's message, and its hint in parentheses.
+pub async fn error_of(client: &impl tokio_postgres::GenericClient, sql: &str) -> String {
+    let error = client.batch_execute(sql).await.unwrap_err();
+    let db = error.as_db_error().expect("a server error");
+    match db.hint() {
+        Some(hint) => format!("{} ({hint})", db.message()),
+        None => db.message().to_string(),
+    }
+}
+
+/// Runs a SQL file of the repository with psql against `url`, stopping at the first error.
+pub fn psql(url: &str, file: &str) -> std::process::Output {
+    std::process::Command::new("psql")
+        .args(["-X", "-q", "-v", "ON_ERROR_STOP=1", "-f", file, url])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output_bounded()
+        .expect("psql runs")
 }
 
 /// Settings for tests: fast polling, no periodic sweep unless a test asks for one.

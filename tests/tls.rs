@@ -1,0 +1,207 @@
+//! TLS to PostgreSQL and Redis: `sslmode` is read as libpq reads it and never quietly downgraded,
+//! certificates are verified when the URL asks for it, and a `rediss://` URL encrypts the Redis
+//! connection, refusing a server it cannot trust with one clear line.
+
+mod common;
+
+use common::cli::{assert_one_clear_error, run, stderr, stdout};
+use common::servers::{BoundedOutput, TempPostgres, make_certificates};
+use common::{TestEnv, shop_binary};
+use pgfresh::{Database, Environment};
+use std::process::Command;
+
+#[tokio::test]
+async fn postgres_tls_is_used_when_the_url_asks_for_it() {
+    let env = TestEnv::empty().await;
+    let plain = Database::new(&env.url, 1).unwrap();
+    assert!(!encrypted(&plain).await.unwrap(), "no sslmode: plain text");
+
+    let server_ssl: String = env
+        .client()
+        .await
+        .query_one("SHOW ssl", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let required = Database::new(&format!("{}?sslmode=require", env.url), 1).unwrap();
+    if server_ssl == "on" {
+        assert!(
+            encrypted(&required).await.unwrap(),
+            "sslmode=require: encrypted"
+        );
+    } else {
+        let error = encrypted(&required).await.unwrap_err().to_string();
+        assert!(error.starts_with("cannot connect to PostgreSQL"), "{error}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_certificates_are_verified_when_the_url_asks_for_it() {
+    let server = TempPostgres::start_tls();
+    let ca = server.certificate_authority();
+    let stranger = std::env::temp_dir().join(format!("pgfresh-other-ca-{}", server.port));
+    std::fs::create_dir_all(&stranger).unwrap();
+    make_certificates(&stranger);
+    let connect = |host: &str, params: String| {
+        let url = format!(
+            "postgres://postgres@{host}:{}/postgres?{params}",
+            server.port
+        );
+        async move { encrypted(&Database::new(&url, 1)?).await }
+    };
+    let with_ca =
+        |mode: &str, ca: &std::path::Path| format!("sslmode={mode}&sslrootcert={}", ca.display());
+
+    // The certificate names 127.0.0.1 and is signed by the server's CA.
+    assert!(
+        connect("127.0.0.1", with_ca("verify-full", &ca))
+            .await
+            .unwrap()
+    );
+    assert!(
+        connect("127.0.0.1", with_ca("verify-ca", &ca))
+            .await
+            .unwrap()
+    );
+    // Through another name: verify-ca accepts it, verify-full does not.
+    assert!(
+        connect("localhost", with_ca("verify-ca", &ca))
+            .await
+            .unwrap()
+    );
+    let wrong_name = connect("localhost", with_ca("verify-full", &ca))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(
+        wrong_name.starts_with("refusing PostgreSQL") && wrong_name.contains("sslrootcert"),
+        "{wrong_name}"
+    );
+    assert!(wrong_name.contains("certificate"), "{wrong_name}");
+    // Signed by a CA we do not trust: refused whatever the name. `require` still encrypts.
+    for mode in ["verify-ca", "verify-full"] {
+        let impostor = connect("127.0.0.1", with_ca(mode, &stranger.join("ca.pem")))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(impostor.contains("certificate"), "{mode}: {impostor}");
+        assert_eq!(impostor.lines().count(), 1, "{impostor}");
+    }
+    // `require` encrypts without verifying; but given root certificates it verifies the chain, as
+    // libpq's `require` does.
+    assert!(
+        connect("127.0.0.1", "sslmode=require".into())
+            .await
+            .unwrap()
+    );
+    let required = connect("127.0.0.1", with_ca("require", &stranger.join("ca.pem")))
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(required.contains("certificate"), "{required}");
+    // No roots to verify against: a clear error before connecting.
+    let missing = connect(
+        "127.0.0.1",
+        "sslmode=verify-full&sslrootcert=/nonexistent.pem".into(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        missing.starts_with("invalid PostgreSQL URL") && missing.contains("sslrootcert=system"),
+        "{missing}"
+    );
+    let _ = std::fs::remove_dir_all(&stranger);
+}
+
+/// Whether a pooled session of `db` is encrypted.
+async fn encrypted(db: &Database) -> Result<bool, pgfresh::Error> {
+    let client = db.get().await?;
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()), false)",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+#[tokio::test]
+async fn sslmode_is_read_as_libpq_reads_it_and_never_quietly_downgraded() {
+    let server = TempPostgres::start_tls();
+    let port = server.port;
+    for (conninfo, tls) in [
+        (
+            format!("host=127.0.0.1 port={port} user=postgres sslmode = require"),
+            true,
+        ),
+        (
+            format!(
+                "host=127.0.0.1 port={port} user=postgres application_name='a://b' sslmode=require"
+            ),
+            true,
+        ),
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/postgres?sslmode=prefer"),
+            true,
+        ),
+        (
+            format!("postgres://postgres@127.0.0.1:{port}/postgres"),
+            false,
+        ),
+    ] {
+        let db = Database::new(&conninfo, 1).unwrap();
+        assert_eq!(encrypted(&db).await.unwrap(), tls, "{conninfo}");
+    }
+    // PGSSLMODE fills in for a string that does not say.
+    let environment = Environment::none().with_var("PGSSLMODE", "require");
+    let db = Database::with_environment(&server.url("postgres"), 1, &environment).unwrap();
+    assert!(encrypted(&db).await.unwrap());
+
+    // What pgfresh cannot honour is refused before connecting, with one line saying so.
+    for (conninfo, expected) in [
+        ("sslmode=allow", "sslmode=allow"),
+        ("sslmode=verify-everything", "is not one of"),
+        (
+            "sslcert=/etc/client.pem sslmode=require",
+            "does not support the connection option sslcert",
+        ),
+        (
+            "gssencmode=require",
+            "does not support the connection option gssencmode",
+        ),
+    ] {
+        let error = Database::new(conninfo, 1).err().unwrap().to_string();
+        assert!(
+            error.starts_with("invalid PostgreSQL URL"),
+            "{conninfo}: {error}"
+        );
+        assert!(error.contains(expected), "{conninfo}: {error}");
+        assert_eq!(error.lines().count(), 1);
+    }
+}
+
+#[tokio::test]
+async fn redis_over_tls_works_with_a_rediss_url() {
+    let redis = common::servers::TempRedis::start_tls();
+    let env = TestEnv::shop(4).await;
+    let out = Command::new(shop_binary())
+        .arg("sweep")
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", redis.url())
+        .env("SSL_CERT_FILE", redis.certificate_authority())
+        .output_bounded()
+        .unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).starts_with("sweep: 8 fragments rendered, 8 written"),
+        "{}",
+        stdout(&out)
+    );
+
+    // Without trusting the certificate, the connection is refused with one clear line.
+    let untrusted = run(&shop_binary(), &env.url, &redis.url(), &["sweep"]);
+    assert_one_clear_error(&untrusted, "cannot connect to Redis at rediss://127.0.0.1:");
+    env.cleanup().await;
+}

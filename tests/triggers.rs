@@ -1,0 +1,306 @@
+//! What the triggers record: `pgfresh.watch` and `unwatch` are idempotent and refuse bad input
+//! clearly; every committed insert, update and delete queues its old and new keys as one text whoever
+//! writes, odd identifiers and NULL keys included, and a rollback queues nothing; writers need no grant
+//! on pgfresh; and commits NOTIFY only while a live listener is idle.
+
+mod common;
+
+use common::{TestEnv, error_of};
+
+/// Takes every queued key out of the queue, sorted.
+async fn queued(client: &pgfresh::tokio_postgres::Client) -> Vec<String> {
+    let rows = client
+        .query("DELETE FROM pgfresh.changes RETURNING key", &[])
+        .await
+        .unwrap();
+    let mut keys: Vec<String> = rows.iter().map(|r| r.get(0)).collect();
+    keys.sort();
+    keys
+}
+
+#[tokio::test]
+async fn watch_and_unwatch_are_idempotent_and_reject_bad_input_clearly() {
+    let env = TestEnv::shop(3).await;
+    let client = env.client().await;
+    client
+        .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
+        .await
+        .unwrap();
+    let triggers = |table: &'static str| {
+        let client = &client;
+        async move {
+            client
+                .query_one(
+                    "SELECT coalesce(array_agg(tgname::text ORDER BY tgname), '{}') FROM pg_trigger \
+                     WHERE tgrelid = $1::text::regclass AND tgname LIKE 'pgfresh%'",
+                    &[&table],
+                )
+                .await
+                .unwrap()
+                .get::<_, Vec<String>>(0)
+        }
+    };
+    assert_eq!(
+        triggers("products").await,
+        ["pgfresh_product", "pgfresh_product:truncate"],
+        "watching twice leaves one row trigger and one TRUNCATE trigger"
+    );
+
+    let error = error_of(
+        &client,
+        "SELECT pgfresh.watch('products', 'nope', 'product')",
+    )
+    .await;
+    assert!(error.contains("has no column nope"), "{error}");
+    let long_topic = format!(
+        "SELECT pgfresh.watch('products', 'id', '{}')",
+        "t".repeat(41)
+    );
+    for bad_topic in [
+        "SELECT pgfresh.watch('products', 'id', 'Bad; DROP')",
+        long_topic.as_str(),
+    ] {
+        let error = error_of(&client, bad_topic).await;
+        assert!(error.contains("not a valid topic name"), "{error}");
+    }
+    client
+        .batch_execute(&format!(
+            "SELECT pgfresh.watch('products', 'id', '{}')",
+            "t".repeat(40)
+        ))
+        .await
+        .expect("40 characters are fine");
+
+    client.batch_execute("SELECT pgfresh.unwatch('reviews', 'product'); SELECT pgfresh.unwatch('reviews', 'product')").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO reviews (product_id, author, rating, body) VALUES (1, 'a', 5, 'b')",
+        )
+        .await
+        .unwrap();
+    client
+        .batch_execute("DELETE FROM pgfresh.changes")
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO reviews (product_id, author, rating, body) VALUES (1, 'a', 5, 'b')",
+        )
+        .await
+        .unwrap();
+    assert_eq!(env.pending().await, 0, "an unwatched table queues nothing");
+    assert!(
+        triggers("reviews").await.is_empty(),
+        "unwatch drops both triggers"
+    );
+    client.batch_execute("TRUNCATE reviews").await.unwrap();
+    let truncations: i64 = client
+        .query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(truncations, 0, "an unwatched table records no TRUNCATE");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn triggers_queue_old_and_new_keys_and_nothing_on_rollback() {
+    let env = TestEnv::shop(3).await;
+    let mut client = env.client().await;
+    client
+        .batch_execute("UPDATE reviews SET product_id = 2 WHERE id = 1")
+        .await
+        .unwrap();
+    assert_eq!(
+        queued(&client).await,
+        ["1", "2"],
+        "moving a review queues both products"
+    );
+    client
+        .batch_execute("DELETE FROM products WHERE id = 3")
+        .await
+        .unwrap();
+    assert_eq!(
+        queued(&client).await,
+        ["3", "3", "3", "3"],
+        "the product and its three cascaded reviews"
+    );
+
+    let txn = client.transaction().await.unwrap();
+    txn.batch_execute("UPDATE products SET name = 'never' WHERE id = 1")
+        .await
+        .unwrap();
+    txn.rollback().await.unwrap();
+    assert!(
+        queued(&client).await.is_empty(),
+        "a rolled-back change leaves no trace"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn keys_queue_as_one_text_whoever_writes_and_composite_keys_with_a_null_field_count() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let mut client = env.client().await;
+    client
+        .batch_execute(
+            "CREATE TYPE pair AS (a int, b int);
+             CREATE TABLE events (k pair, day date, at timestamptz);
+             SELECT pgfresh.watch('events', 'k', 'pair');
+             SELECT pgfresh.watch('events', 'day', 'day');
+             SELECT pgfresh.watch('events', 'at', 'at');",
+        )
+        .await
+        .unwrap();
+    // A writer with unusual date settings: the key's text is what it is for everyone else.
+    let txn = client.transaction().await.unwrap();
+    txn.batch_execute(
+        "SET LOCAL DateStyle = 'SQL, DMY'; SET LOCAL TimeZone = 'Asia/Tokyo';
+         INSERT INTO events VALUES (ROW(1, NULL), '2024-03-05', '2024-03-05 10:00:00+00');",
+    )
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    let mut queued: Vec<(String, String)> = client
+        .query("SELECT topic, key FROM pgfresh.changes", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    queued.sort();
+    assert_eq!(
+        queued,
+        [
+            ("at".to_string(), "2024-03-05 10:00:00+00".to_string()),
+            ("day".to_string(), "2024-03-05".to_string()),
+            ("pair".to_string(), "(1,)".to_string()),
+        ]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn odd_identifiers_and_null_keys_are_watched_as_they_should_be() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    client
+        .batch_execute(
+            r#"CREATE SCHEMA "My Shop";
+               CREATE TABLE "My Shop"."Odd ""Table""" ("Key Col" text, other int);
+               SELECT pgfresh.watch('"My Shop"."Odd ""Table"""', 'Key Col', 'odd');
+               INSERT INTO "My Shop"."Odd ""Table""" VALUES ('k1', 1), (NULL, 2);
+               UPDATE "My Shop"."Odd ""Table""" SET "Key Col" = NULL WHERE other = 1;
+               UPDATE "My Shop"."Odd ""Table""" SET "Key Col" = 'k2' WHERE other = 2;
+               DELETE FROM "My Shop"."Odd ""Table""";"#,
+        )
+        .await
+        .unwrap();
+    // k1 inserted; k1 moved to NULL (the old key only); NULL moved to k2 (the new key only); the
+    // delete of the NULL row queues nothing, that of k2 queues k2.
+    assert_eq!(queued(&client).await, ["k1", "k1", "k2", "k2"]);
+    let watches: Vec<String> = client
+        .query(
+            "SELECT table_oid::regclass::text || '.' || key_column FROM pgfresh.watches",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(
+        watches,
+        [r#""My Shop"."Odd ""Table"""."Key Col""#.replace(r#"."Key Col""#, ".Key Col")]
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn writers_need_no_grant_on_pgfresh_and_their_writes_are_queued() {
+    let env = TestEnv::shop(2).await;
+    let role = format!("{}_writer", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON products, reviews TO {role};
+             GRANT USAGE ON SEQUENCE reviews_id_seq TO {role};"
+        ))
+        .await
+        .unwrap();
+    let mut writer = env.client().await;
+    let txn = writer.transaction().await.unwrap();
+    txn.batch_execute(&format!("SET LOCAL ROLE {role}"))
+        .await
+        .unwrap();
+    let denied = error_of(&txn, "SELECT count(*) FROM pgfresh.changes").await;
+    assert!(denied.contains("permission denied"), "{denied}");
+    txn.rollback().await.unwrap();
+
+    let txn = writer.transaction().await.unwrap();
+    txn.batch_execute(&format!(
+        "SET LOCAL ROLE {role};
+         UPDATE products SET name = 'by the writer' WHERE id = 1;
+         INSERT INTO reviews (product_id, author, rating, body) VALUES (2, 'w', 4, 'ok');
+         DELETE FROM reviews WHERE product_id = 1;"
+    ))
+    .await
+    .unwrap();
+    txn.commit().await.unwrap();
+    assert_eq!(queued(&admin).await, ["1", "1", "1", "1", "2"]);
+    admin
+        .batch_execute(&format!("DROP OWNED BY {role}; DROP ROLE {role}"))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn triggers_notify_only_while_a_live_listener_is_idle() {
+    use futures_util::StreamExt;
+    let env = TestEnv::shop(1).await;
+    let (client, mut connection) =
+        pgfresh::tokio_postgres::connect(&env.url, pgfresh::tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    let (heard, mut hearing) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        while let Some(Ok(message)) = messages.next().await {
+            if let pgfresh::tokio_postgres::AsyncMessage::Notification(note) = message {
+                let _ = heard.send(note.payload().to_string());
+            }
+        }
+    });
+    client.batch_execute("LISTEN pgfresh").await.unwrap();
+    let writer = env.client().await;
+    // No listener, then a busy one, then one idle but silent for two minutes: no NOTIFY. Then a
+    // marker of the test's own, and an idle, live listener: the trigger's empty NOTIFY comes after
+    // the marker, so none of the first three notified (NOTIFYs arrive in commit order).
+    writer
+        .batch_execute(
+            "UPDATE products SET price_cents = 1 WHERE id = 1;
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('busy', false);
+             UPDATE products SET price_cents = 2 WHERE id = 1;
+             INSERT INTO pgfresh.listeners (id, idle, seen_at) VALUES ('gone', true, now() - interval '2 minutes');
+             UPDATE products SET price_cents = 3 WHERE id = 1;
+             NOTIFY pgfresh, 'marker';
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('waiting', true);
+             UPDATE products SET price_cents = 4 WHERE id = 1;",
+        )
+        .await
+        .unwrap();
+    let mut payloads = Vec::new();
+    while payloads.len() < 2 {
+        let payload = tokio::time::timeout(common::PATIENCE, hearing.recv())
+            .await
+            .expect("notifications arrive")
+            .unwrap();
+        payloads.push(payload);
+    }
+    assert_eq!(payloads, ["marker", ""]);
+    env.cleanup().await;
+}
