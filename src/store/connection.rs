@@ -9,6 +9,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager};
 use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 
 use crate::Error;
@@ -48,12 +49,20 @@ impl RedisConnection {
         }))))
     }
 
-    /// The cluster connection, to route a command to one node; `None` for one server.
-    pub(crate) fn cluster_connection(&self) -> Option<ClusterConnection> {
-        match &self.0 {
-            Kind::Server(_) => None,
-            Kind::Cluster(cluster) => Some(cluster.current().1),
+    /// Sends `cmd` to the master serving `slot` of a cluster; `None` for one server.
+    pub(crate) async fn on_slot(&self, cmd: Cmd, slot: Slot) -> Option<redis::RedisResult<Value>> {
+        let Kind::Cluster(cluster) = &self.0 else {
+            return None;
+        };
+        let node = SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
+        let (generation, mut connection) = cluster.current();
+        let result = connection
+            .route_command(cmd, RoutingInfo::SingleNode(node))
+            .await;
+        if let Err(error) = &result {
+            cluster.replace(generation, error);
         }
+        Some(result)
     }
 }
 
@@ -78,14 +87,20 @@ impl ClusterHandle {
             .clone()
     }
 
-    /// Replaces connection number `generation` unless it was replaced already.
+    /// Replaces connection number `generation` unless it was replaced already or is being replaced.
+    /// A command that is merely slow (a long script, a fork stall) costs one needless reconnect.
     fn replace(self: &Arc<Self>, generation: u64, error: &redis::RedisError) {
-        if !error.is_timeout() || self.replacing.swap(true, Ordering::AcqRel) {
+        if !error.is_timeout()
+            || self.current().0 != generation
+            || self.replacing.swap(true, Ordering::AcqRel)
+        {
             return;
         }
         tracing::warn!(%error, "the Redis Cluster connection stopped answering: connecting again");
         let handle = self.clone();
         tokio::spawn(async move {
+            // Cleared however the task ends, even cancelled by a runtime shutting down.
+            let _replacing = ClearOnDrop(&handle.replacing);
             match handle.client.get_async_connection().await {
                 Ok(connection) => {
                     let mut current = handle.current.lock().expect("cluster connection lock");
@@ -97,8 +112,16 @@ impl ClusterHandle {
                     tracing::warn!(%error, "cannot connect to the Redis Cluster again yet")
                 }
             }
-            handle.replacing.store(false, Ordering::Release);
         });
+    }
+}
+
+/// Clears a flag when dropped.
+struct ClearOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for ClearOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 

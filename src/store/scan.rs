@@ -1,7 +1,7 @@
 //! The scan of every key under a prefix, on one server or master after master in a cluster: how the
 //! sweep's orphan pass finds entries whose row is gone.
 
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, Slot, SlotAddr};
+use redis::cluster_routing::Slot;
 
 use super::{RedisConnection, RedisStore};
 use crate::Error;
@@ -44,15 +44,13 @@ impl KeyScan {
             .arg(&self.pattern)
             .arg("COUNT")
             .arg(SCAN_COUNT);
-        let reply = match (self.connection.cluster_connection(), anchor) {
-            (Some(mut cluster), Some(slot)) => {
-                let node =
-                    SingleNodeRoutingInfo::SpecificNode(Route::with_slot(slot, SlotAddr::Master));
-                cluster
-                    .route_command(scan, RoutingInfo::SingleNode(node))
-                    .await?
-            }
-            _ => scan.query_async(&mut self.connection).await?,
+        let on_node = match anchor {
+            Some(slot) => self.connection.on_slot(scan.clone(), slot).await,
+            None => None,
+        };
+        let reply = match on_node {
+            Some(reply) => reply?,
+            None => scan.query_async(&mut self.connection).await?,
         };
         let (next, keys): (u64, Vec<String>) =
             redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
