@@ -4,13 +4,13 @@
 //! re-renders only the affected fragments with maud and writes them to Redis within milliseconds; a
 //! full sweep repairs anything else. You write fragments against [`Fragment`] and reuse the command
 //! line with [`cli::main`], or run the listener and the sweep from a program of your own with
-//! [`listen`] and [`sweep`].
+//! [`listen`] and [`sweep()`].
 //!
 //! # A complete fragment
 //!
 //! A card per product, in two variants, re-rendered whenever its product changes:
 //!
-//! ```no_run
+//! ```
 //! use pgfresh::maud::{Markup, html};
 //! use pgfresh::tokio_postgres::{Client, Error};
 //! use pgfresh::{Fragment, Fragments, Loaded};
@@ -54,9 +54,16 @@
 //! }
 //!
 //! // The whole `main` of a binary with pgfresh's commands (install, listen, sweep, status, ...):
-//! fn main() -> std::process::ExitCode {
+//! fn shop_main() -> std::process::ExitCode {
 //!     pgfresh::cli::main(Fragments::new().with(ProductCard))
 //! }
+//!
+//! // Rendering needs no services: what the listener writes for a row is what `render` returns.
+//! let card = ProductCard.render(&42, &("Mug <XL>".to_string(), 1200), "full");
+//! assert_eq!(
+//!     card.into_string(),
+//!     r#"<article class="full"><h2>Mug &lt;XL&gt;</h2><p>1200</p></article>"#
+//! );
 //! ```
 //!
 //! `examples/shop` is the complete reference, and `ARCHITECTURE.md` the map of this crate.
