@@ -13,25 +13,25 @@
 //! ```
 //! use pgfresh::maud::{Markup, html};
 //! use pgfresh::tokio_postgres::{Client, Error};
-//! use pgfresh::{Fragment, Fragments, Loaded};
+//! use pgfresh::{Fragment, Fragments, Loaded, Topics};
+//!
+//! pgfresh::variants! {
+//!     enum Card { Compact = "compact", Full = "full" }
+//! }
 //!
 //! struct ProductCard;
 //!
 //! impl Fragment for ProductCard {
 //!     type Key = i64;
 //!     type Row = (String, i32);
+//!     type Variant = Card;
+//!     type Error = Error;
 //!
 //!     fn name(&self) -> &str {
 //!         "product_card"
 //!     }
-//!     fn topics(&self) -> &[&str] {
-//!         &["product"] // SELECT pgfresh.watch('products', 'id', 'product')
-//!     }
-//!     fn variants(&self) -> &[&str] {
-//!         &["compact", "full"]
-//!     }
-//!     fn key_prefix(&self) -> &str {
-//!         "shop:product_card:" // keys are shop:product_card:42:full
+//!     fn topics(&self) -> Topics {
+//!         Topics::new().direct("product") // SELECT pgfresh.watch('products', 'id', 'product')
 //!     }
 //!     async fn load(&self, db: &Client, ids: &[i64]) -> Loaded<Self> {
 //!         let rows = db
@@ -39,8 +39,8 @@
 //!             .await?;
 //!         Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
 //!     }
-//!     fn render(&self, _id: &i64, (name, cents): &Self::Row, variant: &str) -> Markup {
-//!         html! { article class=(variant) { h2 { (name) } @if variant == "full" { p { (cents) } } } }
+//!     fn render(&self, _id: &i64, (name, cents): &Self::Row, variant: Card) -> Markup {
+//!         html! { article { h2 { (name) } @if variant == Card::Full { p { (cents) } } } }
 //!     }
 //!     async fn keys_after(&self, db: &Client, after: Option<&i64>, limit: i64) -> Result<Vec<i64>, Error> {
 //!         let rows = db
@@ -53,18 +53,19 @@
 //!     }
 //! }
 //!
-//! // The whole `main` of a binary with pgfresh's commands (install, listen, sweep, status, ...):
+//! // The whole `main` of a binary with pgfresh's commands (install, listen, sweep, status, ...);
+//! // cards are kept at shop:product_card:<id>:compact and shop:product_card:<id>:full.
 //! fn shop_main() -> std::process::ExitCode {
-//!     pgfresh::cli::main(Fragments::new().with(ProductCard))
+//!     pgfresh::cli::main(Fragments::new().with("shop:product_card:", ProductCard))
 //! }
 //!
 //! // Rendering needs no services: what the listener writes for a row is what `render` returns.
-//! let card = ProductCard.render(&42, &("Mug <XL>".to_string(), 1200), "full");
-//! assert_eq!(
-//!     card.into_string(),
-//!     r#"<article class="full"><h2>Mug &lt;XL&gt;</h2><p>1200</p></article>"#
-//! );
+//! let card = ProductCard.render(&42, &("Mug <XL>".to_string(), 1200), Card::Full);
+//! assert_eq!(card.into_string(), "<article><h2>Mug &lt;XL&gt;</h2><p>1200</p></article>");
 //! ```
+//!
+//! A fragment that shows shared rows (an author's name on every post) reaches them through a query:
+//! see [`Topics::through`], and `examples/blog`.
 //!
 //! `examples/shop` is the complete reference, and `ARCHITECTURE.md` the map of this crate.
 
@@ -86,7 +87,7 @@ mod sweep;
 
 pub use config::{Environment, ListenSettings, SweepSettings};
 pub use error::Error;
-pub use fragment::{Fragment, Fragments, Loaded};
+pub use fragment::{Fragment, Fragments, Loaded, Topics, Variant};
 pub use listener::listen;
 pub use pg::Database;
 pub use pg::queue::retry_failed;

@@ -4,7 +4,7 @@
 use tokio_postgres::Client;
 
 use crate::Error;
-use crate::fragment::{DynFragment, KeyOutcome};
+use crate::fragment::{DynFragment, KeyOutcome, LoadError};
 use crate::stats::RefreshStats;
 use crate::store::{RedisStore, Write, WriteResult};
 
@@ -34,12 +34,7 @@ pub(crate) async fn refresh(
     let started = std::time::Instant::now();
     let rendered = match fragment.render_keys(db, keys).await {
         Ok(rendered) => rendered,
-        Err(error) if error.as_db_error().is_some() => {
-            let reason = format!(
-                "load of {} failed: {}",
-                fragment.name(),
-                crate::error::describe_postgres(&error)
-            );
+        Err(LoadError::Failed(reason)) => {
             return Ok(Refreshed {
                 stats: RefreshStats {
                     errors: keys.len() as u64,

@@ -164,7 +164,7 @@ async fn settings_out_of_range_are_refused_at_start_up() {
 fn key_prefixes_that_overlap_pgfreshs_own_keys_are_refused() {
     for prefix in ["p", "pg", "pgfresh", "pgfresh:", "pgfresh:shop:"] {
         let error = Fragments::new()
-            .with(ProductCard::with_key_prefix(prefix))
+            .with(prefix, ProductCard)
             .validate()
             .unwrap_err()
             .to_string();
@@ -176,7 +176,7 @@ fn key_prefixes_that_overlap_pgfreshs_own_keys_are_refused() {
     for prefix in ["shop:", "pgfreshly:", "pg_shop:"] {
         assert!(
             Fragments::new()
-                .with(ProductCard::with_key_prefix(prefix))
+                .with(prefix, ProductCard)
                 .validate()
                 .is_ok(),
             "{prefix}"

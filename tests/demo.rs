@@ -37,8 +37,9 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     env.sweep().await;
     env.del(&env.key(5, "compact")).await;
 
-    let card = product_card::ProductCard::with_key_prefix(env.prefix.clone());
-    let cards = web::cards(&env.db, &env.sink, &card, 12).await.unwrap();
+    let cards = web::cards(&env.db, &env.sink, &env.prefix, 12)
+        .await
+        .unwrap();
     assert_eq!(cards.len(), 12);
     assert_eq!(
         cards
@@ -59,7 +60,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
         &format!("127.0.0.1:{port}"),
         env.db.clone(),
         env.sink.clone(),
-        card,
+        &env.prefix,
         shutdown.clone(),
     )
     .await

@@ -26,11 +26,11 @@ async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render
     let (release, gate) = tokio::sync::oneshot::channel();
     let slow_card = AlteredCard {
         gate: std::sync::Mutex::new(Some(gate)),
-        ..AlteredCard::new(&env, "product_card", 1)
+        ..AlteredCard::new("product_card", 1)
     };
     let gate_taken = std::sync::Arc::new(slow_card);
     let slow = env.start_listener_with(
-        Fragments::new().with(SharedCard(gate_taken.clone())),
+        Fragments::new().with(&env.prefix, SharedCard(gate_taken.clone())),
         test_settings(),
     );
     db.batch_execute("UPDATE products SET name = 'Old' WHERE id = 1")

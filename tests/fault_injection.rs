@@ -18,11 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use common::product_card::ProductCard;
+use common::product_card::{Card, KEY_PREFIX, ProductCard};
 use common::servers::{TempPostgres, TempRedis};
 use common::shop_binary;
 use pgfresh::Database;
 use pgfresh::Fragment;
+use pgfresh::Variant;
 use pgfresh::tokio_postgres::{self, NoTls};
 
 const PRODUCTS: i64 = 60;
@@ -305,15 +306,15 @@ async fn mismatches(
     redis: &mut redis::aio::ConnectionManager,
     ever: i64,
 ) -> Vec<String> {
-    let card = ProductCard::new();
+    let card = ProductCard;
     let client = connect(url).await.expect("PostgreSQL answers");
     let ids: Vec<i64> = (1..ever).collect();
     let rows = card.load(&client, &ids).await.unwrap();
     let mut expected = std::collections::BTreeMap::new();
     for (id, row) in &rows {
-        for variant in card.variants() {
+        for &variant in Card::ALL {
             expected.insert(
-                card.redis_key(id, variant),
+                format!("{KEY_PREFIX}{id}:{}", variant.name()),
                 card.render(id, row, variant).into_string(),
             );
         }

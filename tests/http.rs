@@ -260,11 +260,11 @@ async fn readiness_fails_while_the_listen_session_is_down() {
         ..test_settings()
     };
     let shutdown = pgfresh::Shutdown::new();
-    let card = common::product_card::ProductCard::with_key_prefix(prefix.clone());
+    let card = common::product_card::ProductCard;
     let listener = tokio::spawn(pgfresh::listen(
         db,
         sink.clone(),
-        pgfresh::Fragments::new().with(card),
+        pgfresh::Fragments::new().with(&prefix, card),
         settings,
         shutdown.clone(),
     ));

@@ -438,18 +438,21 @@ async fn a_backlog_renders_each_key_about_once() {
         .unwrap();
     }
     let counting = common::AlteredCard {
-        render: |card, key, row, variant| {
+        render: |key, row, variant| {
             BACKLOG_RENDERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            pgfresh::Fragment::render(card, key, row, variant)
+            pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
         },
-        ..common::AlteredCard::new(&env, "product_card", 1)
+        ..common::AlteredCard::new("product_card", 1)
     };
     // Small batches: the changes of one key are spread over many batches.
     let settings = pgfresh::ListenSettings {
         batch_size: 20,
         ..test_settings()
     };
-    let listener = env.start_listener_with(pgfresh::Fragments::new().with(counting), settings);
+    let listener = env.start_listener_with(
+        pgfresh::Fragments::new().with(&env.prefix, counting),
+        settings,
+    );
     eventually("the backlog to drain", || async {
         env.pending().await == 0
     })
@@ -472,16 +475,18 @@ static HOT_RENDERS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUs
 async fn a_hot_key_is_rendered_at_most_once_per_interval_and_ends_fresh() {
     let env = TestEnv::shop(3).await;
     let counting = common::AlteredCard {
-        render: |card, key, row, variant| {
+        render: |key, row, variant| {
             if *key == 1 {
                 HOT_RENDERS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             }
-            pgfresh::Fragment::render(card, key, row, variant)
+            pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
         },
-        ..common::AlteredCard::new(&env, "product_card", 1)
+        ..common::AlteredCard::new("product_card", 1)
     };
-    let listener =
-        env.start_listener_with(pgfresh::Fragments::new().with(counting), test_settings());
+    let listener = env.start_listener_with(
+        pgfresh::Fragments::new().with(&env.prefix, counting),
+        test_settings(),
+    );
     let db = env.client().await;
     eventually("the listener to be idle", || async {
         env.listener_total("idle::int").await == 1

@@ -459,13 +459,13 @@ async fn with_pgfresh_notify_off_prepared_transactions_commit_and_the_poll_appli
         .await
         .unwrap();
     let prefix = format!("pgfresh_test_2pc_{}:card:", std::process::id());
-    let card = common::product_card::ProductCard::with_key_prefix(prefix.clone());
+    let card = common::product_card::ProductCard;
     redis.set_fragment_marker(&prefix, 1).await.unwrap();
     let shutdown = pgfresh::Shutdown::new();
     let listener = tokio::spawn(pgfresh::listen(
         db.clone(),
         redis.clone(),
-        pgfresh::Fragments::new().with(card),
+        pgfresh::Fragments::new().with(&prefix, card),
         test_settings(),
         shutdown.clone(),
     ));

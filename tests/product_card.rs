@@ -5,7 +5,7 @@
 #[path = "../examples/shop/product_card.rs"]
 mod product_card;
 
-use product_card::{Product, Review, price, product_card};
+use product_card::{Card, Product, Review, price, product_card};
 
 fn product(reviews: Vec<Review>, count: i64, average: Option<&str>) -> Product {
     Product {
@@ -30,11 +30,11 @@ fn review(author: &str, rating: i16, body: &str) -> Review {
 fn a_product_without_reviews_renders_both_variants_exactly() {
     let p = product(vec![], 0, None);
     assert_eq!(
-        product_card(7, &p, false, "compact").into_string(),
+        product_card(7, &p, Card::Compact).into_string(),
         r#"<article class="product-card compact" id="product-7"><h2>Teapot</h2><p class="price">$12.05</p><p class="rating">0 reviews</p></article>"#
     );
     assert_eq!(
-        product_card(7, &p, true, "full").into_string(),
+        product_card(7, &p, Card::Full).into_string(),
         r#"<article class="product-card full" id="product-7"><h2>Teapot</h2><p class="price">$12.05</p><p class="description">Holds tea</p><p class="rating">0 reviews</p></article>"#
     );
 }
@@ -43,7 +43,7 @@ fn a_product_without_reviews_renders_both_variants_exactly() {
 fn one_review_is_singular_and_the_full_card_lists_the_latest_reviews() {
     let p = product(vec![review("Ada", 4, "Good")], 1, Some("4.0"));
     assert_eq!(
-        product_card(1, &p, true, "full").into_string(),
+        product_card(1, &p, Card::Full).into_string(),
         r#"<article class="product-card full" id="product-1"><h2>Teapot</h2><p class="price">$12.05</p><p class="description">Holds tea</p><p class="rating">1 review, average 4.0</p><ul class="reviews"><li><b>Ada</b> (4/5): Good</li></ul></article>"#
     );
     let p = product(
@@ -56,7 +56,7 @@ fn one_review_is_singular_and_the_full_card_lists_the_latest_reviews() {
         Some("4.4"),
     );
     assert!(
-        product_card(1, &p, false, "compact")
+        product_card(1, &p, Card::Compact)
             .into_string()
             .contains(r#"<p class="rating">5 reviews, average 4.4</p></article>"#)
     );

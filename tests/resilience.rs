@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use common::servers::{Stopped, TempRedis};
 use common::{AlteredCard, TestEnv, eventually, test_settings};
+use pgfresh::Fragments;
 use pgfresh::ListenSettings;
-use pgfresh::{Fragment, Fragments};
 
 /// Settings under which only NOTIFYs and reconnects (never the poll) bring changes in.
 fn no_polling() -> ListenSettings {
@@ -190,13 +190,13 @@ async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
     let (release, gate) = tokio::sync::oneshot::channel();
     let stalling = AlteredCard {
         gate: std::sync::Mutex::new(Some(gate)),
-        ..AlteredCard::new(&env, "product_card", 1)
+        ..AlteredCard::new("product_card", 1)
     };
     let one_worker = ListenSettings {
         workers: 1,
         ..settings.clone()
     };
-    let first = env.start_listener_with(Fragments::new().with(stalling), one_worker);
+    let first = env.start_listener_with(Fragments::new().with(&env.prefix, stalling), one_worker);
     let db = env.client().await;
     db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
         .await
@@ -343,13 +343,13 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
     let env = TestEnv::shop(4).await;
     // Rendering a product named "PANIC" panics: a bug in user code.
     let fussy = AlteredCard {
-        render: |card, key, row, variant| {
+        render: |key, row, variant| {
             assert!(row.name != "PANIC", "cannot render a product named PANIC");
-            card.render(key, row, variant)
+            pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
         },
-        ..AlteredCard::new(&env, "fussy_card", 1)
+        ..AlteredCard::new("fussy_card", 1)
     };
-    let fragments = Fragments::new().with(fussy);
+    let fragments = Fragments::new().with(&env.prefix, fussy);
     let settings = ListenSettings {
         max_attempts: 2,
         ..test_settings()
@@ -461,12 +461,12 @@ async fn after_a_deploy_that_changed_a_fragment_its_old_entries_are_replaced_at_
     env.sweep().await;
     // Version 2 of the card, with new markup: what a deploy of changed fragment code looks like.
     let card_v2 = AlteredCard {
-        render: |card, key, row, variant| {
-            maud::html! { div class="v2" { (card.render(key, row, variant)) } }
+        render: |key, row, variant| {
+            maud::html! { div class="v2" { (pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)) } }
         },
-        ..AlteredCard::new(&env, "product_card", 2)
+        ..AlteredCard::new("product_card", 2)
     };
-    let fragments = Fragments::new().with(card_v2);
+    let fragments = Fragments::new().with(&env.prefix, card_v2);
     // The periodic sweep is off: only the version check can replace the old entries.
     let listener = env.start_listener_with(fragments, test_settings());
     for id in 1..=5 {
@@ -517,12 +517,12 @@ async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_
 
     // The new version starts beside it: the old one stands aside, the new one sweeps.
     let card_v2 = AlteredCard {
-        render: |card, key, row, variant| {
-            maud::html! { div class="v2" { (card.render(key, row, variant)) } }
+        render: |key, row, variant| {
+            maud::html! { div class="v2" { (pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)) } }
         },
-        ..AlteredCard::new(&env, "product_card", 2)
+        ..AlteredCard::new("product_card", 2)
     };
-    let new = env.start_listener_with(Fragments::new().with(card_v2), test_settings());
+    let new = env.start_listener_with(Fragments::new().with(&env.prefix, card_v2), test_settings());
     eventually("the old listener to stand aside", || async {
         old_superseded().await == Some(true)
     })
@@ -602,10 +602,10 @@ async fn a_slow_batch_of_old_data_landing_after_a_newer_batch_is_refused() {
     let (release, gate) = tokio::sync::oneshot::channel();
     let stalling = std::sync::Arc::new(AlteredCard {
         gate: std::sync::Mutex::new(Some(gate)),
-        ..AlteredCard::new(&env, "product_card", 1)
+        ..AlteredCard::new("product_card", 1)
     });
     let slow = env.start_listener_with(
-        Fragments::new().with(common::SharedCard(stalling.clone())),
+        Fragments::new().with(&env.prefix, common::SharedCard(stalling.clone())),
         test_settings(),
     );
     rename(&env, 1, "Old").await;
@@ -649,12 +649,12 @@ async fn all_v2(env: &TestEnv, products: i64) -> bool {
     true
 }
 
-fn v2_card(env: &TestEnv) -> AlteredCard {
+fn v2_card() -> AlteredCard {
     AlteredCard {
-        render: |card, key, row, variant| {
-            maud::html! { div class="v2" { (pgfresh::Fragment::render(card, key, row, variant)) } }
+        render: |key, row, variant| {
+            maud::html! { div class="v2" { (pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)) } }
         },
-        ..AlteredCard::new(env, "product_card", 2)
+        ..AlteredCard::new("product_card", 2)
     }
 }
 
@@ -663,7 +663,10 @@ async fn a_newer_listener_that_stops_heartbeating_is_given_up_and_the_old_markup
     let env = TestEnv::shop(3).await;
     env.sweep().await;
     let old = env.start_listener(test_settings());
-    let new = env.start_listener_with(Fragments::new().with(v2_card(&env)), test_settings());
+    let new = env.start_listener_with(
+        Fragments::new().with(&env.prefix, v2_card()),
+        test_settings(),
+    );
     eventually("the new markup everywhere", || all_v2(&env, 3)).await;
     // The new listener dies without deregistering (its host is gone): its registry row stays, and
     // only its silence (15 s without a heartbeat) tells the old one it is gone.
@@ -693,7 +696,10 @@ async fn a_newer_listener_waits_for_older_ones_to_stand_aside_before_it_sweeps()
         .await
         .unwrap();
     let started = std::time::Instant::now();
-    let new = env.start_listener_with(Fragments::new().with(v2_card(&env)), test_settings());
+    let new = env.start_listener_with(
+        Fragments::new().with(&env.prefix, v2_card()),
+        test_settings(),
+    );
     eventually("the new markup everywhere", || all_v2(&env, 2)).await;
     // It waited (up to 10 s) for the old one to stand aside before sweeping its markup in.
     assert!(

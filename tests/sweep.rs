@@ -292,16 +292,16 @@ async fn a_key_that_fails_in_a_sweep_keeps_its_entries_for_its_row_exists() {
     // A render bug for product 3 only: the sweep queues it, and must not delete its entries as
     // orphans (their tickets are older than the sweep's, as an orphan's are).
     let buggy = common::AlteredCard {
-        render: |card, key, row, variant| {
+        render: |key, row, variant| {
             assert!(*key != 3, "cannot render product 3");
-            pgfresh::Fragment::render(card, key, row, variant)
+            pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
         },
-        ..common::AlteredCard::new(&env, "product_card", 1)
+        ..common::AlteredCard::new("product_card", 1)
     };
     let report = pgfresh::sweep(
         &env.db,
         &env.sink,
-        &pgfresh::Fragments::new().with(buggy),
+        &pgfresh::Fragments::new().with(&env.prefix, buggy),
         &Default::default(),
         &Shutdown::new(),
     )

@@ -9,6 +9,8 @@
 //! `cluster` also starts a throwaway Redis Cluster of its own.
 
 mod cluster;
+// The shop's fragment, under the benchmark's own prefixes (its KEY_PREFIX is not used).
+#[allow(dead_code)]
 #[path = "../shop/product_card.rs"]
 mod product_card;
 mod scenarios;

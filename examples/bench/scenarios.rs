@@ -13,7 +13,8 @@ use pgfresh::tokio_postgres::{self, NoTls};
 use pgfresh::{Fragment, Fragments};
 use pgfresh::{ListenSettings, SweepSettings};
 
-use crate::product_card::ProductCard;
+use crate::product_card::{Card, ProductCard};
+use pgfresh::Variant;
 
 /// Every benchmark fragment lives under this Redis prefix.
 const PREFIX: &str = "bench:product_card:";
@@ -28,7 +29,7 @@ pub struct Bench {
 }
 
 pub(crate) fn fragments() -> Fragments {
-    Fragments::new().with(ProductCard::with_key_prefix(PREFIX))
+    Fragments::new().with(PREFIX, ProductCard)
 }
 
 async fn connect(url: &str) -> Result<tokio_postgres::Client> {
@@ -250,16 +251,16 @@ impl Bench {
         let mut redis = redis::Client::open(self.redis_url.as_str())?
             .get_connection_manager()
             .await?;
-        let card = ProductCard::with_key_prefix("bench:naive:");
+        let card = ProductCard;
         let started = Instant::now();
         let mut rendered = 0u64;
         let mut id = 1;
         while started.elapsed() < Duration::from_secs(3) && id <= products {
             for (key, row) in card.load(&client, &[id]).await? {
-                for variant in card.variants() {
+                for &variant in Card::ALL {
                     let html = card.render(&key, &row, variant).into_string();
                     let _: () = redis::cmd("SET")
-                        .arg(card.redis_key(&key, variant))
+                        .arg(format!("bench:naive:{key}:{}", variant.name()))
                         .arg(html)
                         .query_async(&mut redis)
                         .await?;
@@ -700,7 +701,7 @@ async fn stale_cards(
     ids: &std::collections::BTreeSet<i64>,
 ) -> Result<usize> {
     let client = db.get().await?;
-    let card = ProductCard::with_key_prefix(PREFIX);
+    let card = ProductCard;
     let deadline = Instant::now() + Duration::from_secs(10);
     while Instant::now() < deadline {
         let queued: i64 = client
@@ -718,11 +719,12 @@ async fn stale_cards(
         let rows = card.load(&client, chunk).await?;
         let keys: Vec<String> = rows
             .iter()
-            .map(|(id, _)| card.redis_key(id, "compact"))
+            .map(|(id, _)| format!("{PREFIX}{id}:compact"))
             .collect();
         let stored = sink.get_many(&keys).await?;
         for ((id, row), stored) in rows.iter().zip(stored) {
-            if stored.as_deref() != Some(card.render(id, row, "compact").into_string().as_str()) {
+            if stored.as_deref() != Some(card.render(id, row, Card::Compact).into_string().as_str())
+            {
                 stale += 1;
             }
         }

@@ -58,7 +58,7 @@ enum ShopCommand {
 
 fn main() -> ExitCode {
     let shop = ShopCli::parse();
-    let fragments = Fragments::new().with(ProductCard::new());
+    let fragments = Fragments::new().with(product_card::KEY_PREFIX, ProductCard);
     cli::run_command(&shop.logging, || async move {
         match shop.command {
             ShopCommand::Setup { products } => {
@@ -111,7 +111,7 @@ async fn demo(
         &web,
         db.clone(),
         sink.clone(),
-        ProductCard::new(),
+        product_card::KEY_PREFIX,
         shutdown.clone(),
     )
     .await

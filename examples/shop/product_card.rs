@@ -2,16 +2,19 @@
 //! and its reviews.
 
 use maud::{Markup, html};
-use pgfresh::Fragment;
 use pgfresh::tokio_postgres::{Client, Error};
+use pgfresh::{Fragment, Topics, Variant};
 
 /// Where product cards live in Redis: `shop:product_card:{id}:{variant}`.
 pub const KEY_PREFIX: &str = "shop:product_card:";
 
-/// The `product_card` fragment.
-pub struct ProductCard {
-    key_prefix: String,
+pgfresh::variants! {
+    /// How a card is shown: `compact` in lists, `full` on the product's page.
+    pub enum Card { Compact = "compact", Full = "full" }
 }
+
+/// The `product_card` fragment.
+pub struct ProductCard;
 
 /// One review as shown on the card.
 pub struct Review {
@@ -30,26 +33,6 @@ pub struct Product {
     pub average_rating: Option<String>,
     /// The latest three reviews, newest first.
     pub latest_reviews: Vec<Review>,
-}
-
-impl ProductCard {
-    /// Cards under the shop's usual prefix.
-    pub fn new() -> Self {
-        Self::with_key_prefix(KEY_PREFIX)
-    }
-
-    /// Cards under another prefix (tests use one each, to share one Redis).
-    pub fn with_key_prefix(key_prefix: impl Into<String>) -> Self {
-        Self {
-            key_prefix: key_prefix.into(),
-        }
-    }
-}
-
-impl Default for ProductCard {
-    fn default() -> Self {
-        Self::new()
-    }
 }
 
 /// The load query: one row per existing product among `$1`, with its review count, average and latest
@@ -76,21 +59,16 @@ const LOAD_PRODUCTS: &str = "
 impl Fragment for ProductCard {
     type Key = i64;
     type Row = Product;
+    type Variant = Card;
+    type Error = Error;
 
     fn name(&self) -> &str {
         "product_card"
     }
 
-    fn topics(&self) -> &[&str] {
-        &["product"]
-    }
-
-    fn variants(&self) -> &[&str] {
-        &["compact", "full"]
-    }
-
-    fn key_prefix(&self) -> &str {
-        &self.key_prefix
+    /// Products are watched by `id` and reviews by `product_id`, both as topic `product`.
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
     }
 
     async fn load(&self, db: &Client, ids: &[i64]) -> Result<Vec<(i64, Product)>, Error> {
@@ -124,8 +102,8 @@ impl Fragment for ProductCard {
             .collect())
     }
 
-    fn render(&self, id: &i64, product: &Product, variant: &str) -> Markup {
-        product_card(*id, product, variant == "full", variant)
+    fn render(&self, id: &i64, product: &Product, variant: Card) -> Markup {
+        product_card(*id, product, variant)
     }
 
     async fn count_keys(&self, db: &Client) -> Result<Option<i64>, Error> {
@@ -153,9 +131,10 @@ impl Fragment for ProductCard {
 }
 
 /// The card's markup. Every piece of row data is spliced, so maud escapes it.
-pub fn product_card(id: i64, product: &Product, full: bool, variant: &str) -> Markup {
+pub fn product_card(id: i64, product: &Product, variant: Card) -> Markup {
+    let full = variant == Card::Full;
     html! {
-        article class={ "product-card " (variant) } id={ "product-" (id) } {
+        article class={ "product-card " (variant.name()) } id={ "product-" (id) } {
             h2 { (product.name) }
             p class="price" { (price(product.price_cents)) }
             @if full {

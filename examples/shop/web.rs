@@ -13,11 +13,11 @@ use axum::response::Html;
 use axum::routing::get;
 use maud::{PreEscaped, html};
 use pgfresh::Database;
-use pgfresh::Fragment;
 use pgfresh::RedisStore;
 use pgfresh::Shutdown;
+use pgfresh::{Fragment, Variant};
 
-use crate::product_card::ProductCard;
+use crate::product_card::{Card, ProductCard};
 
 /// Products on the page.
 const SHOWN: i64 = 12;
@@ -34,18 +34,23 @@ pub enum Source {
 struct Shop {
     db: Database,
     redis: RedisStore,
-    card: ProductCard,
+    /// Where the cards are in Redis.
+    prefix: String,
 }
 
-/// The compact cards of products 1..=`count`, from Redis where present, else rendered live.
+/// The compact cards of products 1..=`count`, from Redis (under `prefix`) where present, else
+/// rendered live.
 pub async fn cards(
     db: &Database,
     redis: &RedisStore,
-    card: &ProductCard,
+    prefix: &str,
     count: i64,
 ) -> Result<Vec<(String, Source)>, Box<dyn std::error::Error + Send + Sync>> {
     let ids: Vec<i64> = (1..=count).collect();
-    let keys: Vec<String> = ids.iter().map(|id| card.redis_key(id, "compact")).collect();
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| format!("{prefix}{id}:{}", Card::Compact.name()))
+        .collect();
     let cached = redis.get_many(&keys).await?;
     let missing: Vec<i64> = ids
         .iter()
@@ -56,8 +61,11 @@ pub async fn cards(
     let mut live = std::collections::HashMap::new();
     if !missing.is_empty() {
         let client = db.get().await?;
-        for (id, row) in card.load(&client, &missing).await? {
-            live.insert(id, card.render(&id, &row, "compact").into_string());
+        for (id, row) in ProductCard.load(&client, &missing).await? {
+            live.insert(
+                id,
+                ProductCard.render(&id, &row, Card::Compact).into_string(),
+            );
         }
     }
     Ok(ids
@@ -71,7 +79,7 @@ pub async fn cards(
 }
 
 async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
-    let body = match cards(&shop.db, &shop.redis, &shop.card, SHOWN).await {
+    let body = match cards(&shop.db, &shop.redis, &shop.prefix, SHOWN).await {
         Ok(cards) => html! {
             div class="grid" {
                 @for (card, source) in &cards {
@@ -114,10 +122,11 @@ pub async fn bind(
     address: &str,
     db: Database,
     redis: RedisStore,
-    card: ProductCard,
+    prefix: &str,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()> + use<>, String> {
-    let shop = Arc::new(Shop { db, redis, card });
+    let prefix = prefix.to_string();
+    let shop = Arc::new(Shop { db, redis, prefix });
     let app = Router::new().route("/", get(product_list)).with_state(shop);
     let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
         format!("cannot serve the demo shop on {address}: {e}; pass another --web address")

@@ -1,5 +1,7 @@
-//! The object-safe view of a [`Fragment`] that the listener and the sweep work with: keys as text,
-//! loads and renders of a whole batch at once, a panic in user code turned into a failure of its key.
+//! The object-safe view of a registered [`Fragment`] that the listener and the sweep work with: keys
+//! as text, loads and renders of a whole batch at once, a panic in user code turned into a failure of
+//! its key, and the user's errors sorted into lost connections (retry the batch) and failures (of its
+//! keys).
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -9,7 +11,8 @@ use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
-use super::Fragment;
+use super::topics::{self, Mapping, Topic};
+use super::{Fragment, Variant};
 
 /// A boxed future, as returned by the object-safe fragment methods.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -35,15 +38,64 @@ pub(crate) struct RenderedKeys {
     pub(crate) render_time: Duration,
 }
 
-/// The object-safe view of a [`Fragment`] that the listener and the sweep work with.
+/// Why user code could not load: the connection went away (retry the whole batch later, counting
+/// no attempt), or anything else (a failure of the keys asked for). Each holds one line saying so.
+#[derive(Debug)]
+pub(crate) enum LoadError {
+    Connection(String),
+    Failed(String),
+}
+
+impl LoadError {
+    /// Sorts what `what` (the load, the key enumeration) of `fragment` failed with: a
+    /// `tokio_postgres::Error` anywhere in its chain that is not the server's answer (a lost or
+    /// refused connection) makes it a connection error.
+    fn sort(
+        fragment: &str,
+        what: &str,
+        error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        let error: Box<dyn std::error::Error + Send + Sync> = error.into();
+        let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
+        while let Some(current) = cause {
+            if let Some(postgres) = current.downcast_ref::<tokio_postgres::Error>() {
+                let reason = crate::error::describe_postgres(postgres);
+                return if postgres.as_db_error().is_none() {
+                    LoadError::Connection(format!("PostgreSQL: {reason}"))
+                } else {
+                    LoadError::Failed(format!("{what} of {fragment} failed: {reason}"))
+                };
+            }
+            cause = current.source();
+        }
+        LoadError::Failed(format!("{what} of {fragment} failed: {error}"))
+    }
+}
+
+impl From<LoadError> for crate::Error {
+    fn from(error: LoadError) -> Self {
+        match error {
+            LoadError::Connection(reason) | LoadError::Failed(reason) => {
+                crate::Error::Fragment(reason)
+            }
+        }
+    }
+}
+
+/// The object-safe view of a registered fragment that the listener and the sweep work with.
 pub(crate) trait DynFragment: Send + Sync {
     /// See [`Fragment::name`].
     fn name(&self) -> &str;
-    /// See [`Fragment::topics`].
-    fn topics(&self) -> &[&str];
-    /// See [`Fragment::variants`].
-    fn variants(&self) -> &[&str];
-    /// See [`Fragment::key_prefix`].
+    /// The topics that reach it, as [`Fragment::topics`] gave them.
+    fn topics(&self) -> &[Topic];
+    /// The topic its own keys are queued under, by pgfresh (fanned-out keys, keys to render again):
+    /// `fragment:<name>`, which no watched table can use.
+    fn own_topic(&self) -> &str;
+    /// How keys of `topic` become this fragment's keys; `None` if the topic does not reach it.
+    fn mapping(&self, topic: &str) -> Option<&Mapping>;
+    /// The variants' names, in order.
+    fn variants(&self) -> &[&'static str];
+    /// The Redis key prefix it was registered with.
     fn key_prefix(&self) -> &str;
     /// See [`Fragment::version`].
     fn version(&self) -> u32;
@@ -53,14 +105,11 @@ pub(crate) trait DynFragment: Send + Sync {
         &'a self,
         db: &'a Client,
         keys: &'a [String],
-    ) -> BoxFuture<'a, Result<RenderedKeys, tokio_postgres::Error>>;
+    ) -> BoxFuture<'a, Result<RenderedKeys, LoadError>>;
     /// The Redis keys of every variant of a key (text form), or `None` if it does not parse.
     fn redis_keys(&self, key: &str) -> Option<Vec<String>>;
     /// See [`Fragment::count_keys`].
-    fn count_keys<'a>(
-        &'a self,
-        db: &'a Client,
-    ) -> BoxFuture<'a, Result<Option<i64>, tokio_postgres::Error>>;
+    fn count_keys<'a>(&'a self, db: &'a Client) -> BoxFuture<'a, Result<Option<i64>, LoadError>>;
     /// Keyset pagination over all keys, in text form. See [`Fragment::keys_after`].
     fn keys_after<'a>(
         &'a self,
@@ -70,32 +119,90 @@ pub(crate) trait DynFragment: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<String>, crate::Error>>;
 }
 
-impl<F: Fragment> DynFragment for F {
+/// A fragment as registered: the user's value, its key prefix, and what it said about itself once.
+pub(crate) struct Registered<F> {
+    fragment: F,
+    key_prefix: String,
+    topics: Vec<Topic>,
+    own_topic: String,
+    variants: Vec<&'static str>,
+}
+
+impl<F: Fragment> Registered<F> {
+    pub(crate) fn new(fragment: F, key_prefix: String) -> Self {
+        Self {
+            topics: fragment.topics().into_list(),
+            own_topic: topics::own_topic(fragment.name()),
+            variants: F::Variant::ALL.iter().map(|v| v.name()).collect(),
+            fragment,
+            key_prefix,
+        }
+    }
+
+    fn redis_key(&self, key: &F::Key, variant: &str) -> String {
+        format!("{}{key}:{variant}", self.key_prefix)
+    }
+
+    /// Renders every variant of one row, turning a panic in user code into a failure of this key.
+    fn render_variants(&self, key: &F::Key, row: &F::Row) -> KeyOutcome {
+        let rendered = catch_unwind(AssertUnwindSafe(|| {
+            F::Variant::ALL
+                .iter()
+                .map(|&variant| {
+                    let html = self.fragment.render(key, row, variant).into_string();
+                    (self.redis_key(key, variant.name()), html)
+                })
+                .collect()
+        }));
+        match rendered {
+            Ok(entries) => KeyOutcome::Rendered(entries),
+            Err(panic) => KeyOutcome::Failed(format!(
+                "render of {} key {key} panicked: {}",
+                self.name(),
+                panic_message(&panic)
+            )),
+        }
+    }
+}
+
+impl<F: Fragment> DynFragment for Registered<F> {
     fn name(&self) -> &str {
-        Fragment::name(self)
+        self.fragment.name()
     }
 
-    fn topics(&self) -> &[&str] {
-        Fragment::topics(self)
+    fn topics(&self) -> &[Topic] {
+        &self.topics
     }
 
-    fn variants(&self) -> &[&str] {
-        Fragment::variants(self)
+    fn own_topic(&self) -> &str {
+        &self.own_topic
+    }
+
+    fn mapping(&self, topic: &str) -> Option<&Mapping> {
+        if topic == self.own_topic {
+            return Some(&Mapping::Direct);
+        }
+        let found = self.topics.iter().find(|t| t.name == topic);
+        found.map(|t| &t.mapping)
+    }
+
+    fn variants(&self) -> &[&'static str] {
+        &self.variants
     }
 
     fn key_prefix(&self) -> &str {
-        Fragment::key_prefix(self)
+        &self.key_prefix
     }
 
     fn version(&self) -> u32 {
-        Fragment::version(self)
+        self.fragment.version()
     }
 
     fn render_keys<'a>(
         &'a self,
         db: &'a Client,
         keys: &'a [String],
-    ) -> BoxFuture<'a, Result<RenderedKeys, tokio_postgres::Error>> {
+    ) -> BoxFuture<'a, Result<RenderedKeys, LoadError>> {
         Box::pin(async move {
             let parsed: Vec<Option<F::Key>> = keys.iter().map(|k| k.parse().ok()).collect();
             // Each distinct key once: two spellings of one key must not load, render or write twice
@@ -111,7 +218,9 @@ impl<F: Fragment> DynFragment for F {
             let mut rows: HashMap<F::Key, F::Row> = if distinct.is_empty() {
                 HashMap::new()
             } else {
-                self.load(db, &distinct).await?.into_iter().collect()
+                let loaded = self.fragment.load(db, &distinct).await;
+                let loaded = loaded.map_err(|error| LoadError::sort(self.name(), "load", error))?;
+                loaded.into_iter().collect()
             };
             let loaded = Instant::now();
             let outcomes = keys
@@ -121,13 +230,13 @@ impl<F: Fragment> DynFragment for F {
                 .map(|(index, (text, key))| match key {
                     None => KeyOutcome::Failed(format!(
                         "key {text:?} does not parse as a {} key",
-                        Fragment::name(self)
+                        self.name()
                     )),
                     Some(key) if first_at[key] != index => KeyOutcome::SameAs(first_at[key]),
                     Some(key) => match rows.remove(key) {
-                        Some(row) => render_variants(self, key, &row),
+                        Some(row) => self.render_variants(key, &row),
                         None => KeyOutcome::Gone(
-                            self.variants()
+                            self.variants
                                 .iter()
                                 .map(|v| self.redis_key(key, v))
                                 .collect(),
@@ -146,18 +255,18 @@ impl<F: Fragment> DynFragment for F {
     fn redis_keys(&self, key: &str) -> Option<Vec<String>> {
         let key: F::Key = key.parse().ok()?;
         Some(
-            self.variants()
+            self.variants
                 .iter()
                 .map(|variant| self.redis_key(&key, variant))
                 .collect(),
         )
     }
 
-    fn count_keys<'a>(
-        &'a self,
-        db: &'a Client,
-    ) -> BoxFuture<'a, Result<Option<i64>, tokio_postgres::Error>> {
-        Box::pin(Fragment::count_keys(self, db))
+    fn count_keys<'a>(&'a self, db: &'a Client) -> BoxFuture<'a, Result<Option<i64>, LoadError>> {
+        Box::pin(async move {
+            let counted = self.fragment.count_keys(db).await;
+            counted.map_err(|error| LoadError::sort(self.name(), "count", error))
+        })
     }
 
     fn keys_after<'a>(
@@ -172,35 +281,15 @@ impl<F: Fragment> DynFragment for F {
                 Some(text) => Some(text.parse::<F::Key>().map_err(|_| {
                     crate::Error::Fragment(format!(
                         "{}: key {text:?} from keys_after does not parse back",
-                        Fragment::name(self)
+                        self.name()
                     ))
                 })?),
             };
-            let keys = Fragment::keys_after(self, db, after.as_ref(), limit).await?;
+            let keys = self.fragment.keys_after(db, after.as_ref(), limit).await;
+            let keys =
+                keys.map_err(|error| LoadError::sort(self.name(), "key enumeration", error))?;
             Ok(keys.iter().map(ToString::to_string).collect())
         })
-    }
-}
-
-/// Renders every variant of one row, turning a panic in user code into a failure of this key alone.
-fn render_variants<F: Fragment>(fragment: &F, key: &F::Key, row: &F::Row) -> KeyOutcome {
-    let rendered = catch_unwind(AssertUnwindSafe(|| {
-        fragment
-            .variants()
-            .iter()
-            .map(|variant| {
-                let html = fragment.render(key, row, variant).into_string();
-                (fragment.redis_key(key, variant), html)
-            })
-            .collect()
-    }));
-    match rendered {
-        Ok(entries) => KeyOutcome::Rendered(entries),
-        Err(panic) => KeyOutcome::Failed(format!(
-            "render of {} key {key} panicked: {}",
-            fragment.name(),
-            panic_message(&panic)
-        )),
     }
 }
 

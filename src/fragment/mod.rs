@@ -1,59 +1,61 @@
 //! The fragment API: what a user writes to have pgfresh keep some HTML fresh in Redis.
 //!
-//! A [`Fragment`] names the topics it reacts to, its variants, the Redis key of each (key, variant), a
-//! batched loader, a maud render function and a keyset enumeration of every key for the sweep.
-//! [`Fragments`] is the set a binary serves, checked once. The rest of pgfresh sees fragments through
-//! the object-safe view in `erased`, which works on keys as text (as they come out of the queue) so
-//! that one listener serves many fragment types.
+//! A [`Fragment`] says which topics reach it ([`Topics`]: directly, or through shared rows), its
+//! [`Variant`]s, a batched loader, a maud render function and a keyset enumeration of every key for
+//! the sweep. [`Fragments`] is the set a binary serves, each under the Redis key prefix it is
+//! registered with, checked once. The rest of pgfresh sees fragments through the object-safe view in
+//! `erased`, which works on keys as text (as they come out of the queue) so that one listener serves
+//! many fragment types.
 
 mod erased;
+mod topics;
 
 use std::fmt::Display;
 use std::future::Future;
+use std::hash::Hash;
 use std::str::FromStr;
 use std::sync::Arc;
 
 use maud::Markup;
 use tokio_postgres::Client;
 
-pub(crate) use erased::{DynFragment, KeyOutcome, panic_message};
+pub(crate) use erased::{DynFragment, KeyOutcome, LoadError, panic_message};
+pub(crate) use topics::Mapping;
+pub use topics::Topics;
 
 /// What a loader returns: each key that still has a row, with that row.
 pub type Loaded<F> =
-    Result<Vec<(<F as Fragment>::Key, <F as Fragment>::Row)>, tokio_postgres::Error>;
+    Result<Vec<(<F as Fragment>::Key, <F as Fragment>::Row)>, <F as Fragment>::Error>;
 
-/// One kind of pre-rendered HTML, kept in Redis for every key of its source rows.
+/// One kind of pre-rendered HTML, kept in Redis for every key of its source rows, in every variant:
+/// at `<key prefix><key>:<variant>`, the prefix given when it is registered with [`Fragments::with`].
 ///
 /// The loader and the key enumeration receive a [`Client`] that may be inside pgfresh's transaction:
-/// they should only read. See `examples/shop/product_card.rs` for a complete implementation.
+/// they should only read. The crate root has a complete example; `examples/shop` and `examples/blog`
+/// are complete binaries.
 pub trait Fragment: Send + Sync + 'static {
     /// The parsed key: the value of the watched key column. Its `Display` must give back the text form
     /// that the trigger queued (`key_column::text`), and `FromStr` must parse it.
-    type Key: Clone + Eq + std::hash::Hash + Display + FromStr + Send + Sync;
+    type Key: Clone + Eq + Hash + Display + FromStr + Send + Sync;
     /// Everything one render needs, loaded for a whole batch at once.
     type Row: Send + Sync;
+    /// The variants rendered for every key, usually an enum declared with [`variants!`](crate::variants).
+    type Variant: Variant;
+    /// What the loader and the key enumeration fail with: `tokio_postgres::Error`, `anyhow::Error`, or
+    /// an error type of your own. A failure that comes from a lost connection is retried with the whole
+    /// batch; any other fails the batch's keys, which are retried and, at the limit, parked.
+    type Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send;
 
-    /// Unique name, used by `sweep --fragment`, `render` and in logs.
+    /// Unique name, used by `sweep --fragment`, `render`, in logs and metrics.
     fn name(&self) -> &str;
 
-    /// Topics (as given to `pgfresh.watch`) whose changes may change this fragment.
-    fn topics(&self) -> &[&str];
-
-    /// Variants rendered for every key, e.g. `["compact", "full"]`. At least one.
-    fn variants(&self) -> &[&str];
-
-    /// Every Redis key of this fragment starts with this prefix, and nothing else under it belongs to
-    /// anyone else: the sweep deletes keys under it whose row no longer exists.
-    fn key_prefix(&self) -> &str;
+    /// The topics (as given to `pgfresh.watch`) whose changes may change this fragment, and how their
+    /// keys lead to this fragment's keys. At least one.
+    fn topics(&self) -> Topics;
 
     /// Changes when the markup changes, so that a deploy replaces entries rendered by older code.
     fn version(&self) -> u32 {
         1
-    }
-
-    /// The Redis key for one (key, variant). It must start with [`Fragment::key_prefix`].
-    fn redis_key(&self, key: &Self::Key, variant: &str) -> String {
-        format!("{}{key}:{variant}", self.key_prefix())
     }
 
     /// Loads the rows for a batch of keys in as few queries as possible (e.g. `WHERE id = ANY($1)`).
@@ -61,7 +63,7 @@ pub trait Fragment: Send + Sync + 'static {
     fn load(&self, db: &Client, keys: &[Self::Key]) -> impl Future<Output = Loaded<Self>> + Send;
 
     /// Renders one variant of one row. Splice row data (maud escapes it); never `PreEscaped` it.
-    fn render(&self, key: &Self::Key, row: &Self::Row, variant: &str) -> Markup;
+    fn render(&self, key: &Self::Key, row: &Self::Row, variant: Self::Variant) -> Markup;
 
     /// Keyset pagination over every key that has a row, in a stable order: up to `limit` keys after
     /// `after` (from the start when `None`).
@@ -70,20 +72,57 @@ pub trait Fragment: Send + Sync + 'static {
         db: &Client,
         after: Option<&Self::Key>,
         limit: i64,
-    ) -> impl Future<Output = Result<Vec<Self::Key>, tokio_postgres::Error>> + Send;
+    ) -> impl Future<Output = Result<Vec<Self::Key>, Self::Error>> + Send;
 
     /// How many keys there are, if cheap to tell (e.g. `SELECT count(*)`): the sweep's progress bar
     /// then shows an ETA. `None` (the default) shows progress without one.
     fn count_keys(
         &self,
         _db: &Client,
-    ) -> impl Future<Output = Result<Option<i64>, tokio_postgres::Error>> + Send {
+    ) -> impl Future<Output = Result<Option<i64>, Self::Error>> + Send {
         async { Ok(None) }
     }
 }
 
-/// The fragments one binary serves, checked once for mistakes that would otherwise show up as
-/// mysterious Redis contents (two fragments sharing a prefix, a fragment with no variant).
+/// The variants of a fragment: a small `Copy` type, usually an enum, each value named in its Redis
+/// keys. Declare one with [`variants!`](crate::variants).
+pub trait Variant: Copy + Send + Sync + 'static {
+    /// Every variant, rendered for every key. At least one.
+    const ALL: &'static [Self];
+    /// The name in Redis keys: `<prefix><key>:<name>`.
+    fn name(self) -> &'static str;
+}
+
+/// Declares an enum of variants and its [`Variant`] implementation:
+///
+/// ```
+/// pgfresh::variants! {
+///     /// How a product card is shown.
+///     pub enum Card { Compact = "compact", Full = "full" }
+/// }
+/// use pgfresh::Variant;
+/// assert_eq!(Card::Full.name(), "full");
+/// assert_eq!(Card::ALL.len(), 2);
+/// ```
+#[macro_export]
+macro_rules! variants {
+    ($(#[$meta:meta])* $vis:vis enum $name:ident { $($variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$meta])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+        $vis enum $name { $($variant),+ }
+
+        impl $crate::Variant for $name {
+            const ALL: &'static [Self] = &[$(Self::$variant),+];
+            fn name(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+        }
+    };
+}
+
+/// The fragments one binary serves, each under its Redis key prefix, checked once for mistakes that
+/// would otherwise show up as mysterious Redis contents (two fragments sharing a prefix, a fragment
+/// with no variant).
 #[derive(Clone, Default)]
 pub struct Fragments {
     all: Vec<Arc<dyn DynFragment>>,
@@ -98,15 +137,17 @@ impl Fragments {
         Self::default()
     }
 
-    /// Adds a fragment. A malformed one (no variant, empty name or prefix, a duplicate name, or a key
-    /// prefix overlapping another fragment's) is left out and reported by [`Fragments::validate`].
-    pub fn with<F: Fragment>(mut self, fragment: F) -> Self {
-        match self.check(&fragment) {
-            Ok(()) => self.all.push(Arc::new(fragment)),
-            Err(problem) => self.problems.push(format!(
-                "fragment {:?}: {problem}",
-                Fragment::name(&fragment)
-            )),
+    /// Adds a fragment whose Redis keys start with `key_prefix`: nothing else may live under it, since
+    /// the sweep deletes what has no row there. A malformed fragment (no variant or topic, an empty
+    /// name or prefix, a duplicate name, a prefix overlapping another's or pgfresh's own) is refused:
+    /// left out, and reported by [`Fragments::validate`], which every command runs first.
+    pub fn with<F: Fragment>(mut self, key_prefix: impl Into<String>, fragment: F) -> Self {
+        let registered = erased::Registered::new(fragment, key_prefix.into());
+        match self.check(&registered) {
+            Ok(()) => self.all.push(Arc::new(registered)),
+            Err(problem) => self
+                .problems
+                .push(format!("fragment {:?}: {problem}", registered.name())),
         }
         self
     }
@@ -129,6 +170,7 @@ impl Fragments {
                 "name, key prefix, at least one variant and at least one topic are required".into(),
             );
         }
+        topics::check(new.topics())?;
         // The sweep deletes orphans under a fragment's prefix: a prefix that pgfresh's own keys start
         // with (`pg`, `pgfresh`), or one inside them, would have it delete its tickets and markers.
         let own = crate::store::BOOKKEEPING_PREFIX;
@@ -145,7 +187,12 @@ impl Fragments {
             if old.key_prefix().starts_with(new.key_prefix())
                 || new.key_prefix().starts_with(old.key_prefix())
             {
-                return Err(format!("key prefix overlaps that of {}", old.name()));
+                return Err(format!(
+                    "key prefix {:?} overlaps that of {} ({:?})",
+                    new.key_prefix(),
+                    old.name(),
+                    old.key_prefix()
+                ));
             }
         }
         Ok(())
@@ -175,12 +222,15 @@ impl Fragments {
         self.all.iter().find(|f| f.name() == name)
     }
 
-    /// The fragments subscribed to a topic.
+    /// The fragments a topic reaches (directly, through shared rows, or as their own topic), each
+    /// with how.
     pub(crate) fn for_topic<'a>(
         &'a self,
         topic: &'a str,
-    ) -> impl Iterator<Item = &'a Arc<dyn DynFragment>> + 'a {
-        self.all.iter().filter(move |f| f.topics().contains(&topic))
+    ) -> impl Iterator<Item = (&'a Arc<dyn DynFragment>, &'a Mapping)> + 'a {
+        self.all
+            .iter()
+            .filter_map(move |fragment| Some((fragment, fragment.mapping(topic)?)))
     }
 
     /// Names of all fragments, for error messages.

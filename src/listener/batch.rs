@@ -1,14 +1,16 @@
 //! One batch of the listener's work, as a pipeline: claim changes and take a render ticket, plan
 //! (`plan`: settle what an earlier render covered, defer hot keys, render each (topic, key) once),
-//! render and write through the shared refresh path, and settle every claimed change (applied,
-//! deferred, failed for retry or parking, queued again when Redis could not check a write), all in
-//! one transaction that a crash rolls back.
+//! route (`route`: render the fragments whose own key it is, fan keys of shared rows out into the
+//! queue), render and write through the shared refresh path, and settle every claimed change
+//! (applied, deferred, failed for retry or parking, queued again when Redis could not check a
+//! write), all in one transaction that a crash rolls back.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::plan::BatchPlan;
+use super::route::{self, ChangeKey, Routes};
 use super::shared::Shared;
 use crate::Error;
 use crate::pg::queue::{self, Claim, Failure};
@@ -43,20 +45,38 @@ pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Er
     }
 }
 
-/// Everything after the claim: plan, render and write, settle, commit.
+/// Everything after the claim: plan, route and fan out, render and write, settle, commit.
 async fn apply(
     shared: &Shared,
-    txn: deadpool_postgres::Transaction<'_>,
+    mut txn: deadpool_postgres::Transaction<'_>,
     claim: Claim,
     started: Instant,
 ) -> Result<RefreshStats, Error> {
     let claimed_at = started.elapsed();
     let plan = shared.recent.plan_batch(&claim.changes, started);
-    let rendered = render_changes(shared, &plan.to_render, claim.ticket).await?;
-    remember_coverage(shared, &plan, &rendered, claim.snapshot);
+    let routes = route::route(&shared.fragments, plan.to_render.keys().copied());
+    let fanned = route::fan_out(shared, &mut txn, &routes.fan_outs).await?;
+    let mut rendered = render_changes(shared, &routes, claim.ticket).await?;
+    for change in &routes.unrouted {
+        let reason = format!("no fragment subscribes to topic {:?}", change.0);
+        rendered.failed.entry(*change).or_insert(reason);
+    }
+    for (change, reason) in fanned.failed {
+        rendered.failed.entry(change).or_insert(reason);
+    }
+    let snapshot = claim.snapshot.map(Arc::new);
+    let fanned_out: HashSet<ChangeKey<'_>> = routes
+        .fan_outs
+        .iter()
+        .flat_map(|job| job.keys.iter().map(|key| (job.topic, *key)))
+        .collect();
+    // A render in Redis covers later changes at once; a fan-out only once its keys are committed.
+    let (fanned_out, rendered_only) = covering(&plan, &rendered, &fanned_out);
+    remember_coverage(shared, rendered_only, snapshot.clone());
     let rendered_at = started.elapsed();
     let settled = settle(shared, &txn, &plan, &rendered, claim.undecodable).await?;
     txn.commit().await?;
+    remember_coverage(shared, fanned_out, snapshot);
     if !plan.deferred.is_empty() {
         shared.wake_by(Instant::now() + plan.defer_for);
     }
@@ -65,28 +85,38 @@ async fn apply(
     Ok(rendered.stats)
 }
 
-/// Remembers which (topic, key)s are now in Redis as rendered from rows loaded after the claim's
-/// snapshot. A render written without a ticket to check against may have lost to nothing: it covers
-/// nothing, not even the change this batch queues to render it again.
-fn remember_coverage(
-    shared: &Shared,
-    plan: &BatchPlan<'_>,
-    rendered: &RenderedChanges<'_>,
-    snapshot: Option<crate::pg::Snapshot>,
-) {
-    let Some(snapshot) = snapshot else { return };
+/// The changes whose rendering (or fan-out) succeeded and now covers later changes to the same
+/// (topic, key): split into those that went through a fan-out and those only rendered. A render
+/// written without a ticket to check against may have lost to nothing: it covers nothing, not even
+/// the change this batch queues to render it again.
+fn covering<'a>(
+    plan: &BatchPlan<'a>,
+    rendered: &RenderedChanges<'a>,
+    fanned_out: &HashSet<ChangeKey<'a>>,
+) -> (Vec<ChangeKey<'a>>, Vec<ChangeKey<'a>>) {
     let unchecked: HashSet<&str> = rendered
         .unchecked
         .iter()
         .map(|(_, key)| key.as_str())
         .collect();
-    let covering = plan
-        .to_render
+    plan.to_render
         .keys()
-        .filter(|change| !rendered.failed.contains_key(*change) && !unchecked.contains(change.1));
-    shared
-        .recent
-        .record(covering.copied(), Arc::new(snapshot), Instant::now());
+        .filter(|change| !rendered.failed.contains_key(*change) && !unchecked.contains(change.1))
+        .partition(|change| fanned_out.contains(*change))
+}
+
+/// Remembers that these (topic, key)s are in Redis (or queued) as of the claim's snapshot.
+fn remember_coverage(
+    shared: &Shared,
+    changes: Vec<ChangeKey<'_>>,
+    snapshot: Option<Arc<crate::pg::Snapshot>>,
+) {
+    let Some(snapshot) = snapshot else { return };
+    if !changes.is_empty() {
+        shared
+            .recent
+            .record(changes.into_iter(), snapshot, Instant::now());
+    }
 }
 
 /// Settles every claimed change in the claim's transaction: applied ones (rendered, or covered) are
@@ -185,57 +215,40 @@ async fn requeue_unchecked(
 struct RenderedChanges<'a> {
     stats: RefreshStats,
     /// The changes that failed, with why.
-    failed: HashMap<(&'a str, &'a str), String>,
+    failed: HashMap<ChangeKey<'a>, String>,
     /// Keys to render once more, by (topic, key): written while Redis may evict keys, without a
-    /// ticket to check against.
+    /// ticket to check against. The topic is the fragment's own.
     unchecked: Vec<(String, String)>,
 }
 
-/// Refreshes every fragment subscribed to the changes' topics. Rows are loaded on a connection of
-/// their own: a loader's SQL error would otherwise abort the claiming transaction, and with it the
-/// recording of that very failure.
+/// Refreshes the keys each fragment is routed. Rows are loaded on a connection of their own: a
+/// loader's SQL error would otherwise abort the claiming transaction, and with it the recording of
+/// that very failure.
 async fn render_changes<'a>(
     shared: &Shared,
-    changes: &HashMap<(&'a str, &'a str), Vec<i64>>,
+    routes: &Routes<'a>,
     ticket: i64,
 ) -> Result<RenderedChanges<'a>, Error> {
     let mut rendered = RenderedChanges::default();
-    if changes.is_empty() {
+    if routes.renders.is_empty() {
         return Ok(rendered);
     }
     let loader = shared.db.get().await?;
-    for &(topic, key) in changes.keys() {
-        if shared.fragments.for_topic(topic).next().is_none() {
-            rendered.failed.insert(
-                (topic, key),
-                format!("no fragment subscribes to topic {topic:?}"),
-            );
-        }
-    }
-    for fragment in shared.fragments.iter() {
-        // Every queued (topic, key) that reaches this fragment, by key.
-        let mut reaching: HashMap<&str, Vec<(&str, &str)>> = HashMap::new();
-        for &(topic, key) in changes.keys() {
-            if fragment.topics().contains(&topic) {
-                reaching.entry(key).or_default().push((topic, key));
-            }
-        }
-        if reaching.is_empty() {
-            continue;
-        }
-        let keys: Vec<String> = reaching.keys().map(|key| key.to_string()).collect();
+    for part in &routes.renders {
+        let fragment = part.fragment;
+        let keys: Vec<String> = part.keys.keys().map(|key| key.to_string()).collect();
         let refreshed = refresh(&loader, &shared.store, fragment.as_ref(), &keys, ticket).await?;
         shared.board.refreshed(fragment.name(), refreshed.stats);
         rendered.stats += refreshed.stats;
         for (index, reason) in refreshed.failed {
-            for &change in &reaching[keys[index].as_str()] {
+            for &change in &part.keys[keys[index].as_str()] {
                 rendered
                     .failed
                     .entry(change)
                     .or_insert_with(|| reason.clone());
             }
         }
-        let topic = fragment.topics()[0].to_string();
+        let topic = fragment.own_topic().to_string();
         let unchecked = refreshed.unchecked.into_iter();
         rendered
             .unchecked

@@ -8,7 +8,8 @@
 //!
 //! - `shared`: what its tasks share.
 //! - `drain`: the loop that drains the queue, idle (waiting for NOTIFYs) or busy (polling).
-//! - `batch`: one claimed batch, from claim to commit; `plan`, the pure part deciding what to render.
+//! - `batch`: one claimed batch, from claim to commit; `plan`, the pure part deciding what to render;
+//!   `route`, which fragment each change reaches, and the fan-out of keys of shared rows.
 //! - `wakeup`: the LISTEN session that turns NOTIFYs into wake-ups.
 //! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled.
 //! - `stand_aside`: rolling deploys; a listener stands aside for one with newer fragment versions.
@@ -20,6 +21,7 @@ mod drain;
 mod heartbeat;
 mod maintenance;
 mod plan;
+mod route;
 mod shared;
 mod stand_aside;
 mod wakeup;
@@ -56,6 +58,7 @@ pub async fn listen(
     fragments.validate()?;
     settings.validate()?;
     crate::pg::schema::ensure_installed(&db).await?;
+    route::check_queries(&*db.get().await?, &fragments).await?;
     Listener::new(db, store, fragments, settings, shutdown)
         .run()
         .await

@@ -6,12 +6,14 @@
 //! - `database`: [`Database`], the pool and the dedicated sessions (LISTEN, the sweep lock).
 //! - `schema`: install, upgrade, check and uninstall, from the files in `sql/`.
 //! - `queue`: claim, settle, retry, park and requeue changes; the queue's figures.
+//! - `fan_out`: keys of shared rows mapped to fragment keys and queued, inside the claim.
 //! - `snapshot`: what a claim's snapshot saw, for the listener's planning.
 //! - `registry`: the listener registry (idle flag, fragment versions, standing aside, heartbeats).
 //! - `truncations`: TRUNCATEs of watched tables waiting for a sweep.
 
 mod conninfo;
 mod database;
+pub(crate) mod fan_out;
 pub(crate) mod queue;
 pub(crate) mod registry;
 pub(crate) mod schema;

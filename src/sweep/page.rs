@@ -54,7 +54,7 @@ pub(super) async fn sweep_page(
         errors.push(None);
     }
     if !again.is_empty() {
-        crate::pg::queue::requeue(&client, fragment.topics()[0], &again, &errors)
+        crate::pg::queue::requeue(&client, fragment.own_topic(), &again, &errors)
             .await
             .map_err(|e| failed_page(e.to_string()))?;
     }

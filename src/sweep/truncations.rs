@@ -24,7 +24,10 @@ impl Truncations {
         let recorded = truncations::recorded(&*db.get().await?).await?;
         let mut truncated = Self::default();
         for truncation in recorded {
-            let subscribers: Vec<_> = fragments.for_topic(&truncation.topic).collect();
+            let subscribers: Vec<_> = fragments
+                .for_topic(&truncation.topic)
+                .map(|(fragment, _)| fragment)
+                .collect();
             if subscribers.is_empty() {
                 continue;
             }

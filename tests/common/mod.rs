@@ -24,7 +24,8 @@ use pgfresh::tokio_postgres::{self, NoTls};
 use pgfresh::{Fragment, Fragments};
 use pgfresh::{RedisConnection, RedisStore};
 
-use product_card::ProductCard;
+use pgfresh::Variant;
+use product_card::{Card, ProductCard};
 use servers::BoundedOutput;
 
 /// How long a condition may take before a test fails: generous, for a loaded 2-core machine.
@@ -185,7 +186,7 @@ impl TestEnv {
     }
 
     pub fn fragments(&self) -> Fragments {
-        Fragments::new().with(ProductCard::with_key_prefix(self.prefix.clone()))
+        Fragments::new().with(&self.prefix, ProductCard)
     }
 
     pub fn key(&self, id: i64, variant: &str) -> String {
@@ -251,11 +252,14 @@ impl TestEnv {
 
     /// What the shop's fragment renders for this product now, straight from the database.
     pub async fn fresh_render(&self, id: i64, variant: &str) -> Option<String> {
-        let card = ProductCard::with_key_prefix(self.prefix.clone());
+        let variant = *Card::ALL
+            .iter()
+            .find(|v| v.name() == variant)
+            .expect("a variant");
         let client = self.client().await;
-        let rows = card.load(&client, &[id]).await.expect("load");
+        let rows = ProductCard.load(&client, &[id]).await.expect("load");
         rows.first()
-            .map(|(id, row)| card.render(id, row, variant).into_string())
+            .map(|(id, row)| ProductCard.render(id, row, variant).into_string())
     }
 
     /// Waits until `key` holds what a fresh render says (or is absent when the product is gone).
@@ -526,20 +530,18 @@ async fn drop_leftover_databases(admin: &tokio_postgres::Client) {
 /// The shop's card with another name, version or markup (user code with a bug in it, or a deploy),
 /// and optionally a load that stalls after reading its rows until `gate` fires (a slow render).
 pub struct AlteredCard {
-    pub card: ProductCard,
     pub name: &'static str,
     pub version: u32,
-    pub render: fn(&ProductCard, &i64, &product_card::Product, &str) -> maud::Markup,
+    pub render: fn(&i64, &product_card::Product, Card) -> maud::Markup,
     pub gate: std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>,
 }
 
 impl AlteredCard {
-    pub fn new(env: &TestEnv, name: &'static str, version: u32) -> AlteredCard {
+    pub fn new(name: &'static str, version: u32) -> AlteredCard {
         AlteredCard {
-            card: ProductCard::with_key_prefix(env.prefix.clone()),
             name,
             version,
-            render: |card, key, row, variant| card.render(key, row, variant),
+            render: |key, row, variant| ProductCard.render(key, row, variant),
             gate: std::sync::Mutex::new(None),
         }
     }
@@ -548,31 +550,27 @@ impl AlteredCard {
 impl Fragment for AlteredCard {
     type Key = i64;
     type Row = product_card::Product;
+    type Variant = Card;
+    type Error = tokio_postgres::Error;
     fn name(&self) -> &str {
         self.name
     }
-    fn topics(&self) -> &[&str] {
-        self.card.topics()
-    }
-    fn variants(&self) -> &[&str] {
-        self.card.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.card.key_prefix()
+    fn topics(&self) -> pgfresh::Topics {
+        ProductCard.topics()
     }
     fn version(&self) -> u32 {
         self.version
     }
     async fn load(&self, db: &tokio_postgres::Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
-        let rows = self.card.load(db, keys).await?;
+        let rows = ProductCard.load(db, keys).await?;
         let gate = self.gate.lock().unwrap().take();
         if let Some(gate) = gate {
             let _ = gate.await;
         }
         Ok(rows)
     }
-    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
-        (self.render)(&self.card, key, row, variant)
+    fn render(&self, key: &i64, row: &Self::Row, variant: Card) -> maud::Markup {
+        (self.render)(key, row, variant)
     }
     async fn keys_after(
         &self,
@@ -580,7 +578,7 @@ impl Fragment for AlteredCard {
         after: Option<&i64>,
         limit: i64,
     ) -> Result<Vec<i64>, tokio_postgres::Error> {
-        self.card.keys_after(db, after, limit).await
+        ProductCard.keys_after(db, after, limit).await
     }
 }
 
@@ -590,17 +588,16 @@ pub struct SharedCard(pub std::sync::Arc<AlteredCard>);
 impl pgfresh::Fragment for SharedCard {
     type Key = i64;
     type Row = product_card::Product;
+    type Variant = Card;
+    type Error = tokio_postgres::Error;
     fn name(&self) -> &str {
         self.0.name()
     }
-    fn topics(&self) -> &[&str] {
+    fn topics(&self) -> pgfresh::Topics {
         self.0.topics()
     }
-    fn variants(&self) -> &[&str] {
-        self.0.variants()
-    }
-    fn key_prefix(&self) -> &str {
-        self.0.key_prefix()
+    fn version(&self) -> u32 {
+        self.0.version()
     }
     async fn load(
         &self,
@@ -609,7 +606,7 @@ impl pgfresh::Fragment for SharedCard {
     ) -> pgfresh::Loaded<Self> {
         self.0.load(db, keys).await
     }
-    fn render(&self, key: &i64, row: &Self::Row, variant: &str) -> maud::Markup {
+    fn render(&self, key: &i64, row: &Self::Row, variant: Card) -> maud::Markup {
         self.0.render(key, row, variant)
     }
     async fn keys_after(
