@@ -1,14 +1,24 @@
-//! pgfresh's benchmark: the shop's product card on the local PostgreSQL and Redis, one line of figures
-//! per scenario. BENCHMARKS.md records the results and the machine.
+//! pgfresh's benchmark: the shop's product card (and, for `fan-out`, the blog) on the local
+//! PostgreSQL and Redis, one line of figures per scenario. BENCHMARKS.md records the results and the
+//! machine.
 //!
 //!     cargo run --release --example bench -- all
 //!
-//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `cluster`, `all`. Each works
-//! in databases of its own (`pgfresh_bench_<products>`, created and filled on first use, kept for later
-//! runs) and in a Redis database of its own (`--redis-url`, default database 9), which it empties;
-//! `cluster` also starts a throwaway Redis Cluster of its own.
+//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`.
+//! Each works in databases of its own (`pgfresh_bench_<products>`, `pgfresh_bench_blog_<posts>`,
+//! created and filled on first use, kept for later runs) and in a Redis database of its own
+//! (`--redis-url`, default database 9), which it empties; `cluster` also starts a throwaway Redis
+//! Cluster of its own.
 
+// The blog's fragments and setup, for the fan-out scenario.
+#[allow(dead_code)]
+#[path = "../blog/fragments.rs"]
+mod blog_fragments;
+#[allow(dead_code)]
+#[path = "../blog/setup.rs"]
+mod blog_setup;
 mod cluster;
+mod fan_out;
 // The shop's fragment, under the benchmark's own prefixes (its KEY_PREFIX is not used).
 #[allow(dead_code)]
 #[path = "../shop/product_card.rs"]
@@ -41,7 +51,7 @@ struct BenchCli {
     redis_url: String,
     /// What to measure.
     scenario: Scenario,
-    /// Internal: the product count of a `sweep-once` child.
+    /// Internal: the product count of a `sweep-once` child, the post count of a `fan-out-once` one.
     #[arg(long, hide = true, default_value_t = 0)]
     products: i64,
 }
@@ -53,11 +63,15 @@ enum Scenario {
     WriteOverhead,
     Burst,
     CatchUp,
+    FanOut,
     Cluster,
     All,
     /// Internal: one sweep in a fresh process, so its peak RSS is its own.
     #[value(hide = true)]
     SweepOnce,
+    /// Internal: one fan-out in a fresh process, so its resident set is its own.
+    #[value(hide = true)]
+    FanOutOnce,
 }
 
 fn main() -> ExitCode {
@@ -74,6 +88,8 @@ fn main() -> ExitCode {
             Scenario::WriteOverhead => bench.write_overhead().await,
             Scenario::Burst => bench.burst().await,
             Scenario::CatchUp => bench.catch_up().await,
+            Scenario::FanOut => bench.fan_out().await,
+            Scenario::FanOutOnce => bench.fan_out_once(cli.products).await,
             Scenario::Cluster => bench.cluster().await,
             Scenario::All => bench.all().await,
         };

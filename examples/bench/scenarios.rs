@@ -104,10 +104,16 @@ impl Bench {
         format!("{base}/{name}")
     }
 
-    /// The shop with `products` products in a database of its own, pgfresh installed and watching, the
-    /// queue empty.
-    pub(crate) async fn shop(&self, products: i64) -> Result<(Database, String)> {
-        let name = format!("pgfresh_bench_{products}");
+    pub(crate) fn admin_url(&self) -> &str {
+        &self.admin_url
+    }
+
+    pub(crate) fn redis_url(&self) -> &str {
+        &self.redis_url
+    }
+
+    /// The database `name`, created if missing (benchmark databases are kept for later runs).
+    pub(crate) async fn database(&self, name: &str) -> Result<Database> {
         let admin = connect(&self.admin_url)
             .await
             .context("connecting to PostgreSQL")?;
@@ -120,10 +126,16 @@ impl Bench {
                 .batch_execute(&format!("CREATE DATABASE {name}"))
                 .await?;
         }
-        let url = self.database_url(&name);
-        let db = Database::new(&url, 16)?;
+        Ok(Database::new(&self.database_url(name), 16)?)
+    }
+
+    /// The shop with `products` products in a database of its own, pgfresh installed and watching, the
+    /// queue empty.
+    pub(crate) async fn shop(&self, products: i64) -> Result<(Database, String)> {
+        let name = format!("pgfresh_bench_{products}");
+        let db = self.database(&name).await?;
         setup_shop(&db, products).await?;
-        Ok((db, url))
+        Ok((db, self.database_url(&name)))
     }
 
     /// An empty Redis database and a sink on it.
@@ -166,6 +178,7 @@ impl Bench {
         self.write_overhead().await?;
         self.burst().await?;
         self.catch_up().await?;
+        self.fan_out().await?;
         self.cluster().await
     }
 

@@ -12,6 +12,7 @@
 //! costs a render per interval rather than one per batch, and the last change still shows soon after.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -21,23 +22,35 @@ use crate::pg::queue::Change;
 /// Least time between two renders of one key while it keeps changing.
 pub(crate) const HOT_KEY_INTERVAL: Duration = Duration::from_millis(50);
 
-/// Keys remembered; beyond this the oldest memories are dropped (which only costs extra renders).
-const MAX_REMEMBERED: usize = 200_000;
+/// Coverage remembered, in keys; beyond this it is forgotten (which only costs extra renders).
+const MAX_COVERED: usize = 100_000;
+
+/// Render start times remembered before those older than the hot-key interval, which no longer
+/// matter, are dropped (at most once per interval).
+const STARTED_BEFORE_PRUNING: usize = 4096;
 
 /// What this listener remembers of its recent renders, by (topic, key).
+///
+/// Keys are remembered by a 128-bit hash of (topic, key), not their text: a fan-out renders a hundred
+/// thousand keys once each, and remembering their text doubled the listener's resident set. Two
+/// (topic, key)s sharing a hash (about one chance in 10^28 among the keys remembered) would at worst
+/// let one change wait for the next sweep.
 #[derive(Default)]
 pub(crate) struct RecentRenders {
     memory: Mutex<Memory>,
+    hashers: (RandomState, RandomState),
 }
 
 #[derive(Default)]
 struct Memory {
     /// When a render of the key last started. Set when it is planned, so that two batches running
     /// at once do not both render a hot key.
-    started: HashMap<(String, String), Instant>,
+    started: HashMap<u128, Instant>,
+    /// When `started` was last pruned.
+    pruned: Option<Instant>,
     /// The snapshot after which the key's last successful render loaded its rows. Set only once the
     /// render is in Redis: a failed render covers nothing.
-    covered_by: HashMap<(String, String), Arc<Snapshot>>,
+    covered_by: HashMap<u128, Arc<Snapshot>>,
 }
 
 /// What a claimed batch comes to: changes to settle at once, changes to put back for a moment, and
@@ -74,11 +87,16 @@ pub(crate) enum Plan {
 }
 
 impl RecentRenders {
+    fn id(&self, topic: &str, key: &str) -> u128 {
+        let half = |hasher: &RandomState| hasher.hash_one((topic, key));
+        (u128::from(half(&self.hashers.0)) << 64) | u128::from(half(&self.hashers.1))
+    }
+
     /// Decides what to do with a change to (topic, key) written by transaction `xid`. A key planned
     /// for rendering counts as rendered from now on, for the hot-key interval.
     pub(crate) fn plan(&self, topic: &str, key: &str, xid: u64, now: Instant) -> Plan {
+        let id = self.id(topic, key);
         let mut memory = self.memory.lock().expect("recent renders lock");
-        let id = (topic.to_string(), key.to_string());
         if memory
             .covered_by
             .get(&id)
@@ -92,11 +110,7 @@ impl RecentRenders {
                 return Plan::Defer(HOT_KEY_INTERVAL - since);
             }
         }
-        if memory.started.len() > MAX_REMEMBERED {
-            memory
-                .started
-                .retain(|_, at| now.saturating_duration_since(*at) < HOT_KEY_INTERVAL);
-        }
+        memory.prune_started(now);
         memory.started.insert(id, now);
         Plan::Render
     }
@@ -137,13 +151,29 @@ impl RecentRenders {
         landed: Instant,
     ) {
         let mut memory = self.memory.lock().expect("recent renders lock");
-        if memory.covered_by.len() > MAX_REMEMBERED {
+        if memory.covered_by.len() > MAX_COVERED {
             memory.covered_by.clear();
         }
+        memory.prune_started(landed);
         for (topic, key) in rendered {
-            let id = (topic.to_string(), key.to_string());
-            memory.started.insert(id.clone(), landed);
+            let id = self.id(topic, key);
+            memory.started.insert(id, landed);
             memory.covered_by.insert(id, snapshot.clone());
+        }
+    }
+}
+
+impl Memory {
+    /// Drops render start times older than the hot-key interval once there are many: a fan-out
+    /// renders many keys once each, and only the last interval's starts can defer anything.
+    fn prune_started(&mut self, now: Instant) {
+        let due = self
+            .pruned
+            .is_none_or(|at| now.saturating_duration_since(at) >= HOT_KEY_INTERVAL);
+        if self.started.len() > STARTED_BEFORE_PRUNING && due {
+            self.started
+                .retain(|_, at| now.saturating_duration_since(*at) < HOT_KEY_INTERVAL);
+            self.pruned = Some(now);
         }
     }
 }
@@ -222,5 +252,22 @@ mod tests {
             Plan::Covered
         );
         assert_eq!(recent.plan("product", "2", 100, start), Plan::Render);
+    }
+
+    #[test]
+    fn a_fan_out_rendering_many_keys_once_is_not_remembered_for_long() {
+        let recent = RecentRenders::default();
+        let start = Instant::now();
+        for key in 0..10_000 {
+            recent.plan("fragment:teaser", &key.to_string(), 1, start);
+        }
+        let later = start + 2 * HOT_KEY_INTERVAL;
+        assert_eq!(recent.plan("fragment:teaser", "x", 1, later), Plan::Render);
+        let memory = recent.memory.lock().unwrap();
+        assert_eq!(
+            memory.started.len(),
+            1,
+            "only the last interval's starts are kept"
+        );
     }
 }
