@@ -485,3 +485,112 @@ impl pgfresh::Fragment for Broken {
         fragments::PostTeaser.keys_after(db, after, limit).await
     }
 }
+
+#[tokio::test]
+async fn a_listener_killed_in_the_middle_of_a_fan_out_loses_nothing_and_does_not_map_again() {
+    let (env, prefix) = blog(400).await;
+    let db = env.client().await;
+    let fans: i64 = db
+        .query_one(
+            "SELECT count(*) FROM posts WHERE author_id = 5 AND published_at IS NOT NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(fans >= 15, "author 5 has posts to fan out to: {fans}");
+    // Small batches of slow renders, so that the fan-out's keys take a while to work through.
+    let slow = pgfresh::ListenSettings {
+        batch_size: 2,
+        workers: 1,
+        ..no_sweeps()
+    };
+    // The blog's own fragments, with the teaser slowed down.
+    let slowed = Fragments::new()
+        .with(format!("{prefix}{}", fragments::POST_TEASER), SlowTeaser)
+        .with(
+            format!("{prefix}{}", fragments::TAG_INDEX),
+            fragments::TagIndex,
+        )
+        .with(
+            format!("{prefix}{}", fragments::AUTHOR_BOX),
+            fragments::AuthorBox,
+        );
+    let first = env.start_listener_with(slowed, slow);
+    db.batch_execute("UPDATE authors SET name = 'Killed Midway' WHERE id = 5")
+        .await
+        .unwrap();
+    let queued = |topic: &'static str| {
+        let db = &db;
+        async move {
+            db.query_one(
+                "SELECT count(*) FROM pgfresh.changes WHERE topic = $1",
+                &[&topic],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+        }
+    };
+    eventually("the fan-out to be queued and partly rendered", || async {
+        let left = queued("fragment:post_teaser").await;
+        queued("author").await == 0 && left > 0 && left < fans
+    })
+    .await;
+    first.task.abort();
+    let _ = first.task.await;
+    let left = queued("fragment:post_teaser").await;
+    assert!(left > 0, "the killed listener left keys to render");
+    assert_eq!(
+        queued("author").await,
+        0,
+        "the change that fanned out is settled"
+    );
+
+    let second = env.start_listener_with(fragments::with_prefix(&prefix), no_sweeps());
+    wait_fresh(
+        &env,
+        &prefix,
+        "a listener killed in the middle of a fan-out",
+    )
+    .await;
+    assert_eq!(env.parked().await, 0);
+    second.stop().await;
+    env.cleanup().await;
+}
+
+/// The blog's teaser, rendering slowly.
+struct SlowTeaser;
+
+impl pgfresh::Fragment for SlowTeaser {
+    type Key = i64;
+    type Row = Post;
+    type Variant = Teaser;
+    type Error = pgfresh::tokio_postgres::Error;
+
+    fn name(&self) -> &str {
+        "post_teaser"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        fragments::PostTeaser.topics()
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        ids: &[i64],
+    ) -> pgfresh::Loaded<Self> {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        fragments::PostTeaser.load(db, ids).await
+    }
+    fn render(&self, id: &i64, post: &Post, variant: Teaser) -> maud::Markup {
+        fragments::post_teaser(*id, post, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        fragments::PostTeaser.keys_after(db, after, limit).await
+    }
+}
