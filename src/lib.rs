@@ -94,7 +94,7 @@ pub use pg::queue::retry_failed;
 pub use pg::schema::{install, installed_version, required_version, uninstall};
 pub use shutdown::{Shutdown, shutdown_on_signal};
 pub use stats::RefreshStats;
-pub use store::{Eviction, RedisConnection, RedisStore};
+pub use store::{Eviction, Format, RedisConnection, RedisStore, Storage};
 pub use sweep::{Progress, SweepReport, sweep, sweep_with_progress};
 
 pub use maud;

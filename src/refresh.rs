@@ -1,12 +1,13 @@
 //! The one path from keys to Redis, shared by the listener and the sweep: load the rows of a batch of
-//! keys, render every variant, and write the results under one render ticket.
+//! keys, render every variant, encode it as the fragment's storage says, and write the results under
+//! one render ticket.
 
 use tokio_postgres::Client;
 
 use crate::Error;
 use crate::fragment::{DynFragment, KeyOutcome, LoadError};
 use crate::stats::RefreshStats;
-use crate::store::{RedisStore, Write, WriteResult};
+use crate::store::{RedisStore, Storage, Write, WriteResult};
 
 /// The result of refreshing a batch of keys of one fragment.
 #[derive(Debug, Default)]
@@ -48,7 +49,7 @@ pub(crate) async fn refresh(
     };
     crate::ops::telemetry::loaded(fragment.name(), rendered.load_time);
     crate::ops::telemetry::rendered(fragment.name(), rendered.render_time);
-    let planned = plan_writes(rendered.outcomes);
+    let planned = plan_writes(fragment.storage(), rendered.outcomes);
     let rendered_at = started.elapsed();
     let results = store.write(ticket, &planned.writes).await?;
     let write_time = started.elapsed() - rendered_at;
@@ -68,7 +69,7 @@ struct PlannedWrites {
     refreshed: Refreshed,
 }
 
-fn plan_writes(outcomes: Vec<KeyOutcome>) -> PlannedWrites {
+fn plan_writes(storage: &Storage, outcomes: Vec<KeyOutcome>) -> PlannedWrites {
     let mut planned = PlannedWrites {
         writes: Vec::new(),
         owners: Vec::new(),
@@ -82,9 +83,11 @@ fn plan_writes(outcomes: Vec<KeyOutcome>) -> PlannedWrites {
                 planned
                     .owners
                     .extend(std::iter::repeat_n(index, entries.len()));
-                let sets = entries
-                    .into_iter()
-                    .map(|(key, html)| Write::Set { key, html });
+                let sets = entries.into_iter().map(|(key, html)| Write::Set {
+                    key,
+                    value: storage.encode(html),
+                    ttl: storage.ttl(),
+                });
                 planned.writes.extend(sets);
             }
             KeyOutcome::Gone(redis_keys) => {

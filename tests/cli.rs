@@ -107,7 +107,8 @@ async fn shop_setup_render_sweep_and_status_work_from_the_command_line() {
     );
     assert_eq!(
         stderr(&first).trim(),
-        "product_card 3: variant compact (the first of compact, full; choose with --variant)"
+        "product_card 3: variant compact (the first of compact, full; choose with --variant)\n\
+         stored in Redis at shop:product_card:3:compact (plain)"
     );
 
     let missing = run(

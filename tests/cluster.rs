@@ -97,7 +97,8 @@ async fn version_checked_writes_hold_across_slots() {
         keys.iter()
             .map(|key| Write::Set {
                 key: key.clone(),
-                html: html.to_string(),
+                value: html.into(),
+                ttl: None,
             })
             .collect()
     };

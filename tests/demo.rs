@@ -10,7 +10,7 @@ mod web;
 
 use common::servers::free_port;
 use common::{TestEnv, eventually, test_settings};
-use pgfresh::Shutdown;
+use pgfresh::{Shutdown, Storage};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The shop page's body, if it is served.
@@ -37,7 +37,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     env.sweep().await;
     env.del(&env.key(5, "compact")).await;
 
-    let cards = web::cards(&env.db, &env.sink, &env.prefix, 12)
+    let cards = web::cards(&env.db, &env.sink, &env.prefix, &Storage::plain(), 12)
         .await
         .unwrap();
     assert_eq!(cards.len(), 12);
@@ -61,6 +61,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
         env.db.clone(),
         env.sink.clone(),
         &env.prefix,
+        Storage::plain(),
         shutdown.clone(),
     )
     .await

@@ -116,6 +116,7 @@ async fn metrics_health_and_readiness_are_served() {
         status == 200
             && page.contains("PostgreSQL LISTEN session up, Redis answering.")
             && page.contains("<td>product_card</td>")
+            && page.contains(&format!("<td><code>{}* (plain)</code></td>", env.prefix))
             && page.contains("parked in pgfresh.failed")
             && page.contains("no fragment subscribes to topic &quot;&lt;nobody&gt;&quot;")
             && page.contains(r#"<meta http-equiv="refresh" content="2">"#)

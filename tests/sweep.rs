@@ -105,7 +105,8 @@ async fn an_older_render_never_overwrites_a_newer_one() {
     let set = |html: &str| {
         vec![Write::Set {
             key: key.clone(),
-            html: html.into(),
+            value: html.into(),
+            ttl: None,
         }]
     };
     assert_eq!(

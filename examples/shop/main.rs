@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 use pgfresh::Database;
 use pgfresh::Fragments;
-use pgfresh::cli::{self, Command, Connections, Logging};
-use pgfresh::{ListenSettings, SweepSettings};
+use pgfresh::cli::{self, Command, Connections, Logging, StorageArgs};
+use pgfresh::{ListenSettings, Storage, SweepSettings};
 
 use product_card::ProductCard;
 
@@ -51,6 +51,9 @@ enum ShopCommand {
         /// Where the listener serves its status page and /metrics.
         #[arg(long, default_value = "127.0.0.1:9187", value_parser = cli::parse_address)]
         http: String,
+        /// How the cards are stored in Redis.
+        #[command(flatten)]
+        storage: StorageArgs,
     },
     #[command(flatten)]
     Pgfresh(Command),
@@ -72,7 +75,19 @@ fn main() -> ExitCode {
                 products,
                 web,
                 http,
-            } => demo(&shop.connections, fragments, products, web, http).await,
+                storage,
+            } => {
+                let storage = storage.storage()?;
+                let fragments = fragments.stored_as(&storage);
+                fragments.validate()?;
+                let demo = Demo {
+                    products,
+                    web,
+                    http,
+                    storage,
+                };
+                run_demo(&shop.connections, fragments, demo).await
+            }
             ShopCommand::Pgfresh(command) => {
                 cli::execute(&shop.connections, command, &fragments).await
             }
@@ -89,13 +104,25 @@ fn describe_setup(report: &setup::SetupReport, db: &Database) -> String {
     )
 }
 
-async fn demo(
-    connections: &Connections,
-    fragments: Fragments,
+/// What `demo` was asked for.
+struct Demo {
     products: i64,
     web: String,
     http: String,
+    storage: Storage,
+}
+
+async fn run_demo(
+    connections: &Connections,
+    fragments: Fragments,
+    demo: Demo,
 ) -> Result<ExitCode, pgfresh::Error> {
+    let Demo {
+        products,
+        web,
+        http,
+        storage,
+    } = demo;
     let db = connections.database(12)?;
     db.check().await?;
     let sink = connections.redis().await?;
@@ -112,6 +139,7 @@ async fn demo(
         db.clone(),
         sink.clone(),
         product_card::KEY_PREFIX,
+        storage.clone(),
         shutdown.clone(),
     )
     .await
@@ -123,15 +151,15 @@ async fn demo(
         "\nListening. Open the demo shop at http://{web}/ (its cards come from Redis; a writer changes a few\n\
          every second) and the listener's status page at http://{http}/ (metrics at /metrics).\n\
          \nOr, in another terminal, read a card, change its product, and read it again:\n\
-         \n  redis-cli -u {redis} GET {prefix}{id}:full\
+         \n  redis-cli -u {redis} GET {key}\
          \n  psql {database} -c \"UPDATE products SET price_cents = price_cents + 100 WHERE id = {id}\"\
-         \n  redis-cli -u {redis} GET {prefix}{id}:full\
+         \n  redis-cli -u {redis} GET {key}\
          \n\nOr add a review:\
          \n  psql {database} -c \"INSERT INTO reviews (product_id, author, rating, body) VALUES ({id}, 'You', 5, 'Fresh!')\"\
          \n\nCtrl-C stops everything.\n",
         redis = sink.url(),
         database = db.url(),
-        prefix = product_card::KEY_PREFIX,
+        key = shell_word(&storage.redis_key(&format!("{}{id}:full", product_card::KEY_PREFIX))),
     );
     let settings = ListenSettings {
         http: Some(http),
@@ -139,4 +167,14 @@ async fn demo(
     };
     pgfresh::listen(db, sink, fragments, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// `word` as one shell word: as it is when that is safe, else single-quoted.
+fn shell_word(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_-.:/@%+=,".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        word.to_string()
+    } else {
+        format!("'{}'", word.replace('\'', r"'\''"))
+    }
 }

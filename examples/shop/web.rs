@@ -1,6 +1,7 @@
 //! The demo's web shop: the consumer side, as a real site would do it. The product list is assembled
-//! from the cards in Redis with one MGET ([`RedisStore::get_many`]; any Redis client does the same),
-//! falling back to a live render for any card that is missing,
+//! from the cards in Redis with one MGET ([`RedisStore::get_entries`]; any Redis client does the same,
+//! and a Django site's `cache.get_many` too with `--cache-format django`), falling back to a live
+//! render for any card that is missing,
 //! and each card says where it came from. A background writer changes a few prices and reviews every
 //! second, so the page (which refreshes itself) shows pgfresh keeping up.
 
@@ -15,7 +16,7 @@ use maud::{PreEscaped, html};
 use pgfresh::Database;
 use pgfresh::RedisStore;
 use pgfresh::Shutdown;
-use pgfresh::{Fragment, Variant};
+use pgfresh::{Fragment, Storage, Variant};
 
 use crate::product_card::{Card, ProductCard};
 
@@ -34,16 +35,18 @@ pub enum Source {
 struct Shop {
     db: Database,
     redis: RedisStore,
-    /// Where the cards are in Redis.
+    /// The cards' key prefix, and how they are stored.
     prefix: String,
+    storage: Storage,
 }
 
-/// The compact cards of products 1..=`count`, from Redis (under `prefix`) where present, else
-/// rendered live.
+/// The compact cards of products 1..=`count`, from Redis (under `prefix`, stored as `storage`) where
+/// present, else rendered live.
 pub async fn cards(
     db: &Database,
     redis: &RedisStore,
     prefix: &str,
+    storage: &Storage,
     count: i64,
 ) -> Result<Vec<(String, Source)>, Box<dyn std::error::Error + Send + Sync>> {
     let ids: Vec<i64> = (1..=count).collect();
@@ -51,7 +54,7 @@ pub async fn cards(
         .iter()
         .map(|id| format!("{prefix}{id}:{}", Card::Compact.name()))
         .collect();
-    let cached = redis.get_many(&keys).await?;
+    let cached = redis.get_entries(storage, &keys).await?;
     let missing: Vec<i64> = ids
         .iter()
         .zip(&cached)
@@ -79,7 +82,7 @@ pub async fn cards(
 }
 
 async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
-    let body = match cards(&shop.db, &shop.redis, &shop.prefix, SHOWN).await {
+    let body = match cards(&shop.db, &shop.redis, &shop.prefix, &shop.storage, SHOWN).await {
         Ok(cards) => html! {
             div class="grid" {
                 @for (card, source) in &cards {
@@ -123,10 +126,16 @@ pub async fn bind(
     db: Database,
     redis: RedisStore,
     prefix: &str,
+    storage: Storage,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()> + use<>, String> {
     let prefix = prefix.to_string();
-    let shop = Arc::new(Shop { db, redis, prefix });
+    let shop = Arc::new(Shop {
+        db,
+        redis,
+        prefix,
+        storage,
+    });
     let app = Router::new().route("/", get(product_list)).with_state(shop);
     let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
         format!("cannot serve the demo shop on {address}: {e}; pass another --web address")

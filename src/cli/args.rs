@@ -8,6 +8,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::Error;
 use crate::config::Environment;
 use crate::pg::Database;
+use crate::store::Storage;
 use crate::store::{RedisStore, shown_redis_url};
 
 /// Where PostgreSQL and Redis are.
@@ -144,6 +145,9 @@ pub struct ListenArgs {
     /// How the periodic sweep pages through keys.
     #[command(flatten)]
     pub sweep: SweepTuning,
+    /// How fragments are stored in Redis.
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 /// Flags of `sweep`.
@@ -156,6 +160,9 @@ pub struct SweepArgs {
     /// How the sweep pages through keys.
     #[command(flatten)]
     pub tuning: SweepTuning,
+    /// How fragments are stored in Redis.
+    #[command(flatten)]
+    pub storage: StorageArgs,
 }
 
 /// How a sweep pages through keys.
@@ -180,6 +187,64 @@ pub struct RenderArgs {
     /// Variant to render (default: the fragment's first).
     #[arg(long)]
     pub variant: Option<String>,
+    /// How fragments are stored in Redis (`render` says where this one would be).
+    #[command(flatten)]
+    pub storage: StorageArgs,
+}
+
+/// How fragments are stored in Redis, for every fragment the binary registered without a storage
+/// of its own: the flags of every command that reads or writes fragments.
+#[derive(Args, Clone, Debug, Default)]
+#[command(next_help_heading = "Cache format")]
+pub struct StorageArgs {
+    /// plain: the HTML at the fragment key. django: as Django's cache stores it, so that the site's
+    /// cache.get(key) returns it (a pickled string at KEY_PREFIX:VERSION:key).
+    #[arg(long, env = "PGFRESH_CACHE_FORMAT", value_enum, default_value_t = CacheFormat::Plain)]
+    pub cache_format: CacheFormat,
+    /// With --cache-format django: the KEY_PREFIX of the site's cache setting [default: empty].
+    #[arg(long, env = "PGFRESH_CACHE_KEY_PREFIX")]
+    pub cache_key_prefix: Option<String>,
+    /// With --cache-format django: the VERSION of the site's cache setting [default: 1].
+    #[arg(long, env = "PGFRESH_CACHE_VERSION", allow_negative_numbers = true)]
+    pub cache_version: Option<i64>,
+    /// Entries expire this long after each write, e.g. 3700s or 1h; 0 (the default) never. Only a
+    /// guard: an expired entry is missing until its rows change or the next sweep.
+    #[arg(long, env = "PGFRESH_CACHE_TTL", value_parser = parse_duration)]
+    pub cache_ttl: Option<Duration>,
+}
+
+/// See [`StorageArgs::cache_format`].
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheFormat {
+    /// The HTML as it is, at the fragment key.
+    #[default]
+    Plain,
+    /// Django's cache format.
+    Django,
+}
+
+impl StorageArgs {
+    /// The storage these flags describe.
+    pub fn storage(&self) -> Result<Storage, Error> {
+        let storage = match self.cache_format {
+            CacheFormat::Plain => {
+                if self.cache_key_prefix.is_some() || self.cache_version.is_some() {
+                    return Err(Error::Fragment(
+                        "--cache-key-prefix and --cache-version describe Django's cache: add --cache-format django (PGFRESH_CACHE_FORMAT=django)".into(),
+                    ));
+                }
+                Storage::plain()
+            }
+            CacheFormat::Django => Storage::django(
+                self.cache_key_prefix.clone().unwrap_or_default(),
+                self.cache_version.unwrap_or(1),
+            ),
+        };
+        Ok(match self.cache_ttl {
+            Some(ttl) => storage.with_ttl(ttl),
+            None => storage,
+        })
+    }
 }
 
 /// The plain pgfresh command line.

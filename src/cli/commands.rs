@@ -136,6 +136,11 @@ pub(super) async fn render(
                     variants.join(", ")
                 );
             }
+            eprintln!(
+                "stored in Redis at {} ({})",
+                entries[index].0,
+                fragment.storage()
+            );
             println!("{}", entries[index].1);
             Ok(ExitCode::SUCCESS)
         }

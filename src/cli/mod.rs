@@ -16,8 +16,8 @@ use crate::Error;
 use crate::fragment::Fragments;
 
 pub use args::{
-    Cli, Command, Connections, ListenArgs, LogFormat, Logging, RenderArgs, SweepArgs, SweepTuning,
-    parse_address,
+    CacheFormat, Cli, Command, Connections, ListenArgs, LogFormat, Logging, RenderArgs,
+    StorageArgs, SweepArgs, SweepTuning, parse_address,
 };
 
 /// Runs the pgfresh command line with these fragments: a complete `main` for a fragment binary.
@@ -92,6 +92,18 @@ pub async fn execute(
     fragments: &Fragments,
 ) -> Result<ExitCode, Error> {
     fragments.validate()?;
+    // The commands that read or write fragments store them as their flags say.
+    let fragments = match &command {
+        Command::Listen(ListenArgs { storage, .. })
+        | Command::Sweep(SweepArgs { storage, .. })
+        | Command::Render(RenderArgs { storage, .. }) => {
+            let stored = fragments.stored_as(&storage.storage()?);
+            stored.validate()?;
+            stored
+        }
+        _ => fragments.clone(),
+    };
+    let fragments = &fragments;
     let db = connections.database(pool_size(&command))?;
     db.check().await?;
     match command {

@@ -7,12 +7,14 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 
 use super::topics::{self, Mapping, Topic};
 use super::{Fragment, Variant};
+use crate::store::Storage;
 
 /// A boxed future, as returned by the object-safe fragment methods.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -20,7 +22,7 @@ pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 /// What a batch refresh found for one requested key (as text).
 #[derive(Debug)]
 pub(crate) enum KeyOutcome {
-    /// The row exists: the rendered HTML of every variant, by Redis key.
+    /// The row exists: the rendered HTML of every variant, by Redis key (the storage's).
     Rendered(Vec<(String, String)>),
     /// The row is gone: these Redis keys must be deleted.
     Gone(Vec<String>),
@@ -95,8 +97,16 @@ pub(crate) trait DynFragment: Send + Sync {
     fn mapping(&self, topic: &str) -> Option<&Mapping>;
     /// The variants' names, in order.
     fn variants(&self) -> &[&'static str];
-    /// The Redis key prefix it was registered with.
+    /// Where its entries live in Redis: the key prefix it was registered with, as its storage
+    /// stores it (`shop:product_card:`, or `:1:shop:product_card:` in Django's format). The sweep
+    /// deletes orphans under it and keeps its marker by it.
     fn key_prefix(&self) -> &str;
+    /// The key prefix as registered, before the storage's.
+    fn registered_prefix(&self) -> &str;
+    /// How its entries are stored.
+    fn storage(&self) -> &Storage;
+    /// The same fragment, stored as `storage`.
+    fn stored_as(&self, storage: Storage) -> Arc<dyn DynFragment>;
     /// See [`Fragment::version`].
     fn version(&self) -> u32;
     /// Loads and renders every variant of each key (text form), one outcome per key, in input order.
@@ -119,9 +129,13 @@ pub(crate) trait DynFragment: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<String>, crate::Error>>;
 }
 
-/// A fragment as registered: the user's value, its key prefix, and what it said about itself once.
+/// A fragment as registered: the user's value, its key prefix and storage, and what it said about
+/// itself once.
 pub(crate) struct Registered<F> {
-    fragment: F,
+    fragment: Arc<F>,
+    registered_prefix: String,
+    storage: Storage,
+    /// `registered_prefix` as `storage` stores it.
     key_prefix: String,
     topics: Vec<Topic>,
     own_topic: String,
@@ -129,17 +143,24 @@ pub(crate) struct Registered<F> {
 }
 
 impl<F: Fragment> Registered<F> {
-    pub(crate) fn new(fragment: F, key_prefix: String) -> Self {
+    pub(crate) fn new(fragment: F, key_prefix: String, storage: Storage) -> Self {
+        Self::shared(Arc::new(fragment), key_prefix, storage)
+    }
+
+    fn shared(fragment: Arc<F>, registered_prefix: String, storage: Storage) -> Self {
         Self {
             topics: fragment.topics().into_list(),
             own_topic: topics::own_topic(fragment.name()),
             variants: F::Variant::ALL.iter().map(|v| v.name()).collect(),
+            key_prefix: storage.redis_key(&registered_prefix),
             fragment,
-            key_prefix,
+            registered_prefix,
+            storage,
         }
     }
 
     fn redis_key(&self, key: &F::Key, variant: &str) -> String {
+        // Both formats keep the registered prefix's place at the start: `<prefix><key>:<variant>`.
         format!("{}{key}:{variant}", self.key_prefix)
     }
 
@@ -192,6 +213,22 @@ impl<F: Fragment> DynFragment for Registered<F> {
 
     fn key_prefix(&self) -> &str {
         &self.key_prefix
+    }
+
+    fn registered_prefix(&self) -> &str {
+        &self.registered_prefix
+    }
+
+    fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    fn stored_as(&self, storage: Storage) -> Arc<dyn DynFragment> {
+        Arc::new(Self::shared(
+            self.fragment.clone(),
+            self.registered_prefix.clone(),
+            storage,
+        ))
     }
 
     fn version(&self) -> u32 {

@@ -19,6 +19,8 @@ use std::sync::Arc;
 use maud::Markup;
 use tokio_postgres::Client;
 
+use crate::store::Storage;
+
 pub(crate) use erased::{DynFragment, KeyOutcome, LoadError, panic_message};
 pub(crate) use topics::Mapping;
 pub use topics::Topics;
@@ -28,7 +30,8 @@ pub type Loaded<F> =
     Result<Vec<(<F as Fragment>::Key, <F as Fragment>::Row)>, <F as Fragment>::Error>;
 
 /// One kind of pre-rendered HTML, kept in Redis for every key of its source rows, in every variant:
-/// at `<key prefix><key>:<variant>`, the prefix given when it is registered with [`Fragments::with`].
+/// at `<key prefix><key>:<variant>`, the prefix given when it is registered with [`Fragments::with`]
+/// (in the [`Storage`] it is registered with, plain HTML by default).
 ///
 /// The loader and the key enumeration receive a [`Client`] that may be inside pgfresh's transaction:
 /// they should only read. The crate root has a complete example; `examples/shop` and `examples/blog`
@@ -126,6 +129,9 @@ macro_rules! variants {
 #[derive(Clone, Default)]
 pub struct Fragments {
     all: Vec<Arc<dyn DynFragment>>,
+    /// For each of `all`, whether its storage was given at registration ([`Fragments::with_storage`])
+    /// rather than left to [`Fragments::stored_as`].
+    own_storage: Vec<bool>,
     /// Mistakes found by [`Fragments::with`], reported by [`Fragments::validate`] as one clear error
     /// instead of a panic at start-up.
     problems: Vec<String>,
@@ -138,16 +144,56 @@ impl Fragments {
     }
 
     /// Adds a fragment whose Redis keys start with `key_prefix`: nothing else may live under it, since
-    /// the sweep deletes what has no row there. A malformed fragment (no variant or topic, an empty
-    /// name or prefix, a duplicate name, a prefix overlapping another's or pgfresh's own) is refused:
-    /// left out, and reported by [`Fragments::validate`], which every command runs first.
-    pub fn with<F: Fragment>(mut self, key_prefix: impl Into<String>, fragment: F) -> Self {
-        let registered = erased::Registered::new(fragment, key_prefix.into());
-        match self.check(&registered) {
-            Ok(()) => self.all.push(Arc::new(registered)),
+    /// the sweep deletes what has no row there. It is stored plain unless [`Fragments::stored_as`]
+    /// (the command line's `--cache-format`) says otherwise. A malformed fragment (no variant or
+    /// topic, an empty name or prefix, a duplicate name, a prefix overlapping another's or pgfresh's
+    /// own) is refused: left out, and reported by [`Fragments::validate`], which every command runs
+    /// first.
+    pub fn with<F: Fragment>(self, key_prefix: impl Into<String>, fragment: F) -> Self {
+        let registered = erased::Registered::new(fragment, key_prefix.into(), Storage::plain());
+        self.add(Arc::new(registered), false)
+    }
+
+    /// Like [`Fragments::with`], stored as `storage` (for example [`Storage::django`]) whatever
+    /// [`Fragments::stored_as`] says.
+    pub fn with_storage<F: Fragment>(
+        self,
+        key_prefix: impl Into<String>,
+        fragment: F,
+        storage: Storage,
+    ) -> Self {
+        let registered = erased::Registered::new(fragment, key_prefix.into(), storage);
+        self.add(Arc::new(registered), true)
+    }
+
+    /// The same fragments, each registered with [`Fragments::with`] now stored as `storage` (those
+    /// registered with [`Fragments::with_storage`] keep theirs), checked again: prefixes that did
+    /// not overlap as registered may overlap where they are stored.
+    pub fn stored_as(&self, storage: &Storage) -> Fragments {
+        let mut stored = Fragments {
+            problems: self.problems.clone(),
+            ..Fragments::default()
+        };
+        for (fragment, &own) in self.all.iter().zip(&self.own_storage) {
+            let fragment = if own {
+                fragment.clone()
+            } else {
+                fragment.stored_as(storage.clone())
+            };
+            stored = stored.add(fragment, own);
+        }
+        stored
+    }
+
+    fn add(mut self, fragment: Arc<dyn DynFragment>, own_storage: bool) -> Self {
+        match self.check(&*fragment) {
+            Ok(()) => {
+                self.all.push(fragment);
+                self.own_storage.push(own_storage);
+            }
             Err(problem) => self
                 .problems
-                .push(format!("fragment {:?}: {problem}", registered.name())),
+                .push(format!("fragment {:?}: {problem}", fragment.name())),
         }
         self
     }
@@ -162,7 +208,7 @@ impl Fragments {
 
     fn check(&self, new: &dyn DynFragment) -> Result<(), String> {
         if new.name().is_empty()
-            || new.key_prefix().is_empty()
+            || new.registered_prefix().is_empty()
             || new.variants().is_empty()
             || new.topics().is_empty()
         {
@@ -200,9 +246,10 @@ impl Fragments {
 
     /// Only the fragment named `name`, or an error listing the names there are.
     pub fn only(&self, name: &str) -> Result<Fragments, crate::Error> {
-        match self.get(name) {
-            Some(fragment) => Ok(Fragments {
-                all: vec![fragment.clone()],
+        match self.all.iter().position(|f| f.name() == name) {
+            Some(index) => Ok(Fragments {
+                all: vec![self.all[index].clone()],
+                own_storage: vec![self.own_storage[index]],
                 problems: Vec::new(),
             }),
             None => Err(crate::Error::Fragment(format!(
@@ -215,11 +262,6 @@ impl Fragments {
     /// Every fragment, in the order added.
     pub(crate) fn iter(&self) -> impl Iterator<Item = &Arc<dyn DynFragment>> {
         self.all.iter()
-    }
-
-    /// The fragment with this name.
-    pub(crate) fn get(&self, name: &str) -> Option<&Arc<dyn DynFragment>> {
-        self.all.iter().find(|f| f.name() == name)
     }
 
     /// The fragments a topic reaches (directly, through shared rows, or as their own topic), each

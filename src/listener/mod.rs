@@ -88,6 +88,7 @@ impl Listener {
             fragments: fragments.iter().map(|f| f.name().to_string()).collect(),
             versions: fragments.iter().map(|f| i64::from(f.version())).collect(),
         };
+        let board = Arc::new(StatusBoard::new(&fragments));
         let shared = Arc::new(Shared {
             db,
             store,
@@ -99,7 +100,7 @@ impl Listener {
             idle: AtomicBool::new(false),
             recent: Default::default(),
             next_wake: Mutex::new(None),
-            board: Arc::new(StatusBoard::default()),
+            board,
         });
         Self {
             shared,

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Instant, SystemTime};
 
+use crate::fragment::Fragments;
 use crate::pg::queue::QueueStats;
 use crate::stats::RefreshStats;
 use crate::store::Eviction;
@@ -51,6 +52,8 @@ pub(crate) struct BoardView {
     pub(crate) last_sweep: Option<LastSweep>,
     /// Totals by fragment name.
     pub(crate) fragments: BTreeMap<String, RefreshStats>,
+    /// Where each fragment is stored in Redis, in a line, by fragment name.
+    pub(crate) stored: BTreeMap<String, String>,
     /// Changes applied since start.
     pub(crate) changes_applied: u64,
     /// Whether the listener stands aside for one with newer fragment versions.
@@ -66,6 +69,7 @@ pub(crate) struct BoardView {
 /// The listener's status board.
 pub(crate) struct StatusBoard {
     started: Instant,
+    stored: BTreeMap<String, String>,
     inner: Mutex<Inner>,
 }
 
@@ -83,14 +87,27 @@ struct Inner {
 
 impl Default for StatusBoard {
     fn default() -> Self {
-        Self {
-            started: Instant::now(),
-            inner: Mutex::default(),
-        }
+        Self::new(&Fragments::new())
     }
 }
 
 impl StatusBoard {
+    /// The board of a listener serving `fragments`.
+    pub(crate) fn new(fragments: &Fragments) -> Self {
+        let stored = fragments
+            .iter()
+            .map(|f| {
+                let place = format!("{}* ({})", f.key_prefix(), f.storage());
+                (f.name().to_string(), place)
+            })
+            .collect();
+        Self {
+            started: Instant::now(),
+            stored,
+            inner: Mutex::default(),
+        }
+    }
+
     /// Adds a fragment's batch to its totals.
     pub(crate) fn refreshed(&self, fragment: &str, stats: RefreshStats) {
         let mut inner = self.inner.lock().expect("status board lock");
@@ -165,6 +182,7 @@ impl StatusBoard {
             recent_failures: inner.recent_failures.iter().cloned().collect(),
             last_sweep: inner.last_sweep.clone(),
             fragments: inner.fragments.clone(),
+            stored: self.stored.clone(),
             changes_applied: inner.changes_applied,
             standing_aside: inner.standing_aside,
             queue: inner.queue.clone(),

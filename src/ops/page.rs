@@ -59,10 +59,11 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                 section {
                     h2 { "Fragments" }
                     table {
-                        tr { th { "fragment" } th { "rendered" } th { "written" } th { "unchanged" } th { "stale writes refused" } th { "deleted" } th { "errors" } }
-                        @for (name, stats) in &board.fragments {
+                        tr { th { "fragment" } th { "stored at" } th { "rendered" } th { "written" } th { "unchanged" } th { "stale writes refused" } th { "deleted" } th { "errors" } }
+                        @for (name, stored) in &board.stored {
+                            @let stats = board.fragments.get(name).cloned().unwrap_or_default();
                             tr {
-                                td { (name) } td { (stats.rendered) } td { (stats.written) } td { (stats.unchanged) }
+                                td { (name) } td { code { (stored) } } td { (stats.rendered) } td { (stats.written) } td { (stats.unchanged) }
                                 td { (stats.refused) } td { (stats.deleted) } td { (stats.errors) }
                             }
                         }

@@ -34,7 +34,7 @@ impl Eviction {
         match self {
             Eviction::Impossible => format!("{policy}: Redis evicts nothing"),
             Eviction::VolatileKeys => format!(
-                "{policy}: Redis may evict pgfresh's tombstones (keys with a TTL); a render that finds no ticket is done again"
+                "{policy}: Redis may evict keys with a TTL: pgfresh's tombstones (a render that finds no ticket is done again), and fragments stored with a TTL (missing until they change or the next sweep)"
             ),
             Eviction::AnyKey => format!(
                 "{policy}: Redis may evict any key, fragments, tickets and markers included; a render that finds no ticket is done again, an evicted fragment stays missing until it changes or the next sweep"

@@ -9,6 +9,8 @@
 //!   whose ticket is older than the stored one refused.
 //! - `markers`: per-fragment markers that say whether Redis still holds a complete sweep's work.
 //! - `scan`: the key scan the sweep's orphan pass walks.
+//! - `storage`: what a fragment's entries look like in Redis (plain HTML, or Django's cache format),
+//!   and an optional TTL.
 //! - `eviction`: what Redis's memory policy allows, which decides how far a missing ticket proves.
 
 mod connection;
@@ -16,6 +18,7 @@ mod eviction;
 mod layout;
 mod markers;
 mod scan;
+mod storage;
 mod write;
 
 use std::sync::Arc;
@@ -31,6 +34,7 @@ pub(crate) use connection::shown_redis_url;
 pub use eviction::Eviction;
 use eviction::EvictionState;
 pub(crate) use layout::{BOOKKEEPING_PREFIX, Layout};
+pub use storage::{Format, Storage};
 #[cfg(feature = "testing")]
 pub use write::{Write, WriteResult};
 #[cfg(not(feature = "testing"))]
@@ -155,6 +159,31 @@ impl RedisStore {
             .arg(keys)
             .query_async(&mut self.connection.clone())
             .await?)
+    }
+
+    /// Reads the HTML of many fragment entries (fragment keys, `<prefix><key>:<variant>`) from
+    /// where `storage` keeps them, with one MGET (one per node in a cluster); `None` where an entry
+    /// is missing or not in the storage's format.
+    pub async fn get_entries(
+        &self,
+        storage: &Storage,
+        keys: &[String],
+    ) -> Result<Vec<Option<String>>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let stored: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(
+                keys.iter()
+                    .map(|key| storage.redis_key(key))
+                    .collect::<Vec<_>>(),
+            )
+            .query_async(&mut self.connection.clone())
+            .await?;
+        Ok(stored
+            .into_iter()
+            .map(|value| storage.decode(&value?))
+            .collect())
     }
 
     /// Reads one fragment.

@@ -1,6 +1,7 @@
 -- pgfresh: version-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
 -- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), ARGV[3] '1' when Redis may
--- evict keys, then one (op, html) pair per key pair: op 's' sets the fragment to html, 'd' deletes it.
+-- evict keys, then one (op, value, ttl) triple per key pair: op 's' sets the fragment to value, with
+-- a TTL of ttl ms ('0': none), 'd' deletes it.
 -- Returns one result per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
 -- 3 deleted, 4 already absent, 5 written and 6 deleted without a ticket to check against (Redis may
 -- have evicted a newer render's ticket: render the key again), or the error text when Redis refused
@@ -11,7 +12,8 @@ local may_evict = ARGV[3] == '1'
 local results = {}
 for i = 1, #KEYS, 2 do
     local key, ticket_key = KEYS[i], KEYS[i + 1]
-    local op, html = ARGV[i + 3], ARGV[i + 4]
+    local arg = 3 + (i - 1) / 2 * 3
+    local op, value, ttl = ARGV[arg + 1], ARGV[arg + 2], ARGV[arg + 3]
     local stored = redis.pcall('GET', ticket_key)
     local result
     if type(stored) == 'table' and stored.err then
@@ -26,9 +28,19 @@ for i = 1, #KEYS, 2 do
             result = removed == 1 and (unchecked and 6 or 3) or 4
         else
             result = 1
-            if redis.pcall('GET', key) ~= html then
-                local set = redis.pcall('SET', key, html)
+            local set
+            if redis.pcall('GET', key) ~= value then
+                if ttl == '0' then
+                    set = redis.pcall('SET', key, value)
+                else
+                    set = redis.pcall('SET', key, value, 'PX', ttl)
+                end
                 result = (type(set) == 'table' and set.err) and ('error: ' .. set.err) or 0
+            elseif ttl == '0' then
+                -- The same value, perhaps written with a TTL by earlier settings or by the site itself.
+                redis.call('PERSIST', key)
+            else
+                redis.call('PEXPIRE', key, ttl)
             end
             if result == 0 or result == 1 then
                 redis.call('SET', ticket_key, ticket)

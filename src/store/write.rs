@@ -1,11 +1,12 @@
 //! The version-checked write. Beside every fragment key Redis keeps a ticket key holding the render
 //! ticket of the value stored; one call of `write.lua` applies many writes, refusing each whose ticket
 //! is older than the stored one, so a slow render of old data never overwrites a newer one. The
-//! fragment itself stays a plain string any client can `GET`. In a cluster one script call may only
+//! fragment itself stays a string any client can `GET`, in the bytes its storage encodes. In a cluster one script call may only
 //! touch one hash slot, so a batch is split by slot and the calls sent concurrently (the connection
 //! to each node pipelines them).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use futures_util::{StreamExt, stream};
 use redis::Value;
@@ -29,12 +30,14 @@ const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
 pub enum Write {
-    /// Store this HTML under this key.
+    /// Store this value under this key.
     Set {
-        /// Fragment key.
+        /// Fragment key, as stored.
         key: String,
-        /// Rendered HTML.
-        html: String,
+        /// The rendered HTML, as stored.
+        value: Vec<u8>,
+        /// How long the entry lives, if not forever.
+        ttl: Option<Duration>,
     },
     /// The row is gone: delete the key.
     Delete {
@@ -142,15 +145,19 @@ impl RedisStore {
             .arg(TOMBSTONE_MILLIS)
             .arg(if may_evict { "1" } else { "0" });
         for write in writes {
-            let (op, html) = match write {
-                Write::Set { html, .. } => ("s", html.as_str()),
-                Write::Delete { .. } => ("d", ""),
+            let (op, value, ttl): (_, &[u8], _) = match write {
+                Write::Set { value, ttl, .. } => {
+                    let millis = ttl.map_or(0, |ttl| ttl.as_millis().max(1));
+                    ("s", value, millis)
+                }
+                Write::Delete { .. } => ("d", b"", 0),
             };
             invocation
                 .key(write.key())
                 .key(self.layout.ticket(write.key()))
                 .arg(op)
-                .arg(html);
+                .arg(value)
+                .arg(ttl.to_string());
         }
         let replies: Vec<Value> = invocation
             .invoke_async(&mut self.connection.clone())
