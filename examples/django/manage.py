@@ -1,0 +1,11 @@
+#!/usr/bin/env python3
+"""The Django example's command line: `runserver` to see the shop, `test shop` for its tests."""
+
+import os
+import sys
+
+if __name__ == "__main__":
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "shopsite.settings")
+    from django.core.management import execute_from_command_line
+
+    execute_from_command_line(sys.argv)
