@@ -190,6 +190,28 @@ async fn the_command_line_sweeps_a_cluster_and_refuses_a_node_without_the_flag()
         .await
         .unwrap();
     assert_eq!(cards.len(), 10, "two variants of 5 products: {cards:?}");
+
+    // In Django's format too: tickets in the slots of Django's keys, orphans found on every master.
+    let django = ["--redis-cluster", "--cache-format", "django"];
+    let first = sweep(&cluster.urls(), &django);
+    assert!(first.status.success(), "{first:?}");
+    let django_cards: Vec<String> = redis::cmd("KEYS")
+        .arg(format!(":1:{}*", product_card::KEY_PREFIX))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert_eq!(django_cards.len(), 10, "{django_cards:?}");
+    env.client()
+        .await
+        .batch_execute("DELETE FROM products WHERE id = 5")
+        .await
+        .unwrap();
+    let second = sweep(&cluster.urls(), &django);
+    let report = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        report.contains("0 written, 8 unchanged, 2 orphans deleted, 0 errors"),
+        "{report}"
+    );
     env.cleanup().await;
 }
 

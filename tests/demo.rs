@@ -125,3 +125,38 @@ fn cached_cards(page: &str) -> Vec<(String, String)> {
         })
         .collect()
 }
+
+#[tokio::test]
+async fn the_shop_page_reads_cards_in_djangos_format_with_the_same_flags() {
+    let env = TestEnv::shop(12).await;
+    let django = Storage::django("", 1);
+    let fragments = pgfresh::Fragments::new().with_storage(
+        &env.prefix,
+        product_card::ProductCard,
+        django.clone(),
+    );
+    pgfresh::sweep(
+        &env.db,
+        &env.sink,
+        &fragments,
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+
+    let cards = web::cards(&env.db, &env.sink, &env.prefix, &django, 12)
+        .await
+        .unwrap();
+    for (index, (card, source)) in cards.iter().enumerate() {
+        assert_eq!(*source, web::Source::Cache, "card {index} read from Redis");
+        let id = index as i64 + 1;
+        assert_eq!(Some(card), env.fresh_render(id, "compact").await.as_ref());
+    }
+    // Read as plain, the same keys are not there: the page would render every card live.
+    let plain = web::cards(&env.db, &env.sink, &env.prefix, &Storage::plain(), 12)
+        .await
+        .unwrap();
+    assert!(plain.iter().all(|(_, s)| *s == web::Source::Fallback));
+    env.cleanup().await;
+}
