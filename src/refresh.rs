@@ -1,6 +1,8 @@
 //! The one path from keys to Redis, shared by the listener and the sweep: load the rows of a batch of
 //! keys, render every variant, encode it as the fragment's storage says, and write the results under
-//! one render ticket.
+//! one render ticket. A sweep first asks Redis, read-only, which entries already hold exactly their
+//! render, and writes only the others: in steady state almost nothing changed, and the checked write
+//! is most of a sweep's cost in Redis.
 
 use tokio_postgres::Client;
 
@@ -8,6 +10,16 @@ use crate::Error;
 use crate::fragment::{DynFragment, KeyOutcome, LoadError};
 use crate::stats::RefreshStats;
 use crate::store::{RedisStore, Storage, Write, WriteResult};
+
+/// Whether to skip writes whose value Redis already holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Writes {
+    /// Every write goes through the version-checked script (the listener: what it renders changed).
+    AllChecked,
+    /// Entries Redis already holds exactly (same bytes, no TTL) are left alone and reported in
+    /// [`Refreshed::held`]; the rest go through the checked script (the sweep).
+    SkipHeld,
+}
 
 /// The result of refreshing a batch of keys of one fragment.
 #[derive(Debug, Default)]
@@ -19,6 +31,9 @@ pub(crate) struct Refreshed {
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
     pub(crate) unchecked: Vec<usize>,
+    /// With [`Writes::SkipHeld`]: the Redis keys found holding their render, left untouched (their
+    /// tickets were not moved).
+    pub(crate) held: Vec<String>,
 }
 
 /// Loads, renders and writes `keys` (text form) of one fragment under `ticket`, which must have been
@@ -31,6 +46,7 @@ pub(crate) async fn refresh(
     fragment: &dyn DynFragment,
     keys: &[String],
     ticket: i64,
+    writes: Writes,
 ) -> Result<Refreshed, Error> {
     let started = std::time::Instant::now();
     let rendered = match fragment.render_keys(db, keys).await {
@@ -42,7 +58,7 @@ pub(crate) async fn refresh(
                     ..RefreshStats::default()
                 },
                 failed: (0..keys.len()).map(|i| (i, reason.clone())).collect(),
-                unchecked: Vec::new(),
+                ..Refreshed::default()
             });
         }
         Err(error) => return Err(error.into()),
@@ -51,12 +67,47 @@ pub(crate) async fn refresh(
     crate::ops::telemetry::rendered(fragment.name(), rendered.render_time);
     let planned = plan_writes(fragment.storage(), rendered.outcomes);
     let rendered_at = started.elapsed();
-    let results = store.write(ticket, &planned.writes).await?;
+    let (results, held) = match writes {
+        Writes::AllChecked => (store.write(ticket, &planned.writes).await?, Vec::new()),
+        Writes::SkipHeld => write_unless_held(store, ticket, &planned.writes).await?,
+    };
     let write_time = started.elapsed() - rendered_at;
-    let refreshed = settle_writes(planned, results);
+    let mut refreshed = settle_writes(planned, results);
+    refreshed.held = held;
     crate::ops::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
     tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
+}
+
+/// Writes those of `writes` that Redis does not already hold; the held ones count as unchanged, and
+/// their keys are returned.
+async fn write_unless_held(
+    store: &RedisStore,
+    ticket: i64,
+    writes: &[Write],
+) -> Result<(Vec<WriteResult>, Vec<String>), Error> {
+    let held = store.held(writes).await?;
+    let to_send: Vec<Write> = writes
+        .iter()
+        .zip(&held)
+        .filter(|(_, held)| !**held)
+        .map(|(write, _)| write.clone())
+        .collect();
+    let mut sent = store.write(ticket, &to_send).await?.into_iter();
+    let mut held_keys = Vec::new();
+    let mut results = Vec::with_capacity(writes.len());
+    for (write, held) in writes.iter().zip(held) {
+        if held {
+            held_keys.push(write.key().to_string());
+            results.push(WriteResult::Unchanged);
+        } else {
+            let result = sent.next();
+            results.push(
+                result.unwrap_or_else(|| WriteResult::Failed("Redis returned no result".into())),
+            );
+        }
+    }
+    Ok((results, held_keys))
 }
 
 /// The writes a batch's outcomes call for, and which key each belongs to.

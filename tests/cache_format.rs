@@ -150,7 +150,7 @@ async fn a_sweep_in_djangos_format_repairs_deletes_orphans_and_sets_its_own_mark
 }
 
 #[tokio::test]
-async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_removed_when_dropped() {
+async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_flag() {
     let env = TestEnv::shop(2).await;
     let hour = Duration::from_secs(3700);
     let with_ttl = django_fragments(&env, Storage::django("", 1).with_ttl(hour));
@@ -194,10 +194,22 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_removed_when_dropp
     wait_fresh_django(&env, 2).await;
     assert!(pttl(&env, &django_key(&env, 2, "compact")).await > 3_600_000);
     listener.stop().await;
+    // Tickets outlive their entries by a day, then go too.
+    let ticket = pttl(&env, &env.sink.ticket_key(&key)).await;
+    assert!(
+        ticket > 3_700_000 && ticket <= 3_700_000 + 86_400_000,
+        "ticket PTTL {ticket}"
+    );
 
-    // Without a TTL, even an unchanged entry (say, one the site stored with its own TTL) is kept.
+    // Without a TTL, what is written has none.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET price_cents = price_cents + 1 WHERE id = 1")
+        .await
+        .unwrap();
     sweep(django_fragments(&env, Storage::django("", 1))).await;
     assert_eq!(pttl(&env, &key).await, -1, "no TTL any more");
+    assert_eq!(pttl(&env, &env.sink.ticket_key(&key)).await, -1);
     env.cleanup().await;
 }
 

@@ -87,6 +87,54 @@ async fn a_sweep_fills_redis_then_repairs_deleted_and_corrupted_entries_and_remo
 }
 
 #[tokio::test]
+async fn a_sweep_leaves_entries_holding_their_render_untouched_and_still_finds_orphans() {
+    let env = TestEnv::shop(6).await;
+    env.sweep().await;
+    let ticket_of = |key: String| {
+        let ticket_key = env.sink.ticket_key(&key);
+        let mut redis = env.sink.connection();
+        async move {
+            redis::cmd("GET")
+                .arg(ticket_key)
+                .query_async::<Option<i64>>(&mut redis)
+                .await
+                .unwrap()
+        }
+    };
+    let untouched_before = ticket_of(env.key(1, "full")).await.unwrap();
+    // An entry rewritten behind pgfresh's back with other bytes must go through the checked write.
+    env.set(&env.key(3, "compact"), "changed behind pgfresh's back")
+        .await;
+    // A product deleted without its trigger: its entries (with tickets older than the sweep's) are
+    // orphans although they hold what was once their render.
+    env.client()
+        .await
+        .batch_execute("SET session_replication_role = replica; DELETE FROM products WHERE id = 6")
+        .await
+        .unwrap();
+
+    let report = env.sweep().await;
+    assert_eq!(
+        (
+            report.stats.written,
+            report.stats.unchanged,
+            report.orphans_deleted
+        ),
+        (1, 9, 2),
+        "{report}"
+    );
+    assert_eq!(
+        ticket_of(env.key(1, "full")).await,
+        Some(untouched_before),
+        "an entry already holding its render is not written, not even its ticket"
+    );
+    env.wait_fresh(3).await;
+    assert_eq!(env.get(&env.key(6, "full")).await, None);
+    assert_eq!(env.get(&env.key(6, "compact")).await, None);
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn sweeping_an_unknown_fragment_fails_with_the_names_there_are() {
     let env = TestEnv::shop(1).await;
     let error = env.fragments().only("nope").err().unwrap();

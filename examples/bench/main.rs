@@ -18,6 +18,7 @@ mod blog_fragments;
 #[path = "../blog/setup.rs"]
 mod blog_setup;
 mod cluster;
+mod cost;
 mod fan_out;
 // The shop's fragment, under the benchmark's own prefixes (its KEY_PREFIX is not used).
 #[allow(dead_code)]

@@ -13,6 +13,7 @@ use pgfresh::tokio_postgres::{self, NoTls};
 use pgfresh::{Fragment, Fragments};
 use pgfresh::{ListenSettings, SweepSettings};
 
+use crate::cost::CpuSample;
 use crate::product_card::{Card, ProductCard};
 use pgfresh::Variant;
 
@@ -182,57 +183,81 @@ impl Bench {
         self.cluster().await
     }
 
-    /// Full sweeps of 20,000 and 200,000 products, each in a fresh process, against a naive
-    /// per-product rebuild (the cron job's shape).
+    /// Full sweeps, each in a fresh process: of 20,000 products into an empty Redis, again with
+    /// nothing changed, and again with 10% of the products changed; of 200,000 products into an
+    /// empty Redis (its peak RSS against the 20,000 run's); and a naive per-product rebuild (the cron
+    /// job's shape).
     pub async fn sweep(&self) -> Result<()> {
-        let mut small_rss = 0.0;
-        for products in [PRODUCTS, 10 * PRODUCTS] {
-            self.shop(products).await?;
-            self.redis().await?;
-            let child = tokio::process::Command::new(std::env::current_exe()?)
-                .args([
-                    "--database-url",
-                    &self.admin_url,
-                    "--redis-url",
-                    &self.redis_url,
-                ])
-                .args(["--products", &products.to_string(), "sweep-once"])
-                .output()
-                .await?;
-            let out = String::from_utf8_lossy(&child.stdout);
-            if !child.status.success() {
-                bail!(
-                    "sweep child failed: {}",
-                    String::from_utf8_lossy(&child.stderr)
-                );
-            }
-            let figures: Vec<f64> = out
-                .split_whitespace()
-                .filter_map(|w| w.parse().ok())
-                .collect();
-            let [rendered, secs, rss, cpu] = figures[..] else {
-                bail!("unexpected sweep child output: {out}")
-            };
-            let mut line = format!(
-                "sweep: {products} products, {rendered} fragments in {secs:.2} s: {:.0} fragments/s, peak RSS {rss:.1} MiB, sweep process CPU {cpu:.2} s",
-                rendered / secs
-            );
-            if products == PRODUCTS {
-                small_rss = rss;
-                let naive = self.naive_rebuild(products).await?;
-                line += &format!(
-                    "; naive per-product rebuild {naive:.0} fragments/s ({:.0}x slower)",
-                    rendered / secs / naive
-                );
-            } else {
-                line += &format!(" ({:.2}x the {PRODUCTS}-product run)", rss / small_rss);
-            }
-            println!("{line}");
-        }
+        let (_, url) = self.shop(PRODUCTS).await?;
+        self.redis().await?;
+        let filled = self.sweep_child(PRODUCTS).await?;
+        println!("sweep: {PRODUCTS} products into an empty Redis: {filled}");
+        let unchanged = self.sweep_child(PRODUCTS).await?;
+        println!("sweep: {PRODUCTS} products, nothing changed: {unchanged}");
+        let client = connect(&url).await?;
+        client
+            .batch_execute(
+                "UPDATE products SET price_cents = price_cents + 1 WHERE id % 10 = 0;
+                 TRUNCATE pgfresh.changes",
+            )
+            .await?;
+        let changed = self.sweep_child(PRODUCTS).await?;
+        println!("sweep: {PRODUCTS} products, 10% changed: {changed}");
+        let naive = self.naive_rebuild(PRODUCTS).await?;
+        println!(
+            "sweep: naive per-product rebuild {naive:.0} fragments/s ({:.0}x slower than the sweep with nothing changed)",
+            unchanged.rate() / naive
+        );
+
+        let large = 10 * PRODUCTS;
+        self.shop(large).await?;
+        self.redis().await?;
+        let swept = self.sweep_child(large).await?;
+        println!(
+            "sweep: {large} products into an empty Redis: {swept} ({:.2}x the {PRODUCTS}-product run's peak RSS)",
+            swept.peak_rss / filled.peak_rss
+        );
         Ok(())
     }
 
-    /// Child process: one sweep, printing "rendered seconds peak_rss_mib cpu_seconds".
+    /// One sweep of `products` in a child process, with what it cost every process.
+    async fn sweep_child(&self, products: i64) -> Result<SweepRun> {
+        let before = CpuSample::now(&self.redis_url).await?;
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .args([
+                "--database-url",
+                &self.admin_url,
+                "--redis-url",
+                &self.redis_url,
+            ])
+            .args(["--products", &products.to_string(), "sweep-once"])
+            .output()
+            .await?;
+        let cost = CpuSample::now(&self.redis_url).await?.since(before);
+        let out = String::from_utf8_lossy(&child.stdout);
+        if !child.status.success() {
+            bail!(
+                "sweep child failed: {}",
+                String::from_utf8_lossy(&child.stderr)
+            );
+        }
+        let figures: Vec<f64> = out
+            .split_whitespace()
+            .filter_map(|w| w.parse().ok())
+            .collect();
+        let [rendered, written, seconds, peak_rss] = figures[..] else {
+            bail!("unexpected sweep child output: {out}")
+        };
+        Ok(SweepRun {
+            rendered,
+            written,
+            seconds,
+            peak_rss,
+            cost,
+        })
+    }
+
+    /// Child process: one sweep, printing "rendered written seconds peak_rss_mib".
     pub async fn sweep_once(&self, products: i64) -> Result<()> {
         let db = Database::new(&self.database_url(&format!("pgfresh_bench_{products}")), 16)?;
         let sink = RedisStore::connect(&self.redis_url).await?;
@@ -250,9 +275,9 @@ impl Bench {
         println!(
             "{} {} {} {}",
             report.stats.rendered,
+            report.stats.written,
             report.elapsed.as_secs_f64(),
             peak_rss_mib(),
-            cpu_time().as_secs_f64()
         );
         Ok(())
     }
@@ -294,14 +319,16 @@ impl Bench {
             .await
             .context("starting the listener")?;
         for rate in [100u32, 1000] {
+            let before = CpuSample::now(&self.redis_url).await?;
             let samples = self
                 .measure_latency(&url, rate, Duration::from_secs(10))
                 .await?;
+            let cost = CpuSample::now(&self.redis_url).await?.since(before);
             let mut sorted = samples.latencies.clone();
             sorted.sort();
             let stale = stale_cards(&db, &sink, &samples.touched).await?;
             println!(
-                "latency at {rate}/s: {} updates, p50 {}, p99 {}, max {}{}; {} products touched, {stale} stale after the queue drained",
+                "latency at {rate}/s: {} updates, p50 {}, p99 {}, max {}{}; {} products touched, {stale} stale after the queue drained; {} (writers and subscriber included)",
                 sorted.len(),
                 ms(percentile(&sorted, 0.50)),
                 ms(percentile(&sorted, 0.99)),
@@ -314,6 +341,7 @@ impl Bench {
                     String::new()
                 },
                 samples.touched.len(),
+                cost.per_thousand(sorted.len() as f64, "changes"),
             );
         }
         listener.stop().await
@@ -592,17 +620,51 @@ impl Bench {
             .query_one("SELECT count(*) FROM pgfresh.changes", &[])
             .await?
             .get(0);
+        let before = CpuSample::now(&self.redis_url).await?;
         let started = Instant::now();
         let listener = spawn_listener(&db, &sink).await?;
         wait_for_empty_queue(&client).await?;
         let elapsed = started.elapsed();
         listener.stop().await?;
+        let cost = CpuSample::now(&self.redis_url).await?.since(before);
         println!(
-            "catch-up: {queued} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s",
+            "catch-up: {queued} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s; {}",
             elapsed.as_secs_f64(),
-            queued as f64 / elapsed.as_secs_f64()
+            queued as f64 / elapsed.as_secs_f64(),
+            cost.per_thousand(queued as f64, "changes")
         );
         Ok(())
+    }
+}
+
+/// What one sweep child did.
+struct SweepRun {
+    rendered: f64,
+    written: f64,
+    seconds: f64,
+    peak_rss: f64,
+    cost: crate::cost::Cost,
+}
+
+impl SweepRun {
+    fn rate(&self) -> f64 {
+        self.rendered / self.seconds
+    }
+}
+
+/// `40000 fragments (4000 written) in 0.31 s: 129000 fragments/s, peak RSS 22.0 MiB; CPU ms per ...`
+impl std::fmt::Display for SweepRun {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} fragments ({} written) in {:.2} s: {:.0} fragments/s, peak RSS {:.1} MiB; {}",
+            self.rendered,
+            self.written,
+            self.seconds,
+            self.rate(),
+            self.peak_rss,
+            self.cost.per_thousand(self.rendered, "fragments")
+        )
     }
 }
 

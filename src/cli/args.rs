@@ -209,7 +209,7 @@ pub struct StorageArgs {
     pub cache_version: Option<i64>,
     /// Entries expire this long after each write, e.g. 3700s or 1h; 0 (the default) never. Only a
     /// guard: an expired entry is missing until its rows change or the next sweep.
-    #[arg(long, env = "PGFRESH_CACHE_TTL", value_parser = parse_duration)]
+    #[arg(long, env = "PGFRESH_CACHE_TTL", value_parser = parse_cache_ttl)]
     pub cache_ttl: Option<Duration>,
 }
 
@@ -271,6 +271,14 @@ fn parse_duration(text: &str) -> Result<Duration, String> {
         return Ok(Duration::ZERO);
     }
     humantime::parse_duration(text).map_err(|e| format!("{e} (examples: 500ms, 1s, 10m, 1h, 0)"))
+}
+
+fn parse_cache_ttl(text: &str) -> Result<Duration, String> {
+    let ttl = parse_duration(text)?;
+    if ttl > Storage::MAX_TTL {
+        return Err("at most 366d (examples: 3700s, 1h, 1d; 0 for none)".into());
+    }
+    Ok(ttl)
 }
 
 fn parse_poll_interval(text: &str) -> Result<Duration, String> {

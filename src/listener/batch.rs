@@ -14,7 +14,7 @@ use super::route::{self, ChangeKey, Routes};
 use super::shared::Shared;
 use crate::Error;
 use crate::pg::queue::{self, Claim, Failure};
-use crate::refresh::refresh;
+use crate::refresh::{Writes, refresh};
 use crate::stats::RefreshStats;
 
 /// A batch taking this long is logged as a warning with where its time went: changes normally reach
@@ -237,7 +237,15 @@ async fn render_changes<'a>(
     for part in &routes.renders {
         let fragment = part.fragment;
         let keys: Vec<String> = part.keys.keys().map(|key| key.to_string()).collect();
-        let refreshed = refresh(&loader, &shared.store, fragment.as_ref(), &keys, ticket).await?;
+        let refreshed = refresh(
+            &loader,
+            &shared.store,
+            fragment.as_ref(),
+            &keys,
+            ticket,
+            Writes::AllChecked,
+        )
+        .await?;
         shared.board.refreshed(fragment.name(), refreshed.stats);
         rendered.stats += refreshed.stats;
         for (index, reason) in refreshed.failed {

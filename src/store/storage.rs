@@ -73,10 +73,14 @@ impl Storage {
         }
     }
 
-    /// Entries expire this long after each write. Only a guard: an expired entry is missing until its
-    /// rows change or the next sweep. Sub-millisecond parts are dropped; zero means no TTL.
+    /// The longest TTL: 366 days.
+    pub const MAX_TTL: Duration = Duration::from_secs(366 * 24 * 60 * 60);
+
+    /// Entries expire this long after each write (at most [`Storage::MAX_TTL`], which a longer one
+    /// is cut to). Only a guard: an expired entry is missing until its rows change or the next sweep.
+    /// Sub-millisecond parts are dropped; zero means no TTL.
     pub fn with_ttl(mut self, ttl: Duration) -> Self {
-        self.ttl = (ttl.as_millis() > 0).then_some(ttl);
+        self.ttl = (ttl.as_millis() > 0).then_some(ttl.min(Self::MAX_TTL));
         self
     }
 

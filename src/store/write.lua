@@ -1,7 +1,7 @@
 -- pgfresh: version-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
 -- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), ARGV[3] '1' when Redis may
 -- evict keys, then one (op, value, ttl) triple per key pair: op 's' sets the fragment to value, with
--- a TTL of ttl ms ('0': none), 'd' deletes it.
+-- a TTL of ttl ms ('0': none; its ticket then lives ttl + ARGV[2] ms), 'd' deletes it.
 -- Returns one result per pair: 0 written, 1 unchanged, 2 refused (a newer render is stored),
 -- 3 deleted, 4 already absent, 5 written and 6 deleted without a ticket to check against (Redis may
 -- have evicted a newer render's ticket: render the key again), or the error text when Redis refused
@@ -27,23 +27,27 @@ for i = 1, #KEYS, 2 do
             redis.call('SET', ticket_key, ticket, 'PX', ARGV[2])
             result = removed == 1 and (unchecked and 6 or 3) or 4
         else
-            result = 1
+            local same = redis.pcall('GET', key) == value
             local set
-            if redis.pcall('GET', key) ~= value then
-                if ttl == '0' then
-                    set = redis.pcall('SET', key, value)
-                else
-                    set = redis.pcall('SET', key, value, 'PX', ttl)
-                end
-                result = (type(set) == 'table' and set.err) and ('error: ' .. set.err) or 0
-            elseif ttl == '0' then
-                -- The same value, perhaps written with a TTL by earlier settings or by the site itself.
-                redis.call('PERSIST', key)
+            if ttl ~= '0' then
+                -- SET again, not PEXPIRE: an unchanged entry's TTL is renewed with the commands a
+                -- least-privilege ACL already grants.
+                set = redis.pcall('SET', key, value, 'PX', ttl)
+            elseif not same then
+                set = redis.pcall('SET', key, value)
+            end
+            if type(set) == 'table' and set.err then
+                result = 'error: ' .. set.err
             else
-                redis.call('PEXPIRE', key, ttl)
+                result = same and 1 or 0
             end
             if result == 0 or result == 1 then
-                redis.call('SET', ticket_key, ticket)
+                if ttl == '0' then
+                    redis.call('SET', ticket_key, ticket)
+                else
+                    -- The ticket outlives its entry by as long as a deleted key's does, then goes too.
+                    redis.call('SET', ticket_key, ticket, 'PX', tonumber(ttl) + tonumber(ARGV[2]))
+                end
             end
             if result == 0 and unchecked then
                 result = 5

@@ -177,6 +177,32 @@ impl RedisStore {
             .collect())
     }
 
+    /// For each write, whether Redis already holds exactly its value: read-only, one MGET per
+    /// [`KEYS_PER_CALL`] writes. A sweep leaves such entries alone (nothing to change) instead of
+    /// sending them through the version-checked script. Deletes and writes with a TTL (which must
+    /// renew it) are never held. On a cluster nothing is reported held: every write takes the
+    /// checked path there.
+    pub(crate) async fn held(&self, writes: &[Write]) -> Result<Vec<bool>, Error> {
+        let candidate = |write: &Write| matches!(write, Write::Set { ttl: None, .. });
+        if self.is_cluster() || !writes.iter().any(candidate) {
+            return Ok(vec![false; writes.len()]);
+        }
+        let mut held = Vec::with_capacity(writes.len());
+        for chunk in writes.chunks(KEYS_PER_CALL) {
+            let stored: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+                .arg(chunk.iter().map(Write::key).collect::<Vec<_>>())
+                .query_async(&mut self.connection.clone())
+                .await?;
+            held.extend(chunk.iter().zip(stored).map(|(write, stored)| match write {
+                Write::Set {
+                    value, ttl: None, ..
+                } => stored.as_ref() == Some(value),
+                _ => false,
+            }));
+        }
+        Ok(held)
+    }
+
     /// The render tickets stored beside these fragment keys (`None` where there is none), in one round
     /// trip (one per node in a cluster).
     pub(crate) async fn tickets(&self, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {

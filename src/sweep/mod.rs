@@ -21,7 +21,6 @@ mod page;
 pub(crate) mod progress;
 mod truncations;
 
-use std::collections::HashSet;
 use std::fmt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -229,7 +228,7 @@ async fn render_pages(
     shutdown: &Shutdown,
     progress: &dyn Progress,
     report: &mut SweepReport,
-) -> Result<HashSet<String>, Error> {
+) -> Result<orphans::Kept, Error> {
     let pager = db.get().await?;
     let total = fragment.count_keys(&pager).await?;
     let variants = fragment.variants().len() as u64;
@@ -237,7 +236,7 @@ async fn render_pages(
         fragment.name(),
         total.map(|keys| keys.max(0) as u64 * variants),
     );
-    let mut keep = HashSet::new();
+    let mut keep = orphans::Kept::default();
     let mut pages = JoinSet::new();
     let mut after: Option<String> = None;
     loop {

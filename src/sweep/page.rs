@@ -1,15 +1,16 @@
 //! One page of a sweep: its keys refreshed under a ticket of their own, through the path the listener
-//! uses; keys that fail queued as failed changes (their entries kept), keys Redis could not check
-//! queued to render again; a page whose every key fails counts as failed.
+//! uses but writing only what Redis does not already hold; keys that fail queued as failed changes
+//! (their entries kept), keys Redis could not check queued to render again; a page whose every key
+//! fails counts as failed.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
+use super::orphans::Kept;
 use super::{Progress, SweepReport};
 use crate::fragment::DynFragment;
 use crate::pg::Database;
 use crate::pg::queue::take_ticket;
-use crate::refresh::refresh;
+use crate::refresh::{Writes, refresh};
 use crate::stats::RefreshStats;
 use crate::store::RedisStore;
 
@@ -26,9 +27,16 @@ pub(super) async fn sweep_page(
     let ticket = take_ticket(&client)
         .await
         .map_err(|e| failed_page(e.to_string()))?;
-    let refreshed = refresh(&client, &store, fragment.as_ref(), &keys, ticket)
-        .await
-        .map_err(|e| failed_page(e.to_string()))?;
+    let refreshed = refresh(
+        &client,
+        &store,
+        fragment.as_ref(),
+        &keys,
+        ticket,
+        Writes::SkipHeld,
+    )
+    .await
+    .map_err(|e| failed_page(e.to_string()))?;
     // Every key of a page failing is the page failing (Redis out of memory or read-only, a loader
     // that times out): the sweep is incomplete and tried again later, rather than the whole table
     // queued, and in time parked, key by key.
@@ -40,7 +48,7 @@ pub(super) async fn sweep_page(
     }
     let mut again: Vec<String> = Vec::new();
     let mut errors: Vec<Option<String>> = Vec::new();
-    let mut keep = Vec::new();
+    let mut keep = refreshed.held;
     for (index, reason) in &refreshed.failed {
         again.push(keys[*index].clone());
         errors.push(Some(reason.clone()));
@@ -75,7 +83,8 @@ pub(super) struct PageDone {
     stats: RefreshStats,
     requeued: u64,
     first_error: Option<String>,
-    /// The Redis keys of the keys that failed: their rows exist, so the orphan pass must keep them.
+    /// The Redis keys of the entries left as they were (held already, or of keys that failed): their
+    /// rows exist, so the orphan pass must keep them.
     keep: Vec<String>,
 }
 
@@ -86,7 +95,7 @@ pub(super) type PageResult = Result<PageDone, (u64, String)>;
 pub(super) fn collect(
     joined: Option<Result<PageResult, tokio::task::JoinError>>,
     report: &mut SweepReport,
-    keep: &mut HashSet<String>,
+    keep: &mut Kept,
     progress: &dyn Progress,
 ) {
     match joined {

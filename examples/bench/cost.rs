@@ -1,0 +1,106 @@
+//! What a scenario costs, not only how fast it runs: the CPU seconds each process spent during it
+//! (this benchmark's own process with its children, PostgreSQL's processes, the Redis server), read
+//! from `/proc` before and after, and shown per 1,000 changes or fragments, so that a user can size a
+//! machine and the next optimisation is chosen by measurement.
+
+use anyhow::Result;
+
+/// Clock ticks per second of `/proc/<pid>/stat` (`getconf CLK_TCK`, 100 on Linux).
+const TICKS_PER_SECOND: f64 = 100.0;
+
+/// CPU seconds used so far: by this process and the children it waited for (a sweep run in a child),
+/// by every `postgres` process (the postmaster's reaped children included), and by Redis.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CpuSample {
+    pgfresh: f64,
+    postgres: f64,
+    redis: Option<f64>,
+}
+
+/// CPU seconds spent between two samples.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Cost {
+    pgfresh: f64,
+    postgres: f64,
+    redis: Option<f64>,
+}
+
+/// `(user + system, children's user + system)` of one process, in seconds.
+fn process_cpu(pid: &str) -> Option<(f64, f64)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
+    let tick = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
+    Some((
+        (tick(11)? + tick(12)?) / TICKS_PER_SECOND,
+        (tick(13)? + tick(14)?) / TICKS_PER_SECOND,
+    ))
+}
+
+/// CPU seconds of every process named `postgres`, and of the children they reaped.
+fn postgres_cpu() -> f64 {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return 0.0;
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().into_string().ok()?;
+            let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).ok()?;
+            (comm.trim() == "postgres").then_some(())?;
+            let (own, children) = process_cpu(&pid)?;
+            Some(own + children)
+        })
+        .sum()
+}
+
+impl CpuSample {
+    /// Reads the figures now. Redis is found by the `process_id` its `INFO` gives; it counts only
+    /// when it runs on this machine.
+    pub(crate) async fn now(redis_url: &str) -> Result<CpuSample> {
+        let client = redis::Client::open(redis_url)?;
+        let mut redis = client.get_multiplexed_async_connection().await?;
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut redis)
+            .await?;
+        let redis_pid = info
+            .lines()
+            .find_map(|line| line.strip_prefix("process_id:"))
+            .map(|pid| pid.trim().to_string());
+        let (own, children) = process_cpu("self").unwrap_or_default();
+        Ok(CpuSample {
+            pgfresh: own + children,
+            postgres: postgres_cpu(),
+            redis: redis_pid
+                .and_then(|pid| process_cpu(&pid))
+                .map(|(own, _)| own),
+        })
+    }
+
+    /// What was spent since `earlier`.
+    pub(crate) fn since(self, earlier: CpuSample) -> Cost {
+        Cost {
+            pgfresh: self.pgfresh - earlier.pgfresh,
+            postgres: self.postgres - earlier.postgres,
+            redis: self.redis.zip(earlier.redis).map(|(now, then)| now - then),
+        }
+    }
+}
+
+impl Cost {
+    /// `CPU ms per 1,000 <what>: pgfresh 4.1, PostgreSQL 8.3, Redis 11.4, total 23.8`, for `units`
+    /// changes or fragments.
+    pub(crate) fn per_thousand(self, units: f64, what: &str) -> String {
+        let per = |seconds: f64| seconds * 1000.0 / units * 1000.0;
+        let redis = self.redis.map_or("not on this machine".to_string(), |r| {
+            format!("{:.1}", per(r))
+        });
+        let total = self.pgfresh + self.postgres + self.redis.unwrap_or(0.0);
+        format!(
+            "CPU ms per 1,000 {what}: pgfresh {:.1}, PostgreSQL {:.1}, Redis {redis}, total {:.1}",
+            per(self.pgfresh),
+            per(self.postgres),
+            per(total)
+        )
+    }
+}
