@@ -33,6 +33,11 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 4) AS pgfresh_
 \ir migrations/0004_least_privilege.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 5) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0005_fragment_storage.sql
+\endif
+
 \ir finish.sql
 
 COMMIT;

@@ -91,6 +91,20 @@ pub enum Error {
     /// A task of pgfresh's own stopped unexpectedly (a bug: please report it).
     #[error("internal error: {0}")]
     Internal(String),
+    /// Another live listener stores one of this listener's fragments elsewhere in Redis.
+    #[error(
+        "listener {listener} stores fragment {fragment} at {theirs}, and this one would store it at {mine}: two listeners storing one fragment differently would each miss the changes the other applies; stop that listener first, or give this one the same --cache-* flags"
+    )]
+    StorageConflict {
+        /// The other listener's id.
+        listener: String,
+        /// The fragment they share.
+        fragment: String,
+        /// Where the other listener stores it.
+        theirs: String,
+        /// Where this one would.
+        mine: String,
+    },
 }
 
 /// What to do about a failed PostgreSQL connection, from the server's or the driver's reason: the

@@ -42,6 +42,21 @@ fn django_key(env: &TestEnv, id: i64, variant: &str) -> String {
     format!(":1:{}", env.key(id, variant))
 }
 
+/// The listener's status page.
+async fn status_page(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    stream.read_to_string(&mut page).await.unwrap();
+    page
+}
+
 fn django_fragments(env: &TestEnv, storage: Storage) -> Fragments {
     Fragments::new().with_storage(&env.prefix, ProductCard, storage)
 }
@@ -62,9 +77,23 @@ async fn wait_fresh_django(env: &TestEnv, id: i64) {
 #[tokio::test]
 async fn the_listener_writes_and_deletes_djangos_keys_and_nothing_plain() {
     let env = TestEnv::shop(5).await;
-    let listener = env.start_listener_with(
-        django_fragments(&env, Storage::django("", 1)),
-        test_settings(),
+    let port = common::servers::free_port();
+    let settings = pgfresh::ListenSettings {
+        http: Some(format!("127.0.0.1:{port}")),
+        ..test_settings()
+    };
+    let listener =
+        env.start_listener_with(django_fragments(&env, Storage::django("", 1)), settings);
+    // The marker the test set is the plain prefix's: the Django one is missing, so the listener
+    // sweeps at start, filling entries whose rows never change.
+    wait_fresh_django(&env, 1).await;
+    let page = status_page(port).await;
+    assert!(
+        page.contains(&format!(
+            "<code>:1:{}* (django (KEY_PREFIX &quot;&quot;, VERSION 1))</code>",
+            env.prefix
+        )),
+        "{page}"
     );
     let db = env.client().await;
     db.batch_execute(
@@ -184,8 +213,33 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
     assert_eq!(report.stats.written, 0, "nothing changed: {report}");
     assert!(pttl(&env, &key).await > 3_600_000, "TTL renewed");
 
+    // A listener whose periodic sweep could not renew entries before they expire is refused.
+    for sweep_interval in [None, Some(Duration::from_secs(1800))] {
+        let refused = pgfresh::listen(
+            env.db.clone(),
+            env.sink.clone(),
+            with_ttl.clone(),
+            pgfresh::ListenSettings {
+                sweep_interval,
+                ..test_settings()
+            },
+            pgfresh::Shutdown::new(),
+        )
+        .await
+        .unwrap_err()
+        .to_string();
+        assert!(
+            refused.contains("sweep at least every 20m 33s (a third of the TTL"),
+            "{refused}"
+        );
+    }
+
     // The listener's writes carry it too.
-    let listener = env.start_listener_with(with_ttl, test_settings());
+    let settings = pgfresh::ListenSettings {
+        sweep_interval: Some(Duration::from_secs(1200)),
+        ..test_settings()
+    };
+    let listener = env.start_listener_with(with_ttl, settings);
     env.client()
         .await
         .batch_execute("UPDATE products SET price_cents = price_cents + 1 WHERE id = 2")
@@ -243,6 +297,7 @@ async fn the_shops_flags_and_environment_choose_the_format() {
         .env("PGFRESH_CACHE_FORMAT", "django")
         .env("PGFRESH_CACHE_KEY_PREFIX", name)
         .env("PGFRESH_CACHE_VERSION", "2")
+        .env("PGFRESH_CACHE_TTL", "1h")
         .output()
         .unwrap();
     assert!(by_env.status.success(), "{}", stderr(&by_env));
@@ -250,7 +305,7 @@ async fn the_shops_flags_and_environment_choose_the_format() {
     assert_eq!(
         stderr(&by_env).trim(),
         format!(
-            "stored in Redis at {} (django (KEY_PREFIX \"{name}\", VERSION 2))",
+            "stored in Redis at {} (django (KEY_PREFIX \"{name}\", VERSION 2), TTL 1h)",
             key(3, "full")
         )
     );
@@ -262,6 +317,14 @@ async fn the_shops_flags_and_environment_choose_the_format() {
         &["sweep", "--cache-key-prefix", name],
     );
     assert_one_clear_error(&forgot_format, "add --cache-format django");
+    // Django reads `?db=5`; pgfresh would not, and would write where the site never reads.
+    let db_parameter = run(
+        &shop,
+        &env.url,
+        "redis://127.0.0.1:6379?db=5",
+        &["sweep", "--cache-format", "django"],
+    );
+    assert_one_clear_error(&db_parameter, "select the database with a /N path");
     let bad_format = run(&shop, &env.url, &redis, &["sweep", "--cache-format", "php"]);
     assert!(!bad_format.status.success());
     assert!(
@@ -296,4 +359,57 @@ fn prefixes_that_overlap_where_they_are_stored_are_refused() {
         .unwrap_err()
         .to_string();
     assert!(error.contains("key prefix \":1:\" overlaps"), "{error}");
+}
+
+#[tokio::test]
+async fn a_listener_refuses_to_start_while_another_stores_its_fragment_elsewhere() {
+    let env = TestEnv::shop(2).await;
+    let plain = env.start_listener(test_settings());
+    eventually("the plain listener to register", || async {
+        env.registered_listeners().await == 1
+    })
+    .await;
+    let django = env.start_listener_with(
+        django_fragments(&env, Storage::django("", 1)),
+        test_settings(),
+    );
+    let refused = tokio::time::timeout(common::PATIENCE, django.task)
+        .await
+        .expect("the second listener gives up at once")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!(
+            "stores fragment product_card at {}* (plain), and this one would store it at :1:{}* (django)",
+            env.prefix, env.prefix
+        )),
+        "{refused}"
+    );
+    assert_eq!(env.registered_listeners().await, 1, "it did not register");
+
+    // `status` says where each listener stores what it renders.
+    let status = run(&shop_binary(), &env.url, &redis_url(), &["status"]);
+    assert!(
+        stdout(&status).contains(&format!(
+            "rendering product_card v1 at {}* (plain)",
+            env.prefix
+        )),
+        "{}",
+        stdout(&status)
+    );
+
+    // Once the plain one is gone, the Django one starts.
+    plain.stop().await;
+    let django = env.start_listener_with(
+        django_fragments(&env, Storage::django("", 1)),
+        test_settings(),
+    );
+    eventually("the Django listener to register", || async {
+        env.registered_listeners().await == 1
+    })
+    .await;
+    assert!(!django.task.is_finished());
+    django.stop().await;
+    env.cleanup().await;
 }

@@ -127,7 +127,7 @@ fn cached_cards(page: &str) -> Vec<(String, String)> {
 }
 
 #[tokio::test]
-async fn the_shop_page_reads_cards_in_djangos_format_with_the_same_flags() {
+async fn the_shop_page_reads_cards_in_djangos_format() {
     let env = TestEnv::shop(12).await;
     let django = Storage::django("", 1);
     let fragments = pgfresh::Fragments::new().with_storage(

@@ -3,7 +3,7 @@
 //! PostgreSQL that a `listen --cache-format django` process keeps fresh in Redis.
 //!
 //! Without `python3` (or its `venv` module) on the machine, these tests say so and pass without
-//! running; CI has both.
+//! running; on CI (`CI` set, as `.ci/run` does) that is a failure.
 
 mod common;
 
@@ -47,6 +47,11 @@ fn make_venv() -> Option<PathBuf> {
     }
     let found = Command::new("python3").arg("--version").output();
     if !found.is_ok_and(|out| out.status.success()) {
+        // CI installs Python (.ci/run): there, a missing one is a failure, not a skip.
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 is missing on CI, so the Django tests cannot run"
+        );
         eprintln!("skipped: python3 is not installed, so the Django tests cannot run");
         return None;
     }
@@ -56,6 +61,11 @@ fn make_venv() -> Option<PathBuf> {
         CHILD_PATIENCE,
     );
     if !made.status.success() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "python3 cannot make a virtual environment on CI: {}",
+            stderr(&made)
+        );
         eprintln!(
             "skipped: python3 cannot make a virtual environment (Debian: apt install python3-venv): {}",
             stderr(&made).trim()
@@ -165,6 +175,7 @@ async fn djangos_cache_get_returns_what_pgfresh_wrote() {
     let tests = output_within(
         Command::new(&python)
             .args(["manage.py", "test", "shop", "--noinput", "-v", "2"])
+            .args(["--settings", "shopsite.test_settings"])
             .current_dir(project())
             .env("DATABASE_URL", &env.url)
             .env("REDIS_URL", &redis)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""The Django example's command line: `runserver` to see the shop, `test shop` for its tests."""
+"""The Django example's command line: `runserver` to see the shop. Its tests change the database
+they run against, so `cargo test --test django` runs them, on a database of their own."""
 
 import os
 import sys

@@ -229,7 +229,7 @@ impl StorageArgs {
         let storage = match self.cache_format {
             CacheFormat::Plain => {
                 if self.cache_key_prefix.is_some() || self.cache_version.is_some() {
-                    return Err(Error::Fragment(
+                    return Err(Error::InvalidSetting(
                         "--cache-key-prefix and --cache-version describe Django's cache: add --cache-format django (PGFRESH_CACHE_FORMAT=django)".into(),
                     ));
                 }

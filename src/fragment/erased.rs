@@ -14,7 +14,7 @@ use tokio_postgres::Client;
 
 use super::topics::{self, Mapping, Topic};
 use super::{Fragment, Variant};
-use crate::store::Storage;
+use crate::store::{Format, Storage};
 
 /// A boxed future, as returned by the object-safe fragment methods.
 pub(crate) type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -105,6 +105,15 @@ pub(crate) trait DynFragment: Send + Sync {
     fn registered_prefix(&self) -> &str;
     /// How its entries are stored.
     fn storage(&self) -> &Storage;
+    /// Where its entries are, in a line that differs whenever two storages would not share entries:
+    /// `:1:shop:product_card:* (django)`. Listeners compare it.
+    fn stored_at(&self) -> String {
+        let format = match self.storage().format() {
+            Format::Plain => "plain",
+            Format::Django { .. } => "django",
+        };
+        format!("{}* ({format})", self.key_prefix())
+    }
     /// The same fragment, stored as `storage`.
     fn stored_as(&self, storage: Storage) -> Arc<dyn DynFragment>;
     /// See [`Fragment::version`].

@@ -57,11 +57,37 @@ pub async fn listen(
 ) -> Result<(), Error> {
     fragments.validate()?;
     settings.validate()?;
+    check_ttls(&fragments, &settings)?;
     crate::pg::schema::ensure_installed(&db).await?;
     route::check_queries(&*db.get().await?, &fragments).await?;
     Listener::new(db, store, fragments, settings, shutdown)
         .run()
         .await
+}
+
+/// Entries with a TTL are renewed only by the periodic sweep (an unchanged row is never rendered
+/// otherwise), and the next sweep is due an interval after the last or after a restart: with a
+/// TTL under three intervals, unchanged entries would expire and stay missing. Refused up front.
+fn check_ttls(fragments: &Fragments, settings: &ListenSettings) -> Result<(), Error> {
+    for fragment in fragments.iter() {
+        let Some(ttl) = fragment.storage().ttl() else {
+            continue;
+        };
+        let shown = |d: std::time::Duration| humantime::format_duration(d).to_string();
+        let needed = std::time::Duration::from_secs(ttl.as_secs() / 3);
+        let sweeps = match settings.sweep_interval {
+            Some(interval) if interval <= needed => continue,
+            Some(interval) => format!("every {} (--sweep-interval)", shown(interval)),
+            None => "never (--sweep-interval 0)".to_string(),
+        };
+        return Err(Error::InvalidSetting(format!(
+            "fragment {} expires its entries {} after each write (--cache-ttl), and only the periodic sweep renews an unchanged one, which runs {sweeps}: unchanged entries would expire and stay missing; sweep at least every {} (a third of the TTL, for restarts in between), or drop the TTL",
+            fragment.name(),
+            shown(ttl),
+            shown(needed)
+        )));
+    }
+    Ok(())
 }
 
 /// A running listener: its shared state and the tasks around the drain loop.
@@ -87,6 +113,7 @@ impl Listener {
             ),
             fragments: fragments.iter().map(|f| f.name().to_string()).collect(),
             versions: fragments.iter().map(|f| i64::from(f.version())).collect(),
+            stored: fragments.iter().map(|f| f.stored_at()).collect(),
         };
         let board = Arc::new(StatusBoard::new(&fragments));
         let shared = Arc::new(Shared {
@@ -153,7 +180,23 @@ impl Listener {
             self.start_http(address, &listen_connected, &mut tasks)
                 .await?;
         }
-        registry::register_listener(&*shared.db.get().await?, &shared.me).await?;
+        let client = shared.db.get().await?;
+        if let Some(conflict) = registry::storage_conflict(&client, &shared.me).await? {
+            let registry::StorageConflict {
+                listener,
+                fragment,
+                theirs,
+                mine,
+            } = conflict;
+            return Err(Error::StorageConflict {
+                listener,
+                fragment,
+                theirs,
+                mine,
+            });
+        }
+        registry::register_listener(&client, &shared.me).await?;
+        drop(client);
         crate::ops::telemetry::register_fragments(shared.fragments.iter().map(|f| f.name()));
         crate::ops::telemetry::standing_aside(false);
         tracing::info!(

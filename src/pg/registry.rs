@@ -1,7 +1,7 @@
 //! The listener registry, `pgfresh.listeners` (unlogged): who runs, whether it waits for NOTIFYs
-//! (triggers only notify while a live listener is idle), which fragment versions it renders, and
-//! whether it stands aside for a newer version (the column is named `superseded`). Heartbeats keep
-//! each row fresh and publish the listener's totals for `status`.
+//! (triggers only notify while a live listener is idle), which fragment versions it renders and where
+//! it stores them, and whether it stands aside for a newer version (the column is named
+//! `superseded`). Heartbeats keep each row fresh and publish the listener's totals for `status`.
 
 use tokio_postgres::Client;
 
@@ -17,6 +17,17 @@ pub(crate) struct ListenerIdentity {
     pub(crate) fragments: Vec<String>,
     /// Their versions, in the same order.
     pub(crate) versions: Vec<i64>,
+    /// Where each is stored in Redis (`<stored prefix>* (<format>)`), in the same order.
+    pub(crate) stored: Vec<String>,
+}
+
+/// A live listener storing a fragment elsewhere than `me` would.
+#[derive(Debug)]
+pub(crate) struct StorageConflict {
+    pub(crate) listener: String,
+    pub(crate) fragment: String,
+    pub(crate) theirs: String,
+    pub(crate) mine: String,
 }
 
 /// The live listeners other than `me` ($1) rendering a fragment `me` renders too (names $2, versions
@@ -31,13 +42,40 @@ const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
 pub(crate) async fn register_listener(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     client
         .execute(
-            "INSERT INTO pgfresh.listeners (id, fragments, versions) VALUES ($1, $2, $3)
+            "INSERT INTO pgfresh.listeners (id, fragments, versions, stored) VALUES ($1, $2, $3, $4)
              ON CONFLICT (id) DO UPDATE
-             SET idle = false, superseded = false, seen_at = now(), fragments = $2, versions = $3",
-            &[&me.id, &me.fragments, &me.versions],
+             SET idle = false, superseded = false, seen_at = now(), fragments = $2, versions = $3,
+                 stored = $4",
+            &[&me.id, &me.fragments, &me.versions, &me.stored],
         )
         .await?;
     Ok(())
+}
+
+/// A live listener other than `me` that stores one of `me`'s fragments elsewhere, if any. Listeners
+/// older than schema version 5 do not say where they store, and are not counted.
+pub(crate) async fn storage_conflict(
+    client: &Client,
+    me: &ListenerIdentity,
+) -> Result<Option<StorageConflict>, Error> {
+    let row = client
+        .query_opt(
+            "SELECT l.id, theirs.name, theirs.stored, mine.stored
+             FROM pgfresh.listeners l
+             CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
+             JOIN unnest($2::text[], $3::text[]) AS mine(name, stored) USING (name)
+             WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'
+               AND l.stored IS NOT NULL AND theirs.stored IS DISTINCT FROM mine.stored
+             ORDER BY l.started_at LIMIT 1",
+            &[&me.id, &me.fragments, &me.stored],
+        )
+        .await?;
+    Ok(row.map(|row| StorageConflict {
+        listener: row.get(0),
+        fragment: row.get(1),
+        theirs: row.get(2),
+        mine: row.get(3),
+    }))
 }
 
 /// Whether a live listener other than `me` renders a newer version of one of `me`'s fragments.
@@ -169,7 +207,10 @@ pub(crate) async fn live_listeners(
     client: &Client,
     version: i32,
 ) -> Result<Vec<LiveListener>, Error> {
-    let versions = if version >= 3 {
+    let versions = if version >= 5 {
+        "superseded, array_to_string(ARRAY(SELECT f || ' v' || v || coalesce(' at ' || s, '')
+                                           FROM unnest(fragments, versions, stored) AS x(f, v, s)), ', ')"
+    } else if version >= 3 {
         "superseded, array_to_string(ARRAY(SELECT f || ' v' || v FROM unnest(fragments, versions) AS x(f, v)), ', ')"
     } else {
         "false, ''"

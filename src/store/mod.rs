@@ -55,11 +55,32 @@ pub struct RedisStore {
     eviction: Arc<EvictionState>,
 }
 
+/// redis-py (and so Django) reads `?db=N`; the Redis client pgfresh uses ignores it and would write
+/// to database 0 while the site reads N. Refused, saying what works.
+fn refuse_db_parameter(url: &str, shown: &str) -> Result<(), Error> {
+    let query = url.split_once('?').map_or("", |(_, query)| query);
+    let query = query.split('#').next().unwrap_or("");
+    if query
+        .split('&')
+        .any(|pair| pair.split('=').next() == Some("db"))
+    {
+        return Err(Error::InvalidUrl {
+            what: "Redis",
+            url: shown.to_string(),
+            reason: "pgfresh does not read ?db=N; select the database with a /N path instead \
+                     (redis://host:6379/N), which Django and redis-py read too"
+                .into(),
+        });
+    }
+    Ok(())
+}
+
 impl RedisStore {
     /// Connects to one Redis server, failing with one clear line when it cannot be reached or is a
     /// cluster node (use [`RedisStore::connect_cluster`]). A `/N` path in the URL selects database N.
     pub async fn connect(url: &str) -> Result<Self, Error> {
         let shown = shown_redis_url(url);
+        refuse_db_parameter(url, &shown)?;
         let client = redis::Client::open(url).map_err(|e| invalid_url(&shown, e))?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
@@ -152,13 +173,7 @@ impl RedisStore {
     /// Reads many fragments with one MGET (one per node in a cluster), `None` where a key is
     /// missing: how a page reads its fragments.
     pub async fn get_many(&self, keys: &[String]) -> Result<Vec<Option<String>>, Error> {
-        if keys.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(redis::cmd("MGET")
-            .arg(keys)
-            .query_async(&mut self.connection.clone())
-            .await?)
+        self.get_entries(&Storage::plain(), keys).await
     }
 
     /// Reads the HTML of many fragment entries (fragment keys, `<prefix><key>:<variant>`) from

@@ -31,14 +31,17 @@ pub struct Storage {
     ttl: Option<Duration>,
 }
 
-/// The formats a [`Storage`] writes.
+/// The formats a [`Storage`] writes. Made with [`Storage::plain`] and [`Storage::django`]; more may
+/// come.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Format {
     /// The HTML as UTF-8 at the fragment key itself.
     #[default]
     Plain,
     /// As Django's cache with its default key function: at `<key_prefix>:<version>:<fragment key>`, a
     /// pickled `django.utils.safestring.SafeString`.
+    #[non_exhaustive]
     Django {
         /// Django's `KEY_PREFIX` setting of the cache (Django's default: empty).
         key_prefix: String,
@@ -52,8 +55,6 @@ pub enum Format {
 const PICKLE_HEAD: &[u8] = b"\x80\x02cdjango.utils.safestring\nSafeString\nX";
 /// After the text: TUPLE1, NEWOBJ, STOP.
 const PICKLE_TAIL: &[u8] = b"\x85\x81.";
-/// A pickled `str` (protocol 2: PROTO, BINUNICODE), which [`Storage::decode`] also reads.
-const PICKLE_STR_HEAD: &[u8] = b"\x80\x02X";
 
 impl Storage {
     /// The HTML as it is, at the fragment key.
@@ -124,19 +125,14 @@ impl Storage {
     }
 
     /// The HTML in bytes this storage wrote, or `None` if they are not in its format (in `django`,
-    /// a pickled `SafeString` or `str` as [`Storage::encode`] writes them; not every pickle).
+    /// a pickled `SafeString` as [`Storage::encode`] writes it; not every pickle).
     pub fn decode(&self, stored: &[u8]) -> Option<String> {
         match self.format {
             Format::Plain => String::from_utf8(stored.to_vec()).ok(),
             Format::Django { .. } => {
-                let (body, tail): (&[u8], &[u8]) =
-                    if let Some(body) = stored.strip_prefix(PICKLE_HEAD) {
-                        (body, PICKLE_TAIL)
-                    } else {
-                        (stored.strip_prefix(PICKLE_STR_HEAD)?, b".")
-                    };
+                let body = stored.strip_prefix(PICKLE_HEAD)?;
                 let (length, rest) = body.split_first_chunk::<4>()?;
-                let text = rest.strip_suffix(tail)?;
+                let text = rest.strip_suffix(PICKLE_TAIL)?;
                 (text.len() == u32::from_le_bytes(*length) as usize)
                     .then(|| String::from_utf8(text.to_vec()).ok())
                     .flatten()
@@ -198,9 +194,6 @@ mod tests {
                 Some(html)
             );
         }
-        let mut str_pickle = b"\x80\x02X\x02\x00\x00\x00hi".to_vec();
-        str_pickle.push(b'.');
-        assert_eq!(django.decode(&str_pickle).as_deref(), Some("hi"));
         assert_eq!(django.decode(b"<p>plain</p>"), None);
         assert_eq!(
             django.decode(b"\x80\x02X\x09\x00\x00\x00hi."),

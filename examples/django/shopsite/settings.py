@@ -9,7 +9,7 @@ pgfresh's own flags, so that one environment file configures both sides alike:
 
 import os
 from pathlib import Path
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -27,8 +27,12 @@ DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 
 def _database(url):
-    """Django's DATABASES entry for a postgres:// URL (what pgfresh's --database-url takes)."""
+    """Django's DATABASES entry for a postgres:// URL (what pgfresh's --database-url takes; its
+    libpq key=value form is not read here). Query parameters (sslmode, sslrootcert, ...) pass to
+    psycopg as they are, so both sides connect alike."""
     parts = urlsplit(url)
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ValueError("DATABASE_URL must be a postgres:// URL for this example site")
     return {
         "ENGINE": "django.db.backends.postgresql",
         "NAME": unquote(parts.path.lstrip("/")) or "postgres",
@@ -36,6 +40,7 @@ def _database(url):
         "PASSWORD": unquote(parts.password or ""),
         "HOST": parts.hostname or "127.0.0.1",
         "PORT": str(parts.port or 5432),
+        "OPTIONS": dict(parse_qsl(parts.query)),
     }
 
 
@@ -46,7 +51,8 @@ DATABASES = {
 }
 
 # The three settings pgfresh must match: LOCATION (--redis-url), KEY_PREFIX (--cache-key-prefix)
-# and VERSION (--cache-version). Django's default KEY_FUNCTION is assumed.
+# and VERSION (--cache-version). pgfresh writes with Django's default KEY_FUNCTION and pickle
+# serializer: keep those (django-redis's JSON or msgpack serializers cannot read its entries).
 _PGFRESH_CACHE = {
     "LOCATION": os.environ.get("REDIS_URL", "redis://127.0.0.1:6379"),
     "KEY_PREFIX": os.environ.get("PGFRESH_CACHE_KEY_PREFIX", ""),
@@ -59,7 +65,3 @@ CACHES = {
     # django-redis, the other common backend, on the same keys: the tests read through both.
     "django_redis": {"BACKEND": "django_redis.cache.RedisCache", **_PGFRESH_CACHE},
 }
-
-# The tests run against the database above, where pgfresh's listener sees their commits, not
-# against a test database of their own.
-TEST_RUNNER = "shopsite.testing.ExistingDatabaseRunner"
