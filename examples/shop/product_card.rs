@@ -2,6 +2,7 @@
 //! and its reviews.
 
 use maud::{Markup, html};
+use pgfresh::tokio_postgres::types::Type;
 use pgfresh::tokio_postgres::{Client, Error};
 use pgfresh::{Fragment, Topics, Variant};
 
@@ -72,7 +73,10 @@ impl Fragment for ProductCard {
     }
 
     async fn load(&self, db: &Client, ids: &[i64]) -> Result<Vec<(i64, Product)>, Error> {
-        let rows = db.query(LOAD_PRODUCTS, &[&ids]).await?;
+        // Typed: one round trip, where an untyped query would first prepare the statement.
+        let rows = db
+            .query_typed(LOAD_PRODUCTS, &[(&ids, Type::INT8_ARRAY)])
+            .await?;
         Ok(rows
             .into_iter()
             .map(|row| {

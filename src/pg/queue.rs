@@ -5,6 +5,7 @@
 use std::time::Duration;
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::Error;
 
@@ -68,8 +69,9 @@ pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error
     // A SQL_ASCII database stores any bytes as text, and the server refuses to send text that is
     // not valid in the client's encoding (UTF-8): one such row would fail every claim. There, topic
     // and key come as raw bytes, and a row that is not UTF-8 fails alone.
+    // Typed parameters: parsed, bound and run in one round trip, not prepared first.
     let rows = txn
-        .query(
+        .query_typed(
             "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
              SELECT (SELECT nextval('pgfresh.render_tickets')), id,
                     CASE WHEN NOT raw THEN topic END, CASE WHEN NOT raw THEN key END,
@@ -81,7 +83,7 @@ pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error
              ORDER BY id
              LIMIT $1
              FOR UPDATE OF changes SKIP LOCKED",
-            &[&limit],
+            &[(&limit, Type::INT8)],
         )
         .await?;
     let mut claim = Claim {
@@ -131,7 +133,7 @@ pub(crate) async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<
 /// Takes a render ticket, for renders that do not come from a claim (the sweep).
 pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
     Ok(client
-        .query_one("SELECT nextval('pgfresh.render_tickets')", &[])
+        .query_typed_one("SELECT nextval('pgfresh.render_tickets')", &[])
         .await?
         .get(0))
 }
@@ -139,8 +141,11 @@ pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
 /// Deletes changes whose fragments are now in Redis.
 pub(crate) async fn complete(txn: &Client, ids: &[i64]) -> Result<(), Error> {
     if !ids.is_empty() {
-        txn.execute("DELETE FROM pgfresh.changes WHERE id = ANY($1)", &[&ids])
-            .await?;
+        txn.query_typed(
+            "DELETE FROM pgfresh.changes WHERE id = ANY($1)",
+            &[(&ids, Type::INT8_ARRAY)],
+        )
+        .await?;
     }
     Ok(())
 }
