@@ -321,7 +321,15 @@ async fn a_failing_through_query_fails_only_its_changes_and_queues_nothing() {
     // The teaser's author query divides by the rows of `gate`: with none, it fails.
     db.batch_execute("CREATE TABLE gate (x int)").await.unwrap();
     let fragments =
-        Fragments::new().with(format!("{prefix}{}", fragments::POST_TEASER), GatedTeaser);
+        Fragments::new().with(
+            format!("{prefix}{}", fragments::POST_TEASER),
+            AlteredTeaser {
+                author_query: Some(
+                    "SELECT id FROM posts WHERE author_id = ANY($1) AND 1 / (SELECT count(*) FROM gate) = 1",
+                ),
+                ..AlteredTeaser::default()
+            },
+        );
     let listener = env.start_listener_with(fragments, no_sweeps());
     db.batch_execute(
         "UPDATE authors SET name = 'Gated' WHERE id = 1;
@@ -379,44 +387,6 @@ async fn a_failing_through_query_fails_only_its_changes_and_queues_nothing() {
     env.cleanup().await;
 }
 
-/// The blog's teaser, with an author query that fails while table `gate` is empty.
-struct GatedTeaser;
-
-impl pgfresh::Fragment for GatedTeaser {
-    type Key = i64;
-    type Row = Post;
-    type Variant = Teaser;
-    type Error = pgfresh::tokio_postgres::Error;
-
-    fn name(&self) -> &str {
-        "post_teaser"
-    }
-    fn topics(&self) -> pgfresh::Topics {
-        pgfresh::Topics::new().direct("post").through(
-            "author",
-            "SELECT id FROM posts WHERE author_id = ANY($1) AND 1 / (SELECT count(*) FROM gate) = 1",
-        )
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        ids: &[i64],
-    ) -> pgfresh::Loaded<Self> {
-        fragments::PostTeaser.load(db, ids).await
-    }
-    fn render(&self, id: &i64, post: &Post, variant: Teaser) -> maud::Markup {
-        fragments::post_teaser(*id, post, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, Self::Error> {
-        fragments::PostTeaser.keys_after(db, after, limit).await
-    }
-}
-
 #[tokio::test]
 async fn a_through_query_that_cannot_work_stops_the_listener_with_one_clear_line() {
     let (env, prefix) = blog(5).await;
@@ -430,7 +400,12 @@ async fn a_through_query_that_cannot_work_stops_the_listener_with_one_clear_line
             "it takes $1 as int8",
         ),
     ] {
-        let fragments = Fragments::new().with(&prefix, Broken(query));
+        let broken = AlteredTeaser {
+            name: "broken",
+            author_query: Some(query),
+            ..AlteredTeaser::default()
+        };
+        let fragments = Fragments::new().with(&prefix, broken);
         let error = pgfresh::listen(
             env.db.clone(),
             env.sink.clone(),
@@ -449,41 +424,6 @@ async fn a_through_query_that_cannot_work_stops_the_listener_with_one_clear_line
         assert_eq!(error.lines().count(), 1, "{error}");
     }
     env.cleanup().await;
-}
-
-/// A fragment whose author query is given by the test.
-struct Broken(&'static str);
-
-impl pgfresh::Fragment for Broken {
-    type Key = i64;
-    type Row = Post;
-    type Variant = Teaser;
-    type Error = pgfresh::tokio_postgres::Error;
-
-    fn name(&self) -> &str {
-        "broken"
-    }
-    fn topics(&self) -> pgfresh::Topics {
-        pgfresh::Topics::new().through("author", self.0)
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        ids: &[i64],
-    ) -> pgfresh::Loaded<Self> {
-        fragments::PostTeaser.load(db, ids).await
-    }
-    fn render(&self, id: &i64, post: &Post, variant: Teaser) -> maud::Markup {
-        fragments::post_teaser(*id, post, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, Self::Error> {
-        fragments::PostTeaser.keys_after(db, after, limit).await
-    }
 }
 
 #[tokio::test]
@@ -507,7 +447,13 @@ async fn a_listener_killed_in_the_middle_of_a_fan_out_loses_nothing_and_does_not
     };
     // The blog's own fragments, with the teaser slowed down.
     let slowed = Fragments::new()
-        .with(format!("{prefix}{}", fragments::POST_TEASER), SlowTeaser)
+        .with(
+            format!("{prefix}{}", fragments::POST_TEASER),
+            AlteredTeaser {
+                load_delay: std::time::Duration::from_millis(100),
+                ..AlteredTeaser::default()
+            },
+        )
         .with(
             format!("{prefix}{}", fragments::TAG_INDEX),
             fragments::TagIndex,
@@ -559,27 +505,47 @@ async fn a_listener_killed_in_the_middle_of_a_fan_out_loses_nothing_and_does_not
     env.cleanup().await;
 }
 
-/// The blog's teaser, rendering slowly.
-struct SlowTeaser;
+/// The blog's teaser as user code with a twist: another name, its authors reached through a query
+/// the test gives (failing, or not working at all), or a slow load.
+struct AlteredTeaser {
+    name: &'static str,
+    author_query: Option<&'static str>,
+    load_delay: std::time::Duration,
+}
 
-impl pgfresh::Fragment for SlowTeaser {
+impl Default for AlteredTeaser {
+    fn default() -> Self {
+        AlteredTeaser {
+            name: "post_teaser",
+            author_query: None,
+            load_delay: std::time::Duration::ZERO,
+        }
+    }
+}
+
+impl pgfresh::Fragment for AlteredTeaser {
     type Key = i64;
     type Row = Post;
     type Variant = Teaser;
     type Error = pgfresh::tokio_postgres::Error;
 
     fn name(&self) -> &str {
-        "post_teaser"
+        self.name
     }
     fn topics(&self) -> pgfresh::Topics {
-        fragments::PostTeaser.topics()
+        match self.author_query {
+            Some(query) => pgfresh::Topics::new()
+                .direct("post")
+                .through("author", query),
+            None => fragments::PostTeaser.topics(),
+        }
     }
     async fn load(
         &self,
         db: &pgfresh::tokio_postgres::Client,
         ids: &[i64],
     ) -> pgfresh::Loaded<Self> {
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        tokio::time::sleep(self.load_delay).await;
         fragments::PostTeaser.load(db, ids).await
     }
     fn render(&self, id: &i64, post: &Post, variant: Teaser) -> maud::Markup {

@@ -57,6 +57,19 @@ async fn status_page(port: u16) -> String {
     page
 }
 
+/// A full sweep of these fragments in this test's database.
+async fn sweep(env: &TestEnv, fragments: Fragments) -> pgfresh::SweepReport {
+    pgfresh::sweep(
+        &env.db,
+        &env.sink,
+        &fragments,
+        &Default::default(),
+        &pgfresh::Shutdown::new(),
+    )
+    .await
+    .unwrap()
+}
+
 fn django_fragments(env: &TestEnv, storage: Storage) -> Fragments {
     Fragments::new().with_storage(&env.prefix, ProductCard, storage)
 }
@@ -139,15 +152,7 @@ async fn a_sweep_in_djangos_format_repairs_deletes_orphans_and_sets_its_own_mark
     env.set(&env.key(99, "full"), "plain, not pgfresh's in this format")
         .await;
 
-    let report = pgfresh::sweep(
-        &env.db,
-        &env.sink,
-        &fragments,
-        &Default::default(),
-        &pgfresh::Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    let report = sweep(&env, fragments).await;
     assert!(report.succeeded(), "{report}");
     assert_eq!(report.orphans_deleted, 1, "{report}");
     for id in 1..=4 {
@@ -183,22 +188,8 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
     let env = TestEnv::shop(2).await;
     let hour = Duration::from_secs(3700);
     let with_ttl = django_fragments(&env, Storage::django("", 1).with_ttl(hour));
-    let sweep = |fragments: Fragments| {
-        let env = &env;
-        async move {
-            pgfresh::sweep(
-                &env.db,
-                &env.sink,
-                &fragments,
-                &Default::default(),
-                &pgfresh::Shutdown::new(),
-            )
-            .await
-            .unwrap()
-        }
-    };
     let key = django_key(&env, 1, "full");
-    sweep(with_ttl.clone()).await;
+    sweep(&env, with_ttl.clone()).await;
     let first = pttl(&env, &key).await;
     assert!(first > 3_600_000 && first <= 3_700_000, "PTTL {first}");
 
@@ -209,7 +200,7 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
         .query_async(&mut env.sink.connection())
         .await
         .unwrap();
-    let report = sweep(with_ttl.clone()).await;
+    let report = sweep(&env, with_ttl.clone()).await;
     assert_eq!(report.stats.written, 0, "nothing changed: {report}");
     assert!(pttl(&env, &key).await > 3_600_000, "TTL renewed");
 
@@ -261,7 +252,7 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
         .batch_execute("UPDATE products SET price_cents = price_cents + 1 WHERE id = 1")
         .await
         .unwrap();
-    sweep(django_fragments(&env, Storage::django("", 1))).await;
+    sweep(&env, django_fragments(&env, Storage::django("", 1))).await;
     assert_eq!(pttl(&env, &key).await, -1, "no TTL any more");
     assert_eq!(pttl(&env, &env.sink.ticket_key(&key)).await, -1);
     env.cleanup().await;
