@@ -82,6 +82,7 @@ impl Bench {
         let idle_rss = rss_mib("VmRSS");
 
         let name = format!("Renamed {}", fastrand::u32(..));
+        let before = crate::cost::CpuSample::now(self.redis_url()).await?;
         client
             .execute("UPDATE authors SET name = $1 WHERE id = 1", &[&name])
             .await?;
@@ -93,16 +94,20 @@ impl Bench {
         .await
         .context("waiting for the queue to drain")?;
         let settled = committed.elapsed();
+        let cost = crate::cost::CpuSample::now(self.redis_url())
+            .await?
+            .since(before);
         let peak_rss = rss_mib("VmHWM");
         shutdown.cancel();
         listener.await??;
 
         let stale = stale(&db, &store, &name).await?;
         println!(
-            "fan-out: renaming an author of {posts} posts ({} teasers, their tag pages, 1 author box): all written {:.2} s after the commit; RSS idle {idle_rss:.1} MiB, peak {peak_rss:.1} MiB ({:.2}x); {stale} stale",
+            "fan-out: renaming an author of {posts} posts ({} teasers, their tag pages, 1 author box): all written {:.2} s after the commit; RSS idle {idle_rss:.1} MiB, peak {peak_rss:.1} MiB ({:.2}x); {stale} stale; {}",
             posts * 2,
             settled.as_secs_f64(),
-            peak_rss / idle_rss
+            peak_rss / idle_rss,
+            cost.per_thousand((posts * 2) as f64, "teasers")
         );
         Ok(())
     }

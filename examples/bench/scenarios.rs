@@ -542,6 +542,7 @@ impl Bench {
         let update = writer
             .prepare("UPDATE products SET name = $1 WHERE id = 1")
             .await?;
+        let before = CpuSample::now(&self.redis_url).await?;
         let started = Instant::now();
         for i in 0..10_000 {
             writer.execute(&update, &[&format!("burst-{i}")]).await?;
@@ -550,6 +551,7 @@ impl Bench {
         let burst = last_commit - started;
         Self::wait_for(&mut reader, &key, "<h2>burst-9999</h2>").await?;
         let settled = last_commit.elapsed();
+        let cost = CpuSample::now(&self.redis_url).await?.since(before);
         tokio::time::sleep(Duration::from_millis(100)).await;
         recorder.abort();
         let times = renders.lock().unwrap().clone();
@@ -560,13 +562,14 @@ impl Bench {
             .min()
             .unwrap_or_default();
         println!(
-            "burst: 10000 updates to one product in {:.2} s: {} renders ({} during the burst, {:.0}/s, closest {} apart); final fragment correct {} after the last commit",
+            "burst: 10000 updates to one product in {:.2} s: {} renders ({} during the burst, {:.0}/s, closest {} apart); final fragment correct {} after the last commit; {} (the writer included)",
             burst.as_secs_f64(),
             times.len(),
             during.len(),
             during.len() as f64 / burst.as_secs_f64(),
             ms(min_gap),
             ms(settled),
+            cost.per_thousand(10_000.0, "updates"),
         );
         listener.stop().await
     }
