@@ -1,8 +1,9 @@
 //! The one path from keys to Redis, shared by the listener and the sweep: load the rows of a batch of
 //! keys, render every variant, encode it as the fragment's storage says, and write the results under
-//! one render ticket. A sweep first asks Redis, read-only, which entries already hold exactly their
-//! render, and writes only the others: in steady state almost nothing changed, and the checked write
-//! is most of a sweep's cost in Redis.
+//! one render ticket. A sweep first reads the entries back and confirms, with a small script that
+//! raises their tickets, those that already hold exactly their render; it writes only the others: in
+//! steady state almost nothing changed, and the checked write, sending every fragment's HTML, was
+//! most of a sweep's cost in Redis.
 
 use tokio_postgres::Client;
 
@@ -16,8 +17,9 @@ use crate::store::{RedisStore, Storage, Write, WriteResult};
 pub(crate) enum Writes {
     /// Every write goes through the version-checked script (the listener: what it renders changed).
     AllChecked,
-    /// Entries Redis already holds exactly (same bytes, no TTL) are left alone and reported in
-    /// [`Refreshed::held`]; the rest go through the checked script (the sweep).
+    /// Entries Redis already holds exactly (same bytes, no TTL) are confirmed (their tickets raised,
+    /// no value sent) and reported in [`Refreshed::held`]; the rest go through the checked script
+    /// (the sweep).
     SkipHeld,
 }
 
@@ -31,8 +33,8 @@ pub(crate) struct Refreshed {
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
     pub(crate) unchecked: Vec<usize>,
-    /// With [`Writes::SkipHeld`]: the Redis keys found holding their render, left untouched (their
-    /// tickets were not moved).
+    /// With [`Writes::SkipHeld`]: the Redis keys found holding their render and confirmed under the
+    /// ticket, their values untouched.
     pub(crate) held: Vec<String>,
 }
 
@@ -86,7 +88,7 @@ async fn write_unless_held(
     ticket: i64,
     writes: &[Write],
 ) -> Result<(Vec<WriteResult>, Vec<String>), Error> {
-    let held = store.held(writes).await?;
+    let held = store.held(ticket, writes).await?;
     let to_send: Vec<Write> = writes
         .iter()
         .zip(&held)

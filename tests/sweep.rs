@@ -87,7 +87,8 @@ async fn a_sweep_fills_redis_then_repairs_deleted_and_corrupted_entries_and_remo
 }
 
 #[tokio::test]
-async fn a_sweep_leaves_entries_holding_their_render_untouched_and_still_finds_orphans() {
+async fn a_sweep_confirms_entries_holding_their_render_fences_late_renders_and_finds_orphans() {
+    use pgfresh::testing::{Write, WriteResult};
     let env = TestEnv::shop(6).await;
     env.sweep().await;
     let ticket_of = |key: String| {
@@ -101,7 +102,7 @@ async fn a_sweep_leaves_entries_holding_their_render_untouched_and_still_finds_o
                 .unwrap()
         }
     };
-    let untouched_before = ticket_of(env.key(1, "full")).await.unwrap();
+    let before = ticket_of(env.key(1, "full")).await.unwrap();
     // An entry rewritten behind pgfresh's back with other bytes must go through the checked write.
     env.set(&env.key(3, "compact"), "changed behind pgfresh's back")
         .await;
@@ -123,11 +124,22 @@ async fn a_sweep_leaves_entries_holding_their_render_untouched_and_still_finds_o
         (1, 9, 2),
         "{report}"
     );
+    // Left as it was, but its ticket raised to the sweep's: a render that took its ticket before the
+    // sweep (a listener's batch still in flight, from before a lost commit) and lands now is refused.
+    let after = ticket_of(env.key(1, "full")).await.unwrap();
+    assert!(after > before + 1, "ticket {before} -> {after}");
+    let late = [Write::Set {
+        key: env.key(1, "full"),
+        value: b"a render from before the sweep".to_vec(),
+        ttl: None,
+    }];
     assert_eq!(
-        ticket_of(env.key(1, "full")).await,
-        Some(untouched_before),
-        "an entry already holding its render is not written, not even its ticket"
+        pgfresh::testing::write(&env.sink, before + 1, &late)
+            .await
+            .unwrap(),
+        [WriteResult::Refused]
     );
+    env.wait_fresh(1).await;
     env.wait_fresh(3).await;
     assert_eq!(env.get(&env.key(6, "full")).await, None);
     assert_eq!(env.get(&env.key(6, "compact")).await, None);

@@ -50,6 +50,7 @@ pub struct RedisStore {
     layout: Layout,
     url: String,
     write_script: redis::Script,
+    confirm_script: redis::Script,
     /// What Redis's memory policy allows, as last read; shared by clones, so one check serves every
     /// writer.
     eviction: Arc<EvictionState>,
@@ -145,6 +146,7 @@ impl RedisStore {
             layout,
             url,
             write_script: redis::Script::new(include_str!("write.lua")),
+            confirm_script: redis::Script::new(include_str!("confirm.lua")),
             eviction: Arc::new(EvictionState::default()),
         }
     }

@@ -177,28 +177,58 @@ impl RedisStore {
             .collect())
     }
 
-    /// For each write, whether Redis already holds exactly its value: read-only, one MGET per
-    /// [`KEYS_PER_CALL`] writes. A sweep leaves such entries alone (nothing to change) instead of
-    /// sending them through the version-checked script. Deletes and writes with a TTL (which must
-    /// renew it) are never held. On a cluster nothing is reported held: every write takes the
-    /// checked path there.
-    pub(crate) async fn held(&self, writes: &[Write]) -> Result<Vec<bool>, Error> {
+    /// For each write, whether Redis already holds exactly its value, confirmed under `ticket`: one
+    /// MGET of the entries and their tickets, then one small script that raises each ticket still as
+    /// read to `ticket` (the value itself is not sent again). A sweep leaves such entries alone instead
+    /// of sending them through the version-checked script, with the same effect: no render older than
+    /// `ticket` lands on them later. An entry whose ticket changed in between, or is missing while
+    /// Redis may evict, is not held and takes the checked write. Deletes and writes with a TTL (which
+    /// must renew it) are never held. On a cluster nothing is held: every write takes the checked path.
+    pub(crate) async fn held(&self, ticket: i64, writes: &[Write]) -> Result<Vec<bool>, Error> {
         let candidate = |write: &Write| matches!(write, Write::Set { ttl: None, .. });
         if self.is_cluster() || !writes.iter().any(candidate) {
             return Ok(vec![false; writes.len()]);
         }
+        let may_evict = self.eviction.load() != Eviction::Impossible;
         let mut held = Vec::with_capacity(writes.len());
         for chunk in writes.chunks(KEYS_PER_CALL) {
-            let stored: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
-                .arg(chunk.iter().map(Write::key).collect::<Vec<_>>())
-                .query_async(&mut self.connection.clone())
-                .await?;
-            held.extend(chunk.iter().zip(stored).map(|(write, stored)| match write {
-                Write::Set {
-                    value, ttl: None, ..
-                } => stored.as_ref() == Some(value),
-                _ => false,
-            }));
+            let ticket_keys: Vec<String> =
+                chunk.iter().map(|w| self.layout.ticket(w.key())).collect();
+            let mut read = redis::cmd("MGET");
+            for (write, ticket_key) in chunk.iter().zip(&ticket_keys) {
+                read.arg(write.key()).arg(ticket_key);
+            }
+            let stored: Vec<Option<Vec<u8>>> =
+                read.query_async(&mut self.connection.clone()).await?;
+            let mut confirm = self.confirm_script.prepare_invoke();
+            confirm.arg(ticket);
+            let mut asked = Vec::new();
+            for (index, (write, pair)) in chunk.iter().zip(stored.chunks(2)).enumerate() {
+                let (value, seen) = (&pair[0], &pair[1]);
+                let same = match write {
+                    Write::Set {
+                        value: wanted,
+                        ttl: None,
+                        ..
+                    } => value.as_ref() == Some(wanted),
+                    _ => false,
+                };
+                if same && (seen.is_some() || !may_evict) {
+                    confirm
+                        .key(&ticket_keys[index])
+                        .arg(seen.as_deref().unwrap_or_default());
+                    asked.push(index);
+                }
+            }
+            let mut chunk_held = vec![false; chunk.len()];
+            if !asked.is_empty() {
+                let confirmed: Vec<i64> =
+                    confirm.invoke_async(&mut self.connection.clone()).await?;
+                for (index, confirmed) in asked.into_iter().zip(confirmed) {
+                    chunk_held[index] = confirmed == 1;
+                }
+            }
+            held.extend(chunk_held);
         }
         Ok(held)
     }

@@ -1,18 +1,17 @@
 //! The orphan pass: entries under a fragment's prefix whose row is gone. The sweep took a render
-//! ticket before it began, so every entry whose ticket is still older was written neither by the
-//! sweep nor by a listener since; unless the sweep found it already holding its render (or its key
-//! failed), its row no longer exists. Deleting it is one more version-checked write.
+//! ticket before it began, so every entry whose ticket is still older was written (or confirmed as
+//! holding its render) neither by the sweep nor by a listener since: unless its key failed, its row
+//! no longer exists. Deleting it is one more version-checked write.
 
 use std::hash::{BuildHasher, RandomState};
 
 use crate::Error;
 use crate::store::{BOOKKEEPING_PREFIX, Eviction, RedisStore, Write, WriteResult};
 
-/// The entries the orphan pass keeps although the sweep did not write them: those it found holding
-/// exactly their render, and those of keys that failed. Their rows exist. Kept as 64-bit hashes of
-/// the Redis key (with a seed of this sweep's own) in a vector sorted once before the pass, 8 bytes
-/// per entry: two keys sharing a hash (about one chance in 10^5 among ten million entries) would keep
-/// an orphan one sweep longer.
+/// The entries the orphan pass keeps although their tickets may be older than the sweep's: those of
+/// keys that failed (their rows exist). Entries the sweep wrote or confirmed carry its tickets. Kept
+/// as 64-bit hashes of the Redis key (with a seed of this sweep's own) in a vector sorted once before
+/// the pass: two keys sharing a hash would keep an orphan one sweep longer.
 #[derive(Default)]
 pub(super) struct Kept {
     seed: RandomState,

@@ -3,6 +3,7 @@
 //! (their entries kept), keys Redis could not check queued to render again; a page whose every key
 //! fails counts as failed.
 
+use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::orphans::Kept;
@@ -39,8 +40,16 @@ pub(super) async fn sweep_page(
     .map_err(|e| failed_page(e.to_string()))?;
     // Every key of a page failing is the page failing (Redis out of memory or read-only, a loader
     // that times out): the sweep is incomplete and tried again later, rather than the whole table
-    // queued, and in time parked, key by key.
-    if keys.len() > 1 && refreshed.failed.len() == keys.len() {
+    // queued, and in time parked, key by key. Keys whose entries all held their render were not
+    // written, so they could not fail.
+    let held: HashSet<&str> = refreshed.held.iter().map(String::as_str).collect();
+    let all_held = |key: &String| {
+        fragment
+            .redis_keys(key)
+            .is_some_and(|entries| entries.iter().all(|entry| held.contains(entry.as_str())))
+    };
+    let attempted = keys.iter().filter(|key| !all_held(key)).count();
+    if attempted > 1 && refreshed.failed.len() == attempted {
         return Err(failed_page(refreshed.failed[0].1.clone()));
     }
     if let Some((index, reason)) = refreshed.failed.first() {
@@ -48,7 +57,7 @@ pub(super) async fn sweep_page(
     }
     let mut again: Vec<String> = Vec::new();
     let mut errors: Vec<Option<String>> = Vec::new();
-    let mut keep = refreshed.held;
+    let mut keep = Vec::new();
     for (index, reason) in &refreshed.failed {
         again.push(keys[*index].clone());
         errors.push(Some(reason.clone()));
@@ -83,8 +92,7 @@ pub(super) struct PageDone {
     stats: RefreshStats,
     requeued: u64,
     first_error: Option<String>,
-    /// The Redis keys of the entries left as they were (held already, or of keys that failed): their
-    /// rows exist, so the orphan pass must keep them.
+    /// The Redis keys of the keys that failed: their rows exist, so the orphan pass must keep them.
     keep: Vec<String>,
 }
 
