@@ -88,6 +88,11 @@ impl CpuSample {
 }
 
 impl Cost {
+    /// CPU seconds of PostgreSQL's processes.
+    pub(crate) fn postgres(self) -> f64 {
+        self.postgres
+    }
+
     /// `CPU ms per 1,000 <what>: pgfresh 4.1, PostgreSQL 8.3, Redis 11.4, total 23.8`, for `units`
     /// changes or fragments.
     pub(crate) fn per_thousand(self, units: f64, what: &str) -> String {

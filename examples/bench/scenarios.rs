@@ -492,7 +492,14 @@ impl Bench {
                 triggered,
                 listener_cpu,
                 triggered_time,
-            } = alternate_watching(&client, &url, &script).await?;
+                plain_cpu,
+                triggered_cpu,
+            } = alternate_watching(&client, &url, &script, &self.redis_url).await?;
+            let cpu = format!(
+                "PostgreSQL CPU ms per 1,000 transactions without triggers [{}], with [{}]",
+                runs_1(&plain_cpu),
+                runs_1(&triggered_cpu)
+            );
             client
                 .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
                 .await?;
@@ -510,7 +517,7 @@ impl Bench {
                 listener.stop().await?;
                 let share = listener_cpu.as_secs_f64() / triggered_time.as_secs_f64();
                 println!(
-                    "write-overhead (b) listener draining: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}; listener CPU {:.0}% of one core ({:.0}% of the 2-core machine)",
+                    "write-overhead (b) listener draining: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}; listener CPU {:.0}% of one core ({:.0}% of the 2-core machine); {cpu}",
                     runs(&plain),
                     runs(&triggered),
                     share * 100.0,
@@ -518,7 +525,7 @@ impl Bench {
                 );
             } else {
                 println!(
-                    "write-overhead (a) no listener: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}",
+                    "write-overhead (a) no listener: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}; {cpu}",
                     runs(&plain),
                     runs(&triggered)
                 );
@@ -825,6 +832,18 @@ struct Rounds {
     triggered: Vec<f64>,
     listener_cpu: Duration,
     triggered_time: Duration,
+    /// PostgreSQL CPU ms per 1,000 transactions, per run.
+    plain_cpu: Vec<f64>,
+    triggered_cpu: Vec<f64>,
+}
+
+/// Figures with one decimal, comma-separated.
+fn runs_1(figures: &[f64]) -> String {
+    figures
+        .iter()
+        .map(|f| format!("{f:.1}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// Four pgbench runs, unwatched and watched in turn, so that drift on a noisy machine hits both.
@@ -832,12 +851,15 @@ async fn alternate_watching(
     client: &tokio_postgres::Client,
     url: &str,
     script: &std::path::Path,
+    redis_url: &str,
 ) -> Result<Rounds> {
     let mut rounds = Rounds {
         plain: vec![],
         triggered: vec![],
         listener_cpu: Duration::ZERO,
         triggered_time: Duration::ZERO,
+        plain_cpu: vec![],
+        triggered_cpu: vec![],
     };
     for round in 0..4 {
         let watched = round % 2 == 1;
@@ -850,8 +872,16 @@ async fn alternate_watching(
             })
             .await?;
         let cpu_before = cpu_time();
+        let sample = CpuSample::now(redis_url).await?;
         let started = Instant::now();
         let tps = pgbench(url, script).await?;
+        let postgres = CpuSample::now(redis_url).await?.since(sample).postgres();
+        let per_thousand = postgres * 1000.0 / (tps * f64::from(PGBENCH_SECONDS)) * 1000.0;
+        if watched {
+            rounds.triggered_cpu.push(per_thousand);
+        } else {
+            rounds.plain_cpu.push(per_thousand);
+        }
         if watched {
             rounds.triggered.push(tps);
             rounds.listener_cpu += cpu_time() - cpu_before;
