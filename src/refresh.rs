@@ -33,9 +33,9 @@ pub(crate) struct Refreshed {
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
     pub(crate) unchecked: Vec<usize>,
-    /// With [`Writes::SkipHeld`]: the Redis keys found holding their render and confirmed under the
-    /// ticket, their values untouched.
-    pub(crate) held: Vec<String>,
+    /// With [`Writes::SkipHeld`]: how many keys had every entry found holding its render and
+    /// confirmed under the ticket, nothing written (so nothing that could fail).
+    pub(crate) untouched: usize,
 }
 
 /// Loads, renders and writes `keys` (text form) of one fragment under `ticket`, which must have been
@@ -74,33 +74,32 @@ pub(crate) async fn refresh(
         Writes::SkipHeld => write_unless_held(store, ticket, &planned.writes).await?,
     };
     let write_time = started.elapsed() - rendered_at;
+    let untouched = untouched_keys(&planned, &held);
     let mut refreshed = settle_writes(planned, results);
-    refreshed.held = held;
+    refreshed.untouched = untouched;
     crate::ops::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
     tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
 }
 
-/// Writes those of `writes` that Redis does not already hold; the held ones count as unchanged, and
-/// their keys are returned.
+/// Writes those of `writes` that Redis does not already hold; the held ones count as unchanged.
+/// Returns the results, and for each write whether it was held.
 async fn write_unless_held(
     store: &RedisStore,
     ticket: i64,
     writes: &[Write],
-) -> Result<(Vec<WriteResult>, Vec<String>), Error> {
+) -> Result<(Vec<WriteResult>, Vec<bool>), Error> {
     let held = store.held(ticket, writes).await?;
-    let to_send: Vec<Write> = writes
+    let to_send: Vec<&Write> = writes
         .iter()
         .zip(&held)
         .filter(|(_, held)| !**held)
-        .map(|(write, _)| write.clone())
+        .map(|(write, _)| write)
         .collect();
     let mut sent = store.write(ticket, &to_send).await?.into_iter();
-    let mut held_keys = Vec::new();
     let mut results = Vec::with_capacity(writes.len());
-    for (write, held) in writes.iter().zip(held) {
+    for &held in &held {
         if held {
-            held_keys.push(write.key().to_string());
             results.push(WriteResult::Unchanged);
         } else {
             let result = sent.next();
@@ -109,7 +108,23 @@ async fn write_unless_held(
             );
         }
     }
-    Ok((results, held_keys))
+    Ok((results, held))
+}
+
+/// How many keys had writes, every one of them held (`held` is empty when nothing was held).
+fn untouched_keys(planned: &PlannedWrites, held: &[bool]) -> usize {
+    if held.is_empty() {
+        return 0;
+    }
+    // Per key: whether it has a write, and whether all its writes were held.
+    let mut keys = vec![(false, true); planned.same_as.len()];
+    for (&owner, &held) in planned.owners.iter().zip(held) {
+        keys[owner].0 = true;
+        keys[owner].1 &= held;
+    }
+    keys.iter()
+        .filter(|(wrote, all_held)| *wrote && *all_held)
+        .count()
 }
 
 /// The writes a batch's outcomes call for, and which key each belongs to.

@@ -42,21 +42,6 @@ fn django_key(env: &TestEnv, id: i64, variant: &str) -> String {
     format!(":1:{}", env.key(id, variant))
 }
 
-/// The listener's status page.
-async fn status_page(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut page = String::new();
-    stream.read_to_string(&mut page).await.unwrap();
-    page
-}
-
 /// A full sweep of these fragments in this test's database.
 async fn sweep(env: &TestEnv, fragments: Fragments) -> pgfresh::SweepReport {
     pgfresh::sweep(
@@ -100,7 +85,7 @@ async fn the_listener_writes_and_deletes_djangos_keys_and_nothing_plain() {
     // The marker the test set is the plain prefix's: the Django one is missing, so the listener
     // sweeps at start, filling entries whose rows never change.
     wait_fresh_django(&env, 1).await;
-    let page = status_page(port).await;
+    let (_, page) = common::servers::http_get(port, "/").await;
     assert!(
         page.contains(&format!(
             "<code>:1:{}* (django (KEY_PREFIX &quot;&quot;, VERSION 1))</code>",

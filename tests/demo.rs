@@ -11,24 +11,11 @@ mod web;
 use common::servers::free_port;
 use common::{TestEnv, eventually, test_settings};
 use pgfresh::{Shutdown, Storage};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// The shop page's body, if it is served.
 async fn get_page(port: u16) -> Option<String> {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .ok()?;
-    stream
-        .write_all(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-        .await
-        .ok()?;
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.ok()?;
-    // The body only: headers (a Date among them) differ on every request.
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, body)| body.to_string())?;
-    response.starts_with("HTTP/1.1 200").then_some(body)
+    let (status, body) = common::servers::http_get(port, "/").await;
+    (status == 200).then_some(body)
 }
 
 #[tokio::test]

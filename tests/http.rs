@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::servers::{TempRedis, free_port};
+use common::servers::{TempRedis, free_port, http_get as get};
 use common::{TestEnv, eventually, test_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -15,27 +15,6 @@ fn metric(scrape: &str, series: &str) -> f64 {
         .lines()
         .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
         .unwrap_or(0.0)
-}
-
-/// A plain HTTP/1.1 GET: the status code and the body; status 0 while nothing listens.
-async fn get(port: u16, path: &str) -> (u16, String) {
-    let Ok(mut stream) = tokio::net::TcpStream::connect(("127.0.0.1", port)).await else {
-        return (0, String::new());
-    };
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    stream.write_all(request.as_bytes()).await.unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
 }
 
 #[tokio::test]

@@ -497,20 +497,14 @@ impl Bench {
             } = alternate_watching(&client, &url, &script, &self.redis_url).await?;
             let cpu = format!(
                 "PostgreSQL CPU ms per 1,000 transactions without triggers [{}], with [{}]",
-                runs_1(&plain_cpu),
-                runs_1(&triggered_cpu)
+                joined(&plain_cpu, 1),
+                joined(&triggered_cpu, 1)
             );
             client
                 .batch_execute("SELECT pgfresh.watch('products', 'id', 'product')")
                 .await?;
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
             let ratio = mean(&triggered) / mean(&plain);
-            let runs = |v: &[f64]| {
-                v.iter()
-                    .map(|t| format!("{t:.0}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
             if let Some(listener) = listener {
                 // Let the listener finish the queue, so the next scenario starts clean.
                 wait_for_empty_queue(&client).await?;
@@ -518,16 +512,16 @@ impl Bench {
                 let share = listener_cpu.as_secs_f64() / triggered_time.as_secs_f64();
                 println!(
                     "write-overhead (b) listener draining: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}; listener CPU {:.0}% of one core ({:.0}% of the 2-core machine); {cpu}",
-                    runs(&plain),
-                    runs(&triggered),
+                    joined(&plain, 0),
+                    joined(&triggered, 0),
                     share * 100.0,
                     share * 50.0
                 );
             } else {
                 println!(
                     "write-overhead (a) no listener: 8 clients, TPS without triggers [{}], with [{}]: ratio {ratio:.2}; {cpu}",
-                    runs(&plain),
-                    runs(&triggered)
+                    joined(&plain, 0),
+                    joined(&triggered, 0)
                 );
             }
         }
@@ -837,11 +831,11 @@ struct Rounds {
     triggered_cpu: Vec<f64>,
 }
 
-/// Figures with one decimal, comma-separated.
-fn runs_1(figures: &[f64]) -> String {
+/// Figures with `decimals` decimals, comma-separated.
+fn joined(figures: &[f64], decimals: usize) -> String {
     figures
         .iter()
-        .map(|f| format!("{f:.1}"))
+        .map(|f| format!("{f:.decimals$}"))
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -114,7 +114,13 @@ pub(crate) trait DynFragment: Send + Sync {
         };
         format!("{}* ({format})", self.key_prefix())
     }
-    /// The same fragment, stored as `storage`.
+    /// Whether its storage was given at registration ([`Fragments::with_storage`]), rather than
+    /// left to [`Fragments::stored_as`].
+    ///
+    /// [`Fragments::with_storage`]: super::Fragments::with_storage
+    /// [`Fragments::stored_as`]: super::Fragments::stored_as
+    fn has_own_storage(&self) -> bool;
+    /// The same fragment, stored as `storage` (its default storage, not its own).
     fn stored_as(&self, storage: Storage) -> Arc<dyn DynFragment>;
     /// See [`Fragment::version`].
     fn version(&self) -> u32;
@@ -144,6 +150,7 @@ pub(crate) struct Registered<F> {
     fragment: Arc<F>,
     registered_prefix: String,
     storage: Storage,
+    own_storage: bool,
     /// `registered_prefix` as `storage` stores it.
     key_prefix: String,
     topics: Vec<Topic>,
@@ -152,11 +159,20 @@ pub(crate) struct Registered<F> {
 }
 
 impl<F: Fragment> Registered<F> {
-    pub(crate) fn new(fragment: F, key_prefix: String, storage: Storage) -> Self {
-        Self::shared(Arc::new(fragment), key_prefix, storage)
+    /// Registers `fragment` under `key_prefix`, stored as `storage` when it is given (its own),
+    /// else plain until [`DynFragment::stored_as`] says otherwise.
+    pub(crate) fn new(fragment: F, key_prefix: String, storage: Option<Storage>) -> Self {
+        let own_storage = storage.is_some();
+        let storage = storage.unwrap_or_default();
+        Self::shared(Arc::new(fragment), key_prefix, storage, own_storage)
     }
 
-    fn shared(fragment: Arc<F>, registered_prefix: String, storage: Storage) -> Self {
+    fn shared(
+        fragment: Arc<F>,
+        registered_prefix: String,
+        storage: Storage,
+        own_storage: bool,
+    ) -> Self {
         Self {
             topics: fragment.topics().into_list(),
             own_topic: topics::own_topic(fragment.name()),
@@ -165,6 +181,7 @@ impl<F: Fragment> Registered<F> {
             fragment,
             registered_prefix,
             storage,
+            own_storage,
         }
     }
 
@@ -232,11 +249,16 @@ impl<F: Fragment> DynFragment for Registered<F> {
         &self.storage
     }
 
+    fn has_own_storage(&self) -> bool {
+        self.own_storage
+    }
+
     fn stored_as(&self, storage: Storage) -> Arc<dyn DynFragment> {
         Arc::new(Self::shared(
             self.fragment.clone(),
             self.registered_prefix.clone(),
             storage,
+            false,
         ))
     }
 

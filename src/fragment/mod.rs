@@ -129,9 +129,6 @@ macro_rules! variants {
 #[derive(Clone, Default)]
 pub struct Fragments {
     all: Vec<Arc<dyn DynFragment>>,
-    /// For each of `all`, whether its storage was given at registration ([`Fragments::with_storage`])
-    /// rather than left to [`Fragments::stored_as`].
-    own_storage: Vec<bool>,
     /// Mistakes found by [`Fragments::with`], reported by [`Fragments::validate`] as one clear error
     /// instead of a panic at start-up.
     problems: Vec<String>,
@@ -150,8 +147,11 @@ impl Fragments {
     /// own) is refused: left out, and reported by [`Fragments::validate`], which every command runs
     /// first.
     pub fn with<F: Fragment>(self, key_prefix: impl Into<String>, fragment: F) -> Self {
-        let registered = erased::Registered::new(fragment, key_prefix.into(), Storage::plain());
-        self.add(Arc::new(registered), false)
+        self.add(Arc::new(erased::Registered::new(
+            fragment,
+            key_prefix.into(),
+            None,
+        )))
     }
 
     /// Like [`Fragments::with`], stored as `storage` (for example [`Storage::django`]) whatever
@@ -162,8 +162,8 @@ impl Fragments {
         fragment: F,
         storage: Storage,
     ) -> Self {
-        let registered = erased::Registered::new(fragment, key_prefix.into(), storage);
-        self.add(Arc::new(registered), true)
+        let registered = erased::Registered::new(fragment, key_prefix.into(), Some(storage));
+        self.add(Arc::new(registered))
     }
 
     /// The same fragments, each registered with [`Fragments::with`] now stored as `storage` (those
@@ -174,23 +174,20 @@ impl Fragments {
             problems: self.problems.clone(),
             ..Fragments::default()
         };
-        for (fragment, &own) in self.all.iter().zip(&self.own_storage) {
-            let fragment = if own {
+        for fragment in &self.all {
+            let fragment = if fragment.has_own_storage() {
                 fragment.clone()
             } else {
                 fragment.stored_as(storage.clone())
             };
-            stored = stored.add(fragment, own);
+            stored = stored.add(fragment);
         }
         stored
     }
 
-    fn add(mut self, fragment: Arc<dyn DynFragment>, own_storage: bool) -> Self {
+    fn add(mut self, fragment: Arc<dyn DynFragment>) -> Self {
         match self.check(&*fragment) {
-            Ok(()) => {
-                self.all.push(fragment);
-                self.own_storage.push(own_storage);
-            }
+            Ok(()) => self.all.push(fragment),
             Err(problem) => self
                 .problems
                 .push(format!("fragment {:?}: {problem}", fragment.name())),
@@ -246,10 +243,9 @@ impl Fragments {
 
     /// Only the fragment named `name`, or an error listing the names there are.
     pub fn only(&self, name: &str) -> Result<Fragments, crate::Error> {
-        match self.all.iter().position(|f| f.name() == name) {
-            Some(index) => Ok(Fragments {
-                all: vec![self.all[index].clone()],
-                own_storage: vec![self.own_storage[index]],
+        match self.all.iter().find(|f| f.name() == name) {
+            Some(fragment) => Ok(Fragments {
+                all: vec![fragment.clone()],
                 problems: Vec::new(),
             }),
             None => Err(crate::Error::Fragment(format!(

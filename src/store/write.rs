@@ -5,6 +5,7 @@
 //! touch one hash slot, so a batch is split by slot and the calls sent concurrently (the connection
 //! to each node pipelines them).
 
+use std::borrow::Borrow;
 use std::collections::HashMap;
 use std::time::Duration;
 
@@ -81,22 +82,25 @@ pub enum WriteResult {
 
 impl RedisStore {
     /// Applies writes taken under one render ticket, in as few round trips as the batch allows.
-    /// Results come back in the order of `writes`.
+    /// Results come back in the order of `writes` (owned, or borrowed from a larger batch).
     pub(crate) async fn write(
         &self,
         ticket: i64,
-        writes: &[Write],
+        writes: &[impl Borrow<Write> + Sync],
     ) -> Result<Vec<WriteResult>, Error> {
         if !self.is_cluster() {
             let mut results = Vec::with_capacity(writes.len());
             for chunk in writes.chunks(KEYS_PER_CALL) {
-                results.extend(self.write_call(ticket, chunk.iter()).await?);
+                results.extend(
+                    self.write_call(ticket, chunk.iter().map(Borrow::borrow))
+                        .await?,
+                );
             }
             return Ok(results);
         }
         // One call per slot (and per KEYS_PER_CALL keys within a slot), all in flight together.
         let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
-        for (index, write) in writes.iter().enumerate() {
+        for (index, write) in writes.iter().map(Borrow::borrow).enumerate() {
             by_slot
                 .entry(Slot::for_key(write.key()))
                 .or_default()
@@ -112,7 +116,7 @@ impl RedisStore {
             })
             .map(|indices| async move {
                 let results = self
-                    .write_call(ticket, indices.iter().map(|&i| &writes[i]))
+                    .write_call(ticket, indices.iter().map(|&i| writes[i].borrow()))
                     .await?;
                 Ok::<_, Error>((indices, results))
             });

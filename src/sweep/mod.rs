@@ -204,7 +204,7 @@ async fn sweep_fragment(
         return Ok(());
     }
     let prefix = fragment.key_prefix();
-    report.orphans_deleted += orphans::delete_orphans(store, prefix, start_ticket, keep).await?;
+    report.orphans_deleted += orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
     if !store
         .finish_sweep(prefix, &canary, fragment.version())
         .await?

@@ -3,40 +3,14 @@
 //! holding its render) neither by the sweep nor by a listener since: unless its key failed, its row
 //! no longer exists. Deleting it is one more version-checked write.
 
-use std::hash::{BuildHasher, RandomState};
+use std::collections::HashSet;
 
 use crate::Error;
 use crate::store::{BOOKKEEPING_PREFIX, Eviction, RedisStore, Write, WriteResult};
 
 /// The entries the orphan pass keeps although their tickets may be older than the sweep's: those of
-/// keys that failed (their rows exist). Entries the sweep wrote or confirmed carry its tickets. Kept
-/// as 64-bit hashes of the Redis key (with a seed of this sweep's own) in a vector sorted once before
-/// the pass: two keys sharing a hash would keep an orphan one sweep longer.
-#[derive(Default)]
-pub(super) struct Kept {
-    seed: RandomState,
-    hashes: Vec<u64>,
-}
-
-impl Kept {
-    pub(super) fn extend(&mut self, keys: impl IntoIterator<Item = String>) {
-        let seed = &self.seed;
-        self.hashes
-            .extend(keys.into_iter().map(|key| seed.hash_one(&key)));
-    }
-
-    /// Sorted, for [`Kept::contains`].
-    fn sorted(mut self) -> Kept {
-        self.hashes.sort_unstable();
-        self.hashes.dedup();
-        self.hashes.shrink_to_fit();
-        self
-    }
-
-    fn contains(&self, key: &String) -> bool {
-        self.hashes.binary_search(&self.seed.hash_one(key)).is_ok()
-    }
-}
+/// keys that failed (their rows exist). Entries the sweep wrote or confirmed carry its tickets.
+pub(super) type Kept = HashSet<String>;
 
 /// Deletes every entry under `prefix` whose ticket is older than `start_ticket`, but for those
 /// `kept`; returns how many.
@@ -49,9 +23,8 @@ pub(super) async fn delete_orphans(
     store: &RedisStore,
     prefix: &str,
     start_ticket: i64,
-    keep: Kept,
+    keep: &Kept,
 ) -> Result<u64, Error> {
-    let keep = keep.sorted();
     let may_evict = store.eviction().0 != Eviction::Impossible;
     let mut deleted = 0;
     let mut scan = store.scan_prefix(prefix).await?;

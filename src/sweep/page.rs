@@ -3,7 +3,6 @@
 //! (their entries kept), keys Redis could not check queued to render again; a page whose every key
 //! fails counts as failed.
 
-use std::collections::HashSet;
 use std::sync::Arc;
 
 use super::orphans::Kept;
@@ -42,13 +41,7 @@ pub(super) async fn sweep_page(
     // that times out): the sweep is incomplete and tried again later, rather than the whole table
     // queued, and in time parked, key by key. Keys whose entries all held their render were not
     // written, so they could not fail.
-    let held: HashSet<&str> = refreshed.held.iter().map(String::as_str).collect();
-    let all_held = |key: &String| {
-        fragment
-            .redis_keys(key)
-            .is_some_and(|entries| entries.iter().all(|entry| held.contains(entry.as_str())))
-    };
-    let attempted = keys.iter().filter(|key| !all_held(key)).count();
+    let attempted = keys.len() - refreshed.untouched;
     if attempted > 1 && refreshed.failed.len() == attempted {
         return Err(failed_page(refreshed.failed[0].1.clone()));
     }
