@@ -13,6 +13,7 @@ use pgfresh::RedisStore;
 use pgfresh::Shutdown;
 use pgfresh::SweepSettings;
 
+use crate::cost::CpuSample;
 use crate::scenarios::{Bench, PRODUCTS, fragments};
 
 /// Three `redis-server --cluster-enabled yes` processes joined into one cluster; killed on drop.
@@ -115,10 +116,16 @@ fn wait_for(mut ready: impl FnMut() -> bool) -> Result<()> {
     Ok(())
 }
 
-/// Two sweeps (the first writes everything, the second finds everything unchanged); fragments/s each.
-async fn two_sweeps(db: &Database, sink: &RedisStore) -> Result<[f64; 2]> {
-    let mut rates = [0.0; 2];
-    for rate in &mut rates {
+/// Two sweeps (the first writes everything, the second finds everything unchanged): fragments/s
+/// and what each cost, with Redis's CPU summed over `redis_urls`.
+async fn two_sweeps(
+    db: &Database,
+    sink: &RedisStore,
+    redis_urls: &[&str],
+) -> Result<[(f64, String); 2]> {
+    let mut runs = [(0.0, String::new()), (0.0, String::new())];
+    for run in &mut runs {
+        let before = CpuSample::across(redis_urls).await?;
         let report = pgfresh::sweep(
             db,
             sink,
@@ -130,9 +137,14 @@ async fn two_sweeps(db: &Database, sink: &RedisStore) -> Result<[f64; 2]> {
         if !report.succeeded() {
             bail!("{report}");
         }
-        *rate = report.stats.rendered as f64 / report.elapsed.as_secs_f64();
+        let cost = CpuSample::across(redis_urls).await?.since(before);
+        let rendered = report.stats.rendered as f64;
+        *run = (
+            rendered / report.elapsed.as_secs_f64(),
+            cost.per_thousand(rendered, "fragments"),
+        );
     }
-    Ok(rates)
+    Ok(runs)
 }
 
 impl Bench {
@@ -140,17 +152,31 @@ impl Bench {
     pub async fn cluster(&self) -> Result<()> {
         let (db, _) = self.shop(PRODUCTS).await?;
         let (server, _) = self.redis().await?;
-        let [server_new, server_same] = two_sweeps(&db, &server).await?;
+        let [
+            (server_new, server_new_cost),
+            (server_same, server_same_cost),
+        ] = two_sweeps(&db, &server, &[self.redis_url()]).await?;
         let cluster = ThrowawayCluster::start()?;
         let urls = cluster.urls();
         let nodes: Vec<&str> = urls.iter().map(String::as_str).collect();
         let sink = RedisStore::connect_cluster(&nodes).await?;
-        let [cluster_new, cluster_same] = two_sweeps(&db, &sink).await?;
+        let [
+            (cluster_new, cluster_new_cost),
+            (cluster_same, cluster_same_cost),
+        ] = two_sweeps(&db, &sink, &nodes).await?;
         println!(
             "cluster: sweep of {PRODUCTS} products ({} fragments) into 3 masters {cluster_new:.0} fragments/s written, \
              {cluster_same:.0} unchanged; into one server {server_new:.0} written, {server_same:.0} unchanged",
             2 * PRODUCTS
         );
+        for (what, cost) in [
+            ("3 masters, written", cluster_new_cost),
+            ("3 masters, unchanged", cluster_same_cost),
+            ("one server, written", server_new_cost),
+            ("one server, unchanged", server_same_cost),
+        ] {
+            println!("cluster: {what}: {cost} (the sweep runs in this process)");
+        }
         Ok(())
     }
 }

@@ -57,23 +57,31 @@ impl CpuSample {
     /// Reads the figures now. Redis is found by the `process_id` its `INFO` gives; it counts only
     /// when it runs on this machine.
     pub(crate) async fn now(redis_url: &str) -> Result<CpuSample> {
-        let client = redis::Client::open(redis_url)?;
-        let mut redis = client.get_multiplexed_async_connection().await?;
-        let info: String = redis::cmd("INFO")
-            .arg("server")
-            .query_async(&mut redis)
-            .await?;
-        let redis_pid = info
-            .lines()
-            .find_map(|line| line.strip_prefix("process_id:"))
-            .map(|pid| pid.trim().to_string());
+        CpuSample::across(&[redis_url]).await
+    }
+
+    /// Like [`CpuSample::now`], Redis's figure summed over several servers (a cluster's masters).
+    pub(crate) async fn across(redis_urls: &[&str]) -> Result<CpuSample> {
+        let mut redis_total = Some(0.0);
+        for url in redis_urls {
+            let client = redis::Client::open(*url)?;
+            let mut redis = client.get_multiplexed_async_connection().await?;
+            let info: String = redis::cmd("INFO")
+                .arg("server")
+                .query_async(&mut redis)
+                .await?;
+            let cpu = info
+                .lines()
+                .find_map(|line| line.strip_prefix("process_id:"))
+                .and_then(|pid| process_cpu(pid.trim()))
+                .map(|(own, _)| own);
+            redis_total = redis_total.zip(cpu).map(|(total, cpu)| total + cpu);
+        }
         let (own, children) = process_cpu("self").unwrap_or_default();
         Ok(CpuSample {
             pgfresh: own + children,
             postgres: postgres_cpu(),
-            redis: redis_pid
-                .and_then(|pid| process_cpu(&pid))
-                .map(|(own, _)| own),
+            redis: redis_total,
         })
     }
 

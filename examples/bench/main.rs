@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release --example bench -- all
 //!
-//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`.
+//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`,
+//! and `triggers` (the trigger study, about 30 minutes; not part of `all`).
 //! Each works in databases of its own (`pgfresh_bench_<products>`, `pgfresh_bench_blog_<posts>`,
 //! created and filled on first use, kept for later runs) and in a Redis database of its own
 //! (`--redis-url`, default database 9), which it empties; `cluster` also starts a throwaway Redis
@@ -28,6 +29,7 @@ mod scenarios;
 #[allow(dead_code)] // the bench only needs `setup` itself
 #[path = "../shop/setup.rs"]
 mod setup;
+mod triggers;
 
 use std::process::ExitCode;
 
@@ -67,6 +69,8 @@ enum Scenario {
     FanOut,
     Cluster,
     All,
+    /// The trigger study: each part of the capture trigger's cost (about 30 minutes).
+    Triggers,
     /// Internal: one sweep in a fresh process, so its peak RSS is its own.
     #[value(hide = true)]
     SweepOnce,
@@ -93,6 +97,7 @@ fn main() -> ExitCode {
             Scenario::FanOutOnce => bench.fan_out_once(cli.products).await,
             Scenario::Cluster => bench.cluster().await,
             Scenario::All => bench.all().await,
+            Scenario::Triggers => bench.triggers().await,
         };
         result
             .map(|()| ExitCode::SUCCESS)

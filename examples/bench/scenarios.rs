@@ -33,7 +33,7 @@ pub(crate) fn fragments() -> Fragments {
     Fragments::new().with(PREFIX, ProductCard)
 }
 
-async fn connect(url: &str) -> Result<tokio_postgres::Client> {
+pub(crate) async fn connect(url: &str) -> Result<tokio_postgres::Client> {
     let (client, connection) = tokio_postgres::connect(url, NoTls).await?;
     tokio::spawn(connection);
     Ok(client)
@@ -750,19 +750,10 @@ async fn enable_keyspace_events(client: &redis::Client, url: &str) -> Result<u32
         .unwrap_or(0))
 }
 
-/// One pgbench run: 8 clients, random one-row UPDATEs; returns transactions per second.
-async fn pgbench(url: &str, script: &std::path::Path) -> Result<f64> {
+/// One pgbench run of `script`, 8 clients for `seconds`; returns transactions per second.
+pub(crate) async fn pgbench(url: &str, script: &std::path::Path, seconds: u32) -> Result<f64> {
     let out = tokio::process::Command::new("pgbench")
-        .args([
-            "-n",
-            "-c",
-            "8",
-            "-j",
-            "2",
-            "-T",
-            &PGBENCH_SECONDS.to_string(),
-            "-f",
-        ])
+        .args(["-n", "-c", "8", "-j", "2", "-T", &seconds.to_string(), "-f"])
         .arg(script)
         .arg(url)
         .output()
@@ -868,7 +859,7 @@ async fn alternate_watching(
         let cpu_before = cpu_time();
         let sample = CpuSample::now(redis_url).await?;
         let started = Instant::now();
-        let tps = pgbench(url, script).await?;
+        let tps = pgbench(url, script, PGBENCH_SECONDS).await?;
         let postgres = CpuSample::now(redis_url).await?.since(sample).postgres();
         let per_thousand = postgres * 1000.0 / (tps * f64::from(PGBENCH_SECONDS)) * 1000.0;
         if watched {
