@@ -89,6 +89,84 @@ async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
 }
 
 #[tokio::test]
+async fn a_writers_search_path_cannot_put_its_own_operators_or_types_into_the_capture_code() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let writer = format!("{}_writer", env.name);
+    let admin = env.client().await;
+    // The writer's schema, first on its search_path (pg_catalog explicitly after it) and open to
+    // everyone (pgfresh_capture included), holds an operator for every comparison and arithmetic the
+    // capture code does, and a type named text: each raises if the capture code, which runs as
+    // pgfresh_capture, ever uses it.
+    let mut hijacks = String::new();
+    for (op, left, right, returns) in [
+        ("<>", "text", "text", "bool"),
+        ("=", "text", "text", "bool"),
+        ("<>", "name", "name", "bool"),
+        ("=", "name", "name", "bool"),
+        ("=", "oid", "int4", "bool"),
+        ("=", "oid", "oid", "bool"),
+        ("=", "int4", "int4", "bool"),
+        (">", "timestamptz", "timestamptz", "bool"),
+        ("-", "timestamptz", "interval", "timestamptz"),
+    ] {
+        let name = format!("hijack_{}", hijacks.matches("CREATE OPERATOR").count());
+        hijacks.push_str(&format!(
+            "CREATE FUNCTION {writer}.{name}(pg_catalog.{left}, pg_catalog.{right})
+                 RETURNS pg_catalog.{returns} LANGUAGE plpgsql AS
+                 $$BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END$$;
+             CREATE OPERATOR {writer}.{op} (LEFTARG = pg_catalog.{left}, RIGHTARG = pg_catalog.{right},
+                 FUNCTION = {writer}.{name});\n"
+        ));
+    }
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {writer} LOGIN; CREATE SCHEMA {writer} AUTHORIZATION {writer};
+             CREATE TABLE items(id int PRIMARY KEY); GRANT ALL ON items TO {writer};
+             SELECT pgfresh.watch('items', 'id', 'item');
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('an idle listener', true);
+             SET ROLE {writer};
+             GRANT USAGE ON SCHEMA {writer} TO PUBLIC;
+             {hijacks}
+             CREATE FUNCTION {writer}.refuse(pg_catalog.text) RETURNS pg_catalog.bool LANGUAGE plpgsql AS
+                 $$BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END$$;
+             CREATE DOMAIN {writer}.text AS pg_catalog.text CHECK ({writer}.refuse(VALUE));
+             CREATE FUNCTION {writer}.lower(pg_catalog.text) RETURNS pg_catalog.text LANGUAGE plpgsql AS
+                 $$BEGIN RAISE EXCEPTION 'hijacked as %', current_user; END$$;
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let url = env.url.replacen("postgres@", &format!("{writer}@"), 1);
+    let as_writer = connect(&url).await;
+    as_writer
+        .batch_execute(&format!(
+            "SET search_path = {writer}, pg_catalog;
+             INSERT INTO public.items VALUES (1);
+             UPDATE public.items SET id = 2;
+             DELETE FROM public.items;"
+        ))
+        .await
+        .unwrap_or_else(|e| panic!("the capture code used the writer's objects: {e:?}"));
+    let keys: Vec<String> = admin
+        .query("SELECT key FROM pgfresh.changes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(keys, ["1", "2", "1", "2"]);
+    drop(as_writer);
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE items; DROP OWNED BY {writer} CASCADE; DROP ROLE {writer}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn capture_code_runs_as_a_role_that_may_only_queue_changes() {
     let env = TestEnv::shop(2).await;
     let client = env.client().await;
@@ -417,7 +495,14 @@ async fn upgrading_from_version_3_rebuilds_every_watch_under_the_capture_role() 
     );
 
     let applied = pgfresh::install(&env.db).await.unwrap();
-    assert_eq!(applied, ["0004_least_privilege", "0005_fragment_storage"]);
+    assert_eq!(
+        applied,
+        [
+            "0004_least_privilege",
+            "0005_fragment_storage",
+            "0006_cheaper_capture"
+        ]
+    );
     assert_eq!(
         triggers(&client).await,
         [
