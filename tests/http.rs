@@ -48,6 +48,9 @@ async fn metrics_health_and_readiness_are_served() {
         "pgfresh_redis_write_seconds_count 0",
         "pgfresh_redis_can_evict 0",
         "pgfresh_standing_aside 0",
+        "pgfresh_freshness_seconds_count{fragment=\"product_card\"} 0",
+        "pgfresh_freshness_lag_seconds 0",
+        "pgfresh_ready 1",
     ] {
         assert!(
             first.contains(zero),
@@ -81,6 +84,13 @@ async fn metrics_health_and_readiness_are_served() {
             && expected.iter().all(|name| body.contains(name))
             && metric(&body, "pgfresh_changes_applied_total") >= 1.0
             && metric(&body, "pgfresh_renders_total{fragment=\"product_card\"}") >= 2.0
+            && metric(
+                &body,
+                "pgfresh_freshness_seconds_count{fragment=\"product_card\"}",
+            ) >= 1.0
+            && body.contains(
+                "pgfresh_freshness_seconds_bucket{fragment=\"product_card\",le=\"0.001\"}",
+            )
     })
     .await;
 
@@ -108,6 +118,12 @@ async fn metrics_health_and_readiness_are_served() {
         get(port, "/readyz").await == (503, "Redis did not answer a PING within 2 s\n".into())
     })
     .await;
+    let (_, scrape) = get(port, "/metrics").await;
+    assert_eq!(
+        metric(&scrape, "pgfresh_ready"),
+        0.0,
+        "not ready, says /metrics too"
+    );
     drop(frozen);
     eventually("/readyz to recover", || async {
         get(port, "/readyz").await.0 == 200

@@ -53,10 +53,14 @@ async fn apply(
     started: Instant,
 ) -> Result<RefreshStats, Error> {
     let claimed_at = started.elapsed();
+    let ages = Ages {
+        by_id: claim.changes.iter().map(|c| (c.id, c.age)).collect(),
+        received: claim.received.unwrap_or(started),
+    };
     let plan = shared.recent.plan_batch(&claim.changes, started);
     let routes = route::route(&shared.fragments, plan.to_render.keys().copied());
     let fanned = route::fan_out(shared, &mut txn, &routes.fan_outs).await?;
-    let mut rendered = render_changes(shared, &routes, claim.ticket).await?;
+    let mut rendered = render_changes(shared, &routes, claim.ticket, &plan, &ages).await?;
     for change in &routes.unrouted {
         let reason = format!("no fragment subscribes to topic {:?}", change.0);
         rendered.failed.entry(*change).or_insert(reason);
@@ -221,6 +225,23 @@ struct RenderedChanges<'a> {
     unchecked: Vec<(String, String)>,
 }
 
+/// How long before the claim each claimed change happened, for freshness.
+struct Ages {
+    by_id: HashMap<i64, Duration>,
+    received: Instant,
+}
+
+impl Ages {
+    /// How stale the fragment of these changes was until now: each change's age at the claim plus
+    /// the time since.
+    fn lags<'a>(&'a self, ids: &'a [i64]) -> impl Iterator<Item = Duration> + 'a {
+        let since = self.received.elapsed();
+        ids.iter()
+            .filter_map(|id| self.by_id.get(id))
+            .map(move |age| *age + since)
+    }
+}
+
 /// Refreshes the keys each fragment is routed. Rows are loaded on a connection of their own: a
 /// loader's SQL error would otherwise abort the claiming transaction, and with it the recording of
 /// that very failure.
@@ -228,6 +249,8 @@ async fn render_changes<'a>(
     shared: &Shared,
     routes: &Routes<'a>,
     ticket: i64,
+    plan: &BatchPlan<'a>,
+    ages: &Ages,
 ) -> Result<RenderedChanges<'a>, Error> {
     let mut rendered = RenderedChanges::default();
     if routes.renders.is_empty() {
@@ -248,6 +271,24 @@ async fn render_changes<'a>(
         .await?;
         shared.board.refreshed(fragment.name(), refreshed.stats);
         rendered.stats += refreshed.stats;
+        // Freshness of every change whose fragment now holds a render that saw it (written,
+        // unchanged, or refused for a newer one); failed and unchecked keys are not there yet.
+        let missed: HashSet<usize> = refreshed
+            .failed
+            .iter()
+            .map(|(index, _)| *index)
+            .chain(refreshed.unchecked.iter().copied())
+            .collect();
+        let lags: Vec<Duration> = keys
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| !missed.contains(index))
+            .flat_map(|(_, key)| &part.keys[key.as_str()])
+            .filter_map(|change| plan.to_render.get(change))
+            .flat_map(|ids| ages.lags(ids))
+            .collect();
+        crate::ops::telemetry::fresh(fragment.name(), &lags);
+        shared.board.fresh(fragment.name(), &lags);
         for (index, reason) in refreshed.failed {
             for &change in &part.keys[keys[index].as_str()] {
                 rendered

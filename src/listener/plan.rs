@@ -188,6 +188,7 @@ mod tests {
             topic: "product".into(),
             key: key.into(),
             xid,
+            age: Duration::ZERO,
         }
     }
 

@@ -1,12 +1,14 @@
 //! What a running listener knows about itself, for the status page, the readiness check and its
 //! registry row: totals, recent failures, the last sweep, what each fragment has done, and the queue,
-//! Redis's memory policy and Redis's answers as sampled in the background. Updated as things happen;
+//! Redis's memory policy and Redis's answers as sampled in the background, and the last 15 minutes
+//! (`history`). Updated as things happen;
 //! read by `ops::http`, whose requests therefore never take a connection or a query from the listener.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Mutex;
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
+use super::history::{History, HistoryView};
 use crate::fragment::Fragments;
 use crate::pg::queue::QueueStats;
 use crate::stats::RefreshStats;
@@ -64,6 +66,8 @@ pub(crate) struct BoardView {
     pub(crate) redis_eviction: Option<(String, Eviction)>,
     /// Redis's last answer to the background PING, and when.
     pub(crate) redis_answer: Option<(Instant, Result<(), String>)>,
+    /// The last 15 minutes: changes applied, freshness, queue depth.
+    pub(crate) history: HistoryView,
 }
 
 /// The listener's status board.
@@ -73,7 +77,6 @@ pub(crate) struct StatusBoard {
     inner: Mutex<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
     recent_failures: VecDeque<RecentFailure>,
     last_sweep: Option<LastSweep>,
@@ -83,6 +86,7 @@ struct Inner {
     queue: Option<(Instant, Result<QueueStats, String>)>,
     redis_eviction: Option<(String, Eviction)>,
     redis_answer: Option<(Instant, Result<(), String>)>,
+    history: History,
 }
 
 impl Default for StatusBoard {
@@ -101,10 +105,21 @@ impl StatusBoard {
                 (f.name().to_string(), place)
             })
             .collect();
+        let started = Instant::now();
         Self {
-            started: Instant::now(),
+            started,
             stored,
-            inner: Mutex::default(),
+            inner: Mutex::new(Inner {
+                recent_failures: VecDeque::new(),
+                last_sweep: None,
+                fragments: BTreeMap::new(),
+                changes_applied: 0,
+                standing_aside: false,
+                queue: None,
+                redis_eviction: None,
+                redis_answer: None,
+                history: History::new(started),
+            }),
         }
     }
 
@@ -116,10 +131,17 @@ impl StatusBoard {
 
     /// Counts changes applied.
     pub(crate) fn applied(&self, changes: usize) {
-        self.inner
-            .lock()
-            .expect("status board lock")
-            .changes_applied += changes as u64;
+        let mut inner = self.inner.lock().expect("status board lock");
+        inner.changes_applied += changes as u64;
+        inner.history.applied(changes as u64, Instant::now());
+    }
+
+    /// Notes renders of `fragment` that reached Redis `lags` after their changes' commits.
+    pub(crate) fn fresh(&self, fragment: &str, lags: &[Duration]) {
+        if !lags.is_empty() {
+            let mut inner = self.inner.lock().expect("status board lock");
+            inner.history.fresh(fragment, lags, Instant::now());
+        }
     }
 
     /// Notes a failed attempt.
@@ -153,7 +175,11 @@ impl StatusBoard {
 
     /// Notes the queue's figures, sampled by the listener's heartbeat.
     pub(crate) fn queue_sampled(&self, stats: Result<QueueStats, String>) {
-        self.inner.lock().expect("status board lock").queue = Some((Instant::now(), stats));
+        let mut inner = self.inner.lock().expect("status board lock");
+        if let Ok(stats) = &stats {
+            inner.history.queue(stats.pending, Instant::now());
+        }
+        inner.queue = Some((Instant::now(), stats));
     }
 
     /// Notes what Redis's memory policy allows.
@@ -188,6 +214,7 @@ impl StatusBoard {
             queue: inner.queue.clone(),
             redis_eviction: inner.redis_eviction.clone(),
             redis_answer: inner.redis_answer.clone(),
+            history: inner.history.view(Instant::now()),
         }
     }
 }

@@ -87,6 +87,7 @@ pub(crate) async fn bind(
 }
 
 async fn metrics(State(state): State<AppState>) -> (StatusCode, String) {
+    crate::ops::telemetry::ready(problem(&state.sources).is_none());
     match &state.metrics {
         Some(handle) => (StatusCode::OK, handle.render()),
         None => (

@@ -3,11 +3,14 @@
 //!
 //! - `board`: what the listener knows about itself (totals, failures, the last sweep, samples of the
 //!   queue and of Redis), updated as things happen.
-//! - `page`: the status page, a maud template over the board.
+//! - `history`: the last 15 minutes in 10-second slots (changes applied, freshness, queue depth).
+//! - `page`: the status page, a maud template over the board; `charts` draws its SVG charts.
 //! - `telemetry`: metrics through the `metrics` facade, and the Prometheus recorder.
 //! - `http`: `/`, `/metrics`, `/healthz`, `/readyz`; requests only ever read the board.
 
 pub(crate) mod board;
+mod charts;
+pub(crate) mod history;
 pub(crate) mod http;
 mod page;
 pub(crate) mod telemetry;

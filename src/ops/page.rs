@@ -1,9 +1,12 @@
 //! The status page: one self-refreshing HTML page, drawn with maud from the board, readable without
-//! JavaScript.
+//! JavaScript: connections, the last 15 minutes as SVG charts (changes applied, freshness, queue
+//! depth), the queue, each fragment with its freshness, the last sweep and recent failures.
 
 use std::time::SystemTime;
 
 use super::board::BoardView;
+use super::charts::{Series, line_chart};
+use super::history::HistoryView;
 use crate::store::Eviction;
 
 /// The status page: plain HTML that refreshes itself every two seconds.
@@ -38,6 +41,7 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                         }
                     }
                 }
+                (charts(&board.history))
                 section {
                     h2 { "Queue" }
                     @match &board.queue {
@@ -46,6 +50,7 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                             @if stats.pending_estimated { "about " }
                             (stats.pending) " pending"
                             @if let Some(oldest) = stats.oldest { ", oldest " (format!("{:.1}", oldest.as_secs_f64())) " s" }
+                            @if let Some(lag) = stats.lag { ", committed " (format!("{:.1}", lag.as_secs_f64())) " s ago" }
                             "; " (stats.parked) " parked in pgfresh.failed"
                             " (sampled " (at.elapsed().as_secs()) " s ago)"
                         },
@@ -59,11 +64,11 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                 section {
                     h2 { "Fragments" }
                     table {
-                        tr { th { "fragment" } th { "stored at" } th { "rendered" } th { "written" } th { "unchanged" } th { "stale writes refused" } th { "deleted" } th { "errors" } }
+                        tr { th { "fragment" } th { "stored at" } th { "freshness p50 / p99 (15 min)" } th { "rendered" } th { "written" } th { "unchanged" } th { "stale writes refused" } th { "deleted" } th { "errors" } }
                         @for (name, stored) in &board.stored {
                             @let stats = board.fragments.get(name).cloned().unwrap_or_default();
                             tr {
-                                td { (name) } td { code { (stored) } } td { (stats.rendered) } td { (stats.written) } td { (stats.unchanged) }
+                                td { (name) } td { code { (stored) } } td class="fresh" { (freshness(&board.history, name)) } td { (stats.rendered) } td { (stats.written) } td { (stats.unchanged) }
                                 td { (stats.refused) } td { (stats.deleted) } td { (stats.errors) }
                             }
                         }
@@ -96,6 +101,61 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
     }
 }
 
+/// The charts of the last 15 minutes.
+fn charts(history: &HistoryView) -> maud::Markup {
+    let points = &history.points;
+    let applied = vec![Series {
+        name: "applied",
+        colour: "#1f5fa8",
+        values: points.iter().map(|p| Some(p.applied_per_second)).collect(),
+    }];
+    let freshness = vec![
+        Series {
+            name: "p50",
+            colour: "#176117",
+            values: points.iter().map(|p| p.p50.map(|s| s * 1e3)).collect(),
+        },
+        Series {
+            name: "p99",
+            colour: "#b35900",
+            values: points.iter().map(|p| p.p99.map(|s| s * 1e3)).collect(),
+        },
+    ];
+    let queue = vec![Series {
+        name: "pending",
+        colour: "#6b3fa0",
+        values: points.iter().map(|p| p.queue.map(|q| q as f64)).collect(),
+    }];
+    maud::html! {
+        section class="charts" {
+            h2 { "Last 15 minutes" }
+            (line_chart("chart-applied", "Changes applied per second", &applied, |v| format!("{v}/s")))
+            (line_chart("chart-freshness", "Freshness: commit to Redis, p50 and p99", &freshness, |v| format!("{v} ms")))
+            (line_chart("chart-queue", "Queue depth", &queue, |v| format!("{v}")))
+        }
+    }
+}
+
+/// A fragment's freshness over the window: "p50 / p99", or a dash when nothing was applied.
+fn freshness(history: &HistoryView, fragment: &str) -> String {
+    let Some(buckets) = history.by_fragment.get(fragment) else {
+        return "–".into();
+    };
+    match (buckets.quantile(0.5), buckets.quantile(0.99)) {
+        (Some(p50), Some(p99)) => format!("{} / {}", duration(p50), duration(p99)),
+        _ => "–".into(),
+    }
+}
+
+/// Seconds as "3.2 ms" or "1.4 s".
+fn duration(seconds: f64) -> String {
+    if seconds < 1.0 {
+        format!("{:.1} ms", seconds * 1e3)
+    } else {
+        format!("{seconds:.1} s")
+    }
+}
+
 fn ago(at: SystemTime) -> String {
     let secs = at.elapsed().map_or(0, |d| d.as_secs());
     format!("{secs} s ago")
@@ -104,7 +164,10 @@ fn ago(at: SystemTime) -> String {
 /// Inline styles: the page needs no other request.
 const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em;max-width:70em}\
 h1 small{font-weight:normal;color:#666}table{border-collapse:collapse}\
-td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}.ok{color:#176117}.bad{color:#a31515}";
+td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}.ok{color:#176117}.bad{color:#a31515}\
+figure{display:inline-block;margin:0 1.5em 1em 0}figcaption{font-weight:600}\
+svg.chart text{font-size:11px;fill:#555}svg.chart .axis{stroke:#888}svg.chart .grid{stroke:#ddd}\
+.legend{margin:.2em 0 0}";
 
 #[cfg(test)]
 mod tests {
@@ -119,5 +182,21 @@ mod tests {
         board.standing_aside(true);
         let during = page("me", None, &board.view()).into_string();
         assert!(during.contains("Standing aside: a listener with a newer version"));
+    }
+
+    #[test]
+    fn the_page_draws_the_last_fifteen_minutes_and_each_fragments_freshness() {
+        let board = StatusBoard::default();
+        let quiet = page("me", None, &board.view()).into_string();
+        for chart in ["chart-applied", "chart-freshness", "chart-queue"] {
+            assert!(quiet.contains(&format!("<svg id=\"{chart}\"")), "{chart}");
+        }
+        assert!(!quiet.contains("<polyline"), "nothing to draw yet");
+        board.applied(3);
+        board.fresh("card", &[std::time::Duration::from_millis(3)]);
+        let view = board.view();
+        let busy = page("me", None, &view).into_string();
+        assert!(busy.contains("<circle"), "this slot's point is drawn");
+        assert_eq!(freshness(&view.history, "card"), "3.8 ms / 5.0 ms");
     }
 }

@@ -6,7 +6,7 @@
 use std::time::Duration;
 
 use metrics::{counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
 use crate::pg::queue::QueueStats;
 use crate::stats::RefreshStats;
@@ -22,6 +22,11 @@ pub(crate) fn install_prometheus() -> Option<PrometheusHandle> {
                 .set_buckets(&[
                     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
                 ])
+                .ok()?
+                .set_buckets_for_metric(
+                    Matcher::Full("pgfresh_freshness_seconds".into()),
+                    &super::history::FRESHNESS_BUCKETS,
+                )
                 .ok()?
                 .install_recorder()
                 .ok()?;
@@ -69,6 +74,18 @@ fn describe() {
     describe_histogram!(
         "pgfresh_redis_write_seconds",
         "Time of the version-checked Redis write of one batch"
+    );
+    describe_histogram!(
+        "pgfresh_freshness_seconds",
+        "Time from a change's commit (its transaction's start where PostgreSQL does not track commit timestamps) to its fragment's render in Redis, by fragment"
+    );
+    describe_gauge!(
+        "pgfresh_freshness_lag_seconds",
+        "How long ago the oldest change still waiting in the queue was committed: how stale the stalest fragment may be now (0 when the queue is empty)"
+    );
+    describe_gauge!(
+        "pgfresh_ready",
+        "1 when the listener can do its work (its LISTEN session is up and Redis answers), as /readyz says"
     );
     describe_gauge!(
         "pgfresh_queue_pending",
@@ -133,6 +150,8 @@ fn register() {
         "pgfresh_notification_queue_usage",
         "pgfresh_standing_aside",
         "pgfresh_redis_can_evict",
+        "pgfresh_freshness_lag_seconds",
+        "pgfresh_ready",
     ] {
         gauge!(name).set(0.0);
     }
@@ -148,7 +167,8 @@ pub(crate) fn register_fragments<'a>(names: impl Iterator<Item = &'a str>) {
                 .absolute(0);
         }
         let _ = histogram!("pgfresh_load_seconds", "fragment" => fragment.clone());
-        let _ = histogram!("pgfresh_render_seconds", "fragment" => fragment);
+        let _ = histogram!("pgfresh_render_seconds", "fragment" => fragment.clone());
+        let _ = histogram!("pgfresh_freshness_seconds", "fragment" => fragment);
     }
 }
 
@@ -160,6 +180,19 @@ pub(crate) fn loaded(fragment: &str, took: Duration) {
 /// Records the render of one batch of keys.
 pub(crate) fn rendered(fragment: &str, took: Duration) {
     histogram!("pgfresh_render_seconds", "fragment" => fragment.to_string()).record(took);
+}
+
+/// Records renders of `fragment` that reached Redis `lags` after their changes' commits.
+pub(crate) fn fresh(fragment: &str, lags: &[Duration]) {
+    let histogram = histogram!("pgfresh_freshness_seconds", "fragment" => fragment.to_string());
+    for lag in lags {
+        histogram.record(*lag);
+    }
+}
+
+/// Records whether the listener is ready (as `/readyz` answers).
+pub(crate) fn ready(ready: bool) {
+    gauge!("pgfresh_ready").set(if ready { 1.0 } else { 0.0 });
 }
 
 /// Records one refresh of a batch of keys (its load and render are recorded as they happen).
@@ -198,6 +231,7 @@ pub(crate) fn queue(stats: &QueueStats, notification_queue_usage: f64) {
     gauge!("pgfresh_queue_pending").set(stats.pending as f64);
     gauge!("pgfresh_queue_oldest_seconds").set(stats.oldest.map_or(0.0, |age| age.as_secs_f64()));
     gauge!("pgfresh_parked_changes").set(stats.parked as f64);
+    gauge!("pgfresh_freshness_lag_seconds").set(stats.lag.map_or(0.0, |lag| lag.as_secs_f64()));
     gauge!("pgfresh_notification_queue_usage").set(notification_queue_usage);
 }
 

@@ -2,7 +2,7 @@
 //! settling them (applied, deferred, failed and retried, parked), queueing keys again, and the
 //! bounded figures `status` and the metrics show.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -20,7 +20,17 @@ pub(crate) struct Change {
     pub(crate) key: String,
     /// The transaction that made the change.
     pub(crate) xid: u64,
+    /// How long before the claim the change was committed (see [`ORIGIN`]).
+    pub(crate) age: Duration,
 }
+
+/// When a queued change happened, in SQL over a `pgfresh.changes` row: its transaction's commit
+/// time where PostgreSQL records commit timestamps (`track_commit_timestamp = on`), else the start
+/// of its transaction (`enqueued_at`, the trigger's `now()`), which is earlier by however long the
+/// writing transaction ran, so freshness measured from it is never better than the truth.
+const ORIGIN: &str = "coalesce(CASE WHEN current_setting('track_commit_timestamp')::bool
+                                   THEN pg_xact_commit_timestamp(xid(changes.xid)) END,
+                              changes.enqueued_at)";
 
 /// Changes claimed by one transaction, with the render ticket taken before any row is loaded.
 #[derive(Debug, Default)]
@@ -34,6 +44,8 @@ pub(crate) struct Claim {
     pub(crate) undecodable: Vec<Failure>,
     /// The claiming statement's snapshot: every render of this batch saw what it saw, and more.
     pub(crate) snapshot: Option<super::Snapshot>,
+    /// When the claim's rows arrived: a change's freshness is its `age` plus the time since.
+    pub(crate) received: Option<Instant>,
 }
 
 /// A failed change and why.
@@ -55,6 +67,9 @@ pub(crate) struct QueueStats {
     pub(crate) pending_estimated: bool,
     /// Age of the oldest waiting change.
     pub(crate) oldest: Option<Duration>,
+    /// How long ago the oldest waiting change happened (see [`ORIGIN`]): how stale the stalest
+    /// fragment may be now.
+    pub(crate) lag: Option<Duration>,
     /// Changes parked in `pgfresh.failed`.
     pub(crate) parked: i64,
 }
@@ -70,25 +85,27 @@ pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error
     // not valid in the client's encoding (UTF-8): one such row would fail every claim. There, topic
     // and key come as raw bytes, and a row that is not UTF-8 fails alone.
     // Typed parameters: parsed, bound and run in one round trip, not prepared first.
-    let rows = txn
-        .query_typed(
-            "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
-             SELECT (SELECT nextval('pgfresh.render_tickets')), id,
-                    CASE WHEN NOT raw THEN topic END, CASE WHEN NOT raw THEN key END,
-                    xid::text::bigint, (SELECT pg_current_snapshot()::text),
-                    CASE WHEN raw THEN convert_to(topic, 'SQL_ASCII') END,
-                    CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END
-             FROM pgfresh.changes, encoding
-             WHERE retry_at <= now()
-             ORDER BY id
-             LIMIT $1
-             FOR UPDATE OF changes SKIP LOCKED",
-            &[(&limit, Type::INT8)],
-        )
-        .await?;
+    // Ages come from PostgreSQL's clock alone (the claim's time less the change's), so the
+    // listener's clock may differ from the server's without skewing freshness.
+    let sql = format!(
+        "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
+         SELECT (SELECT nextval('pgfresh.render_tickets')), id,
+                CASE WHEN NOT raw THEN topic END, CASE WHEN NOT raw THEN key END,
+                xid::text::bigint, (SELECT pg_current_snapshot()::text),
+                CASE WHEN raw THEN convert_to(topic, 'SQL_ASCII') END,
+                CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END,
+                extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
+         FROM pgfresh.changes, encoding
+         WHERE retry_at <= now()
+         ORDER BY id
+         LIMIT $1
+         FOR UPDATE OF changes SKIP LOCKED"
+    );
+    let rows = txn.query_typed(&sql, &[(&limit, Type::INT8)]).await?;
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
         snapshot: rows.first().and_then(|r| super::Snapshot::parse(r.get(5))),
+        received: Some(Instant::now()),
         ..Claim::default()
     };
     for row in &rows {
@@ -99,6 +116,7 @@ pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error
                 topic,
                 key,
                 xid: row.get::<_, i64>(4) as u64,
+                age: Duration::from_secs_f64(row.get::<_, f64>(8).max(0.0)),
             }),
             _ => claim.undecodable.push(Failure {
                 id,
@@ -253,16 +271,16 @@ pub(crate) const EXACT_COUNT_LIMIT: i64 = 100_000;
 /// stop at [`EXACT_COUNT_LIMIT`] rows, and the oldest change is the one with the lowest id (ids grow
 /// with time), found through the primary key, as are the ids that bound an estimate.
 pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
-    let row = client
-        .query_one(
-            "SELECT (SELECT count(*) FROM (SELECT FROM pgfresh.changes LIMIT $1) AS counted),
-                    (SELECT max(id) - min(id) + 1 FROM pgfresh.changes),
-                    (SELECT extract(epoch FROM now() - enqueued_at)::float8
-                     FROM pgfresh.changes ORDER BY id LIMIT 1),
-                    (SELECT count(*) FROM (SELECT FROM pgfresh.failed LIMIT $1) AS counted)",
-            &[&(EXACT_COUNT_LIMIT + 1)],
-        )
-        .await?;
+    let sql = format!(
+        "SELECT (SELECT count(*) FROM (SELECT FROM pgfresh.changes LIMIT $1) AS counted),
+                (SELECT max(id) - min(id) + 1 FROM pgfresh.changes),
+                (SELECT extract(epoch FROM now() - enqueued_at)::float8
+                 FROM pgfresh.changes ORDER BY id LIMIT 1),
+                (SELECT count(*) FROM (SELECT FROM pgfresh.failed LIMIT $1) AS counted),
+                (SELECT extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
+                 FROM pgfresh.changes ORDER BY id LIMIT 1)"
+    );
+    let row = client.query_one(&sql, &[&(EXACT_COUNT_LIMIT + 1)]).await?;
     let counted: i64 = row.get(0);
     let pending_estimated = counted > EXACT_COUNT_LIMIT;
     Ok(QueueStats {
@@ -274,6 +292,9 @@ pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
         pending_estimated,
         oldest: row
             .get::<_, Option<f64>>(2)
+            .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
+        lag: row
+            .get::<_, Option<f64>>(4)
             .map(|secs| Duration::from_secs_f64(secs.max(0.0))),
         parked: row.get(3),
     })
