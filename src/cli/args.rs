@@ -116,6 +116,10 @@ pub enum Command {
     Status,
     /// Put changes parked in pgfresh.failed back into the queue.
     RetryFailed,
+    /// Check the deployment (schema, watches against fragments, key columns, loaders for this role,
+    /// Redis's memory policy, listeners, queue, NOTIFY queue); print each problem with its fix and
+    /// exit 1 if there is any. Run it with the listener's connection settings.
+    Doctor,
 }
 
 /// Flags of `listen`.

@@ -1,5 +1,5 @@
 //! What each command does, once its arguments are parsed and the database is reachable: the DBA's
-//! `install`, `uninstall`, `status` and `retry-failed`, and `render`, `listen`, `sweep`.
+//! `install`, `uninstall`, `status` and `retry-failed`, and `render`, `listen`, `sweep`, `doctor`.
 
 use std::process::ExitCode;
 
@@ -152,6 +152,22 @@ pub(super) async fn render(
         Some(KeyOutcome::Failed(reason)) => Err(Error::Fragment(reason)),
         Some(KeyOutcome::SameAs(_)) | None => Err(Error::Fragment("nothing rendered".into())),
     }
+}
+
+/// `doctor`: every check of `ops::doctor`, printed; exit 1 when it found a problem.
+pub(super) async fn doctor(
+    db: &Database,
+    connections: &Connections,
+    fragments: &Fragments,
+) -> Result<ExitCode, Error> {
+    println!("pgfresh doctor: database {} at {}", db.name(), db.url());
+    let report = crate::ops::doctor::examine(db, connections.redis().await, fragments).await?;
+    println!("{report}");
+    Ok(if report.problems() == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `status`: the installed version, the watches (and disabled triggers), the queue, the live

@@ -1,5 +1,5 @@
 //! The command line that users reuse in their own fragment binary: `install`, `uninstall`, `listen`,
-//! `sweep`, `render`, `status` and `retry-failed`.
+//! `sweep`, `render`, `status`, `retry-failed` and `doctor`.
 //!
 //! This is the only layer that reads flags and the environment; it turns them into typed settings once
 //! and hands them to the library. A binary with extra commands (like `examples/shop`) flattens
@@ -111,6 +111,7 @@ pub async fn execute(
         Command::Uninstall => commands::uninstall(&db).await,
         Command::Status => commands::status(&db, connections).await,
         Command::RetryFailed => commands::retry_failed(&db).await,
+        Command::Doctor => commands::doctor(&db, connections, fragments).await,
         Command::Render(args) => commands::render(&db, fragments, args).await,
         Command::Listen(args) => {
             require_fragments(fragments)?;
@@ -131,6 +132,8 @@ fn pool_size(command: &Command) -> usize {
             2 * usize::from(args.workers) + usize::from(args.sweep.sweep_concurrency) + 3
         }
         Command::Sweep(args) => usize::from(args.tuning.sweep_concurrency) + 1,
+        // Its own session, and one for each check that reads the user's tables.
+        Command::Doctor => 2,
         _ => 1,
     }
 }

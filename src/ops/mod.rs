@@ -6,10 +6,12 @@
 //! - `history`: the last 15 minutes in 10-second slots (changes applied, freshness, queue depth).
 //! - `page`: the status page, a maud template over the board; `charts` draws its SVG charts.
 //! - `telemetry`: metrics through the `metrics` facade, and the Prometheus recorder.
+//! - `doctor`: the `doctor` command's checks of a deployment, each problem with its fix.
 //! - `http`: `/`, `/metrics`, `/healthz`, `/readyz`; requests only ever read the board.
 
 pub(crate) mod board;
 mod charts;
+pub(crate) mod doctor;
 pub(crate) mod history;
 pub(crate) mod http;
 mod page;

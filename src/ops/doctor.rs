@@ -1,0 +1,381 @@
+//! `doctor`: checks a deployment the way an operator would, and says for each problem what to do.
+//! Run with the listener's own connection settings, it sees what the listener sees: the schema's
+//! version, the watches against the fragments' topics, whether watched key values parse as the
+//! fragments' keys, whether each fragment's loader works for this role (on a sample key, in a
+//! read-only transaction), Redis's memory policy, live listeners, the queue and PostgreSQL's NOTIFY
+//! queue. Its report is plain text an operator can paste into a ticket.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+use crate::Error;
+use crate::fragment::{Fragments, KeyOutcome, Mapping};
+use crate::pg::{Database, queue, registry, schema};
+use crate::store::{Eviction, RedisStore};
+
+/// How many values of a watched key column are tried.
+const KEY_SAMPLE: i64 = 100;
+/// A change older than this still in the queue is a problem.
+const STALE_CHANGE_SECONDS: f64 = 60.0;
+/// NOTIFY queue usage above this is a problem.
+const NOTIFY_USAGE_LIMIT: f64 = 0.5;
+
+/// One thing checked.
+#[derive(Debug)]
+struct Finding {
+    what: String,
+    /// What to do, for a problem; `None` when all is well.
+    fix: Option<String>,
+}
+
+/// Everything `doctor` found.
+#[derive(Debug, Default)]
+pub(crate) struct Report {
+    findings: Vec<Finding>,
+}
+
+impl Report {
+    fn ok(&mut self, what: impl Into<String>) {
+        self.findings.push(Finding {
+            what: what.into(),
+            fix: None,
+        });
+    }
+
+    fn problem(&mut self, what: impl Into<String>, fix: impl Into<String>) {
+        self.findings.push(Finding {
+            what: what.into(),
+            fix: Some(fix.into()),
+        });
+    }
+
+    /// How many problems were found.
+    pub(crate) fn problems(&self) -> usize {
+        self.findings.iter().filter(|f| f.fix.is_some()).count()
+    }
+}
+
+impl fmt::Display for Report {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for finding in &self.findings {
+            match &finding.fix {
+                None => writeln!(f, "ok       {}", finding.what)?,
+                Some(fix) => {
+                    writeln!(f, "PROBLEM  {}", finding.what)?;
+                    writeln!(f, "         fix: {fix}")?;
+                }
+            }
+        }
+        match self.problems() {
+            0 => write!(f, "no problems found"),
+            1 => write!(f, "1 problem found"),
+            n => write!(f, "{n} problems found"),
+        }
+    }
+}
+
+/// Checks the deployment of `fragments` in `db` and `redis` (or why Redis could not be reached).
+pub(crate) async fn examine(
+    db: &Database,
+    redis: Result<RedisStore, Error>,
+    fragments: &Fragments,
+) -> Result<Report, Error> {
+    let mut report = Report::default();
+    let client = db.get().await?;
+    let required = schema::required_version();
+    match schema::version_on(&client).await? {
+        None => {
+            report.problem(
+                format!("pgfresh is not installed in database {}", db.name()),
+                "run `install` as the DBA (or psql -f sql/install.sql), then `sweep`",
+            );
+            check_redis(&mut report, redis);
+            return Ok(report);
+        }
+        Some(version) if version < required => report.problem(
+            format!("schema version {version} is older than this binary's {required}"),
+            "run `install` as the DBA to apply the newer migrations (it upgrades in place), then restart the listeners",
+        ),
+        Some(version) if version > required => report.problem(
+            format!("schema version {version} is newer than this binary's {required}"),
+            "deploy the newer binary: this one does not know the schema it would run on",
+        ),
+        Some(version) => report.ok(format!("schema version {version}, as this binary needs")),
+    }
+    let version = schema::version_on(&client).await?.unwrap_or(required);
+
+    for (trigger, table) in schema::disabled_triggers(&client).await? {
+        report.problem(
+            format!("trigger {trigger} on {table} is disabled: changes there are not captured"),
+            format!("ALTER TABLE {table} ENABLE TRIGGER \"{trigger}\"; then run `sweep`"),
+        );
+    }
+    let watches = schema::watches(&client).await?;
+    check_topics(&mut report, fragments, &watches);
+    check_keys(&mut report, db, fragments, &watches).await?;
+    check_loaders(&mut report, db, fragments).await?;
+    check_redis(&mut report, redis);
+
+    let listeners = registry::live_listeners(&client, version).await?;
+    if listeners.is_empty() {
+        report.problem(
+            "no live listener: changes are queued but nothing applies them",
+            "start `listen` (with --http for its status page and metrics)",
+        );
+    } else {
+        report.ok(format!("{} live listener(s)", listeners.len()));
+    }
+
+    let stats = queue::stats(&client).await?;
+    match stats.lag {
+        Some(lag) if lag.as_secs_f64() > STALE_CHANGE_SECONDS => report.problem(
+            format!(
+                "the oldest queued change was committed {:.0} s ago: its fragment is that stale",
+                lag.as_secs_f64()
+            ),
+            "check that a listener runs and is not standing aside, and read the queue's last errors with `status`",
+        ),
+        _ => report.ok(format!(
+            "queue: {} pending, oldest {}",
+            stats.pending,
+            stats
+                .lag
+                .map_or("none".into(), |lag| format!("{:.1} s", lag.as_secs_f64()))
+        )),
+    }
+    if stats.parked > 0 {
+        report.problem(
+            format!("{} changes are parked in pgfresh.failed", stats.parked),
+            "read their errors (SELECT * FROM pgfresh.failed), fix the cause, then run `retry-failed`",
+        );
+    }
+    check_notify(&mut report, queue::notification_queue_usage(&client).await?);
+    Ok(report)
+}
+
+/// PostgreSQL's NOTIFY queue (`usage` from 0 to 1) is not filling up.
+fn check_notify(report: &mut Report, usage: f64) {
+    if usage > NOTIFY_USAGE_LIMIT {
+        report.problem(
+            format!("PostgreSQL's NOTIFY queue is {:.0}% full", usage * 100.0),
+            "end the session that LISTENs in a long-open transaction (pg_stat_activity, state 'idle in transaction'); when the queue is full, writes that NOTIFY fail",
+        );
+    } else {
+        report.ok(format!("NOTIFY queue {:.1}% full", usage * 100.0));
+    }
+}
+
+/// Every topic a fragment listens to is watched, and every watched topic reaches a fragment.
+fn check_topics(report: &mut Report, fragments: &Fragments, watches: &[schema::Watch]) {
+    let watched: BTreeSet<&str> = watches.iter().map(|w| w.topic.as_str()).collect();
+    let mut handled: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for fragment in fragments.iter() {
+        for topic in fragment.topics() {
+            handled
+                .entry(topic.name.as_str())
+                .or_default()
+                .push(fragment.name());
+        }
+    }
+    for (topic, names) in &handled {
+        if watched.contains(topic) {
+            report.ok(format!("topic {topic} is watched ({})", names.join(", ")));
+        } else {
+            report.problem(
+                format!(
+                    "{} listen(s) to topic {topic}, but no table is watched for it: its changes are never queued",
+                    names.join(", ")
+                ),
+                format!("SELECT pgfresh.watch('<table>', '<key column>', '{topic}');"),
+            );
+        }
+    }
+    if fragments.is_empty() {
+        return;
+    }
+    for watch in watches {
+        if !handled.contains_key(watch.topic.as_str()) {
+            report.problem(
+                format!(
+                    "{}.{} is watched for topic {}, which no fragment of this binary handles: its changes fail and are parked",
+                    watch.table, watch.key_column, watch.topic
+                ),
+                format!(
+                    "add a fragment for topic {} (or run the binary that has one), or SELECT pgfresh.unwatch('{}', '{}');",
+                    watch.topic, watch.table, watch.topic
+                ),
+            );
+        }
+    }
+}
+
+/// A sample of each watched key column parses as the key of the fragments it reaches directly.
+async fn check_keys(
+    report: &mut Report,
+    db: &Database,
+    fragments: &Fragments,
+    watches: &[schema::Watch],
+) -> Result<(), Error> {
+    let client = db.get().await?;
+    for watch in watches {
+        let direct: Vec<_> = fragments
+            .iter()
+            .filter(|f| {
+                f.topics()
+                    .iter()
+                    .any(|t| t.name == watch.topic && t.mapping == Mapping::Direct)
+            })
+            .collect();
+        if direct.is_empty() {
+            continue;
+        }
+        let column = format!("\"{}\"", watch.key_column.replace('"', "\"\""));
+        let sql = format!(
+            "SELECT {column}::text FROM {} WHERE {column} IS NOT NULL LIMIT {KEY_SAMPLE}",
+            watch.table
+        );
+        let values: Vec<String> = match client.query(&sql, &[]).await {
+            Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
+            Err(error) => {
+                report.problem(
+                    format!(
+                        "cannot read {}.{}: {}",
+                        watch.table,
+                        watch.key_column,
+                        Error::from(error)
+                    ),
+                    "grant this role SELECT on the table (the listener's loaders need it too)",
+                );
+                continue;
+            }
+        };
+        for fragment in direct {
+            let bad: Vec<&String> = values
+                .iter()
+                .filter(|v| fragment.redis_keys(v).is_none())
+                .collect();
+            match bad.first() {
+                None => report.ok(format!(
+                    "{} sampled values of {}.{} parse as {}'s key",
+                    values.len(),
+                    watch.table,
+                    watch.key_column,
+                    fragment.name()
+                )),
+                Some(example) => report.problem(
+                    format!(
+                        "{} of {} sampled values of {}.{} (e.g. {example:?}) do not parse as {}'s key: their changes fail",
+                        bad.len(),
+                        values.len(),
+                        watch.table,
+                        watch.key_column,
+                        fragment.name()
+                    ),
+                    format!(
+                        "watch the column that holds {}'s keys (SELECT pgfresh.watch('{}', '<column>', '{}');), or change the fragment's Key type",
+                        fragment.name(),
+                        watch.table,
+                        watch.topic
+                    ),
+                ),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Each fragment's loader works for this role on a sample key, in a read-only transaction.
+async fn check_loaders(
+    report: &mut Report,
+    db: &Database,
+    fragments: &Fragments,
+) -> Result<(), Error> {
+    for fragment in fragments.iter() {
+        let mut client = db.get().await?;
+        let txn = client.build_transaction().read_only(true).start().await?;
+        let fix =
+            "grant the listener's role SELECT on what the loader reads, or fix the loader's query";
+        let keys = match fragment.keys_after(txn.client(), None, 1).await {
+            Ok(keys) => keys,
+            Err(error) => {
+                report.problem(
+                    format!("{}: listing its keys failed: {error}", fragment.name()),
+                    fix,
+                );
+                continue;
+            }
+        };
+        let Some(key) = keys.into_iter().next() else {
+            report.ok(format!(
+                "{}: no keys yet, loader not tried",
+                fragment.name()
+            ));
+            continue;
+        };
+        let outcome = match fragment
+            .render_keys(txn.client(), std::slice::from_ref(&key))
+            .await
+        {
+            Ok(rendered) => rendered.outcomes.into_iter().next(),
+            Err(error) => Some(KeyOutcome::Failed(Error::from(error).to_string())),
+        };
+        match outcome {
+            Some(KeyOutcome::Failed(reason)) => report.problem(
+                format!("{}: loading key {key} failed: {reason}", fragment.name()),
+                fix,
+            ),
+            _ => report.ok(format!(
+                "{}: loaded and rendered key {key} (read-only)",
+                fragment.name()
+            )),
+        }
+    }
+    Ok(())
+}
+
+/// Redis answers, and cannot evict pgfresh's keys.
+fn check_redis(report: &mut Report, redis: Result<RedisStore, Error>) {
+    match redis {
+        Err(error) => report.problem(
+            format!("Redis: {error}"),
+            "check --redis-url (or PGFRESH_REDIS_URL) and that Redis runs",
+        ),
+        Ok(store) => match store.eviction() {
+            (Eviction::Impossible, policy) => {
+                report.ok(format!("Redis at {} evicts nothing ({policy})", store.url()))
+            }
+            (eviction, policy) => report.problem(
+                format!("Redis maxmemory-policy {}", eviction.describe(&policy)),
+                "CONFIG SET maxmemory-policy noeviction (and in redis.conf), or a volatile-* policy when fragments have no TTL",
+            ),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // A NOTIFY queue over half full cannot be made in a test (it holds 8 GB on PostgreSQL 15), so
+    // the check itself is tested here; tests/doctor.rs makes every other problem for real.
+    #[test]
+    fn a_notify_queue_over_half_full_is_a_problem_and_the_report_counts_problems() {
+        let mut report = Report::default();
+        check_notify(&mut report, 0.001);
+        assert_eq!(report.problems(), 0);
+        assert_eq!(
+            report.to_string(),
+            "ok       NOTIFY queue 0.1% full\nno problems found"
+        );
+        check_notify(&mut report, 0.62);
+        assert_eq!(report.problems(), 1);
+        let text = report.to_string();
+        assert!(
+            text.contains(
+                "PROBLEM  PostgreSQL's NOTIFY queue is 62% full\n         fix: end the session"
+            ),
+            "{text}"
+        );
+        assert!(text.ends_with("1 problem found"), "{text}");
+    }
+}

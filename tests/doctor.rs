@@ -1,0 +1,181 @@
+//! `doctor`: a healthy deployment passes, and each misconfiguration it checks for is found, printed
+//! with its fix, and makes it exit non-zero.
+
+mod common;
+
+use common::cli::{run, stdout};
+use common::servers::TempRedis;
+use common::{TestEnv, shop_binary, test_settings};
+
+/// Runs `shop doctor` against the environment's database and `redis_url`.
+fn doctor(url: &str, redis_url: &str) -> (bool, String) {
+    let out = run(&shop_binary(), url, redis_url, &["doctor"]);
+    let text = stdout(&out);
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("panicked"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+fn assert_problem(report: &str, problem: &str, fix: &str) {
+    let found = report
+        .split("PROBLEM  ")
+        .skip(1)
+        .find(|finding| finding.contains(problem));
+    let finding = found.unwrap_or_else(|| panic!("no problem {problem:?} in:\n{report}"));
+    assert!(
+        finding.contains(&format!("fix: {fix}")),
+        "{problem:?} without fix {fix:?} in:\n{report}"
+    );
+}
+
+#[tokio::test]
+async fn a_healthy_deployment_passes() {
+    let env = TestEnv::shop(20).await;
+    env.sweep().await;
+    let listener = env.start_listener(test_settings());
+    common::eventually("the listener to register", || async {
+        env.registered_listeners().await > 0
+    })
+    .await;
+    let (passed, report) = doctor(&env.url, &common::redis_url());
+    assert!(passed, "{report}");
+    assert!(report.contains("no problems found"), "{report}");
+    assert!(
+        report.contains("ok       product_card: loaded and rendered key 1 (read-only)"),
+        "{report}"
+    );
+    assert!(report.contains("ok       1 live listener(s)"), "{report}");
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn each_misconfiguration_is_found_with_its_fix() {
+    let env = TestEnv::shop(20).await;
+    let admin = env.client().await;
+
+    // No listener, an old change still queued, a parked one, a disabled trigger, a table watched for
+    // a topic no fragment handles, and a Redis that may evict pgfresh's keys.
+    admin
+        .batch_execute(
+            "INSERT INTO pgfresh.changes (topic, key, enqueued_at)
+             VALUES ('product', '1', now() - interval '2 hours');
+             INSERT INTO pgfresh.failed (change_id, topic, key, enqueued_at, attempts, error)
+             VALUES (1, 'product', '2', now(), 10, 'boom');
+             ALTER TABLE reviews DISABLE TRIGGER pgfresh_product;
+             CREATE TABLE coupons (code text PRIMARY KEY);
+             SELECT pgfresh.watch('coupons', 'code', 'coupon');",
+        )
+        .await
+        .unwrap();
+    let evicting =
+        TempRedis::start_with(&["--maxmemory", "100mb", "--maxmemory-policy", "allkeys-lru"]);
+    let (passed, report) = doctor(&env.url, &evicting.url());
+    assert!(!passed, "{report}");
+    assert_problem(&report, "no live listener", "start `listen`");
+    assert_problem(
+        &report,
+        "the oldest queued change was committed 7200 s ago",
+        "check that a listener runs",
+    );
+    assert_problem(
+        &report,
+        "1 changes are parked in pgfresh.failed",
+        "read their errors",
+    );
+    assert_problem(
+        &report,
+        "trigger pgfresh_product on reviews is disabled",
+        "ALTER TABLE reviews ENABLE TRIGGER \"pgfresh_product\"",
+    );
+    assert_problem(
+        &report,
+        "coupons.code is watched for topic coupon, which no fragment of this binary handles",
+        "add a fragment for topic coupon",
+    );
+    assert_problem(
+        &report,
+        "Redis maxmemory-policy allkeys-lru: Redis may evict any key",
+        "CONFIG SET maxmemory-policy noeviction",
+    );
+
+    // A watched key column whose values are not the fragment's keys; then none watched at all.
+    admin
+        .batch_execute(
+            "SELECT pgfresh.unwatch('products', 'product');
+             SELECT pgfresh.unwatch('reviews', 'product');
+             SELECT pgfresh.watch('products', 'name', 'product');",
+        )
+        .await
+        .unwrap();
+    let (_, report) = doctor(&env.url, &common::redis_url());
+    assert_problem(
+        &report,
+        "20 of 20 sampled values of products.name (e.g. ",
+        "watch the column that holds product_card's keys",
+    );
+    admin
+        .batch_execute("SELECT pgfresh.unwatch('products', 'product')")
+        .await
+        .unwrap();
+    let (_, report) = doctor(&env.url, &common::redis_url());
+    assert_problem(
+        &report,
+        "product_card listen(s) to topic product, but no table is watched for it",
+        "SELECT pgfresh.watch('<table>', '<key column>', 'product');",
+    );
+
+    // A schema older than the binary.
+    admin
+        .batch_execute("DELETE FROM pgfresh.migrations WHERE version = (SELECT max(version) FROM pgfresh.migrations)")
+        .await
+        .unwrap();
+    let (_, report) = doctor(&env.url, &common::redis_url());
+    assert!(
+        report.contains("PROBLEM  schema version ")
+            && report.contains(" is older than this binary's "),
+        "{report}"
+    );
+    assert!(report.contains("fix: run `install` as the DBA"), "{report}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_loader_that_fails_for_the_listeners_role_is_found() {
+    let env = TestEnv::shop(5).await;
+    let out = common::psql(&env.url, "sql/roles.sql");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let login = format!("{}_doctor", env.name);
+    env.client()
+        .await
+        .batch_execute(&format!(
+            "CREATE ROLE {login} LOGIN IN ROLE pgfresh_listener; GRANT SELECT ON products TO {login};"
+        ))
+        .await
+        .unwrap();
+    let url = env.url.replacen("postgres@", &format!("{login}@"), 1);
+    let (passed, report) = doctor(&url, &common::redis_url());
+    assert!(!passed, "{report}");
+    assert_problem(
+        &report,
+        "product_card: loading key 1 failed: ",
+        "grant the listener's role SELECT on what the loader reads",
+    );
+    assert!(
+        report.contains("permission denied for table reviews"),
+        "{report}"
+    );
+    env.client()
+        .await
+        .batch_execute(&format!("DROP OWNED BY {login}; DROP ROLE {login};"))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
