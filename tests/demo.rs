@@ -1,5 +1,6 @@
 //! The demo shop (`shop demo`): its page is assembled from the cards in Redis, falls back to a live
-//! render for a missing one, says which is which, and its writer's changes reach the page.
+//! render for a missing one, says which is which, and its writer's changes reach the page,
+//! highlighted with how long they took from commit to Redis.
 
 mod common;
 
@@ -43,16 +44,16 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
 
     let port = free_port();
     let shutdown = Shutdown::new();
-    let server = web::bind(
-        &format!("127.0.0.1:{port}"),
-        env.db.clone(),
-        env.sink.clone(),
-        &env.prefix,
-        Storage::plain(),
-        shutdown.clone(),
-    )
-    .await
-    .unwrap();
+    let shop = web::Shop {
+        db: env.db.clone(),
+        redis: env.sink.clone(),
+        prefix: env.prefix.clone(),
+        storage: Storage::plain(),
+        recent: Default::default(),
+    };
+    let server = web::bind(&format!("127.0.0.1:{port}"), shop.clone(), shutdown.clone())
+        .await
+        .unwrap();
     let server = tokio::spawn(server);
     let page = get_page(port).await.expect("the shop page");
     assert_eq!(
@@ -74,7 +75,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
     // The demo writer changes prices and adds reviews; with a listener running, the page follows.
     let listener = env.start_listener(test_settings());
     let before = page;
-    tokio::spawn(web::writer(env.db.clone(), shutdown.clone()));
+    tokio::spawn(web::writer(shop, shutdown.clone()));
     // A card that was in Redis, still is, and changed: only the listener can have done that (product
     // 5's card, which is rendered live, would change without one).
     let cached_before = cached_cards(&before);
@@ -91,6 +92,18 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
         },
     )
     .await;
+    // The writer saw its change reach Redis and the page highlights that card with the time it took.
+    eventually(
+        "a changed card to be highlighted with its freshness",
+        || async {
+            get_page(port).await.is_some_and(|now| {
+                now.contains(r#"<div class="slot fresh">"#)
+                    && now.contains("just changed: in Redis ")
+                    && now.contains(" ms after its commit")
+            })
+        },
+    )
+    .await;
     shutdown.cancel();
     tokio::time::timeout(common::PATIENCE, server)
         .await
@@ -102,7 +115,7 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
 
 /// The cards the page says came from Redis, by product id.
 fn cached_cards(page: &str) -> Vec<(String, String)> {
-    page.split(r#"<div class="slot">"#)
+    page.split(r#"<div class="slot"#)
         .skip(1)
         .filter(|slot| slot.contains(r#"<span class="source cache">from Redis</span>"#))
         .filter_map(|slot| {

@@ -134,18 +134,18 @@ async fn run_demo(
         pgfresh::sweep(&db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
     println!("{sweep}");
 
-    let shop = web::bind(
-        &web,
-        db.clone(),
-        sink.clone(),
-        product_card::KEY_PREFIX,
-        storage.clone(),
-        shutdown.clone(),
-    )
-    .await
-    .map_err(pgfresh::Error::Fragment)?;
-    tokio::spawn(shop);
-    tokio::spawn(web::writer(db.clone(), shutdown.clone()));
+    let cards = web::Shop {
+        db: db.clone(),
+        redis: sink.clone(),
+        prefix: product_card::KEY_PREFIX.to_string(),
+        storage: storage.clone(),
+        recent: Default::default(),
+    };
+    let server = web::bind(&web, cards.clone(), shutdown.clone())
+        .await
+        .map_err(pgfresh::Error::Fragment)?;
+    tokio::spawn(server);
+    tokio::spawn(web::writer(cards, shutdown.clone()));
     let id = 42.min(report.products.max(1));
     println!(
         "\nListening. Open the demo shop at http://{web}/ (its cards come from Redis; a writer changes a few\n\

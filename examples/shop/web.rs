@@ -3,10 +3,12 @@
 //! and a Django site's `cache.get_many` too with `--cache-format django`), falling back to a live
 //! render for any card that is missing,
 //! and each card says where it came from. A background writer changes a few prices and reviews every
-//! second, so the page (which refreshes itself) shows pgfresh keeping up.
+//! second and watches Redis for the changed cards, so the page (which refreshes itself) highlights
+//! each card changed in the last few seconds with how long its change took from commit to Redis.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
@@ -32,12 +34,45 @@ pub enum Source {
     Fallback,
 }
 
-struct Shop {
-    db: Database,
-    redis: RedisStore,
-    /// The cards' key prefix, and how they are stored.
-    prefix: String,
-    storage: Storage,
+/// How long a changed card stays highlighted.
+const HIGHLIGHT: Duration = Duration::from_secs(5);
+/// How long the writer watches Redis for a changed card.
+const WATCH_FOR: Duration = Duration::from_secs(5);
+
+/// The cards the writer changed recently: by product id, when its change was committed and how long
+/// after that its new card was in Redis.
+#[derive(Default)]
+pub struct Recent(Mutex<HashMap<i64, (Instant, Duration)>>);
+
+impl Recent {
+    /// How long the card of `id` took to reach Redis, if it changed within [`HIGHLIGHT`].
+    pub fn fresh(&self, id: i64) -> Option<Duration> {
+        let recent = self.0.lock().expect("recent changes lock");
+        let (at, took) = recent.get(&id)?;
+        (at.elapsed() < HIGHLIGHT).then_some(*took)
+    }
+
+    fn note(&self, id: i64, committed: Instant, took: Duration) {
+        let mut recent = self.0.lock().expect("recent changes lock");
+        recent.retain(|_, (at, _)| at.elapsed() < HIGHLIGHT);
+        recent.insert(id, (committed, took));
+    }
+}
+
+/// Where the demo's cards are: the database, Redis, their key prefix and how they are stored.
+#[derive(Clone)]
+pub struct Shop {
+    pub db: Database,
+    pub redis: RedisStore,
+    pub prefix: String,
+    pub storage: Storage,
+    pub recent: Arc<Recent>,
+}
+
+impl Shop {
+    fn compact_key(&self, id: i64) -> String {
+        format!("{}{id}:{}", self.prefix, Card::Compact.name())
+    }
 }
 
 /// The compact cards of products 1..=`count`, from Redis (under `prefix`, stored as `storage`) where
@@ -85,13 +120,19 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
     let body = match cards(&shop.db, &shop.redis, &shop.prefix, &shop.storage, SHOWN).await {
         Ok(cards) => html! {
             div class="grid" {
-                @for (card, source) in &cards {
-                    div class="slot" {
+                @for (id, (card, source)) in (1..).zip(&cards) {
+                    @let fresh = shop.recent.fresh(id);
+                    div class=(if fresh.is_some() { "slot fresh" } else { "slot" }) {
                         // The card is HTML that pgfresh rendered (and escaped) already.
                         (PreEscaped(card))
                         @match source {
                             Source::Cache => span class="source cache" { "from Redis" },
                             Source::Fallback => span class="source fallback" { "rendered live (not in Redis)" },
+                        }
+                        @if let Some(took) = fresh {
+                            span class="took" {
+                                "just changed: in Redis " (format!("{:.1}", took.as_secs_f64() * 1e3)) " ms after its commit"
+                            }
                         }
                     }
                 }
@@ -111,7 +152,9 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
             body {
                 h1 { "pgfresh demo shop" }
                 p { "Cards come from Redis in one MGET. A writer changes a few prices and reviews every second; "
-                    "pgfresh re-renders just those cards within milliseconds. This page refreshes every second." }
+                    "pgfresh re-renders just those cards within milliseconds. A highlighted card changed in the "
+                    "last few seconds, and says how long its new version took from the commit to Redis. "
+                    "This page refreshes every second." }
                 (body)
             }
         }
@@ -123,20 +166,12 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
 /// runs until shutdown.
 pub async fn bind(
     address: &str,
-    db: Database,
-    redis: RedisStore,
-    prefix: &str,
-    storage: Storage,
+    shop: Shop,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()> + use<>, String> {
-    let prefix = prefix.to_string();
-    let shop = Arc::new(Shop {
-        db,
-        redis,
-        prefix,
-        storage,
-    });
-    let app = Router::new().route("/", get(product_list)).with_state(shop);
+    let app = Router::new()
+        .route("/", get(product_list))
+        .with_state(Arc::new(shop));
     let listener = tokio::net::TcpListener::bind(address).await.map_err(|e| {
         format!("cannot serve the demo shop on {address}: {e}; pass another --web address")
     })?;
@@ -150,8 +185,9 @@ pub async fn bind(
     })
 }
 
-/// Every second, changes the price of two shown products and adds a review to one, until shutdown.
-pub async fn writer(db: Database, shutdown: Shutdown) {
+/// Every second, changes the price of two shown products and adds a review to one, then watches
+/// Redis until their cards change and notes how long that took after the commit; until shutdown.
+pub async fn writer(shop: Shop, shutdown: Shutdown) {
     let mut round: i64 = 0;
     loop {
         tokio::select! {
@@ -159,21 +195,55 @@ pub async fn writer(db: Database, shutdown: Shutdown) {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
         round += 1;
-        let Ok(client) = db.get().await else { continue };
+        let Ok(client) = shop.db.get().await else {
+            continue;
+        };
+        let (a, b) = (1 + round % SHOWN, 1 + (round * 5) % SHOWN);
+        let ids = if a == b { vec![a] } else { vec![a, b] };
+        let keys: Vec<String> = ids.iter().map(|id| shop.compact_key(*id)).collect();
+        let Ok(before) = shop.redis.get_entries(&shop.storage, &keys).await else {
+            continue;
+        };
         let changed = client
             .batch_execute(&format!(
                 "UPDATE products SET price_cents = 100 + (price_cents * 7 + {round}) % 9900
                  WHERE id IN ({a}, {b});
                  INSERT INTO reviews (product_id, author, rating, body)
                  VALUES ({a}, 'Demo writer', {rating}, 'Review number {round}');",
-                a = 1 + round % SHOWN,
-                b = 1 + (round * 5) % SHOWN,
                 rating = 1 + round % 5,
             ))
             .await;
+        let committed = Instant::now();
         if let Err(error) = changed {
             tracing::warn!(%error, "demo writer could not change the shop");
+            continue;
         }
+        watch_cards(&shop, &ids, &keys, before, committed).await;
+    }
+}
+
+/// Reads the cards until each differs from `before`, noting when it did.
+async fn watch_cards(
+    shop: &Shop,
+    ids: &[i64],
+    keys: &[String],
+    before: Vec<Option<String>>,
+    committed: Instant,
+) {
+    let mut waiting: Vec<usize> = (0..ids.len()).collect();
+    while !waiting.is_empty() && committed.elapsed() < WATCH_FOR {
+        let Ok(now) = shop.redis.get_entries(&shop.storage, keys).await else {
+            return;
+        };
+        let took = committed.elapsed();
+        waiting.retain(|&i| {
+            let changed = now[i].is_some() && now[i] != before[i];
+            if changed {
+                shop.recent.note(ids[i], committed, took);
+            }
+            !changed
+        });
+        tokio::time::sleep(Duration::from_micros(500)).await;
     }
 }
 
@@ -181,4 +251,5 @@ const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em}\
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(16em,1fr));gap:1em}\
 .slot{border:1px solid #ddd;border-radius:6px;padding:.8em}.product-card h2{font-size:1.1em;margin:0}\
 .source{font-size:.8em;padding:.1em .4em;border-radius:3px}.cache{background:#e3f4e3}\
-.fallback{background:#fbe3e3}";
+.fallback{background:#fbe3e3}.fresh{border-color:#e0a800;background:#fff8db}\
+.took{display:block;margin-top:.4em;font-size:.85em;font-weight:600;color:#7a5c00}";
