@@ -495,14 +495,7 @@ async fn upgrading_from_version_3_rebuilds_every_watch_under_the_capture_role() 
     );
 
     let applied = pgfresh::install(&env.db).await.unwrap();
-    assert_eq!(
-        applied,
-        [
-            "0004_least_privilege",
-            "0005_fragment_storage",
-            "0006_cheaper_capture"
-        ]
-    );
+    assert_eq!(applied, ["0004_least_privilege", "0005_fragment_storage"]);
     assert_eq!(
         triggers(&client).await,
         [
