@@ -7,7 +7,8 @@
 //!
 //! `BENCH_TRIGGER_ROUNDS` (default 5) and `BENCH_TRIGGER_SECONDS` (default 30) set the rounds and
 //! the length of each pgbench run; `BENCH_TRIGGER_ONLY` (comma-separated beginnings of variant
-//! names, e.g. `none,shipped`) runs some of the variants.
+//! names, e.g. `none,shipped`) runs some of the variants, `BENCH_TRIGGER_ROWS` (1 or 10) those of
+//! one workload.
 
 use anyhow::Result;
 use pgfresh::tokio_postgres;
@@ -59,9 +60,9 @@ struct Variant {
 const REMOVE: &str = "SELECT pgfresh.unwatch('products', 'product');
     DROP TRIGGER IF EXISTS bench_variant ON products;";
 
-/// The study's own functions, in a schema of their own. Bodies copy what `pgfresh.watch` generated
-/// for a bigint key before schema version 6 (migration 0004), less the part a variant leaves out;
-/// "shipped" is whatever `pgfresh.watch` installs now.
+/// The study's own functions, in a schema of their own, owned by the superuser running it. Bodies
+/// copy what `pgfresh.watch` generates for a bigint key (migration 0004), less or more the part a
+/// variant changes; "shipped" is what `pgfresh.watch` installs, owned by pgfresh_capture.
 const FUNCTIONS: &str = r#"
 CREATE SCHEMA IF NOT EXISTS pgfresh_bench;
 CREATE TABLE IF NOT EXISTS pgfresh_bench.changes_unindexed (
@@ -101,7 +102,7 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- The trigger schema version 5 installed (migration 0004's body), with SET search_path.
+-- What `pgfresh.watch` installs for a bigint key (migration 0004's body), SET search_path included.
 CREATE OR REPLACE FUNCTION pgfresh_bench.v5() RETURNS trigger LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
 DECLARE
@@ -163,6 +164,45 @@ BEGIN
     RETURN NULL;
 END $$;
 
+-- Schema 5's body with every function, operator and type qualified, and no SET search_path: the
+-- variant migration 0006 would have shipped (see BENCHMARKS.md, "The trigger study").
+CREATE OR REPLACE FUNCTION pgfresh_bench.qualified() RETURNS trigger LANGUAGE plpgsql
+SECURITY DEFINER AS $$
+DECLARE
+    new_key pg_catalog.text;
+    old_key pg_catalog.text;
+BEGIN
+    IF TG_OP OPERATOR(pg_catalog.<>) 'DELETE'
+       AND pg_catalog.num_nulls(NEW.id) OPERATOR(pg_catalog.=) 0 THEN
+        IF pg_catalog.pg_typeof(NEW.id)::pg_catalog.oid OPERATOR(pg_catalog.=) 20 THEN
+            new_key := NEW.id::pg_catalog.text;
+        ELSE
+            new_key := pg_catalog.format('%s', NEW.id);
+        END IF;
+        INSERT INTO pgfresh.changes (topic, key) VALUES ('product', new_key);
+    END IF;
+    IF TG_OP OPERATOR(pg_catalog.<>) 'INSERT'
+       AND pg_catalog.num_nulls(OLD.id) OPERATOR(pg_catalog.=) 0 THEN
+        IF pg_catalog.pg_typeof(OLD.id)::pg_catalog.oid OPERATOR(pg_catalog.=) 20 THEN
+            old_key := OLD.id::pg_catalog.text;
+        ELSE
+            old_key := pg_catalog.format('%s', OLD.id);
+        END IF;
+        IF TG_OP OPERATOR(pg_catalog.=) 'DELETE' OR new_key IS NULL
+           OR old_key OPERATOR(pg_catalog.<>) new_key THEN
+            INSERT INTO pgfresh.changes (topic, key) VALUES ('product', old_key);
+        END IF;
+    END IF;
+    IF coalesce(pg_catalog.lower(pg_catalog.current_setting('pgfresh.notify', true)), 'on')
+           OPERATOR(pg_catalog.<>) ALL (ARRAY['off', 'false', 'no', '0']::pg_catalog.text[])
+       AND EXISTS (SELECT FROM pgfresh.listeners
+                   WHERE idle AND seen_at OPERATOR(pg_catalog.>)
+                       (pg_catalog.now() OPERATOR(pg_catalog.-) '1 minute'::pg_catalog.interval)) THEN
+        PERFORM pg_catalog.pg_notify('pgfresh', '');
+    END IF;
+    RETURN NULL;
+END $$;
+
 -- One call per statement: every old and new key of the statement in one INSERT ... SELECT, the
 -- registry read once.
 CREATE OR REPLACE FUNCTION pgfresh_bench.statement() RETURNS trigger LANGUAGE plpgsql
@@ -178,6 +218,19 @@ BEGIN
     END IF;
     RETURN NULL;
 END $$;
+"#;
+
+/// Copies that differ only in their owner: pgfresh's capture functions belong to pgfresh_capture,
+/// where the study's own belong to the superuser running it, who skips every privilege check.
+const COPIES: &str = r#"
+DO $$
+BEGIN
+    EXECUTE format('CREATE OR REPLACE FUNCTION pgfresh_bench.qualified_capture() RETURNS trigger '
+                   'LANGUAGE plpgsql SECURITY DEFINER AS %L',
+                   (SELECT prosrc FROM pg_proc WHERE oid = 'pgfresh_bench.qualified()'::regprocedure));
+    ALTER FUNCTION pgfresh_bench.qualified_capture() OWNER TO pgfresh_capture;
+END
+$$;
 "#;
 
 fn row_trigger(function: &str) -> String {
@@ -212,19 +265,26 @@ fn variants() -> Vec<Variant> {
         ),
         one("+ SECURITY DEFINER", row_trigger("definer")),
         one("+ SET search_path", row_trigger("definer_path")),
-        one("schema 5's trigger (SET search_path)", row_trigger("v5")),
         one(
-            "schema 5's, no registry lookup",
+            "shipped (pgfresh.watch, owned by pgfresh_capture)",
+            shipped.clone(),
+        ),
+        one("shipped body, owned by a superuser", row_trigger("v5")),
+        one(
+            "shipped body, owned by a superuser, no registry lookup",
             row_trigger("v5_no_registry"),
         ),
         one(
-            "shipped (pgfresh.watch: qualified, no SET)",
-            shipped.clone(),
+            "qualified, no SET, owned by pgfresh_capture",
+            row_trigger("qualified_capture"),
+        ),
+        one(
+            "qualified, no SET, owned by a superuser",
+            row_trigger("qualified"),
         ),
         one("statement-level", statement.clone()),
         ten("none", String::new()),
-        ten("schema 5's trigger (SET search_path)", row_trigger("v5")),
-        ten("shipped (pgfresh.watch: qualified, no SET)", shipped),
+        ten("shipped (pgfresh.watch, owned by pgfresh_capture)", shipped),
         ten("statement-level", statement),
     ]
 }
@@ -269,6 +329,7 @@ impl Bench {
         let (_, url) = self.shop(PRODUCTS).await?;
         let client = connect(&url).await?;
         client.batch_execute(FUNCTIONS).await?;
+        client.batch_execute(COPIES).await?;
         // No listener during the study: a leftover idle one would make every variant NOTIFY.
         client
             .batch_execute("DELETE FROM pgfresh.listeners")
@@ -280,11 +341,13 @@ impl Bench {
         });
         let scripts: Vec<_> = scripts.into_iter().collect::<Result<_, _>>()?;
         let only = std::env::var("BENCH_TRIGGER_ONLY").unwrap_or_default();
+        let rows = env_number("BENCH_TRIGGER_ROWS", 0);
         let variants: Vec<Variant> = variants()
             .into_iter()
             .filter(|v| {
                 only.is_empty() || only.split(',').any(|name| v.name.starts_with(name.trim()))
             })
+            .filter(|v| rows == 0 || v.workload.rows() == f64::from(rows))
             .collect();
         let mut runs: Vec<Runs> = variants.iter().map(|_| Runs::default()).collect();
         println!(
