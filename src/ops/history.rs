@@ -93,8 +93,8 @@ pub(crate) struct History {
 /// One slot as the page draws it.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub(crate) struct Point {
-    /// Changes applied per second over the slot.
-    pub(crate) applied_per_second: f64,
+    /// Changes applied per second over the slot; `None` before the listener started.
+    pub(crate) applied_per_second: Option<f64>,
     /// Freshness median and 99th percentile over the slot, in seconds, when anything was applied.
     pub(crate) p50: Option<f64>,
     pub(crate) p99: Option<f64>,
@@ -162,29 +162,30 @@ impl History {
         self.slot(now).queue = Some(pending);
     }
 
-    /// The window ending at `now`.
+    /// The window ending at `now`: [`SLOTS`] points, the last one the slot under way; those before
+    /// the listener started are empty.
     pub(crate) fn view(&self, now: Instant) -> HistoryView {
         let last = self.number(now);
-        let first = (last + 1).saturating_sub(SLOTS as u64);
         let mut view = HistoryView::default();
-        let mut slots = self.slots.iter().peekable();
-        for number in first..first + SLOTS as u64 {
-            while slots.peek().is_some_and(|slot| slot.number < number) {
-                slots.next();
-            }
-            let slot = slots.peek().filter(|slot| slot.number == number);
-            view.points.push(slot.map_or_else(Point::default, |slot| {
-                // The slot under way (or the first, if the listener started within it) is shorter.
-                let begun = self.started + SLOT * number as u32;
-                let length = now.saturating_duration_since(begun).min(SLOT);
-                Point {
-                    applied_per_second: slot.applied as f64 / length.as_secs_f64().max(1.0),
-                    p50: slot.freshness.quantile(0.5),
-                    p99: slot.freshness.quantile(0.99),
-                    queue: slot.queue,
-                }
-            }));
+        for back in (0..SLOTS as u64).rev() {
+            let Some(number) = last.checked_sub(back) else {
+                view.points.push(Point::default());
+                continue;
+            };
+            let slot = self.slots.iter().find(|slot| slot.number == number);
+            // The slot under way is shorter than the others.
+            let begun = self.started + SLOT * number as u32;
+            let length = now.saturating_duration_since(begun).min(SLOT);
+            let mut point = Point {
+                applied_per_second: Some(0.0),
+                ..Point::default()
+            };
             if let Some(slot) = slot {
+                point.applied_per_second =
+                    Some(slot.applied as f64 / length.as_secs_f64().max(1.0));
+                point.p50 = slot.freshness.quantile(0.5);
+                point.p99 = slot.freshness.quantile(0.99);
+                point.queue = slot.queue;
                 for (fragment, buckets) in &slot.by_fragment {
                     view.by_fragment
                         .entry(fragment.clone())
@@ -192,6 +193,7 @@ impl History {
                         .add(buckets);
                 }
             }
+            view.points.push(point);
         }
         view
     }
@@ -225,7 +227,9 @@ mod tests {
         assert_eq!(view.points.len(), SLOTS);
         let now = view.points.last().unwrap();
         assert_eq!(now.queue, Some(7));
-        assert_eq!(now.applied_per_second, 10.0);
+        assert_eq!(now.applied_per_second, Some(10.0));
+        // Before the listener started there is nothing; since, a quiet slot applied nothing.
+        assert_eq!(view.points[0].applied_per_second, None);
         assert!(now.p50.unwrap() > 0.001 && now.p50.unwrap() <= 0.0025);
         assert_eq!(view.by_fragment["card"].count(), 1);
 
@@ -235,6 +239,7 @@ mod tests {
         let view = history.view(later);
         assert!(view.by_fragment.is_empty());
         assert_eq!(view.points.iter().filter(|p| p.queue.is_some()).count(), 0);
+        assert!(view.points.iter().all(|p| p.applied_per_second.is_some()));
         assert_eq!(history.slots.len(), 1);
     }
 }
