@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use common::servers::{free_port, http_get, output_within};
-use common::{TestEnv, eventually, test_settings};
+use common::{TestEnv, eventually};
 
 /// `program` on the PATH, or `None` (after saying why) where it is missing outside CI.
 fn tool(program: &str) -> Option<PathBuf> {
@@ -144,15 +144,7 @@ async fn a_real_prometheus_scrapes_a_listener_and_reads_its_freshness_back() {
     };
     let env = TestEnv::shop(20).await;
     env.sweep().await;
-    let port = free_port();
-    let listener = env.start_listener(pgfresh::ListenSettings {
-        http: Some(format!("127.0.0.1:{port}")),
-        ..test_settings()
-    });
-    eventually("the listener to be ready", || async {
-        http_get(port, "/readyz").await.0 == 200
-    })
-    .await;
+    let (listener, port) = env.start_listener_with_http().await;
     let server = Prometheus::start(&prometheus, &format!("127.0.0.1:{port}"));
     eventually("Prometheus to scrape the listener", || async {
         let up = server.query(r#"up{job="pgfresh"}"#).await;
@@ -160,17 +152,7 @@ async fn a_real_prometheus_scrapes_a_listener_and_reads_its_freshness_back() {
     })
     .await;
 
-    let client = env.client().await;
-    for id in 1..=5 {
-        client
-            .execute(
-                "UPDATE products SET name = 'Scraped ' || id WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        env.wait_fresh(id).await;
-    }
+    env.rename_products("Scraped", 1..=5).await;
     eventually("the freshness histogram to reach Prometheus", || async {
         let count = server
             .query(r#"sum(pgfresh_freshness_seconds_count{job="pgfresh",fragment="product_card"})"#)

@@ -11,8 +11,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::servers::{free_port, http_get, output_within};
-use common::{TestEnv, eventually, test_settings};
+use common::servers::{http_get, output_within};
+use common::{TestEnv, eventually};
 
 fn chromium() -> Option<PathBuf> {
     let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
@@ -55,26 +55,8 @@ async fn chromium_shows_the_charts_and_each_fragments_freshness() {
     };
     let env = TestEnv::shop(20).await;
     env.sweep().await;
-    let port = free_port();
-    let listener = env.start_listener(pgfresh::ListenSettings {
-        http: Some(format!("127.0.0.1:{port}")),
-        ..test_settings()
-    });
-    eventually("the listener to be ready", || async {
-        http_get(port, "/readyz").await.0 == 200
-    })
-    .await;
-    let client = env.client().await;
-    for id in 1..=5 {
-        client
-            .execute(
-                "UPDATE products SET name = 'Charted ' || id WHERE id = $1",
-                &[&id],
-            )
-            .await
-            .unwrap();
-        env.wait_fresh(id).await;
-    }
+    let (listener, port) = env.start_listener_with_http().await;
+    env.rename_products("Charted", 1..=5).await;
     // The queue is sampled by the heartbeat: wait until the page has a queue figure to draw too.
     eventually("the queue to be sampled", || async {
         http_get(port, "/").await.1.contains(" pending")

@@ -295,6 +295,35 @@ impl TestEnv {
         RunningListener { shutdown, task }
     }
 
+    /// Starts a listener serving `--http` on a free port and waits until `/readyz` says ready.
+    pub async fn start_listener_with_http(&self) -> (RunningListener, u16) {
+        let port = servers::free_port();
+        let listener = self.start_listener(ListenSettings {
+            http: Some(format!("127.0.0.1:{port}")),
+            ..test_settings()
+        });
+        eventually("the listener to be ready", || async {
+            servers::http_get(port, "/readyz").await.0 == 200
+        })
+        .await;
+        (listener, port)
+    }
+
+    /// Renames products `ids` to `<name> <id>`, one commit each, each awaited fresh in Redis.
+    pub async fn rename_products(&self, name: &str, ids: std::ops::RangeInclusive<i64>) {
+        let client = self.client().await;
+        for id in ids {
+            client
+                .execute(
+                    "UPDATE products SET name = $2 || ' ' || id WHERE id = $1",
+                    &[&id, &name],
+                )
+                .await
+                .unwrap();
+            self.wait_fresh(id).await;
+        }
+    }
+
     /// How many listeners are registered in `pgfresh.listeners`.
     pub async fn registered_listeners(&self) -> i64 {
         self.client()
