@@ -88,9 +88,27 @@ async fn metrics_health_and_readiness_are_served() {
                 &body,
                 "pgfresh_freshness_seconds_count{fragment=\"product_card\"}",
             ) >= 1.0
-            && body.contains(
-                "pgfresh_freshness_seconds_bucket{fragment=\"product_card\",le=\"0.001\"}",
-            )
+            && body
+                .contains("pgfresh_freshness_seconds_bucket{fragment=\"product_card\",le=\"300\"}")
+    })
+    .await;
+    // A change that happened an hour ago (as its queue row says) counts as an hour stale.
+    env.client()
+        .await
+        .batch_execute(
+            "INSERT INTO pgfresh.changes (topic, key, enqueued_at)
+             VALUES ('product', '2', now() - interval '1 hour')",
+        )
+        .await
+        .unwrap();
+    let within = "pgfresh_freshness_seconds_bucket{fragment=\"product_card\",le=\"300\"}";
+    let count = "pgfresh_freshness_seconds_count{fragment=\"product_card\"}";
+    let sum = "pgfresh_freshness_seconds_sum{fragment=\"product_card\"}";
+    eventually("the hour-old change to count as an hour stale", || async {
+        let (_, body) = get(port, "/metrics").await;
+        metric(&body, count) >= 2.0
+            && metric(&body, count) - metric(&body, within) == 1.0
+            && metric(&body, sum) >= 3600.0
     })
     .await;
 

@@ -53,14 +53,16 @@ async fn apply(
     started: Instant,
 ) -> Result<RefreshStats, Error> {
     let claimed_at = started.elapsed();
+    // Measured from before the claim was sent: the claiming statement read each age later than
+    // that, so age plus the time since is never less than the truth.
     let ages = Ages {
         by_id: claim.changes.iter().map(|c| (c.id, c.age)).collect(),
-        received: claim.received.unwrap_or(started),
+        since: started,
     };
     let plan = shared.recent.plan_batch(&claim.changes, started);
     let routes = route::route(&shared.fragments, plan.to_render.keys().copied());
     let fanned = route::fan_out(shared, &mut txn, &routes.fan_outs).await?;
-    let mut rendered = render_changes(shared, &routes, claim.ticket, &plan, &ages).await?;
+    let mut rendered = render_changes(shared, &routes, claim.ticket).await?;
     for change in &routes.unrouted {
         let reason = format!("no fragment subscribes to topic {:?}", change.0);
         rendered.failed.entry(*change).or_insert(reason);
@@ -80,6 +82,7 @@ async fn apply(
     let rendered_at = started.elapsed();
     let settled = settle(shared, &txn, &plan, &rendered, claim.undecodable).await?;
     txn.commit().await?;
+    ages.record(shared, &plan, &rendered);
     remember_coverage(shared, fanned_out, snapshot);
     if !plan.deferred.is_empty() {
         shared.wake_by(Instant::now() + plan.defer_for);
@@ -223,22 +226,38 @@ struct RenderedChanges<'a> {
     /// Keys to render once more, by (topic, key): written while Redis may evict keys, without a
     /// ticket to check against. The topic is the fragment's own.
     unchecked: Vec<(String, String)>,
+    /// By fragment: the changes whose render reached Redis, and when the write returned.
+    fresh: Vec<(String, Vec<(ChangeKey<'a>, Instant)>)>,
 }
 
 /// How long before the claim each claimed change happened, for freshness.
 struct Ages {
     by_id: HashMap<i64, Duration>,
-    received: Instant,
+    /// Taken before the claim was sent.
+    since: Instant,
 }
 
 impl Ages {
-    /// How stale the fragment of these changes was until now: each change's age at the claim plus
-    /// the time since.
-    fn lags<'a>(&'a self, ids: &'a [i64]) -> impl Iterator<Item = Duration> + 'a {
-        let since = self.received.elapsed();
-        ids.iter()
-            .filter_map(|id| self.by_id.get(id))
-            .map(move |age| *age + since)
+    /// How long the fragment of change `id` was stale until `written`: its age at the claim plus
+    /// the time from sending the claim to the write.
+    fn lag(&self, id: i64, written: Instant) -> Option<Duration> {
+        Some(*self.by_id.get(&id)? + written.saturating_duration_since(self.since))
+    }
+
+    /// Counts the freshness of each change this batch applied, by fragment: only once the batch has
+    /// committed, and not for changes that failed in some fragment (they are retried, and counted
+    /// then).
+    fn record(&self, shared: &Shared, plan: &BatchPlan<'_>, rendered: &RenderedChanges<'_>) {
+        for (fragment, renders) in &rendered.fresh {
+            let lags: Vec<Duration> = renders
+                .iter()
+                .filter(|(change, _)| !rendered.failed.contains_key(change))
+                .filter_map(|(change, written)| Some((plan.to_render.get(change)?, *written)))
+                .flat_map(|(ids, written)| ids.iter().filter_map(move |id| self.lag(*id, written)))
+                .collect();
+            crate::ops::telemetry::fresh(fragment, &lags);
+            shared.board.fresh(fragment, &lags);
+        }
     }
 }
 
@@ -249,8 +268,6 @@ async fn render_changes<'a>(
     shared: &Shared,
     routes: &Routes<'a>,
     ticket: i64,
-    plan: &BatchPlan<'a>,
-    ages: &Ages,
 ) -> Result<RenderedChanges<'a>, Error> {
     let mut rendered = RenderedChanges::default();
     if routes.renders.is_empty() {
@@ -271,24 +288,24 @@ async fn render_changes<'a>(
         .await?;
         shared.board.refreshed(fragment.name(), refreshed.stats);
         rendered.stats += refreshed.stats;
-        // Freshness of every change whose fragment now holds a render that saw it (written,
-        // unchanged, or refused for a newer one); failed and unchecked keys are not there yet.
+        // Every change whose fragment now holds a render that saw it (written, unchanged, or
+        // refused for a newer one); failed and unchecked keys are not there yet.
         let missed: HashSet<usize> = refreshed
             .failed
             .iter()
             .map(|(index, _)| *index)
             .chain(refreshed.unchecked.iter().copied())
             .collect();
-        let lags: Vec<Duration> = keys
+        let written = Instant::now();
+        let reached = keys
             .iter()
             .enumerate()
             .filter(|(index, _)| !missed.contains(index))
-            .flat_map(|(_, key)| &part.keys[key.as_str()])
-            .filter_map(|change| plan.to_render.get(change))
-            .flat_map(|ids| ages.lags(ids))
-            .collect();
-        crate::ops::telemetry::fresh(fragment.name(), &lags);
-        shared.board.fresh(fragment.name(), &lags);
+            .flat_map(|(_, key)| part.keys[key.as_str()].iter())
+            .map(|change| (*change, written));
+        rendered
+            .fresh
+            .push((fragment.name().to_string(), reached.collect()));
         for (index, reason) in refreshed.failed {
             for &change in &part.keys[keys[index].as_str()] {
                 rendered

@@ -2,7 +2,7 @@
 //! settling them (applied, deferred, failed and retried, parked), queueing keys again, and the
 //! bounded figures `status` and the metrics show.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
@@ -20,7 +20,7 @@ pub(crate) struct Change {
     pub(crate) key: String,
     /// The transaction that made the change.
     pub(crate) xid: u64,
-    /// How long before the claim the change was committed (see [`ORIGIN`]).
+    /// How long before the claiming statement read it the change was committed (see [`ORIGIN`]).
     pub(crate) age: Duration,
 }
 
@@ -44,8 +44,6 @@ pub(crate) struct Claim {
     pub(crate) undecodable: Vec<Failure>,
     /// The claiming statement's snapshot: every render of this batch saw what it saw, and more.
     pub(crate) snapshot: Option<super::Snapshot>,
-    /// When the claim's rows arrived: a change's freshness is its `age` plus the time since.
-    pub(crate) received: Option<Instant>,
 }
 
 /// A failed change and why.
@@ -105,7 +103,6 @@ pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
         snapshot: rows.first().and_then(|r| super::Snapshot::parse(r.get(5))),
-        received: Some(Instant::now()),
         ..Claim::default()
     };
     for row in &rows {
