@@ -202,7 +202,9 @@ fn check_topics(report: &mut Report, fragments: &Fragments, watches: &[schema::W
                 ),
                 format!(
                     "add a fragment for topic {} (or run the binary that has one), or SELECT pgfresh.unwatch('{}', '{}');",
-                    watch.topic, watch.table, watch.topic
+                    watch.topic,
+                    watch.table.replace('\'', "''"),
+                    watch.topic
                 ),
             );
         }
@@ -274,7 +276,7 @@ async fn check_keys(
                     format!(
                         "watch the column that holds {}'s keys (SELECT pgfresh.watch('{}', '<column>', '{}');), or change the fragment's Key type",
                         fragment.name(),
-                        watch.table,
+                        watch.table.replace('\'', "''"),
                         watch.topic
                     ),
                 ),
