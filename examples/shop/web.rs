@@ -185,8 +185,8 @@ pub async fn bind(
     })
 }
 
-/// Every second, changes the price of two shown products and adds a review to one, then watches
-/// Redis until their cards change and notes how long that took after the commit; until shutdown.
+/// Every second, changes the price of two shown products and adds a review to one, and watches
+/// Redis until their cards change, noting how long that took after the commit; until shutdown.
 pub async fn writer(shop: Shop, shutdown: Shutdown) {
     let mut round: i64 = 0;
     loop {
@@ -218,7 +218,9 @@ pub async fn writer(shop: Shop, shutdown: Shutdown) {
             tracing::warn!(%error, "demo writer could not change the shop");
             continue;
         }
-        watch_cards(&shop, &ids, &keys, before, committed).await;
+        // Watched on the side, so that a listener that is down does not slow the writer.
+        let shop = shop.clone();
+        tokio::spawn(async move { watch_cards(&shop, &ids, &keys, before, committed).await });
     }
 }
 
