@@ -136,34 +136,6 @@ BEGIN
     RETURN NULL;
 END $$;
 
--- The same without the registry lookup (never notifies).
-CREATE OR REPLACE FUNCTION pgfresh_bench.v5_no_registry() RETURNS trigger LANGUAGE plpgsql
-SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $$
-DECLARE
-    new_key text;
-    old_key text;
-BEGIN
-    IF TG_OP <> 'DELETE' AND pg_catalog.num_nulls(NEW.id) = 0 THEN
-        IF pg_catalog.pg_typeof(NEW.id)::pg_catalog.oid = 20 THEN
-            new_key := NEW.id::text;
-        ELSE
-            new_key := pg_catalog.format('%s', NEW.id);
-        END IF;
-        INSERT INTO pgfresh.changes (topic, key) VALUES ('product', new_key);
-    END IF;
-    IF TG_OP <> 'INSERT' AND pg_catalog.num_nulls(OLD.id) = 0 THEN
-        IF pg_catalog.pg_typeof(OLD.id)::pg_catalog.oid = 20 THEN
-            old_key := OLD.id::text;
-        ELSE
-            old_key := pg_catalog.format('%s', OLD.id);
-        END IF;
-        IF TG_OP = 'DELETE' OR old_key IS DISTINCT FROM new_key THEN
-            INSERT INTO pgfresh.changes (topic, key) VALUES ('product', old_key);
-        END IF;
-    END IF;
-    RETURN NULL;
-END $$;
-
 -- Schema 5's body with every function, operator and type qualified, and no SET search_path: the
 -- variant migration 0006 would have shipped (see BENCHMARKS.md, "The trigger study").
 CREATE OR REPLACE FUNCTION pgfresh_bench.qualified() RETURNS trigger LANGUAGE plpgsql
@@ -220,15 +192,22 @@ BEGIN
 END $$;
 "#;
 
-/// Copies that differ only in their owner: pgfresh's capture functions belong to pgfresh_capture,
-/// where the study's own belong to the superuser running it, who skips every privilege check.
+/// Copies: one that differs only in its owner (pgfresh's capture functions belong to
+/// pgfresh_capture, the study's own to the superuser running it, who skips every privilege check),
+/// and v5 without its registry lookup.
 const COPIES: &str = r#"
 DO $$
+DECLARE
+    v5 text := (SELECT prosrc FROM pg_proc WHERE oid = 'pgfresh_bench.v5()'::regprocedure);
 BEGIN
     EXECUTE format('CREATE OR REPLACE FUNCTION pgfresh_bench.qualified_capture() RETURNS trigger '
                    'LANGUAGE plpgsql SECURITY DEFINER AS %L',
                    (SELECT prosrc FROM pg_proc WHERE oid = 'pgfresh_bench.qualified()'::regprocedure));
     ALTER FUNCTION pgfresh_bench.qualified_capture() OWNER TO pgfresh_capture;
+    -- v5 without its registry lookup (it never notifies).
+    EXECUTE format('CREATE OR REPLACE FUNCTION pgfresh_bench.v5_no_registry() RETURNS trigger '
+                   'LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS %L',
+                   replace(v5, substring(v5 from '    IF coalesce\(.*pg_notify[^\n]*\n    END IF;\n'), ''));
 END
 $$;
 "#;
