@@ -96,6 +96,11 @@ impl CpuSample {
 }
 
 impl Cost {
+    /// CPU milliseconds of every process together per 1,000 of `units`.
+    pub(crate) fn total_per_thousand(self, units: f64) -> f64 {
+        (self.pgfresh + self.postgres + self.redis.unwrap_or(0.0)) * 1000.0 / units * 1000.0
+    }
+
     /// CPU seconds of PostgreSQL's processes.
     pub(crate) fn postgres(self) -> f64 {
         self.postgres

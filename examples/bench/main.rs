@@ -4,7 +4,9 @@
 //!
 //!     cargo run --release --example bench -- all
 //!
-//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`,
+//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`
+//! (which ends with a table of round two's targets beside today's figures; `sweep`, `latency` and
+//! `write-overhead` print their rows of it),
 //! and `triggers` (the trigger study, about 30 minutes; not part of `all`).
 //! Each works in databases of its own (`pgfresh_bench_<products>`, `pgfresh_bench_blog_<posts>`,
 //! created and filled on first use, kept for later runs) and in a Redis database of its own
@@ -99,6 +101,7 @@ fn main() -> ExitCode {
             Scenario::All => bench.all().await,
             Scenario::Triggers => bench.triggers().await,
         };
+        bench.print_targets();
         result
             .map(|()| ExitCode::SUCCESS)
             .map_err(|e| pgfresh::Error::Fragment(format!("{e:#}")))

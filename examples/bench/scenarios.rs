@@ -27,6 +27,16 @@ const PGBENCH_SECONDS: u32 = 10;
 pub struct Bench {
     admin_url: String,
     redis_url: String,
+    /// The figures issue 14's targets are about, as scenarios measure them.
+    targets: Mutex<Vec<Target>>,
+}
+
+/// One figure beside its target.
+struct Target {
+    scenario: &'static str,
+    measured: String,
+    target: &'static str,
+    met: bool,
 }
 
 pub(crate) fn fragments() -> Fragments {
@@ -94,6 +104,33 @@ impl Bench {
         Bench {
             admin_url: admin_url.into(),
             redis_url: redis_url.into(),
+            targets: Mutex::default(),
+        }
+    }
+
+    fn target(&self, scenario: &'static str, measured: String, target: &'static str, met: bool) {
+        self.targets.lock().unwrap().push(Target {
+            scenario,
+            measured,
+            target,
+            met,
+        });
+    }
+
+    /// The figures measured so far beside their targets (BENCHMARKS.md, "Round two"), as a
+    /// Markdown table; nothing if no scenario measured one.
+    pub fn print_targets(&self) {
+        let targets = self.targets.lock().unwrap();
+        if targets.is_empty() {
+            return;
+        }
+        println!("\n| scenario | measured | target | |\n| --- | --- | --- | --- |");
+        for t in targets.iter() {
+            let verdict = if t.met { "met" } else { "missed" };
+            println!(
+                "| {} | {} | {} | {verdict} |",
+                t.scenario, t.measured, t.target
+            );
         }
     }
 
@@ -203,6 +240,25 @@ impl Bench {
             .await?;
         let changed = self.sweep_child(PRODUCTS).await?;
         println!("sweep: {PRODUCTS} products, 10% changed: {changed}");
+        self.target(
+            "sweep, 20,000 products, nothing changed",
+            format!("{:.0} fragments/s", unchanged.rate()),
+            "≥ 120,000 fragments/s",
+            unchanged.rate() >= 120_000.0,
+        );
+        self.target(
+            "sweep, 20,000 products, 10% changed",
+            format!("{:.0} fragments/s", changed.rate()),
+            "≥ 100,000 fragments/s",
+            changed.rate() >= 100_000.0,
+        );
+        let cpu = unchanged.cost.total_per_thousand(unchanged.rendered);
+        self.target(
+            "sweep CPU, all processes, nothing changed",
+            format!("{cpu:.1} ms per 1,000 fragments"),
+            "≤ 12 ms per 1,000 (1.2 CPU-s per 100,000)",
+            cpu <= 12.0,
+        );
         let naive = self.naive_rebuild(PRODUCTS).await?;
         println!(
             "sweep: naive per-product rebuild {naive:.0} fragments/s ({:.0}x slower than the sweep with nothing changed)",
@@ -352,6 +408,23 @@ impl Bench {
                 samples.touched.len(),
                 cost.per_thousand(sorted.len() as f64, "changes"),
             );
+            let (p50, p99) = (percentile(&sorted, 0.50), percentile(&sorted, 0.99));
+            if rate == 100 {
+                self.target(
+                    "latency at 100 updates/s, before COMMIT → Redis",
+                    format!("p50 {}, p99 {}", ms(p50), ms(p99)),
+                    "p50 ≤ 1.5 ms, p99 ≤ 5 ms",
+                    p50 <= Duration::from_micros(1500) && p99 <= Duration::from_millis(5),
+                );
+            } else {
+                let per_change = cost.total_per_thousand(sorted.len() as f64) / 1000.0;
+                self.target(
+                    "CPU per applied change at 1,000 updates/s, all processes",
+                    format!("{per_change:.2} ms"),
+                    "measured, then halved (from 0.6 ms: ≤ 0.3 ms)",
+                    per_change <= 0.3,
+                );
+            }
         }
         listener.stop().await
     }
@@ -505,6 +578,21 @@ impl Bench {
                 .await?;
             let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
             let ratio = mean(&triggered) / mean(&plain);
+            if with_listener {
+                self.target(
+                    "write overhead, listener draining",
+                    format!("{ratio:.2}"),
+                    "≥ 0.75",
+                    ratio >= 0.75,
+                );
+            } else {
+                self.target(
+                    "write overhead, no listener (8 clients, one-row UPDATEs)",
+                    format!("{ratio:.2}"),
+                    "≥ 0.90",
+                    ratio >= 0.90,
+                );
+            }
             if let Some(listener) = listener {
                 // Let the listener finish the queue, so the next scenario starts clean.
                 wait_for_empty_queue(&client).await?;
