@@ -86,14 +86,15 @@ fn runs(values: &[Option<f64>]) -> Vec<Vec<(usize, f64)>> {
     runs
 }
 
-/// The smallest 1, 2 or 5 times a power of ten at or above `value`.
+/// The smallest 1, 2 or 5 times a power of ten at or above `value`, as the literal it is (so that
+/// 5 × 10⁻² prints as 0.05, not 0.05000000000000001).
 fn nice_ceiling(value: f64) -> f64 {
-    let power = 10f64.powf(value.log10().floor());
-    [1.0, 2.0, 5.0, 10.0]
+    let exponent = value.log10().floor() as i32;
+    [1, 2, 5, 10]
         .iter()
-        .map(|step| step * power)
+        .filter_map(|step| format!("{step}e{exponent}").parse::<f64>().ok())
         .find(|candidate| *candidate >= value * (1.0 - 1e-9))
-        .unwrap_or(10.0 * power)
+        .unwrap_or_else(|| 10f64.powi(exponent + 1))
 }
 
 #[cfg(test)]
@@ -109,6 +110,14 @@ mod tests {
         assert_eq!(nice_ceiling(0.0031), 0.005);
         assert_eq!(nice_ceiling(120.0), 200.0);
         assert_eq!(nice_ceiling(1.0), 1.0);
+        for (value, shown) in [
+            (0.031, "0.05"),
+            (0.0007, "0.001"),
+            (0.17, "0.2"),
+            (3.3, "5"),
+        ] {
+            assert_eq!(nice_ceiling(value).to_string(), shown);
+        }
         let svg = line_chart(
             "c",
             "t",
