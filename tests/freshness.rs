@@ -4,16 +4,8 @@
 
 mod common;
 
-use common::servers::{TempRedis, free_port, http_get as get};
+use common::servers::{TempRedis, free_port, http_get as get, metric};
 use common::{eventually, test_settings};
-
-/// The value of a series in a scrape (0 when absent).
-fn metric(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn freshness_counts_from_the_commit_where_postgresql_records_commit_timestamps() {

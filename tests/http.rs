@@ -5,17 +5,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::servers::{TempRedis, free_port, http_get as get};
+use common::servers::{TempRedis, free_port, http_get as get, metric};
 use common::{TestEnv, eventually, test_settings};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// The value of a series in a scrape (0 when absent).
-fn metric(scrape: &str, series: &str) -> f64 {
-    scrape
-        .lines()
-        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
 
 #[tokio::test]
 async fn metrics_health_and_readiness_are_served() {

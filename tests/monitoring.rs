@@ -10,25 +10,8 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
-use common::servers::{free_port, http_get, output_within};
+use common::servers::{free_port, http_get, installed, output_within};
 use common::{TestEnv, eventually};
-
-/// `program` on the PATH, or `None` (after saying why) where it is missing outside CI.
-fn tool(program: &str) -> Option<PathBuf> {
-    let found = std::env::var_os("PATH").and_then(|path| {
-        std::env::split_paths(&path)
-            .map(|dir| dir.join(program))
-            .find(|candidate| candidate.is_file())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "{program} is missing: install Debian's prometheus package (.ci/run does)"
-        );
-        eprintln!("skipped: {program} is missing (Debian's prometheus package)");
-    }
-    found
-}
 
 fn kit(file: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -38,7 +21,7 @@ fn kit(file: &str) -> PathBuf {
 
 #[test]
 fn promtool_checks_the_rules_and_the_config_and_runs_the_rules_unit_tests() {
-    let Some(promtool) = tool("promtool") else {
+    let Some(promtool) = installed("promtool", "prometheus") else {
         return;
     };
     for args in [
@@ -139,7 +122,7 @@ fn first_value(body: &str) -> Option<f64> {
 
 #[tokio::test]
 async fn a_real_prometheus_scrapes_a_listener_and_reads_its_freshness_back() {
-    let Some(prometheus) = tool("prometheus") else {
+    let Some(prometheus) = installed("prometheus", "prometheus") else {
         return;
     };
     let env = TestEnv::shop(20).await;

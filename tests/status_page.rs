@@ -7,27 +7,12 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::servers::{http_get, output_within};
+use common::servers::{http_get, installed, output_within};
 use common::{TestEnv, eventually};
-
-fn chromium() -> Option<PathBuf> {
-    let found = ["/usr/bin/chromium", "/usr/bin/chromium-browser"]
-        .iter()
-        .map(PathBuf::from)
-        .find(|path| path.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CI").is_none(),
-            "chromium is missing: install Debian's chromium package (.ci/run does)"
-        );
-        eprintln!("skipped: chromium is missing (Debian's chromium package)");
-    }
-    found
-}
 
 /// Headless Chromium with `args`, bounded in time, on a thread of its own: the listener it talks
 /// to runs on this test's runtime.
@@ -50,7 +35,7 @@ async fn headless(chromium: &Path, args: &[&str]) -> std::process::Output {
 
 #[tokio::test]
 async fn chromium_shows_the_charts_and_each_fragments_freshness() {
-    let Some(chromium) = chromium() else {
+    let Some(chromium) = installed("chromium", "chromium") else {
         return;
     };
     let env = TestEnv::shop(20).await;

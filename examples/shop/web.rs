@@ -69,10 +69,9 @@ pub struct Shop {
     pub recent: Arc<Recent>,
 }
 
-impl Shop {
-    fn compact_key(&self, id: i64) -> String {
-        format!("{}{id}:{}", self.prefix, Card::Compact.name())
-    }
+/// The Redis key (before storage) of product `id`'s compact card under `prefix`.
+fn compact_key(prefix: &str, id: i64) -> String {
+    format!("{prefix}{id}:{}", Card::Compact.name())
 }
 
 /// The compact cards of products 1..=`count`, from Redis (under `prefix`, stored as `storage`) where
@@ -85,10 +84,7 @@ pub async fn cards(
     count: i64,
 ) -> Result<Vec<(String, Source)>, Box<dyn std::error::Error + Send + Sync>> {
     let ids: Vec<i64> = (1..=count).collect();
-    let keys: Vec<String> = ids
-        .iter()
-        .map(|id| format!("{prefix}{id}:{}", Card::Compact.name()))
-        .collect();
+    let keys: Vec<String> = ids.iter().map(|id| compact_key(prefix, *id)).collect();
     let cached = redis.get_entries(storage, &keys).await?;
     let missing: Vec<i64> = ids
         .iter()
@@ -200,7 +196,10 @@ pub async fn writer(shop: Shop, shutdown: Shutdown) {
         };
         let (a, b) = (1 + round % SHOWN, 1 + (round * 5) % SHOWN);
         let ids = if a == b { vec![a] } else { vec![a, b] };
-        let keys: Vec<String> = ids.iter().map(|id| shop.compact_key(*id)).collect();
+        let keys: Vec<String> = ids
+            .iter()
+            .map(|id| compact_key(&shop.prefix, *id))
+            .collect();
         let Ok(before) = shop.redis.get_entries(&shop.storage, &keys).await else {
             continue;
         };

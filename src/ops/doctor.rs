@@ -83,26 +83,27 @@ pub(crate) async fn examine(
     let mut report = Report::default();
     let client = db.get().await?;
     let required = schema::required_version();
-    match schema::version_on(&client).await? {
-        None => {
-            report.problem(
-                format!("pgfresh is not installed in database {}", db.name()),
-                "run `install` as the DBA (or psql -f sql/install.sql), then `sweep`",
-            );
-            check_redis(&mut report, redis);
-            return Ok(report);
-        }
-        Some(version) if version < required => report.problem(
+    let Some(version) = schema::version_on(&client).await? else {
+        report.problem(
+            format!("pgfresh is not installed in database {}", db.name()),
+            "run `install` as the DBA (or psql -f sql/install.sql), then `sweep`",
+        );
+        check_redis(&mut report, redis);
+        return Ok(report);
+    };
+    match version.cmp(&required) {
+        std::cmp::Ordering::Less => report.problem(
             format!("schema version {version} is older than this binary's {required}"),
             "run `install` as the DBA to apply the newer migrations (it upgrades in place), then restart the listeners",
         ),
-        Some(version) if version > required => report.problem(
+        std::cmp::Ordering::Greater => report.problem(
             format!("schema version {version} is newer than this binary's {required}"),
             "deploy the newer binary: this one does not know the schema it would run on",
         ),
-        Some(version) => report.ok(format!("schema version {version}, as this binary needs")),
+        std::cmp::Ordering::Equal => {
+            report.ok(format!("schema version {version}, as this binary needs"))
+        }
     }
-    let version = schema::version_on(&client).await?.unwrap_or(required);
 
     for (trigger, table) in schema::disabled_triggers(&client).await? {
         report.problem(

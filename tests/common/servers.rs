@@ -86,6 +86,33 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// The value of a series in a Prometheus scrape (0 when absent).
+pub fn metric(scrape: &str, series: &str) -> f64 {
+    scrape
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// `program` on the PATH, from Debian's `package`; where it is missing, `None` after saying the
+/// test is skipped, except under CI (`CI` set, as `.ci/run` does, installing the package), where
+/// that fails the test.
+pub fn installed(program: &str, package: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|path| {
+        std::env::split_paths(&path)
+            .map(|dir| dir.join(program))
+            .find(|candidate| candidate.is_file())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("CI").is_none(),
+            "{program} is missing: install Debian's {package} package (.ci/run does)"
+        );
+        eprintln!("skipped: {program} is missing (Debian's {package} package)");
+    }
+    found
+}
+
 /// A free TCP port on the loopback interface.
 pub fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
