@@ -7,6 +7,7 @@ use super::args::{Connections, ListenArgs, RenderArgs, SweepArgs, SweepTuning};
 use crate::Error;
 use crate::config::{ListenSettings, SweepSettings};
 use crate::fragment::{Fragments, KeyOutcome};
+use crate::ops::one_line;
 use crate::pg::{Database, queue, registry, schema, truncations};
 use crate::shutdown::shutdown_on_signal;
 use crate::sweep::{Truncations, progress::SweepProgress};
@@ -210,6 +211,9 @@ async fn print_watches(client: &tokio_postgres::Client) -> Result<(), Error> {
     Ok(())
 }
 
+/// How many retrying and how many parked changes `status` shows, the latest of each.
+const TROUBLES_SHOWN: i64 = 5;
+
 async fn print_queue(client: &tokio_postgres::Client, version: i32) -> Result<(), Error> {
     let stats = queue::stats(client).await?;
     let oldest = stats.oldest.map_or("none".to_string(), |age| {
@@ -230,6 +234,21 @@ async fn print_queue(client: &tokio_postgres::Client, version: i32) -> Result<()
         "queue: {about}{} pending (oldest {oldest}), {} parked in pgfresh.failed, {truncated} truncated tables awaiting a sweep",
         stats.pending, stats.parked
     );
+    for trouble in queue::troubles(client, TROUBLES_SHOWN).await? {
+        let queue::Trouble {
+            topic,
+            key,
+            attempts,
+            error,
+            retry_in,
+        } = trouble;
+        let state = match retry_in {
+            Some(secs) => format!("retrying in {secs:.0} s"),
+            None => "parked".to_string(),
+        };
+        let (topic, key, error) = (one_line(&topic), one_line(&key), one_line(&error));
+        println!("  {state}: {topic} {key} ({attempts} attempts): {error}");
+    }
     Ok(())
 }
 

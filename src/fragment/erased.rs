@@ -6,6 +6,8 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+
+use futures_util::FutureExt;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -48,31 +50,97 @@ pub(crate) enum LoadError {
     Failed(String),
 }
 
-impl LoadError {
-    /// Sorts what `what` (the load, the key enumeration) of `fragment` failed with: a
-    /// `tokio_postgres::Error` anywhere in its chain that is not the server's answer (a lost or
-    /// refused connection) makes it a connection error.
+/// A call into user code that failed or panicked, sorted: what it means for the keys, and whether
+/// the cause may lie in one key's row (a panic, a value that does not convert, a data exception), so
+/// that loading the keys in smaller groups would find which.
+struct Caught {
+    error: LoadError,
+    in_the_data: bool,
+}
+
+impl Caught {
+    /// Sorts what `what` (the load, the key enumeration) of `fragment` failed with. A
+    /// `tokio_postgres::Error` anywhere in its chain that is not the server's answer, from a client
+    /// that is now closed, is a lost connection; so is the server's own word that it is going away.
     fn sort(
         fragment: &str,
         what: &str,
+        db: &Client,
         error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         let error: Box<dyn std::error::Error + Send + Sync> = error.into();
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
         while let Some(current) = cause {
             if let Some(postgres) = current.downcast_ref::<tokio_postgres::Error>() {
-                let reason = crate::error::describe_postgres(postgres);
-                return if postgres.as_db_error().is_none() {
-                    LoadError::Connection(format!("PostgreSQL: {reason}"))
-                } else {
-                    LoadError::Failed(format!("{what} of {fragment} failed: {reason}"))
-                };
+                return Self::sort_postgres(fragment, what, db, postgres);
             }
             cause = current.source();
         }
-        LoadError::Failed(format!("{what} of {fragment} failed: {error}"))
+        Caught {
+            error: LoadError::Failed(format!("{what} of {fragment} failed: {error}")),
+            in_the_data: true,
+        }
+    }
+
+    fn sort_postgres(
+        fragment: &str,
+        what: &str,
+        db: &Client,
+        error: &tokio_postgres::Error,
+    ) -> Self {
+        let reason = crate::error::describe_postgres(error);
+        let class = error.code().map(|code| &code.code()[..2]);
+        // 08: connection exceptions; 57P: the server shuts down or terminated the session.
+        let going_away =
+            class == Some("08") || error.code().is_some_and(|c| c.code().starts_with("57P"));
+        if going_away || (error.as_db_error().is_none() && db.is_closed()) {
+            return Caught {
+                error: LoadError::Connection(format!("PostgreSQL: {reason}")),
+                in_the_data: false,
+            };
+        }
+        Caught {
+            error: LoadError::Failed(format!("{what} of {fragment} failed: {reason}")),
+            // A value that does not convert (no server error: a NULL read as non-null, say), or
+            // the server's data exception (class 22: a bad cast, a division by zero) comes from
+            // some row; a missing table or grant, a syntax error, a timeout fail every key alike.
+            in_the_data: error.as_db_error().is_none() || class == Some("22"),
+        }
+    }
+
+    fn panicked(fragment: &str, what: &str, panic: &Box<dyn std::any::Any + Send>) -> Self {
+        Caught {
+            error: LoadError::Failed(format!(
+                "{what} of {fragment} panicked: {}",
+                panic_message(panic)
+            )),
+            in_the_data: true,
+        }
     }
 }
+
+/// Runs `call`, a call into user code, turning its panic or its error into a [`Caught`]: user code
+/// fails, it does not take the listener's task down with it.
+async fn guarded<T, E>(
+    fragment: &str,
+    what: &str,
+    db: &Client,
+    call: impl Future<Output = Result<T, E>>,
+) -> Result<T, Caught>
+where
+    E: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Caught::sort(fragment, what, db, error)),
+        Err(panic) => Err(Caught::panicked(fragment, what, &panic)),
+    }
+}
+
+/// Extra loads one batch may spend halving a load that failed in its data, to find the keys that
+/// fail: two per halving, so one bad key among 4,096 is found, while a loader that fails on every
+/// key costs a batch at most this many more loads.
+const SPLITTING_LOADS: usize = 24;
 
 impl From<LoadError> for crate::Error {
     fn from(error: LoadError) -> Self {
@@ -144,6 +212,12 @@ pub(crate) trait DynFragment: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<String>, crate::Error>>;
 }
 
+/// What [`Registered::load_isolating`] found: rows by key, and the keys whose load failed, with why.
+struct Loads<F: Fragment> {
+    rows: HashMap<F::Key, F::Row>,
+    failed: HashMap<F::Key, String>,
+}
+
 /// A fragment as registered: the user's value, its key prefix and storage, and what it said about
 /// itself once.
 pub(crate) struct Registered<F> {
@@ -188,6 +262,54 @@ impl<F: Fragment> Registered<F> {
     fn redis_key(&self, key: &F::Key, variant: &str) -> String {
         // Both formats keep the registered prefix's place at the start: `<prefix><key>:<variant>`.
         format!("{}{key}:{variant}", self.key_prefix)
+    }
+
+    /// Loads the rows of `keys`. A load that fails in its data (see [`Caught`]) is split in halves,
+    /// and those again, until the keys that fail are alone or [`SPLITTING_LOADS`] are spent: one bad
+    /// row fails its own key, not every key loaded with it. A load that fails every key alike (no
+    /// split helps) fails the call; a lost connection always does.
+    async fn load_isolating(&self, db: &Client, keys: Vec<F::Key>) -> Result<Loads<F>, LoadError> {
+        let mut loads = Loads {
+            rows: HashMap::new(),
+            failed: HashMap::new(),
+        };
+        let mut parts = if keys.is_empty() { vec![] } else { vec![keys] };
+        let mut budget = SPLITTING_LOADS;
+        let mut split = false;
+        while let Some(mut part) = parts.pop() {
+            let loaded = guarded(self.name(), "load", db, self.fragment.load(db, &part)).await;
+            let reason = match loaded {
+                Ok(rows) => {
+                    loads.rows.extend(rows);
+                    continue;
+                }
+                Err(Caught {
+                    error: LoadError::Failed(reason),
+                    in_the_data,
+                }) => {
+                    if in_the_data && part.len() > 1 && budget >= 2 {
+                        budget -= 2;
+                        split = true;
+                        let second = part.split_off(part.len() / 2);
+                        parts.extend([second, part]);
+                        continue;
+                    }
+                    reason
+                }
+                Err(Caught { error, .. }) => return Err(error),
+            };
+            if !split {
+                return Err(LoadError::Failed(reason));
+            }
+            let reason = match part.as_slice() {
+                [key] => format!("{reason} (key {key} alone)"),
+                _ => reason,
+            };
+            loads
+                .failed
+                .extend(part.into_iter().map(|key| (key, reason.clone())));
+        }
+        Ok(loads)
     }
 
     /// Renders every variant of one row, turning a panic in user code into a failure of this key.
@@ -283,13 +405,10 @@ impl<F: Fragment> DynFragment for Registered<F> {
             }
             let distinct: Vec<F::Key> = first_at.keys().map(|key| (*key).clone()).collect();
             let started = Instant::now();
-            let mut rows: HashMap<F::Key, F::Row> = if distinct.is_empty() {
-                HashMap::new()
-            } else {
-                let loaded = self.fragment.load(db, &distinct).await;
-                let loaded = loaded.map_err(|error| LoadError::sort(self.name(), "load", error))?;
-                loaded.into_iter().collect()
-            };
+            let Loads {
+                mut rows,
+                mut failed,
+            } = self.load_isolating(db, distinct).await?;
             let loaded = Instant::now();
             let outcomes = keys
                 .iter()
@@ -301,6 +420,9 @@ impl<F: Fragment> DynFragment for Registered<F> {
                         self.name()
                     )),
                     Some(key) if first_at[key] != index => KeyOutcome::SameAs(first_at[key]),
+                    Some(key) if failed.contains_key(key) => {
+                        KeyOutcome::Failed(failed.remove(key).expect("checked above"))
+                    }
                     Some(key) => match rows.remove(key) {
                         Some(row) => self.render_variants(key, &row),
                         None => KeyOutcome::Gone(
@@ -332,8 +454,8 @@ impl<F: Fragment> DynFragment for Registered<F> {
 
     fn count_keys<'a>(&'a self, db: &'a Client) -> BoxFuture<'a, Result<Option<i64>, LoadError>> {
         Box::pin(async move {
-            let counted = self.fragment.count_keys(db).await;
-            counted.map_err(|error| LoadError::sort(self.name(), "count", error))
+            let counted = guarded(self.name(), "count", db, self.fragment.count_keys(db)).await;
+            counted.map_err(|caught| caught.error)
         })
     }
 
@@ -353,9 +475,10 @@ impl<F: Fragment> DynFragment for Registered<F> {
                     ))
                 })?),
             };
-            let keys = self.fragment.keys_after(db, after.as_ref(), limit).await;
-            let keys =
-                keys.map_err(|error| LoadError::sort(self.name(), "key enumeration", error))?;
+            let listed = self.fragment.keys_after(db, after.as_ref(), limit);
+            let keys = guarded(self.name(), "key enumeration", db, listed)
+                .await
+                .map_err(|caught| caught.error)?;
             Ok(keys.iter().map(ToString::to_string).collect())
         })
     }

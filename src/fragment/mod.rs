@@ -46,7 +46,10 @@ pub trait Fragment: Send + Sync + 'static {
     type Variant: Variant;
     /// What the loader and the key enumeration fail with: `tokio_postgres::Error`, `anyhow::Error`, or
     /// an error type of your own. A failure that comes from a lost connection is retried with the whole
-    /// batch; any other fails the batch's keys, which are retried and, at the limit, parked.
+    /// batch; any other fails the keys loaded, which are retried and, at the limit, parked. A panic is
+    /// such a failure too. When the cause may be one row's data (a panic, a value that does not
+    /// convert, a data exception), pgfresh loads the keys again in halves to find the ones that fail,
+    /// so one bad row never holds back the others.
     type Error: Into<Box<dyn std::error::Error + Send + Sync>> + Send;
 
     /// Unique name, used by `sweep --fragment`, `render`, in logs and metrics.

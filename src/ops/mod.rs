@@ -16,3 +16,29 @@ pub(crate) mod history;
 pub(crate) mod http;
 mod page;
 pub(crate) mod telemetry;
+
+/// `text` (from the database: an error, a table or key name) as one printable line: control
+/// characters (a newline, a terminal escape) are shown escaped, so that nobody who can write a row
+/// can forge a line of a report or drive the operator's terminal.
+pub(crate) fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn control_characters_are_shown_escaped_and_the_rest_as_it_is() {
+        assert_eq!(
+            super::one_line("bad \"row\"\n\u{1b}[31mFAKE é"),
+            "bad \"row\"\\n\\u{1b}[31mFAKE é"
+        );
+    }
+}

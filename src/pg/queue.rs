@@ -297,6 +297,45 @@ pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
     })
 }
 
+/// A change that failed: retrying, or parked in `pgfresh.failed`.
+#[derive(Clone, Debug)]
+pub(crate) struct Trouble {
+    pub(crate) topic: String,
+    pub(crate) key: String,
+    /// Failed attempts so far.
+    pub(crate) attempts: i32,
+    pub(crate) error: String,
+    /// For a change still retrying: seconds until its next attempt; `None` once parked.
+    pub(crate) retry_in: Option<f64>,
+}
+
+/// The latest parked changes, and the retrying changes among the oldest [`EXACT_COUNT_LIMIT`] queued
+/// (a bounded read, however long the queue), up to `limit` of each, newest first.
+pub(crate) async fn troubles(client: &Client, limit: i64) -> Result<Vec<Trouble>, Error> {
+    let rows = client
+        .query(
+            "(SELECT topic, key, attempts, coalesce(last_error, ''),
+                     greatest(extract(epoch FROM retry_at - now()), 0)::float8
+              FROM (SELECT * FROM pgfresh.changes ORDER BY id LIMIT $2) AS oldest
+              WHERE attempts > 0 ORDER BY id DESC LIMIT $1)
+             UNION ALL
+             (SELECT topic, key, attempts, error, NULL
+              FROM pgfresh.failed ORDER BY failed_at DESC, change_id DESC LIMIT $1)",
+            &[&limit, &EXACT_COUNT_LIMIT],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| Trouble {
+            topic: row.get(0),
+            key: row.get(1),
+            attempts: row.get(2),
+            error: row.get(3),
+            retry_in: row.get(4),
+        })
+        .collect())
+}
+
 /// `pg_notification_queue_usage()`: how full PostgreSQL's NOTIFY queue is (0 to 1). A long-open
 /// transaction in a listening session stops it from being cleaned up.
 pub(crate) async fn notification_queue_usage(client: &Client) -> Result<f64, Error> {

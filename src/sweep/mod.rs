@@ -230,7 +230,11 @@ async fn render_pages(
     report: &mut SweepReport,
 ) -> Result<orphans::Kept, Error> {
     let pager = db.get().await?;
-    let total = fragment.count_keys(&pager).await?;
+    // Only the progress bar needs the count: a count that fails leaves it without a total.
+    let total = fragment.count_keys(&pager).await.unwrap_or_else(|error| {
+        tracing::warn!(fragment = fragment.name(), error = %Error::from(error), "cannot count keys");
+        None
+    });
     let variants = fragment.variants().len() as u64;
     progress.fragment_started(
         fragment.name(),
