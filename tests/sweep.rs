@@ -420,3 +420,28 @@ fn a_failed_tests_database_and_redis_keys_are_removed() {
         assert!(keys.is_empty(), "keys left behind: {keys:?}");
     });
 }
+
+#[tokio::test]
+async fn the_librarys_sweep_settles_the_truncations_it_covers_as_the_command_does() {
+    let env = TestEnv::shop(6).await;
+    env.sweep().await;
+    let db = env.client().await;
+    db.batch_execute("TRUNCATE products, reviews")
+        .await
+        .unwrap();
+    // A topic none of these fragments reads: a sweep of them does not cover it.
+    db.batch_execute("INSERT INTO pgfresh.truncations (topic, table_oid) VALUES ('elsewhere', 0)")
+        .await
+        .unwrap();
+    let report = env.sweep().await;
+    assert_eq!(report.orphans_deleted, 12, "{report}");
+    let left: Vec<String> = db
+        .query("SELECT topic FROM pgfresh.truncations", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(left, ["elsewhere"]);
+    env.cleanup().await;
+}

@@ -10,7 +10,7 @@ use crate::fragment::{Fragments, KeyOutcome};
 use crate::ops::one_line;
 use crate::pg::{Database, queue, registry, schema, truncations};
 use crate::shutdown::shutdown_on_signal;
-use crate::sweep::{Truncations, progress::SweepProgress};
+use crate::sweep::progress::SweepProgress;
 
 pub(super) async fn install(db: &Database) -> Result<ExitCode, Error> {
     let applied = schema::install(db).await?;
@@ -80,18 +80,12 @@ pub(super) async fn sweep(
         Some(name) => fragments.only(name)?,
         None => fragments.clone(),
     };
-    // Read before sweeping: the sweep covers the TRUNCATEs recorded so far whose fragments it sweeps.
-    let truncated = Truncations::read(db, &fragments).await?;
     let settings = sweep_settings(&args.tuning);
     let shutdown = shutdown_on_signal();
     let progress = SweepProgress::for_stderr();
     let report =
         crate::sweep::sweep_with_progress(db, &store, &fragments, &settings, &shutdown, &progress)
             .await?;
-    if report.completed() {
-        let swept: Vec<&str> = fragments.iter().map(|f| f.name()).collect();
-        truncated.settle(db, &swept).await?;
-    }
     println!("{report}");
     Ok(if report.succeeded() {
         ExitCode::SUCCESS

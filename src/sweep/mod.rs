@@ -127,8 +127,9 @@ pub(crate) struct Silent;
 impl Progress for Silent {}
 
 /// Sweeps every one of `fragments`: renders every key, writes what changed, deletes entries whose row
-/// is gone, queues keys that fail, and marks each fragment complete in Redis. Fails only when keys
-/// cannot be enumerated at all; everything else is in the report.
+/// is gone, queues keys that fail, marks each fragment complete in Redis, and settles the TRUNCATEs of
+/// watched tables (recorded before it started) that it covered. Fails only when keys cannot be
+/// enumerated at all or PostgreSQL cannot be reached; everything else is in the report.
 pub async fn sweep(
     db: &Database,
     store: &RedisStore,
@@ -150,15 +151,19 @@ pub async fn sweep_with_progress(
 ) -> Result<SweepReport, Error> {
     fragments.validate()?;
     settings.validate()?;
+    // Read before sweeping: the sweep covers the TRUNCATEs recorded so far.
+    let truncated = Truncations::read(db, fragments).await?;
     let all: Vec<Arc<dyn DynFragment>> = fragments.iter().cloned().collect();
-    sweep_these(db, store, &all, settings, shutdown, progress).await
+    sweep_these(db, store, &all, &truncated, settings, shutdown, progress).await
 }
 
-/// Sweeps these fragments, one after the other.
+/// Sweeps these fragments, one after the other; once all of them completed, settles the
+/// `truncated` tables (read before the sweep) that they cover.
 pub(crate) async fn sweep_these(
     db: &Database,
     store: &RedisStore,
     selected: &[Arc<dyn DynFragment>],
+    truncated: &Truncations,
     settings: &SweepSettings,
     shutdown: &Shutdown,
     progress: &dyn Progress,
@@ -179,6 +184,10 @@ pub(crate) async fn sweep_these(
         if report.interrupted {
             break;
         }
+    }
+    if report.completed() {
+        let swept: Vec<&str> = selected.iter().map(|f| f.name()).collect();
+        truncated.settle(db, &swept).await?;
     }
     report.elapsed = started.elapsed();
     Ok(report)

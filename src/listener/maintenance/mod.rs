@@ -168,6 +168,7 @@ impl Maintenance {
                     &shared.db,
                     &shared.store,
                     &due.fragments,
+                    truncated,
                     &shared.settings.sweep,
                     &shared.shutdown,
                     &sweep::Silent,
@@ -178,17 +179,12 @@ impl Maintenance {
             }
             Err(error) => Err(error),
         };
-        Some(self.report(due, truncated, report).await)
+        Some(self.report(due, report))
     }
 
-    /// Logs, counts and shows a sweep's outcome; settles the TRUNCATEs a completed sweep covered.
-    /// Returns whether the sweep completed (or was stopped by shutdown).
-    async fn report(
-        &self,
-        due: &Due,
-        truncated: &Truncations,
-        report: Result<SweepReport, Error>,
-    ) -> bool {
+    /// Logs, counts and shows a sweep's outcome. Returns whether the sweep completed (or was
+    /// stopped by shutdown).
+    fn report(&self, due: &Due, report: Result<SweepReport, Error>) -> bool {
         let board = &self.shared.board;
         let report = match report {
             Ok(report) => report,
@@ -202,12 +198,6 @@ impl Maintenance {
         let repaired = report.stats.written + report.orphans_deleted;
         crate::ops::telemetry::swept(due.label, repaired);
         board.swept(due.label, report.to_string(), report.succeeded());
-        let swept: Vec<&str> = due.fragments.iter().map(|f| f.name()).collect();
-        if report.completed()
-            && let Err(error) = truncated.settle(&self.shared.db, &swept).await
-        {
-            tracing::warn!(%error, "cannot settle swept truncations; they will be swept again");
-        }
         report.completed() || report.interrupted
     }
 
