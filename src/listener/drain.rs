@@ -12,7 +12,6 @@ use tokio::task::JoinSet;
 use super::shared::Shared;
 use crate::Error;
 use crate::backoff::Backoff;
-use crate::pg::registry;
 use crate::stats::RefreshStats;
 
 /// Above this many changes per second the listener stops asking for NOTIFYs and polls instead. Every
@@ -143,12 +142,11 @@ async fn stand_aside(shared: &Shared) -> bool {
         if requested && shared.idle.load(Ordering::Relaxed) {
             set_idle(shared, false).await;
         }
-        let recorded = match shared.db.get().await {
-            Ok(client) => registry::set_standing_aside(&client, &shared.me.id, requested).await,
-            Err(error) => Err(error),
-        };
-        match recorded {
-            Ok(()) => {
+        let recorded = shared.registration.say(&shared.db, &shared.board, |said| {
+            said.standing_aside = requested;
+        });
+        match recorded.await {
+            Ok(_) => {
                 shared.stand_aside.set_recorded(requested);
                 shared.board.standing_aside(requested);
                 crate::ops::telemetry::standing_aside(requested);
@@ -162,12 +160,11 @@ async fn stand_aside(shared: &Shared) -> bool {
 /// Tells the database whether this listener wants NOTIFYs; returns whether that was recorded. If it
 /// cannot be, nothing is lost: the poll still finds every change.
 async fn set_idle(shared: &Shared, idle: bool) -> bool {
-    let recorded = match shared.db.get().await {
-        Ok(client) => registry::set_listener_idle(&client, &shared.me.id, idle).await,
-        Err(error) => Err(error),
-    };
-    match recorded {
-        Ok(()) => {
+    let recorded = shared
+        .registration
+        .say(&shared.db, &shared.board, |said| said.idle = idle);
+    match recorded.await {
+        Ok(_) => {
             shared.idle.store(idle, Ordering::Relaxed);
             tracing::debug!(idle, "told the database whether to notify");
             true

@@ -3,11 +3,10 @@
 //! queue for the metrics and the status page, at once and then every few seconds.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use super::shared::Shared;
-use crate::pg::{queue, registry};
+use crate::pg::queue;
 
 /// How often a listener tells the database it is alive.
 const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
@@ -36,12 +35,8 @@ async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
     shared
         .board
         .queue_sampled(stats.map_err(|error| error.to_string()));
-    let (changes, refused) = shared.board.totals();
-    let idle = shared.idle.load(Ordering::Relaxed);
-    let standing_aside = shared.stand_aside.recorded();
-    if let Err(error) =
-        registry::heartbeat(client, &shared.me, idle, standing_aside, changes, refused).await
-    {
+    let said = shared.registration.say(&shared.db, &shared.board, |_| {});
+    if let Err(error) = said.await {
         tracing::debug!(%error, "heartbeat failed");
     }
 }

@@ -11,6 +11,7 @@
 //! - `batch`: one claimed batch, from claim to commit; `plan`, the pure part deciding what to render;
 //!   `route`, which fragment each change reaches, and the fan-out of keys of shared rows.
 //! - `wakeup`: the LISTEN session that turns NOTIFYs into wake-ups.
+//! - `registration`: its row in the registry, written whole by one writer.
 //! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled.
 //! - `stand_aside`: rolling deploys; a listener stands aside for one with newer fragment versions.
 //! - `maintenance`: the sweeps it runs itself (periodic, Redis emptied, markup changed, table
@@ -21,6 +22,7 @@ mod drain;
 mod heartbeat;
 mod maintenance;
 mod plan;
+mod registration;
 mod route;
 mod shared;
 mod stand_aside;
@@ -41,6 +43,7 @@ use crate::pg::Database;
 use crate::pg::registry::{self, ListenerIdentity};
 use crate::shutdown::Shutdown;
 use crate::store::RedisStore;
+use registration::Registration;
 use shared::Shared;
 
 /// Runs a listener for `fragments` until `shutdown` is cancelled: applies every committed change to
@@ -121,13 +124,14 @@ impl Listener {
             store,
             fragments,
             settings,
-            me,
+            me: me.clone(),
             stand_aside: Arc::default(),
             shutdown,
             idle: AtomicBool::new(false),
             recent: Default::default(),
             next_wake: Mutex::new(None),
             board,
+            registration: Registration::new(me.clone()),
         });
         Self {
             shared,
@@ -195,8 +199,11 @@ impl Listener {
                 mine,
             });
         }
-        registry::register_listener(&client, &shared.me).await?;
         drop(client);
+        shared
+            .registration
+            .say(&shared.db, &shared.board, |_| {})
+            .await?;
         crate::ops::telemetry::register_fragments(shared.fragments.iter().map(|f| f.name()));
         crate::ops::telemetry::standing_aside(false);
         tracing::info!(

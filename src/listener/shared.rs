@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::plan::RecentRenders;
+use super::registration::Registration;
 use super::stand_aside::StandAside;
 use crate::config::ListenSettings;
 use crate::fragment::Fragments;
@@ -23,11 +24,13 @@ pub(crate) struct Shared {
     pub(crate) settings: ListenSettings,
     /// This listener's id and fragment versions, as registered.
     pub(crate) me: ListenerIdentity,
+    /// Its row in the registry, and the one writer of it.
+    pub(crate) registration: Registration,
     /// Whether it stands aside for a listener with newer fragment versions.
     pub(crate) stand_aside: Arc<StandAside>,
     pub(crate) shutdown: Shutdown,
-    /// Whether this listener last told the database it is idle (wants NOTIFYs). The heartbeat
-    /// re-asserts it, since a PostgreSQL crash empties the unlogged registry.
+    /// Whether this listener last told the database it is idle (wants NOTIFYs), as `registration`
+    /// said it: read at every turn of the drain loop without waiting for its lock.
     pub(crate) idle: AtomicBool,
     /// Recent renders, to settle covered changes and slow down hot keys.
     pub(crate) recent: RecentRenders,

@@ -38,15 +38,40 @@ const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
      JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
      WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'";
 
-/// Registers a running listener (busy, not standing aside, until it says otherwise).
-pub(crate) async fn register_listener(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
+/// Everything a listener's row says: written whole by [`write_row`], its one writer, so that a row
+/// re-created after a PostgreSQL crash (the table is unlogged) says all it said before.
+pub(crate) struct ListenerRow<'a> {
+    pub(crate) me: &'a ListenerIdentity,
+    /// It waits for NOTIFYs: triggers notify while some live listener is idle.
+    pub(crate) idle: bool,
+    /// It stands aside for a listener with newer fragment versions (column `superseded`).
+    pub(crate) standing_aside: bool,
+    /// Changes it applied (column `changes_done`), and stale writes Redis refused.
+    pub(crate) applied: i64,
+    pub(crate) refused: i64,
+}
+
+/// Writes this listener's row, all of it, and says it is alive.
+pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<(), Error> {
+    let me = row.me;
     client
         .execute(
-            "INSERT INTO pgfresh.listeners (id, fragments, versions, stored) VALUES ($1, $2, $3, $4)
+            "INSERT INTO pgfresh.listeners
+                 (id, idle, superseded, changes_done, refused_writes, fragments, versions, stored)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (id) DO UPDATE
-             SET idle = false, superseded = false, seen_at = now(), fragments = $2, versions = $3,
-                 stored = $4",
-            &[&me.id, &me.fragments, &me.versions, &me.stored],
+             SET idle = $2, superseded = $3, changes_done = $4, refused_writes = $5,
+                 fragments = $6, versions = $7, stored = $8, seen_at = now()",
+            &[
+                &me.id,
+                &row.idle,
+                &row.standing_aside,
+                &row.applied,
+                &row.refused,
+                &me.fragments,
+                &me.versions,
+                &me.stored,
+            ],
         )
         .await?;
     Ok(())
@@ -110,71 +135,6 @@ pub(crate) async fn older_listeners_working(
         )
         .await?
         .get(0))
-}
-
-/// Records whether this listener has stood aside for a newer one.
-pub(crate) async fn set_standing_aside(
-    client: &Client,
-    listener_id: &str,
-    standing_aside: bool,
-) -> Result<(), Error> {
-    client
-        .execute(
-            "UPDATE pgfresh.listeners SET superseded = $2, seen_at = now() WHERE id = $1",
-            &[&listener_id, &standing_aside],
-        )
-        .await?;
-    Ok(())
-}
-
-/// Says whether this listener is idle (waiting for a NOTIFY) and that it is alive. Re-registers a
-/// listener whose row vanished (an unlogged table is emptied by a PostgreSQL crash).
-pub(crate) async fn set_listener_idle(
-    client: &Client,
-    listener_id: &str,
-    idle: bool,
-) -> Result<(), Error> {
-    client
-        .execute(
-            "INSERT INTO pgfresh.listeners (id, idle) VALUES ($1, $2)
-             ON CONFLICT (id) DO UPDATE SET idle = $2, seen_at = now()",
-            &[&listener_id, &idle],
-        )
-        .await?;
-    Ok(())
-}
-
-/// Refreshes `seen_at` (without which triggers stop waking this listener after a minute) and the
-/// listener's counters. Re-registers a listener whose row vanished (a PostgreSQL crash empties the
-/// unlogged table) with its current idle and standing-aside flags; an existing row's flags are left to
-/// `set_listener_idle` and `set_standing_aside`, so a heartbeat racing a switch cannot undo it.
-pub(crate) async fn heartbeat(
-    client: &Client,
-    me: &ListenerIdentity,
-    idle: bool,
-    standing_aside: bool,
-    applied: i64,
-    refused_writes: i64,
-) -> Result<(), Error> {
-    client
-        .execute(
-            "INSERT INTO pgfresh.listeners
-                 (id, idle, superseded, changes_done, refused_writes, fragments, versions)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
-             ON CONFLICT (id) DO UPDATE
-             SET seen_at = now(), changes_done = $4, refused_writes = $5, fragments = $6, versions = $7",
-            &[
-                &me.id,
-                &idle,
-                &standing_aside,
-                &applied,
-                &refused_writes,
-                &me.fragments,
-                &me.versions,
-            ],
-        )
-        .await?;
-    Ok(())
 }
 
 /// Removes a listener that is shutting down.

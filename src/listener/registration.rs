@@ -1,0 +1,63 @@
+//! This listener's row in the registry (`pgfresh.listeners`), and its one writer.
+//!
+//! Registering, switching between idle and busy, standing aside and the heartbeat each change what
+//! the row says. All of them go through [`Registration::say`], which holds a lock across the write and
+//! always writes the whole row: a heartbeat can never undo a switch it raced, and a row re-created
+//! after a PostgreSQL crash (the table is unlogged) says where this listener stores its fragments,
+//! which another listener's start-up check relies on.
+
+use tokio::sync::Mutex;
+
+use crate::Error;
+use crate::ops::board::StatusBoard;
+use crate::pg::Database;
+use crate::pg::registry::{self, ListenerIdentity, ListenerRow};
+
+/// What this listener has told the database about its state.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Said {
+    /// It waits for NOTIFYs.
+    pub(crate) idle: bool,
+    /// It stands aside for a newer listener.
+    pub(crate) standing_aside: bool,
+}
+
+/// The listener's row and the lock that serializes writing it.
+pub(crate) struct Registration {
+    me: ListenerIdentity,
+    /// What the row says now; held across each write.
+    said: Mutex<Said>,
+}
+
+impl Registration {
+    pub(crate) fn new(me: ListenerIdentity) -> Self {
+        Self {
+            me,
+            said: Mutex::new(Said::default()),
+        }
+    }
+
+    /// Writes the row with `change` applied to what it says, the board's totals and the time;
+    /// returns what it now says. On failure the row and this record are left as they were.
+    pub(crate) async fn say(
+        &self,
+        db: &Database,
+        board: &StatusBoard,
+        change: impl FnOnce(&mut Said),
+    ) -> Result<Said, Error> {
+        let mut said = self.said.lock().await;
+        let mut next = *said;
+        change(&mut next);
+        let (applied, refused) = board.totals();
+        let row = ListenerRow {
+            me: &self.me,
+            idle: next.idle,
+            standing_aside: next.standing_aside,
+            applied,
+            refused,
+        };
+        registry::write_row(&*db.get().await?, &row).await?;
+        *said = next;
+        Ok(next)
+    }
+}
