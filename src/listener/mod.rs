@@ -93,6 +93,10 @@ fn check_ttls(fragments: &Fragments, settings: &ListenSettings) -> Result<(), Er
     Ok(())
 }
 
+/// How long the batches in hand at shutdown may take to finish: a batch normally takes milliseconds,
+/// and one that takes longer (Redis or PostgreSQL hanging) rolls back, losing nothing.
+const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A running listener: its shared state and the tasks around the drain loop.
 struct Listener {
     shared: Arc<Shared>,
@@ -140,16 +144,30 @@ impl Listener {
     }
 
     /// Starts the tasks, drains until shutdown (or until a task dies), then stops everything and
-    /// deregisters.
+    /// deregisters. The batches in hand at shutdown finish (within [`SHUTDOWN_GRACE`]): their changes
+    /// reach Redis and leave the queue before the listener exits.
     async fn run(self) -> Result<(), Error> {
         let shared = &self.shared;
         let mut tasks = self.start().await?;
+        let drain = drain::drain_loop(shared, &self.wake);
+        tokio::pin!(drain);
         let died = tokio::select! {
-            _ = drain::drain_loop(shared, &self.wake) => None,
+            _ = &mut drain => None,
             joined = tasks.join_next() => joined,
         };
-        // Every task selects on the shutdown token; wait for them to finish their current step.
+        // Every task selects on the shutdown token; the drain loop claims nothing more, and the
+        // batches it has in hand commit.
         shared.shutdown.cancel();
+        if died.is_some()
+            && tokio::time::timeout(SHUTDOWN_GRACE, &mut drain)
+                .await
+                .is_err()
+        {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "batches still in hand after the grace period roll back; their changes stay queued"
+            );
+        }
         while tasks.join_next().await.is_some() {}
         if let Ok(client) = shared.db.get().await {
             let _ = registry::deregister_listener(&client, &shared.me.id).await;
