@@ -67,7 +67,14 @@ async fn each_misconfiguration_is_found_with_its_fix() {
              VALUES (1, 'product', '2', now(), 10, 'boom');
              ALTER TABLE reviews DISABLE TRIGGER pgfresh_product;
              CREATE TABLE coupons (code text PRIMARY KEY);
-             SELECT pgfresh.watch('coupons', 'code', 'coupon');",
+             SELECT pgfresh.watch('coupons', 'code', 'coupon');
+             ALTER TABLE products ENABLE REPLICA TRIGGER pgfresh_product;
+             ALTER TRIGGER \"pgfresh_coupon:truncate\" ON coupons RENAME TO coupon_truncations;
+             DROP TRIGGER pgfresh_coupon ON coupons;
+             CREATE TABLE visits (product_id bigint) PARTITION BY RANGE (product_id);
+             CREATE TABLE visits_low PARTITION OF visits FOR VALUES FROM (0) TO (1000);
+             SELECT pgfresh.watch('visits', 'product_id', 'product');
+             ALTER TABLE visits_low DISABLE TRIGGER pgfresh_product;",
         )
         .await
         .unwrap();
@@ -89,12 +96,31 @@ async fn each_misconfiguration_is_found_with_its_fix() {
     );
     assert_problem(
         &report,
-        "trigger pgfresh_product on reviews is disabled",
-        "ALTER TABLE reviews ENABLE TRIGGER \"pgfresh_product\"",
+        "trigger pgfresh_product on public.reviews is disabled: changes there are not captured",
+        "ALTER TABLE public.reviews ENABLE TRIGGER pgfresh_product; then run `sweep`",
     );
     assert_problem(
         &report,
-        "coupons.code is watched for topic coupon, which no fragment of this binary handles",
+        "trigger pgfresh_product on public.products fires only on replicas (ENABLE REPLICA TRIGGER)",
+        "ALTER TABLE public.products ENABLE TRIGGER pgfresh_product;",
+    );
+    assert_problem(
+        &report,
+        "trigger pgfresh_product on public.visits_low is disabled",
+        "ALTER TABLE public.visits_low ENABLE TRIGGER pgfresh_product;",
+    );
+    assert_problem(
+        &report,
+        "the row trigger of a watch on public.coupons is missing",
+        "SELECT pgfresh.watch('public.coupons', 'code', 'coupon'); (it recreates",
+    );
+    assert!(
+        !report.contains("TRUNCATE trigger of a watch on public.coupons"),
+        "a renamed trigger still captures:\n{report}"
+    );
+    assert_problem(
+        &report,
+        "public.coupons.code is watched for topic coupon, which no fragment of this binary handles",
         "add a fragment for topic coupon",
     );
     assert_problem(
@@ -108,6 +134,7 @@ async fn each_misconfiguration_is_found_with_its_fix() {
         .batch_execute(
             "SELECT pgfresh.unwatch('products', 'product');
              SELECT pgfresh.unwatch('reviews', 'product');
+             SELECT pgfresh.unwatch('visits', 'product');
              SELECT pgfresh.watch('products', 'name', 'product');",
         )
         .await
@@ -115,7 +142,7 @@ async fn each_misconfiguration_is_found_with_its_fix() {
     let (_, report) = doctor(&env.url, &common::redis_url());
     assert_problem(
         &report,
-        "20 of 20 sampled values of products.name (e.g. ",
+        "20 of 20 sampled values of public.products.name (e.g. ",
         "watch the column that holds product_card's keys",
     );
     admin

@@ -168,7 +168,7 @@ pub(super) async fn doctor(
 /// `status`: the installed version, the watches (and disabled triggers), the queue, the live
 /// listeners, and Redis's memory policy.
 pub(super) async fn status(db: &Database, connections: &Connections) -> Result<ExitCode, Error> {
-    let client = db.get().await?;
+    let client = db.pinned().await?;
     let Some(version) = schema::version_on(&client).await? else {
         return Err(Error::NotInstalled {
             database: db.name(),
@@ -197,9 +197,11 @@ async fn print_watches(client: &tokio_postgres::Client) -> Result<(), Error> {
             watch.table, watch.key_column, watch.topic
         );
     }
-    for (trigger, table) in schema::disabled_triggers(client).await? {
+    for gap in schema::capture_gaps(client).await? {
         println!(
-            "  warning: trigger {trigger} on {table} is disabled: changes there are not captured (ALTER TABLE ... ENABLE TRIGGER, then sweep)"
+            "  warning: {}: changes there are not captured; fix: {}",
+            one_line(&gap.what),
+            one_line(&gap.fix)
         );
     }
     Ok(())

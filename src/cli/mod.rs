@@ -104,7 +104,9 @@ pub async fn execute(
         _ => fragments.clone(),
     };
     let fragments = &fragments;
-    let db = connections.database(pool_size(&command))?;
+    let (own, users) = pool_sizes(&command);
+    let db = connections.database(own)?;
+    db.limit_user_sessions(users);
     db.check().await?;
     match command {
         Command::Install => commands::install(&db).await,
@@ -124,17 +126,23 @@ pub async fn execute(
     }
 }
 
-/// Pooled connections a command may hold at once.
-fn pool_size(command: &Command) -> usize {
+/// Pooled connections a command may hold at once: for pgfresh's own statements, and for user code.
+fn pool_sizes(command: &Command) -> (usize, usize) {
     match command {
-        // Two per worker (claim, load), the sweep's pages and its pager, and the bookkeeping.
+        // Claims per worker, the sweep pages' tickets and the bookkeeping tasks; loads per worker,
+        // the sweep's pages and its pager.
         Command::Listen(args) => {
-            2 * usize::from(args.workers) + usize::from(args.sweep.sweep_concurrency) + 3
+            let workers = usize::from(args.workers);
+            let pages = usize::from(args.sweep.sweep_concurrency);
+            (workers + pages + 3, workers + pages + 1)
         }
-        Command::Sweep(args) => usize::from(args.tuning.sweep_concurrency) + 1,
-        // Its own session, and one for each check that reads the user's tables.
-        Command::Doctor => 2,
-        _ => 1,
+        Command::Sweep(args) => {
+            let pages = usize::from(args.tuning.sweep_concurrency);
+            (pages + 1, pages + 1)
+        }
+        // Its own session, and the loader it tries.
+        Command::Doctor => (2, 1),
+        _ => (1, 1),
     }
 }
 

@@ -26,7 +26,7 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 /// each change noting the error (without counting an attempt: an outage is not the change's fault),
 /// so that `status` and `pgfresh.changes` say why it waits.
 pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
-    let mut client = shared.db.get().await?;
+    let mut client = shared.db.pinned().await?;
     let txn = client.transaction().await?;
     let started = Instant::now();
     let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;

@@ -15,7 +15,7 @@ const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
 /// samples the queue for metrics and the status page, at once and then at every beat.
 pub(crate) async fn heartbeat(shared: Arc<Shared>) {
     loop {
-        if let Ok(client) = shared.db.get().await {
+        if let Ok(client) = shared.db.pinned().await {
             beat(&shared, &client).await;
         }
         tokio::select! {

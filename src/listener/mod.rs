@@ -62,8 +62,16 @@ pub async fn listen(
     settings.validate()?;
     check_ttls(&fragments, &settings)?;
     crate::pg::schema::ensure_installed(&db).await?;
-    route::check_queries(&*db.get().await?, &fragments).await?;
-    Listener::new(db, store, fragments, settings, shutdown)
+    let users = db.get().await?;
+    if let Some(privileges) = crate::pg::schema::excess_privileges(&users).await? {
+        tracing::warn!(
+            "listening as {privileges}: every loader and through query runs with those rights; a role with pgfresh_listener's (sql/roles.sql) and SELECT on what the loaders read is all a listener needs"
+        );
+    }
+    route::check_queries(&users, &fragments).await?;
+    let users_search_path = crate::pg::fan_out::users_search_path(&users).await?;
+    drop(users);
+    Listener::new(db, store, fragments, settings, shutdown, users_search_path)
         .run()
         .await
 }
@@ -110,6 +118,7 @@ impl Listener {
         fragments: Fragments,
         settings: ListenSettings,
         shutdown: Shutdown,
+        users_search_path: String,
     ) -> Self {
         let me = ListenerIdentity {
             id: format!(
@@ -136,6 +145,7 @@ impl Listener {
             next_wake: Mutex::new(None),
             board,
             registration: Registration::new(me.clone()),
+            users_search_path,
         });
         Self {
             shared,
@@ -169,7 +179,7 @@ impl Listener {
             );
         }
         while tasks.join_next().await.is_some() {}
-        if let Ok(client) = shared.db.get().await {
+        if let Ok(client) = shared.db.pinned().await {
             let _ = registry::deregister_listener(&client, &shared.me.id).await;
         }
         let (applied, refused) = shared.board.totals();
@@ -202,7 +212,7 @@ impl Listener {
             self.start_http(address, &listen_connected, &mut tasks)
                 .await?;
         }
-        let client = shared.db.get().await?;
+        let client = shared.db.pinned().await?;
         if let Some(conflict) = registry::storage_conflict(&client, &shared.me).await? {
             let registry::StorageConflict {
                 listener,

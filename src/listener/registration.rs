@@ -56,7 +56,7 @@ impl Registration {
             applied,
             refused,
         };
-        registry::write_row(&*db.get().await?, &row).await?;
+        registry::write_row(&*db.pinned().await?, &row).await?;
         *said = next;
         Ok(next)
     }

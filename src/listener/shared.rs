@@ -24,6 +24,9 @@ pub(crate) struct Shared {
     pub(crate) settings: ListenSettings,
     /// This listener's id and fragment versions, as registered.
     pub(crate) me: ListenerIdentity,
+    /// The `search_path` of the sessions user code runs in: through queries run under it, inside
+    /// the claiming transaction on one of pgfresh's own (pinned) sessions.
+    pub(crate) users_search_path: String,
     /// Its row in the registry, and the one writer of it.
     pub(crate) registration: Registration,
     /// Whether it stands aside for a listener with newer fragment versions.

@@ -72,7 +72,7 @@ pub(crate) async fn watch(
     shutdown: Shutdown,
 ) {
     loop {
-        let newer = match db.get().await {
+        let newer = match db.pinned().await {
             Ok(client) => registry::newer_listener_running(&client, &me).await,
             Err(error) => Err(error),
         };
@@ -103,7 +103,7 @@ pub(crate) async fn wait_for_older(db: &Database, me: &ListenerIdentity, shutdow
     let started = Instant::now();
     let mut logged = false;
     loop {
-        let working = match db.get().await {
+        let working = match db.pinned().await {
             Ok(client) => registry::older_listeners_working(&client, me).await,
             Err(error) => Err(error),
         };

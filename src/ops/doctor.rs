@@ -26,6 +26,8 @@ struct Finding {
     what: String,
     /// What to do, for a problem; `None` when all is well.
     fix: Option<String>,
+    /// Worth knowing, though not a problem.
+    note: bool,
 }
 
 /// Everything `doctor` found.
@@ -39,6 +41,15 @@ impl Report {
         self.findings.push(Finding {
             what: what.into(),
             fix: None,
+            note: false,
+        });
+    }
+
+    fn note(&mut self, what: impl Into<String>) {
+        self.findings.push(Finding {
+            what: what.into(),
+            fix: None,
+            note: true,
         });
     }
 
@@ -46,6 +57,7 @@ impl Report {
         self.findings.push(Finding {
             what: what.into(),
             fix: Some(fix.into()),
+            note: false,
         });
     }
 
@@ -59,6 +71,7 @@ impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for finding in &self.findings {
             match &finding.fix {
+                None if finding.note => writeln!(f, "note     {}", finding.what)?,
                 None => writeln!(f, "ok       {}", finding.what)?,
                 Some(fix) => {
                     writeln!(f, "PROBLEM  {}", finding.what)?;
@@ -81,7 +94,12 @@ pub(crate) async fn examine(
     fragments: &Fragments,
 ) -> Result<Report, Error> {
     let mut report = Report::default();
-    let client = db.get().await?;
+    let client = db.pinned().await?;
+    if let Some(privileges) = schema::excess_privileges(&client).await? {
+        report.note(format!(
+            "running as {privileges}: the listener needs only pgfresh_listener's rights (sql/roles.sql), and doctor sees what the listener sees when run as the listener's role"
+        ));
+    }
     let required = schema::required_version();
     let Some(version) = schema::version_on(&client).await? else {
         report.problem(
@@ -105,10 +123,10 @@ pub(crate) async fn examine(
         }
     }
 
-    for (trigger, table) in schema::disabled_triggers(&client).await? {
+    for gap in schema::capture_gaps(&client).await? {
         report.problem(
-            format!("trigger {trigger} on {table} is disabled: changes there are not captured"),
-            format!("ALTER TABLE {table} ENABLE TRIGGER \"{trigger}\"; then run `sweep`"),
+            format!("{}: changes there are not captured", gap.what),
+            gap.fix,
         );
     }
     let watches = schema::watches(&client).await?;
@@ -219,7 +237,7 @@ async fn check_keys(
     fragments: &Fragments,
     watches: &[schema::Watch],
 ) -> Result<(), Error> {
-    let client = db.get().await?;
+    let client = db.pinned().await?;
     for watch in watches {
         let direct: Vec<_> = fragments
             .iter()
@@ -232,9 +250,9 @@ async fn check_keys(
         if direct.is_empty() {
             continue;
         }
-        let column = format!("\"{}\"", watch.key_column.replace('"', "\"\""));
+        let (key, column) = schema::key_as_text(&client, watch).await?;
         let sql = format!(
-            "SELECT {column}::text FROM {} WHERE {column} IS NOT NULL LIMIT {KEY_SAMPLE}",
+            "SELECT {key} FROM {} WHERE {column} IS NOT NULL LIMIT {KEY_SAMPLE}",
             watch.table
         );
         let values: Vec<String> = match client.query(&sql, &[]).await {

@@ -1,5 +1,12 @@
-//! PostgreSQL connections: the pool that serves claims, loads and sweeps, and the dedicated connections
-//! that LISTEN (a pool would swallow notifications) and hold advisory locks.
+//! PostgreSQL connections: two pools, and the dedicated connections that LISTEN (a pool would
+//! swallow notifications) and hold advisory locks.
+//!
+//! pgfresh's own statements (claims, settles, the registry, `status`, `doctor`, ...) run on sessions
+//! whose `search_path` is pinned to `pg_catalog, pg_temp`, so that no function or operator of
+//! anyone's schema (a database owner can create in `public`, and set the database's path) can stand
+//! in for PostgreSQL's own when pgfresh runs as a superuser. User code (loaders, key enumerations,
+//! through queries) runs with the user's own settings, on a pool of its own: it names its tables as
+//! the application does.
 
 use std::time::Duration;
 
@@ -15,12 +22,17 @@ use crate::config::Environment;
 /// How long a connection attempt may take before it counts as unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// A PostgreSQL database: its parsed configuration and a pool of connections to it.
+/// A PostgreSQL database: its parsed configuration, and pools of connections to it: one for pgfresh's
+/// own statements, one (with your settings) for your loaders and your own queries.
 #[derive(Clone)]
 pub struct Database {
+    /// The user's settings, plus the pinned `search_path`: pgfresh's own sessions.
     config: Config,
     url: String,
-    pool: Pool,
+    /// pgfresh's own statements.
+    pinned: Pool,
+    /// User code: loaders, key enumerations, and what [`Database::get`] hands out.
+    users: Pool,
     connector: MakeRustlsConnect,
 }
 
@@ -29,6 +41,13 @@ pub struct Database {
 /// queries are short lookups by key, for which JIT compilation never pays: with misleading statistics
 /// it was seen to add 180 ms to a 20 ms load.
 const POOLED_OPTIONS: &str = "-c synchronous_commit=off -c jit=off";
+
+/// What every session running pgfresh's own statements runs with, after the user's options so that
+/// nothing overrides it: PostgreSQL's own functions and operators, and no one else's.
+const PINNED_OPTIONS: &str = "-c search_path=pg_catalog,pg_temp";
+
+/// The `search_path` pgfresh's own sessions run with (see [`PINNED_OPTIONS`]).
+pub(crate) const PINNED_SEARCH_PATH: &str = "pg_catalog, pg_temp";
 
 /// Connection settings pgfresh honours itself rather than passing them to tokio-postgres.
 const HANDLED_HERE: &[&str] = &[
@@ -61,9 +80,10 @@ const PASSED_ON: &[&str] = &[
 ];
 
 impl Database {
-    /// Parses the connection string (a URL or libpq key=value pairs) and builds a pool of at most
-    /// `pool_size` connections, with nothing taken from the environment. Connects lazily: call
-    /// [`Database::check`] to fail early with a clear message.
+    /// Parses the connection string (a URL or libpq key=value pairs) and builds pools of at most
+    /// `pool_size` connections each (pgfresh's own statements, and user code), with nothing taken
+    /// from the environment. Connects lazily: call [`Database::check`] to fail early with a clear
+    /// message.
     pub fn new(url: &str, pool_size: usize) -> Result<Self, Error> {
         Self::with_environment(url, pool_size, &Environment::none())
     }
@@ -94,11 +114,22 @@ impl Database {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
         let connector = tls.connector();
-        let pool = build_pool(&config, connector.clone(), pool_size);
+        let users = build_pool(
+            with_options(&config, POOLED_OPTIONS, ""),
+            &connector,
+            pool_size,
+        );
+        let config = with_options(&config, "", PINNED_OPTIONS);
+        let pinned = build_pool(
+            with_options(&config, POOLED_OPTIONS, ""),
+            &connector,
+            pool_size,
+        );
         Ok(Self {
             config,
             url: shown,
-            pool,
+            pinned,
+            users,
             connector,
         })
     }
@@ -117,12 +148,30 @@ impl Database {
             .to_string()
     }
 
-    /// A pooled connection, or an error saying PostgreSQL is unreachable.
+    /// A pooled connection with your settings (your `search_path`, your `options`): what loaders
+    /// are given, and what a program of yours can use for its own queries. Or an error saying
+    /// PostgreSQL is unreachable.
     pub async fn get(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.take(&self.users).await
+    }
+
+    /// Holds at most `size` connections for user code (what a command needs differs between the
+    /// two pools).
+    pub(crate) fn limit_user_sessions(&self, size: usize) {
+        self.users.resize(size.max(1));
+    }
+
+    /// A pooled connection for pgfresh's own statements, its `search_path` pinned to
+    /// `pg_catalog, pg_temp`: never for user code, which would not find its tables.
+    pub(crate) async fn pinned(&self) -> Result<deadpool_postgres::Object, Error> {
+        self.take(&self.pinned).await
+    }
+
+    async fn take(&self, pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
         use deadpool_postgres::{PoolError, TimeoutType};
         // Every error in making a new pooled connection is a connection error, the server's own
         // (a wrong password, a missing database) included, and says which server it was.
-        self.pool.get().await.map_err(|e| match e {
+        pool.get().await.map_err(|e| match e {
             PoolError::Backend(e) => self.connect_error(&e),
             PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
                 Error::PostgresConnect {
@@ -134,9 +183,10 @@ impl Database {
         })
     }
 
-    /// Opens a connection outside the pool, driven by a spawned task until the client is dropped.
-    /// For the advisory lock that elects the sweeping listener, which must outlive any pooled use.
-    pub async fn connect_dedicated(&self, application_name: &str) -> Result<Client, Error> {
+    /// Opens a connection outside the pools for pgfresh's own statements (`search_path` pinned),
+    /// driven by a spawned task until the client is dropped. For the advisory lock that elects the
+    /// sweeping listener, which must outlive any pooled use.
+    pub(crate) async fn connect_dedicated(&self, application_name: &str) -> Result<Client, Error> {
         let (client, connection) = self.connect_raw(application_name).await?;
         tokio::spawn(async move {
             if let Err(error) = connection.await {
@@ -146,9 +196,10 @@ impl Database {
         Ok(client)
     }
 
-    /// Opens a connection outside the pool and hands back its connection half, for the caller to drive
-    /// (the LISTEN connection reads notifications from it).
-    pub async fn connect_raw(
+    /// Opens a connection outside the pools for pgfresh's own statements (`search_path` pinned),
+    /// and hands back its connection half, for the caller to drive (the LISTEN connection reads
+    /// notifications from it).
+    pub(crate) async fn connect_raw(
         &self,
         application_name: &str,
     ) -> Result<
@@ -168,7 +219,7 @@ impl Database {
 
     /// Fails with a clear message unless PostgreSQL answers.
     pub async fn check(&self) -> Result<(), Error> {
-        self.get().await?.simple_query("SELECT 1").await?;
+        self.pinned().await?.simple_query("SELECT 1").await?;
         Ok(())
     }
 
@@ -218,17 +269,24 @@ fn resolve(url: &str, environment: &Environment) -> Result<ConnInfo, Error> {
     Ok(info)
 }
 
-/// The pool of sessions that claim, load and sweep: the user's settings plus [`POOLED_OPTIONS`].
-fn build_pool(config: &Config, connector: MakeRustlsConnect, size: usize) -> Pool {
-    // The user's options come after pgfresh's, so that theirs win where both set something.
-    let mut pooled = config.clone();
-    pooled.options(&match config.get_options() {
-        Some(theirs) if !theirs.trim().is_empty() => format!("{POOLED_OPTIONS} {theirs}"),
-        _ => POOLED_OPTIONS.to_string(),
-    });
+/// `config` with `before` and `after` around the options it has: the user's options win over what
+/// comes before them, and lose to what comes after.
+fn with_options(config: &Config, before: &str, after: &str) -> Config {
+    let theirs = config.get_options().unwrap_or_default();
+    let options: Vec<&str> = [before, theirs, after]
+        .into_iter()
+        .filter(|part| !part.trim().is_empty())
+        .collect();
+    let mut config = config.clone();
+    config.options(options.join(" "));
+    config
+}
+
+/// A pool of sessions with `config`.
+fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Pool {
     let manager = Manager::from_config(
-        pooled,
-        connector,
+        config,
+        connector.clone(),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },

@@ -8,14 +8,36 @@
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
-/// The statement that maps and queues: the user's query sees `$1`; `$2` is the fragment's topic.
+/// The statement that maps and queues: the user's query sees `$1`; `$2` is the fragment's topic. It
+/// runs under the user's `search_path` (the query names the application's tables), so every name of
+/// its own is qualified.
 fn statement(query: &str) -> String {
     format!(
         "INSERT INTO pgfresh.changes (topic, key)
-         SELECT DISTINCT $2::text, mapped.k::text
+         SELECT DISTINCT $2::pg_catalog.text, mapped.k::pg_catalog.text
          FROM ({query}) AS mapped(k)
          WHERE mapped.k IS NOT NULL"
     )
+}
+
+/// Runs the statements that follow in this transaction under `path` (the user's `search_path`, or
+/// pgfresh's pinned one to go back), until the transaction or the savepoint it is called in ends.
+pub(crate) async fn set_search_path(txn: &Client, path: &str) -> Result<(), tokio_postgres::Error> {
+    txn.execute(
+        "SELECT pg_catalog.set_config('search_path', $1, true)",
+        &[&path],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The `search_path` of sessions that user code runs in (`Database::get`), for through queries,
+/// which run inside pgfresh's own transactions.
+pub(crate) async fn users_search_path(users: &Client) -> Result<String, tokio_postgres::Error> {
+    Ok(users
+        .query_one("SELECT pg_catalog.current_setting('search_path')", &[])
+        .await?
+        .get(0))
 }
 
 /// What a fan-out did.
@@ -156,5 +178,9 @@ mod tests {
     fn the_users_query_is_a_subquery_whose_first_column_is_queued() {
         let sql = statement("SELECT id FROM posts WHERE author_id = ANY($1)");
         assert!(sql.contains("FROM (SELECT id FROM posts WHERE author_id = ANY($1)) AS mapped(k)"));
+        assert!(
+            !sql.contains("::text"),
+            "every name of pgfresh's own is qualified"
+        );
     }
 }

@@ -22,5 +22,6 @@ mod tls;
 pub(crate) mod truncations;
 
 pub use database::Database;
+pub(crate) use database::PINNED_SEARCH_PATH;
 pub(crate) use snapshot::Snapshot;
 pub(crate) use tls::TlsStream;

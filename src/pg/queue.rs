@@ -246,7 +246,7 @@ pub(crate) async fn requeue(
 /// Moves every parked change back into `db`'s queue, each for a fresh start; returns how many. What
 /// the `retry-failed` command does.
 pub async fn retry_failed(db: &crate::pg::Database) -> Result<u64, Error> {
-    retry_failed_on(&*db.get().await?).await
+    retry_failed_on(&*db.pinned().await?).await
 }
 
 async fn retry_failed_on(client: &Client) -> Result<u64, Error> {

@@ -39,7 +39,7 @@ pub fn required_version() -> i32 {
 /// Installs pgfresh or upgrades it to this binary's version; a no-op when already there. Returns the
 /// migrations applied.
 pub async fn install(db: &Database) -> Result<Vec<&'static str>, Error> {
-    let mut client = db.get().await?;
+    let mut client = db.pinned().await?;
     let txn = client.transaction().await?;
     txn.batch_execute("SET LOCAL client_min_messages = warning")
         .await?;
@@ -66,13 +66,13 @@ pub async fn install(db: &Database) -> Result<Vec<&'static str>, Error> {
 /// Removes every pgfresh object, triggers on user tables included; user tables are untouched.
 pub async fn uninstall(db: &Database) -> Result<(), Error> {
     // The file carries its own BEGIN/COMMIT for psql; as one simple-query batch it runs the same way.
-    db.get().await?.batch_execute(UNINSTALL_SQL).await?;
+    db.pinned().await?.batch_execute(UNINSTALL_SQL).await?;
     Ok(())
 }
 
 /// The schema version installed in `db`, or `None` when pgfresh is not installed there.
 pub async fn installed_version(db: &Database) -> Result<Option<i32>, Error> {
-    version_on(&*db.get().await?).await
+    version_on(&*db.pinned().await?).await
 }
 
 /// The installed schema version, on a connection already at hand.
@@ -105,8 +105,32 @@ pub(crate) async fn ensure_installed(db: &Database) -> Result<(), Error> {
     }
 }
 
+/// What this session's role may do beyond what pgfresh needs, in words ("superuser postgres",
+/// "role app with BYPASSRLS"), or `None`. pgfresh needs only `pgfresh_listener`'s rights; under more,
+/// every loader and through query runs with them too.
+pub(crate) async fn excess_privileges(client: &Client) -> Result<Option<String>, Error> {
+    let row = client
+        .query_one(
+            "SELECT current_user::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user",
+            &[],
+        )
+        .await?;
+    let (role, superuser, bypass): (String, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    Ok(if superuser {
+        Some(format!("superuser {role}"))
+    } else if bypass {
+        Some(format!(
+            "role {role}, which bypasses row-level security (BYPASSRLS)"
+        ))
+    } else {
+        None
+    })
+}
+
 /// One watch, as `status` shows it.
 pub(crate) struct Watch {
+    pub(crate) table_oid: u32,
+    /// The table's name, schema-qualified and quoted as SQL needs it.
     pub(crate) table: String,
     pub(crate) key_column: String,
     pub(crate) topic: String,
@@ -116,13 +140,15 @@ pub(crate) struct Watch {
 pub(crate) async fn watches(client: &Client) -> Result<Vec<Watch>, Error> {
     let rows = client
         .query(
-            "SELECT table_oid::regclass::text, key_column::text, topic FROM pgfresh.watches ORDER BY 1, 3",
+            "SELECT table_oid::regclass::text, key_column::text, topic, table_oid
+             FROM pgfresh.watches ORDER BY 1, 3",
             &[],
         )
         .await?;
     Ok(rows
         .iter()
         .map(|row| Watch {
+            table_oid: row.get(3),
             table: row.get(0),
             key_column: row.get(1),
             topic: row.get(2),
@@ -130,17 +156,102 @@ pub(crate) async fn watches(client: &Client) -> Result<Vec<Watch>, Error> {
         .collect())
 }
 
-/// pgfresh's triggers that are disabled (by a table's or a partition's owner), as (trigger, table):
-/// nothing is captured there.
-pub(crate) async fn disabled_triggers(client: &Client) -> Result<Vec<(String, String)>, Error> {
+/// The SQL expression that reads a watch's key column as text the way its capture trigger does,
+/// running no code of the table owner's: `::text` while the column's type is (a domain over) one of
+/// PostgreSQL's own, whose casts only a superuser can define; else the type's output function, which
+/// for any type a role other than a superuser can create is PostgreSQL's own code. A column of a type
+/// of their own with `CREATE CAST (... AS text)` would otherwise run the owner's function as whoever
+/// reads it.
+/// Returns (the expression, the quoted column).
+pub(crate) async fn key_as_text(client: &Client, watch: &Watch) -> Result<(String, String), Error> {
+    let row = client
+        .query_opt(
+            "WITH RECURSIVE chain(type, depth) AS (
+                 SELECT a.atttypid, 0 FROM pg_attribute a
+                 WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped
+                 UNION ALL
+                 SELECT t.typbasetype, c.depth + 1 FROM chain c JOIN pg_type t ON t.oid = c.type
+                 WHERE t.typtype = 'd'
+             )
+             SELECT type < 16384 FROM chain ORDER BY depth DESC LIMIT 1",
+            &[&watch.table_oid, &watch.key_column],
+        )
+        .await?;
+    let column = format!("\"{}\"", watch.key_column.replace('"', "\"\""));
+    let expression = match row.map(|row| row.get::<_, bool>(0)) {
+        Some(true) => format!("{column}::pg_catalog.text"),
+        _ => format!("pg_catalog.format('%s', {column})"),
+    };
+    Ok((expression, column))
+}
+
+/// A watch whose changes are not captured somewhere: one of its triggers is missing (dropped), or
+/// does not fire on the origin (disabled, or enabled only as a replica's).
+pub(crate) struct CaptureGap {
+    /// What is wrong, in words: `trigger "pgfresh_product" on public.reviews is disabled`.
+    pub(crate) what: String,
+    /// The SQL that puts it right.
+    pub(crate) fix: String,
+}
+
+/// Every watch's triggers that do not capture: the row trigger on the table and on each of its
+/// partitions, and the TRUNCATE trigger on the table, found by the function they call (so a renamed
+/// trigger still counts), and each firing on the origin (`tgenabled` `O` or `A`).
+pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Error> {
     let rows = client
         .query(
-            "SELECT t.tgname::text, t.tgrelid::regclass::text FROM pg_trigger t
-             JOIN pg_proc p ON p.oid = t.tgfoid
-             WHERE p.pronamespace = 'pgfresh'::regnamespace AND t.tgenabled = 'D'
-             ORDER BY 2, 1",
+            "WITH expected AS (
+                 SELECT w.table_oid, w.topic, w.key_column, part.relid, 'row' AS kind,
+                        format('capture_%s_%s', w.table_oid, w.topic) AS function, NULL::bytea AS args
+                 FROM pgfresh.watches w, LATERAL (
+                     SELECT w.table_oid::regclass AS relid
+                     UNION SELECT relid FROM pg_partition_tree(w.table_oid)
+                 ) part
+                 UNION ALL
+                 SELECT w.table_oid, w.topic, w.key_column, w.table_oid, 'TRUNCATE', 'capture_truncate',
+                        convert_to(w.topic, current_setting('server_encoding')) || '\\x00'::bytea
+                 FROM pgfresh.watches w
+             )
+             SELECT e.relid::regclass::text, e.kind, t.name, t.state,
+                    format('SELECT pgfresh.watch(%L, %L, %L);', e.table_oid::regclass::text, e.key_column, e.topic)
+             FROM expected e
+             LEFT JOIN LATERAL (
+                 SELECT format('%I', t.tgname) AS name, t.tgenabled::text AS state
+                 FROM pg_trigger t JOIN pg_proc p ON p.oid = t.tgfoid
+                 WHERE t.tgrelid = e.relid AND p.pronamespace = 'pgfresh'::regnamespace
+                   AND p.proname = e.function AND (e.args IS NULL OR t.tgargs = e.args)
+                 ORDER BY t.tgenabled IN ('O', 'A') DESC LIMIT 1
+             ) t ON true
+             WHERE t.state IS DISTINCT FROM 'O' AND t.state IS DISTINCT FROM 'A'
+             ORDER BY 1, 2",
             &[],
         )
         .await?;
-    Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let (table, kind, watch): (String, String, String) =
+                (row.get(0), row.get(1), row.get(4));
+            match (
+                row.get::<_, Option<String>>(2),
+                row.get::<_, Option<String>>(3),
+            ) {
+                (Some(trigger), Some(state)) => CaptureGap {
+                    what: format!(
+                        "trigger {trigger} on {table} {}",
+                        if state == "R" {
+                            "fires only on replicas (ENABLE REPLICA TRIGGER)"
+                        } else {
+                            "is disabled"
+                        }
+                    ),
+                    fix: format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"),
+                },
+                _ => CaptureGap {
+                    what: format!("the {kind} trigger of a watch on {table} is missing"),
+                    fix: format!("{watch} (it recreates the watch's triggers); then run `sweep`"),
+                },
+            }
+        })
+        .collect())
 }

@@ -204,7 +204,7 @@ async fn sweep_fragment(
     report: &mut SweepReport,
 ) -> Result<(), Error> {
     let canary = store.start_sweep(fragment.key_prefix()).await?;
-    let start_ticket = take_ticket(&*db.get().await?).await?;
+    let start_ticket = take_ticket(&*db.pinned().await?).await?;
     let incomplete_before = report.pages_failed;
     let keep = render_pages(db, store, &fragment, settings, shutdown, progress, report).await?;
     // Entries of keys in a page that failed as a whole would look like orphans, and the marker would

@@ -23,12 +23,14 @@ pub(super) async fn sweep_page(
     keys: Vec<String>,
 ) -> PageResult {
     let failed_page = |error: String| (keys.len() as u64, error);
-    let client = db.get().await.map_err(|e| failed_page(e.to_string()))?;
-    let ticket = take_ticket(&client)
-        .await
-        .map_err(|e| failed_page(e.to_string()))?;
+    let ticket = match db.pinned().await {
+        Ok(client) => take_ticket(&client).await,
+        Err(error) => Err(error),
+    };
+    let ticket = ticket.map_err(|e| failed_page(e.to_string()))?;
+    let loader = db.get().await.map_err(|e| failed_page(e.to_string()))?;
     let refreshed = refresh(
-        &client,
+        &loader,
         &store,
         fragment.as_ref(),
         &keys,
@@ -63,10 +65,15 @@ pub(super) async fn sweep_page(
         again.push(keys[*index].clone());
         errors.push(None);
     }
+    drop(loader);
     if !again.is_empty() {
-        crate::pg::queue::requeue(&client, fragment.own_topic(), &again, &errors)
-            .await
-            .map_err(|e| failed_page(e.to_string()))?;
+        let requeued = match db.pinned().await {
+            Ok(client) => {
+                crate::pg::queue::requeue(&client, fragment.own_topic(), &again, &errors).await
+            }
+            Err(error) => Err(error),
+        };
+        requeued.map_err(|e| failed_page(e.to_string()))?;
     }
     Ok(PageDone {
         stats: refreshed.stats,

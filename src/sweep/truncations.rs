@@ -21,7 +21,7 @@ pub(crate) struct Truncations {
 impl Truncations {
     /// Reads the recorded TRUNCATEs; read before sweeping, so that the sweep sees the truncated rows.
     pub(crate) async fn read(db: &Database, fragments: &Fragments) -> Result<Self, Error> {
-        let recorded = truncations::recorded(&*db.get().await?).await?;
+        let recorded = truncations::recorded(&*db.pinned().await?).await?;
         let mut truncated = Self::default();
         for truncation in recorded {
             let subscribers: Vec<_> = fragments
@@ -58,6 +58,6 @@ impl Truncations {
         if covered.is_empty() {
             return Ok(());
         }
-        truncations::settle(&*db.get().await?, &covered).await
+        truncations::settle(&*db.pinned().await?, &covered).await
     }
 }

@@ -24,7 +24,7 @@ const TICKET_JUMP: i64 = 1_000_000_000;
 impl PostgresRestarts {
     /// Reads the postmaster's start time; on a change, moves the tickets ahead and asks for a sweep.
     pub(crate) async fn check(&mut self, db: &Database) {
-        let started = match db.get().await {
+        let started = match db.pinned().await {
             Ok(client) => client
                 .query_one("SELECT pg_postmaster_start_time()::text", &[])
                 .await
@@ -62,7 +62,7 @@ impl PostgresRestarts {
 }
 
 async fn jump_tickets(db: &Database) -> Result<(), Error> {
-    db.get()
+    db.pinned()
         .await?
         .execute(
             "SELECT setval('pgfresh.render_tickets', nextval('pgfresh.render_tickets') + $1)",

@@ -1,0 +1,193 @@
+//! A database owner or a table owner who is not a superuser gains nothing when pgfresh runs as one
+//! (`status`, `doctor`, `sweep` and the listener are often run as `postgres`): no statement of
+//! pgfresh's own resolves a function or operator through a schema they can create in, or reads a
+//! watched column through a cast of theirs.
+
+mod common;
+
+use std::process::{Command, Stdio};
+
+use common::cli::{run, stdout};
+use common::servers::TempRedis;
+use common::{TestEnv, eventually, shop_binary};
+use pgfresh::tokio_postgres::Client;
+
+/// Whether `role` has become a superuser.
+async fn is_superuser(client: &Client, role: &str) -> bool {
+    client
+        .query_one(
+            "SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname OPERATOR(pg_catalog.=) $1",
+            &[&role],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
+/// Hands the database back to postgres and drops `role` with what it owns.
+async fn drop_role(env: &TestEnv, role: &str) {
+    env.client()
+        .await
+        .batch_execute(&format!(
+            "ALTER DATABASE {name} OWNER TO postgres; DROP OWNED BY {role} CASCADE; DROP ROLE {role}",
+            name = env.name
+        ))
+        .await
+        .unwrap();
+}
+
+/// Functions and operators PostgreSQL has in `pg_catalog`, redefined in `public` with the same
+/// arguments by the database's owner, who also put `public` first on the database's search_path: each
+/// records the statement that called it, with the right of a superuser caller.
+const TRAPS: &str = "
+    CREATE TABLE public.sprung (trap text, query text);
+    CREATE FUNCTION public.spring(trap text) RETURNS void LANGUAGE sql SECURITY DEFINER
+        SET search_path = pg_catalog AS $$INSERT INTO public.sprung VALUES (trap, current_query())$$;
+    CREATE FUNCTION public.now() RETURNS timestamptz LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('now()'); RETURN pg_catalog.now(); END$$;
+    CREATE FUNCTION public.clock_timestamp() RETURNS timestamptz LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('clock_timestamp()'); RETURN pg_catalog.clock_timestamp(); END$$;
+    CREATE FUNCTION public.nextval(regclass) RETURNS bigint LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('nextval(regclass)'); RETURN pg_catalog.nextval($1); END$$;
+    CREATE FUNCTION public.nextval(text) RETURNS bigint LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('nextval(text)'); RETURN pg_catalog.nextval($1::regclass); END$$;
+    CREATE FUNCTION public.to_regclass(text) RETURNS regclass LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('to_regclass(text)'); RETURN pg_catalog.to_regclass($1); END$$;
+    CREATE FUNCTION public.current_setting(text) RETURNS text LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('current_setting(text)'); RETURN pg_catalog.current_setting($1); END$$;
+    CREATE FUNCTION public.pg_try_advisory_lock(bigint) RETURNS boolean LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('pg_try_advisory_lock'); RETURN pg_catalog.pg_try_advisory_lock($1); END$$;
+    CREATE FUNCTION public.pg_postmaster_start_time() RETURNS timestamptz LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('pg_postmaster_start_time'); RETURN pg_catalog.pg_postmaster_start_time(); END$$;
+    CREATE FUNCTION public.pg_notification_queue_usage() RETURNS float8 LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('pg_notification_queue_usage'); RETURN pg_catalog.pg_notification_queue_usage(); END$$;
+    CREATE FUNCTION public.oid_is(oid, regnamespace) RETURNS boolean LANGUAGE plpgsql AS
+        $$BEGIN PERFORM public.spring('=(oid, regnamespace)'); RETURN $1 OPERATOR(pg_catalog.=) $2::oid; END$$;
+    CREATE OPERATOR public.= (LEFTARG = oid, RIGHTARG = regnamespace, FUNCTION = public.oid_is);
+";
+
+#[tokio::test]
+async fn a_database_owners_functions_are_never_called_by_pgfreshs_commands_or_listener() {
+    let env = TestEnv::shop(5).await;
+    let owner = format!("{}_owner", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner}; ALTER DATABASE {name} OWNER TO {owner};
+             ALTER DATABASE {name} SET search_path = public, pg_catalog;
+             SET ROLE {owner}; {TRAPS} RESET ROLE;
+             ALTER TABLE reviews DISABLE TRIGGER pgfresh_product;
+             INSERT INTO pgfresh.failed (change_id, topic, key, enqueued_at, attempts, error)
+             VALUES (1, 'product', '2', pg_catalog.now(), 10, 'parked');",
+            name = env.name
+        ))
+        .await
+        .unwrap();
+    let redis = TempRedis::start();
+    // As postgres, every command a DBA or an operator runs, and a listener applying a change.
+    for command in [
+        &["status"][..],
+        &["doctor"],
+        &["sweep"],
+        &["retry-failed"],
+        &["install"],
+    ] {
+        let out = run(&shop_binary(), &env.url, &redis.url(), command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!stderr.contains("error"), "{command:?}: {stderr}");
+    }
+    let mut listener = Command::new(shop_binary())
+        .args([
+            "listen",
+            "--sweep-interval",
+            "0",
+            "--poll-interval",
+            "200ms",
+        ])
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", redis.url())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let db = env.client().await;
+    db.batch_execute("UPDATE products SET name = 'Trapped?' WHERE id = 3")
+        .await
+        .unwrap();
+    let store = pgfresh::RedisStore::connect(&redis.url()).await.unwrap();
+    eventually("the listener to apply the change", || async {
+        let card = store.get("shop:product_card:3:full").await.unwrap();
+        card.is_some_and(|html| html.contains("Trapped?"))
+    })
+    .await;
+    let _ = Command::new("kill")
+        .args(["-TERM", &listener.id().to_string()])
+        .status();
+    listener.wait().unwrap();
+
+    let sprung: Vec<(String, String)> = db
+        .query("SELECT trap, query FROM public.sprung", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert!(
+        sprung.is_empty(),
+        "pgfresh called the owner's code: {sprung:#?}"
+    );
+    assert!(!is_superuser(&db, &owner).await);
+    drop(db);
+    drop(admin);
+    drop_role(&env, &owner).await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn doctor_reads_a_watched_column_of_the_owners_own_type_without_the_owners_cast() {
+    let env = TestEnv::shop(3).await;
+    let owner = format!("{}_owner", env.name);
+    let admin = env.client().await;
+    // The table owner's enum, with a cast to text that makes a superuser caller their accomplice.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner}; GRANT CREATE ON SCHEMA public TO {owner};
+             SET ROLE {owner};
+             CREATE TYPE mood AS ENUM ('1', '2');
+             CREATE FUNCTION mood_text(mood) RETURNS text LANGUAGE plpgsql AS $$BEGIN
+                 IF (SELECT rolsuper FROM pg_catalog.pg_roles WHERE rolname = current_user) THEN
+                     EXECUTE 'ALTER ROLE {owner} SUPERUSER';
+                 END IF;
+                 RETURN pg_catalog.format('%s', $1); END$$;
+             CREATE CAST (mood AS text) WITH FUNCTION mood_text(mood);
+             CREATE TABLE feelings (id mood PRIMARY KEY);
+             INSERT INTO feelings VALUES ('1'), ('2');
+             RESET ROLE;
+             SELECT pgfresh.watch('feelings', 'id', 'product');"
+        ))
+        .await
+        .unwrap();
+    let out = run(&shop_binary(), &env.url, &common::redis_url(), &["doctor"]);
+    let report = stdout(&out);
+    assert!(
+        report.contains(
+            "ok       2 sampled values of public.feelings.id parse as product_card's key"
+        ),
+        "{report}"
+    );
+    assert!(
+        report.contains("note     running as superuser postgres: the listener needs only"),
+        "{report}"
+    );
+    assert!(
+        !is_superuser(&admin, &owner).await,
+        "doctor ran the owner's cast"
+    );
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE feelings; DROP OWNED BY {owner} CASCADE; REVOKE ALL ON SCHEMA public FROM {owner}; DROP ROLE {owner}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
