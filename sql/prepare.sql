@@ -106,6 +106,60 @@ BEGIN
 END
 $$;
 
+-- Nor may anything of someone else's be attached to pgfresh's tables: a trigger or a rule runs as
+-- whoever writes the table (the DBA in pgfresh.watch(), the listener), and a policy decides what they
+-- see. pgfresh creates none. And nobody but pgfresh's owner, pgfresh_listener (sql/roles.sql),
+-- pgfresh_capture and superusers holds a right on pgfresh's objects: finish.sql revokes any that the
+-- installing role's default privileges gave, so one found here was granted since, by hand.
+DO $$
+DECLARE
+    stranger text;
+BEGIN
+    IF to_regnamespace('pgfresh') IS NULL THEN
+        RETURN;
+    END IF;
+    SELECT pg_catalog.format('%s %s on %s', kind, name, tbl::regclass)
+    INTO stranger
+    FROM (
+        SELECT 'trigger' AS kind, pg_catalog.quote_ident(t.tgname) AS name, t.tgrelid AS tbl
+        FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal
+        UNION ALL
+        SELECT 'rule', pg_catalog.quote_ident(w.rulename), w.ev_class
+        FROM pg_catalog.pg_rewrite w WHERE w.rulename <> '_RETURN'
+        UNION ALL
+        SELECT 'policy', pg_catalog.quote_ident(p.polname), p.polrelid FROM pg_catalog.pg_policy p
+    ) AS attached
+    JOIN pg_catalog.pg_class c ON c.oid = attached.tbl
+    WHERE c.relnamespace = 'pgfresh'::regnamespace
+    LIMIT 1;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: %, which pgfresh never creates', stranger
+            USING HINT = 'Inspect it (it may have run as whoever wrote that table), drop it, then install again.';
+    END IF;
+
+    SELECT pg_catalog.format('role %s holds %s on %s', r.rolname, a.privilege_type, object.name)
+    INTO stranger
+    FROM (
+        SELECT 'schema pgfresh' AS name, n.nspacl AS acl, n.nspowner AS owner
+        FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgfresh'
+        UNION ALL
+        SELECT c.oid::regclass::text, c.relacl, c.relowner
+        FROM pg_catalog.pg_class c WHERE c.relnamespace = 'pgfresh'::regnamespace
+        UNION ALL
+        SELECT p.oid::regprocedure::text, p.proacl, p.proowner
+        FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'pgfresh'::regnamespace
+    ) AS object, pg_catalog.aclexplode(object.acl) a
+    JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+    WHERE a.grantee <> object.owner AND NOT r.rolsuper
+      AND r.rolname NOT IN ('pgfresh_listener', 'pgfresh_capture')
+    LIMIT 1;
+    IF stranger IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: %; only pgfresh''s owner, pgfresh_listener and pgfresh_capture may hold rights on pgfresh''s objects', stranger
+            USING HINT = 'Check what that role did with it (triggers, rows), REVOKE it, then install again; give listeners pgfresh_listener instead.';
+    END IF;
+END
+$$;
+
 -- The capture functions run as pgfresh_capture, a role that can only queue changes, record TRUNCATEs
 -- and read the listeners' idle flag: never as whoever called watch(). Roles are cluster-wide, so the
 -- role may exist already (pgfresh installed in another database, or someone preparing a trap): it is

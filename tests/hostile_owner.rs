@@ -191,3 +191,85 @@ async fn doctor_reads_a_watched_column_of_the_owners_own_type_without_the_owners
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn default_privileges_give_no_role_a_right_on_pgfreshs_objects_and_a_planted_trigger_is_refused()
+ {
+    let env = TestEnv::empty().await;
+    let app = format!("{}_app", env.name);
+    let admin = env.client().await;
+    // The installing role's default privileges give `app` everything on new tables, sequences and
+    // functions of this database.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {app} LOGIN; GRANT CREATE ON SCHEMA public TO {app};
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON TABLES TO {app};
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON SEQUENCES TO {app};
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON FUNCTIONS TO {app};
+             ALTER DEFAULT PRIVILEGES GRANT ALL ON SCHEMAS TO {app};"
+        ))
+        .await
+        .unwrap();
+    pgfresh::install(&env.db).await.unwrap();
+    let held: Vec<String> = admin
+        .query(
+            "SELECT c.relname || ': ' || a.privilege_type FROM pg_class c, aclexplode(c.relacl) a
+             WHERE c.relnamespace = 'pgfresh'::regnamespace AND a.grantee = $1::text::regrole
+             UNION ALL
+             SELECT p.proname || ': ' || a.privilege_type FROM pg_proc p, aclexplode(p.proacl) a
+             WHERE p.pronamespace = 'pgfresh'::regnamespace AND a.grantee = $1::text::regrole
+             UNION ALL
+             SELECT 'schema: ' || a.privilege_type FROM pg_namespace n, aclexplode(n.nspacl) a
+             WHERE n.nspname = 'pgfresh' AND a.grantee = $1::text::regrole",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(held.is_empty(), "{app} holds {held:?}");
+
+    // A right granted by hand since, and a trigger planted with it: the next install refuses both.
+    admin
+        .batch_execute(&format!(
+            "GRANT USAGE ON SCHEMA pgfresh TO {app}; GRANT TRIGGER ON pgfresh.watches TO {app};"
+        ))
+        .await
+        .unwrap();
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(&format!("role {app} holds USAGE on schema pgfresh")),
+        "{refused}"
+    );
+    admin
+        .batch_execute(&format!(
+            "SET ROLE {app};
+             CREATE FUNCTION public.planted() RETURNS trigger LANGUAGE plpgsql AS
+                 $$BEGIN RETURN NEW; END$$;
+             CREATE TRIGGER planted AFTER INSERT ON pgfresh.watches
+                 FOR EACH ROW EXECUTE FUNCTION public.planted();
+             RESET ROLE;
+             REVOKE ALL ON SCHEMA pgfresh FROM {app}; REVOKE ALL ON pgfresh.watches FROM {app};"
+        ))
+        .await
+        .unwrap();
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
+    assert!(
+        refused.contains("trigger planted on pgfresh.watches, which pgfresh never creates"),
+        "{refused}"
+    );
+    admin
+        .batch_execute(&format!(
+            "DROP TRIGGER planted ON pgfresh.watches;
+             ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM {app};
+             ALTER DEFAULT PRIVILEGES REVOKE ALL ON SEQUENCES FROM {app};
+             ALTER DEFAULT PRIVILEGES REVOKE ALL ON FUNCTIONS FROM {app};
+             ALTER DEFAULT PRIVILEGES REVOKE ALL ON SCHEMAS FROM {app};
+             DROP OWNED BY {app} CASCADE; REVOKE ALL ON SCHEMA public FROM {app}; DROP ROLE {app};"
+        ))
+        .await
+        .unwrap();
+    pgfresh::install(&env.db).await.unwrap();
+    env.cleanup().await;
+}
