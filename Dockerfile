@@ -20,4 +20,7 @@ COPY --from=build /src/target/release/pgfresh /usr/local/bin/pgfresh
 USER pgfresh
 EXPOSE 8080 9187
 ENTRYPOINT ["shop"]
+# 0.0.0.0 inside the container, so that a published port reaches it. The status page and /metrics
+# have no authentication: publish them to the host's loopback only (-p 127.0.0.1:9187:9187, as
+# docker-compose.yml does), or to a private network a scraper reaches.
 CMD ["demo", "--web", "0.0.0.0:8080", "--http", "0.0.0.0:9187"]

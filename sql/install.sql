@@ -38,6 +38,11 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 5) AS pgfresh_
 \ir migrations/0005_fragment_storage.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 6) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0006_sweep_lease.sql
+\endif
+
 \ir finish.sql
 
 COMMIT;

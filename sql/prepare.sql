@@ -10,7 +10,18 @@
 -- bind pgfresh's column defaults to them. Every later file of the install runs with this too.
 SET LOCAL search_path = pg_catalog, pg_temp;
 
-DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install')); END $$;
+-- Anyone who can connect can hold any advisory lock: an install waits for this one (another install)
+-- a while, never forever.
+DO $$
+BEGIN
+    SET LOCAL lock_timeout = '30s';
+    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install'));
+    RESET lock_timeout;
+EXCEPTION WHEN lock_not_available THEN
+    RAISE EXCEPTION 'pgfresh install: another session has held the install lock for 30 s (another install, or anyone holding pg_advisory_lock(hashtext(''pgfresh install'')))'
+        USING HINT = 'Find it: SELECT pid, usename, state, query FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks WHERE locktype = ''advisory''); wait for it or end it, then install again.';
+END
+$$;
 
 -- Refuse to adopt a pgfresh schema that pgfresh did not create. Whoever owns the schema, or may create
 -- objects in it, can replace pgfresh's tables and functions (a schema owner may even drop objects it

@@ -59,5 +59,9 @@ GRANT SELECT ON pgfresh.migrations, pgfresh.watches TO pgfresh_listener;
 GRANT SELECT, DELETE ON pgfresh.truncations TO pgfresh_listener;
 -- Take render tickets; after PostgreSQL restarted, move them ahead (setval), past any a crash lost.
 GRANT USAGE, UPDATE ON SEQUENCE pgfresh.render_tickets TO pgfresh_listener;
+-- Take, renew and release the sweep lease (schema version 6); record complete sweeps and keep the
+-- last few.
+GRANT SELECT, UPDATE ON pgfresh.sweep_lease TO pgfresh_listener;
+GRANT SELECT, INSERT, DELETE ON pgfresh.sweeps TO pgfresh_listener;
 
 COMMIT;

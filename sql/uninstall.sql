@@ -11,6 +11,7 @@ SET LOCAL client_min_messages = warning;
 -- Names resolve in pg_catalog, whatever search_path the database or this role sets.
 SET LOCAL search_path = pg_catalog, pg_temp;
 
+SET LOCAL lock_timeout = '30s';
 DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install')); END $$;
 
 -- Triggers live on user tables, outside the schema: drop each one whose function is in schema pgfresh,

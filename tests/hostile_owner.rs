@@ -273,3 +273,41 @@ async fn default_privileges_give_no_role_a_right_on_pgfreshs_objects_and_a_plant
     pgfresh::install(&env.db).await.unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_role_with_no_right_cannot_keep_listeners_from_sweeping() {
+    let env = TestEnv::shop(4).await;
+    let nobody = format!("{}_nobody", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!("CREATE ROLE {nobody} LOGIN"))
+        .await
+        .unwrap();
+    // A role that may only connect holds the advisory lock listeners once elected their sweeper
+    // with, and cannot touch the lease that elects them now.
+    let stranger = common::connect(&env.url.replacen("postgres@", &format!("{nobody}@"), 1)).await;
+    stranger
+        .execute("SELECT pg_advisory_lock(x'0070676672657368'::bigint)", &[])
+        .await
+        .unwrap();
+    let denied = common::error_of(
+        &stranger,
+        "UPDATE pgfresh.sweep_lease SET holder = 'me', expires_at = 'infinity'",
+    )
+    .await;
+    assert!(denied.contains("permission denied"), "{denied}");
+
+    // Redis loses everything: the listener sweeps it back.
+    env.del(&env.marker_key()).await;
+    let listener = env.start_listener(common::test_settings());
+    for id in 1..=4 {
+        env.wait_fresh(id).await;
+    }
+    listener.stop().await;
+    drop(stranger);
+    admin
+        .batch_execute(&format!("DROP ROLE {nobody}"))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}

@@ -304,3 +304,66 @@ async fn readiness_fails_while_the_listen_session_is_down() {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn clients_that_never_finish_a_request_cannot_starve_the_listener_of_descriptors() {
+    let env = TestEnv::shop(3).await;
+    let redis = TempRedis::start();
+    let port = free_port();
+    // A listener with 128 file descriptors, as in a small container.
+    let mut listener = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 128 && exec {} listen --sweep-interval 0 --poll-interval 200ms --http 127.0.0.1:{port}",
+            common::shop_binary().display()
+        ))
+        .env("DATABASE_URL", &env.url)
+        .env("REDIS_URL", redis.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    eventually("the listener to be ready", || async {
+        get(port, "/readyz").await.0 == 200
+    })
+    .await;
+    // 160 clients that send half a request and then nothing.
+    let mut half_open = Vec::new();
+    for _ in 0..160 {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let _ = stream.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n").await;
+        half_open.push(stream);
+    }
+    // The listener loses its PostgreSQL sessions meanwhile, and must open new ones.
+    let db = env.client().await;
+    db.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+         WHERE datname = current_database() AND application_name LIKE 'pgfresh%'",
+        &[],
+    )
+    .await
+    .unwrap();
+    db.execute("UPDATE products SET price_cents = 4242 WHERE id = 2", &[])
+        .await
+        .unwrap();
+    let store = pgfresh::RedisStore::connect(&redis.url()).await.unwrap();
+    eventually("the change to be applied", || async {
+        let card = store.get("shop:product_card:2:full").await.unwrap();
+        card.is_some_and(|html| html.contains("$42.42"))
+    })
+    .await;
+    // Every half-open connection is closed by the server.
+    for stream in &mut half_open {
+        let mut buffer = [0u8; 64];
+        let read = tokio::time::timeout(common::PATIENCE, stream.read(&mut buffer)).await;
+        assert!(
+            matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+            "a connection still open: {read:?}"
+        );
+    }
+    let _ = listener.kill();
+    let _ = listener.wait();
+    env.cleanup().await;
+}

@@ -261,58 +261,64 @@ async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
 }
 
 #[tokio::test]
-async fn only_the_listener_holding_the_sweep_lock_sweeps() {
+async fn only_the_listener_holding_the_sweep_lease_sweeps_and_one_that_finds_it_held_takes_nothing_for_done()
+ {
     let env = TestEnv::shop(3).await;
     env.del(&env.marker_key()).await;
-    // Another listener (here, the test) holds the lock: this one must not sweep.
-    let holder = env.client().await;
-    holder
-        .execute("SELECT pg_advisory_lock(x'0070676672657368'::bigint)", &[])
-        .await
-        .unwrap();
-    let listener = env.start_listener(test_settings());
-    // The listener asks for the lock once a second, on one session of its own: wait until it has
-    // asked (and been refused) three times, and check that it never opened another session for it.
+    // Another listener holds the lease: this one must not sweep. Each attempt to take it is an
+    // UPDATE of the lease row, counted here.
     let db = env.client().await;
-    let attempts: std::sync::Mutex<Vec<(i32, String)>> = Default::default();
-    eventually("three refused attempts to take the sweep lock", || async {
-        let row = db
-            .query_opt(
-                "SELECT pid, query_start::text FROM pg_stat_activity
-                 WHERE datname = $1 AND application_name = 'pgfresh sweep lock'
-                   AND query LIKE '%pg_try_advisory_lock%'",
-                &[&env.name],
-            )
+    db.batch_execute(
+        "UPDATE pgfresh.sweep_lease SET holder = 'another listener', expires_at = now() + interval '1 hour';
+         CREATE TABLE lease_attempts (at timestamptz);
+         CREATE FUNCTION count_attempt() RETURNS trigger LANGUAGE plpgsql AS
+             $$BEGIN INSERT INTO public.lease_attempts VALUES (pg_catalog.now()); RETURN NULL; END$$;
+         CREATE TRIGGER counted AFTER UPDATE ON pgfresh.sweep_lease
+             FOR EACH STATEMENT EXECUTE FUNCTION count_attempt();",
+    )
+    .await
+    .unwrap();
+    let listener = env.start_listener(test_settings());
+    eventually("three refused attempts to take the sweep lease", || async {
+        let attempts: i64 = db
+            .query_one("SELECT count(*) FROM lease_attempts", &[])
             .await
-            .unwrap();
-        let mut attempts = attempts.lock().unwrap();
-        if let Some(row) = row {
-            let attempt = (row.get(0), row.get(1));
-            if attempts.last() != Some(&attempt) {
-                attempts.push(attempt);
-            }
-        }
-        attempts.len() >= 3
+            .unwrap()
+            .get(0);
+        attempts >= 3
     })
     .await;
-    let attempts = attempts.into_inner().unwrap();
-    assert!(
-        attempts.iter().all(|(pid, _)| *pid == attempts[0].0),
-        "one session for every attempt: {attempts:?}"
-    );
     assert_eq!(
         env.get(&env.key(3, "full")).await,
         None,
-        "no sweep without the lock"
+        "no sweep without the lease"
     );
-    holder
-        .execute(
-            "SELECT pg_advisory_unlock(x'0070676672657368'::bigint)",
-            &[],
-        )
+    // The holder gives it up: the sweep it wanted is still due, and runs now.
+    db.batch_execute("UPDATE pgfresh.sweep_lease SET holder = NULL")
         .await
         .unwrap();
     env.wait_fresh(3).await;
+    let (reason, swept_by, rewritten): (String, String, i64) = {
+        let row = db
+            .query_one(
+                "SELECT reason, swept_by, rewritten FROM pgfresh.sweeps WHERE fragment = 'product_card'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!((reason.as_str(), rewritten), ("marker", 6));
+    assert!(swept_by.contains(':'), "a listener id: {swept_by}");
+    eventually("the lease to be given up after the sweep", || async {
+        let holder: Option<String> = db
+            .query_one("SELECT holder FROM pgfresh.sweep_lease", &[])
+            .await
+            .unwrap()
+            .get(0);
+        holder.is_none()
+    })
+    .await;
     listener.stop().await;
     env.cleanup().await;
 }

@@ -4,7 +4,7 @@
 //! poll interval in case a wake-up was lost. Each batch is claimed with `FOR UPDATE SKIP LOCKED` in a
 //! transaction that stays open until its fragments are in Redis, so any number of listeners share the
 //! queue without doing a batch twice, and a crash at any point leaves the batch queued
-//! (at-least-once). One listener at a time (an advisory lock elects it) also runs the sweeps.
+//! (at-least-once). One listener at a time (the one holding the sweep lease) also runs the sweeps.
 //!
 //! - `shared`: what its tasks share.
 //! - `drain`: the loop that drains the queue, idle (waiting for NOTIFYs) or busy (polling).
@@ -15,7 +15,7 @@
 //! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled.
 //! - `stand_aside`: rolling deploys; a listener stands aside for one with newer fragment versions.
 //! - `maintenance`: the sweeps it runs itself (periodic, Redis emptied, markup changed, table
-//!   truncated, PostgreSQL restarted), elected by an advisory lock.
+//!   truncated, PostgreSQL restarted), by the one holding the sweep lease.
 
 mod batch;
 mod drain;

@@ -4,7 +4,11 @@
 //!
 //! A request never takes what the listener needs: no pooled connection, no query, no Redis command.
 //! Everything served was sampled in the background (the queue by the heartbeat, Redis by
-//! [`probe_redis`]) and is read from the [`StatusBoard`], so a flood of requests costs only CPU.
+//! [`probe_redis`]) and is read from the [`StatusBoard`], so a flood of requests costs only CPU. Nor
+//! can clients hold what the listener needs: at most [`MAX_CONNECTIONS`] are open at once (more are
+//! closed as they arrive), a request's headers must arrive within [`HEADER_READ_TIMEOUT`], and no
+//! connection lives longer than [`CONNECTION_LIFETIME`]; file descriptors stay for PostgreSQL and
+//! Redis.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,6 +34,17 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// An answer older than this is not trusted: the probe itself is stuck.
 const PROBE_STALE: Duration = Duration::from_secs(5);
+
+/// Most connections open at once: plenty for a scraper and a few browsers, few enough that clients
+/// never take the descriptors the listener's own connections need.
+const MAX_CONNECTIONS: usize = 64;
+
+/// How long a client may take to send a request's headers (each request's, on a kept-alive
+/// connection) before its connection is closed.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The longest a connection stays open, whatever it does; clients connect again.
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
 
 /// What the endpoints look at.
 #[derive(Clone)]
@@ -76,14 +91,53 @@ pub(crate) async fn bind(
         .route("/readyz", get(ready))
         .with_state(state);
     tracing::info!(%address, "serving the status page, /metrics, /healthz and /readyz");
-    Ok(async move {
-        let served = axum::serve(listener, app)
-            .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await;
-        if let Err(error) = served {
-            tracing::warn!(%error, "HTTP server stopped");
-        }
-    })
+    Ok(serve(listener, app, shutdown))
+}
+
+/// Accepts connections until shutdown, each served on a task of its own within the limits above.
+async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: Shutdown) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            accepted = listener.accept() => accepted,
+        };
+        while connections.try_join_next().is_some() {}
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                // Out of descriptors, most likely: wait for some to be freed rather than spin.
+                tracing::debug!(%error, "cannot accept an HTTP connection");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::debug!("{MAX_CONNECTIONS} HTTP connections open: closing a new one");
+            continue;
+        };
+        connections.spawn(serve_connection(stream, app.clone(), slot));
+    }
+    connections.abort_all();
+}
+
+/// Serves one connection: HTTP/1.1 with keep-alive, headers within [`HEADER_READ_TIMEOUT`], for
+/// at most [`CONNECTION_LIFETIME`].
+async fn serve_connection(
+    stream: tokio::net::TcpStream,
+    app: Router,
+    _slot: tokio::sync::OwnedSemaphorePermit,
+) {
+    let service = hyper_util::service::TowerToHyperService::new(app);
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(HEADER_READ_TIMEOUT);
+    let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+    match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+        Ok(Err(error)) => tracing::debug!(%error, "HTTP connection ended"),
+        Ok(Ok(())) | Err(_) => {}
+    }
 }
 
 async fn metrics(State(state): State<AppState>) -> (StatusCode, String) {

@@ -1,5 +1,5 @@
-//! PostgreSQL connections: two pools, and the dedicated connections that LISTEN (a pool would
-//! swallow notifications) and hold advisory locks.
+//! PostgreSQL connections: two pools, and the dedicated connection that LISTENs (a pool would
+//! swallow notifications).
 //!
 //! pgfresh's own statements (claims, settles, the registry, `status`, `doctor`, ...) run on sessions
 //! whose `search_path` is pinned to `pg_catalog, pg_temp`, so that no function or operator of
@@ -181,19 +181,6 @@ impl Database {
             }
             other => Error::Pool(other),
         })
-    }
-
-    /// Opens a connection outside the pools for pgfresh's own statements (`search_path` pinned),
-    /// driven by a spawned task until the client is dropped. For the advisory lock that elects the
-    /// sweeping listener, which must outlive any pooled use.
-    pub(crate) async fn connect_dedicated(&self, application_name: &str) -> Result<Client, Error> {
-        let (client, connection) = self.connect_raw(application_name).await?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "dedicated PostgreSQL connection ended");
-            }
-        });
-        Ok(client)
     }
 
     /// Opens a connection outside the pools for pgfresh's own statements (`search_path` pinned),

@@ -32,6 +32,7 @@ use crate::config::SweepSettings;
 use crate::fragment::{DynFragment, Fragments};
 use crate::pg::Database;
 use crate::pg::queue::take_ticket;
+use crate::pg::sweeps::{SweptFragment, record};
 use crate::shutdown::Shutdown;
 use crate::stats::RefreshStats;
 use crate::store::RedisStore;
@@ -127,9 +128,10 @@ pub(crate) struct Silent;
 impl Progress for Silent {}
 
 /// Sweeps every one of `fragments`: renders every key, writes what changed, deletes entries whose row
-/// is gone, queues keys that fail, marks each fragment complete in Redis, and settles the TRUNCATEs of
-/// watched tables (recorded before it started) that it covered. Fails only when keys cannot be
-/// enumerated at all or PostgreSQL cannot be reached; everything else is in the report.
+/// is gone, queues keys that fail, marks each fragment complete in Redis, records it in
+/// `pgfresh.sweeps`, and settles the TRUNCATEs of watched tables (recorded before it started) that it
+/// covered. Fails only when keys cannot be enumerated at all or PostgreSQL cannot be reached;
+/// everything else is in the report.
 pub async fn sweep(
     db: &Database,
     store: &RedisStore,
@@ -153,134 +155,169 @@ pub async fn sweep_with_progress(
     settings.validate()?;
     // Read before sweeping: the sweep covers the TRUNCATEs recorded so far.
     let truncated = Truncations::read(db, fragments).await?;
-    let all: Vec<Arc<dyn DynFragment>> = fragments.iter().cloned().collect();
-    sweep_these(db, store, &all, &truncated, settings, shutdown, progress).await
+    let all: Vec<Swept> = fragments
+        .iter()
+        .map(|fragment| (fragment.clone(), ONE_OFF))
+        .collect();
+    let sweeper = Sweeper {
+        db,
+        store,
+        settings,
+        shutdown,
+        progress,
+    };
+    sweeper.sweep(&all, &truncated, ONE_OFF).await
 }
 
-/// Sweeps these fragments, one after the other; once all of them completed, settles the
-/// `truncated` tables (read before the sweep) that they cover.
-pub(crate) async fn sweep_these(
-    db: &Database,
-    store: &RedisStore,
-    selected: &[Arc<dyn DynFragment>],
-    truncated: &Truncations,
-    settings: &SweepSettings,
-    shutdown: &Shutdown,
-    progress: &dyn Progress,
-) -> Result<SweepReport, Error> {
-    let started = Instant::now();
-    let mut report = SweepReport::default();
-    for fragment in selected {
-        sweep_fragment(
-            db,
-            store,
-            fragment.clone(),
-            settings,
-            shutdown,
-            progress,
-            &mut report,
-        )
-        .await?;
-        if report.interrupted {
-            break;
-        }
-    }
-    if report.completed() {
-        let swept: Vec<&str> = selected.iter().map(|f| f.name()).collect();
-        truncated.settle(db, &swept).await?;
-    }
-    report.elapsed = started.elapsed();
-    Ok(report)
+/// Why a sweep that no listener ran ran, and who ran it, as `pgfresh.sweeps` records them.
+const ONE_OFF: &str = "one-off";
+
+/// A fragment to sweep, and why (`periodic`, `marker`, `restart`, `truncate`, `one-off`), as
+/// recorded in `pgfresh.sweeps`.
+pub(crate) type Swept = (Arc<dyn DynFragment>, &'static str);
+
+/// What every part of one sweep works with.
+pub(crate) struct Sweeper<'a> {
+    pub(crate) db: &'a Database,
+    pub(crate) store: &'a RedisStore,
+    pub(crate) settings: &'a SweepSettings,
+    pub(crate) shutdown: &'a Shutdown,
+    pub(crate) progress: &'a dyn Progress,
 }
 
-/// Sweeps one fragment, adding to `report`. Fails only when keys cannot be enumerated at all.
-async fn sweep_fragment(
-    db: &Database,
-    store: &RedisStore,
-    fragment: Arc<dyn DynFragment>,
-    settings: &SweepSettings,
-    shutdown: &Shutdown,
-    progress: &dyn Progress,
-    report: &mut SweepReport,
-) -> Result<(), Error> {
-    let canary = store.start_sweep(fragment.key_prefix()).await?;
-    let start_ticket = take_ticket(&*db.pinned().await?).await?;
-    let incomplete_before = report.pages_failed;
-    let keep = render_pages(db, store, &fragment, settings, shutdown, progress, report).await?;
-    // Entries of keys in a page that failed as a whole would look like orphans, and the marker would
-    // claim what is not true: both wait for a complete sweep.
-    if report.pages_failed != incomplete_before || report.interrupted {
-        return Ok(());
-    }
-    let prefix = fragment.key_prefix();
-    report.orphans_deleted += orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
-    if !store
-        .finish_sweep(prefix, &canary, fragment.version())
-        .await?
-    {
-        tracing::warn!(
-            fragment = fragment.name(),
-            "Redis lost its data during the sweep; the fragment will be swept again"
-        );
-        report.markers_lost += 1;
-    }
-    Ok(())
-}
-
-/// Pages through the fragment's keys in key order and renders each page, `settings.concurrency` at a
-/// time; returns the keys that exist, whose entries the orphan pass keeps.
-async fn render_pages(
-    db: &Database,
-    store: &RedisStore,
-    fragment: &Arc<dyn DynFragment>,
-    settings: &SweepSettings,
-    shutdown: &Shutdown,
-    progress: &dyn Progress,
-    report: &mut SweepReport,
-) -> Result<orphans::Kept, Error> {
-    let pager = db.get().await?;
-    // Only the progress bar needs the count: a count that fails leaves it without a total.
-    let total = fragment.count_keys(&pager).await.unwrap_or_else(|error| {
-        tracing::warn!(fragment = fragment.name(), error = %Error::from(error), "cannot count keys");
-        None
-    });
-    let variants = fragment.variants().len() as u64;
-    progress.fragment_started(
-        fragment.name(),
-        total.map(|keys| keys.max(0) as u64 * variants),
-    );
-    let mut keep = orphans::Kept::default();
-    let mut pages = JoinSet::new();
-    let mut after: Option<String> = None;
-    loop {
-        if shutdown.is_cancelled() {
-            report.interrupted = true;
-            break;
-        }
-        let keys = fragment
-            .keys_after(&pager, after.as_deref(), settings.page_size)
-            .await?;
-        let last_page = (keys.len() as i64) < settings.page_size;
-        after = keys.last().cloned();
-        if !keys.is_empty() {
-            while pages.len() >= settings.concurrency.max(1) {
-                collect(pages.join_next().await, report, &mut keep, progress);
+impl Sweeper<'_> {
+    /// Sweeps these fragments, one after the other, recording each complete one as swept by
+    /// `swept_by`; once all of them completed, settles the `truncated` tables (read before the
+    /// sweep) that they cover.
+    pub(crate) async fn sweep(
+        &self,
+        selected: &[Swept],
+        truncated: &Truncations,
+        swept_by: &str,
+    ) -> Result<SweepReport, Error> {
+        let started = Instant::now();
+        let mut report = SweepReport::default();
+        for (fragment, reason) in selected {
+            let before = (report.clone(), Instant::now());
+            self.sweep_fragment(fragment, &mut report).await?;
+            if report.interrupted {
+                break;
             }
-            pages.spawn(page::sweep_page(
-                db.clone(),
-                store.clone(),
-                fragment.clone(),
-                keys,
-            ));
+            if report.completed() {
+                let swept = SweptFragment {
+                    fragment: fragment.name(),
+                    reason,
+                    swept_by,
+                    took: before.1.elapsed(),
+                    rewritten: report.stats.written - before.0.stats.written,
+                    deleted: report.stats.deleted + report.orphans_deleted
+                        - before.0.stats.deleted
+                        - before.0.orphans_deleted,
+                };
+                self.record(&swept).await;
+            }
         }
-        if last_page {
-            break;
+        if report.completed() {
+            let swept: Vec<&str> = selected.iter().map(|(f, _)| f.name()).collect();
+            truncated.settle(self.db, &swept).await?;
+        }
+        report.elapsed = started.elapsed();
+        Ok(report)
+    }
+
+    /// Records a complete sweep of a fragment; one that cannot be recorded is logged, not failed.
+    async fn record(&self, swept: &SweptFragment<'_>) {
+        let recorded = match self.db.pinned().await {
+            Ok(client) => record(&client, swept).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = recorded {
+            tracing::warn!(%error, fragment = swept.fragment, "cannot record the sweep in pgfresh.sweeps (after an upgrade, run sql/roles.sql again)");
         }
     }
-    drop(pager);
-    while let Some(joined) = pages.join_next().await {
-        collect(Some(joined), report, &mut keep, progress);
+
+    /// Sweeps one fragment, adding to `report`. Fails only when keys cannot be enumerated at all.
+    async fn sweep_fragment(
+        &self,
+        fragment: &Arc<dyn DynFragment>,
+        report: &mut SweepReport,
+    ) -> Result<(), Error> {
+        let store = self.store;
+        let canary = store.start_sweep(fragment.key_prefix()).await?;
+        let start_ticket = take_ticket(&*self.db.pinned().await?).await?;
+        let incomplete_before = report.pages_failed;
+        let keep = self.render_pages(fragment, report).await?;
+        // Entries of keys in a page that failed as a whole would look like orphans, and the marker
+        // would claim what is not true: both wait for a complete sweep.
+        if report.pages_failed != incomplete_before || report.interrupted {
+            return Ok(());
+        }
+        let prefix = fragment.key_prefix();
+        report.orphans_deleted +=
+            orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
+        if !store
+            .finish_sweep(prefix, &canary, fragment.version())
+            .await?
+        {
+            tracing::warn!(
+                fragment = fragment.name(),
+                "Redis lost its data during the sweep; the fragment will be swept again"
+            );
+            report.markers_lost += 1;
+        }
+        Ok(())
     }
-    progress.fragment_finished(fragment.name());
-    Ok(keep)
+
+    /// Pages through the fragment's keys in key order and renders each page,
+    /// `settings.concurrency` at a time; returns the keys that exist, whose entries the orphan pass
+    /// keeps.
+    async fn render_pages(
+        &self,
+        fragment: &Arc<dyn DynFragment>,
+        report: &mut SweepReport,
+    ) -> Result<orphans::Kept, Error> {
+        let (settings, progress) = (self.settings, self.progress);
+        let pager = self.db.get().await?;
+        // Only the progress bar needs the count: a count that fails leaves it without a total.
+        let total = fragment.count_keys(&pager).await.unwrap_or_else(|error| {
+            tracing::warn!(fragment = fragment.name(), error = %Error::from(error), "cannot count keys");
+            None
+        });
+        let variants = fragment.variants().len() as u64;
+        progress.fragment_started(
+            fragment.name(),
+            total.map(|keys| keys.max(0) as u64 * variants),
+        );
+        let mut keep = orphans::Kept::default();
+        let mut pages = JoinSet::new();
+        let mut after: Option<String> = None;
+        loop {
+            if self.shutdown.is_cancelled() {
+                report.interrupted = true;
+                break;
+            }
+            let keys = fragment
+                .keys_after(&pager, after.as_deref(), settings.page_size)
+                .await?;
+            let last_page = (keys.len() as i64) < settings.page_size;
+            after = keys.last().cloned();
+            if !keys.is_empty() {
+                while pages.len() >= settings.concurrency.max(1) {
+                    collect(pages.join_next().await, report, &mut keep, progress);
+                }
+                let page =
+                    page::sweep_page(self.db.clone(), self.store.clone(), fragment.clone(), keys);
+                pages.spawn(page);
+            }
+            if last_page {
+                break;
+            }
+        }
+        drop(pager);
+        while let Some(joined) = pages.join_next().await {
+            collect(Some(joined), report, &mut keep, progress);
+        }
+        progress.fragment_finished(fragment.name());
+        Ok(keep)
+    }
 }

@@ -4,15 +4,19 @@
 //! Each fragment has a marker in Redis (see `store::markers`) holding the fragment version of its last
 //! complete sweep. Every second the listener reads the markers: a missing marker means Redis came
 //! back empty or was never filled; an older version means this binary renders differently from what
-//! Redis holds. Either way the fragment is swept. Only one listener at a time sweeps: the one holding
-//! a PostgreSQL advisory lock (`lock`). A sweep that cannot complete is tried again after a backoff
-//! (`schedule`); a PostgreSQL restart moves the render tickets ahead and sweeps everything
+//! Redis holds. Either way the fragment is swept. Every complete sweep is recorded in
+//! `pgfresh.sweeps`, whoever ran it: a fragment's periodic sweep is due an interval after its last
+//! one, and after a PostgreSQL restart every fragment not swept since is due. Only one listener at a
+//! time sweeps, the one holding the sweep lease (`lease`); a listener that finds it held takes
+//! nothing for done, and looks again a second later. A sweep that cannot complete is tried again
+//! after a backoff (`schedule`); a PostgreSQL restart also moves the render tickets ahead
 //! (`restarts`).
 
-mod lock;
+mod lease;
 mod restarts;
 mod schedule;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -20,9 +24,10 @@ use super::shared::Shared;
 use super::stand_aside;
 use crate::Error;
 use crate::fragment::{DynFragment, Fragments};
+use crate::pg::sweeps::{LastSweep, last_sweeps};
 use crate::store::{Eviction, RedisStore};
-use crate::sweep::{self, SweepReport, Truncations};
-use lock::SweepLock;
+use crate::sweep::{self, SweepReport, Sweeper, Swept, Truncations};
+use lease::SweepLease;
 use restarts::PostgresRestarts;
 use schedule::SweepSchedule;
 
@@ -33,22 +38,20 @@ const MARKER_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// How often Redis's memory policy is read again (it can be changed at run time).
 const EVICTION_CHECK_INTERVAL: Duration = Duration::from_secs(10);
 
-/// Why sweeps are due this round: the fragments, and the reason for the log and metrics.
+/// The sweeps due this round: each fragment with why, and the reason for the log and metrics
+/// (the most pressing of them).
 struct Due {
-    fragments: Vec<Arc<dyn DynFragment>>,
+    fragments: Vec<Swept>,
     reason: &'static str,
     label: &'static str,
-    periodic: bool,
-    /// The sweep covers a PostgreSQL restart.
-    restart: bool,
 }
 
 /// Runs until shutdown; never fails (a sweep that fails is logged and tried again after a backoff).
 pub(crate) async fn run(shared: Arc<Shared>) {
     let mut maintenance = Maintenance {
         schedule: SweepSchedule::new(shared.settings.sweep_interval, Instant::now()),
+        lease: SweepLease::new(shared.me.id.clone()),
         shared,
-        lock: SweepLock::default(),
         at_startup: true,
         eviction_checked: None,
         restarts: PostgresRestarts::default(),
@@ -66,7 +69,7 @@ pub(crate) async fn run(shared: Arc<Shared>) {
 struct Maintenance {
     shared: Arc<Shared>,
     schedule: SweepSchedule,
-    lock: SweepLock,
+    lease: SweepLease,
     /// Markers have not been read yet (or the listener just stopped standing aside): a newer marker
     /// is a rollback to older markup then, and is swept back too.
     at_startup: bool,
@@ -100,7 +103,7 @@ impl Maintenance {
             });
         if let Some(due) = self.due(&truncated).await {
             let outcome = self.sweep_due(&due, &truncated).await;
-            self.note(&due, outcome);
+            self.note(outcome);
         }
     }
 
@@ -112,70 +115,100 @@ impl Maintenance {
         self.shared.board.redis_eviction(description, eviction);
     }
 
-    /// What is due now: everything after a restart or when the periodic sweep is due, else the
-    /// fragments whose marker is missing or outdated; plus those of truncated topics.
+    /// What is due now, fragment by fragment: those not swept since PostgreSQL restarted, those whose
+    /// periodic sweep is due, those whose marker is missing or outdated, those of truncated topics.
     async fn due(&mut self, truncated: &Truncations) -> Option<Due> {
         let fragments = &self.shared.fragments;
-        let periodic = self.schedule.periodic_due(Instant::now());
-        let restart = self.restarts.sweep_due();
-        let mut due: Vec<Arc<dyn DynFragment>> = if periodic || restart {
-            fragments.iter().cloned().collect()
-        } else {
-            match needing_sweep(&self.shared.store, fragments, self.at_startup).await {
-                Ok(due) => {
-                    self.at_startup = false;
-                    due
-                }
-                Err(error) => {
-                    tracing::debug!(%error, "cannot read fragment markers");
-                    Vec::new()
-                }
+        let last = self.last_sweeps().await;
+        let mut due: Vec<Swept> = Vec::new();
+        let mut add = |fragment: &Arc<dyn DynFragment>, why: &'static str| {
+            if !due.iter().any(|(f, _)| f.name() == fragment.name()) {
+                due.push((fragment.clone(), why));
             }
         };
-        let marker = !due.is_empty();
-        for fragment in &truncated.fragments {
-            if !due.iter().any(|f| f.name() == fragment.name()) {
-                due.push(fragment.clone());
+        if self.restarts.pending()
+            && let Some(last) = &last
+        {
+            let since =
+                |f: &Arc<dyn DynFragment>| last.get(f.name()).is_some_and(|l| l.since_restart);
+            let unswept: Vec<_> = fragments.iter().filter(|f| !since(f)).collect();
+            if unswept.is_empty() {
+                self.restarts.covered();
+            }
+            unswept.into_iter().for_each(|f| add(f, "restart"));
+        }
+        if let Some(last) = &last {
+            let now = Instant::now();
+            for fragment in fragments.iter() {
+                if self.schedule.periodic_due(last.get(fragment.name()), now) {
+                    add(fragment, "periodic");
+                }
             }
         }
-        let (reason, label) = match (restart, periodic, marker) {
-            (true, _, _) => ("PostgreSQL restarted", "restart"),
-            (_, true, _) => ("periodic", "periodic"),
-            (_, _, true) => ("missing or outdated in Redis", "marker"),
-            _ => ("a watched table was truncated", "truncate"),
+        match needing_sweep(&self.shared.store, fragments, self.at_startup).await {
+            Ok(stale) => {
+                self.at_startup = false;
+                stale.iter().for_each(|f| add(f, "marker"));
+            }
+            Err(error) => tracing::debug!(%error, "cannot read fragment markers"),
+        }
+        truncated.fragments.iter().for_each(|f| add(f, "truncate"));
+        let label = ["restart", "periodic", "marker", "truncate"]
+            .into_iter()
+            .find(|label| due.iter().any(|(_, why)| why == label))?;
+        let reason = match label {
+            "restart" => "PostgreSQL restarted",
+            "periodic" => "periodic",
+            "marker" => "missing or outdated in Redis",
+            _ => "a watched table was truncated",
         };
-        (!due.is_empty()).then_some(Due {
+        Some(Due {
             fragments: due,
             reason,
             label,
-            periodic,
-            restart,
         })
     }
 
-    /// Sweeps what is due if this listener holds the sweep lock, and settles the TRUNCATEs it
-    /// covered. Returns whether the sweep completed, or `None` if another listener sweeps.
+    /// Each fragment's last complete sweep, when periodic sweeps or a restart need them; `None`
+    /// when they cannot be read (nothing is taken for due, or for done, then).
+    async fn last_sweeps(&self) -> Option<HashMap<String, LastSweep>> {
+        if !self.schedule.periodic() && !self.restarts.pending() {
+            return Some(HashMap::new());
+        }
+        let names: Vec<&str> = self.shared.fragments.iter().map(|f| f.name()).collect();
+        let read = match self.shared.db.pinned().await {
+            Ok(client) => last_sweeps(&client, &names).await,
+            Err(error) => Err(error),
+        };
+        read.inspect_err(|error| tracing::debug!(%error, "cannot read pgfresh.sweeps"))
+            .ok()
+    }
+
+    /// Sweeps what is due if this listener holds the sweep lease (the sweep settles the TRUNCATEs
+    /// it covered). Returns whether the sweep completed, or `None` if another listener holds the
+    /// lease: then nothing is taken for done, and the next round looks again.
     async fn sweep_due(&mut self, due: &Due, truncated: &Truncations) -> Option<bool> {
         let shared = &self.shared;
-        stand_aside::wait_for_older(&shared.db, &shared.me, &shared.shutdown).await;
-        let report = match self.lock.try_acquire(&shared.db).await {
+        let report = match self.lease.take(&shared.db).await {
             Ok(false) => {
-                tracing::debug!("another listener is sweeping");
+                tracing::debug!("another listener holds the sweep lease");
                 return None;
             }
             Ok(true) => {
-                let report = sweep::sweep_these(
-                    &shared.db,
-                    &shared.store,
-                    &due.fragments,
-                    truncated,
-                    &shared.settings.sweep,
-                    &shared.shutdown,
-                    &sweep::Silent,
-                )
-                .await;
-                self.lock.release().await;
-                report
+                let work = async {
+                    stand_aside::wait_for_older(&shared.db, &shared.me, &shared.shutdown).await;
+                    let sweeper = Sweeper {
+                        db: &shared.db,
+                        store: &shared.store,
+                        settings: &shared.settings.sweep,
+                        shutdown: &shared.shutdown,
+                        progress: &sweep::Silent,
+                    };
+                    sweeper
+                        .sweep(&due.fragments, truncated, &shared.me.id)
+                        .await
+                };
+                self.lease.hold_while(&shared.db, work).await
             }
             Err(error) => Err(error),
         };
@@ -201,24 +234,16 @@ impl Maintenance {
         report.completed() || report.interrupted
     }
 
-    /// Moves the schedule on after a sweep: done (here or by another listener), or to be tried
-    /// again after a backoff.
-    fn note(&mut self, due: &Due, outcome: Option<bool>) {
-        let now = Instant::now();
+    /// Moves the schedule on after a sweep: done, or to be tried again after a backoff. When
+    /// another listener holds the lease, nothing changes.
+    fn note(&mut self, outcome: Option<bool>) {
         match outcome {
-            Some(true) => {
-                self.restarts.swept(due.restart);
-                self.schedule.succeeded(due.periodic, now);
-            }
+            Some(true) => self.schedule.succeeded(),
             Some(false) => {
-                let wait = self.schedule.failed(now);
+                let wait = self.schedule.failed(Instant::now());
                 tracing::warn!(retry_in = ?wait, "the sweep could not complete; it will be tried again");
             }
-            None => {
-                // Another listener sweeps: a restart and the periodic sweep are covered by it.
-                self.restarts.swept(due.restart);
-                self.schedule.another_swept(due.periodic, now);
-            }
+            None => {}
         }
     }
 }
@@ -245,8 +270,8 @@ async fn needing_sweep(
     Ok(due)
 }
 
-fn log_report(reason: &str, swept: &[Arc<dyn DynFragment>], report: &SweepReport) {
-    let names: Vec<&str> = swept.iter().map(|f| f.name()).collect();
+fn log_report(reason: &str, swept: &[Swept], report: &SweepReport) {
+    let names: Vec<&str> = swept.iter().map(|(f, _)| f.name()).collect();
     let fragments = names.join(", ");
     // Stopping in the middle of a sweep is what shutdown asks for, not a problem.
     if report.succeeded() || report.interrupted {

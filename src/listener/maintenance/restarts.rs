@@ -13,8 +13,8 @@ use crate::pg::Database;
 pub(crate) struct PostgresRestarts {
     /// The postmaster start time last seen.
     started: Option<String>,
-    /// A restart was seen and no sweep has covered it yet.
-    sweep_due: bool,
+    /// A restart was seen, and some fragment may not have been swept since.
+    pending: bool,
 }
 
 /// How far the ticket sequence is moved after a restart: far more tickets than a crash can lose
@@ -40,24 +40,22 @@ impl PostgresRestarts {
                 if let Err(error) = jump_tickets(db).await {
                     tracing::warn!(%error, "cannot move render tickets ahead; renders may be refused until the sweep");
                 }
-                self.sweep_due = true;
+                self.pending = true;
             }
             _ => {}
         }
         self.started = Some(started);
     }
 
-    /// Whether a restart was seen that no sweep has covered yet.
-    pub(crate) fn sweep_due(&self) -> bool {
-        self.sweep_due
+    /// Whether a restart was seen that sweeps may not have covered yet: every fragment whose last
+    /// complete sweep (`pgfresh.sweeps`, by anyone) started before PostgreSQL did is due.
+    pub(crate) fn pending(&self) -> bool {
+        self.pending
     }
 
-    /// A sweep of everything completed (here or by another listener); if it covered a restart,
-    /// none is due any more.
-    pub(crate) fn swept(&mut self, covered: bool) {
-        if covered {
-            self.sweep_due = false;
-        }
+    /// Every fragment has been swept since the restart.
+    pub(crate) fn covered(&mut self) {
+        self.pending = false;
     }
 }
 

@@ -1,20 +1,23 @@
-//! When sweeps are due: the periodic one, an interval after the last (or after another listener's);
-//! and after a sweep that could not complete, none before a growing backoff has passed, so a sweep
-//! that keeps failing never repeats back to back.
+//! When sweeps are due: a fragment's periodic sweep an interval after its last complete sweep,
+//! whoever ran it (recorded in `pgfresh.sweeps`), or an interval after this listener started if it
+//! was never swept; and after a sweep that could not complete, none before a growing backoff has
+//! passed, so a sweep that keeps failing never repeats back to back.
 
 use std::time::{Duration, Instant};
 
 use crate::backoff::Backoff;
+use crate::pg::sweeps::LastSweep;
 
 /// First and longest wait after a sweep that could not complete, before any sweep is tried again.
 const SWEEP_RETRY_FIRST: Duration = Duration::from_secs(1);
 const SWEEP_RETRY_MAX: Duration = Duration::from_secs(300);
 
-/// When sweeps are due: the periodic one, and after a sweep that could not complete, not before a
-/// backoff has passed (a sweep that keeps failing must not repeat back to back).
+/// When sweeps are due: the periodic ones, and after a sweep that could not complete, not before a
+/// backoff has passed.
 pub(crate) struct SweepSchedule {
     interval: Option<Duration>,
-    next_periodic: Option<Instant>,
+    /// When this listener started: a fragment never swept is due an interval after.
+    started: Instant,
     retry: Backoff,
     not_before: Option<Instant>,
 }
@@ -23,10 +26,15 @@ impl SweepSchedule {
     pub(crate) fn new(interval: Option<Duration>, now: Instant) -> Self {
         Self {
             interval,
-            next_periodic: interval.and_then(|interval| now.checked_add(interval)),
+            started: now,
             retry: Backoff::new(SWEEP_RETRY_FIRST, SWEEP_RETRY_MAX),
             not_before: None,
         }
+    }
+
+    /// Whether periodic sweeps are on at all.
+    pub(crate) fn periodic(&self) -> bool {
+        self.interval.is_some()
     }
 
     /// Whether a sweep may be tried now (no backoff pending).
@@ -34,26 +42,22 @@ impl SweepSchedule {
         self.not_before.is_none_or(|at| now >= at)
     }
 
-    /// Whether the periodic sweep is due.
-    pub(crate) fn periodic_due(&self, now: Instant) -> bool {
-        self.next_periodic.is_some_and(|at| now >= at)
+    /// Whether the periodic sweep of a fragment whose last complete sweep was `last` is due.
+    pub(crate) fn periodic_due(&self, last: Option<&LastSweep>, now: Instant) -> bool {
+        let Some(interval) = self.interval else {
+            return false;
+        };
+        let since = match last {
+            Some(last) => last.age,
+            None => now.saturating_duration_since(self.started),
+        };
+        since >= interval
     }
 
-    /// A sweep completed: no backoff; the next periodic one is an interval away if this was it.
-    pub(crate) fn succeeded(&mut self, was_periodic: bool, now: Instant) {
+    /// A sweep completed: no backoff.
+    pub(crate) fn succeeded(&mut self) {
         self.retry.reset();
         self.not_before = None;
-        if was_periodic {
-            self.next_periodic = self.interval.and_then(|interval| now.checked_add(interval));
-        }
-    }
-
-    /// Another listener holds the sweep lock and sweeps: if the periodic sweep was due, it is done for
-    /// this interval (every listener sweeping in turn would multiply the work by their number).
-    pub(crate) fn another_swept(&mut self, was_periodic: bool, now: Instant) {
-        if was_periodic {
-            self.next_periodic = self.interval.and_then(|interval| now.checked_add(interval));
-        }
     }
 
     /// A sweep could not complete: whatever made it due is still due, after a growing backoff.
@@ -69,50 +73,47 @@ impl SweepSchedule {
 mod tests {
     use super::*;
 
+    fn swept(secs: u64) -> LastSweep {
+        LastSweep {
+            age: Duration::from_secs(secs),
+            since_restart: true,
+        }
+    }
+
     #[test]
     fn a_sweep_that_cannot_complete_is_retried_after_a_growing_wait() {
         let start = Instant::now();
         let mut schedule = SweepSchedule::new(Some(Duration::from_secs(3600)), start);
-        assert!(schedule.may_sweep(start) && !schedule.periodic_due(start));
-        let later = start + Duration::from_secs(3600);
-        assert!(schedule.periodic_due(later));
-
-        let first = schedule.failed(later);
-        assert!(!schedule.may_sweep(later), "not back to back");
-        assert!(schedule.may_sweep(later + first));
-        assert!(
-            schedule.periodic_due(later + first),
-            "a failed periodic sweep is still due, not an interval away"
-        );
-        let waits: Vec<Duration> = (0..12).map(|_| schedule.failed(later)).collect();
+        assert!(schedule.may_sweep(start));
+        let first = schedule.failed(start);
+        assert!(!schedule.may_sweep(start), "not back to back");
+        assert!(schedule.may_sweep(start + first));
+        let waits: Vec<Duration> = (0..12).map(|_| schedule.failed(start)).collect();
         assert!(
             waits.last().unwrap() > &Duration::from_secs(60),
             "{waits:?}"
         );
         assert!(waits.iter().all(|wait| *wait <= SWEEP_RETRY_MAX));
-
-        schedule.succeeded(true, later);
-        assert!(schedule.may_sweep(later));
-        assert!(!schedule.periodic_due(later + Duration::from_secs(1)));
-        assert!(schedule.periodic_due(later + Duration::from_secs(3600)));
+        schedule.succeeded();
+        assert!(schedule.may_sweep(start));
     }
 
     #[test]
-    fn a_periodic_sweep_another_listener_runs_is_not_run_again_here() {
+    fn a_fragment_is_due_an_interval_after_its_last_complete_sweep_by_anyone() {
         let start = Instant::now();
-        let interval = Duration::from_secs(60);
-        let mut schedule = SweepSchedule::new(Some(interval), start);
-        let due = start + interval;
-        assert!(schedule.periodic_due(due));
-        schedule.another_swept(true, due);
-        assert!(!schedule.periodic_due(due + Duration::from_secs(1)));
-        assert!(schedule.periodic_due(due + interval));
+        let schedule = SweepSchedule::new(Some(Duration::from_secs(60)), start);
+        assert!(!schedule.periodic_due(Some(&swept(59)), start));
+        assert!(schedule.periodic_due(Some(&swept(60)), start));
+        // Never swept: an interval after this listener started.
+        assert!(!schedule.periodic_due(None, start + Duration::from_secs(59)));
+        assert!(schedule.periodic_due(None, start + Duration::from_secs(60)));
     }
 
     #[test]
-    fn an_interval_past_the_end_of_time_never_comes_instead_of_panicking() {
+    fn without_an_interval_nothing_is_ever_periodically_due() {
         let start = Instant::now();
-        let schedule = SweepSchedule::new(Some(Duration::from_secs(u64::MAX)), start);
-        assert!(!schedule.periodic_due(start + Duration::from_secs(1_000_000)));
+        let schedule = SweepSchedule::new(None, start);
+        assert!(!schedule.periodic());
+        assert!(!schedule.periodic_due(Some(&swept(1_000_000)), start));
     }
 }

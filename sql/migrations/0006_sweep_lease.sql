@@ -1,0 +1,47 @@
+-- pgfresh migration 0006: the sweeping listener holds a lease only listeners can take, and every
+-- complete sweep is recorded.
+--
+-- Runs inside install.sql's transaction after prepare.sql; never edit it once released: later changes
+-- go into a new numbered file.
+--
+-- Until now the listener that sweeps was the one holding a session advisory lock with a fixed key.
+-- Anyone who can connect can take any advisory lock: a role with no right at all held it, and no
+-- listener swept again (Redis emptied stayed empty). And a listener that found the lock taken counted
+-- the sweep it wanted as done by another, though nobody may ever have completed it. From this version:
+--   * the sweeping listener holds a lease, one row that only pgfresh_listener may update (roles.sql),
+--     renewed while it sweeps and released when it is done; one that stops renewing loses it when it
+--     expires;
+--   * every complete sweep of a fragment is recorded in pgfresh.sweeps, by whoever ran it (a listener,
+--     the sweep command, a program of its own): when it started, why, and what it had to repair. A
+--     periodic sweep is due when a fragment's last complete sweep is an interval old, and a sweep after
+--     a PostgreSQL restart is done only by a sweep that started after the restart, whoever ran them.
+
+CREATE TABLE pgfresh.sweep_lease (
+    singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    holder     text,
+    expires_at timestamptz NOT NULL DEFAULT '-infinity'
+);
+INSERT INTO pgfresh.sweep_lease DEFAULT VALUES;
+COMMENT ON TABLE pgfresh.sweep_lease IS
+    'pgfresh: the one listener that sweeps now (holder, a listener id), until expires_at unless it renews';
+
+CREATE TABLE pgfresh.sweeps (
+    id          bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+    fragment    text        NOT NULL,
+    reason      text        NOT NULL,
+    swept_by    text        NOT NULL,
+    started_at  timestamptz NOT NULL,
+    finished_at timestamptz NOT NULL DEFAULT now(),
+    rewritten   bigint      NOT NULL,
+    deleted     bigint      NOT NULL
+);
+CREATE INDEX sweeps_fragment_started_at ON pgfresh.sweeps (fragment, started_at DESC);
+COMMENT ON TABLE pgfresh.sweeps IS
+    'pgfresh: the last complete sweeps of each fragment (a few kept), and what each had to repair';
+COMMENT ON COLUMN pgfresh.sweeps.reason IS
+    'why it ran: periodic, marker (missing or outdated in Redis), restart (PostgreSQL restarted), truncate, one-off';
+COMMENT ON COLUMN pgfresh.sweeps.swept_by IS 'the listener id, or one-off for a sweep no listener ran';
+COMMENT ON COLUMN pgfresh.sweeps.rewritten IS 'entries it wrote because Redis held something else, or nothing';
+COMMENT ON COLUMN pgfresh.sweeps.deleted IS 'entries it deleted because their row is gone';
+
+INSERT INTO pgfresh.migrations (version, name) VALUES (6, '0006_sweep_lease');
