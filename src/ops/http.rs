@@ -134,9 +134,8 @@ async fn serve_connection(
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    match tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
-        Ok(Err(error)) => tracing::debug!(%error, "HTTP connection ended"),
-        Ok(Ok(())) | Err(_) => {}
+    if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+        tracing::debug!(%error, "HTTP connection ended");
     }
 }
 
