@@ -445,3 +445,43 @@ async fn the_librarys_sweep_settles_the_truncations_it_covers_as_the_command_doe
     assert_eq!(left, ["elsewhere"]);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn tickets_past_two_to_the_53_still_order_renders_exactly() {
+    use pgfresh::testing::{Write, WriteResult};
+    let env = TestEnv::shop(1).await;
+    let key = env.key(1, "full");
+    let set = |value: &str| {
+        [Write::Set {
+            key: key.clone(),
+            value: value.as_bytes().to_vec(),
+            ttl: None,
+        }]
+    };
+    // 2^53 + 1 and 2^53 are one and the same double.
+    let newer = (1_i64 << 53) + 1;
+    let written = pgfresh::testing::write(&env.sink, newer, &set("newer"))
+        .await
+        .unwrap();
+    assert_eq!(written, [WriteResult::Written]);
+    let older = pgfresh::testing::write(&env.sink, newer - 1, &set("older"))
+        .await
+        .unwrap();
+    assert_eq!(older, [WriteResult::Refused]);
+    assert_eq!(env.get(&key).await.as_deref(), Some("newer"));
+    let stored = pgfresh::testing::tickets(&env.sink, std::slice::from_ref(&key))
+        .await
+        .unwrap();
+    assert_eq!(stored, [Some(newer)], "the ticket is kept digit for digit");
+    // Seventeen digits, as a sequence that jumped past a few restarts may hand out.
+    let far = 12_345_678_901_234_567_i64;
+    let written = pgfresh::testing::write(&env.sink, far, &set("far"))
+        .await
+        .unwrap();
+    assert_eq!(written, [WriteResult::Written]);
+    let refused = pgfresh::testing::write(&env.sink, far - 1, &set("before far"))
+        .await
+        .unwrap();
+    assert_eq!(refused, [WriteResult::Refused]);
+    env.cleanup().await;
+}

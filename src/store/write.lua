@@ -7,7 +7,17 @@
 -- have evicted a newer render's ticket: render the key again), or the error text when Redis refused
 -- this key (the others go on).
 -- A fragment key holding another type is simply overwritten: it is under pgfresh's prefix.
-local ticket = tonumber(ARGV[1])
+-- Tickets stay decimal text, compared as such: a Lua number (a double) holds integers exactly only
+-- below 2^53, and turns large ones into text like 1.2345678901234e+14.
+local ticket = ARGV[1]
+
+-- Whether decimal ticket a (digits, no leading zero) is newer than b.
+local function newer(a, b)
+    if #a ~= #b then
+        return #a > #b
+    end
+    return a > b
+end
 local may_evict = ARGV[3] == '1'
 local results = {}
 for i = 1, #KEYS, 2 do
@@ -18,7 +28,7 @@ for i = 1, #KEYS, 2 do
     local result
     if type(stored) == 'table' and stored.err then
         result = 'error: ' .. stored.err
-    elseif (tonumber(stored) or 0) > ticket then
+    elseif stored and newer(stored, ticket) then
         result = 2
     else
         local unchecked = may_evict and not stored
