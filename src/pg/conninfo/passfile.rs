@@ -3,8 +3,11 @@
 use super::*;
 
 impl ConnInfo {
-    /// The password `passfile` (or `<home>/.pgpass`) holds for the first host, as libpq finds it.
-    /// `Err` means the file exists but is ignored; the caller warns and goes on without it.
+    /// The password `passfile` (or `<home>/.pgpass`) holds for the connection's hosts, as libpq
+    /// finds it for each. libpq looks it up host by host; pgfresh sends one password to whichever
+    /// host it reaches, so it takes one only when the file gives every host that same password: a
+    /// password meant for one host is never sent to another. `Err` means the file is ignored (or
+    /// its passwords are, for this URL); the caller warns and goes on without them.
     pub(crate) fn password_from_file(&self, home: Option<&Path>) -> Result<Option<String>, String> {
         let path = match (self.get("passfile").filter(|p| !p.is_empty()), home) {
             (Some(passfile), _) => PathBuf::from(passfile),
@@ -14,39 +17,69 @@ impl ConnInfo {
         let Some(text) = read_private_file(&path)? else {
             return Ok(None);
         };
-        let key = self.pass_file_key();
-        let found = text
-            .lines()
-            .map(|line| line.trim_end_matches(['\r', '\n']))
-            .filter(|line| !line.is_empty() && !line.starts_with('#'))
-            .find_map(|line| password_in_line(line, &key));
-        // libpq stops at the first matching line even when its password is empty.
-        Ok(found.filter(|password| !password.is_empty()))
+        let lookup = |key: &PassFileKey| {
+            let found = text
+                .lines()
+                .map(|line| line.trim_end_matches(['\r', '\n']))
+                .filter(|line| !line.is_empty() && !line.starts_with('#'))
+                .find_map(|line| password_in_line(line, key));
+            // libpq stops at the first matching line even when its password is empty.
+            found.filter(|password| !password.is_empty())
+        };
+        let found: Vec<Option<String>> = self.pass_file_keys().iter().map(lookup).collect();
+        match found.as_slice() {
+            [] => Ok(None),
+            [first, rest @ ..] if rest.iter().all(|other| other == first) => Ok(first.clone()),
+            _ => Err(format!(
+                "password file {} gives the hosts of this connection different passwords (or some none); pgfresh sends one password to whichever host answers, so it uses none of them: put the password in the connection string or PGPASSWORD",
+                path.display()
+            )),
+        }
     }
 
-    fn pass_file_key(&self) -> PassFileKey<'_> {
-        let first = |keyword| self.get(keyword).and_then(|v| v.split(',').next());
-        let host = first("host")
-            .filter(|h| !h.is_empty())
-            .or_else(|| first("hostaddr").filter(|h| !h.is_empty()))
-            .unwrap_or("localhost");
-        let mut hosts = vec![host];
-        // libpq only knows its compiled-in socket directory; any directory is the local server.
-        if host.starts_with(['/', '@']) {
-            hosts.push("localhost");
-        }
+    /// One key per host of the connection, each with its port (one port for all, or one each).
+    fn pass_file_keys(&self) -> Vec<PassFileKey<'_>> {
+        let list = |keyword| -> Vec<&str> {
+            self.get(keyword)
+                .filter(|v| !v.is_empty())
+                .map_or_else(Vec::new, |v| v.split(',').collect())
+        };
+        let hosts = match list("host") {
+            hosts if !hosts.is_empty() => hosts,
+            _ => list("hostaddr"),
+        };
+        let hosts = if hosts.is_empty() { vec![""] } else { hosts };
+        let ports = list("port");
         let user = self.get("user").unwrap_or_default();
-        PassFileKey {
-            hosts,
-            port: first("port").filter(|p| !p.is_empty()).unwrap_or("5432"),
-            dbname: self.get("dbname").filter(|d| !d.is_empty()).unwrap_or(user),
-            user,
-        }
+        let dbname = self.get("dbname").filter(|d| !d.is_empty()).unwrap_or(user);
+        hosts
+            .iter()
+            .enumerate()
+            .map(|(index, host)| {
+                let host = if host.is_empty() { "localhost" } else { host };
+                let mut hosts = vec![host];
+                // libpq only knows its compiled-in socket directory; any directory is the local
+                // server.
+                if host.starts_with(['/', '@']) {
+                    hosts.push("localhost");
+                }
+                let port = match ports.as_slice() {
+                    [one] => one,
+                    many => many.get(index).copied().unwrap_or("5432"),
+                };
+                PassFileKey {
+                    hosts,
+                    port: if port.is_empty() { "5432" } else { port },
+                    dbname,
+                    user,
+                }
+            })
+            .collect()
     }
 }
 
 struct PassFileKey<'a> {
-    /// The first host, and `localhost` as well when it is a socket directory.
+    /// The host, and `localhost` as well when it is a socket directory.
     hosts: Vec<&'a str>,
     port: &'a str,
     dbname: &'a str,

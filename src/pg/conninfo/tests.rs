@@ -392,17 +392,39 @@ fn the_password_file_unescapes_colons_and_backslashes() {
     assert_eq!(pgpass_password("dbname=other", file), None);
 }
 
+fn pgpass_result(conninfo: &str, file: &str) -> Result<Option<String>, String> {
+    let dir = TempDir::new(&format!("{:x}", fastrand::u64(..)));
+    let home = dir.pgpass(file, 0o600);
+    parsed(conninfo)
+        .with_defaults()
+        .password_from_file(Some(home))
+}
+
 #[test]
-fn the_password_file_matches_the_first_host_and_port() {
-    let file = "a:6000:*:*:one\nb:*:*:*:two\n";
+fn the_password_file_is_read_host_by_host_and_no_host_gets_anothers_password() {
+    let file = "a:6000:*:*:pw-one\nb:*:*:*:pw-two\nc:*:*:*:pw-one\n";
     assert_eq!(
-        pgpass_password("host=a,b port=6000,7000", file).as_deref(),
-        Some("one")
+        pgpass_password("host=a port=6000", file).as_deref(),
+        Some("pw-one")
     );
     assert_eq!(
-        pgpass_password("host=b,a port=6000", file).as_deref(),
-        Some("two")
+        pgpass_password("host=b port=6000", file).as_deref(),
+        Some("pw-two")
     );
+    // One password for every host: it goes to whichever answers.
+    assert_eq!(
+        pgpass_password("host=a,c port=6000", file).as_deref(),
+        Some("pw-one")
+    );
+    // Hosts with different passwords, or with none: libpq would send each its own; pgfresh can
+    // send only one, so it sends none, and says why.
+    for hosts in ["host=a,b port=6000,7000", "host=a,d port=6000"] {
+        let ignored = pgpass_result(hosts, file).unwrap_err();
+        assert!(
+            ignored.contains("different passwords") && !ignored.contains("pw-"),
+            "{ignored}"
+        );
+    }
     assert_eq!(pgpass_password("host=a port=,6000", file), None);
     assert_eq!(
         pgpass_password("host=a", "a:5432:*:*:default-port\n").as_deref(),
