@@ -91,6 +91,23 @@ pub enum Error {
     /// A task of pgfresh's own stopped unexpectedly (a bug: please report it).
     #[error("internal error: {0}")]
     Internal(String),
+    /// Another live listener stores another fragment under a key prefix that overlaps one of this
+    /// listener's.
+    #[error(
+        "listener {listener} stores fragment {theirs} under {their_prefix:?}, which overlaps {mine}'s {my_prefix:?}: each one's sweep would delete the other's entries as orphans; give one of them another key prefix (or --cache-key-prefix)"
+    )]
+    PrefixConflict {
+        /// The other listener's id.
+        listener: String,
+        /// Its fragment.
+        theirs: String,
+        /// Where it stores it.
+        their_prefix: String,
+        /// This listener's fragment.
+        mine: String,
+        /// Where this one would store it.
+        my_prefix: String,
+    },
     /// Another live listener stores one of this listener's fragments elsewhere in Redis.
     #[error(
         "listener {listener} stores fragment {fragment} at {theirs}, and this one would store it at {mine}: two listeners storing one fragment differently would each miss the changes the other applies; stop that listener first, or give this one the same --cache-* flags"

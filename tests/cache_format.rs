@@ -338,7 +338,8 @@ fn prefixes_that_overlap_where_they_are_stored_are_refused() {
 }
 
 #[tokio::test]
-async fn a_listener_refuses_to_start_while_another_stores_its_fragment_elsewhere() {
+async fn a_listener_refuses_to_start_while_another_stores_its_fragment_elsewhere_or_nests_prefixes()
+{
     let env = TestEnv::shop(2).await;
     let plain = env.start_listener(test_settings());
     eventually("the plain listener to register", || async {
@@ -373,6 +374,27 @@ async fn a_listener_refuses_to_start_while_another_stores_its_fragment_elsewhere
         )),
         "{}",
         stdout(&status)
+    );
+
+    // Nor may another fragment live under a prefix inside this one's: each sweep would delete the
+    // other's entries as orphans.
+    let inside = format!("{}extra:", env.prefix);
+    let nested = env.start_listener_with(
+        Fragments::new().with(&inside, common::AlteredCard::new("other_card", 1)),
+        test_settings(),
+    );
+    let refused = tokio::time::timeout(common::PATIENCE, nested.task)
+        .await
+        .expect("the nested listener gives up at once")
+        .unwrap()
+        .unwrap_err()
+        .to_string();
+    assert!(
+        refused.contains(&format!(
+            "stores fragment product_card under {:?}, which overlaps other_card's {inside:?}",
+            env.prefix
+        )),
+        "{refused}"
     );
 
     // Once the plain one is gone, the Django one starts.

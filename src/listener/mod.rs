@@ -213,20 +213,7 @@ impl Listener {
                 .await?;
         }
         let client = shared.db.pinned().await?;
-        if let Some(conflict) = registry::storage_conflict(&client, &shared.me).await? {
-            let registry::StorageConflict {
-                listener,
-                fragment,
-                theirs,
-                mine,
-            } = conflict;
-            return Err(Error::StorageConflict {
-                listener,
-                fragment,
-                theirs,
-                mine,
-            });
-        }
+        registry::check_sharing(&client, &shared.me).await?;
         drop(client);
         shared
             .registration

@@ -21,15 +21,6 @@ pub(crate) struct ListenerIdentity {
     pub(crate) stored: Vec<String>,
 }
 
-/// A live listener storing a fragment elsewhere than `me` would.
-#[derive(Debug)]
-pub(crate) struct StorageConflict {
-    pub(crate) listener: String,
-    pub(crate) fragment: String,
-    pub(crate) theirs: String,
-    pub(crate) mine: String,
-}
-
 /// The live listeners other than `me` ($1) rendering a fragment `me` renders too (names $2, versions
 /// $3), one row per shared fragment: `theirs.version` against `mine.version`. A listener that stopped
 /// heartbeating counts as live for 15 seconds (three missed heartbeats).
@@ -77,12 +68,12 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
     Ok(())
 }
 
-/// A live listener other than `me` that stores one of `me`'s fragments elsewhere, if any. Listeners
-/// older than schema version 5 do not say where they store, and are not counted.
-pub(crate) async fn storage_conflict(
-    client: &Client,
-    me: &ListenerIdentity,
-) -> Result<Option<StorageConflict>, Error> {
+/// Fails if a live listener other than `me` would share Redis with it badly: storing one of `me`'s
+/// fragments elsewhere (the two would split the queue between them, each change reaching only one
+/// place), or another fragment under a key prefix that overlaps one of `me`'s (see
+/// [`prefix_conflict`]). Listeners older than schema version 5 do not say where they store, and are
+/// not counted.
+pub(crate) async fn check_sharing(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     let row = client
         .query_opt(
             "SELECT l.id, theirs.name, theirs.stored, mine.stored
@@ -95,12 +86,59 @@ pub(crate) async fn storage_conflict(
             &[&me.id, &me.fragments, &me.stored],
         )
         .await?;
-    Ok(row.map(|row| StorageConflict {
-        listener: row.get(0),
-        fragment: row.get(1),
-        theirs: row.get(2),
-        mine: row.get(3),
-    }))
+    if let Some(row) = row {
+        return Err(Error::StorageConflict {
+            listener: row.get(0),
+            fragment: row.get(1),
+            theirs: row.get(2),
+            mine: row.get(3),
+        });
+    }
+    prefix_conflict(client, me).await
+}
+
+/// The stored key prefix in a `stored` entry (`<prefix>* (<format>)`).
+fn stored_prefix(stored: &str) -> &str {
+    stored
+        .rsplit_once("* (")
+        .map_or(stored, |(prefix, _)| prefix)
+}
+
+/// Fails if a live listener other than `me` stores a fragment `me` does not render under a key
+/// prefix that starts one of `me`'s, or starts with one: each one's sweep would take the other's
+/// entries for orphans and delete them. Fragments' own checks catch this within one binary; this,
+/// between binaries (and Django `KEY_PREFIX`es) sharing a database.
+async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
+    let rows = client
+        .query(
+            "SELECT l.id, theirs.name, theirs.stored
+             FROM pgfresh.listeners l
+             CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
+             WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'
+               AND theirs.stored IS NOT NULL AND NOT theirs.name = ANY($2)
+             ORDER BY l.started_at",
+            &[&me.id, &me.fragments],
+        )
+        .await?;
+    for row in &rows {
+        let (listener, theirs, stored): (String, String, String) =
+            (row.get(0), row.get(1), row.get(2));
+        let their_prefix = stored_prefix(&stored);
+        let mine = me.fragments.iter().zip(&me.stored).find(|(_, mine)| {
+            let my_prefix = stored_prefix(mine);
+            my_prefix.starts_with(their_prefix) || their_prefix.starts_with(my_prefix)
+        });
+        if let Some((mine, my_stored)) = mine {
+            return Err(Error::PrefixConflict {
+                listener,
+                theirs,
+                their_prefix: their_prefix.to_string(),
+                mine: mine.clone(),
+                my_prefix: stored_prefix(my_stored).to_string(),
+            });
+        }
+    }
+    Ok(())
 }
 
 /// Whether a live listener other than `me` renders a newer version of one of `me`'s fragments.
