@@ -193,7 +193,7 @@ async fn djangos_cache_get_returns_what_pgfresh_wrote() {
         stdout(&tests)
     );
     // Every test ran; none was skipped.
-    assert!(report.contains("Ran 7 tests"), "{report}");
+    assert!(report.contains("Ran 8 tests"), "{report}");
     assert!(report.trim_end().ends_with("OK"), "{report}");
     env.cleanup().await;
 }

@@ -10,6 +10,7 @@ the sweep test.
 
 import os
 import subprocess
+import sys
 import time
 
 from django.core.cache import caches
@@ -129,3 +130,29 @@ class CacheGetReturnsWhatPgfreshWrote(SimpleTestCase):
         self.assertEqual(cache.get(card_key(3, "full")), live(3, "full"))
         self.assertEqual(cache.get(card_key(5, "compact")), live(5, "compact"))
         self.assertIsNone(cache.get(card_key(999999, "full")))
+
+
+class SafeByDefault(SimpleTestCase):
+    """The example is what people copy: its defaults must be safe to deploy as they are."""
+
+    def settings_as_loaded(self, **environment):
+        """DEBUG and SECRET_KEY as a fresh process loads them (the test runner forces DEBUG off in
+        this one), with DJANGO_* taken from `environment` alone."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DJANGO_")}
+        env.update(environment)
+        code = "import shopsite.settings as s; print(s.DEBUG); print(s.SECRET_KEY)"
+        out = subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        )
+        debug, secret = out.stdout.split()
+        return debug == "True", secret
+
+    def test_debug_is_off_and_the_secret_is_random_unless_set(self):
+        debug, first = self.settings_as_loaded()
+        _, second = self.settings_as_loaded()
+        self.assertFalse(debug)
+        self.assertNotEqual(first, second)
+        self.assertGreaterEqual(len(first), 50)
+        debug, secret = self.settings_as_loaded(DJANGO_DEBUG="1", DJANGO_SECRET_KEY="given")
+        self.assertEqual((debug, secret), (True, "given"))

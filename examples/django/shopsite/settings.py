@@ -5,16 +5,20 @@ pgfresh's own flags, so that one environment file configures both sides alike:
 - REDIS_URL: the Redis pgfresh writes to (pgfresh's --redis-url), the cache's LOCATION.
 - PGFRESH_CACHE_KEY_PREFIX, PGFRESH_CACHE_VERSION: the cache's KEY_PREFIX and VERSION (pgfresh's
   --cache-key-prefix and --cache-version). With Django's defaults ("" and 1) nothing needs setting.
+- DJANGO_SECRET_KEY: the site's secret; without it, a random one for this process (the example
+  keeps no sessions, so nothing outlives it). DJANGO_DEBUG=1: Django's debug pages, for
+  development on your own machine only (they show settings and source to whoever asks).
 """
 
 import os
+import secrets
 from pathlib import Path
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "pgfresh-example-site-not-a-secret")
-DEBUG = os.environ.get("DJANGO_DEBUG", "1") == "1"
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or secrets.token_urlsafe(50)
+DEBUG = os.environ.get("DJANGO_DEBUG", "0") == "1"
 ALLOWED_HOSTS = ["127.0.0.1", "localhost"]
 
 INSTALLED_APPS = ["shop"]
