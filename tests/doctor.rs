@@ -68,6 +68,8 @@ async fn each_misconfiguration_is_found_with_its_fix() {
              ALTER TABLE reviews DISABLE TRIGGER pgfresh_product;
              CREATE TABLE coupons (code text PRIMARY KEY);
              SELECT pgfresh.watch('coupons', 'code', 'coupon');
+             CREATE TABLE \"gifts\nok       all is well\" (code text PRIMARY KEY);
+             SELECT pgfresh.watch('\"gifts\nok       all is well\"', 'code', 'coupon');
              ALTER TABLE products ENABLE REPLICA TRIGGER pgfresh_product;
              ALTER TRIGGER \"pgfresh_coupon:truncate\" ON coupons RENAME TO coupon_truncations;
              DROP TRIGGER pgfresh_coupon ON coupons;
@@ -122,6 +124,14 @@ async fn each_misconfiguration_is_found_with_its_fix() {
         &report,
         "public.coupons.code is watched for topic coupon, which no fragment of this binary handles",
         "add a fragment for topic coupon",
+    );
+    assert!(
+        !report.lines().any(|line| line.starts_with("ok       all is well")),
+        "a table name forged a line:\n{report}"
+    );
+    assert!(
+        report.contains("public.\"gifts\\nok       all is well\".code is watched"),
+        "{report}"
     );
     assert_problem(
         &report,

@@ -10,6 +10,7 @@ use std::fmt;
 
 use crate::Error;
 use crate::fragment::{Fragments, KeyOutcome, Mapping};
+use crate::ops::one_line;
 use crate::pg::{Database, queue, registry, schema};
 use crate::store::{Eviction, RedisStore};
 
@@ -69,13 +70,15 @@ impl Report {
 
 impl fmt::Display for Report {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Table, column and key names come from the database: one line each, whatever they hold.
         for finding in &self.findings {
+            let what = one_line(&finding.what);
             match &finding.fix {
-                None if finding.note => writeln!(f, "note     {}", finding.what)?,
-                None => writeln!(f, "ok       {}", finding.what)?,
+                None if finding.note => writeln!(f, "note     {what}")?,
+                None => writeln!(f, "ok       {what}")?,
                 Some(fix) => {
-                    writeln!(f, "PROBLEM  {}", finding.what)?;
-                    writeln!(f, "         fix: {fix}")?;
+                    writeln!(f, "PROBLEM  {what}")?;
+                    writeln!(f, "         fix: {}", one_line(fix))?;
                 }
             }
         }
