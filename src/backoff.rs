@@ -43,11 +43,7 @@ impl Backoff {
 
     /// Sleeps for the next delay; returns false if shutdown came first.
     pub(crate) async fn wait(&mut self, shutdown: &Shutdown) -> bool {
-        let delay = self.next_delay();
-        tokio::select! {
-            _ = shutdown.cancelled() => false,
-            _ = tokio::time::sleep(delay) => true,
-        }
+        crate::shutdown::pause(shutdown, self.next_delay()).await
     }
 }
 

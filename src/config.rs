@@ -7,6 +7,7 @@ use std::time::Duration;
 
 /// How a listener works through the queue.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct ListenSettings {
     /// Most changes claimed in one batch.
     pub batch_size: i64,
@@ -85,6 +86,7 @@ impl Default for ListenSettings {
 
 /// How a sweep walks every key.
 #[derive(Clone, Debug)]
+#[non_exhaustive]
 pub struct SweepSettings {
     /// Keys loaded, rendered and written per page.
     pub page_size: i64,

@@ -5,6 +5,7 @@
 
 /// Everything that can go wrong in pgfresh.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// PostgreSQL could not be reached or refused the connection.
     #[error("cannot connect to PostgreSQL at {url}: {reason}; {}", postgres_advice(.reason))]

@@ -97,7 +97,12 @@ pub use stats::RefreshStats;
 pub use store::{Eviction, Format, RedisConnection, RedisStore, Storage};
 pub use sweep::{Progress, SweepReport, sweep, sweep_with_progress};
 
+// The crates whose types pgfresh's own signatures name: fragments are written against maud and
+// tokio-postgres, `Database::get` hands out a deadpool-postgres connection, and `Error` carries
+// their errors and redis's. Use them through pgfresh, and their versions always match its own.
+pub use deadpool_postgres;
 pub use maud;
+pub use redis;
 pub use tokio_postgres;
 
 /// What the crate's own tests reach into: internals with no stability promise, compiled only with
@@ -106,7 +111,26 @@ pub use tokio_postgres;
 #[doc(hidden)]
 pub mod testing {
     pub use crate::store::{Write, WriteResult};
-    use crate::{Error, RedisStore};
+    use crate::{Error, Eviction, RedisStore};
+
+    /// The key of the render ticket kept beside a fragment key.
+    pub fn ticket_key(store: &RedisStore, key: &str) -> String {
+        store.ticket_key(key)
+    }
+
+    /// Marks a fragment as swept at `version`, as a complete sweep does.
+    pub async fn set_fragment_marker(
+        store: &RedisStore,
+        key_prefix: &str,
+        version: u32,
+    ) -> Result<(), Error> {
+        store.set_fragment_marker(key_prefix, version).await
+    }
+
+    /// Reads Redis's memory policy again.
+    pub async fn check_eviction(store: &RedisStore) -> (Eviction, String) {
+        store.check_eviction().await
+    }
 
     /// Every migration, in order, as (version, file name, SQL).
     pub fn migrations() -> Vec<(i32, &'static str, &'static str)> {

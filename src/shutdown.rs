@@ -6,6 +6,16 @@
 /// The shutdown token: cancel it to stop a listener or a sweep; clones share it.
 pub use tokio_util::sync::CancellationToken as Shutdown;
 
+/// Sleeps for `duration`, or until `shutdown` comes; returns whether the caller should go on. The
+/// one way pgfresh's loops wait between rounds of work:
+/// `loop { work().await; if !pause(&shutdown, EVERY).await { return } }`.
+pub(crate) async fn pause(shutdown: &Shutdown, duration: std::time::Duration) -> bool {
+    tokio::select! {
+        _ = shutdown.cancelled() => false,
+        _ = tokio::time::sleep(duration) => true,
+    }
+}
+
 /// Waits for SIGINT (Ctrl-C) or SIGTERM.
 async fn signal() {
     #[cfg(unix)]

@@ -6,6 +6,7 @@ use std::ops::AddAssign;
 /// What rendering and writing fragments did, added up over batches and fragments: a sweep's
 /// [`SweepReport`](crate::SweepReport) carries one.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct RefreshStats {
     /// Fragments (key × variant) rendered.
     pub rendered: u64,

@@ -8,9 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::product_card::ProductCard;
-use common::{TestEnv, eventually, test_settings};
+use common::{TestEnv, eventually, test_settings, tweak};
 use pgfresh::Fragments;
-use pgfresh::ListenSettings;
 
 /// The attempts and last error recorded for the queued change with this key.
 async fn attempts(env: &TestEnv, key: &str) -> Option<(i32, Option<String>)> {
@@ -37,10 +36,7 @@ async fn a_change_that_failed_dozens_of_times_is_still_retried_then_parked() {
         )
         .await
         .unwrap();
-    let settings = ListenSettings {
-        max_attempts: 62,
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.max_attempts = 62);
     let listener = env.start_listener(settings);
     eventually("the 61st attempt to be recorded", || async {
         attempts(&env, "sixty").await.is_some_and(|(n, _)| n == 61)
@@ -105,10 +101,7 @@ async fn a_key_that_is_not_utf8_text_fails_alone_and_is_parked() {
     )
     .await
     .unwrap();
-    let settings = ListenSettings {
-        max_attempts: 2,
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.max_attempts = 2);
     let listener = env.start_listener(settings);
     env.wait_fresh(2).await;
     eventually("the bad key to be parked", || async {
@@ -126,24 +119,17 @@ async fn settings_out_of_range_are_refused_at_start_up() {
     let env = TestEnv::shop(1).await;
     for (settings, expected) in [
         (
-            ListenSettings {
-                poll_interval: Duration::ZERO,
-                ..test_settings()
-            },
+            tweak(test_settings(), |s| s.poll_interval = Duration::ZERO),
             "poll interval 0ns is too short",
         ),
         (
-            ListenSettings {
-                sweep_interval: Some(Duration::from_secs(u64::MAX / 2)),
-                ..test_settings()
-            },
+            tweak(test_settings(), |s| {
+                s.sweep_interval = Some(Duration::from_secs(u64::MAX / 2))
+            }),
             "sweep interval is too long",
         ),
         (
-            ListenSettings {
-                workers: 0,
-                ..test_settings()
-            },
+            tweak(test_settings(), |s| s.workers = 0),
             "must each be at least 1",
         ),
     ] {

@@ -15,7 +15,7 @@ mod setup;
 
 use std::collections::BTreeMap;
 
-use common::{PATIENCE, TestEnv, eventually, test_settings};
+use common::{PATIENCE, TestEnv, eventually, test_settings, tweak};
 use fragments::{Author, Post, Tag, Teaser};
 use pgfresh::{Fragments, Shutdown, SweepSettings};
 
@@ -81,10 +81,7 @@ async fn wait_fresh(env: &TestEnv, prefix: &str, after: &str) {
 }
 
 fn no_sweeps() -> pgfresh::ListenSettings {
-    pgfresh::ListenSettings {
-        sweep_interval: None,
-        ..test_settings()
-    }
+    tweak(test_settings(), |s| s.sweep_interval = None)
 }
 
 #[test]
@@ -440,11 +437,10 @@ async fn a_listener_killed_in_the_middle_of_a_fan_out_loses_nothing_and_does_not
         .get(0);
     assert!(fans >= 15, "author 5 has posts to fan out to: {fans}");
     // Small batches of slow renders, so that the fan-out's keys take a while to work through.
-    let slow = pgfresh::ListenSettings {
-        batch_size: 2,
-        workers: 1,
-        ..no_sweeps()
-    };
+    let slow = tweak(no_sweeps(), |s| {
+        s.batch_size = 2;
+        s.workers = 1;
+    });
     // The blog's own fragments, with the teaser slowed down.
     let slowed = Fragments::new()
         .with(

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use common::cli::{assert_one_clear_error, run, stderr, stdout};
 use common::product_card::ProductCard;
-use common::{TestEnv, eventually, redis_url, shop_binary, test_settings};
+use common::{TestEnv, eventually, redis_url, shop_binary, test_settings, tweak};
 use pgfresh::{Fragments, Storage};
 
 /// What Python's `pickle.dumps(SafeString(html), 2)` loads from, written out by hand (not by
@@ -76,10 +76,9 @@ async fn wait_fresh_django(env: &TestEnv, id: i64) {
 async fn the_listener_writes_and_deletes_djangos_keys_and_nothing_plain() {
     let env = TestEnv::shop(5).await;
     let port = common::servers::free_port();
-    let settings = pgfresh::ListenSettings {
-        http: Some(format!("127.0.0.1:{port}")),
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| {
+        s.http = Some(format!("127.0.0.1:{port}"))
+    });
     let listener =
         env.start_listener_with(django_fragments(&env, Storage::django("", 1)), settings);
     // The marker the test set is the plain prefix's: the Django one is missing, so the listener
@@ -195,10 +194,7 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
             env.db.clone(),
             env.sink.clone(),
             with_ttl.clone(),
-            pgfresh::ListenSettings {
-                sweep_interval,
-                ..test_settings()
-            },
+            tweak(test_settings(), |s| s.sweep_interval = sweep_interval),
             pgfresh::Shutdown::new(),
         )
         .await
@@ -211,10 +207,9 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
     }
 
     // The listener's writes carry it too.
-    let settings = pgfresh::ListenSettings {
-        sweep_interval: Some(Duration::from_secs(1200)),
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| {
+        s.sweep_interval = Some(Duration::from_secs(1200))
+    });
     let listener = env.start_listener_with(with_ttl, settings);
     env.client()
         .await
@@ -225,7 +220,7 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
     assert!(pttl(&env, &django_key(&env, 2, "compact")).await > 3_600_000);
     listener.stop().await;
     // Tickets outlive their entries by a day, then go too.
-    let ticket = pttl(&env, &env.sink.ticket_key(&key)).await;
+    let ticket = pttl(&env, &pgfresh::testing::ticket_key(&env.sink, &key)).await;
     assert!(
         ticket > 3_700_000 && ticket <= 3_700_000 + 86_400_000,
         "ticket PTTL {ticket}"
@@ -239,7 +234,10 @@ async fn a_ttl_is_set_on_every_write_renewed_by_the_sweep_and_dropped_with_the_f
         .unwrap();
     sweep(&env, django_fragments(&env, Storage::django("", 1))).await;
     assert_eq!(pttl(&env, &key).await, -1, "no TTL any more");
-    assert_eq!(pttl(&env, &env.sink.ticket_key(&key)).await, -1);
+    assert_eq!(
+        pttl(&env, &pgfresh::testing::ticket_key(&env.sink, &key)).await,
+        -1
+    );
     env.cleanup().await;
 }
 

@@ -126,7 +126,9 @@ async fn each_misconfiguration_is_found_with_its_fix() {
         "add a fragment for topic coupon",
     );
     assert!(
-        !report.lines().any(|line| line.starts_with("ok       all is well")),
+        !report
+            .lines()
+            .any(|line| line.starts_with("ok       all is well")),
         "a table name forged a line:\n{report}"
     );
     assert!(

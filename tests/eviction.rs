@@ -19,7 +19,10 @@ fn evicting_redis() -> TempRedis {
 async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render_cannot_stay() {
     let redis = evicting_redis();
     let env = TestEnv::shop_with_redis(2, &redis.url()).await;
-    assert_eq!(env.sink.check_eviction().await.0, Eviction::AnyKey);
+    assert_eq!(
+        pgfresh::testing::check_eviction(&env.sink).await.0,
+        Eviction::AnyKey
+    );
     let db = env.client().await;
 
     // A slow listener claims the change to "Old", reads its rows and stalls.
@@ -54,7 +57,11 @@ async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render
     })
     .await;
     for variant in ["compact", "full"] {
-        env.del(&env.sink.ticket_key(&env.key(1, variant))).await;
+        env.del(&pgfresh::testing::ticket_key(
+            &env.sink,
+            &env.key(1, variant),
+        ))
+        .await;
     }
 
     // The slow render lands with nothing to check its ticket against. It cannot be refused, but it
@@ -89,7 +96,10 @@ async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render
 #[tokio::test]
 async fn without_a_memory_limit_redis_evicts_nothing_and_status_says_so() {
     let env = TestEnv::shop(1).await;
-    assert_eq!(env.sink.check_eviction().await.0, Eviction::Impossible);
+    assert_eq!(
+        pgfresh::testing::check_eviction(&env.sink).await.0,
+        Eviction::Impossible
+    );
     let out = std::process::Command::new(shop_binary())
         .arg("status")
         .env("DATABASE_URL", &env.url)

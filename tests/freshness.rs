@@ -5,7 +5,7 @@
 mod common;
 
 use common::servers::{TempRedis, free_port, http_get as get, metric};
-use common::{eventually, test_settings};
+use common::{eventually, test_settings, tweak};
 
 #[tokio::test]
 async fn freshness_counts_from_the_commit_where_postgresql_records_commit_timestamps() {
@@ -22,17 +22,18 @@ async fn freshness_counts_from_the_commit_where_postgresql_records_commit_timest
     common::setup::setup(&db, 3).await.unwrap();
     let sink = pgfresh::RedisStore::connect(&redis.url()).await.unwrap();
     let prefix = "shop:card:";
-    sink.set_fragment_marker(prefix, 1).await.unwrap();
+    pgfresh::testing::set_fragment_marker(&sink, prefix, 1)
+        .await
+        .unwrap();
     let port = free_port();
     let shutdown = pgfresh::Shutdown::new();
     let listener = tokio::spawn(pgfresh::listen(
         db.clone(),
         sink,
         pgfresh::Fragments::new().with(prefix, common::product_card::ProductCard),
-        pgfresh::ListenSettings {
-            http: Some(format!("127.0.0.1:{port}")),
-            ..test_settings()
-        },
+        tweak(test_settings(), |s| {
+            s.http = Some(format!("127.0.0.1:{port}"))
+        }),
         shutdown.clone(),
     ));
     eventually("/readyz to say ready", || async {

@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::servers::{TempRedis, free_port, http_get as get, metric};
-use common::{TestEnv, eventually, test_settings};
+use common::{TestEnv, eventually, test_settings, tweak};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test]
@@ -14,10 +14,9 @@ async fn metrics_health_and_readiness_are_served() {
     let mut redis = TempRedis::start();
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;
     let port = free_port();
-    let settings = pgfresh::ListenSettings {
-        http: Some(format!("127.0.0.1:{port}")),
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| {
+        s.http = Some(format!("127.0.0.1:{port}"))
+    });
     let listener = env.start_listener(settings);
     eventually("/readyz to say ready", || async {
         get(port, "/readyz").await == (200, "ready\n".into())
@@ -171,10 +170,7 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
     let env = TestEnv::shop(1).await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let address = taken.local_addr().unwrap();
-    let settings = pgfresh::ListenSettings {
-        http: Some(address.to_string()),
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.http = Some(address.to_string()));
     let listener = env.start_listener(settings);
     let error = tokio::time::timeout(common::PATIENCE, listener.task)
         .await
@@ -198,11 +194,10 @@ async fn a_taken_http_port_fails_start_up_with_a_clear_error() {
 async fn the_endpoints_answer_from_samples_while_the_queue_is_locked() {
     let env = TestEnv::shop(2).await;
     let port = free_port();
-    let settings = pgfresh::ListenSettings {
-        // A host name, resolved as any address is.
-        http: Some(format!("localhost:{port}")),
-        ..test_settings()
-    };
+    // A host name, resolved as any address is.
+    let settings = tweak(test_settings(), |s| {
+        s.http = Some(format!("localhost:{port}"))
+    });
     let listener = env.start_listener(settings);
     let get = |path: &'static str| async move {
         let Ok(mut stream) = tokio::net::TcpStream::connect(("localhost", port)).await else {
@@ -259,12 +254,13 @@ async fn readiness_fails_while_the_listen_session_is_down() {
         .await
         .unwrap();
     let prefix = format!("pgfresh_test_readyz_{}:card:", std::process::id());
-    sink.set_fragment_marker(&prefix, 1).await.unwrap();
+    pgfresh::testing::set_fragment_marker(&sink, &prefix, 1)
+        .await
+        .unwrap();
     let port = free_port();
-    let settings = pgfresh::ListenSettings {
-        http: Some(format!("127.0.0.1:{port}")),
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| {
+        s.http = Some(format!("127.0.0.1:{port}"))
+    });
     let shutdown = pgfresh::Shutdown::new();
     let card = common::product_card::ProductCard;
     let listener = tokio::spawn(pgfresh::listen(

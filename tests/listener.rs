@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{TestEnv, eventually, test_settings};
+use common::{TestEnv, eventually, test_settings, tweak};
 
 #[tokio::test]
 async fn updates_inserts_and_deletes_of_products_reach_redis() {
@@ -231,10 +231,7 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
     )
     .await
     .unwrap();
-    let settings = pgfresh::ListenSettings {
-        max_attempts: 2,
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.max_attempts = 2);
     let listener = env.start_listener(settings);
     eventually("the good change to be applied", || async {
         env.get(&env.key(1, "compact"))
@@ -278,10 +275,9 @@ async fn a_change_no_fragment_can_handle_is_retried_then_parked_and_retry_failed
 #[tokio::test]
 async fn an_idle_listener_is_woken_by_notify_without_waiting_for_the_poll() {
     let env = TestEnv::shop(2).await;
-    let settings = pgfresh::ListenSettings {
-        poll_interval: std::time::Duration::from_secs(3600),
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| {
+        s.poll_interval = std::time::Duration::from_secs(3600)
+    });
     let listener = env.start_listener(settings);
     let db = env.client().await;
     eventually("the listener to say it is idle", || async {
@@ -445,10 +441,7 @@ async fn a_backlog_renders_each_key_about_once() {
         ..common::AlteredCard::new("product_card", 1)
     };
     // Small batches: the changes of one key are spread over many batches.
-    let settings = pgfresh::ListenSettings {
-        batch_size: 20,
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.batch_size = 20);
     let listener = env.start_listener_with(
         pgfresh::Fragments::new().with(&env.prefix, counting),
         settings,

@@ -10,9 +10,9 @@ use std::process::{Child, Command, Stdio};
 
 use common::cli::{run, stdout};
 use common::servers::{TempRedis, free_port, http_get, metric};
-use common::{TestEnv, eventually, shop_binary};
+use common::{TestEnv, eventually, shop_binary, tweak};
 use pgfresh::tokio_postgres::{self, Client};
-use pgfresh::{Fragment, Fragments, ListenSettings, Topics};
+use pgfresh::{Fragment, Fragments, Topics};
 
 /// Drops `products.name`'s NOT NULL and sets product `id`'s name to NULL: the shop's loader reads the
 /// name as a `String`, and panics on that row.
@@ -188,10 +188,7 @@ async fn a_value_the_loader_cannot_convert_fails_its_key_alone_instead_of_waitin
     let env = TestEnv::shop(10).await;
     let listener = env.start_listener_with(
         Fragments::new().with(&env.prefix, CarefulCard),
-        ListenSettings {
-            max_attempts: 2,
-            ..common::test_settings()
-        },
+        tweak(common::test_settings(), |s| s.max_attempts = 2),
     );
     let db = env.client().await;
     null_name(&db, 3).await;
@@ -236,10 +233,7 @@ async fn a_sweep_refreshes_every_key_but_the_one_whose_row_panics_the_loader_and
     null_name(&db, 17).await;
     // Pages of 10: the bad row's page loads 9 rows and fails one key, and the sweep goes on.
     let report = env
-        .try_sweep(pgfresh::SweepSettings {
-            page_size: 10,
-            ..Default::default()
-        })
+        .try_sweep(tweak(Default::default(), |s| s.page_size = 10))
         .await
         .expect("the sweep runs to its end");
     assert!(report.completed(), "{report}");

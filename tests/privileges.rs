@@ -10,7 +10,7 @@
 mod common;
 
 use common::servers::{BoundedOutput, PostgresSetup, TempPostgres, TempRedis};
-use common::{TestEnv, connect, error_of, eventually, psql, test_settings};
+use common::{TestEnv, connect, error_of, eventually, psql, test_settings, tweak};
 use pgfresh::tokio_postgres::Client;
 use std::process::Command;
 
@@ -543,7 +543,9 @@ async fn with_pgfresh_notify_off_prepared_transactions_commit_and_the_poll_appli
         .unwrap();
     let prefix = format!("pgfresh_test_2pc_{}:card:", std::process::id());
     let card = common::product_card::ProductCard;
-    redis.set_fragment_marker(&prefix, 1).await.unwrap();
+    pgfresh::testing::set_fragment_marker(&redis, &prefix, 1)
+        .await
+        .unwrap();
     let shutdown = pgfresh::Shutdown::new();
     let listener = tokio::spawn(pgfresh::listen(
         db.clone(),
@@ -806,10 +808,7 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
         db,
         env.sink.clone(),
         env.fragments(),
-        pgfresh::ListenSettings {
-            max_attempts: 1,
-            ..common::test_settings()
-        },
+        tweak(common::test_settings(), |s| s.max_attempts = 1),
         shutdown.clone(),
     ));
     // It parks a change that fails (inserts into pgfresh.failed)...

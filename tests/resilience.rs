@@ -6,16 +6,15 @@ mod common;
 use std::time::Duration;
 
 use common::servers::{Stopped, TempRedis};
-use common::{AlteredCard, TestEnv, eventually, test_settings};
+use common::{AlteredCard, TestEnv, eventually, test_settings, tweak};
 use pgfresh::Fragments;
 use pgfresh::ListenSettings;
 
 /// Settings under which only NOTIFYs and reconnects (never the poll) bring changes in.
 fn no_polling() -> ListenSettings {
-    ListenSettings {
-        poll_interval: Duration::from_secs(3600),
-        ..test_settings()
-    }
+    tweak(test_settings(), |s| {
+        s.poll_interval = Duration::from_secs(3600)
+    })
 }
 
 async fn wait_idle(env: &TestEnv, listeners: i64) {
@@ -182,20 +181,14 @@ async fn a_redis_that_comes_back_empty_is_swept() {
 #[tokio::test]
 async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
     let env = TestEnv::shop(50).await;
-    let settings = ListenSettings {
-        batch_size: 7,
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.batch_size = 7);
     // The first listener claims a batch and stalls in it: the others must take the rest.
     let (release, gate) = tokio::sync::oneshot::channel();
     let stalling = AlteredCard {
         gate: std::sync::Mutex::new(Some(gate)),
         ..AlteredCard::new("product_card", 1)
     };
-    let one_worker = ListenSettings {
-        workers: 1,
-        ..settings.clone()
-    };
+    let one_worker = tweak(settings.clone(), |s| s.workers = 1);
     let first = env.start_listener_with(Fragments::new().with(&env.prefix, stalling), one_worker);
     let db = env.client().await;
     db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
@@ -356,10 +349,7 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
         ..AlteredCard::new("fussy_card", 1)
     };
     let fragments = Fragments::new().with(&env.prefix, fussy);
-    let settings = ListenSettings {
-        max_attempts: 2,
-        ..test_settings()
-    };
+    let settings = tweak(test_settings(), |s| s.max_attempts = 2);
     let listener = env.start_listener_with(fragments, settings);
     // A ticket key of the wrong type: Redis refuses to GET it as a string.
     let ticket_key = format!("pgfresh:ticket:{}", env.key(2, "compact"));

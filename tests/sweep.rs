@@ -5,15 +5,16 @@
 mod common;
 
 use common::TestEnv;
+use common::tweak;
 use pgfresh::Shutdown;
 use pgfresh::SweepSettings;
 
 /// Small pages, so that a few products span several pages run concurrently.
 fn small_pages() -> SweepSettings {
-    SweepSettings {
-        page_size: 7,
-        concurrency: 3,
-    }
+    tweak(SweepSettings::default(), |s| {
+        s.page_size = 7;
+        s.concurrency = 3;
+    })
 }
 
 #[tokio::test]
@@ -92,7 +93,7 @@ async fn a_sweep_confirms_entries_holding_their_render_fences_late_renders_and_f
     let env = TestEnv::shop(6).await;
     env.sweep().await;
     let ticket_of = |key: String| {
-        let ticket_key = env.sink.ticket_key(&key);
+        let ticket_key = pgfresh::testing::ticket_key(&env.sink, &key);
         let mut redis = env.sink.connection();
         async move {
             redis::cmd("GET")
@@ -220,10 +221,9 @@ async fn an_older_render_never_overwrites_a_newer_one() {
 #[tokio::test]
 async fn the_listener_runs_the_periodic_sweep() {
     let env = TestEnv::shop(3).await;
-    let settings = pgfresh::ListenSettings {
-        sweep_interval: Some(std::time::Duration::from_millis(200)),
-        ..common::test_settings()
-    };
+    let settings = tweak(common::test_settings(), |s| {
+        s.sweep_interval = Some(std::time::Duration::from_millis(200))
+    });
     let listener = env.start_listener(settings);
     // Nothing changed, so only a sweep can fill Redis, and refill what is deleted behind its back.
     for id in 1..=3 {
@@ -299,7 +299,7 @@ async fn a_one_off_sweep_sets_the_marker_so_a_listener_does_not_sweep_again() {
 async fn a_key_that_fails_in_every_sweep_is_queued_and_parked_while_the_sweep_completes() {
     let env = TestEnv::shop(5).await;
     // Redis refuses every write of product 3's full card: its ticket key holds a list.
-    let broken_ticket = env.sink.ticket_key(&env.key(3, "full"));
+    let broken_ticket = pgfresh::testing::ticket_key(&env.sink, &env.key(3, "full"));
     let _: () = redis::cmd("RPUSH")
         .arg(&broken_ticket)
         .arg("x")
@@ -310,10 +310,7 @@ async fn a_key_that_fails_in_every_sweep_is_queued_and_parked_while_the_sweep_co
     env.set(&orphan, "a product that does not exist").await;
     env.del(&env.marker_key()).await;
 
-    let settings = pgfresh::ListenSettings {
-        max_attempts: 2,
-        ..common::test_settings()
-    };
+    let settings = tweak(common::test_settings(), |s| s.max_attempts = 2);
     let listener = env.start_listener(settings);
     // The marker sweep completes despite the key: marker set, orphans deleted, the rest fresh.
     common::eventually("the marker to be set", || async {

@@ -59,10 +59,8 @@ impl Bench {
             bail!("{report}");
         }
         let shutdown = Shutdown::new();
-        let settings = ListenSettings {
-            sweep_interval: None,
-            ..ListenSettings::default()
-        };
+        let mut settings = ListenSettings::default();
+        settings.sweep_interval = None;
         let listener = tokio::spawn(pgfresh::listen(
             db.clone(),
             store.clone(),
@@ -151,7 +149,10 @@ async fn stale(db: &Database, store: &RedisStore, name: &str) -> Result<usize> {
         let keys: Vec<String> = chunk
             .iter()
             .flat_map(|id| {
-                ["list", "full"].map(|v| format!("{PREFIX}{}{id}:{v}", blog_fragments::POST_TEASER))
+                let prefix = format!("{PREFIX}{}", blog_fragments::POST_TEASER);
+                <blog_fragments::Teaser as pgfresh::Variant>::ALL
+                    .iter()
+                    .map(move |v| pgfresh::Storage::plain().entry_key(&prefix, id, *v))
             })
             .collect();
         let stored = store.get_many(&keys).await?;
@@ -162,7 +163,8 @@ async fn stale(db: &Database, store: &RedisStore, name: &str) -> Result<usize> {
     }
     let tags: Vec<i64> = (1..=40).collect();
     for (id, tag) in TagIndex.load(&client, &tags).await? {
-        let key = format!("{PREFIX}{}{id}:page", blog_fragments::TAG_INDEX);
+        let prefix = format!("{PREFIX}{}", blog_fragments::TAG_INDEX);
+        let key = pgfresh::Storage::plain().entry_key(&prefix, id, blog_fragments::Page::Page);
         let stored = store.get_many(&[key]).await?.remove(0);
         if stored != Some(blog_fragments::tag_index(id, &tag).into_string()) {
             stale += 1;

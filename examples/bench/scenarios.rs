@@ -622,7 +622,7 @@ impl Bench {
         let (db, url) = self.shop(PRODUCTS).await?;
         let (sink, _) = self.redis().await?;
         let listener = self.start_listener(&db, &sink, &url).await?;
-        let key = format!("{PREFIX}1:compact");
+        let key = pgfresh::Storage::plain().entry_key(PREFIX, 1, Card::Compact);
         let (renders, recorder) = self.record_sets(&key).await?;
         let mut reader = redis::Client::open(self.redis_url.as_str())?
             .get_connection_manager()
@@ -779,12 +779,10 @@ struct Latencies {
 /// Starts a listener in this process with default settings but no periodic sweep, after telling it
 /// Redis is already filled (so it does not sweep at start-up either).
 async fn spawn_listener(db: &Database, sink: &RedisStore) -> Result<Running> {
-    sink.set_fragment_marker(PREFIX, 1).await?;
+    pgfresh::testing::set_fragment_marker(sink, PREFIX, 1).await?;
     let shutdown = Shutdown::new();
-    let settings = ListenSettings {
-        sweep_interval: None,
-        ..ListenSettings::default()
-    };
+    let mut settings = ListenSettings::default();
+    settings.sweep_interval = None;
     let task = tokio::spawn(pgfresh::listen(
         db.clone(),
         sink.clone(),
@@ -886,7 +884,7 @@ async fn stale_cards(
         let rows = card.load(&client, chunk).await?;
         let keys: Vec<String> = rows
             .iter()
-            .map(|(id, _)| format!("{PREFIX}{id}:compact"))
+            .map(|(id, _)| pgfresh::Storage::plain().entry_key(PREFIX, id, Card::Compact))
             .collect();
         let stored = sink.get_many(&keys).await?;
         for ((id, row), stored) in rows.iter().zip(stored) {

@@ -2,7 +2,7 @@
 //! name and its tags' names, a tag page its posts' authors, an author box its latest post. Topics that
 //! carry the fragment's own key are `direct`; topics of shared rows reach it `through` a query.
 
-use maud::{Markup, html};
+use pgfresh::maud::{Markup, html};
 use pgfresh::tokio_postgres::{Client, Error};
 use pgfresh::{Fragment, Loaded, Topics, Variant};
 

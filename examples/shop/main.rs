@@ -16,7 +16,7 @@ use pgfresh::Fragments;
 use pgfresh::cli::{self, Command, Connections, Logging, StorageArgs};
 use pgfresh::{ListenSettings, Storage, SweepSettings};
 
-use product_card::ProductCard;
+use product_card::{Card, ProductCard};
 
 #[derive(Parser)]
 #[command(
@@ -159,12 +159,10 @@ async fn run_demo(
          \n\nCtrl-C stops everything.\n",
         redis = sink.url(),
         database = db.url(),
-        key = shell_word(&storage.redis_key(&format!("{}{id}:full", product_card::KEY_PREFIX))),
+        key = shell_word(&storage.entry_key(product_card::KEY_PREFIX, id, Card::Full)),
     );
-    let settings = ListenSettings {
-        http: Some(http),
-        ..ListenSettings::default()
-    };
+    let mut settings = ListenSettings::default();
+    settings.http = Some(http);
     pgfresh::listen(db, sink, fragments, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

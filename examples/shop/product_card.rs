@@ -1,7 +1,7 @@
 //! The shop's one fragment: a product card, in a `compact` and a `full` variant, built from a product
 //! and its reviews.
 
-use maud::{Markup, html};
+use pgfresh::maud::{Markup, html};
 use pgfresh::tokio_postgres::types::Type;
 use pgfresh::tokio_postgres::{Client, Error};
 use pgfresh::{Fragment, Topics, Variant};

@@ -14,11 +14,11 @@ use axum::Router;
 use axum::extract::State;
 use axum::response::Html;
 use axum::routing::get;
-use maud::{PreEscaped, html};
 use pgfresh::Database;
 use pgfresh::RedisStore;
 use pgfresh::Shutdown;
-use pgfresh::{Fragment, Storage, Variant};
+use pgfresh::maud::{PreEscaped, html};
+use pgfresh::{Fragment, Storage};
 
 use crate::product_card::{Card, ProductCard};
 
@@ -69,11 +69,6 @@ pub struct Shop {
     pub recent: Arc<Recent>,
 }
 
-/// The Redis key (before storage) of product `id`'s compact card under `prefix`.
-fn compact_key(prefix: &str, id: i64) -> String {
-    format!("{prefix}{id}:{}", Card::Compact.name())
-}
-
 /// The compact cards of products 1..=`count`, from Redis (under `prefix`, stored as `storage`) where
 /// present, else rendered live.
 pub async fn cards(
@@ -84,7 +79,11 @@ pub async fn cards(
     count: i64,
 ) -> Result<Vec<(String, Source)>, Box<dyn std::error::Error + Send + Sync>> {
     let ids: Vec<i64> = (1..=count).collect();
-    let keys: Vec<String> = ids.iter().map(|id| compact_key(prefix, *id)).collect();
+    let plain = Storage::plain();
+    let keys: Vec<String> = ids
+        .iter()
+        .map(|id| plain.entry_key(prefix, id, Card::Compact))
+        .collect();
     let cached = redis.get_entries(storage, &keys).await?;
     let missing: Vec<i64> = ids
         .iter()
@@ -137,7 +136,7 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
         Err(error) => html! { p { "cannot load the shop: " (error.to_string()) } },
     };
     let page = html! {
-        (maud::DOCTYPE)
+        (pgfresh::maud::DOCTYPE)
         html lang="en" {
             head {
                 meta charset="utf-8";
@@ -198,7 +197,7 @@ pub async fn writer(shop: Shop, shutdown: Shutdown) {
         let ids = if a == b { vec![a] } else { vec![a, b] };
         let keys: Vec<String> = ids
             .iter()
-            .map(|id| compact_key(&shop.prefix, *id))
+            .map(|id| Storage::plain().entry_key(&shop.prefix, id, Card::Compact))
             .collect();
         let Ok(before) = shop.redis.get_entries(&shop.storage, &keys).await else {
             continue;

@@ -15,6 +15,10 @@ use clap::Parser;
 use crate::Error;
 use crate::fragment::Fragments;
 
+/// The argument parser the command line is built with: a binary that adds commands of its own
+/// flattens [`Connections`] and [`Command`] into its own `clap` parser, of this version.
+pub use clap;
+
 pub use args::{
     CacheFormat, Cli, Command, Connections, ListenArgs, LogFormat, Logging, RenderArgs,
     StorageArgs, SweepArgs, SweepTuning, parse_address,

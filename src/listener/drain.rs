@@ -47,10 +47,7 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
     let mut pace = Pace::new();
     while !shared.shutdown.is_cancelled() {
         if stand_aside(shared).await {
-            tokio::select! {
-                _ = shared.shutdown.cancelled() => {}
-                _ = tokio::time::sleep(shared.settings.poll_interval) => {}
-            }
+            crate::shutdown::pause(&shared.shutdown, shared.settings.poll_interval).await;
             continue;
         }
         let drained = match drain(shared).await {

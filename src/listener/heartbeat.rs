@@ -3,13 +3,10 @@
 //! queue for the metrics and the status page, at once and then every few seconds.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::shared::Shared;
-use crate::pg::queue;
-
-/// How often a listener tells the database it is alive.
-const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(5);
+use crate::pg::{queue, registry};
+use crate::shutdown::pause;
 
 /// Keeps this listener's registry row fresh so triggers keep waking it, and its counters current;
 /// samples the queue for metrics and the status page, at once and then at every beat.
@@ -18,9 +15,8 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
         if let Ok(client) = shared.db.pinned().await {
             beat(&shared, &client).await;
         }
-        tokio::select! {
-            _ = shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+        if !pause(&shared.shutdown, registry::HEARTBEAT).await {
+            return;
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use crate::pg::Database;
 use crate::pg::registry::{self, ListenerIdentity};
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, pause};
 
 /// How often a listener asks whether a newer listener runs.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -90,9 +90,8 @@ pub(crate) async fn watch(
             Ok(_) => {}
             Err(error) => tracing::debug!(%error, "cannot tell whether a newer listener runs"),
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(CHECK_INTERVAL) => {}
+        if !pause(&shutdown, CHECK_INTERVAL).await {
+            return;
         }
     }
 }
@@ -125,9 +124,8 @@ pub(crate) async fn wait_for_older(db: &Database, me: &ListenerIdentity, shutdow
             }
             Ok(_) => {}
         }
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+        if !pause(shutdown, Duration::from_millis(100)).await {
+            return;
         }
     }
 }

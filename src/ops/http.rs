@@ -197,9 +197,8 @@ pub(crate) async fn probe_redis(store: RedisStore, board: Arc<StatusBoard>, shut
             )),
         };
         board.redis_answered(answer);
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(PROBE_INTERVAL) => {}
+        if !crate::shutdown::pause(&shutdown, PROBE_INTERVAL).await {
+            return;
         }
     }
 }

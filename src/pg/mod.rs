@@ -23,6 +23,7 @@ pub(crate) mod sweeps;
 mod tls;
 pub(crate) mod truncations;
 
+pub(crate) use conninfo::redact_unparsed;
 pub use database::Database;
 pub(crate) use database::PINNED_SEARCH_PATH;
 pub(crate) use snapshot::Snapshot;

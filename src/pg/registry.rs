@@ -3,9 +3,29 @@
 //! it stores them, and whether it stands aside for a newer version (the column is named
 //! `superseded`). Heartbeats keep each row fresh and publish the listener's totals for `status`.
 
+use std::time::Duration;
+
 use tokio_postgres::Client;
 
 use crate::Error;
+
+/// How often a live listener writes its row (its heartbeat).
+pub(crate) const HEARTBEAT: Duration = Duration::from_secs(5);
+
+/// A listener that has not written its row for this long (three missed heartbeats) no longer
+/// counts among those sharing fragments: others stop standing aside or waiting for it, and where
+/// it stored its fragments binds them no more.
+const SHARING_WINDOW: Duration = Duration::from_secs(15);
+
+/// A listener that has not written its row for this long is gone: `status` and `doctor` stop
+/// listing it, and triggers stop waking it (their own window, in the capture code since migration
+/// 0001, is this minute too).
+const LIVE_WINDOW: Duration = Duration::from_secs(60);
+
+/// The windows as SQL takes them, in seconds: `seen_at > now() - $n * interval '1 second'`.
+fn seconds(window: Duration) -> f64 {
+    window.as_secs_f64()
+}
 
 /// Who a running listener is: its id and the fragment versions it renders, as kept in
 /// `pgfresh.listeners`.
@@ -23,11 +43,11 @@ pub(crate) struct ListenerIdentity {
 
 /// The live listeners other than `me` ($1) rendering a fragment `me` renders too (names $2, versions
 /// $3), one row per shared fragment: `theirs.version` against `mine.version`. A listener that stopped
-/// heartbeating counts as live for 15 seconds (three missed heartbeats).
+/// heartbeating counts as live for [`SHARING_WINDOW`] ($4, in seconds).
 const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
      CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
      JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
-     WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'";
+     WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'";
 
 /// Everything a listener's row says: written whole by [`write_row`], its one writer, so that a row
 /// re-created after a PostgreSQL crash (the table is unlogged) says all it said before.
@@ -80,10 +100,10 @@ pub(crate) async fn check_sharing(client: &Client, me: &ListenerIdentity) -> Res
              FROM pgfresh.listeners l
              CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
              JOIN unnest($2::text[], $3::text[]) AS mine(name, stored) USING (name)
-             WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'
+             WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'
                AND l.stored IS NOT NULL AND theirs.stored IS DISTINCT FROM mine.stored
              ORDER BY l.started_at LIMIT 1",
-            &[&me.id, &me.fragments, &me.stored],
+            &[&me.id, &me.fragments, &me.stored, &seconds(SHARING_WINDOW)],
         )
         .await?;
     if let Some(row) = row {
@@ -114,10 +134,10 @@ async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), E
             "SELECT l.id, theirs.name, theirs.stored
              FROM pgfresh.listeners l
              CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
-             WHERE l.id <> $1 AND l.seen_at > now() - interval '15 seconds'
+             WHERE l.id <> $1 AND l.seen_at > now() - $3::float8 * interval '1 second'
                AND theirs.stored IS NOT NULL AND NOT theirs.name = ANY($2)
              ORDER BY l.started_at",
-            &[&me.id, &me.fragments],
+            &[&me.id, &me.fragments, &seconds(SHARING_WINDOW)],
         )
         .await?;
     for row in &rows {
@@ -152,7 +172,12 @@ pub(crate) async fn newer_listener_running(
                 "SELECT EXISTS (SELECT {OTHERS_SHARING_MY_FRAGMENTS}
                  AND theirs.version > mine.version)"
             ),
-            &[&me.id, &me.fragments, &me.versions],
+            &[
+                &me.id,
+                &me.fragments,
+                &me.versions,
+                &seconds(SHARING_WINDOW),
+            ],
         )
         .await?
         .get(0))
@@ -169,7 +194,12 @@ pub(crate) async fn older_listeners_working(
                 "SELECT count(DISTINCT l.id) {OTHERS_SHARING_MY_FRAGMENTS}
                  AND NOT l.superseded AND theirs.version < mine.version"
             ),
-            &[&me.id, &me.fragments, &me.versions],
+            &[
+                &me.id,
+                &me.fragments,
+                &me.versions,
+                &seconds(SHARING_WINDOW),
+            ],
         )
         .await?
         .get(0))
@@ -218,9 +248,9 @@ pub(crate) async fn live_listeners(
             &format!(
                 "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8, changes_done, refused_writes, {versions}
                  FROM pgfresh.listeners
-                 WHERE seen_at > now() - interval '1 minute' ORDER BY started_at"
+                 WHERE seen_at > now() - $1::float8 * interval '1 second' ORDER BY started_at"
             ),
-            &[],
+            &[&seconds(LIVE_WINDOW)],
         )
         .await?;
     Ok(rows

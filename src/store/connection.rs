@@ -178,11 +178,12 @@ pub(crate) fn invalid_url(shown: &str, error: redis::RedisError) -> Error {
 }
 
 /// A Redis URL as it is safe to print: built from the parsed URL, without the password; for a URL
-/// that does not parse, the text with everything that could be a password replaced by `***`.
+/// that does not parse, the text with everything that could be a password replaced by `***`, by
+/// the one rule set pgfresh has for connection strings (`pg::conninfo`'s).
 pub(crate) fn shown_redis_url(url: &str) -> String {
     use redis::{ConnectionAddr, IntoConnectionInfo};
     let Ok(info) = url.into_connection_info() else {
-        return redact_unparsed_url(url);
+        return crate::pg::redact_unparsed(url);
     };
     let settings = info.redis_settings();
     let user = settings
@@ -199,23 +200,6 @@ pub(crate) fn shown_redis_url(url: &str) -> String {
         ConnectionAddr::Unix(path) => format!("redis+unix://{user}{}{db}", path.display()),
         other => format!("{other}{db}"),
     }
-}
-
-/// A URL that did not parse, with everything between `://` and its last `@`, and any `password=`
-/// value, replaced by `***`: whatever the password holds (`/`, `?`, `@`), none of it survives.
-pub(crate) fn redact_unparsed_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://").map(|at| at + 3) else {
-        return "(not shown: it does not parse as a URL)".into();
-    };
-    let mut shown = match url.rfind('@').filter(|&at| at >= scheme_end) {
-        Some(at) => format!("{}***{}", &url[..scheme_end], &url[at..]),
-        None => url.to_string(),
-    };
-    if let Some(at) = shown.find("password=") {
-        let end = shown[at..].find('&').map_or(shown.len(), |end| at + end);
-        shown.replace_range(at + "password=".len()..end, "***");
-    }
-    shown
 }
 
 #[cfg(test)]
@@ -248,6 +232,22 @@ mod tests {
             for secret in ["pa/ss", "pa?ss", "p@ss", "x@y", "pass word"] {
                 assert!(!shown.contains(secret), "{url} -> {shown}");
             }
+        }
+    }
+
+    #[test]
+    fn a_url_that_does_not_parse_is_shown_by_the_one_rule_set_for_connection_strings() {
+        for url in [
+            "redis://:pa/ss@127.0.0.1:6379/0",
+            "redis://h:notaport/0?password=s3cret",
+            "cache:6379 password=s3cret",
+        ] {
+            let shown = shown_redis_url(url);
+            assert_eq!(shown, crate::pg::redact_unparsed(url));
+            assert!(
+                !shown.contains("s3cret") && !shown.contains("pa/ss"),
+                "{shown}"
+            );
         }
     }
 }

@@ -8,6 +8,7 @@ use super::RedisStore;
 
 /// Whether Redis may evict pgfresh's keys, which decides how far a missing ticket can be trusted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum Eviction {
     /// No `maxmemory`, or `maxmemory-policy noeviction`: a key disappears only when deleted.
     Impossible,
@@ -71,7 +72,7 @@ impl RedisStore {
     /// them for the writes, and returns what they allow with the policy's name. While Redis may
     /// evict, a write that finds no ticket beside its fragment cannot tell whether a newer render's
     /// ticket was evicted, so it is reported as unchecked and the key is rendered once more.
-    pub async fn check_eviction(&self) -> (Eviction, String) {
+    pub(crate) async fn check_eviction(&self) -> (Eviction, String) {
         let info: Result<Value, _> = redis::cmd("INFO")
             .arg("memory")
             .query_async(&mut self.connection.clone())
@@ -85,7 +86,7 @@ impl RedisStore {
     }
 
     /// What the last [`RedisStore::check_eviction`] found.
-    pub fn eviction(&self) -> (Eviction, String) {
+    pub(crate) fn eviction(&self) -> (Eviction, String) {
         self.eviction
             .state
             .lock()

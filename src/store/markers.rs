@@ -70,7 +70,12 @@ impl RedisStore {
 
     /// Records that every entry of a fragment was rendered by `version` (tests, and tools that fill
     /// Redis by other means).
-    pub async fn set_fragment_marker(&self, key_prefix: &str, version: u32) -> Result<(), Error> {
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) async fn set_fragment_marker(
+        &self,
+        key_prefix: &str,
+        version: u32,
+    ) -> Result<(), Error> {
         for anchor in self.anchors().await? {
             self.set(&self.layout.marker(key_prefix, anchor), version)
                 .await?;

@@ -168,7 +168,8 @@ impl RedisStore {
 
     /// The key holding the render ticket of the value stored under fragment key `key`: what to
     /// look at, beside the fragment, when a write was refused.
-    pub fn ticket_key(&self, key: &str) -> String {
+    #[cfg_attr(not(feature = "testing"), allow(dead_code))]
+    pub(crate) fn ticket_key(&self, key: &str) -> String {
         self.layout.ticket(key)
     }
 

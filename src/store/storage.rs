@@ -95,6 +95,27 @@ impl Storage {
         self.ttl
     }
 
+    /// Where the entry of `key` in `variant`, of a fragment registered under `key_prefix`, lives in
+    /// Redis: `shop:product_card:42:full` in the plain format, `:1:shop:product_card:42:full` in
+    /// Django's with its defaults. What a site reads, spelled the one way pgfresh writes it.
+    ///
+    /// ```
+    /// # pgfresh::variants! { enum Card { Compact = "compact", Full = "full" } }
+    /// use pgfresh::Storage;
+    /// let plain = Storage::plain().entry_key("shop:product_card:", 42, Card::Full);
+    /// assert_eq!(plain, "shop:product_card:42:full");
+    /// let django = Storage::django("", 1).entry_key("shop:product_card:", 42, Card::Full);
+    /// assert_eq!(django, ":1:shop:product_card:42:full");
+    /// ```
+    pub fn entry_key(
+        &self,
+        key_prefix: &str,
+        key: impl std::fmt::Display,
+        variant: impl crate::Variant,
+    ) -> String {
+        self.redis_key(&format!("{key_prefix}{key}:{}", variant.name()))
+    }
+
     /// The Redis key of the entry with this fragment key (`<prefix><key>:<variant>`).
     pub fn redis_key(&self, key: &str) -> String {
         match &self.format {

@@ -42,6 +42,7 @@ pub(crate) use truncations::Truncations;
 
 /// What a sweep did.
 #[derive(Clone, Debug, Default)]
+#[non_exhaustive]
 pub struct SweepReport {
     /// Render and write counts over all fragments.
     pub stats: RefreshStats,

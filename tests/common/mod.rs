@@ -100,7 +100,9 @@ impl TestEnv {
         .await;
         env.redis_url = Some(redis_url());
         setup::setup(&env.db, products).await.expect("shop setup");
-        env.sink.set_fragment_marker(&env.prefix, 1).await.unwrap();
+        pgfresh::testing::set_fragment_marker(&env.sink, &env.prefix, 1)
+            .await
+            .unwrap();
         env
     }
 
@@ -154,8 +156,7 @@ impl TestEnv {
     pub async fn shop_with_sink(products: i64, sink: RedisStore) -> TestEnv {
         let env = TestEnv::empty_with_sink(sink).await;
         setup::setup(&env.db, products).await.expect("shop setup");
-        env.sink
-            .set_fragment_marker(&env.prefix, 1)
+        pgfresh::testing::set_fragment_marker(&env.sink, &env.prefix, 1)
             .await
             .expect("set marker");
         env
@@ -298,10 +299,9 @@ impl TestEnv {
     /// Starts a listener serving `--http` on a free port and waits until `/readyz` says ready.
     pub async fn start_listener_with_http(&self) -> (RunningListener, u16) {
         let port = servers::free_port();
-        let listener = self.start_listener(ListenSettings {
-            http: Some(format!("127.0.0.1:{port}")),
-            ..test_settings()
-        });
+        let listener = self.start_listener(tweak(test_settings(), |s| {
+            s.http = Some(format!("127.0.0.1:{port}"))
+        }));
         eventually("the listener to be ready", || async {
             servers::http_get(port, "/readyz").await.0 == 200
         })
@@ -462,13 +462,19 @@ pub fn psql(url: &str, file: &str) -> std::process::Output {
         .expect("psql runs")
 }
 
+/// `value` changed by `change`: settings are `#[non_exhaustive]`, so tests start from one and
+/// change what they need.
+pub fn tweak<T>(mut value: T, change: impl FnOnce(&mut T)) -> T {
+    change(&mut value);
+    value
+}
+
 /// Settings for tests: fast polling, no periodic sweep unless a test asks for one.
 pub fn test_settings() -> ListenSettings {
-    ListenSettings {
-        poll_interval: Duration::from_millis(200),
-        sweep_interval: None,
-        ..ListenSettings::default()
-    }
+    tweak(ListenSettings::default(), |s| {
+        s.poll_interval = Duration::from_millis(200);
+        s.sweep_interval = None;
+    })
 }
 
 pub struct RunningListener {

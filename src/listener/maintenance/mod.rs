@@ -58,9 +58,9 @@ pub(crate) async fn run(shared: Arc<Shared>) {
     };
     loop {
         maintenance.round().await;
-        tokio::select! {
-            _ = maintenance.shared.shutdown.cancelled() => return,
-            _ = tokio::time::sleep(MARKER_CHECK_INTERVAL) => {}
+        let shutdown = &maintenance.shared.shutdown;
+        if !crate::shutdown::pause(shutdown, MARKER_CHECK_INTERVAL).await {
+            return;
         }
     }
 }
