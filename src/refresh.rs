@@ -15,7 +15,7 @@ use crate::store::{RedisStore, Storage, Write, WriteResult};
 /// Whether to skip writes whose value Redis already holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Writes {
-    /// Every write goes through the version-checked script (the listener: what it renders changed).
+    /// Every write goes through the ticket-checked script (the listener: what it renders changed).
     AllChecked,
     /// Entries Redis already holds exactly (same bytes, no TTL) are confirmed (their tickets raised,
     /// no value sent) and reported in [`Refreshed::held`]; the rest go through the checked script
@@ -33,9 +33,9 @@ pub(crate) struct Refreshed {
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
     pub(crate) unchecked: Vec<usize>,
-    /// With [`Writes::SkipHeld`]: how many keys had every entry found holding its render and
-    /// confirmed under the ticket, nothing written (so nothing that could fail).
-    pub(crate) untouched: usize,
+    /// With [`Writes::SkipHeld`]: how many keys had every entry confirmed (found holding its
+    /// render, its ticket raised), nothing written (so nothing that could fail).
+    pub(crate) confirmed: usize,
 }
 
 /// Loads, renders and writes `keys` (text form) of one fragment under `ticket`, which must have been
@@ -74,9 +74,9 @@ pub(crate) async fn refresh(
         Writes::SkipHeld => write_unless_held(store, ticket, &planned.writes).await?,
     };
     let write_time = started.elapsed() - rendered_at;
-    let untouched = untouched_keys(&planned, &held);
+    let confirmed = confirmed_keys(&planned, &held);
     let mut refreshed = settle_writes(planned, results);
-    refreshed.untouched = untouched;
+    refreshed.confirmed = confirmed;
     crate::ops::telemetry::refreshed(fragment.name(), &refreshed.stats, write_time);
     tracing::trace!(fragment = fragment.name(), keys = keys.len(), load_and_render = ?rendered_at, write = ?write_time, "refreshed");
     Ok(refreshed)
@@ -112,7 +112,7 @@ async fn write_unless_held(
 }
 
 /// How many keys had writes, every one of them held (`held` is empty when nothing was held).
-fn untouched_keys(planned: &PlannedWrites, held: &[bool]) -> usize {
+fn confirmed_keys(planned: &PlannedWrites, held: &[bool]) -> usize {
     if held.is_empty() {
         return 0;
     }

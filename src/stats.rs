@@ -8,15 +8,16 @@ use std::ops::AddAssign;
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct RefreshStats {
-    /// Fragments (key × variant) rendered.
+    /// Entries (key × variant) rendered.
     pub rendered: u64,
-    /// Fragments stored because their HTML changed.
+    /// Entries stored because Redis held other HTML, or none.
     pub written: u64,
-    /// Fragments whose HTML was already stored.
+    /// Entries Redis already held exactly (confirmed by a sweep, or rewritten by the listener with
+    /// the same HTML): only their tickets moved.
     pub unchanged: u64,
-    /// Writes refused because a newer render was already stored.
+    /// Writes refused because a render with a newer ticket was already stored.
     pub refused: u64,
-    /// Fragments deleted because their row is gone.
+    /// Entries deleted because their row is gone.
     pub deleted: u64,
     /// Keys that could not be refreshed.
     pub errors: u64,

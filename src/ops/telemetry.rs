@@ -48,7 +48,7 @@ fn describe() {
     );
     describe_counter!(
         "pgfresh_changes_coalesced_total",
-        "Changes settled without rendering: an earlier render already saw them"
+        "Changes covered: settled without rendering, because an earlier render of their key already saw them (the name says coalesced)"
     );
     describe_counter!(
         "pgfresh_changes_deferred_total",
@@ -58,10 +58,13 @@ fn describe() {
         "pgfresh_changes_failed_total",
         "Failed attempts to apply a change (retried with backoff)"
     );
-    describe_counter!("pgfresh_renders_total", "Fragments rendered, by fragment");
+    describe_counter!(
+        "pgfresh_renders_total",
+        "Entries (key and variant) rendered, by fragment"
+    );
     describe_counter!(
         "pgfresh_writes_total",
-        "Redis writes by fragment and result (written, unchanged, refused: a newer render was stored, deleted)"
+        "Writes of entries to Redis by fragment and result: written, unchanged (Redis held that render already, confirmed by a sweep included), refused (a render with a newer ticket was stored), deleted"
     );
     describe_histogram!(
         "pgfresh_load_seconds",
@@ -73,7 +76,7 @@ fn describe() {
     );
     describe_histogram!(
         "pgfresh_redis_write_seconds",
-        "Time of the version-checked Redis write of one batch"
+        "Time of the ticket-checked Redis write of one batch"
     );
     describe_histogram!(
         "pgfresh_freshness_seconds",
@@ -215,13 +218,13 @@ pub(crate) fn refreshed(fragment: &str, stats: &RefreshStats, write: Duration) {
 pub(crate) fn batch(
     claimed: usize,
     applied: usize,
-    coalesced: usize,
+    covered: usize,
     deferred: usize,
     failed: usize,
 ) {
     counter!("pgfresh_changes_claimed_total").increment(claimed as u64);
     counter!("pgfresh_changes_applied_total").increment(applied as u64);
-    counter!("pgfresh_changes_coalesced_total").increment(coalesced as u64);
+    counter!("pgfresh_changes_coalesced_total").increment(covered as u64);
     counter!("pgfresh_changes_deferred_total").increment(deferred as u64);
     counter!("pgfresh_changes_failed_total").increment(failed as u64);
 }

@@ -2,7 +2,7 @@
 -- ARGV[1] the sweep page's render ticket, then for each key the ticket text the sweep read beside the
 -- entry (empty: none). Each ticket still as read is raised to the page's ticket, as the full write
 -- would, so that no render older than the page lands later; one that changed since (a write came in
--- between) is left for the full version-checked write. Returns per key 1 confirmed, 0 not.
+-- between) is left for the full ticket-checked write. Returns per key 1 confirmed, 0 not.
 -- Tickets stay decimal text, compared as such (see write.lua).
 local ticket = ARGV[1]
 local function newer(a, b)

@@ -2,7 +2,7 @@
 //!
 //! Beside every fragment key pgfresh keeps a ticket key (the render ticket of the stored value), and
 //! per fragment a marker (the version of its last complete sweep) and, during a sweep, a canary. A
-//! version-checked write reads and writes a fragment key and its ticket key in one script, so in a
+//! ticket-checked write reads and writes a fragment key and its ticket key in one script, so in a
 //! Redis Cluster the two must live in the same hash slot; likewise a marker and its canary.
 //!
 //! On a single server the layout is plain: `pgfresh:ticket:<fragment key>`,

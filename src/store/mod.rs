@@ -1,11 +1,11 @@
 //! Redis, the store the fragments are kept in: one server or a Redis Cluster, reached through one
 //! [`RedisStore`], which reads fragments as any client would and writes them the way only pgfresh
-//! does, version-checked.
+//! does, ticket-checked.
 //!
 //! - `connection`: the two kinds of connection and how a URL is shown.
 //! - `layout`: where pgfresh's own keys live beside the fragments (tickets, markers, canaries), cluster
 //!   hash slots included.
-//! - `write`: the version-checked write (`write.lua`): a ticket beside every fragment, and a write
+//! - `write`: the ticket-checked write (`write.lua`): a ticket beside every fragment, and a write
 //!   whose ticket is older than the stored one refused.
 //! - `markers`: per-fragment markers that say whether Redis still holds a complete sweep's work.
 //! - `scan`: the key scan the sweep's orphan pass walks.
@@ -42,7 +42,7 @@ pub(crate) use write::{Write, WriteResult};
 
 use connection::{CONNECT_TIMEOUT, RESPONSE_TIMEOUT, invalid_url};
 
-/// Redis as pgfresh uses it: fragments written version-checked, read with plain GETs. Cheap to clone
+/// Redis as pgfresh uses it: fragments written ticket-checked, read with plain GETs. Cheap to clone
 /// (clones share the connection); reconnects by itself.
 #[derive(Clone)]
 pub struct RedisStore {

@@ -1,4 +1,4 @@
--- pgfresh: version-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
+-- pgfresh: ticket-checked writes. KEYS come in pairs (fragment key, its ticket key). ARGV[1] is the
 -- render ticket, ARGV[2] how long a deleted key's ticket is kept (ms), ARGV[3] '1' when Redis may
 -- evict keys, then one (op, value, ttl) triple per key pair: op 's' sets the fragment to value, with
 -- a TTL of ttl ms ('0': none; its ticket then lives ttl + ARGV[2] ms), 'd' deletes it.

@@ -1,4 +1,4 @@
-//! The version-checked write. Beside every fragment key Redis keeps a ticket key holding the render
+//! The ticket-checked write. Beside every fragment key Redis keeps a ticket key holding the render
 //! ticket of the value stored; one call of `write.lua` applies many writes, refusing each whose ticket
 //! is older than the stored one, so a slow render of old data never overwrites a newer one. The
 //! fragment itself stays a string any client can `GET`, in the bytes its storage encodes. In a cluster one script call may only
@@ -184,7 +184,7 @@ impl RedisStore {
     /// For each write, whether Redis already holds exactly its value, confirmed under `ticket`: one
     /// MGET of the entries and their tickets, then one small script that raises each ticket still as
     /// read to `ticket` (the value itself is not sent again). A sweep leaves such entries alone instead
-    /// of sending them through the version-checked script, with the same effect: no render older than
+    /// of sending them through the ticket-checked script, with the same effect: no render older than
     /// `ticket` lands on them later. An entry whose ticket changed in between, or is missing while
     /// Redis may evict, is not held and takes the checked write. Deletes and writes with a TTL (which
     /// must renew it) are never held. On a cluster nothing is held: every write takes the checked path.

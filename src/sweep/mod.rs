@@ -4,7 +4,7 @@
 //! through the same load/render/write path as the listener, several pages at a time. Orphans are found
 //! without remembering any key: the sweep takes a render ticket before it starts, so afterwards every
 //! entry under the fragment's prefix whose ticket is still older was neither rendered by this sweep nor
-//! by a listener since, and so has no row. Deleting it is one more version-checked write.
+//! by a listener since, and so has no row. Deleting it is one more ticket-checked write.
 //!
 //! A key that fails (its render panics, its loader errs, Redis refuses it) does not hold the sweep
 //! back: it is handed to the queue as a failed change, retried with backoff and parked like any other,

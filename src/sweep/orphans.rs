@@ -1,7 +1,7 @@
 //! The orphan pass: entries under a fragment's prefix whose row is gone. The sweep took a render
 //! ticket before it began, so every entry whose ticket is still older was written (or confirmed as
 //! holding its render) neither by the sweep nor by a listener since: unless its key failed, its row
-//! no longer exists. Deleting it is one more version-checked write.
+//! no longer exists. Deleting it is one more ticket-checked write.
 
 use std::collections::HashSet;
 
@@ -17,7 +17,7 @@ pub(super) type Kept = HashSet<String>;
 ///
 /// While Redis may evict keys, an entry without a ticket proves nothing (its ticket may have been
 /// evicted after this sweep wrote it), so it is left alone: a real orphan is then deleted by a later
-/// sweep once it has been rewritten, or evicted. The version-checked delete checks the ticket again
+/// sweep once it has been rewritten, or evicted. The ticket-checked delete checks the ticket again
 /// atomically; only a ticket evicted between the two reads escapes this, and costs one cache miss.
 pub(super) async fn delete_orphans(
     store: &RedisStore,
@@ -32,7 +32,7 @@ pub(super) async fn delete_orphans(
         // A fragment's prefix never overlaps pgfresh's own keys (see `Fragments`); never delete those.
         keys.retain(|key| !key.starts_with(BOOKKEEPING_PREFIX) && !keep.contains(key));
         // Most entries were just rewritten: read their tickets in one round trip and send only the
-        // candidates through the version-checked delete.
+        // candidates through the ticket-checked delete.
         let tickets = store.tickets(&keys).await?;
         let writes: Vec<Write> = keys
             .into_iter()

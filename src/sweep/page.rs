@@ -43,7 +43,7 @@ pub(super) async fn sweep_page(
     // that times out): the sweep is incomplete and tried again later, rather than the whole table
     // queued, and in time parked, key by key. Keys whose entries all held their render were not
     // written, so they could not fail.
-    let attempted = keys.len() - refreshed.untouched;
+    let attempted = keys.len() - refreshed.confirmed;
     if attempted > 1 && refreshed.failed.len() == attempted {
         return Err(failed_page(refreshed.failed[0].1.clone()));
     }
