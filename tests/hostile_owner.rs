@@ -311,3 +311,46 @@ async fn a_role_with_no_right_cannot_keep_listeners_from_sweeping() {
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_table_owner_who_switches_capture_off_is_named_by_status_and_doctor() {
+    let env = TestEnv::shop(2).await;
+    let owner = format!("{}_owner", env.name);
+    let admin = env.client().await;
+    // The owner of a watched table (not a superuser) has its trigger fire only on replicas.
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {owner}; ALTER TABLE reviews OWNER TO {owner};
+             SET ROLE {owner};
+             ALTER TABLE reviews ENABLE REPLICA TRIGGER pgfresh_product;
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let status = stdout(&run(
+        &shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["status"],
+    ));
+    assert!(
+        status.contains(
+            "warning: trigger pgfresh_product on public.reviews fires only on replicas (ENABLE REPLICA TRIGGER): changes there are not captured"
+        ),
+        "{status}"
+    );
+    let doctor = run(&shop_binary(), &env.url, &common::redis_url(), &["doctor"]);
+    assert!(!doctor.status.success());
+    assert!(
+        stdout(&doctor).contains("fix: ALTER TABLE public.reviews ENABLE TRIGGER pgfresh_product;"),
+        "{}",
+        stdout(&doctor)
+    );
+    admin
+        .batch_execute(&format!(
+            "ALTER TABLE reviews OWNER TO postgres; DROP ROLE {owner}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
