@@ -28,8 +28,13 @@ pub(crate) enum Writes {
 pub(crate) struct Refreshed {
     /// What was done.
     pub(crate) stats: RefreshStats,
-    /// Keys (by index into the input) that failed, with the reason; all others are in Redis.
+    /// Keys (by index into the input) that failed, with the reason; all others are in Redis but
+    /// the unresolved.
     pub(crate) failed: Vec<(usize, String)>,
+    /// Keys (by index into the input) loaded only together with keys that failed, not told apart
+    /// from them (see [`KeyOutcome::Unresolved`]): to be tried again soon, with no attempt
+    /// counted, with the reason.
+    pub(crate) unresolved: Vec<(usize, String)>,
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
     pub(crate) unchecked: Vec<usize>,
@@ -169,6 +174,7 @@ fn plan_writes(storage: &Storage, outcomes: Vec<KeyOutcome>) -> PlannedWrites {
                 planned.refreshed.stats.errors += 1;
                 planned.refreshed.failed.push((index, reason));
             }
+            KeyOutcome::Unresolved(reason) => planned.refreshed.unresolved.push((index, reason)),
             KeyOutcome::SameAs(first) => planned.same_as[index] = first,
         }
     }
@@ -188,6 +194,10 @@ fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed
     for (index, reason) in refreshed.failed.drain(..) {
         failed[index] = Some(reason);
     }
+    let mut unresolved: Vec<Option<String>> = vec![None; same_as.len()];
+    for (index, reason) in refreshed.unresolved.drain(..) {
+        unresolved[index] = Some(reason);
+    }
     let mut unchecked = vec![false; same_as.len()];
     for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
         count(&mut refreshed.stats, &result);
@@ -205,14 +215,18 @@ fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed
     for (index, &first) in same_as.iter().enumerate() {
         if first != index {
             failed[index] = failed[first].clone();
+            unresolved[index] = unresolved[first].clone();
             unchecked[index] = unchecked[first];
         }
     }
-    refreshed.failed = failed
-        .into_iter()
-        .enumerate()
-        .filter_map(|(index, reason)| Some((index, reason?)))
-        .collect();
+    let indexed = |reasons: Vec<Option<String>>| -> Vec<(usize, String)> {
+        let reasons = reasons.into_iter().enumerate();
+        reasons
+            .filter_map(|(index, reason)| Some((index, reason?)))
+            .collect()
+    };
+    refreshed.failed = indexed(failed);
+    refreshed.unresolved = indexed(unresolved);
     refreshed.unchecked = (0..same_as.len()).filter(|&i| unchecked[i]).collect();
     refreshed
 }

@@ -264,3 +264,137 @@ async fn a_sweep_refreshes_every_key_but_the_one_whose_row_panics_the_loader_and
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn many_bad_rows_in_one_batch_park_only_their_own_changes() {
+    let env = TestEnv::shop(200).await;
+    let listener = env.start_listener_with(
+        Fragments::new().with(&env.prefix, CarefulCard),
+        tweak(common::test_settings(), |s| s.max_attempts = 2),
+    );
+    let db = env.client().await;
+    db.batch_execute("ALTER TABLE products ALTER name DROP NOT NULL")
+        .await
+        .unwrap();
+    // One statement, so one batch: 20 bad rows spread among 200.
+    db.batch_execute(
+        "UPDATE products SET name = CASE WHEN id % 10 = 3 THEN NULL ELSE 'Fine ' || id END",
+    )
+    .await
+    .unwrap();
+    eventually("the 180 good cards to be rendered", || async {
+        let mut redis = env.sink.connection();
+        let keys: Vec<String> = (1..=200)
+            .filter(|id| id % 10 != 3)
+            .map(|id| env.key(id, "compact"))
+            .collect();
+        let cards: Vec<Option<String>> = redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+        cards
+            .iter()
+            .all(|card| card.as_deref().is_some_and(|c| c.contains("Fine")))
+    })
+    .await;
+    eventually("the bad rows' changes to be parked", || async {
+        env.pending().await == 0
+    })
+    .await;
+    let parked: Vec<String> = db
+        .query("SELECT DISTINCT key FROM pgfresh.failed ORDER BY 1", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let bad: Vec<String> = {
+        let mut bad: Vec<String> = (1..=200)
+            .filter(|id| id % 10 == 3)
+            .map(|id| id.to_string())
+            .collect();
+        bad.sort();
+        bad
+    };
+    assert_eq!(parked, bad, "only the bad rows' changes are parked");
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+/// A card whose loader reports errors through anyhow, and whose first load loses its connection
+/// (its own session is terminated under it).
+struct FragileCard {
+    loads: std::sync::atomic::AtomicUsize,
+}
+
+impl Fragment for FragileCard {
+    type Key = i64;
+    type Row = String;
+    type Variant = common::product_card::Card;
+    type Error = anyhow::Error;
+
+    fn name(&self) -> &str {
+        "fragile_card"
+    }
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
+    }
+    async fn load(&self, db: &Client, ids: &[i64]) -> pgfresh::Loaded<Self> {
+        let first = self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst) == 0;
+        if first {
+            let _ = db
+                .execute("SELECT pg_terminate_backend(pg_backend_pid())", &[])
+                .await;
+        }
+        let rows = db
+            .query("SELECT id, name FROM products WHERE id = ANY($1)", &[&ids])
+            .await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+    fn render(&self, _: &i64, name: &String, _: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::maud::html! { h2 { (name) } }
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, anyhow::Error> {
+        let keys = common::product_card::ProductCard.keys_after(db, after, limit);
+        Ok(keys.await?)
+    }
+}
+
+#[tokio::test]
+async fn a_lost_connection_behind_an_anyhow_error_is_waited_out_not_split_and_counted() {
+    let env = TestEnv::shop(4).await;
+    let card = std::sync::Arc::new(FragileCard {
+        loads: Default::default(),
+    });
+    let listener = env.start_listener_with(
+        Fragments::new().with(&env.prefix, common::SharedFragment(card.clone())),
+        common::test_settings(),
+    );
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Again ' || id WHERE id IN (1, 2, 3)")
+        .await
+        .unwrap();
+    for id in 1..=3 {
+        let key = env.key(id, "compact");
+        let expected = format!("<h2>Again {id}</h2>");
+        eventually(&key, || async {
+            env.get(&key).await.as_deref() == Some(&expected)
+        })
+        .await;
+    }
+    let loads = card.loads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        loads <= 3,
+        "the lost connection was split into {loads} loads"
+    );
+    assert_eq!(env.parked().await, 0);
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -144,7 +144,9 @@ pub(super) async fn render(
             fragment.name(),
             args.key
         ))),
-        Some(KeyOutcome::Failed(reason)) => Err(Error::Fragment(reason)),
+        Some(KeyOutcome::Failed(reason) | KeyOutcome::Unresolved(reason)) => {
+            Err(Error::Fragment(reason))
+        }
         Some(KeyOutcome::SameAs(_)) | None => Err(Error::Fragment("nothing rendered".into())),
     }
 }

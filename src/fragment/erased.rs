@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio_postgres::Client;
+use tokio_postgres::error::SqlState;
 
 use super::topics::{self, Mapping, Topic};
 use super::{Fragment, Variant};
@@ -30,6 +31,9 @@ pub(crate) enum KeyOutcome {
     Gone(Vec<String>),
     /// This key cannot be refreshed (it does not parse, or its render panicked); the others can.
     Failed(String),
+    /// This key was loaded only together with keys whose rows fail the loader, and was not told
+    /// apart from them: try it again soon, apart from them, with no attempt counted.
+    Unresolved(String),
     /// Another spelling of the key at this earlier index (`042` and `42`): that one's outcome holds
     /// for both, and nothing is written twice.
     SameAs(usize),
@@ -59,9 +63,11 @@ struct Caught {
 }
 
 impl Caught {
-    /// Sorts what `what` (the load, the key enumeration) of `fragment` failed with. A
-    /// `tokio_postgres::Error` anywhere in its chain that is not the server's answer, from a client
-    /// that is now closed, is a lost connection; so is the server's own word that it is going away.
+    /// Sorts what `what` (the load, the key enumeration) of `fragment` failed with. A client that is
+    /// now closed means a lost connection, whatever the error says (wrapped in `anyhow` or an error
+    /// of the user's own, the driver's error may not be found in its chain); so does the server's
+    /// word that it is going away. Otherwise the server's error, where one is in the chain, says
+    /// whether the cause may lie in the data.
     fn sort(
         fragment: &str,
         what: &str,
@@ -69,51 +75,66 @@ impl Caught {
         error: impl Into<Box<dyn std::error::Error + Send + Sync>>,
     ) -> Self {
         let error: Box<dyn std::error::Error + Send + Sync> = error.into();
+        if db.is_closed() {
+            return Self::connection_lost(&error.to_string());
+        }
         let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*error);
         while let Some(current) = cause {
             if let Some(postgres) = current.downcast_ref::<tokio_postgres::Error>() {
-                return Self::sort_postgres(fragment, what, db, postgres);
+                let reason = crate::error::describe_postgres(postgres);
+                return match postgres.as_db_error() {
+                    Some(server) => Self::sort_server(fragment, what, server.code(), reason),
+                    // A value that does not convert (a NULL read as non-null, say): some row's.
+                    None => Self::failed(fragment, what, reason, true),
+                };
+            }
+            if let Some(server) = current.downcast_ref::<tokio_postgres::error::DbError>() {
+                let reason = server.message().to_string();
+                return Self::sort_server(fragment, what, server.code(), reason);
             }
             cause = current.source();
         }
+        Self::failed(fragment, what, error.to_string(), true)
+    }
+
+    /// The server's error of class `code`: going away (08 connection exceptions, 57P the server
+    /// shutting down or ending the session), in the data (22: a bad cast, a division by zero), or
+    /// failing every key alike (a missing table or grant, a syntax error, a timeout).
+    fn sort_server(fragment: &str, what: &str, code: &SqlState, reason: String) -> Self {
+        let code = code.code();
+        if code.starts_with("08") || code.starts_with("57P") {
+            return Self::connection_lost(&reason);
+        }
+        Self::failed(fragment, what, reason, code.starts_with("22"))
+    }
+
+    fn failed(fragment: &str, what: &str, reason: String, in_the_data: bool) -> Self {
         Caught {
-            error: LoadError::Failed(format!("{what} of {fragment} failed: {error}")),
-            in_the_data: true,
+            error: LoadError::Failed(format!("{what} of {fragment} failed: {reason}")),
+            in_the_data,
         }
     }
 
-    fn sort_postgres(
+    fn connection_lost(reason: &str) -> Self {
+        Caught {
+            error: LoadError::Connection(format!("PostgreSQL: {reason}")),
+            in_the_data: false,
+        }
+    }
+
+    /// A panic: in the data, unless the connection is gone (a loader's `expect` on a query).
+    fn panicked(
         fragment: &str,
         what: &str,
         db: &Client,
-        error: &tokio_postgres::Error,
+        panic: &Box<dyn std::any::Any + Send>,
     ) -> Self {
-        let reason = crate::error::describe_postgres(error);
-        let class = error.code().map(|code| &code.code()[..2]);
-        // 08: connection exceptions; 57P: the server shuts down or terminated the session.
-        let going_away =
-            class == Some("08") || error.code().is_some_and(|c| c.code().starts_with("57P"));
-        if going_away || (error.as_db_error().is_none() && db.is_closed()) {
-            return Caught {
-                error: LoadError::Connection(format!("PostgreSQL: {reason}")),
-                in_the_data: false,
-            };
+        let message = panic_message(panic);
+        if db.is_closed() {
+            return Self::connection_lost(message);
         }
         Caught {
-            error: LoadError::Failed(format!("{what} of {fragment} failed: {reason}")),
-            // A value that does not convert (no server error: a NULL read as non-null, say), or
-            // the server's data exception (class 22: a bad cast, a division by zero) comes from
-            // some row; a missing table or grant, a syntax error, a timeout fail every key alike.
-            in_the_data: error.as_db_error().is_none() || class == Some("22"),
-        }
-    }
-
-    fn panicked(fragment: &str, what: &str, panic: &Box<dyn std::any::Any + Send>) -> Self {
-        Caught {
-            error: LoadError::Failed(format!(
-                "{what} of {fragment} panicked: {}",
-                panic_message(panic)
-            )),
+            error: LoadError::Failed(format!("{what} of {fragment} panicked: {message}")),
             in_the_data: true,
         }
     }
@@ -133,7 +154,7 @@ where
     match AssertUnwindSafe(call).catch_unwind().await {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(Caught::sort(fragment, what, db, error)),
-        Err(panic) => Err(Caught::panicked(fragment, what, &panic)),
+        Err(panic) => Err(Caught::panicked(fragment, what, db, &panic)),
     }
 }
 
@@ -212,10 +233,12 @@ pub(crate) trait DynFragment: Send + Sync {
     ) -> BoxFuture<'a, Result<Vec<String>, crate::Error>>;
 }
 
-/// What [`Registered::load_isolating`] found: rows by key, and the keys whose load failed, with why.
+/// What [`Registered::load_isolating`] found: rows by key, the keys whose load failed, and those
+/// loaded only with keys that failed, none told apart within the budget, each with why.
 struct Loads<F: Fragment> {
     rows: HashMap<F::Key, F::Row>,
     failed: HashMap<F::Key, String>,
+    unresolved: HashMap<F::Key, String>,
 }
 
 /// A fragment as registered: the user's value, its key prefix and storage, and what it said about
@@ -265,18 +288,24 @@ impl<F: Fragment> Registered<F> {
     }
 
     /// Loads the rows of `keys`. A load that fails in its data (see [`Caught`]) is split in halves,
-    /// and those again, until the keys that fail are alone or [`SPLITTING_LOADS`] are spent: one bad
-    /// row fails its own key, not every key loaded with it. A load that fails every key alike (no
-    /// split helps) fails the call; a lost connection always does.
+    /// and those again, level by level, until the keys that fail are alone or [`SPLITTING_LOADS`]
+    /// are spent: one bad row fails its own key, not every key loaded with it. Keys still in a
+    /// failing group when the budget is spent are unresolved (tried again soon, apart, with no
+    /// attempt counted: most of them are likely fine). A load that fails every key alike (no split
+    /// helps) fails the call; a lost connection always does.
     async fn load_isolating(&self, db: &Client, keys: Vec<F::Key>) -> Result<Loads<F>, LoadError> {
         let mut loads = Loads {
             rows: HashMap::new(),
             failed: HashMap::new(),
+            unresolved: HashMap::new(),
         };
-        let mut parts = if keys.is_empty() { vec![] } else { vec![keys] };
+        let mut parts = std::collections::VecDeque::new();
+        if !keys.is_empty() {
+            parts.push_back(keys);
+        }
         let mut budget = SPLITTING_LOADS;
         let mut split = false;
-        while let Some(mut part) = parts.pop() {
+        while let Some(mut part) = parts.pop_front() {
             let loaded = guarded(self.name(), "load", db, self.fragment.load(db, &part)).await;
             let reason = match loaded {
                 Ok(rows) => {
@@ -287,11 +316,16 @@ impl<F: Fragment> Registered<F> {
                     error: LoadError::Failed(reason),
                     in_the_data,
                 }) => {
-                    if in_the_data && part.len() > 1 && budget >= 2 {
+                    if in_the_data && part.len() > 1 {
+                        if budget < 2 {
+                            let unresolved = part.into_iter().map(|key| (key, reason.clone()));
+                            loads.unresolved.extend(unresolved);
+                            continue;
+                        }
                         budget -= 2;
                         split = true;
                         let second = part.split_off(part.len() / 2);
-                        parts.extend([second, part]);
+                        parts.extend([part, second]);
                         continue;
                     }
                     reason
@@ -408,6 +442,7 @@ impl<F: Fragment> DynFragment for Registered<F> {
             let Loads {
                 mut rows,
                 mut failed,
+                mut unresolved,
             } = self.load_isolating(db, distinct).await?;
             let loaded = Instant::now();
             let outcomes = keys
@@ -422,6 +457,9 @@ impl<F: Fragment> DynFragment for Registered<F> {
                     Some(key) if first_at[key] != index => KeyOutcome::SameAs(first_at[key]),
                     Some(key) if failed.contains_key(key) => {
                         KeyOutcome::Failed(failed.remove(key).expect("checked above"))
+                    }
+                    Some(key) if unresolved.contains_key(key) => {
+                        KeyOutcome::Unresolved(unresolved.remove(key).expect("checked above"))
                     }
                     Some(key) => match rows.remove(key) {
                         Some(row) => self.render_variants(key, &row),

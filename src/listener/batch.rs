@@ -108,7 +108,7 @@ fn covering<'a>(
         .collect();
     plan.to_render
         .keys()
-        .filter(|change| !rendered.failed.contains_key(*change) && !unchecked.contains(change.1))
+        .filter(|change| !rendered.missed(change) && !unchecked.contains(change.1))
         .partition(|change| fanned_out.contains(*change))
 }
 
@@ -137,6 +137,7 @@ async fn settle(
     undecodable: Vec<Failure>,
 ) -> Result<usize, Error> {
     let mut applied = plan.covered.clone();
+    let mut unresolved: Vec<(i64, &str)> = Vec::new();
     let mut failures = undecodable;
     for failure in &failures {
         tracing::warn!(change = failure.id, error = %failure.error, "change failed; will retry");
@@ -145,7 +146,10 @@ async fn settle(
     }
     for (change, ids) in &plan.to_render {
         match rendered.failed.get(change) {
-            None => applied.extend_from_slice(ids),
+            None => match rendered.unresolved.get(change) {
+                None => applied.extend_from_slice(ids),
+                Some(reason) => unresolved.extend(ids.iter().map(|&id| (id, reason.as_str()))),
+            },
             Some(reason) => {
                 tracing::warn!(topic = change.0, key = change.1, error = %reason, "change failed; will retry");
                 shared.board.failed(change.0, change.1, reason);
@@ -167,6 +171,7 @@ async fn settle(
     queue::complete(txn.client(), &applied).await?;
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
+    queue::retry_apart(txn.client(), &unresolved).await?;
     requeue_unchecked(txn.client(), &rendered.unchecked).await?;
     Ok(applied.len())
 }
@@ -223,11 +228,21 @@ struct RenderedChanges<'a> {
     stats: RefreshStats,
     /// The changes that failed, with why.
     failed: HashMap<ChangeKey<'a>, String>,
+    /// The changes whose keys were loaded only with keys that failed, and not told apart from
+    /// them: tried again soon, with no attempt counted.
+    unresolved: HashMap<ChangeKey<'a>, String>,
     /// Keys to render once more, by (topic, key): written while Redis may evict keys, without a
     /// ticket to check against. The topic is the fragment's own.
     unchecked: Vec<(String, String)>,
     /// By fragment: the changes whose render reached Redis, and when the write returned.
     fresh: Vec<(String, Vec<(ChangeKey<'a>, Instant)>)>,
+}
+
+impl RenderedChanges<'_> {
+    /// Whether the change did not reach Redis in this batch: failed, or unresolved.
+    fn missed(&self, change: &ChangeKey<'_>) -> bool {
+        self.failed.contains_key(change) || self.unresolved.contains_key(change)
+    }
 }
 
 /// How long before the claim each claimed change happened, for freshness.
@@ -251,7 +266,7 @@ impl Ages {
         for (fragment, renders) in &rendered.fresh {
             let lags: Vec<Duration> = renders
                 .iter()
-                .filter(|(change, _)| !rendered.failed.contains_key(change))
+                .filter(|(change, _)| !rendered.missed(change))
                 .filter_map(|(change, written)| Some((plan.to_render.get(change)?, *written)))
                 .flat_map(|(ids, written)| ids.iter().filter_map(move |id| self.lag(*id, written)))
                 .collect();
@@ -293,6 +308,7 @@ async fn render_changes<'a>(
         let missed: HashSet<usize> = refreshed
             .failed
             .iter()
+            .chain(&refreshed.unresolved)
             .map(|(index, _)| *index)
             .chain(refreshed.unchecked.iter().copied())
             .collect();
@@ -310,6 +326,14 @@ async fn render_changes<'a>(
             for &change in &part.keys[keys[index].as_str()] {
                 rendered
                     .failed
+                    .entry(change)
+                    .or_insert_with(|| reason.clone());
+            }
+        }
+        for (index, reason) in refreshed.unresolved {
+            for &change in &part.keys[keys[index].as_str()] {
+                rendered
+                    .unresolved
                     .entry(change)
                     .or_insert_with(|| reason.clone());
             }

@@ -145,6 +145,26 @@ pub(crate) async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<
     Ok(())
 }
 
+/// Puts changes back in the queue whose keys were loaded only with keys that failed, not told
+/// apart from them, noting why: each waits a random 0.5 to 2 s, so that they come back in other
+/// batches, apart from each other, and no attempt is counted (most of them are likely fine).
+pub(crate) async fn retry_apart(txn: &Client, changes: &[(i64, &str)]) -> Result<(), Error> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let ids: Vec<i64> = changes.iter().map(|(id, _)| *id).collect();
+    let errors: Vec<&str> = changes.iter().map(|(_, error)| *error).collect();
+    txn.execute(
+        "UPDATE pgfresh.changes c
+         SET retry_at = now() + (0.5 + random() * 1.5) * interval '1 second', last_error = u.error
+         FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
+         WHERE c.id = u.id",
+        &[&ids, &errors],
+    )
+    .await?;
+    Ok(())
+}
+
 /// Takes a render ticket, for renders that do not come from a claim (the sweep).
 pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
     Ok(client
@@ -166,7 +186,8 @@ pub(crate) async fn complete(txn: &Client, ids: &[i64]) -> Result<(), Error> {
 }
 
 /// Records failed attempts: each change is retried after an exponential backoff (1 s doubling, at
-/// most 5 minutes) until it has failed `max_attempts` times, then moved to `pgfresh.failed`. The
+/// most 5 minutes, each wait jittered by a quarter either way, so that changes failing together
+/// come back apart) until it has failed `max_attempts` times, then moved to `pgfresh.failed`. The
 /// exponent is capped: past about 44 attempts `2^attempts` seconds is out of PostgreSQL's interval
 /// range, and the error would roll back the batch, so the change would never be parked.
 pub(crate) async fn record_failures(
@@ -195,6 +216,7 @@ pub(crate) async fn record_failures(
          SET attempts = c.attempts + 1,
              last_error = f.error,
              retry_at = now() + least(interval '1 second' * power(2, least(c.attempts, 16)), interval '5 minutes')
+                                * (0.75 + random() / 2)
          FROM failure f
          WHERE c.id = f.id AND c.attempts + 1 < $3",
         &[&ids, &errors, &max_attempts],

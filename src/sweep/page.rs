@@ -61,6 +61,12 @@ pub(super) async fn sweep_page(
     // Queued after the write, not with it: a crash in between leaves a render that Redis could not
     // check unchecked until the key changes or the next sweep, which only matters while Redis may
     // evict keys.
+    // Keys loaded only with failing ones, not told apart: the listener loads them again, apart.
+    for (index, _) in &refreshed.unresolved {
+        again.push(keys[*index].clone());
+        errors.push(None);
+        keep.extend(fragment.redis_keys(&keys[*index]).unwrap_or_default());
+    }
     for index in &refreshed.unchecked {
         again.push(keys[*index].clone());
         errors.push(None);

@@ -653,3 +653,36 @@ impl pgfresh::Fragment for SharedCard {
         self.0.keys_after(db, after, limit).await
     }
 }
+
+/// Any fragment shared with the test, which can then look at it while a listener uses it.
+pub struct SharedFragment<F>(pub std::sync::Arc<F>);
+
+impl<F: Fragment> Fragment for SharedFragment<F> {
+    type Key = F::Key;
+    type Row = F::Row;
+    type Variant = F::Variant;
+    type Error = F::Error;
+    fn name(&self) -> &str {
+        self.0.name()
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        self.0.topics()
+    }
+    fn version(&self) -> u32 {
+        self.0.version()
+    }
+    async fn load(&self, db: &tokio_postgres::Client, keys: &[F::Key]) -> pgfresh::Loaded<Self> {
+        self.0.load(db, keys).await
+    }
+    fn render(&self, key: &F::Key, row: &F::Row, variant: F::Variant) -> maud::Markup {
+        self.0.render(key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &tokio_postgres::Client,
+        after: Option<&F::Key>,
+        limit: i64,
+    ) -> Result<Vec<F::Key>, F::Error> {
+        self.0.keys_after(db, after, limit).await
+    }
+}
