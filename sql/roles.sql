@@ -63,5 +63,7 @@ GRANT USAGE, UPDATE ON SEQUENCE pgfresh.render_tickets TO pgfresh_listener;
 -- last few.
 GRANT SELECT, UPDATE ON pgfresh.sweep_lease TO pgfresh_listener;
 GRANT SELECT, INSERT, DELETE ON pgfresh.sweeps TO pgfresh_listener;
+-- Note a crash or a failover (the unlogged row is gone), once, with the ticket jump.
+GRANT SELECT, INSERT ON pgfresh.server_epoch TO pgfresh_listener;
 
 COMMIT;

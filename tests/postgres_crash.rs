@@ -91,3 +91,134 @@ async fn after_a_crash_a_listener_still_says_where_it_stores_and_a_conflicting_o
             .unwrap();
     }
 }
+
+/// The reasons of the complete sweeps recorded, oldest first.
+async fn restart_sweeps(postgres: &TempPostgres) -> Vec<String> {
+    // Refused while PostgreSQL recovers: nothing recorded yet, then.
+    let Ok((client, connection)) =
+        pgfresh::tokio_postgres::connect(&postgres.url("shop"), pgfresh::tokio_postgres::NoTls)
+            .await
+    else {
+        return Vec::new();
+    };
+    tokio::spawn(connection);
+    client
+        .query("SELECT reason FROM pgfresh.sweeps ORDER BY started_at", &[])
+        .await
+        .map(|rows| rows.iter().map(|row| row.get(0)).collect())
+        .unwrap_or_default()
+}
+
+/// The render ticket sequence's last value.
+async fn last_ticket(postgres: &TempPostgres) -> i64 {
+    let client = common::connect(&postgres.url("shop")).await;
+    client
+        .query_one("SELECT last_value FROM pgfresh.render_tickets", &[])
+        .await
+        .unwrap()
+        .get(0)
+}
+
+#[tokio::test]
+async fn a_crash_while_no_listener_ran_is_noticed_by_the_next_listener_which_sweeps() {
+    let (postgres, db, sink, prefix) = shop_on_throwaway_postgres().await;
+    pgfresh::testing::set_fragment_marker(&sink, &prefix, 1)
+        .await
+        .unwrap();
+    // The crash comes while no listener runs: nobody saw PostgreSQL before it.
+    drop(db);
+    postgres.restart();
+    let db = Database::new(&postgres.url("shop"), 8).unwrap();
+    let shutdown = Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
+        db.clone(),
+        sink.clone(),
+        Fragments::new().with(&prefix, common::product_card::ProductCard),
+        test_settings(),
+        shutdown.clone(),
+    ));
+    eventually("the listener to sweep after the crash", || async {
+        restart_sweeps(&postgres).await == ["restart"]
+    })
+    .await;
+    assert!(
+        last_ticket(&postgres).await > 1_000_000_000,
+        "tickets moved ahead"
+    );
+    shutdown.cancel();
+    listener.await.unwrap().unwrap();
+    clean_up(&sink, &prefix).await;
+}
+
+#[tokio::test]
+async fn crash_recovery_without_a_new_postmaster_is_noticed_and_swept() {
+    let (postgres, db, sink, prefix) = shop_on_throwaway_postgres().await;
+    pgfresh::testing::set_fragment_marker(&sink, &prefix, 1)
+        .await
+        .unwrap();
+    let shutdown = Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
+        db.clone(),
+        sink.clone(),
+        Fragments::new().with(&prefix, common::product_card::ProductCard),
+        test_settings(),
+        shutdown.clone(),
+    ));
+    let client = common::connect(&postgres.url("shop")).await;
+    eventually("the listener to register", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    let started: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // A backend killed outright (the kernel's OOM killer, say): the postmaster ends every session
+    // and recovers from the WAL, with restart_after_crash on, keeping its own start time.
+    let victim: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &victim.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    eventually("the listener to sweep after crash recovery", || async {
+        restart_sweeps(&postgres).await == ["restart"]
+    })
+    .await;
+    let client = common::connect(&postgres.url("shop")).await;
+    let after: String = client
+        .query_one("SELECT pg_postmaster_start_time()::text", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(started, after, "the postmaster kept running");
+    assert!(
+        last_ticket(&postgres).await > 1_000_000_000,
+        "tickets moved ahead"
+    );
+    shutdown.cancel();
+    listener.await.unwrap().unwrap();
+    clean_up(&sink, &prefix).await;
+}
+
+/// Deletes this test's keys from the shared Redis.
+async fn clean_up(sink: &RedisStore, prefix: &str) {
+    let mut redis = sink.connection();
+    for key in common::test_keys(&mut redis, prefix).await.unwrap() {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut redis)
+            .await
+            .unwrap();
+    }
+}

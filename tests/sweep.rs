@@ -482,3 +482,74 @@ async fn tickets_past_two_to_the_53_still_order_renders_exactly() {
     assert_eq!(refused, [WriteResult::Refused]);
     env.cleanup().await;
 }
+
+/// A card whose loader fails for every key alike (its table is missing): every page of its sweep
+/// fails.
+struct BrokenCard;
+
+impl pgfresh::Fragment for BrokenCard {
+    type Key = i64;
+    type Row = ();
+    type Variant = common::product_card::Card;
+    type Error = pgfresh::tokio_postgres::Error;
+    fn name(&self) -> &str {
+        "broken_card"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        pgfresh::Topics::new().direct("product")
+    }
+    async fn load(&self, db: &pgfresh::tokio_postgres::Client, _: &[i64]) -> pgfresh::Loaded<Self> {
+        db.query("SELECT FROM no_such_table", &[]).await?;
+        Ok(Vec::new())
+    }
+    fn render(&self, _: &i64, _: &(), _: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::maud::html! {}
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        pgfresh::Fragment::keys_after(&common::product_card::ProductCard, db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn each_fragment_that_a_sweep_completes_is_recorded_whatever_the_others_did() {
+    let env = TestEnv::shop(5).await;
+    let fragments = pgfresh::Fragments::new()
+        .with(format!("{}:broken:", env.name), BrokenCard)
+        .with(&env.prefix, common::product_card::ProductCard);
+    let report = pgfresh::sweep(
+        &env.db,
+        &env.sink,
+        &fragments,
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert!(
+        !report.completed(),
+        "the broken card's pages failed: {report}"
+    );
+    let recorded: Vec<(String, String, i64)> = env
+        .client()
+        .await
+        .query(
+            "SELECT fragment, reason, rewritten FROM pgfresh.sweeps
+             WHERE started_at <= finished_at AND finished_at <= now()",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1), row.get(2)))
+        .collect();
+    assert_eq!(
+        recorded,
+        [("product_card".to_string(), "one-off".to_string(), 10)]
+    );
+    env.cleanup().await;
+}

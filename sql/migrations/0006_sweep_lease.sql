@@ -13,8 +13,13 @@
 --     expires;
 --   * every complete sweep of a fragment is recorded in pgfresh.sweeps, by whoever ran it (a listener,
 --     the sweep command, a program of its own): when it started, why, and what it had to repair. A
---     periodic sweep is due when a fragment's last complete sweep is an interval old, and a sweep after
---     a PostgreSQL restart is done only by a sweep that started after the restart, whoever ran them.
+--     periodic sweep is due when a fragment's last complete sweep is an interval old;
+--   * a crash (crash recovery, with or without a new postmaster) or a failover to a replica may have
+--     lost commits that were rendered, and render tickets handed out: it empties the unlogged
+--     pgfresh.server_epoch, and whoever finds it empty (a listener, a sweep) moves the tickets ahead
+--     and notes when, in the same statement; every fragment whose last complete sweep started before
+--     then is swept, whoever sweeps it. (Listeners used to compare pg_postmaster_start_time(), which
+--     neither crash recovery within a running postmaster nor a promotion changes.)
 
 CREATE TABLE pgfresh.sweep_lease (
     singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -43,5 +48,15 @@ COMMENT ON COLUMN pgfresh.sweeps.reason IS
 COMMENT ON COLUMN pgfresh.sweeps.swept_by IS 'the listener id, or one-off for a sweep no listener ran';
 COMMENT ON COLUMN pgfresh.sweeps.rewritten IS 'entries it wrote because Redis held something else, or nothing';
 COMMENT ON COLUMN pgfresh.sweeps.deleted IS 'entries it deleted because their row is gone';
+
+CREATE UNLOGGED TABLE pgfresh.server_epoch (
+    singleton   boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
+    noticed_at  timestamptz NOT NULL DEFAULT now(),
+    after_crash boolean     NOT NULL
+);
+-- Noted now: this install is no crash.
+INSERT INTO pgfresh.server_epoch (after_crash) VALUES (false);
+COMMENT ON TABLE pgfresh.server_epoch IS
+    'pgfresh: since when PostgreSQL has kept every commit; unlogged, so a crash or a failover empties it, and whoever finds it empty moves render tickets ahead and has every fragment swept';
 
 INSERT INTO pgfresh.migrations (version, name) VALUES (6, '0006_sweep_lease');

@@ -165,6 +165,8 @@ impl Listener {
             _ = &mut drain => None,
             joined = tasks.join_next() => joined,
         };
+        // Read before cancelling below: whether a task that ended was asked to.
+        let asked_to_stop = shared.shutdown.is_cancelled();
         // Every task selects on the shutdown token; the drain loop claims nothing more, and the
         // batches it has in hand commit.
         shared.shutdown.cancel();
@@ -188,18 +190,10 @@ impl Listener {
             refused_writes = refused,
             "listener stopped"
         );
-        match died {
-            None => Ok(()),
-            // Tasks end when shutdown asks them to, possibly before the drain loop has noticed.
-            Some(Ok(_)) if shared.shutdown.is_cancelled() => Ok(()),
-            Some(Ok(task)) => Err(Error::Internal(format!(
-                "the {task} task stopped on its own"
-            ))),
-            Some(Err(error)) => Err(Error::Internal(format!(
-                "a listener task died: {}",
-                describe_join_error(error)
-            ))),
-        }
+        outcome(
+            died.map(|joined| joined.map_err(describe_join_error)),
+            asked_to_stop,
+        )
     }
 
     /// Binds the HTTP address (before registering, so that a taken port fails start-up cleanly),
@@ -276,6 +270,22 @@ impl Listener {
     }
 }
 
+/// What `listen` returns once its tasks are done: `died` is the task that ended first (its name, or
+/// why it died), if the drain loop did not; `asked_to_stop`, whether shutdown had been asked for
+/// when it ended. A task that stops on its own is a bug: the process must exit non-zero, so that a
+/// supervisor restarts it.
+fn outcome(died: Option<Result<&'static str, String>>, asked_to_stop: bool) -> Result<(), Error> {
+    match died {
+        None => Ok(()),
+        // Tasks end when shutdown asks them to, possibly before the drain loop has noticed.
+        Some(Ok(_)) if asked_to_stop => Ok(()),
+        Some(Ok(task)) => Err(Error::Internal(format!(
+            "the {task} task stopped on its own"
+        ))),
+        Some(Err(why)) => Err(Error::Internal(format!("a listener task died: {why}"))),
+    }
+}
+
 /// Spawns a task that returns its name when it ends, so the listener can say which one stopped.
 fn spawn(
     tasks: &mut JoinSet<&'static str>,
@@ -302,4 +312,25 @@ fn hostname() -> String {
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_task_that_stops_unasked_is_an_error_and_one_asked_to_stop_is_not() {
+        assert!(outcome(None, false).is_ok());
+        assert!(outcome(Some(Ok("heartbeat")), true).is_ok());
+        let unasked = outcome(Some(Ok("heartbeat")), false).unwrap_err();
+        assert_eq!(
+            unasked.to_string(),
+            "internal error: the heartbeat task stopped on its own"
+        );
+        let died = outcome(Some(Err("panicked: boom".into())), true).unwrap_err();
+        assert_eq!(
+            died.to_string(),
+            "internal error: a listener task died: panicked: boom"
+        );
+    }
 }

@@ -165,6 +165,18 @@ pub(crate) async fn retry_apart(txn: &Client, changes: &[(i64, &str)]) -> Result
     Ok(())
 }
 
+/// Takes a render ticket, and tells when on PostgreSQL's clock (seconds since the Unix epoch): when
+/// a sweep of a fragment started, as `pgfresh.sweeps` records it.
+pub(crate) async fn take_ticket_at(client: &Client) -> Result<(i64, f64), Error> {
+    let row = client
+        .query_typed_one(
+            "SELECT nextval('pgfresh.render_tickets'), extract(epoch FROM clock_timestamp())::float8",
+            &[],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// Takes a render ticket, for renders that do not come from a claim (the sweep).
 pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
     Ok(client

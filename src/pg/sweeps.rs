@@ -1,5 +1,6 @@
-//! The sweep lease (`pgfresh.sweep_lease`: which listener sweeps now) and the record of complete
-//! sweeps (`pgfresh.sweeps`: when each fragment was last swept, why, and what it repaired).
+//! The sweep lease (`pgfresh.sweep_lease`: which listener sweeps now), the record of complete
+//! sweeps (`pgfresh.sweeps`: when each fragment was last swept, why, and what it repaired), and the
+//! server epoch (`pgfresh.server_epoch`: since when PostgreSQL has kept every commit).
 //!
 //! Only `pgfresh_listener` may update the lease, so no other role can keep listeners from sweeping;
 //! and since complete sweeps are recorded, whoever ran them, a listener never takes a sweep for done
@@ -45,6 +46,29 @@ pub(crate) async fn release_lease(client: &Client, holder: &str) -> Result<(), E
     Ok(())
 }
 
+/// How far render tickets are moved ahead after a crash or a failover: far more tickets than one can
+/// lose (those taken since the last WAL flush, seconds of work), far fewer than a bigint holds.
+const TICKET_JUMP: i64 = 1_000_000_000;
+
+/// Makes sure the server epoch is noted: if a crash or a failover emptied `pgfresh.server_epoch`
+/// (unlogged), notes one now and moves render tickets ahead past any the lost WAL handed out, in
+/// one statement, so that exactly one caller does both. Returns whether this call noted it.
+pub(crate) async fn note_epoch(client: &Client) -> Result<bool, Error> {
+    let noted = client
+        .query_one(
+            "WITH noted AS (
+                 INSERT INTO pgfresh.server_epoch (after_crash) VALUES (true)
+                 ON CONFLICT (singleton) DO NOTHING RETURNING true
+             )
+             SELECT EXISTS (SELECT FROM noted),
+                    (SELECT setval('pgfresh.render_tickets', nextval('pgfresh.render_tickets') + $1)
+                     FROM noted)",
+            &[&TICKET_JUMP],
+        )
+        .await?;
+    Ok(noted.get(0))
+}
+
 /// One complete sweep of one fragment.
 pub(crate) struct SweptFragment<'a> {
     pub(crate) fragment: &'a str,
@@ -52,8 +76,9 @@ pub(crate) struct SweptFragment<'a> {
     pub(crate) reason: &'a str,
     /// The listener's id, or `one-off`.
     pub(crate) swept_by: &'a str,
-    /// How long it took: it started that long before it is recorded.
-    pub(crate) took: Duration,
+    /// When it started, on PostgreSQL's clock (seconds since the Unix epoch), read with its first
+    /// render ticket.
+    pub(crate) started_at: f64,
     /// Entries written because Redis held something else or nothing.
     pub(crate) rewritten: u64,
     /// Entries deleted because their row was gone.
@@ -66,7 +91,7 @@ pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result
         .execute(
             "WITH recorded AS (
                  INSERT INTO pgfresh.sweeps (fragment, reason, swept_by, started_at, rewritten, deleted)
-                 VALUES ($1, $2, $3, clock_timestamp() - $4::float8 * interval '1 second', $5, $6)
+                 VALUES ($1, $2, $3, to_timestamp($4::float8), $5, $6)
              )
              DELETE FROM pgfresh.sweeps WHERE fragment = $1 AND id NOT IN (
                  SELECT id FROM pgfresh.sweeps WHERE fragment = $1
@@ -75,7 +100,7 @@ pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result
                 &swept.fragment,
                 &swept.reason,
                 &swept.swept_by,
-                &swept.took.as_secs_f64(),
+                &swept.started_at,
                 &(swept.rewritten as i64),
                 &(swept.deleted as i64),
                 &(SWEEPS_KEPT - 1),
@@ -90,31 +115,45 @@ pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result
 pub(crate) struct LastSweep {
     /// How long ago it started.
     pub(crate) age: Duration,
-    /// It started after PostgreSQL did: it covers whatever a restart may have lost.
-    pub(crate) since_restart: bool,
 }
 
-/// The last complete sweep of each of `fragments` that was ever swept, by name.
-pub(crate) async fn last_sweeps(
-    client: &Client,
-    fragments: &[&str],
-) -> Result<HashMap<String, LastSweep>, Error> {
+/// What the sweeps record says of a set of fragments.
+#[derive(Debug, Default)]
+pub(crate) struct SweptSoFar {
+    /// The last complete sweep of each fragment that was ever swept, by name.
+    pub(crate) last: HashMap<String, LastSweep>,
+    /// The fragments that a crash or a failover may have left stale: with the epoch noted after
+    /// one, those not swept completely since (all of them while no epoch is noted yet).
+    pub(crate) since_crash: Vec<String>,
+}
+
+/// What the sweeps record says of `fragments`.
+pub(crate) async fn swept_so_far(client: &Client, fragments: &[&str]) -> Result<SweptSoFar, Error> {
     let rows = client
         .query(
-            "SELECT fragment, extract(epoch FROM now() - max(started_at))::float8,
-                    max(started_at) > pg_postmaster_start_time()
-             FROM pgfresh.sweeps WHERE fragment = ANY($1) GROUP BY fragment",
+            "WITH epoch AS (SELECT noticed_at, after_crash FROM pgfresh.server_epoch),
+             last AS (
+                 SELECT fragment, max(started_at) AS started_at
+                 FROM pgfresh.sweeps WHERE fragment = ANY($1) GROUP BY fragment
+             )
+             SELECT f.name, extract(epoch FROM now() - last.started_at)::float8,
+                    NOT EXISTS (SELECT FROM epoch)
+                    OR EXISTS (SELECT FROM epoch WHERE after_crash
+                               AND (last.started_at IS NULL OR last.started_at < noticed_at))
+             FROM unnest($1::text[]) AS f(name) LEFT JOIN last ON last.fragment = f.name",
             &[&fragments],
         )
         .await?;
-    Ok(rows
-        .iter()
-        .map(|row| {
-            let last = LastSweep {
-                age: Duration::from_secs_f64(row.get::<_, f64>(1).max(0.0)),
-                since_restart: row.get(2),
-            };
-            (row.get(0), last)
-        })
-        .collect())
+    let mut so_far = SweptSoFar::default();
+    for row in &rows {
+        let name: String = row.get(0);
+        if let Some(age) = row.get::<_, Option<f64>>(1) {
+            let age = Duration::from_secs_f64(age.max(0.0));
+            so_far.last.insert(name.clone(), LastSweep { age });
+        }
+        if row.get::<_, bool>(2) {
+            so_far.since_crash.push(name);
+        }
+    }
+    Ok(so_far)
 }

@@ -31,8 +31,8 @@ use crate::Error;
 use crate::config::SweepSettings;
 use crate::fragment::{DynFragment, Fragments};
 use crate::pg::Database;
-use crate::pg::queue::take_ticket;
-use crate::pg::sweeps::{SweptFragment, record};
+use crate::pg::queue::take_ticket_at;
+use crate::pg::sweeps::{SweptFragment, note_epoch, record};
 use crate::shutdown::Shutdown;
 use crate::stats::RefreshStats;
 use crate::store::RedisStore;
@@ -197,23 +197,29 @@ impl Sweeper<'_> {
         swept_by: &str,
     ) -> Result<SweepReport, Error> {
         let started = Instant::now();
+        // A crash or a failover not noted yet: move tickets ahead before rendering anything.
+        note_epoch(&*self.db.pinned().await?).await?;
         let mut report = SweepReport::default();
         for (fragment, reason) in selected {
-            let before = (report.clone(), Instant::now());
-            self.sweep_fragment(fragment, &mut report).await?;
+            let before = report.clone();
+            let started_at = self.sweep_fragment(fragment, &mut report).await?;
             if report.interrupted {
                 break;
             }
-            if report.completed() {
+            // Complete if none of its own pages failed and its marker was set: another
+            // fragment's incomplete sweep does not make this one incomplete.
+            let complete = report.pages_failed == before.pages_failed
+                && report.markers_lost == before.markers_lost;
+            if complete {
                 let swept = SweptFragment {
                     fragment: fragment.name(),
                     reason,
                     swept_by,
-                    took: before.1.elapsed(),
-                    rewritten: report.stats.written - before.0.stats.written,
+                    started_at,
+                    rewritten: report.stats.written - before.stats.written,
                     deleted: report.stats.deleted + report.orphans_deleted
-                        - before.0.stats.deleted
-                        - before.0.orphans_deleted,
+                        - before.stats.deleted
+                        - before.orphans_deleted,
                 };
                 self.record(&swept).await;
             }
@@ -237,21 +243,22 @@ impl Sweeper<'_> {
         }
     }
 
-    /// Sweeps one fragment, adding to `report`. Fails only when keys cannot be enumerated at all.
+    /// Sweeps one fragment, adding to `report`; returns when it started, on PostgreSQL's clock.
+    /// Fails only when keys cannot be enumerated at all.
     async fn sweep_fragment(
         &self,
         fragment: &Arc<dyn DynFragment>,
         report: &mut SweepReport,
-    ) -> Result<(), Error> {
+    ) -> Result<f64, Error> {
         let store = self.store;
         let canary = store.start_sweep(fragment.key_prefix()).await?;
-        let start_ticket = take_ticket(&*self.db.pinned().await?).await?;
+        let (start_ticket, started_at) = take_ticket_at(&*self.db.pinned().await?).await?;
         let incomplete_before = report.pages_failed;
         let keep = self.render_pages(fragment, report).await?;
         // Entries of keys in a page that failed as a whole would look like orphans, and the marker
         // would claim what is not true: both wait for a complete sweep.
         if report.pages_failed != incomplete_before || report.interrupted {
-            return Ok(());
+            return Ok(started_at);
         }
         let prefix = fragment.key_prefix();
         report.orphans_deleted +=
@@ -266,7 +273,7 @@ impl Sweeper<'_> {
             );
             report.markers_lost += 1;
         }
-        Ok(())
+        Ok(started_at)
     }
 
     /// Pages through the fragment's keys in key order and renders each page,

@@ -16,7 +16,6 @@ mod lease;
 mod restarts;
 mod schedule;
 
-use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -24,11 +23,10 @@ use super::shared::Shared;
 use super::stand_aside;
 use crate::Error;
 use crate::fragment::{DynFragment, Fragments};
-use crate::pg::sweeps::{LastSweep, last_sweeps};
+use crate::pg::sweeps::{SweptSoFar, swept_so_far};
 use crate::store::{Eviction, RedisStore};
 use crate::sweep::{self, SweepReport, Sweeper, Swept, Truncations};
 use lease::SweepLease;
-use restarts::PostgresRestarts;
 use schedule::SweepSchedule;
 
 /// How often the markers are read. One GET per fragment: negligible, and it bounds how long Redis
@@ -54,7 +52,6 @@ pub(crate) async fn run(shared: Arc<Shared>) {
         shared,
         at_startup: true,
         eviction_checked: None,
-        restarts: PostgresRestarts::default(),
     };
     loop {
         maintenance.round().await;
@@ -74,7 +71,6 @@ struct Maintenance {
     /// is a rollback to older markup then, and is swept back too.
     at_startup: bool,
     eviction_checked: Option<Instant>,
-    restarts: PostgresRestarts,
 }
 
 impl Maintenance {
@@ -87,7 +83,7 @@ impl Maintenance {
             self.check_eviction().await;
             self.eviction_checked = Some(Instant::now());
         }
-        self.restarts.check(&self.shared.db).await;
+        restarts::notice(&self.shared.db).await;
         if self.shared.stand_aside.take_resumed() {
             // Back from standing aside: the newer listener may have left its markup behind.
             self.at_startup = true;
@@ -115,32 +111,33 @@ impl Maintenance {
         self.shared.board.redis_eviction(description, eviction);
     }
 
-    /// What is due now, fragment by fragment: those not swept since PostgreSQL restarted, those whose
-    /// periodic sweep is due, those whose marker is missing or outdated, those of truncated topics.
+    /// What is due now, fragment by fragment: those not swept since PostgreSQL crashed or failed
+    /// over, those whose periodic sweep is due, those whose marker is missing or outdated, those of
+    /// truncated topics.
     async fn due(&mut self, truncated: &Truncations) -> Option<Due> {
         let fragments = &self.shared.fragments;
-        let last = self.last_sweeps().await;
         let mut due: Vec<Swept> = Vec::new();
         let mut add = |fragment: &Arc<dyn DynFragment>, why: &'static str| {
             if !due.iter().any(|(f, _)| f.name() == fragment.name()) {
                 due.push((fragment.clone(), why));
             }
         };
-        if self.restarts.pending()
-            && let Some(last) = &last
-        {
-            let since =
-                |f: &Arc<dyn DynFragment>| last.get(f.name()).is_some_and(|l| l.since_restart);
-            let unswept: Vec<_> = fragments.iter().filter(|f| !since(f)).collect();
-            if unswept.is_empty() {
-                self.restarts.covered();
-            }
-            unswept.into_iter().for_each(|f| add(f, "restart"));
-        }
-        if let Some(last) = &last {
+        if let Some(so_far) = self.swept_so_far().await {
             let now = Instant::now();
             for fragment in fragments.iter() {
-                if self.schedule.periodic_due(last.get(fragment.name()), now) {
+                if so_far
+                    .since_crash
+                    .iter()
+                    .any(|name| name == fragment.name())
+                {
+                    add(fragment, "restart");
+                }
+            }
+            for fragment in fragments.iter() {
+                if self
+                    .schedule
+                    .periodic_due(so_far.last.get(fragment.name()), now)
+                {
                     add(fragment, "periodic");
                 }
             }
@@ -157,7 +154,7 @@ impl Maintenance {
             .into_iter()
             .find(|label| due.iter().any(|(_, why)| why == label))?;
         let reason = match label {
-            "restart" => "PostgreSQL restarted",
+            "restart" => "PostgreSQL crashed or failed over",
             "periodic" => "periodic",
             "marker" => "missing or outdated in Redis",
             _ => "a watched table was truncated",
@@ -169,15 +166,12 @@ impl Maintenance {
         })
     }
 
-    /// Each fragment's last complete sweep, when periodic sweeps or a restart need them; `None`
-    /// when they cannot be read (nothing is taken for due, or for done, then).
-    async fn last_sweeps(&self) -> Option<HashMap<String, LastSweep>> {
-        if !self.schedule.periodic() && !self.restarts.pending() {
-            return Some(HashMap::new());
-        }
+    /// What the sweeps record says of this listener's fragments; `None` when it cannot be read
+    /// (nothing is taken for due, or for done, then).
+    async fn swept_so_far(&self) -> Option<SweptSoFar> {
         let names: Vec<&str> = self.shared.fragments.iter().map(|f| f.name()).collect();
         let read = match self.shared.db.pinned().await {
-            Ok(client) => last_sweeps(&client, &names).await,
+            Ok(client) => swept_so_far(&client, &names).await,
             Err(error) => Err(error),
         };
         read.inspect_err(|error| tracing::debug!(%error, "cannot read pgfresh.sweeps"))

@@ -32,11 +32,6 @@ impl SweepSchedule {
         }
     }
 
-    /// Whether periodic sweeps are on at all.
-    pub(crate) fn periodic(&self) -> bool {
-        self.interval.is_some()
-    }
-
     /// Whether a sweep may be tried now (no backoff pending).
     pub(crate) fn may_sweep(&self, now: Instant) -> bool {
         self.not_before.is_none_or(|at| now >= at)
@@ -76,7 +71,6 @@ mod tests {
     fn swept(secs: u64) -> LastSweep {
         LastSweep {
             age: Duration::from_secs(secs),
-            since_restart: true,
         }
     }
 
@@ -113,7 +107,6 @@ mod tests {
     fn without_an_interval_nothing_is_ever_periodically_due() {
         let start = Instant::now();
         let schedule = SweepSchedule::new(None, start);
-        assert!(!schedule.periodic());
         assert!(!schedule.periodic_due(Some(&swept(1_000_000)), start));
     }
 }
