@@ -92,6 +92,16 @@ pub enum Error {
     /// A task of pgfresh's own stopped unexpectedly (a bug: please report it).
     #[error("internal error: {0}")]
     Internal(String),
+    /// The session's role lacks rights a listener needs on pgfresh's tables.
+    #[error(
+        "role {role} lacks rights a listener needs on pgfresh's tables ({missing}): after every install or upgrade, run sql/roles.sql as the DBA (psql -f sql/roles.sql) and make this role a member of pgfresh_listener"
+    )]
+    MissingGrants {
+        /// The role.
+        role: String,
+        /// What it lacks, as `table: privilege`, comma separated.
+        missing: String,
+    },
     /// Another live listener stores another fragment under a key prefix that overlaps one of this
     /// listener's.
     #[error(

@@ -222,3 +222,65 @@ async fn clean_up(sink: &RedisStore, prefix: &str) {
             .unwrap();
     }
 }
+
+#[tokio::test]
+async fn of_two_conflicting_listeners_after_the_registry_emptied_the_later_one_gives_way() {
+    let (postgres, db, sink, prefix) = shop_on_throwaway_postgres().await;
+    pgfresh::testing::set_fragment_marker(&sink, &prefix, 1)
+        .await
+        .unwrap();
+    let card = || common::product_card::ProductCard;
+    let shutdown = Shutdown::new();
+    let plain = tokio::spawn(pgfresh::listen(
+        db.clone(),
+        sink.clone(),
+        Fragments::new().with(&prefix, card()),
+        test_settings(),
+        shutdown.clone(),
+    ));
+    let client = common::connect(&postgres.url("shop")).await;
+    eventually("the plain listener to register", || async {
+        let n: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
+            .await
+            .unwrap()
+            .get(0);
+        n == 1
+    })
+    .await;
+    eventually("the plain listener to be idle", || async {
+        let idle: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+            .await
+            .unwrap()
+            .get(0);
+        idle == 1
+    })
+    .await;
+    // A crash empties the registry (here, by hand: the plain listener, idle, writes its row again
+    // only at its next heartbeat); a listener storing the card in Django's format starts meanwhile,
+    // and finds no one in its way.
+    client
+        .batch_execute("DELETE FROM pgfresh.listeners")
+        .await
+        .unwrap();
+    let django = tokio::spawn(pgfresh::listen(
+        db.clone(),
+        sink.clone(),
+        Fragments::new().with_storage(&prefix, card(), Storage::django("site", 1)),
+        test_settings(),
+        Shutdown::new(),
+    ));
+    let ended = tokio::time::timeout(common::PATIENCE, django)
+        .await
+        .expect("the later listener gives way")
+        .unwrap();
+    let error = ended
+        .expect_err("with the conflict as its error")
+        .to_string();
+    assert!(error.contains("stores fragment product_card at"), "{error}");
+    assert!(!plain.is_finished(), "the first listener runs on");
+    shutdown.cancel();
+    plain.await.unwrap().unwrap();
+    clean_up(&sink, &prefix).await;
+}

@@ -844,6 +844,40 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
         .expect("the listener stops")
         .unwrap()
         .unwrap();
+
+    // A role without a newer schema's grants (roles.sql not run again after an upgrade) would
+    // apply changes but never sweep: it is refused at start, with what to do.
+    admin
+        .batch_execute("REVOKE UPDATE ON pgfresh.sweep_lease FROM pgfresh_listener")
+        .await
+        .unwrap();
+    let refused = pgfresh::listen(
+        pgfresh::Database::new(&url, 8).unwrap(),
+        env.sink.clone(),
+        env.fragments(),
+        common::test_settings(),
+        pgfresh::Shutdown::new(),
+    )
+    .await
+    .unwrap_err()
+    .to_string();
+    assert!(
+        refused.contains(&format!(
+            "role {login} lacks rights a listener needs on pgfresh's tables (pgfresh.sweep_lease: UPDATE)"
+        )) && refused.contains("run sql/roles.sql"),
+        "{refused}"
+    );
+    let doctor = common::cli::run(
+        &common::shop_binary(),
+        &url,
+        &common::redis_url(),
+        &["doctor"],
+    );
+    assert!(
+        common::cli::stdout(&doctor).contains("pgfresh.sweep_lease: UPDATE"),
+        "{}",
+        common::cli::stdout(&doctor)
+    );
     drop(as_listener);
     admin
         .batch_execute(&format!(

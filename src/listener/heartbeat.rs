@@ -35,4 +35,15 @@ async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
     if let Err(error) = said.await {
         tracing::debug!(%error, "heartbeat failed");
     }
+    if let Err(error) = shared.registration.check_sharing(&shared.db).await {
+        let conflict = matches!(
+            error,
+            crate::Error::StorageConflict { .. } | crate::Error::PrefixConflict { .. }
+        );
+        if conflict {
+            tracing::error!(%error, "stopping");
+            *shared.fatal.lock().expect("fatal lock") = Some(error);
+            shared.shutdown.cancel();
+        }
+    }
 }

@@ -62,6 +62,7 @@ pub async fn listen(
     settings.validate()?;
     check_ttls(&fragments, &settings)?;
     crate::pg::schema::ensure_installed(&db).await?;
+    check_grants(&db).await?;
     let users = db.get().await?;
     if let Some(privileges) = crate::pg::schema::excess_privileges(&users).await? {
         tracing::warn!(
@@ -74,6 +75,24 @@ pub async fn listen(
     Listener::new(db, store, fragments, settings, shutdown, users_search_path)
         .run()
         .await
+}
+
+/// Fails with one line when the role lacks rights a listener needs (a schema upgraded without
+/// `sql/roles.sql` run again): it would apply changes but never sweep.
+async fn check_grants(db: &Database) -> Result<(), Error> {
+    let client = db.pinned().await?;
+    let missing = crate::pg::schema::missing_listener_grants(&client).await?;
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let role: String = client
+        .query_one("SELECT current_user::text", &[])
+        .await?
+        .get(0);
+    Err(Error::MissingGrants {
+        role,
+        missing: missing.join(", "),
+    })
 }
 
 /// Entries with a TTL are renewed only by the periodic sweep (an unchanged row is never rendered
@@ -145,6 +164,7 @@ impl Listener {
             next_wake: Mutex::new(None),
             board,
             registration: Registration::new(me.clone()),
+            fatal: Mutex::default(),
             users_search_path,
         });
         Self {
@@ -181,6 +201,7 @@ impl Listener {
             );
         }
         while tasks.join_next().await.is_some() {}
+        let fatal = shared.fatal.lock().expect("fatal lock").take();
         if let Ok(client) = shared.db.pinned().await {
             let _ = registry::deregister_listener(&client, &shared.me.id).await;
         }
@@ -190,6 +211,9 @@ impl Listener {
             refused_writes = refused,
             "listener stopped"
         );
+        if let Some(error) = fatal {
+            return Err(error);
+        }
         outcome(
             died.map(|joined| joined.map_err(describe_join_error)),
             asked_to_stop,
@@ -206,12 +230,9 @@ impl Listener {
             self.start_http(address, &listen_connected, &mut tasks)
                 .await?;
         }
-        let client = shared.db.pinned().await?;
-        registry::check_sharing(&client, &shared.me).await?;
-        drop(client);
         shared
             .registration
-            .say(&shared.db, &shared.board, |_| {})
+            .register(&shared.db, &shared.board)
             .await?;
         crate::ops::telemetry::register_fragments(shared.fragments.iter().map(|f| f.name()));
         crate::ops::telemetry::standing_aside(false);

@@ -20,6 +20,8 @@ pub(crate) struct Said {
     pub(crate) idle: bool,
     /// It stands aside for a newer listener.
     pub(crate) standing_aside: bool,
+    /// When it registered, as the registry recorded it.
+    started_at: Option<f64>,
 }
 
 /// The listener's row and the lock that serializes writing it.
@@ -35,6 +37,37 @@ impl Registration {
             me,
             said: Mutex::new(Said::default()),
         }
+    }
+
+    /// Registers the listener, unless another live listener would share Redis with it badly (see
+    /// `registry::check_sharing`): the check and the first row in one transaction, serialized with
+    /// every other listener's start.
+    pub(crate) async fn register(&self, db: &Database, board: &StatusBoard) -> Result<(), Error> {
+        let mut said = self.said.lock().await;
+        let mut client = db.pinned().await?;
+        let txn = client.transaction().await?;
+        registry::lock_registrations(txn.client()).await?;
+        registry::check_sharing(txn.client(), &self.me).await?;
+        let (applied, refused) = board.totals();
+        let row = ListenerRow {
+            me: &self.me,
+            idle: said.idle,
+            standing_aside: said.standing_aside,
+            applied,
+            refused,
+            started_at: said.started_at,
+        };
+        let started_at = registry::write_row(txn.client(), &row).await?;
+        txn.commit().await?;
+        said.started_at = Some(started_at);
+        Ok(())
+    }
+
+    /// Checks again that no live listener registered before this one shares Redis with it badly:
+    /// a crash of PostgreSQL empties the registry, and a conflicting listener may have started in
+    /// between.
+    pub(crate) async fn check_sharing(&self, db: &Database) -> Result<(), Error> {
+        registry::check_sharing(&*db.pinned().await?, &self.me).await
     }
 
     /// Writes the row with `change` applied to what it says, the board's totals and the time;
@@ -55,6 +88,7 @@ impl Registration {
             standing_aside: next.standing_aside,
             applied,
             refused,
+            started_at: next.started_at,
         };
         registry::write_row(&*db.pinned().await?, &row).await?;
         *said = next;

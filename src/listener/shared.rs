@@ -39,6 +39,9 @@ pub(crate) struct Shared {
     pub(crate) recent: RecentRenders,
     /// When deferred changes become ready: the drain loop looks at the queue again then.
     pub(crate) next_wake: Mutex<Option<Instant>>,
+    /// Why a task stopped the listener, when it found it must (another listener registered first
+    /// shares Redis with it badly): what `listen` returns.
+    pub(crate) fatal: Mutex<Option<crate::Error>>,
     /// Totals and samples, for the registry row, the status page and `/readyz`.
     pub(crate) board: Arc<StatusBoard>,
 }

@@ -126,6 +126,20 @@ pub(crate) async fn examine(
         }
     }
 
+    // The tables it checks are those of this binary's schema version.
+    let missing = match version >= required {
+        true => schema::missing_listener_grants(&client).await?,
+        false => Vec::new(),
+    };
+    if !missing.is_empty() {
+        report.problem(
+            format!(
+                "this role lacks rights a listener needs on pgfresh's tables: {}",
+                missing.join(", ")
+            ),
+            "run sql/roles.sql as the DBA (after every install or upgrade), and make the listener's role a member of pgfresh_listener",
+        );
+    }
     for gap in schema::capture_gaps(&client).await? {
         report.problem(
             format!("{}: changes there are not captured", gap.what),

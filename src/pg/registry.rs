@@ -49,6 +49,15 @@ const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
      JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
      WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'";
 
+/// Serializes listeners' start-up checks, so that two conflicting listeners starting at once cannot
+/// both pass [`check_sharing`]: locks the sweep lease's row (which only listeners may update) until
+/// the transaction ends.
+pub(crate) async fn lock_registrations(txn: &Client) -> Result<(), Error> {
+    txn.execute("SELECT FROM pgfresh.sweep_lease FOR UPDATE", &[])
+        .await?;
+    Ok(())
+}
+
 /// Everything a listener's row says: written whole by [`write_row`], its one writer, so that a row
 /// re-created after a PostgreSQL crash (the table is unlogged) says all it said before.
 pub(crate) struct ListenerRow<'a> {
@@ -60,19 +69,25 @@ pub(crate) struct ListenerRow<'a> {
     /// Changes it applied (column `changes_done`), and stale writes Redis refused.
     pub(crate) applied: i64,
     pub(crate) refused: i64,
+    /// When it first registered (seconds since the Unix epoch, PostgreSQL's clock), kept when the
+    /// row is written again after a crash emptied the registry: which of two listeners came first
+    /// does not change. `None` the first time: now, then.
+    pub(crate) started_at: Option<f64>,
 }
 
-/// Writes this listener's row, all of it, and says it is alive.
-pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<(), Error> {
+/// Writes this listener's row, all of it, and says it is alive. Returns when it first registered.
+pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<f64, Error> {
     let me = row.me;
-    client
-        .execute(
+    let written = client
+        .query_one(
             "INSERT INTO pgfresh.listeners
-                 (id, idle, superseded, changes_done, refused_writes, fragments, versions, stored)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 (id, idle, superseded, changes_done, refused_writes, fragments, versions, stored,
+                  started_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, coalesce(to_timestamp($9::float8), now()))
              ON CONFLICT (id) DO UPDATE
              SET idle = $2, superseded = $3, changes_done = $4, refused_writes = $5,
-                 fragments = $6, versions = $7, stored = $8, seen_at = now()",
+                 fragments = $6, versions = $7, stored = $8, seen_at = now()
+             RETURNING extract(epoch FROM started_at)::float8",
             &[
                 &me.id,
                 &row.idle,
@@ -82,17 +97,19 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
                 &me.fragments,
                 &me.versions,
                 &me.stored,
+                &row.started_at,
             ],
         )
         .await?;
-    Ok(())
+    Ok(written.get(0))
 }
 
 /// Fails if a live listener other than `me` would share Redis with it badly: storing one of `me`'s
 /// fragments elsewhere (the two would split the queue between them, each change reaching only one
 /// place), or another fragment under a key prefix that overlaps one of `me`'s (see
-/// [`prefix_conflict`]). Listeners older than schema version 5 do not say where they store, and are
-/// not counted.
+/// [`prefix_conflict`]). Only listeners registered before `me` count (all of them while `me` is not
+/// registered yet): of two in conflict, the later one gives way. Listeners older than schema
+/// version 5 do not say where they store, and are not counted.
 pub(crate) async fn check_sharing(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     let row = client
         .query_opt(
@@ -102,6 +119,8 @@ pub(crate) async fn check_sharing(client: &Client, me: &ListenerIdentity) -> Res
              JOIN unnest($2::text[], $3::text[]) AS mine(name, stored) USING (name)
              WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'
                AND l.stored IS NOT NULL AND theirs.stored IS DISTINCT FROM mine.stored
+               AND (l.started_at, l.id) < (SELECT coalesce(max(started_at), 'infinity'), $1
+                                          FROM pgfresh.listeners WHERE id = $1)
              ORDER BY l.started_at LIMIT 1",
             &[&me.id, &me.fragments, &me.stored, &seconds(SHARING_WINDOW)],
         )
@@ -136,6 +155,8 @@ async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), E
              CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
              WHERE l.id <> $1 AND l.seen_at > now() - $3::float8 * interval '1 second'
                AND theirs.stored IS NOT NULL AND NOT theirs.name = ANY($2)
+               AND (l.started_at, l.id) < (SELECT coalesce(max(started_at), 'infinity'), $1
+                                          FROM pgfresh.listeners WHERE id = $1)
              ORDER BY l.started_at",
             &[&me.id, &me.fragments, &seconds(SHARING_WINDOW)],
         )

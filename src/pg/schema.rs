@@ -105,6 +105,38 @@ pub(crate) async fn ensure_installed(db: &Database) -> Result<(), Error> {
     }
 }
 
+/// What a listener does to pgfresh's tables, as `sql/roles.sql` grants it to `pgfresh_listener`.
+const LISTENER_NEEDS: &[(&str, &str)] = &[
+    ("pgfresh.changes", "SELECT, DELETE"),
+    ("pgfresh.failed", "SELECT, INSERT"),
+    ("pgfresh.listeners", "SELECT, INSERT, UPDATE, DELETE"),
+    ("pgfresh.migrations", "SELECT"),
+    ("pgfresh.watches", "SELECT"),
+    ("pgfresh.truncations", "SELECT, DELETE"),
+    ("pgfresh.sweep_lease", "SELECT, UPDATE"),
+    ("pgfresh.sweeps", "SELECT, INSERT, DELETE"),
+    ("pgfresh.server_epoch", "SELECT, INSERT"),
+];
+
+/// What this session's role lacks of what a listener does to pgfresh's tables, as
+/// `table: privilege` (empty when nothing is missing): a listener role not given the grants of a
+/// newer schema version (`sql/roles.sql` not run again after `install`) cannot sweep.
+pub(crate) async fn missing_listener_grants(client: &Client) -> Result<Vec<String>, Error> {
+    let mut missing = Vec::new();
+    for (table, privileges) in LISTENER_NEEDS {
+        for privilege in privileges.split(", ") {
+            let held: bool = client
+                .query_one("SELECT has_table_privilege($1, $2)", &[table, &privilege])
+                .await?
+                .get(0);
+            if !held {
+                missing.push(format!("{table}: {privilege}"));
+            }
+        }
+    }
+    Ok(missing)
+}
+
 /// What this session's role may do beyond what pgfresh needs, in words ("superuser postgres",
 /// "role app with BYPASSRLS"), or `None`. pgfresh needs only `pgfresh_listener`'s rights; under more,
 /// every loader and through query runs with them too.
