@@ -10,16 +10,21 @@
 -- bind pgfresh's column defaults to them. Every later file of the install runs with this too.
 SET LOCAL search_path = pg_catalog, pg_temp;
 
--- Anyone who can connect can hold any advisory lock: an install waits for this one (another install)
--- a while, never forever.
+-- One install at a time. Once pgfresh is installed, an install locks pgfresh.migrations, which only
+-- pgfresh's owner (or a superuser) may lock this way; before that, it takes an advisory lock, which
+-- anyone who can connect could hold too, but there is nothing to protect yet. Every lock the install
+-- takes (on watched tables too, where writers would queue behind it) is waited for at most 30 s.
+SET LOCAL lock_timeout = '30s';
 DO $$
 BEGIN
-    SET LOCAL lock_timeout = '30s';
-    PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install'));
-    RESET lock_timeout;
+    IF pg_catalog.to_regclass('pgfresh.migrations') IS NOT NULL THEN
+        LOCK TABLE pgfresh.migrations IN EXCLUSIVE MODE;
+    ELSE
+        PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install'));
+    END IF;
 EXCEPTION WHEN lock_not_available THEN
-    RAISE EXCEPTION 'pgfresh install: another session has held the install lock for 30 s (another install, or anyone holding pg_advisory_lock(hashtext(''pgfresh install'')))'
-        USING HINT = 'Find it: SELECT pid, usename, state, query FROM pg_stat_activity WHERE pid IN (SELECT pid FROM pg_locks WHERE locktype = ''advisory''); wait for it or end it, then install again.';
+    RAISE EXCEPTION 'pgfresh install: another install (or uninstall) has held pgfresh''s install lock for 30 s'
+        USING HINT = 'Wait for it, or end it (pg_stat_activity lists its session), then install again.';
 END
 $$;
 
@@ -118,55 +123,62 @@ END
 $$;
 
 -- Nor may anything of someone else's be attached to pgfresh's tables: a trigger or a rule runs as
--- whoever writes the table (the DBA in pgfresh.watch(), the listener), and a policy decides what they
--- see. pgfresh creates none. And nobody but pgfresh's owner, pgfresh_listener (sql/roles.sql),
--- pgfresh_capture and superusers holds a right on pgfresh's objects: finish.sql revokes any that the
--- installing role's default privileges gave, so one found here was granted since, by hand.
+-- whoever writes the table (the DBA in pgfresh.watch(), the listener), a policy decides what they
+-- see, and a foreign key from another table can make the listener's DELETEs fail. pgfresh creates
+-- none. A right that let a role attach one (TRIGGER, REFERENCES) or empty a table (TRUNCATE) is
+-- refused too, as a reason to look: finish.sql takes every other right a stranger holds away (the
+-- installing role's default privileges give some). All of them are named at once.
 DO $$
 DECLARE
-    stranger text;
+    found text;
 BEGIN
-    IF to_regnamespace('pgfresh') IS NULL THEN
+    IF pg_catalog.to_regnamespace('pgfresh') IS NULL THEN
         RETURN;
     END IF;
-    SELECT pg_catalog.format('%s %s on %s', kind, name, tbl::regclass)
-    INTO stranger
+    SELECT pg_catalog.string_agg(pg_catalog.format('%s %s on %s', kind, name, tbl::regclass), '; ')
+    INTO found
     FROM (
         SELECT 'trigger' AS kind, pg_catalog.quote_ident(t.tgname) AS name, t.tgrelid AS tbl
-        FROM pg_catalog.pg_trigger t WHERE NOT t.tgisinternal
+        FROM pg_catalog.pg_trigger t
+        WHERE NOT t.tgisinternal
         UNION ALL
         SELECT 'rule', pg_catalog.quote_ident(w.rulename), w.ev_class
-        FROM pg_catalog.pg_rewrite w WHERE w.rulename <> '_RETURN'
+        FROM pg_catalog.pg_rewrite w WHERE w.rulename OPERATOR(pg_catalog.<>) '_RETURN'
         UNION ALL
         SELECT 'policy', pg_catalog.quote_ident(p.polname), p.polrelid FROM pg_catalog.pg_policy p
+        UNION ALL
+        SELECT pg_catalog.format('foreign key (from %s)', c.conrelid::regclass),
+               pg_catalog.quote_ident(c.conname), c.confrelid
+        FROM pg_catalog.pg_constraint c
+        WHERE c.contype = 'f' AND c.conrelid NOT IN (
+            SELECT o.oid FROM pg_catalog.pg_class o WHERE o.relnamespace = 'pgfresh'::regnamespace)
     ) AS attached
     JOIN pg_catalog.pg_class c ON c.oid = attached.tbl
-    WHERE c.relnamespace = 'pgfresh'::regnamespace
-    LIMIT 1;
-    IF stranger IS NOT NULL THEN
-        RAISE EXCEPTION 'pgfresh install: %, which pgfresh never creates', stranger
-            USING HINT = 'Inspect it (it may have run as whoever wrote that table), drop it, then install again.';
+    WHERE c.relnamespace = 'pgfresh'::regnamespace;
+    IF found IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: pgfresh never creates: %', found
+            USING HINT = 'Inspect each (it may have run as whoever wrote that table), drop it, then install again.';
     END IF;
 
-    SELECT pg_catalog.format('role %s holds %s on %s', r.rolname, a.privilege_type, object.name)
-    INTO stranger
+    SELECT pg_catalog.string_agg(pg_catalog.format('REVOKE %s%s ON TABLE %s FROM %s;',
+                                                   a.privilege_type, object.columns, object.name, g.name), ' ')
+    INTO found
     FROM (
-        SELECT 'schema pgfresh' AS name, n.nspacl AS acl, n.nspowner AS owner
-        FROM pg_catalog.pg_namespace n WHERE n.nspname = 'pgfresh'
-        UNION ALL
-        SELECT c.oid::regclass::text, c.relacl, c.relowner
+        SELECT c.oid::regclass::text AS name, '' AS columns, c.relacl AS acl, c.relowner AS owner
         FROM pg_catalog.pg_class c WHERE c.relnamespace = 'pgfresh'::regnamespace
         UNION ALL
-        SELECT p.oid::regprocedure::text, p.proacl, p.proowner
-        FROM pg_catalog.pg_proc p WHERE p.pronamespace = 'pgfresh'::regnamespace
+        SELECT c.oid::regclass::text, pg_catalog.format(' (%I)', a.attname), a.attacl, c.relowner
+        FROM pg_catalog.pg_class c JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid
+        WHERE c.relnamespace = 'pgfresh'::regnamespace AND a.attacl IS NOT NULL
     ) AS object, pg_catalog.aclexplode(object.acl) a
-    JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
-    WHERE a.grantee <> object.owner AND NOT r.rolsuper
-      AND r.rolname NOT IN ('pgfresh_listener', 'pgfresh_capture')
-    LIMIT 1;
-    IF stranger IS NOT NULL THEN
-        RAISE EXCEPTION 'pgfresh install: %; only pgfresh''s owner, pgfresh_listener and pgfresh_capture may hold rights on pgfresh''s objects', stranger
-            USING HINT = 'Check what that role did with it (triggers, rows), REVOKE it, then install again; give listeners pgfresh_listener instead.';
+    LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee,
+    LATERAL (SELECT CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END) AS g(name)
+    WHERE a.grantee <> object.owner AND a.privilege_type IN ('TRIGGER', 'REFERENCES', 'TRUNCATE')
+      AND NOT coalesce(r.rolsuper, false)
+      AND coalesce(r.rolname NOT IN ('pgfresh_listener', 'pgfresh_capture'), true);
+    IF found IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: roles hold rights on pgfresh''s tables that let them attach code or empty them: %', found
+            USING HINT = 'Check what those roles did with them (triggers, rules, foreign keys, emptied tables), run the REVOKEs, then install again.';
     END IF;
 END
 $$;

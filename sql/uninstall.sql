@@ -11,8 +11,15 @@ SET LOCAL client_min_messages = warning;
 -- Names resolve in pg_catalog, whatever search_path the database or this role sets.
 SET LOCAL search_path = pg_catalog, pg_temp;
 
+-- Not while an install runs (see prepare.sql), and no lock waited for longer than 30 s.
 SET LOCAL lock_timeout = '30s';
-DO $$ BEGIN PERFORM pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('pgfresh install')); END $$;
+DO $$
+BEGIN
+    IF pg_catalog.to_regclass('pgfresh.migrations') IS NOT NULL THEN
+        LOCK TABLE pgfresh.migrations IN EXCLUSIVE MODE;
+    END IF;
+END
+$$;
 
 -- Triggers live on user tables, outside the schema: drop each one whose function is in schema pgfresh,
 -- found from the catalog rather than pgfresh.watches so that nothing survives a damaged registry.

@@ -219,3 +219,27 @@ async fn a_loader_that_fails_for_the_listeners_role_is_found() {
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn doctor_reads_watched_keys_in_the_settings_the_triggers_fix() {
+    let env = TestEnv::shop(2).await;
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "ALTER DATABASE {} SET timezone = 'America/New_York';
+             CREATE TABLE stamps (at timestamptz PRIMARY KEY);
+             INSERT INTO stamps VALUES ('2026-01-01 00:00:00+00');
+             SELECT pgfresh.watch('stamps', 'at', 'product');",
+            env.name
+        ))
+        .await
+        .unwrap();
+    let (_, report) = doctor(&env.url, &common::redis_url());
+    // The trigger queues the key in UTC, whatever the writer's time zone; doctor reads it so.
+    assert_problem(
+        &report,
+        "1 of 1 sampled values of public.stamps.at (e.g. \"2026-01-01 00:00:00+00\")",
+        "watch the column that holds product_card's keys",
+    );
+    env.cleanup().await;
+}

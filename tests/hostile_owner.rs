@@ -9,7 +9,7 @@ use std::process::{Command, Stdio};
 
 use common::cli::{run, stdout};
 use common::servers::TempRedis;
-use common::{TestEnv, eventually, shop_binary};
+use common::{TestEnv, eventually, shop_binary, tweak};
 use pgfresh::tokio_postgres::Client;
 
 /// Whether `role` has become a superuser.
@@ -230,38 +230,62 @@ async fn default_privileges_give_no_role_a_right_on_pgfreshs_objects_and_a_plant
         .collect();
     assert!(held.is_empty(), "{app} holds {held:?}");
 
-    // A right granted by hand since, and a trigger planted with it: the next install refuses both.
+    // A right to read, granted by hand since, is taken away by the next install; rights that let a
+    // role attach code, and a trigger and a foreign key planted with them, make it refuse, naming
+    // every one.
     admin
         .batch_execute(&format!(
-            "GRANT USAGE ON SCHEMA pgfresh TO {app}; GRANT TRIGGER ON pgfresh.watches TO {app};"
+            "GRANT USAGE ON SCHEMA pgfresh TO {app}; GRANT SELECT ON pgfresh.changes TO {app};"
         ))
         .await
         .unwrap();
-    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
-    assert!(
-        refused.contains(&format!("role {app} holds USAGE on schema pgfresh")),
-        "{refused}"
-    );
+    pgfresh::install(&env.db).await.unwrap();
+    let reads: bool = admin
+        .query_one(
+            "SELECT has_table_privilege($1, 'pgfresh.changes', 'SELECT')",
+            &[&app],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(!reads, "the install took the right to read away");
     admin
         .batch_execute(&format!(
-            "SET ROLE {app};
+            "GRANT USAGE ON SCHEMA pgfresh TO {app};
+             GRANT TRIGGER ON pgfresh.watches TO {app}; GRANT REFERENCES ON pgfresh.changes TO {app};
+             SET ROLE {app};
              CREATE FUNCTION public.planted() RETURNS trigger LANGUAGE plpgsql AS
                  $$BEGIN RETURN NEW; END$$;
              CREATE TRIGGER planted AFTER INSERT ON pgfresh.watches
                  FOR EACH ROW EXECUTE FUNCTION public.planted();
-             RESET ROLE;
-             REVOKE ALL ON SCHEMA pgfresh FROM {app}; REVOKE ALL ON pgfresh.watches FROM {app};"
+             CREATE TABLE public.pin (change_id bigint REFERENCES pgfresh.changes (id));
+             RESET ROLE;"
         ))
         .await
         .unwrap();
     let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
     assert!(
-        refused.contains("trigger planted on pgfresh.watches, which pgfresh never creates"),
+        refused.contains("trigger planted on pgfresh.watches")
+            && refused
+                .contains("foreign key (from public.pin) pin_change_id_fkey on pgfresh.changes"),
         "{refused}"
     );
     admin
+        .batch_execute("DROP TRIGGER planted ON pgfresh.watches; DROP TABLE public.pin;")
+        .await
+        .unwrap();
+    // What was planted is gone; the rights to plant more still refuse the install.
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
+    for revoke in [
+        format!("REVOKE TRIGGER ON TABLE pgfresh.watches FROM {app};"),
+        format!("REVOKE REFERENCES ON TABLE pgfresh.changes FROM {app};"),
+    ] {
+        assert!(refused.contains(&revoke), "{refused}");
+    }
+    admin
         .batch_execute(&format!(
-            "DROP TRIGGER planted ON pgfresh.watches;
+            "REVOKE ALL ON SCHEMA pgfresh FROM {app}; REVOKE ALL ON pgfresh.watches FROM {app};
+             REVOKE ALL ON pgfresh.changes FROM {app};
              ALTER DEFAULT PRIVILEGES REVOKE ALL ON TABLES FROM {app};
              ALTER DEFAULT PRIVILEGES REVOKE ALL ON SEQUENCES FROM {app};
              ALTER DEFAULT PRIVILEGES REVOKE ALL ON FUNCTIONS FROM {app};
@@ -352,5 +376,90 @@ async fn a_table_owner_who_switches_capture_off_is_named_by_status_and_doctor() 
         ))
         .await
         .unwrap();
+    env.cleanup().await;
+}
+
+/// The shop's card, also reached through reviews by a query that sets the session's search_path
+/// (as a careless helper in an author's query might), putting `public` first.
+struct UnpinningCard;
+
+impl pgfresh::Fragment for UnpinningCard {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    type Variant = common::product_card::Card;
+    type Error = pgfresh::tokio_postgres::Error;
+    fn name(&self) -> &str {
+        "product_card"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        pgfresh::Topics::new().direct("product").through(
+            "review",
+            "SELECT product_id FROM reviews WHERE product_id = ANY($1)
+               AND pg_catalog.set_config('search_path', 'public, pg_catalog', false) IS NOT NULL",
+        )
+    }
+    async fn load(&self, db: &Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
+        pgfresh::Fragment::load(&common::product_card::ProductCard, db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        pgfresh::Fragment::keys_after(&common::product_card::ProductCard, db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_through_query_that_changes_the_search_path_leaves_pgfreshs_sessions_pinned() {
+    let env = TestEnv::shop(4).await;
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "{TRAPS} SELECT pgfresh.watch('reviews', 'product_id', 'review');"
+        ))
+        .await
+        .unwrap();
+    let listener = env.start_listener_with(
+        pgfresh::Fragments::new().with(&env.prefix, UnpinningCard),
+        tweak(common::test_settings(), |s| s.workers = 1),
+    );
+    // A review fans out through the query, in a claim on one of pgfresh's own sessions...
+    admin
+        .batch_execute(
+            "INSERT INTO reviews (product_id, author, rating, body) VALUES (2, 'Ann', 5, 'Good')",
+        )
+        .await
+        .unwrap();
+    env.wait_fresh(2).await;
+    // ...and the claims after it, on the same sessions (the pool hands each out in turn), still
+    // call PostgreSQL's now().
+    for round in 0..20_i32 {
+        let id = 1 + i64::from(round % 4);
+        admin
+            .execute(
+                "UPDATE products SET price_cents = $2 WHERE id = $1",
+                &[&id, &round],
+            )
+            .await
+            .unwrap();
+        env.wait_fresh(id).await;
+    }
+    listener.stop().await;
+    let sprung: Vec<String> = admin
+        .query("SELECT trap || ': ' || query FROM public.sprung", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(
+        sprung.is_empty(),
+        "pgfresh called public's functions: {sprung:#?}"
+    );
     env.cleanup().await;
 }

@@ -354,10 +354,17 @@ async fn a_dba_who_is_not_a_superuser_can_install_and_watch() {
         .await
         .unwrap();
     let url = server.url("shop").replacen("postgres@", "dba@", 1);
+    let dba = connect(&url).await;
+    // The DBA's default privileges give another role every function they create: the capture
+    // functions too, which only pgfresh_capture could take them back from once handed over.
+    dba.batch_execute(
+        "CREATE ROLE app; ALTER DEFAULT PRIVILEGES GRANT EXECUTE ON FUNCTIONS TO app;",
+    )
+    .await
+    .unwrap();
     let db = pgfresh::Database::new(&url, 2).unwrap();
     pgfresh::install(&db).await.unwrap();
     assert!(pgfresh::install(&db).await.unwrap().is_empty());
-    let dba = connect(&url).await;
     dba.batch_execute(
         "CREATE TABLE items (id int PRIMARY KEY);
          SELECT pgfresh.watch('items', 'id', 'item');
@@ -367,6 +374,22 @@ async fn a_dba_who_is_not_a_superuser_can_install_and_watch() {
     .await
     .unwrap();
     assert_eq!(capture_owners(&dba).await, ["pgfresh_capture"]);
+    let executes: Vec<String> = dba
+        .query(
+            "SELECT p.proname::text FROM pg_proc p
+             WHERE p.pronamespace = 'pgfresh'::regnamespace AND has_function_privilege('app', p.oid, 'EXECUTE')",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert!(executes.is_empty(), "app may run {executes:?}");
+    assert!(
+        pgfresh::install(&db).await.unwrap().is_empty(),
+        "and installs again"
+    );
     let queued: String = dba
         .query_one("SELECT key FROM pgfresh.changes", &[])
         .await

@@ -304,3 +304,64 @@ async fn triggers_notify_only_while_a_live_listener_is_idle() {
     assert_eq!(payloads, ["marker", ""]);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_truncate_of_one_partition_is_recorded_and_a_partition_attached_later_is_named_until_watched_again()
+ {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE visits (id bigint) PARTITION BY RANGE (id);
+             CREATE TABLE visits_low PARTITION OF visits FOR VALUES FROM (0) TO (100);
+             SELECT pgfresh.watch('visits', 'id', 'visit');
+             INSERT INTO visits VALUES (7);
+             TRUNCATE visits_low;",
+        )
+        .await
+        .unwrap();
+    let truncated: Vec<String> = client
+        .query(
+            "SELECT table_oid::regclass::text FROM pgfresh.truncations WHERE topic = 'visit'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(truncated, ["visits_low"]);
+
+    // A partition attached since has the row trigger (cloned) but not the TRUNCATE one: status says
+    // so, with the watch() that puts it right.
+    client
+        .batch_execute(
+            "CREATE TABLE visits_high PARTITION OF visits FOR VALUES FROM (100) TO (200)",
+        )
+        .await
+        .unwrap();
+    let status = common::cli::stdout(&common::cli::run(
+        &common::shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["status"],
+    ));
+    assert!(
+        status.contains("the TRUNCATE trigger of a watch on public.visits_high is missing")
+            && status.contains("SELECT pgfresh.watch('public.visits', 'id', 'visit');"),
+        "{status}"
+    );
+    client
+        .batch_execute("SELECT pgfresh.watch('visits', 'id', 'visit'); TRUNCATE visits_high;")
+        .await
+        .unwrap();
+    let status = common::cli::stdout(&common::cli::run(
+        &common::shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["status"],
+    ));
+    assert!(!status.contains("missing"), "{status}");
+    env.cleanup().await;
+}

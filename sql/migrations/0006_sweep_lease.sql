@@ -20,6 +20,11 @@
 --     and notes when, in the same statement; every fragment whose last complete sweep started before
 --     then is swept, whoever sweeps it. (Listeners used to compare pg_postmaster_start_time(), which
 --     neither crash recovery within a running postmaster nor a promotion changes.)
+--   * a capture function handed to pgfresh_capture keeps no right anyone but its owner was given (the
+--     installing role's default privileges on functions): only pgfresh_capture could take it back;
+--   * a TRUNCATE of one partition of a watched partitioned table is recorded too: the TRUNCATE
+--     trigger is on the table and on each of its partitions (row triggers were already cloned to
+--     them), and every existing watch gets them now.
 
 CREATE TABLE pgfresh.sweep_lease (
     singleton  boolean     PRIMARY KEY DEFAULT true CHECK (singleton),
@@ -48,6 +53,78 @@ COMMENT ON COLUMN pgfresh.sweeps.reason IS
 COMMENT ON COLUMN pgfresh.sweeps.swept_by IS 'the listener id, or one-off for a sweep no listener ran';
 COMMENT ON COLUMN pgfresh.sweeps.rewritten IS 'entries it wrote because Redis held something else, or nothing';
 COMMENT ON COLUMN pgfresh.sweeps.deleted IS 'entries it deleted because their row is gone';
+
+CREATE OR REPLACE FUNCTION pgfresh.give_to_capture_role(fn regprocedure) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    grantee text;
+BEGIN
+    FOR grantee IN
+        SELECT DISTINCT CASE a.grantee WHEN 0 THEN 'PUBLIC' ELSE pg_catalog.quote_ident(r.rolname) END
+        FROM pg_catalog.pg_proc p, pg_catalog.aclexplode(p.proacl) a
+        LEFT JOIN pg_catalog.pg_roles r ON r.oid = a.grantee
+        WHERE p.oid = fn AND a.grantee <> p.proowner
+    LOOP
+        EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM %s CASCADE', fn, grantee);
+    END LOOP;
+    EXECUTE pg_catalog.format('REVOKE ALL ON FUNCTION %s FROM PUBLIC', fn);
+    EXECUTE pg_catalog.format('ALTER FUNCTION %s OWNER TO pgfresh_capture', fn);
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgfresh.watch_truncate(tbl regclass, topic text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    part regclass;
+BEGIN
+    FOR part IN
+        SELECT tbl UNION SELECT t.relid FROM pg_catalog.pg_partition_tree(tbl) t
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s',
+            pg_catalog.format('pgfresh_%s:truncate', topic), part);
+        EXECUTE pg_catalog.format(
+            'CREATE TRIGGER %I AFTER TRUNCATE ON %s FOR EACH STATEMENT EXECUTE FUNCTION pgfresh.capture_truncate(%L)',
+            pg_catalog.format('pgfresh_%s:truncate', topic), part, topic);
+    END LOOP;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION pgfresh.unwatch(tbl regclass, topic text) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    part regclass;
+BEGIN
+    FOR part IN
+        SELECT tbl UNION SELECT t.relid FROM pg_catalog.pg_partition_tree(tbl) t
+    LOOP
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s',
+            pg_catalog.format('pgfresh_%s:truncate', topic), part);
+    END LOOP;
+    EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', pg_catalog.format('pgfresh_%s', topic), tbl);
+    EXECUTE pg_catalog.format('DROP FUNCTION IF EXISTS pgfresh.%I()',
+        pg_catalog.format('capture_%s_%s', tbl::oid, topic));
+    DELETE FROM pgfresh.watches w WHERE w.table_oid = tbl AND w.topic = unwatch.topic;
+END
+$$;
+REVOKE ALL ON FUNCTION pgfresh.watch_truncate(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgfresh.unwatch(regclass, text) FROM PUBLIC;
+REVOKE ALL ON FUNCTION pgfresh.give_to_capture_role(regprocedure) FROM PUBLIC;
+
+-- Every existing watch of a table that still exists gets its TRUNCATE triggers on its partitions.
+DO $$
+DECLARE
+    watched record;
+BEGIN
+    PERFORM pgfresh.lend_capture_role(true);
+    FOR watched IN
+        SELECT w.table_oid::regclass AS tbl, w.topic FROM pgfresh.watches w
+        WHERE EXISTS (SELECT FROM pg_catalog.pg_class c WHERE c.oid = w.table_oid)
+    LOOP
+        PERFORM pgfresh.watch_truncate(watched.tbl, watched.topic);
+    END LOOP;
+    PERFORM pgfresh.lend_capture_role(false);
+END
+$$;
 
 CREATE UNLOGGED TABLE pgfresh.server_epoch (
     singleton   boolean     PRIMARY KEY DEFAULT true CHECK (singleton),

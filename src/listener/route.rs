@@ -9,7 +9,6 @@ use std::sync::Arc;
 use super::shared::Shared;
 use crate::Error;
 use crate::fragment::{DynFragment, Fragments, Mapping};
-use crate::pg::PINNED_SEARCH_PATH;
 use crate::pg::fan_out::{self, FanOutError};
 
 /// A claimed change's identity: (topic, key).
@@ -102,7 +101,7 @@ pub(crate) async fn fan_out<'a>(
         let savepoint = txn.savepoint("pgfresh_fan_out").await?;
         // The query names the application's tables: it runs under the users' search_path, in the
         // savepoint (rolled back with it), and pgfresh's pinned path comes back after it.
-        fan_out::set_search_path(savepoint.client(), &shared.users_search_path).await?;
+        fan_out::use_users_search_path(savepoint.client(), &shared.users_search_path).await?;
         let result = fan_out::fan_out(
             savepoint.client(),
             job.query,
@@ -112,7 +111,7 @@ pub(crate) async fn fan_out<'a>(
         .await;
         match result {
             Ok(fanned) => {
-                fan_out::set_search_path(savepoint.client(), PINNED_SEARCH_PATH).await?;
+                fan_out::pin_search_path(savepoint.client()).await?;
                 savepoint.commit().await?;
                 done.queued += fanned.queued;
                 let reason = |key: &str| {

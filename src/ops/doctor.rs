@@ -254,7 +254,7 @@ async fn check_keys(
     fragments: &Fragments,
     watches: &[schema::Watch],
 ) -> Result<(), Error> {
-    let client = db.pinned().await?;
+    let mut client = db.pinned().await?;
     for watch in watches {
         let direct: Vec<_> = fragments
             .iter()
@@ -272,7 +272,13 @@ async fn check_keys(
             "SELECT {key} FROM {} WHERE {column} IS NOT NULL LIMIT {KEY_SAMPLE}",
             watch.table
         );
-        let values: Vec<String> = match client.query(&sql, &[]).await {
+        // In the settings the capture triggers fix, so that dates, times and floats read as they
+        // are queued, whatever this session's TimeZone or DateStyle.
+        let txn = client.transaction().await?;
+        txn.batch_execute(schema::KEY_TEXT_SETTINGS).await?;
+        let sampled = txn.query(&sql, &[]).await;
+        drop(txn);
+        let values: Vec<String> = match sampled {
             Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
             Err(error) => {
                 report.problem(

@@ -8,6 +8,8 @@
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Statement};
 
+use super::PINNED_SEARCH_PATH;
+
 /// The statement that maps and queues: the user's query sees `$1`; `$2` is the fragment's topic. It
 /// runs under the user's `search_path` (the query names the application's tables), so every name of
 /// its own is qualified.
@@ -20,12 +22,27 @@ fn statement(query: &str) -> String {
     )
 }
 
-/// Runs the statements that follow in this transaction under `path` (the user's `search_path`, or
-/// pgfresh's pinned one to go back), until the transaction or the savepoint it is called in ends.
-pub(crate) async fn set_search_path(txn: &Client, path: &str) -> Result<(), tokio_postgres::Error> {
+/// Runs the statements that follow in this transaction under the users' `search_path`, until the
+/// transaction or the savepoint it is called in ends, or [`pin_search_path`].
+pub(crate) async fn use_users_search_path(
+    txn: &Client,
+    path: &str,
+) -> Result<(), tokio_postgres::Error> {
     txn.execute(
         "SELECT pg_catalog.set_config('search_path', $1, true)",
         &[&path],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Puts the session's `search_path` back to pgfresh's pinned one, for the session and not only the
+/// transaction: a through query that changed it for the session (`set_config(..., false)`) would
+/// otherwise leave a pooled session of pgfresh's own unpinned for good.
+pub(crate) async fn pin_search_path(txn: &Client) -> Result<(), tokio_postgres::Error> {
+    txn.execute(
+        "SELECT pg_catalog.set_config('search_path', $1, false)",
+        &[&PINNED_SEARCH_PATH],
     )
     .await?;
     Ok(())

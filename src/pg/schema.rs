@@ -232,17 +232,21 @@ pub(crate) struct CaptureGap {
 pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Error> {
     let rows = client
         .query(
-            "WITH expected AS (
-                 SELECT w.table_oid, w.topic, w.key_column, part.relid, 'row' AS kind,
-                        format('capture_%s_%s', w.table_oid, w.topic) AS function, NULL::bytea AS args
+            "WITH watched AS (
+                 SELECT w.table_oid, w.topic, w.key_column, part.relid
                  FROM pgfresh.watches w, LATERAL (
                      SELECT w.table_oid::regclass AS relid
                      UNION SELECT relid FROM pg_partition_tree(w.table_oid)
                  ) part
+                 WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = w.table_oid)
+             ), expected AS (
+                 SELECT table_oid, topic, key_column, relid, 'row' AS kind,
+                        format('capture_%s_%s', table_oid, topic) AS function, NULL::bytea AS args
+                 FROM watched
                  UNION ALL
-                 SELECT w.table_oid, w.topic, w.key_column, w.table_oid, 'TRUNCATE', 'capture_truncate',
-                        convert_to(w.topic, current_setting('server_encoding')) || '\\x00'::bytea
-                 FROM pgfresh.watches w
+                 SELECT table_oid, topic, key_column, relid, 'TRUNCATE', 'capture_truncate',
+                        convert_to(topic, current_setting('server_encoding')) || '\\x00'::bytea
+                 FROM watched
              )
              SELECT e.relid::regclass::text, e.kind, t.name, t.state,
                     format('SELECT pgfresh.watch(%L, %L, %L);', e.table_oid::regclass::text, e.key_column, e.topic)
@@ -259,31 +263,62 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
             &[],
         )
         .await?;
+    let mut gaps = dropped_tables(client).await?;
+    gaps.extend(rows.iter().map(|row| {
+        let (table, kind, watch): (String, String, String) = (row.get(0), row.get(1), row.get(4));
+        match (
+            row.get::<_, Option<String>>(2),
+            row.get::<_, Option<String>>(3),
+        ) {
+            (Some(trigger), Some(state)) => CaptureGap {
+                what: format!(
+                    "trigger {trigger} on {table} {}",
+                    if state == "R" {
+                        "fires only on replicas (ENABLE REPLICA TRIGGER)"
+                    } else {
+                        "is disabled"
+                    }
+                ),
+                fix: format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"),
+            },
+            _ => CaptureGap {
+                what: format!("the {kind} trigger of a watch on {table} is missing"),
+                fix: format!("{watch} (it recreates the watch's triggers); then run `sweep`"),
+            },
+        }
+    }));
+    Ok(gaps)
+}
+
+/// The settings a capture trigger fixes for keys of dates, times, numbers and bytes (migration 0004,
+/// `watch_rows`), so that one key queues as one text whoever writes; set for the rest of a
+/// transaction.
+pub(crate) const KEY_TEXT_SETTINGS: &str = "SET LOCAL DateStyle = 'ISO, YMD';
+     SET LOCAL IntervalStyle = postgres; SET LOCAL TimeZone = 'UTC';
+     SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = hex; SET LOCAL lc_monetary = 'C'";
+
+/// Watches of tables dropped since: nothing to capture, and nothing `unwatch` can name.
+async fn dropped_tables(client: &Client) -> Result<Vec<CaptureGap>, Error> {
+    let rows = client
+        .query(
+            "SELECT w.table_oid::bigint, w.topic,
+                    format('DELETE FROM pgfresh.watches WHERE table_oid = %s AND topic = %L; DROP FUNCTION IF EXISTS pgfresh.%I();',
+                           w.table_oid, w.topic, format('capture_%s_%s', w.table_oid, w.topic))
+             FROM pgfresh.watches w
+             WHERE NOT EXISTS (SELECT FROM pg_class c WHERE c.oid = w.table_oid)
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
     Ok(rows
         .iter()
-        .map(|row| {
-            let (table, kind, watch): (String, String, String) =
-                (row.get(0), row.get(1), row.get(4));
-            match (
-                row.get::<_, Option<String>>(2),
-                row.get::<_, Option<String>>(3),
-            ) {
-                (Some(trigger), Some(state)) => CaptureGap {
-                    what: format!(
-                        "trigger {trigger} on {table} {}",
-                        if state == "R" {
-                            "fires only on replicas (ENABLE REPLICA TRIGGER)"
-                        } else {
-                            "is disabled"
-                        }
-                    ),
-                    fix: format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"),
-                },
-                _ => CaptureGap {
-                    what: format!("the {kind} trigger of a watch on {table} is missing"),
-                    fix: format!("{watch} (it recreates the watch's triggers); then run `sweep`"),
-                },
-            }
+        .map(|row| CaptureGap {
+            what: format!(
+                "the table (oid {}) watched for topic {} was dropped",
+                row.get::<_, i64>(0),
+                row.get::<_, String>(1)
+            ),
+            fix: row.get(2),
         })
         .collect())
 }
