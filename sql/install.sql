@@ -43,6 +43,11 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 6) AS pgfresh_
 \ir migrations/0006_sweep_lease.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 7) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0007_cheaper_capture.sql
+\endif
+
 \ir finish.sql
 
 COMMIT;

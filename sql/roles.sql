@@ -65,5 +65,7 @@ GRANT SELECT, UPDATE ON pgfresh.sweep_lease TO pgfresh_listener;
 GRANT SELECT, INSERT, DELETE ON pgfresh.sweeps TO pgfresh_listener;
 -- Note a crash or a failover (the unlogged row is gone), once, with the ticket jump.
 GRANT SELECT, INSERT ON pgfresh.server_epoch TO pgfresh_listener;
+-- Tell the triggers until when a listener waits for a NOTIFY (schema version 7).
+GRANT SELECT, UPDATE ON SEQUENCE pgfresh.notify_until TO pgfresh_listener;
 
 COMMIT;

@@ -201,3 +201,82 @@ async fn a_role_that_does_not_own_pgfresh_cannot_watch_and_a_failed_install_leav
         .unwrap();
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn upgrading_from_version_5_keeps_every_queued_and_parked_change_and_rebuilds_the_capture() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    // Schema version 5, as the last release installed it, with a watch, a queued change and a
+    // parked one.
+    let up_to_5: String = pgfresh::testing::migrations()
+        .iter()
+        .filter(|(version, _, _)| *version <= 5)
+        .map(|(_, _, sql)| *sql)
+        .collect();
+    client
+        .batch_execute(&format!(
+            "BEGIN; {} {up_to_5} COMMIT;",
+            pgfresh::testing::prepare_sql()
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY); SELECT pgfresh.watch('items', 'id', 'item');
+             INSERT INTO items VALUES (1), (2);
+             INSERT INTO pgfresh.failed (change_id, topic, key, enqueued_at, attempts, error)
+             SELECT id, topic, key, enqueued_at, 10, 'parked before the upgrade'
+             FROM pgfresh.changes WHERE key = '2';
+             DELETE FROM pgfresh.changes WHERE key = '2';",
+        )
+        .await
+        .unwrap();
+
+    let applied = pgfresh::install(&env.db).await.unwrap();
+    assert_eq!(applied, ["0006_sweep_lease", "0007_cheaper_capture"]);
+    let (queued, parked): (Vec<String>, Vec<String>) = {
+        let keys = |sql: &'static str| {
+            let client = &client;
+            async move {
+                let rows = client.query(sql, &[]).await.unwrap();
+                rows.iter().map(|row| row.get(0)).collect::<Vec<String>>()
+            }
+        };
+        (
+            keys("SELECT key FROM pgfresh.changes ORDER BY id").await,
+            keys("SELECT key FROM pgfresh.failed").await,
+        )
+    };
+    assert_eq!(
+        (queued, parked),
+        (vec!["1".to_string()], vec!["2".to_string()])
+    );
+    // The watch runs version 7's capture: no search_path of its own, the idle flag from the
+    // sequence, and it still queues.
+    let (config, source): (Option<Vec<String>>, String) = {
+        let row = client
+            .query_one(
+                "SELECT proconfig, prosrc FROM pg_proc
+                 WHERE proname = format('capture_%s_item', 'items'::regclass::oid)",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    assert_eq!(config, None, "no SET clause");
+    assert!(source.contains("pgfresh.notify_until"), "{source}");
+    client
+        .batch_execute("UPDATE items SET id = 3 WHERE id = 1")
+        .await
+        .unwrap();
+    let keys: Vec<String> = client
+        .query("SELECT key FROM pgfresh.changes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(keys, ["1", "3", "1"]);
+    env.cleanup().await;
+}

@@ -109,6 +109,8 @@ async fn a_writers_search_path_cannot_put_its_own_operators_or_types_into_the_ca
         ("=", "int4", "int4", "bool"),
         (">", "timestamptz", "timestamptz", "bool"),
         ("-", "timestamptz", "interval", "timestamptz"),
+        (">", "int8", "float8", "bool"),
+        (">", "float8", "float8", "bool"),
     ] {
         let name = format!("hijack_{}", hijacks.matches("CREATE OPERATOR").count());
         hijacks.push_str(&format!(
@@ -125,6 +127,7 @@ async fn a_writers_search_path_cannot_put_its_own_operators_or_types_into_the_ca
              CREATE TABLE items(id int PRIMARY KEY); GRANT ALL ON items TO {writer};
              SELECT pgfresh.watch('items', 'id', 'item');
              INSERT INTO pgfresh.listeners (id, idle) VALUES ('an idle listener', true);
+             SELECT setval('pgfresh.notify_until', date_part('epoch', now())::bigint + 60);
              SET ROLE {writer};
              GRANT USAGE ON SCHEMA {writer} TO PUBLIC;
              {hijacks}
@@ -185,7 +188,9 @@ async fn capture_code_runs_as_a_role_that_may_only_queue_changes() {
                     has_table_privilege(r.oid, 'pgfresh.listeners', 'UPDATE'),
                     has_table_privilege(r.oid, 'pgfresh.failed', 'SELECT'),
                     has_table_privilege(r.oid, 'products', 'SELECT'),
-                    has_schema_privilege(r.oid, 'pgfresh', 'CREATE')
+                    has_schema_privilege(r.oid, 'pgfresh', 'CREATE'),
+                    has_sequence_privilege(r.oid, 'pgfresh.notify_until', 'SELECT'),
+                    has_sequence_privilege(r.oid, 'pgfresh.notify_until', 'UPDATE')
              FROM pg_roles r WHERE r.rolname = 'pgfresh_capture'",
             &[],
         )
@@ -194,14 +199,15 @@ async fn capture_code_runs_as_a_role_that_may_only_queue_changes() {
     let attributes: Vec<bool> = (0..5).map(|i| row.get(i)).collect();
     assert_eq!(attributes, [false; 5], "no login, no special attribute");
     assert_eq!(row.get::<_, i64>(5), 0, "a member of no role");
-    let rights: Vec<bool> = (6..17).map(|i| row.get(i)).collect();
+    let rights: Vec<bool> = (6..19).map(|i| row.get(i)).collect();
     assert_eq!(
         rights,
         [
             false, false, false, // reads, rewrites or deletes no queued change
             true, false, // queues (topic, key), nothing else
-            true, false, false, // reads the idle flag, nothing else of the registry
-            false, false, false // nothing else at all
+            false, false, false, // reads nothing of the registry
+            false, false, false, // nothing else at all
+            true, false // reads until when a listener waits for a NOTIFY, and cannot set it
         ]
     );
     env.cleanup().await;

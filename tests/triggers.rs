@@ -279,18 +279,22 @@ async fn triggers_notify_only_while_a_live_listener_is_idle() {
     let writer = env.client().await;
     // No listener, then a busy one, then one idle but silent for two minutes: no NOTIFY. Then a
     // marker of the test's own, and an idle, live listener: the trigger's empty NOTIFY comes after
-    // the marker, so none of the first three notified (NOTIFYs arrive in commit order).
+    // the marker, so none of the first three notified (NOTIFYs arrive in commit order). Each
+    // listener publishes until when one is idle after writing its row, as a listener does.
+    let publish = "SELECT setval('pgfresh.notify_until', coalesce(
+        (SELECT max(date_part('epoch', seen_at + interval '1 minute'))::bigint
+         FROM pgfresh.listeners WHERE idle), 0));";
     writer
-        .batch_execute(
+        .batch_execute(&format!(
             "UPDATE products SET price_cents = 1 WHERE id = 1;
-             INSERT INTO pgfresh.listeners (id, idle) VALUES ('busy', false);
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('busy', false); {publish}
              UPDATE products SET price_cents = 2 WHERE id = 1;
-             INSERT INTO pgfresh.listeners (id, idle, seen_at) VALUES ('gone', true, now() - interval '2 minutes');
+             INSERT INTO pgfresh.listeners (id, idle, seen_at) VALUES ('gone', true, now() - interval '2 minutes'); {publish}
              UPDATE products SET price_cents = 3 WHERE id = 1;
              NOTIFY pgfresh, 'marker';
-             INSERT INTO pgfresh.listeners (id, idle) VALUES ('waiting', true);
-             UPDATE products SET price_cents = 4 WHERE id = 1;",
-        )
+             INSERT INTO pgfresh.listeners (id, idle) VALUES ('waiting', true); {publish}
+             UPDATE products SET price_cents = 4 WHERE id = 1;"
+        ))
         .await
         .unwrap();
     let mut payloads = Vec::new();

@@ -59,6 +59,7 @@ impl Registration {
         };
         let started_at = registry::write_row(txn.client(), &row).await?;
         txn.commit().await?;
+        registry::publish_idle(&*db.pinned().await?).await?;
         said.started_at = Some(started_at);
         Ok(())
     }
@@ -90,7 +91,10 @@ impl Registration {
             refused,
             started_at: next.started_at,
         };
-        registry::write_row(&*db.pinned().await?, &row).await?;
+        let client = db.pinned().await?;
+        registry::write_row(&client, &row).await?;
+        // Committed already (no transaction): the idle flag it publishes includes this row.
+        registry::publish_idle(&client).await?;
         *said = next;
         Ok(next)
     }

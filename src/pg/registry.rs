@@ -104,6 +104,21 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
     Ok(written.get(0))
 }
 
+/// Tells the triggers until when some listener waits for a NOTIFY: a minute past the last heartbeat
+/// of the latest idle listener, none when none is idle (schema version 7's `pgfresh.notify_until`,
+/// read by every capture instead of this table). Called after each write of a listener's row.
+pub(crate) async fn publish_idle(client: &Client) -> Result<(), Error> {
+    client
+        .execute(
+            "SELECT setval('pgfresh.notify_until', coalesce(
+                 (SELECT max(date_part('epoch', seen_at + $1::float8 * interval '1 second'))::bigint
+                  FROM pgfresh.listeners WHERE idle), 0))",
+            &[&seconds(LIVE_WINDOW)],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Fails if a live listener other than `me` would share Redis with it badly: storing one of `me`'s
 /// fragments elsewhere (the two would split the queue between them, each change reaching only one
 /// place), or another fragment under a key prefix that overlaps one of `me`'s (see
@@ -226,7 +241,7 @@ pub(crate) async fn older_listeners_working(
         .get(0))
 }
 
-/// Removes a listener that is shutting down.
+/// Removes a listener that is shutting down (and tells the triggers, if it was the last idle one).
 pub(crate) async fn deregister_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
     client
         .execute(
@@ -234,7 +249,7 @@ pub(crate) async fn deregister_listener(client: &Client, listener_id: &str) -> R
             &[&listener_id],
         )
         .await?;
-    Ok(())
+    publish_idle(client).await
 }
 
 /// A live listener, as `status` shows it.

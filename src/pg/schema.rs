@@ -116,6 +116,7 @@ const LISTENER_NEEDS: &[(&str, &str)] = &[
     ("pgfresh.sweep_lease", "SELECT, UPDATE"),
     ("pgfresh.sweeps", "SELECT, INSERT, DELETE"),
     ("pgfresh.server_epoch", "SELECT, INSERT"),
+    ("pgfresh.notify_until", "UPDATE"),
 ];
 
 /// What this session's role lacks of what a listener does to pgfresh's tables, as
@@ -125,8 +126,14 @@ pub(crate) async fn missing_listener_grants(client: &Client) -> Result<Vec<Strin
     let mut missing = Vec::new();
     for (table, privileges) in LISTENER_NEEDS {
         for privilege in privileges.split(", ") {
+            // For a sequence, UPDATE is setval's right, and has_sequence_privilege's to tell.
             let held: bool = client
-                .query_one("SELECT has_table_privilege($1, $2)", &[table, &privilege])
+                .query_one(
+                    "SELECT CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, $2)
+                                 ELSE has_table_privilege(c.oid, $2) END
+                     FROM pg_class c WHERE c.oid = $1::text::regclass",
+                    &[table, &privilege],
+                )
                 .await?
                 .get(0);
             if !held {
