@@ -127,6 +127,16 @@ pub mod testing {
         store.set_fragment_marker(key_prefix, version).await
     }
 
+    /// What `doctor` prints for these fragments (the command's report, without its first line).
+    pub async fn doctor(
+        db: &crate::Database,
+        store: RedisStore,
+        fragments: &crate::Fragments,
+    ) -> Result<String, Error> {
+        let report = crate::ops::doctor::examine(db, Ok(store), fragments).await?;
+        Ok(report.to_string())
+    }
+
     /// Reads Redis's memory policy again.
     pub async fn check_eviction(store: &RedisStore) -> (Eviction, String) {
         store.check_eviction().await

@@ -243,3 +243,28 @@ async fn doctor_reads_watched_keys_in_the_settings_the_triggers_fix() {
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_table_the_cards_loader_reads_that_no_watch_covers_is_named_with_its_watch() {
+    let env = TestEnv::shop(5).await;
+    let (_, healthy) = doctor(&env.url, &common::redis_url());
+    assert!(
+        healthy.contains(
+            "ok       product_card: the 2 tables its loader and queries read are watched under its topics"
+        ),
+        "{healthy}"
+    );
+    env.client()
+        .await
+        .batch_execute("SELECT pgfresh.unwatch('reviews', 'product')")
+        .await
+        .unwrap();
+    let (passed, report) = doctor(&env.url, &common::redis_url());
+    assert!(!passed, "{report}");
+    assert_problem(
+        &report,
+        "product_card: its loader reads reviews, which no watch of its topics (product) covers",
+        "SELECT pgfresh.watch('reviews', 'product_id', 'product');",
+    );
+    env.cleanup().await;
+}

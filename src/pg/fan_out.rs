@@ -125,6 +125,22 @@ pub(crate) async fn fan_out(
     Ok(FannedOut { queued, unfit })
 }
 
+/// Runs a through query alone on `keys` (text, as queued), its rows read and dropped: for `doctor`,
+/// which looks at the tables it reads. Must run in a transaction of the caller's (read-only).
+pub(crate) async fn try_query(
+    client: &Client,
+    query: &str,
+    keys: &[&str],
+) -> Result<(), FanOutError> {
+    let statement = client
+        .prepare(&format!("SELECT 1 FROM ({query}) AS mapped"))
+        .await?;
+    check_statement(&statement).map_err(FanOutError::Query)?;
+    let (array, _) = KeyArray::parse(&statement.params()[0], keys);
+    client.query(&statement, &[array.as_param()]).await?;
+    Ok(())
+}
+
 /// Topic keys converted to the array type a through query takes as `$1`.
 enum KeyArray {
     Int8(Vec<i64>),

@@ -10,10 +10,12 @@
 //! - `snapshot`: what a claim's snapshot saw, for the listener's planning.
 //! - `registry`: the listener registry (idle flag, fragment versions, standing aside, heartbeats).
 //! - `truncations`: TRUNCATEs of watched tables waiting for a sweep.
+//! - `dependencies`: what a session read, against what is watched (for `doctor`).
 //! - `sweeps`: the sweep lease (which listener sweeps), and the record of complete sweeps.
 
 mod conninfo;
 mod database;
+pub(crate) mod dependencies;
 pub(crate) mod fan_out;
 pub(crate) mod queue;
 pub(crate) mod registry;

@@ -5,6 +5,8 @@
 //! read-only transaction), Redis's memory policy, live listeners, the queue and PostgreSQL's NOTIFY
 //! queue. Its report is plain text an operator can paste into a ticket.
 
+mod coverage;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
@@ -150,6 +152,7 @@ pub(crate) async fn examine(
     check_topics(&mut report, fragments, &watches);
     check_keys(&mut report, db, fragments, &watches).await?;
     check_loaders(&mut report, db, fragments).await?;
+    coverage::check_reads(&mut report, db, fragments, &watches).await?;
     check_redis(&mut report, redis);
 
     let listeners = registry::live_listeners(&client, version).await?;

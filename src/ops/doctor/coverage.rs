@@ -1,0 +1,187 @@
+//! The dependency nobody declared: every table a fragment's code reads must be watched under one of
+//! the fragment's topics, or a change there leaves the fragment stale until the next sweep, and
+//! nothing says so.
+//!
+//! `doctor` runs each fragment's loader on a few real keys, and each of its through queries on a few
+//! keys of its topic, each in a read-only transaction of its own, and asks PostgreSQL which tables
+//! that transaction locked (`pg::dependencies`): views show as the tables behind them, partitions
+//! with the tables they belong to. A table read that no watch of the fragment's topics covers is a
+//! problem, with the watch that would cover it when a foreign key says which column leads to the
+//! fragment's key.
+
+use std::collections::BTreeSet;
+
+use super::Report;
+use crate::Error;
+use crate::fragment::{DynFragment, Fragments, Mapping};
+use crate::pg::dependencies::{self, TableRead};
+use crate::pg::{Database, fan_out, schema};
+
+/// Keys a loader or a through query is tried on.
+const SAMPLE: i64 = 5;
+
+/// Checks what every fragment's code reads against the watches.
+pub(super) async fn check_reads(
+    report: &mut Report,
+    db: &Database,
+    fragments: &Fragments,
+    watches: &[schema::Watch],
+) -> Result<(), Error> {
+    let pinned = db.pinned().await?;
+    for fragment in fragments.iter() {
+        let mut reads: Vec<(TableRead, String)> = Vec::new();
+        let Some(tables) = loader_reads(db, &pinned, fragment.as_ref()).await? else {
+            report.ok(format!(
+                "{}: no keys yet, what its loader reads not checked",
+                fragment.name()
+            ));
+            continue;
+        };
+        reads.extend(tables.into_iter().map(|t| (t, "its loader".to_string())));
+        for topic in fragment.topics() {
+            let Mapping::Through(query) = &topic.mapping else {
+                continue;
+            };
+            let by = format!("its query for topic {}", topic.name);
+            let tables = query_reads(db, &pinned, &topic.name, query, watches).await?;
+            reads.extend(tables.into_iter().map(|t| (t, by.clone())));
+        }
+        judge(report, db, &pinned, fragment.as_ref(), watches, reads).await?;
+    }
+    Ok(())
+}
+
+/// Reports each table of `reads` that no watch of `fragment`'s topics covers, or that all are.
+async fn judge(
+    report: &mut Report,
+    db: &Database,
+    pinned: &tokio_postgres::Client,
+    fragment: &dyn DynFragment,
+    watches: &[schema::Watch],
+    reads: Vec<(TableRead, String)>,
+) -> Result<(), Error> {
+    let topics: Vec<&str> = fragment.topics().iter().map(|t| t.name.as_str()).collect();
+    let covered = |read: &TableRead| {
+        watches
+            .iter()
+            .any(|w| read.contains(&w.table_oid) && topics.contains(&w.topic.as_str()))
+    };
+    let mut reported = BTreeSet::new();
+    let mut tables = BTreeSet::new();
+    for (read, by) in &reads {
+        // Named as the table a watch would name: the root of its partition tree.
+        let table = *read.last().expect("a table read names at least itself");
+        tables.insert(table);
+        if covered(read) || !reported.insert(table) {
+            continue;
+        }
+        let users = db.get().await?;
+        let name = dependencies::name_in_session(&users, table).await?;
+        report.problem(
+            format!(
+                "{}: {by} reads {name}, which no watch of its topics ({}) covers: a change there leaves it stale until the next sweep",
+                fragment.name(),
+                topics.join(", ")
+            ),
+            fix(pinned, fragment, table, &name).await?,
+        );
+    }
+    if reported.is_empty() {
+        report.ok(format!(
+            "{}: the {} tables its loader and queries read are watched under its topics",
+            fragment.name(),
+            tables.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The watch that covers `table` for `fragment`, when a foreign key says which column leads to its
+/// key; else what to add.
+async fn fix(
+    pinned: &tokio_postgres::Client,
+    fragment: &dyn DynFragment,
+    table: u32,
+    name: &str,
+) -> Result<String, Error> {
+    let direct: Vec<&str> = fragment
+        .topics()
+        .iter()
+        .filter(|t| t.mapping == Mapping::Direct)
+        .map(|t| t.name.as_str())
+        .collect();
+    let quoted = |text: &str| format!("'{}'", text.replace('\'', "''"));
+    Ok(
+        match dependencies::watch_by_foreign_key(pinned, table, &direct).await? {
+            Some((column, topic)) => format!(
+                "SELECT pgfresh.watch({}, {}, {});",
+                quoted(name),
+                quoted(&column),
+                quoted(&topic)
+            ),
+            None => format!(
+                "no foreign key says which of {name}'s columns leads to {}'s key: watch {name} by its own key under a topic of its own, and give {} a through query from that topic's keys to its own (README, \"Dependencies\")",
+                fragment.name(),
+                fragment.name()
+            ),
+        },
+    )
+}
+
+/// What `fragment`'s loader reads, run on a few of its keys; `None` when it has no keys yet.
+async fn loader_reads(
+    db: &Database,
+    pinned: &tokio_postgres::Client,
+    fragment: &dyn DynFragment,
+) -> Result<Option<Vec<TableRead>>, Error> {
+    let mut users = db.get().await?;
+    let keys = {
+        let txn = users.build_transaction().read_only(true).start().await?;
+        match fragment.keys_after(txn.client(), None, SAMPLE).await {
+            Ok(keys) => keys,
+            // The loaders' own check reports why.
+            Err(_) => return Ok(None),
+        }
+    };
+    if keys.is_empty() {
+        return Ok(None);
+    }
+    let txn = users.build_transaction().read_only(true).start().await?;
+    let pid = dependencies::backend_pid(txn.client()).await?;
+    // Whether it rendered or failed, what it read is locked.
+    let _ = fragment.render_keys(txn.client(), &keys).await;
+    let tables = dependencies::tables_locked_by(pinned, pid).await?;
+    drop(txn);
+    Ok(Some(tables))
+}
+
+/// What the through query for `topic` reads, run on a few keys of a table watched under it.
+async fn query_reads(
+    db: &Database,
+    pinned: &tokio_postgres::Client,
+    topic: &str,
+    query: &str,
+    watches: &[schema::Watch],
+) -> Result<Vec<TableRead>, Error> {
+    // Without a watch for the topic, `doctor`'s topic check says so; nothing to try it on here.
+    let Some(watch) = watches.iter().find(|w| w.topic == topic) else {
+        return Ok(Vec::new());
+    };
+    let (key, column) = schema::key_as_text(pinned, watch).await?;
+    let sample = format!(
+        "SELECT {key} FROM {} WHERE {column} IS NOT NULL LIMIT {SAMPLE}",
+        watch.table
+    );
+    let keys: Vec<String> = match pinned.query(&sample, &[]).await {
+        Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
+        Err(_) => return Ok(Vec::new()),
+    };
+    let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+    let mut users = db.get().await?;
+    let txn = users.build_transaction().read_only(true).start().await?;
+    let pid = dependencies::backend_pid(txn.client()).await?;
+    let _ = fan_out::try_query(txn.client(), query, &keys).await;
+    let tables = dependencies::tables_locked_by(pinned, pid).await?;
+    drop(txn);
+    Ok(tables)
+}

@@ -1,0 +1,173 @@
+//! Dependencies nobody declared: `doctor` runs each fragment's loader and through queries and names
+//! every table they read that no watch of the fragment's topics covers (behind views, and partitions
+//! as the table they belong to), with the watch to add when a foreign key says which; a correct
+//! deployment of the shop and of the blog stays clean.
+
+mod common;
+
+#[path = "../examples/blog/fragments.rs"]
+#[allow(dead_code)]
+mod blog_fragments;
+#[path = "../examples/blog/setup.rs"]
+#[allow(dead_code)]
+mod blog_setup;
+
+use common::TestEnv;
+use common::product_card::Card;
+use pgfresh::tokio_postgres::{Client, Error};
+use pgfresh::{Fragment, Fragments, Topics};
+
+/// The findings of `doctor` about what fragments read (the lines that say "covers").
+async fn coverage(env: &TestEnv, fragments: &Fragments) -> Vec<String> {
+    let report = pgfresh::testing::doctor(&env.db, env.sink.clone(), fragments)
+        .await
+        .unwrap();
+    let lines: Vec<&str> = report.lines().collect();
+    let mut findings = Vec::new();
+    for (index, line) in lines.iter().enumerate() {
+        if line.starts_with("PROBLEM") && line.contains("covers") {
+            findings.push(format!("{line}\n{}", lines[index + 1]));
+        } else if line.contains("are watched under its topics") {
+            findings.push(line.to_string());
+        }
+    }
+    findings
+}
+
+/// A card that shows a product's brand through a view, and its visits from a partitioned table.
+struct BrandCard;
+
+impl Fragment for BrandCard {
+    type Key = i64;
+    type Row = (String, Option<String>, i64);
+    type Variant = Card;
+    type Error = Error;
+    fn name(&self) -> &str {
+        "brand_card"
+    }
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
+    }
+    async fn load(&self, db: &Client, ids: &[i64]) -> pgfresh::Loaded<Self> {
+        let rows = db
+            .query(
+                "SELECT v.id, v.name, v.brand,
+                        (SELECT count(*) FROM visits WHERE product_id = v.id)
+                 FROM product_view v WHERE v.id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3))))
+            .collect())
+    }
+    fn render(&self, _: &i64, row: &Self::Row, _: Card) -> pgfresh::maud::Markup {
+        pgfresh::maud::html! { p { (row.0) } }
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Error> {
+        common::product_card::ProductCard
+            .keys_after(db, after, limit)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn tables_behind_a_view_and_a_partitioned_table_are_named_and_covered_once_watched() {
+    let env = TestEnv::shop(3).await;
+    let admin = env.client().await;
+    admin
+        .batch_execute(
+            "CREATE TABLE brands (id bigint PRIMARY KEY, name text NOT NULL);
+             INSERT INTO brands VALUES (1, 'Acme');
+             ALTER TABLE products ADD COLUMN brand_id bigint REFERENCES brands (id);
+             UPDATE products SET brand_id = 1;
+             CREATE VIEW product_view AS
+                 SELECT p.id, p.name, b.name AS brand
+                 FROM products p LEFT JOIN brands b ON b.id = p.brand_id;
+             CREATE TABLE visits (product_id bigint, day date) PARTITION BY RANGE (day);
+             CREATE TABLE visits_2026 PARTITION OF visits
+                 FOR VALUES FROM ('2026-01-01') TO ('2027-01-01');
+             INSERT INTO visits VALUES (1, '2026-05-01');",
+        )
+        .await
+        .unwrap();
+    let fragments = Fragments::new().with(&env.prefix, BrandCard);
+    let findings = coverage(&env, &fragments).await;
+    assert_eq!(findings.len(), 2, "{findings:#?}");
+    // Behind the view: brands, which products point at; no foreign key from it leads to a key.
+    assert!(
+        findings[0].contains(
+            "brand_card: its loader reads brands, which no watch of its topics (product) covers"
+        ) && findings[0]
+            .contains("no foreign key says which of brands's columns leads to brand_card's key"),
+        "{findings:#?}"
+    );
+    // The partition scanned, named as the partitioned table a watch would name.
+    assert!(
+        findings[1].contains("brand_card: its loader reads visits, which"),
+        "{findings:#?}"
+    );
+
+    // With a foreign key, the fix is the watch; once it is made, the partitions are covered too.
+    admin
+        .batch_execute("ALTER TABLE visits ADD FOREIGN KEY (product_id) REFERENCES products (id)")
+        .await
+        .unwrap();
+    let findings = coverage(&env, &fragments).await;
+    let visits = findings
+        .iter()
+        .find(|f| f.contains("reads visits"))
+        .unwrap();
+    assert!(
+        visits.contains("fix: SELECT pgfresh.watch('visits', 'product_id', 'product');"),
+        "{visits}"
+    );
+    admin
+        .batch_execute(
+            "SELECT pgfresh.watch('visits', 'product_id', 'product');
+             SELECT pgfresh.watch('brands', 'id', 'brand');",
+        )
+        .await
+        .unwrap();
+    // Watched, but under a topic the card does not take: still not covered.
+    let findings = coverage(&env, &fragments).await;
+    assert_eq!(findings.len(), 1, "{findings:#?}");
+    assert!(findings[0].contains("reads brands"), "{findings:#?}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn the_blog_is_clean_and_a_dropped_comments_watch_is_named() {
+    let env = TestEnv::empty().await;
+    blog_setup::setup(&env.db, 20).await.unwrap();
+    let fragments = blog_fragments::with_prefix(&format!("{}:", env.name));
+    let findings = coverage(&env, &fragments).await;
+    assert_eq!(
+        findings,
+        [
+            "ok       post_teaser: the 5 tables its loader and queries read are watched under its topics",
+            "ok       tag_index: the 4 tables its loader and queries read are watched under its topics",
+            "ok       author_box: the 2 tables its loader and queries read are watched under its topics",
+        ]
+    );
+    env.client()
+        .await
+        .batch_execute("SELECT pgfresh.unwatch('comments', 'comment')")
+        .await
+        .unwrap();
+    let findings = coverage(&env, &fragments).await;
+    assert_eq!(findings.len(), 3, "{findings:#?}");
+    assert!(
+        findings[0]
+            .contains("post_teaser: its loader reads comments, which no watch of its topics")
+            && findings[0].contains("fix: SELECT pgfresh.watch('comments', 'post_id', 'post');"),
+        "{findings:#?}"
+    );
+    env.cleanup().await;
+}
