@@ -38,6 +38,9 @@ pub(crate) struct Refreshed {
     /// Keys (by index into the input) written without a ticket to check against while Redis may
     /// evict keys (see [`WriteResult::WrittenUnchecked`]): they must be rendered once more.
     pub(crate) unchecked: Vec<usize>,
+    /// Keys (by index into the input) of which Redis held something else than the render, or
+    /// nothing: at least one entry was written or deleted. What a sweep repaired.
+    pub(crate) repaired: Vec<usize>,
     /// With [`Writes::SkipHeld`]: how many keys had every entry confirmed (found holding its
     /// render, its ticket raised), nothing written (so nothing that could fail).
     pub(crate) confirmed: usize,
@@ -199,8 +202,16 @@ fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed
         unresolved[index] = Some(reason);
     }
     let mut unchecked = vec![false; same_as.len()];
+    let mut repaired = vec![false; same_as.len()];
     for ((result, write), owner) in results.into_iter().zip(&writes).zip(owners) {
         count(&mut refreshed.stats, &result);
+        match &result {
+            WriteResult::Written
+            | WriteResult::WrittenUnchecked
+            | WriteResult::Deleted
+            | WriteResult::DeletedUnchecked => repaired[owner] = true,
+            _ => {}
+        }
         match &result {
             WriteResult::Failed(reason) if failed[owner].is_none() => {
                 refreshed.stats.errors += 1;
@@ -228,6 +239,7 @@ fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed
     refreshed.failed = indexed(failed);
     refreshed.unresolved = indexed(unresolved);
     refreshed.unchecked = (0..same_as.len()).filter(|&i| unchecked[i]).collect();
+    refreshed.repaired = (0..same_as.len()).filter(|&i| repaired[i]).collect();
     refreshed
 }
 

@@ -1,7 +1,9 @@
 //! Dependencies nobody declared: `doctor` runs each fragment's loader and through queries and names
 //! every table they read that no watch of the fragment's topics covers (behind views, and partitions
 //! as the table they belong to), with the watch to add when a foreign key says which; a correct
-//! deployment of the shop and of the blog stays clean.
+//! deployment of the shop and of the blog stays clean. At run time, a periodic sweep that repairs
+//! what no watch reported, while its listener ran all along, is a finding: logged, counted in
+//! metrics, on the status page and in `doctor`; the repairs after a listener was down are not.
 
 mod common;
 
@@ -12,8 +14,9 @@ mod blog_fragments;
 #[allow(dead_code)]
 mod blog_setup;
 
-use common::TestEnv;
 use common::product_card::Card;
+use common::servers::{free_port, http_get, metric};
+use common::{TestEnv, eventually, test_settings, tweak};
 use pgfresh::tokio_postgres::{Client, Error};
 use pgfresh::{Fragment, Fragments, Topics};
 
@@ -169,5 +172,161 @@ async fn the_blog_is_clean_and_a_dropped_comments_watch_is_named() {
             && findings[0].contains("fix: SELECT pgfresh.watch('comments', 'post_id', 'post');"),
         "{findings:#?}"
     );
+    env.cleanup().await;
+}
+
+/// A row of `pgfresh.sweeps`: id, swept_by, reason, unexplained, unwatched.
+type Sweep = (i64, String, String, i64, bool);
+
+/// The sweeps of product_card recorded after row `after`.
+async fn sweeps_after(env: &TestEnv, after: i64) -> Vec<Sweep> {
+    let rows = env
+        .client()
+        .await
+        .query(
+            "SELECT id, swept_by, reason, unexplained, unwatched FROM pgfresh.sweeps
+             WHERE fragment = 'product_card' AND id > $1 ORDER BY id",
+            &[&after],
+        )
+        .await
+        .unwrap();
+    rows.iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4)))
+        .collect()
+}
+
+/// Starts a listener sweeping every second, serving `--http`; returns it, its port and its id.
+async fn sweeping_listener(env: &TestEnv) -> (common::RunningListener, u16, String) {
+    let port = free_port();
+    let listener = env.start_listener(tweak(test_settings(), |s| {
+        s.sweep_interval = Some(std::time::Duration::from_secs(1));
+        s.http = Some(format!("127.0.0.1:{port}"));
+    }));
+    eventually("the listener to register", || async {
+        env.registered_listeners().await == 1
+    })
+    .await;
+    let row = env
+        .client()
+        .await
+        .query_one("SELECT id FROM pgfresh.listeners", &[])
+        .await
+        .unwrap();
+    (listener, port, row.get(0))
+}
+
+/// Waits for a sweep of product_card recorded after row `after` that `wanted` accepts; returns it.
+async fn next_sweep(
+    env: &TestEnv,
+    what: &str,
+    after: i64,
+    wanted: impl Fn(&Sweep) -> bool,
+) -> Sweep {
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        if let Some(found) = sweeps_after(env, after).await.into_iter().find(&wanted) {
+            return found;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "timed out waiting for {what}: {:#?}",
+            sweeps_after(env, 0).await
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+async fn add_review(env: &TestEnv, product: i64) {
+    env.client()
+        .await
+        .execute(
+            "INSERT INTO reviews (product_id, author, rating, body) VALUES ($1, 'Ann', 5, 'Unwatched')",
+            &[&product],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_periodic_sweep_that_repairs_what_no_watch_reported_is_a_finding() {
+    let env = TestEnv::shop(5).await;
+    env.sweep().await;
+    env.client()
+        .await
+        .batch_execute("SELECT pgfresh.unwatch('reviews', 'product')")
+        .await
+        .unwrap();
+    // A review added while no listener runs: the first listener's sweeps repair it, and that is
+    // no finding, whichever of its sweeps does: its changes could have been missed while it was
+    // down.
+    add_review(&env, 2).await;
+    let (listener, _, first) = sweeping_listener(&env).await;
+    let repair = next_sweep(&env, "the first listener's repair", 0, |s| {
+        s.1 == first && s.2 == "periodic" && s.3 > 0
+    })
+    .await;
+    assert_eq!((repair.3, repair.4), (1, false), "{repair:?}");
+    env.wait_fresh(2).await;
+    let report = pgfresh::testing::doctor(&env.db, env.sink.clone(), &env.fragments())
+        .await
+        .unwrap();
+    assert!(!report.contains("no watch reported"), "{report}");
+    listener.stop().await;
+
+    // The next listener has run through a whole sweep interval when the review of product 1
+    // arrives: its periodic sweep repairs the card, and nothing explains that but a missing watch.
+    let (listener, port, second) = sweeping_listener(&env).await;
+    let swept = next_sweep(&env, "a sweep by the second listener", repair.0, |s| {
+        s.1 == second && s.2 == "periodic"
+    })
+    .await;
+    assert_eq!((swept.3, swept.4), (0, false), "{swept:?}");
+    let (_, metrics) = http_get(port, "/metrics").await;
+    let series = r#"pgfresh_sweep_unwatched_repairs_total{fragment="product_card"}"#;
+    assert_eq!(metric(&metrics, series), 0.0, "{metrics}");
+    assert!(metrics.contains(series), "registered at 0: {metrics}");
+    let (_, page) = http_get(port, "/").await;
+    assert!(!page.contains("no watch reported"), "{page}");
+
+    add_review(&env, 1).await;
+    let finding = next_sweep(&env, "the finding", swept.0, |s| s.1 == second && s.3 > 0).await;
+    assert_eq!((finding.3, finding.4), (1, true), "{finding:?}");
+    env.wait_fresh(1).await;
+
+    let (_, metrics) = http_get(port, "/metrics").await;
+    assert_eq!(metric(&metrics, series), 1.0, "{metrics}");
+    let (_, page) = http_get(port, "/").await;
+    assert!(
+        page.contains("product_card: a periodic sweep")
+            && page.contains("repaired 1 keys that no watch reported"),
+        "{page}"
+    );
+    let report = pgfresh::testing::doctor(&env.db, env.sink.clone(), &env.fragments())
+        .await
+        .unwrap();
+    assert!(
+        report.contains("PROBLEM  product_card: its periodic sweep")
+            && report.contains("repaired 1 keys that no watch reported"),
+        "{report}"
+    );
+    assert!(
+        report.contains("its loader reads reviews, which no watch of its topics (product) covers"),
+        "{report}"
+    );
+
+    // A later sweep with nothing to repair: doctor still names the finding while it is recorded.
+    next_sweep(&env, "a sweep after the finding", finding.0, |s| {
+        s.1 == second
+    })
+    .await;
+    let report = pgfresh::testing::doctor(&env.db, env.sink.clone(), &env.fragments())
+        .await
+        .unwrap();
+    assert!(
+        report.contains("repaired 1 keys that no watch reported")
+            && report.contains("ok       product_card: its last complete sweep (periodic sweep"),
+        "{report}"
+    );
+    listener.stop().await;
     env.cleanup().await;
 }

@@ -19,6 +19,11 @@ fn doctor(url: &str, redis_url: &str) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// How many problems a text report found.
+fn problem_count(report: &str) -> usize {
+    report.matches("\nPROBLEM  ").count()
+}
+
 fn assert_problem(report: &str, problem: &str, fix: &str) {
     let found = report
         .split("PROBLEM  ")
@@ -265,6 +270,48 @@ async fn a_table_the_cards_loader_reads_that_no_watch_covers_is_named_with_its_w
         &report,
         "product_card: its loader reads reviews, which no watch of its topics (product) covers",
         "SELECT pgfresh.watch('reviews', 'product_id', 'product');",
+    );
+
+    // The same findings as JSON lines, for scripts, with the same exit status.
+    let out = run(
+        &shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["doctor", "--json"],
+    );
+    assert!(!out.status.success());
+    let findings: Vec<serde_json::Value> = stdout(&out)
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect();
+    let text_lines = report
+        .lines()
+        .filter(|l| !l.starts_with("         fix:"))
+        .count();
+    // The text has a heading and a summary line more.
+    assert_eq!(findings.len(), text_lines - 2, "{findings:#?}\n{report}");
+    let problems: Vec<_> = findings
+        .iter()
+        .filter(|f| f["level"] == "problem")
+        .collect();
+    assert_eq!(problems.len(), problem_count(&report), "{findings:#?}");
+    let reviews = problems
+        .iter()
+        .find(|f| f["what"].as_str().unwrap().contains("reads reviews"))
+        .unwrap_or_else(|| panic!("{findings:#?}"));
+    assert_eq!(
+        reviews["what"],
+        "product_card: its loader reads reviews, which no watch of its topics (product) covers: a change there leaves it stale until the next sweep"
+    );
+    assert_eq!(
+        reviews["fix"],
+        "SELECT pgfresh.watch('reviews', 'product_id', 'product');"
+    );
+    assert!(
+        findings
+            .iter()
+            .all(|f| ["ok", "note", "problem"].contains(&f["level"].as_str().unwrap())),
+        "{findings:#?}"
     );
     env.cleanup().await;
 }

@@ -43,7 +43,9 @@ CREATE TABLE pgfresh.sweeps (
     started_at  timestamptz NOT NULL,
     finished_at timestamptz NOT NULL DEFAULT now(),
     rewritten   bigint      NOT NULL,
-    deleted     bigint      NOT NULL
+    deleted     bigint      NOT NULL,
+    unexplained bigint      NOT NULL DEFAULT 0,
+    unwatched   boolean     NOT NULL DEFAULT false
 );
 CREATE INDEX sweeps_fragment_started_at ON pgfresh.sweeps (fragment, started_at DESC);
 COMMENT ON TABLE pgfresh.sweeps IS
@@ -53,6 +55,10 @@ COMMENT ON COLUMN pgfresh.sweeps.reason IS
 COMMENT ON COLUMN pgfresh.sweeps.swept_by IS 'the listener id, or one-off for a sweep no listener ran';
 COMMENT ON COLUMN pgfresh.sweeps.rewritten IS 'entries it wrote because Redis held something else, or nothing';
 COMMENT ON COLUMN pgfresh.sweeps.deleted IS 'entries it deleted because their row is gone';
+COMMENT ON COLUMN pgfresh.sweeps.unexplained IS
+    'keys it repaired with no change of theirs waiting in the queue, and orphans it deleted';
+COMMENT ON COLUMN pgfresh.sweeps.unwatched IS
+    'a finding: a periodic sweep by a listener that ran since the previous one, no crash between, repaired what no watch reported';
 
 CREATE OR REPLACE FUNCTION pgfresh.give_to_capture_role(fn regprocedure) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$

@@ -119,7 +119,17 @@ pub enum Command {
     /// Check the deployment (schema, watches against fragments, key columns, loaders for this role,
     /// Redis's memory policy, listeners, queue, NOTIFY queue); print each problem with its fix and
     /// exit 1 if there is any. Run it with the listener's connection settings.
-    Doctor,
+    Doctor(DoctorArgs),
+}
+
+/// Flags of `doctor`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct DoctorArgs {
+    /// Print the findings as JSON lines for scripts, one object each:
+    /// `{"level": "ok" | "note" | "problem", "what": ..., "fix": ...}` (`fix` for problems only).
+    /// The exit status is the same.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// Flags of `listen`.

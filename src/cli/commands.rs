@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use super::args::{Connections, ListenArgs, RenderArgs, SweepArgs, SweepTuning};
+use super::args::{Connections, DoctorArgs, ListenArgs, RenderArgs, SweepArgs, SweepTuning};
 use crate::Error;
 use crate::config::{ListenSettings, SweepSettings};
 use crate::fragment::{Fragments, KeyOutcome};
@@ -151,15 +151,22 @@ pub(super) async fn render(
     }
 }
 
-/// `doctor`: every check of `ops::doctor`, printed; exit 1 when it found a problem.
+/// `doctor`: every check of `ops::doctor`, printed as text or JSON lines; exit 1 when it found a
+/// problem.
 pub(super) async fn doctor(
     db: &Database,
     connections: &Connections,
     fragments: &Fragments,
+    args: &DoctorArgs,
 ) -> Result<ExitCode, Error> {
-    println!("pgfresh doctor: database {} at {}", db.name(), db.url());
+    if !args.json {
+        println!("pgfresh doctor: database {} at {}", db.name(), db.url());
+    }
     let report = crate::ops::doctor::examine(db, connections.redis().await, fragments).await?;
-    println!("{report}");
+    match args.json {
+        true => print!("{}", report.json_lines()),
+        false => println!("{report}"),
+    }
     Ok(if report.problems() == 0 {
         ExitCode::SUCCESS
     } else {

@@ -117,7 +117,7 @@ pub async fn execute(
         Command::Uninstall => commands::uninstall(&db).await,
         Command::Status => commands::status(&db, connections).await,
         Command::RetryFailed => commands::retry_failed(&db).await,
-        Command::Doctor => commands::doctor(&db, connections, fragments).await,
+        Command::Doctor(args) => commands::doctor(&db, connections, fragments, &args).await,
         Command::Render(args) => commands::render(&db, fragments, args).await,
         Command::Listen(args) => {
             require_fragments(fragments)?;
@@ -145,7 +145,7 @@ fn pool_sizes(command: &Command) -> (usize, usize) {
             (pages + 1, pages + 1)
         }
         // Its own session, and the loader it tries.
-        Command::Doctor => (2, 1),
+        Command::Doctor(_) => (2, 1),
         _ => (1, 1),
     }
 }

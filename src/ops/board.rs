@@ -68,6 +68,8 @@ pub(crate) struct BoardView {
     pub(crate) redis_answer: Option<(Instant, Result<(), String>)>,
     /// The last 15 minutes: changes applied, freshness, queue depth.
     pub(crate) history: HistoryView,
+    /// By fragment: when a periodic sweep last repaired what no watch reported, and how many keys.
+    pub(crate) unwatched: BTreeMap<String, (SystemTime, u64)>,
 }
 
 /// The listener's status board.
@@ -87,6 +89,7 @@ struct Inner {
     redis_eviction: Option<(String, Eviction)>,
     redis_answer: Option<(Instant, Result<(), String>)>,
     history: History,
+    unwatched: BTreeMap<String, (SystemTime, u64)>,
 }
 
 impl Default for StatusBoard {
@@ -119,6 +122,7 @@ impl StatusBoard {
                 redis_eviction: None,
                 redis_answer: None,
                 history: History::new(started),
+                unwatched: BTreeMap::new(),
             }),
         }
     }
@@ -168,6 +172,14 @@ impl StatusBoard {
         });
     }
 
+    /// Notes that a periodic sweep of `fragment` repaired `keys` keys no watch reported.
+    pub(crate) fn unwatched(&self, fragment: &str, keys: u64) {
+        let mut inner = self.inner.lock().expect("status board lock");
+        inner
+            .unwatched
+            .insert(fragment.to_string(), (SystemTime::now(), keys));
+    }
+
     /// Notes whether the listener stands aside for a newer one.
     pub(crate) fn standing_aside(&self, standing_aside: bool) {
         self.inner.lock().expect("status board lock").standing_aside = standing_aside;
@@ -215,6 +227,7 @@ impl StatusBoard {
             redis_eviction: inner.redis_eviction.clone(),
             redis_answer: inner.redis_answer.clone(),
             history: inner.history.view(Instant::now()),
+            unwatched: inner.unwatched.clone(),
         }
     }
 }

@@ -82,6 +82,12 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                             (ago(sweep.at)) " (" (sweep.reason) "): " (sweep.summary)
                         },
                     }
+                    @for (fragment, (at, keys)) in &board.unwatched {
+                        p class="bad unwatched" {
+                            (fragment) ": a periodic sweep " (ago(*at)) " repaired " (keys)
+                            " keys that no watch reported: a table its loader reads is not watched (run doctor)"
+                        }
+                    }
                 }
                 section {
                     h2 { "Recent failures" }

@@ -117,6 +117,10 @@ fn describe() {
         "Connections re-established after a loss, by connection"
     );
     describe_counter!(
+        "pgfresh_sweep_unwatched_repairs_total",
+        "Keys a periodic sweep repaired while this listener ran all along and no change was waiting for them, by fragment: a change reached the fragment that no watch reported (doctor names the table)"
+    );
+    describe_counter!(
         "pgfresh_sweeps_total",
         "Sweeps run by this listener, by reason"
     );
@@ -171,6 +175,8 @@ pub(crate) fn register_fragments<'a>(names: impl Iterator<Item = &'a str>) {
         }
         let _ = histogram!("pgfresh_load_seconds", "fragment" => fragment.clone());
         let _ = histogram!("pgfresh_render_seconds", "fragment" => fragment.clone());
+        counter!("pgfresh_sweep_unwatched_repairs_total", "fragment" => fragment.clone())
+            .absolute(0);
         let _ = histogram!("pgfresh_freshness_seconds", "fragment" => fragment);
     }
 }
@@ -252,6 +258,12 @@ pub(crate) fn reconnected(connection: &'static str) {
 pub(crate) fn swept(reason: &'static str, repaired: u64) {
     counter!("pgfresh_sweeps_total", "reason" => reason).increment(1);
     counter!("pgfresh_sweep_repaired_total").increment(repaired);
+}
+
+/// Records what a periodic sweep of `fragment` repaired that no watch reported.
+pub(crate) fn unwatched(fragment: &str, repaired: u64) {
+    counter!("pgfresh_sweep_unwatched_repairs_total", "fragment" => fragment.to_string())
+        .increment(repaired);
 }
 
 /// Records whether Redis's memory policy can evict pgfresh's keys (1) or not (0).

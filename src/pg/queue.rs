@@ -331,6 +331,23 @@ pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
     })
 }
 
+/// Those of `keys` that no change of `topics` waits for in the queue: keys a sweep repaired although
+/// nothing the triggers captured was on its way to them.
+pub(crate) async fn not_pending(
+    client: &Client,
+    topics: &[&str],
+    keys: &[&str],
+) -> Result<Vec<String>, Error> {
+    let rows = client
+        .query(
+            "SELECT k FROM unnest($2::text[]) AS k
+             WHERE NOT EXISTS (SELECT FROM pgfresh.changes c WHERE c.topic = ANY($1) AND c.key = k)",
+            &[&topics, &keys],
+        )
+        .await?;
+    Ok(rows.iter().map(|row| row.get(0)).collect())
+}
+
 /// A change that failed: retrying, or parked in `pgfresh.failed`.
 #[derive(Clone, Debug)]
 pub(crate) struct Trouble {

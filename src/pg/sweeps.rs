@@ -83,19 +83,37 @@ pub(crate) struct SweptFragment<'a> {
     pub(crate) rewritten: u64,
     /// Entries deleted because their row was gone.
     pub(crate) deleted: u64,
+    /// Keys repaired with no change waiting for them, and orphans deleted.
+    pub(crate) unexplained: u64,
 }
 
-/// Records a complete sweep, and forgets all but the last [`SWEEPS_KEPT`] of its fragment.
-pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result<(), Error> {
-    client
-        .execute(
-            "WITH recorded AS (
-                 INSERT INTO pgfresh.sweeps (fragment, reason, swept_by, started_at, rewritten, deleted)
-                 VALUES ($1, $2, $3, to_timestamp($4::float8), $5, $6)
+/// Records a complete sweep, and forgets all but the last [`SWEEPS_KEPT`] of its fragment. Returns
+/// whether its repairs are a finding (`pgfresh.sweeps.unwatched`): a periodic sweep by a listener
+/// that has run since the fragment's previous complete sweep started, with no crash noted since,
+/// that repaired what no change was on its way for. A change reached the fragment that no watch
+/// reported.
+pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result<bool, Error> {
+    let row = client
+        .query_one(
+            "WITH previous AS (
+                 SELECT max(started_at) AS started_at FROM pgfresh.sweeps WHERE fragment = $1
+             ), recorded AS (
+                 INSERT INTO pgfresh.sweeps
+                     (fragment, reason, swept_by, started_at, rewritten, deleted, unexplained, unwatched)
+                 SELECT $1::text, $2::text, $3::text, to_timestamp($4::float8), $5::bigint,
+                        $6::bigint, $8::bigint,
+                        $8::bigint > 0 AND $2::text = 'periodic'
+                        AND EXISTS (SELECT FROM pgfresh.listeners l
+                                    WHERE l.id = $3 AND l.started_at < p.started_at)
+                        AND EXISTS (SELECT FROM pgfresh.server_epoch e WHERE e.noticed_at < p.started_at)
+                 FROM previous p
+                 RETURNING unwatched
+             ), trimmed AS (
+                 DELETE FROM pgfresh.sweeps WHERE fragment = $1 AND id NOT IN (
+                     SELECT id FROM pgfresh.sweeps WHERE fragment = $1
+                     ORDER BY started_at DESC LIMIT $7)
              )
-             DELETE FROM pgfresh.sweeps WHERE fragment = $1 AND id NOT IN (
-                 SELECT id FROM pgfresh.sweeps WHERE fragment = $1
-                 ORDER BY started_at DESC LIMIT $7)",
+             SELECT unwatched FROM recorded",
             &[
                 &swept.fragment,
                 &swept.reason,
@@ -104,10 +122,11 @@ pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result
                 &(swept.rewritten as i64),
                 &(swept.deleted as i64),
                 &(SWEEPS_KEPT - 1),
+                &(swept.unexplained as i64),
             ],
         )
         .await?;
-    Ok(())
+    Ok(row.get(0))
 }
 
 /// A fragment's last complete sweep.
@@ -156,4 +175,49 @@ pub(crate) async fn swept_so_far(client: &Client, fragments: &[&str]) -> Result<
         }
     }
     Ok(so_far)
+}
+
+/// A fragment's last complete sweep, as `doctor` shows it.
+pub(crate) struct SweepSummary {
+    pub(crate) fragment: String,
+    pub(crate) reason: String,
+    /// Seconds since it started.
+    pub(crate) age: f64,
+    /// Entries it wrote and deleted.
+    pub(crate) repaired: i64,
+    /// Keys it repaired with no change waiting for them, and orphans.
+    pub(crate) unexplained: i64,
+    /// Its repairs are a finding (see [`record`]).
+    pub(crate) unwatched: bool,
+}
+
+/// The last complete sweep of each of `fragments` that was ever swept and, before it, the last one
+/// whose repairs were a finding, if that is still recorded: by fragment, latest first.
+pub(crate) async fn last_of_each(
+    client: &Client,
+    fragments: &[&str],
+) -> Result<Vec<SweepSummary>, Error> {
+    let rows = client
+        .query(
+            "SELECT * FROM (
+                 SELECT DISTINCT ON (fragment, unwatched) fragment, reason,
+                        extract(epoch FROM now() - started_at)::float8 AS age,
+                        rewritten + deleted, unexplained, unwatched
+                 FROM pgfresh.sweeps WHERE fragment = ANY($1)
+                 ORDER BY fragment, unwatched, started_at DESC) AS last
+             ORDER BY fragment, age",
+            &[&fragments],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| SweepSummary {
+            fragment: row.get(0),
+            reason: row.get(1),
+            age: row.get(2),
+            repaired: row.get(3),
+            unexplained: row.get(4),
+            unwatched: row.get(5),
+        })
+        .collect())
 }

@@ -62,6 +62,15 @@ pub struct SweepReport {
     pub markers_lost: u64,
     /// Shutdown stopped the sweep before it finished.
     pub interrupted: bool,
+    /// Keys it repaired (wrote or deleted entries of) with no change of theirs waiting in the
+    /// queue, and entries it deleted as orphans: what changed without a watch saying so, unless
+    /// the listener was down or Redis lost data.
+    pub unexplained: u64,
+    /// Fragments whose repairs no watch explains, and how many: those of [`SweepReport::unexplained`]
+    /// made by a periodic sweep of a listener that ran since the fragment's previous complete
+    /// sweep, with no crash in between. Some table its loader reads is not watched (`doctor` says
+    /// which).
+    pub unwatched_changes: Vec<(String, u64)>,
 }
 
 impl SweepReport {
@@ -220,8 +229,14 @@ impl Sweeper<'_> {
                     deleted: report.stats.deleted + report.orphans_deleted
                         - before.stats.deleted
                         - before.orphans_deleted,
+                    unexplained: report.unexplained + report.orphans_deleted
+                        - before.unexplained
+                        - before.orphans_deleted,
                 };
-                self.record(&swept).await;
+                if self.record(&swept).await {
+                    let found = (fragment.name().to_string(), swept.unexplained);
+                    report.unwatched_changes.push(found);
+                }
             }
         }
         if report.completed() {
@@ -232,15 +247,17 @@ impl Sweeper<'_> {
         Ok(report)
     }
 
-    /// Records a complete sweep of a fragment; one that cannot be recorded is logged, not failed.
-    async fn record(&self, swept: &SweptFragment<'_>) {
+    /// Records a complete sweep of a fragment; returns whether its repairs are a finding (see
+    /// `pg::sweeps::record`). One that cannot be recorded is logged, not failed.
+    async fn record(&self, swept: &SweptFragment<'_>) -> bool {
         let recorded = match self.db.pinned().await {
             Ok(client) => record(&client, swept).await,
             Err(error) => Err(error),
         };
-        if let Err(error) = recorded {
-            tracing::warn!(%error, fragment = swept.fragment, "cannot record the sweep in pgfresh.sweeps (after an upgrade, run sql/roles.sql again)");
-        }
+        recorded.unwrap_or_else(|error| {
+            tracing::warn!(%error, fragment = swept.fragment, "cannot record the sweep in pgfresh.sweeps");
+            false
+        })
     }
 
     /// Sweeps one fragment, adding to `report`; returns when it started, on PostgreSQL's clock.

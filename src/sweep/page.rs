@@ -72,6 +72,9 @@ pub(super) async fn sweep_page(
         errors.push(None);
     }
     drop(loader);
+    let unexplained = unexplained(&db, fragment.as_ref(), &keys, &refreshed.repaired)
+        .await
+        .map_err(|e| failed_page(e.to_string()))?;
     if !again.is_empty() {
         let requeued = match db.pinned().await {
             Ok(client) => {
@@ -82,6 +85,7 @@ pub(super) async fn sweep_page(
         requeued.map_err(|e| failed_page(e.to_string()))?;
     }
     Ok(PageDone {
+        unexplained,
         stats: refreshed.stats,
         requeued: refreshed.failed.len() as u64,
         first_error: refreshed
@@ -93,8 +97,35 @@ pub(super) async fn sweep_page(
     })
 }
 
+/// How many of the keys a page repaired had no change of the fragment's own topics waiting in the
+/// queue: their rows changed, and nothing the triggers captured said so (or a change of a shared
+/// row was still on its way, or Redis lost the entry).
+async fn unexplained(
+    db: &Database,
+    fragment: &dyn DynFragment,
+    keys: &[String],
+    repaired: &[usize],
+) -> Result<u64, crate::Error> {
+    if repaired.is_empty() {
+        return Ok(0);
+    }
+    let topics: Vec<&str> = fragment
+        .topics()
+        .iter()
+        .filter(|t| t.mapping == crate::fragment::Mapping::Direct)
+        .map(|t| t.name.as_str())
+        .chain([fragment.own_topic()])
+        .collect();
+    let repaired: Vec<&str> = repaired.iter().map(|&i| keys[i].as_str()).collect();
+    let client = db.pinned().await?;
+    let unexplained = crate::pg::queue::not_pending(&client, &topics, &repaired).await?;
+    Ok(unexplained.len() as u64)
+}
+
 /// A sweep page that completed: its counts, and the failed keys it queued.
 pub(super) struct PageDone {
+    /// Keys it repaired with no change waiting for them (see [`unexplained`]).
+    unexplained: u64,
     stats: RefreshStats,
     requeued: u64,
     first_error: Option<String>,
@@ -117,6 +148,7 @@ pub(super) fn collect(
         Some(Ok(Ok(page))) => {
             progress.advanced(page.stats.rendered + page.stats.errors);
             report.stats += page.stats;
+            report.unexplained += page.unexplained;
             report.requeued += page.requeued;
             keep.extend(page.keep);
             if let Some(error) = page.first_error {

@@ -222,6 +222,15 @@ impl Maintenance {
             }
         };
         log_report(due.reason, &due.fragments, &report);
+        for (fragment, keys) in &report.unwatched_changes {
+            tracing::warn!(
+                fragment,
+                keys,
+                "the periodic sweep repaired keys that no watch reported, although this listener ran all along: a table the fragment's loader reads is not watched; run doctor"
+            );
+            crate::ops::telemetry::unwatched(fragment, *keys);
+            board.unwatched(fragment, *keys);
+        }
         let repaired = report.stats.written + report.orphans_deleted;
         crate::ops::telemetry::swept(due.label, repaired);
         board.swept(due.label, report.to_string(), report.succeeded());

@@ -68,6 +68,24 @@ impl Report {
     pub(crate) fn problems(&self) -> usize {
         self.findings.iter().filter(|f| f.fix.is_some()).count()
     }
+
+    /// The findings as JSON lines, one object each: `level` (`ok`, `note` or `problem`), `what`,
+    /// and `fix` for a problem.
+    pub(crate) fn json_lines(&self) -> String {
+        let mut lines = String::new();
+        for finding in &self.findings {
+            let line = match (&finding.fix, finding.note) {
+                (Some(fix), _) => {
+                    serde_json::json!({"level": "problem", "what": finding.what, "fix": fix})
+                }
+                (None, true) => serde_json::json!({"level": "note", "what": finding.what}),
+                (None, false) => serde_json::json!({"level": "ok", "what": finding.what}),
+            };
+            lines.push_str(&line.to_string());
+            lines.push('\n');
+        }
+        lines
+    }
 }
 
 impl fmt::Display for Report {
@@ -153,6 +171,9 @@ pub(crate) async fn examine(
     check_keys(&mut report, db, fragments, &watches).await?;
     check_loaders(&mut report, db, fragments).await?;
     coverage::check_reads(&mut report, db, fragments, &watches).await?;
+    if version >= required {
+        check_sweeps(&mut report, &client, fragments).await?;
+    }
     check_redis(&mut report, redis);
 
     let listeners = registry::live_listeners(&client, version).await?;
@@ -329,6 +350,63 @@ async fn check_keys(
         }
     }
     Ok(())
+}
+
+/// Each fragment's last complete sweep, what it repaired, and the last of its recorded sweeps whose
+/// repairs are a finding.
+async fn check_sweeps(
+    report: &mut Report,
+    client: &tokio_postgres::Client,
+    fragments: &Fragments,
+) -> Result<(), Error> {
+    let names: Vec<&str> = fragments.iter().map(|f| f.name()).collect();
+    let mut seen = BTreeSet::new();
+    for sweep in crate::pg::sweeps::last_of_each(client, &names).await? {
+        let last = seen.insert(sweep.fragment.clone());
+        let when = format!("{} sweep {:.0} s ago", sweep.reason, sweep.age);
+        if sweep.unwatched {
+            report.problem(
+                format!(
+                    "{}: its {when} repaired {} keys that no watch reported, although its listener ran all along: a change reached it that nothing captured",
+                    sweep.fragment, sweep.unexplained
+                ),
+                "watch what its loader reads (the dependency check above names any table not watched), and look for writers that bypass the triggers (a disabled trigger, session_replication_role = replica)",
+            );
+        } else if last {
+            report.ok(format!(
+                "{}: its last complete sweep ({when}) {}",
+                sweep.fragment,
+                expected_repairs(&sweep)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What a sweep that is no finding repaired, and why that was expected.
+fn expected_repairs(sweep: &crate::pg::sweeps::SweepSummary) -> String {
+    if sweep.repaired == 0 {
+        return "found every entry fresh".to_string();
+    }
+    if sweep.unexplained == 0 {
+        return format!(
+            "repaired {} entries, each for a change still in the queue",
+            sweep.repaired
+        );
+    }
+    // Repairs no change explains are expected when something was missed: the listener was down
+    // before the sweep, PostgreSQL restarted, Redis lost data, a table was truncated.
+    let expected = match sweep.reason.as_str() {
+        "periodic" => "the first periodic sweep since a listener started or PostgreSQL restarted",
+        "restart" => "PostgreSQL crashed or failed over",
+        "marker" => "Redis lost the fragment's marker",
+        "truncate" => "a watched table was truncated",
+        _ => "no listener ran all along before it",
+    };
+    format!(
+        "repaired {} entries, of {} keys no queued change explains, as expected: {expected}",
+        sweep.repaired, sweep.unexplained
+    )
 }
 
 /// Each fragment's loader works for this role on a sample key, in a read-only transaction.
