@@ -145,6 +145,8 @@ fn postgres_advice(reason: &str) -> &'static str {
         "create it, or name another in the URL (or PGUSER / PGDATABASE)"
     } else if reason.contains("too many clients") || reason.contains("remaining connection slots") {
         "the server has no free connection slot: raise max_connections, or lower --workers"
+    } else if reason.contains("unsupported startup parameter") {
+        "a connection pooler (PgBouncer) refuses that startup parameter: remove it from the URL and from PGOPTIONS (pgfresh sends its own settings only where the pooler takes them)"
     } else {
         "start it, or point --database-url / DATABASE_URL at it"
     }

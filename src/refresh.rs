@@ -5,9 +5,8 @@
 //! steady state almost nothing changed, and the checked write, sending every fragment's HTML, was
 //! most of a sweep's cost in Redis.
 
-use tokio_postgres::Client;
-
 use crate::Error;
+use crate::fragment::UserClient;
 use crate::fragment::{DynFragment, KeyOutcome, LoadError};
 use crate::stats::RefreshStats;
 use crate::store::{RedisStore, Storage, Write, WriteResult};
@@ -51,7 +50,7 @@ pub(crate) struct Refreshed {
 /// as its own failure; a lost connection or a Redis error fails the call, so that the caller retries
 /// the whole batch later.
 pub(crate) async fn refresh(
-    db: &Client,
+    db: UserClient<'_>,
     store: &RedisStore,
     fragment: &dyn DynFragment,
     keys: &[String],

@@ -20,6 +20,16 @@ pub struct Connections {
     /// to postgres://postgres@127.0.0.1:5432/postgres.
     #[arg(long, env = "DATABASE_URL", hide_env_values = true, global = true)]
     pub database_url: Option<String>,
+    /// A direct connection to the same database (not through a pooler), in the same forms, for what
+    /// needs a session of its own: the listener's LISTEN. Give it when --database-url leads through
+    /// PgBouncer in transaction pooling; without it, the listener polls every --poll-interval there.
+    #[arg(
+        long,
+        env = "PGFRESH_SESSION_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub session_url: Option<String>,
     /// Redis connection URL; a /N path selects database N. With --redis-cluster, one or more cluster
     /// nodes, comma-separated (the others are discovered).
     #[arg(
@@ -40,7 +50,12 @@ impl Connections {
     /// completed from this process's environment as libpq would (see [`Environment`]).
     pub fn database(&self, pool_size: usize) -> Result<Database, Error> {
         let url = self.database_url.as_deref().unwrap_or("");
-        Database::with_environment(url, pool_size, &Environment::from_process())
+        let environment = Environment::from_process();
+        let db = Database::with_environment(url, pool_size, &environment)?;
+        match &self.session_url {
+            Some(session) => db.with_session_url(session, &environment),
+            None => Ok(db),
+        }
     }
 
     /// Connects to Redis, a cluster or one server as the flags say, and checks that it answers.

@@ -119,7 +119,8 @@ pub(super) async fn render(
     };
     let client = db.get().await?;
     let keys = [args.key.clone()];
-    let rendered = fragment.render_keys(&client, &keys).await?;
+    let user = crate::fragment::UserClient::of(db, &client).await?;
+    let rendered = fragment.render_keys(user, &keys).await?;
     match rendered.outcomes.into_iter().next() {
         Some(KeyOutcome::Rendered(entries)) => {
             if args.variant.is_none() && variants.len() > 1 {

@@ -140,22 +140,71 @@ impl Caught {
     }
 }
 
+/// A session user code runs on, and whether each call into user code needs a transaction of its
+/// own: behind a connection pooler (see `Database::behind_pooler`), where a statement prepared
+/// outside a transaction may be run on another server session than the one that prepared it.
+#[derive(Clone, Copy)]
+pub(crate) struct UserClient<'a> {
+    pub(crate) client: &'a Client,
+    pub(crate) own_transactions: bool,
+}
+
+impl<'a> UserClient<'a> {
+    /// A session from `db`'s user pool.
+    pub(crate) async fn of(
+        db: &crate::pg::Database,
+        client: &'a Client,
+    ) -> Result<Self, crate::Error> {
+        Ok(UserClient {
+            client,
+            own_transactions: db.behind_pooler().await?,
+        })
+    }
+
+    /// A session already in a transaction of the caller's.
+    pub(crate) fn in_transaction(client: &'a Client) -> Self {
+        UserClient {
+            client,
+            own_transactions: false,
+        }
+    }
+}
+
 /// Runs `call`, a call into user code, turning its panic or its error into a [`Caught`]: user code
-/// fails, it does not take the listener's task down with it.
+/// fails, it does not take the listener's task down with it. With `db.own_transactions`, the call
+/// runs in a transaction of its own, committed when it succeeds.
 async fn guarded<T, E>(
     fragment: &str,
     what: &str,
-    db: &Client,
+    db: UserClient<'_>,
     call: impl Future<Output = Result<T, E>>,
 ) -> Result<T, Caught>
 where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    match AssertUnwindSafe(call).catch_unwind().await {
-        Ok(Ok(value)) => Ok(value),
-        Ok(Err(error)) => Err(Caught::sort(fragment, what, db, error)),
-        Err(panic) => Err(Caught::panicked(fragment, what, db, &panic)),
+    let client = db.client;
+    if db.own_transactions {
+        client
+            .batch_execute("BEGIN")
+            .await
+            .map_err(|error| Caught::sort(fragment, what, client, error))?;
     }
+    let result = match AssertUnwindSafe(call).catch_unwind().await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(error)) => Err(Caught::sort(fragment, what, client, error)),
+        Err(panic) => Err(Caught::panicked(fragment, what, client, &panic)),
+    };
+    if db.own_transactions {
+        let end = match result {
+            Ok(_) => "COMMIT",
+            Err(_) => "ROLLBACK",
+        };
+        let ended = client.batch_execute(end).await;
+        if let (Ok(_), Err(error)) = (&result, ended) {
+            return Err(Caught::sort(fragment, what, client, error));
+        }
+    }
+    result
 }
 
 /// Extra loads one batch may spend halving a load that failed in its data, to find the keys that
@@ -217,17 +266,20 @@ pub(crate) trait DynFragment: Send + Sync {
     /// An `Err` means the load itself failed and nothing was rendered.
     fn render_keys<'a>(
         &'a self,
-        db: &'a Client,
+        db: UserClient<'a>,
         keys: &'a [String],
     ) -> BoxFuture<'a, Result<RenderedKeys, LoadError>>;
     /// The Redis keys of every variant of a key (text form), or `None` if it does not parse.
     fn redis_keys(&self, key: &str) -> Option<Vec<String>>;
     /// See [`Fragment::count_keys`].
-    fn count_keys<'a>(&'a self, db: &'a Client) -> BoxFuture<'a, Result<Option<i64>, LoadError>>;
+    fn count_keys<'a>(
+        &'a self,
+        db: UserClient<'a>,
+    ) -> BoxFuture<'a, Result<Option<i64>, LoadError>>;
     /// Keyset pagination over all keys, in text form. See [`Fragment::keys_after`].
     fn keys_after<'a>(
         &'a self,
-        db: &'a Client,
+        db: UserClient<'a>,
         after: Option<&'a str>,
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<String>, crate::Error>>;
@@ -293,7 +345,11 @@ impl<F: Fragment> Registered<F> {
     /// failing group when the budget is spent are unresolved (tried again soon, apart, with no
     /// attempt counted: most of them are likely fine). A load that fails every key alike (no split
     /// helps) fails the call; a lost connection always does.
-    async fn load_isolating(&self, db: &Client, keys: Vec<F::Key>) -> Result<Loads<F>, LoadError> {
+    async fn load_isolating(
+        &self,
+        db: UserClient<'_>,
+        keys: Vec<F::Key>,
+    ) -> Result<Loads<F>, LoadError> {
         let mut loads = Loads {
             rows: HashMap::new(),
             failed: HashMap::new(),
@@ -306,7 +362,8 @@ impl<F: Fragment> Registered<F> {
         let mut budget = SPLITTING_LOADS;
         let mut split = false;
         while let Some(mut part) = parts.pop_front() {
-            let loaded = guarded(self.name(), "load", db, self.fragment.load(db, &part)).await;
+            let load = self.fragment.load(db.client, &part);
+            let loaded = guarded(self.name(), "load", db, load).await;
             let reason = match loaded {
                 Ok(rows) => {
                     loads.rows.extend(rows);
@@ -424,7 +481,7 @@ impl<F: Fragment> DynFragment for Registered<F> {
 
     fn render_keys<'a>(
         &'a self,
-        db: &'a Client,
+        db: UserClient<'a>,
         keys: &'a [String],
     ) -> BoxFuture<'a, Result<RenderedKeys, LoadError>> {
         Box::pin(async move {
@@ -490,16 +547,20 @@ impl<F: Fragment> DynFragment for Registered<F> {
         )
     }
 
-    fn count_keys<'a>(&'a self, db: &'a Client) -> BoxFuture<'a, Result<Option<i64>, LoadError>> {
+    fn count_keys<'a>(
+        &'a self,
+        db: UserClient<'a>,
+    ) -> BoxFuture<'a, Result<Option<i64>, LoadError>> {
         Box::pin(async move {
-            let counted = guarded(self.name(), "count", db, self.fragment.count_keys(db)).await;
+            let count = self.fragment.count_keys(db.client);
+            let counted = guarded(self.name(), "count", db, count).await;
             counted.map_err(|caught| caught.error)
         })
     }
 
     fn keys_after<'a>(
         &'a self,
-        db: &'a Client,
+        db: UserClient<'a>,
         after: Option<&'a str>,
         limit: i64,
     ) -> BoxFuture<'a, Result<Vec<String>, crate::Error>> {
@@ -513,7 +574,7 @@ impl<F: Fragment> DynFragment for Registered<F> {
                     ))
                 })?),
             };
-            let listed = self.fragment.keys_after(db, after.as_ref(), limit);
+            let listed = self.fragment.keys_after(db.client, after.as_ref(), limit);
             let keys = guarded(self.name(), "key enumeration", db, listed)
                 .await
                 .map_err(|caught| caught.error)?;

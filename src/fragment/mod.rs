@@ -21,7 +21,7 @@ use tokio_postgres::Client;
 
 use crate::store::Storage;
 
-pub(crate) use erased::{DynFragment, KeyOutcome, LoadError, panic_message};
+pub(crate) use erased::{DynFragment, KeyOutcome, LoadError, UserClient, panic_message};
 pub(crate) use topics::Mapping;
 pub use topics::Topics;
 

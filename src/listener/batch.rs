@@ -13,6 +13,7 @@ use super::plan::BatchPlan;
 use super::route::{self, ChangeKey, Routes};
 use super::shared::Shared;
 use crate::Error;
+use crate::fragment::UserClient;
 use crate::pg::queue::{self, Claim, Failure};
 use crate::refresh::{Writes, refresh};
 use crate::stats::RefreshStats;
@@ -288,12 +289,13 @@ async fn render_changes<'a>(
     if routes.renders.is_empty() {
         return Ok(rendered);
     }
-    let loader = shared.db.get().await?;
+    let session = shared.db.get().await?;
+    let loader = UserClient::of(&shared.db, &session).await?;
     for part in &routes.renders {
         let fragment = part.fragment;
         let keys: Vec<String> = part.keys.keys().map(|key| key.to_string()).collect();
         let refreshed = refresh(
-            &loader,
+            loader,
             &shared.store,
             fragment.as_ref(),
             &keys,

@@ -157,6 +157,11 @@ async fn stand_aside(shared: &Shared) -> bool {
 /// Tells the database whether this listener wants NOTIFYs; returns whether that was recorded. If it
 /// cannot be, nothing is lost: the poll still finds every change.
 async fn set_idle(shared: &Shared, idle: bool) -> bool {
+    if !shared.notifications {
+        // It hears no NOTIFY: it only paces its polls, and never asks writers to notify.
+        shared.idle.store(idle, Ordering::Relaxed);
+        return true;
+    }
     let recorded = shared
         .registration
         .say(&shared.db, &shared.board, |said| said.idle = idle);

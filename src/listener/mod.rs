@@ -63,16 +63,36 @@ pub async fn listen(
     check_ttls(&fragments, &settings)?;
     crate::pg::schema::ensure_installed(&db).await?;
     check_grants(&db).await?;
-    let users = db.get().await?;
+    let mut users = db.get().await?;
     if let Some(privileges) = crate::pg::schema::excess_privileges(&users).await? {
         tracing::warn!(
             "listening as {privileges}: every loader and through query runs with those rights; a role with pgfresh_listener's (sql/roles.sql) and SELECT on what the loaders read is all a listener needs"
         );
     }
-    route::check_queries(&users, &fragments).await?;
-    let users_search_path = crate::pg::fan_out::users_search_path(&users).await?;
+    route::check_queries(&mut users, &fragments).await?;
+    let pooled = db.behind_pooler().await?;
+    if pooled && let Some(privileges) = crate::pg::schema::excess_privileges(&users).await? {
+        tracing::warn!(
+            "listening as {privileges} through a connection pooler, where pgfresh cannot pin its sessions' search_path: a function or operator a database owner puts on the role's default path would run with those rights; connect as a role with pgfresh_listener's rights"
+        );
+    }
+    let users_search_path = match pooled {
+        false => Some(crate::pg::fan_out::users_search_path(&users).await?),
+        true => None,
+    };
     drop(users);
-    Listener::new(db, store, fragments, settings, shutdown, users_search_path)
+    let notifications = !pooled || db.has_session_url();
+    if !notifications {
+        tracing::warn!(
+            poll_interval = ?settings.poll_interval,
+            "behind a connection pooler with no --session-url (PGFRESH_SESSION_URL): no LISTEN session, so changes are found by polling every --poll-interval, and writers are never asked to NOTIFY; give a direct connection for LISTEN to apply changes within milliseconds"
+        );
+    }
+    let sessions = Sessions {
+        users_search_path,
+        notifications,
+    };
+    Listener::new(db, store, fragments, settings, shutdown, sessions)
         .run()
         .await
 }
@@ -86,7 +106,7 @@ async fn check_grants(db: &Database) -> Result<(), Error> {
         return Ok(());
     }
     let role: String = client
-        .query_one("SELECT current_user::text", &[])
+        .query_typed_one("SELECT current_user::text", &[])
         .await?
         .get(0);
     Err(Error::MissingGrants {
@@ -124,6 +144,12 @@ fn check_ttls(fragments: &Fragments, settings: &ListenSettings) -> Result<(), Er
 /// and one that takes longer (Redis or PostgreSQL hanging) rolls back, losing nothing.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// What the listener's sessions are like: found before it starts (see [`Shared`]).
+struct Sessions {
+    users_search_path: Option<String>,
+    notifications: bool,
+}
+
 /// A running listener: its shared state and the tasks around the drain loop.
 struct Listener {
     shared: Arc<Shared>,
@@ -137,7 +163,7 @@ impl Listener {
         fragments: Fragments,
         settings: ListenSettings,
         shutdown: Shutdown,
-        users_search_path: String,
+        sessions: Sessions,
     ) -> Self {
         let me = ListenerIdentity {
             id: format!(
@@ -165,7 +191,8 @@ impl Listener {
             board,
             registration: Registration::new(me.clone()),
             fatal: Mutex::default(),
-            users_search_path,
+            users_search_path: sessions.users_search_path,
+            notifications: sessions.notifications,
         });
         Self {
             shared,
@@ -243,14 +270,18 @@ impl Listener {
             redis = %shared.store.url(),
             "listening for changes"
         );
-        let wakeup = wakeup::Wakeup::new(
-            shared.db.clone(),
-            shared.me.id.clone(),
-            self.wake.clone(),
-            listen_connected,
-            shared.shutdown.clone(),
-        );
-        spawn(&mut tasks, "LISTEN session", wakeup.run());
+        if shared.notifications {
+            let wakeup = wakeup::Wakeup::new(
+                shared.db.clone(),
+                shared.me.id.clone(),
+                self.wake.clone(),
+                listen_connected,
+                shared.shutdown.clone(),
+            );
+            spawn(&mut tasks, "LISTEN session", wakeup.run());
+        } else {
+            shared.board.polling(shared.settings.poll_interval);
+        }
         spawn(
             &mut tasks,
             "heartbeat",

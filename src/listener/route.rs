@@ -101,7 +101,9 @@ pub(crate) async fn fan_out<'a>(
         let savepoint = txn.savepoint("pgfresh_fan_out").await?;
         // The query names the application's tables: it runs under the users' search_path, in the
         // savepoint (rolled back with it), and pgfresh's pinned path comes back after it.
-        fan_out::use_users_search_path(savepoint.client(), &shared.users_search_path).await?;
+        if let Some(path) = &shared.users_search_path {
+            fan_out::use_users_search_path(savepoint.client(), path).await?;
+        }
         let result = fan_out::fan_out(
             savepoint.client(),
             job.query,
@@ -111,7 +113,9 @@ pub(crate) async fn fan_out<'a>(
         .await;
         match result {
             Ok(fanned) => {
-                fan_out::pin_search_path(savepoint.client()).await?;
+                if shared.users_search_path.is_some() {
+                    fan_out::pin_search_path(savepoint.client()).await?;
+                }
                 savepoint.commit().await?;
                 done.queued += fanned.queued;
                 let reason = |key: &str| {
@@ -160,9 +164,13 @@ pub(crate) async fn fan_out<'a>(
 /// Checks every through query against the database at start-up, so that a typo is one clear error
 /// rather than changes failing one by one.
 pub(crate) async fn check_queries(
-    client: &tokio_postgres::Client,
+    users: &mut deadpool_postgres::Object,
     fragments: &Fragments,
 ) -> Result<(), Error> {
+    // In a transaction rolled back: behind a connection pooler, a statement prepared outside one
+    // would stay behind on whichever server session the pooler gave it.
+    let txn = users.transaction().await?;
+    let client = txn.client();
     for fragment in fragments.iter() {
         for topic in fragment.topics() {
             let Mapping::Through(query) = &topic.mapping else {

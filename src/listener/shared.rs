@@ -25,8 +25,12 @@ pub(crate) struct Shared {
     /// This listener's id and fragment versions, as registered.
     pub(crate) me: ListenerIdentity,
     /// The `search_path` of the sessions user code runs in: through queries run under it, inside
-    /// the claiming transaction on one of pgfresh's own (pinned) sessions.
-    pub(crate) users_search_path: String,
+    /// the claiming transaction on one of pgfresh's own (pinned) sessions. `None` behind a
+    /// connection pooler, where pgfresh's sessions are not pinned, and run with the users' path.
+    pub(crate) users_search_path: Option<String>,
+    /// Whether it hears NOTIFYs (has a LISTEN session): not behind a connection pooler without a
+    /// session URL. A listener that does not never asks writers to notify, and polls.
+    pub(crate) notifications: bool,
     /// Its row in the registry, and the one writer of it.
     pub(crate) registration: Registration,
     /// Whether it stands aside for a listener with newer fragment versions.

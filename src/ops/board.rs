@@ -70,6 +70,8 @@ pub(crate) struct BoardView {
     pub(crate) history: HistoryView,
     /// By fragment: when a periodic sweep last repaired what no watch reported, and how many keys.
     pub(crate) unwatched: BTreeMap<String, (SystemTime, u64)>,
+    /// With no LISTEN session (behind a connection pooler, no session URL): how often it polls.
+    pub(crate) polling: Option<Duration>,
 }
 
 /// The listener's status board.
@@ -90,6 +92,7 @@ struct Inner {
     redis_answer: Option<(Instant, Result<(), String>)>,
     history: History,
     unwatched: BTreeMap<String, (SystemTime, u64)>,
+    polling: Option<Duration>,
 }
 
 impl Default for StatusBoard {
@@ -123,6 +126,7 @@ impl StatusBoard {
                 redis_answer: None,
                 history: History::new(started),
                 unwatched: BTreeMap::new(),
+                polling: None,
             }),
         }
     }
@@ -180,6 +184,11 @@ impl StatusBoard {
             .insert(fragment.to_string(), (SystemTime::now(), keys));
     }
 
+    /// Notes that the listener has no LISTEN session, and polls every `interval`.
+    pub(crate) fn polling(&self, interval: Duration) {
+        self.inner.lock().expect("status board lock").polling = Some(interval);
+    }
+
     /// Notes whether the listener stands aside for a newer one.
     pub(crate) fn standing_aside(&self, standing_aside: bool) {
         self.inner.lock().expect("status board lock").standing_aside = standing_aside;
@@ -228,6 +237,7 @@ impl StatusBoard {
             redis_answer: inner.redis_answer.clone(),
             history: inner.history.view(Instant::now()),
             unwatched: inner.unwatched.clone(),
+            polling: inner.polling,
         }
     }
 }

@@ -159,10 +159,11 @@ async fn ready(State(state): State<AppState>) -> (StatusCode, String) {
 
 /// Why the listener cannot do its work right now, if it cannot, from what was last sampled.
 fn problem(sources: &Sources) -> Option<String> {
-    if !sources.listen_connected.load(Ordering::Relaxed) {
+    let view = sources.board.view();
+    if view.polling.is_none() && !sources.listen_connected.load(Ordering::Relaxed) {
         return Some("PostgreSQL LISTEN session is down".into());
     }
-    match sources.board.view().redis_answer {
+    match view.redis_answer {
         None => Some("Redis has not been asked yet".into()),
         Some((at, _)) if at.elapsed() > PROBE_STALE => Some(format!(
             "Redis has not answered a PING for {} s",

@@ -25,9 +25,17 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                 h1 { "pgfresh listener " small { (listener_id) } }
                 section {
                     h2 { "Connections" }
-                    @match problem {
-                        None => p class="ok" { "PostgreSQL LISTEN session up, Redis answering." },
-                        Some(problem) => p class="bad" { (problem) },
+                    @match (problem, board.polling) {
+                        (None, None) => p class="ok" { "PostgreSQL LISTEN session up, Redis answering." },
+                        (None, Some(_)) => p class="ok" { "Redis answering." },
+                        (Some(problem), _) => p class="bad" { (problem) },
+                    }
+                    @if let Some(interval) = board.polling {
+                        p class="bad polling" {
+                            "No LISTEN session (behind a connection pooler, with no --session-url): "
+                            "the queue is polled every " (humantime::format_duration(interval).to_string())
+                            ", so changes wait up to that long."
+                        }
                     }
                     @if let Some((policy, eviction)) = &board.redis_eviction {
                         p class=(if *eviction == Eviction::Impossible { "ok" } else { "bad" }) {

@@ -7,7 +7,16 @@
 //! in for PostgreSQL's own when pgfresh runs as a superuser. User code (loaders, key enumerations,
 //! through queries) runs with the user's own settings, on a pool of its own: it names its tables as
 //! the application does.
+//!
+//! Behind a transaction pooler (PgBouncer with `pool_mode = transaction`), a session is not
+//! pgfresh's from one transaction to the next. The pooler refuses the `options` startup parameter
+//! (or, told to, ignores it), so pgfresh finds out on its first connection and from then on sends
+//! no startup settings: its sessions run with the server's defaults for the role, keep nothing
+//! between transactions, and user code runs inside transactions of its own (see
+//! [`Database::behind_pooler`]). What needs a session (`LISTEN`) gets a direct connection of its
+//! own when one is given ([`Database::with_session_url`]).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime};
@@ -33,6 +42,13 @@ pub struct Database {
     pinned: Pool,
     /// User code: loaders, key enumerations, and what [`Database::get`] hands out.
     users: Pool,
+    /// Both kinds of sessions as the user's settings alone make them: behind a pooler.
+    plain_pinned: Pool,
+    plain_users: Pool,
+    /// Whether PostgreSQL is reached through a transaction pooler, found on the first connection.
+    pooler: Arc<tokio::sync::OnceCell<bool>>,
+    /// A direct connection for what needs a session of its own (`LISTEN`), when given.
+    session: Option<Config>,
     connector: MakeRustlsConnect,
 }
 
@@ -119,6 +135,8 @@ impl Database {
             &connector,
             pool_size,
         );
+        let plain_pinned = build_pool(config.clone(), &connector, pool_size);
+        let plain_users = build_pool(config.clone(), &connector, pool_size);
         let config = with_options(&config, "", PINNED_OPTIONS);
         let pinned = build_pool(
             with_options(&config, POOLED_OPTIONS, ""),
@@ -130,8 +148,83 @@ impl Database {
             url: shown,
             pinned,
             users,
+            plain_pinned,
+            plain_users,
+            pooler: Arc::new(tokio::sync::OnceCell::new()),
+            session: None,
             connector,
         })
+    }
+
+    /// The same database, with a direct connection (`url`, read as the main one is) for what needs
+    /// a session of its own: the listener's `LISTEN`, when the main URL leads through a transaction
+    /// pooler that would hand each notification to whichever client it serves next.
+    pub fn with_session_url(mut self, url: &str, environment: &Environment) -> Result<Self, Error> {
+        let info = resolve(url, environment)?;
+        let shown = info.shown();
+        let tls = PostgresTls::from_settings(
+            info.get("sslmode"),
+            info.get("sslrootcert"),
+            environment.home(),
+        )
+        .map_err(|reason| invalid_url(shown.clone(), reason))?;
+        let mut config: Config =
+            info.to_tokio_postgres(HANDLED_HERE)
+                .parse()
+                .map_err(|e: tokio_postgres::Error| {
+                    invalid_url(shown.clone(), crate::error::describe_postgres(&e))
+                })?;
+        config.ssl_mode(tls.mode);
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        self.session = Some(with_options(&config, "", PINNED_OPTIONS));
+        Ok(self)
+    }
+
+    /// Whether a direct session URL was given ([`Database::with_session_url`]).
+    pub(crate) fn has_session_url(&self) -> bool {
+        self.session.is_some()
+    }
+
+    /// Whether PostgreSQL is reached through a connection pooler, found out on the first connection:
+    /// the pooler refused pgfresh's startup options (PgBouncer: "unsupported startup parameter"), or
+    /// took them and ignored them (`ignore_startup_parameters = options`: the session's
+    /// `search_path` is not the one pgfresh pinned). Then pgfresh sends no startup settings, relies
+    /// on no session state between transactions, and runs user code inside transactions (named
+    /// prepared statements live no longer than one there).
+    pub(crate) async fn behind_pooler(&self) -> Result<bool, Error> {
+        self.pooler
+            .get_or_try_init(|| self.detect_pooler())
+            .await
+            .copied()
+    }
+
+    async fn detect_pooler(&self) -> Result<bool, Error> {
+        let found = match self.pinned.get().await {
+            Err(deadpool_postgres::PoolError::Backend(error))
+                if crate::error::describe_postgres(&error)
+                    .contains("unsupported startup parameter") =>
+            {
+                Some("refused")
+            }
+            Err(error) => return Err(self.pool_error(error)),
+            Ok(client) => {
+                let path: String = client
+                    .query_typed_one("SELECT pg_catalog.current_setting('search_path')", &[])
+                    .await?
+                    .get(0);
+                // PostgreSQL reports the path as it was given: compare it without the spaces.
+                (path.replace(' ', "") != PINNED_SEARCH_PATH.replace(' ', "")).then_some("ignored")
+            }
+        };
+        if let Some(how) = found {
+            tracing::info!(
+                url = %self.url,
+                "PostgreSQL is reached through a connection pooler (it {how} pgfresh's startup settings): pgfresh keeps no session state between transactions there, and runs loaders in transactions of their own"
+            );
+        }
+        Ok(found.is_some())
     }
 
     /// The URL with its password removed, for messages.
@@ -151,27 +244,42 @@ impl Database {
     /// A pooled connection with your settings (your `search_path`, your `options`): what loaders
     /// are given, and what a program of yours can use for its own queries. Or an error saying
     /// PostgreSQL is unreachable.
+    /// Behind a transaction pooler, a statement with parameters must run inside a transaction, or
+    /// with `query_typed` (tokio-postgres's `query` prepares a named statement first, which the
+    /// pooler may send to another server connection than the one that runs it).
     pub async fn get(&self) -> Result<deadpool_postgres::Object, Error> {
-        self.take(&self.users).await
+        match self.behind_pooler().await? {
+            false => self.take(&self.users).await,
+            true => self.take(&self.plain_users).await,
+        }
     }
 
     /// Holds at most `size` connections for user code (what a command needs differs between the
     /// two pools).
     pub(crate) fn limit_user_sessions(&self, size: usize) {
         self.users.resize(size.max(1));
+        self.plain_users.resize(size.max(1));
     }
 
     /// A pooled connection for pgfresh's own statements, its `search_path` pinned to
-    /// `pg_catalog, pg_temp`: never for user code, which would not find its tables.
+    /// `pg_catalog, pg_temp` (unless [`Database::behind_pooler`]): never for user code, which would
+    /// not find its tables.
     pub(crate) async fn pinned(&self) -> Result<deadpool_postgres::Object, Error> {
-        self.take(&self.pinned).await
+        match self.behind_pooler().await? {
+            false => self.take(&self.pinned).await,
+            true => self.take(&self.plain_pinned).await,
+        }
     }
 
     async fn take(&self, pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
+        pool.get().await.map_err(|e| self.pool_error(e))
+    }
+
+    fn pool_error(&self, error: deadpool_postgres::PoolError) -> Error {
         use deadpool_postgres::{PoolError, TimeoutType};
         // Every error in making a new pooled connection is a connection error, the server's own
         // (a wrong password, a missing database) included, and says which server it was.
-        pool.get().await.map_err(|e| match e {
+        match error {
             PoolError::Backend(e) => self.connect_error(&e),
             PoolError::Timeout(TimeoutType::Create | TimeoutType::Recycle) => {
                 Error::PostgresConnect {
@@ -180,12 +288,12 @@ impl Database {
                 }
             }
             other => Error::Pool(other),
-        })
+        }
     }
 
     /// Opens a connection outside the pools for pgfresh's own statements (`search_path` pinned),
     /// and hands back its connection half, for the caller to drive (the LISTEN connection reads
-    /// notifications from it).
+    /// notifications from it): to the session URL when one is given.
     pub(crate) async fn connect_raw(
         &self,
         application_name: &str,
@@ -196,7 +304,7 @@ impl Database {
         ),
         Error,
     > {
-        let mut config = self.config.clone();
+        let mut config = self.session.clone().unwrap_or_else(|| self.config.clone());
         config.application_name(application_name);
         config
             .connect(self.connector.clone())

@@ -6,6 +6,7 @@
 //! a loader (and nothing else) in a transaction say what the loader read.
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::Error;
 
@@ -18,7 +19,7 @@ pub(crate) type TableRead = Vec<u32>;
 /// while `pid`'s transaction is still open.
 pub(crate) async fn tables_locked_by(client: &Client, pid: i32) -> Result<Vec<TableRead>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT DISTINCT coalesce(
                  nullif(ARRAY(SELECT a.relid::oid FROM pg_partition_ancestors(c.oid) a), '{}'),
                  ARRAY[c.oid])
@@ -26,7 +27,7 @@ pub(crate) async fn tables_locked_by(client: &Client, pid: i32) -> Result<Vec<Ta
              WHERE l.pid = $1 AND l.locktype = 'relation' AND c.relkind IN ('r', 'p')
                AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace,
                                           'pgfresh'::regnamespace)",
-            &[&pid],
+            &[(&pid, Type::INT4)],
         )
         .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -42,7 +43,7 @@ pub(crate) async fn watch_by_foreign_key(
     topics: &[&str],
 ) -> Result<Option<(String, String)>, Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT a.attname::text, w.topic
              FROM pg_constraint fk
              JOIN pg_attribute a ON a.attrelid = fk.conrelid AND a.attnum = fk.conkey[1]
@@ -51,7 +52,7 @@ pub(crate) async fn watch_by_foreign_key(
              WHERE fk.conrelid = $1 AND fk.contype = 'f' AND cardinality(fk.conkey) = 1
                AND w.topic = ANY($2)
              ORDER BY array_position($2, w.topic), fk.conname LIMIT 1",
-            &[&table, &topics],
+            &[(&table, Type::OID), (&topics, Type::TEXT_ARRAY)],
         )
         .await?;
     Ok(row.map(|row| (row.get(0), row.get(1))))
@@ -61,9 +62,9 @@ pub(crate) async fn watch_by_foreign_key(
 /// `shop.reviews` elsewhere): the name to give `pgfresh.watch` in a fix the DBA runs as usual.
 pub(crate) async fn name_in_session(client: &Client, table: u32) -> Result<String, Error> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             "SELECT $1::pg_catalog.oid::pg_catalog.regclass::pg_catalog.text",
-            &[&table],
+            &[(&table, Type::OID)],
         )
         .await?
         .get(0))
@@ -72,7 +73,7 @@ pub(crate) async fn name_in_session(client: &Client, table: u32) -> Result<Strin
 /// This session's backend process id.
 pub(crate) async fn backend_pid(client: &Client) -> Result<i32, Error> {
     Ok(client
-        .query_one("SELECT pg_catalog.pg_backend_pid()", &[])
+        .query_typed_one("SELECT pg_catalog.pg_backend_pid()", &[])
         .await?
         .get(0))
 }

@@ -28,9 +28,9 @@ pub(crate) async fn use_users_search_path(
     txn: &Client,
     path: &str,
 ) -> Result<(), tokio_postgres::Error> {
-    txn.execute(
+    txn.execute_typed(
         "SELECT pg_catalog.set_config('search_path', $1, true)",
-        &[&path],
+        &[(&path, Type::TEXT)],
     )
     .await?;
     Ok(())
@@ -40,9 +40,9 @@ pub(crate) async fn use_users_search_path(
 /// transaction: a through query that changed it for the session (`set_config(..., false)`) would
 /// otherwise leave a pooled session of pgfresh's own unpinned for good.
 pub(crate) async fn pin_search_path(txn: &Client) -> Result<(), tokio_postgres::Error> {
-    txn.execute(
+    txn.execute_typed(
         "SELECT pg_catalog.set_config('search_path', $1, false)",
-        &[&PINNED_SEARCH_PATH],
+        &[(&PINNED_SEARCH_PATH, Type::TEXT)],
     )
     .await?;
     Ok(())
@@ -52,7 +52,7 @@ pub(crate) async fn pin_search_path(txn: &Client) -> Result<(), tokio_postgres::
 /// which run inside pgfresh's own transactions.
 pub(crate) async fn users_search_path(users: &Client) -> Result<String, tokio_postgres::Error> {
     Ok(users
-        .query_one("SELECT pg_catalog.current_setting('search_path')", &[])
+        .query_typed_one("SELECT pg_catalog.current_setting('search_path')", &[])
         .await?
         .get(0))
 }

@@ -135,10 +135,13 @@ fn text(row: &tokio_postgres::Row, as_text: usize, as_bytes: usize) -> Option<St
 /// Puts changes back in the queue, untouched but for when they may be claimed again.
 pub(crate) async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<(), Error> {
     if !ids.is_empty() {
-        txn.execute(
-            "UPDATE pgfresh.changes SET retry_at = now() + $2::float8 * interval '1 millisecond'
+        txn.execute_typed(
+            "UPDATE pgfresh.changes SET retry_at = now() + $2 * interval '1 millisecond'
              WHERE id = ANY($1)",
-            &[&ids, &(delay.as_secs_f64() * 1000.0)],
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&(delay.as_secs_f64() * 1000.0), Type::FLOAT8),
+            ],
         )
         .await?;
     }
@@ -154,12 +157,12 @@ pub(crate) async fn retry_apart(txn: &Client, changes: &[(i64, &str)]) -> Result
     }
     let ids: Vec<i64> = changes.iter().map(|(id, _)| *id).collect();
     let errors: Vec<&str> = changes.iter().map(|(_, error)| *error).collect();
-    txn.execute(
+    txn.execute_typed(
         "UPDATE pgfresh.changes c
          SET retry_at = now() + (0.5 + random() * 1.5) * interval '1 second', last_error = u.error
          FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
          WHERE c.id = u.id",
-        &[&ids, &errors],
+        &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
     )
     .await?;
     Ok(())
@@ -212,7 +215,7 @@ pub(crate) async fn record_failures(
     }
     let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
     let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-    txn.execute(
+    txn.execute_typed(
         "WITH failure AS (
              SELECT * FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
          ), parked AS (
@@ -231,7 +234,11 @@ pub(crate) async fn record_failures(
                                 * (0.75 + random() / 2)
          FROM failure f
          WHERE c.id = f.id AND c.attempts + 1 < $3",
-        &[&ids, &errors, &max_attempts],
+        &[
+            (&ids, Type::INT8_ARRAY),
+            (&errors, Type::TEXT_ARRAY),
+            (&max_attempts, Type::INT4),
+        ],
     )
     .await?;
     Ok(())
@@ -242,9 +249,9 @@ pub(crate) async fn record_failures(
 /// noted, and the log says it.
 pub(crate) async fn note_error(client: &Client, ids: &[i64], error: &str) {
     let noted = client
-        .execute(
+        .execute_typed(
             "UPDATE pgfresh.changes SET last_error = $2 WHERE id = ANY($1)",
-            &[&ids, &error],
+            &[(&ids, Type::INT8_ARRAY), (&error, Type::TEXT)],
         )
         .await;
     if let Err(noting) = noted {
@@ -265,13 +272,17 @@ pub(crate) async fn requeue(
         return Ok(());
     }
     client
-        .execute(
+        .execute_typed(
             "INSERT INTO pgfresh.changes (topic, key, attempts, retry_at, last_error)
              SELECT $1, k.key, CASE WHEN k.error IS NULL THEN 0 ELSE 1 END,
                     CASE WHEN k.error IS NULL THEN '-infinity' ELSE now() + interval '1 second' END,
                     k.error
              FROM unnest($2::text[], $3::text[]) AS k(key, error)",
-            &[&topic, &keys, &errors],
+            &[
+                (&topic, Type::TEXT),
+                (&keys, Type::TEXT_ARRAY),
+                (&errors, Type::TEXT_ARRAY),
+            ],
         )
         .await?;
     Ok(())
@@ -285,7 +296,7 @@ pub async fn retry_failed(db: &crate::pg::Database) -> Result<u64, Error> {
 
 async fn retry_failed_on(client: &Client) -> Result<u64, Error> {
     Ok(client
-        .execute(
+        .execute_typed(
             "WITH moved AS (DELETE FROM pgfresh.failed RETURNING topic, key, change_id)
              INSERT INTO pgfresh.changes (topic, key)
              SELECT topic, key FROM moved ORDER BY change_id",
@@ -311,7 +322,9 @@ pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
                 (SELECT extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
                  FROM pgfresh.changes ORDER BY id LIMIT 1)"
     );
-    let row = client.query_one(&sql, &[&(EXACT_COUNT_LIMIT + 1)]).await?;
+    let row = client
+        .query_typed_one(&sql, &[(&(EXACT_COUNT_LIMIT + 1), Type::INT8)])
+        .await?;
     let counted: i64 = row.get(0);
     let pending_estimated = counted > EXACT_COUNT_LIMIT;
     Ok(QueueStats {
@@ -339,10 +352,10 @@ pub(crate) async fn not_pending(
     keys: &[&str],
 ) -> Result<Vec<String>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT k FROM unnest($2::text[]) AS k
              WHERE NOT EXISTS (SELECT FROM pgfresh.changes c WHERE c.topic = ANY($1) AND c.key = k)",
-            &[&topics, &keys],
+            &[(&topics, Type::TEXT_ARRAY), (&keys, Type::TEXT_ARRAY)],
         )
         .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
@@ -364,7 +377,7 @@ pub(crate) struct Trouble {
 /// (a bounded read, however long the queue), up to `limit` of each, newest first.
 pub(crate) async fn troubles(client: &Client, limit: i64) -> Result<Vec<Trouble>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "(SELECT topic, key, attempts, coalesce(last_error, ''),
                      greatest(extract(epoch FROM retry_at - now()), 0)::float8
               FROM (SELECT * FROM pgfresh.changes ORDER BY id LIMIT $2) AS oldest
@@ -372,7 +385,7 @@ pub(crate) async fn troubles(client: &Client, limit: i64) -> Result<Vec<Trouble>
              UNION ALL
              (SELECT topic, key, attempts, error, NULL
               FROM pgfresh.failed ORDER BY failed_at DESC, change_id DESC LIMIT $1)",
-            &[&limit, &EXACT_COUNT_LIMIT],
+            &[(&limit, Type::INT8), (&EXACT_COUNT_LIMIT, Type::INT8)],
         )
         .await?;
     Ok(rows
@@ -391,7 +404,7 @@ pub(crate) async fn troubles(client: &Client, limit: i64) -> Result<Vec<Trouble>
 /// transaction in a listening session stops it from being cleaned up.
 pub(crate) async fn notification_queue_usage(client: &Client) -> Result<f64, Error> {
     Ok(client
-        .query_one("SELECT pg_notification_queue_usage()", &[])
+        .query_typed_one("SELECT pg_notification_queue_usage()", &[])
         .await?
         .get(0))
 }

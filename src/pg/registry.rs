@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::Error;
 
@@ -53,7 +54,7 @@ const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
 /// both pass [`check_sharing`]: locks the sweep lease's row (which only listeners may update) until
 /// the transaction ends.
 pub(crate) async fn lock_registrations(txn: &Client) -> Result<(), Error> {
-    txn.execute("SELECT FROM pgfresh.sweep_lease FOR UPDATE", &[])
+    txn.execute_typed("SELECT FROM pgfresh.sweep_lease FOR UPDATE", &[])
         .await?;
     Ok(())
 }
@@ -79,7 +80,7 @@ pub(crate) struct ListenerRow<'a> {
 pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<f64, Error> {
     let me = row.me;
     let written = client
-        .query_one(
+        .query_typed_one(
             "INSERT INTO pgfresh.listeners
                  (id, idle, superseded, changes_done, refused_writes, fragments, versions, stored,
                   started_at)
@@ -89,15 +90,15 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
                  fragments = $6, versions = $7, stored = $8, seen_at = now()
              RETURNING extract(epoch FROM started_at)::float8",
             &[
-                &me.id,
-                &row.idle,
-                &row.standing_aside,
-                &row.applied,
-                &row.refused,
-                &me.fragments,
-                &me.versions,
-                &me.stored,
-                &row.started_at,
+                (&me.id, Type::TEXT),
+                (&row.idle, Type::BOOL),
+                (&row.standing_aside, Type::BOOL),
+                (&row.applied, Type::INT8),
+                (&row.refused, Type::INT8),
+                (&me.fragments, Type::TEXT_ARRAY),
+                (&me.versions, Type::INT8_ARRAY),
+                (&me.stored, Type::TEXT_ARRAY),
+                (&row.started_at, Type::FLOAT8),
             ],
         )
         .await?;
@@ -109,11 +110,11 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
 /// read by every capture instead of this table). Called after each write of a listener's row.
 pub(crate) async fn publish_idle(client: &Client) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "SELECT setval('pgfresh.notify_until', coalesce(
                  (SELECT max(date_part('epoch', seen_at + $1::float8 * interval '1 second'))::bigint
                   FROM pgfresh.listeners WHERE idle), 0))",
-            &[&seconds(LIVE_WINDOW)],
+            &[(&seconds(LIVE_WINDOW), Type::FLOAT8)],
         )
         .await?;
     Ok(())
@@ -127,7 +128,7 @@ pub(crate) async fn publish_idle(client: &Client) -> Result<(), Error> {
 /// version 5 do not say where they store, and are not counted.
 pub(crate) async fn check_sharing(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "SELECT l.id, theirs.name, theirs.stored, mine.stored
              FROM pgfresh.listeners l
              CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
@@ -137,7 +138,12 @@ pub(crate) async fn check_sharing(client: &Client, me: &ListenerIdentity) -> Res
                AND (l.started_at, l.id) < (SELECT coalesce(max(started_at), 'infinity'), $1
                                           FROM pgfresh.listeners WHERE id = $1)
              ORDER BY l.started_at LIMIT 1",
-            &[&me.id, &me.fragments, &me.stored, &seconds(SHARING_WINDOW)],
+            &[
+                (&me.id, Type::TEXT),
+                (&me.fragments, Type::TEXT_ARRAY),
+                (&me.stored, Type::TEXT_ARRAY),
+                (&seconds(SHARING_WINDOW), Type::FLOAT8),
+            ],
         )
         .await?;
     if let Some(row) = row {
@@ -164,7 +170,7 @@ fn stored_prefix(stored: &str) -> &str {
 /// between binaries (and Django `KEY_PREFIX`es) sharing a database.
 async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT l.id, theirs.name, theirs.stored
              FROM pgfresh.listeners l
              CROSS JOIN LATERAL unnest(l.fragments, l.stored) AS theirs(name, stored)
@@ -173,7 +179,11 @@ async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), E
                AND (l.started_at, l.id) < (SELECT coalesce(max(started_at), 'infinity'), $1
                                           FROM pgfresh.listeners WHERE id = $1)
              ORDER BY l.started_at",
-            &[&me.id, &me.fragments, &seconds(SHARING_WINDOW)],
+            &[
+                (&me.id, Type::TEXT),
+                (&me.fragments, Type::TEXT_ARRAY),
+                (&seconds(SHARING_WINDOW), Type::FLOAT8),
+            ],
         )
         .await?;
     for row in &rows {
@@ -203,16 +213,16 @@ pub(crate) async fn newer_listener_running(
     me: &ListenerIdentity,
 ) -> Result<bool, Error> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT EXISTS (SELECT {OTHERS_SHARING_MY_FRAGMENTS}
                  AND theirs.version > mine.version)"
             ),
             &[
-                &me.id,
-                &me.fragments,
-                &me.versions,
-                &seconds(SHARING_WINDOW),
+                (&me.id, Type::TEXT),
+                (&me.fragments, Type::TEXT_ARRAY),
+                (&me.versions, Type::INT8_ARRAY),
+                (&seconds(SHARING_WINDOW), Type::FLOAT8),
             ],
         )
         .await?
@@ -225,16 +235,16 @@ pub(crate) async fn older_listeners_working(
     me: &ListenerIdentity,
 ) -> Result<i64, Error> {
     Ok(client
-        .query_one(
+        .query_typed_one(
             &format!(
                 "SELECT count(DISTINCT l.id) {OTHERS_SHARING_MY_FRAGMENTS}
                  AND NOT l.superseded AND theirs.version < mine.version"
             ),
             &[
-                &me.id,
-                &me.fragments,
-                &me.versions,
-                &seconds(SHARING_WINDOW),
+                (&me.id, Type::TEXT),
+                (&me.fragments, Type::TEXT_ARRAY),
+                (&me.versions, Type::INT8_ARRAY),
+                (&seconds(SHARING_WINDOW), Type::FLOAT8),
             ],
         )
         .await?
@@ -244,9 +254,9 @@ pub(crate) async fn older_listeners_working(
 /// Removes a listener that is shutting down (and tells the triggers, if it was the last idle one).
 pub(crate) async fn deregister_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "DELETE FROM pgfresh.listeners WHERE id = $1",
-            &[&listener_id],
+            &[(&listener_id, Type::TEXT)],
         )
         .await?;
     publish_idle(client).await
@@ -280,13 +290,13 @@ pub(crate) async fn live_listeners(
         "false, ''"
     };
     let rows = client
-        .query(
+        .query_typed(
             &format!(
                 "SELECT id, idle, extract(epoch FROM now() - seen_at)::float8, changes_done, refused_writes, {versions}
                  FROM pgfresh.listeners
                  WHERE seen_at > now() - $1::float8 * interval '1 second' ORDER BY started_at"
             ),
-            &[&seconds(LIVE_WINDOW)],
+            &[(&seconds(LIVE_WINDOW), Type::FLOAT8)],
         )
         .await?;
     Ok(rows

@@ -6,6 +6,7 @@
 //! `sql/install.sql`'s own (see `build.rs`).
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::Error;
 use crate::pg::Database;
@@ -47,9 +48,9 @@ pub async fn install(db: &Database) -> Result<Vec<&'static str>, Error> {
     let mut applied = Vec::new();
     for migration in MIGRATIONS {
         let done = txn
-            .query_opt(
+            .query_typed_opt(
                 "SELECT FROM pgfresh.migrations WHERE version = $1",
-                &[&migration.version],
+                &[(&migration.version, Type::INT4)],
             )
             .await?
             .is_some();
@@ -78,14 +79,14 @@ pub async fn installed_version(db: &Database) -> Result<Option<i32>, Error> {
 /// The installed schema version, on a connection already at hand.
 pub(crate) async fn version_on(client: &Client) -> Result<Option<i32>, Error> {
     let present: bool = client
-        .query_one("SELECT to_regclass('pgfresh.migrations') IS NOT NULL", &[])
+        .query_typed_one("SELECT to_regclass('pgfresh.migrations') IS NOT NULL", &[])
         .await?
         .get(0);
     if !present {
         return Ok(None);
     }
     Ok(client
-        .query_one("SELECT max(version) FROM pgfresh.migrations", &[])
+        .query_typed_one("SELECT max(version) FROM pgfresh.migrations", &[])
         .await?
         .get(0))
 }
@@ -128,11 +129,11 @@ pub(crate) async fn missing_listener_grants(client: &Client) -> Result<Vec<Strin
         for privilege in privileges.split(", ") {
             // For a sequence, UPDATE is setval's right, and has_sequence_privilege's to tell.
             let held: bool = client
-                .query_one(
+                .query_typed_one(
                     "SELECT CASE WHEN c.relkind = 'S' THEN has_sequence_privilege(c.oid, $2)
                                  ELSE has_table_privilege(c.oid, $2) END
                      FROM pg_class c WHERE c.oid = $1::text::regclass",
-                    &[table, &privilege],
+                    &[(table, Type::TEXT), (&privilege, Type::TEXT)],
                 )
                 .await?
                 .get(0);
@@ -149,7 +150,7 @@ pub(crate) async fn missing_listener_grants(client: &Client) -> Result<Vec<Strin
 /// every loader and through query runs with them too.
 pub(crate) async fn excess_privileges(client: &Client) -> Result<Option<String>, Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "SELECT current_user::text, rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user",
             &[],
         )
@@ -178,7 +179,7 @@ pub(crate) struct Watch {
 /// Every watch, by table and topic.
 pub(crate) async fn watches(client: &Client) -> Result<Vec<Watch>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT table_oid::regclass::text, key_column::text, topic, table_oid
              FROM pgfresh.watches ORDER BY 1, 3",
             &[],
@@ -204,7 +205,7 @@ pub(crate) async fn watches(client: &Client) -> Result<Vec<Watch>, Error> {
 /// Returns (the expression, the quoted column).
 pub(crate) async fn key_as_text(client: &Client, watch: &Watch) -> Result<(String, String), Error> {
     let row = client
-        .query_opt(
+        .query_typed_opt(
             "WITH RECURSIVE chain(type, depth) AS (
                  SELECT a.atttypid, 0 FROM pg_attribute a
                  WHERE a.attrelid = $1 AND a.attname = $2 AND a.attnum > 0 AND NOT a.attisdropped
@@ -213,7 +214,10 @@ pub(crate) async fn key_as_text(client: &Client, watch: &Watch) -> Result<(Strin
                  WHERE t.typtype = 'd'
              )
              SELECT type < 16384 FROM chain ORDER BY depth DESC LIMIT 1",
-            &[&watch.table_oid, &watch.key_column],
+            &[
+                (&watch.table_oid, Type::OID),
+                (&watch.key_column, Type::TEXT),
+            ],
         )
         .await?;
     let column = format!("\"{}\"", watch.key_column.replace('"', "\"\""));
@@ -238,7 +242,7 @@ pub(crate) struct CaptureGap {
 /// trigger still counts), and each firing on the origin (`tgenabled` `O` or `A`).
 pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "WITH watched AS (
                  SELECT w.table_oid, w.topic, w.key_column, part.relid
                  FROM pgfresh.watches w, LATERAL (
@@ -307,7 +311,7 @@ pub(crate) const KEY_TEXT_SETTINGS: &str = "SET LOCAL DateStyle = 'ISO, YMD';
 /// Watches of tables dropped since: nothing to capture, and nothing `unwatch` can name.
 async fn dropped_tables(client: &Client) -> Result<Vec<CaptureGap>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT w.table_oid::bigint, w.topic,
                     format('DELETE FROM pgfresh.watches WHERE table_oid = %s AND topic = %L; DROP FUNCTION IF EXISTS pgfresh.%I();',
                            w.table_oid, w.topic, format('capture_%s_%s', w.table_oid, w.topic))

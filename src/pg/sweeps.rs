@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::Error;
 
@@ -23,12 +24,12 @@ pub(crate) async fn take_lease(
     term: Duration,
 ) -> Result<bool, Error> {
     let taken = client
-        .query_opt(
+        .query_typed_opt(
             "UPDATE pgfresh.sweep_lease
              SET holder = $1, expires_at = now() + $2::float8 * interval '1 second'
              WHERE holder IS NULL OR holder = $1 OR expires_at < now()
              RETURNING true",
-            &[&holder, &term.as_secs_f64()],
+            &[(&holder, Type::TEXT), (&term.as_secs_f64(), Type::FLOAT8)],
         )
         .await?;
     Ok(taken.is_some())
@@ -37,10 +38,10 @@ pub(crate) async fn take_lease(
 /// Gives the lease up, if `holder` still holds it.
 pub(crate) async fn release_lease(client: &Client, holder: &str) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "UPDATE pgfresh.sweep_lease SET holder = NULL, expires_at = '-infinity'
              WHERE holder = $1",
-            &[&holder],
+            &[(&holder, Type::TEXT)],
         )
         .await?;
     Ok(())
@@ -55,7 +56,7 @@ const TICKET_JUMP: i64 = 1_000_000_000;
 /// one statement, so that exactly one caller does both. Returns whether this call noted it.
 pub(crate) async fn note_epoch(client: &Client) -> Result<bool, Error> {
     let noted = client
-        .query_one(
+        .query_typed_one(
             "WITH noted AS (
                  INSERT INTO pgfresh.server_epoch (after_crash) VALUES (true)
                  ON CONFLICT (singleton) DO NOTHING RETURNING true
@@ -63,7 +64,7 @@ pub(crate) async fn note_epoch(client: &Client) -> Result<bool, Error> {
              SELECT EXISTS (SELECT FROM noted),
                     (SELECT setval('pgfresh.render_tickets', nextval('pgfresh.render_tickets') + $1)
                      FROM noted)",
-            &[&TICKET_JUMP],
+            &[(&TICKET_JUMP, Type::INT8)],
         )
         .await?;
     Ok(noted.get(0))
@@ -94,15 +95,14 @@ pub(crate) struct SweptFragment<'a> {
 /// reported.
 pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result<bool, Error> {
     let row = client
-        .query_one(
+        .query_typed_one(
             "WITH previous AS (
                  SELECT max(started_at) AS started_at FROM pgfresh.sweeps WHERE fragment = $1
              ), recorded AS (
                  INSERT INTO pgfresh.sweeps
                      (fragment, reason, swept_by, started_at, rewritten, deleted, unexplained, unwatched)
-                 SELECT $1::text, $2::text, $3::text, to_timestamp($4::float8), $5::bigint,
-                        $6::bigint, $8::bigint,
-                        $8::bigint > 0 AND $2::text = 'periodic'
+                 SELECT $1, $2, $3, to_timestamp($4), $5, $6, $8,
+                        $8 > 0 AND $2 = 'periodic'
                         AND EXISTS (SELECT FROM pgfresh.listeners l
                                     WHERE l.id = $3 AND l.started_at < p.started_at)
                         AND EXISTS (SELECT FROM pgfresh.server_epoch e WHERE e.noticed_at < p.started_at)
@@ -115,14 +115,14 @@ pub(crate) async fn record(client: &Client, swept: &SweptFragment<'_>) -> Result
              )
              SELECT unwatched FROM recorded",
             &[
-                &swept.fragment,
-                &swept.reason,
-                &swept.swept_by,
-                &swept.started_at,
-                &(swept.rewritten as i64),
-                &(swept.deleted as i64),
-                &(SWEEPS_KEPT - 1),
-                &(swept.unexplained as i64),
+                (&swept.fragment, Type::TEXT),
+                (&swept.reason, Type::TEXT),
+                (&swept.swept_by, Type::TEXT),
+                (&swept.started_at, Type::FLOAT8),
+                (&(swept.rewritten as i64), Type::INT8),
+                (&(swept.deleted as i64), Type::INT8),
+                (&(SWEEPS_KEPT - 1), Type::INT8),
+                (&(swept.unexplained as i64), Type::INT8),
             ],
         )
         .await?;
@@ -149,7 +149,7 @@ pub(crate) struct SweptSoFar {
 /// What the sweeps record says of `fragments`.
 pub(crate) async fn swept_so_far(client: &Client, fragments: &[&str]) -> Result<SweptSoFar, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "WITH epoch AS (SELECT noticed_at, after_crash FROM pgfresh.server_epoch),
              last AS (
                  SELECT fragment, max(started_at) AS started_at
@@ -160,7 +160,7 @@ pub(crate) async fn swept_so_far(client: &Client, fragments: &[&str]) -> Result<
                     OR EXISTS (SELECT FROM epoch WHERE after_crash
                                AND (last.started_at IS NULL OR last.started_at < noticed_at))
              FROM unnest($1::text[]) AS f(name) LEFT JOIN last ON last.fragment = f.name",
-            &[&fragments],
+            &[(&fragments, Type::TEXT_ARRAY)],
         )
         .await?;
     let mut so_far = SweptSoFar::default();
@@ -198,7 +198,7 @@ pub(crate) async fn last_of_each(
     fragments: &[&str],
 ) -> Result<Vec<SweepSummary>, Error> {
     let rows = client
-        .query(
+        .query_typed(
             "SELECT * FROM (
                  SELECT DISTINCT ON (fragment, unwatched) fragment, reason,
                         extract(epoch FROM now() - started_at)::float8 AS age,
@@ -206,7 +206,7 @@ pub(crate) async fn last_of_each(
                  FROM pgfresh.sweeps WHERE fragment = ANY($1)
                  ORDER BY fragment, unwatched, started_at DESC) AS last
              ORDER BY fragment, age",
-            &[&fragments],
+            &[(&fragments, Type::TEXT_ARRAY)],
         )
         .await?;
     Ok(rows

@@ -3,6 +3,7 @@
 //! its sweep covered.
 
 use tokio_postgres::Client;
+use tokio_postgres::types::Type;
 
 use crate::Error;
 
@@ -15,7 +16,7 @@ pub(crate) struct Truncation {
 /// Every TRUNCATE recorded and not yet swept.
 pub(crate) async fn recorded(client: &Client) -> Result<Vec<Truncation>, Error> {
     Ok(client
-        .query("SELECT id, topic FROM pgfresh.truncations", &[])
+        .query_typed("SELECT id, topic FROM pgfresh.truncations", &[])
         .await?
         .iter()
         .map(|row| Truncation {
@@ -28,9 +29,9 @@ pub(crate) async fn recorded(client: &Client) -> Result<Vec<Truncation>, Error> 
 /// Deletes exactly the TRUNCATEs a sweep covered: one committed meanwhile keeps its row.
 pub(crate) async fn settle(client: &Client, ids: &[i64]) -> Result<(), Error> {
     client
-        .execute(
+        .execute_typed(
             "DELETE FROM pgfresh.truncations WHERE id = ANY($1)",
-            &[&ids],
+            &[(&ids, Type::INT8_ARRAY)],
         )
         .await?;
     Ok(())
@@ -39,7 +40,7 @@ pub(crate) async fn settle(client: &Client, ids: &[i64]) -> Result<(), Error> {
 /// How many TRUNCATEs wait for a sweep, for `status`.
 pub(crate) async fn count(client: &Client) -> Result<i64, Error> {
     Ok(client
-        .query_one("SELECT count(*) FROM pgfresh.truncations", &[])
+        .query_typed_one("SELECT count(*) FROM pgfresh.truncations", &[])
         .await?
         .get(0))
 }

@@ -29,6 +29,7 @@ use tokio::task::JoinSet;
 
 use crate::Error;
 use crate::config::SweepSettings;
+use crate::fragment::UserClient;
 use crate::fragment::{DynFragment, Fragments};
 use crate::pg::Database;
 use crate::pg::queue::take_ticket_at;
@@ -302,9 +303,10 @@ impl Sweeper<'_> {
         report: &mut SweepReport,
     ) -> Result<orphans::Kept, Error> {
         let (settings, progress) = (self.settings, self.progress);
-        let pager = self.db.get().await?;
+        let session = self.db.get().await?;
+        let pager = UserClient::of(self.db, &session).await?;
         // Only the progress bar needs the count: a count that fails leaves it without a total.
-        let total = fragment.count_keys(&pager).await.unwrap_or_else(|error| {
+        let total = fragment.count_keys(pager).await.unwrap_or_else(|error| {
             tracing::warn!(fragment = fragment.name(), error = %Error::from(error), "cannot count keys");
             None
         });
@@ -322,7 +324,7 @@ impl Sweeper<'_> {
                 break;
             }
             let keys = fragment
-                .keys_after(&pager, after.as_deref(), settings.page_size)
+                .keys_after(pager, after.as_deref(), settings.page_size)
                 .await?;
             let last_page = (keys.len() as i64) < settings.page_size;
             after = keys.last().cloned();
@@ -338,7 +340,7 @@ impl Sweeper<'_> {
                 break;
             }
         }
-        drop(pager);
+        drop(session);
         while let Some(joined) = pages.join_next().await {
             collect(Some(joined), report, &mut keep, progress);
         }

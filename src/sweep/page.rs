@@ -8,6 +8,7 @@ use std::sync::Arc;
 use super::orphans::Kept;
 use super::{Progress, SweepReport};
 use crate::fragment::DynFragment;
+use crate::fragment::UserClient;
 use crate::pg::Database;
 use crate::pg::queue::take_ticket;
 use crate::refresh::{Writes, refresh};
@@ -28,9 +29,12 @@ pub(super) async fn sweep_page(
         Err(error) => Err(error),
     };
     let ticket = ticket.map_err(|e| failed_page(e.to_string()))?;
-    let loader = db.get().await.map_err(|e| failed_page(e.to_string()))?;
+    let session = db.get().await.map_err(|e| failed_page(e.to_string()))?;
+    let loader = UserClient::of(&db, &session)
+        .await
+        .map_err(|e| failed_page(e.to_string()))?;
     let refreshed = refresh(
-        &loader,
+        loader,
         &store,
         fragment.as_ref(),
         &keys,
@@ -71,7 +75,7 @@ pub(super) async fn sweep_page(
         again.push(keys[*index].clone());
         errors.push(None);
     }
-    drop(loader);
+    drop(session);
     let unexplained = unexplained(&db, fragment.as_ref(), &keys, &refreshed.repaired)
         .await
         .map_err(|e| failed_page(e.to_string()))?;

@@ -656,3 +656,84 @@ impl Drop for Stopped {
             .status();
     }
 }
+
+/// A PgBouncer of its own (Debian's `pgbouncer`) in front of the shared PostgreSQL, in transaction
+/// pooling and otherwise with its defaults (20 server connections per database and user; the
+/// `options` startup parameter refused), as a stock install is; but for `server_round_robin`, so
+/// that one client's consecutive transactions land on different server connections, as they do
+/// under load. `None`, after saying
+/// the test is skipped, where `pgbouncer` is not installed (CI installs it).
+pub struct TempPgBouncer {
+    pub port: u16,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl TempPgBouncer {
+    pub fn start() -> Option<TempPgBouncer> {
+        TempPgBouncer::start_with("")
+    }
+
+    /// With more lines in its `[pgbouncer]` section, e.g. `ignore_startup_parameters = options`.
+    pub fn start_with(settings: &str) -> Option<TempPgBouncer> {
+        let program = installed("pgbouncer", "pgbouncer")?;
+        let port = free_port();
+        let dir =
+            std::env::temp_dir().join(format!("pgfresh-pgbouncer-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("users.txt"), "\"postgres\" \"\"\n").unwrap();
+        std::fs::write(
+            dir.join("pgbouncer.ini"),
+            format!(
+                "[databases]\n* = host=127.0.0.1 port=5432\n\n[pgbouncer]\n\
+                 listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
+                 auth_type = trust\nauth_file = {users}\npool_mode = transaction\n\
+                 server_round_robin = 1\n{settings}\n",
+                users = dir.join("users.txt").display()
+            ),
+        )
+        .unwrap();
+        if running_as_root() {
+            let status = Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        // PgBouncer refuses to run as root, as PostgreSQL does.
+        let child = postgres_command(&program)
+            .arg(dir.join("pgbouncer.ini"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("pgbouncer.log")).unwrap())
+            .spawn()
+            .expect("pgbouncer starts");
+        wait_until("pgbouncer", || {
+            std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+        });
+        Some(TempPgBouncer { port, dir, child })
+    }
+
+    /// The URL of `database` through this PgBouncer.
+    pub fn url(&self, database: &str) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// What PgBouncer logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pgbouncer.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for TempPgBouncer {
+    fn drop(&mut self) {
+        // runuser passes SIGTERM on to PgBouncer.
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

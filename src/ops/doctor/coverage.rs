@@ -13,6 +13,7 @@ use std::collections::BTreeSet;
 
 use super::Report;
 use crate::Error;
+use crate::fragment::UserClient;
 use crate::fragment::{DynFragment, Fragments, Mapping};
 use crate::pg::dependencies::{self, TableRead};
 use crate::pg::{Database, fan_out, schema};
@@ -137,7 +138,10 @@ async fn loader_reads(
     let mut users = db.get().await?;
     let keys = {
         let txn = users.build_transaction().read_only(true).start().await?;
-        match fragment.keys_after(txn.client(), None, SAMPLE).await {
+        match fragment
+            .keys_after(UserClient::in_transaction(txn.client()), None, SAMPLE)
+            .await
+        {
             Ok(keys) => keys,
             // The loaders' own check reports why.
             Err(_) => return Ok(None),
@@ -149,7 +153,9 @@ async fn loader_reads(
     let txn = users.build_transaction().read_only(true).start().await?;
     let pid = dependencies::backend_pid(txn.client()).await?;
     // Whether it rendered or failed, what it read is locked.
-    let _ = fragment.render_keys(txn.client(), &keys).await;
+    let _ = fragment
+        .render_keys(UserClient::in_transaction(txn.client()), &keys)
+        .await;
     let tables = dependencies::tables_locked_by(pinned, pid).await?;
     drop(txn);
     Ok(Some(tables))
@@ -172,7 +178,7 @@ async fn query_reads(
         "SELECT {key} FROM {} WHERE {column} IS NOT NULL LIMIT {SAMPLE}",
         watch.table
     );
-    let keys: Vec<String> = match pinned.query(&sample, &[]).await {
+    let keys: Vec<String> = match pinned.query_typed(&sample, &[]).await {
         Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
         Err(_) => return Ok(Vec::new()),
     };

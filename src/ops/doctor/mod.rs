@@ -11,6 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 
 use crate::Error;
+use crate::fragment::UserClient;
 use crate::fragment::{Fragments, KeyOutcome, Mapping};
 use crate::ops::one_line;
 use crate::pg::{Database, queue, registry, schema};
@@ -118,10 +119,23 @@ pub(crate) async fn examine(
 ) -> Result<Report, Error> {
     let mut report = Report::default();
     let client = db.pinned().await?;
+    let pooled = db.behind_pooler().await?;
+    if pooled {
+        report.note(match db.has_session_url() {
+            true => "reached through a connection pooler: the listener LISTENs on the direct --session-url, runs loaders in transactions of their own, and keeps no session state between transactions",
+            false => "reached through a connection pooler with no --session-url: a listener has no LISTEN session there and polls every --poll-interval (give it a direct connection for LISTEN to apply changes within milliseconds)",
+        });
+    }
     if let Some(privileges) = schema::excess_privileges(&client).await? {
         report.note(format!(
             "running as {privileges}: the listener needs only pgfresh_listener's rights (sql/roles.sql), and doctor sees what the listener sees when run as the listener's role"
         ));
+        if pooled {
+            report.problem(
+                format!("running as {privileges} through a connection pooler, where pgfresh cannot pin its sessions' search_path: a function or operator that a database owner puts on the role's default path would run with those rights"),
+                "connect as a role with pgfresh_listener's rights (sql/roles.sql) and SELECT on what the loaders read, or connect directly",
+            );
+        }
     }
     let required = schema::required_version();
     let Some(version) = schema::version_on(&client).await? else {
@@ -300,7 +314,7 @@ async fn check_keys(
         // are queued, whatever this session's TimeZone or DateStyle.
         let txn = client.transaction().await?;
         txn.batch_execute(schema::KEY_TEXT_SETTINGS).await?;
-        let sampled = txn.query(&sql, &[]).await;
+        let sampled = txn.query_typed(&sql, &[]).await;
         drop(txn);
         let values: Vec<String> = match sampled {
             Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
@@ -420,7 +434,10 @@ async fn check_loaders(
         let txn = client.build_transaction().read_only(true).start().await?;
         let fix =
             "grant the listener's role SELECT on what the loader reads, or fix the loader's query";
-        let keys = match fragment.keys_after(txn.client(), None, 1).await {
+        let keys = match fragment
+            .keys_after(UserClient::in_transaction(txn.client()), None, 1)
+            .await
+        {
             Ok(keys) => keys,
             Err(error) => {
                 report.problem(
@@ -438,7 +455,10 @@ async fn check_loaders(
             continue;
         };
         let outcome = match fragment
-            .render_keys(txn.client(), std::slice::from_ref(&key))
+            .render_keys(
+                UserClient::in_transaction(txn.client()),
+                std::slice::from_ref(&key),
+            )
             .await
         {
             Ok(rendered) => rendered.outcomes.into_iter().next(),

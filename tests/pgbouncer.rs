@@ -1,0 +1,262 @@
+//! Through PgBouncer in transaction pooling (Debian's `pgbouncer` with its default settings, a
+//! throwaway instance in front of the shared server): every
+//! command works; two listeners, one with a direct `--session-url` for LISTEN and one polling, apply a
+//! concurrent workload with nothing lost and no error from a prepared statement, and sweep one at a
+//! time.
+
+mod common;
+
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use common::cli::{run, stderr, stdout};
+use common::servers::{TempPgBouncer, TempRedis};
+use common::{TestEnv, eventually, shop_binary};
+
+const PRODUCTS: i64 = 60;
+
+/// What no command or listener may say through the pooler.
+fn assert_no_session_trouble(what: &str, text: &str) {
+    for symptom in [
+        "prepared statement",
+        "unsupported startup parameter",
+        "panicked",
+        "ERROR",
+    ] {
+        assert!(!text.contains(symptom), "{what} says {symptom:?}:\n{text}");
+    }
+}
+
+/// A shop listener process through `url`, its log in `log`.
+fn listener(url: &str, redis: &str, session_url: Option<&str>, log: &std::path::Path) -> Child {
+    let mut command = Command::new(shop_binary());
+    command
+        .args([
+            "listen",
+            "--sweep-interval",
+            "1s",
+            "--poll-interval",
+            "100ms",
+        ])
+        .env("DATABASE_URL", url)
+        .env("REDIS_URL", redis)
+        .env("RUST_LOG", "pgfresh=info")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(log).unwrap());
+    if let Some(session) = session_url {
+        command.env("PGFRESH_SESSION_URL", session);
+    }
+    command.spawn().unwrap()
+}
+
+/// Stops a listener with SIGTERM and waits for it; returns whether it exited cleanly.
+async fn stop(mut child: Child) -> bool {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let deadline = std::time::Instant::now() + common::PATIENCE;
+    loop {
+        if let Some(exit) = child.try_wait().unwrap() {
+            return exit.success();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn every_command_and_two_listeners_work_through_pgbouncer_in_transaction_pooling() {
+    let Some(bouncer) = TempPgBouncer::start() else {
+        return;
+    };
+    let env = TestEnv::shop(PRODUCTS).await;
+    let redis = TempRedis::start();
+    let through = bouncer.url(&env.name);
+
+    // Each command, run as a user would, with DATABASE_URL at the pooler.
+    for args in [&["install"][..], &["sweep"], &["status"], &["retry-failed"]] {
+        let out = run(&shop_binary(), &through, &redis.url(), args);
+        let said = format!("{}{}", stdout(&out), stderr(&out));
+        assert!(out.status.success(), "{args:?}: {said}");
+        assert_no_session_trouble(&format!("{args:?}"), &said);
+        assert!(said.contains("through a connection pooler"), "{said}");
+    }
+    let out = run(&shop_binary(), &through, &redis.url(), &["doctor"]);
+    let report = stdout(&out);
+    assert_no_session_trouble("doctor", &report);
+    // As a superuser through the pooler: its search_path cannot be pinned there, which doctor says.
+    assert!(
+        report.contains("ok       product_card: loaded and rendered key 1 (read-only)")
+            && report
+                .contains("note     reached through a connection pooler with no --session-url")
+            && report
+                .contains("PROBLEM  running as superuser postgres through a connection pooler")
+            && report.contains("PROBLEM  no live listener")
+            && report.contains("2 problems found"),
+        "{report}"
+    );
+
+    // Two listeners: one hears NOTIFYs on a direct session, the other polls.
+    let logs = tempfile_dir(&env.name);
+    let direct = listener(
+        &through,
+        &redis.url(),
+        Some(&env.url),
+        &logs.join("direct.log"),
+    );
+    let polling = listener(&through, &redis.url(), None, &logs.join("polling.log"));
+    eventually("both listeners to register", || async {
+        env.registered_listeners().await == 2
+    })
+    .await;
+
+    // Eight writers through the pooler, as an application would write: plain statements.
+    let mut writers = tokio::task::JoinSet::new();
+    for writer in 0..8_i64 {
+        let url = through.clone();
+        writers.spawn(async move {
+            let client = common::connect(&url).await;
+            for round in 0..25_i64 {
+                let id = 1 + (writer * 25 + round) % PRODUCTS;
+                let sql = match round % 5 {
+                    0 => format!(
+                        "INSERT INTO reviews (product_id, author, rating, body) \
+                         VALUES ({id}, 'writer {writer}', 4, 'round {round}')"
+                    ),
+                    _ => format!(
+                        "UPDATE products SET price_cents = price_cents + 1, name = 'Item {id} r{round}' \
+                         WHERE id = {id}"
+                    ),
+                };
+                client.batch_execute(&sql).await.unwrap();
+            }
+        });
+    }
+    while let Some(done) = writers.join_next().await {
+        done.unwrap();
+    }
+
+    // Every card is what a fresh render says, and the queue is empty: nothing was lost.
+    let mut redis_client = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    for id in 1..=PRODUCTS {
+        for variant in ["compact", "full"] {
+            let key = format!("shop:product_card:{id}:{variant}");
+            let expected = env.fresh_render(id, variant).await;
+            eventually(&format!("{key} to be fresh"), || {
+                let mut redis_client = redis_client.clone();
+                let (key, expected) = (key.clone(), expected.clone());
+                async move {
+                    let held: Option<String> = redis::cmd("GET")
+                        .arg(&key)
+                        .query_async(&mut redis_client)
+                        .await
+                        .unwrap();
+                    held == expected
+                }
+            })
+            .await;
+        }
+    }
+    let _ = &mut redis_client;
+    eventually("the queue to be empty", || async {
+        env.pending().await == 0
+    })
+    .await;
+    assert_eq!(env.parked().await, 0);
+
+    // One sweep leader: no two listeners' complete sweeps overlap in time.
+    eventually("periodic sweeps", || async {
+        env.client()
+            .await
+            .query_one(
+                "SELECT count(*) FROM pgfresh.sweeps WHERE reason = 'periodic'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            >= 2
+    })
+    .await;
+    let overlapping: i64 = env
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pgfresh.sweeps a JOIN pgfresh.sweeps b
+             ON a.swept_by <> b.swept_by AND a.started_at < b.finished_at AND b.started_at < a.finished_at",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(overlapping, 0, "two listeners swept at once");
+
+    // The polling listener never asked writers to NOTIFY; the other did while idle.
+    let idle_flags: Vec<(String, bool)> = env
+        .client()
+        .await
+        .query("SELECT id, idle FROM pgfresh.listeners", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(idle_flags.len(), 2, "{idle_flags:?}");
+
+    assert!(stop(direct).await, "the direct listener exits cleanly");
+    assert!(stop(polling).await, "the polling listener exits cleanly");
+    let direct_log = std::fs::read_to_string(logs.join("direct.log")).unwrap();
+    let polling_log = std::fs::read_to_string(logs.join("polling.log")).unwrap();
+    assert_no_session_trouble("the direct listener", &direct_log);
+    assert_no_session_trouble("the polling listener", &polling_log);
+    assert!(
+        polling_log.contains("no LISTEN session, so changes are found by polling"),
+        "{polling_log}"
+    );
+    assert!(
+        !direct_log.contains("no LISTEN session"),
+        "the listener with a session URL LISTENs: {direct_log}"
+    );
+    let _ = std::fs::remove_dir_all(&logs);
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+/// A directory of this test's own for logs.
+fn tempfile_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgfresh-pgbouncer-logs-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+#[tokio::test]
+async fn a_pooler_that_ignores_the_startup_options_is_found_too() {
+    let Some(bouncer) = TempPgBouncer::start_with("ignore_startup_parameters = options") else {
+        return;
+    };
+    let env = TestEnv::shop(3).await;
+    let through = bouncer.url(&env.name);
+    let out = run(&shop_binary(), &through, &common::redis_url(), &["status"]);
+    let said = format!("{}{}", stdout(&out), stderr(&out));
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains("through a connection pooler (it ignored pgfresh's startup settings)"),
+        "{said}"
+    );
+    assert_no_session_trouble("status", &said);
+    // And a direct connection is not taken for one (PostgreSQL reports the pinned path as given).
+    let direct = run(&shop_binary(), &env.url, &common::redis_url(), &["status"]);
+    let said = format!("{}{}", stdout(&direct), stderr(&direct));
+    assert!(direct.status.success(), "{said}");
+    assert!(!said.contains("connection pooler"), "{said}");
+    drop(bouncer);
+    env.cleanup().await;
+}
