@@ -30,6 +30,27 @@ pub struct Connections {
         global = true
     )]
     pub session_url: Option<String>,
+    /// A hot standby of the database (streaming replication), in the same forms, for the loads of
+    /// listen and sweep: a batch loads there once the standby has replayed its changes, and from the
+    /// primary otherwise. Claims, tickets, through queries and pgfresh's own tables stay on the
+    /// primary. doctor checks it.
+    #[arg(
+        long,
+        env = "PGFRESH_REPLICA_URL",
+        hide_env_values = true,
+        global = true
+    )]
+    pub replica_url: Option<String>,
+    /// How long a batch (or a sweep page) waits for the standby to replay its changes before it
+    /// loads from the primary instead.
+    #[arg(
+        long,
+        env = "PGFRESH_REPLICA_MAX_WAIT",
+        default_value = "50ms",
+        value_parser = parse_duration,
+        global = true
+    )]
+    pub replica_max_wait: Duration,
     /// Redis connection URL; a /N path selects database N. With --redis-cluster, one or more cluster
     /// nodes, comma-separated (the others are discovered).
     #[arg(
@@ -51,11 +72,14 @@ impl Connections {
     pub fn database(&self, pool_size: usize) -> Result<Database, Error> {
         let url = self.database_url.as_deref().unwrap_or("");
         let environment = Environment::from_process();
-        let db = Database::with_environment(url, pool_size, &environment)?;
-        match &self.session_url {
-            Some(session) => db.with_session_url(session, &environment),
-            None => Ok(db),
+        let mut db = Database::with_environment(url, pool_size, &environment)?;
+        if let Some(session) = &self.session_url {
+            db = db.with_session_url(session, &environment)?;
         }
+        if let Some(replica) = &self.replica_url {
+            db = db.with_replica_url(replica, &environment, self.replica_max_wait)?;
+        }
+        Ok(db)
     }
 
     /// Connects to Redis, a cluster or one server as the flags say, and checks that it answers.

@@ -63,7 +63,7 @@ async fn apply(
     let plan = shared.recent.plan_batch(&claim.changes, started);
     let routes = route::route(&shared.fragments, plan.to_render.keys().copied());
     let fanned = route::fan_out(shared, &mut txn, &routes.fan_outs).await?;
-    let mut rendered = render_changes(shared, &routes, claim.ticket).await?;
+    let mut rendered = render_changes(shared, txn.client(), &routes, claim.ticket).await?;
     for change in &routes.unrouted {
         let reason = format!("no fragment subscribes to topic {:?}", change.0);
         rendered.failed.entry(*change).or_insert(reason);
@@ -279,9 +279,11 @@ impl Ages {
 
 /// Refreshes the keys each fragment is routed. Rows are loaded on a connection of their own: a
 /// loader's SQL error would otherwise abort the claiming transaction, and with it the recording of
-/// that very failure.
+/// that very failure. On the standby, when one was given and has replayed what the primary
+/// (`claiming`, the claim's session, after its ticket) had written by then.
 async fn render_changes<'a>(
     shared: &Shared,
+    claiming: &tokio_postgres::Client,
     routes: &Routes<'a>,
     ticket: i64,
 ) -> Result<RenderedChanges<'a>, Error> {
@@ -289,7 +291,7 @@ async fn render_changes<'a>(
     if routes.renders.is_empty() {
         return Ok(rendered);
     }
-    let session = shared.db.get().await?;
+    let session = shared.db.loads(claiming).await?;
     let loader = UserClient::of(&shared.db, &session).await?;
     for part in &routes.renders {
         let fragment = part.fragment;

@@ -309,6 +309,7 @@ impl Listener {
             listen_connected: listen_connected.clone(),
             board: shared.board.clone(),
             listener_id: shared.me.id.clone(),
+            standby: shared.db.standby(),
         };
         let server = crate::ops::http::bind(address, sources, shared.shutdown.clone()).await?;
         spawn(tasks, "HTTP server", server);

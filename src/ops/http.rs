@@ -11,6 +11,8 @@
 //! Redis.
 
 use std::sync::Arc;
+
+use crate::pg::standby::Standby;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
@@ -55,6 +57,8 @@ pub(crate) struct Sources {
     pub(crate) board: Arc<StatusBoard>,
     /// Shown on the status page.
     pub(crate) listener_id: String,
+    /// The hot standby loads may go to, when one was given.
+    pub(crate) standby: Option<Arc<Standby>>,
 }
 
 #[derive(Clone)]
@@ -181,6 +185,11 @@ async fn status_page(State(state): State<AppState>) -> Html<String> {
         &sources.listener_id,
         problem.as_deref(),
         &sources.board.view(),
+        sources
+            .standby
+            .as_ref()
+            .map(|standby| standby.view())
+            .as_ref(),
     );
     Html(page.into_string())
 }

@@ -1,16 +1,22 @@
 //! The status page: one self-refreshing HTML page, drawn with maud from the board, readable without
 //! JavaScript: connections, the last 15 minutes as SVG charts (changes applied, freshness, queue
-//! depth), the queue, each fragment with its freshness, the last sweep and recent failures.
+//! depth), the standby, the queue, each fragment with its freshness, the last sweep and recent failures.
 
 use std::time::SystemTime;
 
 use super::board::BoardView;
 use super::charts::{Series, line_chart};
 use super::history::HistoryView;
+use crate::pg::standby::StandbyView;
 use crate::store::Eviction;
 
 /// The status page: plain HTML that refreshes itself every two seconds.
-pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) -> maud::Markup {
+pub(crate) fn page(
+    listener_id: &str,
+    problem: Option<&str>,
+    board: &BoardView,
+    standby: Option<&StandbyView>,
+) -> maud::Markup {
     let uptime = board.started.elapsed().as_secs_f64().max(1.0);
     maud::html! {
         (maud::DOCTYPE)
@@ -46,6 +52,20 @@ pub(crate) fn page(listener_id: &str, problem: Option<&str>, board: &BoardView) 
                         p class="bad" {
                             "Standing aside: a listener with a newer version of these fragments is running. "
                             "This one applies no changes until it is gone."
+                        }
+                    }
+                    @if let Some(standby) = standby {
+                        p class=(if standby.down.is_some() { "bad standby" } else { "ok standby" }) {
+                            "Standby " (standby.url) ": "
+                            @match &standby.down {
+                                Some(reason) => { "not used, " (reason) ". " }
+                                None if !standby.tried => { "not tried yet (no load since the start). " }
+                                None => { "used, " (standby.lag_bytes) " bytes of WAL behind when last asked. " }
+                            }
+                            "Loads served by the standby " (standby.served)
+                            ", by the primary " (standby.behind + standby.unavailable)
+                            " (" (standby.behind) " with the standby behind, "
+                            (standby.unavailable) " with it unavailable)."
                         }
                     }
                 }
@@ -191,17 +211,17 @@ mod tests {
     #[test]
     fn the_page_says_when_the_listener_stands_aside() {
         let board = StatusBoard::default();
-        let before = page("me", None, &board.view()).into_string();
+        let before = page("me", None, &board.view(), None).into_string();
         assert!(!before.contains("Standing aside"));
         board.standing_aside(true);
-        let during = page("me", None, &board.view()).into_string();
+        let during = page("me", None, &board.view(), None).into_string();
         assert!(during.contains("Standing aside: a listener with a newer version"));
     }
 
     #[test]
     fn the_page_draws_the_last_fifteen_minutes_and_each_fragments_freshness() {
         let board = StatusBoard::default();
-        let quiet = page("me", None, &board.view()).into_string();
+        let quiet = page("me", None, &board.view(), None).into_string();
         for chart in ["chart-applied", "chart-freshness", "chart-queue"] {
             assert!(quiet.contains(&format!("<svg id=\"{chart}\"")), "{chart}");
         }
@@ -210,7 +230,7 @@ mod tests {
         board.applied(3);
         board.fresh("card", &[std::time::Duration::from_millis(3)]);
         let view = board.view();
-        let busy = page("me", None, &view).into_string();
+        let busy = page("me", None, &view, None).into_string();
         assert!(busy.contains("<circle"), "this slot's point is drawn");
         assert_eq!(freshness(&view.history, "card"), "3.8 ms / 5.0 ms");
     }

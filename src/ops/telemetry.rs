@@ -66,6 +66,18 @@ fn describe() {
         "pgfresh_writes_total",
         "Writes of entries to Redis by fragment and result: written, unchanged (Redis held that render already, confirmed by a sweep included), refused (a render with a newer ticket was stored), deleted"
     );
+    describe_counter!(
+        "pgfresh_loads_total",
+        "Batches' and sweep pages' loads with a standby given (--replica-url), by the server that served them and why: standby (caught_up: it had replayed the batch's changes), or primary (behind: it had not within --replica-max-wait; unavailable: down, promoted or another cluster's)"
+    );
+    describe_gauge!(
+        "pgfresh_standby_replay_lag_bytes",
+        "How far the standby's replay was behind the primary's WAL position when a batch last asked, in bytes"
+    );
+    describe_gauge!(
+        "pgfresh_standby_up",
+        "Whether loads may go to the standby (1) or it is down, promoted or another cluster's (0)"
+    );
     describe_histogram!(
         "pgfresh_load_seconds",
         "Time to load the rows of one batch of keys, by fragment"
@@ -274,4 +286,19 @@ pub(crate) fn redis_eviction(possible: bool) {
 /// Records whether the listener stands aside for one with newer fragment versions (1) or works (0).
 pub(crate) fn standing_aside(standing_aside: bool) {
     gauge!("pgfresh_standing_aside").set(if standing_aside { 1.0 } else { 0.0 });
+}
+
+/// Records which server served a batch's loads, with a standby given, and why.
+pub(crate) fn load_served(server: &'static str, reason: &'static str) {
+    counter!("pgfresh_loads_total", "server" => server, "reason" => reason).increment(1);
+}
+
+/// Records how far behind the primary the standby last was, in bytes of WAL.
+pub(crate) fn standby_lag(bytes: f64) {
+    gauge!("pgfresh_standby_replay_lag_bytes").set(bytes);
+}
+
+/// Records whether loads may go to the standby.
+pub(crate) fn standby_up(up: bool) {
+    gauge!("pgfresh_standby_up").set(if up { 1.0 } else { 0.0 });
 }

@@ -24,6 +24,7 @@ use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conninfo::{ConnInfo, redact_unparsed};
+use super::standby::Standby;
 use super::tls::PostgresTls;
 use crate::Error;
 use crate::config::Environment;
@@ -50,6 +51,10 @@ pub struct Database {
     /// A direct connection for what needs a session of its own (`LISTEN`), when given.
     session: Option<Config>,
     connector: MakeRustlsConnect,
+    /// A hot standby for loads, when given.
+    standby: Option<Arc<Standby>>,
+    /// The primary's system identifier, read when a standby is first used.
+    primary_identifier: Arc<tokio::sync::OnceCell<String>>,
 }
 
 /// What pgfresh's pooled sessions always run with. The listener's own writes (deleting done changes,
@@ -153,6 +158,8 @@ impl Database {
             pooler: Arc::new(tokio::sync::OnceCell::new()),
             session: None,
             connector,
+            standby: None,
+            primary_identifier: Arc::new(tokio::sync::OnceCell::new()),
         })
     }
 
@@ -160,26 +167,48 @@ impl Database {
     /// a session of its own: the listener's `LISTEN`, when the main URL leads through a transaction
     /// pooler that would hand each notification to whichever client it serves next.
     pub fn with_session_url(mut self, url: &str, environment: &Environment) -> Result<Self, Error> {
-        let info = resolve(url, environment)?;
-        let shown = info.shown();
-        let tls = PostgresTls::from_settings(
-            info.get("sslmode"),
-            info.get("sslrootcert"),
-            environment.home(),
-        )
-        .map_err(|reason| invalid_url(shown.clone(), reason))?;
-        let mut config: Config =
-            info.to_tokio_postgres(HANDLED_HERE)
-                .parse()
-                .map_err(|e: tokio_postgres::Error| {
-                    invalid_url(shown.clone(), crate::error::describe_postgres(&e))
-                })?;
-        config.ssl_mode(tls.mode);
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        let (config, _, _) = other_server(url, environment)?;
         self.session = Some(with_options(&config, "", PINNED_OPTIONS));
         Ok(self)
+    }
+
+    /// The same database, with a hot standby of it (`url`, read as the main one is, TLS included)
+    /// for loads: each batch and sweep page loads there once the standby has replayed the batch's
+    /// changes, waiting up to `max_wait` for it, and from the primary otherwise (see
+    /// `pg::standby`).
+    pub fn with_replica_url(
+        mut self,
+        url: &str,
+        environment: &Environment,
+        max_wait: Duration,
+    ) -> Result<Self, Error> {
+        let (config, shown, connector) = other_server(url, environment)?;
+        let size = self.users.status().max_size;
+        let pool = build_pool(with_options(&config, POOLED_OPTIONS, ""), &connector, size);
+        self.standby = Some(Arc::new(Standby::new(shown, pool, max_wait)));
+        Ok(self)
+    }
+
+    /// The hot standby loads may go to, when one was given.
+    pub(crate) fn standby(&self) -> Option<Arc<Standby>> {
+        self.standby.clone()
+    }
+
+    /// A session for a batch's (or a sweep page's) loads, with your settings: on the standby when
+    /// one was given and it has replayed every commit the primary had made when this is called
+    /// (`primary`, a session on the primary, after the caller took its ticket), on the primary
+    /// otherwise.
+    pub(crate) async fn loads(&self, primary: &Client) -> Result<deadpool_postgres::Object, Error> {
+        if let Some(standby) = &self.standby {
+            let identifier = self
+                .primary_identifier
+                .get_or_try_init(|| super::standby::system_identifier(primary))
+                .await?;
+            if let Ok(session) = standby.session_at(primary, identifier).await {
+                return Ok(session);
+            }
+        }
+        self.get().await
     }
 
     /// Whether a direct session URL was given ([`Database::with_session_url`]).
@@ -259,6 +288,9 @@ impl Database {
     pub(crate) fn limit_user_sessions(&self, size: usize) {
         self.users.resize(size.max(1));
         self.plain_users.resize(size.max(1));
+        if let Some(standby) = &self.standby {
+            standby.resize(size);
+        }
     }
 
     /// A pooled connection for pgfresh's own statements, its `search_path` pinned to
@@ -375,6 +407,33 @@ fn with_options(config: &Config, before: &str, after: &str) -> Config {
     let mut config = config.clone();
     config.options(options.join(" "));
     config
+}
+
+/// Another server's connection string (the session URL, the standby), read as the main one is:
+/// its configuration, how it is shown, and its TLS connector.
+fn other_server(
+    url: &str,
+    environment: &Environment,
+) -> Result<(Config, String, MakeRustlsConnect), Error> {
+    let info = resolve(url, environment)?;
+    let shown = info.shown();
+    let tls = PostgresTls::from_settings(
+        info.get("sslmode"),
+        info.get("sslrootcert"),
+        environment.home(),
+    )
+    .map_err(|reason| invalid_url(shown.clone(), reason))?;
+    let mut config: Config =
+        info.to_tokio_postgres(HANDLED_HERE)
+            .parse()
+            .map_err(|e: tokio_postgres::Error| {
+                invalid_url(shown.clone(), crate::error::describe_postgres(&e))
+            })?;
+    config.ssl_mode(tls.mode);
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    Ok((config, shown, tls.connector()))
 }
 
 /// A pool of sessions with `config`.

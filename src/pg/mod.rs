@@ -10,6 +10,7 @@
 //! - `snapshot`: what a claim's snapshot saw, for the listener's planning.
 //! - `registry`: the listener registry (idle flag, fragment versions, standing aside, heartbeats).
 //! - `truncations`: TRUNCATEs of watched tables waiting for a sweep.
+//! - `standby`: a hot standby for loads, used once it has replayed a batch's changes.
 //! - `dependencies`: what a session read, against what is watched (for `doctor`).
 //! - `sweeps`: the sweep lease (which listener sweeps), and the record of complete sweeps.
 
@@ -21,6 +22,7 @@ pub(crate) mod queue;
 pub(crate) mod registry;
 pub(crate) mod schema;
 mod snapshot;
+pub(crate) mod standby;
 pub(crate) mod sweeps;
 mod tls;
 pub(crate) mod truncations;

@@ -303,7 +303,10 @@ impl Sweeper<'_> {
         report: &mut SweepReport,
     ) -> Result<orphans::Kept, Error> {
         let (settings, progress) = (self.settings, self.progress);
-        let session = self.db.get().await?;
+        // Keys listed on the standby, when one was given, only once it has replayed what the
+        // primary had written after the fragment's start ticket: a key it did not list would have
+        // its entry deleted as an orphan.
+        let session = self.db.loads(&*self.db.pinned().await?).await?;
         let pager = UserClient::of(self.db, &session).await?;
         // Only the progress bar needs the count: a count that fails leaves it without a total.
         let total = fragment.count_keys(pager).await.unwrap_or_else(|error| {

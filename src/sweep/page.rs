@@ -24,12 +24,14 @@ pub(super) async fn sweep_page(
     keys: Vec<String>,
 ) -> PageResult {
     let failed_page = |error: String| (keys.len() as u64, error);
-    let ticket = match db.pinned().await {
-        Ok(client) => take_ticket(&client).await,
-        Err(error) => Err(error),
+    // Loads on the standby, when one was given and has replayed what the primary had written once
+    // the ticket was taken.
+    let ticketed = async {
+        let primary = db.pinned().await?;
+        let ticket = take_ticket(&primary).await?;
+        Ok::<_, crate::Error>((ticket, db.loads(&primary).await?))
     };
-    let ticket = ticket.map_err(|e| failed_page(e.to_string()))?;
-    let session = db.get().await.map_err(|e| failed_page(e.to_string()))?;
+    let (ticket, session) = ticketed.await.map_err(|e| failed_page(e.to_string()))?;
     let loader = UserClient::of(&db, &session)
         .await
         .map_err(|e| failed_page(e.to_string()))?;

@@ -361,6 +361,52 @@ impl TempPostgres {
     pub fn start_again(&self) {
         self.start_server();
     }
+
+    /// A hot standby of this server, streaming from it: a base backup taken with `pg_basebackup -R`
+    /// (which writes `primary_conninfo` and `standby.signal`), started on a port of its own. The
+    /// default `wal_level = replica` and the trust `replication` lines initdb writes are all the
+    /// primary needs.
+    pub fn standby(&self) -> TempPostgres {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("pgfresh-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        if running_as_root() {
+            let status = Command::new("chown")
+                .arg("postgres")
+                .arg(&dir)
+                .status()
+                .unwrap();
+            assert!(status.success());
+        }
+        let out = postgres_command(&postgres_bin("pg_basebackup"))
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-R", "-X", "stream", "--no-sync", "-c", "fast", "-D"])
+            .arg(dir.join("data"))
+            .stdin(Stdio::null())
+            .output_bounded()
+            .expect("pg_basebackup runs");
+        assert!(
+            out.status.success(),
+            "pg_basebackup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let standby = TempPostgres {
+            port,
+            dir,
+            tls: false,
+            settings: self.settings.clone(),
+        };
+        standby.start_server();
+        standby
+    }
 }
 
 impl Drop for TempPostgres {

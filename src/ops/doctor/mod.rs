@@ -111,6 +111,29 @@ impl fmt::Display for Report {
     }
 }
 
+/// Checks the hot standby given for loads (`--replica-url`), if any: reachable, in recovery, of
+/// this cluster, replaying.
+async fn check_standby(db: &Database, primary: &tokio_postgres::Client, report: &mut Report) {
+    let Some(standby) = db.standby() else {
+        return;
+    };
+    let url = standby.url();
+    match standby.examine(primary).await {
+        Err(reason) => report.problem(
+            format!("the standby at {url} cannot serve loads: {reason}"),
+            "point --replica-url (PGFRESH_REPLICA_URL) at a streaming standby of this database, or leave it out: loads then all go to the primary",
+        ),
+        Ok(found) if found.paused => report.problem(
+            format!("the standby at {url} has its WAL replay paused: every load goes to the primary"),
+            "run SELECT pg_wal_replay_resume() on the standby",
+        ),
+        Ok(found) => report.ok(format!(
+            "standby at {url}: in recovery, of this cluster, {} bytes of WAL behind; loads go there once it has replayed a batch's changes",
+            found.behind_bytes
+        )),
+    }
+}
+
 /// Checks the deployment of `fragments` in `db` and `redis` (or why Redis could not be reached).
 pub(crate) async fn examine(
     db: &Database,
@@ -126,6 +149,7 @@ pub(crate) async fn examine(
             false => "reached through a connection pooler with no --session-url: a listener has no LISTEN session there and polls every --poll-interval (give it a direct connection for LISTEN to apply changes within milliseconds)",
         });
     }
+    check_standby(db, &client, &mut report).await;
     if let Some(privileges) = schema::excess_privileges(&client).await? {
         report.note(format!(
             "running as {privileges}: the listener needs only pgfresh_listener's rights (sql/roles.sql), and doctor sees what the listener sees when run as the listener's role"
