@@ -7,7 +7,8 @@
 //! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`
 //! (which ends with a table of round two's targets beside today's figures; `sweep`, `latency` and
 //! `write-overhead` print their rows of it),
-//! and `triggers` (the trigger study, about 30 minutes; not part of `all`).
+//! `triggers` (the trigger study, about 30 minutes; not part of `all`), and `standby` (a sweep's CPU on
+//! a throwaway primary with and without a streaming standby of it; not part of `all`).
 //! Each works in databases of its own (`pgfresh_bench_<products>`, `pgfresh_bench_blog_<posts>`,
 //! created and filled on first use, kept for later runs) and in a Redis database of its own
 //! (`--redis-url`, default database 9), which it empties; `cluster` also starts a throwaway Redis
@@ -31,6 +32,7 @@ mod scenarios;
 #[allow(dead_code)] // the bench only needs `setup` itself
 #[path = "../shop/setup.rs"]
 mod setup;
+mod standby;
 mod triggers;
 
 use std::process::ExitCode;
@@ -73,6 +75,9 @@ enum Scenario {
     All,
     /// The trigger study: each part of the capture trigger's cost (about 30 minutes).
     Triggers,
+    /// What a hot standby takes off the primary during a sweep of 200,000 products, on a throwaway
+    /// primary and standby of its own (a few minutes; not part of `all`).
+    Standby,
     /// Internal: one sweep in a fresh process, so its peak RSS is its own.
     #[value(hide = true)]
     SweepOnce,
@@ -100,6 +105,7 @@ fn main() -> ExitCode {
             Scenario::Cluster => bench.cluster().await,
             Scenario::All => bench.all().await,
             Scenario::Triggers => bench.triggers().await,
+            Scenario::Standby => standby::standby(&bench).await,
         };
         bench.print_targets();
         result
