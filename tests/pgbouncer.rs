@@ -10,8 +10,11 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::cli::{run, stderr, stdout};
+use common::product_card::ProductCard;
 use common::servers::{TempPgBouncer, TempRedis};
 use common::{TestEnv, eventually, shop_binary};
+use pgfresh::tokio_postgres::Client;
+use pgfresh::{Database, Fragment, Fragments, Loaded, Shutdown, Topics};
 
 const PRODUCTS: i64 = 60;
 
@@ -257,6 +260,85 @@ async fn a_pooler_that_ignores_the_startup_options_is_found_too() {
     let said = format!("{}{}", stdout(&direct), stderr(&direct));
     assert!(direct.status.success(), "{said}");
     assert!(!said.contains("connection pooler"), "{said}");
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+/// The shop's card, mapped from topic `probe` by a through query that finds a product only while
+/// its transaction runs with the settings pgfresh gives its claims (`synchronous_commit` and `jit`
+/// off): through queries run inside the claim's transaction.
+struct SettingsProbe;
+
+impl Fragment for SettingsProbe {
+    type Key = i64;
+    type Row = <ProductCard as Fragment>::Row;
+    type Variant = <ProductCard as Fragment>::Variant;
+    type Error = <ProductCard as Fragment>::Error;
+
+    fn name(&self) -> &str {
+        ProductCard.name()
+    }
+
+    fn topics(&self) -> Topics {
+        Topics::new().through(
+            "probe",
+            "SELECT id FROM products WHERE id = ANY($1) \
+             AND current_setting('synchronous_commit') = 'off' AND current_setting('jit') = 'off'",
+        )
+    }
+
+    async fn load(&self, db: &Client, keys: &[i64]) -> Loaded<Self> {
+        ProductCard.load(db, keys).await
+    }
+
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> maud::Markup {
+        ProductCard.render(key, row, variant)
+    }
+
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        ProductCard.keys_after(db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn claims_through_the_pooler_run_with_pgfresh_s_settings_set_in_the_transaction() {
+    let Some(bouncer) = TempPgBouncer::start() else {
+        return;
+    };
+    let env = TestEnv::shop(3).await;
+    let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
+    let shutdown = Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
+        db,
+        env.sink.clone(),
+        Fragments::new().with(&env.prefix, SettingsProbe),
+        common::tweak(common::test_settings(), |s| {
+            s.poll_interval = Duration::from_millis(50)
+        }),
+        shutdown.clone(),
+    ));
+    eventually("the listener to register", || async {
+        env.registered_listeners().await == 1
+    })
+    .await;
+    // A change of a shared row, as a trigger would queue it.
+    env.client()
+        .await
+        .batch_execute("INSERT INTO pgfresh.changes (topic, key) VALUES ('probe', '2')")
+        .await
+        .unwrap();
+    let key = env.key(2, "full");
+    eventually("product 2 fanned out and rendered", || async {
+        env.get(&key).await.is_some()
+    })
+    .await;
+    shutdown.cancel();
+    listener.await.unwrap().unwrap();
     drop(bouncer);
     env.cleanup().await;
 }

@@ -29,6 +29,10 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.pinned().await?;
     let txn = client.transaction().await?;
+    if shared.db.behind_pooler().await? {
+        // The settings a pooler would not take at connection: set for this transaction alone.
+        txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
+    }
     let started = Instant::now();
     let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
     let claimed = claim.changes.len() + claim.undecodable.len();

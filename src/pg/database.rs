@@ -63,6 +63,12 @@ pub struct Database {
 /// it was seen to add 180 ms to a 20 ms load.
 const POOLED_OPTIONS: &str = "-c synchronous_commit=off -c jit=off";
 
+/// The same settings for one transaction, where a pooler takes no startup options: the listener's
+/// claim transactions (their commit is the one that would wait for its WAL flush; their through
+/// queries are the JIT's to compile).
+pub(crate) const POOLED_SETTINGS_LOCAL: &str =
+    "SET LOCAL synchronous_commit = off; SET LOCAL jit = off";
+
 /// What every session running pgfresh's own statements runs with, after the user's options so that
 /// nothing overrides it: PostgreSQL's own functions and operators, and no one else's.
 const PINNED_OPTIONS: &str = "-c search_path=pg_catalog,pg_temp";
