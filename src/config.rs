@@ -24,6 +24,14 @@ pub struct ListenSettings {
     /// Where to serve the status page, `/metrics`, `/healthz` and `/readyz` (`host:port`, the host a
     /// name or an address); `None` serves nothing.
     pub http: Option<String>,
+    /// Where to serve `GET /fragments/{key}`, which answers from Redis or renders on demand
+    /// (`host:port`); `None` serves nothing. A non-loopback address needs [`Self::serve_token`].
+    pub serve: Option<String>,
+    /// The bearer token `GET /fragments/{key}` requires, when set.
+    pub serve_token: Option<String>,
+    /// Most on-demand renders in flight at once; a request that would start one more is answered
+    /// 429.
+    pub serve_max_pending: usize,
 }
 
 /// The shortest poll interval: a shorter one would only spin.
@@ -54,7 +62,30 @@ impl ListenSettings {
         if self.batch_size < 1 || self.workers < 1 || self.max_attempts < 1 {
             return invalid("batch size, workers and max attempts must each be at least 1".into());
         }
+        if let Some(address) = &self.serve {
+            if self.serve_max_pending < 1 {
+                return invalid("--serve-max-pending must be at least 1".into());
+            }
+            if self.serve_token.as_deref().is_none_or(str::is_empty) && !loopback_only(address) {
+                return invalid(format!(
+                    "--serve {address} is reachable from other machines: give --serve-token (PGFRESH_SERVE_TOKEN) for clients to send as a bearer token, or bind a loopback address such as 127.0.0.1"
+                ));
+            }
+        }
         self.sweep.validate()
+    }
+}
+
+/// Whether every address `address` resolves to is a loopback one (an address that does not resolve
+/// is not: binding it fails later with its own message).
+fn loopback_only(address: &str) -> bool {
+    use std::net::ToSocketAddrs;
+    match address.to_socket_addrs() {
+        Ok(addresses) => {
+            let addresses: Vec<_> = addresses.collect();
+            !addresses.is_empty() && addresses.iter().all(|a| a.ip().is_loopback())
+        }
+        Err(_) => false,
     }
 }
 
@@ -80,6 +111,9 @@ impl Default for ListenSettings {
             max_attempts: 10,
             sweep: SweepSettings::default(),
             http: None,
+            serve: None,
+            serve_token: None,
+            serve_max_pending: 256,
         }
     }
 }

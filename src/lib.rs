@@ -80,6 +80,7 @@ mod listener;
 mod ops;
 mod pg;
 mod refresh;
+mod serve;
 mod shutdown;
 mod stats;
 mod store;

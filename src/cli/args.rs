@@ -192,6 +192,17 @@ pub struct ListenArgs {
     /// 127.0.0.1:9187 or localhost:9187.
     #[arg(long, value_parser = parse_address)]
     pub http: Option<String>,
+    /// Serve GET /fragments/{key} on this address: the fragment's HTML from Redis, rendered on
+    /// demand when Redis misses it (or with ?fresh=1), e.g. 127.0.0.1:9188. A non-loopback address
+    /// needs --serve-token.
+    #[arg(long, env = "PGFRESH_SERVE", value_parser = parse_address)]
+    pub serve: Option<String>,
+    /// The bearer token clients of --serve must send (Authorization: Bearer ...).
+    #[arg(long, env = "PGFRESH_SERVE_TOKEN", hide_env_values = true)]
+    pub serve_token: Option<String>,
+    /// Most on-demand renders in flight at once; a request beyond is answered 429.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub serve_max_pending: u32,
     /// Failed attempts before a change is parked in pgfresh.failed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,

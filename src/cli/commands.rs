@@ -59,6 +59,9 @@ pub(super) async fn listen(
         sweep_interval: (!args.sweep_interval.is_zero()).then_some(args.sweep_interval),
         max_attempts: args.max_attempts,
         http: args.http,
+        serve: args.serve,
+        serve_token: args.serve_token,
+        serve_max_pending: args.serve_max_pending as usize,
         sweep: sweep_settings(&args.sweep),
     };
     let shutdown = shutdown_on_signal();

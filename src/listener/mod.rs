@@ -253,8 +253,25 @@ impl Listener {
         let shared = &self.shared;
         let listen_connected = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
+        let mut serve_counts = None;
+        if let Some(address) = &shared.settings.serve {
+            let stand_aside = shared.stand_aside.clone();
+            let context = crate::serve::Context {
+                db: shared.db.clone(),
+                store: shared.store.clone(),
+                fragments: shared.fragments.clone(),
+                board: shared.board.clone(),
+                max_pending: shared.settings.serve_max_pending,
+                token: shared.settings.serve_token.clone(),
+                standing_aside: Box::new(move || stand_aside.active()),
+                shutdown: shared.shutdown.clone(),
+            };
+            let (server, counts) = crate::serve::bind(address, context).await?;
+            spawn(&mut tasks, "fragment server", server);
+            serve_counts = Some(counts);
+        }
         if let Some(address) = &shared.settings.http {
-            self.start_http(address, &listen_connected, &mut tasks)
+            self.start_http(address, &listen_connected, serve_counts, &mut tasks)
                 .await?;
         }
         shared
@@ -302,6 +319,7 @@ impl Listener {
         &self,
         address: &str,
         listen_connected: &Arc<AtomicBool>,
+        serve: Option<Arc<crate::ops::board::ServeCounts>>,
         tasks: &mut JoinSet<&'static str>,
     ) -> Result<(), Error> {
         let shared = &self.shared;
@@ -310,6 +328,7 @@ impl Listener {
             board: shared.board.clone(),
             listener_id: shared.me.id.clone(),
             standby: shared.db.standby(),
+            serve,
         };
         let server = crate::ops::http::bind(address, sources, shared.shutdown.clone()).await?;
         spawn(tasks, "HTTP server", server);

@@ -241,3 +241,14 @@ impl StatusBoard {
         }
     }
 }
+
+/// What `GET /fragments/{key}` (`listen --serve`) has done, for the status page (the metrics count
+/// the same).
+#[derive(Default)]
+pub(crate) struct ServeCounts {
+    pub(crate) requests: std::sync::atomic::AtomicU64,
+    pub(crate) hits: std::sync::atomic::AtomicU64,
+    pub(crate) renders: std::sync::atomic::AtomicU64,
+    pub(crate) coalesced: std::sync::atomic::AtomicU64,
+    pub(crate) refused: std::sync::atomic::AtomicU64,
+}

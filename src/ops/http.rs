@@ -59,6 +59,8 @@ pub(crate) struct Sources {
     pub(crate) listener_id: String,
     /// The hot standby loads may go to, when one was given.
     pub(crate) standby: Option<Arc<Standby>>,
+    /// What `GET /fragments/{key}` has done, with `--serve`.
+    pub(crate) serve: Option<Arc<super::board::ServeCounts>>,
 }
 
 #[derive(Clone)]
@@ -95,12 +97,18 @@ pub(crate) async fn bind(
         .route("/readyz", get(ready))
         .with_state(state);
     tracing::info!(%address, "serving the status page, /metrics, /healthz and /readyz");
-    Ok(serve(listener, app, shutdown))
+    Ok(serve(listener, app, shutdown, MAX_CONNECTIONS))
 }
 
-/// Accepts connections until shutdown, each served on a task of its own within the limits above.
-async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: Shutdown) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+/// Accepts connections until shutdown, each served on a task of its own within the limits above
+/// and at most `max_connections` at once (the fragment server's own limit is larger).
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    shutdown: Shutdown,
+    max_connections: usize,
+) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let accepted = tokio::select! {
@@ -118,7 +126,7 @@ async fn serve(listener: tokio::net::TcpListener, app: Router, shutdown: Shutdow
             }
         };
         let Ok(slot) = slots.clone().try_acquire_owned() else {
-            tracing::debug!("{MAX_CONNECTIONS} HTTP connections open: closing a new one");
+            tracing::debug!("{max_connections} HTTP connections open: closing a new one");
             continue;
         };
         connections.spawn(serve_connection(stream, app.clone(), slot));
@@ -190,6 +198,7 @@ async fn status_page(State(state): State<AppState>) -> Html<String> {
             .as_ref()
             .map(|standby| standby.view())
             .as_ref(),
+        sources.serve.as_deref(),
     );
     Html(page.into_string())
 }

@@ -5,6 +5,7 @@
 use std::time::SystemTime;
 
 use super::board::BoardView;
+use super::board::ServeCounts;
 use super::charts::{Series, line_chart};
 use super::history::HistoryView;
 use crate::pg::standby::StandbyView;
@@ -16,6 +17,7 @@ pub(crate) fn page(
     problem: Option<&str>,
     board: &BoardView,
     standby: Option<&StandbyView>,
+    serve: Option<&ServeCounts>,
 ) -> maud::Markup {
     let uptime = board.started.elapsed().as_secs_f64().max(1.0);
     maud::html! {
@@ -52,6 +54,16 @@ pub(crate) fn page(
                         p class="bad" {
                             "Standing aside: a listener with a newer version of these fragments is running. "
                             "This one applies no changes until it is gone."
+                        }
+                    }
+                    @if let Some(serve) = serve {
+                        @let count = |n: &std::sync::atomic::AtomicU64| n.load(std::sync::atomic::Ordering::Relaxed);
+                        p class="serve" {
+                            "GET /fragments (--serve): " (count(&serve.requests)) " requests, "
+                            (count(&serve.hits)) " answered from Redis, "
+                            (count(&serve.renders)) " renders on demand, "
+                            (count(&serve.coalesced)) " waited for a render in flight, "
+                            (count(&serve.refused)) " refused (too many in flight)."
                         }
                     }
                     @if let Some(standby) = standby {
@@ -211,17 +223,17 @@ mod tests {
     #[test]
     fn the_page_says_when_the_listener_stands_aside() {
         let board = StatusBoard::default();
-        let before = page("me", None, &board.view(), None).into_string();
+        let before = page("me", None, &board.view(), None, None).into_string();
         assert!(!before.contains("Standing aside"));
         board.standing_aside(true);
-        let during = page("me", None, &board.view(), None).into_string();
+        let during = page("me", None, &board.view(), None, None).into_string();
         assert!(during.contains("Standing aside: a listener with a newer version"));
     }
 
     #[test]
     fn the_page_draws_the_last_fifteen_minutes_and_each_fragments_freshness() {
         let board = StatusBoard::default();
-        let quiet = page("me", None, &board.view(), None).into_string();
+        let quiet = page("me", None, &board.view(), None, None).into_string();
         for chart in ["chart-applied", "chart-freshness", "chart-queue"] {
             assert!(quiet.contains(&format!("<svg id=\"{chart}\"")), "{chart}");
         }
@@ -230,7 +242,7 @@ mod tests {
         board.applied(3);
         board.fresh("card", &[std::time::Duration::from_millis(3)]);
         let view = board.view();
-        let busy = page("me", None, &view, None).into_string();
+        let busy = page("me", None, &view, None, None).into_string();
         assert!(busy.contains("<circle"), "this slot's point is drawn");
         assert_eq!(freshness(&view.history, "card"), "3.8 ms / 5.0 ms");
     }

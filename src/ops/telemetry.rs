@@ -67,6 +67,22 @@ fn describe() {
         "Writes of entries to Redis by fragment and result: written, unchanged (Redis held that render already, confirmed by a sweep included), refused (a render with a newer ticket was stored), deleted"
     );
     describe_counter!(
+        "pgfresh_serve_requests_total",
+        "Requests to GET /fragments/{key} (listen --serve), by HTTP status"
+    );
+    describe_counter!(
+        "pgfresh_serve_renders_total",
+        "Renders on demand started by GET /fragments/{key}: misses, and fresh reads"
+    );
+    describe_counter!(
+        "pgfresh_serve_coalesced_total",
+        "Requests that waited for a render of their key already in flight instead of starting one"
+    );
+    describe_histogram!(
+        "pgfresh_serve_request_seconds",
+        "Time to answer GET /fragments/{key}, renders on demand included"
+    );
+    describe_counter!(
         "pgfresh_loads_total",
         "Batches' and sweep pages' loads with a standby given (--replica-url), by the server that served them and why: standby (caught_up: it had replayed the batch's changes), or primary (behind: it had not within --replica-max-wait; unavailable: down, promoted or another cluster's)"
     );
@@ -301,4 +317,20 @@ pub(crate) fn standby_lag(bytes: f64) {
 /// Records whether loads may go to the standby.
 pub(crate) fn standby_up(up: bool) {
     gauge!("pgfresh_standby_up").set(if up { 1.0 } else { 0.0 });
+}
+
+/// Records one answer of `GET /fragments/{key}`.
+pub(crate) fn serve_request(status: u16, took: Duration) {
+    counter!("pgfresh_serve_requests_total", "status" => status.to_string()).increment(1);
+    histogram!("pgfresh_serve_request_seconds").record(took.as_secs_f64());
+}
+
+/// Records a render on demand.
+pub(crate) fn serve_render() {
+    counter!("pgfresh_serve_renders_total").increment(1);
+}
+
+/// Records a request that joined a render in flight.
+pub(crate) fn serve_coalesced() {
+    counter!("pgfresh_serve_coalesced_total").increment(1);
 }

@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod cli;
+pub mod gated;
 #[path = "../../examples/shop/product_card.rs"]
 pub mod product_card;
 pub mod servers;

@@ -86,6 +86,41 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
+/// An HTTP/1.1 GET with extra header lines (`"Authorization: Bearer x"`): the status code, the
+/// `Content-Type` and the body; status 0 while nothing answers.
+pub async fn http_get_with(port: u16, path: &str, headers: &[&str]) -> (u16, String, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    for header in headers {
+        request += &format!("{header}\r\n");
+    }
+    request += "\r\n";
+    let mut response = String::new();
+    let exchanged = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        stream.write_all(request.as_bytes()).await?;
+        stream.read_to_string(&mut response).await
+    };
+    if exchanged.await.is_err() {
+        return (0, String::new(), String::new());
+    }
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let content_type = head
+        .lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-type")
+                .then(|| value.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, content_type, body.to_string())
+}
+
 /// The value of a series in a Prometheus scrape (0 when absent).
 pub fn metric(scrape: &str, series: &str) -> f64 {
     scrape

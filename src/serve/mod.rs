@@ -1,0 +1,306 @@
+//! Misses filled by pgfresh (`listen --serve ADDR`): `GET /fragments/{key}` answers a fragment's
+//! HTML for a key written as it is stored in plain format (`shop:product_card:42:full`), so that a
+//! site keeps no second copy of its markup for a cold cache.
+//!
+//! - **200** with exactly what Redis holds for the entry (in the fragment's storage, decoded), and
+//!   on a miss (or with `?fresh=1`) after rendering it now through the checked write
+//!   ([`on_demand`]); **404** when the key's row does not exist; **400** for a key no fragment owns
+//!   or that does not parse; **401** without the bearer token `--serve-token` asks for; **429** when
+//!   more renders are in flight than `--serve-max-pending`; **500** when the fragment's own code
+//!   fails on the key; **503** when PostgreSQL or Redis cannot be reached, or while this listener
+//!   stands aside for a newer one.
+//! - It binds a loopback address unless a token is set (checked by [`crate::ListenSettings`]), and
+//!   serves connections within the same limits as the status page (`ops::http::serve`).
+
+mod on_demand;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use on_demand::{OnDemand, Rendered};
+
+use crate::Error;
+use crate::fragment::{DynFragment, Fragments};
+use crate::ops::board::{ServeCounts, StatusBoard};
+use crate::pg::Database;
+use crate::shutdown::Shutdown;
+use crate::store::RedisStore;
+
+/// What the endpoint works with: the listener's connections, fragments and board.
+pub(crate) struct Context {
+    pub(crate) db: Database,
+    pub(crate) store: RedisStore,
+    pub(crate) fragments: Fragments,
+    pub(crate) board: Arc<StatusBoard>,
+    /// `--serve-max-pending`.
+    pub(crate) max_pending: usize,
+    /// `--serve-token`, when set.
+    pub(crate) token: Option<String>,
+    /// Whether the listener stands aside for a newer one now: it then renders nothing.
+    pub(crate) standing_aside: Box<dyn Fn() -> bool + Send + Sync>,
+    pub(crate) shutdown: Shutdown,
+}
+
+/// Most connections open at once: a site's workers each keep one or two.
+const MAX_CONNECTIONS: usize = 512;
+
+#[derive(Clone)]
+struct ServeState {
+    on_demand: Arc<OnDemand>,
+    token: Option<Arc<str>>,
+}
+
+/// Binds `address` now (a taken port fails start-up with a clear message) and returns the server
+/// to run until the listener's shutdown, and the counts it keeps.
+pub(crate) async fn bind(
+    address: &str,
+    context: Context,
+) -> Result<(impl Future<Output = ()> + use<>, Arc<ServeCounts>), Error> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(|e| Error::Http {
+            address: address.to_string(),
+            reason: e.to_string(),
+        })?;
+    let bound = listener.local_addr().map_err(|e| Error::Http {
+        address: address.to_string(),
+        reason: e.to_string(),
+    })?;
+    let counts = Arc::new(ServeCounts::default());
+    let shutdown = context.shutdown.clone();
+    let state = ServeState {
+        token: context
+            .token
+            .as_deref()
+            .filter(|token| !token.is_empty())
+            .map(Arc::from),
+        on_demand: OnDemand::new(context, counts.clone()),
+    };
+    let app = Router::new()
+        .route("/fragments/{*key}", get(fragment))
+        .with_state(state);
+    tracing::info!(address = %bound, "serving GET /fragments/{{key}}: misses rendered on demand");
+    let server = crate::ops::http::serve(listener, app, shutdown, MAX_CONNECTIONS);
+    Ok((server, counts))
+}
+
+/// `GET /fragments/{key}`: see the module's documentation.
+async fn fragment(
+    State(state): State<ServeState>,
+    Path(key): Path<String>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    let started = Instant::now();
+    let counts = &state.on_demand.counts;
+    counts
+        .requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    // `?fresh=1` (or `fresh=true`, or a bare `fresh`): render from current rows even on a hit.
+    let fresh = query.as_deref().unwrap_or("").split('&').any(|pair| {
+        matches!(
+            pair.split_once('=').unwrap_or((pair, "1")),
+            ("fresh", "1" | "true" | "yes")
+        )
+    });
+    let (status, answer) = answer(&state, &key, fresh, &headers).await;
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        counts
+            .refused
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+    crate::ops::telemetry::serve_request(status.as_u16(), started.elapsed());
+    let mut response = match answer {
+        Answer::Html(html) => (
+            status,
+            [(header::CONTENT_TYPE, "text/html; charset=utf-8")],
+            html,
+        )
+            .into_response(),
+        Answer::Text(text) => (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            format!("{text}\n"),
+        )
+            .into_response(),
+    };
+    if status == StatusCode::UNAUTHORIZED {
+        response.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Bearer"),
+        );
+    }
+    response
+}
+
+enum Answer {
+    Html(String),
+    /// One line saying why.
+    Text(String),
+}
+
+async fn answer(
+    state: &ServeState,
+    key: &str,
+    fresh: bool,
+    headers: &HeaderMap,
+) -> (StatusCode, Answer) {
+    if let Some(token) = &state.token
+        && !authorized(headers, token)
+    {
+        return (
+            StatusCode::UNAUTHORIZED,
+            Answer::Text(
+                "send the token given to --serve-token as Authorization: Bearer ...".into(),
+            ),
+        );
+    }
+    let shared = state.on_demand.context();
+    let (fragment, fragment_key) = match owner(shared, key) {
+        Ok(found) => found,
+        Err(reason) => return (StatusCode::BAD_REQUEST, Answer::Text(reason)),
+    };
+    let read = || async {
+        shared
+            .store
+            .get_entries(fragment.storage(), &[key.to_string()])
+            .await
+            .map(|mut entries| entries.pop().flatten())
+    };
+    if !fresh {
+        match read().await {
+            Ok(Some(html)) => {
+                state
+                    .on_demand
+                    .counts
+                    .hits
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                return (StatusCode::OK, Answer::Html(html));
+            }
+            Ok(None) => {}
+            Err(error) => return unavailable(&error.to_string()),
+        }
+    }
+    if (shared.standing_aside)() {
+        return unavailable(
+            "this listener stands aside for one with newer fragment versions: ask that one",
+        );
+    }
+    match state
+        .on_demand
+        .render(&fragment, &fragment_key, fresh)
+        .await
+    {
+        Rendered::Done => {}
+        Rendered::Busy => {
+            return (
+                StatusCode::TOO_MANY_REQUESTS,
+                Answer::Text(format!(
+                    "more than {} renders are in flight (--serve-max-pending): try again shortly",
+                    shared.max_pending
+                )),
+            );
+        }
+        Rendered::Failed(reason) => {
+            return (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Answer::Text(format!("the fragment failed on this key: {reason}")),
+            );
+        }
+        Rendered::Unreachable(reason) => return unavailable(&reason),
+    }
+    match read().await {
+        Ok(Some(html)) => (StatusCode::OK, Answer::Html(html)),
+        Ok(None) => (
+            StatusCode::NOT_FOUND,
+            Answer::Text(format!(
+                "no row for key {fragment_key:?}: nothing is stored"
+            )),
+        ),
+        Err(error) => unavailable(&error.to_string()),
+    }
+}
+
+fn unavailable(reason: &str) -> (StatusCode, Answer) {
+    (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Answer::Text(reason.to_string()),
+    )
+}
+
+/// The fragment that owns `key` (`<prefix><key>:<variant>`), and the fragment's key in it; or why
+/// none does.
+fn owner(shared: &Context, key: &str) -> Result<(Arc<dyn DynFragment>, String), String> {
+    let fragment = shared
+        .fragments
+        .iter()
+        .filter(|fragment| key.starts_with(fragment.key_prefix()))
+        .max_by_key(|fragment| fragment.key_prefix().len())
+        .ok_or_else(|| {
+            format!(
+                "no fragment owns {key:?}: keys start with one of {}",
+                shared
+                    .fragments
+                    .iter()
+                    .map(|fragment| format!("{:?}", fragment.key_prefix()))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?;
+    let rest = &key[fragment.key_prefix().len()..];
+    let variants = fragment.variants().join(", ");
+    let Some((fragment_key, variant)) = rest.rsplit_once(':') else {
+        return Err(format!(
+            "{key:?} names no variant: write <prefix><key>:<variant>, the variant one of {variants}"
+        ));
+    };
+    if !fragment.variants().contains(&variant) {
+        return Err(format!(
+            "fragment {} has no variant {variant:?}: one of {variants}",
+            fragment.name()
+        ));
+    }
+    if fragment.redis_keys(fragment_key).is_none() {
+        return Err(format!(
+            "{fragment_key:?} is not a key of fragment {}",
+            fragment.name()
+        ));
+    }
+    Ok((fragment.clone(), fragment_key.to_string()))
+}
+
+/// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
+fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    let Some(given) = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    constant_time_eq(given.trim().as_bytes(), token.as_bytes())
+}
+
+/// Compares two byte strings in time that depends only on their lengths.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"secret"));
+    }
+}

@@ -1,0 +1,171 @@
+//! Renders on demand: one key's fragment loaded, rendered and written through the same ticketed,
+//! version-checked path as every other render ([`crate::refresh::refresh`]), then read back from
+//! Redis, so that the answer is exactly what Redis holds: the render itself, or a newer one that
+//! won the checked write. Concurrent misses of one key share one render; fresh reads (`?fresh=1`)
+//! each start their own, since a render already under way may have loaded before the caller's
+//! commit.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared as SharedFuture};
+use tokio::sync::Semaphore;
+
+use super::Context;
+use crate::fragment::{DynFragment, UserClient};
+use crate::ops::board::ServeCounts;
+use crate::pg::queue::{requeue, take_ticket};
+use crate::refresh::{Writes, refresh};
+
+/// How an on-demand render ended.
+#[derive(Clone, Debug)]
+pub(super) enum Rendered {
+    /// Written (or refused for a newer render): Redis holds the answer, or nothing if the row is
+    /// gone.
+    Done,
+    /// The fragment's code failed on this key (its error, recorded like a listener's).
+    Failed(String),
+    /// PostgreSQL or Redis could not be reached.
+    Unreachable(String),
+    /// More renders are in flight than `--serve-max-pending`.
+    Busy,
+}
+
+/// The renders in flight, by fragment key (a render writes every variant of its key).
+pub(super) struct OnDemand {
+    context: Context,
+    in_flight: Mutex<HashMap<String, SharedFuture<BoxFuture<'static, Rendered>>>>,
+    pending: Arc<Semaphore>,
+    pub(super) counts: Arc<ServeCounts>,
+}
+
+impl OnDemand {
+    pub(super) fn new(context: Context, counts: Arc<ServeCounts>) -> Arc<Self> {
+        let pending = Arc::new(Semaphore::new(context.max_pending.max(1)));
+        Arc::new(OnDemand {
+            context,
+            in_flight: Mutex::default(),
+            pending,
+            counts,
+        })
+    }
+
+    pub(super) fn context(&self) -> &Context {
+        &self.context
+    }
+
+    /// Renders `key` of `fragment` now, or waits for the render of it already in flight unless
+    /// `fresh` asks for one that starts after this call.
+    pub(super) async fn render(
+        self: &Arc<Self>,
+        fragment: &Arc<dyn DynFragment>,
+        key: &str,
+        fresh: bool,
+    ) -> Rendered {
+        let name = format!("{}{key}", fragment.key_prefix());
+        let (render, joined) = {
+            let mut in_flight = self.in_flight.lock().expect("in-flight lock");
+            match in_flight.get(&name) {
+                Some(render) if !fresh => (render.clone(), true),
+                _ => {
+                    let Ok(permit) = self.pending.clone().try_acquire_owned() else {
+                        return Rendered::Busy;
+                    };
+                    let shared_as = (!fresh).then(|| name.clone());
+                    let render = self.start(fragment.clone(), key.to_string(), shared_as, permit);
+                    if !fresh {
+                        in_flight.insert(name, render.clone());
+                    }
+                    (render, false)
+                }
+            }
+        };
+        if joined {
+            self.counts.coalesced.fetch_add(1, Ordering::Relaxed);
+            crate::ops::telemetry::serve_coalesced();
+        }
+        render.await
+    }
+
+    /// Spawns the render, so that it completes (and its waiters get their answer) even if the
+    /// request that started it goes away; a render `shared_as` a name leaves the in-flight map
+    /// when it is done (the map's lock, held by the caller until it has inserted it, orders the two).
+    fn start(
+        self: &Arc<Self>,
+        fragment: Arc<dyn DynFragment>,
+        key: String,
+        shared_as: Option<String>,
+        permit: tokio::sync::OwnedSemaphorePermit,
+    ) -> SharedFuture<BoxFuture<'static, Rendered>> {
+        self.counts.renders.fetch_add(1, Ordering::Relaxed);
+        crate::ops::telemetry::serve_render();
+        let this = self.clone();
+        let task = tokio::spawn(async move {
+            let rendered = this.render_now(fragment.as_ref(), key).await;
+            if let Some(name) = shared_as {
+                this.in_flight.lock().expect("in-flight lock").remove(&name);
+            }
+            drop(permit);
+            rendered
+        });
+        async move {
+            task.await
+                .unwrap_or_else(|error| Rendered::Failed(format!("the render task died: {error}")))
+        }
+        .boxed()
+        .shared()
+    }
+
+    /// Takes a ticket, loads (on the standby once it has replayed what the primary had written by
+    /// then, as a batch does), renders and writes every variant of `key`.
+    async fn render_now(&self, fragment: &dyn DynFragment, key: String) -> Rendered {
+        let shared = &self.context;
+        let unreachable = |error: crate::Error| Rendered::Unreachable(error.to_string());
+        let primary = match shared.db.pinned().await {
+            Ok(primary) => primary,
+            Err(error) => return unreachable(error),
+        };
+        let ticket = match take_ticket(&primary).await {
+            Ok(ticket) => ticket,
+            Err(error) => return unreachable(error),
+        };
+        let session = match shared.db.loads(&primary).await {
+            Ok(session) => session,
+            Err(error) => return unreachable(error),
+        };
+        let loader = match UserClient::of(&shared.db, &session).await {
+            Ok(loader) => loader,
+            Err(error) => return unreachable(error),
+        };
+        let keys = [key];
+        let refreshed = match refresh(
+            loader,
+            &shared.store,
+            fragment,
+            &keys,
+            ticket,
+            Writes::AllChecked,
+        )
+        .await
+        {
+            Ok(refreshed) => refreshed,
+            Err(error) => return unreachable(error),
+        };
+        drop(session);
+        shared.board.refreshed(fragment.name(), refreshed.stats);
+        if let Some((_, reason)) = refreshed.failed.first().or(refreshed.unresolved.first()) {
+            shared.board.failed(fragment.own_topic(), &keys[0], reason);
+            return Rendered::Failed(reason.clone());
+        }
+        // Written without a ticket to check against (Redis may evict keys): rendered once more by
+        // the listener, as a batch's would be.
+        if !refreshed.unchecked.is_empty()
+            && let Err(error) = requeue(&primary, fragment.own_topic(), &keys, &[None]).await
+        {
+            return unreachable(error);
+        }
+        Rendered::Done
+    }
+}

@@ -1,0 +1,311 @@
+//! `listen --serve`: `GET /fragments/{key}` answers from Redis, renders a miss on demand through the
+//! checked write, renders from current rows with `?fresh=1`, shares one render among concurrent
+//! misses, never lets an older on-demand render overwrite a newer one, and makes each of its error
+//! answers.
+
+mod common;
+
+use common::cli::{assert_one_clear_error, run};
+use common::gated::GatedCard;
+use common::product_card::ProductCard;
+use common::servers::{TempPostgres, TempRedis, free_port, http_get, http_get_with};
+use common::{RunningListener, TestEnv, eventually, shop_binary, test_settings, tweak};
+use pgfresh::{Database, Fragments, RedisStore, Shutdown};
+
+/// A listener serving `/fragments` (and its status page) on free ports, with `fragments`.
+async fn serving(
+    env: &TestEnv,
+    fragments: Fragments,
+    change: impl FnOnce(&mut pgfresh::ListenSettings),
+) -> (RunningListener, u16, u16) {
+    let (serve, http) = (free_port(), free_port());
+    let settings = tweak(test_settings(), |s| {
+        s.serve = Some(format!("127.0.0.1:{serve}"));
+        s.http = Some(format!("127.0.0.1:{http}"));
+        change(s);
+    });
+    let listener = env.start_listener_with(fragments, settings);
+    eventually("the listener to be ready", || async {
+        http_get(http, "/readyz").await.0 == 200
+    })
+    .await;
+    (listener, serve, http)
+}
+
+async fn get(port: u16, key: &str) -> (u16, String, String) {
+    http_get_with(port, &format!("/fragments/{key}"), &[]).await
+}
+
+/// The count the status page gives after `label` on its `/fragments` line.
+async fn counted(http: u16, label: &str) -> u64 {
+    let (_, page) = http_get(http, "/").await;
+    let line = page
+        .lines()
+        .find(|line| line.contains("GET /fragments (--serve)"))
+        .unwrap_or_default()
+        .to_string();
+    line.split(", ")
+        .find(|part| part.contains(label))
+        .and_then(|part| {
+            part.trim_start_matches(|c: char| !c.is_ascii_digit())
+                .split(' ')
+                .next()
+        })
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+async fn set_price(env: &TestEnv, id: i64, cents: i32) {
+    env.client()
+        .await
+        .execute(
+            "UPDATE products SET price_cents = $1 WHERE id = $2",
+            &[&cents, &id],
+        )
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn a_miss_is_rendered_on_demand_stored_and_then_answered_from_redis() {
+    let env = TestEnv::shop(5).await;
+    let (listener, serve, http) = serving(&env, env.fragments(), |_| {}).await;
+    let key = env.key(3, "full");
+    assert_eq!(env.get(&key).await, None, "a cold cache");
+
+    let (status, content_type, body) = get(serve, &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(content_type, "text/html; charset=utf-8");
+    let fresh = env.fresh_render(3, "full").await.unwrap();
+    assert_eq!(body, fresh, "exactly the fragment's render");
+    assert_eq!(env.get(&key).await, Some(fresh.clone()), "stored as well");
+    assert_eq!(
+        env.get(&env.key(3, "compact")).await,
+        env.fresh_render(3, "compact").await,
+        "with every variant of the key"
+    );
+    assert_eq!(counted(http, "renders on demand").await, 1);
+
+    // Now a hit: what Redis holds is the answer, byte for byte, with no render.
+    let (status, _, again) = get(serve, &key).await;
+    assert_eq!((status, again), (200, fresh));
+    assert_eq!(counted(http, "answered from Redis").await, 1);
+    assert_eq!(counted(http, "renders on demand").await, 1);
+
+    // A key whose row does not exist: 404, nothing stored.
+    let missing = env.key(999, "full");
+    let (status, _, body) = get(serve, &missing).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(env.get(&missing).await, None);
+
+    // Keys no fragment owns or that do not parse: 400 with one line saying why.
+    for (bad, why) in [
+        ("nobody:1:full".to_string(), "no fragment owns"),
+        (
+            format!("{}abc:full", env.prefix),
+            "is not a key of fragment product_card",
+        ),
+        (format!("{}1:tiny", env.prefix), "has no variant \"tiny\""),
+        (format!("{}1", env.prefix), "names no variant"),
+    ] {
+        let (status, _, body) = get(serve, &bad).await;
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains(why), "{bad}: {body}");
+        assert_eq!(body.trim().lines().count(), 1, "{body}");
+    }
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn fresh_renders_the_committed_change_even_when_redis_holds_the_entry() {
+    let env = TestEnv::shop(3).await;
+    let (listener, serve, _) = serving(&env, env.fragments(), |_| {}).await;
+    let key = env.key(2, "full");
+    let (status, _, before) = get(serve, &key).await;
+    assert_eq!(status, 200);
+    // A change no trigger reports (triggers off for this session), so that only the fresh read can
+    // bring it: a plain GET keeps answering what Redis holds.
+    env.client()
+        .await
+        .batch_execute(
+            "SET session_replication_role = replica; \
+             UPDATE products SET price_cents = 424242 WHERE id = 2",
+        )
+        .await
+        .unwrap();
+    let (_, _, cached) = get(serve, &key).await;
+    assert_eq!(cached, before, "a hit is Redis's entry");
+    let (status, _, fresh) = get(serve, &format!("{key}?fresh=1")).await;
+    assert_eq!(status, 200, "{fresh}");
+    assert!(fresh.contains("$4242.42"), "{fresh}");
+    assert_eq!(env.get(&key).await, Some(fresh), "and Redis agrees");
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn an_older_on_demand_render_never_overwrites_a_newer_one() {
+    let env = TestEnv::shop(3).await;
+    let card = GatedCard::default();
+    let gate = card.gate.clone();
+    let (listener, serve, _) =
+        serving(&env, Fragments::new().with(&env.prefix, card), |_| {}).await;
+    let key = env.key(1, "full");
+    // The on-demand render takes its ticket and its snapshot, and waits.
+    gate.arm();
+    let request = tokio::spawn({
+        let key = key.clone();
+        async move { get(serve, &key).await }
+    });
+    gate.reached().await;
+    // Meanwhile the price changes, and the listener renders the change under a newer ticket.
+    set_price(&env, 1, 515_151).await;
+    eventually("the listener's newer render", || async {
+        env.get(&key)
+            .await
+            .is_some_and(|html| html.contains("$5151.51"))
+    })
+    .await;
+    // The older render goes on with the rows it saw: its write is refused, and the answer is
+    // what Redis holds, the newer render.
+    gate.open();
+    let (status, _, body) = request.await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        body.contains("$5151.51"),
+        "the newer render is the answer: {body}"
+    );
+    assert!(
+        env.get(&key).await.unwrap().contains("$5151.51"),
+        "the newer render stays"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn too_many_renders_in_flight_are_refused_and_concurrent_misses_share_one_render() {
+    let env = TestEnv::shop(3).await;
+    let card = GatedCard::default();
+    let gate = card.gate.clone();
+    let (listener, serve, http) = serving(&env, Fragments::new().with(&env.prefix, card), |s| {
+        s.serve_max_pending = 1
+    })
+    .await;
+    let held = env.key(1, "full");
+    gate.arm();
+    let first = tokio::spawn({
+        let held = held.clone();
+        async move { get(serve, &held).await }
+    });
+    gate.reached().await;
+    // Concurrent misses of the same key (another variant included) wait for that render...
+    let mut waiting = Vec::new();
+    for variant in ["full", "compact", "full"] {
+        let key = env.key(1, variant);
+        waiting.push(tokio::spawn(async move { get(serve, &key).await }));
+    }
+    eventually("the misses to join the render in flight", || async {
+        counted(http, "waited for a render in flight").await == 3
+    })
+    .await;
+    // ...and a miss of another key would be one render too many.
+    let (status, _, body) = get(serve, &env.key(2, "full")).await;
+    assert_eq!(status, 429, "{body}");
+    assert!(body.contains("--serve-max-pending"), "{body}");
+    gate.open();
+    let (status, _, first) = first.await.unwrap();
+    assert_eq!(status, 200);
+    for (joined, variant) in waiting.into_iter().zip(["full", "compact", "full"]) {
+        let (status, _, body) = joined.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(Some(body), env.fresh_render(1, variant).await);
+    }
+    assert_eq!(first, env.fresh_render(1, "full").await.unwrap());
+    assert_eq!(
+        counted(http, "renders on demand").await,
+        1,
+        "one render for four requests"
+    );
+    assert_eq!(counted(http, "refused").await, 1);
+    // With the render done, another key renders again.
+    assert_eq!(get(serve, &env.key(2, "full")).await.0, 200);
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_token_is_required_when_set_and_for_any_address_but_loopback() {
+    let env = TestEnv::shop(2).await;
+    let (listener, serve, _) = serving(&env, env.fragments(), |s| {
+        s.serve_token = Some("s3cret-token".into())
+    })
+    .await;
+    let path = format!("/fragments/{}", env.key(1, "full"));
+    for headers in [
+        &[][..],
+        &["Authorization: Bearer wrong-token"],
+        &["Authorization: s3cret-token"],
+    ] {
+        let (status, _, body) = http_get_with(serve, &path, headers).await;
+        assert_eq!(status, 401, "{headers:?}: {body}");
+        assert!(!body.contains("s3cret"), "{body}");
+    }
+    let (status, _, _) = http_get_with(serve, &path, &["Authorization: Bearer s3cret-token"]).await;
+    assert_eq!(status, 200);
+    listener.stop().await;
+
+    // Reachable from other machines without a token: refused at start, in one line.
+    let out = run(
+        &shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["listen", "--serve", &format!("0.0.0.0:{}", free_port())],
+    );
+    assert!(!out.status.success());
+    assert_one_clear_error(&out, "give --serve-token");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn postgres_or_redis_unreachable_is_503() {
+    let postgres = TempPostgres::start();
+    let redis = TempRedis::start();
+    let admin = common::connect(&postgres.url("postgres")).await;
+    admin.batch_execute("CREATE DATABASE shop").await.unwrap();
+    let db = Database::new(&postgres.url("shop"), 4).unwrap();
+    common::setup::setup(&db, 3).await.unwrap();
+    let sink = RedisStore::connect(&redis.url()).await.unwrap();
+    pgfresh::testing::set_fragment_marker(&sink, "shop:product_card:", 1)
+        .await
+        .unwrap();
+    let serve = free_port();
+    let shutdown = Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
+        db,
+        sink,
+        Fragments::new().with("shop:product_card:", ProductCard),
+        tweak(test_settings(), |s| {
+            s.serve = Some(format!("127.0.0.1:{serve}"))
+        }),
+        shutdown.clone(),
+    ));
+    eventually("the fragment server", || async {
+        get(serve, "shop:product_card:1:full").await.0 == 200
+    })
+    .await;
+    postgres.stop();
+    let (status, _, body) = get(serve, "shop:product_card:2:full").await;
+    assert_eq!(status, 503, "a miss with PostgreSQL down: {body}");
+    assert!(body.contains("PostgreSQL"), "{body}");
+    assert_eq!(body.trim().lines().count(), 1, "{body}");
+    // A hit needs Redis only.
+    assert_eq!(get(serve, "shop:product_card:1:full").await.0, 200);
+    postgres.start_again();
+    drop(redis);
+    let (status, _, body) = get(serve, "shop:product_card:1:full").await;
+    assert_eq!(status, 503, "Redis down: {body}");
+    shutdown.cancel();
+    let _ = listener.await;
+}
