@@ -234,26 +234,26 @@ fn unavailable(reason: &str) -> (StatusCode, Answer) {
     )
 }
 
-/// The fragment that owns `key` (`<prefix><key>:<variant>`), and the fragment's key in it; or why
-/// none does.
+/// The fragment that owns `key` (`<prefix><key>:<variant>`, its prefix as registered, whatever the
+/// storage), and the fragment's key in it; or why none does.
 fn owner(shared: &Context, key: &str) -> Result<(Arc<dyn DynFragment>, String), String> {
     let fragment = shared
         .fragments
         .iter()
-        .filter(|fragment| key.starts_with(fragment.key_prefix()))
-        .max_by_key(|fragment| fragment.key_prefix().len())
+        .filter(|fragment| key.starts_with(fragment.registered_prefix()))
+        .max_by_key(|fragment| fragment.registered_prefix().len())
         .ok_or_else(|| {
             format!(
                 "no fragment owns {key:?}: keys start with one of {}",
                 shared
                     .fragments
                     .iter()
-                    .map(|fragment| format!("{:?}", fragment.key_prefix()))
+                    .map(|fragment| format!("{:?}", fragment.registered_prefix()))
                     .collect::<Vec<_>>()
                     .join(", ")
             )
         })?;
-    let rest = &key[fragment.key_prefix().len()..];
+    let rest = &key[fragment.registered_prefix().len()..];
     let variants = fragment.variants().join(", ");
     let Some((fragment_key, variant)) = rest.rsplit_once(':') else {
         return Err(format!(

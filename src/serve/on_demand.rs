@@ -64,7 +64,7 @@ impl OnDemand {
         key: &str,
         fresh: bool,
     ) -> Rendered {
-        let name = format!("{}{key}", fragment.key_prefix());
+        let name = format!("{}{key}", fragment.registered_prefix());
         let (render, joined) = {
             let mut in_flight = self.in_flight.lock().expect("in-flight lock");
             match in_flight.get(&name) {

@@ -5,6 +5,9 @@ pgfresh's own flags, so that one environment file configures both sides alike:
 - REDIS_URL: the Redis pgfresh writes to (pgfresh's --redis-url), the cache's LOCATION.
 - PGFRESH_CACHE_KEY_PREFIX, PGFRESH_CACHE_VERSION: the cache's KEY_PREFIX and VERSION (pgfresh's
   --cache-key-prefix and --cache-version). With Django's defaults ("" and 1) nothing needs setting.
+- PGFRESH_SERVE_URL, PGFRESH_SERVE_TOKEN: where pgfresh's listener answers misses (its --serve
+  address, http://127.0.0.1:9188 unless set, and its --serve-token); PGFRESH_SERVE_TIMEOUT: how long
+  a miss waits for it, in seconds (0.2 unless set).
 - DJANGO_SECRET_KEY: the site's secret; without it, a random one for this process (the example
   keeps no sessions, so nothing outlives it). DJANGO_DEBUG=1: Django's debug pages, for
   development on your own machine only (they show settings and source to whoever asks).
@@ -69,3 +72,8 @@ CACHES = {
     # django-redis, the other common backend, on the same keys: the tests read through both.
     "django_redis": {"BACKEND": "django_redis.cache.RedisCache", **_PGFRESH_CACHE},
 }
+
+# pgfresh's fragment server (listen --serve): the product_card tag asks it on a cache miss.
+PGFRESH_SERVE_URL = os.environ.get("PGFRESH_SERVE_URL", "http://127.0.0.1:9188")
+PGFRESH_SERVE_TOKEN = os.environ.get("PGFRESH_SERVE_TOKEN", "")
+PGFRESH_SERVE_TIMEOUT = float(os.environ.get("PGFRESH_SERVE_TIMEOUT", "0.2"))
