@@ -1,6 +1,6 @@
-//! The demo shop (`shop demo`): its page is assembled from the cards in Redis, falls back to a live
-//! render for a missing one, says which is which, and its writer's changes reach the page,
-//! highlighted with how long they took from commit to Redis.
+//! The demo shop (`shop demo`): its page is assembled from the cards in Redis, asks the listener's
+//! `GET /fragments` for a missing one (pgfresh renders and stores it), says which is which, and its
+//! writer's changes reach the page, highlighted with how long they took from commit to Redis.
 
 mod common;
 
@@ -10,7 +10,7 @@ use common::product_card;
 mod web;
 
 use common::servers::free_port;
-use common::{TestEnv, eventually, test_settings};
+use common::{TestEnv, eventually, test_settings, tweak};
 use pgfresh::{Shutdown, Storage};
 
 /// The shop page's body, if it is served.
@@ -20,33 +20,45 @@ async fn get_page(port: u16) -> Option<String> {
 }
 
 #[tokio::test]
-async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() {
+async fn the_shop_page_reads_cards_from_redis_and_asks_pgfresh_for_a_missing_one() {
     let env = TestEnv::shop(12).await;
     env.sweep().await;
+    let serve_port = free_port();
+    let serve = format!("127.0.0.1:{serve_port}");
+    let listener = env.start_listener(tweak(test_settings(), |s| s.serve = Some(serve.clone())));
+    let first = format!("/fragments/{}", env.key(1, "compact"));
+    eventually("the listener to serve /fragments", || async {
+        common::servers::http_get(serve_port, &first).await.0 == 200
+    })
+    .await;
     env.del(&env.key(5, "compact")).await;
 
-    let cards = web::cards(&env.db, &env.sink, &env.prefix, &Storage::plain(), 12)
+    let cards = web::cards(&serve, &env.sink, &env.prefix, &Storage::plain(), 12)
         .await
         .unwrap();
     assert_eq!(cards.len(), 12);
     assert_eq!(
         cards
             .iter()
-            .filter(|(_, s)| *s == web::Source::Fallback)
+            .filter(|(_, s)| *s == web::Source::OnDemand)
             .count(),
         1
     );
+    let card = env.fresh_render(5, "compact").await.unwrap();
+    assert_eq!(cards[4].0, card, "pgfresh's render of the missing card");
     assert_eq!(
-        cards[4].0,
-        env.fresh_render(5, "compact").await.unwrap(),
-        "the fallback is the same card"
+        env.get(&env.key(5, "compact")).await,
+        Some(card),
+        "and pgfresh stored it"
     );
 
+    env.del(&env.key(5, "compact")).await;
     let port = free_port();
     let shutdown = Shutdown::new();
     let shop = web::Shop {
         db: env.db.clone(),
         redis: env.sink.clone(),
+        serve,
         prefix: env.prefix.clone(),
         storage: Storage::plain(),
         recent: Default::default(),
@@ -67,17 +79,17 @@ async fn the_shop_page_reads_cards_from_redis_and_falls_back_to_a_live_render() 
         11
     );
     assert_eq!(
-        page.matches(r#"<span class="source fallback">rendered live (not in Redis)</span>"#)
-            .count(),
+        page.matches(
+            r#"<span class="source on-demand">rendered on demand by pgfresh (was not in Redis)</span>"#
+        )
+        .count(),
         1
     );
 
-    // The demo writer changes prices and adds reviews; with a listener running, the page follows.
-    let listener = env.start_listener(test_settings());
+    // The demo writer changes prices and adds reviews; with the listener running, the page follows.
     let before = page;
     tokio::spawn(web::writer(shop, shutdown.clone()));
-    // A card that was in Redis, still is, and changed: only the listener can have done that (product
-    // 5's card, which is rendered live, would change without one).
+    // A card that was in Redis, still is, and changed: only the listener can have done that.
     let cached_before = cached_cards(&before);
     eventually(
         "a written change to reach a card read from Redis",
@@ -145,7 +157,9 @@ async fn the_shop_page_reads_cards_in_djangos_format() {
     .await
     .unwrap();
 
-    let cards = web::cards(&env.db, &env.sink, &env.prefix, &django, 12)
+    // Nothing listens at this address: a card missing from Redis would be left out.
+    let nobody = format!("127.0.0.1:{}", free_port());
+    let cards = web::cards(&nobody, &env.sink, &env.prefix, &django, 12)
         .await
         .unwrap();
     for (index, (card, source)) in cards.iter().enumerate() {
@@ -153,10 +167,11 @@ async fn the_shop_page_reads_cards_in_djangos_format() {
         let id = index as i64 + 1;
         assert_eq!(Some(card), env.fresh_render(id, "compact").await.as_ref());
     }
-    // Read as plain, the same keys are not there: the page would render every card live.
-    let plain = web::cards(&env.db, &env.sink, &env.prefix, &Storage::plain(), 12)
+    assert_eq!(cards.len(), 12);
+    // Read as plain, the same keys are not there, and with no pgfresh to ask the page has no card.
+    let plain = web::cards(&nobody, &env.sink, &env.prefix, &Storage::plain(), 12)
         .await
         .unwrap();
-    assert!(plain.iter().all(|(_, s)| *s == web::Source::Fallback));
+    assert!(plain.is_empty(), "{plain:?}");
     env.cleanup().await;
 }

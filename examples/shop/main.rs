@@ -51,6 +51,10 @@ enum ShopCommand {
         /// Where the listener serves its status page and /metrics.
         #[arg(long, default_value = "127.0.0.1:9187", value_parser = cli::parse_address)]
         http: String,
+        /// Where the listener serves GET /fragments/{key}, which the demo shop asks for a card
+        /// missing from Redis.
+        #[arg(long, default_value = "127.0.0.1:9188", value_parser = cli::parse_address)]
+        serve: String,
         /// How the cards are stored in Redis.
         #[command(flatten)]
         storage: StorageArgs,
@@ -75,6 +79,7 @@ fn main() -> ExitCode {
                 products,
                 web,
                 http,
+                serve,
                 storage,
             } => {
                 let storage = storage.storage()?;
@@ -84,6 +89,7 @@ fn main() -> ExitCode {
                     products,
                     web,
                     http,
+                    serve,
                     storage,
                 };
                 run_demo(&shop.connections, fragments, demo).await
@@ -109,6 +115,7 @@ struct Demo {
     products: i64,
     web: String,
     http: String,
+    serve: String,
     storage: Storage,
 }
 
@@ -121,6 +128,7 @@ async fn run_demo(
         products,
         web,
         http,
+        serve,
         storage,
     } = demo;
     let db = connections.database(12)?;
@@ -137,6 +145,7 @@ async fn run_demo(
     let cards = web::Shop {
         db: db.clone(),
         redis: sink.clone(),
+        serve: serve.clone(),
         prefix: product_card::KEY_PREFIX.to_string(),
         storage: storage.clone(),
         recent: Default::default(),
@@ -154,15 +163,19 @@ async fn run_demo(
          \n  redis-cli -u {redis} GET {key}\
          \n  psql {database} -c \"UPDATE products SET price_cents = price_cents + 100 WHERE id = {id}\"\
          \n  redis-cli -u {redis} GET {key}\
+         \n\nOr ask the listener for it (from Redis, or rendered now on a miss; add ?fresh=1 to render from current rows):\
+         \n  curl -s http://{serve}/fragments/{plain_key}\
          \n\nOr add a review:\
          \n  psql {database} -c \"INSERT INTO reviews (product_id, author, rating, body) VALUES ({id}, 'You', 5, 'Fresh!')\"\
          \n\nCtrl-C stops everything.\n",
         redis = sink.url(),
         database = db.url(),
         key = shell_word(&storage.entry_key(product_card::KEY_PREFIX, id, Card::Full)),
+        plain_key = Storage::plain().entry_key(product_card::KEY_PREFIX, id, Card::Full),
     );
     let mut settings = ListenSettings::default();
     settings.http = Some(http);
+    settings.serve = Some(serve);
     pgfresh::listen(db, sink, fragments, settings, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }

@@ -1,8 +1,8 @@
 //! The demo's web shop: the consumer side, as a real site would do it. The product list is assembled
 //! from the cards in Redis with one MGET ([`RedisStore::get_entries`]; any Redis client does the same,
-//! and a Django site's `cache.get_many` too with `--cache-format django`), falling back to a live
-//! render for any card that is missing,
-//! and each card says where it came from. A background writer changes a few prices and reviews every
+//! and a Django site's `cache.get_many` too with `--cache-format django`); a card missing from Redis
+//! is asked of the listener's `GET /fragments/{key}` (`listen --serve`), which renders and stores it,
+//! so this site renders nothing itself. Each card says where it came from. A background writer changes a few prices and reviews every
 //! second and watches Redis for the changed cards, so the page (which refreshes itself) highlights
 //! each card changed in the last few seconds with how long its change took from commit to Redis.
 
@@ -17,10 +17,10 @@ use axum::routing::get;
 use pgfresh::Database;
 use pgfresh::RedisStore;
 use pgfresh::Shutdown;
+use pgfresh::Storage;
 use pgfresh::maud::{PreEscaped, html};
-use pgfresh::{Fragment, Storage};
 
-use crate::product_card::{Card, ProductCard};
+use crate::product_card::Card;
 
 /// Products on the page.
 const SHOWN: i64 = 12;
@@ -30,8 +30,8 @@ const SHOWN: i64 = 12;
 pub enum Source {
     /// Read from Redis.
     Cache,
-    /// Missing from Redis: rendered from the database for this request.
-    Fallback,
+    /// Missing from Redis: rendered on demand by pgfresh (`GET /fragments/{key}`), which stored it.
+    OnDemand,
 }
 
 /// How long a changed card stays highlighted.
@@ -59,20 +59,23 @@ impl Recent {
     }
 }
 
-/// Where the demo's cards are: the database, Redis, their key prefix and how they are stored.
+/// Where the demo's cards are: the database, Redis, their key prefix and how they are stored, and
+/// the listener's `--serve` address that renders a missing one.
 #[derive(Clone)]
 pub struct Shop {
     pub db: Database,
     pub redis: RedisStore,
+    pub serve: String,
     pub prefix: String,
     pub storage: Storage,
     pub recent: Arc<Recent>,
 }
 
 /// The compact cards of products 1..=`count`, from Redis (under `prefix`, stored as `storage`) where
-/// present, else rendered live.
+/// present, else from pgfresh at `serve` (its `--serve` address), which renders them now. A card
+/// neither has (its product is gone, or pgfresh cannot answer) is left out.
 pub async fn cards(
-    db: &Database,
+    serve: &str,
     redis: &RedisStore,
     prefix: &str,
     storage: &Storage,
@@ -85,34 +88,66 @@ pub async fn cards(
         .map(|id| plain.entry_key(prefix, id, Card::Compact))
         .collect();
     let cached = redis.get_entries(storage, &keys).await?;
-    let missing: Vec<i64> = ids
-        .iter()
-        .zip(&cached)
-        .filter(|(_, c)| c.is_none())
-        .map(|(id, _)| *id)
-        .collect();
-    let mut live = std::collections::HashMap::new();
-    if !missing.is_empty() {
-        let client = db.get().await?;
-        for (id, row) in ProductCard.load(&client, &missing).await? {
-            live.insert(
-                id,
-                ProductCard.render(&id, &row, Card::Compact).into_string(),
-            );
+    let mut asked = tokio::task::JoinSet::new();
+    for (index, key) in keys.iter().enumerate() {
+        if cached[index].is_none() {
+            let (serve, key) = (serve.to_string(), key.clone());
+            asked.spawn(async move { (index, fragment_from_pgfresh(&serve, &key).await) });
         }
     }
-    Ok(ids
-        .iter()
-        .zip(cached)
-        .filter_map(|(id, cached)| match cached {
-            Some(html) => Some((html, Source::Cache)),
-            None => live.remove(id).map(|html| (html, Source::Fallback)),
-        })
-        .collect())
+    let mut cards: Vec<Option<(String, Source)>> = cached
+        .into_iter()
+        .map(|card| card.map(|html| (html, Source::Cache)))
+        .collect();
+    while let Some(answer) = asked.join_next().await {
+        let (index, answer) = answer?;
+        match answer {
+            Ok(Some(html)) => cards[index] = Some((html, Source::OnDemand)),
+            Ok(None) => {}
+            Err(error) => {
+                tracing::warn!(key = %keys[index], %error, "pgfresh could not render a missing card")
+            }
+        }
+    }
+    Ok(cards.into_iter().flatten().collect())
+}
+
+/// How long a missing card may take to come back from pgfresh.
+const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// `GET /fragments/{key}` of the listener at `serve`: the fragment's HTML, `None` when its row does
+/// not exist (404), or why pgfresh could not answer. HTTP/1.1 in a few lines, as the demo needs no
+/// more (a site would use its HTTP client).
+async fn fragment_from_pgfresh(
+    serve: &str,
+    key: &str,
+) -> Result<Option<String>, Box<dyn std::error::Error + Send + Sync>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let exchange = async {
+        let mut stream = tokio::net::TcpStream::connect(serve).await?;
+        let request =
+            format!("GET /fragments/{key} HTTP/1.1\r\nHost: {serve}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await?;
+        Ok::<_, std::io::Error>(response)
+    };
+    let response = tokio::time::timeout(ON_DEMAND_TIMEOUT, exchange)
+        .await
+        .map_err(|_| format!("no answer from {serve} within {ON_DEMAND_TIMEOUT:?}"))??;
+    let response = String::from_utf8(response)?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or("a truncated answer")?;
+    match head.split_whitespace().nth(1) {
+        Some("200") => Ok(Some(body.to_string())),
+        Some("404") => Ok(None),
+        status => Err(format!("{} {}", status.unwrap_or("no status"), body.trim()).into()),
+    }
 }
 
 async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
-    let body = match cards(&shop.db, &shop.redis, &shop.prefix, &shop.storage, SHOWN).await {
+    let body = match cards(&shop.serve, &shop.redis, &shop.prefix, &shop.storage, SHOWN).await {
         Ok(cards) => html! {
             div class="grid" {
                 @for (id, (card, source)) in (1..).zip(&cards) {
@@ -122,7 +157,7 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
                         (PreEscaped(card))
                         @match source {
                             Source::Cache => span class="source cache" { "from Redis" },
-                            Source::Fallback => span class="source fallback" { "rendered live (not in Redis)" },
+                            Source::OnDemand => span class="source on-demand" { "rendered on demand by pgfresh (was not in Redis)" },
                         }
                         @if let Some(took) = fresh {
                             span class="took" {
@@ -146,7 +181,7 @@ async fn product_list(State(shop): State<Arc<Shop>>) -> Html<String> {
             }
             body {
                 h1 { "pgfresh demo shop" }
-                p { "Cards come from Redis in one MGET. A writer changes a few prices and reviews every second; "
+                p { "Cards come from Redis in one MGET; a card missing there is rendered on demand by pgfresh's listener (GET /fragments). A writer changes a few prices and reviews every second; "
                     "pgfresh re-renders just those cards within milliseconds. A highlighted card changed in the "
                     "last few seconds, and says how long its new version took from the commit to Redis. "
                     "This page refreshes every second." }
@@ -251,5 +286,5 @@ const STYLE: &str = "body{font:15px/1.4 system-ui,sans-serif;margin:2em}\
 .grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(16em,1fr));gap:1em}\
 .slot{border:1px solid #ddd;border-radius:6px;padding:.8em}.product-card h2{font-size:1.1em;margin:0}\
 .source{font-size:.8em;padding:.1em .4em;border-radius:3px}.cache{background:#e3f4e3}\
-.fallback{background:#fbe3e3}.fresh{border-color:#e0a800;background:#fff8db}\
+.on-demand{background:#fbe3e3}.fresh{border-color:#e0a800;background:#fff8db}\
 .took{display:block;margin-top:.4em;font-size:.85em;font-weight:600;color:#7a5c00}";
