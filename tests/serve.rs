@@ -309,3 +309,29 @@ async fn postgres_or_redis_unreachable_is_503() {
     shutdown.cancel();
     let _ = listener.await;
 }
+
+#[tokio::test]
+async fn a_key_the_fragment_fails_on_is_500_with_its_error_and_other_keys_still_render() {
+    let env = TestEnv::shop(3).await;
+    // Schema drift: the loader reads the name as text that cannot be NULL.
+    env.client()
+        .await
+        .batch_execute(
+            "ALTER TABLE products ALTER name DROP NOT NULL; \
+             UPDATE products SET name = NULL WHERE id = 3",
+        )
+        .await
+        .unwrap();
+    let (listener, serve, _) = serving(&env, env.fragments(), |_| {}).await;
+    let (status, _, body) = get(serve, &env.key(3, "full")).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(
+        body.starts_with("the fragment failed on this key: "),
+        "{body}"
+    );
+    assert_eq!(body.trim().lines().count(), 1, "{body}");
+    assert_eq!(env.get(&env.key(3, "full")).await, None, "nothing stored");
+    assert_eq!(get(serve, &env.key(2, "full")).await.0, 200);
+    listener.stop().await;
+    env.cleanup().await;
+}
