@@ -41,16 +41,7 @@ async fn after_a_crash_a_listener_still_says_where_it_stores_and_a_conflicting_o
         row.map(|row| row.get::<_, Option<Vec<String>>>(0))
     };
     // Started in full (registered, drained once and idle), not restarted in the middle of start-up.
-    eventually("the listener to be idle", || async {
-        let client = common::connect(&postgres.url("shop")).await;
-        let idle: i64 = client
-            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
-            .await
-            .unwrap()
-            .get(0);
-        idle == 1
-    })
-    .await;
+    started_in_full(&postgres).await;
 
     postgres.restart();
     // The crash emptied the registry; the listener's heartbeat or idle switch writes its row again.
@@ -97,6 +88,20 @@ async fn after_a_crash_a_listener_still_says_where_it_stores_and_a_conflicting_o
             .await
             .unwrap();
     }
+}
+
+/// Waits until the one listener is idle: registered, drained once, started in full.
+async fn started_in_full(postgres: &TempPostgres) {
+    eventually("the listener to be idle", || async {
+        let client = common::connect(&postgres.url("shop")).await;
+        let idle: i64 = client
+            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
+            .await
+            .unwrap()
+            .get(0);
+        idle == 1
+    })
+    .await;
 }
 
 /// The reasons of the complete sweeps recorded, oldest first.
@@ -171,18 +176,10 @@ async fn crash_recovery_without_a_new_postmaster_is_noticed_and_swept() {
         test_settings(),
         shutdown.clone(),
     ));
+    // Started in full: a crash in the middle of start-up fails the start instead, for the
+    // supervisor to start it again.
+    started_in_full(&postgres).await;
     let client = common::connect(&postgres.url("shop")).await;
-    // Started in full (registered, drained once and idle): a crash in the middle of start-up
-    // fails the start instead, for the supervisor to start it again.
-    eventually("the listener to be idle", || async {
-        let n: i64 = client
-            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
-            .await
-            .unwrap()
-            .get(0);
-        n == 1
-    })
-    .await;
     let started: String = client
         .query_one("SELECT pg_postmaster_start_time()::text", &[])
         .await
@@ -257,15 +254,7 @@ async fn of_two_conflicting_listeners_after_the_registry_emptied_the_later_one_g
         n == 1
     })
     .await;
-    eventually("the plain listener to be idle", || async {
-        let idle: i64 = client
-            .query_one("SELECT count(*) FROM pgfresh.listeners WHERE idle", &[])
-            .await
-            .unwrap()
-            .get(0);
-        idle == 1
-    })
-    .await;
+    started_in_full(&postgres).await;
     // A crash empties the registry (here, by hand: the plain listener, idle, writes its row again
     // only at its next heartbeat); a listener storing the card in Django's format starts meanwhile,
     // and finds no one in its way.

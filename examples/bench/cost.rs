@@ -26,7 +26,7 @@ pub(crate) struct Cost {
 }
 
 /// `(user + system, children's user + system)` of one process, in seconds.
-fn process_cpu(pid: &str) -> Option<(f64, f64)> {
+pub(crate) fn process_cpu(pid: &str) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
     let tick = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());

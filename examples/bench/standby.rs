@@ -12,6 +12,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use pgfresh::{Database, Environment, Shutdown, SweepSettings};
 
+use crate::cost::process_cpu;
 use crate::scenarios::{Bench, fragments};
 
 const PRODUCTS: i64 = 200_000;
@@ -87,11 +88,11 @@ impl Cluster {
         else {
             return 0.0;
         };
-        let mut total = process_cpu(&postmaster).map_or(0.0, |(own, reaped, _)| own + reaped);
+        let mut total = process_cpu(&postmaster).map_or(0.0, |(own, reaped)| own + reaped);
         for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
             let pid = entry.file_name().to_string_lossy().into_owned();
-            if let Some((own, _, parent)) = process_cpu(&pid)
-                && parent == postmaster
+            if parent(&pid).as_deref() == Some(postmaster.as_str())
+                && let Some((own, _)) = process_cpu(&pid)
             {
                 total += own;
             }
@@ -113,16 +114,16 @@ impl Drop for Cluster {
     }
 }
 
-/// `(own CPU seconds, reaped children's, parent pid)` of a process.
-fn process_cpu(pid: &str) -> Option<(f64, f64, String)> {
+/// The parent of a process, from `/proc/<pid>/stat`.
+fn parent(pid: &str) -> Option<String> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let fields: Vec<&str> = stat.rsplit(')').next()?.split_whitespace().collect();
-    let tick = |index: usize| fields.get(index).and_then(|f| f.parse::<f64>().ok());
-    Some((
-        (tick(11)? + tick(12)?) / 100.0,
-        (tick(13)? + tick(14)?) / 100.0,
-        fields.get(1)?.to_string(),
-    ))
+    Some(
+        stat.rsplit(')')
+            .next()?
+            .split_whitespace()
+            .nth(1)?
+            .to_string(),
+    )
 }
 
 fn bin(name: &str) -> PathBuf {

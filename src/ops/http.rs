@@ -76,16 +76,7 @@ pub(crate) async fn bind(
     sources: Sources,
     shutdown: Shutdown,
 ) -> Result<impl std::future::Future<Output = ()> + use<>, Error> {
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|e| Error::Http {
-            address: address.to_string(),
-            reason: e.to_string(),
-        })?;
-    let address = listener.local_addr().map_err(|e| Error::Http {
-        address: address.to_string(),
-        reason: e.to_string(),
-    })?;
+    let (listener, address) = listen_on(address).await?;
     let state = AppState {
         metrics: crate::ops::telemetry::install_prometheus(),
         sources,
@@ -98,6 +89,22 @@ pub(crate) async fn bind(
         .with_state(state);
     tracing::info!(%address, "serving the status page, /metrics, /healthz and /readyz");
     Ok(serve(listener, app, shutdown, MAX_CONNECTIONS))
+}
+
+/// A TCP listener on `address`, and the address it is bound to (its port, when `:0` asked for
+/// any), or one line saying why not.
+pub(crate) async fn listen_on(
+    address: &str,
+) -> Result<(tokio::net::TcpListener, std::net::SocketAddr), Error> {
+    let failed = |e: std::io::Error| Error::Http {
+        address: address.to_string(),
+        reason: e.to_string(),
+    };
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .map_err(failed)?;
+    let bound = listener.local_addr().map_err(failed)?;
+    Ok((listener, bound))
 }
 
 /// Accepts connections until shutdown, each served on a task of its own within the limits above

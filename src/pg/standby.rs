@@ -150,13 +150,16 @@ impl Standby {
         primary: &Client,
         primary_identifier: &str,
     ) -> Result<Object, Fallback> {
+        let Some(verify) = self.may_try() else {
+            return self.fell_back(Fallback::Unavailable);
+        };
         let position = match insert_position(primary).await {
             Ok(position) => position,
             // The primary's own trouble: the caller finds it again on its own session.
-            Err(_) => return self.fell_back(Fallback::Unavailable),
-        };
-        let Some(verify) = self.may_try() else {
-            return self.fell_back(Fallback::Unavailable);
+            Err(_) => {
+                self.probe_ended(verify);
+                return self.fell_back(Fallback::Unavailable);
+            }
         };
         let session = match self.connect(verify, primary_identifier).await {
             Ok(session) => session,
@@ -263,6 +266,13 @@ impl Standby {
             }
         }
         outcome
+    }
+
+    /// Lets another batch probe the standby, when this one was to and did not get to it.
+    fn probe_ended(&self, probing: bool) {
+        if probing {
+            self.health.lock().expect("standby health lock").probing = false;
+        }
     }
 
     /// Notes that the standby cannot be used, saying so when that is news.

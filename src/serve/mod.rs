@@ -62,16 +62,7 @@ pub(crate) async fn bind(
     address: &str,
     context: Context,
 ) -> Result<(impl Future<Output = ()> + use<>, Arc<ServeCounts>), Error> {
-    let listener = tokio::net::TcpListener::bind(address)
-        .await
-        .map_err(|e| Error::Http {
-            address: address.to_string(),
-            reason: e.to_string(),
-        })?;
-    let bound = listener.local_addr().map_err(|e| Error::Http {
-        address: address.to_string(),
-        reason: e.to_string(),
-    })?;
+    let (listener, bound) = crate::ops::http::listen_on(address).await?;
     let counts = Arc::new(ServeCounts::default());
     let shutdown = context.shutdown.clone();
     let state = ServeState {

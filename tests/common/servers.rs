@@ -220,6 +220,23 @@ pub fn make_certificates(dir: &Path) {
     }
 }
 
+/// An empty directory for a throwaway cluster on `port`, owned by user `postgres` (initdb and
+/// pg_basebackup run as that user).
+fn cluster_dir(port: u16) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("pgfresh-pg-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    if running_as_root() {
+        let status = Command::new("chown")
+            .arg("postgres")
+            .arg(&dir)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    dir
+}
+
 /// A PostgreSQL cluster of its own (trust auth unless a password is set, fsync off).
 pub struct TempPostgres {
     pub port: u16,
@@ -262,17 +279,7 @@ impl TempPostgres {
     pub fn start_with(setup: PostgresSetup) -> TempPostgres {
         let tls = setup.tls;
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pgfresh-pg-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if running_as_root() {
-            let status = Command::new("chown")
-                .arg("postgres")
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
+        let dir = cluster_dir(port);
         let mut initdb = postgres_command(&postgres_bin("initdb"));
         initdb.args(["-U", "postgres", "--no-sync"]);
         match setup.password {
@@ -403,17 +410,7 @@ impl TempPostgres {
     /// primary needs.
     pub fn standby(&self) -> TempPostgres {
         let port = free_port();
-        let dir = std::env::temp_dir().join(format!("pgfresh-pg-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        if running_as_root() {
-            let status = Command::new("chown")
-                .arg("postgres")
-                .arg(&dir)
-                .status()
-                .unwrap();
-            assert!(status.success());
-        }
+        let dir = cluster_dir(port);
         let out = postgres_command(&postgres_bin("pg_basebackup"))
             .args([
                 "-h",
