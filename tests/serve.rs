@@ -107,6 +107,10 @@ async fn a_miss_is_rendered_on_demand_stored_and_then_answered_from_redis() {
         ),
         (format!("{}1:tiny", env.prefix), "has no variant \"tiny\""),
         (format!("{}1", env.prefix), "names no variant"),
+        (
+            format!("{}03:full", env.prefix),
+            "is not how fragment product_card spells",
+        ),
     ] {
         let (status, _, body) = get(serve, &bad).await;
         assert_eq!(status, 400, "{bad}: {body}");
@@ -252,8 +256,14 @@ async fn a_token_is_required_when_set_and_for_any_address_but_loopback() {
         assert_eq!(status, 401, "{headers:?}: {body}");
         assert!(!body.contains("s3cret"), "{body}");
     }
-    let (status, _, _) = http_get_with(serve, &path, &["Authorization: Bearer s3cret-token"]).await;
-    assert_eq!(status, 200);
+    for scheme in ["Bearer", "bearer"] {
+        let header = format!("Authorization: {scheme} s3cret-token");
+        assert_eq!(
+            http_get_with(serve, &path, &[&header]).await.0,
+            200,
+            "{header}"
+        );
+    }
     listener.stop().await;
 
     // Reachable from other machines without a token: refused at start, in one line.

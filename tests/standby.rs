@@ -42,10 +42,12 @@ async fn primary_and_standby() -> (TempPostgres, TempPostgres) {
     (primary, standby)
 }
 
-/// A shop listener process on `primary` loading from `standby`, serving its status page on `http`.
+/// A shop listener process on `primary` loading from `standby`, serving its status page on `http`
+/// and `/fragments` on [`serve_port`]`(http)`.
 fn listener(primary: &str, standby: &str, redis: &str, http: u16) -> Child {
     Command::new(shop_binary())
         .args(["listen", "--http", &format!("127.0.0.1:{http}")])
+        .args(["--serve", &format!("127.0.0.1:{}", serve_port(http))])
         .env("DATABASE_URL", primary)
         .env("PGFRESH_REPLICA_URL", standby)
         .env("REDIS_URL", redis)
@@ -54,6 +56,19 @@ fn listener(primary: &str, standby: &str, redis: &str, http: u16) -> Child {
         .stderr(Stdio::null())
         .spawn()
         .unwrap()
+}
+
+/// Where the listener whose status page is on `http` serves `/fragments`: a port picked once per
+/// status page port.
+fn serve_port(http: u16) -> u16 {
+    static PORTS: std::sync::Mutex<Vec<(u16, u16)>> = std::sync::Mutex::new(Vec::new());
+    let mut ports = PORTS.lock().unwrap();
+    if let Some((_, serve)) = ports.iter().find(|(h, _)| *h == http) {
+        return *serve;
+    }
+    let serve = free_port();
+    ports.push((http, serve));
+    serve
 }
 
 /// The standby's line on the status page.
@@ -199,6 +214,15 @@ async fn with_replay_paused_changes_load_from_the_primary_and_once_resumed_from_
         .unwrap()
         .get(0);
     assert_ne!(old, 10_101, "replay was paused");
+    // A fresh read through GET /fragments, likewise: the primary's rows, not the standby's.
+    set_price(&writer, 1, 10_102).await;
+    let (status, body) = http_get(
+        serve_port(http),
+        "/fragments/shop:product_card:1:full?fresh=1",
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("$101.02"), "{body}");
 
     // Replay resumes: loads go to the standby, and changes are still applied.
     replica
@@ -223,6 +247,25 @@ async fn with_replay_paused_changes_load_from_the_primary_and_once_resumed_from_
         &mut redis_client,
         2,
     )
+    .await;
+
+    // With nothing in the queue, only GET /fragments loads: its fresh reads go to the standby too.
+    eventually("the queue to be empty", || async {
+        writer
+            .query_one("SELECT count(*) FROM pgfresh.changes", &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 0
+    })
+    .await;
+    let before = served_by_standby(http).await;
+    let path = "/fragments/shop:product_card:3:full?fresh=1";
+    eventually("a fresh read to load from the standby", || async {
+        let (status, body) = http_get(serve_port(http), path).await;
+        assert_eq!(status, 200, "{body}");
+        served_by_standby(http).await > before
+    })
     .await;
     stop(child).await;
 }

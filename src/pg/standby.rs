@@ -153,15 +153,16 @@ impl Standby {
         let Some(verify) = self.may_try() else {
             return self.fell_back(Fallback::Unavailable);
         };
+        // This batch's check ends however its future does (a sweep that stops drops its pages).
+        let probing = Probing(verify.then_some(self));
         let position = match insert_position(primary).await {
             Ok(position) => position,
             // The primary's own trouble: the caller finds it again on its own session.
-            Err(_) => {
-                self.probe_ended(verify);
-                return self.fell_back(Fallback::Unavailable);
-            }
+            Err(_) => return self.fell_back(Fallback::Unavailable),
         };
-        let session = match self.connect(verify, primary_identifier).await {
+        let connected = self.connect(verify, primary_identifier).await;
+        drop(probing);
+        let session = match connected {
             Ok(session) => session,
             Err(reason) => {
                 self.went_down(reason);
@@ -231,7 +232,9 @@ impl Standby {
         let due = health
             .verified_at
             .is_none_or(|at| now.duration_since(at) >= VERIFY_EVERY);
-        if health.down.is_none() && (!due || health.probing) {
+        // Checked once at least, and not found down since: used while due for a check that
+        // another batch is making.
+        if health.down.is_none() && health.verified_at.is_some() && (!due || health.probing) {
             return Some(false);
         }
         if health.probing || (health.down.is_some() && now < health.next_probe) {
@@ -247,15 +250,19 @@ impl Standby {
         let outcome = match connected {
             Err(_) => Err(format!("no connection within {CONNECT_WITHIN:?}")),
             Ok(Err(error)) => Err(describe_pool_error(error)),
-            Ok(Ok(session)) if verify => match check(&session, primary_identifier).await {
-                Ok(()) => Ok(session),
-                Err(reason) => Err(reason),
-            },
+            Ok(Ok(session)) if verify => {
+                match tokio::time::timeout(CONNECT_WITHIN, check(&session, primary_identifier))
+                    .await
+                {
+                    Ok(Ok(())) => Ok(session),
+                    Ok(Err(reason)) => Err(reason),
+                    Err(_) => Err(format!("no answer within {CONNECT_WITHIN:?}")),
+                }
+            }
             Ok(Ok(session)) => Ok(session),
         };
         if verify {
             let mut health = self.health.lock().expect("standby health lock");
-            health.probing = false;
             if outcome.is_ok() {
                 health.verified_at = Some(Instant::now());
                 if health.down.take().is_some() || !health.known {
@@ -268,19 +275,11 @@ impl Standby {
         outcome
     }
 
-    /// Lets another batch probe the standby, when this one was to and did not get to it.
-    fn probe_ended(&self, probing: bool) {
-        if probing {
-            self.health.lock().expect("standby health lock").probing = false;
-        }
-    }
-
     /// Notes that the standby cannot be used, saying so when that is news.
     fn went_down(&self, reason: String) {
         let mut health = self.health.lock().expect("standby health lock");
         health.next_probe = Instant::now() + PROBE_EVERY;
         health.verified_at = None;
-        health.probing = false;
         if health.down.is_none() {
             tracing::warn!(standby = %self.url, %reason, "not loading from the standby until it can be used again: loads go to the primary");
             crate::ops::telemetry::standby_up(false);
@@ -294,13 +293,17 @@ impl Standby {
     async fn caught_up(&self, session: &Client, position: &str) -> Result<bool, String> {
         let deadline = Instant::now() + self.max_wait;
         loop {
-            let row = session
-                .query_typed_one(
-                    "SELECT pg_catalog.pg_is_in_recovery(), \
-                     pg_catalog.pg_wal_lsn_diff($1::pg_catalog.pg_lsn, pg_catalog.pg_last_wal_replay_lsn())::pg_catalog.float8",
-                    &[(&position, Type::TEXT)],
-                )
+            let params: [(&(dyn tokio_postgres::types::ToSql + Sync), Type); 1] =
+                [(&position, Type::TEXT)];
+            let asked = session.query_typed_one(
+                "SELECT pg_catalog.pg_is_in_recovery(), \
+                 pg_catalog.pg_wal_lsn_diff($1::pg_catalog.pg_lsn, pg_catalog.pg_last_wal_replay_lsn())::pg_catalog.float8",
+                &params,
+            );
+            // A standby that stops answering holds no batch longer than a connection attempt.
+            let row = tokio::time::timeout(CONNECT_WITHIN, asked)
                 .await
+                .map_err(|_| format!("no answer within {CONNECT_WITHIN:?}"))?
                 .map_err(|error| crate::error::describe_postgres(&error))?;
             let (in_recovery, behind): (bool, Option<f64>) = (row.get(0), row.get(1));
             let Some(behind) = behind.filter(|_| in_recovery) else {
@@ -316,6 +319,18 @@ impl Standby {
                 return Ok(false);
             }
             tokio::time::sleep(POLL).await;
+        }
+    }
+}
+
+/// A batch's check of the standby in progress: when it ends, however its future ends, another batch
+/// may check again.
+struct Probing<'a>(Option<&'a Standby>);
+
+impl Drop for Probing<'_> {
+    fn drop(&mut self) {
+        if let Some(standby) = self.0 {
+            standby.health.lock().expect("standby health lock").probing = false;
         }
     }
 }

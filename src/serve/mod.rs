@@ -117,7 +117,7 @@ async fn fragment(
         Answer::Text(text) => (
             status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            format!("{text}\n"),
+            format!("{}\n", one_line(&text)),
         )
             .into_response(),
     };
@@ -257,21 +257,44 @@ fn owner(shared: &Context, key: &str) -> Result<(Arc<dyn DynFragment>, String), 
             fragment.name()
         ));
     }
-    if fragment.redis_keys(fragment_key).is_none() {
+    let Some(entries) = fragment.redis_keys(fragment_key) else {
         return Err(format!(
             "{fragment_key:?} is not a key of fragment {}",
+            fragment.name()
+        ));
+    };
+    // The key as the fragment spells it (`42`, not `042`): what a render writes, and reads back.
+    if !entries.contains(&fragment.storage().redis_key(key)) {
+        return Err(format!(
+            "{fragment_key:?} is not how fragment {} spells that key: write it as its Display does",
             fragment.name()
         ));
     }
     Ok((fragment.clone(), fragment_key.to_string()))
 }
 
+/// Longest reason an error answer gives.
+const MOST_CHARS: usize = 500;
+
+/// `text` on one line (a fragment's error may span several, a panic's message too), shortened to
+/// [`MOST_CHARS`].
+fn one_line(text: &str) -> String {
+    let line = text.split_whitespace().collect::<Vec<_>>().join(" ");
+    match line.char_indices().nth(MOST_CHARS) {
+        Some((end, _)) => format!("{}...", &line[..end]),
+        None => line,
+    }
+}
+
 /// Whether the request carries `Authorization: Bearer <token>`, compared in constant time.
 fn authorized(headers: &HeaderMap, token: &str) -> bool {
+    // The scheme's name is case-insensitive (RFC 9110).
     let Some(given) = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|value| value.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
     else {
         return false;
     };
@@ -286,6 +309,13 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::constant_time_eq;
+
+    #[test]
+    fn error_answers_are_one_short_line() {
+        assert_eq!(super::one_line("a\nb\r\n  c\t"), "a b c");
+        let long = "x".repeat(600);
+        assert_eq!(super::one_line(&long).chars().count(), 503);
+    }
 
     #[test]
     fn tokens_compare_whole() {

@@ -103,10 +103,13 @@ impl OnDemand {
         crate::ops::telemetry::serve_render();
         let this = self.clone();
         let task = tokio::spawn(async move {
+            // Leaves the map however the task ends, a panic included: a finished render left there
+            // would answer every later miss of its key.
+            let _leave = Leave {
+                on_demand: this.clone(),
+                name: shared_as,
+            };
             let rendered = this.render_now(fragment.as_ref(), key).await;
-            if let Some(name) = shared_as {
-                this.in_flight.lock().expect("in-flight lock").remove(&name);
-            }
             drop(permit);
             rendered
         });
@@ -167,5 +170,23 @@ impl OnDemand {
             return unreachable(error);
         }
         Rendered::Done
+    }
+}
+
+/// Takes a shared render out of the in-flight map when dropped.
+struct Leave {
+    on_demand: Arc<OnDemand>,
+    name: Option<String>,
+}
+
+impl Drop for Leave {
+    fn drop(&mut self) {
+        if let Some(name) = &self.name {
+            self.on_demand
+                .in_flight
+                .lock()
+                .expect("in-flight lock")
+                .remove(name);
+        }
     }
 }
