@@ -11,6 +11,10 @@ use crate::fragment::{DynFragment, KeyOutcome, LoadError};
 use crate::stats::RefreshStats;
 use crate::store::{RedisStore, Storage, Write, WriteResult};
 
+/// How the reason of a key whose write Redis refused (out of memory, read-only) starts: the key's
+/// render was fine, Redis was not.
+pub(crate) const REDIS_REFUSED: &str = "Redis refused ";
+
 /// Whether to skip writes whose value Redis already holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Writes {
@@ -214,7 +218,7 @@ fn settle_writes(planned: PlannedWrites, results: Vec<WriteResult>) -> Refreshed
         match &result {
             WriteResult::Failed(reason) if failed[owner].is_none() => {
                 refreshed.stats.errors += 1;
-                failed[owner] = Some(format!("Redis refused {}: {reason}", write.key()));
+                failed[owner] = Some(format!("{REDIS_REFUSED}{}: {reason}", write.key()));
             }
             WriteResult::WrittenUnchecked | WriteResult::DeletedUnchecked => {
                 unchecked[owner] = true

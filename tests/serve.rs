@@ -279,7 +279,7 @@ async fn a_token_is_required_when_set_and_for_any_address_but_loopback() {
 }
 
 #[tokio::test]
-async fn postgres_or_redis_unreachable_is_503() {
+async fn postgres_or_redis_unreachable_or_refusing_is_503() {
     let postgres = TempPostgres::start();
     let redis = TempRedis::start();
     let admin = common::connect(&postgres.url("postgres")).await;
@@ -313,6 +313,20 @@ async fn postgres_or_redis_unreachable_is_503() {
     // A hit needs Redis only.
     assert_eq!(get(serve, "shop:product_card:1:full").await.0, 200);
     postgres.start_again();
+    // Redis refusing the write (out of memory, noeviction): the render was fine, Redis was not.
+    let mut admin_redis = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "1", "maxmemory-policy", "noeviction"][..])
+        .query_async(&mut admin_redis)
+        .await
+        .unwrap();
+    let (status, _, body) = get(serve, "shop:product_card:3:full").await;
+    assert_eq!(status, 503, "Redis refusing the write: {body}");
+    assert!(body.contains("Redis refused"), "{body}");
     drop(redis);
     let (status, _, body) = get(serve, "shop:product_card:1:full").await;
     assert_eq!(status, 503, "Redis down: {body}");

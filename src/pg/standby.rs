@@ -244,9 +244,13 @@ impl Standby {
         Some(true)
     }
 
-    /// A pooled session on the standby, checked to be the primary's standby when `verify`.
+    /// A pooled session on the standby, checked to be the primary's standby when `verify`, and
+    /// whenever it is a new connection (a name may lead elsewhere by now).
     async fn connect(&self, verify: bool, primary_identifier: &str) -> Result<Object, String> {
         let connected = tokio::time::timeout(CONNECT_WITHIN, self.pool.get()).await;
+        let new =
+            matches!(&connected, Ok(Ok(session)) if Object::metrics(session).recycle_count == 0);
+        let verify = verify || new;
         let outcome = match connected {
             Err(_) => Err(format!("no connection within {CONNECT_WITHIN:?}")),
             Ok(Err(error)) => Err(describe_pool_error(error)),

@@ -17,7 +17,7 @@ use super::Context;
 use crate::fragment::{DynFragment, UserClient};
 use crate::ops::board::ServeCounts;
 use crate::pg::queue::{requeue, take_ticket};
-use crate::refresh::{Writes, refresh};
+use crate::refresh::{REDIS_REFUSED, Writes, refresh};
 
 /// How an on-demand render ended.
 #[derive(Clone, Debug)]
@@ -27,7 +27,7 @@ pub(super) enum Rendered {
     Done,
     /// The fragment's code failed on this key (its error, recorded like a listener's).
     Failed(String),
-    /// PostgreSQL or Redis could not be reached.
+    /// PostgreSQL or Redis could not be reached, or Redis refused the write.
     Unreachable(String),
     /// More renders are in flight than `--serve-max-pending`.
     Busy,
@@ -159,6 +159,9 @@ impl OnDemand {
         drop(session);
         shared.board.refreshed(fragment.name(), refreshed.stats);
         if let Some((_, reason)) = refreshed.failed.first().or(refreshed.unresolved.first()) {
+            if reason.starts_with(REDIS_REFUSED) {
+                return Rendered::Unreachable(reason.clone());
+            }
             shared.board.failed(fragment.own_topic(), &keys[0], reason);
             return Rendered::Failed(reason.clone());
         }
