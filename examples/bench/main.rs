@@ -4,7 +4,8 @@
 //!
 //!     cargo run --release --example bench -- all
 //!
-//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `all`
+//! Scenarios: `sweep`, `latency`, `write-overhead`, `burst`, `catch-up`, `fan-out`, `cluster`, `serve`,
+//! `all`
 //! (which ends with a table of round two's targets beside today's figures; `sweep`, `latency` and
 //! `write-overhead` print their rows of it),
 //! `triggers` (the trigger study, about 30 minutes; not part of `all`), and `standby` (a sweep's CPU on
@@ -29,6 +30,7 @@ mod fan_out;
 #[path = "../shop/product_card.rs"]
 mod product_card;
 mod scenarios;
+mod serve;
 #[allow(dead_code)] // the bench only needs `setup` itself
 #[path = "../shop/setup.rs"]
 mod setup;
@@ -78,6 +80,8 @@ enum Scenario {
     /// What a hot standby takes off the primary during a sweep of 200,000 products, on a throwaway
     /// primary and standby of its own (a few minutes; not part of `all`).
     Standby,
+    /// What `GET /fragments/{key}` costs: misses rendered on demand, hits, a stampede.
+    Serve,
     /// Internal: one sweep in a fresh process, so its peak RSS is its own.
     #[value(hide = true)]
     SweepOnce,
@@ -106,6 +110,7 @@ fn main() -> ExitCode {
             Scenario::All => bench.all().await,
             Scenario::Triggers => bench.triggers().await,
             Scenario::Standby => standby::standby(&bench).await,
+            Scenario::Serve => serve::serve(&bench).await,
         };
         bench.print_targets();
         result
