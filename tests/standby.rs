@@ -359,3 +359,46 @@ async fn a_standby_that_is_down_or_no_standby_stops_nothing_and_doctor_says_why(
     .await;
     stop(child).await;
 }
+
+#[tokio::test]
+async fn a_standby_of_another_cluster_is_never_used() {
+    // Two clusters with the shop, each with its own standby; the listener on the first is given
+    // the second's standby. Its WAL positions mean nothing to the first primary.
+    let ((primary, _own_standby), (_other, other_standby)) =
+        tokio::join!(primary_and_standby(), primary_and_standby());
+    let redis = TempRedis::start();
+    let mut redis_client = redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    let report = stdout(&run(
+        &shop_binary(),
+        &primary.url("shop"),
+        &redis.url(),
+        &["doctor", "--replica-url", &other_standby.url("shop")],
+    ));
+    assert!(
+        report
+            .contains("cannot serve loads: it is a standby of another cluster (system identifier"),
+        "{report}"
+    );
+    let writer = common::connect(&primary.url("shop")).await;
+    let http = free_port();
+    let child = listener(
+        &primary.url("shop"),
+        &other_standby.url("shop"),
+        &redis.url(),
+        http,
+    );
+    eventually("the status page", || async {
+        !standby_line(http).await.is_empty()
+    })
+    .await;
+    set_price(&writer, 2, 22_222).await;
+    wait_applied("product 2 from the primary", &writer, &mut redis_client, 2).await;
+    let line = standby_line(http).await;
+    assert!(line.contains("standby of another cluster"), "{line}");
+    assert_eq!(served_by_standby(http).await, 0, "{line}");
+    stop(child).await;
+}
