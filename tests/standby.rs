@@ -58,6 +58,35 @@ fn listener(primary: &str, standby: &str, redis: &str, http: u16) -> Child {
         .unwrap()
 }
 
+/// A [`listener`] of `primary` loading from `standby`, once its status page answers; and the
+/// status page's port.
+async fn started_listener(
+    primary: &TempPostgres,
+    standby: &TempPostgres,
+    redis: &TempRedis,
+) -> (Child, u16) {
+    let http = free_port();
+    let child = listener(
+        &primary.url("shop"),
+        &standby.url("shop"),
+        &redis.url(),
+        http,
+    );
+    eventually("the status page", || async {
+        !standby_line(http).await.is_empty()
+    })
+    .await;
+    (child, http)
+}
+
+async fn connect_redis(redis: &TempRedis) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(redis.url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
 /// Where the listener whose status page is on `http` serves `/fragments`: a port picked once per
 /// status page port.
 fn serve_port(http: u16) -> u16 {
@@ -160,11 +189,7 @@ async fn stop(mut child: Child) {
 async fn with_replay_paused_changes_load_from_the_primary_and_once_resumed_from_the_standby() {
     let (primary, standby) = primary_and_standby().await;
     let redis = TempRedis::start();
-    let mut redis_client = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis_client = connect_redis(&redis).await;
     let writer = common::connect(&primary.url("shop")).await;
     let replica = common::connect(&standby.url("shop")).await;
 
@@ -188,17 +213,7 @@ async fn with_replay_paused_changes_load_from_the_primary_and_once_resumed_from_
     );
 
     // The listener, replay still paused: a change is applied from the primary.
-    let http = free_port();
-    let child = listener(
-        &primary.url("shop"),
-        &standby.url("shop"),
-        &redis.url(),
-        http,
-    );
-    eventually("the status page", || async {
-        !standby_line(http).await.is_empty()
-    })
-    .await;
+    let (child, http) = started_listener(&primary, &standby, &redis).await;
     set_price(&writer, 1, 10_101).await;
     wait_applied("product 1 from the primary", &writer, &mut redis_client, 1).await;
     let line = standby_line(http).await;
@@ -274,11 +289,7 @@ async fn with_replay_paused_changes_load_from_the_primary_and_once_resumed_from_
 async fn a_standby_that_is_down_or_no_standby_stops_nothing_and_doctor_says_why() {
     let (primary, standby) = primary_and_standby().await;
     let redis = TempRedis::start();
-    let mut redis_client = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis_client = connect_redis(&redis).await;
     let writer = common::connect(&primary.url("shop")).await;
 
     let doctor = |replica: String| {
@@ -322,13 +333,7 @@ async fn a_standby_that_is_down_or_no_standby_stops_nothing_and_doctor_says_why(
     );
 
     // The standby goes down under a running listener: changes are applied all the same.
-    let http = free_port();
-    let child = listener(
-        &primary.url("shop"),
-        &standby.url("shop"),
-        &redis.url(),
-        http,
-    );
+    let (child, http) = started_listener(&primary, &standby, &redis).await;
     until_used("the standby in use", &writer, http, 5).await;
     standby.stop();
     set_price(&writer, 5, 50_505).await;
@@ -367,11 +372,7 @@ async fn a_standby_of_another_cluster_is_never_used() {
     let ((primary, _own_standby), (_other, other_standby)) =
         tokio::join!(primary_and_standby(), primary_and_standby());
     let redis = TempRedis::start();
-    let mut redis_client = redis::Client::open(redis.url())
-        .unwrap()
-        .get_multiplexed_async_connection()
-        .await
-        .unwrap();
+    let mut redis_client = connect_redis(&redis).await;
     let report = stdout(&run(
         &shop_binary(),
         &primary.url("shop"),
@@ -384,17 +385,7 @@ async fn a_standby_of_another_cluster_is_never_used() {
         "{report}"
     );
     let writer = common::connect(&primary.url("shop")).await;
-    let http = free_port();
-    let child = listener(
-        &primary.url("shop"),
-        &other_standby.url("shop"),
-        &redis.url(),
-        http,
-    );
-    eventually("the status page", || async {
-        !standby_line(http).await.is_empty()
-    })
-    .await;
+    let (child, http) = started_listener(&primary, &other_standby, &redis).await;
     set_price(&writer, 2, 22_222).await;
     wait_applied("product 2 from the primary", &writer, &mut redis_client, 2).await;
     let line = standby_line(http).await;
