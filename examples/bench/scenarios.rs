@@ -85,6 +85,14 @@ pub(crate) fn ms(d: Duration) -> String {
     format!("{:.2} ms", d.as_secs_f64() * 1000.0)
 }
 
+/// One catch-up run: how many changes were queued, how long the listener took to drain them, and
+/// what that cost.
+struct CatchUp {
+    queued: i64,
+    elapsed: Duration,
+    cost: crate::cost::Cost,
+}
+
 /// A listener running in this process, for the scenarios that measure it.
 struct Running {
     shutdown: Shutdown,
@@ -714,10 +722,44 @@ impl Bench {
 
     /// 100,000 changes over 20,000 products queued while no listener runs; then one starts.
     pub async fn catch_up(&self) -> Result<()> {
+        let normal = self.catch_up_once(false).await?;
+        println!(
+            "catch-up: {} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s; {}",
+            normal.queued,
+            normal.elapsed.as_secs_f64(),
+            normal.queued as f64 / normal.elapsed.as_secs_f64(),
+            normal.cost.per_thousand(normal.queued as f64, "changes")
+        );
+        // Issue 21's case: another session holds a transaction open for the whole run (a long
+        // report, a forgotten BEGIN), so no dead row of the queue can be removed meanwhile.
+        let held = self.catch_up_once(true).await?;
+        println!(
+            "catch-up with a transaction held open (xmin pinned): {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}",
+            held.queued,
+            held.elapsed.as_secs_f64(),
+            held.queued as f64 / held.elapsed.as_secs_f64(),
+            held.elapsed.as_secs_f64() / normal.elapsed.as_secs_f64(),
+            held.cost.per_thousand(held.queued as f64, "changes")
+        );
+        Ok(())
+    }
+
+    /// Queues five changes to every product, then times a listener draining them; with `hold`,
+    /// while another session keeps a REPEATABLE READ transaction (and its snapshot) open from
+    /// before the changes until the queue is empty.
+    async fn catch_up_once(&self, hold: bool) -> Result<CatchUp> {
         let (db, url) = self.shop(PRODUCTS).await?;
         let (sink, _) = self.redis().await?;
         let client = connect(&url).await?;
         client.batch_execute("TRUNCATE pgfresh.changes").await?;
+        let holder = connect(&url).await?;
+        if hold {
+            holder
+                .batch_execute(
+                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM products",
+                )
+                .await?;
+        }
         for _ in 0..5 {
             client
                 .batch_execute("UPDATE products SET price_cents = price_cents + 1")
@@ -734,13 +776,14 @@ impl Bench {
         let elapsed = started.elapsed();
         listener.stop().await?;
         let cost = CpuSample::now(&self.redis_url).await?.since(before);
-        println!(
-            "catch-up: {queued} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s; {}",
-            elapsed.as_secs_f64(),
-            queued as f64 / elapsed.as_secs_f64(),
-            cost.per_thousand(queued as f64, "changes")
-        );
-        Ok(())
+        if hold {
+            holder.batch_execute("COMMIT").await?;
+        }
+        Ok(CatchUp {
+            queued,
+            elapsed,
+            cost,
+        })
     }
 }
 
