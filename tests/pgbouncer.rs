@@ -342,3 +342,32 @@ async fn claims_through_the_pooler_run_with_pgfresh_s_settings_set_in_the_transa
     drop(bouncer);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_session_url_that_cannot_be_reached_is_the_one_named() {
+    let env = TestEnv::shop(2).await;
+    let redis = TempRedis::start();
+    let logs = tempfile_dir(&format!("{}-session", env.name));
+    let log = logs.join("listener.log");
+    let unreachable = format!(
+        "postgres://postgres:hunter2@127.0.0.1:{}/{}",
+        common::servers::free_port(),
+        env.name
+    );
+    let child = listener(&env.url, &redis.url(), Some(&unreachable), &log);
+    let shown = unreachable.replace(":hunter2", "");
+    eventually(
+        "the listener to name the session URL it cannot reach",
+        || async {
+            std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains(&format!("cannot connect to PostgreSQL at {shown}"))
+        },
+    )
+    .await;
+    assert!(stop(child).await, "the listener exits cleanly");
+    let said = std::fs::read_to_string(&log).unwrap();
+    assert!(!said.contains("hunter2"), "{said}");
+    let _ = std::fs::remove_dir_all(&logs);
+    env.cleanup().await;
+}

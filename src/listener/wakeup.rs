@@ -112,7 +112,7 @@ impl Wakeup {
         let (pongs, pong_received) = mpsc::unbounded_channel::<()>();
         // The connection half must be polled for the client to make progress and for notifications
         // to arrive; it runs until the session breaks or the client is dropped.
-        let (wake, url) = (self.wake.clone(), self.db.url().to_string());
+        let (wake, url) = (self.wake.clone(), self.db.listen_url().to_string());
         let delivering = deliver(&mut connection, &ping, &pongs, &wake, &url);
         tokio::select! {
             error = delivering => Err(error),
@@ -146,7 +146,7 @@ impl Wakeup {
                 Ok(result) => result?,
                 Err(_) => {
                     return Err(Error::PostgresConnect {
-                        url: self.db.url().to_string(),
+                        url: self.db.listen_url().to_string(),
                         reason: format!(
                             "LISTEN session did not deliver its own ping within {PING_TIMEOUT:?}"
                         ),

@@ -49,7 +49,7 @@ pub struct Database {
     /// Whether PostgreSQL is reached through a transaction pooler, found on the first connection.
     pooler: Arc<tokio::sync::OnceCell<bool>>,
     /// A direct connection for what needs a session of its own (`LISTEN`), when given.
-    session: Option<Config>,
+    session: Option<SessionServer>,
     connector: MakeRustlsConnect,
     /// A hot standby for loads, when given.
     standby: Option<Arc<Standby>>,
@@ -173,8 +173,12 @@ impl Database {
     /// a session of its own: the listener's `LISTEN`, when the main URL leads through a transaction
     /// pooler that would hand each notification to whichever client it serves next.
     pub fn with_session_url(mut self, url: &str, environment: &Environment) -> Result<Self, Error> {
-        let (config, _, _) = other_server(url, environment)?;
-        self.session = Some(with_options(&config, "", PINNED_OPTIONS));
+        let (config, url, connector) = other_server(url, environment)?;
+        self.session = Some(SessionServer {
+            config: with_options(&config, "", PINNED_OPTIONS),
+            url,
+            connector,
+        });
         Ok(self)
     }
 
@@ -342,12 +346,23 @@ impl Database {
         ),
         Error,
     > {
-        let mut config = self.session.clone().unwrap_or_else(|| self.config.clone());
+        let (mut config, connector) = match &self.session {
+            Some(session) => (session.config.clone(), session.connector.clone()),
+            None => (self.config.clone(), self.connector.clone()),
+        };
         config.application_name(application_name);
         config
-            .connect(self.connector.clone())
+            .connect(connector)
             .await
-            .map_err(|e| self.connect_error(&e))
+            .map_err(|e| connect_error(self.listen_url(), &e))
+    }
+
+    /// Where [`Database::connect_raw`] connects, password removed, for messages: the session URL
+    /// when one was given.
+    pub(crate) fn listen_url(&self) -> &str {
+        self.session
+            .as_ref()
+            .map_or(self.url.as_str(), |session| session.url.as_str())
     }
 
     /// Fails with a clear message unless PostgreSQL answers.
@@ -357,13 +372,18 @@ impl Database {
     }
 
     fn connect_error(&self, error: &tokio_postgres::Error) -> Error {
-        let url = self.url.clone();
-        let reason = crate::error::describe_postgres(error);
-        if reason.contains("invalid peer certificate") {
-            Error::PostgresCertificate { url, reason }
-        } else {
-            Error::PostgresConnect { url, reason }
-        }
+        connect_error(&self.url, error)
+    }
+}
+
+/// A failed connection to the server at `url` (password removed), in one line.
+fn connect_error(url: &str, error: &tokio_postgres::Error) -> Error {
+    let url = url.to_string();
+    let reason = crate::error::describe_postgres(error);
+    if reason.contains("invalid peer certificate") {
+        Error::PostgresCertificate { url, reason }
+    } else {
+        Error::PostgresConnect { url, reason }
     }
 }
 
@@ -413,6 +433,15 @@ fn with_options(config: &Config, before: &str, after: &str) -> Config {
     let mut config = config.clone();
     config.options(options.join(" "));
     config
+}
+
+/// The direct connection given for what needs a session of its own, with its own TLS settings.
+#[derive(Clone)]
+struct SessionServer {
+    config: Config,
+    /// Password removed, for messages.
+    url: String,
+    connector: MakeRustlsConnect,
 }
 
 /// Another server's connection string (the session URL, the standby), read as the main one is:
