@@ -24,6 +24,10 @@ pub(crate) enum Writes {
     /// no value sent) and reported in [`Refreshed::held`]; the rest go through the checked script
     /// (the sweep).
     SkipHeld,
+    /// Every write checked, and no delete: an on-demand render of a miss. Redis holds nothing to
+    /// delete there, and the delete's ticket (kept a day, so that no older render brings the entry
+    /// back) would let any client that asks for keys with no row grow Redis.
+    NoDeletes,
 }
 
 /// The result of refreshing a batch of keys of one fragment.
@@ -78,10 +82,15 @@ pub(crate) async fn refresh(
     };
     crate::ops::telemetry::loaded(fragment.name(), rendered.load_time);
     crate::ops::telemetry::rendered(fragment.name(), rendered.render_time);
-    let planned = plan_writes(fragment.storage(), rendered.outcomes);
+    let mut planned = plan_writes(fragment.storage(), rendered.outcomes);
+    if writes == Writes::NoDeletes {
+        planned.drop_deletes();
+    }
     let rendered_at = started.elapsed();
     let (results, held) = match writes {
-        Writes::AllChecked => (store.write(ticket, &planned.writes).await?, Vec::new()),
+        Writes::AllChecked | Writes::NoDeletes => {
+            (store.write(ticket, &planned.writes).await?, Vec::new())
+        }
         Writes::SkipHeld => write_unless_held(store, ticket, &planned.writes).await?,
     };
     let write_time = started.elapsed() - rendered_at;
@@ -146,6 +155,19 @@ struct PlannedWrites {
     /// For each key, the index whose outcome it shares (itself, or an earlier spelling of it).
     same_as: Vec<usize>,
     refreshed: Refreshed,
+}
+
+impl PlannedWrites {
+    /// Leaves out the deletes (and their owners, kept beside them).
+    fn drop_deletes(&mut self) {
+        let (writes, owners) = std::mem::take(&mut self.writes)
+            .into_iter()
+            .zip(std::mem::take(&mut self.owners))
+            .filter(|(write, _)| !matches!(write, Write::Delete { .. }))
+            .unzip();
+        self.writes = writes;
+        self.owners = owners;
+    }
 }
 
 fn plan_writes(storage: &Storage, outcomes: Vec<KeyOutcome>) -> PlannedWrites {

@@ -92,11 +92,17 @@ async fn a_miss_is_rendered_on_demand_stored_and_then_answered_from_redis() {
     assert_eq!(counted(http, "answered from Redis").await, 1);
     assert_eq!(counted(http, "renders on demand").await, 1);
 
-    // A key whose row does not exist: 404, nothing stored.
+    // A key whose row does not exist: 404, nothing stored, not even a delete's ticket (kept a day)
+    // for any of its variants: a client asking for ids with no row cannot grow Redis.
     let missing = env.key(999, "full");
     let (status, _, body) = get(serve, &missing).await;
     assert_eq!(status, 404, "{body}");
     assert_eq!(env.get(&missing).await, None);
+    let mut redis = env.sink.connection();
+    let left: Vec<String> = common::test_keys(&mut redis, &format!("{}999:", env.prefix))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
 
     // Keys no fragment owns or that do not parse: 400 with one line saying why.
     for (bad, why) in [

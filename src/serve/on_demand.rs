@@ -102,6 +102,7 @@ impl OnDemand {
         self.counts.renders.fetch_add(1, Ordering::Relaxed);
         crate::ops::telemetry::serve_render();
         let this = self.clone();
+        let fresh = shared_as.is_none();
         let task = tokio::spawn(async move {
             // Leaves the map however the task ends, a panic included: a finished render left there
             // would answer every later miss of its key.
@@ -109,7 +110,7 @@ impl OnDemand {
                 on_demand: this.clone(),
                 name: shared_as,
             };
-            let rendered = this.render_now(fragment.as_ref(), key).await;
+            let rendered = this.render_now(fragment.as_ref(), key, fresh).await;
             drop(permit);
             rendered
         });
@@ -123,7 +124,7 @@ impl OnDemand {
 
     /// Takes a ticket, loads (on the standby once it has replayed what the primary had written by
     /// then, as a batch does), renders and writes every variant of `key`.
-    async fn render_now(&self, fragment: &dyn DynFragment, key: String) -> Rendered {
+    async fn render_now(&self, fragment: &dyn DynFragment, key: String, fresh: bool) -> Rendered {
         let shared = &self.context;
         let unreachable = |error: crate::Error| Rendered::Unreachable(error.to_string());
         let primary = match shared.db.pinned().await {
@@ -149,7 +150,13 @@ impl OnDemand {
             fragment,
             &keys,
             ticket,
-            Writes::AllChecked,
+            // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a
+            // row since deleted: that one goes.
+            if fresh {
+                Writes::AllChecked
+            } else {
+                Writes::NoDeletes
+            },
         )
         .await
         {
