@@ -6,7 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::servers::{Stopped, TempRedis};
-use common::{AlteredCard, TestEnv, eventually, test_settings, tweak};
+use common::{AlteredCard, TestEnv, eventually, eventually_after, test_settings, tweak};
 use pgfresh::Fragments;
 use pgfresh::ListenSettings;
 
@@ -667,9 +667,11 @@ async fn a_newer_listener_that_stops_heartbeating_is_given_up_and_the_old_markup
     // The new listener dies without deregistering (its host is gone): its registry row stays, and
     // only its silence (15 s without a heartbeat) tells the old one it is gone.
     new.task.abort();
-    eventually("the old markup to come back", || async {
-        !all_v2(&env, 3).await
-    })
+    eventually_after(
+        Duration::from_secs(15),
+        "the old markup to come back",
+        || async { !all_v2(&env, 3).await },
+    )
     .await;
     for id in 1..=3 {
         env.wait_fresh(id).await;
@@ -696,7 +698,10 @@ async fn a_newer_listener_waits_for_older_ones_to_stand_aside_before_it_sweeps()
         Fragments::new().with(&env.prefix, v2_card()),
         test_settings(),
     );
-    eventually("the new markup everywhere", || all_v2(&env, 2)).await;
+    eventually_after(Duration::from_secs(10), "the new markup everywhere", || {
+        all_v2(&env, 2)
+    })
+    .await;
     // It waited (up to 10 s) for the old one to stand aside before sweeping its markup in.
     assert!(
         started.elapsed() >= Duration::from_secs(9),

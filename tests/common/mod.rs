@@ -495,12 +495,22 @@ impl RunningListener {
 }
 
 /// Polls `condition` every 20 ms until it holds; fails the test after [`PATIENCE`].
-pub async fn eventually<F, Fut>(what: &str, mut condition: F)
+pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let deadline = Instant::now() + PATIENCE;
+    eventually_after(Duration::ZERO, what, condition).await
+}
+
+/// Like [`eventually`], for a condition that cannot hold before `wait` has passed (a timeout of
+/// pgfresh's own): the patience starts after it.
+pub async fn eventually_after<F, Fut>(wait: Duration, what: &str, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + wait + PATIENCE;
     while !condition().await {
         assert!(Instant::now() < deadline, "timed out waiting for {what}");
         tokio::time::sleep(Duration::from_millis(20)).await;
