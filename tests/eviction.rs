@@ -6,7 +6,7 @@ mod common;
 use common::servers::BoundedOutput;
 
 use common::servers::TempRedis;
-use common::{AlteredCard, SharedCard, TestEnv, eventually, shop_binary, test_settings};
+use common::{AlteredCard, SharedFragment, TestEnv, eventually, shop_binary, test_settings};
 use pgfresh::Eviction;
 use pgfresh::Fragments;
 
@@ -26,21 +26,16 @@ async fn a_render_that_finds_its_ticket_evicted_is_done_again_so_an_older_render
     let db = env.client().await;
 
     // A slow listener claims the change to "Old", reads its rows and stalls.
-    let (release, gate) = tokio::sync::oneshot::channel();
-    let slow_card = AlteredCard {
-        gate: std::sync::Mutex::new(Some(gate)),
-        ..AlteredCard::new("product_card", 1)
-    };
-    let gate_taken = std::sync::Arc::new(slow_card);
+    let (gate_taken, release) = AlteredCard::stalling();
     let slow = env.start_listener_with(
-        Fragments::new().with(&env.prefix, SharedCard(gate_taken.clone())),
+        Fragments::new().with(&env.prefix, SharedFragment(gate_taken.clone())),
         test_settings(),
     );
     db.batch_execute("UPDATE products SET name = 'Old' WHERE id = 1")
         .await
         .unwrap();
     eventually("the slow listener to have read its rows", || async {
-        gate_taken.gate.lock().unwrap().is_none()
+        gate_taken.gate_taken()
     })
     .await;
 

@@ -183,13 +183,12 @@ async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
     let env = TestEnv::shop(50).await;
     let settings = tweak(test_settings(), |s| s.batch_size = 7);
     // The first listener claims a batch and stalls in it: the others must take the rest.
-    let (release, gate) = tokio::sync::oneshot::channel();
-    let stalling = AlteredCard {
-        gate: std::sync::Mutex::new(Some(gate)),
-        ..AlteredCard::new("product_card", 1)
-    };
+    let (stalling, release) = AlteredCard::stalling();
     let one_worker = tweak(settings.clone(), |s| s.workers = 1);
-    let first = env.start_listener_with(Fragments::new().with(&env.prefix, stalling), one_worker);
+    let first = env.start_listener_with(
+        Fragments::new().with(&env.prefix, common::SharedFragment(stalling)),
+        one_worker,
+    );
     let db = env.client().await;
     db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
         .await
@@ -595,18 +594,14 @@ async fn in_a_rolling_deploy_the_old_listener_stands_aside_until_the_new_one_is_
 async fn a_slow_batch_of_old_data_landing_after_a_newer_batch_is_refused() {
     let env = TestEnv::shop(2).await;
     // One listener claims the change to "Old", reads its rows and stalls before writing.
-    let (release, gate) = tokio::sync::oneshot::channel();
-    let stalling = std::sync::Arc::new(AlteredCard {
-        gate: std::sync::Mutex::new(Some(gate)),
-        ..AlteredCard::new("product_card", 1)
-    });
+    let (stalling, release) = AlteredCard::stalling();
     let slow = env.start_listener_with(
-        Fragments::new().with(&env.prefix, common::SharedCard(stalling.clone())),
+        Fragments::new().with(&env.prefix, common::SharedFragment(stalling.clone())),
         test_settings(),
     );
     rename(&env, 1, "Old").await;
     eventually("the slow listener to have read its rows", || async {
-        stalling.gate.lock().unwrap().is_none()
+        stalling.gate_taken()
     })
     .await;
     // Another applies the newer change meanwhile.

@@ -6,10 +6,12 @@
 mod common;
 
 use common::cli::{assert_one_clear_error, run};
-use common::gated::GatedCard;
 use common::product_card::ProductCard;
 use common::servers::{TempPostgres, TempRedis, free_port, http_get, http_get_with};
-use common::{RunningListener, TestEnv, eventually, shop_binary, test_settings, tweak};
+use common::{
+    AlteredCard, RunningListener, SharedFragment, TestEnv, eventually, shop_binary, test_settings,
+    tweak,
+};
 use pgfresh::{Database, Fragments, RedisStore, Shutdown};
 
 /// A listener serving `/fragments` (and its status page) on free ports, with `fragments`.
@@ -157,18 +159,19 @@ async fn fresh_renders_the_committed_change_even_when_redis_holds_the_entry() {
 #[tokio::test]
 async fn an_older_on_demand_render_never_overwrites_a_newer_one() {
     let env = TestEnv::shop(3).await;
-    let card = GatedCard::default();
-    let gate = card.gate.clone();
-    let (listener, serve, _) =
-        serving(&env, Fragments::new().with(&env.prefix, card), |_| {}).await;
+    let (card, open) = AlteredCard::stalling();
+    let fragments = Fragments::new().with(&env.prefix, SharedFragment(card.clone()));
+    let (listener, serve, _) = serving(&env, fragments, |_| {}).await;
     let key = env.key(1, "full");
-    // The on-demand render takes its ticket and its snapshot, and waits.
-    gate.arm();
+    // The on-demand render takes its ticket, reads its rows, and waits.
     let request = tokio::spawn({
         let key = key.clone();
         async move { get(serve, &key).await }
     });
-    gate.reached().await;
+    eventually("the render to have read its rows", || async {
+        card.gate_taken()
+    })
+    .await;
     // Meanwhile the price changes, and the listener renders the change under a newer ticket.
     set_price(&env, 1, 515_151).await;
     eventually("the listener's newer render", || async {
@@ -179,7 +182,7 @@ async fn an_older_on_demand_render_never_overwrites_a_newer_one() {
     .await;
     // The older render goes on with the rows it saw: its write is refused, and the answer is
     // what Redis holds, the newer render.
-    gate.open();
+    open.send(()).unwrap();
     let (status, _, body) = request.await.unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(
@@ -197,19 +200,18 @@ async fn an_older_on_demand_render_never_overwrites_a_newer_one() {
 #[tokio::test]
 async fn too_many_renders_in_flight_are_refused_and_concurrent_misses_share_one_render() {
     let env = TestEnv::shop(3).await;
-    let card = GatedCard::default();
-    let gate = card.gate.clone();
-    let (listener, serve, http) = serving(&env, Fragments::new().with(&env.prefix, card), |s| {
-        s.serve_max_pending = 1
-    })
-    .await;
+    let (card, open) = AlteredCard::stalling();
+    let fragments = Fragments::new().with(&env.prefix, SharedFragment(card.clone()));
+    let (listener, serve, http) = serving(&env, fragments, |s| s.serve_max_pending = 1).await;
     let held = env.key(1, "full");
-    gate.arm();
     let first = tokio::spawn({
         let held = held.clone();
         async move { get(serve, &held).await }
     });
-    gate.reached().await;
+    eventually("the render to have read its rows", || async {
+        card.gate_taken()
+    })
+    .await;
     // Concurrent misses of the same key (another variant included) wait for that render...
     let mut waiting = Vec::new();
     for variant in ["full", "compact", "full"] {
@@ -224,7 +226,7 @@ async fn too_many_renders_in_flight_are_refused_and_concurrent_misses_share_one_
     let (status, _, body) = get(serve, &env.key(2, "full")).await;
     assert_eq!(status, 429, "{body}");
     assert!(body.contains("--serve-max-pending"), "{body}");
-    gate.open();
+    open.send(()).unwrap();
     let (status, _, first) = first.await.unwrap();
     assert_eq!(status, 200);
     for (joined, variant) in waiting.into_iter().zip(["full", "compact", "full"]) {

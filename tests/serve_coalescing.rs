@@ -4,19 +4,18 @@
 mod common;
 
 use common::TestEnv;
-use common::gated::GatedCard;
 use common::servers::{free_port, http_get, http_get_with, metric};
-use common::{eventually, test_settings, tweak};
+use common::{AlteredCard, SharedFragment, eventually, test_settings, tweak};
 use pgfresh::Fragments;
 
 #[tokio::test]
 async fn a_hundred_concurrent_misses_of_one_key_cause_one_render() {
     let env = TestEnv::shop(3).await;
-    let card = GatedCard::default();
-    let gate = card.gate.clone();
+    // The render is held after reading its rows until every request waits for it.
+    let (card, open) = AlteredCard::stalling();
     let (serve, http) = (free_port(), free_port());
     let listener = env.start_listener_with(
-        Fragments::new().with(&env.prefix, card),
+        Fragments::new().with(&env.prefix, SharedFragment(card.clone())),
         tweak(test_settings(), |s| {
             s.serve = Some(format!("127.0.0.1:{serve}"));
             s.http = Some(format!("127.0.0.1:{http}"));
@@ -27,14 +26,15 @@ async fn a_hundred_concurrent_misses_of_one_key_cause_one_render() {
     })
     .await;
     let path = format!("/fragments/{}", env.key(2, "full"));
-    // The render is held until every request waits for it.
-    gate.arm();
     let mut requests = tokio::task::JoinSet::new();
     for _ in 0..100 {
         let path = path.clone();
         requests.spawn(async move { http_get_with(serve, &path, &[]).await });
     }
-    gate.reached().await;
+    eventually("the render to have read its rows", || async {
+        card.gate_taken()
+    })
+    .await;
     eventually("99 requests to wait for the render in flight", || async {
         metric(
             &http_get(http, "/metrics").await.1,
@@ -42,7 +42,7 @@ async fn a_hundred_concurrent_misses_of_one_key_cause_one_render() {
         ) == 99.0
     })
     .await;
-    gate.open();
+    open.send(()).unwrap();
     let expected = env.fresh_render(2, "full").await.unwrap();
     while let Some(answer) = requests.join_next().await {
         let (status, _, body) = answer.unwrap();

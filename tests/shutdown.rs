@@ -4,22 +4,16 @@
 
 mod common;
 
-use std::sync::{Arc, Mutex};
-
-use common::{AlteredCard, SharedCard, TestEnv, eventually, test_settings};
+use common::{AlteredCard, SharedFragment, TestEnv, eventually, test_settings};
 use pgfresh::Fragments;
 
 #[tokio::test]
 async fn a_batch_in_hand_at_shutdown_finishes_before_the_listener_returns() {
     let env = TestEnv::shop(3).await;
     // The listener claims the change, reads its rows and stalls before writing.
-    let (release, gate) = tokio::sync::oneshot::channel();
-    let stalling = Arc::new(AlteredCard {
-        gate: Mutex::new(Some(gate)),
-        ..AlteredCard::new("product_card", 1)
-    });
+    let (stalling, release) = AlteredCard::stalling();
     let listener = env.start_listener_with(
-        Fragments::new().with(&env.prefix, SharedCard(stalling.clone())),
+        Fragments::new().with(&env.prefix, SharedFragment(stalling.clone())),
         test_settings(),
     );
     env.client()
@@ -28,7 +22,7 @@ async fn a_batch_in_hand_at_shutdown_finishes_before_the_listener_returns() {
         .await
         .unwrap();
     eventually("the listener to have read its rows", || async {
-        stalling.gate.lock().unwrap().is_none()
+        stalling.gate_taken()
     })
     .await;
 

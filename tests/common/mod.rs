@@ -7,7 +7,6 @@
 #![allow(dead_code)]
 
 pub mod cli;
-pub mod gated;
 #[path = "../../examples/shop/product_card.rs"]
 pub mod product_card;
 pub mod servers;
@@ -591,6 +590,25 @@ impl AlteredCard {
             gate: std::sync::Mutex::new(None),
         }
     }
+
+    /// The shop's own card, whose first load stalls after reading its rows until the returned
+    /// sender fires (register it as a [`SharedFragment`] to watch [`AlteredCard::gate_taken`]).
+    pub fn stalling() -> (
+        std::sync::Arc<AlteredCard>,
+        tokio::sync::oneshot::Sender<()>,
+    ) {
+        let (open, gate) = tokio::sync::oneshot::channel();
+        let card = AlteredCard {
+            gate: std::sync::Mutex::new(Some(gate)),
+            ..AlteredCard::new("product_card", 1)
+        };
+        (std::sync::Arc::new(card), open)
+    }
+
+    /// Whether a load has read its rows and taken the gate.
+    pub fn gate_taken(&self) -> bool {
+        self.gate.lock().unwrap().is_none()
+    }
 }
 
 impl Fragment for AlteredCard {
@@ -625,43 +643,6 @@ impl Fragment for AlteredCard {
         limit: i64,
     ) -> Result<Vec<i64>, tokio_postgres::Error> {
         ProductCard.keys_after(db, after, limit).await
-    }
-}
-
-/// An [`AlteredCard`] shared with the test, so that it can see when the gate was taken.
-pub struct SharedCard(pub std::sync::Arc<AlteredCard>);
-
-impl pgfresh::Fragment for SharedCard {
-    type Key = i64;
-    type Row = product_card::Product;
-    type Variant = Card;
-    type Error = tokio_postgres::Error;
-    fn name(&self) -> &str {
-        self.0.name()
-    }
-    fn topics(&self) -> pgfresh::Topics {
-        self.0.topics()
-    }
-    fn version(&self) -> u32 {
-        self.0.version()
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::Loaded<Self> {
-        self.0.load(db, keys).await
-    }
-    fn render(&self, key: &i64, row: &Self::Row, variant: Card) -> maud::Markup {
-        self.0.render(key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        self.0.keys_after(db, after, limit).await
     }
 }
 
