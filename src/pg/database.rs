@@ -204,6 +204,14 @@ impl Database {
         self.standby.clone()
     }
 
+    /// A render ticket, then a session for loads under it ([`Database::loads`]): what a sweep page
+    /// and an on-demand render start with. The primary's session is held for those two alone.
+    pub(crate) async fn ticket_and_loads(&self) -> Result<(i64, deadpool_postgres::Object), Error> {
+        let primary = self.pinned().await?;
+        let ticket = super::queue::take_ticket(&primary).await?;
+        Ok((ticket, self.loads(&primary).await?))
+    }
+
     /// A session for a batch's (or a sweep page's) loads, with your settings: on the standby when
     /// one was given and it has replayed every commit the primary had made when this is called
     /// (`primary`, a session on the primary, after the caller took its ticket), on the primary

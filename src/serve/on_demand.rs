@@ -16,8 +16,8 @@ use tokio::sync::Semaphore;
 use super::Context;
 use crate::fragment::{DynFragment, UserClient};
 use crate::ops::board::ServeCounts;
-use crate::pg::queue::{requeue, take_ticket};
-use crate::refresh::{REDIS_REFUSED, Writes, refresh};
+use crate::pg::queue::requeue;
+use crate::refresh::{REDIS_REFUSED, Refreshed, Writes, refresh};
 
 /// How an on-demand render ended.
 #[derive(Clone, Debug)]
@@ -122,48 +122,14 @@ impl OnDemand {
         .shared()
     }
 
-    /// Takes a ticket, loads (on the standby once it has replayed what the primary had written by
-    /// then, as a batch does), renders and writes every variant of `key`.
+    /// Renders and writes every variant of `key`, and says how that went.
     async fn render_now(&self, fragment: &dyn DynFragment, key: String, fresh: bool) -> Rendered {
         let shared = &self.context;
-        let unreachable = |error: crate::Error| Rendered::Unreachable(error.to_string());
-        let primary = match shared.db.pinned().await {
-            Ok(primary) => primary,
-            Err(error) => return unreachable(error),
-        };
-        let ticket = match take_ticket(&primary).await {
-            Ok(ticket) => ticket,
-            Err(error) => return unreachable(error),
-        };
-        let session = match shared.db.loads(&primary).await {
-            Ok(session) => session,
-            Err(error) => return unreachable(error),
-        };
-        let loader = match UserClient::of(&shared.db, &session).await {
-            Ok(loader) => loader,
-            Err(error) => return unreachable(error),
-        };
         let keys = [key];
-        let refreshed = match refresh(
-            loader,
-            &shared.store,
-            fragment,
-            &keys,
-            ticket,
-            // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a
-            // row since deleted: that one goes.
-            if fresh {
-                Writes::AllChecked
-            } else {
-                Writes::NoDeletes
-            },
-        )
-        .await
-        {
+        let refreshed = match self.write_render(fragment, &keys, fresh).await {
             Ok(refreshed) => refreshed,
-            Err(error) => return unreachable(error),
+            Err(error) => return Rendered::Unreachable(error.to_string()),
         };
-        drop(session);
         shared.board.refreshed(fragment.name(), refreshed.stats);
         if let Some((_, reason)) = refreshed.failed.first().or(refreshed.unresolved.first()) {
             if reason.starts_with(REDIS_REFUSED) {
@@ -174,12 +140,36 @@ impl OnDemand {
         }
         // Written without a ticket to check against (Redis may evict keys): rendered once more by
         // the listener, as a batch's would be.
-        if !refreshed.unchecked.is_empty()
-            && let Err(error) = requeue(&primary, fragment.own_topic(), &keys, &[None]).await
-        {
-            return unreachable(error);
+        if !refreshed.unchecked.is_empty() {
+            let requeued = match shared.db.pinned().await {
+                Ok(primary) => requeue(&primary, fragment.own_topic(), &keys, &[None]).await,
+                Err(error) => Err(error),
+            };
+            if let Err(error) = requeued {
+                return Rendered::Unreachable(error.to_string());
+            }
         }
         Rendered::Done
+    }
+
+    /// Takes a ticket, loads (on the standby once it has replayed what the primary had written by
+    /// then, as a batch does), renders and writes through the checked write.
+    async fn write_render(
+        &self,
+        fragment: &dyn DynFragment,
+        keys: &[String],
+        fresh: bool,
+    ) -> Result<Refreshed, crate::Error> {
+        let db = &self.context.db;
+        let (ticket, session) = db.ticket_and_loads().await?;
+        let loader = UserClient::of(db, &session).await?;
+        // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a row
+        // since deleted: that one goes.
+        let writes = match fresh {
+            true => Writes::AllChecked,
+            false => Writes::NoDeletes,
+        };
+        refresh(loader, &self.context.store, fragment, keys, ticket, writes).await
     }
 }
 

@@ -10,7 +10,6 @@ use super::{Progress, SweepReport};
 use crate::fragment::DynFragment;
 use crate::fragment::UserClient;
 use crate::pg::Database;
-use crate::pg::queue::take_ticket;
 use crate::refresh::{Writes, refresh};
 use crate::stats::RefreshStats;
 use crate::store::RedisStore;
@@ -26,12 +25,10 @@ pub(super) async fn sweep_page(
     let failed_page = |error: String| (keys.len() as u64, error);
     // Loads on the standby, when one was given and has replayed what the primary had written once
     // the ticket was taken.
-    let ticketed = async {
-        let primary = db.pinned().await?;
-        let ticket = take_ticket(&primary).await?;
-        Ok::<_, crate::Error>((ticket, db.loads(&primary).await?))
-    };
-    let (ticket, session) = ticketed.await.map_err(|e| failed_page(e.to_string()))?;
+    let (ticket, session) = db
+        .ticket_and_loads()
+        .await
+        .map_err(|e| failed_page(e.to_string()))?;
     let loader = UserClient::of(&db, &session)
         .await
         .map_err(|e| failed_page(e.to_string()))?;
