@@ -574,7 +574,8 @@ impl Bench {
                 None
             };
             let started = (cpu_time(), Instant::now());
-            let rounds = interleave_captures(&client, &url, &script, &self.redis_url).await?;
+            let rounds =
+                interleave_captures(&client, &url, &script, &self.redis_url, with_listener).await?;
             let listener_share =
                 (cpu_time() - started.0).as_secs_f64() / started.1.elapsed().as_secs_f64();
             client
@@ -990,22 +991,29 @@ fn joined(figures: &[f64], decimals: usize) -> String {
 }
 
 /// Three rounds of the captures in [`CAPTURES`], rotated each round so that drift on a noisy
-/// machine hits them all alike.
+/// machine hits them all alike. With a listener draining, each switch waits for the queue to be
+/// empty first: dropping a trigger locks `products` until its transaction ends, and a batch still
+/// loading products, whose rows the `TRUNCATE` then waited for, would wait on that lock for ever (in
+/// the listener, where PostgreSQL cannot see it as a deadlock). Each statement commits on its own.
 async fn interleave_captures(
     client: &tokio_postgres::Client,
     url: &str,
     script: &std::path::Path,
     redis_url: &str,
+    draining: bool,
 ) -> Result<Vec<CaptureRuns>> {
     let mut runs: Vec<CaptureRuns> = CAPTURES.iter().map(|_| CaptureRuns::default()).collect();
     for round in 0..3 {
         for step in 0..CAPTURES.len() {
             let variant = (step + round) % CAPTURES.len();
+            if draining {
+                wait_for_empty_queue(client).await?;
+            }
+            client.batch_execute(NO_CAPTURE).await?;
             client
-                .batch_execute(&format!(
-                    "{NO_CAPTURE} TRUNCATE pgfresh.changes, pgfresh_bench.plain_queue; CHECKPOINT;"
-                ))
+                .batch_execute("TRUNCATE pgfresh.changes, pgfresh_bench.plain_queue")
                 .await?;
+            client.batch_execute("CHECKPOINT").await?;
             client
                 .batch_execute(match variant {
                     0 => "",
