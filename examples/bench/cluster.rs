@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use pgfresh::Database;
 use pgfresh::RedisStore;
-use pgfresh::Shutdown;
-use pgfresh::SweepSettings;
 
 use crate::cost::CpuSample;
-use crate::scenarios::{Bench, PRODUCTS, fragments};
+use crate::scenarios::{Bench, PRODUCTS, sweep_all};
 
 /// Three `redis-server --cluster-enabled yes` processes joined into one cluster; killed on drop.
 struct ThrowawayCluster {
@@ -126,17 +124,7 @@ async fn two_sweeps(
     let mut runs = [(0.0, String::new()), (0.0, String::new())];
     for run in &mut runs {
         let before = CpuSample::across(redis_urls).await?;
-        let report = pgfresh::sweep(
-            db,
-            sink,
-            &fragments(),
-            &SweepSettings::default(),
-            &Shutdown::new(),
-        )
-        .await?;
-        if !report.succeeded() {
-            bail!("{report}");
-        }
+        let report = sweep_all(db, sink).await?;
         let cost = CpuSample::across(redis_urls).await?.since(before);
         let rendered = report.stats.rendered as f64;
         *run = (

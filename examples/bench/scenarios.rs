@@ -74,6 +74,23 @@ fn cpu_time() -> Duration {
     Duration::from_millis(ticks * 10)
 }
 
+/// One complete sweep of the shop's fragments with the default settings; fails unless every key
+/// was refreshed.
+pub(crate) async fn sweep_all(db: &Database, sink: &RedisStore) -> Result<pgfresh::SweepReport> {
+    let report = pgfresh::sweep(
+        db,
+        sink,
+        &fragments(),
+        &SweepSettings::default(),
+        &Shutdown::new(),
+    )
+    .await?;
+    if !report.succeeded() {
+        bail!("{report}");
+    }
+    Ok(report)
+}
+
 pub(crate) fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -334,17 +351,7 @@ impl Bench {
     pub async fn sweep_once(&self, products: i64) -> Result<()> {
         let db = Database::new(&self.database_url(&format!("pgfresh_bench_{products}")), 16)?;
         let sink = RedisStore::connect(&self.redis_url).await?;
-        let report = pgfresh::sweep(
-            &db,
-            &sink,
-            &fragments(),
-            &SweepSettings::default(),
-            &Shutdown::new(),
-        )
-        .await?;
-        if !report.succeeded() {
-            bail!("{report}");
-        }
+        let report = sweep_all(&db, &sink).await?;
         println!(
             "{} {} {} {}",
             report.stats.rendered,

@@ -10,10 +10,10 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use pgfresh::{Database, Environment, Shutdown, SweepSettings};
+use pgfresh::{Database, Environment};
 
 use crate::cost::process_cpu;
-use crate::scenarios::{Bench, fragments};
+use crate::scenarios::{Bench, sweep_all};
 
 const PRODUCTS: i64 = 200_000;
 const ROUNDS: usize = 2;
@@ -179,17 +179,7 @@ async fn sweep(
 ) -> Result<(f64, f64, f64)> {
     let (sink, _plain) = bench.redis().await?;
     let (primary_before, standby_before) = (primary.cpu(), standby.cpu());
-    let report = pgfresh::sweep(
-        db,
-        &sink,
-        &fragments(),
-        &SweepSettings::default(),
-        &Shutdown::new(),
-    )
-    .await?;
-    if !report.succeeded() {
-        bail!("{report}");
-    }
+    let report = sweep_all(db, &sink).await?;
     Ok((
         primary.cpu() - primary_before,
         standby.cpu() - standby_before,

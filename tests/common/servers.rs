@@ -63,26 +63,7 @@ impl BoundedOutput for Command {
 /// A plain HTTP/1.1 GET on the loopback interface: the status code and the body; status 0 while
 /// nothing answers.
 pub async fn http_get(port: u16, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n");
-    let mut response = String::new();
-    let exchanged = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(request.as_bytes()).await?;
-        stream.read_to_string(&mut response).await
-    };
-    if exchanged.await.is_err() {
-        return (0, String::new());
-    }
-    let status = response
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = response
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let (status, _, body) = http_get_with(port, path, &[]).await;
     (status, body)
 }
 
