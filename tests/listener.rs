@@ -542,3 +542,45 @@ async fn under_load_the_listener_stops_asking_for_notify_and_asks_again_when_qui
     listener.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn while_one_batch_stalls_a_backlog_is_worked_by_another_worker() {
+    let env = TestEnv::shop(4).await;
+    // Queued before the listener starts: a backlog of four batches of one change each.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Waiting' WHERE id BETWEEN 1 AND 4")
+        .await
+        .unwrap();
+    let (card, release) = common::AlteredCard::stalling();
+    let listener = env.start_listener_with(
+        pgfresh::Fragments::new().with(&env.prefix, common::SharedFragment(card.clone())),
+        tweak(test_settings(), |s| {
+            s.batch_size = 1;
+            s.workers = 2;
+        }),
+    );
+    // The drain starts with one worker; its first claim came back full, which brought in a
+    // second: that one works the rest of the backlog while the first batch stalls.
+    eventually("the first batch to stall", || async { card.gate_taken() }).await;
+    eventually("three of the four products renamed in Redis", || async {
+        let mut renamed = 0;
+        for id in 1..=4 {
+            if env
+                .get(&env.key(id, "compact"))
+                .await
+                .is_some_and(|html| html.contains("<h2>Waiting</h2>"))
+            {
+                renamed += 1;
+            }
+        }
+        renamed == 3
+    })
+    .await;
+    release.send(()).unwrap();
+    for id in 1..=4 {
+        env.wait_fresh(id).await;
+    }
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -6,7 +6,9 @@ mod common;
 use std::time::Duration;
 
 use common::servers::{Stopped, TempRedis};
-use common::{AlteredCard, TestEnv, eventually, eventually_after, test_settings, tweak};
+use common::{
+    AlteredCard, RunningListener, TestEnv, eventually, eventually_after, test_settings, tweak,
+};
 use pgfresh::Fragments;
 use pgfresh::ListenSettings;
 
@@ -87,6 +89,42 @@ async fn terminated_backends_are_replaced_and_changes_keep_flowing() {
     wait_idle(&env, 1).await;
     rename(&env, 2, "Through NOTIFY again").await;
     wait_name(&env, 2, "Through NOTIFY again").await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_claim_prepared_before_a_schema_change_is_prepared_again() {
+    let env = TestEnv::shop(3).await;
+    // Two sessions for pgfresh's own statements (one would not do: a batch and the bookkeeping each
+    // need one), both made to prepare the claim below: a session that had not would prepare it
+    // afresh and hide the fault.
+    let db = pgfresh::Database::new(&env.url, 2).unwrap();
+    let shutdown = pgfresh::Shutdown::new();
+    let settings = tweak(test_settings(), |s| s.workers = 1);
+    let task = tokio::spawn(pgfresh::listen(
+        db,
+        env.sink.clone(),
+        env.fragments(),
+        settings,
+        shutdown.clone(),
+    ));
+    let listener = RunningListener { shutdown, task };
+    for round in 1..=8 {
+        let name = format!("Prepared {round}");
+        rename(&env, 1, &name).await;
+        wait_name(&env, 1, &name).await;
+    }
+    // What an upgrade could do: the claim now returns another type, and PostgreSQL refuses to
+    // run it as prepared ("cached plan must not change result type"). The listener must prepare
+    // it again rather than fail every batch.
+    env.client()
+        .await
+        .batch_execute("ALTER TABLE pgfresh.changes ALTER COLUMN key TYPE varchar")
+        .await
+        .unwrap();
+    rename(&env, 2, "Prepared again").await;
+    wait_name(&env, 2, "Prepared again").await;
     listener.stop().await;
     env.cleanup().await;
 }

@@ -15,6 +15,7 @@ use super::shared::Shared;
 use crate::Error;
 use crate::fragment::UserClient;
 use crate::pg::queue::{self, Claim, Failure};
+use crate::pg::statements::Hot;
 use crate::refresh::{Writes, refresh};
 use crate::stats::RefreshStats;
 
@@ -25,25 +26,39 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
 /// changes it claimed. On an error the transaction rolls back and the batch stays queued as it was,
 /// each change noting the error (without counting an attempt: an outage is not the change's fault),
-/// so that `status` and `pgfresh.changes` say why it waits.
-pub(crate) async fn process(shared: &Shared) -> Result<(usize, RefreshStats), Error> {
+/// so that `status` and `pgfresh.changes` say why it waits. Calls `full` as soon as the claim
+/// comes back full (a backlog waits behind it), before the batch is worked.
+pub(crate) async fn process(
+    shared: &Shared,
+    full: impl FnOnce(),
+) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.pinned().await?;
+    let pooled = shared.db.behind_pooler().await?;
+    // Whatever fails, the next batch prepares its statements anew: one that cannot run any more
+    // (a schema upgrade changed what it returns) must not fail every batch after it.
+    let statements = client.statement_cache.clone();
     let txn = client.transaction().await?;
-    if shared.db.behind_pooler().await? {
+    if pooled {
         // The settings a pooler would not take at connection: set for this transaction alone.
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    let claim = queue::claim_batch(txn.client(), shared.settings.batch_size).await?;
+    let claim = queue::claim_batch(Hot::new(&txn, !pooled), shared.settings.batch_size)
+        .await
+        .inspect_err(|_| statements.clear())?;
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
+    if claimed as i64 >= shared.settings.batch_size {
+        full();
+    }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
     match apply(shared, txn, claim, started).await {
         Ok(stats) => Ok((claimed, stats)),
         Err(error) => {
+            statements.clear();
             queue::note_error(&client, &ids, &error.to_string()).await;
             Err(error)
         }
@@ -173,7 +188,8 @@ async fn settle(
         plan.deferred.len(),
         failures.len(),
     );
-    queue::complete(txn.client(), &applied).await?;
+    let pooled = shared.db.behind_pooler().await?;
+    queue::complete(Hot::new(txn, !pooled), &applied).await?;
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     queue::retry_apart(txn.client(), &unresolved).await?;

@@ -201,34 +201,36 @@ impl ChangeRate {
     }
 }
 
-/// Works through the queue with `workers` concurrent batches until a claim comes back short.
+/// Works through the queue until a claim comes back short, with one batch at a time to start and
+/// up to `--workers` at once while claims come back full. At low rates a wake-up brings a change
+/// or two, which the first claim takes: a second worker started with it would only open a
+/// transaction to find nothing (half of all claims at 100 changes per second). A full claim says
+/// there is a backlog, and brings in one more worker.
 async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
+    let most = shared.settings.workers.max(1);
+    let (backlog, mut backlogs) = tokio::sync::mpsc::unbounded_channel::<()>();
     let mut workers = JoinSet::new();
-    for _ in 0..shared.settings.workers.max(1) {
-        let shared = shared.clone();
-        workers.spawn(async move {
-            let mut drained = Drained::default();
-            while !shared.shutdown.is_cancelled() && !shared.stand_aside.requested() {
-                let (claimed, stats) = super::batch::process(&shared).await?;
-                drained.changes += claimed as u64;
-                drained.stats += stats;
-                if (claimed as i64) < shared.settings.batch_size {
-                    break;
-                }
-            }
-            Ok::<Drained, Error>(drained)
-        });
-    }
+    workers.spawn(worker(shared.clone(), backlog.clone()));
+    let mut started = 1;
     let mut total = Drained::default();
     let mut first_error = None;
-    while let Some(joined) = workers.join_next().await {
+    loop {
+        let joined = tokio::select! {
+            Some(()) = backlogs.recv(), if started < most => {
+                workers.spawn(worker(shared.clone(), backlog.clone()));
+                started += 1;
+                continue;
+            }
+            joined = workers.join_next() => joined,
+        };
         match joined {
-            Ok(Ok(drained)) => {
+            None => break,
+            Some(Ok(Ok(drained))) => {
                 total.changes += drained.changes;
                 total.stats += drained.stats;
             }
-            Ok(Err(error)) => first_error = first_error.or(Some(error)),
-            Err(join_error) => {
+            Some(Ok(Err(error))) => first_error = first_error.or(Some(error)),
+            Some(Err(join_error)) => {
                 first_error = first_error.or(Some(Error::Internal(format!(
                     "batch worker died: {join_error}"
                 ))))
@@ -239,4 +241,26 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
         Some(error) => Err(error),
         None => Ok(total),
     }
+}
+
+/// One worker of a drain: batch after batch until a claim comes back short, saying so (through
+/// `backlog`) as soon as one comes back full.
+async fn worker(
+    shared: Arc<Shared>,
+    backlog: tokio::sync::mpsc::UnboundedSender<()>,
+) -> Result<Drained, Error> {
+    let mut drained = Drained::default();
+    while !shared.shutdown.is_cancelled() && !shared.stand_aside.requested() {
+        // The drain may be done taking workers in: then nobody listens, and that is fine.
+        let full = || {
+            let _ = backlog.send(());
+        };
+        let (claimed, stats) = super::batch::process(&shared, full).await?;
+        drained.changes += claimed as u64;
+        drained.stats += stats;
+        if (claimed as i64) < shared.settings.batch_size {
+            break;
+        }
+    }
+    Ok(drained)
 }

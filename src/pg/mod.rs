@@ -6,6 +6,7 @@
 //! - `database`: [`Database`], the pool and the dedicated sessions (LISTEN, the sweep lock).
 //! - `schema`: install, upgrade, check and uninstall, from the files in `sql/`.
 //! - `queue`: claim, settle, retry, park and requeue changes; the queue's figures.
+//! - `statements`: the statements of every batch, prepared once where the session allows it.
 //! - `fan_out`: keys of shared rows mapped to fragment keys and queued, inside the claim.
 //! - `snapshot`: what a claim's snapshot saw, for the listener's planning.
 //! - `registry`: the listener registry (idle flag, fragment versions, standing aside, heartbeats).
@@ -23,6 +24,7 @@ pub(crate) mod registry;
 pub(crate) mod schema;
 mod snapshot;
 pub(crate) mod standby;
+pub(crate) mod statements;
 pub(crate) mod sweeps;
 mod tls;
 pub(crate) mod truncations;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
+use super::statements::Hot;
 use crate::Error;
 
 /// One queued change: `key` of `topic` changed in a committed transaction.
@@ -75,14 +76,16 @@ pub(crate) struct QueueStats {
 /// Claims up to `limit` ready changes, skipping rows another transaction holds, and takes one render
 /// ticket. Must run inside a transaction: the row locks last until it ends, and a crash or rollback
 /// leaves the changes queued.
-pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error> {
+pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, Error> {
     // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
     // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
     // renders by the data they saw.
     // A SQL_ASCII database stores any bytes as text, and the server refuses to send text that is
     // not valid in the client's encoding (UTF-8): one such row would fail every claim. There, topic
     // and key come as raw bytes, and a row that is not UTF-8 fails alone.
-    // Typed parameters: parsed, bound and run in one round trip, not prepared first.
+    // The limit is part of the text, not a parameter: prepared once (see `statements`), the
+    // statement keeps one plan, and a plan made for an unknown limit assumes a tenth of the queue
+    // and may sort all of it.
     // Ages come from PostgreSQL's clock alone (the claim's time less the change's), so the
     // listener's clock may differ from the server's without skewing freshness.
     let sql = format!(
@@ -96,10 +99,10 @@ pub(crate) async fn claim_batch(txn: &Client, limit: i64) -> Result<Claim, Error
          FROM pgfresh.changes, encoding
          WHERE retry_at <= now()
          ORDER BY id
-         LIMIT $1
+         LIMIT {limit}
          FOR UPDATE OF changes SKIP LOCKED"
     );
-    let rows = txn.query_typed(&sql, &[(&limit, Type::INT8)]).await?;
+    let rows = txn.query(&sql, &[]).await?;
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
         snapshot: rows.first().and_then(|r| super::Snapshot::parse(r.get(5))),
@@ -189,9 +192,9 @@ pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
 }
 
 /// Deletes changes whose fragments are now in Redis.
-pub(crate) async fn complete(txn: &Client, ids: &[i64]) -> Result<(), Error> {
+pub(crate) async fn complete(txn: Hot<'_, '_>, ids: &[i64]) -> Result<(), Error> {
     if !ids.is_empty() {
-        txn.query_typed(
+        txn.query(
             "DELETE FROM pgfresh.changes WHERE id = ANY($1)",
             &[(&ids, Type::INT8_ARRAY)],
         )
