@@ -584,3 +584,52 @@ async fn while_one_batch_stalls_a_backlog_is_worked_by_another_worker() {
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// Rows of `pgfresh.changes` read by sequential scans, and rows deleted, as the statistics say.
+async fn queue_reads(db: &tokio_postgres::Client) -> (i64, i64) {
+    let row = db
+        .query_one(
+            "SELECT seq_tup_read, n_tup_del FROM pg_stat_user_tables
+             WHERE relid = 'pgfresh.changes'::regclass",
+            &[],
+        )
+        .await
+        .unwrap();
+    (row.get(0), row.get(1))
+}
+
+#[tokio::test]
+async fn a_backlog_is_claimed_through_the_index_even_by_statements_prepared_on_an_empty_queue() {
+    let env = TestEnv::shop(50).await;
+    let db = env.client().await;
+    // The listener prepares its claim at once, on an empty queue: planned for a table that small,
+    // it is a sequential scan and a sort of every row, which a backlog must not keep.
+    let listener = env.start_listener(tweak(test_settings(), |s| s.batch_size = 200));
+    eventually("the listener to be idle", || async {
+        env.listener_total("idle::int").await == 1
+    })
+    .await;
+    let (read_before, deleted_before) = queue_reads(&db).await;
+    db.batch_execute(
+        "INSERT INTO pgfresh.changes (topic, key)
+         SELECT 'product', (g % 50 + 1)::text FROM generate_series(1, 20000) g",
+    )
+    .await
+    .unwrap();
+    // Waiting on the statistics (each session sends them within a second of going idle), not on
+    // the queue, which the test must not read itself.
+    eventually("the backlog's deletes in the statistics", || async {
+        queue_reads(&db).await.1 - deleted_before >= 20_000
+    })
+    .await;
+    let read = queue_reads(&db).await.0 - read_before;
+    // Planned again for the backlog, each batch reads about its own 200 rows through the index;
+    // kept, the first plan would read what is left of the 20,000 in each of 100 batches (about a
+    // million rows).
+    assert!(
+        read < 200_000,
+        "{read} queued rows read by sequential scans to claim 20,000 changes"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -36,4 +36,12 @@ impl<'s, 't> Hot<'s, 't> {
         let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
         self.txn.query(&statement, &values).await
     }
+
+    /// Forgets this session's prepared statements: the next run of each prepares it again, and
+    /// PostgreSQL plans it for the tables as they are then.
+    pub(crate) fn prepare_again(&self) {
+        if self.prepare {
+            self.txn.statement_cache.clear();
+        }
+    }
 }
