@@ -29,6 +29,7 @@ mod fan_out;
 #[allow(dead_code)]
 #[path = "../shop/product_card.rs"]
 mod product_card;
+mod queue_only;
 mod scenarios;
 mod serve;
 #[allow(dead_code)] // the bench only needs `setup` itself

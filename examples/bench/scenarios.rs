@@ -15,6 +15,7 @@ use pgfresh::{ListenSettings, SweepSettings};
 
 use crate::cost::CpuSample;
 use crate::product_card::{Card, ProductCard};
+use crate::queue_only::{self, QueueOnly};
 use pgfresh::Variant;
 
 /// Every benchmark fragment lives under this Redis prefix.
@@ -214,10 +215,21 @@ impl Bench {
         Ok((sink, plain))
     }
 
-    /// Starts a listener here, after telling it Redis is already filled (no start-up sweep), and
-    /// waits until it is idle.
+    /// Starts a listener of the product card here, after telling it Redis is already filled (no
+    /// start-up sweep), and waits until it is idle.
     async fn start_listener(&self, db: &Database, sink: &RedisStore, url: &str) -> Result<Running> {
-        let listener = spawn_listener(db, sink).await?;
+        self.start_listener_of(db, sink, url, Listened::Card).await
+    }
+
+    /// Like [`Scenarios::start_listener`], of the given fragment.
+    async fn start_listener_of(
+        &self,
+        db: &Database,
+        sink: &RedisStore,
+        url: &str,
+        listened: Listened,
+    ) -> Result<Running> {
+        let listener = spawn_listener_of(db, sink, listened).await?;
         let client = connect(url).await?;
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -574,11 +586,11 @@ impl Bench {
         )?;
         let client = connect(&url).await?;
         client.batch_execute(PLAIN_TRIGGER).await?;
-        for with_listener in [false, true] {
-            let listener = if with_listener {
-                Some(self.start_listener(&db, &sink, &url).await?)
-            } else {
-                None
+        for listened in [None, Some(Listened::Card), Some(Listened::QueueOnly)] {
+            let with_listener = listened.is_some();
+            let listener = match listened {
+                Some(listened) => Some(self.start_listener_of(&db, &sink, &url, listened).await?),
+                None => None,
             };
             let started = (cpu_time(), Instant::now());
             let rounds =
@@ -609,6 +621,14 @@ impl Bench {
             if let Some(listener) = listener {
                 wait_for_empty_queue(&client).await?;
                 listener.stop().await?;
+            }
+            if listened == Some(Listened::QueueOnly) {
+                println!(
+                    "write-overhead (c) listener draining a fragment that loads nothing (8 clients; listener CPU {:.0}% of one core): {}",
+                    listener_share * 100.0,
+                    figures.join("; ")
+                );
+            } else if listened == Some(Listened::Card) {
                 self.target(
                     "write overhead, listener draining",
                     format!("{shipped:.2}"),
@@ -835,15 +855,40 @@ struct Latencies {
 
 /// Starts a listener in this process with default settings but no periodic sweep, after telling it
 /// Redis is already filled (so it does not sweep at start-up either).
+/// Which fragment a benchmark's listener keeps fresh.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Listened {
+    /// The shop's product card.
+    Card,
+    /// A fragment that loads nothing ([`QueueOnly`]): the listener's own work alone.
+    QueueOnly,
+}
+
 async fn spawn_listener(db: &Database, sink: &RedisStore) -> Result<Running> {
-    pgfresh::testing::set_fragment_marker(sink, PREFIX, 1).await?;
+    spawn_listener_of(db, sink, Listened::Card).await
+}
+
+async fn spawn_listener_of(
+    db: &Database,
+    sink: &RedisStore,
+    listened: Listened,
+) -> Result<Running> {
+    let fragments = match listened {
+        Listened::Card => fragments(),
+        Listened::QueueOnly => Fragments::new().with(queue_only::PREFIX, QueueOnly),
+    };
+    let prefix = match listened {
+        Listened::Card => PREFIX,
+        Listened::QueueOnly => queue_only::PREFIX,
+    };
+    pgfresh::testing::set_fragment_marker(sink, prefix, 1).await?;
     let shutdown = Shutdown::new();
     let mut settings = ListenSettings::default();
     settings.sweep_interval = None;
     let task = tokio::spawn(pgfresh::listen(
         db.clone(),
         sink.clone(),
-        fragments(),
+        fragments,
         settings,
         shutdown.clone(),
     ));
