@@ -616,18 +616,19 @@ async fn a_backlog_is_claimed_through_the_index_even_by_statements_prepared_on_a
     )
     .await
     .unwrap();
-    // Waiting on the statistics (each session sends them within a second of going idle), not on
-    // the queue, which the test must not read itself.
+    // Waiting on the statistics (a session sends them once idle, within 10 s), not on the queue,
+    // which the test must not read itself.
     eventually("the backlog's deletes in the statistics", || async {
         queue_reads(&db).await.1 - deleted_before >= 20_000
     })
     .await;
     let read = queue_reads(&db).await.0 - read_before;
-    // Planned again for the backlog, each batch reads about its own 200 rows through the index;
-    // kept, the first plan would read what is left of the 20,000 in each of 100 batches (about a
-    // million rows).
+    // Planned again for the backlog, each batch reads about its own 200 rows through the index
+    // (the sessions' first claims, and the status figures, read the queue whole a few times:
+    // about 80,000 rows here); kept, the first plan would read what is left of the 20,000 in each
+    // of 100 batches (about a million rows).
     assert!(
-        read < 200_000,
+        read < 400_000,
         "{read} queued rows read by sequential scans to claim 20,000 changes"
     );
     listener.stop().await;

@@ -221,7 +221,7 @@ impl Bench {
         self.start_listener_of(db, sink, url, Listened::Card).await
     }
 
-    /// Like [`Scenarios::start_listener`], of the given fragment.
+    /// Like [`Bench::start_listener`], of the given fragment.
     async fn start_listener_of(
         &self,
         db: &Database,
@@ -853,8 +853,6 @@ struct Latencies {
     touched: std::collections::BTreeSet<i64>,
 }
 
-/// Starts a listener in this process with default settings but no periodic sweep, after telling it
-/// Redis is already filled (so it does not sweep at start-up either).
 /// Which fragment a benchmark's listener keeps fresh.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Listened {
@@ -864,10 +862,13 @@ enum Listened {
     QueueOnly,
 }
 
+/// Starts a listener of the product card in this process with default settings but no periodic
+/// sweep, after telling it Redis is already filled (so it does not sweep at start-up either).
 async fn spawn_listener(db: &Database, sink: &RedisStore) -> Result<Running> {
     spawn_listener_of(db, sink, Listened::Card).await
 }
 
+/// Like [`spawn_listener`], of the given fragment.
 async fn spawn_listener_of(
     db: &Database,
     sink: &RedisStore,

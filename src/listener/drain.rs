@@ -1,6 +1,7 @@
-//! The drain loop: works through the queue whenever there may be work, until shutdown, with as many
-//! batches at once as `--workers` says; switches between waiting for NOTIFYs (idle) and polling
-//! (busy) by the rate of changes; stands aside for a newer listener between drains.
+//! The drain loop: works through the queue whenever there may be work, until shutdown, one batch at
+//! a time and up to `--workers` at once while claims come back full; switches between waiting for
+//! NOTIFYs (idle) and polling (busy) by the rate of changes; stands aside for a newer listener
+//! between drains.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -208,20 +209,20 @@ impl ChangeRate {
 /// there is a backlog, and brings in one more worker.
 async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
     let most = shared.settings.workers.max(1);
-    let (backlog, mut backlogs) = tokio::sync::mpsc::unbounded_channel::<()>();
+    // One signal waiting is enough: it brings in one worker, and the next full claim another.
+    let (backlog, mut backlogs) = tokio::sync::mpsc::channel::<()>(1);
     let mut workers = JoinSet::new();
     workers.spawn(worker(shared.clone(), backlog.clone()));
-    let mut started = 1;
     let mut total = Drained::default();
     let mut first_error = None;
     loop {
         let joined = tokio::select! {
-            Some(()) = backlogs.recv(), if started < most => {
+            biased;
+            joined = workers.join_next() => joined,
+            Some(()) = backlogs.recv(), if workers.len() < most => {
                 workers.spawn(worker(shared.clone(), backlog.clone()));
-                started += 1;
                 continue;
             }
-            joined = workers.join_next() => joined,
         };
         match joined {
             None => break,
@@ -247,13 +248,13 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
 /// `backlog`) as soon as one comes back full.
 async fn worker(
     shared: Arc<Shared>,
-    backlog: tokio::sync::mpsc::UnboundedSender<()>,
+    backlog: tokio::sync::mpsc::Sender<()>,
 ) -> Result<Drained, Error> {
     let mut drained = Drained::default();
     while !shared.shutdown.is_cancelled() && !shared.stand_aside.requested() {
-        // The drain may be done taking workers in: then nobody listens, and that is fine.
+        // A signal already waits, or the drain is done taking workers in: either is fine.
         let full = || {
-            let _ = backlog.send(());
+            let _ = backlog.try_send(());
         };
         let (claimed, stats) = super::batch::process(&shared, full).await?;
         drained.changes += claimed as u64;

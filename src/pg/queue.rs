@@ -104,12 +104,13 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, E
     );
     let rows = txn.query(&sql, &[]).await?;
     // A prepared statement keeps the plan made at its first run (until the table is analyzed):
-    // on a queue that was short then, a sequential scan of the table, for this claim as for the
-    // delete, which on a backlog of a million changes reads them all in every batch. A full claim
-    // says the queue is long: the next batch prepares its statements again, and they are planned
-    // for the queue as it is (index scans that read only the rows they need).
+    // on a queue that was short then, a sequential scan and a sort of every row, which on a
+    // backlog of a million changes reads them all for each claim. A full claim says the queue is
+    // long: the next claim is prepared again, and planned for the queue as it is (an index scan
+    // that stops after `limit` rows). (The statements over a batch's ids need no such care: their
+    // range keeps them on the index, see `bounds`.)
     if rows.len() as i64 >= limit {
-        txn.prepare_again();
+        txn.forget(&sql, &[]);
     }
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
@@ -274,10 +275,18 @@ pub(crate) async fn record_failures(
 /// wait, without counting an attempt. Best effort: when the database itself is gone, nothing can be
 /// noted, and the log says it.
 pub(crate) async fn note_error(client: &Client, ids: &[i64], error: &str) {
+    let Some((first, last)) = bounds(ids) else {
+        return;
+    };
     let noted = client
         .execute_typed(
-            "UPDATE pgfresh.changes SET last_error = $2 WHERE id = ANY($1)",
-            &[(&ids, Type::INT8_ARRAY), (&error, Type::TEXT)],
+            "UPDATE pgfresh.changes SET last_error = $2 WHERE id BETWEEN $3 AND $4 AND id = ANY($1)",
+            &[
+                (&ids, Type::INT8_ARRAY),
+                (&error, Type::TEXT),
+                (&first, Type::INT8),
+                (&last, Type::INT8),
+            ],
         )
         .await;
     if let Err(noting) = noted {

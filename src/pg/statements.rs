@@ -37,11 +37,11 @@ impl<'s, 't> Hot<'s, 't> {
         self.txn.query(&statement, &values).await
     }
 
-    /// Forgets this session's prepared statements: the next run of each prepares it again, and
+    /// Forgets `sql` prepared with `types` on this session: its next run prepares it again, and
     /// PostgreSQL plans it for the tables as they are then.
-    pub(crate) fn prepare_again(&self) {
+    pub(crate) fn forget(&self, sql: &str, types: &[Type]) {
         if self.prepare {
-            self.txn.statement_cache.clear();
+            self.txn.statement_cache.remove(sql, types);
         }
     }
 }
