@@ -9,6 +9,7 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::drain::Backlog;
 use super::plan::BatchPlan;
 use super::route::{self, ChangeKey, Routes};
 use super::shared::Shared;
@@ -26,11 +27,11 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
 /// changes it claimed. On an error the transaction rolls back and the batch stays queued as it was,
 /// each change noting the error (without counting an attempt: an outage is not the change's fault),
-/// so that `status` and `pgfresh.changes` say why it waits. Calls `full` as soon as the claim
-/// comes back full (a backlog waits behind it), before the batch is worked.
+/// so that `status` and `pgfresh.changes` say why it waits. Claims past where `backlog` says, and
+/// tells it as soon as the claim comes back full, before the batch is worked.
 pub(crate) async fn process(
     shared: &Shared,
-    full: impl FnOnce(),
+    backlog: &Backlog,
 ) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.pinned().await?;
     let pooled = shared.db.behind_pooler().await?;
@@ -43,16 +44,20 @@ pub(crate) async fn process(
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    let claim = queue::claim_batch(Hot::new(&txn, !pooled), shared.settings.batch_size)
-        .await
-        .inspect_err(|_| statements.clear())?;
+    let claim = queue::claim_batch(
+        Hot::new(&txn, !pooled),
+        backlog.claim_after(),
+        shared.settings.batch_size,
+    )
+    .await
+    .inspect_err(|_| statements.clear())?;
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
     if claimed as i64 >= shared.settings.batch_size {
-        full();
+        backlog.full_claim(claim.last_id());
     }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
     match apply(shared, txn, claim, started).await {

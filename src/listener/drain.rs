@@ -202,6 +202,47 @@ impl ChangeRate {
     }
 }
 
+/// How long a drain's claims start past the changes it already claimed ([`Backlog`]): changes
+/// below that become ready meanwhile (a late commit, a retry, a deferred hot key) wait at most
+/// this long, even under a backlog that never lets the drain end.
+const FLOOR_KEPT: Duration = Duration::from_secs(1);
+
+/// What the workers of one drain share about its backlog: where their claims may start, and a
+/// signal that brings in one more worker.
+///
+/// A claimed change is deleted, but its row (and its index entry) stays until no snapshot can
+/// see it any more: a claim that started from the queue's first id walked over every change the
+/// backlog's earlier batches took, in every batch, and over ever more of them while some session
+/// holds an old snapshot (a long report, a forgotten `BEGIN`). After a full claim the next
+/// claims start past its last change; a drain that ends, or a floor older than [`FLOOR_KEPT`],
+/// starts from the first id again.
+pub(crate) struct Backlog {
+    floor: std::sync::Mutex<Option<(i64, Instant)>>,
+    more_workers: tokio::sync::mpsc::Sender<()>,
+}
+
+impl Backlog {
+    /// The id past which the next claim looks (`i64::MIN`: from the first).
+    pub(crate) fn claim_after(&self) -> i64 {
+        match *self.floor.lock().expect("backlog floor lock") {
+            Some((id, since)) if since.elapsed() < FLOOR_KEPT => id,
+            _ => i64::MIN,
+        }
+    }
+
+    /// A claim came back full, up to `last_id`: later claims start past it, and one more worker
+    /// may join.
+    pub(crate) fn full_claim(&self, last_id: i64) {
+        let mut floor = self.floor.lock().expect("backlog floor lock");
+        *floor = match *floor {
+            Some((id, since)) if since.elapsed() < FLOOR_KEPT => Some((id.max(last_id), since)),
+            _ => Some((last_id, Instant::now())),
+        };
+        // A signal already waits, or the drain is done taking workers in: either is fine.
+        let _ = self.more_workers.try_send(());
+    }
+}
+
 /// Works through the queue until a claim comes back short, with one batch at a time to start and
 /// up to `--workers` at once while claims come back full. At low rates a wake-up brings a change
 /// or two, which the first claim takes: a second worker started with it would only open a
@@ -210,7 +251,11 @@ impl ChangeRate {
 async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
     let most = shared.settings.workers.max(1);
     // One signal waiting is enough: it brings in one worker, and the next full claim another.
-    let (backlog, mut backlogs) = tokio::sync::mpsc::channel::<()>(1);
+    let (more_workers, mut wanted) = tokio::sync::mpsc::channel::<()>(1);
+    let backlog = Arc::new(Backlog {
+        floor: std::sync::Mutex::new(None),
+        more_workers,
+    });
     let mut workers = JoinSet::new();
     workers.spawn(worker(shared.clone(), backlog.clone()));
     let mut total = Drained::default();
@@ -219,7 +264,7 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
         let joined = tokio::select! {
             biased;
             joined = workers.join_next() => joined,
-            Some(()) = backlogs.recv(), if workers.len() < most => {
+            Some(()) = wanted.recv(), if workers.len() < most => {
                 workers.spawn(worker(shared.clone(), backlog.clone()));
                 continue;
             }
@@ -244,19 +289,11 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
     }
 }
 
-/// One worker of a drain: batch after batch until a claim comes back short, saying so (through
-/// `backlog`) as soon as one comes back full.
-async fn worker(
-    shared: Arc<Shared>,
-    backlog: tokio::sync::mpsc::Sender<()>,
-) -> Result<Drained, Error> {
+/// One worker of a drain: batch after batch until a claim comes back short.
+async fn worker(shared: Arc<Shared>, backlog: Arc<Backlog>) -> Result<Drained, Error> {
     let mut drained = Drained::default();
     while !shared.shutdown.is_cancelled() && !shared.stand_aside.requested() {
-        // A signal already waits, or the drain is done taking workers in: either is fine.
-        let full = || {
-            let _ = backlog.try_send(());
-        };
-        let (claimed, stats) = super::batch::process(&shared, full).await?;
+        let (claimed, stats) = super::batch::process(&shared, &backlog).await?;
         drained.changes += claimed as u64;
         drained.stats += stats;
         if (claimed as i64) < shared.settings.batch_size {

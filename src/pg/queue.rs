@@ -73,10 +73,10 @@ pub(crate) struct QueueStats {
     pub(crate) parked: i64,
 }
 
-/// Claims up to `limit` ready changes, skipping rows another transaction holds, and takes one render
-/// ticket. Must run inside a transaction: the row locks last until it ends, and a crash or rollback
-/// leaves the changes queued.
-pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, Error> {
+/// Claims up to `limit` ready changes with ids above `after`, oldest first, skipping rows another
+/// transaction holds, and takes one render ticket. Must run inside a transaction: the row locks
+/// last until it ends, and a crash or rollback leaves the changes queued.
+pub(crate) async fn claim_batch(txn: Hot<'_, '_>, after: i64, limit: i64) -> Result<Claim, Error> {
     // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
     // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
     // renders by the data they saw.
@@ -85,7 +85,8 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, E
     // and key come as raw bytes, and a row that is not UTF-8 fails alone.
     // The limit is part of the text, not a parameter: prepared once (see `statements`), the
     // statement keeps one plan, and a plan made for an unknown limit assumes a tenth of the queue
-    // and may sort all of it.
+    // and may sort all of it. `after` lets a drain's claims start past the changes it already
+    // took from a backlog (see `listener::drain::Backlog`).
     // Ages come from PostgreSQL's clock alone (the claim's time less the change's), so the
     // listener's clock may differ from the server's without skewing freshness.
     let sql = format!(
@@ -97,12 +98,12 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, E
                 CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END,
                 extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
          FROM pgfresh.changes, encoding
-         WHERE retry_at <= now()
+         WHERE retry_at <= now() AND id > $1
          ORDER BY id
          LIMIT {limit}
          FOR UPDATE OF changes SKIP LOCKED"
     );
-    let rows = txn.query(&sql, &[]).await?;
+    let rows = txn.query(&sql, &[(&after, Type::INT8)]).await?;
     // A prepared statement keeps the plan made at its first run (until the table is analyzed):
     // on a queue that was short then, a sequential scan and a sort of every row, which on a
     // backlog of a million changes reads them all for each claim. A full claim says the queue is
@@ -110,7 +111,7 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, E
     // that stops after `limit` rows). (The statements over a batch's ids need no such care: their
     // range keeps them on the index, see `bounds`.)
     if rows.len() as i64 >= limit {
-        txn.forget(&sql, &[]);
+        txn.forget(&sql, &[Type::INT8]);
     }
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
@@ -134,6 +135,16 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, limit: i64) -> Result<Claim, E
         }
     }
     Ok(claim)
+}
+
+impl Claim {
+    /// The highest id claimed (`i64::MIN` when none).
+    pub(crate) fn last_id(&self) -> i64 {
+        let ids = self.changes.iter().map(|c| c.id);
+        ids.chain(self.undecodable.iter().map(|f| f.id))
+            .max()
+            .unwrap_or(i64::MIN)
+    }
 }
 
 /// A column sent as text, or as raw bytes (from a SQL_ASCII database) that must be UTF-8.
