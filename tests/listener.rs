@@ -5,6 +5,7 @@
 mod common;
 
 use common::{TestEnv, eventually, test_settings, tweak};
+use pgfresh::ListenSettings;
 
 #[tokio::test]
 async fn updates_inserts_and_deletes_of_products_reach_redis() {
@@ -585,17 +586,68 @@ async fn while_one_batch_stalls_a_backlog_is_worked_by_another_worker() {
     env.cleanup().await;
 }
 
-/// Rows of `pgfresh.changes` read by sequential scans, and rows deleted, as the statistics say.
-async fn queue_reads(db: &tokio_postgres::Client) -> (i64, i64) {
+/// What the statistics say of `pgfresh.changes`.
+#[derive(Clone, Copy)]
+struct QueueReads {
+    /// Rows read by sequential scans.
+    seq_rows: i64,
+    /// Entries of its primary key's index that scans returned, dead ones included.
+    index_entries: i64,
+    /// Rows deleted.
+    deleted: i64,
+}
+
+async fn queue_reads(db: &tokio_postgres::Client) -> QueueReads {
     let row = db
         .query_one(
-            "SELECT seq_tup_read, n_tup_del FROM pg_stat_user_tables
-             WHERE relid = 'pgfresh.changes'::regclass",
+            "SELECT t.seq_tup_read, i.idx_tup_read, t.n_tup_del
+             FROM pg_stat_user_indexes i JOIN pg_stat_user_tables t USING (relid)
+             WHERE i.indexrelid = 'pgfresh.changes_pkey'::regclass",
             &[],
         )
         .await
         .unwrap();
-    (row.get(0), row.get(1))
+    QueueReads {
+        seq_rows: row.get(0),
+        index_entries: row.get(1),
+        deleted: row.get(2),
+    }
+}
+
+/// Starts a listener claiming batches of 200 (polling as `settings` says) and waits until it is
+/// idle: it has run its first claim, on an empty queue.
+async fn idle_listener(env: &TestEnv, settings: ListenSettings) -> common::RunningListener {
+    let listener = env.start_listener(tweak(settings, |s| s.batch_size = 200));
+    eventually("the listener to be idle", || async {
+        env.listener_total("idle::int").await == 1
+    })
+    .await;
+    listener
+}
+
+/// Queues 20,000 changes of topic `product`, keys from `key` over `g` (1 to 20,000), and returns
+/// what the queue's statistics say was read until all of them were deleted. It waits on the
+/// statistics (a session sends them once idle, within 10 s), not on the queue, which the test
+/// must not read itself.
+async fn drain_backlog(db: &tokio_postgres::Client, key: &str) -> QueueReads {
+    let before = queue_reads(db).await;
+    db.batch_execute(&format!(
+        "INSERT INTO pgfresh.changes (topic, key)
+         SELECT 'product', {key} FROM generate_series(1, 20000) g;
+         NOTIFY pgfresh"
+    ))
+    .await
+    .unwrap();
+    eventually("the backlog's deletes in the statistics", || async {
+        queue_reads(db).await.deleted - before.deleted >= 20_000
+    })
+    .await;
+    let after = queue_reads(db).await;
+    QueueReads {
+        seq_rows: after.seq_rows - before.seq_rows,
+        index_entries: after.index_entries - before.index_entries,
+        deleted: after.deleted - before.deleted,
+    }
 }
 
 #[tokio::test]
@@ -604,25 +656,8 @@ async fn a_backlog_is_claimed_through_the_index_even_by_statements_prepared_on_a
     let db = env.client().await;
     // The listener prepares its claim at once, on an empty queue: planned for a table that small,
     // it is a sequential scan and a sort of every row, which a backlog must not keep.
-    let listener = env.start_listener(tweak(test_settings(), |s| s.batch_size = 200));
-    eventually("the listener to be idle", || async {
-        env.listener_total("idle::int").await == 1
-    })
-    .await;
-    let (read_before, deleted_before) = queue_reads(&db).await;
-    db.batch_execute(
-        "INSERT INTO pgfresh.changes (topic, key)
-         SELECT 'product', (g % 50 + 1)::text FROM generate_series(1, 20000) g",
-    )
-    .await
-    .unwrap();
-    // Waiting on the statistics (a session sends them once idle, within 10 s), not on the queue,
-    // which the test must not read itself.
-    eventually("the backlog's deletes in the statistics", || async {
-        queue_reads(&db).await.1 - deleted_before >= 20_000
-    })
-    .await;
-    let read = queue_reads(&db).await.0 - read_before;
+    let listener = idle_listener(&env, test_settings()).await;
+    let read = drain_backlog(&db, "(g % 50 + 1)::text").await.seq_rows;
     // Planned again for the backlog, each batch reads about its own 200 rows through the index
     // (the sessions' first claims, and the status figures, read the queue whole a few times:
     // about 80,000 rows here); kept, the first plan would read what is left of the 20,000 in each
@@ -635,33 +670,18 @@ async fn a_backlog_is_claimed_through_the_index_even_by_statements_prepared_on_a
     env.cleanup().await;
 }
 
-/// Index entries of `pgfresh.changes` that scans returned, dead ones included, and rows deleted.
-async fn queue_index_reads(db: &tokio_postgres::Client) -> (i64, i64) {
-    let row = db
-        .query_one(
-            "SELECT i.idx_tup_read, t.n_tup_del
-             FROM pg_stat_user_indexes i JOIN pg_stat_user_tables t USING (relid)
-             WHERE i.indexrelid = 'pgfresh.changes_pkey'::regclass",
-            &[],
-        )
-        .await
-        .unwrap();
-    (row.get(0), row.get(1))
-}
-
 #[tokio::test]
 async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what_it_took() {
     let env = TestEnv::shop(3).await;
     let db = env.client().await;
     // No polls: a poll of an empty queue reads every entry a held snapshot keeps, whatever
     // the drain did (only NOTIFY brings this backlog in).
-    let listener = env.start_listener(tweak(test_settings(), |s| {
-        s.batch_size = 200;
-        s.poll_interval = std::time::Duration::from_secs(3600);
-    }));
-    eventually("the listener to be idle", || async {
-        env.listener_total("idle::int").await == 1
-    })
+    let listener = idle_listener(
+        &env,
+        tweak(test_settings(), |s| {
+            s.poll_interval = std::time::Duration::from_secs(3600)
+        }),
+    )
     .await;
     // A session holding a snapshot (a long report, a forgotten BEGIN): no change the listener
     // deletes can leave the table or its index while it lasts.
@@ -673,20 +693,8 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
         .await
         .unwrap();
     held.batch_execute("SELECT 1").await.unwrap();
-    let (read_before, deleted_before) = queue_index_reads(&db).await;
     // 20,000 keys, each once (nothing coalesces or waits as a hot key); most have no row.
-    db.batch_execute(
-        "INSERT INTO pgfresh.changes (topic, key)
-         SELECT 'product', g::text FROM generate_series(1, 20000) g;
-         NOTIFY pgfresh",
-    )
-    .await
-    .unwrap();
-    eventually("the backlog's deletes in the statistics", || async {
-        queue_index_reads(&db).await.1 - deleted_before >= 20_000
-    })
-    .await;
-    let read = queue_index_reads(&db).await.0 - read_before;
+    let read = drain_backlog(&db, "g::text").await.index_entries;
     // Each claim past the last one reads its own 200 entries (and each delete as many); claims
     // from the first id would read every entry the earlier batches deleted, all still there:
     // about a million over 100 batches (1.35 million here). What the drain cannot spare: the

@@ -7,7 +7,7 @@ use maud::{Markup, html};
 use pgfresh::Topics;
 use pgfresh::tokio_postgres::Client;
 
-use crate::product_card::Card;
+use crate::product_card::{Card, ProductCard};
 
 /// Keys of the queue-only fragment, apart from the card's.
 pub(crate) const PREFIX: &str = "bench:queue_only:";
@@ -38,18 +38,13 @@ impl pgfresh::Fragment for QueueOnly {
         html! { p class=(pgfresh::Variant::name(variant)) { (id) } }
     }
 
+    /// The shop's products, as the card pages them.
     async fn keys_after(
         &self,
         db: &Client,
         after: Option<&i64>,
         limit: i64,
     ) -> Result<Vec<i64>, Self::Error> {
-        let rows = db
-            .query(
-                "SELECT id FROM products WHERE id > coalesce($1, -9223372036854775808) ORDER BY id LIMIT $2",
-                &[&after, &limit],
-            )
-            .await?;
-        Ok(rows.iter().map(|row| row.get(0)).collect())
+        pgfresh::Fragment::keys_after(&ProductCard, db, after, limit).await
     }
 }
