@@ -469,6 +469,13 @@ async fn a_listener_holds_no_more_connections_than_readme_says() {
     db.batch_execute("UPDATE products SET price_cents = price_cents + 1")
         .await
         .unwrap();
+    // Only the listener's sessions count: the test's own (its setup ran through a pgfresh pool,
+    // named like the listener's) started before it.
+    let spawned_at: std::time::SystemTime = db
+        .query_one("SELECT clock_timestamp()", &[])
+        .await
+        .unwrap()
+        .get(0);
     // Redis is empty: the listener sweeps (in pages of 5) while it works through the queue.
     let mut listener = Command::new(shop_binary())
         .args([
@@ -491,8 +498,9 @@ async fn a_listener_holds_no_more_connections_than_readme_says() {
     common::eventually("the sweep and the queue to be done", || async {
         let connections: i64 = db
             .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = $1 AND application_name LIKE 'pgfresh%'",
-                &[&env.name],
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = $1 AND application_name LIKE 'pgfresh%' AND backend_start >= $2",
+                &[&env.name, &spawned_at],
             )
             .await
             .unwrap()
