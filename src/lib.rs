@@ -88,7 +88,7 @@ mod sweep;
 
 pub use config::{Environment, ListenSettings, SweepSettings};
 pub use error::Error;
-pub use fragment::{Fragment, Fragments, Loaded, Topics, Variant};
+pub use fragment::{CachedStatements, Fragment, Fragments, Loaded, Topics, Variant};
 pub use listener::listen;
 pub use pg::Database;
 pub use pg::queue::retry_failed;

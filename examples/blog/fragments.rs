@@ -3,8 +3,9 @@
 //! carry the fragment's own key are `direct`; topics of shared rows reach it `through` a query.
 
 use pgfresh::maud::{Markup, html};
+use pgfresh::tokio_postgres::types::Type;
 use pgfresh::tokio_postgres::{Client, Error};
-use pgfresh::{Fragment, Loaded, Topics, Variant};
+use pgfresh::{CachedStatements, Fragment, Loaded, Topics, Variant};
 
 /// Where each fragment lives in Redis: `<prefix><id>:<variant>`.
 pub const POST_TEASER: &str = "blog:post_teaser:";
@@ -49,7 +50,9 @@ async fn ids_after(
     let sql = format!(
         "SELECT id FROM {from} AND id > coalesce($1, -9223372036854775808) ORDER BY id LIMIT $2"
     );
-    let rows = db.query(&sql, &[&after, &limit]).await?;
+    let rows = db
+        .query_typed_cached(&sql, &[(&after, Type::INT8), (&limit, Type::INT8)])
+        .await?;
     Ok(rows.iter().map(|row| row.get(0)).collect())
 }
 
@@ -98,7 +101,7 @@ impl Fragment for PostTeaser {
 
     async fn load(&self, db: &Client, ids: &[i64]) -> Loaded<Self> {
         let rows = db
-            .query(
+            .query_typed_cached(
                 r#"SELECT p.id, p.title, p.body, a.name,
                           to_char(p.published_at AT TIME ZONE 'UTC', 'YYYY-MM-DD'),
                           ARRAY(SELECT t.name FROM post_tags pt JOIN tags t ON t.id = pt.tag_id
@@ -106,7 +109,7 @@ impl Fragment for PostTeaser {
                           (SELECT count(*) FROM comments c WHERE c.post_id = p.id AND c.approved)
                    FROM posts p JOIN authors a ON a.id = p.author_id
                    WHERE p.id = ANY($1) AND p.published_at IS NOT NULL"#,
-                &[&ids],
+                &[(&ids, Type::INT8_ARRAY)],
             )
             .await?;
         Ok(rows
@@ -202,7 +205,7 @@ impl Fragment for TagIndex {
 
     async fn load(&self, db: &Client, ids: &[i64]) -> Loaded<Self> {
         let rows = db
-            .query(
+            .query_typed_cached(
                 "SELECT t.id, t.name,
                         (SELECT count(*) FROM post_tags pt JOIN posts p ON p.id = pt.post_id
                          WHERE pt.tag_id = t.id AND p.published_at IS NOT NULL),
@@ -220,7 +223,7 @@ impl Fragment for TagIndex {
                            ORDER BY p.published_at DESC, p.id DESC LIMIT 5) l
                  ) latest
                  WHERE t.id = ANY($1)",
-                &[&ids],
+                &[(&ids, Type::INT8_ARRAY)],
             )
             .await?;
         Ok(rows
@@ -307,7 +310,7 @@ impl Fragment for AuthorBox {
 
     async fn load(&self, db: &Client, ids: &[i64]) -> Loaded<Self> {
         let rows = db
-            .query(
+            .query_typed_cached(
                 "SELECT a.id, a.name, a.bio,
                         (SELECT count(*) FROM posts p
                          WHERE p.author_id = a.id AND p.published_at IS NOT NULL),
@@ -319,7 +322,7 @@ impl Fragment for AuthorBox {
                      ORDER BY p.published_at DESC, p.id DESC LIMIT 1
                  ) latest ON true
                  WHERE a.id = ANY($1)",
-                &[&ids],
+                &[(&ids, Type::INT8_ARRAY)],
             )
             .await?;
         Ok(rows

@@ -4,7 +4,7 @@
 use pgfresh::maud::{Markup, html};
 use pgfresh::tokio_postgres::types::Type;
 use pgfresh::tokio_postgres::{Client, Error};
-use pgfresh::{Fragment, Topics, Variant};
+use pgfresh::{CachedStatements, Fragment, Topics, Variant};
 
 /// Where product cards live in Redis: `shop:product_card:{id}:{variant}`.
 pub const KEY_PREFIX: &str = "shop:product_card:";
@@ -73,9 +73,10 @@ impl Fragment for ProductCard {
     }
 
     async fn load(&self, db: &Client, ids: &[i64]) -> Result<Vec<(i64, Product)>, Error> {
-        // Typed: one round trip, where an untyped query would first prepare the statement.
+        // Typed, and prepared once per session: PostgreSQL parses and plans it once, not with
+        // every batch (an untyped query would also cost a round trip to prepare it).
         let rows = db
-            .query_typed(LOAD_PRODUCTS, &[(&ids, Type::INT8_ARRAY)])
+            .query_typed_cached(LOAD_PRODUCTS, &[(&ids, Type::INT8_ARRAY)])
             .await?;
         Ok(rows
             .into_iter()
@@ -125,9 +126,9 @@ impl Fragment for ProductCard {
         limit: i64,
     ) -> Result<Vec<i64>, Error> {
         let rows = db
-            .query(
+            .query_typed_cached(
                 "SELECT id FROM products WHERE id > coalesce($1, -9223372036854775808) ORDER BY id LIMIT $2",
-                &[&after, &limit],
+                &[(&after, Type::INT8), (&limit, Type::INT8)],
             )
             .await?;
         Ok(rows.iter().map(|row| row.get(0)).collect())

@@ -12,11 +12,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use deadpool_postgres::{ClientWrapper, StatementCache};
 use tokio_postgres::Client;
 use tokio_postgres::error::SqlState;
 
+use super::statements::{self, Session};
 use super::topics::{self, Mapping, Topic};
 use super::{Fragment, Variant};
+use crate::pg::statements::Kept;
 use crate::store::{Format, Storage};
 
 /// A boxed future, as returned by the object-safe fragment methods.
@@ -143,21 +146,25 @@ impl Caught {
 /// A session user code runs on, and whether each call into user code needs a transaction of its
 /// own: behind a connection pooler (see `Database::behind_pooler`), where a statement prepared
 /// outside a transaction may be run on another server session than the one that prepared it.
+/// On a direct session, the session's statement cache too, for [`crate::CachedStatements`].
 #[derive(Clone, Copy)]
 pub(crate) struct UserClient<'a> {
     pub(crate) client: &'a Client,
     pub(crate) own_transactions: bool,
+    statements: Option<(&'a Arc<StatementCache>, &'a Kept)>,
 }
 
 impl<'a> UserClient<'a> {
-    /// A session from `db`'s user pool.
+    /// A session from `db`'s user pool (or its standby's).
     pub(crate) async fn of(
-        db: &crate::pg::Database,
-        client: &'a Client,
+        db: &'a crate::pg::Database,
+        session: &'a ClientWrapper,
     ) -> Result<Self, crate::Error> {
+        let kept = db.kept_statements().await?;
         Ok(UserClient {
-            client,
-            own_transactions: db.behind_pooler().await?,
+            client: session,
+            own_transactions: kept.is_none(),
+            statements: kept.map(|kept| (&session.statement_cache, kept)),
         })
     }
 
@@ -166,7 +173,14 @@ impl<'a> UserClient<'a> {
         UserClient {
             client,
             own_transactions: false,
+            statements: None,
         }
+    }
+
+    /// What a call into user code on this session may keep prepared.
+    fn session(&self) -> Option<Session> {
+        let (cache, kept) = self.statements?;
+        Some(Session::new(self.client, cache.clone(), kept.clone()))
     }
 }
 
@@ -189,7 +203,8 @@ where
             .await
             .map_err(|error| Caught::sort(fragment, what, client, error))?;
     }
-    let result = match AssertUnwindSafe(call).catch_unwind().await {
+    let result = match statements::within(db.session(), AssertUnwindSafe(call).catch_unwind()).await
+    {
         Ok(Ok(value)) => Ok(value),
         Ok(Err(error)) => Err(Caught::sort(fragment, what, client, error)),
         Err(panic) => Err(Caught::panicked(fragment, what, client, &panic)),

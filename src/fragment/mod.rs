@@ -8,6 +8,7 @@
 //! many fragment types.
 
 mod erased;
+mod statements;
 mod topics;
 
 use std::fmt::Display;
@@ -22,6 +23,7 @@ use tokio_postgres::Client;
 use crate::store::Storage;
 
 pub(crate) use erased::{DynFragment, KeyOutcome, LoadError, UserClient, panic_message};
+pub use statements::CachedStatements;
 pub(crate) use topics::Mapping;
 pub use topics::Topics;
 

@@ -35,6 +35,7 @@ pub(crate) async fn process(
 ) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.pinned().await?;
     let pooled = shared.db.behind_pooler().await?;
+    let kept = shared.db.kept_statements().await?;
     // Whatever fails, the next batch prepares its statements anew: one that cannot run any more
     // (a schema upgrade changed what it returns) must not fail every batch after it.
     let statements = client.statement_cache.clone();
@@ -45,7 +46,7 @@ pub(crate) async fn process(
     }
     let started = Instant::now();
     let claim = queue::claim_batch(
-        Hot::new(&txn, !pooled),
+        Hot::new(&txn, kept),
         backlog.claim_after(),
         shared.settings.batch_size,
     )
@@ -193,8 +194,8 @@ async fn settle(
         plan.deferred.len(),
         failures.len(),
     );
-    let pooled = shared.db.behind_pooler().await?;
-    queue::complete(Hot::new(txn, !pooled), &applied).await?;
+    let kept = shared.db.kept_statements().await?;
+    queue::complete(Hot::new(txn, kept), &applied).await?;
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
     queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     queue::retry_apart(txn.client(), &unresolved).await?;

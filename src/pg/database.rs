@@ -25,6 +25,7 @@ use tokio_postgres_rustls::MakeRustlsConnect;
 
 use super::conninfo::{ConnInfo, redact_unparsed};
 use super::standby::Standby;
+use super::statements::Kept;
 use super::tls::PostgresTls;
 use crate::Error;
 use crate::config::Environment;
@@ -48,6 +49,8 @@ pub struct Database {
     plain_users: Pool,
     /// Whether PostgreSQL is reached through a transaction pooler, found on the first connection.
     pooler: Arc<tokio::sync::OnceCell<bool>>,
+    /// Whether sessions may keep prepared statements (when not behind a pooler).
+    kept: Kept,
     /// A direct connection for what needs a session of its own (`LISTEN`), when given.
     session: Option<SessionServer>,
     connector: MakeRustlsConnect,
@@ -162,6 +165,7 @@ impl Database {
             plain_pinned,
             plain_users,
             pooler: Arc::new(tokio::sync::OnceCell::new()),
+            kept: Kept::default(),
             session: None,
             connector,
             standby: None,
@@ -245,6 +249,12 @@ impl Database {
             .get_or_try_init(|| self.detect_pooler())
             .await
             .copied()
+    }
+
+    /// Whether statements may be prepared once and kept with the session: not behind a pooler
+    /// (`None`), and then as long as no session lost one ([`Kept`]).
+    pub(crate) async fn kept_statements(&self) -> Result<Option<&Kept>, Error> {
+        Ok((!self.behind_pooler().await?).then_some(&self.kept))
     }
 
     async fn detect_pooler(&self) -> Result<bool, Error> {

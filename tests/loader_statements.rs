@@ -1,0 +1,191 @@
+//! Loaders' statements kept prepared per session (`pgfresh::CachedStatements`): prepared once and run
+//! by later batches as they are; prepared again after a schema change made them unrunnable; and no
+//! longer kept once a session has lost one, as behind a pooler that pgfresh took for PostgreSQL.
+
+mod common;
+
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use common::product_card::{Card, Product, ProductCard};
+use common::{RunningListener, TestEnv, eventually, test_settings, tweak};
+use pgfresh::tokio_postgres::{self, Client};
+use pgfresh::{Fragment, Fragments};
+
+/// The shop's card (whose load is kept prepared), which after each load looks at what its session
+/// keeps: the load statement's preparation time and how often it has run there, by backend.
+#[derive(Default)]
+struct WatchedCard {
+    /// `(backend pid, when the load was prepared, runs)`, one per load; `None` when not kept.
+    seen: Mutex<Vec<Option<(i32, String, i64)>>>,
+    /// Set by the test: the next load drops every statement its session has prepared.
+    deallocate: AtomicBool,
+}
+
+impl WatchedCard {
+    fn seen(&self) -> Vec<Option<(i32, String, i64)>> {
+        self.seen.lock().unwrap().clone()
+    }
+}
+
+/// The card's load statement, as `pg_prepared_statements` shows it.
+const LOAD_STATEMENT: &str = "%FROM products p%CROSS JOIN LATERAL%WHERE p.id = ANY($1)%";
+
+impl Fragment for &'static WatchedCard {
+    type Key = i64;
+    type Row = Product;
+    type Variant = Card;
+    type Error = tokio_postgres::Error;
+    fn name(&self) -> &str {
+        "product_card"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        ProductCard.topics()
+    }
+    async fn load(&self, db: &Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
+        let rows = ProductCard.load(db, keys).await?;
+        let kept = db
+            .query_opt(
+                "SELECT pg_backend_pid(), prepare_time::text, generic_plans + custom_plans
+                 FROM pg_prepared_statements WHERE statement LIKE $1",
+                &[&LOAD_STATEMENT],
+            )
+            .await?;
+        let kept = kept.map(|row| (row.get(0), row.get(1), row.get(2)));
+        self.seen.lock().unwrap().push(kept);
+        if self.deallocate.swap(false, Ordering::SeqCst) {
+            db.batch_execute("DEALLOCATE ALL").await?;
+        }
+        Ok(rows)
+    }
+    fn render(&self, key: &i64, row: &Product, variant: Card) -> pgfresh::maud::Markup {
+        ProductCard.render(key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        ProductCard.keys_after(db, after, limit).await
+    }
+}
+
+/// A listener of `card` with one worker, on a database whose loads share two sessions.
+fn listen(env: &TestEnv, card: &'static WatchedCard) -> RunningListener {
+    let db = pgfresh::Database::new(&env.url, 2).unwrap();
+    let shutdown = pgfresh::Shutdown::new();
+    let fragments = Fragments::new().with(&env.prefix, card);
+    let settings = tweak(test_settings(), |s| s.workers = 1);
+    let task = tokio::spawn(pgfresh::listen(
+        db,
+        env.sink.clone(),
+        fragments,
+        settings,
+        shutdown.clone(),
+    ));
+    RunningListener { shutdown, task }
+}
+
+async fn rename(env: &TestEnv, id: i64, name: &str) {
+    env.client()
+        .await
+        .execute("UPDATE products SET name = $2 WHERE id = $1", &[&id, &name])
+        .await
+        .unwrap();
+}
+
+async fn wait_name(env: &TestEnv, id: i64, name: &str) {
+    let needle = format!("<h2>{name}</h2>");
+    eventually(&format!("product {id} to be named {name}"), || async {
+        env.get(&env.key(id, "compact"))
+            .await
+            .is_some_and(|html| html.contains(&needle))
+    })
+    .await;
+}
+
+/// Renames product 1 `rounds` times, each time waiting for its card.
+async fn renames(env: &TestEnv, label: &str, rounds: usize) {
+    for round in 1..=rounds {
+        let name = format!("{label} {round}");
+        rename(env, 1, &name).await;
+        wait_name(env, 1, &name).await;
+    }
+}
+
+#[tokio::test]
+async fn a_loader_statement_is_prepared_once_per_session_and_run_by_later_batches() {
+    let env = TestEnv::shop(3).await;
+    let card: &'static WatchedCard = Box::leak(Box::default());
+    let listener = listen(&env, card);
+    renames(&env, "Kept", 6).await;
+    listener.stop().await;
+
+    let seen = card.seen();
+    assert!(
+        seen.iter().all(Option::is_some),
+        "every load ran a statement its session keeps: {seen:?}"
+    );
+    let seen: Vec<(i32, String, i64)> = seen.into_iter().flatten().collect();
+    let mut reused = 0;
+    for (pid, prepared, runs) in &seen {
+        let earlier: Vec<_> = seen
+            .iter()
+            .filter(|(other, _, other_runs)| other == pid && other_runs < runs)
+            .collect();
+        // Each later load on a session ran the statement prepared by its first.
+        for (_, first, _) in &earlier {
+            assert_eq!(first, prepared, "backend {pid} prepared the load again");
+        }
+        reused += usize::from(!earlier.is_empty());
+    }
+    // Six batches and more over two sessions: some session ran it more than once.
+    assert!(reused > 0, "no load reused a statement: {seen:?}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_kept_loader_statement_that_a_schema_change_made_unrunnable_is_prepared_again() {
+    let env = TestEnv::shop(3).await;
+    let card: &'static WatchedCard = Box::leak(Box::default());
+    let listener = listen(&env, card);
+    renames(&env, "Before", 6).await;
+    // The load now returns another type for `name`: PostgreSQL refuses to run the statement as
+    // prepared ("cached plan must not change result type"). Kept as it was, every later load of
+    // the session would fail, and the change would end up parked.
+    env.client()
+        .await
+        .batch_execute("ALTER TABLE products ALTER COLUMN name TYPE varchar(200)")
+        .await
+        .unwrap();
+    renames(&env, "After", 4).await;
+    listener.stop().await;
+    assert_eq!(env.parked().await, 0);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn once_a_session_lost_a_kept_statement_loads_are_no_longer_kept() {
+    let env = TestEnv::shop(3).await;
+    let card: &'static WatchedCard = Box::leak(Box::default());
+    let listener = listen(&env, card);
+    renames(&env, "Kept", 3).await;
+    // What a connection pooler pgfresh took for PostgreSQL looks like to a session: the statement
+    // it prepared is not there at its next run (SQLSTATE 26000).
+    card.deallocate.store(true, Ordering::SeqCst);
+    renames(&env, "Lost", 6).await;
+    listener.stop().await;
+
+    let seen = card.seen();
+    let lost_at = seen.iter().rposition(Option::is_some).unwrap();
+    let after = &seen[lost_at + 1..];
+    // The deallocating load's session found its statement missing once; from then on no load is
+    // prepared and kept, on either session.
+    assert!(
+        after.len() >= 3 && after.iter().all(Option::is_none),
+        "loads after the loss were not kept: {seen:?}"
+    );
+    assert_eq!(env.parked().await, 0);
+    env.cleanup().await;
+}
