@@ -1,6 +1,6 @@
 //! Loaders' statements kept prepared per session (`pgfresh::CachedStatements`): prepared once and run
-//! by later batches as they are; prepared again after a schema change made them unrunnable; and no
-//! longer kept once a session has lost one, as behind a pooler that pgfresh took for PostgreSQL.
+//! by later batches as they are; prepared again and run at once when a schema change made them
+//! unrunnable, or user code dropped them. (A pooler taken for PostgreSQL: `tests/pgbouncer.rs`.)
 
 mod common;
 
@@ -12,19 +12,26 @@ use common::{RunningListener, TestEnv, eventually, test_settings, tweak};
 use pgfresh::tokio_postgres::{self, Client};
 use pgfresh::{Fragment, Fragments};
 
+/// What a session keeps of the load statement: `(backend pid, when it was prepared, runs)`.
+type Kept = Option<(i32, String, i64)>;
+
 /// The shop's card (whose load is kept prepared), which after each load looks at what its session
 /// keeps: the load statement's preparation time and how often it has run there, by backend.
 #[derive(Default)]
 struct WatchedCard {
-    /// `(backend pid, when the load was prepared, runs)`, one per load; `None` when not kept.
-    seen: Mutex<Vec<Option<(i32, String, i64)>>>,
+    /// One per load: what its session keeps, or how the load failed.
+    seen: Mutex<Vec<Result<Kept, String>>>,
     /// Set by the test: the next load drops every statement its session has prepared.
     deallocate: AtomicBool,
 }
 
 impl WatchedCard {
-    fn seen(&self) -> Vec<Option<(i32, String, i64)>> {
-        self.seen.lock().unwrap().clone()
+    /// What every load's session kept; fails the test if a load failed.
+    fn kept(&self) -> Vec<Kept> {
+        let seen = self.seen.lock().unwrap().clone();
+        seen.into_iter()
+            .map(|load| load.unwrap_or_else(|error| panic!("a load failed: {error}")))
+            .collect()
     }
 }
 
@@ -43,7 +50,13 @@ impl Fragment for &'static WatchedCard {
         ProductCard.topics()
     }
     async fn load(&self, db: &Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
-        let rows = ProductCard.load(db, keys).await?;
+        let rows = match ProductCard.load(db, keys).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                self.seen.lock().unwrap().push(Err(error.to_string()));
+                return Err(error);
+            }
+        };
         let kept = db
             .query_opt(
                 "SELECT pg_backend_pid(), prepare_time::text, generic_plans + custom_plans
@@ -52,7 +65,7 @@ impl Fragment for &'static WatchedCard {
             )
             .await?;
         let kept = kept.map(|row| (row.get(0), row.get(1), row.get(2)));
-        self.seen.lock().unwrap().push(kept);
+        self.seen.lock().unwrap().push(Ok(kept));
         if self.deallocate.swap(false, Ordering::SeqCst) {
             db.batch_execute("DEALLOCATE ALL").await?;
         }
@@ -71,7 +84,7 @@ impl Fragment for &'static WatchedCard {
     }
 }
 
-/// A listener of `card` with one worker, on a database whose loads share two sessions.
+/// A listener of `card` with one worker.
 fn listen(env: &TestEnv, card: &'static WatchedCard) -> RunningListener {
     let db = pgfresh::Database::new(&env.url, 2).unwrap();
     let shutdown = pgfresh::Shutdown::new();
@@ -122,7 +135,7 @@ async fn a_loader_statement_is_prepared_once_per_session_and_run_by_later_batche
     renames(&env, "Kept", 6).await;
     listener.stop().await;
 
-    let seen = card.seen();
+    let seen = card.kept();
     assert!(
         seen.iter().all(Option::is_some),
         "every load ran a statement its session keeps: {seen:?}"
@@ -140,17 +153,26 @@ async fn a_loader_statement_is_prepared_once_per_session_and_run_by_later_batche
         }
         reused += usize::from(!earlier.is_empty());
     }
-    // Six batches and more over two sessions: some session ran it more than once.
+    // Six batches and more over the pool's sessions: some session ran it more than once.
     assert!(reused > 0, "no load reused a statement: {seen:?}");
     env.cleanup().await;
 }
 
+/// The preparation times of the load statement that the loads since the `from`th ran.
+fn prepared_since(card: &WatchedCard, from: usize) -> Vec<String> {
+    let kept = card.kept()[from..].to_vec();
+    kept.into_iter()
+        .map(|kept| kept.expect("the load was kept").1)
+        .collect()
+}
+
 #[tokio::test]
-async fn a_kept_loader_statement_that_a_schema_change_made_unrunnable_is_prepared_again() {
+async fn a_kept_loader_statement_that_a_schema_change_made_unrunnable_is_prepared_again_at_once() {
     let env = TestEnv::shop(3).await;
     let card: &'static WatchedCard = Box::leak(Box::default());
     let listener = listen(&env, card);
-    renames(&env, "Before", 6).await;
+    renames(&env, "Before", 3).await;
+    let before = prepared_since(card, 0);
     // The load now returns another type for `name`: PostgreSQL refuses to run the statement as
     // prepared ("cached plan must not change result type"). Kept as it was, every later load of
     // the session would fail, and the change would end up parked.
@@ -159,32 +181,43 @@ async fn a_kept_loader_statement_that_a_schema_change_made_unrunnable_is_prepare
         .batch_execute("ALTER TABLE products ALTER COLUMN name TYPE varchar(200)")
         .await
         .unwrap();
-    renames(&env, "After", 4).await;
+    let from = card.kept().len();
+    renames(&env, "After", 3).await;
     listener.stop().await;
+    // No load failed (`kept` says so), and every one after the change ran a statement prepared
+    // after it.
+    let after = prepared_since(card, from);
+    assert!(
+        after.iter().all(|prepared| !before.contains(prepared)),
+        "prepared before the change: {before:?}, ran after it: {after:?}"
+    );
     assert_eq!(env.parked().await, 0);
     env.cleanup().await;
 }
 
 #[tokio::test]
-async fn once_a_session_lost_a_kept_statement_loads_are_no_longer_kept() {
+async fn a_loader_statement_its_session_dropped_is_prepared_again_at_once_and_kept() {
     let env = TestEnv::shop(3).await;
     let card: &'static WatchedCard = Box::leak(Box::default());
     let listener = listen(&env, card);
     renames(&env, "Kept", 3).await;
-    // What a connection pooler pgfresh took for PostgreSQL looks like to a session: the statement
-    // it prepared is not there at its next run (SQLSTATE 26000).
+    let before = prepared_since(card, 0);
+    // User code drops every statement of its session: the next load finds its statement missing
+    // (SQLSTATE 26000), as behind a pooler; once prepared again, it is there, so this is no pooler,
+    // and statements are still kept.
     card.deallocate.store(true, Ordering::SeqCst);
-    renames(&env, "Lost", 6).await;
+    renames(&env, "Dropped", 1).await;
+    let from = card.kept().len();
+    renames(&env, "Again", 3).await;
     listener.stop().await;
-
-    let seen = card.seen();
-    let lost_at = seen.iter().rposition(Option::is_some).unwrap();
-    let after = &seen[lost_at + 1..];
-    // The deallocating load's session found its statement missing once; from then on no load is
-    // prepared and kept, on either session.
+    let after = prepared_since(card, from);
     assert!(
-        after.len() >= 3 && after.iter().all(Option::is_none),
-        "loads after the loss were not kept: {seen:?}"
+        after.iter().all(|prepared| !before.contains(prepared)),
+        "prepared before the drop: {before:?}, ran after it: {after:?}"
+    );
+    assert!(
+        after.windows(2).any(|pair| pair[0] == pair[1]),
+        "still kept from one load to the next: {after:?}"
     );
     assert_eq!(env.parked().await, 0);
     env.cleanup().await;

@@ -10,11 +10,12 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use common::cli::{run, stderr, stdout};
-use common::product_card::ProductCard;
+use common::product_card::{Card, ProductCard};
 use common::servers::{TempPgBouncer, TempRedis};
 use common::{TestEnv, eventually, shop_binary};
 use pgfresh::tokio_postgres::Client;
-use pgfresh::{Database, Fragment, Fragments, Loaded, Shutdown, Topics};
+use pgfresh::tokio_postgres::types::Type;
+use pgfresh::{CachedStatements, Database, Fragment, Fragments, Loaded, Shutdown, Topics};
 
 const PRODUCTS: i64 = 60;
 
@@ -341,6 +342,141 @@ async fn claims_through_the_pooler_run_with_pgfresh_s_settings_set_in_the_transa
     listener.await.unwrap().unwrap();
     drop(bouncer);
     env.cleanup().await;
+}
+
+/// A card showing a product's name, every table named with its schema: it serves a database whose
+/// sessions start with the `search_path` pgfresh pins its own to. Its load is kept prepared.
+struct QualifiedCard;
+
+impl Fragment for QualifiedCard {
+    type Key = i64;
+    type Row = String;
+    type Variant = Card;
+    type Error = pgfresh::tokio_postgres::Error;
+
+    fn name(&self) -> &str {
+        "product_card"
+    }
+
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
+    }
+
+    async fn load(&self, db: &Client, keys: &[i64]) -> Loaded<Self> {
+        let sql = "SELECT id, name FROM public.products WHERE id = ANY($1)";
+        let rows = db
+            .query_typed_cached(sql, &[(&keys, Type::INT8_ARRAY)])
+            .await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    fn render(&self, _key: &i64, name: &String, _variant: Card) -> maud::Markup {
+        maud::html! { h2 { (name) } }
+    }
+
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        let sql = "SELECT id FROM public.products WHERE id > coalesce($1, 0) ORDER BY id LIMIT $2";
+        let rows = db
+            .query_typed_cached(sql, &[(&after, Type::INT8), (&limit, Type::INT8)])
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+#[tokio::test]
+async fn a_pooler_taken_for_postgresql_loses_no_change_and_statements_are_no_longer_kept() {
+    let Some(bouncer) = TempPgBouncer::start_with("ignore_startup_parameters = options") else {
+        return;
+    };
+    let env = TestEnv::shop(3).await;
+    // Sessions start with the path pgfresh pins its own to: PgBouncer drops pgfresh's startup
+    // settings, and nothing shows it. pgfresh takes it for PostgreSQL and keeps statements,
+    // which the pooler then sends to whichever server session it hands out next.
+    let admin = env.client().await;
+    let pinned = format!(
+        "ALTER DATABASE {} SET search_path = pg_catalog, pg_temp",
+        env.name
+    );
+    admin.batch_execute(&pinned).await.unwrap();
+    // What the listener logs (the test runs it on this thread).
+    let log = Log::default();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(log.clone())
+        .with_ansi(false)
+        .finish();
+    let _logging = tracing::subscriber::set_default(subscriber);
+    let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
+    let shutdown = Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
+        db,
+        env.sink.clone(),
+        Fragments::new().with(&env.prefix, QualifiedCard),
+        common::tweak(common::test_settings(), |s| {
+            s.poll_interval = Duration::from_millis(50)
+        }),
+        shutdown.clone(),
+    ));
+    for round in 1..=9_i64 {
+        let (id, name) = (round % 3 + 1, format!("Round {round}"));
+        let rename = "UPDATE public.products SET name = $2 WHERE id = $1";
+        env.client()
+            .await
+            .execute(rename, &[&id, &name])
+            .await
+            .unwrap();
+        let (key, needle) = (env.key(id, "compact"), format!("<h2>{name}</h2>"));
+        eventually(&format!("product {id} named {name}"), || async {
+            env.get(&key)
+                .await
+                .is_some_and(|html| html.contains(&needle))
+        })
+        .await;
+    }
+    shutdown.cancel();
+    listener.await.unwrap().unwrap();
+    assert_eq!(env.parked().await, 0);
+    // The first statement found missing was the last: pgfresh kept no statement after it.
+    let log = log.text();
+    assert!(
+        log.contains("from now on pgfresh keeps no statement"),
+        "{log}"
+    );
+    let missing = log.matches("does not exist").count();
+    assert!(missing <= 1, "{missing} statements missing:\n{log}");
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+/// Log lines, kept for the test to read.
+#[derive(Clone, Default)]
+struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Log {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Log {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Log {
+    type Writer = Log;
+    fn make_writer(&'a self) -> Log {
+        self.clone()
+    }
 }
 
 #[tokio::test]

@@ -160,7 +160,7 @@ impl<'a> UserClient<'a> {
         db: &'a crate::pg::Database,
         session: &'a ClientWrapper,
     ) -> Result<Self, crate::Error> {
-        let kept = db.kept_statements().await?;
+        let kept = db.kept_statements().await?.filter(|kept| kept.allowed());
         Ok(UserClient {
             client: session,
             own_transactions: kept.is_none(),

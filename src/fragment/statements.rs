@@ -17,6 +17,7 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Client, Error, Row};
 
 use crate::pg::statements::Kept;
+use crate::pg::statements::Session::Autocommit;
 
 /// Prepared statements for loaders and key enumerations: `use pgfresh::CachedStatements;` and call
 /// `db.query_typed_cached(sql, params)` where you would call `db.query_typed(sql, params)`.
@@ -25,9 +26,11 @@ use crate::pg::statements::Kept;
 /// keeps it with the pooled session; later calls on that session, in later batches too, only run
 /// it. Behind a connection pooler, or outside a call from pgfresh, it is `query_typed`. Use it for
 /// SQL whose text is fixed (`WHERE id = ANY($1)` rather than an `IN` list spelled out): a session
-/// keeps a few dozen statements and starts over past that. A kept statement that fails is
-/// prepared again at its next run, so a schema change costs one failed attempt, which pgfresh
-/// retries.
+/// keeps a few hundred statements and starts over past that. As with any prepared statement,
+/// PostgreSQL may settle on a generic plan after five runs, one made without the parameters'
+/// values: fine for lookups by key, worth an `EXPLAIN` for a query whose best plan depends on them.
+/// A kept statement that PostgreSQL no longer runs as prepared (a schema change altered what it
+/// returns) is prepared again and run at once.
 ///
 /// ```no_run
 /// use pgfresh::CachedStatements;
@@ -39,7 +42,7 @@ use crate::pg::statements::Kept;
 ///     Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
 /// }
 /// ```
-pub trait CachedStatements {
+pub trait CachedStatements: sealed::Sealed {
     /// Runs `sql` with its parameters and their types, prepared once per session where it can be:
     /// see [`CachedStatements`].
     fn query_typed_cached(
@@ -65,10 +68,16 @@ impl CachedStatements for Client {
             .ok()
             .flatten();
         match handed {
-            Some((cache, kept)) => kept.query(self, &cache, sql, params).await,
+            Some((cache, kept)) => kept.query(self, &cache, Autocommit, sql, params).await,
             None => self.query_typed(sql, params).await,
         }
     }
+}
+
+mod sealed {
+    /// Only pgfresh implements [`super::CachedStatements`], so that it can grow.
+    pub trait Sealed {}
+    impl Sealed for tokio_postgres::Client {}
 }
 
 /// The session pgfresh handed to user code: the client's address, the cache of its session.

@@ -18,16 +18,32 @@ use tokio_postgres::{Client, Row};
 
 /// The most statements one session keeps: past that it starts over, so that SQL built anew for
 /// every call (an `IN` list spelled out) cannot fill the server's memory.
-const KEPT_PER_SESSION: usize = 64;
+const KEPT_PER_SESSION: usize = 256;
 
-/// Whether the sessions of one database may keep prepared statements: yes, until one of them lost
-/// a statement it had prepared (SQLSTATE 26000). PostgreSQL itself never drops one, so that means
-/// a connection pooler that pgfresh took for a direct connection (one that passed its startup
-/// settings through) handed the session's next statement to another server session; from then on
-/// every statement is sent unnamed, as behind a pooler pgfresh knows of.
+/// Whether the sessions of one database may keep prepared statements: yes, until a statement was
+/// found missing where PostgreSQL itself would still have it (SQLSTATE 26000), or a name taken
+/// that this process never used on the session (42P05). Either means a connection pooler that
+/// pgfresh took for a direct connection (one that passed its startup settings through) sent the
+/// session's statements to several server sessions; from then on every statement is sent unnamed
+/// and every call into user code runs in a transaction of its own, as behind a pooler pgfresh
+/// knows of.
 #[derive(Clone, Default)]
 pub(crate) struct Kept {
     lost: Arc<AtomicBool>,
+}
+
+/// Where a kept statement runs, which decides what its failure may do.
+#[derive(Clone, Copy, PartialEq)]
+pub(crate) enum Session {
+    /// Inside a transaction of pgfresh's own, on one of its sessions: a failed statement aborts the
+    /// transaction, so it is not tried again here, and since no user code runs on the session, a
+    /// missing statement can only be a pooler's doing.
+    Transaction,
+    /// A loader's session, between transactions: a statement that failed because the server
+    /// session no longer runs it as prepared (a schema change; user code that ran `DEALLOCATE`) is
+    /// prepared again and run once more right away, and only if that one is lost too is it taken
+    /// for a pooler's doing.
+    Autocommit,
 }
 
 impl Kept {
@@ -37,15 +53,16 @@ impl Kept {
     }
 
     /// Runs `sql` on `client`, prepared once and kept in `cache` (the session's), or, once keeping
-    /// was given up, parsed now. A kept statement that fails is forgotten, so the next run prepares
+    /// was given up, parsed now. A kept statement that fails is forgotten, so its next run prepares
     /// it again: a schema change may have made it unrunnable ("cached plan must not change result
-    /// type"). The SQL must not depend on anything that differs between the session's runs but
-    /// its tables (pgfresh's own never depend on the `search_path`; a loader's session keeps its
+    /// type"). The SQL must not depend on anything that differs between the session's runs but its
+    /// tables (pgfresh's own never depend on the `search_path`; a loader's session keeps its
     /// settings).
     pub(crate) async fn query(
         &self,
         client: &Client,
         cache: &StatementCache,
+        session: Session,
         sql: &str,
         params: &[(&(dyn ToSql + Sync), Type)],
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
@@ -53,30 +70,75 @@ impl Kept {
             return client.query_typed(sql, params).await;
         }
         let types: Vec<Type> = params.iter().map(|(_, ty)| ty.clone()).collect();
-        if cache.size() >= KEPT_PER_SESSION {
-            cache.clear();
+        let error = match run(client, cache, sql, &types, params).await {
+            Ok(rows) => return Ok(rows),
+            Err(error) => error,
+        };
+        cache.remove(sql, &types);
+        let pooled = is_pooled(&error);
+        match session {
+            Session::Transaction => {
+                if pooled {
+                    self.give_up(cache);
+                }
+                return Err(error);
+            }
+            Session::Autocommit if !pooled && !is_stale(&error) => return Err(error),
+            Session::Autocommit => {}
         }
-        let statement = cache.prepare_typed(client, sql, &types).await?;
-        let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
-        let ran = client.query(&statement, &values).await;
-        if let Err(error) = &ran {
-            cache.remove(sql, &types);
-            if error.code() == Some(&SqlState::INVALID_SQL_STATEMENT_NAME) {
+        match run(client, cache, sql, &types, params).await {
+            Err(error) if is_pooled(&error) => {
                 self.give_up(cache);
+                client.query_typed(sql, params).await
+            }
+            ran => {
+                if ran.is_err() {
+                    cache.remove(sql, &types);
+                }
+                ran
             }
         }
-        ran
     }
 
-    /// Stops keeping statements on every session of the database, after one lost its own.
+    /// Stops keeping statements on every session of the database.
     fn give_up(&self, cache: &StatementCache) {
         cache.clear();
         if !self.lost.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                "a session lost a statement pgfresh had prepared on it: PostgreSQL is reached through a connection pooler that took pgfresh's startup settings (give the pooler `ignore_startup_parameters = options`, or none); from now on pgfresh prepares no statement to keep"
+                "prepared statements went to another server session than the one they were prepared on: PostgreSQL is reached through a connection pooler that took pgfresh's startup settings (give it `ignore_startup_parameters = options`, or none); from now on pgfresh keeps no statement and runs loaders in transactions of their own"
             );
         }
     }
+}
+
+/// Prepares `sql` once per session (`cache`) and runs it.
+async fn run(
+    client: &Client,
+    cache: &StatementCache,
+    sql: &str,
+    types: &[Type],
+    params: &[(&(dyn ToSql + Sync), Type)],
+) -> Result<Vec<Row>, tokio_postgres::Error> {
+    if cache.size() >= KEPT_PER_SESSION {
+        cache.clear();
+    }
+    let statement = cache.prepare_typed(client, sql, types).await?;
+    let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
+    client.query(&statement, &values).await
+}
+
+/// A statement the session had prepared is not there, or a name this process gave no statement on
+/// the session is taken.
+fn is_pooled(error: &tokio_postgres::Error) -> bool {
+    matches!(
+        error.code(),
+        Some(&SqlState::INVALID_SQL_STATEMENT_NAME | &SqlState::DUPLICATE_PSTATEMENT)
+    )
+}
+
+/// PostgreSQL refuses to run the statement as it was prepared: what it returns has changed.
+fn is_stale(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&SqlState::FEATURE_NOT_SUPPORTED)
 }
 
 /// A transaction on one of pgfresh's own sessions, and whether its statements may be kept.
@@ -101,7 +163,8 @@ impl<'s, 't> Hot<'s, 't> {
         match self.kept {
             Some(kept) => {
                 let client = self.txn.client();
-                kept.query(client, &self.txn.statement_cache, sql, params)
+                let cache = &self.txn.statement_cache;
+                kept.query(client, cache, Session::Transaction, sql, params)
                     .await
             }
             None => self.txn.query_typed(sql, params).await,
