@@ -45,25 +45,26 @@ pub(crate) async fn process(
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    let claim = queue::claim_batch(
-        Hot::new(&txn, kept),
-        backlog.claim_after(),
-        shared.settings.batch_size,
-    )
-    .await
-    .inspect_err(|_| statements.clear())?;
+    let after = backlog.claim_after();
+    let claim = queue::claim_batch(Hot::new(&txn, kept), after, shared.settings.batch_size)
+        .await
+        .inspect_err(|_| statements.clear())?;
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
     if claimed as i64 >= shared.settings.batch_size {
-        backlog.full_claim(claim.last_id());
+        backlog.full_claim(after, claim.last_id());
     }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
-    match apply(shared, txn, claim, started).await {
+    match apply(shared, backlog, txn, claim, started).await {
         Ok(stats) => Ok((claimed, stats)),
         Err(error) => {
+            // Its changes are ready again, maybe below where the drain's claims start.
+            if let Some(&first) = ids.first() {
+                backlog.ready_again(Instant::now(), first);
+            }
             statements.clear();
             queue::note_error(&client, &ids, &error.to_string()).await;
             Err(error)
@@ -74,6 +75,7 @@ pub(crate) async fn process(
 /// Everything after the claim: plan, route and fan out, render and write, settle, commit.
 async fn apply(
     shared: &Shared,
+    backlog: &Backlog,
     mut txn: deadpool_postgres::Transaction<'_>,
     claim: Claim,
     started: Instant,
@@ -111,7 +113,11 @@ async fn apply(
     ages.record(shared, &plan, &rendered);
     remember_coverage(shared, fanned_out, snapshot);
     if !plan.deferred.is_empty() {
-        shared.wake_by(Instant::now() + plan.defer_for);
+        let ready = Instant::now() + plan.defer_for;
+        shared.wake_by(ready);
+        if let Some(&first) = plan.deferred.iter().min() {
+            backlog.ready_again(ready, first);
+        }
     }
     shared.board.applied(settled);
     log_batch(&plan, claimed_at, rendered_at, started.elapsed());

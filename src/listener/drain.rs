@@ -203,8 +203,8 @@ impl ChangeRate {
 }
 
 /// How long a drain's claims start past the changes it already claimed ([`Backlog`]): changes
-/// below that become ready meanwhile (a late commit, a retry, a deferred hot key) wait at most
-/// this long, even under a backlog that never lets the drain end.
+/// below that become ready meanwhile (a late commit, a retry) wait at most this long, even under a
+/// backlog that never lets the drain end.
 const FLOOR_KEPT: Duration = Duration::from_secs(1);
 
 /// What the workers of one drain share about its backlog: where their claims may start, and a
@@ -213,33 +213,74 @@ const FLOOR_KEPT: Duration = Duration::from_secs(1);
 /// A claimed change is deleted, but its row (and its index entry) stays until no snapshot can
 /// see it any more: a claim that started from the queue's first id walked over every change the
 /// backlog's earlier batches took, in every batch, and over ever more of them while some session
-/// holds an old snapshot (a long report, a forgotten `BEGIN`). After a full claim the next
-/// claims start past its last change; a drain that ends, or a floor older than [`FLOOR_KEPT`],
-/// starts from the first id again.
+/// holds an old snapshot (a long report, a forgotten `BEGIN`). After a full claim from the first
+/// id the next claims start past its last change; a drain that ends, or a floor older than
+/// [`FLOOR_KEPT`], starts from the first id again, and the time at which changes a batch
+/// deferred become ready ([`Backlog::ready_again`]) lowers the floor to them.
 pub(crate) struct Backlog {
-    floor: std::sync::Mutex<Option<(i64, Instant)>>,
+    claims: std::sync::Mutex<Claims>,
     more_workers: tokio::sync::mpsc::Sender<()>,
 }
 
+/// Where claims start, and until when.
+#[derive(Default)]
+struct Claims {
+    /// Past this id, until then.
+    floor: Option<(i64, Instant)>,
+    /// When changes below the floor become ready, and the first of them: the floor goes below it
+    /// then.
+    ready_again: Option<(Instant, i64)>,
+}
+
 impl Backlog {
+    fn new(more_workers: tokio::sync::mpsc::Sender<()>) -> Backlog {
+        Backlog {
+            claims: std::sync::Mutex::new(Claims::default()),
+            more_workers,
+        }
+    }
+
     /// The id past which the next claim looks (`i64::MIN`: from the first).
     pub(crate) fn claim_after(&self) -> i64 {
-        match *self.floor.lock().expect("backlog floor lock") {
-            Some((id, since)) if since.elapsed() < FLOOR_KEPT => id,
+        let now = Instant::now();
+        let mut claims = self.claims.lock().expect("backlog lock");
+        if let Some((at, first)) = claims.ready_again
+            && at <= now
+        {
+            claims.ready_again = None;
+            if let Some((id, _)) = &mut claims.floor {
+                *id = (*id).min(first.saturating_sub(1));
+            }
+        }
+        match claims.floor {
+            Some((id, until)) if now < until => id,
             _ => i64::MIN,
         }
     }
 
-    /// A claim came back full, up to `last_id`: later claims start past it, and one more worker
-    /// may join.
-    pub(crate) fn full_claim(&self, last_id: i64) {
-        let mut floor = self.floor.lock().expect("backlog floor lock");
-        *floor = match *floor {
-            Some((id, since)) if since.elapsed() < FLOOR_KEPT => Some((id.max(last_id), since)),
-            _ => Some((last_id, Instant::now())),
+    /// A claim that looked past `after` came back full, up to `last_id`: later claims start past
+    /// it, and one more worker may join. Only a claim from the first id starts a floor: one that
+    /// started past a floor since ended would set it again, over the changes its end was for.
+    pub(crate) fn full_claim(&self, after: i64, last_id: i64) {
+        let now = Instant::now();
+        let mut claims = self.claims.lock().expect("backlog lock");
+        claims.floor = match claims.floor {
+            Some((id, until)) if now < until => Some((id.max(last_id), until)),
+            _ if after == i64::MIN => Some((last_id, now + FLOOR_KEPT)),
+            _ => None,
         };
         // A signal already waits, or the drain is done taking workers in: either is fine.
         let _ = self.more_workers.try_send(());
+    }
+
+    /// Changes from id `first` on, which may be below the floor, become ready at `at` (a batch
+    /// deferred them, or rolled back): claims start at `first` again then.
+    pub(crate) fn ready_again(&self, at: Instant, first: i64) {
+        let mut claims = self.claims.lock().expect("backlog lock");
+        claims.ready_again = Some(match claims.ready_again {
+            Some((earlier, lowest)) => (earlier.min(at), lowest.min(first)),
+            None => (at, first),
+        });
     }
 }
 
@@ -252,10 +293,7 @@ async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
     let most = shared.settings.workers.max(1);
     // One signal waiting is enough: it brings in one worker, and the next full claim another.
     let (more_workers, mut wanted) = tokio::sync::mpsc::channel::<()>(1);
-    let backlog = Arc::new(Backlog {
-        floor: std::sync::Mutex::new(None),
-        more_workers,
-    });
+    let backlog = Arc::new(Backlog::new(more_workers));
     let mut workers = JoinSet::new();
     workers.spawn(worker(shared.clone(), backlog.clone()));
     let mut total = Drained::default();
@@ -301,4 +339,50 @@ async fn worker(shared: Arc<Shared>, backlog: Arc<Backlog>) -> Result<Drained, E
         }
     }
     Ok(drained)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backlog() -> Backlog {
+        Backlog::new(tokio::sync::mpsc::channel(1).0)
+    }
+
+    #[test]
+    fn claims_start_past_a_full_claim_from_the_first_id() {
+        let backlog = backlog();
+        assert_eq!(backlog.claim_after(), i64::MIN);
+        backlog.full_claim(i64::MIN, 200);
+        assert_eq!(backlog.claim_after(), 200);
+        backlog.full_claim(200, 400);
+        assert_eq!(backlog.claim_after(), 400);
+        // A claim that started before returns later, with lower ids: the floor stays.
+        backlog.full_claim(i64::MIN, 300);
+        assert_eq!(backlog.claim_after(), 400);
+    }
+
+    #[test]
+    fn changes_deferred_below_the_floor_are_claimed_once_ready() {
+        let backlog = backlog();
+        backlog.full_claim(i64::MIN, 200);
+        backlog.full_claim(200, 400);
+        backlog.ready_again(Instant::now() + Duration::from_secs(3600), 150);
+        assert_eq!(backlog.claim_after(), 400, "not before they are ready");
+        backlog.ready_again(Instant::now(), 250);
+        // The earliest time, the first id.
+        assert_eq!(backlog.claim_after(), 149);
+        backlog.full_claim(149, 600);
+        assert_eq!(backlog.claim_after(), 600);
+    }
+
+    #[test]
+    fn a_claim_past_a_floor_that_has_ended_does_not_set_it_again() {
+        let backlog = backlog();
+        backlog.claims.lock().unwrap().floor = Some((200, Instant::now()));
+        assert_eq!(backlog.claim_after(), i64::MIN, "ended");
+        // A claim made past the old floor returns full after its end.
+        backlog.full_claim(200, 400);
+        assert_eq!(backlog.claim_after(), i64::MIN);
+    }
 }
