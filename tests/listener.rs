@@ -586,6 +586,45 @@ async fn while_one_batch_stalls_a_backlog_is_worked_by_another_worker() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_change_made_while_a_batch_stalls_is_applied_by_another_worker() {
+    let env = TestEnv::shop(2).await;
+    let (card, release) = common::AlteredCard::stalling();
+    let listener = env.start_listener_with(
+        pgfresh::Fragments::new().with(&env.prefix, common::SharedFragment(card.clone())),
+        tweak(test_settings(), |s| s.workers = 2),
+    );
+    let rename = |id: i64| {
+        let env = &env;
+        async move {
+            env.client()
+                .await
+                .execute("UPDATE products SET name = 'Later' WHERE id = $1", &[&id])
+                .await
+                .unwrap();
+        }
+    };
+    // A batch of one change, whose load stalls (a slow query, a lock): its claim was short, so no
+    // other worker was taken in for a backlog.
+    rename(1).await;
+    eventually("the first batch to stall", || async { card.gate_taken() }).await;
+    // The next change must not wait for it.
+    rename(2).await;
+    eventually(
+        "product 2 renamed while product 1's batch stalls",
+        || async {
+            env.get(&env.key(2, "compact"))
+                .await
+                .is_some_and(|html| html.contains("<h2>Later</h2>"))
+        },
+    )
+    .await;
+    release.send(()).unwrap();
+    env.wait_fresh(1).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
 /// What the statistics say of `pgfresh.changes`.
 #[derive(Clone, Copy)]
 struct QueueReads {

@@ -51,7 +51,7 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
             crate::shutdown::pause(&shared.shutdown, shared.settings.poll_interval).await;
             continue;
         }
-        let drained = match drain(shared).await {
+        let drained = match drain(shared, wake).await {
             Ok(drained) => drained,
             Err(error) => {
                 if failing_since.is_none() {
@@ -117,17 +117,22 @@ impl Pace {
 /// How long to wait before looking at the queue again: the poll interval when idle, a short poll
 /// when busy, and no longer than until deferred changes become ready.
 fn pause(shared: &Shared) -> Duration {
-    let pause = if shared.idle.load(Ordering::Relaxed) {
-        shared.settings.poll_interval
-    } else {
-        BUSY_POLL
-    };
+    let pause = poll_pause(shared);
     match shared.next_wake.lock().expect("next wake lock").take() {
         // A little after the deferred changes' retry time, which PostgreSQL's clock decides.
         Some(at) => {
             pause.min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(2))
         }
         None => pause,
+    }
+}
+
+/// The poll interval when idle, a short poll when busy.
+fn poll_pause(shared: &Shared) -> Duration {
+    if shared.idle.load(Ordering::Relaxed) {
+        shared.settings.poll_interval
+    } else {
+        BUSY_POLL
     }
 }
 
@@ -288,21 +293,39 @@ impl Backlog {
 /// up to `--workers` at once while claims come back full. At low rates a wake-up brings a change
 /// or two, which the first claim takes: a second worker started with it would only open a
 /// transaction to find nothing (half of all claims at 100 changes per second). A full claim says
-/// there is a backlog, and brings in one more worker.
-async fn drain(shared: &Arc<Shared>) -> Result<Drained, Error> {
+/// there is a backlog, and brings in one more worker. So does a wake-up, or the time for a poll,
+/// while fewer than `--workers` run: a batch that stalls (a slow load, a lock) holds up its own
+/// changes and no others.
+async fn drain(shared: &Arc<Shared>, wake: &Notify) -> Result<Drained, Error> {
     let most = shared.settings.workers.max(1);
     // One signal waiting is enough: it brings in one worker, and the next full claim another.
     let (more_workers, mut wanted) = tokio::sync::mpsc::channel::<()>(1);
     let backlog = Arc::new(Backlog::new(more_workers));
     let mut workers = JoinSet::new();
     workers.spawn(worker(shared.clone(), backlog.clone()));
+    // Polls as the drain loop does, but leaves deferred changes to it (they are ready after the
+    // drain, or at a poll).
+    let poll = tokio::time::sleep(poll_pause(shared));
+    tokio::pin!(poll);
     let mut total = Drained::default();
     let mut first_error = None;
     loop {
+        let room = workers.len() < most
+            && !shared.shutdown.is_cancelled()
+            && !shared.stand_aside.requested();
         let joined = tokio::select! {
             biased;
             joined = workers.join_next() => joined,
-            Some(()) = wanted.recv(), if workers.len() < most => {
+            Some(()) = wanted.recv(), if room => {
+                workers.spawn(worker(shared.clone(), backlog.clone()));
+                continue;
+            }
+            _ = wake.notified(), if room => {
+                workers.spawn(worker(shared.clone(), backlog.clone()));
+                continue;
+            }
+            _ = &mut poll, if room => {
+                poll.as_mut().reset(tokio::time::Instant::now() + poll_pause(shared));
                 workers.spawn(worker(shared.clone(), backlog.clone()));
                 continue;
             }
