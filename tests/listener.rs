@@ -625,6 +625,41 @@ async fn a_change_made_while_a_batch_stalls_is_applied_by_another_worker() {
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn while_a_batch_stalls_a_rush_of_changes_still_turns_the_listener_busy() {
+    let env = TestEnv::shop(2).await;
+    let (card, release) = common::AlteredCard::stalling();
+    let listener = env.start_listener_with(
+        pgfresh::Fragments::new().with(&env.prefix, common::SharedFragment(card.clone())),
+        tweak(test_settings(), |s| s.workers = 2),
+    );
+    let idle = || async { env.listener_total("idle::int").await == 1 };
+    eventually("the listener to ask for NOTIFYs", idle).await;
+    let db = env.client().await;
+    db.execute("UPDATE products SET name = 'Stalled' WHERE id = 1", &[])
+        .await
+        .unwrap();
+    eventually("the first batch to stall", || async { card.gate_taken() }).await;
+    // Far above the rate at which writers should stop notifying, while the drain that holds the
+    // stalled batch goes on: the listener must tell them so now, not once the batch is done.
+    db.batch_execute(
+        "DO $$ BEGIN FOR i IN 1..2000 LOOP
+             UPDATE products SET price_cents = price_cents + 1 WHERE id = 2;
+         END LOOP; END $$",
+    )
+    .await
+    .unwrap();
+    eventually("the listener to stop asking for NOTIFYs", || async {
+        env.listener_total("idle::int").await == 0
+    })
+    .await;
+    release.send(()).unwrap();
+    env.wait_fresh(1).await;
+    env.wait_fresh(2).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
 /// What the statistics say of `pgfresh.changes`.
 #[derive(Clone, Copy)]
 struct QueueReads {

@@ -186,7 +186,7 @@ pub struct ListenArgs {
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(i64).range(1..=100_000))]
     pub batch_size: i64,
     /// Most batches processed concurrently: a drain starts with one and takes in another whenever a
-    /// claim comes back full.
+    /// claim comes back full, or a wake-up or poll comes while a batch runs.
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..=64))]
     pub workers: u16,
     /// Serve the status page (/), /metrics (Prometheus), /healthz and /readyz on this address, e.g.

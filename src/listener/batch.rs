@@ -58,15 +58,15 @@ pub(crate) async fn process(
         backlog.full_claim(after, claim.last_id());
     }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
+    let first = claim.first_id();
     match apply(shared, backlog, txn, claim, started).await {
         Ok(stats) => Ok((claimed, stats)),
         Err(error) => {
-            // Its changes are ready again, maybe below where the drain's claims start.
-            if let Some(&first) = ids.first() {
-                backlog.ready_again(Instant::now(), first);
-            }
             statements.clear();
             queue::note_error(&client, &ids, &error.to_string()).await;
+            // Rolled back and noted (on this session, after the rollback): its changes are ready
+            // again, maybe below where the drain's claims start.
+            backlog.ready_again(Instant::now(), first);
             Err(error)
         }
     }

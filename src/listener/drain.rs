@@ -1,7 +1,7 @@
 //! The drain loop: works through the queue whenever there may be work, until shutdown, one batch at
-//! a time and up to `--workers` at once while claims come back full; switches between waiting for
-//! NOTIFYs (idle) and polling (busy) by the rate of changes; stands aside for a newer listener
-//! between drains.
+//! a time and up to `--workers` at once while claims come back full or a wake-up or poll comes
+//! while a batch runs; switches between waiting for NOTIFYs (idle) and polling (busy) by the rate
+//! of changes, as each batch ends; stands aside for a newer listener between drains.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -51,8 +51,8 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
             crate::shutdown::pause(&shared.shutdown, shared.settings.poll_interval).await;
             continue;
         }
-        let drained = match drain(shared, wake).await {
-            Ok(drained) => drained,
+        match drain(shared, wake, &mut pace).await {
+            Ok(()) => {}
             Err(error) => {
                 if failing_since.is_none() {
                     tracing::warn!(%error, "cannot process changes; they stay queued, retrying with backoff");
@@ -70,7 +70,7 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
         }
         // After asking for NOTIFYs, drain once more: a change whose trigger read the flag just before
         // it was set would otherwise wait for the next poll.
-        if pace.switch(shared, &drained).await == Some(true) {
+        if pace.switch(shared, &Drained::default()).await == Some(true) {
             continue;
         }
         tokio::select! {
@@ -232,9 +232,9 @@ pub(crate) struct Backlog {
 struct Claims {
     /// Past this id, until then.
     floor: Option<(i64, Instant)>,
-    /// When changes below the floor become ready, and the first of them: the floor goes below it
-    /// then.
-    ready_again: Option<(Instant, i64)>,
+    /// When changes that may be below the floor become ready, and the first of them: the floor
+    /// goes below it then.
+    ready_again: Vec<(Instant, i64)>,
 }
 
 impl Backlog {
@@ -249,13 +249,16 @@ impl Backlog {
     pub(crate) fn claim_after(&self) -> i64 {
         let now = Instant::now();
         let mut claims = self.claims.lock().expect("backlog lock");
-        if let Some((at, first)) = claims.ready_again
-            && at <= now
-        {
-            claims.ready_again = None;
-            if let Some((id, _)) = &mut claims.floor {
-                *id = (*id).min(first.saturating_sub(1));
+        let mut lowest = None;
+        claims.ready_again.retain(|&(at, first)| {
+            let ready = at <= now;
+            if ready {
+                lowest = Some(lowest.map_or(first, |lowest: i64| lowest.min(first)));
             }
+            !ready
+        });
+        if let (Some(first), Some((id, _))) = (lowest, &mut claims.floor) {
+            *id = (*id).min(first.saturating_sub(1));
         }
         match claims.floor {
             Some((id, until)) if now < until => id,
@@ -282,10 +285,7 @@ impl Backlog {
     /// deferred them, or rolled back): claims start at `first` again then.
     pub(crate) fn ready_again(&self, at: Instant, first: i64) {
         let mut claims = self.claims.lock().expect("backlog lock");
-        claims.ready_again = Some(match claims.ready_again {
-            Some((earlier, lowest)) => (earlier.min(at), lowest.min(first)),
-            None => (at, first),
-        });
+        claims.ready_again.push((at, first));
     }
 }
 
@@ -293,24 +293,24 @@ impl Backlog {
 /// up to `--workers` at once while claims come back full. At low rates a wake-up brings a change
 /// or two, which the first claim takes: a second worker started with it would only open a
 /// transaction to find nothing (half of all claims at 100 changes per second). A full claim says
-/// there is a backlog, and brings in one more worker. So does a wake-up, or the time for a poll,
-/// while fewer than `--workers` run: a batch that stalls (a slow load, a lock) holds up its own
-/// changes and no others.
-async fn drain(shared: &Arc<Shared>, wake: &Notify) -> Result<Drained, Error> {
+/// there is a backlog, and brings in one more worker. So does a wake-up, or the time for a poll
+/// (or for deferred changes), while fewer than `--workers` run: a batch that stalls (a slow load,
+/// a lock) does not hold up the changes made after it. Each batch's changes go to `pace` as its
+/// worker ends, so a drain that lasts keeps the listener's pace (idle or busy) current. After a
+/// worker failed, no other is taken in: the drain ends, and the drain loop backs off.
+async fn drain(shared: &Arc<Shared>, wake: &Notify, pace: &mut Pace) -> Result<(), Error> {
     let most = shared.settings.workers.max(1);
     // One signal waiting is enough: it brings in one worker, and the next full claim another.
     let (more_workers, mut wanted) = tokio::sync::mpsc::channel::<()>(1);
     let backlog = Arc::new(Backlog::new(more_workers));
     let mut workers = JoinSet::new();
     workers.spawn(worker(shared.clone(), backlog.clone()));
-    // Polls as the drain loop does, but leaves deferred changes to it (they are ready after the
-    // drain, or at a poll).
-    let poll = tokio::time::sleep(poll_pause(shared));
+    let poll = tokio::time::sleep_until(next_poll(shared));
     tokio::pin!(poll);
-    let mut total = Drained::default();
     let mut first_error = None;
     loop {
         let room = workers.len() < most
+            && first_error.is_none()
             && !shared.shutdown.is_cancelled()
             && !shared.stand_aside.requested();
         let joined = tokio::select! {
@@ -325,7 +325,13 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify) -> Result<Drained, Error> {
                 continue;
             }
             _ = &mut poll, if room => {
-                poll.as_mut().reset(tokio::time::Instant::now() + poll_pause(shared));
+                // A worker looks now: deferred changes that are ready are its to claim.
+                let mut next_wake = shared.next_wake.lock().expect("next wake lock");
+                if next_wake.is_some_and(|at| at <= Instant::now()) {
+                    *next_wake = None;
+                }
+                drop(next_wake);
+                poll.as_mut().reset(next_poll(shared));
                 workers.spawn(worker(shared.clone(), backlog.clone()));
                 continue;
             }
@@ -333,8 +339,11 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify) -> Result<Drained, Error> {
         match joined {
             None => break,
             Some(Ok(Ok(drained))) => {
-                total.changes += drained.changes;
-                total.stats += drained.stats;
+                // Asking for NOTIFYs: look once more, for a change whose trigger read the flag just
+                // before it was set.
+                if pace.switch(shared, &drained).await == Some(true) && room {
+                    workers.spawn(worker(shared.clone(), backlog.clone()));
+                }
             }
             Some(Ok(Err(error))) => first_error = first_error.or(Some(error)),
             Some(Err(join_error)) => {
@@ -346,8 +355,18 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify) -> Result<Drained, Error> {
     }
     match first_error {
         Some(error) => Err(error),
-        None => Ok(total),
+        None => Ok(()),
     }
+}
+
+/// When a drain with room for a worker takes one in for a poll: a poll interval from now, or
+/// when deferred changes become ready, if sooner (read, not taken: the drain loop still needs it
+/// when the drain ends first).
+fn next_poll(shared: &Shared) -> tokio::time::Instant {
+    let poll = Instant::now() + poll_pause(shared);
+    let deferred = *shared.next_wake.lock().expect("next wake lock");
+    let at = deferred.map_or(poll, |at| poll.min(at + Duration::from_millis(2)));
+    tokio::time::Instant::from_std(at)
 }
 
 /// One worker of a drain: batch after batch until a claim comes back short.
@@ -392,11 +411,13 @@ mod tests {
         backlog.full_claim(200, 400);
         backlog.ready_again(Instant::now() + Duration::from_secs(3600), 150);
         assert_eq!(backlog.claim_after(), 400, "not before they are ready");
+        backlog.ready_again(Instant::now(), 300);
         backlog.ready_again(Instant::now(), 250);
-        // The earliest time, the first id.
-        assert_eq!(backlog.claim_after(), 149);
-        backlog.full_claim(149, 600);
+        // What is ready, from the first of it; the rest waits for its time.
+        assert_eq!(backlog.claim_after(), 249);
+        backlog.full_claim(249, 600);
         assert_eq!(backlog.claim_after(), 600);
+        assert_eq!(backlog.claims.lock().unwrap().ready_again.len(), 1);
     }
 
     #[test]

@@ -41,7 +41,8 @@ pub(crate) struct Shared {
     pub(crate) idle: AtomicBool,
     /// Recent renders, to settle covered changes and slow down hot keys.
     pub(crate) recent: RecentRenders,
-    /// When deferred changes become ready: the drain loop looks at the queue again then.
+    /// When deferred changes become ready: the drain loop, or a drain with room for a worker,
+    /// looks at the queue again then.
     pub(crate) next_wake: Mutex<Option<Instant>>,
     /// Why a task stopped the listener, when it found it must (another listener registered first
     /// shares Redis with it badly): what `listen` returns.

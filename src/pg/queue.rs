@@ -138,7 +138,15 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, after: i64, limit: i64) -> Res
 }
 
 impl Claim {
-    /// The highest id claimed (`i64::MIN` when none).
+    /// The lowest id it holds (`i64::MAX` when empty).
+    pub(crate) fn first_id(&self) -> i64 {
+        let ids = self.changes.iter().map(|c| c.id);
+        ids.chain(self.undecodable.iter().map(|f| f.id))
+            .min()
+            .unwrap_or(i64::MAX)
+    }
+
+    /// The highest id it holds (`i64::MIN` when empty).
     pub(crate) fn last_id(&self) -> i64 {
         let ids = self.changes.iter().map(|c| c.id);
         ids.chain(self.undecodable.iter().map(|f| f.id))
