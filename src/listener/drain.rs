@@ -105,12 +105,21 @@ impl Pace {
         }
         let per_second = self.rate.record(drained.changes);
         let idle = shared.idle.load(Ordering::Relaxed);
-        let want_idle = if idle {
-            per_second <= BUSY_RATE
-        } else {
-            self.last_change.elapsed() >= QUIET_BEFORE_IDLE
-        };
+        let quiet_for = self.last_change.elapsed();
+        let want_idle = wants_idle(idle, drained.changes, per_second, quiet_for);
         (want_idle != idle && set_idle(shared, want_idle).await).then_some(want_idle)
+    }
+}
+
+/// Whether a listener that is `idle` (or busy) should be idle after a batch or a drain that found
+/// `changes`, at `per_second` recently and `quiet_for` since the last change. Only one that found
+/// changes turns an idle listener busy: the rate still counts a burst that has ended (whose quiet
+/// turned the listener idle), and the two would otherwise take turns at every drain.
+fn wants_idle(idle: bool, changes: u64, per_second: f64, quiet_for: Duration) -> bool {
+    if idle {
+        changes == 0 || per_second <= BUSY_RATE
+    } else {
+        quiet_for >= QUIET_BEFORE_IDLE
     }
 }
 
@@ -386,6 +395,23 @@ async fn worker(shared: Arc<Shared>, backlog: Arc<Backlog>) -> Result<Drained, E
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_burst_turns_the_listener_busy_and_its_quiet_idle_once() {
+        let busy_rate = BUSY_RATE * 10.0;
+        assert!(
+            !wants_idle(true, 2000, busy_rate, Duration::ZERO),
+            "a burst"
+        );
+        assert!(
+            wants_idle(true, 1, BUSY_RATE / 10.0, Duration::ZERO),
+            "a trickle"
+        );
+        assert!(!wants_idle(false, 0, busy_rate, Duration::from_millis(10)));
+        assert!(wants_idle(false, 0, busy_rate, QUIET_BEFORE_IDLE), "quiet");
+        // Idle again while the rate still counts the burst: an empty drain keeps it idle.
+        assert!(wants_idle(true, 0, busy_rate, QUIET_BEFORE_IDLE));
+    }
 
     fn backlog() -> Backlog {
         Backlog::new(tokio::sync::mpsc::channel(1).0)
