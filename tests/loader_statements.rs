@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::product_card::{Card, Product, ProductCard};
-use common::{RunningListener, TestEnv, eventually, test_settings, tweak};
+use common::{RunningListener, TestEnv, test_settings, tweak};
 use pgfresh::tokio_postgres::{self, Client};
 use pgfresh::{Fragment, Fragments};
 
@@ -87,43 +87,16 @@ impl Fragment for &'static WatchedCard {
 /// A listener of `card` with one worker.
 fn listen(env: &TestEnv, card: &'static WatchedCard) -> RunningListener {
     let db = pgfresh::Database::new(&env.url, 2).unwrap();
-    let shutdown = pgfresh::Shutdown::new();
     let fragments = Fragments::new().with(&env.prefix, card);
-    let settings = tweak(test_settings(), |s| s.workers = 1);
-    let task = tokio::spawn(pgfresh::listen(
-        db,
-        env.sink.clone(),
-        fragments,
-        settings,
-        shutdown.clone(),
-    ));
-    RunningListener { shutdown, task }
-}
-
-async fn rename(env: &TestEnv, id: i64, name: &str) {
-    env.client()
-        .await
-        .execute("UPDATE products SET name = $2 WHERE id = $1", &[&id, &name])
-        .await
-        .unwrap();
-}
-
-async fn wait_name(env: &TestEnv, id: i64, name: &str) {
-    let needle = format!("<h2>{name}</h2>");
-    eventually(&format!("product {id} to be named {name}"), || async {
-        env.get(&env.key(id, "compact"))
-            .await
-            .is_some_and(|html| html.contains(&needle))
-    })
-    .await;
+    env.start_listener_on(db, fragments, tweak(test_settings(), |s| s.workers = 1))
 }
 
 /// Renames product 1 `rounds` times, each time waiting for its card.
 async fn renames(env: &TestEnv, label: &str, rounds: usize) {
     for round in 1..=rounds {
         let name = format!("{label} {round}");
-        rename(env, 1, &name).await;
-        wait_name(env, 1, &name).await;
+        env.rename(1, &name).await;
+        env.wait_name(1, &name).await;
     }
 }
 

@@ -411,16 +411,13 @@ async fn a_pooler_taken_for_postgresql_loses_no_change_and_statements_are_no_lon
         .finish();
     let _logging = tracing::subscriber::set_default(subscriber);
     let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
-    let shutdown = Shutdown::new();
-    let listener = tokio::spawn(pgfresh::listen(
+    let listener = env.start_listener_on(
         db,
-        env.sink.clone(),
         Fragments::new().with(&env.prefix, QualifiedCard),
         common::tweak(common::test_settings(), |s| {
             s.poll_interval = Duration::from_millis(50)
         }),
-        shutdown.clone(),
-    ));
+    );
     for round in 1..=9_i64 {
         let (id, name) = (round % 3 + 1, format!("Round {round}"));
         let rename = "UPDATE public.products SET name = $2 WHERE id = $1";
@@ -437,8 +434,7 @@ async fn a_pooler_taken_for_postgresql_loses_no_change_and_statements_are_no_lon
         })
         .await;
     }
-    shutdown.cancel();
-    listener.await.unwrap().unwrap();
+    listener.stop().await;
     assert_eq!(env.parked().await, 0);
     // The first statement found missing was the last: pgfresh kept no statement after it.
     let log = log.text();

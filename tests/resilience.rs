@@ -6,9 +6,7 @@ mod common;
 use std::time::Duration;
 
 use common::servers::{Stopped, TempRedis};
-use common::{
-    AlteredCard, RunningListener, TestEnv, eventually, eventually_after, test_settings, tweak,
-};
+use common::{AlteredCard, TestEnv, eventually, eventually_after, test_settings, tweak};
 use pgfresh::Fragments;
 use pgfresh::ListenSettings;
 
@@ -28,24 +26,6 @@ async fn wait_idle(env: &TestEnv, listeners: i64) {
             .unwrap()
             .get(0);
         idle == listeners
-    })
-    .await;
-}
-
-async fn rename(env: &TestEnv, id: i64, name: &str) {
-    env.client()
-        .await
-        .execute("UPDATE products SET name = $2 WHERE id = $1", &[&id, &name])
-        .await
-        .unwrap();
-}
-
-async fn wait_name(env: &TestEnv, id: i64, name: &str) {
-    let needle = format!("<h2>{name}</h2>");
-    eventually(&format!("product {id} to be named {name}"), || async {
-        env.get(&env.key(id, "compact"))
-            .await
-            .is_some_and(|html| html.contains(&needle))
     })
     .await;
 }
@@ -80,15 +60,15 @@ async fn terminated_backends_are_replaced_and_changes_keep_flowing() {
         .await
         .unwrap();
     // Committed while the LISTEN session is gone: only the drain after reconnecting can apply it.
-    rename(&env, 1, "After the cut").await;
-    wait_name(&env, 1, "After the cut").await;
+    env.rename(1, "After the cut").await;
+    env.wait_name(1, "After the cut").await;
     eventually("a new LISTEN session", || async {
         !backends(&env, "pgfresh listen").await.is_empty()
     })
     .await;
     wait_idle(&env, 1).await;
-    rename(&env, 2, "Through NOTIFY again").await;
-    wait_name(&env, 2, "Through NOTIFY again").await;
+    env.rename(2, "Through NOTIFY again").await;
+    env.wait_name(2, "Through NOTIFY again").await;
     listener.stop().await;
     env.cleanup().await;
 }
@@ -100,20 +80,12 @@ async fn a_claim_prepared_before_a_schema_change_is_prepared_again() {
     // need one), both made to prepare the claim below: a session that had not would prepare it
     // afresh and hide the fault.
     let db = pgfresh::Database::new(&env.url, 2).unwrap();
-    let shutdown = pgfresh::Shutdown::new();
     let settings = tweak(test_settings(), |s| s.workers = 1);
-    let task = tokio::spawn(pgfresh::listen(
-        db,
-        env.sink.clone(),
-        env.fragments(),
-        settings,
-        shutdown.clone(),
-    ));
-    let listener = RunningListener { shutdown, task };
+    let listener = env.start_listener_on(db, env.fragments(), settings);
     for round in 1..=8 {
         let name = format!("Prepared {round}");
-        rename(&env, 1, &name).await;
-        wait_name(&env, 1, &name).await;
+        env.rename(1, &name).await;
+        env.wait_name(1, &name).await;
     }
     // What an upgrade could do: the claim now returns another type, and PostgreSQL refuses to
     // run it as prepared ("cached plan must not change result type"). The listener must prepare
@@ -123,8 +95,8 @@ async fn a_claim_prepared_before_a_schema_change_is_prepared_again() {
         .batch_execute("ALTER TABLE pgfresh.changes ALTER COLUMN key TYPE varchar")
         .await
         .unwrap();
-    rename(&env, 2, "Prepared again").await;
-    wait_name(&env, 2, "Prepared again").await;
+    env.rename(2, "Prepared again").await;
+    env.wait_name(2, "Prepared again").await;
     listener.stop().await;
     env.cleanup().await;
 }
@@ -138,9 +110,9 @@ async fn a_frozen_listen_session_is_detected_and_replaced() {
     assert_eq!(frozen.len(), 1);
     // SIGSTOP: the session stays connected but delivers nothing, like a half-open TCP connection.
     let stopped = Stopped::process(frozen[0] as u32);
-    rename(&env, 1, "Despite the freeze").await;
+    env.rename(1, "Despite the freeze").await;
     let started = std::time::Instant::now();
-    wait_name(&env, 1, "Despite the freeze").await;
+    env.wait_name(1, "Despite the freeze").await;
     let took = started.elapsed();
     drop(stopped);
     // README promises detection within 20 s (a ping every 10 s, 10 s for it to come back); the margin
@@ -160,12 +132,12 @@ async fn while_redis_hangs_changes_wait_with_their_error_and_arrive_when_it_answ
     let redis = TempRedis::start();
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;
     let listener = env.start_listener(test_settings());
-    rename(&env, 1, "Before the outage").await;
-    wait_name(&env, 1, "Before the outage").await;
+    env.rename(1, "Before the outage").await;
+    env.wait_name(1, "Before the outage").await;
 
     // Frozen, Redis keeps its data and the sweep marker: only the queue can bring the change in.
     let frozen = redis.freeze();
-    rename(&env, 2, "During the outage").await;
+    env.rename(2, "During the outage").await;
     let db = env.client().await;
     eventually("the change to note why it waits", || async {
         db.query_opt(
@@ -184,7 +156,7 @@ async fn while_redis_hangs_changes_wait_with_their_error_and_arrive_when_it_answ
         "an outage is no reason to park a change"
     );
     drop(frozen);
-    wait_name(&env, 2, "During the outage").await;
+    env.wait_name(2, "During the outage").await;
     eventually("the queue to drain", || async { env.pending().await == 0 }).await;
     assert_eq!(
         env.get(&env.marker_key()).await.as_deref(),
@@ -200,8 +172,8 @@ async fn a_redis_that_comes_back_empty_is_swept() {
     let mut redis = TempRedis::start();
     let env = TestEnv::shop_with_redis(6, &redis.url()).await;
     let listener = env.start_listener(test_settings());
-    rename(&env, 1, "Before the restart").await;
-    wait_name(&env, 1, "Before the restart").await;
+    env.rename(1, "Before the restart").await;
+    env.wait_name(1, "Before the restart").await;
     redis.start_again();
     // The listener notices the missing marker and sweeps everything, so even products that never
     // changed are back.
@@ -360,7 +332,7 @@ async fn refused_stale_writes_are_counted_for_status() {
     let ticket_key = format!("pgfresh:ticket:{}", env.key(1, "compact"));
     env.set(&ticket_key, "9000000000000000").await;
     let listener = env.start_listener(test_settings());
-    rename(&env, 1, "Refused").await;
+    env.rename(1, "Refused").await;
     eventually("the refused write to be counted", || async {
         env.listener_total("refused_writes").await >= 1
     })
@@ -413,7 +385,7 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
     )
     .await
     .unwrap();
-    wait_name(&env, 3, "Fine").await;
+    env.wait_name(3, "Fine").await;
     eventually(
         "the panicking and the refused change to be parked",
         || async { env.parked().await == 2 },
@@ -433,7 +405,7 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
     db.batch_execute("ALTER TABLE reviews RENAME TO reviews_away")
         .await
         .unwrap();
-    rename(&env, 4, "After the loader recovered").await;
+    env.rename(4, "After the loader recovered").await;
     eventually("the loader failure to be recorded for retry", || async {
         let row = db
             .query_opt(
@@ -449,7 +421,7 @@ async fn a_panicking_render_a_redis_error_and_a_loader_error_each_fail_alone_and
     db.batch_execute("ALTER TABLE reviews_away RENAME TO reviews")
         .await
         .unwrap();
-    wait_name(&env, 4, "After the loader recovered").await;
+    env.wait_name(4, "After the loader recovered").await;
     listener.stop().await;
     env.del(&ticket_key).await;
     env.cleanup().await;
@@ -476,8 +448,8 @@ async fn notifications_from_anyone_are_only_hints() {
             .unwrap();
     }
     // Nothing changed, so nothing is rendered, whatever the payloads asked for.
-    rename(&env, 3, "A real change").await;
-    wait_name(&env, 3, "A real change").await;
+    env.rename(3, "A real change").await;
+    env.wait_name(3, "A real change").await;
     assert_eq!(env.get(&env.key(1, "compact")).await, None);
     assert_eq!(env.get(&env.key(2, "compact")).await, None);
     assert!(
@@ -637,15 +609,15 @@ async fn a_slow_batch_of_old_data_landing_after_a_newer_batch_is_refused() {
         Fragments::new().with(&env.prefix, common::SharedFragment(stalling.clone())),
         test_settings(),
     );
-    rename(&env, 1, "Old").await;
+    env.rename(1, "Old").await;
     eventually("the slow listener to have read its rows", || async {
         stalling.gate_taken()
     })
     .await;
     // Another applies the newer change meanwhile.
     let fast = env.start_listener(test_settings());
-    rename(&env, 1, "New").await;
-    wait_name(&env, 1, "New").await;
+    env.rename(1, "New").await;
+    env.wait_name(1, "New").await;
     // The slow batch took its ticket before it read "Old", so it is older than the fast one's, and
     // Redis refuses it, whichever lands last.
     release.send(()).unwrap();

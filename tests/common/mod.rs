@@ -285,15 +285,45 @@ impl TestEnv {
         fragments: Fragments,
         settings: ListenSettings,
     ) -> RunningListener {
+        self.start_listener_on(self.db.clone(), fragments, settings)
+    }
+
+    /// Starts a listener for these fragments on `db` (pools of another size, a pooler's URL).
+    pub fn start_listener_on(
+        &self,
+        db: Database,
+        fragments: Fragments,
+        settings: ListenSettings,
+    ) -> RunningListener {
         let shutdown = Shutdown::new();
         let task = tokio::spawn(pgfresh::listen(
-            self.db.clone(),
+            db,
             self.sink.clone(),
             fragments,
             settings,
             shutdown.clone(),
         ));
         RunningListener { shutdown, task }
+    }
+
+    /// Renames product `id`, in a commit of its own.
+    pub async fn rename(&self, id: i64, name: &str) {
+        self.client()
+            .await
+            .execute("UPDATE products SET name = $2 WHERE id = $1", &[&id, &name])
+            .await
+            .unwrap();
+    }
+
+    /// Waits until product `id`'s compact card in Redis shows `name`.
+    pub async fn wait_name(&self, id: i64, name: &str) {
+        let needle = format!("<h2>{name}</h2>");
+        eventually(&format!("product {id} to be named {name}"), || async {
+            self.get(&self.key(id, "compact"))
+                .await
+                .is_some_and(|html| html.contains(&needle))
+        })
+        .await;
     }
 
     /// Starts a listener serving `--http` on a free port and waits until `/readyz` says ready.
