@@ -12,8 +12,8 @@
 //!
 //! ```
 //! use pgfresh::maud::{Markup, html};
-//! use pgfresh::tokio_postgres::{Client, Error};
-//! use pgfresh::{Fragment, Fragments, Loaded, Topics};
+//! use pgfresh::tokio_postgres::{Client, Error, types::Type};
+//! use pgfresh::{CachedStatements, Fragment, Fragments, Loaded, Topics};
 //!
 //! pgfresh::variants! {
 //!     enum Card { Compact = "compact", Full = "full" }
@@ -34,9 +34,9 @@
 //!         Topics::new().direct("product") // SELECT pgfresh.watch('products', 'id', 'product')
 //!     }
 //!     async fn load(&self, db: &Client, ids: &[i64]) -> Loaded<Self> {
-//!         let rows = db
-//!             .query("SELECT id, name, price_cents FROM products WHERE id = ANY($1)", &[&ids])
-//!             .await?;
+//!         // Prepared once per session, not with every batch.
+//!         let sql = "SELECT id, name, price_cents FROM products WHERE id = ANY($1)";
+//!         let rows = db.query_typed_cached(sql, &[(&ids, Type::INT8_ARRAY)]).await?;
 //!         Ok(rows.iter().map(|r| (r.get(0), (r.get(1), r.get(2)))).collect())
 //!     }
 //!     fn render(&self, _id: &i64, (name, cents): &Self::Row, variant: Card) -> Markup {
