@@ -9,7 +9,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use common::product_card::{Card, Product, ProductCard};
 use common::{RunningListener, TestEnv, test_settings, tweak};
-use pgfresh::tokio_postgres::types::Type;
 use pgfresh::tokio_postgres::{self, Client};
 use pgfresh::{Fragment, Fragments};
 
@@ -24,6 +23,8 @@ struct WatchedCard {
     seen: Mutex<Vec<Result<Kept, String>>>,
     /// Set by the test: the next load drops every statement its session has prepared.
     deallocate: AtomicBool,
+    /// Where each load connects itself, rather than use the session pgfresh handed it.
+    own_connection: Option<String>,
 }
 
 impl WatchedCard {
@@ -50,7 +51,15 @@ impl Fragment for &'static WatchedCard {
     fn topics(&self) -> pgfresh::Topics {
         ProductCard.topics()
     }
-    async fn load(&self, db: &Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
+    async fn load(&self, handed: &Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
+        let own;
+        let db = match &self.own_connection {
+            Some(url) => {
+                own = common::connect(url).await;
+                &own
+            }
+            None => handed,
+        };
         let rows = match ProductCard.load(db, keys).await {
             Ok(rows) => rows,
             Err(error) => {
@@ -197,53 +206,12 @@ async fn a_loader_statement_its_session_dropped_is_prepared_again_at_once_and_ke
     env.cleanup().await;
 }
 
-/// The shop's card, loaded on a connection the loader opens itself rather than the one pgfresh
-/// handed it; after each load, how many statements that connection keeps.
-struct ForeignCard {
-    url: String,
-    kept: Mutex<Vec<i64>>,
-}
-
-impl Fragment for &'static ForeignCard {
-    type Key = i64;
-    type Row = Product;
-    type Variant = Card;
-    type Error = tokio_postgres::Error;
-    fn name(&self) -> &str {
-        "product_card"
-    }
-    fn topics(&self) -> pgfresh::Topics {
-        ProductCard.topics()
-    }
-    async fn load(&self, _handed: &Client, keys: &[i64]) -> pgfresh::Loaded<Self> {
-        let own = common::connect(&self.url).await;
-        let rows = ProductCard.load(&own, keys).await?;
-        let count = "SELECT count(*) FROM pg_prepared_statements WHERE statement LIKE $1";
-        let kept = own
-            .query_typed(count, &[(&LOAD_STATEMENT, Type::TEXT)])
-            .await?;
-        self.kept.lock().unwrap().push(kept[0].get(0));
-        Ok(rows)
-    }
-    fn render(&self, key: &i64, row: &Product, variant: Card) -> pgfresh::maud::Markup {
-        ProductCard.render(key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, tokio_postgres::Error> {
-        ProductCard.keys_after(db, after, limit).await
-    }
-}
-
 #[tokio::test]
 async fn a_loader_s_own_connection_keeps_nothing_of_the_session_pgfresh_handed_it() {
     let env = TestEnv::shop(3).await;
-    let card: &'static ForeignCard = Box::leak(Box::new(ForeignCard {
-        url: env.url.clone(),
-        kept: Mutex::default(),
+    let card: &'static WatchedCard = Box::leak(Box::new(WatchedCard {
+        own_connection: Some(env.url.clone()),
+        ..WatchedCard::default()
     }));
     let fragments = Fragments::new().with(&env.prefix, card);
     let listener = env.start_listener_with(fragments, test_settings());
@@ -251,8 +219,11 @@ async fn a_loader_s_own_connection_keeps_nothing_of_the_session_pgfresh_handed_i
     listener.stop().await;
     // Its statements are sent unnamed: one prepared there through the handed session's cache
     // would be run on the handed session, where it does not exist.
-    let kept = card.kept.lock().unwrap().clone();
-    assert!(kept.len() >= 3 && kept.iter().all(|&n| n == 0), "{kept:?}");
+    let kept = card.kept();
+    assert!(
+        kept.len() >= 3 && kept.iter().all(Option::is_none),
+        "{kept:?}"
+    );
     assert_eq!(env.parked().await, 0);
     env.cleanup().await;
 }

@@ -35,10 +35,9 @@ pub(crate) async fn process(
 ) -> Result<(usize, RefreshStats), Error> {
     let mut client = shared.db.pinned().await?;
     let pooled = shared.db.behind_pooler().await?;
+    // A kept statement that fails is forgotten (`pg::statements::Kept`): one a schema upgrade
+    // made unrunnable is prepared again by the next batch.
     let kept = shared.db.kept_statements().await?;
-    // Whatever fails, the next batch prepares its statements anew: one that cannot run any more
-    // (a schema upgrade changed what it returns) must not fail every batch after it.
-    let statements = client.statement_cache.clone();
     let txn = client.transaction().await?;
     if pooled {
         // The settings a pooler would not take at connection: set for this transaction alone.
@@ -46,9 +45,7 @@ pub(crate) async fn process(
     }
     let started = Instant::now();
     let after = backlog.claim_after();
-    let claim = queue::claim_batch(Hot::new(&txn, kept), after, shared.settings.batch_size)
-        .await
-        .inspect_err(|_| statements.clear())?;
+    let claim = queue::claim_batch(Hot::new(&txn, kept), after, shared.settings.batch_size).await?;
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
         txn.rollback().await?;
@@ -62,7 +59,6 @@ pub(crate) async fn process(
     match apply(shared, backlog, txn, claim, started).await {
         Ok(stats) => Ok((claimed, stats)),
         Err(error) => {
-            statements.clear();
             queue::note_error(&client, &ids, &error.to_string()).await;
             // Rolled back and noted (on this session, after the rollback): its changes are ready
             // again, maybe below where the drain's claims start.

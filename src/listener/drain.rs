@@ -312,8 +312,9 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify, pace: &mut Pace) -> Result<(
     // One signal waiting is enough: it brings in one worker, and the next full claim another.
     let (more_workers, mut wanted) = tokio::sync::mpsc::channel::<()>(1);
     let backlog = Arc::new(Backlog::new(more_workers));
+    let take_in = || worker(shared.clone(), backlog.clone());
     let mut workers = JoinSet::new();
-    workers.spawn(worker(shared.clone(), backlog.clone()));
+    workers.spawn(take_in());
     let poll = tokio::time::sleep_until(next_poll(shared));
     tokio::pin!(poll);
     let mut first_error = None;
@@ -326,11 +327,11 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify, pace: &mut Pace) -> Result<(
             biased;
             joined = workers.join_next() => joined,
             Some(()) = wanted.recv(), if room => {
-                workers.spawn(worker(shared.clone(), backlog.clone()));
+                workers.spawn(take_in());
                 continue;
             }
             _ = wake.notified(), if room => {
-                workers.spawn(worker(shared.clone(), backlog.clone()));
+                workers.spawn(take_in());
                 continue;
             }
             _ = &mut poll, if room => {
@@ -341,7 +342,7 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify, pace: &mut Pace) -> Result<(
                 }
                 drop(next_wake);
                 poll.as_mut().reset(next_poll(shared));
-                workers.spawn(worker(shared.clone(), backlog.clone()));
+                workers.spawn(take_in());
                 continue;
             }
         };
@@ -351,7 +352,7 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify, pace: &mut Pace) -> Result<(
                 // Asking for NOTIFYs: look once more, for a change whose trigger read the flag just
                 // before it was set.
                 if pace.switch(shared, &drained).await == Some(true) && room {
-                    workers.spawn(worker(shared.clone(), backlog.clone()));
+                    workers.spawn(take_in());
                 }
             }
             Some(Ok(Err(error))) => first_error = first_error.or(Some(error)),
