@@ -544,6 +544,59 @@ async fn under_load_the_listener_stops_asking_for_notify_and_asks_again_when_qui
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn after_a_burst_a_steady_hundred_changes_a_second_has_the_listener_ask_for_notify_again() {
+    let env = TestEnv::shop(200).await;
+    let listener = env.start_listener(test_settings());
+    let idle = || async { env.listener_total("idle::int").await == 1 };
+    eventually("the listener to ask for NOTIFYs", idle).await;
+    let db = env.client().await;
+    db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
+        .await
+        .unwrap();
+    db.execute("UPDATE products SET price_cents = price_cents + 1", &[])
+        .await
+        .unwrap();
+    eventually("the burst to turn the listener busy", || async {
+        env.listener_total("idle::int").await == 0
+    })
+    .await;
+    // Then one change every 10 ms: the queue is never quiet for long, but the rate is far below
+    // the busy one, and a polling listener would add about 10 ms to each of these changes.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writer = {
+        let (stop, url) = (stop.clone(), env.url.clone());
+        tokio::spawn(async move {
+            let db = common::connect(&url).await;
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+            let mut id = 0_i64;
+            while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                tick.tick().await;
+                id = id % 200 + 1;
+                db.execute(
+                    "UPDATE products SET price_cents = price_cents + 1 WHERE id = $1",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+            }
+        })
+    };
+    eventually(
+        "the listener to ask for NOTIFYs while the changes go on",
+        idle,
+    )
+    .await;
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    tokio::time::timeout(common::PATIENCE, writer)
+        .await
+        .expect("the writer stops")
+        .unwrap();
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
 /// A listener of the shop's card whose first load stalls until the returned sender fires.
 fn stalling_listener(
     env: &TestEnv,

@@ -109,6 +109,24 @@ struct CatchUp {
     queued: i64,
     elapsed: Duration,
     cost: crate::cost::Cost,
+    /// Updates at 100/s right after the drain, by the same listener (the snapshot still held, if
+    /// it was), and what they cost.
+    after: Latencies,
+    after_cost: crate::cost::Cost,
+}
+
+impl CatchUp {
+    /// `then at 100 updates/s: p50 .., p99 ..; CPU ...`
+    fn after(&self) -> String {
+        let mut sorted = self.after.latencies.clone();
+        sorted.sort();
+        format!(
+            "then at 100 updates/s: p50 {}, p99 {}; {}",
+            ms(percentile(&sorted, 0.50)),
+            ms(percentile(&sorted, 0.99)),
+            self.after_cost.per_thousand(sorted.len() as f64, "changes")
+        )
+    }
 }
 
 /// A listener running in this process, for the scenarios that measure it.
@@ -752,22 +770,24 @@ impl Bench {
     pub async fn catch_up(&self) -> Result<()> {
         let normal = self.catch_up_once(false).await?;
         println!(
-            "catch-up: {} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s; {}",
+            "catch-up: {} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s; {}; {}",
             normal.queued,
             normal.elapsed.as_secs_f64(),
             normal.queued as f64 / normal.elapsed.as_secs_f64(),
-            normal.cost.per_thousand(normal.queued as f64, "changes")
+            normal.cost.per_thousand(normal.queued as f64, "changes"),
+            normal.after()
         );
         // Issue 21's case: another session holds a transaction open for the whole run (a long
         // report, a forgotten BEGIN), so no dead row of the queue can be removed meanwhile.
         let held = self.catch_up_once(true).await?;
         println!(
-            "catch-up with a transaction held open (xmin pinned): {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}",
+            "catch-up with a transaction held open (xmin pinned): {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}; {} (its dead rows still kept)",
             held.queued,
             held.elapsed.as_secs_f64(),
             held.queued as f64 / held.elapsed.as_secs_f64(),
             held.elapsed.as_secs_f64() / normal.elapsed.as_secs_f64(),
-            held.cost.per_thousand(held.queued as f64, "changes")
+            held.cost.per_thousand(held.queued as f64, "changes"),
+            held.after()
         );
         Ok(())
     }
@@ -802,8 +822,13 @@ impl Bench {
         let listener = spawn_listener(&db, &sink).await?;
         wait_for_empty_queue(&client).await?;
         let elapsed = started.elapsed();
-        listener.stop().await?;
         let cost = CpuSample::now(&self.redis_url).await?.since(before);
+        let before = CpuSample::now(&self.redis_url).await?;
+        let after = self
+            .measure_latency(&url, 100, Duration::from_secs(10))
+            .await?;
+        let after_cost = CpuSample::now(&self.redis_url).await?.since(before);
+        listener.stop().await?;
         if hold {
             holder.batch_execute("COMMIT").await?;
         }
@@ -811,6 +836,8 @@ impl Bench {
             queued,
             elapsed,
             cost,
+            after,
+            after_cost,
         })
     }
 }

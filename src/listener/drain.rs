@@ -26,6 +26,13 @@ const BUSY_POLL: Duration = Duration::from_millis(20);
 /// How long the queue must stay empty before a busy listener asks for NOTIFYs again.
 const QUIET_BEFORE_IDLE: Duration = Duration::from_millis(100);
 
+/// At or below this many changes per second, over a whole [`RATE_WINDOW`], a busy listener asks for
+/// NOTIFYs again even though the queue is never quiet for long: at 100 changes a second it never is
+/// for [`QUIET_BEFORE_IDLE`], and a listener that turned busy in a burst (or started busy) would
+/// otherwise poll, adding about 10 ms to every change, for as long as that rate lasted. Half of
+/// [`BUSY_RATE`], so that a rate near one threshold does not switch the listener at every batch.
+const IDLE_RATE: f64 = BUSY_RATE / 2.0;
+
 /// The window over which the change rate is measured.
 const RATE_WINDOW: Duration = Duration::from_millis(200);
 
@@ -86,6 +93,8 @@ struct Pace {
     rate: ChangeRate,
     /// When a drain last found changes; a listener starts busy, as if it just had.
     last_change: Instant,
+    /// When the listener last turned busy (or started).
+    busy_since: Instant,
 }
 
 impl Pace {
@@ -93,6 +102,7 @@ impl Pace {
         Pace {
             rate: ChangeRate::default(),
             last_change: Instant::now(),
+            busy_since: Instant::now(),
         }
     }
 
@@ -106,20 +116,33 @@ impl Pace {
         let per_second = self.rate.record(drained.changes);
         let idle = shared.idle.load(Ordering::Relaxed);
         let quiet_for = self.last_change.elapsed();
-        let want_idle = wants_idle(idle, drained.changes, per_second, quiet_for);
-        (want_idle != idle && set_idle(shared, want_idle).await).then_some(want_idle)
+        let busy_for = self.busy_since.elapsed();
+        let want_idle = wants_idle(idle, drained.changes, per_second, quiet_for, busy_for);
+        let switched = want_idle != idle && set_idle(shared, want_idle).await;
+        if switched && !want_idle {
+            self.busy_since = Instant::now();
+        }
+        switched.then_some(want_idle)
     }
 }
 
-/// Whether a listener that is `idle` (or busy) should be idle after a batch or a drain that found
-/// `changes`, at `per_second` recently and `quiet_for` since the last change. Only one that found
-/// changes turns an idle listener busy: the rate still counts a burst that has ended (whose quiet
-/// turned the listener idle), and the two would otherwise take turns at every drain.
-fn wants_idle(idle: bool, changes: u64, per_second: f64, quiet_for: Duration) -> bool {
+/// Whether a listener that is `idle` (or busy, for `busy_for`) should be idle after a batch or a
+/// drain that found `changes`, at `per_second` recently and `quiet_for` since the last change. Only
+/// one that found changes turns an idle listener busy: the rate still counts a burst that has ended
+/// (whose quiet turned the listener idle), and the two would otherwise take turns at every drain. A
+/// busy one turns idle once the queue is quiet, or once a whole rate window since it turned busy
+/// counted no more than [`IDLE_RATE`].
+fn wants_idle(
+    idle: bool,
+    changes: u64,
+    per_second: f64,
+    quiet_for: Duration,
+    busy_for: Duration,
+) -> bool {
     if idle {
         changes == 0 || per_second <= BUSY_RATE
     } else {
-        quiet_for >= QUIET_BEFORE_IDLE
+        quiet_for >= QUIET_BEFORE_IDLE || (busy_for >= RATE_WINDOW && per_second <= IDLE_RATE)
     }
 }
 
@@ -400,18 +423,47 @@ mod tests {
     #[test]
     fn a_burst_turns_the_listener_busy_and_its_quiet_idle_once() {
         let busy_rate = BUSY_RATE * 10.0;
+        let long = RATE_WINDOW * 10;
         assert!(
-            !wants_idle(true, 2000, busy_rate, Duration::ZERO),
+            !wants_idle(true, 2000, busy_rate, Duration::ZERO, long),
             "a burst"
         );
         assert!(
-            wants_idle(true, 1, BUSY_RATE / 10.0, Duration::ZERO),
+            wants_idle(true, 1, BUSY_RATE / 10.0, Duration::ZERO, long),
             "a trickle"
         );
-        assert!(!wants_idle(false, 0, busy_rate, Duration::from_millis(10)));
-        assert!(wants_idle(false, 0, busy_rate, QUIET_BEFORE_IDLE), "quiet");
+        assert!(!wants_idle(
+            false,
+            0,
+            busy_rate,
+            Duration::from_millis(10),
+            long
+        ));
+        assert!(
+            wants_idle(false, 0, busy_rate, QUIET_BEFORE_IDLE, long),
+            "quiet"
+        );
         // Idle again while the rate still counts the burst: an empty drain keeps it idle.
-        assert!(wants_idle(true, 0, busy_rate, QUIET_BEFORE_IDLE));
+        assert!(wants_idle(true, 0, busy_rate, QUIET_BEFORE_IDLE, long));
+    }
+
+    #[test]
+    fn a_busy_listener_turns_idle_when_the_rate_falls_though_the_queue_is_never_quiet() {
+        let never_quiet = Duration::from_millis(10);
+        // 100 changes a second, a change every 10 ms: after a burst, or since the listener started.
+        assert!(wants_idle(false, 1, 100.0, never_quiet, RATE_WINDOW));
+        // Not on a window that has not yet seen a whole rate window of busy work.
+        assert!(!wants_idle(false, 1, 100.0, never_quiet, RATE_WINDOW / 2));
+        // Between the two thresholds, each state holds: no switching at every batch.
+        let between = (IDLE_RATE + BUSY_RATE) / 2.0;
+        assert!(!wants_idle(
+            false,
+            5,
+            between,
+            never_quiet,
+            RATE_WINDOW * 10
+        ));
+        assert!(wants_idle(true, 5, between, never_quiet, RATE_WINDOW * 10));
     }
 
     fn backlog() -> Backlog {
