@@ -823,3 +823,44 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
     listener.stop().await;
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn while_a_snapshot_is_held_changes_after_a_backlog_are_claimed_without_walking_over_it() {
+    let env = TestEnv::shop(3).await;
+    let db = env.client().await;
+    let listener = idle_listener(&env, test_settings()).await;
+    let mut holder = env.client().await;
+    let held = holder
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    held.batch_execute("SELECT 1").await.unwrap();
+    // 20,000 applied changes whose rows and index entries the held snapshot keeps.
+    drain_backlog(&db, "g::text").await;
+    // Then changes one at a time, each applied before the next, as on a quiet site: each is a
+    // claim of its own, and a drain of its own.
+    let before = queue_reads(&db).await;
+    for round in 0..30 {
+        env.rename(1 + round % 3, &format!("Round {round}")).await;
+        env.wait_name(1 + round % 3, &format!("Round {round}"))
+            .await;
+    }
+    eventually("the last deletes in the statistics", || async {
+        queue_reads(&db).await.deleted - before.deleted >= 30
+    })
+    .await;
+    let read = queue_reads(&db).await.index_entries - before.index_entries;
+    // Claims that start from the first id read the 20,000 entries each: 600,000 and more for 30
+    // changes (the status figures' look for the oldest change too, every few seconds). Past a
+    // floor that transaction ids prove, the first claim after the backlog reads them once, and
+    // the floor's walk from the first id every 10 s once more.
+    assert!(
+        read < 150_000,
+        "{read} index entries read to claim 30 changes, one at a time"
+    );
+    held.rollback().await.unwrap();
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -224,7 +224,7 @@ async fn print_watches(client: &tokio_postgres::Client) -> Result<(), Error> {
 const TROUBLES_SHOWN: i64 = 5;
 
 async fn print_queue(client: &tokio_postgres::Client, version: i32) -> Result<(), Error> {
-    let stats = queue::stats(client).await?;
+    let stats = queue::stats(client, i64::MIN).await?;
     let oldest = stats.oldest.map_or("none".to_string(), |age| {
         format!("{:.1} s old", age.as_secs_f64())
     });

@@ -27,8 +27,9 @@ const SLOW_BATCH: Duration = Duration::from_secs(1);
 /// Claims one batch, refreshes its fragments and settles it, all in one transaction. Returns how many
 /// changes it claimed. On an error the transaction rolls back and the batch stays queued as it was,
 /// each change noting the error (without counting an attempt: an outage is not the change's fault),
-/// so that `status` and `pgfresh.changes` say why it waits. Claims past where `backlog` says, and
-/// tells it as soon as the claim comes back full, before the batch is worked.
+/// so that `status` and `pgfresh.changes` say why it waits. Claims past the listener's floor or
+/// where `backlog` says, and tells it as soon as the claim comes back full, before the batch is
+/// worked.
 pub(crate) async fn process(
     shared: &Shared,
     backlog: &Backlog,
@@ -44,15 +45,29 @@ pub(crate) async fn process(
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    let after = backlog.claim_after();
-    let claim = queue::claim_batch(Hot::new(&txn, kept), after, shared.settings.batch_size).await?;
+    // Past the listener's floor, or past what this drain's backlog already took; only a claim
+    // from the floor looks for the first change past it, which is what moves the floor.
+    let start = shared.floor.start();
+    let backlog_after = backlog.claim_after().filter(|&after| after > start.floor);
+    let after = backlog_after.unwrap_or(start.floor);
+    let from_floor = backlog_after.is_none().then_some(start.floor);
+    let claim = queue::claim_batch(
+        Hot::new(&txn, kept),
+        after,
+        from_floor,
+        shared.settings.batch_size,
+    )
+    .await?;
+    if let Some(seen) = claim.seen {
+        shared.floor.claimed(start, seen);
+    }
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
         txn.rollback().await?;
         return Ok((0, RefreshStats::default()));
     }
     if claimed as i64 >= shared.settings.batch_size {
-        backlog.full_claim(after, claim.last_id());
+        backlog.full_claim(backlog_after, claim.last_id());
     }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
     let first = claim.first_id();

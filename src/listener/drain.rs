@@ -250,10 +250,11 @@ const FLOOR_KEPT: Duration = Duration::from_secs(1);
 /// A claimed change is deleted, but its row (and its index entry) stays until no snapshot can
 /// see it any more: a claim that started from the queue's first id walked over every change the
 /// backlog's earlier batches took, in every batch, and over ever more of them while some session
-/// holds an old snapshot (a long report, a forgotten `BEGIN`). After a full claim from the first
-/// id the next claims start past its last change; a drain that ends, or a floor older than
-/// [`FLOOR_KEPT`], starts from the first id again, and the time at which changes a batch
-/// deferred become ready ([`Backlog::ready_again`]) lowers the floor to them.
+/// holds an old snapshot (a long report, a forgotten `BEGIN`). After a full claim from the
+/// listener's floor (`listener::floor`, which rises only as transaction ids prove it) the next
+/// claims start past its last change; a drain that ends, or a floor older than [`FLOOR_KEPT`],
+/// starts from the listener's floor again, and the time at which changes a batch deferred become
+/// ready ([`Backlog::ready_again`]) lowers the floor to them.
 pub(crate) struct Backlog {
     claims: std::sync::Mutex<Claims>,
     more_workers: tokio::sync::mpsc::Sender<()>,
@@ -277,8 +278,9 @@ impl Backlog {
         }
     }
 
-    /// The id past which the next claim looks (`i64::MIN`: from the first).
-    pub(crate) fn claim_after(&self) -> i64 {
+    /// The id past which the next claim looks, if this drain's backlog says (`None`: from the
+    /// listener's floor, `listener::floor`).
+    pub(crate) fn claim_after(&self) -> Option<i64> {
         let now = Instant::now();
         let mut claims = self.claims.lock().expect("backlog lock");
         let mut lowest = None;
@@ -293,20 +295,21 @@ impl Backlog {
             *id = (*id).min(first.saturating_sub(1));
         }
         match claims.floor {
-            Some((id, until)) if now < until => id,
-            _ => i64::MIN,
+            Some((id, until)) if now < until => Some(id),
+            _ => None,
         }
     }
 
-    /// A claim that looked past `after` came back full, up to `last_id`: later claims start past
-    /// it, and one more worker may join. Only a claim from the first id starts a floor: one that
-    /// started past a floor since ended would set it again, over the changes its end was for.
-    pub(crate) fn full_claim(&self, after: i64, last_id: i64) {
+    /// A claim that looked past `after` (as [`Backlog::claim_after`] said) came back full, up to
+    /// `last_id`: later claims start past it, and one more worker may join. Only a claim from the
+    /// listener's floor starts a backlog's: one that started past a floor since ended would set
+    /// it again, over the changes its end was for.
+    pub(crate) fn full_claim(&self, after: Option<i64>, last_id: i64) {
         let now = Instant::now();
         let mut claims = self.claims.lock().expect("backlog lock");
         claims.floor = match claims.floor {
             Some((id, until)) if now < until => Some((id.max(last_id), until)),
-            _ if after == i64::MIN => Some((last_id, now + FLOOR_KEPT)),
+            _ if after.is_none() => Some((last_id, now + FLOOR_KEPT)),
             _ => None,
         };
         // A signal already waits, or the drain is done taking workers in: either is fine.
@@ -473,29 +476,33 @@ mod tests {
     #[test]
     fn claims_start_past_a_full_claim_from_the_first_id() {
         let backlog = backlog();
-        assert_eq!(backlog.claim_after(), i64::MIN);
-        backlog.full_claim(i64::MIN, 200);
-        assert_eq!(backlog.claim_after(), 200);
-        backlog.full_claim(200, 400);
-        assert_eq!(backlog.claim_after(), 400);
+        assert_eq!(backlog.claim_after(), None);
+        backlog.full_claim(None, 200);
+        assert_eq!(backlog.claim_after(), Some(200));
+        backlog.full_claim(Some(200), 400);
+        assert_eq!(backlog.claim_after(), Some(400));
         // A claim that started before returns later, with lower ids: the floor stays.
-        backlog.full_claim(i64::MIN, 300);
-        assert_eq!(backlog.claim_after(), 400);
+        backlog.full_claim(None, 300);
+        assert_eq!(backlog.claim_after(), Some(400));
     }
 
     #[test]
     fn changes_deferred_below_the_floor_are_claimed_once_ready() {
         let backlog = backlog();
-        backlog.full_claim(i64::MIN, 200);
-        backlog.full_claim(200, 400);
+        backlog.full_claim(None, 200);
+        backlog.full_claim(Some(200), 400);
         backlog.ready_again(Instant::now() + Duration::from_secs(3600), 150);
-        assert_eq!(backlog.claim_after(), 400, "not before they are ready");
+        assert_eq!(
+            backlog.claim_after(),
+            Some(400),
+            "not before they are ready"
+        );
         backlog.ready_again(Instant::now(), 300);
         backlog.ready_again(Instant::now(), 250);
         // What is ready, from the first of it; the rest waits for its time.
-        assert_eq!(backlog.claim_after(), 249);
-        backlog.full_claim(249, 600);
-        assert_eq!(backlog.claim_after(), 600);
+        assert_eq!(backlog.claim_after(), Some(249));
+        backlog.full_claim(Some(249), 600);
+        assert_eq!(backlog.claim_after(), Some(600));
         assert_eq!(backlog.claims.lock().unwrap().ready_again.len(), 1);
     }
 
@@ -503,9 +510,9 @@ mod tests {
     fn a_claim_past_a_floor_that_has_ended_does_not_set_it_again() {
         let backlog = backlog();
         backlog.claims.lock().unwrap().floor = Some((200, Instant::now()));
-        assert_eq!(backlog.claim_after(), i64::MIN, "ended");
+        assert_eq!(backlog.claim_after(), None, "ended");
         // A claim made past the old floor returns full after its end.
-        backlog.full_claim(200, 400);
-        assert_eq!(backlog.claim_after(), i64::MIN);
+        backlog.full_claim(Some(200), 400);
+        assert_eq!(backlog.claim_after(), None);
     }
 }

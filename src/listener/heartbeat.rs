@@ -22,7 +22,7 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
 }
 
 async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
-    let stats = queue::stats(client).await;
+    let stats = queue::stats(client, shared.floor.current()).await;
     if let Ok(stats) = &stats
         && let Ok(usage) = queue::notification_queue_usage(client).await
     {

@@ -7,7 +7,8 @@
 //! (at-least-once). One listener at a time (the one holding the sweep lease) also runs the sweeps.
 //!
 //! - `shared`: what its tasks share.
-//! - `drain`: the loop that drains the queue, idle (waiting for NOTIFYs) or busy (polling).
+//! - `drain`: the loop that drains the queue, idle (waiting for NOTIFYs) or busy (polling);
+//!   `floor`, where its claims start, past every change that can never be claimed again.
 //! - `batch`: one claimed batch, from claim to commit; `plan`, the pure part deciding what to render;
 //!   `route`, which fragment each change reaches, and the fan-out of keys of shared rows.
 //! - `wakeup`: the LISTEN session that turns NOTIFYs into wake-ups.
@@ -19,6 +20,7 @@
 
 mod batch;
 mod drain;
+mod floor;
 mod heartbeat;
 mod maintenance;
 mod plan;
@@ -187,6 +189,7 @@ impl Listener {
             shutdown,
             idle: AtomicBool::new(false),
             recent: Default::default(),
+            floor: floor::QueueFloor::new(),
             next_wake: Mutex::new(None),
             board,
             registration: Registration::new(me.clone()),

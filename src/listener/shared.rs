@@ -1,10 +1,12 @@
 //! What the listener's tasks share: its connections, fragments, settings and identity, and the state
-//! they hand each other (the idle flag, recent renders, when deferred changes become ready).
+//! they hand each other (the idle flag, recent renders, the queue's floor, when deferred changes
+//! become ready).
 
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::floor::QueueFloor;
 use super::plan::RecentRenders;
 use super::registration::Registration;
 use super::stand_aside::StandAside;
@@ -41,6 +43,8 @@ pub(crate) struct Shared {
     pub(crate) idle: AtomicBool,
     /// Recent renders, to settle covered changes and slow down hot keys.
     pub(crate) recent: RecentRenders,
+    /// Where claims start: past every change that can never be claimed again.
+    pub(crate) floor: QueueFloor,
     /// When deferred changes become ready: the drain loop, or a drain with room for a worker,
     /// looks at the queue again then.
     pub(crate) next_wake: Mutex<Option<Instant>>,

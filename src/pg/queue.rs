@@ -45,6 +45,22 @@ pub(crate) struct Claim {
     pub(crate) undecodable: Vec<Failure>,
     /// The claiming statement's snapshot: every render of this batch saw what it saw, and more.
     pub(crate) snapshot: Option<super::Snapshot>,
+    /// What the claim tells the listener's floor (`None` when it claimed nothing).
+    pub(crate) seen: Option<Seen>,
+}
+
+/// What a claim that claimed something saw, for the listener's floor (`listener::floor`).
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct Seen {
+    /// Its snapshot's `xmin`: every transaction below it had ended.
+    pub(crate) xmin: u64,
+    /// Its own transaction id, assigned after its snapshot was taken.
+    pub(crate) xid: u64,
+    /// The highest id it claimed.
+    pub(crate) last_id: i64,
+    /// Asked for with a floor: the first change past it that its snapshot saw, in any state
+    /// (`None`: none).
+    pub(crate) first_past_floor: Option<Option<i64>>,
 }
 
 /// A failed change and why.
@@ -75,8 +91,14 @@ pub(crate) struct QueueStats {
 
 /// Claims up to `limit` ready changes with ids above `after`, oldest first, skipping rows another
 /// transaction holds, and takes one render ticket. Must run inside a transaction: the row locks
-/// last until it ends, and a crash or rollback leaves the changes queued.
-pub(crate) async fn claim_batch(txn: Hot<'_, '_>, after: i64, limit: i64) -> Result<Claim, Error> {
+/// last until it ends, and a crash or rollback leaves the changes queued. With `floor`, it also
+/// reads the first change past it in any state (see `listener::floor`).
+pub(crate) async fn claim_batch(
+    txn: Hot<'_, '_>,
+    after: i64,
+    floor: Option<i64>,
+    limit: i64,
+) -> Result<Claim, Error> {
     // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
     // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
     // renders by the data they saw.
@@ -89,6 +111,8 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, after: i64, limit: i64) -> Res
     // took from a backlog (see `listener::drain::Backlog`).
     // Ages come from PostgreSQL's clock alone (the claim's time less the change's), so the
     // listener's clock may differ from the server's without skewing freshness.
+    // The claim's own transaction id (it needs one to lock the rows) and, given `$2`, the first
+    // change past it are what `listener::floor` proves its floor with; a NULL `$2` reads nothing.
     let sql = format!(
         "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
          SELECT (SELECT nextval('pgfresh.render_tickets')), id,
@@ -96,14 +120,18 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, after: i64, limit: i64) -> Res
                 xid::text::bigint, (SELECT pg_current_snapshot()::text),
                 CASE WHEN raw THEN convert_to(topic, 'SQL_ASCII') END,
                 CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END,
-                extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
+                extract(epoch FROM clock_timestamp() - {ORIGIN})::float8,
+                (SELECT pg_current_xact_id()::text::bigint),
+                (SELECT min(past.id) FROM pgfresh.changes past WHERE past.id > $2)
          FROM pgfresh.changes, encoding
          WHERE retry_at <= now() AND id > $1
          ORDER BY id
          LIMIT {limit}
          FOR UPDATE OF changes SKIP LOCKED"
     );
-    let rows = txn.query(&sql, &[(&after, Type::INT8)]).await?;
+    let rows = txn
+        .query(&sql, &[(&after, Type::INT8), (&floor, Type::INT8)])
+        .await?;
     // A prepared statement keeps the plan made at its first run (until the table is analyzed):
     // on a queue that was short then, a sequential scan and a sort of every row, which on a
     // backlog of a million changes reads them all for each claim. A full claim says the queue is
@@ -111,13 +139,21 @@ pub(crate) async fn claim_batch(txn: Hot<'_, '_>, after: i64, limit: i64) -> Res
     // that stops after `limit` rows). (The statements over a batch's ids need no such care: their
     // range keeps them on the index, see `bounds`.)
     if rows.len() as i64 >= limit {
-        txn.forget(&sql, &[Type::INT8]);
+        txn.forget(&sql, &[Type::INT8, Type::INT8]);
     }
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),
         snapshot: rows.first().and_then(|r| super::Snapshot::parse(r.get(5))),
         ..Claim::default()
     };
+    if let (Some(first), Some(snapshot)) = (rows.first(), &claim.snapshot) {
+        claim.seen = Some(Seen {
+            xmin: snapshot.xmin(),
+            xid: first.get::<_, i64>(9) as u64,
+            last_id: rows.last().map_or(i64::MIN, |r| r.get(1)),
+            first_past_floor: floor.map(|_| first.get(10)),
+        });
+    }
     for row in &rows {
         let id: i64 = row.get(1);
         match (text(row, 2, 6), text(row, 3, 7)) {
@@ -325,13 +361,16 @@ pub(crate) async fn requeue(
     if keys.is_empty() {
         return Ok(());
     }
+    // The transaction id first (the CTE is read before any row is formed), then the rows' ids:
+    // listeners' floors count on every change being written that way (`listener::floor`).
     client
         .execute_typed(
-            "INSERT INTO pgfresh.changes (topic, key, attempts, retry_at, last_error)
+            "WITH xid AS MATERIALIZED (SELECT pg_current_xact_id())
+             INSERT INTO pgfresh.changes (topic, key, attempts, retry_at, last_error)
              SELECT $1, k.key, CASE WHEN k.error IS NULL THEN 0 ELSE 1 END,
                     CASE WHEN k.error IS NULL THEN '-infinity' ELSE now() + interval '1 second' END,
                     k.error
-             FROM unnest($2::text[], $3::text[]) AS k(key, error)",
+             FROM xid, unnest($2::text[], $3::text[]) AS k(key, error)",
             &[
                 (&topic, Type::TEXT),
                 (&keys, Type::TEXT_ARRAY),
@@ -351,6 +390,7 @@ pub async fn retry_failed(db: &crate::pg::Database) -> Result<u64, Error> {
 async fn retry_failed_on(client: &Client) -> Result<u64, Error> {
     Ok(client
         .execute_typed(
+            // Deleted (which gives the transaction its id) before any row's id is taken.
             "WITH moved AS (DELETE FROM pgfresh.failed RETURNING topic, key, change_id)
              INSERT INTO pgfresh.changes (topic, key)
              SELECT topic, key FROM moved ORDER BY change_id",
@@ -365,19 +405,24 @@ pub(crate) const EXACT_COUNT_LIMIT: i64 = 100_000;
 
 /// Pending and parked counts and the age of the oldest pending change, at a bounded cost: counts
 /// stop at [`EXACT_COUNT_LIMIT`] rows, and the oldest change is the one with the lowest id (ids grow
-/// with time), found through the primary key, as are the ids that bound an estimate.
-pub(crate) async fn stats(client: &Client) -> Result<QueueStats, Error> {
+/// with time), found through the primary key past `floor` (a listener's, `listener::floor`, so
+/// that the look does not walk over applied changes a held snapshot keeps; else `i64::MIN`), as
+/// are the ids that bound an estimate.
+pub(crate) async fn stats(client: &Client, floor: i64) -> Result<QueueStats, Error> {
     let sql = format!(
         "SELECT (SELECT count(*) FROM (SELECT FROM pgfresh.changes LIMIT $1) AS counted),
-                (SELECT max(id) - min(id) + 1 FROM pgfresh.changes),
+                (SELECT max(id) - min(id) + 1 FROM pgfresh.changes WHERE id > $2),
                 (SELECT extract(epoch FROM now() - enqueued_at)::float8
-                 FROM pgfresh.changes ORDER BY id LIMIT 1),
+                 FROM pgfresh.changes WHERE id > $2 ORDER BY id LIMIT 1),
                 (SELECT count(*) FROM (SELECT FROM pgfresh.failed LIMIT $1) AS counted),
                 (SELECT extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
-                 FROM pgfresh.changes ORDER BY id LIMIT 1)"
+                 FROM pgfresh.changes WHERE id > $2 ORDER BY id LIMIT 1)"
     );
     let row = client
-        .query_typed_one(&sql, &[(&(EXACT_COUNT_LIMIT + 1), Type::INT8)])
+        .query_typed_one(
+            &sql,
+            &[(&(EXACT_COUNT_LIMIT + 1), Type::INT8), (&floor, Type::INT8)],
+        )
         .await?;
     let counted: i64 = row.get(0);
     let pending_estimated = counted > EXACT_COUNT_LIMIT;

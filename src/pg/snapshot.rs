@@ -33,6 +33,11 @@ impl Snapshot {
         })
     }
 
+    /// Every transaction below this one had ended when the snapshot was taken.
+    pub(crate) fn xmin(&self) -> u64 {
+        self.xmin
+    }
+
     /// Whether transaction `xid` had committed (or aborted) when the snapshot was taken.
     pub(crate) fn sees(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))

@@ -224,7 +224,7 @@ pub(crate) async fn examine(
         report.ok(format!("{} live listener(s)", listeners.len()));
     }
 
-    let stats = queue::stats(&client).await?;
+    let stats = queue::stats(&client, i64::MIN).await?;
     match stats.lag {
         Some(lag) if lag.as_secs_f64() > STALE_CHANGE_SECONDS => report.problem(
             format!(

@@ -1,0 +1,232 @@
+//! Where this listener's claims start: past every change that can never be claimed again, so
+//! that a claim does not walk over the rows the queue's earlier batches deleted.
+//!
+//! A deleted change stays in the table and its index until no snapshot can see it: while a
+//! session holds an old snapshot (a long report, a forgotten `BEGIN`), every claim that starts
+//! from the first id reads every change applied since, an hour at 100 changes a second being
+//! 360,000 index entries and heap rows per claim. [`QueueFloor`] keeps, across drains, an id at
+//! or below which nothing is left to claim, and proves it with transaction ids:
+//!
+//! - A claim that sees change `v` committed saw every id up to `v` already taken (ids come from
+//!   the table's identity, cached one at a time, so in the order they are taken). Every change is
+//!   written by a transaction that already holds its transaction id when it takes the row's id: a
+//!   capture trigger runs after its row was written, a fan-out after the claim locked its rows,
+//!   and pgfresh's own inserts take theirs first. So each id up to `v` belongs to a transaction
+//!   that began before the claim's own transaction id `x` was assigned.
+//! - Once a later claim's snapshot has `xmin` above `x`, every transaction up to `x` has ended:
+//!   each change up to `v` that will ever be committed is visible to that snapshot (the
+//!   *horizon*). What is not is gone (applied) or never was (rolled back).
+//! - That claim also reads the first change still in the queue past the floor (whatever its
+//!   state: retrying, locked by another listener's batch). The floor moves up to the lower of
+//!   that change (less one) and the horizon. Below the horizon rows are only ever deleted, or
+//!   updated in place, never added, so the floor stays true.
+//!
+//! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something)
+//! keeps `xmin` back, and the floor waits where it is, as claims did before. As a safety net for
+//! a change taken with an id before its transaction had one (a row someone inserted by hand) or
+//! below the floor (the identity restarted), the floor goes back to the first id every
+//! [`WALK_FROM_START`]: such a change waits that long at most.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::pg::queue::Seen;
+
+/// How often claims start from the first id again, whatever the floor says.
+const WALK_FROM_START: Duration = Duration::from_secs(10);
+
+/// Ids seen and the transactions that saw them, kept until a snapshot proves them.
+const CANDIDATES: usize = 32;
+
+/// The floor under this listener's claims (see the module's header).
+pub(crate) struct QueueFloor {
+    state: Mutex<State>,
+}
+
+struct State {
+    /// No change at or below this id can be claimed, now or later.
+    floor: i64,
+    /// Bumped when the floor goes back to the first id: a claim that started before says
+    /// nothing about the floor since.
+    generation: u64,
+    /// When claims last started from the first id.
+    walked_from_start: Instant,
+    /// `(v, x)`: every id up to `v` was taken by a transaction that began before transaction `x`.
+    /// Both grow along the list.
+    candidates: VecDeque<(i64, u64)>,
+}
+
+/// Where a claim starts, to hand back with what it saw.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Start {
+    /// The floor when the claim was sent.
+    pub(crate) floor: i64,
+    generation: u64,
+}
+
+impl QueueFloor {
+    pub(crate) fn new() -> QueueFloor {
+        QueueFloor {
+            state: Mutex::new(State {
+                floor: i64::MIN,
+                generation: 0,
+                walked_from_start: Instant::now(),
+                candidates: VecDeque::new(),
+            }),
+        }
+    }
+
+    /// Where the next claim may start: the floor, or the first id once every
+    /// [`WALK_FROM_START`].
+    pub(crate) fn start(&self) -> Start {
+        let mut state = self.state.lock().expect("queue floor lock");
+        if state.walked_from_start.elapsed() >= WALK_FROM_START {
+            state.walked_from_start = Instant::now();
+            state.floor = i64::MIN;
+            state.generation += 1;
+        }
+        Start {
+            floor: state.floor,
+            generation: state.generation,
+        }
+    }
+
+    /// The floor as it stands, for figures that look for the oldest change.
+    pub(crate) fn current(&self) -> i64 {
+        self.state.lock().expect("queue floor lock").floor
+    }
+
+    /// Takes in what a claim that started at `start` saw.
+    pub(crate) fn claimed(&self, start: Start, seen: Seen) {
+        let mut state = self.state.lock().expect("queue floor lock");
+        // The horizon its snapshot proves: the highest id seen by a claim whose transaction id
+        // is below the snapshot's xmin.
+        let proven = state
+            .candidates
+            .iter()
+            .take_while(|&&(_, x)| x < seen.xmin)
+            .count();
+        let horizon = proven.checked_sub(1).map(|last| state.candidates[last].0);
+        // Later snapshots prove at least as much: the last proven entry is all they need.
+        if proven > 1 {
+            state.candidates.drain(..proven - 1);
+        }
+        if let (Some(horizon), Some(first)) = (horizon, seen.first_past_floor)
+            && start.generation == state.generation
+        {
+            let floor = first.map_or(horizon, |first| horizon.min(first - 1));
+            state.floor = state.floor.max(floor);
+        }
+        // What this claim saw, for a later snapshot to prove: only if it adds to the list's end.
+        // An entry with a higher id and a lower transaction id replaces those it outdoes.
+        if seen.last_id != i64::MIN && seen.xid != 0 {
+            if state
+                .candidates
+                .back()
+                .is_some_and(|&(v, _)| v >= seen.last_id)
+            {
+                return;
+            }
+            while state.candidates.back().is_some_and(|&(_, x)| x >= seen.xid) {
+                state.candidates.pop_back();
+            }
+            if state.candidates.len() == CANDIDATES {
+                state.candidates.pop_back();
+            }
+            state.candidates.push_back((seen.last_id, seen.xid));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(xmin: u64, xid: u64, last_id: i64, first: Option<Option<i64>>) -> Seen {
+        Seen {
+            xmin,
+            xid,
+            last_id,
+            first_past_floor: first,
+        }
+    }
+
+    #[test]
+    fn the_floor_rises_once_a_snapshot_proves_what_an_earlier_claim_saw() {
+        let floor = QueueFloor::new();
+        let start = floor.start();
+        assert_eq!(start.floor, i64::MIN);
+        // Claim 1 (transaction 100) took changes up to id 50.
+        floor.claimed(start, seen(90, 100, 50, Some(Some(40))));
+        assert_eq!(floor.current(), i64::MIN, "nothing proven yet");
+        // Claim 2's snapshot has xmin 100: transaction 100 may still run, and a writer that took
+        // an id below 50 with it.
+        floor.claimed(floor.start(), seen(100, 110, 60, Some(Some(55))));
+        assert_eq!(floor.current(), i64::MIN);
+        // Claim 3's snapshot: every transaction up to 105 ended. Ids up to 50 are settled, and
+        // the first change past the floor is 55: the floor is 50.
+        floor.claimed(floor.start(), seen(106, 120, 70, Some(Some(55))));
+        assert_eq!(floor.current(), 50);
+        // A change still queued below the horizon holds the floor under it.
+        floor.claimed(floor.start(), seen(130, 130, 80, Some(Some(58))));
+        assert_eq!(floor.current(), 57);
+        // An empty queue past the floor: up to the horizon (70, seen by transaction 120).
+        floor.claimed(floor.start(), seen(130, 0, i64::MIN, Some(None)));
+        assert_eq!(floor.current(), 70);
+    }
+
+    #[test]
+    fn only_a_claim_from_the_floor_moves_it_and_it_never_goes_down() {
+        let floor = QueueFloor::new();
+        floor.claimed(floor.start(), seen(90, 100, 50, None));
+        // Proven, but this claim started past the floor (a drain's backlog): it did not look for
+        // the first change past the floor.
+        floor.claimed(floor.start(), seen(101, 110, 60, None));
+        assert_eq!(floor.current(), i64::MIN);
+        floor.claimed(floor.start(), seen(111, 120, 70, Some(None)));
+        assert_eq!(floor.current(), 60);
+        // An older claim's snapshot, answered late, proves less: the floor stays.
+        floor.claimed(floor.start(), seen(101, 0, i64::MIN, Some(Some(20))));
+        assert_eq!(floor.current(), 60);
+    }
+
+    #[test]
+    fn the_floor_goes_back_to_the_first_id_now_and_then() {
+        let floor = QueueFloor::new();
+        floor.claimed(floor.start(), seen(90, 100, 50, None));
+        let before = floor.start();
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
+        let walk = floor.start();
+        assert_eq!(walk.floor, i64::MIN);
+        // A claim sent before the walk from the start answers after it: it moves nothing.
+        floor.claimed(before, seen(101, 110, 60, Some(None)));
+        assert_eq!(floor.current(), i64::MIN);
+        floor.claimed(walk, seen(111, 120, 70, Some(None)));
+        assert_eq!(floor.current(), 60);
+    }
+
+    #[test]
+    fn candidates_stay_few_and_in_order() {
+        let floor = QueueFloor::new();
+        for i in 0..100 {
+            floor.claimed(floor.start(), seen(1, 1000 + i, 10 * i as i64 + 10, None));
+        }
+        let state = floor.state.lock().unwrap();
+        assert!(state.candidates.len() <= CANDIDATES);
+        assert!(
+            state
+                .candidates
+                .iter()
+                .zip(state.candidates.iter().skip(1))
+                .all(|(a, b)| a.0 < b.0 && a.1 < b.1)
+        );
+        drop(state);
+        // A claim with a higher id seen by an older transaction outdoes the entries after it.
+        floor.claimed(floor.start(), seen(1, 900, 5000, None));
+        assert_eq!(
+            floor.state.lock().unwrap().candidates.back(),
+            Some(&(5000, 900))
+        );
+    }
+}
