@@ -81,7 +81,8 @@ async fn each_misconfiguration_is_found_with_its_fix() {
              CREATE TABLE visits (product_id bigint) PARTITION BY RANGE (product_id);
              CREATE TABLE visits_low PARTITION OF visits FOR VALUES FROM (0) TO (1000);
              SELECT pgfresh.watch('visits', 'product_id', 'product');
-             ALTER TABLE visits_low DISABLE TRIGGER pgfresh_product;",
+             ALTER TABLE visits_low DISABLE TRIGGER pgfresh_product;
+             ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 20;",
         )
         .await
         .unwrap();
@@ -100,6 +101,11 @@ async fn each_misconfiguration_is_found_with_its_fix() {
         &report,
         "1 changes are parked in pgfresh.failed",
         "read their errors",
+    );
+    assert_problem(
+        &report,
+        "the identity of pgfresh.changes has a cache or does not count up",
+        "ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 1",
     );
     assert_problem(
         &report,

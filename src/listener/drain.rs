@@ -61,6 +61,8 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
         match drain(shared, wake, &mut pace).await {
             Ok(()) => {}
             Err(error) => {
+                // PostgreSQL may have restarted, and handed out again ids claims had seen.
+                shared.floor.forget();
                 if failing_since.is_none() {
                     tracing::warn!(%error, "cannot process changes; they stay queued, retrying with backoff");
                     failing_since = Some(Instant::now());

@@ -22,10 +22,15 @@
 //!   updated in place, never added, so the floor stays true.
 //!
 //! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something)
-//! keeps `xmin` back, and the floor waits where it is, as claims did before. As a safety net for
-//! a change taken with an id before its transaction had one (a row someone inserted by hand) or
-//! below the floor (the identity restarted), the floor goes back to the first id every
-//! [`WALK_FROM_START`]: such a change waits that long at most.
+//! keeps `xmin` back, and the floor waits where it is, as claims did before.
+//!
+//! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`],
+//! which also forgets everything proven (and so does a failed drain: PostgreSQL may have
+//! restarted): a change written with an id before its transaction had one (the first row of an
+//! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
+//! the floor (the identity restarted, a failover to a standby that lagged behind) is claimed at
+//! the first walk after it commits (and the poll or NOTIFY after that). If the identity does not
+//! hand out ids in order (a cache or a negative increment set on it), the listener keeps no floor.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
@@ -42,6 +47,8 @@ const CANDIDATES: usize = 32;
 /// The floor under this listener's claims (see the module's header).
 pub(crate) struct QueueFloor {
     state: Mutex<State>,
+    /// Whether the identity hands out ids in the order they are taken (no cache, counting up).
+    in_order: bool,
 }
 
 struct State {
@@ -57,6 +64,15 @@ struct State {
     candidates: VecDeque<(i64, u64)>,
 }
 
+impl State {
+    fn forget(&mut self) {
+        self.walked_from_start = Instant::now();
+        self.floor = i64::MIN;
+        self.generation += 1;
+        self.candidates.clear();
+    }
+}
+
 /// Where a claim starts, to hand back with what it saw.
 #[derive(Clone, Copy, Debug)]
 pub(crate) struct Start {
@@ -66,7 +82,9 @@ pub(crate) struct Start {
 }
 
 impl QueueFloor {
-    pub(crate) fn new() -> QueueFloor {
+    /// A floor that rises as claims prove it; or, not `in_order` (the identity may hand out ids
+    /// out of order), one that stays at the first id.
+    pub(crate) fn new(in_order: bool) -> QueueFloor {
         QueueFloor {
             state: Mutex::new(State {
                 floor: i64::MIN,
@@ -74,6 +92,7 @@ impl QueueFloor {
                 walked_from_start: Instant::now(),
                 candidates: VecDeque::new(),
             }),
+            in_order,
         }
     }
 
@@ -82,14 +101,19 @@ impl QueueFloor {
     pub(crate) fn start(&self) -> Start {
         let mut state = self.state.lock().expect("queue floor lock");
         if state.walked_from_start.elapsed() >= WALK_FROM_START {
-            state.walked_from_start = Instant::now();
-            state.floor = i64::MIN;
-            state.generation += 1;
+            state.forget();
         }
         Start {
             floor: state.floor,
             generation: state.generation,
         }
+    }
+
+    /// Starts again from the first id, and forgets what claims saw: after a failed drain, when
+    /// PostgreSQL may have restarted (and handed out ids and transaction ids again that claims
+    /// had seen committed, with `synchronous_commit` off).
+    pub(crate) fn forget(&self) {
+        self.state.lock().expect("queue floor lock").forget();
     }
 
     /// The floor as it stands, for figures that look for the oldest change.
@@ -100,6 +124,11 @@ impl QueueFloor {
     /// Takes in what a claim that started at `start` saw.
     pub(crate) fn claimed(&self, start: Start, seen: Seen) {
         let mut state = self.state.lock().expect("queue floor lock");
+        // Sent before the floor last went back to the first id: it may have seen what the walk
+        // is for (ids handed out again), and the floor no longer is what it started from.
+        if start.generation != state.generation || !self.in_order {
+            return;
+        }
         // The horizon its snapshot proves: the highest id seen by a claim whose transaction id
         // is below the snapshot's xmin.
         let proven = state
@@ -112,15 +141,17 @@ impl QueueFloor {
         if proven > 1 {
             state.candidates.drain(..proven - 1);
         }
-        if let (Some(horizon), Some(first)) = (horizon, seen.first_past_floor)
-            && start.generation == state.generation
-        {
+        if let (Some(horizon), Some(first)) = (horizon, seen.first_past_floor) {
             let floor = first.map_or(horizon, |first| horizon.min(first - 1));
             state.floor = state.floor.max(floor);
         }
         // What this claim saw, for a later snapshot to prove: only if it adds to the list's end.
         // An entry with a higher id and a lower transaction id replaces those it outdoes.
-        if seen.last_id != i64::MIN && seen.xid != 0 {
+        // A transaction id below the snapshot's xmax was taken before the claim's snapshot (by
+        // a statement before it in its transaction): writers that took theirs later may hold
+        // ids it saw. Claims are their transaction's first statement that takes one; if that
+        // changed, this keeps the floor where it is rather than wrong.
+        if seen.last_id != i64::MIN && seen.xid >= seen.xmax {
             if state
                 .candidates
                 .back()
@@ -143,9 +174,11 @@ impl QueueFloor {
 mod tests {
     use super::*;
 
+    /// A claim whose snapshot's xmin and xmax are `xmin`.
     fn seen(xmin: u64, xid: u64, last_id: i64, first: Option<Option<i64>>) -> Seen {
         Seen {
             xmin,
+            xmax: xmin,
             xid,
             last_id,
             first_past_floor: first,
@@ -154,7 +187,7 @@ mod tests {
 
     #[test]
     fn the_floor_rises_once_a_snapshot_proves_what_an_earlier_claim_saw() {
-        let floor = QueueFloor::new();
+        let floor = QueueFloor::new(true);
         let start = floor.start();
         assert_eq!(start.floor, i64::MIN);
         // Claim 1 (transaction 100) took changes up to id 50.
@@ -178,7 +211,7 @@ mod tests {
 
     #[test]
     fn only_a_claim_from_the_floor_moves_it_and_it_never_goes_down() {
-        let floor = QueueFloor::new();
+        let floor = QueueFloor::new(true);
         floor.claimed(floor.start(), seen(90, 100, 50, None));
         // Proven, but this claim started past the floor (a drain's backlog): it did not look for
         // the first change past the floor.
@@ -193,7 +226,7 @@ mod tests {
 
     #[test]
     fn the_floor_goes_back_to_the_first_id_now_and_then() {
-        let floor = QueueFloor::new();
+        let floor = QueueFloor::new(true);
         floor.claimed(floor.start(), seen(90, 100, 50, None));
         let before = floor.start();
         floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
@@ -202,13 +235,51 @@ mod tests {
         // A claim sent before the walk from the start answers after it: it moves nothing.
         floor.claimed(before, seen(101, 110, 60, Some(None)));
         assert_eq!(floor.current(), i64::MIN);
+        // The walk forgot what claims saw: proven again from the claims since.
         floor.claimed(walk, seen(111, 120, 70, Some(None)));
-        assert_eq!(floor.current(), 60);
+        assert_eq!(floor.current(), i64::MIN);
+        floor.claimed(floor.start(), seen(121, 130, 80, Some(None)));
+        assert_eq!(floor.current(), 70);
+    }
+
+    #[test]
+    fn a_walk_from_the_first_id_or_a_failed_drain_forgets_what_claims_saw() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 1_000_000, None));
+        // The identity restarted (or a failover lost the ids claims saw): the next snapshot
+        // would prove a million ids settled that are still to be handed out.
+        floor.forget();
+        floor.claimed(floor.start(), seen(101, 110, 10, Some(Some(11))));
+        assert_eq!(floor.current(), i64::MIN);
+        floor.claimed(floor.start(), seen(111, 120, 12, Some(Some(11))));
+        assert_eq!(
+            floor.current(),
+            10,
+            "proven again from what claims saw since"
+        );
+    }
+
+    #[test]
+    fn a_claim_whose_transaction_id_came_before_its_snapshot_proves_nothing() {
+        let floor = QueueFloor::new(true);
+        let mut early = seen(90, 95, 50, None);
+        early.xmax = 99;
+        floor.claimed(floor.start(), early);
+        floor.claimed(floor.start(), seen(200, 210, 60, Some(None)));
+        assert_eq!(floor.current(), i64::MIN);
+    }
+
+    #[test]
+    fn ids_out_of_order_keep_the_floor_at_the_first_id() {
+        let floor = QueueFloor::new(false);
+        floor.claimed(floor.start(), seen(90, 100, 50, None));
+        floor.claimed(floor.start(), seen(101, 110, 60, Some(None)));
+        assert_eq!(floor.start().floor, i64::MIN);
     }
 
     #[test]
     fn candidates_stay_few_and_in_order() {
-        let floor = QueueFloor::new();
+        let floor = QueueFloor::new(true);
         for i in 0..100 {
             floor.claimed(floor.start(), seen(1, 1000 + i, 10 * i as i64 + 10, None));
         }

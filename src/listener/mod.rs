@@ -90,9 +90,16 @@ pub async fn listen(
             "behind a connection pooler with no --session-url (PGFRESH_SESSION_URL): no LISTEN session, so changes are found by polling every --poll-interval, and writers are never asked to NOTIFY; give a direct connection for LISTEN to apply changes within milliseconds"
         );
     }
+    let ids_in_order = crate::pg::queue::ids_in_order(&*db.pinned().await?).await?;
+    if !ids_in_order {
+        tracing::warn!(
+            "the identity of pgfresh.changes has a cache or does not count up: ids are not taken in order, so claims start from the first id and, while a session holds an old snapshot, read every change applied since; ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 1 (and INCREMENT BY 1)"
+        );
+    }
     let sessions = Sessions {
         users_search_path,
         notifications,
+        ids_in_order,
     };
     Listener::new(db, store, fragments, settings, shutdown, sessions)
         .run()
@@ -150,6 +157,8 @@ const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 struct Sessions {
     users_search_path: Option<String>,
     notifications: bool,
+    /// Whether the queue's ids are taken in order, which its floor counts on.
+    ids_in_order: bool,
 }
 
 /// A running listener: its shared state and the tasks around the drain loop.
@@ -189,7 +198,7 @@ impl Listener {
             shutdown,
             idle: AtomicBool::new(false),
             recent: Default::default(),
-            floor: floor::QueueFloor::new(),
+            floor: floor::QueueFloor::new(sessions.ids_in_order),
             next_wake: Mutex::new(None),
             board,
             registration: Registration::new(me.clone()),

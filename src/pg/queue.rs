@@ -54,7 +54,10 @@ pub(crate) struct Claim {
 pub(crate) struct Seen {
     /// Its snapshot's `xmin`: every transaction below it had ended.
     pub(crate) xmin: u64,
-    /// Its own transaction id, assigned after its snapshot was taken.
+    /// Its snapshot's `xmax`: no transaction id from it on had ended.
+    pub(crate) xmax: u64,
+    /// Its own transaction id (assigned after its snapshot was taken, if the claim was its
+    /// transaction's first statement to take one).
     pub(crate) xid: u64,
     /// The highest id it claimed.
     pub(crate) last_id: i64,
@@ -91,8 +94,9 @@ pub(crate) struct QueueStats {
 
 /// Claims up to `limit` ready changes with ids above `after`, oldest first, skipping rows another
 /// transaction holds, and takes one render ticket. Must run inside a transaction: the row locks
-/// last until it ends, and a crash or rollback leaves the changes queued. With `floor`, it also
-/// reads the first change past it in any state (see `listener::floor`).
+/// last until it ends, and a crash or rollback leaves the changes queued; and be the first of its
+/// statements that takes a transaction id (see `listener::floor`). With `floor`, it also reads the
+/// first change past it in any state.
 pub(crate) async fn claim_batch(
     txn: Hot<'_, '_>,
     after: i64,
@@ -149,6 +153,7 @@ pub(crate) async fn claim_batch(
     if let (Some(first), Some(snapshot)) = (rows.first(), &claim.snapshot) {
         claim.seen = Some(Seen {
             xmin: snapshot.xmin(),
+            xmax: snapshot.xmax(),
             xid: first.get::<_, i64>(9) as u64,
             last_id: rows.last().map_or(i64::MIN, |r| r.get(1)),
             first_past_floor: floor.map(|_| first.get(10)),
@@ -379,6 +384,20 @@ pub(crate) async fn requeue(
         )
         .await?;
     Ok(())
+}
+
+/// Whether the queue's identity hands out ids in the order they are taken: no cache (each
+/// session would take ids in blocks of its own), counting up. What `listener::floor` counts on.
+pub(crate) async fn ids_in_order(client: &Client) -> Result<bool, Error> {
+    let row = client
+        .query_typed_one(
+            "SELECT s.seqcache = 1 AND s.seqincrement > 0
+             FROM pg_catalog.pg_sequence s
+             WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence('pgfresh.changes', 'id')::regclass",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
 }
 
 /// Moves every parked change back into `db`'s queue, each for a fresh start; returns how many. What

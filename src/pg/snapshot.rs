@@ -38,6 +38,11 @@ impl Snapshot {
         self.xmin
     }
 
+    /// No transaction from this id on had ended when the snapshot was taken.
+    pub(crate) fn xmax(&self) -> u64 {
+        self.xmax
+    }
+
     /// Whether transaction `xid` had committed (or aborted) when the snapshot was taken.
     pub(crate) fn sees(&self, xid: u64) -> bool {
         xid < self.xmin || (xid < self.xmax && !self.in_progress.contains(&xid))

@@ -248,6 +248,12 @@ pub(crate) async fn examine(
         );
     }
     check_notify(&mut report, queue::notification_queue_usage(&client).await?);
+    if !queue::ids_in_order(&client).await? {
+        report.problem(
+            "the identity of pgfresh.changes has a cache or does not count up: listeners cannot tell which changes are settled, so while a session holds an old snapshot every claim reads every change applied since",
+            "ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 1 (and INCREMENT BY 1), then restart the listeners",
+        );
+    }
     Ok(report)
 }
 
