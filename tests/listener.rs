@@ -597,6 +597,59 @@ async fn after_a_burst_a_steady_hundred_changes_a_second_has_the_listener_ask_fo
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_claims_back() {
+    let env = TestEnv::shop(3).await;
+    let db = env.client().await;
+    let listener = idle_listener(&env, test_settings()).await;
+    let mut holder = env.client().await;
+    let held = holder
+        .build_transaction()
+        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+        .start()
+        .await
+        .unwrap();
+    held.batch_execute("SELECT 1").await.unwrap();
+    // A change that fails (no such product id can be loaded) and waits for its retry, with
+    // backoff, below every change that follows.
+    db.batch_execute(
+        "INSERT INTO pgfresh.changes (topic, key) VALUES ('product', 'not a number'); NOTIFY pgfresh",
+    )
+    .await
+    .unwrap();
+    eventually("the change to fail once", || async {
+        let attempts: i32 = db
+            .query_one("SELECT attempts FROM pgfresh.changes", &[])
+            .await
+            .unwrap()
+            .get(0);
+        attempts >= 1
+    })
+    .await;
+    drain_backlog(&db, "g::text").await;
+    let before = queue_reads(&db).await;
+    for round in 0..30 {
+        env.rename(1 + round % 3, &format!("Round {round}")).await;
+        env.wait_name(1 + round % 3, &format!("Round {round}"))
+            .await;
+    }
+    eventually("the last deletes in the statistics", || async {
+        queue_reads(&db).await.deleted - before.deleted >= 30
+    })
+    .await;
+    let read = queue_reads(&db).await.index_entries - before.index_entries;
+    // A floor held under the waiting change has every claim read the 20,000 applied changes
+    // above it (1.2 million entries here). Passed over, it costs a walk of them at each of its
+    // retries and at the walk from the first id every 10 s.
+    assert!(
+        read < 300_000,
+        "{read} index entries read to claim 30 changes while one waits for its retry"
+    );
+    held.rollback().await.unwrap();
+    listener.stop().await;
+    env.cleanup().await;
+}
+
 /// A listener of the shop's card whose first load stalls until the returned sender fires.
 fn stalling_listener(
     env: &TestEnv,

@@ -45,12 +45,15 @@ pub(crate) async fn process(
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    // Past the listener's floor, or past what this drain's backlog already took; only a claim
-    // from the floor looks for the first change past it, which is what moves the floor.
+    // Past the listener's floor (below it, once, where changes it made wait are ready), or past
+    // what this drain's backlog already took; only a claim from the floor looks for the first
+    // change past it, which is what moves the floor.
     let start = shared.floor.start();
-    let backlog_after = backlog.claim_after().filter(|&after| after > start.floor);
-    let after = backlog_after.unwrap_or(start.floor);
-    let from_floor = backlog_after.is_none().then_some(start.floor);
+    let backlog_after = backlog
+        .claim_after()
+        .filter(|&after| start.after == start.floor && after > start.floor);
+    let after = backlog_after.unwrap_or(start.after);
+    let from_floor = (after == start.floor).then_some(start.floor);
     let claim = queue::claim_batch(
         Hot::new(&txn, kept),
         after,
@@ -119,7 +122,7 @@ async fn apply(
     let (fanned_out, rendered_only) = covering(&plan, &rendered, &fanned_out);
     remember_coverage(shared, rendered_only, snapshot.clone());
     let rendered_at = started.elapsed();
-    let settled = settle(shared, &txn, &plan, &rendered, claim.undecodable).await?;
+    let (settled, waiting) = settle(shared, &txn, &plan, &rendered, claim.undecodable).await?;
     txn.commit().await?;
     ages.record(shared, &plan, &rendered);
     remember_coverage(shared, fanned_out, snapshot);
@@ -128,7 +131,13 @@ async fn apply(
         shared.wake_by(ready);
         if let Some(&first) = plan.deferred.iter().min() {
             backlog.ready_again(ready, first);
+            shared.floor.wait(ready, first);
         }
+    }
+    // Failed changes wait for their retry: maybe below the floor by then.
+    let now = Instant::now();
+    for change in waiting {
+        shared.floor.wait(now + change.delay, change.id);
     }
     shared.board.applied(settled);
     log_batch(&plan, claimed_at, rendered_at, started.elapsed());
@@ -171,14 +180,15 @@ fn remember_coverage(
 
 /// Settles every claimed change in the claim's transaction: applied ones (rendered, or covered) are
 /// deleted, deferred ones wait, failed ones count an attempt (and are parked at the limit), keys Redis
-/// could not check are queued again. Returns how many were applied.
+/// could not check are queued again. Returns how many were applied, and the failed ones that wait
+/// to be tried again.
 async fn settle(
     shared: &Shared,
     txn: &deadpool_postgres::Transaction<'_>,
     plan: &BatchPlan<'_>,
     rendered: &RenderedChanges<'_>,
     undecodable: Vec<Failure>,
-) -> Result<usize, Error> {
+) -> Result<(usize, Vec<queue::Waiting>), Error> {
     let mut applied = plan.covered.clone();
     let mut unresolved: Vec<(i64, &str)> = Vec::new();
     let mut failures = undecodable;
@@ -214,10 +224,11 @@ async fn settle(
     let kept = shared.db.kept_statements().await?;
     queue::complete(Hot::new(txn, kept), &applied).await?;
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
-    queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
-    queue::retry_apart(txn.client(), &unresolved).await?;
+    let mut waiting =
+        queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
+    waiting.extend(queue::retry_apart(txn.client(), &unresolved).await?);
     requeue_unchecked(txn.client(), &rendered.unchecked).await?;
-    Ok(applied.len())
+    Ok((applied.len(), waiting))
 }
 
 /// Logs a batch at debug level, or as a warning when it was slow, with where its time went.

@@ -16,10 +16,13 @@
 //! - Once a later claim's snapshot has `xmin` above `x`, every transaction up to `x` has ended:
 //!   each change up to `v` that will ever be committed is visible to that snapshot (the
 //!   *horizon*). What is not is gone (applied) or never was (rolled back).
-//! - That claim also reads the first change still in the queue past the floor (whatever its
-//!   state: retrying, locked by another listener's batch). The floor moves up to the lower of
-//!   that change (less one) and the horizon. Below the horizon rows are only ever deleted, or
-//!   updated in place, never added, so the floor stays true.
+//! - That claim also reads the first change past the floor that is ready to claim (locked by
+//!   another batch or not: that batch may roll back). The floor moves up to the lower of that
+//!   change (less one) and the horizon. Below the horizon rows are only ever deleted, or updated
+//!   in place, never added, so the floor stays true.
+//! - A change that waits (a hot key deferred, a failure retried after its backoff) may be left
+//!   below the floor: the batch that made it wait tells the floor when it is ready
+//!   ([`QueueFloor::wait`]), and the next claim after that starts below it, once.
 //!
 //! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something)
 //! keeps `xmin` back, and the floor waits where it is, as claims did before.
@@ -28,8 +31,9 @@
 //! which also forgets everything proven (and so does a failed drain: PostgreSQL may have
 //! restarted): a change written with an id before its transaction had one (the first row of an
 //! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
-//! the floor (the identity restarted, a failover to a standby that lagged behind) is claimed at
-//! the first walk after it commits (and the poll or NOTIFY after that). If the identity does not
+//! the floor (the identity restarted, a failover to a standby that lagged behind), and one made
+//! to wait by another listener that has stopped since, or queued again to wait by a sweep, is
+//! claimed at the first walk after it commits or is ready (and the poll or NOTIFY after that). If the identity does not
 //! hand out ids in order (a cache or a negative increment set on it), the listener keeps no floor.
 
 use std::collections::VecDeque;
@@ -43,6 +47,14 @@ const WALK_FROM_START: Duration = Duration::from_secs(10);
 
 /// Ids seen and the transactions that saw them, kept until a snapshot proves them.
 const CANDIDATES: usize = 32;
+
+/// Changes waiting to be ready that the floor keeps track of; past that many, the walk from the
+/// first id finds the others.
+const WAITING: usize = 10_000;
+
+/// How long after the time PostgreSQL gave a waiting change the claim below it is sent: the
+/// two clocks are read at different moments.
+const WAIT_MARGIN: Duration = Duration::from_millis(5);
 
 /// The floor under this listener's claims (see the module's header).
 pub(crate) struct QueueFloor {
@@ -62,14 +74,18 @@ struct State {
     /// `(v, x)`: every id up to `v` was taken by a transaction that began before transaction `x`.
     /// Both grow along the list.
     candidates: VecDeque<(i64, u64)>,
+    /// Changes this listener made wait, maybe below the floor: when each is ready, and its id.
+    waiting: Vec<(Instant, i64)>,
 }
 
 impl State {
+    /// Back to the first id; the waiting changes are above it.
     fn forget(&mut self) {
         self.walked_from_start = Instant::now();
         self.floor = i64::MIN;
         self.generation += 1;
         self.candidates.clear();
+        self.waiting.clear();
     }
 }
 
@@ -78,6 +94,8 @@ impl State {
 pub(crate) struct Start {
     /// The floor when the claim was sent.
     pub(crate) floor: i64,
+    /// Where the claim looks past: the floor, or below it where waiting changes are ready.
+    pub(crate) after: i64,
     generation: u64,
 }
 
@@ -91,6 +109,7 @@ impl QueueFloor {
                 generation: 0,
                 walked_from_start: Instant::now(),
                 candidates: VecDeque::new(),
+                waiting: Vec::new(),
             }),
             in_order,
         }
@@ -103,9 +122,27 @@ impl QueueFloor {
         if state.walked_from_start.elapsed() >= WALK_FROM_START {
             state.forget();
         }
+        let now = Instant::now();
+        let mut lowest = i64::MAX;
+        state.waiting.retain(|&(ready, id)| {
+            if ready <= now {
+                lowest = lowest.min(id);
+            }
+            ready > now
+        });
         Start {
             floor: state.floor,
+            after: state.floor.min(lowest.saturating_sub(1)),
             generation: state.generation,
+        }
+    }
+
+    /// Changes from `first` on, made to wait, are ready to claim at `ready`: a claim then starts
+    /// below them, whatever the floor says.
+    pub(crate) fn wait(&self, ready: Instant, first: i64) {
+        let mut state = self.state.lock().expect("queue floor lock");
+        if state.waiting.len() < WAITING {
+            state.waiting.push((ready + WAIT_MARGIN, first));
         }
     }
 
@@ -275,6 +312,22 @@ mod tests {
         floor.claimed(floor.start(), seen(90, 100, 50, None));
         floor.claimed(floor.start(), seen(101, 110, 60, Some(None)));
         assert_eq!(floor.start().floor, i64::MIN);
+    }
+
+    #[test]
+    fn a_claim_starts_below_the_floor_once_where_waiting_changes_are_ready() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 50, None));
+        floor.claimed(floor.start(), seen(101, 110, 60, Some(None)));
+        assert_eq!(floor.current(), 50);
+        floor.wait(Instant::now() + Duration::from_secs(3600), 20);
+        floor.wait(Instant::now() - WAIT_MARGIN, 30);
+        floor.wait(Instant::now() - WAIT_MARGIN, 40);
+        let start = floor.start();
+        assert_eq!((start.floor, start.after), (50, 29));
+        // Once: the next claims start at the floor, until the other change is ready.
+        assert_eq!(floor.start().after, 50);
+        assert_eq!(floor.state.lock().unwrap().waiting.len(), 1);
     }
 
     #[test]

@@ -61,8 +61,8 @@ pub(crate) struct Seen {
     pub(crate) xid: u64,
     /// The highest id it claimed.
     pub(crate) last_id: i64,
-    /// Asked for with a floor: the first change past it that its snapshot saw, in any state
-    /// (`None`: none).
+    /// Asked for with a floor: the first change past it that its snapshot saw ready to claim,
+    /// held by another batch or not (`None`: none).
     pub(crate) first_past_floor: Option<Option<i64>>,
 }
 
@@ -96,7 +96,7 @@ pub(crate) struct QueueStats {
 /// transaction holds, and takes one render ticket. Must run inside a transaction: the row locks
 /// last until it ends, and a crash or rollback leaves the changes queued; and be the first of its
 /// statements that takes a transaction id (see `listener::floor`). With `floor`, it also reads the
-/// first change past it in any state.
+/// first change past it that is ready, locked by another batch or not.
 pub(crate) async fn claim_batch(
     txn: Hot<'_, '_>,
     after: i64,
@@ -126,7 +126,8 @@ pub(crate) async fn claim_batch(
                 CASE WHEN raw THEN convert_to(key, 'SQL_ASCII') END,
                 extract(epoch FROM clock_timestamp() - {ORIGIN})::float8,
                 (SELECT pg_current_xact_id()::text::bigint),
-                (SELECT min(past.id) FROM pgfresh.changes past WHERE past.id > $2)
+                (SELECT min(past.id) FROM pgfresh.changes past
+                 WHERE past.id > $2 AND past.retry_at <= now())
          FROM pgfresh.changes, encoding
          WHERE retry_at <= now() AND id > $1
          ORDER BY id
@@ -225,21 +226,44 @@ pub(crate) async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<
 /// Puts changes back in the queue whose keys were loaded only with keys that failed, not told
 /// apart from them, noting why: each waits a random 0.5 to 2 s, so that they come back in other
 /// batches, apart from each other, and no attempt is counted (most of them are likely fine).
-pub(crate) async fn retry_apart(txn: &Client, changes: &[(i64, &str)]) -> Result<(), Error> {
+pub(crate) async fn retry_apart(
+    txn: &Client,
+    changes: &[(i64, &str)],
+) -> Result<Vec<Waiting>, Error> {
     if changes.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<i64> = changes.iter().map(|(id, _)| *id).collect();
     let errors: Vec<&str> = changes.iter().map(|(_, error)| *error).collect();
-    txn.execute_typed(
-        "UPDATE pgfresh.changes c
-         SET retry_at = now() + (0.5 + random() * 1.5) * interval '1 second', last_error = u.error
-         FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
-         WHERE c.id = u.id",
-        &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
-    )
-    .await?;
-    Ok(())
+    let rows = txn
+        .query_typed(
+            "UPDATE pgfresh.changes c
+             SET retry_at = now() + (0.5 + random() * 1.5) * interval '1 second', last_error = u.error
+             FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
+             WHERE c.id = u.id
+             RETURNING c.id, extract(epoch FROM c.retry_at - now())::float8",
+            &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
+        )
+        .await?;
+    Ok(rows.iter().map(Waiting::from_row).collect())
+}
+
+/// A change settled to wait: claimable again after `delay` (on PostgreSQL's clock, from its
+/// statement's start).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Waiting {
+    pub(crate) id: i64,
+    pub(crate) delay: Duration,
+}
+
+impl Waiting {
+    /// From a row of `(id, seconds until its retry_at)`.
+    fn from_row(row: &tokio_postgres::Row) -> Waiting {
+        Waiting {
+            id: row.get(0),
+            delay: Duration::from_secs_f64(row.get::<_, f64>(1).max(0.0)),
+        }
+    }
 }
 
 /// Takes a render ticket, and tells when on PostgreSQL's clock (seconds since the Unix epoch): when
@@ -296,13 +320,13 @@ pub(crate) async fn record_failures(
     txn: &Client,
     failures: &[Failure],
     max_attempts: i32,
-) -> Result<(), Error> {
+) -> Result<Vec<Waiting>, Error> {
     if failures.is_empty() {
-        return Ok(());
+        return Ok(Vec::new());
     }
     let ids: Vec<i64> = failures.iter().map(|f| f.id).collect();
     let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
-    txn.execute_typed(
+    txn.query_typed(
         "WITH failure AS (
              SELECT * FROM unnest($1::bigint[], $2::text[]) AS f(id, error)
          ), parked AS (
@@ -320,15 +344,17 @@ pub(crate) async fn record_failures(
              retry_at = now() + least(interval '1 second' * power(2, least(c.attempts, 16)), interval '5 minutes')
                                 * (0.75 + random() / 2)
          FROM failure f
-         WHERE c.id = f.id AND c.attempts + 1 < $3",
+         WHERE c.id = f.id AND c.attempts + 1 < $3
+         RETURNING c.id, extract(epoch FROM c.retry_at - now())::float8",
         &[
             (&ids, Type::INT8_ARRAY),
             (&errors, Type::TEXT_ARRAY),
             (&max_attempts, Type::INT4),
         ],
     )
-    .await?;
-    Ok(())
+    .await
+    .map(|rows| rows.iter().map(Waiting::from_row).collect())
+    .map_err(Error::from)
 }
 
 /// Notes on changes whose batch failed as a whole (Redis or PostgreSQL unreachable) why they still
