@@ -39,16 +39,17 @@ pub(crate) async fn process(
     // A kept statement that fails is forgotten (`pg::statements::Kept`): one a schema upgrade
     // made unrunnable is prepared again by the next batch.
     let kept = shared.db.kept_statements().await?;
+    // Past the listener's floor (below it, once, where changes it made wait are ready), or past
+    // what this drain's backlog already took; only a claim from the floor looks for the first
+    // change past it, which is what moves the floor. Asked before the transaction begins, so
+    // that its `now()`, against which the claim checks retry times, is later.
+    let start = shared.floor.start();
     let txn = client.transaction().await?;
     if pooled {
         // The settings a pooler would not take at connection: set for this transaction alone.
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    // Past the listener's floor (below it, once, where changes it made wait are ready), or past
-    // what this drain's backlog already took; only a claim from the floor looks for the first
-    // change past it, which is what moves the floor.
-    let start = shared.floor.start();
     let backlog_after = backlog
         .claim_after()
         .filter(|&after| start.after == start.floor && after > start.floor);

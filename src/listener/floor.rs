@@ -52,10 +52,6 @@ const CANDIDATES: usize = 32;
 /// first id finds the others.
 const WAITING: usize = 10_000;
 
-/// How long after the time PostgreSQL gave a waiting change the claim below it is sent: the
-/// two clocks are read at different moments.
-const WAIT_MARGIN: Duration = Duration::from_millis(5);
-
 /// The floor under this listener's claims (see the module's header).
 pub(crate) struct QueueFloor {
     state: Mutex<State>,
@@ -138,11 +134,14 @@ impl QueueFloor {
     }
 
     /// Changes from `first` on, made to wait, are ready to claim at `ready`: a claim then starts
-    /// below them, whatever the floor says.
+    /// below them, whatever the floor says. `ready` must be no earlier than PostgreSQL's retry
+    /// time for them: the wait they were given, counted from after the commit that gave it (the
+    /// retry time counts from that transaction's start), and each claim's transaction begins
+    /// after it asked [`QueueFloor::start`], so it finds them ready.
     pub(crate) fn wait(&self, ready: Instant, first: i64) {
         let mut state = self.state.lock().expect("queue floor lock");
         if state.waiting.len() < WAITING {
-            state.waiting.push((ready + WAIT_MARGIN, first));
+            state.waiting.push((ready, first));
         }
     }
 
@@ -321,8 +320,8 @@ mod tests {
         floor.claimed(floor.start(), seen(101, 110, 60, Some(None)));
         assert_eq!(floor.current(), 50);
         floor.wait(Instant::now() + Duration::from_secs(3600), 20);
-        floor.wait(Instant::now() - WAIT_MARGIN, 30);
-        floor.wait(Instant::now() - WAIT_MARGIN, 40);
+        floor.wait(Instant::now(), 30);
+        floor.wait(Instant::now(), 40);
         let start = floor.start();
         assert_eq!((start.floor, start.after), (50, 29));
         // Once: the next claims start at the floor, until the other change is ready.
