@@ -602,14 +602,7 @@ async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_c
     let env = TestEnv::shop(3).await;
     let db = env.client().await;
     let listener = idle_listener(&env, test_settings()).await;
-    let mut holder = env.client().await;
-    let held = holder
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    held.batch_execute("SELECT 1").await.unwrap();
+    let held = hold_snapshot(&env).await;
     // A change that fails (no such product id can be loaded) and waits for its retry, with
     // backoff, below every change that follows.
     db.batch_execute(
@@ -627,17 +620,7 @@ async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_c
     })
     .await;
     drain_backlog(&db, "g::text").await;
-    let before = queue_reads(&db).await;
-    for round in 0..30 {
-        env.rename(1 + round % 3, &format!("Round {round}")).await;
-        env.wait_name(1 + round % 3, &format!("Round {round}"))
-            .await;
-    }
-    eventually("the last deletes in the statistics", || async {
-        queue_reads(&db).await.deleted - before.deleted >= 30
-    })
-    .await;
-    let read = queue_reads(&db).await.index_entries - before.index_entries;
+    let read = single_changes(&env, &db, 30).await.index_entries;
     // A floor held under the waiting change has every claim read the 20,000 applied changes
     // above it (1.2 million entries here). Passed over, it costs a walk of them at each of its
     // retries and at the walk from the first id every 10 s.
@@ -645,7 +628,7 @@ async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_c
         read < 300_000,
         "{read} index entries read to claim 30 changes while one waits for its retry"
     );
-    held.rollback().await.unwrap();
+    held.batch_execute("ROLLBACK").await.unwrap();
     listener.stop().await;
     env.cleanup().await;
 }
@@ -782,6 +765,38 @@ async fn queue_reads(db: &tokio_postgres::Client) -> QueueReads {
     }
 }
 
+/// A session holding a snapshot (a long report, a forgotten `BEGIN`) until it is dropped: no
+/// change a listener deletes meanwhile can leave the table or its index.
+async fn hold_snapshot(env: &TestEnv) -> tokio_postgres::Client {
+    let holder = env.client().await;
+    holder
+        .batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT 1")
+        .await
+        .unwrap();
+    holder
+}
+
+/// Renames products one at a time, `count` times, each applied before the next (a claim and a
+/// drain of its own, as on a quiet site), and returns what the queue's statistics say was read.
+async fn single_changes(env: &TestEnv, db: &tokio_postgres::Client, count: i64) -> QueueReads {
+    let before = queue_reads(db).await;
+    for round in 0..count {
+        env.rename(1 + round % 3, &format!("Round {round}")).await;
+        env.wait_name(1 + round % 3, &format!("Round {round}"))
+            .await;
+    }
+    eventually("the last deletes in the statistics", || async {
+        queue_reads(db).await.deleted - before.deleted >= count
+    })
+    .await;
+    let after = queue_reads(db).await;
+    QueueReads {
+        seq_rows: after.seq_rows - before.seq_rows,
+        index_entries: after.index_entries - before.index_entries,
+        deleted: after.deleted - before.deleted,
+    }
+}
+
 /// Starts a listener claiming batches of 200 (polling as `settings` says) and waits until it is
 /// idle: it has run its first claim, on an empty queue.
 async fn idle_listener(env: &TestEnv, settings: ListenSettings) -> common::RunningListener {
@@ -851,16 +866,7 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
         }),
     )
     .await;
-    // A session holding a snapshot (a long report, a forgotten BEGIN): no change the listener
-    // deletes can leave the table or its index while it lasts.
-    let mut holder = env.client().await;
-    let held = holder
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    held.batch_execute("SELECT 1").await.unwrap();
+    let held = hold_snapshot(&env).await;
     // 20,000 keys, each once (nothing coalesces or waits as a hot key); most have no row.
     let read = drain_backlog(&db, "g::text").await.index_entries;
     // Each claim past the last one reads its own 200 entries (and each delete as many); claims
@@ -872,7 +878,7 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
         read < 700_000,
         "{read} index entries read to claim and settle 20,000 changes"
     );
-    held.rollback().await.unwrap();
+    held.batch_execute("ROLLBACK").await.unwrap();
     listener.stop().await;
     env.cleanup().await;
 }
@@ -882,29 +888,11 @@ async fn while_a_snapshot_is_held_changes_after_a_backlog_are_claimed_without_wa
     let env = TestEnv::shop(3).await;
     let db = env.client().await;
     let listener = idle_listener(&env, test_settings()).await;
-    let mut holder = env.client().await;
-    let held = holder
-        .build_transaction()
-        .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
-        .start()
-        .await
-        .unwrap();
-    held.batch_execute("SELECT 1").await.unwrap();
-    // 20,000 applied changes whose rows and index entries the held snapshot keeps.
+    let held = hold_snapshot(&env).await;
+    // 20,000 applied changes whose rows and index entries the held snapshot keeps; then
+    // changes one at a time.
     drain_backlog(&db, "g::text").await;
-    // Then changes one at a time, each applied before the next, as on a quiet site: each is a
-    // claim of its own, and a drain of its own.
-    let before = queue_reads(&db).await;
-    for round in 0..30 {
-        env.rename(1 + round % 3, &format!("Round {round}")).await;
-        env.wait_name(1 + round % 3, &format!("Round {round}"))
-            .await;
-    }
-    eventually("the last deletes in the statistics", || async {
-        queue_reads(&db).await.deleted - before.deleted >= 30
-    })
-    .await;
-    let read = queue_reads(&db).await.index_entries - before.index_entries;
+    let read = single_changes(&env, &db, 30).await.index_entries;
     // Claims that start from the first id read the 20,000 entries each: 600,000 and more for 30
     // changes (the status figures' look for the oldest change too, every few seconds). Past a
     // floor that transaction ids prove, the first claim after the backlog reads them once, and
@@ -913,7 +901,7 @@ async fn while_a_snapshot_is_held_changes_after_a_backlog_are_claimed_without_wa
         read < 150_000,
         "{read} index entries read to claim 30 changes, one at a time"
     );
-    held.rollback().await.unwrap();
+    held.batch_execute("ROLLBACK").await.unwrap();
     listener.stop().await;
     env.cleanup().await;
 }
