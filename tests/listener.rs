@@ -603,20 +603,22 @@ async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_c
     let db = env.client().await;
     let listener = idle_listener(&env, test_settings()).await;
     let held = hold_snapshot(&env).await;
-    // A change that fails (no such product id can be loaded) and waits for its retry, with
-    // backoff, below every change that follows.
+    // A change that fails (no such product id can be loaded) and waits for its retry, below
+    // every change that follows: after three failures already, 6 to 10 s (a change that waits
+    // two seconds or less holds the floor under it).
     db.batch_execute(
-        "INSERT INTO pgfresh.changes (topic, key) VALUES ('product', 'not a number'); NOTIFY pgfresh",
+        "INSERT INTO pgfresh.changes (topic, key, attempts) VALUES ('product', 'not a number', 3);
+         NOTIFY pgfresh",
     )
     .await
     .unwrap();
-    eventually("the change to fail once", || async {
+    eventually("the change to fail once more", || async {
         let attempts: i32 = db
             .query_one("SELECT attempts FROM pgfresh.changes", &[])
             .await
             .unwrap()
             .get(0);
-        attempts >= 1
+        attempts >= 4
     })
     .await;
     drain_backlog(&db, "g::text").await;
@@ -629,6 +631,36 @@ async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_c
         "index entries read to claim 30 changes while one waits for its retry, in each round: {read:?}"
     );
     held.batch_execute("ROLLBACK").await.unwrap();
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_hot_key_deferred_while_other_changes_wake_the_listener_is_still_applied_when_ready() {
+    let env = TestEnv::shop(2).await;
+    // No polls: only NOTIFYs and the deferral's own time bring a drain.
+    let listener = idle_listener(
+        &env,
+        tweak(test_settings(), |s| {
+            s.poll_interval = std::time::Duration::from_secs(3600)
+        }),
+    )
+    .await;
+    env.rename(1, "First").await;
+    env.wait_name(1, "First").await;
+    // Within the 50 ms after that render: the change waits as a hot key. Before its wait ends,
+    // a change to another product wakes the listener, whose drain finds it not ready yet.
+    env.client()
+        .await
+        .batch_execute(
+            "BEGIN; UPDATE products SET name = 'Second' WHERE id = 1; COMMIT;
+             SELECT pg_sleep(0.01);
+             BEGIN; UPDATE products SET name = 'Other' WHERE id = 2; COMMIT;",
+        )
+        .await
+        .unwrap();
+    env.wait_name(2, "Other").await;
+    env.wait_name(1, "Second").await;
     listener.stop().await;
     env.cleanup().await;
 }

@@ -50,11 +50,12 @@ pub(crate) async fn process(
         txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
     }
     let started = Instant::now();
-    let backlog_after = backlog
-        .claim_after()
-        .filter(|&after| start.after == start.floor && after > start.floor);
-    let after = backlog_after.unwrap_or(start.after);
-    let from_floor = (after == start.floor).then_some(start.floor);
+    let backlog_after = backlog.claim_after().filter(|&after| after > start.floor);
+    let mut after = backlog_after.unwrap_or(start.floor);
+    if let Some(due) = start.due {
+        after = after.min(due - 1);
+    }
+    let from_floor = (backlog_after.is_none() && after == start.floor).then_some(start.floor);
     let claim = queue::claim_batch(
         Hot::new(&txn, kept),
         after,
@@ -132,13 +133,11 @@ async fn apply(
         shared.wake_by(ready);
         if let Some(&first) = plan.deferred.iter().min() {
             backlog.ready_again(ready, first);
-            shared.floor.wait(ready, first);
         }
     }
     // Failed changes wait for their retry: maybe below the floor by then.
-    let now = Instant::now();
     for change in waiting {
-        shared.floor.wait(now + change.delay, change.id);
+        shared.floor.wait(change.id, change.delay);
     }
     shared.board.applied(settled);
     log_batch(&plan, claimed_at, rendered_at, started.elapsed());

@@ -58,6 +58,7 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
             crate::shutdown::pause(&shared.shutdown, shared.settings.poll_interval).await;
             continue;
         }
+        let drained_from = Instant::now();
         match drain(shared, wake, &mut pace).await {
             Ok(()) => {}
             Err(error) => {
@@ -85,7 +86,7 @@ pub(crate) async fn drain_loop(shared: &Arc<Shared>, wake: &Notify) {
         tokio::select! {
             _ = shared.shutdown.cancelled() => {}
             _ = wake.notified() => {}
-            _ = tokio::time::sleep(pause(shared)) => {}
+            _ = tokio::time::sleep(pause(shared, drained_from)) => {}
         }
     }
 }
@@ -149,10 +150,17 @@ fn wants_idle(
 }
 
 /// How long to wait before looking at the queue again: the poll interval when idle, a short poll
-/// when busy, and no longer than until deferred changes become ready.
-fn pause(shared: &Shared) -> Duration {
+/// when busy, and no longer than until deferred changes become ready. Their time is kept until a
+/// drain that started after it (`drained_from`, the last one's start) has looked: a NOTIFY that
+/// ends the wait sooner brings a drain that may find them not ready yet.
+fn pause(shared: &Shared, drained_from: Instant) -> Duration {
     let pause = poll_pause(shared);
-    match shared.next_wake.lock().expect("next wake lock").take() {
+    let mut next_wake = shared.next_wake.lock().expect("next wake lock");
+    match *next_wake {
+        Some(at) if at <= drained_from => {
+            *next_wake = None;
+            pause
+        }
         // A little after the deferred changes' retry time, which PostgreSQL's clock decides.
         Some(at) => {
             pause.min(at.saturating_duration_since(Instant::now()) + Duration::from_millis(2))

@@ -16,12 +16,12 @@
 //! - Once a later claim's snapshot has `xmin` above `x`, every transaction up to `x` has ended:
 //!   each change up to `v` that will ever be committed is visible to that snapshot (the
 //!   *horizon*). What is not is gone (applied) or never was (rolled back).
-//! - That claim also reads the first change past the floor that is ready to claim (locked by
-//!   another batch or not: that batch may roll back). The floor moves up to the lower of that
-//!   change (less one) and the horizon. Below the horizon rows are only ever deleted, or updated
-//!   in place, never added, so the floor stays true.
-//! - A change that waits (a hot key deferred, a failure retried after its backoff) may be left
-//!   below the floor: the batch that made it wait tells the floor when it is ready
+//! - That claim also reads the first change past the floor that is ready to claim, or will be
+//!   within [`LOOK_AHEAD`] (locked by another batch or not: that batch may roll back). The floor
+//!   moves up to the lower of that change (less one) and the horizon. Below the horizon rows are
+//!   only ever deleted, or updated in place, never added, so the floor stays true.
+//! - A change that waits longer (a failure's later retries, after seconds to minutes of backoff)
+//!   may be left below the floor: the batch that made it wait tells the floor when it is ready
 //!   ([`QueueFloor::wait`]), and the next claim after that starts below it, once.
 //!
 //! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something)
@@ -32,15 +32,16 @@
 //! restarted): a change written with an id before its transaction had one (the first row of an
 //! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
 //! the floor (the identity restarted, a failover to a standby that lagged behind), and one made
-//! to wait by another listener that has stopped since, or queued again to wait by a sweep, is
-//! claimed at the first walk after it commits or is ready (and the poll or NOTIFY after that). If the identity does not
+//! to wait longer than [`LOOK_AHEAD`] by another listener that has stopped since (or whose
+//! claim below it met it held by another batch that then rolled back), is claimed at the first
+//! walk after it commits or is ready (and the poll or NOTIFY after that). If the identity does not
 //! hand out ids in order (a cache or a negative increment set on it), the listener keeps no floor.
 
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::pg::queue::Seen;
+use crate::pg::queue::{LOOK_AHEAD, Seen};
 
 /// How often claims start from the first id again, whatever the floor says.
 const WALK_FROM_START: Duration = Duration::from_secs(10);
@@ -49,7 +50,7 @@ const WALK_FROM_START: Duration = Duration::from_secs(10);
 const CANDIDATES: usize = 32;
 
 /// Changes waiting to be ready that the floor keeps track of; past that many, the walk from the
-/// first id finds the others.
+/// first id finds the others (each at most [`WALK_FROM_START`] after it is ready).
 const WAITING: usize = 10_000;
 
 /// The floor under this listener's claims (see the module's header).
@@ -70,18 +71,19 @@ struct State {
     /// `(v, x)`: every id up to `v` was taken by a transaction that began before transaction `x`.
     /// Both grow along the list.
     candidates: VecDeque<(i64, u64)>,
-    /// Changes this listener made wait, maybe below the floor: when each is ready, and its id.
+    /// Changes this listener made wait longer than [`LOOK_AHEAD`], maybe below the floor: when
+    /// each is ready, and its id.
     waiting: Vec<(Instant, i64)>,
 }
 
 impl State {
-    /// Back to the first id; the waiting changes are above it.
+    /// Back to the first id. The changes still waiting stay on the list: the floor may rise past
+    /// them again before they are ready.
     fn forget(&mut self) {
         self.walked_from_start = Instant::now();
         self.floor = i64::MIN;
         self.generation += 1;
         self.candidates.clear();
-        self.waiting.clear();
     }
 }
 
@@ -90,8 +92,9 @@ impl State {
 pub(crate) struct Start {
     /// The floor when the claim was sent.
     pub(crate) floor: i64,
-    /// Where the claim looks past: the floor, or below it where waiting changes are ready.
-    pub(crate) after: i64,
+    /// The first of the waiting changes that are ready now: the claim must look from there,
+    /// whatever the floor or a backlog says.
+    pub(crate) due: Option<i64>,
     generation: u64,
 }
 
@@ -128,20 +131,22 @@ impl QueueFloor {
         });
         Start {
             floor: state.floor,
-            after: state.floor.min(lowest.saturating_sub(1)),
+            due: (lowest != i64::MAX).then_some(lowest),
             generation: state.generation,
         }
     }
 
-    /// Changes from `first` on, made to wait, are ready to claim at `ready`: a claim then starts
-    /// below them, whatever the floor says. `ready` must be no earlier than PostgreSQL's retry
-    /// time for them: the wait they were given, counted from after the commit that gave it (the
-    /// retry time counts from that transaction's start), and each claim's transaction begins
-    /// after it asked [`QueueFloor::start`], so it finds them ready.
-    pub(crate) fn wait(&self, ready: Instant, first: i64) {
+    /// Change `id` was made to wait `delay`, from a commit that has just ended: if that is
+    /// longer than [`LOOK_AHEAD`], the first claim after it starts below it, whatever the floor
+    /// says. That claim finds it ready: its retry time counts from the start of the transaction
+    /// that set it, and the claim's transaction begins after it asked [`QueueFloor::start`].
+    pub(crate) fn wait(&self, id: i64, delay: Duration) {
+        if delay <= LOOK_AHEAD {
+            return;
+        }
         let mut state = self.state.lock().expect("queue floor lock");
         if state.waiting.len() < WAITING {
-            state.waiting.push((ready, first));
+            state.waiting.push((Instant::now() + delay, id));
         }
     }
 
@@ -152,9 +157,12 @@ impl QueueFloor {
         self.state.lock().expect("queue floor lock").forget();
     }
 
-    /// The floor as it stands, for figures that look for the oldest change.
+    /// Where figures that look for the oldest change may start: the floor, or below the changes
+    /// waiting for a retry that it may have passed.
     pub(crate) fn current(&self) -> i64 {
-        self.state.lock().expect("queue floor lock").floor
+        let state = self.state.lock().expect("queue floor lock");
+        let waiting = state.waiting.iter().map(|&(_, id)| id - 1);
+        waiting.fold(state.floor, i64::min)
     }
 
     /// Takes in what a claim that started at `start` saw.
@@ -319,13 +327,29 @@ mod tests {
         floor.claimed(floor.start(), seen(90, 100, 50, None));
         floor.claimed(floor.start(), seen(101, 110, 60, Some(None)));
         assert_eq!(floor.current(), 50);
-        floor.wait(Instant::now() + Duration::from_secs(3600), 20);
-        floor.wait(Instant::now(), 30);
-        floor.wait(Instant::now(), 40);
+        floor.wait(20, Duration::from_secs(3600));
+        floor.wait(30, LOOK_AHEAD * 2);
+        floor.wait(40, LOOK_AHEAD * 2);
+        floor.wait(45, LOOK_AHEAD / 2);
+        assert_eq!(
+            floor.current(),
+            19,
+            "figures look from the first waiting change"
+        );
+        assert_eq!(floor.start().due, None, "not ready yet");
+        // Ready (the walk from the first id in between keeps them).
+        {
+            let mut state = floor.state.lock().unwrap();
+            state.walked_from_start -= WALK_FROM_START;
+            for (ready, _) in state.waiting.iter_mut().skip(1) {
+                *ready -= LOOK_AHEAD * 2;
+            }
+        }
         let start = floor.start();
-        assert_eq!((start.floor, start.after), (50, 29));
-        // Once: the next claims start at the floor, until the other change is ready.
-        assert_eq!(floor.start().after, 50);
+        assert_eq!((start.floor, start.due), (i64::MIN, Some(30)));
+        // Once: the next claims start at the floor, until the other change is ready. A change
+        // ready within LOOK_AHEAD was not listed: the floor's look holds the floor under it.
+        assert_eq!(floor.start().due, None);
         assert_eq!(floor.state.lock().unwrap().waiting.len(), 1);
     }
 

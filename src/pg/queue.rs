@@ -61,8 +61,8 @@ pub(crate) struct Seen {
     pub(crate) xid: u64,
     /// The highest id it claimed.
     pub(crate) last_id: i64,
-    /// Asked for with a floor: the first change past it that its snapshot saw ready to claim,
-    /// held by another batch or not (`None`: none).
+    /// Asked for with a floor: the first change past it that its snapshot saw ready to claim, or
+    /// soon to be ([`LOOK_AHEAD`]), held by another batch or not (`None`: none).
     pub(crate) first_past_floor: Option<Option<i64>>,
 }
 
@@ -92,11 +92,16 @@ pub(crate) struct QueueStats {
     pub(crate) parked: i64,
 }
 
+/// A change ready to claim within this long counts as ready for the first change past a floor
+/// that a claim reads (a hot key's deferral, a retry apart, a failure's first retry or two hold a
+/// listener's floor under them; see `listener::floor`). Whole seconds.
+pub(crate) const LOOK_AHEAD: Duration = Duration::from_secs(2);
+
 /// Claims up to `limit` ready changes with ids above `after`, oldest first, skipping rows another
 /// transaction holds, and takes one render ticket. Must run inside a transaction: the row locks
 /// last until it ends, and a crash or rollback leaves the changes queued; and be the first of its
 /// statements that takes a transaction id (see `listener::floor`). With `floor`, it also reads the
-/// first change past it that is ready, locked by another batch or not.
+/// first change past it that is ready or soon will be, locked by another batch or not.
 pub(crate) async fn claim_batch(
     txn: Hot<'_, '_>,
     after: i64,
@@ -127,12 +132,13 @@ pub(crate) async fn claim_batch(
                 extract(epoch FROM clock_timestamp() - {ORIGIN})::float8,
                 (SELECT pg_current_xact_id()::text::bigint),
                 (SELECT min(past.id) FROM pgfresh.changes past
-                 WHERE past.id > $2 AND past.retry_at <= now())
+                 WHERE past.id > $2 AND past.retry_at <= now() + interval '{look_ahead} seconds')
          FROM pgfresh.changes, encoding
          WHERE retry_at <= now() AND id > $1
          ORDER BY id
          LIMIT {limit}
-         FOR UPDATE OF changes SKIP LOCKED"
+         FOR UPDATE OF changes SKIP LOCKED",
+        look_ahead = LOOK_AHEAD.as_secs()
     );
     let rows = txn
         .query(&sql, &[(&after, Type::INT8), (&floor, Type::INT8)])
