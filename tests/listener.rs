@@ -738,6 +738,40 @@ async fn a_change_made_while_a_batch_stalls_is_applied_by_another_worker() {
 }
 
 #[tokio::test]
+async fn a_hot_key_deferred_while_a_batch_stalls_is_applied_when_ready() {
+    let env = TestEnv::shop(2).await;
+    // No polls: only NOTIFYs and the deferral's own time bring a worker in.
+    let settings = tweak(test_settings(), |s| {
+        s.workers = 2;
+        s.poll_interval = std::time::Duration::from_secs(3600);
+    });
+    let (listener, card, release) = stalling_listener(&env, settings);
+    eventually("the listener to ask for NOTIFYs", || async {
+        env.listener_total("idle::int").await == 1
+    })
+    .await;
+    env.rename(1, "Stalled").await;
+    eventually("the first batch to stall", || async { card.gate_taken() }).await;
+    // The second change comes within the 50 ms after the first one's render: it waits as a hot
+    // key, while the stalled batch keeps the drain open, and no other change comes to wake the
+    // listener.
+    env.client()
+        .await
+        .batch_execute(
+            "BEGIN; UPDATE products SET name = 'First' WHERE id = 2; COMMIT;
+             SELECT pg_sleep(0.02);
+             BEGIN; UPDATE products SET name = 'Second' WHERE id = 2; COMMIT;",
+        )
+        .await
+        .unwrap();
+    env.wait_name(2, "Second").await;
+    release.send(()).unwrap();
+    env.wait_fresh(1).await;
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn while_a_batch_stalls_a_rush_of_changes_still_turns_the_listener_busy() {
     let env = TestEnv::shop(2).await;
     let settings = tweak(test_settings(), |s| s.workers = 2);

@@ -390,6 +390,12 @@ async fn drain(shared: &Arc<Shared>, wake: &Notify, pace: &mut Pace) -> Result<(
                 if pace.switch(shared, &drained).await == Some(true) && room {
                     workers.spawn(take_in());
                 }
+                // Its batches may have deferred changes: while another worker holds the drain
+                // open (a stalled load), the poll brings one in for them when they are ready.
+                let sooner = next_poll(shared);
+                if sooner < poll.deadline() {
+                    poll.as_mut().reset(sooner);
+                }
             }
             Some(Ok(Err(error))) => first_error = first_error.or(Some(error)),
             Some(Err(join_error)) => {
