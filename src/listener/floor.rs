@@ -24,11 +24,12 @@
 //!   may be left below the floor: the batch that made it wait tells the floor when it is ready
 //!   ([`QueueFloor::wait`]), and the next claim after that starts below it, once.
 //!
-//! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something)
-//! keeps `xmin` back, and the floor waits where it is, as claims did before.
+//! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something),
+//! in any database of the server, keeps `xmin` back, and the floor waits where it is, as claims
+//! did before.
 //!
 //! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`],
-//! which also forgets everything proven (and so does a failed drain: PostgreSQL may have
+//! which also forgets what claims saw (and so does a failed drain: PostgreSQL may have
 //! restarted): a change written with an id before its transaction had one (the first row of an
 //! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
 //! the floor (the identity restarted, a failover to a standby that lagged behind), and one made
