@@ -224,9 +224,9 @@ async fn settle(
     let kept = shared.db.kept_statements().await?;
     queue::complete(Hot::new(txn, kept), &applied).await?;
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
-    let mut waiting =
+    let waiting =
         queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
-    waiting.extend(queue::retry_apart(txn.client(), &unresolved).await?);
+    queue::retry_apart(txn.client(), &unresolved).await?;
     requeue_unchecked(txn.client(), &rendered.unchecked).await?;
     Ok((applied.len(), waiting))
 }

@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
 
+use super::floor::Waits;
 use super::shared::Shared;
 use crate::Error;
 use crate::backoff::Backoff;
@@ -275,9 +276,9 @@ pub(crate) struct Backlog {
 struct Claims {
     /// Past this id, until then.
     floor: Option<(i64, Instant)>,
-    /// When changes that may be below the floor become ready, and the first of them: the floor
-    /// goes below it then.
-    ready_again: Vec<(Instant, i64)>,
+    /// Changes that may be below the floor and become ready later: the floor goes below them
+    /// then.
+    ready_again: Waits,
 }
 
 impl Backlog {
@@ -293,14 +294,7 @@ impl Backlog {
     pub(crate) fn claim_after(&self) -> Option<i64> {
         let now = Instant::now();
         let mut claims = self.claims.lock().expect("backlog lock");
-        let mut lowest = None;
-        claims.ready_again.retain(|&(at, first)| {
-            let ready = at <= now;
-            if ready {
-                lowest = Some(lowest.map_or(first, |lowest: i64| lowest.min(first)));
-            }
-            !ready
-        });
+        let lowest = claims.ready_again.take_ready(now);
         if let (Some(first), Some((id, _))) = (lowest, &mut claims.floor) {
             *id = (*id).min(first.saturating_sub(1));
         }
@@ -330,7 +324,7 @@ impl Backlog {
     /// deferred them, or rolled back): claims start at `first` again then.
     pub(crate) fn ready_again(&self, at: Instant, first: i64) {
         let mut claims = self.claims.lock().expect("backlog lock");
-        claims.ready_again.push((at, first));
+        claims.ready_again.add(at, first);
     }
 }
 

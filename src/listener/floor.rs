@@ -72,9 +72,8 @@ struct State {
     /// `(v, x)`: every id up to `v` was taken by a transaction that began before transaction `x`.
     /// Both grow along the list.
     candidates: VecDeque<(i64, u64)>,
-    /// Changes this listener made wait longer than [`LOOK_AHEAD`], maybe below the floor: when
-    /// each is ready, and its id.
-    waiting: Vec<(Instant, i64)>,
+    /// Changes this listener made wait longer than [`LOOK_AHEAD`], maybe below the floor.
+    waiting: Waits,
 }
 
 impl State {
@@ -85,6 +84,36 @@ impl State {
         self.floor = i64::MIN;
         self.generation += 1;
         self.candidates.clear();
+    }
+}
+
+/// Changes that become ready to claim later: when, and the first id of each lot. The listener's
+/// floor and a drain's backlog keep one each, to start a claim below them once they are ready.
+#[derive(Default)]
+pub(crate) struct Waits(Vec<(Instant, i64)>);
+
+impl Waits {
+    /// Changes from id `first` on become ready at `at`.
+    pub(crate) fn add(&mut self, at: Instant, first: i64) {
+        self.0.push((at, first));
+    }
+
+    /// How many lots wait.
+    pub(crate) fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Forgets the lots ready by `now`, and returns the first id among them.
+    pub(crate) fn take_ready(&mut self, now: Instant) -> Option<i64> {
+        let mut first = None;
+        self.0.retain(|&(at, id)| {
+            let ready = at <= now;
+            if ready {
+                first = Some(first.map_or(id, |first: i64| first.min(id)));
+            }
+            !ready
+        });
+        first
     }
 }
 
@@ -109,7 +138,7 @@ impl QueueFloor {
                 generation: 0,
                 walked_from_start: Instant::now(),
                 candidates: VecDeque::new(),
-                waiting: Vec::new(),
+                waiting: Waits::default(),
             }),
             in_order,
         }
@@ -122,17 +151,9 @@ impl QueueFloor {
         if state.walked_from_start.elapsed() >= WALK_FROM_START {
             state.forget();
         }
-        let now = Instant::now();
-        let mut lowest = i64::MAX;
-        state.waiting.retain(|&(ready, id)| {
-            if ready <= now {
-                lowest = lowest.min(id);
-            }
-            ready > now
-        });
         Start {
             floor: state.floor,
-            due: (lowest != i64::MAX).then_some(lowest),
+            due: state.waiting.take_ready(Instant::now()),
             generation: state.generation,
         }
     }
@@ -147,7 +168,7 @@ impl QueueFloor {
         }
         let mut state = self.state.lock().expect("queue floor lock");
         if state.waiting.len() < WAITING {
-            state.waiting.push((Instant::now() + delay, id));
+            state.waiting.add(Instant::now() + delay, id);
         }
     }
 
@@ -162,8 +183,8 @@ impl QueueFloor {
     /// waiting for a retry that it may have passed.
     pub(crate) fn current(&self) -> i64 {
         let state = self.state.lock().expect("queue floor lock");
-        let waiting = state.waiting.iter().map(|&(_, id)| id - 1);
-        waiting.fold(state.floor, i64::min)
+        let first_waiting = state.waiting.0.iter().map(|&(_, id)| id).min();
+        first_waiting.map_or(state.floor, |id| state.floor.min(id - 1))
     }
 
     /// Takes in what a claim that started at `start` saw.
@@ -342,7 +363,7 @@ mod tests {
         {
             let mut state = floor.state.lock().unwrap();
             state.walked_from_start -= WALK_FROM_START;
-            for (ready, _) in state.waiting.iter_mut().skip(1) {
+            for (ready, _) in state.waiting.0.iter_mut().skip(1) {
                 *ready -= LOOK_AHEAD * 2;
             }
         }

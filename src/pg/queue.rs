@@ -232,26 +232,22 @@ pub(crate) async fn defer(txn: &Client, ids: &[i64], delay: Duration) -> Result<
 /// Puts changes back in the queue whose keys were loaded only with keys that failed, not told
 /// apart from them, noting why: each waits a random 0.5 to 2 s, so that they come back in other
 /// batches, apart from each other, and no attempt is counted (most of them are likely fine).
-pub(crate) async fn retry_apart(
-    txn: &Client,
-    changes: &[(i64, &str)],
-) -> Result<Vec<Waiting>, Error> {
+/// (Two seconds at most: within [`LOOK_AHEAD`], so listeners' floors stay under them.)
+pub(crate) async fn retry_apart(txn: &Client, changes: &[(i64, &str)]) -> Result<(), Error> {
     if changes.is_empty() {
-        return Ok(Vec::new());
+        return Ok(());
     }
     let ids: Vec<i64> = changes.iter().map(|(id, _)| *id).collect();
     let errors: Vec<&str> = changes.iter().map(|(_, error)| *error).collect();
-    let rows = txn
-        .query_typed(
-            "UPDATE pgfresh.changes c
-             SET retry_at = now() + (0.5 + random() * 1.5) * interval '1 second', last_error = u.error
-             FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
-             WHERE c.id = u.id
-             RETURNING c.id, extract(epoch FROM c.retry_at - now())::float8",
-            &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
-        )
-        .await?;
-    Ok(rows.iter().map(Waiting::from_row).collect())
+    txn.execute_typed(
+        "UPDATE pgfresh.changes c
+         SET retry_at = now() + (0.5 + random() * 1.5) * interval '1 second', last_error = u.error
+         FROM unnest($1::bigint[], $2::text[]) AS u(id, error)
+         WHERE c.id = u.id",
+        &[(&ids, Type::INT8_ARRAY), (&errors, Type::TEXT_ARRAY)],
+    )
+    .await?;
+    Ok(())
 }
 
 /// A change settled to wait: claimable again after `delay` (on PostgreSQL's clock, from its

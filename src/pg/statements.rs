@@ -74,7 +74,6 @@ impl Kept {
             Ok(rows) => return Ok(rows),
             Err(error) => error,
         };
-        cache.remove(sql, &types);
         let pooled = is_pooled(&error);
         match session {
             Session::Transaction => {
@@ -91,12 +90,7 @@ impl Kept {
                 self.give_up(cache);
                 client.query_typed(sql, params).await
             }
-            ran => {
-                if ran.is_err() {
-                    cache.remove(sql, &types);
-                }
-                ran
-            }
+            ran => ran,
         }
     }
 
@@ -111,7 +105,8 @@ impl Kept {
     }
 }
 
-/// Prepares `sql` once per session (`cache`) and runs it.
+/// Prepares `sql` once per session (`cache`) and runs it; forgets it if it fails, so that its
+/// next run prepares it again.
 async fn run(
     client: &Client,
     cache: &StatementCache,
@@ -124,7 +119,11 @@ async fn run(
     }
     let statement = cache.prepare_typed(client, sql, types).await?;
     let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
-    client.query(&statement, &values).await
+    let ran = client.query(&statement, &values).await;
+    if ran.is_err() {
+        cache.remove(sql, types);
+    }
+    ran
 }
 
 /// A statement the session had prepared is not there, or a name this process gave no statement on
