@@ -919,10 +919,30 @@ async fn the_listener_role_works_the_queue_and_reads_only_what_is_granted() {
 
 #[tokio::test]
 async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
-    let redis = TempRedis::start();
     // The ACL README gives, with every test database's key prefix.
-    let acl = "ACL SETUSER pgfresh on >s3cret resetkeys ~pgfresh_test_* ~pgfresh:* resetchannels \
-               -@all +get +set +del +mget +scan +ping +evalsha +eval +script|load +select +info";
+    redis_user_suffices(
+        "+get +set +del +mget +mset +exists +scan +ping +evalsha +eval +script|load +select +info",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_redis_user_from_before_the_bulk_writes_still_suffices() {
+    // README's ACL until 2026-12-06, without the MSET and EXISTS the writes now take in bulk: they
+    // fall back to a GET and a SET per key.
+    redis_user_suffices(
+        "+get +set +del +mget +scan +ping +evalsha +eval +script|load +select +info",
+    )
+    .await;
+}
+
+/// A sweep and a listener work for a Redis user limited to these commands and pgfresh's keys, and
+/// that user reaches nothing else.
+async fn redis_user_suffices(commands: &str) {
+    let redis = TempRedis::start();
+    let acl = format!(
+        "ACL SETUSER pgfresh on >s3cret resetkeys ~pgfresh_test_* ~pgfresh:* resetchannels -@all {commands}"
+    );
     let out = Command::new("redis-cli")
         .args(["-p", &redis.port.to_string()])
         .args(acl.split_whitespace())
@@ -948,6 +968,13 @@ async fn a_redis_user_limited_to_pgfresh_commands_and_keys_suffices() {
         .output_bounded()
         .unwrap();
     assert_eq!(String::from_utf8_lossy(&cards.stdout).lines().count(), 8);
+    // Found holding their renders, the entries' tickets raised.
+    let again = env.sweep().await;
+    assert_eq!(
+        (again.stats.unchanged, again.stats.written),
+        (8, 0),
+        "{again}"
+    );
     let listener = env.start_listener(test_settings());
     env.client()
         .await

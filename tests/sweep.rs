@@ -219,6 +219,172 @@ async fn an_older_render_never_overwrites_a_newer_one() {
 }
 
 #[tokio::test]
+async fn one_script_call_gives_each_write_the_result_it_would_have_alone() {
+    use pgfresh::testing::{Write, WriteResult};
+    let env = TestEnv::empty().await;
+    let key = |name: &str| format!("{}{name}", env.prefix);
+    let set = |name: &str, html: &str| Write::Set {
+        key: key(name),
+        value: html.into(),
+        ttl: None,
+    };
+    let delete = |name: &str| Write::Delete { key: key(name) };
+    let write = |ticket: i64, writes: Vec<Write>| {
+        let sink = env.sink.clone();
+        async move {
+            pgfresh::testing::write(&sink, ticket, &writes)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        write(
+            10,
+            vec![
+                set("newer", "by ticket 20"),
+                set("same", "same"),
+                set("gone", "x")
+            ]
+        )
+        .await,
+        [const { WriteResult::Written }; 3]
+    );
+    assert_eq!(
+        write(20, vec![set("newer", "by ticket 20")]).await,
+        [WriteResult::Unchanged]
+    );
+    let hour = std::time::Duration::from_secs(3600);
+    let mixed = vec![
+        set("newer", "an older render"),
+        set("same", "same"),
+        set("new", "fresh"),
+        delete("gone"),
+        delete("never"),
+        Write::Set {
+            key: key("with ttl"),
+            value: b"expires".to_vec(),
+            ttl: Some(hour),
+        },
+    ];
+    assert_eq!(
+        write(15, mixed.clone()).await,
+        [
+            WriteResult::Refused,
+            WriteResult::Unchanged,
+            WriteResult::Written,
+            WriteResult::Deleted,
+            WriteResult::Absent,
+            WriteResult::Written,
+        ]
+    );
+    assert_eq!(
+        env.get(&key("newer")).await.as_deref(),
+        Some("by ticket 20")
+    );
+    assert_eq!(env.get(&key("new")).await.as_deref(), Some("fresh"));
+    assert_eq!(env.get(&key("gone")).await, None);
+    let mut redis = env.sink.connection();
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(key("with ttl"))
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    assert!(ttl > 3_000_000, "the entry's TTL: {ttl} ms");
+    let tickets = pgfresh::testing::tickets(&env.sink, &[key("same"), key("new"), key("gone")])
+        .await
+        .unwrap();
+    assert_eq!(
+        tickets,
+        [Some(15); 3],
+        "every key the call was allowed to write"
+    );
+
+    // The same key twice in one call: as if written one after the other.
+    let twice = vec![
+        set("new", "first"),
+        set("new", "second"),
+        set("new", "second"),
+    ];
+    assert_eq!(
+        write(16, twice).await,
+        [
+            WriteResult::Written,
+            WriteResult::Written,
+            WriteResult::Unchanged
+        ]
+    );
+    assert_eq!(env.get(&key("new")).await.as_deref(), Some("second"));
+
+    // A ticket key holding another type: that key alone is refused, the others are written.
+    let _: () = redis::cmd("RPUSH")
+        .arg(pgfresh::testing::ticket_key(&env.sink, &key("listed")))
+        .arg("not a ticket")
+        .query_async(&mut redis)
+        .await
+        .unwrap();
+    let results = write(
+        17,
+        vec![set("new", "third"), set("listed", "y"), set("other", "z")],
+    )
+    .await;
+    assert_eq!(results[0], WriteResult::Written);
+    assert!(
+        matches!(&results[1], WriteResult::Failed(error) if error.contains("WRONGTYPE")),
+        "{results:?}"
+    );
+    assert_eq!(results[2], WriteResult::Written);
+    assert_eq!(env.get(&key("other")).await.as_deref(), Some("z"));
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_sweep_reads_and_writes_redis_in_bulk_not_key_by_key() {
+    // A server of its own, so that its command counts are this test's.
+    let redis = common::servers::TempRedis::start();
+    let env = TestEnv::shop_with_redis(50, &redis.url()).await;
+    let connection = env.sink.connection();
+    let calls = |command: &'static str| {
+        let mut connection = connection.clone();
+        async move {
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            let line = format!("cmdstat_{command}:calls=");
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix(line.as_str()))
+                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
+                .unwrap_or(0)
+        }
+    };
+    // Filling 100 entries, then finding each holding its render (tickets raised), then writing 10 of
+    // them again: with a GET and a SET per key each pass would call them hundreds of times.
+    let filled = env.sweep().await;
+    assert_eq!(filled.stats.written, 100, "{filled}");
+    let held = env.sweep().await;
+    assert_eq!(held.stats.unchanged, 100, "{held}");
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET price_cents = price_cents + 1 WHERE id % 10 = 0")
+        .await
+        .unwrap();
+    let changed = env.sweep().await;
+    assert_eq!(changed.stats.written, 10, "{changed}");
+    let per_key = calls("get").await + calls("set").await;
+    assert!(
+        per_key < 40,
+        "{per_key} GETs and SETs for three sweeps of 100 entries"
+    );
+    assert!(
+        calls("mset").await >= 3,
+        "the entries and tickets go in MSETs"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_listener_runs_the_periodic_sweep() {
     let env = TestEnv::shop(3).await;
     let settings = tweak(common::test_settings(), |s| {

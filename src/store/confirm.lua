@@ -4,6 +4,10 @@
 -- would, so that no render older than the page lands later; one that changed since (a write came in
 -- between) is left for the full ticket-checked write. Returns per key 1 confirmed, 0 not.
 -- Tickets stay decimal text, compared as such (see write.lua).
+-- In bulk, as write.lua: one MGET reads the tickets, one MSET raises them. A ticket raised this way
+-- loses any TTL it had: the entries a sweep confirms are written without one, and so are their
+-- tickets. When a ticket key holds another type (MGET reads it as nil) or Redis refuses a bulk
+-- command, nothing is confirmed: those keys take the full write, which reports what is wrong.
 local ticket = ARGV[1]
 local function newer(a, b)
     if #a ~= #b then
@@ -11,20 +15,45 @@ local function newer(a, b)
     end
     return a > b
 end
-local results = {}
+local function none()
+    local results = {}
+    for i = 1, #KEYS do
+        results[i] = 0
+    end
+    return results
+end
+if #KEYS == 0 then
+    return {}
+end
+local current = redis.pcall('MGET', unpack(KEYS))
+if type(current) == 'table' and current.err then
+    return none()
+end
+local absent = {}
 for i = 1, #KEYS do
-    local current = redis.pcall('GET', KEYS[i])
+    if not current[i] then
+        absent[#absent + 1] = KEYS[i]
+    end
+end
+if #absent > 0 and redis.pcall('EXISTS', unpack(absent)) ~= 0 then
+    return none()
+end
+local results, raise = {}, {}
+for i = 1, #KEYS do
     local result = 0
-    if type(current) ~= 'table' and (current or '') == ARGV[i + 1] then
-        if current and (current == ticket or newer(current, ticket)) then
-            result = 1
-        else
-            local set = redis.pcall('SET', KEYS[i], ticket, 'KEEPTTL')
-            if not (type(set) == 'table' and set.err) then
-                result = 1
-            end
+    if (current[i] or '') == ARGV[i + 1] then
+        result = 1
+        if not (current[i] and (current[i] == ticket or newer(current[i], ticket))) then
+            raise[#raise + 1] = KEYS[i]
+            raise[#raise + 1] = ticket
         end
     end
-    results[#results + 1] = result
+    results[i] = result
+end
+if #raise > 0 then
+    local set = redis.pcall('MSET', unpack(raise))
+    if type(set) == 'table' and set.err then
+        return none()
+    end
 end
 return results
