@@ -18,11 +18,12 @@ pub(crate) const REDIS_REFUSED: &str = "Redis refused ";
 /// Whether to skip writes whose value Redis already holds.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Writes {
-    /// Every write goes through the ticket-checked script (the listener: what it renders changed).
+    /// Every write goes through the ticket-checked script (the listener: what it renders changed;
+    /// a sweep filling Redis).
     AllChecked,
     /// Entries Redis already holds exactly (same bytes, no TTL) are confirmed (their tickets raised,
-    /// no value sent) and reported in [`Refreshed::held`]; the rest go through the checked script
-    /// (the sweep).
+    /// no value sent) and counted in [`Refreshed::confirmed`]; the rest go through the checked
+    /// script (a sweep, while the entries mostly hold their renders).
     SkipHeld,
     /// Every write checked, and no delete: an on-demand render of a miss. Redis holds nothing to
     /// delete there, and the delete's ticket (kept a day, so that no older render brings the entry

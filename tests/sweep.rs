@@ -385,6 +385,50 @@ async fn a_sweep_reads_and_writes_redis_in_bulk_not_key_by_key() {
 }
 
 #[tokio::test]
+async fn a_sweep_into_an_empty_redis_stops_reading_entries_back_after_its_first_pages() {
+    // A server of its own, so that its counts are this test's.
+    let redis = common::servers::TempRedis::start();
+    let env = TestEnv::shop_with_redis(60, &redis.url()).await;
+    let connection = env.sink.connection();
+    let misses = || {
+        let mut connection = connection.clone();
+        async move {
+            let stats: String = redis::cmd("INFO")
+                .arg("stats")
+                .query_async(&mut connection)
+                .await
+                .unwrap();
+            stats
+                .lines()
+                .find_map(|l| l.strip_prefix("keyspace_misses:"))
+                .and_then(|n| n.trim().parse::<u64>().ok())
+                .unwrap()
+        }
+    };
+    // One page at a time, so that each page knows what the one before it found.
+    let pages = tweak(SweepSettings::default(), |s| {
+        s.page_size = 10;
+        s.concurrency = 1;
+    });
+    let before = misses().await;
+    let filled = env.try_sweep(pages.clone()).await.unwrap();
+    assert_eq!(filled.stats.written, 120, "{filled}");
+    // Read back first, each entry misses five times (its value and ticket read back, then the
+    // script's reads of its ticket, whether that ticket exists, and its value); sent straight to the
+    // script, three. Only the first page reads back: 20 x 5 + 100 x 3 = 400, against 600.
+    let fill_misses = misses().await - before;
+    assert!(fill_misses < 4 * 120, "{fill_misses} keyspace misses");
+    // The next sweep expects entries to hold their renders again, and confirms them.
+    let again = env.try_sweep(pages).await.unwrap();
+    assert_eq!(
+        (again.stats.unchanged, again.stats.written),
+        (120, 0),
+        "{again}"
+    );
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_listener_runs_the_periodic_sweep() {
     let env = TestEnv::shop(3).await;
     let settings = tweak(common::test_settings(), |s| {

@@ -319,6 +319,7 @@ impl Sweeper<'_> {
             total.map(|keys| keys.max(0) as u64 * variants),
         );
         let mut keep = orphans::Kept::default();
+        let held_lately = Arc::new(page::HeldLately::new());
         let mut pages = JoinSet::new();
         let mut after: Option<String> = None;
         loop {
@@ -335,8 +336,13 @@ impl Sweeper<'_> {
                 while pages.len() >= settings.concurrency.max(1) {
                     collect(pages.join_next().await, report, &mut keep, progress);
                 }
-                let page =
-                    page::sweep_page(self.db.clone(), self.store.clone(), fragment.clone(), keys);
+                let page = page::sweep_page(
+                    self.db.clone(),
+                    self.store.clone(),
+                    fragment.clone(),
+                    keys,
+                    held_lately.clone(),
+                );
                 pages.spawn(page);
             }
             if last_page {

@@ -1,9 +1,11 @@
 //! One page of a sweep: its keys refreshed under a ticket of their own, through the path the listener
 //! uses but writing only what Redis does not already hold; keys that fail queued as failed changes
 //! (their entries kept), keys Redis could not check queued to render again; a page whose every key
-//! fails counts as failed.
+//! fails counts as failed. Whether a page first reads its entries back depends on what the pages
+//! before it found ([`HeldLately`]).
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use super::orphans::Kept;
 use super::{Progress, SweepReport};
@@ -21,6 +23,7 @@ pub(super) async fn sweep_page(
     store: RedisStore,
     fragment: Arc<dyn DynFragment>,
     keys: Vec<String>,
+    held_lately: Arc<HeldLately>,
 ) -> PageResult {
     let failed_page = |error: String| (keys.len() as u64, error);
     // Loads on the standby, when one was given and has replayed what the primary had written once
@@ -38,10 +41,11 @@ pub(super) async fn sweep_page(
         fragment.as_ref(),
         &keys,
         ticket,
-        Writes::SkipHeld,
+        held_lately.writes(),
     )
     .await
     .map_err(|e| failed_page(e.to_string()))?;
+    held_lately.learn(&refreshed.stats);
     // Every key of a page failing is the page failing (Redis out of memory or read-only, a loader
     // that times out): the sweep is incomplete and tried again later, rather than the whole table
     // queued, and in time parked, key by key. Keys whose entries all held their render were not
@@ -98,6 +102,37 @@ pub(super) async fn sweep_page(
             .map(|(_, reason)| reason),
         keep,
     })
+}
+
+/// Whether the entries of a sweep's pages have mostly held their renders so far, as in a periodic
+/// sweep where little changed: a page then reads its entries back and only confirms those (no HTML
+/// sent, see [`Writes::SkipHeld`]). Into an empty Redis, or one where most entries changed, that read
+/// finds nothing to spare and costs a tenth of the fill (Redis's and pgfresh's CPU, and a round trip
+/// per page): pages then send every write through the checked script at once, which still tells an
+/// unchanged entry, so the next page learns when entries hold their renders again.
+pub(super) struct HeldLately(AtomicBool);
+
+impl HeldLately {
+    /// Expecting entries to hold their renders, as a periodic sweep mostly finds them.
+    pub(super) fn new() -> Self {
+        Self(AtomicBool::new(true))
+    }
+
+    fn writes(&self) -> Writes {
+        if self.0.load(Ordering::Relaxed) {
+            Writes::SkipHeld
+        } else {
+            Writes::AllChecked
+        }
+    }
+
+    /// Notes what a page found: mostly unchanged entries, or mostly written ones.
+    fn learn(&self, stats: &RefreshStats) {
+        if stats.unchanged + stats.written > 0 {
+            self.0
+                .store(stats.unchanged >= stats.written, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How many of the keys a page repaired had no change of the fragment's own topics waiting in the
@@ -171,5 +206,44 @@ pub(super) fn collect(
                 .first_error
                 .get_or_insert(format!("sweep task died: {join_error}"));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stats(written: u64, unchanged: u64) -> RefreshStats {
+        RefreshStats {
+            written,
+            unchanged,
+            ..RefreshStats::default()
+        }
+    }
+
+    #[test]
+    fn pages_read_entries_back_while_they_mostly_hold_their_renders() {
+        let held = HeldLately::new();
+        assert_eq!(
+            held.writes(),
+            Writes::SkipHeld,
+            "a sweep starts expecting them"
+        );
+        held.learn(&stats(20, 0));
+        assert_eq!(held.writes(), Writes::AllChecked, "an empty Redis");
+        held.learn(&RefreshStats::default());
+        assert_eq!(
+            held.writes(),
+            Writes::AllChecked,
+            "a page of failures says nothing"
+        );
+        held.learn(&stats(2, 18));
+        assert_eq!(
+            held.writes(),
+            Writes::SkipHeld,
+            "entries hold their renders again"
+        );
+        held.learn(&stats(11, 9));
+        assert_eq!(held.writes(), Writes::AllChecked);
     }
 }
