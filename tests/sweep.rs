@@ -342,23 +342,7 @@ async fn a_sweep_reads_and_writes_redis_in_bulk_not_key_by_key() {
     // A server of its own, so that its command counts are this test's.
     let redis = common::servers::TempRedis::start();
     let env = TestEnv::shop_with_redis(50, &redis.url()).await;
-    let connection = env.sink.connection();
-    let calls = |command: &'static str| {
-        let mut connection = connection.clone();
-        async move {
-            let stats: String = redis::cmd("INFO")
-                .arg("commandstats")
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            let line = format!("cmdstat_{command}:calls=");
-            stats
-                .lines()
-                .find_map(|l| l.strip_prefix(line.as_str()))
-                .and_then(|rest| rest.split(',').next()?.parse::<u64>().ok())
-                .unwrap_or(0)
-        }
-    };
+    let mut connection = env.sink.connection();
     // Filling 100 entries, then finding each holding its render (tickets raised), then writing 10 of
     // them again: with a GET and a SET per key each pass would call them hundreds of times.
     let filled = env.sweep().await;
@@ -372,6 +356,10 @@ async fn a_sweep_reads_and_writes_redis_in_bulk_not_key_by_key() {
         .unwrap();
     let changed = env.sweep().await;
     assert_eq!(changed.stats.written, 10, "{changed}");
+    let mut calls = async |command: &str| {
+        let line = format!("cmdstat_{command}:calls=");
+        info_number(&mut connection, "commandstats", &line).await
+    };
     let per_key = calls("get").await + calls("set").await;
     assert!(
         per_key < 40,
@@ -389,34 +377,19 @@ async fn a_sweep_into_an_empty_redis_stops_reading_entries_back_after_its_first_
     // A server of its own, so that its counts are this test's.
     let redis = common::servers::TempRedis::start();
     let env = TestEnv::shop_with_redis(60, &redis.url()).await;
-    let connection = env.sink.connection();
-    let misses = || {
-        let mut connection = connection.clone();
-        async move {
-            let stats: String = redis::cmd("INFO")
-                .arg("stats")
-                .query_async(&mut connection)
-                .await
-                .unwrap();
-            stats
-                .lines()
-                .find_map(|l| l.strip_prefix("keyspace_misses:"))
-                .and_then(|n| n.trim().parse::<u64>().ok())
-                .unwrap()
-        }
-    };
+    let mut connection = env.sink.connection();
     // One page at a time, so that each page knows what the one before it found.
     let pages = tweak(SweepSettings::default(), |s| {
         s.page_size = 10;
         s.concurrency = 1;
     });
-    let before = misses().await;
+    let before = info_number(&mut connection, "stats", "keyspace_misses:").await;
     let filled = env.try_sweep(pages.clone()).await.unwrap();
     assert_eq!(filled.stats.written, 120, "{filled}");
     // Read back first, each entry misses five times (its value and ticket read back, then the
     // script's reads of its ticket, whether that ticket exists, and its value); sent straight to the
     // script, three. Only the first page reads back: 20 x 5 + 100 x 3 = 400, against 600.
-    let fill_misses = misses().await - before;
+    let fill_misses = info_number(&mut connection, "stats", "keyspace_misses:").await - before;
     assert!(fill_misses < 4 * 120, "{fill_misses} keyspace misses");
     // The next sweep expects entries to hold their renders again, and confirms them.
     let again = env.try_sweep(pages).await.unwrap();
@@ -426,6 +399,24 @@ async fn a_sweep_into_an_empty_redis_stops_reading_entries_back_after_its_first_
         "{again}"
     );
     env.cleanup().await;
+}
+
+/// The number after `prefix` on a line of Redis's `INFO section` (up to a comma, if any), 0 if no
+/// line has it.
+async fn info_number(
+    connection: &mut pgfresh::RedisConnection,
+    section: &str,
+    prefix: &str,
+) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|rest| rest.split(',').next()?.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test]
