@@ -163,6 +163,16 @@ pub mod testing {
         store.write(ticket, writes).await
     }
 
+    /// For each write, whether Redis already holds its value, confirmed under `ticket` (its ticket
+    /// raised), as a sweep asks before writing.
+    pub async fn held(
+        store: &RedisStore,
+        ticket: i64,
+        writes: &[Write],
+    ) -> Result<Vec<bool>, Error> {
+        store.held(ticket, writes).await
+    }
+
     /// The tickets stored beside fragment keys.
     pub async fn tickets(store: &RedisStore, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {
         store.tickets(keys).await

@@ -11,6 +11,7 @@ mod common;
 
 use common::servers::{BoundedOutput, PostgresSetup, TempPostgres, TempRedis};
 use common::{TestEnv, connect, error_of, eventually, psql, test_settings, tweak};
+use pgfresh::testing::Write;
 use pgfresh::tokio_postgres::Client;
 use std::process::Command;
 
@@ -967,8 +968,30 @@ async fn redis_user_suffices(commands: &str) {
         .arg(format!("{}*", env.prefix))
         .output_bounded()
         .unwrap();
-    assert_eq!(String::from_utf8_lossy(&cards.stdout).lines().count(), 8);
-    // Found holding their renders, the entries' tickets raised.
+    let keys: Vec<String> = String::from_utf8_lossy(&cards.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(keys.len(), 8);
+    // Each entry found holding its render is confirmed, its ticket raised, without writing it.
+    let mut entries = Vec::new();
+    for key in &keys {
+        let value = env.get(key).await.unwrap().into_bytes();
+        let ttl = None;
+        entries.push(Write::Set {
+            key: key.clone(),
+            value,
+            ttl,
+        });
+    }
+    let stored = pgfresh::testing::tickets(&env.sink, &keys).await.unwrap();
+    let ticket = stored.iter().flatten().max().unwrap() + 1;
+    let held = pgfresh::testing::held(&env.sink, ticket, &entries)
+        .await
+        .unwrap();
+    assert_eq!(held, [true; 8]);
+    let raised = pgfresh::testing::tickets(&env.sink, &keys).await.unwrap();
+    assert_eq!(raised, [Some(ticket); 8]);
     let again = env.sweep().await;
     assert_eq!(
         (again.stats.unchanged, again.stats.written),

@@ -18,7 +18,7 @@
 -- a key twice in one call, a ticket key holding another type (MGET reads it as nil; GET refuses it,
 -- and that key is reported as refused), a bulk command Redis refuses (an ACL, memory full).
 -- A call carries at most 1,000 pairs (`KEYS_PER_CALL`), so no command here takes more than 4,000
--- arguments: Lua's `unpack` stops at 8,000.
+-- arguments: Lua's `unpack` stops short of 8,000.
 local ticket = ARGV[1]
 local keep_millis = ARGV[2]
 local may_evict = ARGV[3] == '1'
@@ -133,8 +133,11 @@ for i = 1, pairs_count do
     end
 end
 -- MGET reads a key of another type as nil: every nil must be a key that does not exist.
-if #absent > 0 and redis.pcall('EXISTS', unpack(absent)) ~= 0 then
-    return key_by_key()
+if #absent > 0 then
+    local existing = redis.pcall('EXISTS', unpack(absent))
+    if refused(existing) or existing ~= 0 then
+        return key_by_key()
+    end
 end
 local values = {}
 if #set_keys > 0 then
