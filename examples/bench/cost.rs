@@ -122,3 +122,52 @@ impl Cost {
         )
     }
 }
+
+/// Microseconds Redis spent in each command so far (`INFO commandstats`), to tell what a scenario's
+/// Redis share went to. A script's own commands are counted both on their own lines and in the
+/// script's (`evalsha`).
+pub(crate) async fn redis_command_micros(
+    redis_url: &str,
+) -> Result<std::collections::BTreeMap<String, u64>> {
+    let client = redis::Client::open(redis_url)?;
+    let mut redis = client.get_multiplexed_async_connection().await?;
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut redis)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|line| {
+            let (command, stats) = line.strip_prefix("cmdstat_")?.split_once(':')?;
+            let micros = stats
+                .split(',')
+                .find_map(|field| field.strip_prefix("usec="))?;
+            Some((command.to_string(), micros.parse().ok()?))
+        })
+        .collect())
+}
+
+/// `evalsha 7.6, mget 2.2, scan 1.8`: the commands that took the most of Redis's time between two
+/// samples, in milliseconds per 1,000 `units`.
+pub(crate) fn top_commands(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    units: f64,
+) -> String {
+    let mut spent: Vec<(&String, u64)> = after
+        .iter()
+        .map(|(command, &micros)| {
+            let earlier = before.get(command).copied().unwrap_or(0);
+            (command, micros.saturating_sub(earlier))
+        })
+        .filter(|&(_, micros)| micros > 0)
+        .collect();
+    spent.sort_by_key(|&(_, micros)| std::cmp::Reverse(micros));
+    let per_thousand = |micros: u64| micros as f64 / 1000.0 / units * 1000.0;
+    let shown: Vec<String> = spent
+        .iter()
+        .take(5)
+        .map(|(command, micros)| format!("{command} {:.1}", per_thousand(*micros)))
+        .collect();
+    shown.join(", ")
+}
