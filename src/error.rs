@@ -75,6 +75,13 @@ pub enum Error {
     /// A Redis command failed.
     #[error("Redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// Redis refused writes for a reason of its own, not of a key (out of memory, a read-only
+    /// replica, writes stopped after a failed save): the changes wait until it takes them.
+    #[error("Redis refused writes: {reason}; {}", refusal_advice(.reason))]
+    RedisRefused {
+        /// Redis's error, as it gave it.
+        reason: String,
+    },
     /// A fragment is misdefined or misbehaved, or a name given on the command line matches none.
     #[error("{0}")]
     Fragment(String),
@@ -165,6 +172,17 @@ fn redis_advice(reason: &str) -> &'static str {
         "see README, \"Redis Cluster\""
     } else {
         "start it, or point --redis-url / REDIS_URL at it"
+    }
+}
+
+/// What to do about a refusal of Redis's own (see [`Error::RedisRefused`]).
+fn refusal_advice(reason: &str) -> &'static str {
+    if reason.starts_with("OOM") {
+        "Redis is full under maxmemory-policy noeviction: raise maxmemory, or let it evict (see README, \"Redis memory policies\")"
+    } else if reason.starts_with("READONLY") {
+        "this Redis is a read-only replica: point --redis-url / REDIS_URL at its primary"
+    } else {
+        "Redis stopped taking writes after a failed save: check its disk and its log"
     }
 }
 

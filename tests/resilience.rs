@@ -128,6 +128,48 @@ async fn a_frozen_listen_session_is_detected_and_replaced() {
 }
 
 #[tokio::test]
+async fn while_redis_is_full_changes_wait_without_counting_attempts_and_arrive_once_it_has_room() {
+    let redis = TempRedis::start();
+    let env = TestEnv::shop_with_redis(3, &redis.url()).await;
+    // One failed attempt would park a change: a refusal counted against it shows at once.
+    let listener = env.start_listener(tweak(test_settings(), |s| s.max_attempts = 1));
+    env.rename(1, "Before Redis filled up").await;
+    env.wait_name(1, "Before Redis filled up").await;
+
+    let mut admin = env.sink.connection();
+    let limit = |bytes: &str| {
+        let mut command = redis::cmd("CONFIG");
+        command.arg(&["SET", "maxmemory", bytes, "maxmemory-policy", "noeviction"][..]);
+        command
+    };
+    let _: () = limit("1").query_async(&mut admin).await.unwrap();
+    env.rename(2, "While Redis was full").await;
+    let db = env.client().await;
+    eventually("the change to note why it waits", || async {
+        db.query_opt(
+            "SELECT last_error FROM pgfresh.changes WHERE key = '2' AND attempts = 0",
+            &[],
+        )
+        .await
+        .unwrap()
+        .and_then(|row| row.get::<_, Option<String>>(0))
+        .is_some_and(|error| error.starts_with("Redis refused writes: OOM"))
+    })
+    .await;
+    assert_eq!(
+        env.parked().await,
+        0,
+        "a full Redis is no reason to park a change"
+    );
+    let _: () = limit("0").query_async(&mut admin).await.unwrap();
+    env.wait_name(2, "While Redis was full").await;
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    assert_eq!(env.parked().await, 0);
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn while_redis_hangs_changes_wait_with_their_error_and_arrive_when_it_answers() {
     let redis = TempRedis::start();
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;

@@ -28,6 +28,10 @@ const CLUSTER_CALLS_IN_FLIGHT: usize = 256;
 /// before the delete. Renders take milliseconds; a day is a wide margin that still frees the memory.
 const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
 
+/// How Redis's refusals that concern the server rather than a key begin: out of memory under
+/// `noeviction`, a read-only replica, writes stopped after a failed save.
+const SERVER_REFUSALS: [&str; 3] = ["OOM ", "READONLY ", "MISCONF "];
+
 /// One write for [`RedisStore::write`].
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[cfg_attr(not(feature = "testing"), allow(unreachable_pub))]
@@ -83,8 +87,30 @@ pub enum WriteResult {
 
 impl RedisStore {
     /// Applies writes taken under one render ticket, in as few round trips as the batch allows.
-    /// Results come back in the order of `writes` (owned, or borrowed from a larger batch).
+    /// Results come back in the order of `writes` (owned, or borrowed from a larger batch). A
+    /// refusal that concerns the server, not a key (out of memory, read-only), fails the whole call,
+    /// as Redis being down does: every key would fail alike, and a change must not count an attempt,
+    /// nor be parked, for it.
     pub(crate) async fn write(
+        &self,
+        ticket: i64,
+        writes: &[impl Borrow<Write> + Sync],
+    ) -> Result<Vec<WriteResult>, Error> {
+        let results = self.write_all(ticket, writes).await?;
+        for result in &results {
+            if let WriteResult::Failed(reason) = result {
+                let reason = reason.strip_prefix("error: ").unwrap_or(reason);
+                if SERVER_REFUSALS.iter().any(|code| reason.starts_with(code)) {
+                    return Err(Error::RedisRefused {
+                        reason: reason.to_string(),
+                    });
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    async fn write_all(
         &self,
         ticket: i64,
         writes: &[impl Borrow<Write> + Sync],
