@@ -420,6 +420,41 @@ async fn info_number(
 }
 
 #[tokio::test]
+async fn a_full_redis_fails_a_write_as_a_whole_with_one_line_saying_what_to_do() {
+    use pgfresh::testing::Write;
+    let redis = common::servers::TempRedis::start();
+    let env = TestEnv::shop_with_redis(1, &redis.url()).await;
+    let set = |value: &str| {
+        vec![Write::Set {
+            key: env.key(1, "full"),
+            value: value.into(),
+            ttl: None,
+        }]
+    };
+    pgfresh::testing::write(&env.sink, 10, &set("stored"))
+        .await
+        .unwrap();
+    let _: () = redis::cmd("CONFIG")
+        .arg(&["SET", "maxmemory", "1", "maxmemory-policy", "noeviction"][..])
+        .query_async(&mut env.sink.connection())
+        .await
+        .unwrap();
+    // A changed entry (its SET refused), and an unchanged one (only its ticket to raise).
+    for value in ["changed", "stored"] {
+        let error = pgfresh::testing::write(&env.sink, 11, &set(value))
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            error.starts_with("Redis refused writes: OOM") && error.contains("raise maxmemory"),
+            "{error}"
+        );
+        assert_eq!(error.lines().count(), 1, "{error}");
+    }
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn the_listener_runs_the_periodic_sweep() {
     let env = TestEnv::shop(3).await;
     let settings = tweak(common::test_settings(), |s| {

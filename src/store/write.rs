@@ -192,7 +192,21 @@ impl RedisStore {
         }
         let replies: Vec<Value> = invocation
             .invoke_async(&mut self.connection.clone())
-            .await?;
+            .await
+            .map_err(|error| {
+                // The script stopped at a write Redis refused as a whole (a `redis.call`).
+                match error.code() {
+                    Some(code) if SERVER_REFUSALS.iter().any(|c| c.trim_end() == code) => {
+                        let detail = error.detail().unwrap_or_default();
+                        // Redis names the script's line after the message; the message is enough.
+                        let detail = detail.split(" script: ").next().unwrap_or_default();
+                        Error::RedisRefused {
+                            reason: format!("{code} {detail}"),
+                        }
+                    }
+                    _ => error.into(),
+                }
+            })?;
         Ok(replies
             .into_iter()
             .map(|reply| match reply {
