@@ -28,9 +28,15 @@ const CLUSTER_CALLS_IN_FLIGHT: usize = 256;
 /// before the delete. Renders take milliseconds; a day is a wide margin that still frees the memory.
 const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
 
-/// How Redis's refusals that concern the server rather than a key begin: out of memory under
+/// The codes of Redis's refusals that concern the server rather than a key: out of memory under
 /// `noeviction`, a read-only replica, writes stopped after a failed save.
-const SERVER_REFUSALS: [&str; 3] = ["OOM ", "READONLY ", "MISCONF "];
+const SERVER_REFUSALS: [&str; 3] = ["OOM", "READONLY", "MISCONF"];
+
+/// Whether Redis's error text (its code first) is a refusal of the server's.
+fn refused_by_server(error: &str) -> bool {
+    let code = error.split_whitespace().next().unwrap_or_default();
+    SERVER_REFUSALS.contains(&code)
+}
 
 /// One write for [`RedisStore::write`].
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -100,7 +106,7 @@ impl RedisStore {
         for result in &results {
             if let WriteResult::Failed(reason) = result {
                 let reason = reason.strip_prefix("error: ").unwrap_or(reason);
-                if SERVER_REFUSALS.iter().any(|code| reason.starts_with(code)) {
+                if refused_by_server(reason) {
                     return Err(Error::RedisRefused {
                         reason: reason.to_string(),
                     });
@@ -196,7 +202,7 @@ impl RedisStore {
             .map_err(|error| {
                 // The script stopped at a write Redis refused as a whole (a `redis.call`).
                 match error.code() {
-                    Some(code) if SERVER_REFUSALS.iter().any(|c| c.trim_end() == code) => {
+                    Some(code) if refused_by_server(code) => {
                         let detail = error.detail().unwrap_or_default();
                         // Redis names the script's line after the message; the message is enough.
                         let detail = detail.split(" script: ").next().unwrap_or_default();

@@ -46,10 +46,10 @@ pub(super) async fn sweep_page(
     .await
     .map_err(|e| failed_page(e.to_string()))?;
     held_lately.learn(&refreshed.stats);
-    // Every key of a page failing is the page failing (Redis out of memory or read-only, a loader
-    // that times out): the sweep is incomplete and tried again later, rather than the whole table
-    // queued, and in time parked, key by key. Keys whose entries all held their render were not
-    // written, so they could not fail.
+    // Every key of a page failing is the page failing (a loader that times out, an ACL refusing
+    // every key; Redis out of memory or read-only fails the call above): the sweep is incomplete
+    // and tried again later, rather than the whole table queued, and in time parked, key by key.
+    // Keys whose entries all held their render were not written, so they could not fail.
     let attempted = keys.len() - refreshed.confirmed;
     if attempted > 1 && refreshed.failed.len() == attempted {
         return Err(failed_page(refreshed.failed[0].1.clone()));
