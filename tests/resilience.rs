@@ -127,6 +127,23 @@ async fn a_frozen_listen_session_is_detected_and_replaced() {
     env.cleanup().await;
 }
 
+/// Waits until the queued change of product `key` notes an error starting with `error`, with no
+/// attempt counted against it.
+async fn waits_with_error(env: &TestEnv, key: &str, error: &str) {
+    let db = env.client().await;
+    eventually("the change to note why it waits", || async {
+        db.query_opt(
+            "SELECT last_error FROM pgfresh.changes WHERE key = $1 AND attempts = 0",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .and_then(|row| row.get::<_, Option<String>>(0))
+        .is_some_and(|noted| noted.starts_with(error))
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn while_redis_is_full_changes_wait_without_counting_attempts_and_arrive_once_it_has_room() {
     let redis = TempRedis::start();
@@ -144,18 +161,7 @@ async fn while_redis_is_full_changes_wait_without_counting_attempts_and_arrive_o
     };
     let _: () = limit("1").query_async(&mut admin).await.unwrap();
     env.rename(2, "While Redis was full").await;
-    let db = env.client().await;
-    eventually("the change to note why it waits", || async {
-        db.query_opt(
-            "SELECT last_error FROM pgfresh.changes WHERE key = '2' AND attempts = 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .and_then(|row| row.get::<_, Option<String>>(0))
-        .is_some_and(|error| error.starts_with("Redis refused writes: OOM"))
-    })
-    .await;
+    waits_with_error(&env, "2", "Redis refused writes: OOM").await;
     assert_eq!(
         env.parked().await,
         0,
@@ -180,18 +186,7 @@ async fn while_redis_hangs_changes_wait_with_their_error_and_arrive_when_it_answ
     // Frozen, Redis keeps its data and the sweep marker: only the queue can bring the change in.
     let frozen = redis.freeze();
     env.rename(2, "During the outage").await;
-    let db = env.client().await;
-    eventually("the change to note why it waits", || async {
-        db.query_opt(
-            "SELECT last_error FROM pgfresh.changes WHERE key = '2' AND attempts = 0",
-            &[],
-        )
-        .await
-        .unwrap()
-        .and_then(|row| row.get::<_, Option<String>>(0))
-        .is_some_and(|error| error.starts_with("Redis"))
-    })
-    .await;
+    waits_with_error(&env, "2", "Redis").await;
     assert_eq!(
         env.parked().await,
         0,
