@@ -497,7 +497,7 @@ impl Bench {
                 self.target(
                     "CPU pgfresh adds per change at 1,000 updates/s",
                     format!("{added:.3} ms"),
-                    "halved (0.22-0.29 ms on 2026-12-07: ≤ 0.13 ms)",
+                    "halved (0.22-0.29 ms on 2026-12-06: ≤ 0.13 ms)",
                     added <= 0.13,
                 );
             }
