@@ -707,10 +707,19 @@ async fn a_newer_listener_that_stops_heartbeating_is_given_up_and_the_old_markup
     );
     eventually("the new markup everywhere", || all_v2(&env, 3)).await;
     // The new listener dies without deregistering (its host is gone): its registry row stays, and
-    // only its silence (15 s without a heartbeat) tells the old one it is gone.
+    // only its silence (15 s without a heartbeat) tells the old one it is gone. It died in the
+    // middle of a sweep, holding the sweep lease past that (for its 30-s term; 20 s here): the old
+    // one, back from standing aside, waits for the lease and then still sweeps its markup back.
     new.task.abort();
+    env.client()
+        .await
+        .batch_execute(
+            "UPDATE pgfresh.sweep_lease SET holder = 'the-new-listener', expires_at = now() + interval '20 seconds'",
+        )
+        .await
+        .unwrap();
     eventually_after(
-        Duration::from_secs(15),
+        Duration::from_secs(20),
         "the old markup to come back",
         || async { !all_v2(&env, 3).await },
     )

@@ -67,8 +67,9 @@ struct Maintenance {
     shared: Arc<Shared>,
     schedule: SweepSchedule,
     lease: SweepLease,
-    /// Markers have not been read yet (or the listener just stopped standing aside): a newer marker
-    /// is a rollback to older markup then, and is swept back too.
+    /// Markers have not been read and swept after yet (since start-up, or since the listener
+    /// stopped standing aside): a newer marker is a rollback to older markup then, and is swept back
+    /// too.
     at_startup: bool,
     eviction_checked: Option<Instant>,
 }
@@ -97,9 +98,20 @@ impl Maintenance {
                 tracing::debug!(%error, "cannot read pgfresh.truncations");
                 Truncations::default()
             });
-        if let Some(due) = self.due(&truncated).await {
-            let outcome = self.sweep_due(&due, &truncated).await;
-            self.note(outcome);
+        let (due, markers_read) = self.due(&truncated).await;
+        let done = match due {
+            Some(due) => {
+                let outcome = self.sweep_due(&due, &truncated).await;
+                self.note(outcome);
+                outcome == Some(true)
+            }
+            None => true,
+        };
+        // A newer marker is swept back only once: after a sweep that read it completed, not when
+        // another listener held the lease (one that died in the middle of its sweep holds it
+        // for a term) or the sweep failed.
+        if done && markers_read {
+            self.at_startup = false;
         }
     }
 
@@ -113,8 +125,8 @@ impl Maintenance {
 
     /// What is due now, fragment by fragment: those not swept since PostgreSQL crashed or failed
     /// over, those whose periodic sweep is due, those whose marker is missing or outdated, those of
-    /// truncated topics.
-    async fn due(&mut self, truncated: &Truncations) -> Option<Due> {
+    /// truncated topics; and whether the markers could be read.
+    async fn due(&self, truncated: &Truncations) -> (Option<Due>, bool) {
         let fragments = &self.shared.fragments;
         let mut due: Vec<Swept> = Vec::new();
         let mut add = |fragment: &Arc<dyn DynFragment>, why: &'static str| {
@@ -142,28 +154,36 @@ impl Maintenance {
                 }
             }
         }
-        match needing_sweep(&self.shared.store, fragments, self.at_startup).await {
+        let markers_read = match needing_sweep(&self.shared.store, fragments, self.at_startup).await
+        {
             Ok(stale) => {
-                self.at_startup = false;
                 stale.iter().for_each(|f| add(f, "marker"));
+                true
             }
-            Err(error) => tracing::debug!(%error, "cannot read fragment markers"),
-        }
+            Err(error) => {
+                tracing::debug!(%error, "cannot read fragment markers");
+                false
+            }
+        };
         truncated.fragments.iter().for_each(|f| add(f, "truncate"));
-        let label = ["restart", "periodic", "marker", "truncate"]
+        let Some(label) = ["restart", "periodic", "marker", "truncate"]
             .into_iter()
-            .find(|label| due.iter().any(|(_, why)| why == label))?;
+            .find(|label| due.iter().any(|(_, why)| why == label))
+        else {
+            return (None, markers_read);
+        };
         let reason = match label {
             "restart" => "PostgreSQL crashed or failed over",
             "periodic" => "periodic",
             "marker" => "missing or outdated in Redis",
             _ => "a watched table was truncated",
         };
-        Some(Due {
+        let due = Due {
             fragments: due,
             reason,
             label,
-        })
+        };
+        (Some(due), markers_read)
     }
 
     /// What the sweeps record says of this listener's fragments; `None` when it cannot be read
