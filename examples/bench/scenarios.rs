@@ -478,15 +478,14 @@ impl Bench {
                 let alone = self
                     .measure_latency(&url, rate, Duration::from_secs(10), Capture::Off)
                     .await?;
-                let alone = CpuSample::now(&self.redis_url)
-                    .await?
-                    .since(before)
-                    .total_per_thousand(alone.updates as f64)
-                    / 1000.0;
+                let updates = alone.updates as f64;
+                let alone = CpuSample::now(&self.redis_url).await?.since(before);
+                let split = alone.per_thousand(updates, "updates");
+                let alone = alone.total_per_thousand(updates) / 1000.0;
                 let all = cost.total_per_thousand(sorted.len() as f64) / 1000.0;
                 let added = all - alone;
                 println!(
-                    "latency at {rate}/s, the same writers with no capture: {alone:.3} ms CPU per update, all processes; pgfresh adds {added:.3} ms per change (capture, listener, Redis, the subscriber's reads)"
+                    "latency at {rate}/s, the same writers with no capture: {split}; pgfresh adds {added:.3} ms per change (capture, listener, Redis, the subscriber's reads)"
                 );
                 self.target(
                     "CPU per applied change at 1,000 updates/s, all processes",
