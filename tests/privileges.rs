@@ -89,6 +89,58 @@ async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
     env.cleanup().await;
 }
 
+/// A cast PostgreSQL would plan, even where it never runs it, can run code: an inlinable SQL cast
+/// function calling an argument-less `IMMUTABLE` one is folded at plan time. The capture function
+/// must not plan a cast to text of any type but the one it was watched with (a capture that put the
+/// cast in one expression with its type test did, and ran this as `pgfresh_capture`).
+#[tokio::test]
+async fn a_table_owners_cast_to_text_is_not_run_by_the_capture_even_at_plan_time() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let app = format!("{}_app", env.name);
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE ROLE {app} LOGIN; GRANT CREATE ON SCHEMA public TO {app};
+             SET ROLE {app}; CREATE TABLE items(id int PRIMARY KEY, tag text); RESET ROLE;
+             SELECT pgfresh.watch('items', 'tag', 'item');
+             SET ROLE {app};
+             CREATE TYPE folded AS ENUM ('x', 'y');
+             CREATE FUNCTION forge() RETURNS void LANGUAGE plpgsql AS $$
+             BEGIN
+                 INSERT INTO pgfresh.changes (topic, key) VALUES ('forged', current_user);
+             END $$;
+             CREATE FUNCTION payload() RETURNS text LANGUAGE plpgsql IMMUTABLE AS
+                 $$BEGIN PERFORM forge(); RETURN 'x'; END$$;
+             CREATE FUNCTION folded_text(folded) RETURNS text LANGUAGE sql IMMUTABLE AS
+                 $$ SELECT payload() $$;
+             CREATE CAST (folded AS text) WITH FUNCTION folded_text(folded);
+             ALTER TABLE items ALTER COLUMN tag TYPE folded USING 'x';
+             INSERT INTO items VALUES (1, 'x');
+             UPDATE items SET tag = 'y';
+             DELETE FROM items;
+             RESET ROLE;"
+        ))
+        .await
+        .unwrap();
+    let queued: Vec<(String, String)> = admin
+        .query("SELECT topic, key FROM pgfresh.changes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let item = |key: &str| ("item".to_string(), key.to_string());
+    assert_eq!(queued, [item("x"), item("y"), item("x"), item("y")]);
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE items; DROP OWNED BY {app} CASCADE; DROP ROLE {app}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_writers_search_path_cannot_put_its_own_operators_or_types_into_the_capture_code() {
     let env = TestEnv::empty().await;
