@@ -330,3 +330,41 @@ async fn a_periodic_sweep_that_repairs_what_no_watch_reported_is_a_finding() {
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// Only a periodic sweep's repairs can be a finding, so only it looks each repaired key up in the
+/// queue (a read of the whole queue per page, which after an outage may hold a backlog). A sweep
+/// after Redis lost its entries, with changes queued, records its repairs and looks none up.
+#[tokio::test]
+async fn a_sweep_after_an_outage_looks_no_repair_up_in_the_queue() {
+    let env = TestEnv::shop(6).await;
+    env.sweep().await;
+    // Changes wait for products 1 to 3 (no listener runs), and Redis lost every card.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Renamed ' || id WHERE id <= 3")
+        .await
+        .unwrap();
+    for key in env.keys().await {
+        env.del(&key).await;
+    }
+    let report = env.sweep().await;
+    assert_eq!(report.stats.written, 12, "{report}");
+    assert_eq!(report.unexplained, 0, "{report}");
+    let last = sweeps_after(&env, 0).await.pop().unwrap();
+    assert_eq!((last.2.as_str(), last.3, last.4), ("one-off", 0, false));
+    let doctor = pgfresh::testing::doctor(&env.db, env.sink.clone(), &env.fragments())
+        .await
+        .unwrap();
+    assert!(
+        doctor.contains("its last complete sweep (one-off sweep")
+            && doctor
+                .contains("repaired 12 entries, as expected: no listener ran all along before it"),
+        "{doctor}"
+    );
+    assert_eq!(
+        env.pending().await,
+        3,
+        "the queued changes wait for a listener"
+    );
+    env.cleanup().await;
+}

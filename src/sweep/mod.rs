@@ -37,7 +37,7 @@ use crate::pg::sweeps::{SweptFragment, note_epoch, record};
 use crate::shutdown::Shutdown;
 use crate::stats::RefreshStats;
 use crate::store::RedisStore;
-use page::collect;
+use page::{LookUp, collect};
 
 pub(crate) use truncations::Truncations;
 
@@ -65,7 +65,8 @@ pub struct SweepReport {
     pub interrupted: bool,
     /// Keys it repaired (wrote or deleted entries of) with no change of theirs waiting in the
     /// queue, and entries it deleted as orphans: what changed without a watch saying so, unless
-    /// the listener was down or Redis lost data.
+    /// the listener was down or Redis lost data. Only periodic sweeps look repaired keys up in the
+    /// queue; the others, which follow an outage, count their orphans alone.
     pub unexplained: u64,
     /// Fragments whose repairs no watch explains, and how many: those of [`SweepReport::unexplained`]
     /// made by a periodic sweep of a listener that ran since the fragment's previous complete
@@ -212,7 +213,14 @@ impl Sweeper<'_> {
         let mut report = SweepReport::default();
         for (fragment, reason) in selected {
             let before = report.clone();
-            let started_at = self.sweep_fragment(fragment, &mut report).await?;
+            // Only a periodic sweep's repairs can be a finding (see `pg::sweeps::record`), so only
+            // it looks each repaired key up in the queue: a read of the whole queue per page, which
+            // after an outage, when the other sweeps run, may hold a backlog.
+            let look_up = match *reason {
+                "periodic" => LookUp::Repairs,
+                _ => LookUp::Nothing,
+            };
+            let started_at = self.sweep_fragment(fragment, look_up, &mut report).await?;
             if report.interrupted {
                 break;
             }
@@ -266,13 +274,14 @@ impl Sweeper<'_> {
     async fn sweep_fragment(
         &self,
         fragment: &Arc<dyn DynFragment>,
+        look_up: LookUp,
         report: &mut SweepReport,
     ) -> Result<f64, Error> {
         let store = self.store;
         let canary = store.start_sweep(fragment.key_prefix()).await?;
         let (start_ticket, started_at) = take_ticket_at(&*self.db.pinned().await?).await?;
         let incomplete_before = report.pages_failed;
-        let keep = self.render_pages(fragment, report).await?;
+        let keep = self.render_pages(fragment, look_up, report).await?;
         // Entries of keys in a page that failed as a whole would look like orphans, and the marker
         // would claim what is not true: both wait for a complete sweep.
         if report.pages_failed != incomplete_before || report.interrupted {
@@ -300,6 +309,7 @@ impl Sweeper<'_> {
     async fn render_pages(
         &self,
         fragment: &Arc<dyn DynFragment>,
+        look_up: LookUp,
         report: &mut SweepReport,
     ) -> Result<orphans::Kept, Error> {
         let (settings, progress) = (self.settings, self.progress);
@@ -342,6 +352,7 @@ impl Sweeper<'_> {
                     fragment.clone(),
                     keys,
                     held_lately.clone(),
+                    look_up,
                 );
                 pages.spawn(page);
             }

@@ -24,6 +24,7 @@ pub(super) async fn sweep_page(
     fragment: Arc<dyn DynFragment>,
     keys: Vec<String>,
     held_lately: Arc<HeldLately>,
+    look_up: LookUp,
 ) -> PageResult {
     let failed_page = |error: String| (keys.len() as u64, error);
     // Loads on the standby, when one was given and has replayed what the primary had written once
@@ -79,9 +80,12 @@ pub(super) async fn sweep_page(
         errors.push(None);
     }
     drop(session);
-    let unexplained = unexplained(&db, fragment.as_ref(), &keys, &refreshed.repaired)
-        .await
-        .map_err(|e| failed_page(e.to_string()))?;
+    let unexplained = match look_up {
+        LookUp::Repairs => unexplained(&db, fragment.as_ref(), &keys, &refreshed.repaired)
+            .await
+            .map_err(|e| failed_page(e.to_string()))?,
+        LookUp::Nothing => 0,
+    };
     if !again.is_empty() {
         let requeued = match db.pinned().await {
             Ok(client) => {
@@ -133,6 +137,14 @@ impl HeldLately {
                 .store(stats.unchanged >= stats.written, Ordering::Relaxed);
         }
     }
+}
+
+/// Whether a page looks the keys it repaired up in the queue, to count those no change explains
+/// (one read of the whole queue: the queue has no index by key).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum LookUp {
+    Repairs,
+    Nothing,
 }
 
 /// How many of the keys a page repaired had no change of the fragment's own topics waiting in the
