@@ -368,3 +368,29 @@ async fn a_sweep_after_an_outage_looks_no_repair_up_in_the_queue() {
     );
     env.cleanup().await;
 }
+
+/// A fragment whose marker is missing (Redis lost its data) while its periodic sweep is due too is
+/// swept as `marker`: its repairs are what Redis lost, no finding, and need no look at the queue.
+#[tokio::test]
+async fn a_sweep_due_both_for_a_lost_marker_and_periodically_is_a_marker_sweep() {
+    let env = TestEnv::shop(4).await;
+    env.sweep().await;
+    let last = sweeps_after(&env, 0).await.pop().unwrap();
+    env.client()
+        .await
+        .batch_execute("UPDATE pgfresh.sweeps SET started_at = started_at - interval '1 hour'")
+        .await
+        .unwrap();
+    for key in env.keys().await {
+        env.del(&key).await;
+    }
+    env.del(&env.marker_key()).await;
+    let listener = env.start_listener(tweak(test_settings(), |s| {
+        s.sweep_interval = Some(std::time::Duration::from_secs(600));
+    }));
+    let swept = next_sweep(&env, "the listener's sweep", last.0, |_| true).await;
+    assert_eq!((swept.2.as_str(), swept.3, swept.4), ("marker", 0, false));
+    env.wait_fresh(4).await;
+    listener.stop().await;
+    env.cleanup().await;
+}

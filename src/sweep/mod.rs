@@ -64,9 +64,9 @@ pub struct SweepReport {
     /// Shutdown stopped the sweep before it finished.
     pub interrupted: bool,
     /// Keys it repaired (wrote or deleted entries of) with no change of theirs waiting in the
-    /// queue, and entries it deleted as orphans: what changed without a watch saying so, unless
-    /// the listener was down or Redis lost data. Only periodic sweeps look repaired keys up in the
-    /// queue; the others, which follow an outage, count their orphans alone.
+    /// queue: what changed without a watch saying so, unless the listener was down or Redis lost
+    /// data. Counted by periodic sweeps only; 0 for the others (after an outage, a deploy, a
+    /// `TRUNCATE`, a one-off sweep), which do not look their repairs up in the queue.
     pub unexplained: u64,
     /// Fragments whose repairs no watch explains, and how many: those of [`SweepReport::unexplained`]
     /// made by a periodic sweep of a listener that ran since the fragment's previous complete

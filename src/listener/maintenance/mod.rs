@@ -124,7 +124,7 @@ impl Maintenance {
     }
 
     /// What is due now, fragment by fragment: those not swept since PostgreSQL crashed or failed
-    /// over, those whose periodic sweep is due, those whose marker is missing or outdated, those of
+    /// over, those whose marker is missing or outdated, those whose periodic sweep is due, those of
     /// truncated topics; and whether the markers could be read.
     async fn due(&self, truncated: &Truncations) -> (Option<Due>, bool) {
         let fragments = &self.shared.fragments;
@@ -134,8 +134,11 @@ impl Maintenance {
                 due.push((fragment.clone(), why));
             }
         };
-        if let Some(so_far) = self.swept_so_far().await {
-            let now = Instant::now();
+        // Each fragment is swept for the first of its reasons in this order. A missing or outdated
+        // marker comes before a periodic sweep that is due too: such a sweep repairs what Redis
+        // lost or what another version wrote, which is no finding, and needs no look at the queue.
+        let so_far = self.swept_so_far().await;
+        if let Some(so_far) = &so_far {
             for fragment in fragments.iter() {
                 if so_far
                     .since_crash
@@ -143,14 +146,6 @@ impl Maintenance {
                     .any(|name| name == fragment.name())
                 {
                     add(fragment, "restart");
-                }
-            }
-            for fragment in fragments.iter() {
-                if self
-                    .schedule
-                    .periodic_due(so_far.last.get(fragment.name()), now)
-                {
-                    add(fragment, "periodic");
                 }
             }
         }
@@ -165,8 +160,19 @@ impl Maintenance {
                 false
             }
         };
+        if let Some(so_far) = &so_far {
+            let now = Instant::now();
+            for fragment in fragments.iter() {
+                if self
+                    .schedule
+                    .periodic_due(so_far.last.get(fragment.name()), now)
+                {
+                    add(fragment, "periodic");
+                }
+            }
+        }
         truncated.fragments.iter().for_each(|f| add(f, "truncate"));
-        let Some(label) = ["restart", "periodic", "marker", "truncate"]
+        let Some(label) = ["restart", "marker", "periodic", "truncate"]
             .into_iter()
             .find(|label| due.iter().any(|(_, why)| why == label))
         else {
