@@ -731,6 +731,55 @@ async fn a_newer_listener_that_stops_heartbeating_is_given_up_and_the_old_markup
     env.cleanup().await;
 }
 
+/// A sweep that renders another version than the marker says takes the marker away before it
+/// writes: one that dies in the middle (its process killed) leaves no marker claiming that Redis
+/// holds one version, so the listeners of the old version sweep their markup back.
+#[tokio::test]
+async fn a_sweep_of_another_version_that_dies_midway_leaves_no_marker_and_the_old_markup_returns() {
+    let env = TestEnv::shop(3).await;
+    env.sweep().await;
+    let (open, gate) = tokio::sync::oneshot::channel();
+    let card = std::sync::Arc::new(AlteredCard {
+        gate: std::sync::Mutex::new(Some(gate)),
+        ..v2_card()
+    });
+    let sweeping = tokio::spawn({
+        let (db, sink) = (env.db.clone(), env.sink.clone());
+        let fragments = Fragments::new().with(&env.prefix, common::SharedFragment(card.clone()));
+        async move {
+            let settings = pgfresh::SweepSettings::default();
+            pgfresh::sweep(&db, &sink, &fragments, &settings, &pgfresh::Shutdown::new()).await
+        }
+    });
+    eventually("the version 2 sweep to load its first page", || async {
+        card.gate_taken()
+    })
+    .await;
+    // What it wrote before it died (its first page of a larger table, say), and its death.
+    let written = env.key(1, "compact");
+    env.set(&written, r#"<div class="v2">written</div>"#).await;
+    sweeping.abort();
+    drop(open);
+    assert_eq!(
+        env.get(&env.marker_key()).await,
+        None,
+        "the marker says version 1"
+    );
+    let old = env.start_listener(test_settings());
+    eventually("the old markup to come back", || async {
+        env.get(&written)
+            .await
+            .is_some_and(|html| !html.contains("v2"))
+    })
+    .await;
+    for id in 1..=3 {
+        env.wait_fresh(id).await;
+    }
+    assert_eq!(env.get(&env.marker_key()).await.as_deref(), Some("1"));
+    old.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn a_newer_listener_waits_for_older_ones_to_stand_aside_before_it_sweeps() {
     let env = TestEnv::shop(2).await;

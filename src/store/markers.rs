@@ -1,8 +1,9 @@
 //! Per-fragment markers: `pgfresh:fragment:<key prefix>` holds the fragment version of its last
 //! complete sweep (one per master in a cluster, since each may lose its data on its own). A missing
-//! marker means Redis came back empty or was never filled; an older one, that the markup changed. A
-//! sweep sets a canary when it starts and the marker when it ends, only if the canary survived
-//! (`finish_sweep.lua`), so a Redis emptied during the sweep is noticed.
+//! marker means Redis came back empty or was never filled, or a sweep of another version did not
+//! finish; an older one, that the markup changed. A sweep sets a canary when it starts, and deletes a
+//! marker of another version (`start_sweep.lua`); it sets the marker when it ends, only if the canary
+//! survived (`finish_sweep.lua`), so a Redis emptied during the sweep is noticed.
 
 use std::collections::HashMap;
 
@@ -34,11 +35,24 @@ impl RedisStore {
             .await?)
     }
 
-    /// Notes that a sweep of a fragment starts; hand the token to [`RedisStore::finish_sweep`].
-    pub(crate) async fn start_sweep(&self, key_prefix: &str) -> Result<String, Error> {
+    /// Notes that a sweep of a fragment by `version` starts; hand the token to
+    /// [`RedisStore::finish_sweep`]. A marker of another version goes now, before the sweep writes
+    /// anything (`start_sweep.lua`): a sweep that does not finish (its process killed) leaves
+    /// entries of two versions, and no marker may then say they all hold one.
+    pub(crate) async fn start_sweep(
+        &self,
+        key_prefix: &str,
+        version: u32,
+    ) -> Result<String, Error> {
         let token = format!("{:016x}", fastrand::u64(..));
+        let script = Script::new(include_str!("start_sweep.lua"));
         for anchor in self.anchors().await? {
-            self.set(&self.layout.canary(key_prefix, anchor), &token)
+            let _: i64 = script
+                .key(self.layout.canary(key_prefix, anchor))
+                .key(self.layout.marker(key_prefix, anchor))
+                .arg(&token)
+                .arg(version)
+                .invoke_async(&mut self.connection.clone())
                 .await?;
         }
         Ok(token)

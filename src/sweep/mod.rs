@@ -278,7 +278,9 @@ impl Sweeper<'_> {
         report: &mut SweepReport,
     ) -> Result<f64, Error> {
         let store = self.store;
-        let canary = store.start_sweep(fragment.key_prefix()).await?;
+        let canary = store
+            .start_sweep(fragment.key_prefix(), fragment.version())
+            .await?;
         let (start_ticket, started_at) = take_ticket_at(&*self.db.pinned().await?).await?;
         let incomplete_before = report.pages_failed;
         let keep = self.render_pages(fragment, look_up, report).await?;

@@ -1,0 +1,10 @@
+-- pgfresh: notes that a sweep of a fragment starts. Sets the sweep's canary (KEYS[1]) to its token
+-- (ARGV[1]), and deletes the fragment's marker (KEYS[2]) unless it holds the version the sweep
+-- renders (ARGV[2]): a marker says every entry holds that version's markup, which stops being true
+-- at this sweep's first write, and a sweep that does not finish must not leave it saying so.
+redis.call('SET', KEYS[1], ARGV[1])
+local marker = redis.call('GET', KEYS[2])
+if marker and marker ~= ARGV[2] then
+    redis.call('DEL', KEYS[2])
+end
+return 0
