@@ -30,28 +30,27 @@ async fn capture_owners(client: &Client) -> Vec<String> {
         .collect()
 }
 
-#[tokio::test]
-async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
-    let env = TestEnv::empty().await;
+/// A table owner's attack through the watched column: as the owner `<test>_app` of `items`, whose
+/// `tag` text column is watched for topic `item`, runs `prepare` (types, functions, casts of its
+/// own), changes the column to `new_type` (`'x'` for every row), then inserts, updates and deletes a
+/// row. Returns the admin session, the owner's name and every queued `(topic, key)`; drop both with
+/// [`drop_owner`].
+async fn owner_attacks_the_watched_column(
+    env: &TestEnv,
+    prepare: &str,
+    new_type: &str,
+) -> (Client, String, Vec<(String, String)>) {
     pgfresh::install(&env.db).await.unwrap();
     let app = format!("{}_app", env.name);
     let admin = env.client().await;
-    // The recipe from the hardening issue, plus an equality operator of the owner's own, which
-    // `IS DISTINCT FROM` would look up.
     admin
         .batch_execute(&format!(
             "CREATE ROLE {app} LOGIN; GRANT CREATE ON SCHEMA public TO {app};
              SET ROLE {app}; CREATE TABLE items(id int PRIMARY KEY, tag text); RESET ROLE;
              SELECT pgfresh.watch('items', 'tag', 'item');
              SET ROLE {app};
-             CREATE TYPE evil AS ENUM ('x', 'y');
-             CREATE FUNCTION evil_text(evil) RETURNS text LANGUAGE plpgsql AS
-                 $$BEGIN EXECUTE 'ALTER ROLE {app} SUPERUSER'; RETURN 'x'; END$$;
-             CREATE CAST (evil AS text) WITH FUNCTION evil_text(evil);
-             CREATE FUNCTION evil_eq(evil, evil) RETURNS boolean LANGUAGE plpgsql AS
-                 $$BEGIN EXECUTE 'ALTER ROLE {app} CREATEROLE'; RETURN $1::text = $2::text; END$$;
-             CREATE OPERATOR = (LEFTARG = evil, RIGHTARG = evil, FUNCTION = evil_eq);
-             ALTER TABLE items ALTER COLUMN tag TYPE evil USING 'x';
+             {prepare}
+             ALTER TABLE items ALTER COLUMN tag TYPE {new_type} USING 'x';
              INSERT INTO items VALUES (1, 'x');
              UPDATE items SET tag = 'y';
              DELETE FROM items;
@@ -59,6 +58,50 @@ async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
         ))
         .await
         .unwrap();
+    let queued = admin
+        .query("SELECT topic, key FROM pgfresh.changes ORDER BY id", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    (admin, app, queued)
+}
+
+/// What the capture must have queued for [`owner_attacks_the_watched_column`]'s writes: the keys in
+/// the type's own text form, and nothing else.
+fn item_changes() -> Vec<(String, String)> {
+    ["x", "y", "x", "y"]
+        .map(|key| ("item".to_string(), key.to_string()))
+        .to_vec()
+}
+
+async fn drop_owner(env: TestEnv, admin: &Client, app: &str) {
+    admin
+        .batch_execute(&format!(
+            "DROP TABLE items; DROP OWNED BY {app} CASCADE; DROP ROLE {app}"
+        ))
+        .await
+        .unwrap();
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
+    let env = TestEnv::empty().await;
+    let app = format!("{}_app", env.name);
+    // The recipe from the hardening issue, plus an equality operator of the owner's own, which
+    // `IS DISTINCT FROM` would look up.
+    let prepare = format!(
+        "CREATE TYPE evil AS ENUM ('x', 'y');
+         CREATE FUNCTION evil_text(evil) RETURNS text LANGUAGE plpgsql AS
+             $$BEGIN EXECUTE 'ALTER ROLE {app} SUPERUSER'; RETURN 'x'; END$$;
+         CREATE CAST (evil AS text) WITH FUNCTION evil_text(evil);
+         CREATE FUNCTION evil_eq(evil, evil) RETURNS boolean LANGUAGE plpgsql AS
+             $$BEGIN EXECUTE 'ALTER ROLE {app} CREATEROLE'; RETURN $1::text = $2::text; END$$;
+         CREATE OPERATOR = (LEFTARG = evil, RIGHTARG = evil, FUNCTION = evil_eq);"
+    );
+    let (admin, app, queued) = owner_attacks_the_watched_column(&env, &prepare, "evil").await;
     let (superuser, createrole): (bool, bool) = {
         let row = admin
             .query_one(
@@ -70,23 +113,9 @@ async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
         (row.get(0), row.get(1))
     };
     assert!(!superuser && !createrole, "the table owner gained rights");
-    // The changes were still queued, in the type's own text form.
-    let keys: Vec<String> = admin
-        .query("SELECT key FROM pgfresh.changes ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| row.get(0))
-        .collect();
-    assert_eq!(keys, ["x", "y", "x", "y"]);
+    assert_eq!(queued, item_changes());
     assert_eq!(capture_owners(&admin).await, ["pgfresh_capture"]);
-    admin
-        .batch_execute(&format!(
-            "DROP TABLE items; DROP OWNED BY {app} CASCADE; DROP ROLE {app}"
-        ))
-        .await
-        .unwrap();
-    env.cleanup().await;
+    drop_owner(env, &admin, &app).await;
 }
 
 /// A cast PostgreSQL would plan, even where it never runs it, can run code: an inlinable SQL cast
@@ -96,49 +125,19 @@ async fn a_table_owner_gains_nothing_by_changing_the_watched_columns_type() {
 #[tokio::test]
 async fn a_table_owners_cast_to_text_is_not_run_by_the_capture_even_at_plan_time() {
     let env = TestEnv::empty().await;
-    pgfresh::install(&env.db).await.unwrap();
-    let app = format!("{}_app", env.name);
-    let admin = env.client().await;
-    admin
-        .batch_execute(&format!(
-            "CREATE ROLE {app} LOGIN; GRANT CREATE ON SCHEMA public TO {app};
-             SET ROLE {app}; CREATE TABLE items(id int PRIMARY KEY, tag text); RESET ROLE;
-             SELECT pgfresh.watch('items', 'tag', 'item');
-             SET ROLE {app};
-             CREATE TYPE folded AS ENUM ('x', 'y');
-             CREATE FUNCTION forge() RETURNS void LANGUAGE plpgsql AS $$
-             BEGIN
-                 INSERT INTO pgfresh.changes (topic, key) VALUES ('forged', current_user);
-             END $$;
-             CREATE FUNCTION payload() RETURNS text LANGUAGE plpgsql IMMUTABLE AS
-                 $$BEGIN PERFORM forge(); RETURN 'x'; END$$;
-             CREATE FUNCTION folded_text(folded) RETURNS text LANGUAGE sql IMMUTABLE AS
-                 $$ SELECT payload() $$;
-             CREATE CAST (folded AS text) WITH FUNCTION folded_text(folded);
-             ALTER TABLE items ALTER COLUMN tag TYPE folded USING 'x';
-             INSERT INTO items VALUES (1, 'x');
-             UPDATE items SET tag = 'y';
-             DELETE FROM items;
-             RESET ROLE;"
-        ))
-        .await
-        .unwrap();
-    let queued: Vec<(String, String)> = admin
-        .query("SELECT topic, key FROM pgfresh.changes ORDER BY id", &[])
-        .await
-        .unwrap()
-        .iter()
-        .map(|row| (row.get(0), row.get(1)))
-        .collect();
-    let item = |key: &str| ("item".to_string(), key.to_string());
-    assert_eq!(queued, [item("x"), item("y"), item("x"), item("y")]);
-    admin
-        .batch_execute(&format!(
-            "DROP TABLE items; DROP OWNED BY {app} CASCADE; DROP ROLE {app}"
-        ))
-        .await
-        .unwrap();
-    env.cleanup().await;
+    let prepare = "CREATE TYPE folded AS ENUM ('x', 'y');
+         CREATE FUNCTION forge() RETURNS void LANGUAGE plpgsql AS $$
+         BEGIN
+             INSERT INTO pgfresh.changes (topic, key) VALUES ('forged', current_user);
+         END $$;
+         CREATE FUNCTION payload() RETURNS text LANGUAGE plpgsql IMMUTABLE AS
+             $$BEGIN PERFORM forge(); RETURN 'x'; END$$;
+         CREATE FUNCTION folded_text(folded) RETURNS text LANGUAGE sql IMMUTABLE AS
+             $$ SELECT payload() $$;
+         CREATE CAST (folded AS text) WITH FUNCTION folded_text(folded);";
+    let (admin, app, queued) = owner_attacks_the_watched_column(&env, prepare, "folded").await;
+    assert_eq!(queued, item_changes());
+    drop_owner(env, &admin, &app).await;
 }
 
 #[tokio::test]
