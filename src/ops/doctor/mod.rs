@@ -444,7 +444,7 @@ fn expected_repairs(sweep: &crate::pg::sweeps::SweepSummary) -> String {
     let expected = match sweep.reason.as_str() {
         "periodic" => "the first periodic sweep since a listener started or PostgreSQL restarted",
         "restart" => "PostgreSQL crashed or failed over",
-        "marker" => "Redis lost the fragment's marker",
+        "marker" => "its marker was missing or of another version (Redis lost data, a deploy)",
         "truncate" => "a watched table was truncated",
         _ => "no listener ran all along before it",
     };
