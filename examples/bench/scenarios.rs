@@ -487,6 +487,19 @@ impl Bench {
                 println!(
                     "latency at {rate}/s, the same writers with no capture: {split}; pgfresh adds {added:.3} ms per change (capture, listener, Redis, the subscriber's reads)"
                 );
+                // The subscriber that measures latency reads every card back, and Redis publishes
+                // every write to it: a cost of the measurement, not of pgfresh.
+                let before = CpuSample::now(&self.redis_url).await?;
+                let unobserved = self
+                    .measure_latency(&url, rate, Duration::from_secs(10), Capture::Unobserved)
+                    .await?;
+                let updates = unobserved.updates as f64;
+                let unobserved = CpuSample::now(&self.redis_url).await?.since(before);
+                let split = unobserved.per_thousand(updates, "changes");
+                let bare = unobserved.total_per_thousand(updates) / 1000.0 - alone;
+                println!(
+                    "latency at {rate}/s, unobserved (no subscriber, no keyspace notifications, until the queue is empty): {split}; pgfresh adds {bare:.3} ms per change (capture, listener, Redis)"
+                );
                 self.target(
                     "CPU per applied change at 1,000 updates/s, all processes",
                     format!("{all:.2} ms, of which the writers' own {alone:.2}"),
@@ -495,7 +508,7 @@ impl Bench {
                 );
                 self.target(
                     "CPU pgfresh adds per change at 1,000 updates/s",
-                    format!("{added:.3} ms"),
+                    format!("{added:.3} ms; unobserved {bare:.3} ms"),
                     "halved (0.22-0.29 ms on 2026-12-06: ≤ 0.13 ms)",
                     added <= 0.13,
                 );
@@ -523,6 +536,10 @@ impl Bench {
                 self.watch_keyspace(pending.clone(), results.clone())
                     .await?,
             ),
+            Capture::Unobserved => {
+                disable_keyspace_events(&self.redis_url).await?;
+                None
+            }
             Capture::Off => None,
         };
 
@@ -564,6 +581,9 @@ impl Bench {
         let mut updates = 0;
         for task in tasks {
             updates += task.await?.context("latency writer")?;
+        }
+        if capture == Capture::Unobserved {
+            wait_for_empty_queue(&connect(url).await?).await?;
         }
         let Some(watcher) = watcher else {
             return Ok(Latencies {
@@ -943,10 +963,15 @@ struct Latencies {
     touched: std::collections::BTreeSet<i64>,
 }
 
-/// Whether a latency run's writers fire pgfresh's capture.
+/// Whether a latency run's writers fire pgfresh's capture, and whether the run watches Redis.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Capture {
+    /// Captured, and every card read back as it is written (keyspace notifications on).
     On,
+    /// Captured, nothing read back (keyspace notifications off): the run ends when the queue is
+    /// empty. What pgfresh costs, without what measuring its latency costs.
+    Unobserved,
+    /// Nothing captured.
     Off,
 }
 
@@ -1021,6 +1046,19 @@ async fn wait_for_empty_queue(client: &tokio_postgres::Client) -> Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
+}
+
+/// Turns keyspace notifications off, as Redis ships.
+async fn disable_keyspace_events(url: &str) -> Result<()> {
+    let client = redis::Client::open(url)?;
+    let mut config = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg("")
+        .query_async(&mut config)
+        .await?;
+    Ok(())
 }
 
 /// Turns on keyspace notifications for string commands; returns the Redis database number the URL
