@@ -33,6 +33,20 @@ pub(crate) struct KeyScan {
 }
 
 impl KeyScan {
+    /// Every key under the prefix, when each server's keyspace is small enough for one SCAN step
+    /// to cover all of it (an empty Redis, or one that just lost its data): the cost of one page.
+    /// `None` as soon as one server needs more steps.
+    pub(crate) async fn in_one_step(mut self) -> Result<Option<Vec<String>>, Error> {
+        let mut keys = Vec::new();
+        while let Some(page) = self.next_page().await? {
+            if self.cursor != 0 {
+                return Ok(None);
+            }
+            keys.extend(page);
+        }
+        Ok(Some(keys))
+    }
+
     /// The next page of keys, or `None` when the scan is complete.
     pub(crate) async fn next_page(&mut self) -> Result<Option<Vec<String>>, Error> {
         let Some(&anchor) = self.anchors.last() else {
