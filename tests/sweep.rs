@@ -402,47 +402,59 @@ async fn a_sweep_into_an_empty_redis_stops_reading_entries_back_after_its_first_
 }
 
 #[tokio::test]
-async fn a_sweep_into_an_empty_redis_looks_for_orphans_among_the_entries_it_found_not_a_full_scan()
-{
+async fn a_sweep_into_an_empty_redis_does_not_scan_it_for_orphans_afterwards() {
     // A server of its own, so that its command counts are this test's.
     let redis = common::servers::TempRedis::start();
-    // 3,000 products: 6,000 entries and their tickets, more than one SCAN step (5,000 slots of
-    // Redis's table) covers once they are written.
+    // 3,000 products: 6,000 entries and as many tickets, more keys than one SCAN step samples.
     let env = TestEnv::shop_with_redis(3000, &redis.url()).await;
     let mut connection = env.sink.connection();
-    // An entry of a product that does not exist, in Redis before the fill: still an orphan.
-    env.set(&env.key(99_999, "full"), "orphan").await;
     let scans = async |connection: &mut pgfresh::RedisConnection| {
         info_number(connection, "commandstats", "cmdstat_scan:calls=").await
     };
 
     let before = scans(&mut connection).await;
     let filled = env.sweep().await;
-    assert_eq!(
-        (filled.stats.written, filled.orphans_deleted),
-        (6000, 1),
-        "{filled}"
-    );
-    assert_eq!(env.get(&env.key(99_999, "full")).await, None);
-    // One step, as the sweep began; scanning the 12,000 keys it left would take at least three.
+    assert_eq!(filled.stats.written, 6000, "{filled}");
+    // One step as the sweep began, which found nothing; scanning the 12,000 keys it left would take
+    // at least three more.
     assert_eq!(scans(&mut connection).await - before, 1, "SCAN calls");
 
-    // With the keyspace full, orphans are found by scanning it after the pages, as before: a
-    // product deleted behind pgfresh's back leaves two.
+    // With entries in Redis, orphans are found by scanning it after the pages: a product deleted
+    // behind pgfresh's back leaves two, and an entry of a product that never existed is one.
     env.client()
         .await
         .batch_execute("SET session_replication_role = replica; DELETE FROM products WHERE id = 7")
         .await
         .unwrap();
+    env.set(&env.key(99_999, "full"), "orphan").await;
     let before = scans(&mut connection).await;
     let again = env.sweep().await;
     assert_eq!(
         (again.stats.unchanged, again.orphans_deleted),
-        (5998, 2),
+        (5998, 3),
         "{again}"
     );
-    assert_eq!(env.get(&env.key(7, "full")).await, None);
+    for key in [
+        env.key(7, "full"),
+        env.key(7, "compact"),
+        env.key(99_999, "full"),
+    ] {
+        assert_eq!(env.get(&key).await, None, "{key}");
+    }
     assert!(scans(&mut connection).await - before >= 3, "SCAN calls");
+
+    // An entry in an otherwise empty Redis is enough for the fill to look for orphans.
+    let _: () = redis::cmd("FLUSHDB")
+        .query_async(&mut connection)
+        .await
+        .unwrap();
+    env.set(&env.key(99_998, "full"), "orphan").await;
+    let refilled = env.sweep().await;
+    assert_eq!(
+        (refilled.stats.written, refilled.orphans_deleted),
+        (5998, 1),
+        "{refilled}"
+    );
     env.cleanup().await;
 }
 

@@ -33,18 +33,16 @@ pub(crate) struct KeyScan {
 }
 
 impl KeyScan {
-    /// Every key under the prefix, when each server's keyspace is small enough for one SCAN step
-    /// to cover all of it (an empty Redis, or one that just lost its data): the cost of one page.
-    /// `None` as soon as one server needs more steps.
-    pub(crate) async fn in_one_step(mut self) -> Result<Option<Vec<String>>, Error> {
-        let mut keys = Vec::new();
+    /// Whether no key is under the prefix, as one SCAN step per server proves; false as soon as
+    /// a server's whole database (every key, under the prefix or not) is too large for one step to
+    /// cover it. Costs one page.
+    pub(crate) async fn none_in_one_step(mut self) -> Result<bool, Error> {
         while let Some(page) = self.next_page().await? {
-            if self.cursor != 0 {
-                return Ok(None);
+            if self.cursor != 0 || !page.is_empty() {
+                return Ok(false);
             }
-            keys.extend(page);
         }
-        Ok(Some(keys))
+        Ok(true)
     }
 
     /// The next page of keys, or `None` when the scan is complete.

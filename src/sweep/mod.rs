@@ -5,8 +5,8 @@
 //! without remembering what the sweep wrote: the sweep takes a render ticket before it starts, so
 //! afterwards every entry under the fragment's prefix whose ticket is still older was neither rendered
 //! by this sweep nor by a listener since, and so has no row. Deleting it is one more ticket-checked
-//! write. Into an empty Redis, the few entries there were at the start are the only candidates;
-//! otherwise they are found by a scan of the keyspace after the last page.
+//! write, once a scan of the keyspace after the last page has found it. A sweep that began with no
+//! entry under the prefix (into an empty Redis) has none to find, but for a corner `orphans` names.
 //!
 //! A key that fails (its render panics, its loader errs, Redis refuses it) does not hold the sweep
 //! back: it is handed to the queue as a failed change, retried with backoff and parked like any other,
@@ -284,7 +284,7 @@ impl Sweeper<'_> {
             .start_sweep(fragment.key_prefix(), fragment.version())
             .await?;
         let (start_ticket, started_at) = take_ticket_at(&*self.db.pinned().await?).await?;
-        let candidates = orphans::Candidates::before_sweep(store, fragment.key_prefix()).await?;
+        let empty = orphans::none_under(store, fragment.key_prefix()).await?;
         let incomplete_before = report.pages_failed;
         let keep = self.render_pages(fragment, look_up, report).await?;
         // Entries of keys in a page that failed as a whole would look like orphans, and the marker
@@ -293,8 +293,10 @@ impl Sweeper<'_> {
             return Ok(started_at);
         }
         let prefix = fragment.key_prefix();
-        report.orphans_deleted +=
-            orphans::delete_orphans(store, prefix, candidates, start_ticket, &keep).await?;
+        if !empty {
+            report.orphans_deleted +=
+                orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
+        }
         if !store
             .finish_sweep(prefix, &canary, fragment.version())
             .await?
