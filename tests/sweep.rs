@@ -5,6 +5,7 @@
 mod common;
 
 use common::TestEnv;
+use common::info_number;
 use common::tweak;
 use pgfresh::Shutdown;
 use pgfresh::SweepSettings;
@@ -456,24 +457,6 @@ async fn a_sweep_into_an_empty_redis_does_not_scan_it_for_orphans_afterwards() {
         "{refilled}"
     );
     env.cleanup().await;
-}
-
-/// The number after `prefix` on a line of Redis's `INFO section` (up to a comma, if any), 0 if no
-/// line has it.
-async fn info_number(
-    connection: &mut pgfresh::RedisConnection,
-    section: &str,
-    prefix: &str,
-) -> u64 {
-    let info: String = redis::cmd("INFO")
-        .arg(section)
-        .query_async(connection)
-        .await
-        .unwrap();
-    info.lines()
-        .find_map(|line| line.strip_prefix(prefix))
-        .and_then(|rest| rest.split(',').next()?.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 #[tokio::test]

@@ -15,16 +15,19 @@ pub(super) type Kept = HashSet<String>;
 
 /// Whether there is no entry under `prefix` as one SCAN step per server proves: a step samples
 /// about 5,000 keys of the whole database, so this is known only for a nearly empty Redis, at the
-/// cost of one page of the pass. Asked after the sweep's start ticket, before its first page.
+/// cost of one page of the pass. Asked as a sweep begins, for each fragment it sweeps, before any
+/// of them is written.
 ///
-/// Such a sweep skips the orphan pass, which would otherwise scan every entry it had just written
-/// and read their tickets: a third of a fill's time (`BENCHMARKS.md`). Every entry there is at its
-/// end was written after this check, with a ticket: by the sweep, or by a listener, which deletes
-/// it when a captured change says its row is gone. What the pass would have caught and this does
-/// not: an entry written after the check by a render that took its ticket before the sweep's (a
-/// listener's batch in flight as Redis lost its data) for a row gone since without a change to
-/// delete it (a `TRUNCATE`, a commit a failover lost, a variant only an older version renders). It
-/// waits for the next sweep that finds entries, as one landing after the pass's scan always did.
+/// Such a fragment's sweep skips the orphan pass, which would otherwise scan every entry it had
+/// just written and read their tickets: a third of a fill's time (`BENCHMARKS.md`). Every entry
+/// under the prefix at its end was written after this check, with a ticket: by the sweep, or by a
+/// listener, which deletes it when a captured change says its row is gone. What the pass would have
+/// caught and this does not: an entry a render wrote after the check with a ticket older than the
+/// fragment's sweep (a listener's batch), of a row gone by then without a change to delete it. A
+/// `TRUNCATE` recorded after the sweep began is swept again, and finds entries then; what is left
+/// is a render in flight as Redis lost its data, of a row that a `TRUNCATE` just before it, a commit
+/// a failover lost or a variant only an older version renders leaves without one. It waits for the
+/// next sweep that finds entries, as one landing after the pass's scan always did.
 pub(super) async fn none_under(store: &RedisStore, prefix: &str) -> Result<bool, Error> {
     store.scan_prefix(prefix).await?.none_in_one_step().await
 }

@@ -708,3 +708,17 @@ impl<F: Fragment> Fragment for SharedFragment<F> {
         self.0.keys_after(db, after, limit).await
     }
 }
+
+/// The number after `prefix` on a line of Redis's `INFO section` (up to a comma, if any), 0 if no
+/// line has it.
+pub async fn info_number(connection: &mut RedisConnection, section: &str, prefix: &str) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(connection)
+        .await
+        .unwrap();
+    info.lines()
+        .find_map(|line| line.strip_prefix(prefix))
+        .and_then(|rest| rest.split(',').next()?.trim().parse().ok())
+        .unwrap_or(0)
+}
