@@ -439,11 +439,7 @@ impl Bench {
             .await
             .context("starting the listener")?;
         for rate in [100u32, 1000] {
-            let before = CpuSample::now(&self.redis_url).await?;
-            let samples = self
-                .measure_latency(&url, rate, Duration::from_secs(10), Capture::On)
-                .await?;
-            let cost = CpuSample::now(&self.redis_url).await?.since(before);
+            let (samples, cost) = self.costed_latency(&url, rate, Capture::On).await?;
             let mut sorted = samples.latencies.clone();
             sorted.sort();
             let stale = stale_cards(&db, &sink, &samples.touched).await?;
@@ -474,14 +470,10 @@ impl Bench {
             } else {
                 // What the same writers cost with no capture (and so nothing for the listener to
                 // do): their own transactions, which no queue can make cheaper.
-                let before = CpuSample::now(&self.redis_url).await?;
-                let alone = self
-                    .measure_latency(&url, rate, Duration::from_secs(10), Capture::Off)
-                    .await?;
+                let (alone, alone_cost) = self.costed_latency(&url, rate, Capture::Off).await?;
                 let updates = alone.updates as f64;
-                let alone = CpuSample::now(&self.redis_url).await?.since(before);
-                let split = alone.per_thousand(updates, "updates");
-                let alone = alone.total_per_thousand(updates) / 1000.0;
+                let split = alone_cost.per_thousand(updates, "updates");
+                let alone = alone_cost.total_per_thousand(updates) / 1000.0;
                 let all = cost.total_per_thousand(sorted.len() as f64) / 1000.0;
                 let added = all - alone;
                 println!(
@@ -489,14 +481,11 @@ impl Bench {
                 );
                 // The subscriber that measures latency reads every card back, and Redis publishes
                 // every write to it: a cost of the measurement, not of pgfresh.
-                let before = CpuSample::now(&self.redis_url).await?;
-                let unobserved = self
-                    .measure_latency(&url, rate, Duration::from_secs(10), Capture::Unobserved)
-                    .await?;
+                let (unobserved, unobserved_cost) =
+                    self.costed_latency(&url, rate, Capture::Unobserved).await?;
                 let updates = unobserved.updates as f64;
-                let unobserved = CpuSample::now(&self.redis_url).await?.since(before);
-                let split = unobserved.per_thousand(updates, "changes");
-                let bare = unobserved.total_per_thousand(updates) / 1000.0 - alone;
+                let split = unobserved_cost.per_thousand(updates, "changes");
+                let bare = unobserved_cost.total_per_thousand(updates) / 1000.0 - alone;
                 println!(
                     "latency at {rate}/s, unobserved (no subscriber, no keyspace notifications, until the queue is empty): {split}; pgfresh adds {bare:.3} ms per change (capture, listener, Redis)"
                 );
@@ -515,6 +504,21 @@ impl Bench {
             }
         }
         listener.stop().await
+    }
+
+    /// Runs `rate` UPDATEs a second for 10 s, as [`Bench::measure_latency`]; returns what the run
+    /// cost every process beside its figures.
+    async fn costed_latency(
+        &self,
+        url: &str,
+        rate: u32,
+        capture: Capture,
+    ) -> Result<(Latencies, crate::cost::Cost)> {
+        let before = CpuSample::now(&self.redis_url).await?;
+        let run = self
+            .measure_latency(url, rate, Duration::from_secs(10), capture)
+            .await?;
+        Ok((run, CpuSample::now(&self.redis_url).await?.since(before)))
     }
 
     /// Runs `rate` UPDATEs a second for `duration`. With [`Capture::Off`] the writers' sessions
@@ -899,11 +903,7 @@ impl Bench {
         wait_for_empty_queue(&client).await?;
         let elapsed = started.elapsed();
         let cost = CpuSample::now(&self.redis_url).await?.since(before);
-        let before = CpuSample::now(&self.redis_url).await?;
-        let after = self
-            .measure_latency(&url, 100, Duration::from_secs(10), Capture::On)
-            .await?;
-        let after_cost = CpuSample::now(&self.redis_url).await?.since(before);
+        let (after, after_cost) = self.costed_latency(&url, 100, Capture::On).await?;
         listener.stop().await?;
         if hold {
             holder.batch_execute("COMMIT").await?;
