@@ -1050,31 +1050,29 @@ async fn wait_for_empty_queue(client: &tokio_postgres::Client) -> Result<()> {
 
 /// Turns keyspace notifications off, as Redis ships.
 async fn disable_keyspace_events(url: &str) -> Result<()> {
-    let client = redis::Client::open(url)?;
-    let mut config = client.get_multiplexed_async_connection().await?;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg("")
-        .query_async(&mut config)
-        .await?;
-    Ok(())
+    set_keyspace_events(&redis::Client::open(url)?, "").await
 }
 
 /// Turns on keyspace notifications for string commands; returns the Redis database number the URL
 /// selects, which names the notification channels.
 async fn enable_keyspace_events(client: &redis::Client, url: &str) -> Result<u32> {
-    let mut config = client.get_connection_manager().await?;
-    let _: () = redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("notify-keyspace-events")
-        .arg("K$")
-        .query_async(&mut config)
-        .await?;
+    set_keyspace_events(client, "K$").await?;
     Ok(url
         .rsplit_once('/')
         .and_then(|(_, n)| n.parse().ok())
         .unwrap_or(0))
+}
+
+/// Sets Redis's `notify-keyspace-events` to `classes`.
+async fn set_keyspace_events(client: &redis::Client, classes: &str) -> Result<()> {
+    let mut config = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("notify-keyspace-events")
+        .arg(classes)
+        .query_async(&mut config)
+        .await?;
+    Ok(())
 }
 
 /// One pgbench run of `script`, 8 clients for `seconds`; returns transactions per second.
