@@ -212,13 +212,8 @@ impl Sweeper<'_> {
         let started = Instant::now();
         // A crash or a failover not noted yet: move tickets ahead before rendering anything.
         note_epoch(&*self.db.pinned().await?).await?;
-        // Before any page: once the first fragment is written, Redis is too large for one step.
-        let mut empty = Vec::with_capacity(selected.len());
-        for (fragment, _) in selected {
-            empty.push(orphans::none_under(self.store, fragment.key_prefix()).await?);
-        }
         let mut report = SweepReport::default();
-        for ((fragment, reason), empty) in selected.iter().zip(empty) {
+        for (fragment, reason) in selected {
             let before = report.clone();
             // Only a periodic sweep's repairs can be a finding (see `pg::sweeps::record`), so only
             // it looks each repaired key up in the queue: a read of the whole queue per page, which
@@ -227,9 +222,7 @@ impl Sweeper<'_> {
                 "periodic" => LookUp::Repairs,
                 _ => LookUp::Nothing,
             };
-            let started_at = self
-                .sweep_fragment(fragment, look_up, empty, &mut report)
-                .await?;
+            let started_at = self.sweep_fragment(fragment, look_up, &mut report).await?;
             if report.interrupted {
                 break;
             }
@@ -279,13 +272,11 @@ impl Sweeper<'_> {
     }
 
     /// Sweeps one fragment, adding to `report`; returns when it started, on PostgreSQL's clock.
-    /// Without an orphan pass when Redis held no entry of it as the sweep began (`empty`, see
-    /// `orphans::none_under`). Fails only when keys cannot be enumerated at all.
+    /// Fails only when keys cannot be enumerated at all.
     async fn sweep_fragment(
         &self,
         fragment: &Arc<dyn DynFragment>,
         look_up: LookUp,
-        empty: bool,
         report: &mut SweepReport,
     ) -> Result<f64, Error> {
         let store = self.store;
@@ -293,6 +284,7 @@ impl Sweeper<'_> {
             .start_sweep(fragment.key_prefix(), fragment.version())
             .await?;
         let (start_ticket, started_at) = take_ticket_at(&*self.db.pinned().await?).await?;
+        let empty = orphans::none_under(store, fragment.key_prefix()).await?;
         let incomplete_before = report.pages_failed;
         let keep = self.render_pages(fragment, look_up, report).await?;
         // Entries of keys in a page that failed as a whole would look like orphans, and the marker

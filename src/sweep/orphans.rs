@@ -1,8 +1,9 @@
 //! The orphan pass: entries under a fragment's prefix whose row is gone. The sweep took a render
 //! ticket before it began, so every entry whose ticket is still older was written (or confirmed as
 //! holding its render) neither by the sweep nor by a listener since: unless its key failed, its row
-//! no longer exists. Deleting it is one more ticket-checked write. A sweep that began with no entry
-//! under the prefix (the first one, or the one after Redis lost its data) skips the pass.
+//! no longer exists. Deleting it is one more ticket-checked write. A fragment's sweep that began
+//! with no entry under the prefix in a nearly empty Redis (a first fill, or one after Redis lost its
+//! data) skips the pass.
 
 use std::collections::HashSet;
 
@@ -15,19 +16,17 @@ pub(super) type Kept = HashSet<String>;
 
 /// Whether there is no entry under `prefix` as one SCAN step per server proves: a step samples
 /// about 5,000 keys of the whole database, so this is known only for a nearly empty Redis, at the
-/// cost of one page of the pass. Asked as a sweep begins, for each fragment it sweeps, before any
-/// of them is written.
+/// cost of one page of the pass. Asked after the fragment's start ticket, before its first page.
 ///
-/// Such a fragment's sweep skips the orphan pass, which would otherwise scan every entry it had
-/// just written and read their tickets: a third of a fill's time (`BENCHMARKS.md`). Every entry
-/// under the prefix at its end was written after this check, with a ticket: by the sweep, or by a
-/// listener, which deletes it when a captured change says its row is gone. What the pass would have
-/// caught and this does not: an entry a render wrote after the check with a ticket older than the
-/// fragment's sweep (a listener's batch), of a row gone by then without a change to delete it. A
-/// `TRUNCATE` recorded after the sweep began is swept again, and finds entries then; what is left
-/// is a render in flight as Redis lost its data, of a row that a `TRUNCATE` just before it, a commit
-/// a failover lost or a variant only an older version renders leaves without one. It waits for the
-/// next sweep that finds entries, as one landing after the pass's scan always did.
+/// Such a sweep skips the orphan pass, which would otherwise scan every entry it had just written
+/// and read their tickets: a third of a fill's time (`BENCHMARKS.md`). Every entry under the prefix
+/// at its end was written after this check: by the sweep (its row exists), or by a listener. What
+/// the pass would have caught and this does not: an entry written after the check by a render that
+/// took its ticket before the sweep's (a listener's batch in flight as the sweep began), of a row
+/// gone by then without a change for a listener to apply: a `TRUNCATE` just before, a commit a
+/// failover lost, a variant only an older version renders, a delete that bypassed the triggers
+/// (`session_replication_role = replica`). That entry waits for the next sweep that finds entries
+/// (none with `--sweep-interval 0`), as one landing after the pass's scan always did.
 pub(super) async fn none_under(store: &RedisStore, prefix: &str) -> Result<bool, Error> {
     store.scan_prefix(prefix).await?.none_in_one_step().await
 }
