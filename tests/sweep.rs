@@ -421,26 +421,31 @@ async fn a_sweep_into_an_empty_redis_does_not_scan_it_for_orphans_afterwards() {
     assert_eq!(scans(&mut connection).await - before, 1, "SCAN calls");
 
     // With entries in Redis, orphans are found by scanning it after the pages: a product deleted
-    // behind pgfresh's back leaves two, and an entry of a product that never existed is one.
+    // behind pgfresh's back leaves two, and 300 entries of products that never existed, spread
+    // over every step of the scan, are one each.
     env.client()
         .await
         .batch_execute("SET session_replication_role = replica; DELETE FROM products WHERE id = 7")
         .await
         .unwrap();
-    env.set(&env.key(99_999, "full"), "orphan").await;
+    let never: Vec<String> = (100_000..100_300).map(|id| env.key(id, "full")).collect();
+    let mut mset = redis::cmd("MSET");
+    for key in &never {
+        mset.arg(key).arg("orphan");
+    }
+    let _: () = mset.query_async(&mut connection).await.unwrap();
     let before = scans(&mut connection).await;
     let again = env.sweep().await;
     assert_eq!(
         (again.stats.unchanged, again.orphans_deleted),
-        (5998, 3),
+        (5998, 302),
         "{again}"
     );
-    for key in [
-        env.key(7, "full"),
-        env.key(7, "compact"),
-        env.key(99_999, "full"),
-    ] {
-        assert_eq!(env.get(&key).await, None, "{key}");
+    for key in never
+        .iter()
+        .chain([&env.key(7, "full"), &env.key(7, "compact")])
+    {
+        assert_eq!(env.get(key).await, None, "{key}");
     }
     assert!(scans(&mut connection).await - before >= 3, "SCAN calls");
 

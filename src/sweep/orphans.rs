@@ -44,28 +44,51 @@ pub(super) async fn delete_orphans(
     start_ticket: i64,
     keep: &Kept,
 ) -> Result<u64, Error> {
-    let may_evict = store.eviction().0 != Eviction::Impossible;
     let mut deleted = 0;
     let mut scan = store.scan_prefix(prefix).await?;
-    while let Some(mut keys) = scan.next_page().await? {
+    // Each page's tickets are read while the scan's next step runs: the two requests share the
+    // connection's pipeline, and Redis, not the round trips, sets the pace.
+    let mut page = Vec::new();
+    loop {
+        let (next, done) = tokio::join!(
+            scan.next_page(),
+            delete_among(store, std::mem::take(&mut page), start_ticket)
+        );
+        deleted += done?;
+        let Some(mut keys) = next? else { break };
         // A fragment's prefix never overlaps pgfresh's own keys (see `Fragments`); never delete those.
         keys.retain(|key| !key.starts_with(BOOKKEEPING_PREFIX) && !keep.contains(key));
-        // Most entries were just rewritten: read their tickets in one round trip and send only the
-        // candidates through the ticket-checked delete.
-        let tickets = store.tickets(&keys).await?;
-        let writes: Vec<Write> = keys
-            .into_iter()
-            .zip(tickets)
-            .filter(|(_, ticket)| match ticket {
-                Some(ticket) => *ticket < start_ticket,
-                None => !may_evict,
-            })
-            .map(|(key, _)| Write::Delete { key })
-            .collect();
-        for result in store.write(start_ticket, &writes).await? {
-            if matches!(result, WriteResult::Deleted | WriteResult::DeletedUnchecked) {
-                deleted += 1;
-            }
+        page = keys;
+    }
+    Ok(deleted + delete_among(store, page, start_ticket).await?)
+}
+
+/// Deletes the orphans among these entries; returns how many. Most entries were just rewritten:
+/// their tickets are read in one round trip, and only the candidates go through the ticket-checked
+/// delete.
+async fn delete_among(
+    store: &RedisStore,
+    keys: Vec<String>,
+    start_ticket: i64,
+) -> Result<u64, Error> {
+    if keys.is_empty() {
+        return Ok(0);
+    }
+    let may_evict = store.eviction().0 != Eviction::Impossible;
+    let tickets = store.tickets(&keys).await?;
+    let writes: Vec<Write> = keys
+        .into_iter()
+        .zip(tickets)
+        .filter(|(_, ticket)| match ticket {
+            Some(ticket) => *ticket < start_ticket,
+            None => !may_evict,
+        })
+        .map(|(key, _)| Write::Delete { key })
+        .collect();
+    let mut deleted = 0;
+    for result in store.write(start_ticket, &writes).await? {
+        if matches!(result, WriteResult::Deleted | WriteResult::DeletedUnchecked) {
+            deleted += 1;
         }
     }
     Ok(deleted)
