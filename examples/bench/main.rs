@@ -98,6 +98,12 @@ fn main() -> ExitCode {
     };
     pgfresh::cli::run_command(&logging, || async move {
         let bench = scenarios::Bench::new(&cli.database_url, &cli.redis_url);
+        if !matches!(cli.scenario, Scenario::SweepOnce | Scenario::FanOutOnce) {
+            bench
+                .note_server_settings()
+                .await
+                .map_err(|e| pgfresh::Error::Fragment(format!("{e:#}")))?;
+        }
         let result = match cli.scenario {
             Scenario::SweepOnce => bench.sweep_once(cli.products).await,
             Scenario::Sweep => bench.sweep().await,

@@ -152,6 +152,19 @@ impl Bench {
         }
     }
 
+    /// Says so when the server runs without autovacuum (as this project's CI image does): its
+    /// figures then leave out what vacuuming the queue and the tables costs.
+    pub async fn note_server_settings(&self) -> Result<()> {
+        let client = connect(&self.admin_url).await?;
+        let autovacuum: String = client.query_one("SHOW autovacuum", &[]).await?.get(0);
+        if autovacuum == "off" {
+            println!(
+                "note: autovacuum is off on this PostgreSQL server: these figures leave out vacuum's work"
+            );
+        }
+        Ok(())
+    }
+
     fn target(&self, scenario: &'static str, measured: String, target: &'static str, met: bool) {
         self.targets.lock().unwrap().push(Target {
             scenario,
