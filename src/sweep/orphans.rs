@@ -46,8 +46,8 @@ pub(super) async fn delete_orphans(
 ) -> Result<u64, Error> {
     let mut deleted = 0;
     let mut scan = store.scan_prefix(prefix).await?;
-    // Each page's tickets are read while the scan's next step runs: the two requests share the
-    // connection's pipeline, and Redis, not the round trips, sets the pace.
+    // Each page's tickets are read while the scan's next step runs (the two requests share the
+    // connection's pipeline): a round trip a page no longer waits for the other.
     let mut page = Vec::new();
     loop {
         let (next, done) = tokio::join!(
@@ -60,7 +60,7 @@ pub(super) async fn delete_orphans(
         keys.retain(|key| !key.starts_with(BOOKKEEPING_PREFIX) && !keep.contains(key));
         page = keys;
     }
-    // The last page was checked beside the step that found nothing more.
+    // The last page was checked on the turn that found the scan complete.
     Ok(deleted)
 }
 
