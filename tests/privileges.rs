@@ -76,6 +76,7 @@ fn item_changes() -> Vec<(String, String)> {
         .to_vec()
 }
 
+/// Drops the test's `items` table, everything role `app` owns and the role, then the test's database.
 async fn drop_owner(env: TestEnv, admin: &Client, app: &str) {
     admin
         .batch_execute(&format!(
@@ -212,13 +213,7 @@ async fn a_writers_search_path_cannot_put_its_own_operators_or_types_into_the_ca
         .collect();
     assert_eq!(keys, ["1", "2", "1", "2"]);
     drop(as_writer);
-    admin
-        .batch_execute(&format!(
-            "DROP TABLE items; DROP OWNED BY {writer} CASCADE; DROP ROLE {writer}"
-        ))
-        .await
-        .unwrap();
-    env.cleanup().await;
+    drop_owner(env, &admin, &writer).await;
 }
 
 #[tokio::test]
@@ -804,13 +799,7 @@ async fn a_column_name_cannot_smuggle_code_into_the_capture_function() {
         .unwrap()
         .get(0);
     assert_eq!(key, "42", "the odd column is watched like any other");
-    admin
-        .batch_execute(&format!(
-            "DROP TABLE items; DROP OWNED BY {owner} CASCADE; DROP ROLE {owner}"
-        ))
-        .await
-        .unwrap();
-    env.cleanup().await;
+    drop_owner(env, &admin, &owner).await;
 }
 
 #[tokio::test]

@@ -519,8 +519,10 @@ impl Bench {
         listener.stop().await
     }
 
-    /// Runs `rate` UPDATEs a second for 10 s, as [`Bench::measure_latency`]; returns what the run
-    /// cost every process beside its figures.
+    /// Runs `rate` UPDATEs a second for 10 s; returns what the run cost every process beside its
+    /// figures. With [`Capture::Off`] the writers' sessions fire no trigger
+    /// (`session_replication_role = replica`): nothing is queued, nothing is watched, and only
+    /// `updates` counts.
     async fn costed_latency(
         &self,
         url: &str,
@@ -528,22 +530,13 @@ impl Bench {
         capture: Capture,
     ) -> Result<(Latencies, crate::cost::Cost)> {
         let before = CpuSample::now(&self.redis_url).await?;
-        let run = self
-            .measure_latency(url, rate, Duration::from_secs(10), capture)
-            .await?;
+        let run = self.measure_latency(url, rate, capture).await?;
         Ok((run, CpuSample::now(&self.redis_url).await?.since(before)))
     }
 
-    /// Runs `rate` UPDATEs a second for `duration`. With [`Capture::Off`] the writers' sessions
-    /// fire no trigger (`session_replication_role = replica`): nothing is queued, nothing is
-    /// watched, and only `updates` counts.
-    async fn measure_latency(
-        &self,
-        url: &str,
-        rate: u32,
-        duration: Duration,
-        capture: Capture,
-    ) -> Result<Latencies> {
+    /// The run of [`Bench::costed_latency`], without its cost.
+    async fn measure_latency(&self, url: &str, rate: u32, capture: Capture) -> Result<Latencies> {
+        let duration = Duration::from_secs(10);
         // seq -> (product, time just before COMMIT); resolved when Redis shows that name or a later one.
         let pending: Arc<Mutex<HashMap<u64, (i64, Instant)>>> = Arc::default();
         let results: Arc<Mutex<Vec<Duration>>> = Arc::default();

@@ -279,12 +279,10 @@ impl Sweeper<'_> {
         look_up: LookUp,
         report: &mut SweepReport,
     ) -> Result<f64, Error> {
-        let store = self.store;
-        let canary = store
-            .start_sweep(fragment.key_prefix(), fragment.version())
-            .await?;
+        let (store, prefix) = (self.store, fragment.key_prefix());
+        let canary = store.start_sweep(prefix, fragment.version()).await?;
         let (start_ticket, started_at) = take_ticket_at(&*self.db.pinned().await?).await?;
-        let empty = orphans::none_under(store, fragment.key_prefix()).await?;
+        let empty = orphans::none_under(store, prefix).await?;
         let incomplete_before = report.pages_failed;
         let keep = self.render_pages(fragment, look_up, report).await?;
         // Entries of keys in a page that failed as a whole would look like orphans, and the marker
@@ -292,7 +290,6 @@ impl Sweeper<'_> {
         if report.pages_failed != incomplete_before || report.interrupted {
             return Ok(started_at);
         }
-        let prefix = fragment.key_prefix();
         if !empty {
             report.orphans_deleted +=
                 orphans::delete_orphans(store, prefix, start_ticket, &keep).await?;
