@@ -218,18 +218,25 @@ impl Listener {
     async fn run(self) -> Result<(), Error> {
         let shared = &self.shared;
         let mut tasks = self.start().await?;
-        let drain = drain::drain_loop(shared, &self.wake);
-        tokio::pin!(drain);
+        // The drain loop runs as a task of its own, on the runtime's workers like the tasks that
+        // wake it and the connections it talks through: awaited here, in the caller's future, each
+        // wake-up and each batch's end would pass through the thread that polls that future (for
+        // the CLI, the main thread), two more thread switches per batch (BENCHMARKS.md, "A batch
+        // at low rates").
+        let mut drain = {
+            let (shared, wake) = (shared.clone(), self.wake.clone());
+            tokio::spawn(async move { drain::drain_loop(&shared, &wake).await })
+        };
         let died = tokio::select! {
-            _ = &mut drain => None,
-            joined = tasks.join_next() => joined,
+            drained = &mut drain => drained.err().map(|error| Err(describe_join_error(error))),
+            joined = tasks.join_next() => joined.map(|joined| joined.map_err(describe_join_error)),
         };
         // Read before cancelling below: whether a task that ended was asked to.
         let asked_to_stop = shared.shutdown.is_cancelled();
         // Every task selects on the shutdown token; the drain loop claims nothing more, and the
         // batches it has in hand commit.
         shared.shutdown.cancel();
-        if died.is_some()
+        if !drain.is_finished()
             && tokio::time::timeout(SHUTDOWN_GRACE, &mut drain)
                 .await
                 .is_err()
@@ -238,6 +245,8 @@ impl Listener {
                 grace = ?SHUTDOWN_GRACE,
                 "batches still in hand after the grace period roll back; their changes stay queued"
             );
+            drain.abort();
+            let _ = drain.await;
         }
         while tasks.join_next().await.is_some() {}
         let fatal = shared.fatal.lock().expect("fatal lock").take();
@@ -253,10 +262,7 @@ impl Listener {
         if let Some(error) = fatal {
             return Err(error);
         }
-        outcome(
-            died.map(|joined| joined.map_err(describe_join_error)),
-            asked_to_stop,
-        )
+        outcome(died, asked_to_stop)
     }
 
     /// Binds the HTTP address (before registering, so that a taken port fails start-up cleanly),
