@@ -173,6 +173,32 @@ pub mod testing {
         store.held(ticket, writes).await
     }
 
+    /// Runs `first`, then `last`, in one transaction on one of pgfresh's own sessions, as a batch
+    /// runs its claim and its delete: BEGIN sent with `first`, COMMIT right behind `last`, each
+    /// statement kept on the session as the listener keeps them.
+    pub async fn pipelined(db: &crate::Database, first: &str, last: &str) -> Result<(), Error> {
+        let session = db.pinned().await?;
+        let kept = db.kept_statements().await?;
+        let mut txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
+        let ran = crate::pg::statements::Hot::new(&txn, kept)
+            .query(first, &[])
+            .await;
+        txn.begun().await?;
+        ran?;
+        txn.commit_with(kept, last, &[]).await
+    }
+
+    /// Runs `first` in a transaction begun as a batch's, then drops the transaction unfinished.
+    pub async fn pipelined_dropped(db: &crate::Database, first: &str) -> Result<(), Error> {
+        let session = db.pinned().await?;
+        let kept = db.kept_statements().await?;
+        let txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
+        crate::pg::statements::Hot::new(&txn, kept)
+            .query(first, &[])
+            .await?;
+        Ok(())
+    }
+
     /// The tickets stored beside fragment keys.
     pub async fn tickets(store: &RedisStore, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {
         store.tickets(keys).await

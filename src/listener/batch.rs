@@ -17,6 +17,7 @@ use crate::Error;
 use crate::fragment::UserClient;
 use crate::pg::queue::{self, Claim, Failure};
 use crate::pg::statements::Hot;
+use crate::pg::transaction::Pipelined;
 use crate::refresh::{Writes, refresh};
 use crate::stats::RefreshStats;
 
@@ -34,7 +35,7 @@ pub(crate) async fn process(
     shared: &Shared,
     backlog: &Backlog,
 ) -> Result<(usize, RefreshStats), Error> {
-    let mut client = shared.db.pinned().await?;
+    let client = shared.db.pinned().await?;
     let pooled = shared.db.behind_pooler().await?;
     // A kept statement that fails is forgotten (`pg::statements::Kept`): one a schema upgrade
     // made unrunnable is prepared again by the next batch.
@@ -44,11 +45,10 @@ pub(crate) async fn process(
     // change past it, which is what moves the floor. Asked before the transaction begins, so
     // that its `now()`, against which the claim checks retry times, is later.
     let start = shared.floor.start();
-    let txn = client.transaction().await?;
-    if pooled {
-        // The settings a pooler would not take at connection: set for this transaction alone.
-        txn.batch_execute(crate::pg::POOLED_SETTINGS_LOCAL).await?;
-    }
+    // BEGIN goes out with the claim (`pg::transaction`), with the settings a pooler would not
+    // take at connection, set for this transaction alone.
+    let settings = pooled.then_some(crate::pg::POOLED_SETTINGS_LOCAL);
+    let mut txn = Pipelined::begin(&client, settings).await;
     let started = Instant::now();
     let backlog_after = backlog.claim_after().filter(|&after| after > start.floor);
     let mut after = backlog_after.unwrap_or(start.floor);
@@ -62,13 +62,15 @@ pub(crate) async fn process(
         from_floor,
         shared.settings.batch_size,
     )
-    .await?;
+    .await;
+    txn.begun().await?;
+    let claim = claim?;
     if let Some(seen) = claim.seen {
         shared.floor.claimed(start, seen);
     }
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
-        txn.rollback().await?;
+        txn.rollback();
         return Ok((0, RefreshStats::default()));
     }
     if claimed as i64 >= shared.settings.batch_size {
@@ -92,7 +94,7 @@ pub(crate) async fn process(
 async fn apply(
     shared: &Shared,
     backlog: &Backlog,
-    mut txn: deadpool_postgres::Transaction<'_>,
+    mut txn: Pipelined<'_>,
     claim: Claim,
     started: Instant,
 ) -> Result<RefreshStats, Error> {
@@ -124,8 +126,7 @@ async fn apply(
     let (fanned_out, rendered_only) = covering(&plan, &rendered, &fanned_out);
     remember_coverage(shared, rendered_only, snapshot.clone());
     let rendered_at = started.elapsed();
-    let (settled, waiting) = settle(shared, &txn, &plan, &rendered, claim.undecodable).await?;
-    txn.commit().await?;
+    let (settled, waiting) = settle(shared, txn, &plan, &rendered, claim.undecodable).await?;
     ages.record(shared, &plan, &rendered);
     remember_coverage(shared, fanned_out, snapshot);
     if !plan.deferred.is_empty() {
@@ -178,13 +179,13 @@ fn remember_coverage(
     }
 }
 
-/// Settles every claimed change in the claim's transaction: applied ones (rendered, or covered) are
-/// deleted, deferred ones wait, failed ones count an attempt (and are parked at the limit), keys Redis
-/// could not check are queued again. Returns how many were applied, and the failed ones that wait
-/// to be tried again.
+/// Settles every claimed change in the claim's transaction and commits it: deferred ones wait,
+/// failed ones count an attempt (and are parked at the limit), keys Redis could not check are
+/// queued again, and applied ones (rendered, or covered) are deleted, the COMMIT sent with that
+/// delete. Returns how many were applied, and the failed ones that wait to be tried again.
 async fn settle(
     shared: &Shared,
-    txn: &deadpool_postgres::Transaction<'_>,
+    txn: Pipelined<'_>,
     plan: &BatchPlan<'_>,
     rendered: &RenderedChanges<'_>,
     undecodable: Vec<Failure>,
@@ -221,13 +222,13 @@ async fn settle(
         plan.deferred.len(),
         failures.len(),
     );
-    let kept = shared.db.kept_statements().await?;
-    queue::complete(Hot::new(txn, kept), &applied).await?;
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
     let waiting =
         queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     queue::retry_apart(txn.client(), &unresolved).await?;
     requeue_unchecked(txn.client(), &rendered.unchecked).await?;
+    let kept = shared.db.kept_statements().await?;
+    queue::complete(txn, kept, &applied).await?;
     Ok((applied.len(), waiting))
 }
 

@@ -10,6 +10,7 @@ use super::shared::Shared;
 use crate::Error;
 use crate::fragment::{DynFragment, Fragments, Mapping};
 use crate::pg::fan_out::{self, FanOutError};
+use crate::pg::transaction::Pipelined;
 
 /// A claimed change's identity: (topic, key).
 pub(crate) type ChangeKey<'a> = (&'a str, &'a str);
@@ -93,7 +94,7 @@ pub(crate) struct FannedOut<'a> {
 /// connection fails the batch; anything else fails the changes of that fan-out alone.
 pub(crate) async fn fan_out<'a>(
     shared: &Shared,
-    txn: &mut deadpool_postgres::Transaction<'_>,
+    txn: &mut Pipelined<'_>,
     fan_outs: &[FanOut<'a>],
 ) -> Result<FannedOut<'a>, Error> {
     let mut done = FannedOut::default();
@@ -116,7 +117,7 @@ pub(crate) async fn fan_out<'a>(
                 if shared.users_search_path.is_some() {
                     fan_out::pin_search_path(savepoint.client()).await?;
                 }
-                savepoint.commit().await?;
+                savepoint.release().await?;
                 done.queued += fanned.queued;
                 let reason = |key: &str| {
                     format!(

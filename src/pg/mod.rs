@@ -7,6 +7,8 @@
 //! - `schema`: install, upgrade, check and uninstall, from the files in `sql/`.
 //! - `queue`: claim, settle, retry, park and requeue changes; the queue's figures.
 //! - `statements`: the statements of every batch, prepared once where the session allows it.
+//! - `transaction`: a batch's claiming transaction, its BEGIN and COMMIT sent with its first and last
+//!   statements.
 //! - `fan_out`: keys of shared rows mapped to fragment keys and queued, inside the claim.
 //! - `snapshot`: what a claim's snapshot saw, for the listener's planning.
 //! - `registry`: the listener registry (idle flag, fragment versions, standing aside, heartbeats).
@@ -27,6 +29,7 @@ pub(crate) mod standby;
 pub(crate) mod statements;
 pub(crate) mod sweeps;
 mod tls;
+pub(crate) mod transaction;
 pub(crate) mod truncations;
 
 pub(crate) use conninfo::redact_unparsed;

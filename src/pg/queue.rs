@@ -7,7 +7,8 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use super::statements::Hot;
+use super::statements::{Hot, Kept};
+use super::transaction::Pipelined;
 use crate::Error;
 
 /// One queued change: `key` of `topic` changed in a committed transaction.
@@ -103,7 +104,7 @@ pub(crate) const LOOK_AHEAD: Duration = Duration::from_secs(2);
 /// statements that takes a transaction id (see `listener::floor`). With `floor`, it also reads the
 /// first change past it that is ready or soon will be, locked by another batch or not.
 pub(crate) async fn claim_batch(
-    txn: Hot<'_, '_>,
+    txn: Hot<'_>,
     after: i64,
     floor: Option<i64>,
     limit: i64,
@@ -288,20 +289,26 @@ pub(crate) async fn take_ticket(client: &Client) -> Result<i64, Error> {
         .get(0))
 }
 
-/// Deletes changes whose fragments are now in Redis.
-pub(crate) async fn complete(txn: Hot<'_, '_>, ids: &[i64]) -> Result<(), Error> {
-    if let Some((first, last)) = bounds(ids) {
-        txn.query(
-            "DELETE FROM pgfresh.changes WHERE id BETWEEN $2 AND $3 AND id = ANY($1)",
-            &[
-                (&ids, Type::INT8_ARRAY),
-                (&first, Type::INT8),
-                (&last, Type::INT8),
-            ],
-        )
-        .await?;
-    }
-    Ok(())
+/// Deletes the changes a batch applied (their fragments are in Redis) and commits the batch's
+/// transaction, the COMMIT sent right behind the delete.
+pub(crate) async fn complete(
+    txn: Pipelined<'_>,
+    kept: Option<&Kept>,
+    ids: &[i64],
+) -> Result<(), Error> {
+    let Some((first, last)) = bounds(ids) else {
+        return txn.commit().await;
+    };
+    txn.commit_with(
+        kept,
+        "DELETE FROM pgfresh.changes WHERE id BETWEEN $2 AND $3 AND id = ANY($1)",
+        &[
+            (&ids, Type::INT8_ARRAY),
+            (&first, Type::INT8),
+            (&last, Type::INT8),
+        ],
+    )
+    .await
 }
 
 /// The lowest and highest of `ids`, which bound a statement over them to a range of the primary

@@ -14,7 +14,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use deadpool_postgres::StatementCache;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{Client, Row};
+use tokio_postgres::{Client, Row, Statement};
+
+use super::transaction::Pipelined;
 
 /// The most statements one session keeps: past that it starts over, so that SQL built anew for
 /// every call (an `IN` list spelled out) cannot fill the server's memory.
@@ -94,6 +96,35 @@ impl Kept {
         }
     }
 
+    /// `sql` prepared on a session in a transaction of pgfresh's own, for a caller that sends it
+    /// in a request of its own (a pipeline, `super::transaction`); prepared now if the session does
+    /// not keep it yet. A failure is to be told to [`Kept::failed`], as one of the run is.
+    pub(crate) async fn prepare(
+        &self,
+        client: &Client,
+        cache: &StatementCache,
+        sql: &str,
+        types: &[Type],
+    ) -> Result<Statement, tokio_postgres::Error> {
+        prepare(client, cache, sql, types).await
+    }
+
+    /// A statement kept on a session failed in a transaction of pgfresh's own: it is forgotten (its
+    /// next run prepares it again), and keeping stops for good if the session had lost it to a
+    /// pooler.
+    pub(crate) fn failed(
+        &self,
+        cache: &StatementCache,
+        sql: &str,
+        types: &[Type],
+        error: &tokio_postgres::Error,
+    ) {
+        cache.remove(sql, types);
+        if is_pooled(error) {
+            self.give_up(cache);
+        }
+    }
+
     /// Stops keeping statements on every session of the database.
     fn give_up(&self, cache: &StatementCache) {
         cache.clear();
@@ -114,16 +145,26 @@ async fn run(
     types: &[Type],
     params: &[(&(dyn ToSql + Sync), Type)],
 ) -> Result<Vec<Row>, tokio_postgres::Error> {
-    if cache.size() >= KEPT_PER_SESSION {
-        cache.clear();
-    }
-    let statement = cache.prepare_typed(client, sql, types).await?;
+    let statement = prepare(client, cache, sql, types).await?;
     let values: Vec<&(dyn ToSql + Sync)> = params.iter().map(|(value, _)| *value).collect();
     let ran = client.query(&statement, &values).await;
     if ran.is_err() {
         cache.remove(sql, types);
     }
     ran
+}
+
+/// `sql` as the session keeps it, prepared now if it is not yet.
+async fn prepare(
+    client: &Client,
+    cache: &StatementCache,
+    sql: &str,
+    types: &[Type],
+) -> Result<Statement, tokio_postgres::Error> {
+    if cache.size() >= KEPT_PER_SESSION {
+        cache.clear();
+    }
+    cache.prepare_typed(client, sql, types).await
 }
 
 /// A statement the session had prepared is not there, or a name this process gave no statement on
@@ -142,15 +183,20 @@ fn is_stale(error: &tokio_postgres::Error) -> bool {
 
 /// A transaction on one of pgfresh's own sessions, and whether its statements may be kept.
 #[derive(Clone, Copy)]
-pub(crate) struct Hot<'s, 't> {
-    txn: &'s deadpool_postgres::Transaction<'t>,
+pub(crate) struct Hot<'s> {
+    client: &'s Client,
+    cache: &'s StatementCache,
     kept: Option<&'s Kept>,
 }
 
-impl<'s, 't> Hot<'s, 't> {
+impl<'s> Hot<'s> {
     /// `kept` is `None` behind a connection pooler ([`super::Database::kept_statements`]).
-    pub(crate) fn new(txn: &'s deadpool_postgres::Transaction<'t>, kept: Option<&'s Kept>) -> Self {
-        Hot { txn, kept }
+    pub(crate) fn new(txn: &Pipelined<'s>, kept: Option<&'s Kept>) -> Self {
+        Hot {
+            client: txn.client(),
+            cache: txn.statement_cache(),
+            kept,
+        }
     }
 
     /// Runs `sql` with typed parameters: prepared once per session and kept, or parsed now.
@@ -161,12 +207,10 @@ impl<'s, 't> Hot<'s, 't> {
     ) -> Result<Vec<Row>, tokio_postgres::Error> {
         match self.kept {
             Some(kept) => {
-                let client = self.txn.client();
-                let cache = &self.txn.statement_cache;
-                kept.query(client, cache, Session::Transaction, sql, params)
+                kept.query(self.client, self.cache, Session::Transaction, sql, params)
                     .await
             }
-            None => self.txn.query_typed(sql, params).await,
+            None => self.client.query_typed(sql, params).await,
         }
     }
 
@@ -174,7 +218,7 @@ impl<'s, 't> Hot<'s, 't> {
     /// PostgreSQL plans it for the tables as they are then.
     pub(crate) fn forget(&self, sql: &str, types: &[Type]) {
         if self.kept.is_some() {
-            self.txn.statement_cache.remove(sql, types);
+            self.cache.remove(sql, types);
         }
     }
 }

@@ -1,0 +1,123 @@
+//! A batch's transaction sends its BEGIN with its first statement (the claim) and its COMMIT right
+//! behind its last (the delete of what it applied), without waiting in between
+//! (`pg::transaction`). What the statements do stays one transaction's work: committed whole, or,
+//! when a statement fails or the transaction is dropped unfinished, not at all, with the session
+//! left idle for whatever it is asked next. (pgfresh's own sessions find nothing through their
+//! `search_path`: the tests' tables are named with their schema.)
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::TestEnv;
+use pgfresh::testing;
+use pgfresh::tokio_postgres::Client;
+
+async fn numbers(client: &Client, table: &str) -> Vec<i32> {
+    let sql = format!("SELECT n FROM {table} ORDER BY n");
+    let rows = client.query(&sql, &[]).await.expect("read the table");
+    rows.iter().map(|row| row.get(0)).collect()
+}
+
+#[tokio::test]
+async fn a_pipelined_transaction_commits_both_statements_or_neither() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE t (n int PRIMARY KEY)")
+        .await
+        .unwrap();
+
+    testing::pipelined(
+        &env.db,
+        "INSERT INTO public.t VALUES (1)",
+        "INSERT INTO public.t VALUES (2)",
+    )
+    .await
+    .expect("both statements commit");
+    assert_eq!(numbers(&client, "t").await, [1, 2]);
+
+    // The last statement fails, with the COMMIT already sent behind it: the first one's row is
+    // not committed, and the error is the statement's. Sent before the statement, the COMMIT
+    // would have committed row 3. The second time the statement is one the session keeps.
+    for _ in 0..2 {
+        let error = testing::pipelined(
+            &env.db,
+            "INSERT INTO public.t VALUES (3)",
+            "INSERT INTO public.t VALUES (2)",
+        )
+        .await
+        .expect_err("the last statement fails");
+        assert!(error.to_string().contains("duplicate key"), "{error}");
+    }
+    // A last statement the session has not prepared yet fails only once it runs (its division
+    // is planned then): prepared first, it still goes out ahead of the COMMIT.
+    let error = testing::pipelined(
+        &env.db,
+        "INSERT INTO public.t VALUES (4)",
+        "INSERT INTO public.t VALUES (5 / 0)",
+    )
+    .await
+    .expect_err("the last statement fails");
+    assert!(error.to_string().contains("division by zero"), "{error}");
+    // The first statement fails: nothing after it runs.
+    let error = testing::pipelined(
+        &env.db,
+        "INSERT INTO public.t VALUES (6 / 0)",
+        "INSERT INTO public.t VALUES (7)",
+    )
+    .await
+    .expect_err("the first statement fails");
+    assert!(error.to_string().contains("division by zero"), "{error}");
+    assert_eq!(numbers(&client, "t").await, [1, 2]);
+
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_pipelined_transaction_dropped_unfinished_rolls_back_and_leaves_its_session_idle() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE u (n int)")
+        .await
+        .unwrap();
+
+    testing::pipelined_dropped(&env.db, "INSERT INTO public.u VALUES (1)")
+        .await
+        .expect("the statement runs");
+    // The ROLLBACK goes out as the transaction is dropped, without waiting for its reply: wait
+    // until no session of the database is in a transaction.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND pid <> pg_backend_pid()
+                   AND state LIKE 'idle in transaction%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "a session stayed in the dropped transaction"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Later transactions on the same sessions commit what they do and nothing more: had the
+    // dropped one stayed open, the first of them would have committed its row 1 too.
+    for n in [2, 3, 4, 5] {
+        let (first, last) = (
+            format!("INSERT INTO public.u VALUES ({n})"),
+            format!("INSERT INTO public.u VALUES ({})", n * 10),
+        );
+        testing::pipelined(&env.db, &first, &last).await.unwrap();
+    }
+    assert_eq!(numbers(&client, "u").await, [2, 3, 4, 5, 20, 30, 40, 50]);
+
+    env.cleanup().await;
+}
