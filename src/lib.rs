@@ -180,10 +180,9 @@ pub mod testing {
         let session = db.pinned().await?;
         let kept = db.kept_statements().await?;
         let mut txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
-        let ran = crate::pg::statements::Hot::new(&txn, kept)
-            .query(first, &[])
-            .await;
-        txn.begun().await?;
+        let hot = crate::pg::statements::Hot::new(&txn, kept);
+        let (begun, ran) = futures_util::future::join(txn.begun(), hot.query(first, &[])).await;
+        begun?;
         ran?;
         txn.commit_with(kept, last, &[]).await
     }

@@ -60,6 +60,16 @@ async fn a_pipelined_transaction_commits_both_statements_or_neither() {
     .await
     .expect_err("the last statement fails");
     assert!(error.to_string().contains("division by zero"), "{error}");
+    // The last statement fails before it is sent (its parameter is missing): no COMMIT goes
+    // out, and the first one's row is not committed.
+    let error = testing::pipelined(
+        &env.db,
+        "INSERT INTO public.t VALUES (8)",
+        "INSERT INTO public.t VALUES ($1)",
+    )
+    .await
+    .expect_err("the last statement fails");
+    assert!(error.to_string().contains("parameters"), "{error}");
     // The first statement fails: nothing after it runs.
     let error = testing::pipelined(
         &env.db,

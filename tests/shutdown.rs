@@ -60,3 +60,34 @@ async fn a_batch_in_hand_at_shutdown_finishes_before_the_listener_returns() {
     assert_eq!(env.pending().await, 0, "and its change settled");
     env.cleanup().await;
 }
+
+/// An embedding program that drops (aborts) the `listen` future stops the whole listener, its
+/// drain loop too: nothing of it keeps claiming changes, and its sessions close.
+#[tokio::test]
+async fn a_listener_whose_future_is_dropped_stops_its_drain_loop_and_closes_its_sessions() {
+    let env = TestEnv::shop(3).await;
+    // A database handle of its own, its sessions named apart, so that they close with the
+    // listener (the test's own handle keeps its pools open).
+    let url = format!("{}?application_name=dropped_listener", env.url);
+    let db = pgfresh::Database::new(&url, 2).unwrap();
+    let listener = env.start_listener_on(db, env.fragments(), test_settings());
+    env.rename(1, "Before the drop").await;
+    env.wait_name(1, "Before the drop").await;
+
+    listener.task.abort();
+    let _ = listener.task.await;
+    let client = env.client().await;
+    eventually("every session of the dropped listener to close", || async {
+        let sessions: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dropped_listener' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        sessions == 0
+    })
+    .await;
+    env.cleanup().await;
+}

@@ -61,9 +61,9 @@ pub(crate) async fn process(
         after,
         from_floor,
         shared.settings.batch_size,
-    )
-    .await;
-    txn.begun().await?;
+    );
+    let (begun, claim) = futures_util::future::join(txn.begun(), claim).await;
+    begun?;
     let claim = claim?;
     if let Some(seen) = claim.seen {
         shared.floor.claimed(start, seen);

@@ -36,6 +36,7 @@ use std::sync::atomic::AtomicBool;
 
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::Error;
 use crate::config::ListenSettings;
@@ -222,32 +223,39 @@ impl Listener {
         // wake it and the connections it talks through: awaited here, in the caller's future, each
         // wake-up and each batch's end would pass through the thread that polls that future (for
         // the CLI, the main thread), two more thread switches per batch (BENCHMARKS.md, "A batch
-        // at low rates").
-        let mut drain = {
+        // at low rates"). Aborted when this future is dropped, as the other tasks are.
+        let mut drain = AbortOnDropHandle::new(tokio::spawn({
             let (shared, wake) = (shared.clone(), self.wake.clone());
-            tokio::spawn(async move { drain::drain_loop(&shared, &wake).await })
-        };
-        let died = tokio::select! {
-            drained = &mut drain => drained.err().map(|error| Err(describe_join_error(error))),
-            joined = tasks.join_next() => joined.map(|joined| joined.map_err(describe_join_error)),
+            async move { drain::drain_loop(&shared, &wake).await }
+        }));
+        let (died, drained) = tokio::select! {
+            drained = &mut drain => (None, Some(drained)),
+            joined = tasks.join_next() => (joined.map(|joined| joined.map_err(describe_join_error)), None),
         };
         // Read before cancelling below: whether a task that ended was asked to.
         let asked_to_stop = shared.shutdown.is_cancelled();
         // Every task selects on the shutdown token; the drain loop claims nothing more, and the
         // batches it has in hand commit.
         shared.shutdown.cancel();
-        if !drain.is_finished()
-            && tokio::time::timeout(SHUTDOWN_GRACE, &mut drain)
-                .await
-                .is_err()
-        {
-            tracing::warn!(
-                grace = ?SHUTDOWN_GRACE,
-                "batches still in hand after the grace period roll back; their changes stay queued"
-            );
-            drain.abort();
-            let _ = drain.await;
-        }
+        let drained = match drained {
+            Some(drained) => Some(drained),
+            None => match tokio::time::timeout(SHUTDOWN_GRACE, &mut drain).await {
+                Ok(drained) => Some(drained),
+                Err(_) => {
+                    tracing::warn!(
+                        grace = ?SHUTDOWN_GRACE,
+                        "batches still in hand after the grace period roll back; their changes stay queued"
+                    );
+                    drain.abort();
+                    let _ = (&mut drain).await;
+                    None
+                }
+            },
+        };
+        // A drain loop that panicked is a task that died.
+        let died = died.or(drained
+            .and_then(Result::err)
+            .map(|error| Err(describe_join_error(error))));
         while tasks.join_next().await.is_some() {}
         let fatal = shared.fatal.lock().expect("fatal lock").take();
         if let Ok(client) = shared.db.pinned().await {

@@ -42,7 +42,7 @@ pub(crate) struct Pipelined<'c> {
 impl<'c> Pipelined<'c> {
     /// Sends BEGIN, followed in the same message by `settings` (e.g. `SET LOCAL`s) when given, and
     /// returns without waiting for the reply: the transaction's first statement goes out right
-    /// behind it. A BEGIN can only fail with its session, and then so does that statement.
+    /// behind it, and the reply is to be read while that statement runs ([`Pipelined::begun`]).
     pub(crate) async fn begin(session: &'c ClientWrapper, settings: Option<&str>) -> Self {
         let sql = match settings {
             Some(settings) => format!("BEGIN; {settings}"),
@@ -105,19 +105,26 @@ impl<'c> Pipelined<'c> {
         };
         let mut run = pin!(run);
         // The statement's request goes out on this first poll, as one message (a statement in
-        // hand, or parsed with its run): nothing of it can come after the COMMIT.
-        let sent = futures_util::poll!(&mut run);
-        self.open = false;
-        let commit = client.batch_execute("COMMIT");
-        let (ran, committed) = match sent {
-            Poll::Ready(ran) => (ran, commit.await),
-            Poll::Pending => futures_util::future::join(run, commit).await,
+        // hand, or parsed with its run): nothing of it can come after the COMMIT. Done at once,
+        // it failed before it was sent (its parameters could not be encoded): no COMMIT then, the
+        // transaction rolls back as it is dropped.
+        let ran = match futures_util::poll!(&mut run) {
+            Poll::Ready(Err(error)) => Err(error),
+            sent => {
+                self.open = false;
+                let commit = client.batch_execute("COMMIT");
+                let (ran, committed) = match sent {
+                    Poll::Ready(ran) => (ran, commit.await),
+                    Poll::Pending => futures_util::future::join(run, commit).await,
+                };
+                // The statement's error first: with it, the COMMIT rolled back.
+                ran.and(committed)
+            }
         };
         if let (Err(error), Some(kept)) = (&ran, kept) {
             kept.failed(cache, sql, &types, error);
         }
         ran?;
-        committed?;
         Ok(())
     }
 
@@ -129,8 +136,8 @@ impl<'c> Pipelined<'c> {
         Ok(())
     }
 
-    /// Rolls back without waiting for the reply (nothing was written that a reply could confirm);
-    /// whatever the session is asked next waits behind it.
+    /// Rolls back without waiting for the reply (nothing was written that a reply could confirm),
+    /// so its error, if any, is not seen; whatever the session is asked next waits behind it.
     pub(crate) fn rollback(self) {}
 
     /// Opens a savepoint named `name` (an SQL identifier): dropped without
@@ -147,9 +154,9 @@ impl<'c> Pipelined<'c> {
         })
     }
 
-    /// Reads the BEGIN's reply (once; later calls return at once). It comes before the reply to
-    /// the statement sent behind it, so read after that it costs no wait; when it is an error, that
-    /// error is why the statement failed.
+    /// Reads the BEGIN's reply (once; later calls return at once): to be awaited together with
+    /// the first statement (a reply not read holds up the session's replies behind it), and when
+    /// it is an error, that error is why the statement failed.
     pub(crate) async fn begun(&mut self) -> Result<(), Error> {
         if let Some(begun) = self.begun.take() {
             begun.await?;
