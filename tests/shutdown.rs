@@ -91,3 +91,54 @@ async fn a_listener_whose_future_is_dropped_stops_its_drain_loop_and_closes_its_
     .await;
     env.cleanup().await;
 }
+
+/// A batch still in hand when the shutdown's grace period ends is given up: the listener returns,
+/// the batch's transaction rolls back (its session is not left in it), and its change stays queued
+/// for the next listener.
+#[tokio::test]
+async fn a_batch_still_stalled_after_the_grace_period_rolls_back_and_its_change_stays_queued() {
+    let env = TestEnv::shop(3).await;
+    let (stalling, _never_released) = AlteredCard::stalling();
+    let listener = env.start_listener_with(
+        Fragments::new().with(&env.prefix, SharedFragment(stalling.clone())),
+        test_settings(),
+    );
+    env.client()
+        .await
+        .execute("UPDATE products SET name = 'Stalled' WHERE id = 2", &[])
+        .await
+        .unwrap();
+    eventually("the listener to have read its rows", || async {
+        stalling.gate_taken()
+    })
+    .await;
+
+    listener.shutdown.cancel();
+    // The grace period is 10 s.
+    tokio::time::timeout(common::PATIENCE, listener.task)
+        .await
+        .expect("the listener returns after its grace period")
+        .unwrap()
+        .expect("and without an error");
+    let client = env.client().await;
+    eventually("no session left in the batch's transaction", || async {
+        let sessions: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        sessions == 0
+    })
+    .await;
+    assert_eq!(env.pending().await, 1, "the change stays queued");
+    assert!(
+        !env.get(&env.key(2, "full"))
+            .await
+            .is_some_and(|card| card.contains("<h2>Stalled</h2>")),
+        "the stalled batch wrote nothing"
+    );
+    env.cleanup().await;
+}
