@@ -1,9 +1,9 @@
 //! A batch's claiming transaction, one round trip shorter at each end than tokio-postgres's own
 //! `Transaction`: its BEGIN goes out without waiting for a reply, so the claim sent right after it
 //! travels with it, and its COMMIT goes out right behind its last statement (the delete of what the
-//! batch applied). At low rates every change is a batch of its own, and every round trip wakes a
-//! PostgreSQL backend and the listener's threads: two of a batch's six were a third of what it cost
-//! them (BENCHMARKS.md, "A batch at low rates").
+//! batch applied): four round trips a batch rather than six. At low rates every change is a batch
+//! of its own, and every round trip wakes a PostgreSQL backend and the listener's threads
+//! (BENCHMARKS.md, "A batch at low rates").
 //!
 //! What makes this safe: tokio-postgres sends a request when its future is first polled, in the
 //! order futures are first polled (its documented behaviour), and PostgreSQL runs one session's
@@ -34,7 +34,8 @@ type Reply<'c> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> 
 /// rolls back when dropped.
 pub(crate) struct Pipelined<'c> {
     session: &'c ClientWrapper,
-    /// The reply to the BEGIN, read when the transaction ends.
+    /// The reply to the BEGIN, until it is read (with the first statement's, or before the
+    /// transaction's next step).
     begun: Option<Reply<'c>>,
     open: bool,
 }
@@ -111,6 +112,8 @@ impl<'c> Pipelined<'c> {
         let ran = match futures_util::poll!(&mut run) {
             Poll::Ready(Err(error)) => Err(error),
             sent => {
+                // The COMMIT goes out in this same poll (no await comes before the join's first
+                // poll): a cancelled batch cannot leave the transaction open without a ROLLBACK.
                 self.open = false;
                 let commit = client.batch_execute("COMMIT");
                 let (ran, committed) = match sent {
