@@ -42,6 +42,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, ValueEnum};
 
+/// The shop's allocator (see `examples/shop/main.rs`), so that the benchmark measures pgfresh as
+/// the shop runs it.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(about = "pgfresh benchmarks on the shop example")]
 struct BenchCli {
