@@ -191,10 +191,11 @@ pub mod testing {
     pub async fn pipelined_dropped(db: &crate::Database, first: &str) -> Result<(), Error> {
         let session = db.pinned().await?;
         let kept = db.kept_statements().await?;
-        let txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
-        crate::pg::statements::Hot::new(&txn, kept)
-            .query(first, &[])
-            .await?;
+        let mut txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
+        let hot = crate::pg::statements::Hot::new(&txn, kept);
+        let (begun, ran) = futures_util::future::join(txn.begun(), hot.query(first, &[])).await;
+        begun?;
+        ran?;
         Ok(())
     }
 

@@ -73,20 +73,26 @@ async fn a_listener_whose_future_is_dropped_stops_its_drain_loop_and_closes_its_
     let listener = env.start_listener_on(db, env.fragments(), test_settings());
     env.rename(1, "Before the drop").await;
     env.wait_name(1, "Before the drop").await;
-
-    listener.task.abort();
-    let _ = listener.task.await;
     let client = env.client().await;
-    eventually("every session of the dropped listener to close", || async {
-        let sessions: i64 = client
+    let sessions = || async {
+        client
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dropped_listener' AND datname = current_database()",
                 &[],
             )
             .await
             .unwrap()
-            .get(0);
-        sessions == 0
+            .get::<_, i64>(0)
+    };
+    assert!(
+        sessions().await > 0,
+        "the listener's sessions are named apart"
+    );
+
+    listener.task.abort();
+    let _ = listener.task.await;
+    eventually("every session of the dropped listener to close", || async {
+        sessions().await == 0
     })
     .await;
     env.cleanup().await;
@@ -112,6 +118,18 @@ async fn a_batch_still_stalled_after_the_grace_period_rolls_back_and_its_change_
         stalling.gate_taken()
     })
     .await;
+    let client = env.client().await;
+    let in_transaction = || async {
+        client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' AND datname = current_database()",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    assert_eq!(in_transaction().await, 1, "the batch holds its claim open");
 
     listener.shutdown.cancel();
     // The grace period is 10 s.
@@ -120,17 +138,8 @@ async fn a_batch_still_stalled_after_the_grace_period_rolls_back_and_its_change_
         .expect("the listener returns after its grace period")
         .unwrap()
         .expect("and without an error");
-    let client = env.client().await;
     eventually("no session left in the batch's transaction", || async {
-        let sessions: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        sessions == 0
+        in_transaction().await == 0
     })
     .await;
     assert_eq!(env.pending().await, 1, "the change stays queued");

@@ -19,8 +19,8 @@ use pgfresh::{ListenSettings, Storage, SweepSettings};
 use product_card::{Card, ProductCard};
 
 /// The binary's allocator is its own choice, not pgfresh's. Rendering and writing allocate many
-/// short-lived buffers: with mimalloc instead of glibc's malloc a sweep took about 30% less CPU in
-/// this process (BENCHMARKS.md, "The shop's allocator").
+/// short-lived buffers: with mimalloc instead of glibc's malloc a sweep took about 30% less user
+/// CPU in this process (BENCHMARKS.md, "The shop's allocator").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 

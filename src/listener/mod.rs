@@ -247,7 +247,12 @@ impl Listener {
                         "batches still in hand after the grace period roll back; their changes stay queued"
                     );
                     drain.abort();
-                    let _ = (&mut drain).await;
+                    if let Err(error) = (&mut drain).await
+                        && error.is_panic()
+                    {
+                        let why = describe_join_error(error);
+                        tracing::error!(%why, "the drain loop panicked as its grace period ended");
+                    }
                     None
                 }
             },

@@ -106,28 +106,28 @@ impl<'c> Pipelined<'c> {
         };
         let mut run = pin!(run);
         // The statement's request goes out on this first poll, as one message (a statement in
-        // hand, or parsed with its run): nothing of it can come after the COMMIT. Done at once,
-        // it failed before it was sent (its parameters could not be encoded): no COMMIT then, the
-        // transaction rolls back as it is dropped.
-        let ran = match futures_util::poll!(&mut run) {
-            Poll::Ready(Err(error)) => Err(error),
+        // hand, or parsed with its run): nothing of it can come after the COMMIT. Done at once
+        // with an error, it failed before it was sent (its parameters could not be encoded): no
+        // COMMIT then, the transaction rolls back as it is dropped.
+        let (ran, committed) = match futures_util::poll!(&mut run) {
+            Poll::Ready(Err(error)) => (Err(error), Ok(())),
             sent => {
                 // The COMMIT goes out in this same poll (no await comes before the join's first
                 // poll): a cancelled batch cannot leave the transaction open without a ROLLBACK.
                 self.open = false;
                 let commit = client.batch_execute("COMMIT");
-                let (ran, committed) = match sent {
+                match sent {
                     Poll::Ready(ran) => (ran, commit.await),
                     Poll::Pending => futures_util::future::join(run, commit).await,
-                };
-                // The statement's error first: with it, the COMMIT rolled back.
-                ran.and(committed)
+                }
             }
         };
         if let (Err(error), Some(kept)) = (&ran, kept) {
             kept.failed(cache, sql, &types, error);
         }
+        // The statement's error first: with it, the COMMIT rolled back.
         ran?;
+        committed?;
         Ok(())
     }
 
