@@ -175,8 +175,13 @@ pub mod testing {
 
     /// Runs `first`, then `last`, in one transaction on one of pgfresh's own sessions, as a batch
     /// runs its claim and its delete: BEGIN sent with `first`, COMMIT right behind `last`, each
-    /// statement kept on the session as the listener keeps them.
-    pub async fn pipelined(db: &crate::Database, first: &str, last: &str) -> Result<(), Error> {
+    /// statement kept on the session as the listener keeps them. Without `last`, the transaction
+    /// is dropped unfinished after `first`.
+    pub async fn pipelined(
+        db: &crate::Database,
+        first: &str,
+        last: Option<&str>,
+    ) -> Result<(), Error> {
         let session = db.pinned().await?;
         let kept = db.kept_statements().await?;
         let mut txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
@@ -184,19 +189,10 @@ pub mod testing {
         let (begun, ran) = futures_util::future::join(txn.begun(), hot.query(first, &[])).await;
         begun?;
         ran?;
-        txn.commit_with(kept, last, &[]).await
-    }
-
-    /// Runs `first` in a transaction begun as a batch's, then drops the transaction unfinished.
-    pub async fn pipelined_dropped(db: &crate::Database, first: &str) -> Result<(), Error> {
-        let session = db.pinned().await?;
-        let kept = db.kept_statements().await?;
-        let mut txn = crate::pg::transaction::Pipelined::begin(&session, None).await;
-        let hot = crate::pg::statements::Hot::new(&txn, kept);
-        let (begun, ran) = futures_util::future::join(txn.begun(), hot.query(first, &[])).await;
-        begun?;
-        ran?;
-        Ok(())
+        match last {
+            Some(last) => txn.commit_with(kept, last, &[]).await,
+            None => Ok(()),
+        }
     }
 
     /// The tickets stored beside fragment keys.

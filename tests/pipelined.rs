@@ -31,7 +31,7 @@ async fn a_pipelined_transaction_commits_both_statements_or_neither() {
     testing::pipelined(
         &env.db,
         "INSERT INTO public.t VALUES (1)",
-        "INSERT INTO public.t VALUES (2)",
+        Some("INSERT INTO public.t VALUES (2)"),
     )
     .await
     .expect("both statements commit");
@@ -44,7 +44,7 @@ async fn a_pipelined_transaction_commits_both_statements_or_neither() {
         let error = testing::pipelined(
             &env.db,
             "INSERT INTO public.t VALUES (3)",
-            "INSERT INTO public.t VALUES (2)",
+            Some("INSERT INTO public.t VALUES (2)"),
         )
         .await
         .expect_err("the last statement fails");
@@ -55,7 +55,7 @@ async fn a_pipelined_transaction_commits_both_statements_or_neither() {
     let error = testing::pipelined(
         &env.db,
         "INSERT INTO public.t VALUES (4)",
-        "INSERT INTO public.t VALUES (5 / 0)",
+        Some("INSERT INTO public.t VALUES (5 / 0)"),
     )
     .await
     .expect_err("the last statement fails");
@@ -65,7 +65,7 @@ async fn a_pipelined_transaction_commits_both_statements_or_neither() {
     let error = testing::pipelined(
         &env.db,
         "INSERT INTO public.t VALUES (8)",
-        "INSERT INTO public.t VALUES ($1)",
+        Some("INSERT INTO public.t VALUES ($1)"),
     )
     .await
     .expect_err("the last statement fails");
@@ -74,7 +74,7 @@ async fn a_pipelined_transaction_commits_both_statements_or_neither() {
     let error = testing::pipelined(
         &env.db,
         "INSERT INTO public.t VALUES (6 / 0)",
-        "INSERT INTO public.t VALUES (7)",
+        Some("INSERT INTO public.t VALUES (7)"),
     )
     .await
     .expect_err("the first statement fails");
@@ -93,7 +93,7 @@ async fn a_pipelined_transaction_dropped_unfinished_rolls_back_and_leaves_its_se
         .await
         .unwrap();
 
-    testing::pipelined_dropped(&env.db, "INSERT INTO public.u VALUES (1)")
+    testing::pipelined(&env.db, "INSERT INTO public.u VALUES (1)", None)
         .await
         .expect("the statement runs");
     // The ROLLBACK goes out as the transaction is dropped, without waiting for its reply: wait
@@ -125,7 +125,9 @@ async fn a_pipelined_transaction_dropped_unfinished_rolls_back_and_leaves_its_se
             format!("INSERT INTO public.u VALUES ({n})"),
             format!("INSERT INTO public.u VALUES ({})", n * 10),
         );
-        testing::pipelined(&env.db, &first, &last).await.unwrap();
+        testing::pipelined(&env.db, &first, Some(&last))
+            .await
+            .unwrap();
     }
     assert_eq!(numbers(&client, "u").await, [2, 3, 4, 5, 20, 30, 40, 50]);
 
