@@ -129,7 +129,11 @@ async fn a_batch_still_stalled_after_the_grace_period_rolls_back_and_its_change_
             .unwrap()
             .get::<_, i64>(0)
     };
-    assert_eq!(in_transaction().await, 1, "the batch holds its claim open");
+    // At least the stalled batch's (another worker's empty claim may be ending just then).
+    assert!(
+        in_transaction().await >= 1,
+        "the batch holds its claim open"
+    );
 
     listener.shutdown.cancel();
     // The grace period is 10 s.
