@@ -6,6 +6,15 @@ mod common;
 
 use common::{AlteredCard, SharedFragment, TestEnv, eventually, test_settings};
 use pgfresh::Fragments;
+use pgfresh::tokio_postgres;
+
+/// How many sessions of the test's database match `condition` (SQL over `pg_stat_activity`).
+async fn sessions(client: &tokio_postgres::Client, condition: &str) -> i64 {
+    let sql = format!(
+        "SELECT count(*) FROM pg_stat_activity WHERE {condition} AND datname = current_database()"
+    );
+    client.query_one(&sql, &[]).await.unwrap().get(0)
+}
 
 #[tokio::test]
 async fn a_batch_in_hand_at_shutdown_finishes_before_the_listener_returns() {
@@ -30,15 +39,7 @@ async fn a_batch_in_hand_at_shutdown_finishes_before_the_listener_returns() {
     // The listener's other tasks stop at once: its LISTEN session goes away.
     let db = env.client().await;
     eventually("the LISTEN session to close", || async {
-        let sessions: i64 = db
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'pgfresh listen' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        sessions == 0
+        sessions(&db, "application_name = 'pgfresh listen'").await == 0
     })
     .await;
     assert!(
@@ -74,25 +75,16 @@ async fn a_listener_whose_future_is_dropped_stops_its_drain_loop_and_closes_its_
     env.rename(1, "Before the drop").await;
     env.wait_name(1, "Before the drop").await;
     let client = env.client().await;
-    let sessions = || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'dropped_listener' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let dropped = || sessions(&client, "application_name = 'dropped_listener'");
     assert!(
-        sessions().await > 0,
+        dropped().await > 0,
         "the listener's sessions are named apart"
     );
 
     listener.task.abort();
     let _ = listener.task.await;
     eventually("every session of the dropped listener to close", || async {
-        sessions().await == 0
+        dropped().await == 0
     })
     .await;
     env.cleanup().await;
@@ -119,16 +111,7 @@ async fn a_batch_still_stalled_after_the_grace_period_rolls_back_and_its_change_
     })
     .await;
     let client = env.client().await;
-    let in_transaction = || async {
-        client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity WHERE state LIKE 'idle in transaction%' AND datname = current_database()",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get::<_, i64>(0)
-    };
+    let in_transaction = || sessions(&client, "state LIKE 'idle in transaction%'");
     // At least the stalled batch's (another worker's empty claim may be ending just then).
     assert!(
         in_transaction().await >= 1,
