@@ -2,7 +2,7 @@
 //! throwaway instance in front of the shared server): every
 //! command works; two listeners, one with a direct `--session-url` for LISTEN and one polling, apply a
 //! concurrent workload with nothing lost and no error from a prepared statement, and sweep one at a
-//! time.
+//! time; a pool of one server session serves a listener, a failing load failing only its own key.
 
 mod common;
 
@@ -501,5 +501,114 @@ async fn a_session_url_that_cannot_be_reached_is_the_one_named() {
     let said = std::fs::read_to_string(&log).unwrap();
     assert!(!said.contains("hunter2"), "{said}");
     let _ = std::fs::remove_dir_all(&logs);
+    env.cleanup().await;
+}
+
+/// A card showing a product's name, whose load fails in its data (a division by zero) for
+/// product 13 alone.
+struct FragileCard;
+
+impl Fragment for FragileCard {
+    type Key = i64;
+    type Row = String;
+    type Variant = Card;
+    type Error = pgfresh::tokio_postgres::Error;
+
+    fn name(&self) -> &str {
+        "product_card"
+    }
+
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
+    }
+
+    async fn load(&self, db: &Client, keys: &[i64]) -> Loaded<Self> {
+        let sql =
+            "SELECT id, name || substr('', 1 / (id - 13)::int) FROM products WHERE id = ANY($1)";
+        let rows = db.query(sql, &[&keys]).await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+
+    fn render(&self, _key: &i64, name: &String, _variant: Card) -> maud::Markup {
+        maud::html! { h2 { (name) } }
+    }
+
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        let sql = "SELECT id FROM products WHERE id > coalesce($1, 0) ORDER BY id LIMIT $2";
+        let rows = db.query(sql, &[&after, &limit]).await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+#[tokio::test]
+async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails_only_its_key() {
+    // One server session for every client of the database, and a client left waiting for it is
+    // refused after 5 s (the default is 2 minutes): a batch that held the session for its claim
+    // while it waited for another for its loads would never get one.
+    let Some(bouncer) = TempPgBouncer::start_with("default_pool_size = 1\nquery_wait_timeout = 5")
+    else {
+        return;
+    };
+    let env = TestEnv::shop(20).await;
+    let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
+    let listener = env.start_listener_on(
+        db,
+        Fragments::new().with(&env.prefix, FragileCard),
+        common::tweak(common::test_settings(), |s| {
+            s.poll_interval = Duration::from_millis(50);
+            s.workers = 2;
+        }),
+    );
+    // Twenty changes, claimed together or apart; product 13's load fails, in its batch's
+    // transaction behind the pooler: only its own key may fail.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Pooled ' || id")
+        .await
+        .unwrap();
+    for id in (1..=20).filter(|&id| id != 13) {
+        let (key, expected) = (env.key(id, "compact"), format!("<h2>Pooled {id}</h2>"));
+        eventually(&format!("product {id} renamed"), || async {
+            env.get(&key).await.is_some_and(|html| html == expected)
+        })
+        .await;
+    }
+    eventually("product 13's change to note its failure", || async {
+        let row = env
+            .client()
+            .await
+            .query_opt(
+                "SELECT last_error FROM pgfresh.changes WHERE key = '13' AND attempts > 0",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.and_then(|row| row.get::<_, Option<String>>(0))
+            .is_some_and(|error| error.contains("division by zero"))
+    })
+    .await;
+    let waiting: i64 = env
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pgfresh.changes WHERE key <> '13'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting, 0, "every other change left the queue");
+    listener.stop().await;
+    assert!(
+        !bouncer.log().contains("query_wait_timeout"),
+        "{}",
+        bouncer.log()
+    );
+    drop(bouncer);
     env.cleanup().await;
 }

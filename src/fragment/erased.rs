@@ -143,15 +143,44 @@ impl Caught {
     }
 }
 
-/// A session user code runs on, and whether each call into user code needs a transaction of its
-/// own: behind a connection pooler (see `Database::behind_pooler`), where a statement prepared
-/// outside a transaction may be run on another server session than the one that prepared it.
-/// On a direct session, the session's statement cache too, for [`crate::CachedStatements`].
+/// A session user code runs on, and what each call into user code runs in: nothing more than the
+/// session; a transaction of its own, behind a connection pooler (see `Database::behind_pooler`),
+/// where a statement prepared outside a transaction may be run on another server session than the
+/// one that prepared it; or a savepoint of the caller's transaction, when user code runs inside a
+/// claim (behind a pooler, see `listener::batch::render_changes`). On a direct session, the
+/// session's statement cache too, for [`crate::CachedStatements`].
 #[derive(Clone, Copy)]
 pub(crate) struct UserClient<'a> {
     pub(crate) client: &'a Client,
-    pub(crate) own_transactions: bool,
+    each_call: EachCall,
     statements: Option<(&'a Arc<StatementCache>, &'a Kept)>,
+}
+
+/// What a call into user code runs in, beyond the session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum EachCall {
+    /// The session as it is (in the caller's transaction, or one statement at a time).
+    AsItIs,
+    /// A transaction of its own, committed when the call succeeds.
+    Transaction,
+    /// A savepoint in the caller's transaction, released when the call succeeds and rolled back
+    /// to when it fails: a failing call leaves the transaction usable.
+    Savepoint,
+}
+
+impl EachCall {
+    /// The statements that open and end a call's scope: (open, succeeded, failed).
+    fn statements(self) -> Option<(&'static str, &'static str, &'static str)> {
+        match self {
+            EachCall::AsItIs => None,
+            EachCall::Transaction => Some(("BEGIN", "COMMIT", "ROLLBACK")),
+            EachCall::Savepoint => Some((
+                "SAVEPOINT pgfresh_user_code",
+                "RELEASE pgfresh_user_code",
+                "ROLLBACK TO pgfresh_user_code; RELEASE pgfresh_user_code",
+            )),
+        }
+    }
 }
 
 impl<'a> UserClient<'a> {
@@ -163,7 +192,10 @@ impl<'a> UserClient<'a> {
         let kept = db.kept_statements().await?.filter(|kept| kept.allowed());
         Ok(UserClient {
             client: session,
-            own_transactions: kept.is_none(),
+            each_call: match kept {
+                Some(_) => EachCall::AsItIs,
+                None => EachCall::Transaction,
+            },
             statements: kept.map(|kept| (&session.statement_cache, kept)),
         })
     }
@@ -172,7 +204,17 @@ impl<'a> UserClient<'a> {
     pub(crate) fn in_transaction(client: &'a Client) -> Self {
         UserClient {
             client,
-            own_transactions: false,
+            each_call: EachCall::AsItIs,
+            statements: None,
+        }
+    }
+
+    /// A session in a transaction of the caller's, which each call must leave usable whether it
+    /// succeeds or fails: each runs in a savepoint.
+    pub(crate) fn in_savepoints(client: &'a Client) -> Self {
+        UserClient {
+            client,
+            each_call: EachCall::Savepoint,
             statements: None,
         }
     }
@@ -185,8 +227,8 @@ impl<'a> UserClient<'a> {
 }
 
 /// Runs `call`, a call into user code, turning its panic or its error into a [`Caught`]: user code
-/// fails, it does not take the listener's task down with it. With `db.own_transactions`, the call
-/// runs in a transaction of its own, committed when it succeeds.
+/// fails, it does not take the listener's task down with it. The call runs in what `db` says: a
+/// transaction of its own or a savepoint, ended as the call succeeded or failed.
 async fn guarded<T, E>(
     fragment: &str,
     what: &str,
@@ -197,9 +239,10 @@ where
     E: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let client = db.client;
-    if db.own_transactions {
+    let scope = db.each_call.statements();
+    if let Some((open, _, _)) = scope {
         client
-            .batch_execute("BEGIN")
+            .batch_execute(open)
             .await
             .map_err(|error| Caught::sort(fragment, what, client, error))?;
     }
@@ -209,14 +252,17 @@ where
         Ok(Err(error)) => Err(Caught::sort(fragment, what, client, error)),
         Err(panic) => Err(Caught::panicked(fragment, what, client, &panic)),
     };
-    if db.own_transactions {
-        let end = match result {
-            Ok(_) => "COMMIT",
-            Err(_) => "ROLLBACK",
-        };
+    if let Some((_, succeeded, failed)) = scope {
+        let end = if result.is_ok() { succeeded } else { failed };
         let ended = client.batch_execute(end).await;
-        if let (Ok(_), Err(error)) = (&result, ended) {
-            return Err(Caught::sort(fragment, what, client, error));
+        match (&result, ended) {
+            (Ok(_), Err(error)) => return Err(Caught::sort(fragment, what, client, error)),
+            // The call failed, and its savepoint could not be rolled back to: the caller's
+            // transaction is unusable, as when the connection is lost (the batch rolls back).
+            (Err(_), Err(error)) if db.each_call == EachCall::Savepoint => {
+                return Err(Caught::connection_lost(&error.to_string()));
+            }
+            _ => {}
         }
     }
     result

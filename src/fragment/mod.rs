@@ -35,9 +35,10 @@ pub type Loaded<F> =
 /// at `<key prefix><key>:<variant>`, the prefix given when it is registered with [`Fragments::with`]
 /// (in the [`Storage`] it is registered with, plain HTML by default).
 ///
-/// The loader and the key enumeration receive a [`Client`] that may be inside pgfresh's transaction:
-/// they should only read. The crate root has a complete example; `examples/shop` and `examples/blog`
-/// are complete binaries.
+/// The loader and the key enumeration receive a [`Client`] that may be inside pgfresh's transaction
+/// (behind a connection pooler, a batch's loads run inside the transaction that claimed it): they
+/// should only read, and never end the transaction. The crate root has a complete example;
+/// `examples/shop` and `examples/blog` are complete binaries.
 pub trait Fragment: Send + Sync + 'static {
     /// The parsed key: the value of the watched key column. Its `Display` must give back the text form
     /// that the trigger queued (`key_column::text`), and `FromStr` must parse it.

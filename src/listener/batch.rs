@@ -108,7 +108,8 @@ async fn apply(
     let plan = shared.recent.plan_batch(&claim.changes, started);
     let routes = route::route(&shared.fragments, plan.to_render.keys().copied());
     let fanned = route::fan_out(shared, &mut txn, &routes.fan_outs).await?;
-    let mut rendered = render_changes(shared, txn.client(), &routes, claim.ticket).await?;
+    let pooled = shared.db.behind_pooler().await?;
+    let mut rendered = render_changes(shared, txn.client(), pooled, &routes, claim.ticket).await?;
     for change in &routes.unrouted {
         let reason = format!("no fragment subscribes to topic {:?}", change.0);
         rendered.failed.entry(*change).or_insert(reason);
@@ -332,13 +333,18 @@ impl Ages {
     }
 }
 
-/// Refreshes the keys each fragment is routed. Rows are loaded on a connection of their own: a
-/// loader's SQL error would otherwise abort the claiming transaction, and with it the recording of
-/// that very failure. On the standby, when one was given and has replayed what the primary
-/// (`claiming`, the claim's session, after its ticket) had written by then.
+/// Refreshes the keys each fragment is routed. Rows are loaded on the standby, when one was given
+/// and has replayed what the primary (`claiming`, the claim's session, after its ticket) had
+/// written by then. On the primary, they are loaded on a session of their own, with the users'
+/// settings, or behind a connection pooler (`pooled`) on the claim's, each load in a savepoint: a
+/// loader's SQL error leaves the claiming transaction usable for recording that very failure. A
+/// pooler hands each transaction one server session from a pool the claims share: a batch that
+/// held one for its claim while it waited for another for its loads would stall once the pool is
+/// that small, as every batch did with `default_pool_size = 1`.
 async fn render_changes<'a>(
     shared: &Shared,
     claiming: &tokio_postgres::Client,
+    pooled: bool,
     routes: &Routes<'a>,
     ticket: i64,
 ) -> Result<RenderedChanges<'a>, Error> {
@@ -346,8 +352,15 @@ async fn render_changes<'a>(
     if routes.renders.is_empty() {
         return Ok(rendered);
     }
-    let session = shared.db.loads(claiming).await?;
-    let loader = UserClient::of(&shared.db, &session).await?;
+    let session = match shared.db.standby_loads(claiming).await? {
+        Some(session) => Some(session),
+        None if pooled => None,
+        None => Some(shared.db.get().await?),
+    };
+    let loader = match &session {
+        Some(session) => UserClient::of(&shared.db, session).await?,
+        None => UserClient::in_savepoints(claiming),
+    };
     for part in &routes.renders {
         let fragment = part.fragment;
         let keys: Vec<String> = part.keys.keys().map(|key| key.to_string()).collect();

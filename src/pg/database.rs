@@ -221,16 +221,26 @@ impl Database {
     /// (`primary`, a session on the primary, after the caller took its ticket), on the primary
     /// otherwise.
     pub(crate) async fn loads(&self, primary: &Client) -> Result<deadpool_postgres::Object, Error> {
-        if let Some(standby) = &self.standby {
-            let identifier = self
-                .primary_identifier
-                .get_or_try_init(|| super::standby::system_identifier(primary))
-                .await?;
-            if let Ok(session) = standby.session_at(primary, identifier).await {
-                return Ok(session);
-            }
+        match self.standby_loads(primary).await? {
+            Some(session) => Ok(session),
+            None => self.get().await,
         }
-        self.get().await
+    }
+
+    /// A session on the standby for loads, as [`Database::loads`] would choose it; `None` when
+    /// there is no standby, or it is not to be used for these loads.
+    pub(crate) async fn standby_loads(
+        &self,
+        primary: &Client,
+    ) -> Result<Option<deadpool_postgres::Object>, Error> {
+        let Some(standby) = &self.standby else {
+            return Ok(None);
+        };
+        let identifier = self
+            .primary_identifier
+            .get_or_try_init(|| super::standby::system_identifier(primary))
+            .await?;
+        Ok(standby.session_at(primary, identifier).await.ok())
     }
 
     /// Whether a direct session URL was given ([`Database::with_session_url`]).
