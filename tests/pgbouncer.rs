@@ -2,7 +2,8 @@
 //! throwaway instance in front of the shared server): every
 //! command works; two listeners, one with a direct `--session-url` for LISTEN and one polling, apply a
 //! concurrent workload with nothing lost and no error from a prepared statement, and sweep one at a
-//! time; a pool of one server session serves a listener, a failing load failing only its own key.
+//! time; a pool of one server session serves a listener, a failing load failing only its own key,
+//! and a load that ends its batch's transaction failing the batch with nothing lost.
 
 mod common;
 
@@ -504,13 +505,15 @@ async fn a_session_url_that_cannot_be_reached_is_the_one_named() {
     env.cleanup().await;
 }
 
-/// A card showing a product's name, whose load fails in its data (a division by zero) for
-/// product 13 alone.
+/// A card showing a product's name, and what its load found of its transaction: its isolation
+/// level, and a setting an earlier load of the same transaction may have left behind. Its load
+/// fails in its data (a division by zero) for product 13 alone; and it leaves that setting behind,
+/// and ignores an error of its own, as a careless loader might.
 struct FragileCard;
 
 impl Fragment for FragileCard {
     type Key = i64;
-    type Row = String;
+    type Row = (String, String, String);
     type Variant = Card;
     type Error = pgfresh::tokio_postgres::Error;
 
@@ -523,14 +526,26 @@ impl Fragment for FragileCard {
     }
 
     async fn load(&self, db: &Client, keys: &[i64]) -> Loaded<Self> {
-        let sql =
-            "SELECT id, name || substr('', 1 / (id - 13)::int) FROM products WHERE id = ANY($1)";
+        let sql = "SELECT id, name || substr('', 1 / (id - 13)::int), \
+                          current_setting('transaction_isolation'), \
+                          coalesce(current_setting('pgfresh_test.left', true), '') \
+                   FROM products WHERE id = ANY($1)";
         let rows = db.query(sql, &[&keys]).await?;
-        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+        db.execute(
+            "SELECT set_config('pgfresh_test.left', 'by an earlier load', true)",
+            &[],
+        )
+        .await?;
+        let _ignored = db.execute("SELECT 1 / 0", &[]).await;
+        let rows = rows
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3))));
+        Ok(rows.collect())
     }
 
-    fn render(&self, _key: &i64, name: &String, _variant: Card) -> maud::Markup {
-        maud::html! { h2 { (name) } }
+    fn render(&self, _key: &i64, row: &Self::Row, _variant: Card) -> maud::Markup {
+        let (name, isolation, left) = row;
+        maud::html! { h2 { (name) } p { (isolation) } p { (left) } }
     }
 
     async fn keys_after(
@@ -555,6 +570,13 @@ async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails
         return;
     };
     let env = TestEnv::shop(20).await;
+    // Transactions default to REPEATABLE READ: each batch's must still run at READ COMMITTED, or
+    // its loads would read the snapshot its claim took before its ticket.
+    let isolation = format!(
+        "ALTER DATABASE {} SET default_transaction_isolation = 'repeatable read'",
+        env.name
+    );
+    env.client().await.batch_execute(&isolation).await.unwrap();
     let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
     let listener = env.start_listener_on(
         db,
@@ -564,15 +586,18 @@ async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails
             s.workers = 2;
         }),
     );
-    // Twenty changes, claimed together or apart; product 13's load fails, in its batch's
-    // transaction behind the pooler: only its own key may fail.
+    // Twenty changes, in one transaction: claimed together, or apart by two workers. Product
+    // 13's load fails, in its batch's transaction behind the pooler: only its own key may fail,
+    // the loads of the others (in halves, to find the failing key) each start as the first did,
+    // and the error each load ignores fails nothing.
     env.client()
         .await
         .batch_execute("UPDATE products SET name = 'Pooled ' || id")
         .await
         .unwrap();
     for id in (1..=20).filter(|&id| id != 13) {
-        let (key, expected) = (env.key(id, "compact"), format!("<h2>Pooled {id}</h2>"));
+        let key = env.key(id, "compact");
+        let expected = format!("<h2>Pooled {id}</h2><p>read committed</p><p></p>");
         eventually(&format!("product {id} renamed"), || async {
             env.get(&key).await.is_some_and(|html| html == expected)
         })
@@ -609,6 +634,83 @@ async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails
         "{}",
         bouncer.log()
     );
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+/// The shop's card, whose load ends the transaction it is given, as no loader may.
+struct CommittingCard;
+
+impl Fragment for CommittingCard {
+    type Key = i64;
+    type Row = <ProductCard as Fragment>::Row;
+    type Variant = <ProductCard as Fragment>::Variant;
+    type Error = <ProductCard as Fragment>::Error;
+
+    fn name(&self) -> &str {
+        ProductCard.name()
+    }
+
+    fn topics(&self) -> Topics {
+        ProductCard.topics()
+    }
+
+    async fn load(&self, db: &Client, keys: &[i64]) -> Loaded<Self> {
+        db.batch_execute("COMMIT").await?;
+        ProductCard.load(db, keys).await
+    }
+
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> maud::Markup {
+        ProductCard.render(key, row, variant)
+    }
+
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        ProductCard.keys_after(db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_load_that_ends_its_batch_s_transaction_fails_the_batch_and_loses_nothing() {
+    let Some(bouncer) = TempPgBouncer::start() else {
+        return;
+    };
+    let env = TestEnv::shop(3).await;
+    let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
+    let listener = env.start_listener_on(
+        db,
+        Fragments::new().with(&env.prefix, CommittingCard),
+        common::tweak(common::test_settings(), |s| {
+            s.poll_interval = Duration::from_millis(50)
+        }),
+    );
+    env.rename(2, "Committed early").await;
+    // The batch rolls back: the change stays queued, with no attempt counted against it (the
+    // loader's fault is no row's), and says why.
+    eventually("the change to say why it waits", || async {
+        let row = env
+            .client()
+            .await
+            .query_opt(
+                "SELECT attempts, last_error FROM pgfresh.changes WHERE key = '2'",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.is_some_and(|row| {
+            row.get::<_, i32>(0) == 0
+                && row
+                    .get::<_, Option<String>>(1)
+                    .is_some_and(|error| error.contains("ended the transaction pgfresh ran it in"))
+        })
+    })
+    .await;
+    listener.stop().await;
+    assert_eq!(env.pending().await, 1, "the change is still queued");
     drop(bouncer);
     env.cleanup().await;
 }

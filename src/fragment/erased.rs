@@ -118,6 +118,25 @@ impl Caught {
         }
     }
 
+    /// The caller's transaction is gone from under a call that ran in one of its savepoints.
+    fn transaction_lost(
+        fragment: &str,
+        what: &str,
+        db: &Client,
+        error: tokio_postgres::Error,
+    ) -> Self {
+        let reason = crate::error::describe_postgres(&error);
+        if db.is_closed() {
+            return Self::connection_lost(&reason);
+        }
+        Caught {
+            error: LoadError::Connection(format!(
+                "{what} of {fragment} ended the transaction pgfresh ran it in ({reason}): it must only read"
+            )),
+            in_the_data: false,
+        }
+    }
+
     fn connection_lost(reason: &str) -> Self {
         Caught {
             error: LoadError::Connection(format!("PostgreSQL: {reason}")),
@@ -163,22 +182,29 @@ enum EachCall {
     AsItIs,
     /// A transaction of its own, committed when the call succeeds.
     Transaction,
-    /// A savepoint in the caller's transaction, released when the call succeeds and rolled back
-    /// to when it fails: a failing call leaves the transaction usable.
+    /// A savepoint in the caller's transaction, rolled back to when the call ends, whether it
+    /// succeeded or failed (user code only reads, and what it read is in hand): a failing call,
+    /// or one that ignored an error of its own, leaves the transaction usable, and nothing the
+    /// call set (`SET LOCAL`, a role, a lock) outlives it.
     Savepoint,
 }
 
+/// The statement that ends a call's savepoint (see [`EachCall::Savepoint`]).
+const END_SAVEPOINT: &str = "ROLLBACK TO pgfresh_user_code; RELEASE pgfresh_user_code";
+
 impl EachCall {
-    /// The statements that open and end a call's scope: (open, succeeded, failed).
+    /// The statements that open and end a call's scope: (open, succeeded, failed). A transaction
+    /// of pgfresh's runs at `READ COMMITTED` whatever the role's default: each statement of the
+    /// call sees what was committed before it, as on a session of its own.
     fn statements(self) -> Option<(&'static str, &'static str, &'static str)> {
         match self {
             EachCall::AsItIs => None,
-            EachCall::Transaction => Some(("BEGIN", "COMMIT", "ROLLBACK")),
-            EachCall::Savepoint => Some((
-                "SAVEPOINT pgfresh_user_code",
-                "RELEASE pgfresh_user_code",
-                "ROLLBACK TO pgfresh_user_code; RELEASE pgfresh_user_code",
-            )),
+            EachCall::Transaction => {
+                Some(("BEGIN ISOLATION LEVEL READ COMMITTED", "COMMIT", "ROLLBACK"))
+            }
+            EachCall::Savepoint => {
+                Some(("SAVEPOINT pgfresh_user_code", END_SAVEPOINT, END_SAVEPOINT))
+            }
         }
     }
 }
@@ -256,12 +282,14 @@ where
         let end = if result.is_ok() { succeeded } else { failed };
         let ended = client.batch_execute(end).await;
         match (&result, ended) {
-            (Ok(_), Err(error)) => return Err(Caught::sort(fragment, what, client, error)),
-            // The call failed, and its savepoint could not be rolled back to: the caller's
-            // transaction is unusable, as when the connection is lost (the batch rolls back).
-            (Err(_), Err(error)) if db.each_call == EachCall::Savepoint => {
-                return Err(Caught::connection_lost(&error.to_string()));
+            // Its savepoint could not be rolled back to: user code ended the caller's
+            // transaction (a COMMIT of its own), or the session is gone. Either way the
+            // transaction cannot settle the batch: the batch rolls back, as when the connection
+            // is lost, and nothing is lost with it.
+            (_, Err(error)) if db.each_call == EachCall::Savepoint => {
+                return Err(Caught::transaction_lost(fragment, what, client, error));
             }
+            (Ok(_), Err(error)) => return Err(Caught::sort(fragment, what, client, error)),
             _ => {}
         }
     }

@@ -12,8 +12,8 @@
 //! pgfresh's from one transaction to the next. The pooler refuses the `options` startup parameter
 //! (or, told to, ignores it), so pgfresh finds out on its first connection and from then on sends
 //! no startup settings: its sessions run with the server's defaults for the role, keep nothing
-//! between transactions, and user code runs inside transactions of its own (see
-//! [`Database::behind_pooler`]). What needs a session (`LISTEN`) gets a direct connection of its
+//! between transactions, and user code runs inside transactions of its own, or, for a batch's
+//! loads, in savepoints of the transaction that claimed it (see [`Database::behind_pooler`]). What needs a session (`LISTEN`) gets a direct connection of its
 //! own when one is given ([`Database::with_session_url`]).
 
 use std::sync::Arc;
@@ -216,7 +216,7 @@ impl Database {
         Ok((ticket, self.loads(&primary).await?))
     }
 
-    /// A session for a batch's (or a sweep page's) loads, with your settings: on the standby when
+    /// A session for a sweep page's (or an on-demand render's) loads, with your settings: on the standby when
     /// one was given and it has replayed every commit the primary had made when this is called
     /// (`primary`, a session on the primary, after the caller took its ticket), on the primary
     /// otherwise.
@@ -288,7 +288,7 @@ impl Database {
         if let Some(how) = found {
             tracing::info!(
                 url = %self.url,
-                "PostgreSQL is reached through a connection pooler (it {how} pgfresh's startup settings): pgfresh keeps no session state between transactions there, and runs loaders in transactions of their own"
+                "PostgreSQL is reached through a connection pooler (it {how} pgfresh's startup settings): pgfresh keeps no session state between transactions there, and runs loaders in transactions of their own (a batch's, in savepoints of its claim)"
             );
         }
         Ok(found.is_some())

@@ -26,6 +26,12 @@ use tokio_postgres::types::{ToSql, Type};
 use super::statements::Kept;
 use crate::Error;
 
+/// How a batch's transaction begins: at `READ COMMITTED` whatever the role's default, so that each
+/// statement after the claim sees what was committed before it (behind a pooler a batch's loads run
+/// in it, and tickets order renders only if every load's snapshot is newer than its ticket), and
+/// no claim fails on a serialization conflict.
+const BEGIN: &str = "BEGIN ISOLATION LEVEL READ COMMITTED";
+
 /// A reply not awaited yet.
 type Reply<'c> = Pin<Box<dyn Future<Output = Result<(), tokio_postgres::Error>> + Send + 'c>>;
 
@@ -46,8 +52,8 @@ impl<'c> Pipelined<'c> {
     /// behind it, and the reply is to be read while that statement runs ([`Pipelined::begun`]).
     pub(crate) async fn begin(session: &'c ClientWrapper, settings: Option<&str>) -> Self {
         let sql = match settings {
-            Some(settings) => format!("BEGIN; {settings}"),
-            None => "BEGIN".to_string(),
+            Some(settings) => format!("{BEGIN}; {settings}"),
+            None => BEGIN.to_string(),
         };
         let mut begun: Reply<'c> = Box::pin(async move { session.batch_execute(&sql).await });
         // The first poll sends the request; its reply comes later.
