@@ -193,15 +193,11 @@ enum EachCall {
 const END_SAVEPOINT: &str = "ROLLBACK TO pgfresh_user_code; RELEASE pgfresh_user_code";
 
 impl EachCall {
-    /// The statements that open and end a call's scope: (open, succeeded, failed). A transaction
-    /// of pgfresh's runs at `READ COMMITTED` whatever the role's default: each statement of the
-    /// call sees what was committed before it, as on a session of its own.
+    /// The statements that open and end a call's scope: (open, succeeded, failed).
     fn statements(self) -> Option<(&'static str, &'static str, &'static str)> {
         match self {
             EachCall::AsItIs => None,
-            EachCall::Transaction => {
-                Some(("BEGIN ISOLATION LEVEL READ COMMITTED", "COMMIT", "ROLLBACK"))
-            }
+            EachCall::Transaction => Some(("BEGIN", "COMMIT", "ROLLBACK")),
             EachCall::Savepoint => {
                 Some(("SAVEPOINT pgfresh_user_code", END_SAVEPOINT, END_SAVEPOINT))
             }
