@@ -10,6 +10,7 @@ use std::panic::{AssertUnwindSafe, catch_unwind};
 use futures_util::FutureExt;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use deadpool_postgres::{ClientWrapper, StatementCache};
@@ -118,17 +119,8 @@ impl Caught {
         }
     }
 
-    /// The caller's transaction is gone from under a call that ran in one of its savepoints.
-    fn transaction_lost(
-        fragment: &str,
-        what: &str,
-        db: &Client,
-        error: tokio_postgres::Error,
-    ) -> Self {
-        let reason = crate::error::describe_postgres(&error);
-        if db.is_closed() {
-            return Self::connection_lost(&reason);
-        }
+    /// A call that ran in a savepoint of the caller's transaction ended that transaction.
+    fn transaction_ended(fragment: &str, what: &str, reason: &str) -> Self {
         Caught {
             error: LoadError::Connection(format!(
                 "{what} of {fragment} ended the transaction pgfresh ran it in ({reason}): it must only read"
@@ -173,6 +165,8 @@ pub(crate) struct UserClient<'a> {
     pub(crate) client: &'a Client,
     each_call: EachCall,
     statements: Option<(&'a Arc<StatementCache>, &'a Kept)>,
+    /// Set when a call ended the caller's transaction it ran in (in savepoints).
+    ended: Option<&'a AtomicBool>,
 }
 
 /// What a call into user code runs in, beyond the session.
@@ -219,6 +213,7 @@ impl<'a> UserClient<'a> {
                 None => EachCall::Transaction,
             },
             statements: kept.map(|kept| (&session.statement_cache, kept)),
+            ended: None,
         })
     }
 
@@ -228,16 +223,19 @@ impl<'a> UserClient<'a> {
             client,
             each_call: EachCall::AsItIs,
             statements: None,
+            ended: None,
         }
     }
 
     /// A session in a transaction of the caller's, which each call must leave usable whether it
-    /// succeeds or fails: each runs in a savepoint.
-    pub(crate) fn in_savepoints(client: &'a Client) -> Self {
+    /// succeeds or fails: each runs in a savepoint. A call that ends the transaction itself (a
+    /// `COMMIT` of its own) fails as a lost connection would, and sets `ended`.
+    pub(crate) fn in_savepoints(client: &'a Client, ended: &'a AtomicBool) -> Self {
         UserClient {
             client,
             each_call: EachCall::Savepoint,
             statements: None,
+            ended: Some(ended),
         }
     }
 
@@ -278,12 +276,21 @@ where
         let end = if result.is_ok() { succeeded } else { failed };
         let ended = client.batch_execute(end).await;
         match (&result, ended) {
+            // The session is gone: the call's own error says why.
+            (Err(caught), Err(_)) if matches!(caught.error, LoadError::Connection(_)) => {}
             // Its savepoint could not be rolled back to: user code ended the caller's
             // transaction (a COMMIT of its own), or the session is gone. Either way the
             // transaction cannot settle the batch: the batch rolls back, as when the connection
             // is lost, and nothing is lost with it.
             (_, Err(error)) if db.each_call == EachCall::Savepoint => {
-                return Err(Caught::transaction_lost(fragment, what, client, error));
+                let reason = crate::error::describe_postgres(&error);
+                if client.is_closed() {
+                    return Err(Caught::connection_lost(&reason));
+                }
+                if let Some(ended) = db.ended {
+                    ended.store(true, Ordering::Relaxed);
+                }
+                return Err(Caught::transaction_ended(fragment, what, &reason));
             }
             (Ok(_), Err(error)) => return Err(Caught::sort(fragment, what, client, error)),
             _ => {}

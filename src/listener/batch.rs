@@ -7,6 +7,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use super::drain::Backlog;
@@ -340,7 +341,9 @@ impl Ages {
 /// loader's SQL error leaves the claiming transaction usable for recording that very failure. A
 /// pooler hands each transaction one server session from a pool the claims share: a batch that
 /// held one for its claim while it waited for another for its loads would stall once the pool is
-/// that small, as every batch did with `default_pool_size = 1`.
+/// that small, as every batch did with `default_pool_size = 1`. A load that ends the claim's
+/// transaction itself (to read from one snapshot, say) fails its batch, which rolls back; from
+/// then on this listener's batches load on sessions of their own, as on a direct connection.
 async fn render_changes<'a>(
     shared: &Shared,
     claiming: &tokio_postgres::Client,
@@ -352,14 +355,16 @@ async fn render_changes<'a>(
     if routes.renders.is_empty() {
         return Ok(rendered);
     }
+    let in_claim = pooled && !shared.loads_apart.load(Ordering::Relaxed);
     let session = match shared.db.standby_loads(claiming).await? {
         Some(session) => Some(session),
-        None if pooled => None,
+        None if in_claim => None,
         None => Some(shared.db.get().await?),
     };
+    let ended = AtomicBool::new(false);
     let loader = match &session {
         Some(session) => UserClient::of(&shared.db, session).await?,
-        None => UserClient::in_savepoints(claiming),
+        None => UserClient::in_savepoints(claiming, &ended),
     };
     for part in &routes.renders {
         let fragment = part.fragment;
@@ -372,7 +377,12 @@ async fn render_changes<'a>(
             ticket,
             Writes::AllChecked,
         )
-        .await?;
+        .await
+        .inspect_err(|error| {
+            if ended.load(Ordering::Relaxed) && !shared.loads_apart.swap(true, Ordering::Relaxed) {
+                tracing::warn!(fragment = fragment.name(), %error, "a load ended the transaction that claimed its batch, which rolls back: from now on this listener loads each batch on a session of its own, which holds a second server connection of the pooler while the claim holds one");
+            }
+        })?;
         shared.board.refreshed(fragment.name(), refreshed.stats);
         rendered.stats += refreshed.stats;
         // Every change whose fragment now holds a render that saw it (written, unchanged, or

@@ -198,6 +198,7 @@ impl Listener {
             stand_aside: Arc::default(),
             shutdown,
             idle: AtomicBool::new(false),
+            loads_apart: AtomicBool::new(false),
             recent: Default::default(),
             floor: floor::QueueFloor::new(sessions.ids_in_order),
             next_wake: Mutex::new(None),

@@ -38,6 +38,9 @@ pub(crate) struct Shared {
     /// Whether it stands aside for a listener with newer fragment versions.
     pub(crate) stand_aside: Arc<StandAside>,
     pub(crate) shutdown: Shutdown,
+    /// Whether batches load on sessions of their own even behind a connection pooler: set once a
+    /// load ended the claim's transaction it ran in (`listener::batch::render_changes`).
+    pub(crate) loads_apart: AtomicBool,
     /// Whether this listener last told the database it is idle (wants NOTIFYs), as `registration`
     /// said it: read at every turn of the drain loop without waiting for its lock.
     pub(crate) idle: AtomicBool,
