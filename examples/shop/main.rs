@@ -20,7 +20,8 @@ use product_card::{Card, ProductCard};
 
 /// The binary's allocator is its own choice, not pgfresh's. Rendering and writing allocate many
 /// short-lived buffers: with mimalloc instead of glibc's malloc a sweep took about 30% less user
-/// CPU in this process (BENCHMARKS.md, "The shop's allocator").
+/// CPU in this process, and its `no_thp` feature (Cargo.toml) keeps it from asking for transparent
+/// huge pages, which tripled the peak RSS (BENCHMARKS.md, "The shop's allocator").
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
