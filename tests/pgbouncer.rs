@@ -3,7 +3,8 @@
 //! command works; two listeners, one with a direct `--session-url` for LISTEN and one polling, apply a
 //! concurrent workload with nothing lost and no error from a prepared statement, and sweep one at a
 //! time; a pool of one server session serves a listener, a failing load failing only its own key,
-//! and a load that ends its batch's transaction failing that batch alone, with nothing lost.
+//! and a load that ends its batch's transaction failing that batch alone, with nothing lost; a
+//! standby URL through the pooler is named as such.
 
 mod common;
 
@@ -710,6 +711,34 @@ async fn a_load_that_ends_its_batch_s_transaction_fails_that_batch_and_loads_apa
     eventually("the queue to empty", || async { env.pending().await == 0 }).await;
     listener.stop().await;
     assert_eq!(env.parked().await, 0);
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_standby_url_through_a_pooler_is_named_as_such() {
+    let Some(bouncer) = TempPgBouncer::start() else {
+        return;
+    };
+    let env = TestEnv::shop(2).await;
+    // The primary directly, the "standby" through PgBouncer, which refuses the session settings
+    // pgfresh opens the standby's sessions with.
+    let replica = bouncer.url(&env.name);
+    let out = run(
+        &shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["doctor", "--replica-url", &replica],
+    );
+    let said = stdout(&out);
+    assert!(
+        said.contains("cannot serve loads")
+            && said.contains(
+                "the URL leads through a connection pooler; give a direct connection to the standby"
+            ),
+        "{said}{}",
+        stderr(&out)
+    );
     drop(bouncer);
     env.cleanup().await;
 }

@@ -387,7 +387,17 @@ pub(crate) async fn check(session: &Client, primary_identifier: &str) -> Result<
 
 fn describe_pool_error(error: deadpool_postgres::PoolError) -> String {
     match error {
-        deadpool_postgres::PoolError::Backend(error) => crate::error::describe_postgres(&error),
+        deadpool_postgres::PoolError::Backend(error) => {
+            let reason = crate::error::describe_postgres(&error);
+            // PgBouncer refuses the `options` startup parameter the standby's sessions are
+            // opened with: pgfresh looks for a pooler on the primary's URL only.
+            match reason.contains("unsupported startup parameter") {
+                true => format!(
+                    "{reason} (the URL leads through a connection pooler; give a direct connection to the standby)"
+                ),
+                false => reason,
+            }
+        }
         other => other.to_string(),
     }
 }
