@@ -1,7 +1,7 @@
 //! `listen --serve`: `GET /fragments/{key}` answers from Redis, renders a miss on demand through the
 //! checked write, renders from current rows with `?fresh=1`, shares one render among concurrent
 //! misses, never lets an older on-demand render overwrite a newer one, and makes each of its error
-//! answers.
+//! answers; a stampede of slow misses never makes a batch wait for a session.
 
 mod common;
 
@@ -364,6 +364,107 @@ async fn a_key_the_fragment_fails_on_is_500_with_its_error_and_other_keys_still_
     assert_eq!(body.trim().lines().count(), 1, "{body}");
     assert_eq!(env.get(&env.key(3, "full")).await, None, "nothing stored");
     assert_eq!(get(serve, &env.key(2, "full")).await.0, 200);
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+/// The shop's card for products 1 to 10 (the keys its sweep lists); a miss of any other product
+/// is rendered too, and its load takes 5 seconds.
+struct SlowMissCard;
+
+impl pgfresh::Fragment for SlowMissCard {
+    type Key = i64;
+    type Row = <ProductCard as pgfresh::Fragment>::Row;
+    type Variant = <ProductCard as pgfresh::Fragment>::Variant;
+    type Error = <ProductCard as pgfresh::Fragment>::Error;
+
+    fn name(&self) -> &str {
+        ProductCard.name()
+    }
+
+    fn topics(&self) -> pgfresh::Topics {
+        ProductCard.topics()
+    }
+
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::Loaded<Self> {
+        if keys.iter().any(|&key| key > 10) {
+            db.execute("SELECT pg_sleep(5)", &[]).await?;
+        }
+        ProductCard.load(db, keys).await
+    }
+
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> maud::Markup {
+        ProductCard.render(key, row, variant)
+    }
+
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        let keys = ProductCard.keys_after(db, after, limit).await?;
+        Ok(keys.into_iter().filter(|&key| key <= 10).collect())
+    }
+}
+
+#[tokio::test]
+async fn a_stampede_of_slow_misses_never_makes_a_batch_wait_for_a_session() {
+    let env = TestEnv::shop(20).await;
+    let (serve, http) = (free_port(), free_port());
+    // Pools of three sessions; one worker and one sweep page keep one each.
+    let db = Database::new(&env.url, 3).unwrap();
+    let settings = tweak(test_settings(), |s| {
+        s.serve = Some(format!("127.0.0.1:{serve}"));
+        s.http = Some(format!("127.0.0.1:{http}"));
+        s.workers = 1;
+        s.sweep.concurrency = 1;
+    });
+    let listener = env.start_listener_on(
+        db,
+        Fragments::new().with(&env.prefix, SlowMissCard),
+        settings,
+    );
+    eventually("the listener to be ready", || async {
+        http_get(http, "/readyz").await.0 == 200
+    })
+    .await;
+    // Three misses at once, each load taking 5 s: as many as the pools hold.
+    let misses: Vec<_> = [11, 12, 13]
+        .map(|id| {
+            let key = env.key(id, "full");
+            tokio::spawn(async move { get(serve, &key).await.0 })
+        })
+        .into_iter()
+        .collect();
+    eventually("the misses to be rendering", || async {
+        let client = env.client().await;
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE '%pg_sleep(5)%' AND pid <> pg_backend_pid()",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.get::<_, i64>(0) >= 1
+    })
+    .await;
+    // A change meanwhile is applied while every miss is still loading: its batch found a
+    // session, though the misses wanted every one of them.
+    env.rename(1, "Not held up").await;
+    env.wait_name(1, "Not held up").await;
+    let answered = misses.iter().filter(|miss| miss.is_finished()).count();
+    assert_eq!(
+        answered, 0,
+        "a miss was answered before the change was applied"
+    );
+    for miss in misses {
+        assert_eq!(miss.await.unwrap(), 200, "each miss is answered in the end");
+    }
     listener.stop().await;
     env.cleanup().await;
 }

@@ -134,11 +134,13 @@ pub async fn execute(
 fn pool_sizes(command: &Command) -> (usize, usize) {
     match command {
         // Claims per worker, the sweep pages' tickets and the bookkeeping tasks; loads per worker,
-        // the sweep's pages and its pager.
+        // the sweep's pages and its pager. With `--serve`, as many more as there are workers, for
+        // on-demand renders (each takes one of each; see `listener::serve_render_slots`).
         Command::Listen(args) => {
             let workers = usize::from(args.workers);
             let pages = usize::from(args.sweep.sweep_concurrency);
-            (workers + pages + 3, workers + pages + 1)
+            let serving = if args.serve.is_some() { workers } else { 0 };
+            (workers + pages + 3 + serving, workers + pages + 1 + serving)
         }
         Command::Sweep(args) => {
             let pages = usize::from(args.tuning.sweep_concurrency);
@@ -158,4 +160,28 @@ fn require_fragments(fragments: &Fragments) -> Result<(), Error> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[test]
+    fn listen_with_serve_gets_as_many_more_sessions_as_it_has_workers() {
+        let sizes = |args: &[&str]| {
+            let cli = args::Cli::try_parse_from(args).expect("valid arguments");
+            pool_sizes(&cli.command)
+        };
+        let plain = sizes(&["pgfresh", "listen", "--workers", "3"]);
+        let serving = sizes(&[
+            "pgfresh",
+            "listen",
+            "--workers",
+            "3",
+            "--serve",
+            "127.0.0.1:9188",
+        ]);
+        assert_eq!((serving.0 - plain.0, serving.1 - plain.1), (3, 3));
+    }
 }

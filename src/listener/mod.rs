@@ -294,6 +294,7 @@ impl Listener {
                 fragments: shared.fragments.clone(),
                 board: shared.board.clone(),
                 max_pending: shared.settings.serve_max_pending,
+                render_slots: serve_render_slots(&shared.db, &shared.settings),
                 token: shared.settings.serve_token.clone(),
                 standing_aside: Box::new(move || stand_aside.active()),
                 shutdown: shared.shutdown.clone(),
@@ -416,6 +417,14 @@ fn hostname() -> String {
         .or_else(|_| std::fs::read_to_string("/etc/hostname"))
         .map(|name| name.trim().to_string())
         .unwrap_or_else(|_| "localhost".into())
+}
+
+/// How many on-demand renders (`--serve`) may hold sessions at once: what each of the database's
+/// pools holds beyond one per worker and one per sweep page (the `listen` command sizes its pools
+/// with room for as many as it has workers), and one at least.
+fn serve_render_slots(db: &Database, settings: &ListenSettings) -> usize {
+    let kept_for_listener = settings.workers + settings.sweep.concurrency;
+    db.pool_size().saturating_sub(kept_for_listener).max(1)
 }
 
 #[cfg(test)]

@@ -40,6 +40,10 @@ pub(crate) struct Context {
     pub(crate) board: Arc<StatusBoard>,
     /// `--serve-max-pending`.
     pub(crate) max_pending: usize,
+    /// How many on-demand renders may hold PostgreSQL sessions at once: what the listener's pools
+    /// hold beyond its batches and sweep pages, so that a stampede of misses never makes a batch
+    /// wait for a session (`listener::serve_render_slots`).
+    pub(crate) render_slots: usize,
     /// `--serve-token`, when set.
     pub(crate) token: Option<String>,
     /// Whether the listener stands aside for a newer one now: it then renders nothing.

@@ -33,21 +33,28 @@ pub(super) enum Rendered {
     Busy,
 }
 
+/// How long a render waits for its turn to hold sessions: as long as a pool lets a caller wait.
+const SESSION_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The renders in flight, by fragment key (a render writes every variant of its key).
 pub(super) struct OnDemand {
     context: Context,
     in_flight: Mutex<HashMap<String, SharedFuture<BoxFuture<'static, Rendered>>>>,
     pending: Arc<Semaphore>,
+    /// Renders holding PostgreSQL sessions, at most `Context::render_slots`.
+    sessions: Semaphore,
     pub(super) counts: Arc<ServeCounts>,
 }
 
 impl OnDemand {
     pub(super) fn new(context: Context, counts: Arc<ServeCounts>) -> Arc<Self> {
         let pending = Arc::new(Semaphore::new(context.max_pending.max(1)));
+        let sessions = Semaphore::new(context.render_slots.max(1));
         Arc::new(OnDemand {
             context,
             in_flight: Mutex::default(),
             pending,
+            sessions,
             counts,
         })
     }
@@ -161,6 +168,14 @@ impl OnDemand {
         fresh: bool,
     ) -> Result<Refreshed, crate::Error> {
         let db = &self.context.db;
+        // Taken before either session, held until the write: the listener's batches and sweep
+        // pages keep the sessions they need however many misses come at once. Waited for as long
+        // as the pools let a caller wait for a session.
+        let waited = tokio::time::timeout(SESSION_WAIT, self.sessions.acquire()).await;
+        let Ok(Ok(_slot)) = waited else {
+            let timeout = deadpool_postgres::TimeoutType::Wait;
+            return Err(deadpool_postgres::PoolError::Timeout(timeout).into());
+        };
         let (ticket, session) = db.ticket_and_loads().await?;
         let loader = UserClient::of(db, &session).await?;
         // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a row
