@@ -419,17 +419,37 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
-/// How many on-demand renders (`--serve`) may hold sessions at once: what each of the database's
-/// pools holds beyond one per worker and one per sweep page (the `listen` command sizes its pools
-/// with room for as many as it has workers), and one at least.
+/// How many on-demand renders (`--serve`) may hold sessions at once (each holds one of each pool):
+/// what the database's pools hold beyond what the listener's own work may hold at once, as the
+/// `listen` command sizes them (`cli::pool_sizes`, which adds as many as there are workers for
+/// `--serve`): for pgfresh's own statements, a claim per worker, a ticket per sweep page and three
+/// bookkeeping tasks; for user code, the loads of each worker and sweep page, and the sweep's pager.
+/// One at least.
 fn serve_render_slots(db: &Database, settings: &ListenSettings) -> usize {
-    let kept_for_listener = settings.workers + settings.sweep.concurrency;
-    db.pool_size().saturating_sub(kept_for_listener).max(1)
+    let (pinned, users) = db.pool_sizes();
+    let work = settings.workers + settings.sweep.concurrency;
+    let pinned_room = pinned.saturating_sub(work + 3);
+    let users_room = users.saturating_sub(work + 1);
+    pinned_room.min(users_room).max(1)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn on_demand_renders_hold_only_the_sessions_the_listener_leaves() {
+        let settings = ListenSettings::default();
+        let (workers, pages) = (settings.workers, settings.sweep.concurrency);
+        let db = |size| Database::new("postgres://127.0.0.1/x", size).unwrap();
+        // Pools of 16: 16 - (2 + 4 + 3) for pgfresh's statements, 16 - (2 + 4 + 1) for user code.
+        assert_eq!(serve_render_slots(&db(16), &settings), 7);
+        assert_eq!(serve_render_slots(&db(4), &settings), 1);
+        // As `listen --serve` sizes them: as many as it has workers.
+        let cli = db(workers + pages + 3 + workers);
+        cli.limit_user_sessions(workers + pages + 1 + workers);
+        assert_eq!(serve_render_slots(&cli, &settings), workers);
+    }
 
     #[test]
     fn a_task_that_stops_unasked_is_an_error_and_one_asked_to_stop_is_not() {

@@ -321,12 +321,9 @@ impl Database {
         }
     }
 
-    /// The size of the smaller of its two pools (pgfresh's own statements, user code).
-    pub(crate) fn pool_size(&self) -> usize {
-        self.pinned
-            .status()
-            .max_size
-            .min(self.users.status().max_size)
+    /// The sizes of its two pools: pgfresh's own statements, and user code.
+    pub(crate) fn pool_sizes(&self) -> (usize, usize) {
+        (self.pinned.status().max_size, self.users.status().max_size)
     }
 
     /// Holds at most `size` connections for user code (what a command needs differs between the

@@ -133,6 +133,15 @@ impl OnDemand {
     async fn render_now(&self, fragment: &dyn DynFragment, key: String, fresh: bool) -> Rendered {
         let shared = &self.context;
         let keys = [key];
+        // Taken before any session, held until the last: the listener's batches and sweep pages
+        // keep the sessions they need however many misses come at once. Waited for as long as the
+        // pools let a caller wait for a session.
+        let waited = tokio::time::timeout(SESSION_WAIT, self.sessions.acquire()).await;
+        let Ok(Ok(_slot)) = waited else {
+            let timeout = deadpool_postgres::TimeoutType::Wait;
+            let error = crate::Error::from(deadpool_postgres::PoolError::Timeout(timeout));
+            return Rendered::Unreachable(error.to_string());
+        };
         let refreshed = match self.write_render(fragment, &keys, fresh).await {
             Ok(refreshed) => refreshed,
             Err(error) => return Rendered::Unreachable(error.to_string()),
@@ -168,14 +177,6 @@ impl OnDemand {
         fresh: bool,
     ) -> Result<Refreshed, crate::Error> {
         let db = &self.context.db;
-        // Taken before either session, held until the write: the listener's batches and sweep
-        // pages keep the sessions they need however many misses come at once. Waited for as long
-        // as the pools let a caller wait for a session.
-        let waited = tokio::time::timeout(SESSION_WAIT, self.sessions.acquire()).await;
-        let Ok(Ok(_slot)) = waited else {
-            let timeout = deadpool_postgres::TimeoutType::Wait;
-            return Err(deadpool_postgres::PoolError::Timeout(timeout).into());
-        };
         let (ticket, session) = db.ticket_and_loads().await?;
         let loader = UserClient::of(db, &session).await?;
         // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a row
