@@ -133,14 +133,14 @@ pub async fn execute(
 /// Pooled connections a command may hold at once: for pgfresh's own statements, and for user code.
 fn pool_sizes(command: &Command) -> (usize, usize) {
     match command {
-        // Claims per worker, the sweep pages' tickets and the bookkeeping tasks; loads per worker,
-        // the sweep's pages and its pager. With `--serve`, as many more as there are workers, for
-        // on-demand renders (each takes one of each; see `listener::serve_render_slots`).
+        // What the listener's own work holds; with `--serve`, as many more as there are workers,
+        // for on-demand renders (each takes one of each; see `listener::serve_render_slots`).
         Command::Listen(args) => {
             let workers = usize::from(args.workers);
             let pages = usize::from(args.sweep.sweep_concurrency);
+            let (own, users) = crate::listener::own_sessions(workers, pages);
             let serving = if args.serve.is_some() { workers } else { 0 };
-            (workers + pages + 3 + serving, workers + pages + 1 + serving)
+            (own + serving, users + serving)
         }
         Command::Sweep(args) => {
             let pages = usize::from(args.tuning.sweep_concurrency);

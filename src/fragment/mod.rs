@@ -38,8 +38,8 @@ pub type Loaded<F> =
 /// The loader and the key enumeration receive a [`Client`] that may be inside pgfresh's transaction
 /// (behind a connection pooler, a batch's loads run inside the transaction that claimed it): they
 /// should only read, and not end the transaction (behind a pooler, one that does fails its batch,
-/// and the listener loads on sessions of its own from then on). The crate root has a complete example;
-/// `examples/shop` and `examples/blog` are complete binaries.
+/// and the listener loads on sessions of its own from then on). The crate root has a complete
+/// example; `examples/shop` and `examples/blog` are complete binaries.
 pub trait Fragment: Send + Sync + 'static {
     /// The parsed key: the value of the watched key column. Its `Display` must give back the text form
     /// that the trigger queued (`key_column::text`), and `FromStr` must parse it.

@@ -79,7 +79,7 @@ pub(crate) async fn process(
     }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
     let first = claim.first_id();
-    match apply(shared, backlog, txn, claim, started).await {
+    match apply(shared, backlog, txn, pooled, claim, started).await {
         Ok(stats) => Ok((claimed, stats)),
         Err(error) => {
             queue::note_error(&client, &ids, &error.to_string()).await;
@@ -96,6 +96,7 @@ async fn apply(
     shared: &Shared,
     backlog: &Backlog,
     mut txn: Pipelined<'_>,
+    pooled: bool,
     claim: Claim,
     started: Instant,
 ) -> Result<RefreshStats, Error> {
@@ -109,7 +110,6 @@ async fn apply(
     let plan = shared.recent.plan_batch(&claim.changes, started);
     let routes = route::route(&shared.fragments, plan.to_render.keys().copied());
     let fanned = route::fan_out(shared, &mut txn, &routes.fan_outs).await?;
-    let pooled = shared.db.behind_pooler().await?;
     let mut rendered = render_changes(shared, txn.client(), pooled, &routes, claim.ticket).await?;
     for change in &routes.unrouted {
         let reason = format!("no fragment subscribes to topic {:?}", change.0);

@@ -419,18 +419,24 @@ fn hostname() -> String {
         .unwrap_or_else(|_| "localhost".into())
 }
 
+/// The sessions of each pool (pgfresh's own statements, user code) a listener's own work may hold
+/// at once, with `workers` and `pages` sweep pages: a claim per worker, a ticket per sweep page and
+/// three bookkeeping tasks; the loads of each worker and sweep page, and the sweep's pager. What
+/// `listen` sizes its pools by (`cli::pool_sizes`).
+pub(crate) fn own_sessions(workers: usize, pages: usize) -> (usize, usize) {
+    (workers + pages + 3, workers + pages + 1)
+}
+
 /// How many on-demand renders (`--serve`) may hold sessions at once (each holds one of each pool):
-/// what the database's pools hold beyond what the listener's own work may hold at once, as the
-/// `listen` command sizes them (`cli::pool_sizes`, which adds as many as there are workers for
-/// `--serve`): for pgfresh's own statements, a claim per worker, a ticket per sweep page and three
-/// bookkeeping tasks; for user code, the loads of each worker and sweep page, and the sweep's pager.
-/// One at least.
+/// what the database's pools hold beyond [`own_sessions`] (`listen --serve` adds as many as it has
+/// workers), one at least.
 fn serve_render_slots(db: &Database, settings: &ListenSettings) -> usize {
     let (pinned, users) = db.pool_sizes();
-    let work = settings.workers + settings.sweep.concurrency;
-    let pinned_room = pinned.saturating_sub(work + 3);
-    let users_room = users.saturating_sub(work + 1);
-    pinned_room.min(users_room).max(1)
+    let (own, users_own) = own_sessions(settings.workers, settings.sweep.concurrency);
+    let room = pinned
+        .saturating_sub(own)
+        .min(users.saturating_sub(users_own));
+    room.max(1)
 }
 
 #[cfg(test)]
@@ -446,8 +452,9 @@ mod tests {
         assert_eq!(serve_render_slots(&db(16), &settings), 7);
         assert_eq!(serve_render_slots(&db(4), &settings), 1);
         // As `listen --serve` sizes them: as many as it has workers.
-        let cli = db(workers + pages + 3 + workers);
-        cli.limit_user_sessions(workers + pages + 1 + workers);
+        let (own, users) = own_sessions(workers, pages);
+        let cli = db(own + workers);
+        cli.limit_user_sessions(users + workers);
         assert_eq!(serve_render_slots(&cli, &settings), workers);
     }
 

@@ -13,8 +13,9 @@
 //! (or, told to, ignores it), so pgfresh finds out on its first connection and from then on sends
 //! no startup settings: its sessions run with the server's defaults for the role, keep nothing
 //! between transactions, and user code runs inside transactions of its own, or, for a batch's
-//! loads, in savepoints of the transaction that claimed it (see [`Database::behind_pooler`]). What needs a session (`LISTEN`) gets a direct connection of its
-//! own when one is given ([`Database::with_session_url`]).
+//! loads, in savepoints of the transaction that claimed it (see [`Database::behind_pooler`]). What
+//! needs a session (`LISTEN`) gets a direct connection of its own when one is given
+//! ([`Database::with_session_url`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -216,10 +217,10 @@ impl Database {
         Ok((ticket, self.loads(&primary).await?))
     }
 
-    /// A session for a sweep page's (or an on-demand render's) loads, with your settings: on the standby when
-    /// one was given and it has replayed every commit the primary had made when this is called
-    /// (`primary`, a session on the primary, after the caller took its ticket), on the primary
-    /// otherwise.
+    /// A session for a sweep page's (or an on-demand render's) loads, with your settings: on the
+    /// standby when one was given and it has replayed every commit the primary had made when this
+    /// is called (`primary`, a session on the primary, after the caller took its ticket), on the
+    /// primary otherwise.
     pub(crate) async fn loads(&self, primary: &Client) -> Result<deadpool_postgres::Object, Error> {
         match self.standby_loads(primary).await? {
             Some(session) => Ok(session),

@@ -391,11 +391,12 @@ fn describe_pool_error(error: deadpool_postgres::PoolError) -> String {
             let reason = crate::error::describe_postgres(&error);
             // PgBouncer refuses the `options` startup parameter the standby's sessions are
             // opened with: pgfresh looks for a pooler on the primary's URL only.
-            match reason.contains("unsupported startup parameter") {
-                true => format!(
+            if reason.contains("unsupported startup parameter") {
+                format!(
                     "{reason} (the URL leads through a connection pooler; give a direct connection to the standby)"
-                ),
-                false => reason,
+                )
+            } else {
+                reason
             }
         }
         other => other.to_string(),
