@@ -32,7 +32,14 @@ pub struct ListenSettings {
     /// Most on-demand renders in flight at once; a request that would start one more is answered
     /// 429.
     pub serve_max_pending: usize,
+    /// How long a request of `GET /fragments/{key}` waits for its render before it is answered
+    /// 503; the render goes on and stores the entry. More than zero, at most 50 s.
+    pub serve_wait: Duration,
 }
+
+/// The longest [`ListenSettings::serve_wait`]: a connection that has lived its minute still answers
+/// its request in flight, for at most a minute more (`ops::http::REQUEST_GRACE`).
+pub(crate) const MAX_SERVE_WAIT: Duration = Duration::from_secs(50);
 
 /// The shortest poll interval: a shorter one would only spin.
 pub(crate) const MIN_POLL_INTERVAL: Duration = Duration::from_millis(10);
@@ -65,6 +72,12 @@ impl ListenSettings {
         if let Some(address) = &self.serve {
             if self.serve_max_pending < 1 {
                 return invalid("--serve-max-pending must be at least 1".into());
+            }
+            if self.serve_wait.is_zero() || self.serve_wait > MAX_SERVE_WAIT {
+                return invalid(format!(
+                    "--serve-wait {:?} is out of range: more than 0 and at most {MAX_SERVE_WAIT:?}",
+                    self.serve_wait
+                ));
             }
             if self.serve_token.as_deref().is_none_or(str::is_empty) && !loopback_only(address) {
                 return invalid(format!(
@@ -114,6 +127,7 @@ impl Default for ListenSettings {
             serve: None,
             serve_token: None,
             serve_max_pending: 256,
+            serve_wait: Duration::from_secs(30),
         }
     }
 }

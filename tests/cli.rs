@@ -202,6 +202,7 @@ fn bad_flag_values_are_rejected_with_a_hint() {
             &["listen", "--sweep-interval", "300000000000y"],
             "at most 366d",
         ),
+        (&["listen", "--serve-wait", "51s"], "at most 50s"),
         (&["listen", "--http", "9187"], "expected host:port"),
         (
             &["listen", "--http", "nowhere.invalid:9187"],

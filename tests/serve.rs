@@ -368,6 +368,36 @@ async fn a_key_the_fragment_fails_on_is_500_with_its_error_and_other_keys_still_
     env.cleanup().await;
 }
 
+#[tokio::test]
+async fn a_render_slower_than_serve_wait_is_answered_503_and_goes_on_to_store_its_entry() {
+    let env = TestEnv::shop(20).await;
+    let fragments = Fragments::new().with(&env.prefix, SlowMissCard);
+    let wait = std::time::Duration::from_millis(500);
+    let (listener, serve, http) = serving(&env, fragments, |s| s.serve_wait = wait).await;
+    let key = env.key(11, "full");
+    // Its load takes 5 s: the request stops waiting first.
+    let (status, _, body) = get(serve, &key).await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("--serve-wait"), "{body}");
+    assert_eq!(body.trim().lines().count(), 1, "{body}");
+    // The render went on without the request and stored the entry, which is then a hit.
+    eventually("the render to store its entry", || async {
+        env.get(&key).await.is_some()
+    })
+    .await;
+    let hits = counted(http, "answered from Redis").await;
+    let (status, _, body) = get(serve, &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Product 11"), "{body}");
+    assert_eq!(
+        counted(http, "answered from Redis").await,
+        hits + 1,
+        "answered from Redis"
+    );
+    listener.stop().await;
+    env.cleanup().await;
+}
+
 /// The shop's card for products 1 to 10 (the keys its sweep lists); a miss of any other product
 /// is rendered too, and its load takes 5 seconds.
 struct SlowMissCard;

@@ -146,7 +146,9 @@ pub enum Command {
     /// Remove every pgfresh object, triggers included; your tables are untouched.
     Uninstall,
     /// Keep Redis fresh: apply committed changes as they happen, until SIGINT or SIGTERM.
-    Listen(ListenArgs),
+    // Boxed: its flags outweigh every other command's, and an enum that embeds `Command` (as a
+    // program adding commands of its own does) would otherwise carry their size in every variant.
+    Listen(Box<ListenArgs>),
     /// Re-render every fragment once and delete entries whose row is gone.
     Sweep(SweepArgs),
     /// Print the HTML of one fragment for one key, touching nothing.
@@ -204,6 +206,10 @@ pub struct ListenArgs {
     /// Most on-demand renders in flight at once; a request beyond is answered 429.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=100_000))]
     pub serve_max_pending: u32,
+    /// How long a request to --serve waits for its render before it is answered 503 (the render
+    /// goes on and stores the entry); at most 50s.
+    #[arg(long, default_value = "30s", value_parser = parse_serve_wait)]
+    pub serve_wait: Duration,
     /// Failed attempts before a change is parked in pgfresh.failed.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(1..))]
     pub max_attempts: i32,
@@ -352,6 +358,14 @@ fn parse_poll_interval(text: &str) -> Result<Duration, String> {
         return Err("at least 10ms: a shorter poll would only spin (examples: 100ms, 1s)".into());
     }
     Ok(interval)
+}
+
+fn parse_serve_wait(text: &str) -> Result<Duration, String> {
+    let wait = parse_duration(text)?;
+    if wait.is_zero() || wait > crate::config::MAX_SERVE_WAIT {
+        return Err("more than 0 and at most 50s (examples: 2s, 30s)".into());
+    }
+    Ok(wait)
 }
 
 fn parse_sweep_interval(text: &str) -> Result<Duration, String> {

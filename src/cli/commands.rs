@@ -62,6 +62,7 @@ pub(super) async fn listen(
         serve: args.serve,
         serve_token: args.serve_token,
         serve_max_pending: args.serve_max_pending as usize,
+        serve_wait: args.serve_wait,
         sweep: sweep_settings(&args.sweep),
     };
     let shutdown = shutdown_on_signal();

@@ -97,15 +97,20 @@ pub async fn execute(
 ) -> Result<ExitCode, Error> {
     fragments.validate()?;
     // The commands that read or write fragments store them as their flags say.
-    let fragments = match &command {
-        Command::Listen(ListenArgs { storage, .. })
-        | Command::Sweep(SweepArgs { storage, .. })
-        | Command::Render(RenderArgs { storage, .. }) => {
+    let storage = match &command {
+        Command::Listen(args) => Some(&args.storage),
+        Command::Sweep(SweepArgs { storage, .. }) | Command::Render(RenderArgs { storage, .. }) => {
+            Some(storage)
+        }
+        _ => None,
+    };
+    let fragments = match storage {
+        Some(storage) => {
             let stored = fragments.stored_as(&storage.storage()?);
             stored.validate()?;
             stored
         }
-        _ => fragments.clone(),
+        None => fragments.clone(),
     };
     let fragments = &fragments;
     let (own, users) = pool_sizes(&command);
@@ -121,7 +126,7 @@ pub async fn execute(
         Command::Render(args) => commands::render(&db, fragments, args).await,
         Command::Listen(args) => {
             require_fragments(fragments)?;
-            commands::listen(db, connections, fragments, args).await
+            commands::listen(db, connections, fragments, *args).await
         }
         Command::Sweep(args) => {
             require_fragments(fragments)?;

@@ -294,6 +294,7 @@ impl Listener {
                 fragments: shared.fragments.clone(),
                 board: shared.board.clone(),
                 max_pending: shared.settings.serve_max_pending,
+                wait: shared.settings.serve_wait,
                 render_slots: serve_render_slots(&shared.db, &shared.settings),
                 token: shared.settings.serve_token.clone(),
                 standing_aside: Box::new(move || stand_aside.active()),

@@ -6,9 +6,9 @@
 //! Everything served was sampled in the background (the queue by the heartbeat, Redis by
 //! [`probe_redis`]) and is read from the [`StatusBoard`], so a flood of requests costs only CPU. Nor
 //! can clients hold what the listener needs: at most [`MAX_CONNECTIONS`] are open at once (more are
-//! closed as they arrive), a request's headers must arrive within [`HEADER_READ_TIMEOUT`], and no
-//! connection lives longer than [`CONNECTION_LIFETIME`]; file descriptors stay for PostgreSQL and
-//! Redis.
+//! closed as they arrive), a request's headers must arrive within [`HEADER_READ_TIMEOUT`], and a
+//! connection takes new requests for [`CONNECTION_LIFETIME`], then closes once its request in flight
+//! is answered (within [`REQUEST_GRACE`]); file descriptors stay for PostgreSQL and Redis.
 
 use std::sync::Arc;
 
@@ -45,8 +45,14 @@ const MAX_CONNECTIONS: usize = 64;
 /// connection) before its connection is closed.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// The longest a connection stays open, whatever it does; clients connect again.
+/// How long a connection takes new requests; clients connect again.
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(60);
+
+/// How long a request in flight when its connection's lifetime ends has to be answered: longer
+/// than any answer takes (`GET /fragments` answers within `--serve-wait`, at most
+/// [`crate::config::MAX_SERVE_WAIT`]).
+const REQUEST_GRACE: Duration = Duration::from_secs(60);
+const _: () = assert!(crate::config::MAX_SERVE_WAIT.as_millis() < REQUEST_GRACE.as_millis());
 
 /// What the endpoints look at.
 #[derive(Clone)]
@@ -136,24 +142,66 @@ pub(crate) async fn serve(
             tracing::debug!("{max_connections} HTTP connections open: closing a new one");
             continue;
         };
-        connections.spawn(serve_connection(stream, app.clone(), slot));
+        connections.spawn(serve_connection(
+            stream,
+            app.clone(),
+            slot,
+            Lifetime::DEFAULT,
+        ));
     }
     connections.abort_all();
 }
 
-/// Serves one connection: HTTP/1.1 with keep-alive, headers within [`HEADER_READ_TIMEOUT`], for
-/// at most [`CONNECTION_LIFETIME`].
+/// How long a connection lives: [`CONNECTION_LIFETIME`], then as long again for a request in flight.
+#[derive(Clone, Copy, Debug)]
+struct Lifetime {
+    /// After this, the connection takes no new request.
+    lifetime: Duration,
+    /// How long a request in flight as the lifetime ends has to be answered before the connection
+    /// closes anyway.
+    grace: Duration,
+}
+
+impl Lifetime {
+    const DEFAULT: Lifetime = Lifetime {
+        lifetime: CONNECTION_LIFETIME,
+        grace: REQUEST_GRACE,
+    };
+}
+
+/// Serves one connection: HTTP/1.1 with keep-alive, headers within [`HEADER_READ_TIMEOUT`], new
+/// requests for [`CONNECTION_LIFETIME`]. Then it closes once the request in flight, if any, is
+/// answered (with `Connection: close`), within [`REQUEST_GRACE`]: a client that keeps its
+/// connections alive never has a request cut off because its connection aged out under it.
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     app: Router,
     _slot: tokio::sync::OwnedSemaphorePermit,
+    lifetime: Lifetime,
 ) {
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
-    if let Ok(Err(error)) = tokio::time::timeout(CONNECTION_LIFETIME, connection).await {
+    tokio::pin!(connection);
+    let ended = match tokio::time::timeout(lifetime.lifetime, connection.as_mut()).await {
+        Ok(ended) => ended,
+        Err(_) => {
+            connection.as_mut().graceful_shutdown();
+            match tokio::time::timeout(lifetime.grace, connection).await {
+                Ok(ended) => ended,
+                Err(_) => {
+                    tracing::debug!(
+                        grace = ?lifetime.grace,
+                        "HTTP connection closed with a request unanswered past its lifetime"
+                    );
+                    Ok(())
+                }
+            }
+        }
+    };
+    if let Err(error) = ended {
         tracing::debug!(%error, "HTTP connection ended");
     }
 }
@@ -226,5 +274,104 @@ pub(crate) async fn probe_redis(store: RedisStore, board: Arc<StatusBoard>, shut
         if !crate::shutdown::pause(&shutdown, PROBE_INTERVAL).await {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::sync::Notify;
+
+    /// A connection to a server of `app` whose connections live `lifetime`, with `grace` for a
+    /// request in flight when it ends.
+    async fn connect(app: Router, lifetime: Duration, grace: Duration) -> tokio::net::TcpStream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (stream, _) = listener.accept().await.unwrap();
+        let slot = Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .unwrap();
+        tokio::spawn(serve_connection(
+            stream,
+            app,
+            slot,
+            Lifetime { lifetime, grace },
+        ));
+        client
+    }
+
+    /// Everything the server sends until it closes the connection (or a generous bound passes).
+    async fn read_until_closed(client: &mut tokio::net::TcpStream) -> String {
+        let mut answer = Vec::new();
+        tokio::time::timeout(Duration::from_secs(30), client.read_to_end(&mut answer))
+            .await
+            .expect("the server closes the connection")
+            .unwrap();
+        String::from_utf8_lossy(&answer).into_owned()
+    }
+
+    /// A route whose answer waits until the test releases it, telling when it has started.
+    fn held_route(started: Arc<Notify>, release: Arc<Notify>) -> Router {
+        Router::new().route(
+            "/held",
+            get(move || async move {
+                started.notify_one();
+                release.notified().await;
+                "answered\n"
+            }),
+        )
+    }
+
+    #[tokio::test]
+    async fn a_request_in_flight_as_its_connection_ages_out_is_answered_before_it_closes() {
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let lifetime = Duration::from_millis(200);
+        let app = held_route(started.clone(), release.clone());
+        let mut client = connect(app, lifetime, Duration::from_secs(30)).await;
+        client
+            .write_all(b"GET /held HTTP/1.1\r\nHost: pgfresh\r\n\r\n")
+            .await
+            .unwrap();
+        started.notified().await;
+        // The connection's lifetime ends while its request is being answered.
+        tokio::time::sleep(lifetime * 3).await;
+        release.notify_one();
+        let answer = read_until_closed(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("answered\n"), "{answer:?}");
+        assert!(
+            answer.to_ascii_lowercase().contains("connection: close"),
+            "{answer:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_closes_at_the_end_of_its_lifetime() {
+        let app = Router::new().route("/healthz", get(|| async { "ok\n" }));
+        let mut client = connect(app, Duration::from_millis(200), Duration::from_secs(30)).await;
+        client
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: pgfresh\r\n\r\n")
+            .await
+            .unwrap();
+        let answer = read_until_closed(&mut client).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("ok\n"), "{answer:?}");
+    }
+
+    #[tokio::test]
+    async fn a_request_unanswered_past_the_grace_period_loses_its_connection() {
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let app = held_route(started.clone(), release);
+        let lifetime = Duration::from_millis(200);
+        let mut client = connect(app, lifetime, Duration::from_millis(200)).await;
+        client
+            .write_all(b"GET /held HTTP/1.1\r\nHost: pgfresh\r\n\r\n")
+            .await
+            .unwrap();
+        started.notified().await;
+        assert_eq!(read_until_closed(&mut client).await, "");
     }
 }

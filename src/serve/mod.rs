@@ -7,8 +7,8 @@
 //!   ([`on_demand`]); **404** when the key's row does not exist; **400** for a key no fragment owns
 //!   or that does not parse; **401** without the bearer token `--serve-token` asks for; **429** when
 //!   more renders are in flight than `--serve-max-pending`; **500** when the fragment's own code
-//!   fails on the key; **503** when PostgreSQL or Redis cannot be reached, or while this listener
-//!   stands aside for a newer one.
+//!   fails on the key; **503** when PostgreSQL or Redis cannot be reached, when the render takes
+//!   longer than `--serve-wait` (it goes on), or while this listener stands aside for a newer one.
 //! - It binds a loopback address unless a token is set (checked by [`crate::ListenSettings`]), and
 //!   serves connections within the same limits as the status page (`ops::http::serve`).
 
@@ -40,6 +40,8 @@ pub(crate) struct Context {
     pub(crate) board: Arc<StatusBoard>,
     /// `--serve-max-pending`.
     pub(crate) max_pending: usize,
+    /// `--serve-wait`: how long a request waits for its render.
+    pub(crate) wait: std::time::Duration,
     /// How many on-demand renders may hold PostgreSQL sessions at once: what the listener's pools
     /// hold beyond its batches and sweep pages, so that a stampede of misses never makes a batch
     /// wait for a session (`listener::serve_render_slots`).
@@ -187,11 +189,16 @@ async fn answer(
             "this listener stands aside for one with newer fragment versions: ask that one",
         );
     }
-    match state
-        .on_demand
-        .render(&fragment, &fragment_key, fresh)
-        .await
-    {
+    // The render runs on a task of its own: a request that stops waiting leaves it to finish and
+    // store the entry.
+    let render = state.on_demand.render(&fragment, &fragment_key, fresh);
+    let Ok(rendered) = tokio::time::timeout(shared.wait, render).await else {
+        return unavailable(&format!(
+            "no render within {} (--serve-wait): it waits for a PostgreSQL session, or its load is slow; it goes on and stores the entry",
+            humantime::format_duration(shared.wait)
+        ));
+    };
+    match rendered {
         Rendered::Done => {}
         Rendered::Busy => {
             return (
