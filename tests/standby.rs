@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use common::cli::{run, stdout};
 use common::product_card::{Card, ProductCard};
-use common::servers::{TempPostgres, TempRedis, free_port, http_get};
+use common::servers::{TempPgBouncer, TempPostgres, TempRedis, free_port, http_get};
 use common::{eventually, shop_binary};
 use pgfresh::{Database, Fragment};
 
@@ -392,4 +392,59 @@ async fn a_standby_of_another_cluster_is_never_used() {
     assert!(line.contains("standby of another cluster"), "{line}");
     assert_eq!(served_by_standby(http).await, 0, "{line}");
     stop(child).await;
+}
+
+#[tokio::test]
+async fn a_standby_behind_a_pooler_that_ignores_startup_settings_serves_no_load() {
+    let (primary, standby) = primary_and_standby().await;
+    // PgBouncer in transaction pooling in front of the standby, passing the settings pgfresh
+    // opens its sessions with over in silence: the replay check and the loads after it could run
+    // on different server sessions (of different standbys, behind a pooler that spreads them).
+    let Some(bouncer) =
+        TempPgBouncer::in_front_of(standby.port, "ignore_startup_parameters = options")
+    else {
+        return;
+    };
+    let redis = TempRedis::start();
+    let redis_client = connect_redis(&redis).await;
+    let writer = common::connect(&primary.url("shop")).await;
+    let through = bouncer.url("shop");
+    let report = stdout(&run(
+        &shop_binary(),
+        &primary.url("shop"),
+        &redis.url(),
+        &["doctor", "--replica-url", &through],
+    ));
+    assert!(
+        report.contains("cannot serve loads: its sessions lack the settings pgfresh opened them with: the URL leads through a connection pooler; give a direct connection to the standby"),
+        "{report}"
+    );
+    // A listener given that URL loads from the primary, and says why on its status page.
+    let http = free_port();
+    let listener = listener(&primary.url("shop"), &through, &redis.url(), http);
+    eventually("the listener to be ready", || async {
+        http_get(http, "/readyz").await.0 == 200
+    })
+    .await;
+    set_price(&writer, 2, 20_202).await;
+    eventually("the change applied", || async {
+        card(&mut redis_client.clone(), 2)
+            .await
+            .is_some_and(|html| html.contains("$202.02"))
+    })
+    .await;
+    eventually("the standby found unusable", || async {
+        standby_line(http)
+            .await
+            .contains("give a direct connection to the standby")
+    })
+    .await;
+    assert_eq!(
+        served_by_standby(http).await,
+        0,
+        "{}",
+        standby_line(http).await
+    );
+    stop(listener).await;
+    drop(bouncer);
 }

@@ -199,7 +199,8 @@ impl Database {
     ) -> Result<Self, Error> {
         let (config, shown, connector) = other_server(url, environment)?;
         let size = self.users.status().max_size;
-        let pool = build_pool(with_options(&config, POOLED_OPTIONS, ""), &connector, size);
+        let options = with_options(&config, POOLED_OPTIONS, super::standby::SESSION_MARK);
+        let pool = build_pool(options, &connector, size);
         self.standby = Some(Arc::new(Standby::new(shown, pool, max_wait)));
         Ok(self)
     }

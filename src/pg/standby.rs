@@ -34,6 +34,15 @@ const VERIFY_EVERY: Duration = Duration::from_secs(30);
 /// Between two reads of the standby's replay position while a batch waits for it.
 const POLL: Duration = Duration::from_millis(1);
 
+/// A setting the standby's sessions are opened with, only to be found again in them: a session
+/// without it came through a pooler that ignores startup settings (PgBouncer's
+/// `ignore_startup_parameters = options`), which is no place for loads (see [`check`]).
+pub(crate) const SESSION_MARK: &str = "-c pgfresh.standby_session=on";
+
+/// What to do about a standby URL that leads through a connection pooler.
+const THROUGH_A_POOLER: &str =
+    "the URL leads through a connection pooler; give a direct connection to the standby";
+
 /// Why a batch's loads went to the primary, with a standby configured.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Fallback {
@@ -361,17 +370,30 @@ pub(crate) async fn system_identifier(client: &Client) -> Result<String, Error> 
         .get(0))
 }
 
-/// Whether `session` is on a server in recovery of the cluster whose identifier is `primary`'s.
+/// Whether `session` is on a server in recovery of the cluster whose identifier is `primary`'s,
+/// reached directly. Through a transaction pooler, the replay check and the loads after it may
+/// run on different server sessions, and a pooler spreading its sessions over several standbys
+/// (PgBouncer does, over the hosts a name resolves to or a list gives) would load from one that
+/// has not replayed the batch's changes; and statements kept prepared there fail. A pooler that
+/// refuses the standby's startup settings fails its connections (see [`describe_pool_error`]); one
+/// that ignores them is found here, by the setting missing.
 pub(crate) async fn check(session: &Client, primary_identifier: &str) -> Result<(), String> {
     let row = session
         .query_typed_one(
             "SELECT pg_catalog.pg_is_in_recovery(), \
-             (SELECT system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system())",
+             (SELECT system_identifier::pg_catalog.text FROM pg_catalog.pg_control_system()), \
+             pg_catalog.current_setting('pgfresh.standby_session', true) IS NOT DISTINCT FROM 'on'",
             &[],
         )
         .await
         .map_err(|error| crate::error::describe_postgres(&error))?;
-    let (in_recovery, identifier): (bool, String) = (row.get(0), row.get(1));
+    let (in_recovery, identifier, marked): (bool, String, bool) =
+        (row.get(0), row.get(1), row.get(2));
+    if !marked {
+        return Err(format!(
+            "its sessions lack the settings pgfresh opened them with: {THROUGH_A_POOLER}"
+        ));
+    }
     if !in_recovery {
         return Err(
             "it is not in recovery (a primary, or a promoted standby): not a standby".into(),
@@ -390,11 +412,9 @@ fn describe_pool_error(error: deadpool_postgres::PoolError) -> String {
         deadpool_postgres::PoolError::Backend(error) => {
             let reason = crate::error::describe_postgres(&error);
             // PgBouncer refuses the `options` startup parameter the standby's sessions are
-            // opened with: pgfresh looks for a pooler on the primary's URL only.
+            // opened with (see `check` for why a pooler is no place for loads).
             if reason.contains("unsupported startup parameter") {
-                format!(
-                    "{reason} (the URL leads through a connection pooler; give a direct connection to the standby)"
-                )
+                format!("{reason} ({THROUGH_A_POOLER})")
             } else {
                 reason
             }

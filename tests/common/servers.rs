@@ -735,6 +735,12 @@ impl TempPgBouncer {
 
     /// With more lines in its `[pgbouncer]` section, e.g. `ignore_startup_parameters = options`.
     pub fn start_with(settings: &str) -> Option<TempPgBouncer> {
+        TempPgBouncer::in_front_of(5432, settings)
+    }
+
+    /// In front of the server on `server_port` (the shared one's is 5432), with more lines in its
+    /// `[pgbouncer]` section.
+    pub fn in_front_of(server_port: u16, settings: &str) -> Option<TempPgBouncer> {
         let program = installed("pgbouncer", "pgbouncer")?;
         let port = free_port();
         let dir =
@@ -745,7 +751,7 @@ impl TempPgBouncer {
         std::fs::write(
             dir.join("pgbouncer.ini"),
             format!(
-                "[databases]\n* = host=127.0.0.1 port=5432\n\n[pgbouncer]\n\
+                "[databases]\n* = host=127.0.0.1 port={server_port}\n\n[pgbouncer]\n\
                  listen_addr = 127.0.0.1\nlisten_port = {port}\nunix_socket_dir =\n\
                  auth_type = trust\nauth_file = {users}\npool_mode = transaction\n\
                  server_round_robin = 1\n{settings}\n",
