@@ -30,7 +30,7 @@ async fn coverage(env: &TestEnv, fragments: &Fragments) -> Vec<String> {
     for (index, line) in lines.iter().enumerate() {
         if line.starts_with("PROBLEM") && line.contains("covers") {
             findings.push(format!("{line}\n{}", lines[index + 1]));
-        } else if line.contains("are watched under its topics") {
+        } else if line.contains("watched under its topics") {
             findings.push(line.to_string());
         }
     }
@@ -142,6 +142,97 @@ async fn tables_behind_a_view_and_a_partitioned_table_are_named_and_covered_once
     let findings = coverage(&env, &fragments).await;
     assert_eq!(findings.len(), 1, "{findings:#?}");
     assert!(findings[0].contains("reads brands"), "{findings:#?}");
+    env.cleanup().await;
+}
+
+/// A card that counts a product's reviews from a materialized view, and its stock from a foreign
+/// table.
+struct StatsCard;
+
+impl Fragment for StatsCard {
+    type Key = i64;
+    type Row = (i64, i64);
+    type Variant = Card;
+    type Error = Error;
+    fn name(&self) -> &str {
+        "stats_card"
+    }
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
+    }
+    async fn load(&self, db: &Client, ids: &[i64]) -> pgfresh::Loaded<Self> {
+        let rows = db
+            .query(
+                "SELECT p.id, coalesce(s.reviews, 0),
+                        (SELECT count(*) FROM stock WHERE stock.product_id = p.id)
+                 FROM products p LEFT JOIN review_counts s ON s.product_id = p.id
+                 WHERE p.id = ANY($1)",
+                &[&ids],
+            )
+            .await?;
+        Ok(rows
+            .iter()
+            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .collect())
+    }
+    fn render(&self, _: &i64, row: &Self::Row, _: Card) -> pgfresh::maud::Markup {
+        pgfresh::maud::html! { p { (row.0) " reviews, " (row.1) " in stock" } }
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Error> {
+        common::product_card::ProductCard
+            .keys_after(db, after, limit)
+            .await
+    }
+}
+
+#[tokio::test]
+async fn a_materialized_view_and_a_foreign_table_read_are_noted_as_beyond_any_watch() {
+    let env = TestEnv::shop(3).await;
+    let admin = env.client().await;
+    admin
+        .batch_execute(
+            "CREATE MATERIALIZED VIEW review_counts AS
+                 SELECT product_id, count(*) AS reviews FROM reviews GROUP BY product_id;
+             CREATE EXTENSION file_fdw;
+             CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+             CREATE FOREIGN TABLE stock (product_id bigint, warehouse text)
+                 SERVER files OPTIONS (filename '/dev/null', format 'csv');",
+        )
+        .await
+        .unwrap();
+    let fragments = Fragments::new().with(&env.prefix, StatsCard);
+    let report = pgfresh::testing::doctor(&env.db, env.sink.clone(), &fragments)
+        .await
+        .unwrap();
+    let line = |needle: &str| {
+        report
+            .lines()
+            .find(|line| line.contains(needle))
+            .unwrap_or_else(|| panic!("no line with {needle:?} in:\n{report}"))
+            .to_string()
+    };
+    let view = line("reads materialized view review_counts");
+    assert!(view.starts_with("note"), "{view}");
+    assert!(
+        view.contains("stats_card: its loader reads materialized view review_counts, which no trigger can watch: after each REFRESH MATERIALIZED VIEW review_counts")
+            && view.contains("run `sweep` after refreshing it"),
+        "{view}"
+    );
+    let foreign = line("reads foreign table stock");
+    assert!(foreign.starts_with("note"), "{foreign}");
+    assert!(foreign.contains("only at the periodic sweep"), "{foreign}");
+    // Notes, not problems: the tables it reads are all watched.
+    assert!(
+        report.contains(
+            "stats_card: the table its loader and queries read is watched under its topics"
+        ),
+        "{report}"
+    );
     env.cleanup().await;
 }
 

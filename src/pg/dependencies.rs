@@ -14,23 +14,53 @@ use crate::Error;
 /// partition tree (a watch on any of them covers it).
 pub(crate) type TableRead = Vec<u32>;
 
-/// The tables the session of backend `pid` holds locks on: everything but PostgreSQL's own catalogs
-/// and pgfresh's tables, each with the tables it is a partition of. Asked from another session,
-/// while `pid`'s transaction is still open.
-pub(crate) async fn tables_locked_by(client: &Client, pid: i32) -> Result<Vec<TableRead>, Error> {
+/// What a session read.
+#[derive(Debug, Default)]
+pub(crate) struct Reads {
+    /// Tables a watch can cover.
+    pub(crate) tables: Vec<TableRead>,
+    /// Relations whose rows no trigger here sees change, each with what it is.
+    pub(crate) unwatchable: Vec<(u32, Unwatchable)>,
+}
+
+/// A relation a query reads rows of, which no watch can cover.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Unwatchable {
+    /// Its rows change all at once, by `REFRESH MATERIALIZED VIEW`, which fires no trigger.
+    MaterializedView,
+    /// Its rows live, and change, on another server (or in a file).
+    ForeignTable,
+}
+
+/// What the session of backend `pid` holds locks on: everything but PostgreSQL's own catalogs and
+/// pgfresh's tables; tables each with the tables they are a partition of. Asked from another
+/// session, while `pid`'s transaction is still open.
+pub(crate) async fn locked_by(client: &Client, pid: i32) -> Result<Reads, Error> {
     let rows = client
         .query_typed(
-            "SELECT DISTINCT coalesce(
+            "SELECT DISTINCT c.relkind::text, coalesce(
                  nullif(ARRAY(SELECT a.relid::oid FROM pg_partition_ancestors(c.oid) a), '{}'),
                  ARRAY[c.oid])
              FROM pg_locks l JOIN pg_class c ON c.oid = l.relation
-             WHERE l.pid = $1 AND l.locktype = 'relation' AND c.relkind IN ('r', 'p')
+             WHERE l.pid = $1 AND l.locktype = 'relation' AND c.relkind IN ('r', 'p', 'm', 'f')
                AND c.relnamespace NOT IN ('pg_catalog'::regnamespace, 'information_schema'::regnamespace,
-                                          'pgfresh'::regnamespace)",
+                                          'pgfresh'::regnamespace)
+             ORDER BY 2",
             &[(&pid, Type::INT4)],
         )
         .await?;
-    Ok(rows.iter().map(|row| row.get(0)).collect())
+    let mut reads = Reads::default();
+    for row in &rows {
+        let read: TableRead = row.get(1);
+        match row.get::<_, &str>(0) {
+            "m" => reads
+                .unwatchable
+                .push((read[0], Unwatchable::MaterializedView)),
+            "f" => reads.unwatchable.push((read[0], Unwatchable::ForeignTable)),
+            _ => reads.tables.push(read),
+        }
+    }
+    Ok(reads)
 }
 
 /// The watch that would cover `table` for a fragment keyed like the tables watched under `topics`:

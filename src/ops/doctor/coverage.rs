@@ -7,7 +7,8 @@
 //! that transaction locked (`pg::dependencies`): views show as the tables behind them, partitions
 //! with the tables they belong to. A table read that no watch of the fragment's topics covers is a
 //! problem, with the watch that would cover it when a foreign key says which column leads to the
-//! fragment's key.
+//! fragment's key. A materialized view or a foreign table read is a note: no trigger sees its rows
+//! change, so only sweeps bring the fragment up to date with it.
 
 use std::collections::BTreeSet;
 
@@ -15,7 +16,7 @@ use super::Report;
 use crate::Error;
 use crate::fragment::UserClient;
 use crate::fragment::{DynFragment, Fragments, Mapping};
-use crate::pg::dependencies::{self, TableRead};
+use crate::pg::dependencies::{self, Reads, TableRead, Unwatchable};
 use crate::pg::{Database, fan_out, schema};
 
 /// Keys a loader or a through query is tried on.
@@ -31,23 +32,33 @@ pub(super) async fn check_reads(
     let pinned = db.pinned().await?;
     for fragment in fragments.iter() {
         let mut reads: Vec<(TableRead, String)> = Vec::new();
-        let Some(tables) = loader_reads(db, &pinned, fragment.as_ref()).await? else {
+        let mut unwatchable: Vec<(u32, Unwatchable, String)> = Vec::new();
+        let mut add = |found: Reads, by: String| {
+            reads.extend(found.tables.into_iter().map(|t| (t, by.clone())));
+            unwatchable.extend(
+                found
+                    .unwatchable
+                    .into_iter()
+                    .map(|(r, k)| (r, k, by.clone())),
+            );
+        };
+        let Some(found) = loader_reads(db, &pinned, fragment.as_ref()).await? else {
             report.ok(format!(
                 "{}: no keys yet, what its loader reads not checked",
                 fragment.name()
             ));
             continue;
         };
-        reads.extend(tables.into_iter().map(|t| (t, "its loader".to_string())));
+        add(found, "its loader".to_string());
         for topic in fragment.topics() {
             let Mapping::Through(query) = &topic.mapping else {
                 continue;
             };
-            let by = format!("its query for topic {}", topic.name);
-            let tables = query_reads(db, &pinned, &topic.name, query, watches).await?;
-            reads.extend(tables.into_iter().map(|t| (t, by.clone())));
+            let found = query_reads(db, &pinned, &topic.name, query, watches).await?;
+            add(found, format!("its query for topic {}", topic.name));
         }
         judge(report, db, &pinned, fragment.as_ref(), watches, reads).await?;
+        note_unwatchable(report, db, fragment.as_ref(), unwatchable).await?;
     }
     Ok(())
 }
@@ -88,11 +99,40 @@ async fn judge(
         );
     }
     if reported.is_empty() {
+        let tables = match tables.len() {
+            1 => "the table its loader and queries read is".to_string(),
+            n => format!("the {n} tables its loader and queries read are"),
+        };
         report.ok(format!(
-            "{}: the {} tables its loader and queries read are watched under its topics",
-            fragment.name(),
-            tables.len()
+            "{}: {tables} watched under its topics",
+            fragment.name()
         ));
+    }
+    Ok(())
+}
+
+/// Notes each materialized view and foreign table of `reads` once: no watch can cover them.
+async fn note_unwatchable(
+    report: &mut Report,
+    db: &Database,
+    fragment: &dyn DynFragment,
+    reads: Vec<(u32, Unwatchable, String)>,
+) -> Result<(), Error> {
+    let mut noted = BTreeSet::new();
+    for (relation, kind, by) in reads {
+        if !noted.insert(relation) {
+            continue;
+        }
+        let name = dependencies::name_in_session(&*db.get().await?, relation).await?;
+        let fragment = fragment.name();
+        report.note(match kind {
+            Unwatchable::MaterializedView => format!(
+                "{fragment}: {by} reads materialized view {name}, which no trigger can watch: after each REFRESH MATERIALIZED VIEW {name}, its entries stay as they were until the next periodic sweep; run `sweep` after refreshing it, or read the tables behind it"
+            ),
+            Unwatchable::ForeignTable => format!(
+                "{fragment}: {by} reads foreign table {name}, whose rows change elsewhere, where no trigger here sees them: its entries follow those changes only at the periodic sweep"
+            ),
+        });
     }
     Ok(())
 }
@@ -134,7 +174,7 @@ async fn loader_reads(
     db: &Database,
     pinned: &tokio_postgres::Client,
     fragment: &dyn DynFragment,
-) -> Result<Option<Vec<TableRead>>, Error> {
+) -> Result<Option<Reads>, Error> {
     let mut users = db.get().await?;
     let keys = {
         let txn = users.build_transaction().read_only(true).start().await?;
@@ -156,9 +196,9 @@ async fn loader_reads(
     let _ = fragment
         .render_keys(UserClient::in_transaction(txn.client()), &keys)
         .await;
-    let tables = dependencies::tables_locked_by(pinned, pid).await?;
+    let reads = dependencies::locked_by(pinned, pid).await?;
     drop(txn);
-    Ok(Some(tables))
+    Ok(Some(reads))
 }
 
 /// What the through query for `topic` reads, run on a few keys of a table watched under it.
@@ -168,10 +208,10 @@ async fn query_reads(
     topic: &str,
     query: &str,
     watches: &[schema::Watch],
-) -> Result<Vec<TableRead>, Error> {
+) -> Result<Reads, Error> {
     // Without a watch for the topic, `doctor`'s topic check says so; nothing to try it on here.
     let Some(watch) = watches.iter().find(|w| w.topic == topic) else {
-        return Ok(Vec::new());
+        return Ok(Reads::default());
     };
     let (key, column) = schema::key_as_text(pinned, watch).await?;
     let sample = format!(
@@ -180,14 +220,14 @@ async fn query_reads(
     );
     let keys: Vec<String> = match pinned.query_typed(&sample, &[]).await {
         Ok(rows) => rows.iter().map(|row| row.get(0)).collect(),
-        Err(_) => return Ok(Vec::new()),
+        Err(_) => return Ok(Reads::default()),
     };
     let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
     let mut users = db.get().await?;
     let txn = users.build_transaction().read_only(true).start().await?;
     let pid = dependencies::backend_pid(txn.client()).await?;
     let _ = fan_out::try_query(txn.client(), query, &keys).await;
-    let tables = dependencies::tables_locked_by(pinned, pid).await?;
+    let reads = dependencies::locked_by(pinned, pid).await?;
     drop(txn);
-    Ok(tables)
+    Ok(reads)
 }
