@@ -145,13 +145,13 @@ async fn tables_behind_a_view_and_a_partitioned_table_are_named_and_covered_once
     env.cleanup().await;
 }
 
-/// A card that counts a product's reviews from a materialized view, and its stock from a foreign
-/// table.
+/// A card that counts a product's reviews from a materialized view, its stock from a foreign
+/// table, and its shipments from a table partitioned into a foreign table.
 struct StatsCard;
 
 impl Fragment for StatsCard {
     type Key = i64;
-    type Row = (i64, i64);
+    type Row = (i64, i64, i64);
     type Variant = Card;
     type Error = Error;
     fn name(&self) -> &str {
@@ -164,7 +164,8 @@ impl Fragment for StatsCard {
         let rows = db
             .query(
                 "SELECT p.id, coalesce(s.reviews, 0),
-                        (SELECT count(*) FROM stock WHERE stock.product_id = p.id)
+                        (SELECT count(*) FROM stock WHERE stock.product_id = p.id),
+                        (SELECT count(*) FROM shipments WHERE shipments.product_id = p.id)
                  FROM products p LEFT JOIN review_counts s ON s.product_id = p.id
                  WHERE p.id = ANY($1)",
                 &[&ids],
@@ -172,7 +173,7 @@ impl Fragment for StatsCard {
             .await?;
         Ok(rows
             .iter()
-            .map(|row| (row.get(0), (row.get(1), row.get(2))))
+            .map(|row| (row.get(0), (row.get(1), row.get(2), row.get(3))))
             .collect())
     }
     fn render(&self, _: &i64, row: &Self::Row, _: Card) -> pgfresh::maud::Markup {
@@ -201,6 +202,11 @@ async fn a_materialized_view_and_a_foreign_table_read_are_noted_as_beyond_any_wa
              CREATE EXTENSION file_fdw;
              CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
              CREATE FOREIGN TABLE stock (product_id bigint, warehouse text)
+                 SERVER files OPTIONS (filename '/dev/null', format 'csv');
+             CREATE TABLE shipments (product_id bigint, region text)
+                 PARTITION BY LIST (region);
+             CREATE TABLE shipments_near PARTITION OF shipments FOR VALUES IN ('near');
+             CREATE FOREIGN TABLE shipments_far PARTITION OF shipments FOR VALUES IN ('far')
                  SERVER files OPTIONS (filename '/dev/null', format 'csv');",
         )
         .await
@@ -226,13 +232,21 @@ async fn a_materialized_view_and_a_foreign_table_read_are_noted_as_beyond_any_wa
     let foreign = line("reads foreign table stock");
     assert!(foreign.starts_with("note"), "{foreign}");
     assert!(foreign.contains("only at the periodic sweep"), "{foreign}");
-    // Notes, not problems: the tables it reads are all watched.
+    // A foreign partition too.
+    let partition = line("reads foreign table shipments_far");
+    assert!(partition.starts_with("note"), "{partition}");
+    // The partitioned table is a table a watch covers (here none does); its foreign partition is
+    // only a note.
+    let problems: Vec<&str> = report
+        .lines()
+        .filter(|line| line.starts_with("PROBLEM"))
+        .collect();
+    assert_eq!(problems.len(), 2, "{report}");
     assert!(
-        report.contains(
-            "stats_card: the table its loader and queries read is watched under its topics"
-        ),
+        problems[0].contains("stats_card: its loader reads shipments, which no watch"),
         "{report}"
     );
+    assert!(problems[1].contains("no live listener"), "{report}");
     env.cleanup().await;
 }
 

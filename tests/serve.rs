@@ -380,6 +380,7 @@ async fn a_render_slower_than_serve_wait_is_answered_503_and_goes_on_to_store_it
     assert_eq!(status, 503, "{body}");
     assert!(body.contains("--serve-wait"), "{body}");
     assert_eq!(body.trim().lines().count(), 1, "{body}");
+    assert_eq!(counted(http, "answered 503 before their render").await, 1);
     // The render went on without the request and stored the entry, which is then a hit.
     eventually("the render to store its entry", || async {
         env.get(&key).await.is_some()

@@ -251,4 +251,6 @@ pub(crate) struct ServeCounts {
     pub(crate) renders: std::sync::atomic::AtomicU64,
     pub(crate) coalesced: std::sync::atomic::AtomicU64,
     pub(crate) refused: std::sync::atomic::AtomicU64,
+    /// Answered 503 once `--serve-wait` passed, their render still going.
+    pub(crate) waited_out: std::sync::atomic::AtomicU64,
 }

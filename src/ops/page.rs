@@ -63,7 +63,8 @@ pub(crate) fn page(
                             (count(&serve.hits)) " answered from Redis, "
                             (count(&serve.renders)) " renders on demand, "
                             (count(&serve.coalesced)) " waited for a render in flight, "
-                            (count(&serve.refused)) " refused (too many in flight)."
+                            (count(&serve.refused)) " refused (too many in flight), "
+                            (count(&serve.waited_out)) " answered 503 before their render was done (--serve-wait)."
                         }
                     }
                     @if let Some(standby) = standby {

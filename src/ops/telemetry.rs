@@ -78,6 +78,10 @@ fn describe() {
         "pgfresh_serve_coalesced_total",
         "Requests that waited for a render of their key already in flight instead of starting one"
     );
+    describe_counter!(
+        "pgfresh_serve_waited_out_total",
+        "Requests to GET /fragments/{key} answered 503 because their render took longer than --serve-wait (the render goes on and stores the entry); counted in pgfresh_serve_requests_total{status=\"503\"} too"
+    );
     describe_histogram!(
         "pgfresh_serve_request_seconds",
         "Time to answer GET /fragments/{key}, renders on demand included"
@@ -333,4 +337,9 @@ pub(crate) fn serve_render() {
 /// Records a request that joined a render in flight.
 pub(crate) fn serve_coalesced() {
     counter!("pgfresh_serve_coalesced_total").increment(1);
+}
+
+/// Counts a request to `GET /fragments/{key}` answered 503 once `--serve-wait` passed.
+pub(crate) fn serve_waited_out() {
+    counter!("pgfresh_serve_waited_out_total").increment(1);
 }

@@ -193,6 +193,11 @@ async fn answer(
     // store the entry.
     let render = state.on_demand.render(&fragment, &fragment_key, fresh);
     let Ok(rendered) = tokio::time::timeout(shared.wait, render).await else {
+        let counts = &state.on_demand.counts;
+        counts
+            .waited_out
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        crate::ops::telemetry::serve_waited_out();
         return unavailable(&format!(
             "no render within {} (--serve-wait): it waits for a PostgreSQL session, or its load is slow; it goes on and stores the entry",
             humantime::format_duration(shared.wait)

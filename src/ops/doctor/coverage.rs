@@ -100,6 +100,8 @@ async fn judge(
     }
     if reported.is_empty() {
         let tables = match tables.len() {
+            // Only materialized views or foreign tables, noted apart.
+            0 => return Ok(()),
             1 => "the table its loader and queries read is".to_string(),
             n => format!("the {n} tables its loader and queries read are"),
         };
@@ -123,7 +125,8 @@ async fn note_unwatchable(
         if !noted.insert(relation) {
             continue;
         }
-        let name = dependencies::name_in_session(&*db.get().await?, relation).await?;
+        let users = db.get().await?;
+        let name = dependencies::name_in_session(&users, relation).await?;
         let fragment = fragment.name();
         report.note(match kind {
             Unwatchable::MaterializedView => format!(
