@@ -48,6 +48,11 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 7) AS pgfresh_
 \ir migrations/0007_cheaper_capture.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 8) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0008_foreign_partitions.sql
+\endif
+
 \ir finish.sql
 
 COMMIT;

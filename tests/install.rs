@@ -233,7 +233,14 @@ async fn upgrading_from_version_5_keeps_every_queued_and_parked_change_and_rebui
         .unwrap();
 
     let applied = pgfresh::install(&env.db).await.unwrap();
-    assert_eq!(applied, ["0006_sweep_lease", "0007_cheaper_capture"]);
+    assert_eq!(
+        applied,
+        [
+            "0006_sweep_lease",
+            "0007_cheaper_capture",
+            "0008_foreign_partitions"
+        ]
+    );
     let (queued, parked): (Vec<String>, Vec<String>) = {
         let keys = |sql: &'static str| {
             let client = &client;

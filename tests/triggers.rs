@@ -369,3 +369,55 @@ async fn a_truncate_of_one_partition_is_recorded_and_a_partition_attached_later_
     assert!(!status.contains("missing"), "{status}");
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_partitioned_table_with_a_foreign_partition_is_watched() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    // A foreign table takes no TRUNCATE trigger: the watch passes it over.
+    client
+        .batch_execute(
+            "CREATE EXTENSION file_fdw;
+             CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+             CREATE TABLE shipments (id bigint, region text) PARTITION BY LIST (region);
+             CREATE TABLE shipments_near PARTITION OF shipments FOR VALUES IN ('near');
+             CREATE FOREIGN TABLE shipments_far PARTITION OF shipments FOR VALUES IN ('far')
+                 SERVER files OPTIONS (filename '/dev/null', format 'csv');
+             SELECT pgfresh.watch('shipments', 'id', 'shipment');
+             INSERT INTO shipments VALUES (7, 'near');
+             TRUNCATE shipments_near;",
+        )
+        .await
+        .unwrap();
+    let queued: Vec<String> = client
+        .query(
+            "SELECT key FROM pgfresh.changes WHERE topic = 'shipment'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(queued, ["7"]);
+    let truncated: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgfresh.truncations WHERE topic = 'shipment'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(truncated, 1);
+    // No trigger is missing for status and doctor: none is expected on the foreign partition.
+    let status = common::cli::stdout(&common::cli::run(
+        &common::shop_binary(),
+        &env.url,
+        &common::redis_url(),
+        &["status"],
+    ));
+    assert!(status.contains("shipment"), "{status}");
+    assert!(!status.contains("missing"), "{status}");
+    env.cleanup().await;
+}

@@ -28,9 +28,9 @@ pub(crate) struct Reads {
 pub(crate) enum Unwatchable {
     /// Its rows change all at once, by `REFRESH MATERIALIZED VIEW`, which fires no trigger.
     MaterializedView,
-    /// Its rows live, and change, on another server (or in a file). (A partition of a table
-    /// too: `pgfresh.watch` cannot watch a table with a foreign partition, which takes no
-    /// `TRUNCATE` trigger.)
+    /// Its rows live, and change, on another server (or in a file). (A partition of a watched
+    /// table too: the rows written to it through this database reach the watch, but not what
+    /// changes where they live.)
     ForeignTable,
 }
 

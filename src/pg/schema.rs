@@ -238,8 +238,9 @@ pub(crate) struct CaptureGap {
 }
 
 /// Every watch's triggers that do not capture: the row trigger on the table and on each of its
-/// partitions, and the TRUNCATE trigger on the table, found by the function they call (so a renamed
-/// trigger still counts), and each firing on the origin (`tgenabled` `O` or `A`).
+/// partitions, and the TRUNCATE trigger on the table and on each partition but a foreign one (which
+/// takes none; migration 0008), found by the function they call (so a renamed trigger still
+/// counts), and each firing on the origin (`tgenabled` `O` or `A`).
 pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Error> {
     let rows = client
         .query_typed(
@@ -258,6 +259,7 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
                  SELECT table_oid, topic, key_column, relid, 'TRUNCATE', 'capture_truncate',
                         convert_to(topic, current_setting('server_encoding')) || '\\x00'::bytea
                  FROM watched
+                 WHERE (SELECT c.relkind FROM pg_class c WHERE c.oid = watched.relid) <> 'f'
              )
              SELECT e.relid::regclass::text, e.kind, t.name, t.state,
                     format('SELECT pgfresh.watch(%L, %L, %L);', e.table_oid::regclass::text, e.key_column, e.topic)
