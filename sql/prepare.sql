@@ -244,3 +244,31 @@ CREATE TABLE IF NOT EXISTS pgfresh.migrations (
 );
 COMMENT ON TABLE pgfresh.migrations IS
     'pgfresh schema migrations applied to this database; the highest version is the installed version';
+
+-- An upgrade from before version 7 rebuilds every watch (0006, 0007) with the TRUNCATE trigger on
+-- each partition of a partitioned table, which a foreign table cannot have: 0008 passes foreign
+-- partitions over, but runs after them. So a foreign partition added to a watched table since it
+-- was watched would fail the install halfway through a migration, with PostgreSQL's words alone.
+-- Refused here first, saying what to do.
+DO $$
+DECLARE
+    found text;
+BEGIN
+    -- Nothing installed yet (pgfresh.watches comes with version 1), or version 7 is.
+    IF NOT EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 1)
+       OR EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 7) THEN
+        RETURN;
+    END IF;
+    SELECT pg_catalog.format('%s is a foreign partition of %s, watched for topic %s',
+                             t.relid::regclass, w.table_oid::regclass, w.topic)
+    INTO found
+    FROM pgfresh.watches w, LATERAL pg_catalog.pg_partition_tree(w.table_oid) t
+    JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
+    WHERE c.relkind OPERATOR(pg_catalog.=) 'f'
+    LIMIT 1;
+    IF found IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh install: %, and upgrading this schema rebuilds every watch with a TRUNCATE trigger on each partition, which a foreign table cannot have', found
+            USING HINT = 'Detach it (ALTER TABLE ... DETACH PARTITION ...), install, attach it again and call pgfresh.watch for that table again: from version 8 on, a watch passes foreign partitions over.';
+    END IF;
+END
+$$;

@@ -287,3 +287,67 @@ async fn upgrading_from_version_5_keeps_every_queued_and_parked_change_and_rebui
     assert_eq!(keys, ["1", "3", "1"]);
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_is_refused_first() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    // Schema version 6, a watched partitioned table, then a foreign partition added to it: its
+    // row trigger is cloned there, its TRUNCATE trigger is not (nor could it be).
+    let up_to_6: String = pgfresh::testing::migrations()
+        .iter()
+        .filter(|(version, _, _)| *version <= 6)
+        .map(|(_, _, sql)| *sql)
+        .collect();
+    client
+        .batch_execute(&format!(
+            "BEGIN; {} {up_to_6} COMMIT;",
+            pgfresh::testing::prepare_sql()
+        ))
+        .await
+        .unwrap();
+    client
+        .batch_execute(
+            "CREATE EXTENSION file_fdw;
+             CREATE SERVER files FOREIGN DATA WRAPPER file_fdw;
+             CREATE TABLE shipments (id bigint, region text) PARTITION BY LIST (region);
+             CREATE TABLE shipments_near PARTITION OF shipments FOR VALUES IN ('near');
+             SELECT pgfresh.watch('shipments', 'id', 'shipment');
+             CREATE FOREIGN TABLE shipments_far PARTITION OF shipments FOR VALUES IN ('far')
+                 SERVER files OPTIONS (filename '/dev/null', format 'csv');",
+        )
+        .await
+        .unwrap();
+    let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
+    assert!(
+        refused.contains(
+            "public.shipments_far is a foreign partition of public.shipments, watched for topic shipment"
+        ) && refused.contains("DETACH PARTITION"),
+        "{refused}"
+    );
+    assert_eq!(pgfresh::installed_version(&env.db).await.unwrap(), Some(6));
+    // Detached, the upgrade goes through; attached again, the table is watched again with it.
+    client
+        .batch_execute("ALTER TABLE shipments DETACH PARTITION shipments_far")
+        .await
+        .unwrap();
+    pgfresh::install(&env.db).await.unwrap();
+    client
+        .batch_execute(
+            "ALTER TABLE shipments ATTACH PARTITION shipments_far FOR VALUES IN ('far');
+             SELECT pgfresh.watch('shipments', 'id', 'shipment');
+             INSERT INTO shipments VALUES (7, 'near');",
+        )
+        .await
+        .unwrap();
+    let queued: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgfresh.changes WHERE topic = 'shipment' AND key = '7'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(queued, 1);
+    env.cleanup().await;
+}
