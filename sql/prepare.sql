@@ -206,7 +206,7 @@ BEGIN
                     USING HINT = 'Install as a superuser or a role with CREATEROLE, or have one run: CREATE ROLE pgfresh_capture NOLOGIN';
         END;
         COMMENT ON ROLE pgfresh_capture IS
-            'pgfresh: owns the capture functions; may only queue changes, record TRUNCATEs and read listeners'' idle flags';
+            'pgfresh: owns the capture functions; may only queue changes, record TRUNCATEs and read until when a listener is idle';
         SELECT * INTO capture FROM pg_catalog.pg_roles r WHERE r.rolname = 'pgfresh_capture';
     END IF;
     IF capture.rolcanlogin OR capture.rolsuper OR capture.rolcreaterole OR capture.rolcreatedb

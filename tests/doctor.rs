@@ -321,3 +321,17 @@ async fn a_table_the_cards_loader_reads_that_no_watch_covers_is_named_with_its_w
     );
     env.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_redis_that_cannot_be_reached_is_a_problem_with_the_variable_to_check() {
+    let env = TestEnv::shop(3).await;
+    let nowhere = format!("redis://127.0.0.1:{}", common::servers::free_port());
+    let (passed, report) = doctor(&env.url, &nowhere);
+    assert!(!passed, "{report}");
+    assert_problem(
+        &report,
+        "Redis: ",
+        "check --redis-url (or REDIS_URL) and that Redis runs",
+    );
+    env.cleanup().await;
+}

@@ -521,7 +521,7 @@ fn check_redis(report: &mut Report, redis: Result<RedisStore, Error>) {
     match redis {
         Err(error) => report.problem(
             format!("Redis: {error}"),
-            "check --redis-url (or PGFRESH_REDIS_URL) and that Redis runs",
+            "check --redis-url (or REDIS_URL) and that Redis runs",
         ),
         Ok(store) => match store.eviction() {
             (Eviction::Impossible, policy) => {
