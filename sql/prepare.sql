@@ -247,9 +247,9 @@ COMMENT ON TABLE pgfresh.migrations IS
 
 -- An upgrade from before version 7 rebuilds every watch (0006, 0007) with the TRUNCATE trigger on
 -- each partition of a partitioned table, which a foreign table cannot have: 0008 passes foreign
--- partitions over, but runs after them. So a foreign partition added to a watched table since it
--- was watched would fail the install halfway through a migration, with PostgreSQL's words alone.
--- Refused here first, saying what to do.
+-- partitions over, but runs after them. So any foreign partition of a watched table would fail
+-- the install halfway through a migration, with PostgreSQL's words alone. Refused here first,
+-- naming every one at once with the statement that detaches it.
 DO $$
 DECLARE
     found text;
@@ -259,16 +259,17 @@ BEGIN
        OR EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 7) THEN
         RETURN;
     END IF;
-    SELECT pg_catalog.format('%s is a foreign partition of %s, watched for topic %s',
-                             t.relid::regclass, w.table_oid::regclass, w.topic)
+    SELECT pg_catalog.string_agg(DISTINCT pg_catalog.format(
+               '%s is a foreign partition of %s, watched for topic %s (ALTER TABLE %s DETACH PARTITION %s)',
+               t.relid::regclass, t.parentrelid::regclass, w.topic, t.parentrelid::regclass, t.relid::regclass),
+           '; ')
     INTO found
     FROM pgfresh.watches w, LATERAL pg_catalog.pg_partition_tree(w.table_oid) t
     JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) t.relid
-    WHERE c.relkind OPERATOR(pg_catalog.=) 'f'
-    LIMIT 1;
+    WHERE c.relkind OPERATOR(pg_catalog.=) 'f';
     IF found IS NOT NULL THEN
-        RAISE EXCEPTION 'pgfresh install: %, and upgrading this schema rebuilds every watch with a TRUNCATE trigger on each partition, which a foreign table cannot have', found
-            USING HINT = 'Detach it (ALTER TABLE ... DETACH PARTITION ...), install, attach it again and call pgfresh.watch for that table again: from version 8 on, a watch passes foreign partitions over.';
+        RAISE EXCEPTION 'pgfresh install: %; upgrading this schema rebuilds every watch with a TRUNCATE trigger on each partition, which a foreign table cannot have', found
+            USING HINT = 'Detach each as shown, install, attach each again and call pgfresh.watch for its table again: from version 8 on, a watch passes foreign partitions over.';
     END IF;
 END
 $$;

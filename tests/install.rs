@@ -314,11 +314,23 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
              CREATE TABLE shipments_near PARTITION OF shipments FOR VALUES IN ('near');
              SELECT pgfresh.watch('shipments', 'id', 'shipment');
              CREATE FOREIGN TABLE shipments_far PARTITION OF shipments FOR VALUES IN ('far')
+                 SERVER files OPTIONS (filename '/dev/null', format 'csv');
+             CREATE TABLE shipments_mid PARTITION OF shipments FOR VALUES IN ('mid')
+                 PARTITION BY LIST (id);
+             CREATE FOREIGN TABLE shipments_mid_far PARTITION OF shipments_mid FOR VALUES IN (9)
                  SERVER files OPTIONS (filename '/dev/null', format 'csv');",
         )
         .await
         .unwrap();
     let refused = pgfresh::install(&env.db).await.unwrap_err().to_string();
+    // Both, each with the statement that detaches it from its own parent.
+    assert!(
+        refused.contains("(ALTER TABLE public.shipments DETACH PARTITION public.shipments_far)")
+            && refused.contains(
+                "public.shipments_mid_far is a foreign partition of public.shipments_mid, watched for topic shipment (ALTER TABLE public.shipments_mid DETACH PARTITION public.shipments_mid_far)"
+            ),
+        "{refused}"
+    );
     assert!(
         refused.contains(
             "public.shipments_far is a foreign partition of public.shipments, watched for topic shipment"
@@ -328,7 +340,10 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
     assert_eq!(pgfresh::installed_version(&env.db).await.unwrap(), Some(6));
     // Detached, the upgrade goes through; attached again, the table is watched again with it.
     client
-        .batch_execute("ALTER TABLE shipments DETACH PARTITION shipments_far")
+        .batch_execute(
+            "ALTER TABLE shipments DETACH PARTITION shipments_far;
+             ALTER TABLE shipments_mid DETACH PARTITION shipments_mid_far;",
+        )
         .await
         .unwrap();
     pgfresh::install(&env.db).await.unwrap();
@@ -349,5 +364,7 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
         .unwrap()
         .get(0);
     assert_eq!(queued, 1);
+    // And installs at version 8 go through with the foreign partition there.
+    assert!(pgfresh::install(&env.db).await.unwrap().is_empty());
     env.cleanup().await;
 }

@@ -11,9 +11,10 @@
 -- through this database. What changes where a foreign table's rows live (another server, a file),
 -- and a TRUNCATE of the foreign partition itself, fire nothing here: only a sweep brings the
 -- fragments up to date with them, which doctor notes for every fragment that reads such a table.
--- Nothing installed changes. (A foreign partition added to a table after it was watched has the
--- row trigger, cloned, and no TRUNCATE trigger; an upgrade from before version 7 would rebuild the
--- watch, and fail, before this file runs: prepare.sql refuses that upgrade first.)
+-- Nothing installed changes. (A watched table can have a foreign partition from before: added
+-- after the watch, or present when versions 1 to 5 watched it, which put the TRUNCATE trigger on
+-- the table alone. An upgrade from before version 7 would rebuild that watch, and fail, before
+-- this file runs: prepare.sql refuses that upgrade first.)
 
 CREATE OR REPLACE FUNCTION pgfresh.watch_truncate(tbl regclass, topic text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
