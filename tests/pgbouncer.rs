@@ -3,7 +3,8 @@
 //! command works; two listeners, one with a direct `--session-url` for LISTEN and one polling, apply a
 //! concurrent workload with nothing lost and no error from a prepared statement, and sweep one at a
 //! time; a pool of one server session serves a listener, a failing load failing only its own key,
-//! and a load that ends its batch's transaction failing that batch alone, with nothing lost; a
+//! as a load that panics with a failing statement of its own unread does, and a load that ends its
+//! batch's transaction failing that batch alone, with nothing lost; a
 //! standby URL through the pooler is named as such.
 
 mod common;
@@ -738,6 +739,115 @@ async fn a_standby_url_through_a_pooler_is_named_as_such() {
             ),
         "{said}{}",
         stderr(&out)
+    );
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+/// The shop's card, whose load of product 13 panics with a failing statement of its own sent, its
+/// error not read: the transaction the load ran in is left aborted.
+struct PanickingCard;
+
+impl Fragment for PanickingCard {
+    type Key = i64;
+    type Row = <ProductCard as Fragment>::Row;
+    type Variant = <ProductCard as Fragment>::Variant;
+    type Error = <ProductCard as Fragment>::Error;
+
+    fn name(&self) -> &str {
+        ProductCard.name()
+    }
+
+    fn topics(&self) -> Topics {
+        ProductCard.topics()
+    }
+
+    async fn load(&self, db: &Client, keys: &[i64]) -> Loaded<Self> {
+        if keys.contains(&13) {
+            // Sent on its first poll, its reply (an error) never read.
+            let mut failing = std::pin::pin!(db.batch_execute("SELECT 1 / 0"));
+            assert!(futures_util::poll!(&mut failing).is_pending());
+            panic!("the card cannot show product 13");
+        }
+        ProductCard.load(db, keys).await
+    }
+
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> maud::Markup {
+        ProductCard.render(key, row, variant)
+    }
+
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        ProductCard.keys_after(db, after, limit).await
+    }
+}
+
+#[tokio::test]
+async fn a_load_that_panics_mid_statement_behind_a_pool_of_one_fails_only_its_key() {
+    let Some(bouncer) = TempPgBouncer::start_with("default_pool_size = 1\nquery_wait_timeout = 5")
+    else {
+        return;
+    };
+    let env = TestEnv::shop(20).await;
+    let db = Database::new(&bouncer.url(&env.name), 4).unwrap();
+    let listener = env.start_listener_on(
+        db,
+        Fragments::new().with(&env.prefix, PanickingCard),
+        common::tweak(common::test_settings(), |s| {
+            s.poll_interval = Duration::from_millis(50)
+        }),
+    );
+    // One transaction: one batch, whose load of all twenty panics, then halves until product 13
+    // stands alone; every load runs in a savepoint of the claim's transaction.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Unshaken ' || id")
+        .await
+        .unwrap();
+    for id in (1..=20).filter(|&id| id != 13) {
+        let key = env.key(id, "full");
+        let needle = format!("<h2>Unshaken {id}</h2>");
+        eventually(&format!("product {id} renamed"), || async {
+            env.get(&key)
+                .await
+                .is_some_and(|html| html.contains(&needle))
+        })
+        .await;
+    }
+    eventually("product 13's change to note the panic", || async {
+        let row = env
+            .client()
+            .await
+            .query_opt(
+                "SELECT last_error FROM pgfresh.changes WHERE key = '13' AND attempts > 0",
+                &[],
+            )
+            .await
+            .unwrap();
+        row.and_then(|row| row.get::<_, Option<String>>(0))
+            .is_some_and(|error| error.contains("the card cannot show product 13"))
+    })
+    .await;
+    let waiting: i64 = env
+        .client()
+        .await
+        .query_one(
+            "SELECT count(*) FROM pgfresh.changes WHERE key <> '13'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(waiting, 0, "every other change left the queue");
+    listener.stop().await;
+    assert!(
+        !bouncer.log().contains("query_wait_timeout"),
+        "{}",
+        bouncer.log()
     );
     drop(bouncer);
     env.cleanup().await;
