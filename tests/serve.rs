@@ -7,7 +7,7 @@ mod common;
 
 use common::cli::{assert_one_clear_error, run};
 use common::product_card::ProductCard;
-use common::servers::{TempPostgres, TempRedis, free_port, http_get, http_get_with};
+use common::servers::{TempPostgres, TempRedis, free_port, http_get, http_get_with, http_response};
 use common::{
     AlteredCard, RunningListener, SharedFragment, TestEnv, eventually, shop_binary, test_settings,
     tweak,
@@ -222,9 +222,15 @@ async fn too_many_renders_in_flight_are_refused_and_concurrent_misses_share_one_
         counted(http, "waited for a render in flight").await == 3
     })
     .await;
-    // ...and a miss of another key would be one render too many.
-    let (status, _, body) = get(serve, &env.key(2, "full")).await;
-    assert_eq!(status, 429, "{body}");
+    // ...and a miss of another key would be one render too many: ask again shortly.
+    let path = format!("/fragments/{}", env.key(2, "full"));
+    let response = http_response(serve, &path, &[]).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 429"), "{response}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
     assert!(body.contains("--serve-max-pending"), "{body}");
     open.send(()).unwrap();
     let (status, _, first) = first.await.unwrap();
@@ -375,9 +381,16 @@ async fn a_render_slower_than_serve_wait_is_answered_503_and_goes_on_to_store_it
     let wait = std::time::Duration::from_millis(500);
     let (listener, serve, http) = serving(&env, fragments, |s| s.serve_wait = wait).await;
     let key = env.key(11, "full");
-    // Its load takes 5 s: the request stops waiting first.
-    let (status, _, body) = get(serve, &key).await;
-    assert_eq!(status, 503, "{body}");
+    // Its load takes 5 s: the request stops waiting first, and is told to ask again shortly.
+    let response = http_response(serve, &format!("/fragments/{key}"), &[])
+        .await
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
     assert!(body.contains("--serve-wait"), "{body}");
     assert_eq!(body.trim().lines().count(), 1, "{body}");
     assert_eq!(counted(http, "answered 503 before their render").await, 1);

@@ -126,6 +126,15 @@ async fn fragment(
             format!("{}\n", one_line(&text)),
         )
             .into_response(),
+        Answer::Later(text) => (
+            status,
+            [
+                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
+                (header::RETRY_AFTER, "1"),
+            ],
+            format!("{}\n", one_line(&text)),
+        )
+            .into_response(),
     };
     if status == StatusCode::UNAUTHORIZED {
         response.headers_mut().insert(
@@ -140,6 +149,9 @@ enum Answer {
     Html(String),
     /// One line saying why.
     Text(String),
+    /// One line saying why, and that asking again in a second may do (`Retry-After`): the
+    /// renders in flight are many, or this one is still going and will store its entry.
+    Later(String),
 }
 
 async fn answer(
@@ -198,17 +210,20 @@ async fn answer(
             .waited_out
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         crate::ops::telemetry::serve_waited_out();
-        return unavailable(&format!(
-            "no render within {} (--serve-wait): it waits for a PostgreSQL session, or its load is slow; it goes on and stores the entry",
-            humantime::format_duration(shared.wait)
-        ));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Answer::Later(format!(
+                "no render within {} (--serve-wait): it waits for a PostgreSQL session, or its load is slow; it goes on and stores the entry",
+                humantime::format_duration(shared.wait)
+            )),
+        );
     };
     match rendered {
         Rendered::Done => {}
         Rendered::Busy => {
             return (
                 StatusCode::TOO_MANY_REQUESTS,
-                Answer::Text(format!(
+                Answer::Later(format!(
                     "more than {} renders are in flight (--serve-max-pending): try again shortly",
                     shared.max_pending
                 )),

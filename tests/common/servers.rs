@@ -67,9 +67,9 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body)
 }
 
-/// An HTTP/1.1 GET with extra header lines (`"Authorization: Bearer x"`): the status code, the
-/// `Content-Type` and the body; status 0 while nothing answers.
-pub async fn http_get_with(port: u16, path: &str, headers: &[&str]) -> (u16, String, String) {
+/// The whole response (status line, headers, body) to a GET of `path` with extra `headers`, or
+/// `None` when nothing answered.
+pub async fn http_response(port: u16, path: &str, headers: &[&str]) -> Option<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
     for header in headers {
@@ -77,14 +77,20 @@ pub async fn http_get_with(port: u16, path: &str, headers: &[&str]) -> (u16, Str
     }
     request += "\r\n";
     let mut response = String::new();
-    let exchanged = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        stream.write_all(request.as_bytes()).await?;
-        stream.read_to_string(&mut response).await
-    };
-    if exchanged.await.is_err() {
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    stream.write_all(request.as_bytes()).await.ok()?;
+    stream.read_to_string(&mut response).await.ok()?;
+    Some(response)
+}
+
+/// An HTTP/1.1 GET with extra header lines (`"Authorization: Bearer x"`): the status code, the
+/// `Content-Type` and the body; status 0 while nothing answers.
+pub async fn http_get_with(port: u16, path: &str, headers: &[&str]) -> (u16, String, String) {
+    let Some(response) = http_response(port, path, headers).await else {
         return (0, String::new(), String::new());
-    }
+    };
     let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
     let status = head
         .split_whitespace()
