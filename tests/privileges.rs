@@ -13,6 +13,7 @@ use common::servers::{BoundedOutput, PostgresSetup, TempPostgres, TempRedis};
 use common::{TestEnv, connect, error_of, eventually, psql, test_settings, tweak};
 use pgfresh::testing::Write;
 use pgfresh::tokio_postgres::Client;
+use std::ops::Not;
 use std::process::Command;
 
 /// The owners of the functions pgfresh's triggers call.
@@ -1049,5 +1050,89 @@ async fn redis_user_suffices(commands: &str) {
     // And nothing outside its keys.
     let denied = env.sink.get("someone:else").await.unwrap_err().to_string();
     assert!(denied.contains("no permissions"), "{denied}");
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_redis_user_denied_a_command_the_writes_need_fails_batches_and_parks_nothing() {
+    // Without SET, which writes an entry with a TTL: every key would fail alike, as when Redis is
+    // out of memory; no change may count an attempt, or be parked, for it.
+    let redis = TempRedis::start();
+    let acl = |change: &str| {
+        let out = Command::new("redis-cli")
+            .args(["-p", &redis.port.to_string()])
+            .args(format!("ACL SETUSER pgfresh {change}").split_whitespace())
+            .output_bounded()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "OK");
+    };
+    acl(
+        "on >s3cret resetkeys ~pgfresh_test_* ~pgfresh:* resetchannels -@all +get +set +del +mget +mset +exists +scan +ping +evalsha +eval +script|load +select +info",
+    );
+    let url = format!("redis://pgfresh:s3cret@127.0.0.1:{}/3", redis.port);
+    let env = TestEnv::shop_with_redis(3, &url).await;
+    acl("-set");
+    let storage = pgfresh::Storage::plain().with_ttl(std::time::Duration::from_secs(3 * 3600));
+    let fragments = pgfresh::Fragments::new().with_storage(
+        &env.prefix,
+        common::product_card::ProductCard,
+        storage,
+    );
+    let settings = tweak(test_settings(), |s| {
+        s.sweep_interval = Some(std::time::Duration::from_secs(3600));
+        s.max_attempts = 2;
+    });
+    let listener = env.start_listener_with(fragments, settings);
+    env.client()
+        .await
+        .execute("UPDATE products SET price_cents = 1 WHERE id = 3", &[])
+        .await
+        .unwrap();
+    eventually("the change to note why it waits (or be parked)", || async {
+        env.client()
+            .await
+            .query(
+                "SELECT FROM pgfresh.changes WHERE key = '3' AND last_error LIKE '%can''t run this command%'
+                 UNION ALL SELECT FROM pgfresh.failed WHERE key = '3'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .is_empty()
+            .not()
+    })
+    .await;
+    listener.stop().await;
+    let errors: Vec<String> = env
+        .client()
+        .await
+        .query("SELECT error FROM pgfresh.failed", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    let (attempts, parked): (i32, i64) = {
+        let client = env.client().await;
+        let attempts = client
+            .query_one(
+                "SELECT coalesce(max(attempts), 0) FROM pgfresh.changes WHERE key = '3'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let parked = client
+            .query_one("SELECT count(*) FROM pgfresh.failed", &[])
+            .await
+            .unwrap()
+            .get(0);
+        (attempts, parked)
+    };
+    assert_eq!(
+        (attempts, parked),
+        (0, 0),
+        "no attempt counted, nothing parked: {errors:?}"
+    );
     env.cleanup().await;
 }

@@ -32,10 +32,16 @@ const TOMBSTONE_MILLIS: u64 = 24 * 60 * 60 * 1000;
 /// `noeviction`, a read-only replica, writes stopped after a failed save.
 const SERVER_REFUSALS: [&str; 3] = ["OOM", "READONLY", "MISCONF"];
 
-/// Whether Redis's error text (its code first) is a refusal of the server's.
+/// Whether Redis's error text (its code first) is a refusal of the server's: one of
+/// [`SERVER_REFUSALS`], or an ACL that denies the user a command the writes run, which refuses
+/// every key alike (where one that denies a key refuses that key alone). Redis words that
+/// "NOPERM ... no permissions to run the 'set' command", and inside a script (Redis 7.0) "ERR The
+/// user executing the script can't run this command or subcommand".
 fn refused_by_server(error: &str) -> bool {
     let code = error.split_whitespace().next().unwrap_or_default();
     SERVER_REFUSALS.contains(&code)
+        || error.contains("no permissions to run the")
+        || error.contains("can't run this command")
 }
 
 /// One write for [`RedisStore::write`].
@@ -308,5 +314,31 @@ fn describe_reply(reply: redis::Value) -> String {
         redis::Value::BulkString(bytes) => String::from_utf8_lossy(&bytes).into_owned(),
         redis::Value::SimpleString(text) => text,
         other => format!("unexpected reply {other:?}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_by_server;
+
+    #[test]
+    fn a_denied_command_is_the_server_s_refusal_and_a_denied_key_is_the_key_s() {
+        for server in [
+            "OOM command not allowed when used memory > 'maxmemory'.",
+            "READONLY You can't write against a read only replica.",
+            "NOPERM this user has no permissions to run the 'set' command",
+            "NOPERM User pgfresh has no permissions to run the 'set' command",
+            "ERR The user executing the script can't run this command or subcommand",
+        ] {
+            assert!(refused_by_server(server), "{server}");
+        }
+        for key in [
+            "NOPERM this user has no permissions to access one of the keys used as arguments",
+            "NOPERM No permissions to access a key",
+            "ERR The user executing the script can't access at least one of the keys mentioned in the command",
+            "WRONGTYPE Operation against a key holding the wrong kind of value",
+        ] {
+            assert!(!refused_by_server(key), "{key}");
+        }
     }
 }
