@@ -605,6 +605,20 @@ async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails
         })
         .await;
     }
+    only_13_failed(&env, "division by zero").await;
+    listener.stop().await;
+    assert!(
+        !bouncer.log().contains("query_wait_timeout"),
+        "{}",
+        bouncer.log()
+    );
+    drop(bouncer);
+    env.cleanup().await;
+}
+
+/// Waits for product 13's change to note a failed attempt with `error`, then checks that no
+/// other change waits.
+async fn only_13_failed(env: &TestEnv, error: &str) {
     eventually("product 13's change to note its failure", || async {
         let row = env
             .client()
@@ -616,7 +630,7 @@ async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails
             .await
             .unwrap();
         row.and_then(|row| row.get::<_, Option<String>>(0))
-            .is_some_and(|error| error.contains("division by zero"))
+            .is_some_and(|noted| noted.contains(error))
     })
     .await;
     let waiting: i64 = env
@@ -630,14 +644,6 @@ async fn a_pool_of_one_server_session_serves_a_listener_and_a_failing_load_fails
         .unwrap()
         .get(0);
     assert_eq!(waiting, 0, "every other change left the queue");
-    listener.stop().await;
-    assert!(
-        !bouncer.log().contains("query_wait_timeout"),
-        "{}",
-        bouncer.log()
-    );
-    drop(bouncer);
-    env.cleanup().await;
 }
 
 /// The shop's card, whose load runs in a transaction of its own making, as a loader may on a
@@ -818,31 +824,7 @@ async fn a_load_that_panics_mid_statement_behind_a_pool_of_one_fails_only_its_ke
         })
         .await;
     }
-    eventually("product 13's change to note the panic", || async {
-        let row = env
-            .client()
-            .await
-            .query_opt(
-                "SELECT last_error FROM pgfresh.changes WHERE key = '13' AND attempts > 0",
-                &[],
-            )
-            .await
-            .unwrap();
-        row.and_then(|row| row.get::<_, Option<String>>(0))
-            .is_some_and(|error| error.contains("the card cannot show product 13"))
-    })
-    .await;
-    let waiting: i64 = env
-        .client()
-        .await
-        .query_one(
-            "SELECT count(*) FROM pgfresh.changes WHERE key <> '13'",
-            &[],
-        )
-        .await
-        .unwrap()
-        .get(0);
-    assert_eq!(waiting, 0, "every other change left the queue");
+    only_13_failed(&env, "the card cannot show product 13").await;
     listener.stop().await;
     assert!(
         !bouncer.log().contains("query_wait_timeout"),
