@@ -99,20 +99,29 @@ fn every_migration_install_sql_applies_records_its_own_version() {
     }
 }
 
+/// pgfresh as the release of schema version `version` installed it: `prepare.sql` and the
+/// migrations up to it, in one transaction.
+async fn install_up_to(client: &pgfresh::tokio_postgres::Client, version: i32) {
+    let migrations: String = pgfresh::testing::migrations()
+        .iter()
+        .filter(|(number, _, _)| *number <= version)
+        .map(|(_, _, sql)| *sql)
+        .collect();
+    client
+        .batch_execute(&format!(
+            "BEGIN; {} {migrations} COMMIT;",
+            pgfresh::testing::prepare_sql()
+        ))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn upgrading_from_0001_gives_existing_watches_their_truncate_trigger() {
     let env = TestEnv::empty().await;
     let client = env.client().await;
     let migrations = pgfresh::testing::migrations();
-    let (_, first_name, first) = migrations[0];
-    assert_eq!(first_name, "0001_initial");
-    client
-        .batch_execute(&format!(
-            "BEGIN; {} {first} COMMIT;",
-            pgfresh::testing::prepare_sql()
-        ))
-        .await
-        .unwrap();
+    install_up_to(&client, 1).await;
     client
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY); SELECT pgfresh.watch('items', 'id', 'item')",
@@ -208,18 +217,7 @@ async fn upgrading_from_version_5_keeps_every_queued_and_parked_change_and_rebui
     let client = env.client().await;
     // Schema version 5, as the last release installed it, with a watch, a queued change and a
     // parked one.
-    let up_to_5: String = pgfresh::testing::migrations()
-        .iter()
-        .filter(|(version, _, _)| *version <= 5)
-        .map(|(_, _, sql)| *sql)
-        .collect();
-    client
-        .batch_execute(&format!(
-            "BEGIN; {} {up_to_5} COMMIT;",
-            pgfresh::testing::prepare_sql()
-        ))
-        .await
-        .unwrap();
+    install_up_to(&client, 5).await;
     client
         .batch_execute(
             "CREATE TABLE items (id int PRIMARY KEY); SELECT pgfresh.watch('items', 'id', 'item');
@@ -294,18 +292,7 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
     let client = env.client().await;
     // Schema version 6, a watched partitioned table, then a foreign partition added to it: its
     // row trigger is cloned there, its TRUNCATE trigger is not (nor could it be).
-    let up_to_6: String = pgfresh::testing::migrations()
-        .iter()
-        .filter(|(version, _, _)| *version <= 6)
-        .map(|(_, _, sql)| *sql)
-        .collect();
-    client
-        .batch_execute(&format!(
-            "BEGIN; {} {up_to_6} COMMIT;",
-            pgfresh::testing::prepare_sql()
-        ))
-        .await
-        .unwrap();
+    install_up_to(&client, 6).await;
     client
         .batch_execute(
             "CREATE EXTENSION file_fdw;

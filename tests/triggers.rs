@@ -345,28 +345,18 @@ async fn a_truncate_of_one_partition_is_recorded_and_a_partition_attached_later_
         )
         .await
         .unwrap();
-    let status = common::cli::stdout(&common::cli::run(
-        &common::shop_binary(),
-        &env.url,
-        &common::redis_url(),
-        &["status"],
-    ));
+    let report = status(&env);
     assert!(
-        status.contains("the TRUNCATE trigger of a watch on public.visits_high is missing")
-            && status.contains("SELECT pgfresh.watch('public.visits', 'id', 'visit');"),
-        "{status}"
+        report.contains("the TRUNCATE trigger of a watch on public.visits_high is missing")
+            && report.contains("SELECT pgfresh.watch('public.visits', 'id', 'visit');"),
+        "{report}"
     );
     client
         .batch_execute("SELECT pgfresh.watch('visits', 'id', 'visit'); TRUNCATE visits_high;")
         .await
         .unwrap();
-    let status = common::cli::stdout(&common::cli::run(
-        &common::shop_binary(),
-        &env.url,
-        &common::redis_url(),
-        &["status"],
-    ));
-    assert!(!status.contains("missing"), "{status}");
+    let report = status(&env);
+    assert!(!report.contains("missing"), "{report}");
     env.cleanup().await;
 }
 
@@ -411,13 +401,18 @@ async fn a_partitioned_table_with_a_foreign_partition_is_watched() {
         .get(0);
     assert_eq!(truncated, 1);
     // No trigger is missing for status and doctor: none is expected on the foreign partition.
-    let status = common::cli::stdout(&common::cli::run(
+    let report = status(&env);
+    assert!(report.contains("shipment"), "{report}");
+    assert!(!report.contains("missing"), "{report}");
+    env.cleanup().await;
+}
+
+/// What `status` prints for the environment's database.
+fn status(env: &TestEnv) -> String {
+    common::cli::stdout(&common::cli::run(
         &common::shop_binary(),
         &env.url,
         &common::redis_url(),
         &["status"],
-    ));
-    assert!(status.contains("shipment"), "{status}");
-    assert!(!status.contains("missing"), "{status}");
-    env.cleanup().await;
+    ))
 }

@@ -113,6 +113,7 @@ async fn fragment(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
     crate::ops::telemetry::serve_request(status.as_u16(), started.elapsed());
+    let later = matches!(answer, Answer::Later(_));
     let mut response = match answer {
         Answer::Html(html) => (
             status,
@@ -120,27 +121,22 @@ async fn fragment(
             html,
         )
             .into_response(),
-        Answer::Text(text) => (
+        Answer::Text(text) | Answer::Later(text) => (
             status,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             format!("{}\n", one_line(&text)),
         )
             .into_response(),
-        Answer::Later(text) => (
-            status,
-            [
-                (header::CONTENT_TYPE, "text/plain; charset=utf-8"),
-                (header::RETRY_AFTER, "1"),
-            ],
-            format!("{}\n", one_line(&text)),
-        )
-            .into_response(),
     };
+    let headers = response.headers_mut();
     if status == StatusCode::UNAUTHORIZED {
-        response.headers_mut().insert(
+        headers.insert(
             header::WWW_AUTHENTICATE,
             header::HeaderValue::from_static("Bearer"),
         );
+    }
+    if later {
+        headers.insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
     }
     response
 }

@@ -120,12 +120,15 @@ async fn note_unwatchable(
     fragment: &dyn DynFragment,
     reads: Vec<(u32, Unwatchable, String)>,
 ) -> Result<(), Error> {
+    if reads.is_empty() {
+        return Ok(());
+    }
+    let users = db.get().await?;
     let mut noted = BTreeSet::new();
     for (relation, kind, by) in reads {
         if !noted.insert(relation) {
             continue;
         }
-        let users = db.get().await?;
         let name = dependencies::name_in_session(&users, relation).await?;
         let fragment = fragment.name();
         report.note(match kind {
