@@ -842,6 +842,19 @@ async fn hold_snapshot(env: &TestEnv) -> tokio_postgres::Client {
     holder
 }
 
+/// A session in a transaction that changed product `id` and stays open until it is dropped (a
+/// forgotten `BEGIN` that wrote): its transaction id keeps every snapshot's xmin at or below it,
+/// and its change waits in the queue, uncommitted, below every change made after it.
+async fn hold_transaction_id(env: &TestEnv, id: i64) -> tokio_postgres::Client {
+    let holder = env.client().await;
+    holder.batch_execute("BEGIN").await.unwrap();
+    holder
+        .execute("UPDATE products SET name = 'Held' WHERE id = $1", &[&id])
+        .await
+        .unwrap();
+    holder
+}
+
 /// Renames products one at a time, 30 times, each applied before the next (a claim and a drain
 /// of its own, as on a quiet site), until the index entries the queue's statistics say were read
 /// for the 30 stay below `most`; returns what each round read. A transaction that holds a
@@ -955,6 +968,30 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
         "{read} index entries read to claim and settle 20,000 changes"
     );
     held.batch_execute("ROLLBACK").await.unwrap();
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
+async fn while_a_transaction_id_is_held_changes_after_a_backlog_are_claimed_without_walking_over_it()
+ {
+    let env = TestEnv::shop(4).await;
+    let db = env.client().await;
+    let listener = idle_listener(&env, test_settings()).await;
+    let held = hold_transaction_id(&env, 4).await;
+    drain_backlog(&db, "g::text").await;
+    // No snapshot's xmin passes the held transaction: a floor proven by xmin alone stays below
+    // its change, and every claim reads the 20,000 applied entries above it (600,000 and more for
+    // 30 changes). Passed once it has held claims back for a second, it costs a walk when it
+    // ends, and at the floor's walk from the first id every 10 s.
+    let read = single_changes_read(&env, &db, 150_000).await;
+    assert!(
+        read.is_ok(),
+        "index entries read to claim 30 changes one at a time, in each round: {read:?}"
+    );
+    // The floor passed its change, which is claimed once it commits.
+    held.batch_execute("COMMIT").await.unwrap();
+    env.wait_name(4, "Held").await;
     listener.stop().await;
     env.cleanup().await;
 }

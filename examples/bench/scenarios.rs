@@ -109,7 +109,7 @@ struct CatchUp {
     queued: i64,
     elapsed: Duration,
     cost: crate::cost::Cost,
-    /// Updates at 100/s right after the drain, by the same listener (the snapshot still held, if
+    /// Updates at 100/s right after the drain, by the same listener (what was held still held, if
     /// it was), and what they cost.
     after: Latencies,
     after_cost: crate::cost::Cost,
@@ -127,6 +127,18 @@ impl CatchUp {
             self.after_cost.per_thousand(sorted.len() as f64, "changes")
         )
     }
+}
+
+/// What another session holds during a catch-up run.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    Nothing,
+    /// A `REPEATABLE READ` transaction's snapshot (a long report): no transaction id, so the
+    /// xmin of other sessions' snapshots moves on.
+    Snapshot,
+    /// A transaction id (a forgotten `BEGIN` that wrote something): every snapshot's xmin stays
+    /// at or below it.
+    TransactionId,
 }
 
 /// A listener running in this process, for the scenarios that measure it.
@@ -854,7 +866,7 @@ impl Bench {
 
     /// 100,000 changes over 20,000 products queued while no listener runs; then one starts.
     pub async fn catch_up(&self) -> Result<()> {
-        let normal = self.catch_up_once(false).await?;
+        let normal = self.catch_up_once(Hold::Nothing).await?;
         println!(
             "catch-up: {} queued changes over {PRODUCTS} products drained in {:.2} s: {:.0} changes/s; {}; {}",
             normal.queued,
@@ -865,9 +877,21 @@ impl Bench {
         );
         // Issue 21's case: another session holds a transaction open for the whole run (a long
         // report, a forgotten BEGIN), so no dead row of the queue can be removed meanwhile.
-        let held = self.catch_up_once(true).await?;
+        let held = self.catch_up_once(Hold::Snapshot).await?;
         println!(
             "catch-up with a transaction held open (xmin pinned): {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}; {} (its dead rows still kept)",
+            held.queued,
+            held.elapsed.as_secs_f64(),
+            held.queued as f64 / held.elapsed.as_secs_f64(),
+            held.elapsed.as_secs_f64() / normal.elapsed.as_secs_f64(),
+            held.cost.per_thousand(held.queued as f64, "changes"),
+            held.after()
+        );
+        // The same with a transaction id held (a forgotten BEGIN that wrote something, a
+        // prepared transaction nobody finished): every snapshot's xmin stays at it.
+        let held = self.catch_up_once(Hold::TransactionId).await?;
+        println!(
+            "catch-up with a transaction holding a transaction id: {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}; {} (its dead rows still kept)",
             held.queued,
             held.elapsed.as_secs_f64(),
             held.queued as f64 / held.elapsed.as_secs_f64(),
@@ -878,21 +902,28 @@ impl Bench {
         Ok(())
     }
 
-    /// Queues five changes to every product, then times a listener draining them; with `hold`,
-    /// while another session keeps a REPEATABLE READ transaction (and its snapshot) open from
-    /// before the changes until the queue is empty.
-    async fn catch_up_once(&self, hold: bool) -> Result<CatchUp> {
+    /// Queues five changes to every product, then times a listener draining them, while another
+    /// session holds what `hold` says from before the changes until the listener has stopped.
+    async fn catch_up_once(&self, hold: Hold) -> Result<CatchUp> {
         let (db, url) = self.shop(PRODUCTS).await?;
         let (sink, _) = self.redis().await?;
         let client = connect(&url).await?;
         client.batch_execute("TRUNCATE pgfresh.changes").await?;
         let holder = connect(&url).await?;
-        if hold {
-            holder
-                .batch_execute(
-                    "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM products",
-                )
-                .await?;
+        match hold {
+            Hold::Nothing => {}
+            Hold::Snapshot => {
+                holder
+                    .batch_execute(
+                        "BEGIN ISOLATION LEVEL REPEATABLE READ; SELECT count(*) FROM products",
+                    )
+                    .await?
+            }
+            Hold::TransactionId => {
+                holder
+                    .batch_execute("BEGIN; SELECT pg_current_xact_id()")
+                    .await?
+            }
         }
         for _ in 0..5 {
             client
@@ -911,7 +942,7 @@ impl Bench {
         let cost = CpuSample::now(&self.redis_url).await?.since(before);
         let (after, after_cost) = self.costed_latency(&url, 100, Capture::On).await?;
         listener.stop().await?;
-        if hold {
+        if hold != Hold::Nothing {
             holder.batch_execute("COMMIT").await?;
         }
         Ok(CatchUp {

@@ -65,8 +65,8 @@ pub(crate) async fn process(
     );
     let (begun, claim) = futures_util::future::join(txn.begun(), claim).await;
     begun?;
-    let claim = claim?;
-    if let Some(seen) = claim.seen {
+    let mut claim = claim?;
+    if let Some(seen) = claim.seen.take() {
         shared.floor.claimed(start, seen);
     }
     let claimed = claim.changes.len() + claim.undecodable.len();

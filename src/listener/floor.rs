@@ -24,9 +24,16 @@
 //!   may be left below the floor: the batch that made it wait tells the floor when it is ready
 //!   ([`QueueFloor::wait`]), and the next claim after that starts below it, once.
 //!
-//! A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote something),
-//! in any database of the server, keeps `xmin` back, and the floor waits where it is, as claims
-//! did before.
+//! - A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote
+//!   something, a prepared transaction nobody finished, in any database of the server) keeps every
+//!   snapshot's `xmin` at or below it, and with it the proof above: each claim would read every
+//!   change applied since it began. Its changes, and those of any transaction still running, are
+//!   not committed, so no claim can take them while it runs; what matters is not to pass them for
+//!   good. Once an earlier claim's transaction id has stayed unproven for [`HELD_BACK`], the floor
+//!   rises as if proven, and remembers each transaction below that id that the snapshot says is
+//!   still running, with the first id it passed ([`State::passed`]). When a later snapshot says
+//!   one of them has ended, the next claim starts there, once ([`QueueFloor::start`]'s `due`),
+//!   and claims whatever it committed.
 //!
 //! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`],
 //! which also forgets what claims saw (and so does a failed drain: PostgreSQL may have
@@ -38,7 +45,7 @@
 //! walk after it commits or is ready (and the poll or NOTIFY after that). If the identity does not
 //! hand out ids in order (a cache or a negative increment set on it), the listener keeps no floor.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -54,6 +61,14 @@ const CANDIDATES: usize = 32;
 /// first id finds the others (each at most [`WALK_FROM_START`] after it is ready).
 const WAITING: usize = 10_000;
 
+/// How long a claim's transaction id may stay unproven (another transaction, older, still runs)
+/// before the floor passes the transactions that hold it back.
+pub(crate) const HELD_BACK: Duration = Duration::from_secs(1);
+
+/// Running transactions the floor keeps track of having passed; past that many, it waits for
+/// them as it does for a shorter while.
+const PASSED: usize = 1_000;
+
 /// The floor under this listener's claims (see the module's header).
 pub(crate) struct QueueFloor {
     state: Mutex<State>,
@@ -62,18 +77,31 @@ pub(crate) struct QueueFloor {
 }
 
 struct State {
-    /// No change at or below this id can be claimed, now or later.
+    /// No change at or below this id can be claimed, now or later, but those of the
+    /// transactions in `passed`, once they have ended.
     floor: i64,
     /// Bumped when the floor goes back to the first id: a claim that started before says
     /// nothing about the floor since.
     generation: u64,
     /// When claims last started from the first id.
     walked_from_start: Instant,
-    /// `(v, x)`: every id up to `v` was taken by a transaction that began before transaction `x`.
-    /// Both grow along the list.
-    candidates: VecDeque<(i64, u64)>,
+    /// What claims saw, for later snapshots to prove. Both ids grow along the list.
+    candidates: VecDeque<Candidate>,
     /// Changes this listener made wait longer than [`LOOK_AHEAD`], maybe below the floor.
     waiting: Waits,
+    /// Transactions that were still running when the floor rose past ids they may hold, each
+    /// with the first of those ids: the floor waits for them to end.
+    passed: HashMap<u64, i64>,
+}
+
+/// Every id up to `last_id` was taken by a transaction that began before transaction `xid`
+/// (which a claim had when it saw `last_id`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Candidate {
+    last_id: i64,
+    xid: u64,
+    /// When the claim saw it.
+    at: Instant,
 }
 
 impl State {
@@ -139,6 +167,7 @@ impl QueueFloor {
                 walked_from_start: Instant::now(),
                 candidates: VecDeque::new(),
                 waiting: Waits::default(),
+                passed: HashMap::new(),
             }),
             in_order,
         }
@@ -180,7 +209,8 @@ impl QueueFloor {
     }
 
     /// Where figures that look for the oldest change may start: the floor, or below the changes
-    /// waiting for a retry that it may have passed.
+    /// waiting for a retry that it may have passed. (Not below what transactions it passed may
+    /// hold: no one sees that until they end, and then the next claim starts there.)
     pub(crate) fn current(&self) -> i64 {
         let state = self.state.lock().expect("queue floor lock");
         let first_waiting = state.waiting.0.iter().map(|&(_, id)| id).min();
@@ -190,6 +220,19 @@ impl QueueFloor {
     /// Takes in what a claim that started at `start` saw.
     pub(crate) fn claimed(&self, start: Start, seen: Seen) {
         let mut state = self.state.lock().expect("queue floor lock");
+        let now = Instant::now();
+        // Transactions the floor passed that have ended: the next claim starts below what they
+        // may have committed. (True of any snapshot, whenever its claim started.)
+        let State {
+            passed, waiting, ..
+        } = &mut *state;
+        passed.retain(|&xid, &mut first| {
+            let ended = seen.snapshot.sees(xid);
+            if ended {
+                waiting.add(now, first);
+            }
+            !ended
+        });
         // Sent before the floor last went back to the first id: it may have seen what the walk
         // is for (ids handed out again), and the floor no longer is what it started from.
         if start.generation != state.generation || !self.in_order {
@@ -197,19 +240,42 @@ impl QueueFloor {
         }
         // The horizon its snapshot proves: the highest id seen by a claim whose transaction id
         // is below the snapshot's xmin.
-        let proven = state
-            .candidates
-            .iter()
-            .take_while(|&&(_, x)| x < seen.xmin)
-            .count();
-        let horizon = proven.checked_sub(1).map(|last| state.candidates[last].0);
+        let xmin = seen.snapshot.xmin();
+        let mut proven = state.candidates.iter().take_while(|c| c.xid < xmin).count();
+        // Held back by older transactions still running: proven but for them, the floor passes
+        // them and waits for them to end (see the module's header). Only a claim from the floor,
+        // whose look for the first change past it is what moves it.
+        let mut running = Vec::new();
+        // Held back for long, or only by transactions it passed already (after the walk from the
+        // first id, which forgot what claims saw but not those).
+        let held_back = state.candidates.get(proven).is_some_and(|c| {
+            now.duration_since(c.at) >= HELD_BACK
+                || (seen.snapshot.running_below(c.xid)).all(|xid| state.passed.contains_key(&xid))
+        });
+        if held_back && seen.first_past_floor.is_some() && state.passed.len() < PASSED {
+            let xmax = seen.snapshot.xmax();
+            proven = state.candidates.iter().take_while(|c| c.xid < xmax).count();
+            if let Some(last) = proven.checked_sub(1) {
+                let below = state.candidates[last].xid;
+                running.extend(seen.snapshot.running_below(below));
+            }
+        }
+        let horizon = proven
+            .checked_sub(1)
+            .map(|last| state.candidates[last].last_id);
         // Later snapshots prove at least as much: the last proven entry is all they need.
         if proven > 1 {
             state.candidates.drain(..proven - 1);
         }
         if let (Some(horizon), Some(first)) = (horizon, seen.first_past_floor) {
             let floor = first.map_or(horizon, |first| horizon.min(first - 1));
-            state.floor = state.floor.max(floor);
+            if floor > state.floor {
+                let passed_from = state.floor.saturating_add(1);
+                for xid in running {
+                    state.passed.entry(xid).or_insert(passed_from);
+                }
+                state.floor = floor;
+            }
         }
         // What this claim saw, for a later snapshot to prove: only if it adds to the list's end.
         // An entry with a higher id and a lower transaction id replaces those it outdoes.
@@ -217,21 +283,25 @@ impl QueueFloor {
         // a statement before it in its transaction): writers that took theirs later may hold
         // ids it saw. Claims are their transaction's first statement that takes one; if that
         // changed, this keeps the floor where it is rather than wrong.
-        if seen.last_id != i64::MIN && seen.xid >= seen.xmax {
+        if seen.last_id != i64::MIN && seen.xid >= seen.snapshot.xmax() {
             if state
                 .candidates
                 .back()
-                .is_some_and(|&(v, _)| v >= seen.last_id)
+                .is_some_and(|c| c.last_id >= seen.last_id)
             {
                 return;
             }
-            while state.candidates.back().is_some_and(|&(_, x)| x >= seen.xid) {
+            while state.candidates.back().is_some_and(|c| c.xid >= seen.xid) {
                 state.candidates.pop_back();
             }
             if state.candidates.len() == CANDIDATES {
                 state.candidates.pop_back();
             }
-            state.candidates.push_back((seen.last_id, seen.xid));
+            state.candidates.push_back(Candidate {
+                last_id: seen.last_id,
+                xid: seen.xid,
+                at: now,
+            });
         }
     }
 }
@@ -242,9 +312,13 @@ mod tests {
 
     /// A claim whose snapshot's xmin and xmax are `xmin`.
     fn seen(xmin: u64, xid: u64, last_id: i64, first: Option<Option<i64>>) -> Seen {
+        seen_in(&format!("{xmin}:{xmin}:"), xid, last_id, first)
+    }
+
+    /// A claim whose snapshot is `snapshot`, in `pg_current_snapshot()`'s text form.
+    fn seen_in(snapshot: &str, xid: u64, last_id: i64, first: Option<Option<i64>>) -> Seen {
         Seen {
-            xmin,
-            xmax: xmin,
+            snapshot: crate::pg::Snapshot::parse(snapshot).unwrap(),
             xid,
             last_id,
             first_past_floor: first,
@@ -328,9 +402,7 @@ mod tests {
     #[test]
     fn a_claim_whose_transaction_id_came_before_its_snapshot_proves_nothing() {
         let floor = QueueFloor::new(true);
-        let mut early = seen(90, 95, 50, None);
-        early.xmax = 99;
-        floor.claimed(floor.start(), early);
+        floor.claimed(floor.start(), seen_in("90:99:", 95, 50, None));
         floor.claimed(floor.start(), seen(200, 210, 60, Some(None)));
         assert_eq!(floor.current(), i64::MIN);
     }
@@ -375,6 +447,111 @@ mod tests {
         assert_eq!(floor.state.lock().unwrap().waiting.len(), 1);
     }
 
+    /// Makes every candidate look as if its claim saw it `HELD_BACK` ago.
+    fn age_candidates(floor: &QueueFloor) {
+        for candidate in floor.state.lock().unwrap().candidates.iter_mut() {
+            candidate.at -= HELD_BACK;
+        }
+    }
+
+    #[test]
+    fn a_transaction_holding_xmin_back_is_passed_and_what_it_commits_claimed_once_it_ends() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 40, None));
+        floor.claimed(floor.start(), seen(101, 110, 45, Some(None)));
+        assert_eq!(floor.current(), 40);
+        // Transaction 112 begins and stays (a forgotten BEGIN that wrote): every snapshot's
+        // xmin is 112 from now on. Claim 120 saw changes up to 60.
+        floor.claimed(
+            floor.start(),
+            seen_in("112:120:112", 120, 60, Some(Some(50))),
+        );
+        assert_eq!(floor.current(), 45, "proven up to what claim 110 saw");
+        // Claim 120's transaction id stays unproven, but only for now: the floor waits.
+        floor.claimed(
+            floor.start(),
+            seen_in("112:130:112", 130, 65, Some(Some(55))),
+        );
+        assert_eq!(floor.start().floor, 45);
+        // Once it has waited HELD_BACK: the floor passes transaction 112, the only one running
+        // below 130 (135 began after claim 130 took its id), up to what claim 130 saw, below
+        // the first change past the floor.
+        age_candidates(&floor);
+        let start = floor.start();
+        floor.claimed(start, seen_in("112:140:112,135", 140, 70, Some(Some(62))));
+        assert_eq!(floor.start().floor, 61);
+        assert_eq!(floor.current(), 61);
+        // Still running: nothing to claim below the floor.
+        floor.claimed(
+            floor.start(),
+            seen_in("112:150:112", 150, 75, Some(Some(66))),
+        );
+        assert_eq!(floor.start().due, None);
+        // Ended: the next claim starts past the old floor, once.
+        floor.claimed(floor.start(), seen_in("150:160:", 160, 80, Some(Some(66))));
+        let start = floor.start();
+        assert_eq!((start.floor, start.due), (65, Some(46)));
+        assert_eq!(floor.start().due, None);
+        assert_eq!(floor.current(), 65);
+    }
+
+    #[test]
+    fn after_the_walk_from_the_first_id_transactions_passed_already_hold_nothing_back() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 40, None));
+        age_candidates(&floor);
+        floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, Some(None)));
+        assert_eq!(floor.start().floor, 40, "passed transaction 95");
+        // The walk from the first id forgets what claims saw; transaction 95 still runs.
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
+        let walk = floor.start();
+        assert_eq!(walk.floor, i64::MIN);
+        floor.claimed(walk, seen_in("95:120:95", 120, 50, Some(None)));
+        // Held back by transaction 95 alone, which the floor passed already: no second wait.
+        floor.claimed(floor.start(), seen_in("95:130:95", 130, 55, Some(None)));
+        assert_eq!(floor.start().floor, 50);
+        // Claim 120's id is still held back by 95 alone; up to claim 130's, 125 also runs: the
+        // floor passes both, each from where it passed it.
+        floor.claimed(floor.start(), seen_in("95:140:95,125", 140, 60, Some(None)));
+        assert_eq!(floor.start().floor, 55);
+        floor.claimed(floor.start(), seen_in("95:150:95", 150, 65, Some(None)));
+        let start = floor.start();
+        assert_eq!(
+            start.due,
+            Some(51),
+            "125 ended: claimed past where it was passed"
+        );
+        let passed = floor.state.lock().unwrap().passed.clone();
+        assert_eq!(
+            passed.get(&95),
+            Some(&(i64::MIN + 1)),
+            "still runs: passed from the start"
+        );
+    }
+
+    #[test]
+    fn only_a_claim_from_the_floor_passes_transactions_and_only_so_many() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 40, None));
+        floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, None));
+        age_candidates(&floor);
+        // A claim past a backlog: it did not look for the first change past the floor.
+        floor.claimed(floor.start(), seen_in("95:120:95", 120, 50, None));
+        assert_eq!(floor.start().floor, i64::MIN);
+        // Too many transactions passed already: the floor waits for xmin, as it does for a
+        // shorter while.
+        {
+            let mut state = floor.state.lock().unwrap();
+            let running = 1_000..1_000 + PASSED as u64;
+            state.passed.extend(running.map(|xid| (xid, 1)));
+        }
+        floor.claimed(floor.start(), seen_in("95:130:95", 130, 55, Some(None)));
+        assert_eq!(floor.start().floor, i64::MIN);
+        floor.state.lock().unwrap().passed.clear();
+        floor.claimed(floor.start(), seen_in("95:140:95", 140, 60, Some(None)));
+        assert_eq!(floor.start().floor, 55, "passed transaction 95");
+    }
+
     #[test]
     fn candidates_stay_few_and_in_order() {
         let floor = QueueFloor::new(true);
@@ -388,14 +565,13 @@ mod tests {
                 .candidates
                 .iter()
                 .zip(state.candidates.iter().skip(1))
-                .all(|(a, b)| a.0 < b.0 && a.1 < b.1)
+                .all(|(a, b)| a.last_id < b.last_id && a.xid < b.xid)
         );
         drop(state);
         // A claim with a higher id seen by an older transaction outdoes the entries after it.
         floor.claimed(floor.start(), seen(1, 900, 5000, None));
-        assert_eq!(
-            floor.state.lock().unwrap().candidates.back(),
-            Some(&(5000, 900))
-        );
+        let state = floor.state.lock().unwrap();
+        let last = state.candidates.back().unwrap();
+        assert_eq!((last.last_id, last.xid), (5000, 900));
     }
 }

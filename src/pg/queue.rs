@@ -51,12 +51,10 @@ pub(crate) struct Claim {
 }
 
 /// What a claim that claimed something saw, for the listener's floor (`listener::floor`).
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Seen {
-    /// Its snapshot's `xmin`: every transaction below it had ended.
-    pub(crate) xmin: u64,
-    /// Its snapshot's `xmax`: no transaction id from it on had ended.
-    pub(crate) xmax: u64,
+    /// Its snapshot: which transactions had ended.
+    pub(crate) snapshot: super::Snapshot,
     /// Its own transaction id (assigned after its snapshot was taken, if the claim was its
     /// transaction's first statement to take one).
     pub(crate) xid: u64,
@@ -160,8 +158,7 @@ pub(crate) async fn claim_batch(
     };
     if let (Some(first), Some(snapshot)) = (rows.first(), &claim.snapshot) {
         claim.seen = Some(Seen {
-            xmin: snapshot.xmin(),
-            xmax: snapshot.xmax(),
+            snapshot: snapshot.clone(),
             xid: first.get::<_, i64>(9) as u64,
             last_id: rows.last().map_or(i64::MIN, |r| r.get(1)),
             first_past_floor: floor.map(|_| first.get(10)),

@@ -5,7 +5,7 @@
 use std::collections::HashSet;
 
 /// A PostgreSQL snapshot (`pg_current_snapshot()`): which transactions had committed when it was taken.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub(crate) struct Snapshot {
     xmin: u64,
     xmax: u64,
@@ -41,6 +41,11 @@ impl Snapshot {
     /// No transaction from this id on had ended when the snapshot was taken.
     pub(crate) fn xmax(&self) -> u64 {
         self.xmax
+    }
+
+    /// The transactions below `xid` that were still running when the snapshot was taken.
+    pub(crate) fn running_below(&self, xid: u64) -> impl Iterator<Item = u64> + '_ {
+        self.in_progress.iter().copied().filter(move |&x| x < xid)
     }
 
     /// Whether transaction `xid` had committed (or aborted) when the snapshot was taken.
