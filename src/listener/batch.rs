@@ -66,6 +66,7 @@ pub(crate) async fn process(
     let (begun, claim) = futures_util::future::join(txn.begun(), claim).await;
     begun?;
     let mut claim = claim?;
+    shared.floor.walked(start, started.elapsed());
     if let Some(seen) = claim.seen.take() {
         shared.floor.claimed(start, seen);
     }

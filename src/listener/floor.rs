@@ -35,7 +35,8 @@
 //!   one of them has ended, the next claim starts there, once ([`QueueFloor::start`]'s `due`),
 //!   and claims whatever it committed.
 //!
-//! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`],
+//! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`] (or
+//! less often, while walks take long: [`WALK_SHARE`]),
 //! which also forgets what claims saw (and so does a failed drain: PostgreSQL may have
 //! restarted): a change written with an id before its transaction had one (the first row of an
 //! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
@@ -53,6 +54,12 @@ use crate::pg::queue::{LOOK_AHEAD, Seen};
 
 /// How often claims start from the first id again, whatever the floor says.
 const WALK_FROM_START: Duration = Duration::from_secs(10);
+
+/// A walk from the first id comes at most once per this many times what the last one's claim
+/// took: over the rows a held snapshot keeps (an hour of them at 1,000 changes a second is 3.6
+/// million index entries and heap rows), a walk takes long, and no more than about 1% of the time
+/// goes to them.
+const WALK_SHARE: u32 = 100;
 
 /// Ids seen and the transactions that saw them, kept until a snapshot proves them.
 const CANDIDATES: usize = 32;
@@ -85,6 +92,8 @@ struct State {
     generation: u64,
     /// When claims last started from the first id.
     walked_from_start: Instant,
+    /// What the claim of the last walk from the first id took.
+    walk_took: Duration,
     /// What claims saw, for later snapshots to prove. Both ids grow along the list.
     candidates: VecDeque<Candidate>,
     /// Changes this listener made wait longer than [`LOOK_AHEAD`], maybe below the floor.
@@ -153,6 +162,8 @@ pub(crate) struct Start {
     /// The first of the waiting changes that are ready now: the claim must look from there,
     /// whatever the floor or a backlog says.
     pub(crate) due: Option<i64>,
+    /// This claim walks from the first id (see [`QueueFloor::walked`]).
+    pub(crate) walk: bool,
     generation: u64,
 }
 
@@ -165,6 +176,7 @@ impl QueueFloor {
                 floor: i64::MIN,
                 generation: 0,
                 walked_from_start: Instant::now(),
+                walk_took: Duration::ZERO,
                 candidates: VecDeque::new(),
                 waiting: Waits::default(),
                 passed: HashMap::new(),
@@ -174,16 +186,27 @@ impl QueueFloor {
     }
 
     /// Where the next claim may start: the floor, or the first id once every
-    /// [`WALK_FROM_START`].
+    /// [`WALK_FROM_START`] (less often when walks take long, [`WALK_SHARE`]).
     pub(crate) fn start(&self) -> Start {
         let mut state = self.state.lock().expect("queue floor lock");
-        if state.walked_from_start.elapsed() >= WALK_FROM_START {
+        let every = WALK_FROM_START.max(state.walk_took * WALK_SHARE);
+        let walk = state.walked_from_start.elapsed() >= every;
+        if walk {
             state.forget();
         }
         Start {
             floor: state.floor,
             due: state.waiting.take_ready(Instant::now()),
+            walk,
             generation: state.generation,
+        }
+    }
+
+    /// The claim of a walk from the first id (`start.walk`) took `took`.
+    pub(crate) fn walked(&self, start: Start, took: Duration) {
+        let mut state = self.state.lock().expect("queue floor lock");
+        if start.walk && start.generation == state.generation {
+            state.walk_took = took;
         }
     }
 
@@ -380,6 +403,27 @@ mod tests {
         assert_eq!(floor.current(), i64::MIN);
         floor.claimed(floor.start(), seen(121, 130, 80, Some(None)));
         assert_eq!(floor.current(), 70);
+    }
+
+    #[test]
+    fn a_walk_that_took_long_comes_less_often() {
+        let floor = QueueFloor::new(true);
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
+        let walk = floor.start();
+        assert!(walk.walk);
+        // Over the rows a held snapshot keeps, the walk's claim took half a second: the next
+        // walk comes 50 s later, not 10.
+        floor.walked(walk, Duration::from_millis(500));
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START * 4;
+        assert!(!floor.start().walk, "40 s after a walk that took 0.5 s");
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
+        let walk = floor.start();
+        assert!(walk.walk, "50 s after the last walk");
+        // Quick again: every 10 s. (A claim that did not walk says nothing of walks.)
+        floor.walked(floor.start(), Duration::from_secs(60));
+        floor.walked(walk, Duration::from_millis(5));
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
+        assert!(floor.start().walk);
     }
 
     #[test]
