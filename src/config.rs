@@ -35,6 +35,12 @@ pub struct ListenSettings {
     /// How long a request of `GET /fragments/{key}` waits for its render before it is answered
     /// 503; the render goes on and stores the entry. More than zero, at most 50 s.
     pub serve_wait: Duration,
+    /// How often claims start from the queue's first id again (`listener::floor`), for the
+    /// crate's own tests: set long, a change only the floor's own account brings back is seen
+    /// to be brought back by it.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub walk_from_start: Duration,
 }
 
 /// The longest [`ListenSettings::serve_wait`]: a connection that has lived its minute still answers
@@ -128,6 +134,8 @@ impl Default for ListenSettings {
             serve_token: None,
             serve_max_pending: 256,
             serve_wait: Duration::from_secs(30),
+            #[cfg(feature = "testing")]
+            walk_from_start: crate::listener::floor::WALK_FROM_START,
         }
     }
 }

@@ -842,14 +842,20 @@ async fn hold_snapshot(env: &TestEnv) -> tokio_postgres::Client {
     holder
 }
 
-/// A session in a transaction that changed product `id` and stays open until it is dropped (a
-/// forgotten `BEGIN` that wrote): its transaction id keeps every snapshot's xmin at or below it,
-/// and its change waits in the queue, uncommitted, below every change made after it.
-async fn hold_transaction_id(env: &TestEnv, id: i64) -> tokio_postgres::Client {
+/// A session in a transaction that renamed products `ids` to "Held" and stays open until it is
+/// dropped (a forgotten `BEGIN` that wrote): its transaction id keeps every snapshot's xmin at or
+/// below it, and its changes wait in the queue, uncommitted, below every change made after them.
+async fn hold_transaction_id(
+    env: &TestEnv,
+    ids: std::ops::RangeInclusive<i64>,
+) -> tokio_postgres::Client {
     let holder = env.client().await;
     holder.batch_execute("BEGIN").await.unwrap();
     holder
-        .execute("UPDATE products SET name = 'Held' WHERE id = $1", &[&id])
+        .execute(
+            "UPDATE products SET name = 'Held' WHERE id BETWEEN $1 AND $2",
+            &[ids.start(), ids.end()],
+        )
         .await
         .unwrap();
     holder
@@ -975,23 +981,37 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
 #[tokio::test]
 async fn while_a_transaction_id_is_held_changes_after_a_backlog_are_claimed_without_walking_over_it()
  {
-    let env = TestEnv::shop(4).await;
+    let env = TestEnv::shop(303).await;
     let db = env.client().await;
-    let listener = idle_listener(&env, test_settings()).await;
-    let held = hold_transaction_id(&env, 4).await;
+    // No walk from the first id: only the floor's own account of what it passed can bring the
+    // held changes back once they commit.
+    let listener = idle_listener(
+        &env,
+        tweak(test_settings(), |s| {
+            s.walk_from_start = std::time::Duration::from_secs(3600)
+        }),
+    )
+    .await;
+    // 300 changes, more than a claim takes (200).
+    let held = hold_transaction_id(&env, 4..=303).await;
     drain_backlog(&db, "g::text").await;
     // No snapshot's xmin passes the held transaction: a floor proven by xmin alone stays below
-    // its change, and every claim reads the 20,000 applied entries above it (600,000 and more for
-    // 30 changes). Passed once it has held claims back for a second, it costs a walk when it
-    // ends, and at the floor's walk from the first id every 10 s.
+    // its changes, and every claim reads the 20,000 applied entries above them (600,000 and more
+    // for 30 changes). Passed once it has run for a second, it costs a walk when it ends.
     let read = single_changes_read(&env, &db, 150_000).await;
     assert!(
         read.is_ok(),
         "index entries read to claim 30 changes one at a time, in each round: {read:?}"
     );
-    // The floor passed its change, which is claimed once it commits.
+    // The floor passed its changes: once they commit, on a queue otherwise quiet, they are
+    // claimed from below it, every one.
     held.batch_execute("COMMIT").await.unwrap();
+    eventually("the held changes to be applied", || async {
+        env.pending().await == 0
+    })
+    .await;
     env.wait_name(4, "Held").await;
+    env.wait_name(303, "Held").await;
     listener.stop().await;
     env.cleanup().await;
 }

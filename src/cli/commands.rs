@@ -64,6 +64,7 @@ pub(super) async fn listen(
         serve_max_pending: args.serve_max_pending as usize,
         serve_wait: args.serve_wait,
         sweep: sweep_settings(&args.sweep),
+        ..ListenSettings::default()
     };
     let shutdown = shutdown_on_signal();
     crate::listener::listen(db, store, fragments.clone(), settings, shutdown).await?;

@@ -72,11 +72,29 @@ pub(crate) async fn process(
     }
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
+        // Only a claim that returns rows brings a snapshot: while the floor has passed
+        // transactions still running, an empty one asks for its own, and when one of them has
+        // ended, a claim below the floor is due at once (what it committed may be all that is
+        // left to claim, on a quiet queue).
+        if shared.floor.passing() {
+            let row = client
+                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .await?;
+            if let Some(snapshot) = crate::pg::Snapshot::parse(row.get(0))
+                && shared.floor.ended(&snapshot)
+            {
+                shared.wake_by(Instant::now());
+            }
+        }
         txn.rollback();
         return Ok((0, RefreshStats::default()));
     }
     if claimed as i64 >= shared.settings.batch_size {
         backlog.full_claim(backlog_after, claim.last_id());
+        // Below the floor, from changes it passed: the next claim goes on from here.
+        if start.due.is_some_and(|due| after == due - 1) {
+            shared.floor.go_on(claim.last_id());
+        }
     }
     let ids: Vec<i64> = claim.changes.iter().map(|change| change.id).collect();
     let first = claim.first_id();
@@ -137,6 +155,8 @@ async fn apply(
         shared.wake_by(ready);
         if let Some(&first) = plan.deferred.iter().min() {
             backlog.ready_again(ready, first);
+            // Claimed from below the floor, it would have nothing else to bring it back.
+            shared.floor.wait(first, plan.defer_for);
         }
     }
     // Failed changes wait for their retry: maybe below the floor by then.
@@ -226,9 +246,15 @@ async fn settle(
         failures.len(),
     );
     queue::defer(txn.client(), &plan.deferred, plan.defer_for).await?;
-    let waiting =
+    let mut waiting =
         queue::record_failures(txn.client(), &failures, shared.settings.max_attempts).await?;
     queue::retry_apart(txn.client(), &unresolved).await?;
+    // Ready within LOOK_AHEAD, which the floor's look covers, but for changes claimed from below
+    // the floor (see `listener::floor`).
+    waiting.extend(unresolved.iter().map(|&(id, _)| queue::Waiting {
+        id,
+        delay: queue::LOOK_AHEAD,
+    }));
     requeue_unchecked(txn.client(), &rendered.unchecked).await?;
     let kept = shared.db.kept_statements().await?;
     queue::complete(txn, kept, &applied).await?;

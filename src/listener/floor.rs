@@ -27,13 +27,15 @@
 //! - A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote
 //!   something, a prepared transaction nobody finished, in any database of the server) keeps every
 //!   snapshot's `xmin` at or below it, and with it the proof above: each claim would read every
-//!   change applied since it began. Its changes, and those of any transaction still running, are
-//!   not committed, so no claim can take them while it runs; what matters is not to pass them for
-//!   good. Once an earlier claim's transaction id has stayed unproven for [`HELD_BACK`], the floor
-//!   rises as if proven, and remembers each transaction below that id that the snapshot says is
-//!   still running, with the first id it passed ([`State::passed`]). When a later snapshot says
-//!   one of them has ended, the next claim starts there, once ([`QueueFloor::start`]'s `due`),
-//!   and claims whatever it committed.
+//!   change applied since it began. Its changes are not committed, so no claim can take them while
+//!   it runs; what matters is not to pass them for good. So the proof above holds but for the
+//!   transactions still running that claims have seen running for [`HELD_BACK`] (or that the
+//!   floor passed already): as the floor rises past what they may hold, it notes each of them with
+//!   the first id it passed ([`State::passed`]). Once a snapshot shows one ended (a claim's, or
+//!   while the floor passed any, an empty claim's own, [`QueueFloor::ended`]), the next claim
+//!   starts there ([`QueueFloor::start`]'s `due`), and goes on from each full claim
+//!   ([`QueueFloor::go_on`]); a change it makes wait, however short the wait, is on the list of
+//!   waiting changes below ([`QueueFloor::wait`]).
 //!
 //! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`] (or
 //! less often, while walks take long: [`WALK_SHARE`]),
@@ -50,10 +52,11 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use crate::pg::Snapshot;
 use crate::pg::queue::{LOOK_AHEAD, Seen};
 
 /// How often claims start from the first id again, whatever the floor says.
-const WALK_FROM_START: Duration = Duration::from_secs(10);
+pub(crate) const WALK_FROM_START: Duration = Duration::from_secs(10);
 
 /// A walk from the first id comes at most once per this many times what the last one's claim
 /// took: over the rows a held snapshot keeps (an hour of them at 1,000 changes a second is 3.6
@@ -68,8 +71,8 @@ const CANDIDATES: usize = 32;
 /// first id finds the others (each at most [`WALK_FROM_START`] after it is ready).
 const WAITING: usize = 10_000;
 
-/// How long a claim's transaction id may stay unproven (another transaction, older, still runs)
-/// before the floor passes the transactions that hold it back.
+/// How long claims must have seen a transaction running before the floor may pass it: a writer's
+/// transaction of a few milliseconds never is, a forgotten `BEGIN` soon.
 pub(crate) const HELD_BACK: Duration = Duration::from_secs(1);
 
 /// Running transactions the floor keeps track of having passed; past that many, it waits for
@@ -79,6 +82,8 @@ const PASSED: usize = 1_000;
 /// The floor under this listener's claims (see the module's header).
 pub(crate) struct QueueFloor {
     state: Mutex<State>,
+    /// How often claims start from the first id again ([`WALK_FROM_START`]).
+    walk_every: Duration,
     /// Whether the identity hands out ids in the order they are taken (no cache, counting up).
     in_order: bool,
 }
@@ -101,6 +106,8 @@ struct State {
     /// Transactions that were still running when the floor rose past ids they may hold, each
     /// with the first of those ids: the floor waits for them to end.
     passed: HashMap<u64, i64>,
+    /// The transactions claims' snapshots saw running, since when.
+    running_since: HashMap<u64, Instant>,
 }
 
 /// Every id up to `last_id` was taken by a transaction that began before transaction `xid`
@@ -109,11 +116,35 @@ struct State {
 struct Candidate {
     last_id: i64,
     xid: u64,
-    /// When the claim saw it.
-    at: Instant,
 }
 
 impl State {
+    /// Takes in which transactions had ended, and which still ran, when `snapshot` was taken:
+    /// those the floor passed that have ended make a claim below them due. Returns whether one
+    /// had.
+    fn ended(&mut self, snapshot: &Snapshot, now: Instant) -> bool {
+        let mut due = false;
+        let State {
+            passed,
+            waiting,
+            running_since,
+            ..
+        } = self;
+        passed.retain(|&xid, &mut first| {
+            let ended = snapshot.sees(xid);
+            if ended {
+                waiting.add(now, first);
+                due = true;
+            }
+            !ended
+        });
+        running_since.retain(|&xid, _| !snapshot.sees(xid));
+        for xid in snapshot.running_below(u64::MAX) {
+            running_since.entry(xid).or_insert(now);
+        }
+        due
+    }
+
     /// Back to the first id. The changes still waiting stay on the list: the floor may rise past
     /// them again before they are ready.
     fn forget(&mut self) {
@@ -180,8 +211,19 @@ impl QueueFloor {
                 candidates: VecDeque::new(),
                 waiting: Waits::default(),
                 passed: HashMap::new(),
+                running_since: HashMap::new(),
             }),
             in_order,
+            walk_every: WALK_FROM_START,
+        }
+    }
+
+    /// The same, walking from the first id every `every` instead of [`WALK_FROM_START`].
+    #[cfg(feature = "testing")]
+    pub(crate) fn walking_every(self, every: Duration) -> QueueFloor {
+        QueueFloor {
+            walk_every: every,
+            ..self
         }
     }
 
@@ -189,7 +231,7 @@ impl QueueFloor {
     /// [`WALK_FROM_START`] (less often when walks take long, [`WALK_SHARE`]).
     pub(crate) fn start(&self) -> Start {
         let mut state = self.state.lock().expect("queue floor lock");
-        let every = WALK_FROM_START.max(state.walk_took * WALK_SHARE);
+        let every = self.walk_every.max(state.walk_took * WALK_SHARE);
         let walk = state.walked_from_start.elapsed() >= every;
         if walk {
             state.forget();
@@ -215,10 +257,12 @@ impl QueueFloor {
     /// says. That claim finds it ready: its retry time counts from the start of the transaction
     /// that set it, and the claim's transaction begins after it asked [`QueueFloor::start`].
     pub(crate) fn wait(&self, id: i64, delay: Duration) {
-        if delay <= LOOK_AHEAD {
+        let mut state = self.state.lock().expect("queue floor lock");
+        // Within LOOK_AHEAD, the floor's look holds it under a change above it; a change below it
+        // (claimed from a `due` id) has only this list.
+        if delay <= LOOK_AHEAD && id > state.floor {
             return;
         }
-        let mut state = self.state.lock().expect("queue floor lock");
         if state.waiting.len() < WAITING {
             state.waiting.add(Instant::now() + delay, id);
         }
@@ -240,49 +284,73 @@ impl QueueFloor {
         first_waiting.map_or(state.floor, |id| state.floor.min(id - 1))
     }
 
+    /// Whether the floor passed transactions still running: then an empty claim's transaction
+    /// asks for a snapshot of its own ([`QueueFloor::ended`]), since only a claim that returns
+    /// rows brings one.
+    pub(crate) fn passing(&self) -> bool {
+        !self
+            .state
+            .lock()
+            .expect("queue floor lock")
+            .passed
+            .is_empty()
+    }
+
+    /// Takes in which transactions had ended when `snapshot` was taken; returns whether one the
+    /// floor passed had, so that a claim below it is due now.
+    pub(crate) fn ended(&self, snapshot: &Snapshot) -> bool {
+        self.state
+            .lock()
+            .expect("queue floor lock")
+            .ended(snapshot, Instant::now())
+    }
+
+    /// A claim from a `due` id came back full, up to `last_id`: the next claim goes on from
+    /// there, whatever the floor says.
+    pub(crate) fn go_on(&self, last_id: i64) {
+        let mut state = self.state.lock().expect("queue floor lock");
+        state.waiting.add(Instant::now(), last_id.saturating_add(1));
+    }
+
     /// Takes in what a claim that started at `start` saw.
     pub(crate) fn claimed(&self, start: Start, seen: Seen) {
         let mut state = self.state.lock().expect("queue floor lock");
         let now = Instant::now();
-        // Transactions the floor passed that have ended: the next claim starts below what they
-        // may have committed. (True of any snapshot, whenever its claim started.)
-        let State {
-            passed, waiting, ..
-        } = &mut *state;
-        passed.retain(|&xid, &mut first| {
-            let ended = seen.snapshot.sees(xid);
-            if ended {
-                waiting.add(now, first);
-            }
-            !ended
-        });
+        // True of any snapshot, whenever its claim started.
+        state.ended(&seen.snapshot, now);
         // Sent before the floor last went back to the first id: it may have seen what the walk
         // is for (ids handed out again), and the floor no longer is what it started from.
         if start.generation != state.generation || !self.in_order {
             return;
         }
         // The horizon its snapshot proves: the highest id seen by a claim whose transaction id
-        // is below the snapshot's xmin.
-        let xmin = seen.snapshot.xmin();
-        let mut proven = state.candidates.iter().take_while(|c| c.xid < xmin).count();
-        // Held back by older transactions still running: proven but for them, the floor passes
-        // them and waits for them to end (see the module's header). Only a claim from the floor,
-        // whose look for the first change past it is what moves it.
-        let mut running = Vec::new();
-        // Held back for long, or only by transactions it passed already (after the walk from the
-        // first id, which forgot what claims saw but not those).
-        let held_back = state.candidates.get(proven).is_some_and(|c| {
-            now.duration_since(c.at) >= HELD_BACK
-                || (seen.snapshot.running_below(c.xid)).all(|xid| state.passed.contains_key(&xid))
-        });
-        if held_back && seen.first_past_floor.is_some() && state.passed.len() < PASSED {
-            let xmax = seen.snapshot.xmax();
-            proven = state.candidates.iter().take_while(|c| c.xid < xmax).count();
-            if let Some(last) = proven.checked_sub(1) {
-                let below = state.candidates[last].xid;
-                running.extend(seen.snapshot.running_below(below));
-            }
-        }
+        // came before the snapshot and is above every transaction id still running, but those
+        // that have run for [`HELD_BACK`] or that the floor passed already (see the module's
+        // header). Those the floor passes as it rises, when a claim from the floor looked for the
+        // first change past it (only such a claim moves it).
+        let passable = state.passed.len() < PASSED;
+        let proven = state
+            .candidates
+            .iter()
+            .take_while(|c| {
+                c.xid < seen.snapshot.xmax()
+                    && seen.snapshot.running_below(c.xid).all(|xid| {
+                        state.passed.contains_key(&xid)
+                            || (passable
+                                && state
+                                    .running_since
+                                    .get(&xid)
+                                    .is_some_and(|&since| now.duration_since(since) >= HELD_BACK))
+                    })
+            })
+            .count();
+        let running: Vec<u64> = match proven.checked_sub(1) {
+            Some(last) => seen
+                .snapshot
+                .running_below(state.candidates[last].xid)
+                .collect(),
+            None => Vec::new(),
+        };
         let horizon = proven
             .checked_sub(1)
             .map(|last| state.candidates[last].last_id);
@@ -323,7 +391,6 @@ impl QueueFloor {
             state.candidates.push_back(Candidate {
                 last_id: seen.last_id,
                 xid: seen.xid,
-                at: now,
             });
         }
     }
@@ -332,6 +399,12 @@ impl QueueFloor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    impl PartialEq<(i64, Option<i64>)> for Start {
+        fn eq(&self, &(floor, due): &(i64, Option<i64>)) -> bool {
+            (self.floor, self.due) == (floor, due)
+        }
+    }
 
     /// A claim whose snapshot's xmin and xmax are `xmin`.
     fn seen(xmin: u64, xid: u64, last_id: i64, first: Option<Option<i64>>) -> Seen {
@@ -468,7 +541,7 @@ mod tests {
         floor.wait(20, Duration::from_secs(3600));
         floor.wait(30, LOOK_AHEAD * 2);
         floor.wait(40, LOOK_AHEAD * 2);
-        floor.wait(45, LOOK_AHEAD / 2);
+        floor.wait(55, LOOK_AHEAD / 2);
         assert_eq!(
             floor.current(),
             19,
@@ -491,10 +564,31 @@ mod tests {
         assert_eq!(floor.state.lock().unwrap().waiting.len(), 1);
     }
 
-    /// Makes every candidate look as if its claim saw it `HELD_BACK` ago.
-    fn age_candidates(floor: &QueueFloor) {
-        for candidate in floor.state.lock().unwrap().candidates.iter_mut() {
-            candidate.at -= HELD_BACK;
+    #[test]
+    fn a_short_wait_below_the_floor_is_listed_too() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 50, None));
+        floor.claimed(floor.start(), seen(101, 110, 60, Some(None)));
+        // Claimed from below the floor (a `due` id), made to wait a moment: nothing else would
+        // bring it back.
+        floor.wait(20, LOOK_AHEAD / 2);
+        assert_eq!(floor.current(), 19);
+        floor.state.lock().unwrap().waiting.0[0].0 -= LOOK_AHEAD;
+        assert_eq!(floor.start().due, Some(20));
+    }
+
+    #[test]
+    fn a_full_claim_from_a_due_id_goes_on_from_its_last_change() {
+        let floor = QueueFloor::new(true);
+        floor.go_on(1200);
+        assert_eq!(floor.start().due, Some(1201));
+        assert_eq!(floor.start().due, None);
+    }
+
+    /// Makes every transaction claims saw running look as if they saw it `HELD_BACK` ago.
+    fn age_running(floor: &QueueFloor) {
+        for since in floor.state.lock().unwrap().running_since.values_mut() {
+            *since -= HELD_BACK;
         }
     }
 
@@ -511,65 +605,74 @@ mod tests {
             seen_in("112:120:112", 120, 60, Some(Some(50))),
         );
         assert_eq!(floor.current(), 45, "proven up to what claim 110 saw");
-        // Claim 120's transaction id stays unproven, but only for now: the floor waits.
+        // Claim 120's transaction id is held back by 112, seen running only just now: the floor
+        // waits.
         floor.claimed(
             floor.start(),
             seen_in("112:130:112", 130, 65, Some(Some(55))),
         );
         assert_eq!(floor.start().floor, 45);
-        // Once it has waited HELD_BACK: the floor passes transaction 112, the only one running
+        // Once 112 has run for HELD_BACK: the floor passes it, the only transaction running
         // below 130 (135 began after claim 130 took its id), up to what claim 130 saw, below
         // the first change past the floor.
-        age_candidates(&floor);
+        age_running(&floor);
         let start = floor.start();
         floor.claimed(start, seen_in("112:140:112,135", 140, 70, Some(Some(62))));
         assert_eq!(floor.start().floor, 61);
         assert_eq!(floor.current(), 61);
-        // Still running: nothing to claim below the floor.
+        // Still running: nothing to claim below the floor, which goes on rising past it.
         floor.claimed(
             floor.start(),
             seen_in("112:150:112", 150, 75, Some(Some(66))),
         );
-        assert_eq!(floor.start().due, None);
-        // Ended: the next claim starts past the old floor, once.
-        floor.claimed(floor.start(), seen_in("150:160:", 160, 80, Some(Some(66))));
-        let start = floor.start();
-        assert_eq!((start.floor, start.due), (65, Some(46)));
-        assert_eq!(floor.start().due, None);
-        assert_eq!(floor.current(), 65);
+        assert_eq!(floor.start(), (65, None));
+        // Ended: the next claim starts past where the floor passed it, once.
+        assert!(floor.ended(&Snapshot::parse("150:160:").unwrap()));
+        assert_eq!(floor.start(), (65, Some(46)));
+        assert_eq!(floor.start(), (65, None));
+        assert!(!floor.passing());
+    }
+
+    #[test]
+    fn a_short_transaction_is_never_passed() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 40, None));
+        floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, Some(None)));
+        age_running(&floor);
+        floor.claimed(floor.start(), seen_in("95:120:95", 120, 50, Some(None)));
+        assert_eq!(floor.start(), (45, None), "passed transaction 95");
+        // A writer (115) holds back claim 120's id too: though 95 was passed, the floor waits
+        // for 115 to end, as it would without 95.
+        floor.claimed(floor.start(), seen_in("95:130:95,115", 130, 55, Some(None)));
+        floor.claimed(floor.start(), seen_in("95:140:95,115", 140, 60, Some(None)));
+        assert_eq!(floor.start(), (45, None));
+        floor.claimed(floor.start(), seen_in("95:150:95", 150, 65, Some(None)));
+        assert_eq!(floor.start(), (60, None));
+        let passed = floor.state.lock().unwrap().passed.clone();
+        assert_eq!(passed.keys().collect::<Vec<_>>(), vec![&95]);
     }
 
     #[test]
     fn after_the_walk_from_the_first_id_transactions_passed_already_hold_nothing_back() {
         let floor = QueueFloor::new(true);
         floor.claimed(floor.start(), seen(90, 100, 40, None));
-        age_candidates(&floor);
         floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, Some(None)));
-        assert_eq!(floor.start().floor, 40, "passed transaction 95");
+        age_running(&floor);
+        floor.claimed(floor.start(), seen_in("95:120:95", 120, 50, Some(None)));
+        assert_eq!(floor.start(), (45, None), "passed transaction 95");
         // The walk from the first id forgets what claims saw; transaction 95 still runs.
         floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
         let walk = floor.start();
-        assert_eq!(walk.floor, i64::MIN);
-        floor.claimed(walk, seen_in("95:120:95", 120, 50, Some(None)));
-        // Held back by transaction 95 alone, which the floor passed already: no second wait.
-        floor.claimed(floor.start(), seen_in("95:130:95", 130, 55, Some(None)));
-        assert_eq!(floor.start().floor, 50);
-        // Claim 120's id is still held back by 95 alone; up to claim 130's, 125 also runs: the
-        // floor passes both, each from where it passed it.
-        floor.claimed(floor.start(), seen_in("95:140:95,125", 140, 60, Some(None)));
-        assert_eq!(floor.start().floor, 55);
-        floor.claimed(floor.start(), seen_in("95:150:95", 150, 65, Some(None)));
-        let start = floor.start();
-        assert_eq!(
-            start.due,
-            Some(51),
-            "125 ended: claimed past where it was passed"
-        );
+        assert!(walk.walk && walk.floor == i64::MIN);
+        floor.claimed(walk, seen_in("95:130:95", 130, 55, Some(None)));
+        // Held back by transaction 95 alone, which the floor passed already: proven at once.
+        floor.claimed(floor.start(), seen_in("95:140:95", 140, 60, Some(None)));
+        assert_eq!(floor.start(), (55, None));
         let passed = floor.state.lock().unwrap().passed.clone();
         assert_eq!(
             passed.get(&95),
             Some(&(i64::MIN + 1)),
-            "still runs: passed from the start"
+            "passed from the start"
         );
     }
 
@@ -578,7 +681,7 @@ mod tests {
         let floor = QueueFloor::new(true);
         floor.claimed(floor.start(), seen(90, 100, 40, None));
         floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, None));
-        age_candidates(&floor);
+        age_running(&floor);
         // A claim past a backlog: it did not look for the first change past the floor.
         floor.claimed(floor.start(), seen_in("95:120:95", 120, 50, None));
         assert_eq!(floor.start().floor, i64::MIN);

@@ -20,7 +20,7 @@
 
 mod batch;
 mod drain;
-mod floor;
+pub(crate) mod floor;
 mod heartbeat;
 mod maintenance;
 mod plan;
@@ -189,6 +189,9 @@ impl Listener {
             stored: fragments.iter().map(|f| f.stored_at()).collect(),
         };
         let board = Arc::new(StatusBoard::new(&fragments));
+        let floor = floor::QueueFloor::new(sessions.ids_in_order);
+        #[cfg(feature = "testing")]
+        let floor = floor.walking_every(settings.walk_from_start);
         let shared = Arc::new(Shared {
             db,
             store,
@@ -200,7 +203,7 @@ impl Listener {
             idle: AtomicBool::new(false),
             loads_apart: AtomicBool::new(false),
             recent: Default::default(),
-            floor: floor::QueueFloor::new(sessions.ids_in_order),
+            floor,
             next_wake: Mutex::new(None),
             board,
             registration: Registration::new(me.clone()),

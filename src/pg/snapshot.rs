@@ -33,11 +33,6 @@ impl Snapshot {
         })
     }
 
-    /// Every transaction below this one had ended when the snapshot was taken.
-    pub(crate) fn xmin(&self) -> u64 {
-        self.xmin
-    }
-
     /// No transaction from this id on had ended when the snapshot was taken.
     pub(crate) fn xmax(&self) -> u64 {
         self.xmax
