@@ -876,29 +876,27 @@ impl Bench {
             normal.after()
         );
         // Issue 21's case: another session holds a transaction open for the whole run (a long
-        // report, a forgotten BEGIN), so no dead row of the queue can be removed meanwhile.
-        let held = self.catch_up_once(Hold::Snapshot).await?;
-        println!(
-            "catch-up with a transaction held open (xmin pinned): {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}; {} (its dead rows still kept)",
-            held.queued,
-            held.elapsed.as_secs_f64(),
-            held.queued as f64 / held.elapsed.as_secs_f64(),
-            held.elapsed.as_secs_f64() / normal.elapsed.as_secs_f64(),
-            held.cost.per_thousand(held.queued as f64, "changes"),
-            held.after()
-        );
-        // The same with a transaction id held (a forgotten BEGIN that wrote something, a
-        // prepared transaction nobody finished): every snapshot's xmin stays at it.
-        let held = self.catch_up_once(Hold::TransactionId).await?;
-        println!(
-            "catch-up with a transaction holding a transaction id: {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}; {} (its dead rows still kept)",
-            held.queued,
-            held.elapsed.as_secs_f64(),
-            held.queued as f64 / held.elapsed.as_secs_f64(),
-            held.elapsed.as_secs_f64() / normal.elapsed.as_secs_f64(),
-            held.cost.per_thousand(held.queued as f64, "changes"),
-            held.after()
-        );
+        // report, a forgotten BEGIN), so no dead row of the queue can be removed meanwhile; then
+        // the same with a transaction id held (a forgotten BEGIN that wrote something, a prepared
+        // transaction nobody finished): every snapshot's xmin stays at it.
+        for (hold, what) in [
+            (Hold::Snapshot, "a transaction held open (xmin pinned)"),
+            (
+                Hold::TransactionId,
+                "a transaction holding a transaction id",
+            ),
+        ] {
+            let held = self.catch_up_once(hold).await?;
+            println!(
+                "catch-up with {what}: {} queued changes drained in {:.2} s: {:.0} changes/s ({:.2}x the normal run's time); {}; {} (its dead rows still kept)",
+                held.queued,
+                held.elapsed.as_secs_f64(),
+                held.queued as f64 / held.elapsed.as_secs_f64(),
+                held.elapsed.as_secs_f64() / normal.elapsed.as_secs_f64(),
+                held.cost.per_thousand(held.queued as f64, "changes"),
+                held.after()
+            );
+        }
         Ok(())
     }
 

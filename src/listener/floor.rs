@@ -633,19 +633,26 @@ mod tests {
         assert!(!floor.passing());
     }
 
-    #[test]
-    fn a_short_transaction_is_never_passed() {
+    /// A floor at 45 that passed transaction 95, which still runs.
+    fn passed_95() -> QueueFloor {
         let floor = QueueFloor::new(true);
         floor.claimed(floor.start(), seen(90, 100, 40, None));
         floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, Some(None)));
         age_running(&floor);
         floor.claimed(floor.start(), seen_in("95:120:95", 120, 50, Some(None)));
         assert_eq!(floor.start(), (45, None), "passed transaction 95");
-        // A writer (115) holds back claim 120's id too: though 95 was passed, the floor waits
-        // for 115 to end, as it would without 95.
-        floor.claimed(floor.start(), seen_in("95:130:95,115", 130, 55, Some(None)));
-        floor.claimed(floor.start(), seen_in("95:140:95,115", 140, 60, Some(None)));
-        assert_eq!(floor.start(), (45, None));
+        floor
+    }
+
+    #[test]
+    fn a_short_transaction_is_never_passed() {
+        let floor = passed_95();
+        // A writer (125) begins after claim 120 took its id, and holds back claim 130's: though
+        // 95 was passed, the floor waits for 125 to end, as it would without 95.
+        floor.claimed(floor.start(), seen_in("95:130:95,125", 130, 55, Some(None)));
+        assert_eq!(floor.start(), (50, None));
+        floor.claimed(floor.start(), seen_in("95:140:95,125", 140, 60, Some(None)));
+        assert_eq!(floor.start(), (50, None));
         floor.claimed(floor.start(), seen_in("95:150:95", 150, 65, Some(None)));
         assert_eq!(floor.start(), (60, None));
         let passed = floor.state.lock().unwrap().passed.clone();
@@ -654,12 +661,7 @@ mod tests {
 
     #[test]
     fn after_the_walk_from_the_first_id_transactions_passed_already_hold_nothing_back() {
-        let floor = QueueFloor::new(true);
-        floor.claimed(floor.start(), seen(90, 100, 40, None));
-        floor.claimed(floor.start(), seen_in("95:110:95", 110, 45, Some(None)));
-        age_running(&floor);
-        floor.claimed(floor.start(), seen_in("95:120:95", 120, 50, Some(None)));
-        assert_eq!(floor.start(), (45, None), "passed transaction 95");
+        let floor = passed_95();
         // The walk from the first id forgets what claims saw; transaction 95 still runs.
         floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
         let walk = floor.start();
