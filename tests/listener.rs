@@ -1017,6 +1017,53 @@ async fn while_a_transaction_id_is_held_changes_after_a_backlog_are_claimed_with
 }
 
 #[tokio::test]
+async fn while_a_snapshot_is_held_the_heartbeat_does_not_read_the_changes_it_keeps() {
+    let env = TestEnv::shop(3).await;
+    let db = env.client().await;
+    // No polls: only the heartbeat reads the queue while nothing changes.
+    let listener = idle_listener(
+        &env,
+        tweak(test_settings(), |s| {
+            s.poll_interval = std::time::Duration::from_secs(3600)
+        }),
+    )
+    .await;
+    let held = hold_snapshot(&env).await;
+    drain_backlog(&db, "g::text").await;
+    // Claims from the floor raise it past the 20,000 applied changes the snapshot keeps.
+    single_changes_read(&env, &db, 150_000)
+        .await
+        .expect("the floor rises past the backlog");
+    let heartbeats = || async {
+        // Each heartbeat reads pgfresh.failed whole (a sequential scan), and the queue.
+        db.query_one(
+            "SELECT (SELECT seq_scan FROM pg_stat_user_tables
+                     WHERE relid = 'pgfresh.failed'::regclass),
+                    (SELECT heap_blks_hit + heap_blks_read FROM pg_statio_user_tables
+                     WHERE relid = 'pgfresh.changes'::regclass)",
+            &[],
+        )
+        .await
+        .unwrap()
+    };
+    let before = heartbeats().await;
+    eventually("two heartbeats in the statistics", || async {
+        heartbeats().await.get::<_, i64>(0) >= before.get::<_, i64>(0) + 2
+    })
+    .await;
+    // Counted by a sequential scan, the pending changes cost each heartbeat a read of every
+    // applied change still kept: about 250 blocks each here.
+    let read = heartbeats().await.get::<_, i64>(1) - before.get::<_, i64>(1);
+    assert!(
+        read < 100,
+        "{read} blocks of the queue read by two heartbeats"
+    );
+    held.batch_execute("ROLLBACK").await.unwrap();
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+#[tokio::test]
 async fn while_a_snapshot_is_held_changes_after_a_backlog_are_claimed_without_walking_over_it() {
     let env = TestEnv::shop(3).await;
     let db = env.client().await;

@@ -458,10 +458,16 @@ pub(crate) const EXACT_COUNT_LIMIT: i64 = 100_000;
 /// stop at [`EXACT_COUNT_LIMIT`] rows, and the oldest change is the one with the lowest id (ids grow
 /// with time), found through the primary key past `floor` (a listener's, `listener::floor`, so
 /// that the look does not walk over applied changes a held snapshot keeps; else `i64::MIN`), as
-/// are the ids that bound an estimate.
+/// are the ids that bound an estimate and the changes counted: between the floor and the last id,
+/// a range the planner takes through the key even with no statistics on the queue (an open
+/// `id > floor`, it reads with a sequential scan: every applied change still kept, at every
+/// heartbeat).
 pub(crate) async fn stats(client: &Client, floor: i64) -> Result<QueueStats, Error> {
     let sql = format!(
-        "SELECT (SELECT count(*) FROM (SELECT FROM pgfresh.changes LIMIT $1) AS counted),
+        "SELECT (SELECT count(*)
+                 FROM (SELECT FROM pgfresh.changes
+                       WHERE id > $2 AND id <= (SELECT max(id) FROM pgfresh.changes WHERE id > $2)
+                       LIMIT $1) AS counted),
                 (SELECT max(id) - min(id) + 1 FROM pgfresh.changes WHERE id > $2),
                 (SELECT extract(epoch FROM now() - enqueued_at)::float8
                  FROM pgfresh.changes WHERE id > $2 ORDER BY id LIMIT 1),
