@@ -67,8 +67,12 @@ pub(crate) async fn process(
     begun?;
     let mut claim = claim?;
     shared.floor.walked(start, started.elapsed());
-    if let Some(seen) = claim.seen.take() {
-        shared.floor.claimed(start, seen);
+    // A transaction the floor passed has ended: a claim below the floor is due now, after this
+    // batch (which may be short, and end the drain).
+    if let Some(seen) = claim.seen.take()
+        && shared.floor.claimed(start, seen)
+    {
+        shared.wake_by(Instant::now());
     }
     let claimed = claim.changes.len() + claim.undecodable.len();
     if claimed == 0 {
@@ -78,7 +82,7 @@ pub(crate) async fn process(
         // left to claim, on a quiet queue).
         if shared.floor.passing() {
             let row = client
-                .query_one("SELECT pg_current_snapshot()::text", &[])
+                .query_typed_one("SELECT pg_current_snapshot()::text", &[])
                 .await?;
             if let Some(snapshot) = crate::pg::Snapshot::parse(row.get(0))
                 && shared.floor.ended(&snapshot)

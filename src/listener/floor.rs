@@ -44,7 +44,9 @@
 //! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
 //! the floor (the identity restarted, a failover to a standby that lagged behind), and one made
 //! to wait longer than [`LOOK_AHEAD`] by another listener that has stopped since (or whose
-//! claim below it met it held by another batch that then rolled back), is claimed at the first
+//! claim below it met it held by another batch that then rolled back), or for any time, below
+//! this listener's floor (the changes of a transaction both passed, which the other's claim
+//! took and deferred), is claimed at the first
 //! walk after it commits or is ready (and the poll or NOTIFY after that). If the identity does not
 //! hand out ids in order (a cache or a negative increment set on it), the listener keeps no floor.
 
@@ -63,6 +65,9 @@ pub(crate) const WALK_FROM_START: Duration = Duration::from_secs(10);
 /// million index entries and heap rows), a walk takes long, and no more than about 1% of the time
 /// goes to them.
 const WALK_SHARE: u32 = 100;
+
+/// However long the last walk took (an I/O stall), the next comes within this.
+const WALKS_AT_LEAST: Duration = Duration::from_secs(300);
 
 /// Ids seen and the transactions that saw them, kept until a snapshot proves them.
 const CANDIDATES: usize = 32;
@@ -99,6 +104,11 @@ struct State {
     walked_from_start: Instant,
     /// What the claim of the last walk from the first id took.
     walk_took: Duration,
+    /// The floor before the walk from the first id that is under way (`i64::MIN` after a failed
+    /// drain, when what it proved may no longer hold): a transaction the floor had not passed by
+    /// then holds nothing at or below it, so one passed as the floor is proven again is passed
+    /// from there, not from the first id (when it ends, the claim due then is no second walk).
+    before_walk: i64,
     /// What claims saw, for later snapshots to prove. Both ids grow along the list.
     candidates: VecDeque<Candidate>,
     /// Changes this listener made wait longer than [`LOOK_AHEAD`], maybe below the floor.
@@ -149,6 +159,7 @@ impl State {
     /// them again before they are ready.
     fn forget(&mut self) {
         self.walked_from_start = Instant::now();
+        self.before_walk = i64::MIN;
         self.floor = i64::MIN;
         self.generation += 1;
         self.candidates.clear();
@@ -208,6 +219,7 @@ impl QueueFloor {
                 generation: 0,
                 walked_from_start: Instant::now(),
                 walk_took: Duration::ZERO,
+                before_walk: i64::MIN,
                 candidates: VecDeque::new(),
                 waiting: Waits::default(),
                 passed: HashMap::new(),
@@ -231,10 +243,14 @@ impl QueueFloor {
     /// [`WALK_FROM_START`] (less often when walks take long, [`WALK_SHARE`]).
     pub(crate) fn start(&self) -> Start {
         let mut state = self.state.lock().expect("queue floor lock");
-        let every = self.walk_every.max(state.walk_took * WALK_SHARE);
+        let every = self
+            .walk_every
+            .max((state.walk_took * WALK_SHARE).min(WALKS_AT_LEAST));
         let walk = state.walked_from_start.elapsed() >= every;
         if walk {
+            let before = state.floor;
             state.forget();
+            state.before_walk = before;
         }
         Start {
             floor: state.floor,
@@ -312,16 +328,17 @@ impl QueueFloor {
         state.waiting.add(Instant::now(), last_id.saturating_add(1));
     }
 
-    /// Takes in what a claim that started at `start` saw.
-    pub(crate) fn claimed(&self, start: Start, seen: Seen) {
+    /// Takes in what a claim that started at `start` saw; returns whether a transaction the
+    /// floor passed has ended, so that a claim below the floor is due now.
+    pub(crate) fn claimed(&self, start: Start, seen: Seen) -> bool {
         let mut state = self.state.lock().expect("queue floor lock");
         let now = Instant::now();
         // True of any snapshot, whenever its claim started.
-        state.ended(&seen.snapshot, now);
+        let due = state.ended(&seen.snapshot, now);
         // Sent before the floor last went back to the first id: it may have seen what the walk
         // is for (ids handed out again), and the floor no longer is what it started from.
         if start.generation != state.generation || !self.in_order {
-            return;
+            return due;
         }
         // The horizon its snapshot proves: the highest id seen by a claim whose transaction id
         // came before the snapshot and is above every transaction id still running, but those
@@ -361,7 +378,7 @@ impl QueueFloor {
         if let (Some(horizon), Some(first)) = (horizon, seen.first_past_floor) {
             let floor = first.map_or(horizon, |first| horizon.min(first - 1));
             if floor > state.floor {
-                let passed_from = state.floor.saturating_add(1);
+                let passed_from = state.floor.max(state.before_walk).saturating_add(1);
                 for xid in running {
                     state.passed.entry(xid).or_insert(passed_from);
                 }
@@ -380,7 +397,7 @@ impl QueueFloor {
                 .back()
                 .is_some_and(|c| c.last_id >= seen.last_id)
             {
-                return;
+                return due;
             }
             while state.candidates.back().is_some_and(|c| c.xid >= seen.xid) {
                 state.candidates.pop_back();
@@ -393,6 +410,7 @@ impl QueueFloor {
                 xid: seen.xid,
             });
         }
+        due
     }
 }
 
@@ -492,6 +510,11 @@ mod tests {
         floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
         let walk = floor.start();
         assert!(walk.walk, "50 s after the last walk");
+        // However long one took, the next comes within WALKS_AT_LEAST.
+        floor.walked(walk, Duration::from_secs(60));
+        floor.state.lock().unwrap().walked_from_start -= WALKS_AT_LEAST;
+        let walk = floor.start();
+        assert!(walk.walk);
         // Quick again: every 10 s. (A claim that did not walk says nothing of walks.)
         floor.walked(floor.start(), Duration::from_secs(60));
         floor.walked(walk, Duration::from_millis(5));
@@ -676,6 +699,28 @@ mod tests {
             Some(&(i64::MIN + 1)),
             "passed from the start"
         );
+    }
+
+    #[test]
+    fn a_transaction_passed_after_a_walk_is_passed_from_the_floor_before_it() {
+        let floor = QueueFloor::new(true);
+        floor.claimed(floor.start(), seen(90, 100, 40, None));
+        floor.claimed(floor.start(), seen(101, 110, 50, Some(None)));
+        floor.claimed(floor.start(), seen(111, 120, 60, Some(None)));
+        // Transaction 150 begins (a write of more than a second), after the floor reached 50.
+        floor.claimed(floor.start(), seen_in("150:160:150", 160, 70, Some(None)));
+        assert_eq!(floor.start(), (60, None));
+        age_running(&floor);
+        floor.state.lock().unwrap().walked_from_start -= WALK_FROM_START;
+        let walk = floor.start();
+        assert!(walk.walk);
+        floor.claimed(walk, seen_in("150:170:150", 170, 75, Some(None)));
+        floor.claimed(floor.start(), seen_in("150:180:150", 180, 80, Some(None)));
+        assert_eq!(floor.start(), (75, None), "passed transaction 150");
+        // It held nothing at or below 60 (else the floor would have passed it then): when it
+        // ends, the claim due starts there, not at the first id, which would be a second walk.
+        assert!(floor.claimed(floor.start(), seen_in("190:190:", 190, 85, Some(None))));
+        assert_eq!(floor.start(), (80, Some(61)));
     }
 
     #[test]
