@@ -1,6 +1,8 @@
 //! The listener against real PostgreSQL and Redis: committed changes to products and reviews reach
 //! Redis, deletes delete, moves refresh both parents, hostile text is escaped, changes made while no
-//! listener ran are applied at start-up, and rolled-back transactions leave nothing.
+//! listener ran are applied at start-up, and rolled-back transactions leave nothing; while a session
+//! holds a snapshot or a transaction id, claims and heartbeats do not read over the applied changes
+//! it keeps, and what a held transaction commits is applied.
 
 mod common;
 
