@@ -641,13 +641,7 @@ async fn while_a_snapshot_is_held_a_change_waiting_for_its_retry_does_not_hold_c
 async fn a_hot_key_deferred_while_other_changes_wake_the_listener_is_still_applied_when_ready() {
     let env = TestEnv::shop(2).await;
     // No polls: only NOTIFYs and the deferral's own time bring a drain.
-    let listener = idle_listener(
-        &env,
-        tweak(test_settings(), |s| {
-            s.poll_interval = std::time::Duration::from_secs(3600)
-        }),
-    )
-    .await;
+    let listener = unpolled_listener(&env).await;
     env.rename(1, "First").await;
     env.wait_name(1, "First").await;
     // Within the 50 ms after that render: the change waits as a hot key. Before its wait ends,
@@ -905,6 +899,17 @@ async fn idle_listener(env: &TestEnv, settings: ListenSettings) -> common::Runni
     listener
 }
 
+/// [`idle_listener`] that never polls: only NOTIFYs (and deferrals' own times) bring a drain.
+async fn unpolled_listener(env: &TestEnv) -> common::RunningListener {
+    idle_listener(
+        env,
+        tweak(test_settings(), |s| {
+            s.poll_interval = std::time::Duration::from_secs(3600)
+        }),
+    )
+    .await
+}
+
 /// Queues 20,000 changes of topic `product`, keys from `key` over `g` (1 to 20,000), and returns
 /// what the queue's statistics say was read until all of them were deleted. It waits on the
 /// statistics (a session sends them once idle, within 10 s), not on the queue, which the test
@@ -956,13 +961,7 @@ async fn while_a_snapshot_is_held_a_backlog_is_claimed_without_walking_over_what
     let db = env.client().await;
     // No polls: a poll of an empty queue reads every entry a held snapshot keeps, whatever
     // the drain did (only NOTIFY brings this backlog in).
-    let listener = idle_listener(
-        &env,
-        tweak(test_settings(), |s| {
-            s.poll_interval = std::time::Duration::from_secs(3600)
-        }),
-    )
-    .await;
+    let listener = unpolled_listener(&env).await;
     let held = hold_snapshot(&env).await;
     // 20,000 keys, each once (nothing coalesces or waits as a hot key); most have no row.
     let read = drain_backlog(&db, "g::text").await.index_entries;
@@ -1023,13 +1022,7 @@ async fn while_a_snapshot_is_held_the_heartbeat_does_not_read_the_changes_it_kee
     let env = TestEnv::shop(3).await;
     let db = env.client().await;
     // No polls: only the heartbeat reads the queue while nothing changes.
-    let listener = idle_listener(
-        &env,
-        tweak(test_settings(), |s| {
-            s.poll_interval = std::time::Duration::from_secs(3600)
-        }),
-    )
-    .await;
+    let listener = unpolled_listener(&env).await;
     let held = hold_snapshot(&env).await;
     drain_backlog(&db, "g::text").await;
     // Claims from the floor raise it past the 20,000 applied changes the snapshot keeps.
