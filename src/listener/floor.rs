@@ -23,7 +23,6 @@
 //! - A change that waits longer (a failure's later retries, after seconds to minutes of backoff)
 //!   may be left below the floor: the batch that made it wait tells the floor when it is ready
 //!   ([`QueueFloor::wait`]), and the next claim after that starts below it, once.
-//!
 //! - A transaction that holds a transaction id for long (a forgotten `BEGIN` that wrote
 //!   something, a prepared transaction nobody finished, in any database of the server) keeps every
 //!   snapshot's `xmin` at or below it, and with it the proof above: each claim would read every
@@ -31,24 +30,25 @@
 //!   it runs; what matters is not to pass them for good. So the proof above holds but for the
 //!   transactions still running that claims have seen running for [`HELD_BACK`] (or that the
 //!   floor passed already): as the floor rises past what they may hold, it notes each of them with
-//!   the first id it passed ([`State::passed`]). Once a snapshot shows one ended (a claim's, or
-//!   while the floor passed any, an empty claim's own, [`QueueFloor::ended`]), the next claim
-//!   starts there ([`QueueFloor::start`]'s `due`), and goes on from each full claim
-//!   ([`QueueFloor::go_on`]); a change it makes wait, however short the wait, is on the list of
-//!   waiting changes below ([`QueueFloor::wait`]).
+//!   the first id it passed ([`State::passed`]; after the walk below, the first past the floor it
+//!   had before, since one it had not passed then holds nothing below that). Once a snapshot shows
+//!   one ended (a claim's, or while the floor passed any, an empty claim's own,
+//!   [`QueueFloor::ended`]), the next claim starts there ([`QueueFloor::start`]'s `due`), and goes
+//!   on from each full claim ([`QueueFloor::go_on`]); a change it makes wait, however short the
+//!   wait, is on the list of waiting changes below ([`QueueFloor::wait`]).
 //!
 //! What the proof cannot see is caught by a walk from the first id every [`WALK_FROM_START`] (or
-//! less often, while walks take long: [`WALK_SHARE`]),
-//! which also forgets what claims saw (and so does a failed drain: PostgreSQL may have
-//! restarted): a change written with an id before its transaction had one (the first row of an
-//! `INSERT` by hand into `pgfresh.changes`, a capture on a foreign partition) or with an id below
-//! the floor (the identity restarted, a failover to a standby that lagged behind), and one made
-//! to wait longer than [`LOOK_AHEAD`] by another listener that has stopped since (or whose
-//! claim below it met it held by another batch that then rolled back), or for any time, below
-//! this listener's floor (the changes of a transaction both passed, which the other's claim
-//! took and deferred), is claimed at the first
-//! walk after it commits or is ready (and the poll or NOTIFY after that). If the identity does not
-//! hand out ids in order (a cache or a negative increment set on it), the listener keeps no floor.
+//! less often while walks take long, [`WALK_SHARE`], but within [`WALKS_AT_LEAST`]), which also
+//! forgets what claims saw (and so does a failed drain: PostgreSQL may have restarted): a change
+//! written with an id before its transaction had one (the first row of an `INSERT` by hand into
+//! `pgfresh.changes`, a capture on a foreign partition) or with an id below the floor (the
+//! identity restarted, a failover to a standby that lagged behind), and one made to wait longer
+//! than [`LOOK_AHEAD`] by another listener that has stopped since (or whose claim below it met it
+//! held by another batch that then rolled back), or for any time, below this listener's floor (a
+//! change of a transaction both passed, which the other's claim took and deferred), is claimed at
+//! the first walk after it commits or is ready (and the poll or NOTIFY after that). If the
+//! identity does not hand out ids in order (a cache or a negative increment set on it), the
+//! listener keeps no floor.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
