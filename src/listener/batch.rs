@@ -66,7 +66,9 @@ pub(crate) async fn process(
     let (begun, claim) = futures_util::future::join(txn.begun(), claim).await;
     begun?;
     let mut claim = claim?;
-    shared.floor.walked(start, started.elapsed());
+    if start.walk {
+        shared.floor.walked(start, started.elapsed());
+    }
     // A transaction the floor passed has ended: a claim below the floor is due now, after this
     // batch (which may be short, and end the drain).
     if let Some(seen) = claim.seen.take()

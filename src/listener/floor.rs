@@ -149,7 +149,7 @@ impl State {
             !ended
         });
         running_since.retain(|&xid, _| !snapshot.sees(xid));
-        for xid in snapshot.running_below(u64::MAX) {
+        for xid in snapshot.running() {
             running_since.entry(xid).or_insert(now);
         }
         due

@@ -38,9 +38,14 @@ impl Snapshot {
         self.xmax
     }
 
-    /// The transactions below `xid` that were still running when the snapshot was taken.
+    /// The transactions still running when the snapshot was taken.
+    pub(crate) fn running(&self) -> impl Iterator<Item = u64> + '_ {
+        self.in_progress.iter().copied()
+    }
+
+    /// Those of them below `xid`.
     pub(crate) fn running_below(&self, xid: u64) -> impl Iterator<Item = u64> + '_ {
-        self.in_progress.iter().copied().filter(move |&x| x < xid)
+        self.running().filter(move |&x| x < xid)
     }
 
     /// Whether transaction `xid` had committed (or aborted) when the snapshot was taken.
