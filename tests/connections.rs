@@ -1,6 +1,7 @@
 //! Connecting as libpq would, and never showing a secret: passwords stay out of every printed line
 //! whatever they contain; libpq's environment variables and password file are honoured with libpq's
-//! precedence; the user's `options` reach pooled sessions. (TLS settings: tests/tls.rs.)
+//! precedence; the user's `options` reach pooled sessions; the pools hand out the session returned
+//! last. (TLS settings: tests/tls.rs.)
 
 mod common;
 
@@ -308,4 +309,34 @@ async fn the_users_options_reach_pooled_sessions_beside_pgfreshs_own() {
     drop(client);
     drop(db);
     env.cleanup().await;
+}
+
+/// The session handed out next is the one returned last, as PgBouncer reuses its server connections:
+/// at a few batches a second one or two PostgreSQL backends do the work, their caches warm, instead
+/// of every session in the pool by turns (BENCHMARKS.md "Sessions reused last in, first out").
+#[tokio::test]
+async fn the_session_returned_last_is_the_next_one_handed_out() {
+    let env = TestEnv::empty().await;
+    let db = Database::new(&env.url, 3).unwrap();
+    let sessions = [
+        db.get().await.unwrap(),
+        db.get().await.unwrap(),
+        db.get().await.unwrap(),
+    ];
+    let mut pids = Vec::new();
+    for session in &sessions {
+        pids.push(backend_pid(session).await);
+    }
+    drop(sessions); // returned first to last
+    for _ in 0..3 {
+        let session = db.get().await.unwrap();
+        assert_eq!(backend_pid(&session).await, pids[2], "sessions {pids:?}");
+    }
+    drop(db);
+    env.cleanup().await;
+}
+
+async fn backend_pid(client: &pgfresh::tokio_postgres::Client) -> i32 {
+    let row = client.query_one("SELECT pg_backend_pid()", &[]).await;
+    row.unwrap().get(0)
 }
