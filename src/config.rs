@@ -41,6 +41,11 @@ pub struct ListenSettings {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub walk_from_start: Duration,
+    /// How long a pooled session may go unused before the listener closes it, for the crate's own
+    /// tests: set short, the sessions a peak opened are seen to close.
+    #[cfg(feature = "testing")]
+    #[doc(hidden)]
+    pub idle_session_lifetime: Duration,
 }
 
 /// The longest [`ListenSettings::serve_wait`]: a connection that has lived its minute still answers
@@ -136,6 +141,8 @@ impl Default for ListenSettings {
             serve_wait: Duration::from_secs(30),
             #[cfg(feature = "testing")]
             walk_from_start: crate::listener::floor::WALK_FROM_START,
+            #[cfg(feature = "testing")]
+            idle_session_lifetime: crate::listener::IDLE_SESSION_LIFETIME,
         }
     }
 }

@@ -1,7 +1,7 @@
 //! Connecting as libpq would, and never showing a secret: passwords stay out of every printed line
 //! whatever they contain; libpq's environment variables and password file are honoured with libpq's
 //! precedence; the user's `options` reach pooled sessions; the pools hand out the session returned
-//! last. (TLS settings: tests/tls.rs.)
+//! last, and a listener closes those a peak opened once they go unused. (TLS settings: tests/tls.rs.)
 
 mod common;
 
@@ -9,9 +9,10 @@ use common::servers::BoundedOutput;
 
 use std::path::PathBuf;
 use std::process::{Command, Output};
+use std::time::Duration;
 
 use common::servers::{PostgresSetup, TempPostgres, TempRedis};
-use common::{TestEnv, shop_binary};
+use common::{TestEnv, eventually, shop_binary, test_settings, tweak};
 use pgfresh::Database;
 use pgfresh::Environment;
 
@@ -333,6 +334,45 @@ async fn the_session_returned_last_is_the_next_one_handed_out() {
         assert_eq!(backend_pid(&session).await, pids[2], "sessions {pids:?}");
     }
     drop(db);
+    env.cleanup().await;
+}
+
+/// A peak's sessions, unused since, are closed by the listener's heartbeat, all but the one returned
+/// last: they no longer hold a backend of the server, nor go stale behind a firewall.
+#[tokio::test]
+async fn a_listener_closes_the_pooled_sessions_a_peak_opened_once_unused() {
+    let env = TestEnv::shop(3).await;
+    let settings = tweak(test_settings(), |s| {
+        s.idle_session_lifetime = Duration::from_millis(200)
+    });
+    let listener = env.start_listener(settings);
+    env.rename(1, "Before").await;
+    env.wait_name(1, "Before").await;
+
+    // The listener's pools are the test's: four sessions for user code at once.
+    let sessions = [
+        env.db.get().await.unwrap(),
+        env.db.get().await.unwrap(),
+        env.db.get().await.unwrap(),
+        env.db.get().await.unwrap(),
+    ];
+    let mut pids = Vec::new();
+    for session in &sessions {
+        pids.push(backend_pid(session).await);
+    }
+    drop(sessions);
+    let observer = env.client().await;
+    eventually("the peak's sessions closed, but one at most", || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1)";
+        let row = observer.query_one(sql, &[&pids]).await.unwrap();
+        row.get::<_, i64>(0) <= 1
+    })
+    .await;
+
+    // What the pools still hold, or open again, serves the next change.
+    env.rename(2, "After").await;
+    env.wait_name(2, "After").await;
+    listener.stop().await;
     env.cleanup().await;
 }
 

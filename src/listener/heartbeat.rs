@@ -1,8 +1,10 @@
 //! The heartbeat: keeps this listener's registry row fresh (triggers stop waking a listener silent
-//! for a minute, others count it gone after 15 s), publishes its totals for `status`, and samples the
-//! queue for the metrics and the status page, at once and then every few seconds.
+//! for a minute, others count it gone after 15 s), publishes its totals for `status`, samples the
+//! queue for the metrics and the status page, and closes pooled sessions long unused, at once and
+//! then every few seconds.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use super::shared::Shared;
 use crate::pg::{queue, registry};
@@ -22,6 +24,10 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
 }
 
 async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
+    let closed = shared.db.close_idle(idle_session_lifetime(shared));
+    if closed > 0 {
+        tracing::debug!(closed, "closed pooled sessions unused for a while");
+    }
     let stats = queue::stats(client, shared.floor.current()).await;
     if let Ok(stats) = &stats
         && let Ok(usage) = queue::notification_queue_usage(client).await
@@ -45,5 +51,16 @@ async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
             *shared.fatal.lock().expect("fatal lock") = Some(error);
             shared.shutdown.cancel();
         }
+    }
+}
+
+/// How long a pooled session may go unused before the heartbeat closes it.
+fn idle_session_lifetime(shared: &Shared) -> Duration {
+    #[cfg(feature = "testing")]
+    return shared.settings.idle_session_lifetime;
+    #[cfg(not(feature = "testing"))]
+    {
+        let _ = shared;
+        super::IDLE_SESSION_LIFETIME
     }
 }

@@ -13,7 +13,8 @@
 //!   `route`, which fragment each change reaches, and the fan-out of keys of shared rows.
 //! - `wakeup`: the LISTEN session that turns NOTIFYs into wake-ups.
 //! - `registration`: its row in the registry, written whole by one writer.
-//! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled.
+//! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled, pooled sessions
+//!   long unused closed.
 //! - `stand_aside`: rolling deploys; a listener stands aside for one with newer fragment versions.
 //! - `maintenance`: the sweeps it runs itself (periodic, Redis emptied, markup changed, table
 //!   truncated, PostgreSQL restarted), by the one holding the sweep lease.
@@ -48,6 +49,11 @@ use crate::shutdown::Shutdown;
 use crate::store::RedisStore;
 use registration::Registration;
 use shared::Shared;
+
+/// How long a pooled session may go unused before the heartbeat closes it
+/// (`pg::Database::close_idle`): past a peak's few minutes, and under the idle timeouts of common
+/// cloud load balancers and NAT gateways (four minutes and more).
+pub(crate) const IDLE_SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Runs a listener for `fragments` until `shutdown` is cancelled: applies every committed change to
 /// the watched tables, and sweeps when needed. Returns early only if pgfresh is not installed (or

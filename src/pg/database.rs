@@ -338,6 +338,27 @@ impl Database {
         }
     }
 
+    /// Closes the pooled sessions not handed out for `lifetime`, all but the last used of each pool,
+    /// and returns how many it closed. The pools hand out the session returned last, so under a
+    /// steady load the same few stay in use, and those opened for a moment's peak (a sweep, a burst
+    /// of misses) wait unused: closed, they no longer hold a backend of the server, nor go stale
+    /// behind a firewall that drops idle connections. One session of each pool stays, however long
+    /// unused, so that the first batch after a quiet spell does not wait to connect.
+    pub(crate) fn close_idle(&self, lifetime: Duration) -> usize {
+        let pools = [
+            &self.pinned,
+            &self.users,
+            &self.plain_pinned,
+            &self.plain_users,
+        ];
+        let standby = self.standby.as_ref().map(|standby| standby.pool());
+        pools
+            .into_iter()
+            .chain(standby)
+            .map(|pool| close_idle(pool, lifetime))
+            .sum()
+    }
+
     /// A pooled connection for pgfresh's own statements, its `search_path` pinned to
     /// `pg_catalog, pg_temp` (unless [`Database::behind_pooler`]): never for user code, which would
     /// not find its tables.
@@ -526,6 +547,18 @@ fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Poo
         .wait_timeout(Some(Duration::from_secs(30)))
         .build()
         .expect("a pool with a runtime and a size always builds")
+}
+
+/// Closes the sessions of `pool` not handed out for `lifetime`, but the one returned last; returns
+/// how many it closed. Idle sessions wait in the order they were returned.
+fn close_idle(pool: &Pool, lifetime: Duration) -> usize {
+    let waiting = pool.status().available;
+    let mut position = 0;
+    let kept = pool.retain(|_, metrics| {
+        position += 1;
+        position >= waiting || metrics.last_used() < lifetime
+    });
+    kept.removed.len()
 }
 
 fn invalid_url(url: String, reason: String) -> Error {

@@ -134,6 +134,11 @@ impl Standby {
         &self.url
     }
 
+    /// Its sessions, for [`super::Database::close_idle`].
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     pub(crate) fn resize(&self, size: usize) {
         self.pool.resize(size.max(1));
     }
