@@ -41,8 +41,8 @@ pub struct ListenSettings {
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub walk_from_start: Duration,
-    /// How long a pooled session may go unused before the listener closes it, for the crate's own
-    /// tests: set short, the sessions a peak opened are seen to close.
+    /// How long a pooled session may go without being handed out before the listener closes it,
+    /// for the crate's own tests: set short, the sessions a peak opened are seen to close.
     #[cfg(feature = "testing")]
     #[doc(hidden)]
     pub idle_session_lifetime: Duration,

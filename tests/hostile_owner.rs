@@ -436,8 +436,8 @@ async fn a_through_query_that_changes_the_search_path_leaves_pgfreshs_sessions_p
         .await
         .unwrap();
     env.wait_fresh(2).await;
-    // ...and the claims after it, on the same sessions (the pool hands each out in turn), still
-    // call PostgreSQL's now().
+    // ...and the claims after it, on the same sessions (the pool hands out the one returned last),
+    // still call PostgreSQL's now().
     for round in 0..20_i32 {
         let id = 1 + i64::from(round % 4);
         admin

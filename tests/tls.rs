@@ -1,12 +1,13 @@
 //! TLS to PostgreSQL and Redis: `sslmode` is read as libpq reads it and never quietly downgraded,
 //! certificates are verified when the URL asks for it, and a `rediss://` URL encrypts the Redis
-//! connection, refusing a server it cannot trust with one clear line.
+//! connection, refusing a server it cannot trust with one clear line; a pooled session over TLS
+//! ends without a line in the server's log.
 
 mod common;
 
 use common::cli::{assert_one_clear_error, run, stderr, stdout};
 use common::servers::{BoundedOutput, TempPostgres, make_certificates};
-use common::{TestEnv, shop_binary};
+use common::{TestEnv, eventually, shop_binary};
 use pgfresh::{Database, Environment};
 use std::process::Command;
 
@@ -113,6 +114,30 @@ async fn postgres_certificates_are_verified_when_the_url_asks_for_it() {
         "{missing}"
     );
     let _ = std::fs::remove_dir_all(&stranger);
+}
+
+/// A pooled session closed over TLS ends as PostgreSQL expects (the client's Terminate, then the
+/// TLS session's close), at shutdown as after a peak: the server logs nothing for it, where a
+/// connection cut mid-stream logs "could not receive data from client".
+#[tokio::test]
+async fn a_pooled_tls_session_closed_leaves_no_line_in_the_servers_log() {
+    let server = TempPostgres::start_tls();
+    let db = Database::new(&format!("{}?sslmode=require", server.url("postgres")), 2).unwrap();
+    assert!(encrypted(&db).await.unwrap());
+    let observer = Database::new(&server.url("postgres"), 1).unwrap();
+    let observer = observer.get().await.unwrap();
+    let encrypted_sessions = || async {
+        let sql = "SELECT count(*) FROM pg_stat_ssl WHERE ssl";
+        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+    assert!(encrypted_sessions().await > 0);
+    drop(db);
+    eventually("the session closed", || async {
+        encrypted_sessions().await == 0
+    })
+    .await;
+    let log = server.log();
+    assert!(!log.contains("could not receive data"), "{log}");
 }
 
 /// Whether a pooled session of `db` is encrypted.

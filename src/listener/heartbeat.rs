@@ -1,6 +1,6 @@
 //! The heartbeat: keeps this listener's registry row fresh (triggers stop waking a listener silent
 //! for a minute, others count it gone after 15 s), publishes its totals for `status`, samples the
-//! queue for the metrics and the status page, and closes pooled sessions long unused, at once and
+//! queue for the metrics and the status page, and closes pooled sessions not handed out for a while, at once and
 //! then every few seconds.
 
 use std::sync::Arc;
@@ -14,6 +14,11 @@ use crate::shutdown::pause;
 /// samples the queue for metrics and the status page, at once and then at every beat.
 pub(crate) async fn heartbeat(shared: Arc<Shared>) {
     loop {
+        // Before this beat takes its own session: the pinned pool keeps one, not two.
+        let closed = shared.db.close_idle(idle_session_lifetime(&shared));
+        if closed > 0 {
+            tracing::debug!(closed, "closed pooled sessions not handed out for a while");
+        }
         if let Ok(client) = shared.db.pinned().await {
             beat(&shared, &client).await;
         }
@@ -24,10 +29,6 @@ pub(crate) async fn heartbeat(shared: Arc<Shared>) {
 }
 
 async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
-    let closed = shared.db.close_idle(idle_session_lifetime(shared));
-    if closed > 0 {
-        tracing::debug!(closed, "closed pooled sessions unused for a while");
-    }
     let stats = queue::stats(client, shared.floor.current()).await;
     if let Ok(stats) = &stats
         && let Ok(usage) = queue::notification_queue_usage(client).await
@@ -54,7 +55,7 @@ async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
     }
 }
 
-/// How long a pooled session may go unused before the heartbeat closes it.
+/// How long a pooled session may go without being handed out before the heartbeat closes it.
 fn idle_session_lifetime(shared: &Shared) -> Duration {
     #[cfg(feature = "testing")]
     return shared.settings.idle_session_lifetime;

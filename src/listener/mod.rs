@@ -14,7 +14,7 @@
 //! - `wakeup`: the LISTEN session that turns NOTIFYs into wake-ups.
 //! - `registration`: its row in the registry, written whole by one writer.
 //! - `heartbeat`: the registry row kept fresh, totals published, the queue sampled, pooled sessions
-//!   long unused closed.
+//!   not handed out for a while closed.
 //! - `stand_aside`: rolling deploys; a listener stands aside for one with newer fragment versions.
 //! - `maintenance`: the sweeps it runs itself (periodic, Redis emptied, markup changed, table
 //!   truncated, PostgreSQL restarted), by the one holding the sweep lease.
@@ -50,7 +50,7 @@ use crate::store::RedisStore;
 use registration::Registration;
 use shared::Shared;
 
-/// How long a pooled session may go unused before the heartbeat closes it
+/// How long a pooled session may go without being handed out before the heartbeat closes it
 /// (`pg::Database::close_idle`): past a peak's few minutes, and under the idle timeouts of common
 /// cloud load balancers and NAT gateways (four minutes and more).
 pub(crate) const IDLE_SESSION_LIFETIME: std::time::Duration = std::time::Duration::from_secs(120);

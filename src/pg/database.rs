@@ -338,12 +338,13 @@ impl Database {
         }
     }
 
-    /// Closes the pooled sessions not handed out for `lifetime`, all but the last used of each pool,
-    /// and returns how many it closed. The pools hand out the session returned last, so under a
-    /// steady load the same few stay in use, and those opened for a moment's peak (a sweep, a burst
-    /// of misses) wait unused: closed, they no longer hold a backend of the server, nor go stale
-    /// behind a firewall that drops idle connections. One session of each pool stays, however long
-    /// unused, so that the first batch after a quiet spell does not wait to connect.
+    /// Closes the pooled sessions not handed out for `lifetime`, all but the one returned last of
+    /// each pool, and returns how many it closed. The pools hand out the session returned last, so
+    /// under a steady load the same few stay in use, and those opened for a moment's peak (a sweep,
+    /// a burst of misses) wait unused: closed, they no longer hold a backend of the server. (Time
+    /// counts from a session's last hand-out, which is what deadpool records: one held longer than
+    /// `lifetime` and not returned last is closed at the next call.) One session of each pool stays,
+    /// however long unused, so that the first batch after a quiet spell does not wait to connect.
     pub(crate) fn close_idle(&self, lifetime: Duration) -> usize {
         let pools = [
             &self.pinned,
@@ -532,9 +533,9 @@ fn other_server(
 /// idle longest sent every batch to a backend gone cold since its last turn (a quarter more
 /// PostgreSQL CPU per change at 100 changes/s, BENCHMARKS.md).
 fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Pool {
-    let manager = Manager::from_config(
+    let manager = Manager::from_connect(
         config,
-        connector.clone(),
+        EndsCleanly(connector.clone()),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -549,14 +550,62 @@ fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Poo
         .expect("a pool with a runtime and a size always builds")
 }
 
+/// Opens pooled sessions whose connection ends as PostgreSQL expects when the pool drops them: the
+/// client's Terminate message, then (over TLS) the close of the TLS session. deadpool-postgres's own
+/// way aborts the connection's task instead, and a server reached over TLS logs every such session
+/// ("could not receive data from client: Connection reset by peer"), at each shutdown and after
+/// each peak whose sessions [`Database::close_idle`] closes. Here the connection runs in a task of
+/// its own, which ends once its client is dropped and its last request answered, or
+/// [`CLOSE_WITHIN`] after the drop if the server does not answer (a network gone: the task and its
+/// socket would otherwise wait for TCP to give up); what deadpool aborts is a guard whose end starts
+/// that clock.
+struct EndsCleanly(MakeRustlsConnect);
+
+/// How long a dropped session's connection may take to end cleanly before it is cut.
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+impl deadpool_postgres::Connect for EndsCleanly {
+    fn connect(
+        &self,
+        config: &Config,
+    ) -> futures_util::future::BoxFuture<
+        '_,
+        Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
+    > {
+        let (tls, config) = (self.0.clone(), config.clone());
+        Box::pin(async move {
+            let (client, connection) = config.connect(tls).await?;
+            let (guard, dropped) = tokio::sync::oneshot::channel::<()>();
+            tokio::spawn(async move {
+                let mut connection = std::pin::pin!(connection);
+                let ended = tokio::select! {
+                    ended = &mut connection => ended,
+                    _ = dropped => match tokio::time::timeout(CLOSE_WITHIN, connection).await {
+                        Ok(ended) => ended,
+                        Err(_) => return tracing::debug!("a dropped PostgreSQL session was cut"),
+                    },
+                };
+                if let Err(error) = ended {
+                    tracing::debug!(%error, "a pooled PostgreSQL session ended");
+                }
+            });
+            let held = tokio::spawn(async move {
+                let _guard = guard;
+                std::future::pending::<()>().await
+            });
+            Ok((client, held))
+        })
+    }
+}
+
 /// Closes the sessions of `pool` not handed out for `lifetime`, but the one returned last; returns
 /// how many it closed. Idle sessions wait in the order they were returned.
 fn close_idle(pool: &Pool, lifetime: Duration) -> usize {
-    let waiting = pool.status().available;
+    let available = pool.status().available;
     let mut position = 0;
     let kept = pool.retain(|_, metrics| {
         position += 1;
-        position >= waiting || metrics.last_used() < lifetime
+        position >= available || metrics.last_used() < lifetime
     });
     kept.removed.len()
 }

@@ -326,6 +326,11 @@ impl TempPostgres {
         format!("postgres://postgres@127.0.0.1:{}/{database}", self.port)
     }
 
+    /// What the server logged.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+    }
+
     fn pg_ctl(&self, args: &[&str]) -> std::process::Output {
         postgres_command(&postgres_bin("pg_ctl"))
             .arg("-D")
