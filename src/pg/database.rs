@@ -141,9 +141,7 @@ impl Database {
             .parse()
             .map_err(|e: tokio_postgres::Error| invalid(crate::error::describe_postgres(&e)))?;
         config.ssl_mode(tls.mode);
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
+        with_defaults(&info, &mut config);
         let connector = tls.connector();
         let users = build_pool(
             with_options(&config, POOLED_OPTIONS, ""),
@@ -522,11 +520,36 @@ fn other_server(
                 invalid_url(shown.clone(), crate::error::describe_postgres(&e))
             })?;
     config.ssl_mode(tls.mode);
+    with_defaults(&info, &mut config);
+    Ok((config, shown, tls.connector()))
+}
+
+/// Where the connection string leaves them out: a connect timeout, and TCP keepalives sent after a
+/// minute idle (the operating system's default, which libpq and tokio-postgres keep, is two hours).
+/// pgfresh's sessions wait idle for long (the pools keep the one returned last however long unused,
+/// the LISTEN session waits for NOTIFYs): a load balancer or NAT gateway that drops connections idle
+/// for a few minutes would leave one that looks open, and the first query on it would wait for TCP
+/// to give up, a quarter of an hour. Probed every minute, such a connection stays known to the
+/// network, and one whose peer is gone is found closed within two minutes and replaced.
+fn with_defaults(info: &ConnInfo, config: &mut Config) {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    Ok((config, shown, tls.connector()))
+    if info.get("keepalives_idle").is_none() {
+        config.keepalives_idle(KEEPALIVES_IDLE);
+    }
+    if info.get("keepalives_interval").is_none() {
+        config.keepalives_interval(KEEPALIVES_INTERVAL);
+    }
+    if info.get("keepalives_count").is_none() {
+        config.keepalives_retries(KEEPALIVES_COUNT);
+    }
 }
+
+/// TCP keepalives where the connection string sets none (see [`with_defaults`]).
+const KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
+const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+const KEEPALIVES_COUNT: u32 = 5;
 
 /// A pool of sessions with `config`. It hands out the session returned last, as PgBouncer reuses its
 /// server connections: a steady load keeps one or two warm backends busy, where handing out the one
@@ -615,5 +638,34 @@ fn invalid_url(url: String, reason: String) -> Error {
         what: "PostgreSQL",
         url,
         reason,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keepalives_are_sent_after_a_minute_idle_unless_the_url_says_otherwise() {
+        let db = Database::new("postgres://postgres@db.internal/shop", 1).unwrap();
+        assert!(db.config.get_keepalives());
+        assert_eq!(db.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(
+            db.config.get_keepalives_interval(),
+            Some(KEEPALIVES_INTERVAL)
+        );
+        assert_eq!(db.config.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+
+        let url = "postgres://postgres@db.internal/shop?keepalives_idle=300&keepalives_count=2";
+        let db = Database::new(url, 1).unwrap();
+        assert_eq!(db.config.get_keepalives_idle(), Duration::from_secs(300));
+        assert_eq!(db.config.get_keepalives_retries(), Some(2));
+        assert_eq!(
+            db.config.get_keepalives_interval(),
+            Some(KEEPALIVES_INTERVAL)
+        );
+
+        let db = Database::new("host=db.internal dbname=shop keepalives=0", 1).unwrap();
+        assert!(!db.config.get_keepalives());
     }
 }
