@@ -524,13 +524,16 @@ fn other_server(
     Ok((config, shown, tls.connector()))
 }
 
-/// Where the connection string leaves them out: a connect timeout, and TCP keepalives sent after a
-/// minute idle (the operating system's default, which libpq and tokio-postgres keep, is two hours).
-/// pgfresh's sessions wait idle for long (the pools keep the one returned last however long unused,
-/// the LISTEN session waits for NOTIFYs): a load balancer or NAT gateway that drops connections idle
-/// for a few minutes would leave one that looks open, and the first query on it would wait for TCP
-/// to give up, a quarter of an hour. Probed every minute, such a connection stays known to the
-/// network, and one whose peer is gone is found closed within two minutes and replaced.
+/// Where the connection string leaves each out: a connect timeout; TCP keepalives sent after a
+/// minute idle (the operating system's default, which libpq and tokio-postgres keep, is two hours);
+/// and a TCP user timeout of two minutes. pgfresh's pooled sessions wait idle for long (the pools
+/// keep the one returned last however long unused): a load balancer or NAT gateway that drops
+/// connections idle for a few minutes would leave one that looks open, and a query sent on it would
+/// wait for TCP's retransmissions to give up, a quarter of an hour. Probed every minute, an idle
+/// connection stays known to the network; and data the server has not acknowledged for two minutes
+/// (a batch's query sent to a server gone silently: keepalives probe only idle connections) closes
+/// it, so the batch fails and is retried on a new session. A live server acknowledges what it
+/// receives at once, however long its query runs.
 fn with_defaults(info: &ConnInfo, config: &mut Config) {
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
@@ -544,12 +547,26 @@ fn with_defaults(info: &ConnInfo, config: &mut Config) {
     if info.get("keepalives_count").is_none() {
         config.keepalives_retries(KEEPALIVES_COUNT);
     }
+    match info
+        .get("tcp_user_timeout")
+        .map(|value| value.trim().parse::<u64>())
+    {
+        None => {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
+        // libpq reads milliseconds where tokio-postgres reads seconds; 0 is the system's default.
+        Some(Ok(millis)) if millis > 0 => {
+            config.tcp_user_timeout(Duration::from_millis(millis));
+        }
+        Some(_) => {}
+    }
 }
 
 /// TCP keepalives where the connection string sets none (see [`with_defaults`]).
 const KEEPALIVES_IDLE: Duration = Duration::from_secs(60);
 const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
 const KEEPALIVES_COUNT: u32 = 5;
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// A pool of sessions with `config`. It hands out the session returned last, as PgBouncer reuses its
 /// server connections: a steady load keeps one or two warm backends busy, where handing out the one
@@ -576,12 +593,13 @@ fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Poo
 /// Opens pooled sessions whose connection ends as PostgreSQL expects when the pool drops them: the
 /// client's Terminate message, then (over TLS) the close of the TLS session. deadpool-postgres's own
 /// way aborts the connection's task instead, and a server reached over TLS logs every such session
-/// ("could not receive data from client: Connection reset by peer"), at each shutdown and after
-/// each peak whose sessions [`Database::close_idle`] closes. Here the connection runs in a task of
+/// ("could not receive data from client: Connection reset by peer") after each peak whose sessions
+/// [`Database::close_idle`] closes. Here the connection runs in a task of
 /// its own, which ends once its client is dropped and its last request answered, or
 /// [`CLOSE_WITHIN`] after the drop if the server does not answer (a network gone: the task and its
 /// socket would otherwise wait for TCP to give up); what deadpool aborts is a guard whose end starts
-/// that clock.
+/// that clock. (When the process exits, the runtime goes with it, and a connection's task may not
+/// get to finish: the server may then log that session.)
 struct EndsCleanly(MakeRustlsConnect);
 
 /// How long a dropped session's connection may take to end cleanly before it is cut.
@@ -646,7 +664,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn keepalives_are_sent_after_a_minute_idle_unless_the_url_says_otherwise() {
+    fn keepalives_and_a_tcp_user_timeout_unless_the_url_says_otherwise() {
         let db = Database::new("postgres://postgres@db.internal/shop", 1).unwrap();
         assert!(db.config.get_keepalives());
         assert_eq!(db.config.get_keepalives_idle(), KEEPALIVES_IDLE);
@@ -655,9 +673,11 @@ mod tests {
             Some(KEEPALIVES_INTERVAL)
         );
         assert_eq!(db.config.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+        assert_eq!(db.config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
 
-        let url = "postgres://postgres@db.internal/shop?keepalives_idle=300&keepalives_count=2";
+        let url = "postgres://postgres@db.internal/shop?keepalives_idle=300&keepalives_count=2&tcp_user_timeout=0";
         let db = Database::new(url, 1).unwrap();
+        assert_eq!(db.config.get_tcp_user_timeout(), None, "0: the system's");
         assert_eq!(db.config.get_keepalives_idle(), Duration::from_secs(300));
         assert_eq!(db.config.get_keepalives_retries(), Some(2));
         assert_eq!(
@@ -667,5 +687,10 @@ mod tests {
 
         let db = Database::new("host=db.internal dbname=shop keepalives=0", 1).unwrap();
         assert!(!db.config.get_keepalives());
+
+        // In milliseconds, as libpq reads it.
+        let db = Database::new("host=db.internal dbname=shop tcp_user_timeout=30000", 1).unwrap();
+        let timeout = db.config.get_tcp_user_timeout();
+        assert_eq!(timeout, Some(&Duration::from_secs(30)));
     }
 }
