@@ -1,7 +1,7 @@
 //! The heartbeat: keeps this listener's registry row fresh (triggers stop waking a listener silent
 //! for a minute, others count it gone after 15 s), publishes its totals for `status`, samples the
-//! queue for the metrics and the status page, and closes pooled sessions not handed out for a while, at once and
-//! then every few seconds.
+//! queue for the metrics and the status page, and closes pooled sessions not handed out for a
+//! while, at once and then every few seconds.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -16,6 +16,11 @@
 //! loads, in savepoints of the transaction that claimed it (see [`Database::behind_pooler`]). What
 //! needs a session (`LISTEN`) gets a direct connection of its own when one is given
 //! ([`Database::with_session_url`]).
+//!
+//! The pools hand out the session returned last, close on request those long unused
+//! ([`Database::close_idle`]), and end a dropped session with a Terminate ([`EndsCleanly`]); every
+//! connection has TCP keepalives and a user timeout unless its string says otherwise
+//! ([`with_defaults`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -594,12 +599,12 @@ fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Poo
 /// client's Terminate message, then (over TLS) the close of the TLS session. deadpool-postgres's own
 /// way aborts the connection's task instead, and a server reached over TLS logs every such session
 /// ("could not receive data from client: Connection reset by peer") after each peak whose sessions
-/// [`Database::close_idle`] closes. Here the connection runs in a task of
-/// its own, which ends once its client is dropped and its last request answered, or
-/// [`CLOSE_WITHIN`] after the drop if the server does not answer (a network gone: the task and its
-/// socket would otherwise wait for TCP to give up); what deadpool aborts is a guard whose end starts
-/// that clock. (When the process exits, the runtime goes with it, and a connection's task may not
-/// get to finish: the server may then log that session.)
+/// [`Database::close_idle`] closes. Here the connection runs in a task of its own, which ends once
+/// its client is dropped and its last request answered, or [`CLOSE_WITHIN`] after the drop if the
+/// server does not answer (a network gone: the task and its socket would otherwise wait for TCP to
+/// give up); what deadpool aborts is a guard whose end starts that clock. (When the process exits,
+/// the runtime goes with it, and a connection's task may not get to finish: the server may then
+/// log that session.)
 struct EndsCleanly(MakeRustlsConnect);
 
 /// How long a dropped session's connection may take to end cleanly before it is cut.
