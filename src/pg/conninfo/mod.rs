@@ -221,6 +221,7 @@ impl ConnInfo {
             .params
             .iter()
             .filter(|(keyword, _)| !skip.contains(&keyword.as_str()))
+            .filter(|(keyword, value)| !system_default(keyword, value))
             .map(|(keyword, value)| {
                 format!("{}='{}'", tokio_postgres_keyword(keyword), quote(value))
             })
@@ -265,6 +266,13 @@ impl ConnInfo {
             ),
         }
     }
+}
+
+/// Whether the pair asks for the operating system's own keepalive setting, as libpq reads a zero:
+/// tokio-postgres would set the socket option to 0, which Linux refuses, failing every connection.
+fn system_default(keyword: &str, value: &str) -> bool {
+    let keepalive = ["keepalives_idle", "keepalives_interval", "keepalives_count"];
+    keepalive.contains(&keyword) && value.trim().parse::<i64>() == Ok(0)
 }
 
 /// tokio-postgres spells libpq's `keepalives_count` differently.

@@ -690,3 +690,14 @@ fn to_tokio_postgres_leaves_out_what_the_caller_handles() {
         "host='db' keepalives_retries='3'"
     );
 }
+
+#[test]
+fn a_zero_keepalive_setting_is_the_systems_default_as_in_libpq() {
+    let info = parsed("host=db keepalives_idle=0 keepalives_interval=0 keepalives_count=0");
+    assert_eq!(info.to_tokio_postgres(&[]), "host='db'");
+    let info = parsed("host=db keepalives_idle=30 keepalives_count=2");
+    assert_eq!(
+        info.to_tokio_postgres(&[]),
+        "host='db' keepalives_idle='30' keepalives_retries='2'"
+    );
+}
