@@ -4,7 +4,6 @@
 //! while, at once and then every few seconds.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use super::shared::Shared;
 use crate::pg::{queue, registry};
@@ -14,8 +13,12 @@ use crate::shutdown::pause;
 /// samples the queue for metrics and the status page, at once and then at every beat.
 pub(crate) async fn heartbeat(shared: Arc<Shared>) {
     loop {
+        #[cfg(feature = "testing")]
+        let lifetime = shared.settings.idle_session_lifetime;
+        #[cfg(not(feature = "testing"))]
+        let lifetime = super::IDLE_SESSION_LIFETIME;
         // Before this beat takes its own session: the pinned pool keeps one, not two.
-        let closed = shared.db.close_idle(idle_session_lifetime(&shared));
+        let closed = shared.db.close_idle(lifetime);
         if closed > 0 {
             tracing::debug!(closed, "closed pooled sessions not handed out for a while");
         }
@@ -52,16 +55,5 @@ async fn beat(shared: &Shared, client: &tokio_postgres::Client) {
             *shared.fatal.lock().expect("fatal lock") = Some(error);
             shared.shutdown.cancel();
         }
-    }
-}
-
-/// How long a pooled session may go without being handed out before the heartbeat closes it.
-fn idle_session_lifetime(shared: &Shared) -> Duration {
-    #[cfg(feature = "testing")]
-    return shared.settings.idle_session_lifetime;
-    #[cfg(not(feature = "testing"))]
-    {
-        let _ = shared;
-        super::IDLE_SESSION_LIFETIME
     }
 }

@@ -359,7 +359,7 @@ impl Database {
         pools
             .into_iter()
             .chain(standby)
-            .map(|pool| close_idle(pool, lifetime))
+            .map(|pool| close_idle_sessions(pool, lifetime))
             .sum()
     }
 
@@ -646,7 +646,7 @@ impl deadpool_postgres::Connect for EndsCleanly {
 
 /// Closes the sessions of `pool` not handed out for `lifetime`, but the one returned last; returns
 /// how many it closed. Idle sessions wait in the order they were returned.
-fn close_idle(pool: &Pool, lifetime: Duration) -> usize {
+fn close_idle_sessions(pool: &Pool, lifetime: Duration) -> usize {
     let available = pool.status().available;
     let mut position = 0;
     let kept = pool.retain(|_, metrics| {
