@@ -1,12 +1,12 @@
 //! TLS to PostgreSQL and Redis: `sslmode` is read as libpq reads it and never quietly downgraded,
 //! certificates are verified when the URL asks for it, and a `rediss://` URL encrypts the Redis
 //! connection, refusing a server it cannot trust with one clear line; a pooled session over TLS
-//! ends without a line in the server's log.
+//! ends without a line in the server's log, and so does every session of a process that exits.
 
 mod common;
 
 use common::cli::{assert_one_clear_error, run, stderr, stdout};
-use common::servers::{BoundedOutput, TempPostgres, make_certificates};
+use common::servers::{BoundedOutput, TempPostgres, TempRedis, make_certificates};
 use common::{TestEnv, eventually, shop_binary};
 use pgfresh::{Database, Environment};
 use std::process::Command;
@@ -133,6 +133,114 @@ async fn a_pooled_tls_session_closed_leaves_no_line_in_the_servers_log() {
     assert!(encrypted_sessions().await > 0);
     drop(db);
     eventually("the session closed", || async {
+        encrypted_sessions().await == 0
+    })
+    .await;
+    let log = server.log();
+    assert!(!log.contains("could not receive data"), "{log}");
+}
+
+/// A program that closes its database before its runtime goes (as every command does when it is
+/// done) ends every session as PostgreSQL expects: the runtime, dropped with connections still
+/// open, would cut them, and the server would log each.
+#[test]
+fn a_database_closed_before_the_runtime_goes_leaves_no_line_in_the_servers_log() {
+    let server = TempPostgres::start_tls();
+    let url = format!("{}?sslmode=require", server.url("postgres"));
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let db = Database::new(&url, 3).unwrap();
+        // Three held at once: the pool opens three sessions.
+        let (a, b, c) = tokio::join!(db.get(), db.get(), db.get());
+        let sessions = [a.unwrap(), b.unwrap(), c.unwrap()];
+        for session in &sessions {
+            let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+            assert!(session.query_one(sql, &[]).await.unwrap().get::<_, bool>(0));
+        }
+        drop(sessions);
+        db.close().await;
+        assert!(
+            db.get().await.is_err(),
+            "a closed database hands out no session"
+        );
+    });
+    drop(runtime);
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let observer = Database::new(&server.url("postgres"), 1).unwrap();
+        let observer = observer.get().await.unwrap();
+        eventually("the sessions to end", || async {
+            let sql = "SELECT count(*) FROM pg_stat_ssl WHERE ssl";
+            observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) == 0
+        })
+        .await;
+    });
+    let log = server.log();
+    assert!(!log.contains("could not receive data"), "{log}");
+}
+
+/// A listener stopped with SIGTERM ends its sessions, the LISTEN session among them, before it
+/// exits: a server reached over TLS logs nothing for any of them.
+#[tokio::test]
+async fn a_listener_stopped_leaves_no_line_in_the_servers_log() {
+    let server = TempPostgres::start_tls();
+    let redis = TempRedis::start();
+    let plain = Database::new(&server.url("postgres"), 2).unwrap();
+    common::setup::setup(&plain, 3).await.unwrap();
+    let observer = plain.get().await.unwrap();
+    let mut listener = Command::new(shop_binary())
+        .args(["listen", "--sweep-interval", "0"])
+        .env(
+            "DATABASE_URL",
+            format!("{}?sslmode=require", server.url("postgres")),
+        )
+        .env("REDIS_URL", redis.url())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let encrypted_sessions = || async {
+        let sql = "SELECT count(*) FROM pg_stat_ssl WHERE ssl";
+        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+    };
+    eventually("the listener to register", || async {
+        let sql = "SELECT count(*) FROM pgfresh.listeners";
+        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) == 1
+    })
+    .await;
+    // A change applied: the batch's sessions, beside the LISTEN session and the registration's.
+    observer
+        .execute(
+            "UPDATE products SET name = 'Stopped cleanly' WHERE id = 1",
+            &[],
+        )
+        .await
+        .unwrap();
+    eventually("the change to be applied", || async {
+        let sql = "SELECT NOT EXISTS (SELECT FROM pgfresh.changes)";
+        observer
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    assert!(encrypted_sessions().await >= 2);
+    Command::new("kill")
+        .args(["-TERM", &listener.id().to_string()])
+        .status()
+        .unwrap();
+    let exit = tokio::task::spawn_blocking(move || {
+        let exit = listener.wait().unwrap();
+        let mut logs = String::new();
+        std::io::Read::read_to_string(&mut listener.stderr.take().unwrap(), &mut logs).unwrap();
+        (exit, logs)
+    });
+    let (exit, logs) = tokio::time::timeout(common::PATIENCE, exit)
+        .await
+        .expect("the listener stops on SIGTERM")
+        .unwrap();
+    assert!(exit.success(), "{logs}");
+    eventually("the sessions to end", || async {
         encrypted_sessions().await == 0
     })
     .await;

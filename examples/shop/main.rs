@@ -78,8 +78,9 @@ fn main() -> ExitCode {
             ShopCommand::Setup { products } => {
                 let db = shop.connections.database(2)?;
                 db.check().await?;
-                let report = setup::setup(&db, products).await?;
-                println!("{}", describe_setup(&report, &db));
+                let report = setup::setup(&db, products).await;
+                db.close().await;
+                println!("{}", describe_setup(&report?, &db));
                 Ok(ExitCode::SUCCESS)
             }
             ShopCommand::Demo {
@@ -183,8 +184,10 @@ async fn run_demo(
     let mut settings = ListenSettings::default();
     settings.http = Some(http);
     settings.serve = Some(serve);
-    pgfresh::listen(db, sink, fragments, settings, shutdown).await?;
-    Ok(ExitCode::SUCCESS)
+    let listened = pgfresh::listen(db.clone(), sink, fragments, settings, shutdown).await;
+    // Every session ends as PostgreSQL expects before the process exits.
+    db.close().await;
+    listened.map(|()| ExitCode::SUCCESS)
 }
 
 /// `word` as one shell word: as it is when that is safe, else single-quoted.

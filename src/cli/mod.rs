@@ -113,26 +113,27 @@ pub async fn execute(
         None => fragments.clone(),
     };
     let fragments = &fragments;
+    if matches!(command, Command::Listen(_) | Command::Sweep(_)) {
+        require_fragments(fragments)?;
+    }
     let (own, users) = pool_sizes(&command);
     let db = connections.database(own)?;
     db.limit_user_sessions(users);
     db.check().await?;
-    match command {
+    let closing = db.clone();
+    let outcome = match command {
         Command::Install => commands::install(&db).await,
         Command::Uninstall => commands::uninstall(&db).await,
         Command::Status => commands::status(&db, connections).await,
         Command::RetryFailed => commands::retry_failed(&db).await,
         Command::Doctor(args) => commands::doctor(&db, connections, fragments, &args).await,
         Command::Render(args) => commands::render(&db, fragments, args).await,
-        Command::Listen(args) => {
-            require_fragments(fragments)?;
-            commands::listen(db, connections, fragments, *args).await
-        }
-        Command::Sweep(args) => {
-            require_fragments(fragments)?;
-            commands::sweep(&db, connections, fragments, args).await
-        }
-    }
+        Command::Listen(args) => commands::listen(db, connections, fragments, *args).await,
+        Command::Sweep(args) => commands::sweep(&db, connections, fragments, args).await,
+    };
+    // The runtime, and every connection still open with it, goes when the command returns.
+    closing.close().await;
+    outcome
 }
 
 /// Pooled connections a command may hold at once: for pgfresh's own statements, and for user code.

@@ -5,7 +5,8 @@
 //! read as a command, it only makes the listener look at the queue sooner. Notifications sent while
 //! this session is down are lost, so every (re)connect also wakes the listener to drain the queue.
 //! A session that silently stops delivering (a half-open TCP connection, a stuck proxy) is caught by a
-//! periodic NOTIFY to itself that must come back in time.
+//! periodic NOTIFY to itself that must come back in time. At shutdown the session ends as
+//! PostgreSQL expects, with its Terminate.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,7 +17,7 @@ use tokio_postgres::AsyncMessage;
 
 use crate::Error;
 use crate::backoff::Backoff;
-use crate::pg::{Database, TlsStream};
+use crate::pg::{CLOSE_WITHIN, Database, TlsStream};
 use crate::shutdown::Shutdown;
 
 /// The channel triggers NOTIFY.
@@ -115,9 +116,14 @@ impl Wakeup {
         let (wake, url) = (self.wake.clone(), self.db.listen_url().to_string());
         let delivering = deliver(&mut connection, &ping, &pongs, &wake, &url);
         tokio::select! {
-            error = delivering => Err(error),
-            result = self.keep_alive(&client, &ping, pong_received) => result,
+            error = delivering => return Err(error),
+            result = self.keep_alive(&client, &ping, pong_received) => result?,
         }
+        // Shutting down: the connection, left alone with its client gone, sends PostgreSQL's
+        // Terminate and closes (over TLS, its TLS session too), so the server logs nothing for it.
+        drop(client);
+        let _ = tokio::time::timeout(CLOSE_WITHIN, connection).await;
+        Ok(())
     }
 
     /// LISTENs, says so, then pings the session every [`PING_INTERVAL`]: a ping not back within

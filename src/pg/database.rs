@@ -18,9 +18,9 @@
 //! ([`Database::with_session_url`]).
 //!
 //! The pools hand out the session returned last, close on request those long unused
-//! ([`Database::close_idle`]), and end a dropped session with a Terminate ([`EndsCleanly`]); every
-//! connection has TCP keepalives and a user timeout unless its string says otherwise
-//! ([`with_defaults`]).
+//! ([`Database::close_idle`]), and end a dropped session with a Terminate ([`EndsCleanly`]), which
+//! [`Database::close`] waits for before the process exits; every connection has TCP keepalives and
+//! a user timeout unless its string says otherwise ([`with_defaults`]).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -28,6 +28,7 @@ use std::time::Duration;
 use deadpool_postgres::{Manager, ManagerConfig, Pool, QueueMode, RecyclingMethod, Runtime};
 use tokio_postgres::{Client, Config};
 use tokio_postgres_rustls::MakeRustlsConnect;
+use tokio_util::task::TaskTracker;
 
 use super::conninfo::{ConnInfo, redact_unparsed};
 use super::standby::Standby;
@@ -60,6 +61,8 @@ pub struct Database {
     /// A direct connection for what needs a session of its own (`LISTEN`), when given.
     session: Option<SessionServer>,
     connector: MakeRustlsConnect,
+    /// The tasks running the pooled sessions' connections, which [`Database::close`] waits for.
+    connections: TaskTracker,
     /// A hot standby for loads, when given.
     standby: Option<Arc<Standby>>,
     /// The primary's system identifier, read when a standby is first used.
@@ -148,19 +151,13 @@ impl Database {
         config.ssl_mode(tls.mode);
         with_defaults(&info, &mut config);
         let connector = tls.connector();
-        let users = build_pool(
-            with_options(&config, POOLED_OPTIONS, ""),
-            &connector,
-            pool_size,
-        );
-        let plain_pinned = build_pool(config.clone(), &connector, pool_size);
-        let plain_users = build_pool(config.clone(), &connector, pool_size);
+        let connections = TaskTracker::new();
+        let pool = |config: Config| build_pool(config, &connector, &connections, pool_size);
+        let users = pool(with_options(&config, POOLED_OPTIONS, ""));
+        let plain_pinned = pool(config.clone());
+        let plain_users = pool(config.clone());
         let config = with_options(&config, "", PINNED_OPTIONS);
-        let pinned = build_pool(
-            with_options(&config, POOLED_OPTIONS, ""),
-            &connector,
-            pool_size,
-        );
+        let pinned = pool(with_options(&config, POOLED_OPTIONS, ""));
         Ok(Self {
             config,
             url: shown,
@@ -172,6 +169,7 @@ impl Database {
             kept: Kept::default(),
             session: None,
             connector,
+            connections,
             standby: None,
             primary_identifier: Arc::new(tokio::sync::OnceCell::new()),
         })
@@ -203,7 +201,7 @@ impl Database {
         let (config, shown, connector) = other_server(url, environment)?;
         let size = self.users.status().max_size;
         let options = with_options(&config, POOLED_OPTIONS, super::standby::SESSION_MARK);
-        let pool = build_pool(options, &connector, size);
+        let pool = build_pool(options, &connector, &self.connections, size);
         self.standby = Some(Arc::new(Standby::new(shown, pool, max_wait)));
         Ok(self)
     }
@@ -349,18 +347,43 @@ impl Database {
     /// `lifetime` and not returned last is closed at the next call.) One session of each pool stays,
     /// however long unused, so that the first batch after a quiet spell does not wait to connect.
     pub(crate) fn close_idle(&self, lifetime: Duration) -> usize {
-        let pools = [
+        self.pools()
+            .map(|pool| close_idle_sessions(pool, lifetime))
+            .sum()
+    }
+
+    /// Closes every pool and waits, up to [`CLOSE_WITHIN`], for the sessions' connections to end
+    /// as PostgreSQL expects (each its Terminate, and over TLS the close of the TLS session): call
+    /// it last, once nothing holds a session, before the process exits. A runtime dropped with
+    /// connections still open cuts them, and a server reached over TLS logs each ("could not
+    /// receive data from client: Connection reset by peer"). Sessions still held are closed when
+    /// returned, and the database hands out none after this.
+    pub async fn close(&self) {
+        for pool in self.pools() {
+            pool.close();
+        }
+        self.connections.close();
+        if tokio::time::timeout(CLOSE_WITHIN, self.connections.wait())
+            .await
+            .is_err()
+        {
+            tracing::debug!(
+                open = self.connections.len(),
+                "PostgreSQL sessions still open at close were left to be cut"
+            );
+        }
+    }
+
+    /// Every pool, the standby's included.
+    fn pools(&self) -> impl Iterator<Item = &Pool> {
+        let own = [
             &self.pinned,
             &self.users,
             &self.plain_pinned,
             &self.plain_users,
         ];
-        let standby = self.standby.as_ref().map(|standby| standby.pool());
-        pools
-            .into_iter()
-            .chain(standby)
-            .map(|pool| close_idle_sessions(pool, lifetime))
-            .sum()
+        own.into_iter()
+            .chain(self.standby.as_ref().map(|standby| standby.pool()))
     }
 
     /// A pooled connection for pgfresh's own statements, its `search_path` pinned to
@@ -577,10 +600,15 @@ const TCP_USER_TIMEOUT: Duration = Duration::from_secs(120);
 /// server connections: a steady load keeps one or two warm backends busy, where handing out the one
 /// idle longest sent every batch to a backend gone cold since its last turn (a quarter more
 /// PostgreSQL CPU per change at 100 changes/s, BENCHMARKS.md).
-fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Pool {
+fn build_pool(
+    config: Config,
+    connector: &MakeRustlsConnect,
+    connections: &TaskTracker,
+    size: usize,
+) -> Pool {
     let manager = Manager::from_connect(
         config,
-        EndsCleanly(connector.clone()),
+        EndsCleanly(connector.clone(), connections.clone()),
         ManagerConfig {
             recycling_method: RecyclingMethod::Fast,
         },
@@ -602,13 +630,13 @@ fn build_pool(config: Config, connector: &MakeRustlsConnect, size: usize) -> Poo
 /// [`Database::close_idle`] closes. Here the connection runs in a task of its own, which ends once
 /// its client is dropped and its last request answered, or [`CLOSE_WITHIN`] after the drop if the
 /// server does not answer (a network gone: the task and its socket would otherwise wait for TCP to
-/// give up); what deadpool aborts is a guard whose end starts that clock. (When the process exits,
-/// the runtime goes with it, and a connection's task may not get to finish: the server may then
-/// log that session.)
-struct EndsCleanly(MakeRustlsConnect);
+/// give up); what deadpool aborts is a guard whose end starts that clock. The connections' tasks are
+/// tracked, so that [`Database::close`] can wait for them before the process exits (the runtime goes
+/// with it, and would cut any still running).
+struct EndsCleanly(MakeRustlsConnect, TaskTracker);
 
 /// How long a dropped session's connection may take to end cleanly before it is cut.
-const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_WITHIN: Duration = Duration::from_secs(5);
 
 impl deadpool_postgres::Connect for EndsCleanly {
     fn connect(
@@ -618,11 +646,11 @@ impl deadpool_postgres::Connect for EndsCleanly {
         '_,
         Result<(Client, tokio::task::JoinHandle<()>), tokio_postgres::Error>,
     > {
-        let (tls, config) = (self.0.clone(), config.clone());
+        let (tls, config, connections) = (self.0.clone(), config.clone(), self.1.clone());
         Box::pin(async move {
             let (client, connection) = config.connect(tls).await?;
             let (guard, dropped) = tokio::sync::oneshot::channel::<()>();
-            tokio::spawn(async move {
+            connections.spawn(async move {
                 let mut connection = std::pin::pin!(connection);
                 let ended = tokio::select! {
                     ended = &mut connection => ended,
