@@ -341,6 +341,51 @@ async fn the_session_returned_last_is_the_next_one_handed_out() {
     env.cleanup().await;
 }
 
+/// Closing a database ends its idle sessions, and cuts the one still running a statement rather
+/// than wait for the statement: a stalled batch at exit delays the process by a moment, not by as
+/// long as its statement would run.
+#[tokio::test]
+async fn a_closed_database_ends_its_idle_sessions_and_cuts_a_busy_one() {
+    let env = TestEnv::empty().await;
+    let db = Database::new(&env.url, 3).unwrap();
+    let observer = env.client().await;
+    let (idle, busy) = (db.get().await.unwrap(), db.get().await.unwrap());
+    let busy_pid = backend_pid(&busy).await;
+    drop(idle);
+    // The server notices the cut connection within a tenth of a second, not after its sleep.
+    busy.batch_execute("SET client_connection_check_interval = 100")
+        .await
+        .unwrap();
+    let sleeping = tokio::spawn(async move {
+        let _ = busy.batch_execute("SELECT pg_sleep(60)").await;
+        busy
+    });
+    eventually("the statement to run", || async {
+        let sql =
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = $1 AND query LIKE '%pg_sleep%'";
+        observer
+            .query_one(sql, &[&busy_pid])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+            == 1
+    })
+    .await;
+    assert_eq!(db.close().await, 1, "the busy session is the one cut");
+    assert!(
+        db.get().await.is_err(),
+        "a closed database hands out no session"
+    );
+    sleeping.abort();
+    let _ = sleeping.await;
+    eventually("no session of the database left", || async {
+        let sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
+        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) == 0
+    })
+    .await;
+    env.cleanup().await;
+}
+
 /// A peak's sessions, unused since, are closed by the listener's heartbeat, all but the one returned
 /// last: they no longer hold a backend of the server, nor go stale behind a firewall.
 #[tokio::test]

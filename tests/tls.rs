@@ -158,7 +158,11 @@ fn a_database_closed_before_the_runtime_goes_leaves_no_line_in_the_servers_log()
             assert!(session.query_one(sql, &[]).await.unwrap().get::<_, bool>(0));
         }
         drop(sessions);
-        db.close().await;
+        assert_eq!(
+            db.close().await,
+            0,
+            "every session ended before the wait was over"
+        );
         assert!(
             db.get().await.is_err(),
             "a closed database hands out no session"
@@ -240,6 +244,7 @@ async fn a_listener_stopped_leaves_no_line_in_the_servers_log() {
         .expect("the listener stops on SIGTERM")
         .unwrap();
     assert!(exit.success(), "{logs}");
+    assert!(!logs.contains("were cut"), "{logs}");
     eventually("the sessions to end", || async {
         encrypted_sessions().await == 0
     })

@@ -49,7 +49,9 @@ fn main() -> ExitCode {
             BlogCommand::Setup { posts } => {
                 let db = blog.connections.database(2)?;
                 db.check().await?;
-                let report = setup::setup(&db, posts).await?;
+                let report = setup::setup(&db, posts).await;
+                db.close().await;
+                let report = report?;
                 println!(
                     "blog ready in database {}: {} posts ({} loaded now), pgfresh installed, 7 watches; \
                      run `sweep` to fill Redis, then `listen`",

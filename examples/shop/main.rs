@@ -80,7 +80,8 @@ fn main() -> ExitCode {
                 db.check().await?;
                 let report = setup::setup(&db, products).await;
                 db.close().await;
-                println!("{}", describe_setup(&report?, &db));
+                let report = report?;
+                println!("{}", describe_setup(&report, &db));
                 Ok(ExitCode::SUCCESS)
             }
             ShopCommand::Demo {
@@ -132,6 +133,20 @@ async fn run_demo(
     fragments: Fragments,
     demo: Demo,
 ) -> Result<ExitCode, pgfresh::Error> {
+    let db = connections.database(12)?;
+    let demoed = demo_on(&db, connections, fragments, demo).await;
+    // Every session ends as PostgreSQL expects before the process exits, whatever happened.
+    db.close().await;
+    demoed
+}
+
+/// The demo on `db`: setup, a sweep, the shop's pages and writer, and a listener until Ctrl-C.
+async fn demo_on(
+    db: &Database,
+    connections: &Connections,
+    fragments: Fragments,
+    demo: Demo,
+) -> Result<ExitCode, pgfresh::Error> {
     let Demo {
         products,
         web,
@@ -139,15 +154,13 @@ async fn run_demo(
         serve,
         storage,
     } = demo;
-    let db = connections.database(12)?;
     db.check().await?;
     let sink = connections.redis().await?;
-    let report = setup::setup(&db, products).await?;
-    println!("{}", describe_setup(&report, &db));
+    let report = setup::setup(db, products).await?;
+    println!("{}", describe_setup(&report, db));
 
     let shutdown = pgfresh::shutdown_on_signal();
-    let sweep =
-        pgfresh::sweep(&db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
+    let sweep = pgfresh::sweep(db, &sink, &fragments, &SweepSettings::default(), &shutdown).await?;
     println!("{sweep}");
 
     let cards = web::Shop {
@@ -184,10 +197,8 @@ async fn run_demo(
     let mut settings = ListenSettings::default();
     settings.http = Some(http);
     settings.serve = Some(serve);
-    let listened = pgfresh::listen(db.clone(), sink, fragments, settings, shutdown).await;
-    // Every session ends as PostgreSQL expects before the process exits.
-    db.close().await;
-    listened.map(|()| ExitCode::SUCCESS)
+    pgfresh::listen(db.clone(), sink, fragments, settings, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// `word` as one shell word: as it is when that is safe, else single-quoted.

@@ -17,7 +17,7 @@ use tokio_postgres::AsyncMessage;
 
 use crate::Error;
 use crate::backoff::Backoff;
-use crate::pg::{CLOSE_WITHIN, Database, TlsStream};
+use crate::pg::{CLOSING_WAIT, Database, TlsStream};
 use crate::shutdown::Shutdown;
 
 /// The channel triggers NOTIFY.
@@ -122,7 +122,7 @@ impl Wakeup {
         // Shutting down: the connection, left alone with its client gone, sends PostgreSQL's
         // Terminate and closes (over TLS, its TLS session too), so the server logs nothing for it.
         drop(client);
-        let _ = tokio::time::timeout(CLOSE_WITHIN, connection).await;
+        let _ = tokio::time::timeout(CLOSING_WAIT, connection).await;
         Ok(())
     }
 

@@ -19,7 +19,7 @@
 //!
 //! The pools hand out the session returned last, close on request those long unused
 //! ([`Database::close_idle`]), and end a dropped session with a Terminate ([`EndsCleanly`]), which
-//! [`Database::close`] waits for before the process exits; every connection has TCP keepalives and
+//! [`Database::close`] gives a moment before the process exits; every connection has TCP keepalives and
 //! a user timeout unless its string says otherwise ([`with_defaults`]).
 
 use std::sync::Arc;
@@ -352,26 +352,31 @@ impl Database {
             .sum()
     }
 
-    /// Closes every pool and waits, up to [`CLOSE_WITHIN`], for the sessions' connections to end
-    /// as PostgreSQL expects (each its Terminate, and over TLS the close of the TLS session): call
-    /// it last, once nothing holds a session, before the process exits. A runtime dropped with
-    /// connections still open cuts them, and a server reached over TLS logs each ("could not
-    /// receive data from client: Connection reset by peer"). Sessions still held are closed when
-    /// returned, and the database hands out none after this.
-    pub async fn close(&self) {
+    /// Closes every pool, and gives the sessions' connections up to [`CLOSING_WAIT`] to end as
+    /// PostgreSQL expects (each its Terminate, and over TLS the close of the TLS session); returns
+    /// how many were still open then, left to be cut. Call it last, before the process exits: a
+    /// runtime dropped with connections open cuts them, and a server reached over TLS logs each
+    /// ("could not receive data from client: Connection reset by peer"). An idle session ends at
+    /// once; one still held ends when returned, and one whose statement still runs on the server
+    /// (a stalled batch's, a render's that outlived its request) cannot end cleanly and is cut.
+    /// Every clone of this database is closed with it, and none hands out a session after this.
+    pub async fn close(&self) -> usize {
         for pool in self.pools() {
             pool.close();
         }
         self.connections.close();
-        if tokio::time::timeout(CLOSE_WITHIN, self.connections.wait())
+        if tokio::time::timeout(CLOSING_WAIT, self.connections.wait())
             .await
-            .is_err()
+            .is_ok()
         {
-            tracing::debug!(
-                open = self.connections.len(),
-                "PostgreSQL sessions still open at close were left to be cut"
-            );
+            return 0;
         }
+        let open = self.connections.len();
+        tracing::info!(
+            sessions = open,
+            "PostgreSQL sessions still running a statement when closed were cut"
+        );
+        open
     }
 
     /// Every pool, the standby's included.
@@ -636,7 +641,13 @@ fn build_pool(
 struct EndsCleanly(MakeRustlsConnect, TaskTracker);
 
 /// How long a dropped session's connection may take to end cleanly before it is cut.
-pub(crate) const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+const CLOSE_WITHIN: Duration = Duration::from_secs(5);
+
+/// How long [`Database::close`] waits for the sessions' connections to end. Ending takes no reply
+/// from the server (the Terminate, the TLS close), so an idle session ends in a few milliseconds
+/// and one whose last reply is on its way (a dropped batch's ROLLBACK) within a round trip; a
+/// session still running a statement would take as long as the statement, and is cut instead.
+pub(crate) const CLOSING_WAIT: Duration = Duration::from_secs(1);
 
 impl deadpool_postgres::Connect for EndsCleanly {
     fn connect(

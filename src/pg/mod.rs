@@ -34,6 +34,6 @@ pub(crate) mod truncations;
 
 pub(crate) use conninfo::redact_unparsed;
 pub use database::Database;
-pub(crate) use database::{CLOSE_WITHIN, PINNED_SEARCH_PATH, POOLED_SETTINGS_LOCAL};
+pub(crate) use database::{CLOSING_WAIT, PINNED_SEARCH_PATH, POOLED_SETTINGS_LOCAL};
 pub(crate) use snapshot::Snapshot;
 pub(crate) use tls::TlsStream;
