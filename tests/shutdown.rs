@@ -1,10 +1,11 @@
 //! Stopping a listener (SIGTERM, SIGINT, or an embedding program cancelling its token): it claims
 //! nothing more, and the batches in hand finish, so their changes are in Redis and out of the queue
-//! when it returns.
+//! when it returns; a PostgreSQL that stopped answering holds it no longer than a grace period.
 
 mod common;
 
-use common::{AlteredCard, SharedFragment, TestEnv, eventually, test_settings};
+use common::servers::{TempPostgres, TempRedis};
+use common::{AlteredCard, SharedFragment, TestEnv, eventually, product_card, test_settings};
 use pgfresh::Fragments;
 use pgfresh::tokio_postgres;
 
@@ -136,5 +137,70 @@ async fn a_batch_still_stalled_after_the_grace_period_rolls_back_and_its_change_
             .is_some_and(|card| card.contains("<h2>Stalled</h2>")),
         "the stalled batch wrote nothing"
     );
+    env.cleanup().await;
+}
+
+/// A listener whose PostgreSQL stops answering (a hung host) still stops when asked: its tasks and
+/// its deregistration wait no longer than the grace period and a moment, however long the server
+/// stays silent.
+#[tokio::test]
+async fn a_listener_whose_postgresql_stopped_answering_still_stops() {
+    let server = TempPostgres::start();
+    let redis = TempRedis::start();
+    let db = pgfresh::Database::new(&server.url("postgres"), 2).unwrap();
+    common::setup::setup(&db, 3).await.unwrap();
+    let store = pgfresh::RedisStore::connect(&redis.url()).await.unwrap();
+    let fragments = Fragments::new().with(product_card::KEY_PREFIX, product_card::ProductCard);
+    let shutdown = pgfresh::Shutdown::new();
+    let listener = tokio::spawn(pgfresh::listen(
+        db.clone(),
+        store,
+        fragments,
+        test_settings(),
+        shutdown.clone(),
+    ));
+    let observer = common::connect(&server.url("postgres")).await;
+    // Registered, and its first sweep done: the listener is idle, its sessions too.
+    eventually("the listener's first sweep", || async {
+        let sql = "SELECT (SELECT count(*) FROM pgfresh.listeners) = 1
+                   AND EXISTS (SELECT FROM pgfresh.sweeps)";
+        observer
+            .query_one(sql, &[])
+            .await
+            .unwrap()
+            .get::<_, bool>(0)
+    })
+    .await;
+    let frozen = server.freeze();
+    shutdown.cancel();
+    tokio::time::timeout(common::PATIENCE, listener)
+        .await
+        .expect("the listener stops although PostgreSQL answers nothing")
+        .unwrap()
+        .expect("and stops without an error");
+    drop(frozen);
+}
+
+/// A listener whose own sweep is stuck in a loader (one waiting on a server that stopped answering
+/// never sees the shutdown token) still stops once the grace period is over.
+#[tokio::test]
+async fn a_listener_whose_sweep_is_stuck_in_a_loader_still_stops() {
+    let env = TestEnv::shop(3).await;
+    // A new version of the card: Redis holds the marker of version 1, so the listener sweeps it at
+    // start, and that sweep's first load stalls.
+    let (_never_released, gate) = tokio::sync::oneshot::channel();
+    let stalling = std::sync::Arc::new(AlteredCard {
+        gate: std::sync::Mutex::new(Some(gate)),
+        ..AlteredCard::new("product_card", 2)
+    });
+    let listener = env.start_listener_with(
+        Fragments::new().with(&env.prefix, SharedFragment(stalling.clone())),
+        test_settings(),
+    );
+    eventually("the sweep's load to stall", || async {
+        stalling.gate_taken()
+    })
+    .await;
+    listener.stop().await;
     env.cleanup().await;
 }

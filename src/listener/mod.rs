@@ -160,6 +160,11 @@ fn check_ttls(fragments: &Fragments, settings: &ListenSettings) -> Result<(), Er
 /// and one that takes longer (Redis or PostgreSQL hanging) rolls back, losing nothing.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a stopping listener tries to remove its row from `pgfresh.listeners`: a PostgreSQL that
+/// stopped answering must not keep it from exiting, and the row counts for nothing once it has not
+/// been written for a few seconds (`pg::registry`).
+const DEREGISTER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// What the listener's sessions are like: found before it starts (see [`Shared`]).
 struct Sessions {
     users_search_path: Option<String>,
@@ -225,7 +230,9 @@ impl Listener {
 
     /// Starts the tasks, drains until shutdown (or until a task dies), then stops everything and
     /// deregisters. The batches in hand at shutdown finish (within [`SHUTDOWN_GRACE`]): their changes
-    /// reach Redis and leave the queue before the listener exits.
+    /// reach Redis and leave the queue before the listener exits. The other tasks get the same
+    /// grace, and deregistering [`DEREGISTER_WITHIN`]: a server that stopped answering does not
+    /// keep the listener from returning.
     async fn run(self) -> Result<(), Error> {
         let shared = &self.shared;
         let mut tasks = self.start().await?;
@@ -247,9 +254,10 @@ impl Listener {
         // Every task selects on the shutdown token; the drain loop claims nothing more, and the
         // batches it has in hand commit.
         shared.shutdown.cancel();
+        let grace_over = tokio::time::Instant::now() + SHUTDOWN_GRACE;
         let drained = match drained {
             Some(drained) => Some(drained),
-            None => match tokio::time::timeout(SHUTDOWN_GRACE, &mut drain).await {
+            None => match tokio::time::timeout_at(grace_over, &mut drain).await {
                 Ok(drained) => Some(drained),
                 Err(_) => {
                     tracing::warn!(
@@ -271,10 +279,27 @@ impl Listener {
         let died = died.or(drained
             .and_then(Result::err)
             .map(|error| Err(describe_join_error(error))));
-        while tasks.join_next().await.is_some() {}
+        // The other tasks end at the token too, but one waiting on a server that stopped answering
+        // (a heartbeat's write, a sweep's page) would never see it: within the same grace, or not at
+        // all.
+        let ended = async { while tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout_at(grace_over, ended).await.is_err() {
+            tracing::warn!(
+                grace = ?SHUTDOWN_GRACE,
+                "tasks still waiting on PostgreSQL or Redis after the grace period are stopped"
+            );
+            tasks.shutdown().await;
+        }
         let fatal = shared.fatal.lock().expect("fatal lock").take();
-        if let Ok(client) = shared.db.pinned().await {
-            let _ = registry::deregister_listener(&client, &shared.me.id).await;
+        let deregistered = async {
+            let client = shared.db.pinned().await?;
+            registry::deregister_listener(&client, &shared.me.id).await
+        };
+        if !matches!(
+            tokio::time::timeout(DEREGISTER_WITHIN, deregistered).await,
+            Ok(Ok(_))
+        ) {
+            tracing::debug!("the listener's row is left to go stale");
         }
         let (applied, refused) = shared.board.totals();
         tracing::info!(

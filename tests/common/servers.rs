@@ -396,6 +396,24 @@ impl TempPostgres {
         self.start_server();
     }
 
+    /// Freezes the whole server (SIGSTOP to the postmaster and every process it started): it keeps
+    /// its connections but answers nothing, like a hung host, until the guards are dropped
+    /// (SIGCONT), even when the test fails first.
+    pub fn freeze(&self) -> Vec<Stopped> {
+        let pid_file = std::fs::read_to_string(self.dir.join("data/postmaster.pid"))
+            .expect("a running server's postmaster.pid");
+        let postmaster: u32 = pid_file.lines().next().unwrap().trim().parse().unwrap();
+        let children = Command::new("pgrep")
+            .args(["-P", &postmaster.to_string()])
+            .output()
+            .expect("pgrep runs");
+        let mut stopped = vec![Stopped::process(postmaster)];
+        for child in String::from_utf8_lossy(&children.stdout).split_whitespace() {
+            stopped.push(Stopped::process(child.parse().unwrap()));
+        }
+        stopped
+    }
+
     /// A hot standby of this server, streaming from it: a base backup taken with `pg_basebackup -R`
     /// (which writes `primary_conninfo` and `standby.signal`), started on a port of its own. The
     /// default `wal_level = replica` and the trust `replication` lines initdb writes are all the
