@@ -202,5 +202,47 @@ async fn a_listener_whose_sweep_is_stuck_in_a_loader_still_stops() {
     })
     .await;
     listener.stop().await;
+    // What the stopped sweep held is given back: the next listener may sweep at once.
+    let holder: Option<String> = env
+        .client()
+        .await
+        .query_one("SELECT holder FROM pgfresh.sweep_lease", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(holder, None, "the sweep lease is released");
+    assert_eq!(env.registered_listeners().await, 0);
+    env.cleanup().await;
+}
+
+/// A listener stopped while a migration holds the queue locked: its batch waits past the grace
+/// period and is given up, and the listener still removes its row, on a session of its own (the
+/// pool's session returned last is the given-up batch's, still waiting for the lock).
+#[tokio::test]
+async fn a_listener_stopped_while_the_queue_is_locked_still_removes_its_row() {
+    let env = TestEnv::shop(3).await;
+    let listener = env.start_listener(test_settings());
+    eventually("the listener to register", || async {
+        env.registered_listeners().await == 1
+    })
+    .await;
+    let mut migration = env.client().await;
+    let lock = migration.transaction().await.unwrap();
+    lock.batch_execute("LOCK TABLE pgfresh.changes IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let client = env.client().await;
+    eventually("a claim to wait for the lock", || async {
+        sessions(
+            &client,
+            "wait_event_type = 'Lock' AND query LIKE '%pgfresh.changes%'",
+        )
+        .await
+            >= 1
+    })
+    .await;
+    listener.stop().await;
+    assert_eq!(env.registered_listeners().await, 0, "its row is gone");
+    lock.rollback().await.unwrap();
     env.cleanup().await;
 }

@@ -160,9 +160,10 @@ fn check_ttls(fragments: &Fragments, settings: &ListenSettings) -> Result<(), Er
 /// and one that takes longer (Redis or PostgreSQL hanging) rolls back, losing nothing.
 const SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// How long a stopping listener tries to remove its row from `pgfresh.listeners`: a PostgreSQL that
-/// stopped answering must not keep it from exiting, and the row counts for nothing once it has not
-/// been written for a few seconds (`pg::registry`).
+/// How long a stopping listener tries to remove its row from `pgfresh.listeners` (and give up the
+/// sweep lease): a PostgreSQL that stopped answering must not keep it from exiting. A row left
+/// behind stops counting among the listeners sharing work after 15 s, and for `status`, `doctor`
+/// and the triggers' wake-ups after a minute (`pg::registry`).
 const DEREGISTER_WITHIN: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// What the listener's sessions are like: found before it starts (see [`Shared`]).
@@ -291,15 +292,21 @@ impl Listener {
             tasks.shutdown().await;
         }
         let fatal = shared.fatal.lock().expect("fatal lock").take();
+        // On a session of its own: the pool's session returned last may still wait behind a
+        // statement of a task stopped above. The sweep lease goes too, should a sweep stopped
+        // above have held it (otherwise the next listener could not sweep until it ran out).
         let deregistered = async {
-            let client = shared.db.pinned().await?;
-            registry::deregister_listener(&client, &shared.me.id).await
+            let client = shared.db.fresh_pinned().await?;
+            registry::deregister_listener(&client, &shared.me.id).await?;
+            crate::pg::sweeps::release_lease(&client, &shared.me.id).await
         };
         if !matches!(
             tokio::time::timeout(DEREGISTER_WITHIN, deregistered).await,
-            Ok(Ok(_))
+            Ok(Ok(()))
         ) {
-            tracing::debug!("the listener's row is left to go stale");
+            tracing::warn!(
+                "could not remove this listener's row from pgfresh.listeners: status lists it, and triggers may notify for it, for up to a minute"
+            );
         }
         let (applied, refused) = shared.board.totals();
         tracing::info!(

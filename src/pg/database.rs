@@ -401,6 +401,21 @@ impl Database {
         }
     }
 
+    /// A new session for pgfresh's own statements, opened as the pool's are (and so ended cleanly
+    /// when dropped) but not taken from it: for a last statement at shutdown, which the session
+    /// returned last might keep waiting behind a statement of an aborted task.
+    pub(crate) async fn fresh_pinned(&self) -> Result<deadpool_postgres::ClientWrapper, Error> {
+        use deadpool::managed::Manager as _;
+        let pool = match self.behind_pooler().await? {
+            false => &self.pinned,
+            true => &self.plain_pinned,
+        };
+        pool.manager()
+            .create()
+            .await
+            .map_err(|e| self.connect_error(&e))
+    }
+
     async fn take(&self, pool: &Pool) -> Result<deadpool_postgres::Object, Error> {
         pool.get().await.map_err(|e| self.pool_error(e))
     }

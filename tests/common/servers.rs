@@ -408,8 +408,9 @@ impl TempPostgres {
             .output()
             .expect("pgrep runs");
         let mut stopped = vec![Stopped::process(postmaster)];
+        // A backend that exited since pgrep listed it is no longer there to stop.
         for child in String::from_utf8_lossy(&children.stdout).split_whitespace() {
-            stopped.push(Stopped::process(child.parse().unwrap()));
+            stopped.extend(Stopped::if_running(child.parse().unwrap()));
         }
         stopped
     }
@@ -618,6 +619,22 @@ impl TempRedisCluster {
     }
 
     fn start_with(replicas: usize) -> TempRedisCluster {
+        // Ports are picked free, then bound by the servers: another test may take one in between,
+        // and the cluster cannot form. Such a start is tried again on other ports.
+        let mut attempts = 0;
+        loop {
+            attempts += 1;
+            match TempRedisCluster::try_start(replicas) {
+                Ok(cluster) => return cluster,
+                Err(why) if attempts < 3 => {
+                    eprintln!("a Redis Cluster did not form ({why}); again")
+                }
+                Err(why) => panic!("redis-cli --cluster create: {why}"),
+            }
+        }
+    }
+
+    fn try_start(replicas: usize) -> Result<TempRedisCluster, String> {
         let dir = std::env::temp_dir().join(format!(
             "pgfresh-redis-cluster-{}-{}",
             std::process::id(),
@@ -637,24 +654,34 @@ impl TempRedisCluster {
                 node
             })
             .collect();
-        let status = Command::new("redis-cli")
+        let out = Command::new("redis-cli")
             .arg("--cluster")
             .arg("create")
             .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
             .args(["--cluster-replicas", &replicas.to_string()])
             .arg("--cluster-yes")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+            .stdin(Stdio::null())
+            .output_bounded()
             .expect("redis-cli runs");
-        assert!(status.success(), "redis-cli --cluster create");
+        if !out.status.success() {
+            drop(nodes);
+            let _ = std::fs::remove_dir_all(&dir);
+            let said = String::from_utf8_lossy(&out.stdout).to_string()
+                + &String::from_utf8_lossy(&out.stderr);
+            return Err(said
+                .trim()
+                .lines()
+                .last()
+                .unwrap_or("no output")
+                .to_string());
+        }
         let cluster = TempRedisCluster {
             nodes,
             dir,
             held: Vec::new(),
         };
         cluster.wait_until_ok();
-        cluster
+        Ok(cluster)
     }
 
     /// Seed URLs, comma-separated, as `--redis-url` takes them with `--redis-cluster`.
@@ -734,6 +761,17 @@ impl Stopped {
             .unwrap();
         assert!(status.success(), "SIGSTOP {pid}");
         Stopped(pid)
+    }
+
+    /// The process stopped, if it is still running.
+    pub fn if_running(pid: u32) -> Option<Stopped> {
+        Command::new("kill")
+            .args(["-STOP", &pid.to_string()])
+            .stderr(Stdio::null())
+            .status()
+            .unwrap()
+            .success()
+            .then_some(Stopped(pid))
     }
 }
 
