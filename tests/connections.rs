@@ -380,7 +380,7 @@ async fn a_closed_database_ends_its_idle_sessions_and_cuts_a_busy_one() {
     let _ = sleeping.await;
     eventually("no session of the database left", || async {
         let sql = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()";
-        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) == 0
+        common::value::<i64>(&observer, sql).await == 0
     })
     .await;
     env.cleanup().await;

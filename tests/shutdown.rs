@@ -164,11 +164,7 @@ async fn a_listener_whose_postgresql_stopped_answering_still_stops() {
     eventually("the listener's first sweep", || async {
         let sql = "SELECT (SELECT count(*) FROM pgfresh.listeners) = 1
                    AND EXISTS (SELECT FROM pgfresh.sweeps)";
-        observer
-            .query_one(sql, &[])
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
+        common::value::<bool>(&observer, sql).await
     })
     .await;
     let frozen = server.freeze();
@@ -203,13 +199,8 @@ async fn a_listener_whose_sweep_is_stuck_in_a_loader_still_stops() {
     .await;
     listener.stop().await;
     // What the stopped sweep held is given back: the next listener may sweep at once.
-    let holder: Option<String> = env
-        .client()
-        .await
-        .query_one("SELECT holder FROM pgfresh.sweep_lease", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let lease = "SELECT holder FROM pgfresh.sweep_lease";
+    let holder: Option<String> = common::value(&env.client().await, lease).await;
     assert_eq!(holder, None, "the sweep lease is released");
     assert_eq!(env.registered_listeners().await, 0);
     env.cleanup().await;

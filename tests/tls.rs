@@ -128,7 +128,7 @@ async fn a_pooled_tls_session_closed_leaves_no_line_in_the_servers_log() {
     let observer = observer.get().await.unwrap();
     let encrypted_sessions = || async {
         let sql = "SELECT count(*) FROM pg_stat_ssl WHERE ssl";
-        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        common::value::<i64>(&observer, sql).await
     };
     assert!(encrypted_sessions().await > 0);
     drop(db);
@@ -174,7 +174,7 @@ fn a_database_closed_before_the_runtime_goes_leaves_no_line_in_the_servers_log()
         let observer = observer.get().await.unwrap();
         eventually("the sessions to end", || async {
             let sql = "SELECT count(*) FROM pg_stat_ssl WHERE ssl";
-            observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) == 0
+            common::value::<i64>(&observer, sql).await == 0
         })
         .await;
     });
@@ -204,11 +204,10 @@ async fn a_listener_stopped_leaves_no_line_in_the_servers_log() {
         .unwrap();
     let encrypted_sessions = || async {
         let sql = "SELECT count(*) FROM pg_stat_ssl WHERE ssl";
-        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0)
+        common::value::<i64>(&observer, sql).await
     };
     eventually("the listener to register", || async {
-        let sql = "SELECT count(*) FROM pgfresh.listeners";
-        observer.query_one(sql, &[]).await.unwrap().get::<_, i64>(0) == 1
+        common::value::<i64>(&observer, "SELECT count(*) FROM pgfresh.listeners").await == 1
     })
     .await;
     // A change applied: the batch's sessions, beside the LISTEN session and the registration's.
@@ -220,12 +219,7 @@ async fn a_listener_stopped_leaves_no_line_in_the_servers_log() {
         .await
         .unwrap();
     eventually("the change to be applied", || async {
-        let sql = "SELECT NOT EXISTS (SELECT FROM pgfresh.changes)";
-        observer
-            .query_one(sql, &[])
-            .await
-            .unwrap()
-            .get::<_, bool>(0)
+        common::value::<bool>(&observer, "SELECT NOT EXISTS (SELECT FROM pgfresh.changes)").await
     })
     .await;
     assert!(encrypted_sessions().await >= 2);

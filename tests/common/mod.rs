@@ -523,6 +523,14 @@ impl RunningListener {
     }
 }
 
+/// The one value `sql` returns: its first row's first column.
+pub async fn value<T>(client: &tokio_postgres::Client, sql: &str) -> T
+where
+    T: for<'a> tokio_postgres::types::FromSql<'a>,
+{
+    client.query_one(sql, &[]).await.unwrap().get(0)
+}
+
 /// Polls `condition` every 20 ms until it holds; fails the test after [`PATIENCE`].
 pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
