@@ -19,8 +19,8 @@
 //!
 //! The pools hand out the session returned last, close on request those long unused
 //! ([`Database::close_idle`]), and end a dropped session with a Terminate ([`EndsCleanly`]), which
-//! [`Database::close`] gives a moment before the process exits; every connection has TCP keepalives and
-//! a user timeout unless its string says otherwise ([`with_defaults`]).
+//! [`Database::close`] gives a moment before the process exits; every connection has TCP
+//! keepalives and a user timeout unless its string says otherwise ([`with_defaults`]).
 
 use std::sync::Arc;
 use std::time::Duration;
