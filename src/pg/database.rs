@@ -352,7 +352,7 @@ impl Database {
             .sum()
     }
 
-    /// Closes every pool, and gives the sessions' connections up to [`CLOSING_WAIT`] to end as
+    /// Closes every pool, and gives the sessions' connections up to a second to end as
     /// PostgreSQL expects (each its Terminate, and over TLS the close of the TLS session); returns
     /// how many were still open then, left to be cut. Call it last, before the process exits: a
     /// runtime dropped with connections open cuts them, and a server reached over TLS logs each
