@@ -237,3 +237,33 @@ async fn a_listener_stopped_while_the_queue_is_locked_still_removes_its_row() {
     lock.rollback().await.unwrap();
     env.cleanup().await;
 }
+
+/// A listener asked to stop while its start-up waits on PostgreSQL (here for a migration that
+/// holds pgfresh's tables; a server that stopped answering after the connection was made is the
+/// same) stops there, rather than once the wait is over.
+#[tokio::test]
+async fn a_listener_stopped_while_its_start_up_waits_for_a_lock_stops_at_once() {
+    for (table, waiting_in) in [
+        ("pgfresh.migrations", "its checks"),
+        ("pgfresh.listeners", "its registration"),
+    ] {
+        let env = TestEnv::shop(3).await;
+        let mut migration = env.client().await;
+        let lock = migration.transaction().await.unwrap();
+        let statement = format!("LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE");
+        lock.batch_execute(&statement).await.unwrap();
+        let listener = env.start_listener(test_settings());
+        let client = env.client().await;
+        let waiting = format!("wait_event_type = 'Lock' AND query LIKE '%{table}%'");
+        eventually(&format!("{waiting_in} to wait for the lock"), || async {
+            sessions(&client, &waiting).await >= 1
+        })
+        .await;
+        listener.stop().await;
+        lock.rollback().await.unwrap();
+        if table == "pgfresh.migrations" {
+            assert_eq!(env.registered_listeners().await, 0, "it never registered");
+        }
+        env.cleanup().await;
+    }
+}

@@ -59,7 +59,8 @@ pub(crate) const IDLE_SESSION_LIFETIME: std::time::Duration = std::time::Duratio
 /// the watched tables, and sweeps when needed. Returns early only if pgfresh is not installed (or
 /// older than this binary), a fragment or setting is misdefined, or one of the listener's own tasks
 /// died (a bug: the process should stop and be restarted, not run half-dead); lost connections are
-/// retried forever.
+/// retried forever. Cancelled while it starts (its checks or registration waiting on PostgreSQL),
+/// it returns there, `Ok`.
 pub async fn listen(
     db: Database,
     store: RedisStore,
@@ -70,15 +71,37 @@ pub async fn listen(
     fragments.validate()?;
     settings.validate()?;
     check_ttls(&fragments, &settings)?;
-    crate::pg::schema::ensure_installed(&db).await?;
-    check_grants(&db).await?;
+    // Start-up may wait on PostgreSQL (a migration holding pgfresh's tables, a server that stopped
+    // answering after the connection was made): a shutdown asked for meanwhile ends it there.
+    let sessions = tokio::select! {
+        biased;
+        _ = shutdown.cancelled() => {
+            tracing::info!("shutdown requested before the listener started");
+            return Ok(());
+        }
+        sessions = prepare(&db, &fragments, &settings) => sessions?,
+    };
+    Listener::new(db, store, fragments, settings, shutdown, sessions)
+        .run()
+        .await
+}
+
+/// What `listen` checks and reads before it starts: pgfresh installed and granted, the fragments'
+/// queries valid, and what the listener's sessions are like.
+async fn prepare(
+    db: &Database,
+    fragments: &Fragments,
+    settings: &ListenSettings,
+) -> Result<Sessions, Error> {
+    crate::pg::schema::ensure_installed(db).await?;
+    check_grants(db).await?;
     let mut users = db.get().await?;
     if let Some(privileges) = crate::pg::schema::excess_privileges(&users).await? {
         tracing::warn!(
             "listening as {privileges}: every loader and through query runs with those rights; a role with pgfresh_listener's (sql/roles.sql) and SELECT on what the loaders read is all a listener needs"
         );
     }
-    route::check_queries(&mut users, &fragments).await?;
+    route::check_queries(&mut users, fragments).await?;
     let pooled = db.behind_pooler().await?;
     if pooled && let Some(privileges) = crate::pg::schema::excess_privileges(&users).await? {
         tracing::warn!(
@@ -103,14 +126,11 @@ pub async fn listen(
             "the identity of pgfresh.changes has a cache or does not count up: ids are not taken in order, so claims start from the first id and, while a session holds an old snapshot, read every change applied since; ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 1 (and INCREMENT BY 1)"
         );
     }
-    let sessions = Sessions {
+    Ok(Sessions {
         users_search_path,
         notifications,
         ids_in_order,
-    };
-    Listener::new(db, store, fragments, settings, shutdown, sessions)
-        .run()
-        .await
+    })
 }
 
 /// Fails with one line when the role lacks rights a listener needs (a schema upgraded without
@@ -236,7 +256,18 @@ impl Listener {
     /// keep the listener from returning.
     async fn run(self) -> Result<(), Error> {
         let shared = &self.shared;
-        let mut tasks = self.start().await?;
+        // Registering (or binding an address) may wait on PostgreSQL too. Stopped there, the
+        // tasks spawned so far go with `start`'s future, and a row written is removed. (A
+        // registration still waiting for a lock when given up can land after it, to expire.)
+        let mut tasks = tokio::select! {
+            biased;
+            _ = shared.shutdown.cancelled() => {
+                tracing::info!("shutdown requested while the listener was starting");
+                self.deregister().await;
+                return Ok(());
+            }
+            started = self.start() => started?,
+        };
         // The drain loop runs as a task of its own, on the runtime's workers like the tasks that
         // wake it and the connections it talks through: awaited here, in the caller's future, each
         // wake-up and each batch's end would pass through the thread that polls that future (for
@@ -292,9 +323,25 @@ impl Listener {
             tasks.shutdown().await;
         }
         let fatal = shared.fatal.lock().expect("fatal lock").take();
-        // On a session of its own: the pool's session returned last may still wait behind a
-        // statement of a task stopped above. The sweep lease goes too, should a sweep stopped
-        // above have held it (otherwise the next listener could not sweep until it ran out).
+        self.deregister().await;
+        let (applied, refused) = shared.board.totals();
+        tracing::info!(
+            changes_applied = applied,
+            refused_writes = refused,
+            "listener stopped"
+        );
+        if let Some(error) = fatal {
+            return Err(error);
+        }
+        outcome(died, asked_to_stop)
+    }
+
+    /// Removes this listener's row from `pgfresh.listeners` and gives up the sweep lease, should a
+    /// sweep stopped on the way out have held it (otherwise the next listener could not sweep until
+    /// it ran out), within [`DEREGISTER_WITHIN`]. On a session of its own: the pool's session
+    /// returned last may still wait behind a statement of a task stopped on the way out.
+    async fn deregister(&self) {
+        let shared = &self.shared;
         let deregistered = async {
             let client = shared.db.fresh_pinned().await?;
             registry::deregister_listener(&client, &shared.me.id).await?;
@@ -308,16 +355,6 @@ impl Listener {
                 "could not remove this listener's row from pgfresh.listeners: status lists it, and triggers may notify for it, for up to a minute"
             );
         }
-        let (applied, refused) = shared.board.totals();
-        tracing::info!(
-            changes_applied = applied,
-            refused_writes = refused,
-            "listener stopped"
-        );
-        if let Some(error) = fatal {
-            return Err(error);
-        }
-        outcome(died, asked_to_stop)
     }
 
     /// Binds the HTTP address (before registering, so that a taken port fails start-up cleanly),
