@@ -314,15 +314,7 @@ async fn sigterm_and_sigint_stop_the_listener_cleanly_and_json_logs_are_json() {
             .stderr(std::process::Stdio::piped())
             .spawn()
             .unwrap();
-        common::eventually("the listener to register", || async {
-            let n: i64 = db
-                .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
-                .await
-                .unwrap()
-                .get(0);
-            n == 1
-        })
-        .await;
+        common::eventually("the listener to start", || common::listener_started(&db)).await;
         let status = Command::new("kill")
             .args([signal, &listener.id().to_string()])
             .status()

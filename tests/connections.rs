@@ -249,11 +249,8 @@ async fn the_listening_line_and_status_show_the_connection_without_its_password(
         .spawn()
         .unwrap();
     let client = common::connect(&with_password).await;
-    common::eventually("the listener to register", || async {
-        client
-            .query_one("SELECT count(*) FROM pgfresh.listeners", &[])
-            .await
-            .is_ok_and(|row| row.get::<_, i64>(0) == 1)
+    common::eventually("the listener to start", || {
+        common::listener_started(&client)
     })
     .await;
     Command::new("kill")

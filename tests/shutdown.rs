@@ -242,7 +242,7 @@ async fn a_listener_stopped_while_the_queue_is_locked_still_removes_its_row() {
 /// holds pgfresh's tables; a server that stopped answering after the connection was made is the
 /// same) stops there, rather than once the wait is over.
 #[tokio::test]
-async fn a_listener_stopped_while_its_start_up_waits_for_a_lock_stops_at_once() {
+async fn a_listener_stopped_while_its_start_up_waits_for_a_lock_stops_there() {
     for (table, waiting_in) in [
         ("pgfresh.migrations", "its checks"),
         ("pgfresh.listeners", "its registration"),

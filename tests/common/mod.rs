@@ -531,6 +531,16 @@ where
     client.query_one(sql, &[]).await.unwrap().get(0)
 }
 
+/// Whether a listener has started in `client`'s database: registered, and its LISTEN session,
+/// opened after that, the last thing it does before it runs (a stop asked for before that ends its
+/// start-up instead).
+pub async fn listener_started(client: &tokio_postgres::Client) -> bool {
+    let sql = "SELECT EXISTS (SELECT FROM pgfresh.listeners l, pg_stat_activity a
+                             WHERE a.datname = current_database() AND a.query LIKE 'LISTEN %'
+                               AND a.backend_start >= l.started_at)";
+    value(client, sql).await
+}
+
 /// Polls `condition` every 20 ms until it holds; fails the test after [`PATIENCE`].
 pub async fn eventually<F, Fut>(what: &str, condition: F)
 where
