@@ -811,3 +811,31 @@ async fn a_newer_listener_waits_for_older_ones_to_stand_aside_before_it_sweeps()
     new.stop().await;
     env.cleanup().await;
 }
+
+/// A listener started beside a newer one (an old release restarted in the middle of a rolling
+/// deploy) stands aside before its first batch: a change queued before it started is left to the
+/// newer one, not applied with the old markup under a ticket newer than the new version's sweep.
+#[tokio::test]
+async fn a_listener_started_beside_a_newer_one_applies_nothing_before_standing_aside() {
+    let env = TestEnv::shop(3).await;
+    env.sweep().await;
+    let db = env.client().await;
+    // The newer listener, as its row says (live for the whole test), that has not claimed the
+    // change yet.
+    db.batch_execute(
+        "INSERT INTO pgfresh.listeners (id, fragments, versions, seen_at)
+         VALUES ('newer:1:1', '{product_card}', '{2}', now() + interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    env.rename(1, "Queued before it started").await;
+    let old = env.start_listener(test_settings());
+    eventually("the old listener to stand aside", || async {
+        let sql = "SELECT EXISTS (SELECT FROM pgfresh.listeners WHERE superseded)";
+        common::value::<bool>(&db, sql).await
+    })
+    .await;
+    assert_eq!(env.pending().await, 1, "the queued change was applied");
+    old.stop().await;
+    env.cleanup().await;
+}

@@ -512,3 +512,79 @@ async fn a_stampede_of_slow_misses_never_makes_a_batch_wait_for_a_session() {
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// A render on demand that waited for its turn while a newer version of the fragment started (a
+/// rolling deploy) writes nothing: under a ticket taken after the new version swept, the old markup
+/// would win over the new and stay.
+#[tokio::test]
+async fn a_render_that_waited_through_the_start_of_a_newer_version_writes_no_old_markup() {
+    let env = TestEnv::shop(3).await;
+    env.sweep().await;
+    for id in [1, 2] {
+        for variant in ["compact", "full"] {
+            env.del(&env.key(id, variant)).await;
+        }
+    }
+    let (serve, http) = (free_port(), free_port());
+    // One render at a time (the pools hold one session beyond the listener's own work), and a
+    // first load that stalls until the test lets it go.
+    let db = Database::new(&env.url, 5).unwrap();
+    let settings = tweak(test_settings(), |s| {
+        s.serve = Some(format!("127.0.0.1:{serve}"));
+        s.http = Some(format!("127.0.0.1:{http}"));
+        s.serve_wait = common::PATIENCE;
+        s.workers = 1;
+        s.sweep.concurrency = 1;
+    });
+    let (card, open) = AlteredCard::stalling();
+    let fragments = Fragments::new().with(&env.prefix, SharedFragment(card.clone()));
+    let old = env.start_listener_on(db, fragments, settings);
+    eventually("the listener to be ready", || async {
+        http_get(http, "/readyz").await.0 == 200
+    })
+    .await;
+    let (first, waiting) = (env.key(1, "full"), env.key(2, "full"));
+    let first = tokio::spawn(async move { get(serve, &first).await });
+    eventually("the first render to stall", || async { card.gate_taken() }).await;
+    let second = tokio::spawn({
+        let waiting = waiting.clone();
+        async move { get(serve, &waiting).await }
+    });
+    eventually("the second render to wait for its turn", || async {
+        counted(http, "renders on demand").await == 2
+    })
+    .await;
+
+    // The new version starts: the old listener stands aside, the new one sweeps its markup in.
+    let card_v2 = AlteredCard {
+        render: |key, row, variant| {
+            maud::html! { div class="v2" { (pgfresh::Fragment::render(&ProductCard, key, row, variant)) } }
+        },
+        ..AlteredCard::new("product_card", 2)
+    };
+    let new = env.start_listener_with(Fragments::new().with(&env.prefix, card_v2), test_settings());
+    let is_new = |html: &Option<String>| {
+        html.as_deref()
+            .is_some_and(|html| html.starts_with(r#"<div class="v2">"#))
+    };
+    eventually("the new markup for both keys", || async {
+        is_new(&env.get(&env.key(1, "full")).await) && is_new(&env.get(&waiting).await)
+    })
+    .await;
+
+    // The stalled render goes on (its older ticket loses), and the waiting one gets its turn.
+    open.send(()).unwrap();
+    let (status, _, body) = second.await.unwrap();
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("stands aside"), "{body}");
+    first.await.unwrap();
+    for id in [1, 2] {
+        for variant in ["compact", "full"] {
+            let html = env.get(&env.key(id, variant)).await;
+            assert!(is_new(&html), "old markup written over the new: {html:?}");
+        }
+    }
+    old.stop().await;
+    new.stop().await;
+    env.cleanup().await;
+}

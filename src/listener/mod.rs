@@ -364,6 +364,7 @@ impl Listener {
         let listen_connected = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
         let mut serve_counts = None;
+        stand_aside::look(&shared.db, &shared.me, &shared.stand_aside).await?;
         if let Some(address) = &shared.settings.serve {
             let stand_aside = shared.stand_aside.clone();
             let context = crate::serve::Context {

@@ -35,9 +35,12 @@ pub(crate) struct StandAside {
 }
 
 impl StandAside {
-    /// Whether a newer listener asks this one to stop claiming changes.
+    /// Whether a newer listener asks this one to stop claiming changes. (Sequentially consistent,
+    /// as its store: a render on demand that reads `false` after taking its ticket took it before
+    /// the drain loop read `true` and recorded standing aside, so before the newer version's sweep
+    /// took any; see `serve::on_demand`.)
     pub(crate) fn requested(&self) -> bool {
-        self.requested.load(Ordering::Relaxed)
+        self.requested.load(Ordering::SeqCst)
     }
 
     /// Whether this listener stands aside now, or is about to: it must not sweep.
@@ -72,28 +75,36 @@ pub(crate) async fn watch(
     shutdown: Shutdown,
 ) {
     loop {
-        let newer = match db.pinned().await {
-            Ok(client) => registry::newer_listener_running(&client, &me).await,
-            Err(error) => Err(error),
-        };
-        match newer {
-            Ok(newer) if newer != state.requested() => {
-                if newer {
-                    tracing::warn!(
-                        "a listener with a newer version of these fragments is running: standing aside until it is gone"
-                    );
-                } else {
-                    tracing::info!("no newer listener is running any more: applying changes again");
-                }
-                state.requested.store(newer, Ordering::Relaxed);
-            }
-            Ok(_) => {}
-            Err(error) => tracing::debug!(%error, "cannot tell whether a newer listener runs"),
+        if let Err(error) = look(&db, &me, &state).await {
+            tracing::debug!(%error, "cannot tell whether a newer listener runs");
         }
         if !pause(&shutdown, CHECK_INTERVAL).await {
             return;
         }
     }
+}
+
+/// Asks once whether a newer listener runs, and notes the answer (logging a change of it). Also
+/// called as the listener starts, before it renders anything: one started beside a newer listener
+/// (an old release restarted mid-deploy) stands aside from its first batch and its first render on
+/// demand, not from this watch's first look a moment later.
+pub(crate) async fn look(
+    db: &Database,
+    me: &ListenerIdentity,
+    state: &StandAside,
+) -> Result<(), crate::Error> {
+    let newer = registry::newer_listener_running(&*db.pinned().await?, me).await?;
+    if newer != state.requested() {
+        if newer {
+            tracing::warn!(
+                "a listener with a newer version of these fragments is running: standing aside until it is gone"
+            );
+        } else {
+            tracing::info!("no newer listener is running any more: applying changes again");
+        }
+        state.requested.store(newer, Ordering::SeqCst);
+    }
+    Ok(())
 }
 
 /// Waits until no live listener applies changes with an older version of `me`'s fragments, or

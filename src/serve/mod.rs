@@ -53,6 +53,10 @@ pub(crate) struct Context {
     pub(crate) shutdown: Shutdown,
 }
 
+/// The answer of a listener that stands aside for a newer one: it renders nothing.
+const STANDING_ASIDE: &str =
+    "this listener stands aside for one with newer fragment versions: ask that one";
+
 /// Most connections open at once: a site's workers each keep one or two.
 const MAX_CONNECTIONS: usize = 512;
 
@@ -193,9 +197,7 @@ async fn answer(
         }
     }
     if (shared.standing_aside)() {
-        return unavailable(
-            "this listener stands aside for one with newer fragment versions: ask that one",
-        );
+        return unavailable(STANDING_ASIDE);
     }
     // The render runs on a task of its own: a request that stops waiting leaves it to finish and
     // store the entry.

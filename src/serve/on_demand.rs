@@ -143,7 +143,8 @@ impl OnDemand {
             return Rendered::Unreachable(error.to_string());
         };
         let refreshed = match self.write_render(fragment, &keys, fresh).await {
-            Ok(refreshed) => refreshed,
+            Ok(Some(refreshed)) => refreshed,
+            Ok(None) => return Rendered::Unreachable(super::STANDING_ASIDE.into()),
             Err(error) => return Rendered::Unreachable(error.to_string()),
         };
         shared.board.refreshed(fragment.name(), refreshed.stats);
@@ -169,15 +170,24 @@ impl OnDemand {
     }
 
     /// Takes a ticket, loads (on the standby once it has replayed what the primary had written by
-    /// then, as a batch does), renders and writes through the checked write.
+    /// then, as a batch does), renders and writes through the checked write; or, if the listener
+    /// stands aside by the time it has its ticket, nothing (`None`).
     async fn write_render(
         &self,
         fragment: &dyn DynFragment,
         keys: &[String],
         fresh: bool,
-    ) -> Result<Refreshed, crate::Error> {
+    ) -> Result<Option<Refreshed>, crate::Error> {
         let db = &self.context.db;
         let (ticket, session) = db.ticket_and_loads().await?;
+        // A render that waited for a session through the start of a newer version (a rolling
+        // deploy) could otherwise write this version's markup under a ticket newer than the new
+        // version's sweep, which then loses to it, and the old markup stays. Asked once the ticket
+        // is taken: a listener records standing aside only after it knows it is asked to, so a
+        // ticket taken before it knew precedes every ticket of the new version's sweep.
+        if (self.context.standing_aside)() {
+            return Ok(None);
+        }
         let loader = UserClient::of(db, &session).await?;
         // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a row
         // since deleted: that one goes.
@@ -185,7 +195,9 @@ impl OnDemand {
             true => Writes::AllChecked,
             false => Writes::NoDeletes,
         };
-        refresh(loader, &self.context.store, fragment, keys, ticket, writes).await
+        let refreshed =
+            refresh(loader, &self.context.store, fragment, keys, ticket, writes).await?;
+        Ok(Some(refreshed))
     }
 }
 
