@@ -588,3 +588,54 @@ async fn a_render_that_waited_through_the_start_of_a_newer_version_writes_no_old
     new.stop().await;
     env.cleanup().await;
 }
+
+/// A listener asked to stop (a rolling restart) answers the requests it is rendering for before it
+/// returns, rather than resetting their connections.
+#[tokio::test]
+async fn a_listener_stopped_with_a_request_in_flight_answers_it() {
+    let env = TestEnv::shop(3).await;
+    env.sweep().await;
+    let key = env.key(1, "full");
+    env.del(&key).await;
+    let (card, open) = AlteredCard::stalling();
+    let fragments = Fragments::new().with(&env.prefix, SharedFragment(card.clone()));
+    let (listener, serve, _) = serving(&env, fragments, |s| s.serve_wait = common::PATIENCE).await;
+    let request = tokio::spawn({
+        let key = key.clone();
+        async move { get(serve, &key).await }
+    });
+    eventually("the render to stall", || async { card.gate_taken() }).await;
+    listener.shutdown.cancel();
+    eventually("the listener to stop accepting requests", || async {
+        tokio::net::TcpStream::connect(("127.0.0.1", serve))
+            .await
+            .is_err()
+    })
+    .await;
+    open.send(()).unwrap();
+    let (status, _, body) = request.await.unwrap();
+    assert_eq!(status, 200, "answered, not cut: {body:?}");
+    assert_eq!(Some(body), env.fresh_render(1, "full").await);
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+/// A render whose request stopped waiting for it (`--serve-wait`) still holds sessions and has an
+/// entry to store: a listener asked to stop waits for it (within its grace period).
+#[tokio::test]
+async fn a_listener_stopped_with_a_render_its_request_gave_up_on_finishes_it_first() {
+    let env = TestEnv::shop(20).await;
+    let fragments = Fragments::new().with(&env.prefix, SlowMissCard);
+    let wait = std::time::Duration::from_millis(100);
+    let (listener, serve, _) = serving(&env, fragments, |s| s.serve_wait = wait).await;
+    // Its load takes 5 s: the request stops waiting first.
+    let key = env.key(11, "full");
+    let (status, _, body) = get(serve, &key).await;
+    assert_eq!(status, 503, "{body}");
+    listener.stop().await;
+    assert!(
+        env.get(&key).await.is_some(),
+        "the render stored its entry before the listener returned"
+    );
+    env.cleanup().await;
+}

@@ -115,7 +115,10 @@ pub(crate) async fn listen_on(
 }
 
 /// Accepts connections until shutdown, each served on a task of its own within the limits above
-/// and at most `max_connections` at once (the fragment server's own limit is larger).
+/// and at most `max_connections` at once (the fragment server's own limit is larger). At shutdown
+/// it stops accepting, and returns once each connection has answered the request it was
+/// answering (if any, within [`REQUEST_GRACE`]; a listener stops this task after its own grace
+/// period) and closed: a client waiting for an answer gets it, not a reset connection.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
@@ -148,9 +151,11 @@ pub(crate) async fn serve(
             app.clone(),
             slot,
             Lifetime::DEFAULT,
+            shutdown.clone(),
         ));
     }
-    connections.abort_all();
+    drop(listener);
+    while connections.join_next().await.is_some() {}
 }
 
 /// How long a connection lives: [`CONNECTION_LIFETIME`], then as long again for a request in flight.
@@ -171,16 +176,18 @@ impl Lifetime {
 }
 
 /// Serves one connection: HTTP/1.1 with keep-alive, headers within [`HEADER_READ_TIMEOUT`] (idle
-/// between requests no longer than that either), new requests for [`CONNECTION_LIFETIME`]. Then
-/// it closes once the request being answered, if any, is answered (with `Connection: close`),
-/// within [`REQUEST_GRACE`]: a request is not cut off because its connection aged out while it
-/// was answered. (One whose headers are still arriving then is, as at any idle close: clients
-/// retry a GET that fails on a reused connection.)
+/// between requests no longer than that either), new requests for [`CONNECTION_LIFETIME`] or
+/// until shutdown. Then it closes once the request being answered, if any, is answered (with
+/// `Connection: close`), within [`REQUEST_GRACE`]: a request is not cut off because its
+/// connection aged out, or the listener began to stop, while it was answered. (One whose headers
+/// are still arriving then is, as at any idle close: clients retry a GET that fails on a reused
+/// connection.)
 async fn serve_connection(
     stream: tokio::net::TcpStream,
     app: Router,
     _slot: tokio::sync::OwnedSemaphorePermit,
     lifetime: Lifetime,
+    shutdown: Shutdown,
 ) {
     let service = hyper_util::service::TowerToHyperService::new(app);
     let mut http = hyper::server::conn::http1::Builder::new();
@@ -188,9 +195,14 @@ async fn serve_connection(
         .header_read_timeout(HEADER_READ_TIMEOUT);
     let connection = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
     tokio::pin!(connection);
-    let ended = match tokio::time::timeout(lifetime.lifetime, connection.as_mut()).await {
-        Ok(ended) => ended,
-        Err(_) => {
+    let ended = tokio::select! {
+        ended = connection.as_mut() => Some(ended),
+        _ = tokio::time::sleep(lifetime.lifetime) => None,
+        _ = shutdown.cancelled() => None,
+    };
+    let ended = match ended {
+        Some(ended) => ended,
+        None => {
             connection.as_mut().graceful_shutdown();
             match tokio::time::timeout(lifetime.grace, connection).await {
                 Ok(ended) => ended,
@@ -302,6 +314,7 @@ mod tests {
             app,
             slot,
             Lifetime { lifetime, grace },
+            Shutdown::new(),
         ));
         client
     }
@@ -381,5 +394,54 @@ mod tests {
             .unwrap();
         started.notified().await;
         assert_eq!(read_until_closed(&mut client, GENEROUS).await, "");
+    }
+
+    #[tokio::test]
+    async fn at_shutdown_a_request_in_flight_is_answered_and_idle_connections_close() {
+        let (started, release) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let app = held_route(started.clone(), release.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = Shutdown::new();
+        let server = tokio::spawn(serve(listener, app, shutdown.clone(), 4));
+        let mut busy = tokio::net::TcpStream::connect(address).await.unwrap();
+        busy.write_all(b"GET /held HTTP/1.1\r\nHost: pgfresh\r\n\r\n")
+            .await
+            .unwrap();
+        started.notified().await;
+        // A kept-alive connection, idle once its request is answered.
+        let mut idle = tokio::net::TcpStream::connect(address).await.unwrap();
+        idle.write_all(b"GET /elsewhere HTTP/1.1\r\nHost: pgfresh\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        while !head.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8];
+            idle.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 404"));
+        shutdown.cancel();
+        // It stops accepting at once, and closes the idle connection.
+        let closed = async {
+            while tokio::net::TcpStream::connect(address).await.is_ok() {
+                tokio::task::yield_now().await;
+            }
+        };
+        tokio::time::timeout(GENEROUS, closed)
+            .await
+            .expect("the server stops accepting");
+        // Closed at shutdown, before the idle limit between requests would close it.
+        let prompt = HEADER_READ_TIMEOUT - Duration::from_secs(1);
+        assert_eq!(read_until_closed(&mut idle, prompt).await, "");
+        // The request in flight is answered, then its connection closes and the server returns.
+        release.notify_one();
+        let answer = read_until_closed(&mut busy, prompt).await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+        assert!(answer.ends_with("answered\n"), "{answer:?}");
+        tokio::time::timeout(GENEROUS, server)
+            .await
+            .expect("the server returns once its connections closed")
+            .unwrap();
     }
 }

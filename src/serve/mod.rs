@@ -75,19 +75,26 @@ pub(crate) async fn bind(
     let (listener, bound) = crate::ops::http::listen_on(address).await?;
     let counts = Arc::new(ServeCounts::default());
     let shutdown = context.shutdown.clone();
-    let state = ServeState {
-        token: context
-            .token
-            .as_deref()
-            .filter(|token| !token.is_empty())
-            .map(Arc::from),
-        on_demand: OnDemand::new(context, counts.clone()),
-    };
+    let token = context
+        .token
+        .as_deref()
+        .filter(|token| !token.is_empty())
+        .map(Arc::from);
+    let on_demand = OnDemand::new(context, counts.clone());
+    let renders = on_demand.renders.clone();
+    let state = ServeState { token, on_demand };
     let app = Router::new()
         .route("/fragments/{*key}", get(fragment))
         .with_state(state);
     tracing::info!(address = %bound, "serving GET /fragments/{{key}}: misses rendered on demand");
-    let server = crate::ops::http::serve(listener, app, shutdown, MAX_CONNECTIONS);
+    // At shutdown, requests in flight are answered; renders their requests stopped waiting for
+    // finish too, so that their sessions are back in the pools when the listener returns (within
+    // its grace period, as every task of it).
+    let server = async move {
+        crate::ops::http::serve(listener, app, shutdown, MAX_CONNECTIONS).await;
+        renders.close();
+        renders.wait().await;
+    };
     Ok((server, counts))
 }
 

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use futures_util::FutureExt;
 use futures_util::future::{BoxFuture, Shared as SharedFuture};
 use tokio::sync::Semaphore;
+use tokio_util::task::TaskTracker;
 
 use super::Context;
 use crate::fragment::{DynFragment, UserClient};
@@ -43,6 +44,9 @@ pub(super) struct OnDemand {
     pending: Arc<Semaphore>,
     /// Renders holding PostgreSQL sessions, at most `Context::render_slots`.
     sessions: Semaphore,
+    /// Every render's task, to wait for at shutdown: one whose request stopped waiting for it
+    /// still holds sessions and writes to Redis.
+    pub(super) renders: TaskTracker,
     pub(super) counts: Arc<ServeCounts>,
 }
 
@@ -55,6 +59,7 @@ impl OnDemand {
             in_flight: Mutex::default(),
             pending,
             sessions,
+            renders: TaskTracker::new(),
             counts,
         })
     }
@@ -110,7 +115,7 @@ impl OnDemand {
         crate::ops::telemetry::serve_render();
         let this = self.clone();
         let fresh = shared_as.is_none();
-        let task = tokio::spawn(async move {
+        let task = self.renders.spawn(async move {
             // Leaves the map however the task ends, a panic included: a finished render left there
             // would answer every later miss of its key.
             let _leave = Leave {
