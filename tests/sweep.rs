@@ -834,3 +834,169 @@ async fn each_fragment_that_a_sweep_completes_is_recorded_whatever_the_others_di
     );
     env.cleanup().await;
 }
+
+/// The shop's card whose key enumeration fails (its table is missing, or its role lacks a grant):
+/// its keys cannot be listed at all.
+struct UnlistableCard;
+
+impl pgfresh::Fragment for UnlistableCard {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    type Variant = common::product_card::Card;
+    type Error = pgfresh::tokio_postgres::Error;
+    fn name(&self) -> &str {
+        "unlistable_card"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        pgfresh::Topics::new().direct("product")
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::Loaded<Self> {
+        pgfresh::Fragment::load(&common::product_card::ProductCard, db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        _: Option<&i64>,
+        _: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        db.query("SELECT FROM no_such_table", &[]).await?;
+        Ok(Vec::new())
+    }
+}
+
+/// A fragment whose keys cannot be listed fails alone: the fragments after it are swept (a
+/// persistent failure of the first would otherwise keep every other one from ever being swept,
+/// after Redis lost its data, say), and the report says which failed and why.
+#[tokio::test]
+async fn a_fragment_whose_keys_cannot_be_listed_fails_alone_and_the_others_are_swept() {
+    let env = TestEnv::shop(5).await;
+    let fragments = pgfresh::Fragments::new()
+        .with(format!("{}:unlistable:", env.name), UnlistableCard)
+        .with(&env.prefix, common::product_card::ProductCard);
+    let report = pgfresh::sweep(
+        &env.db,
+        &env.sink,
+        &fragments,
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert!(!report.completed(), "{report}");
+    assert_eq!(report.fragments_failed, 1, "{report}");
+    let shown = report.to_string();
+    assert!(shown.contains("1 fragments could not be swept"), "{shown}");
+    assert!(
+        shown.contains("unlistable_card") && shown.contains("no_such_table"),
+        "{shown}"
+    );
+    assert_eq!(
+        report.stats.rendered, 10,
+        "product_card was swept: {report}"
+    );
+    assert!(env.get(&env.key(5, "full")).await.is_some());
+    let sql = "SELECT array_agg(fragment) FROM pgfresh.sweeps";
+    let recorded: Vec<String> = common::value(&env.client().await, sql).await;
+    assert_eq!(recorded, ["product_card"]);
+    env.cleanup().await;
+}
+
+/// The shop's card listing at most two keys a call, whatever the page size (a cap of its own); with
+/// a bug, the first two every time, whatever key it is given.
+struct CappedPagesCard {
+    ignores_after: bool,
+}
+
+impl pgfresh::Fragment for CappedPagesCard {
+    type Key = i64;
+    type Row = common::product_card::Product;
+    type Variant = common::product_card::Card;
+    type Error = pgfresh::tokio_postgres::Error;
+    fn name(&self) -> &str {
+        "product_card"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        pgfresh::Fragment::topics(&common::product_card::ProductCard)
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::Loaded<Self> {
+        pgfresh::Fragment::load(&common::product_card::ProductCard, db, keys).await
+    }
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
+        let (capped, after) = (limit.min(2), after.filter(|_| !self.ignores_after));
+        pgfresh::Fragment::keys_after(&common::product_card::ProductCard, db, after, capped).await
+    }
+}
+
+/// A page shorter than asked for does not end the keys: the sweep goes on until a page is empty,
+/// and its orphan pass keeps the entries of every key (it deleted those past the first page).
+#[tokio::test]
+async fn a_short_page_of_keys_does_not_end_the_sweep() {
+    let env = TestEnv::shop(5).await;
+    env.sweep().await;
+    let capped = CappedPagesCard {
+        ignores_after: false,
+    };
+    let fragments = pgfresh::Fragments::new().with(&env.prefix, capped);
+    let report = pgfresh::sweep(
+        &env.db,
+        &env.sink,
+        &fragments,
+        &Default::default(),
+        &Shutdown::new(),
+    )
+    .await
+    .unwrap();
+    assert!(report.succeeded(), "{report}");
+    assert_eq!(
+        (report.stats.rendered, report.orphans_deleted),
+        (10, 0),
+        "{report}"
+    );
+    for id in 1..=5 {
+        for variant in ["compact", "full"] {
+            let key = env.key(id, variant);
+            assert!(env.get(&key).await.is_some(), "{key} deleted as an orphan");
+        }
+    }
+    env.cleanup().await;
+}
+
+/// A `keys_after` that lists the keys it was given to go past (a bug) fails the fragment's sweep
+/// with one line, rather than paging forever.
+#[tokio::test]
+async fn a_key_enumeration_that_does_not_move_on_fails_its_fragment() {
+    let env = TestEnv::shop(5).await;
+    let stuck = CappedPagesCard {
+        ignores_after: true,
+    };
+    let fragments = pgfresh::Fragments::new().with(&env.prefix, stuck);
+    let (settings, shutdown) = (Default::default(), Shutdown::new());
+    let sweep = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &shutdown);
+    let report = tokio::time::timeout(common::PATIENCE, sweep)
+        .await
+        .expect("the sweep ends")
+        .unwrap();
+    assert_eq!(report.fragments_failed, 1, "{report}");
+    let shown = report.to_string();
+    assert!(shown.contains("keys_after listed \"2\" again"), "{shown}");
+    env.cleanup().await;
+}

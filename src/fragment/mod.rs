@@ -76,7 +76,8 @@ pub trait Fragment: Send + Sync + 'static {
     fn render(&self, key: &Self::Key, row: &Self::Row, variant: Self::Variant) -> Markup;
 
     /// Keyset pagination over every key that has a row, in a stable order: up to `limit` keys after
-    /// `after` (from the start when `None`).
+    /// `after` (from the start when `None`). Only an empty result ends the keys: a page of fewer
+    /// than `limit` is followed by another call after its last key.
     fn keys_after(
         &self,
         db: &Client,

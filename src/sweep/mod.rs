@@ -63,6 +63,10 @@ pub struct SweepReport {
     /// Fragments whose marker could not be set because Redis lost data during their sweep (restart,
     /// FLUSHALL, an evicted canary): their early pages may be gone, so the sweep is incomplete.
     pub markers_lost: u64,
+    /// Fragments that could not be swept at all: their keys could not be listed (the pager's query
+    /// failed), or PostgreSQL or Redis failed between pages. The others were swept all the same;
+    /// the first error is in [`SweepReport::first_error`].
+    pub fragments_failed: u64,
     /// Shutdown stopped the sweep before it finished.
     pub interrupted: bool,
     /// Keys it repaired (wrote or deleted entries of) with no change of theirs waiting in the
@@ -86,7 +90,10 @@ impl SweepReport {
     /// True when the sweep ran to the end and every key was either refreshed or handed to the queue:
     /// markers were set and orphans deleted.
     pub fn completed(&self) -> bool {
-        self.pages_failed == 0 && self.markers_lost == 0 && !self.interrupted
+        self.pages_failed == 0
+            && self.markers_lost == 0
+            && self.fragments_failed == 0
+            && !self.interrupted
     }
 }
 
@@ -116,6 +123,23 @@ impl fmt::Display for SweepReport {
         if self.requeued > 0 {
             write!(f, "; {} failed keys queued for retry", self.requeued)?;
         }
+        if self.pages_failed > 0 {
+            write!(f, "; {} pages failed", self.pages_failed)?;
+        }
+        if self.fragments_failed > 0 {
+            write!(
+                f,
+                "; {} fragments could not be swept",
+                self.fragments_failed
+            )?;
+        }
+        if self.markers_lost > 0 {
+            write!(
+                f,
+                "; Redis lost data during the sweep of {} fragments",
+                self.markers_lost
+            )?;
+        }
         if self.interrupted {
             write!(f, "; interrupted by shutdown")?;
         }
@@ -144,8 +168,8 @@ impl Progress for Silent {}
 /// Sweeps every one of `fragments`: renders every key, writes what changed, deletes entries whose row
 /// is gone, queues keys that fail, marks each fragment complete in Redis, records it in
 /// `pgfresh.sweeps`, and settles the TRUNCATEs of watched tables (recorded before it started) that it
-/// covered. Fails only when keys cannot be enumerated at all or PostgreSQL cannot be reached;
-/// everything else is in the report.
+/// covered. Fails only when PostgreSQL cannot be reached as it starts; everything else is in the
+/// report (a fragment whose keys cannot be listed fails alone, and the others are swept).
 pub async fn sweep(
     db: &Database,
     store: &RedisStore,
@@ -222,7 +246,18 @@ impl Sweeper<'_> {
                 "periodic" => LookUp::Repairs,
                 _ => LookUp::Nothing,
             };
-            let started_at = self.sweep_fragment(fragment, look_up, &mut report).await?;
+            // A fragment that cannot be swept (its pager's query fails, PostgreSQL or Redis went
+            // away) fails alone: the fragments after it are swept all the same, and it stays due.
+            let started_at = match self.sweep_fragment(fragment, look_up, &mut report).await {
+                Ok(started_at) => started_at,
+                Err(error) => {
+                    tracing::warn!(fragment = fragment.name(), %error, "cannot sweep the fragment");
+                    report.fragments_failed += 1;
+                    let error = format!("{}: {error}", fragment.name());
+                    report.first_error.get_or_insert(error);
+                    continue;
+                }
+            };
             if report.interrupted {
                 break;
             }
@@ -272,7 +307,7 @@ impl Sweeper<'_> {
     }
 
     /// Sweeps one fragment, adding to `report`; returns when it started, on PostgreSQL's clock.
-    /// Fails only when keys cannot be enumerated at all.
+    /// Fails when its keys cannot be listed, or PostgreSQL or Redis fails between pages.
     async fn sweep_fragment(
         &self,
         fragment: &Arc<dyn DynFragment>,
@@ -344,7 +379,18 @@ impl Sweeper<'_> {
             let keys = fragment
                 .keys_after(pager, after.as_deref(), settings.page_size)
                 .await?;
-            let last_page = (keys.len() as i64) < settings.page_size;
+            // Only an empty page ends the keys: `keys_after` gives *up to* a page, and one that
+            // gives fewer before the end (a cap of its own, rows filtered after its `LIMIT`) would
+            // otherwise end the sweep early, and its orphan pass delete every entry past that page.
+            let last_page = keys.is_empty();
+            if let (Some(asked), Some(last)) = (&after, keys.last())
+                && asked == last
+            {
+                return Err(Error::Fragment(format!(
+                    "{}: keys_after listed {asked:?} again, after itself: it must list only keys after the one it is given",
+                    fragment.name()
+                )));
+            }
             after = keys.last().cloned();
             if !keys.is_empty() {
                 while pages.len() >= settings.concurrency.max(1) {
