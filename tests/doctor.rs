@@ -82,7 +82,10 @@ async fn each_misconfiguration_is_found_with_its_fix() {
              CREATE TABLE visits_low PARTITION OF visits FOR VALUES FROM (0) TO (1000);
              SELECT pgfresh.watch('visits', 'product_id', 'product');
              ALTER TABLE visits_low DISABLE TRIGGER pgfresh_product;
-             ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 20;",
+             ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 20;
+             CREATE TABLE vouchers (code text PRIMARY KEY);
+             SELECT pgfresh.watch('vouchers', 'code', 'coupon');
+             ALTER TABLE vouchers RENAME COLUMN code TO voucher_code;",
         )
         .await
         .unwrap();
@@ -130,6 +133,11 @@ async fn each_misconfiguration_is_found_with_its_fix() {
     assert!(
         !report.contains("TRUNCATE trigger of a watch on public.coupons"),
         "a renamed trigger still captures:\n{report}"
+    );
+    assert_problem(
+        &report,
+        "the watch on public.vouchers for topic coupon reads column code, which it no longer has (renamed or dropped): every write to public.vouchers fails",
+        "SELECT pgfresh.watch('public.vouchers', '<the key column now>', 'coupon'); then run `sweep`",
     );
     assert_problem(
         &report,

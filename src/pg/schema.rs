@@ -277,6 +277,7 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
         )
         .await?;
     let mut gaps = dropped_tables(client).await?;
+    gaps.extend(lost_key_columns(client).await?);
     gaps.extend(rows.iter().map(|row| {
         let (table, kind, watch): (String, String, String) = (row.get(0), row.get(1), row.get(4));
         match (
@@ -309,6 +310,39 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
 pub(crate) const KEY_TEXT_SETTINGS: &str = "SET LOCAL DateStyle = 'ISO, YMD';
      SET LOCAL IntervalStyle = postgres; SET LOCAL TimeZone = 'UTC';
      SET LOCAL extra_float_digits = 1; SET LOCAL bytea_output = hex; SET LOCAL lc_monetary = 'C'";
+
+/// Watches whose key column is gone from their table (renamed, or dropped): their capture function
+/// still reads it by its name, so every write to the table fails until the watch is made again.
+async fn lost_key_columns(client: &Client) -> Result<Vec<CaptureGap>, Error> {
+    let rows = client
+        .query_typed(
+            "SELECT w.table_oid::regclass::text, w.topic, w.key_column::text
+             FROM pgfresh.watches w
+             WHERE EXISTS (SELECT FROM pg_class c WHERE c.oid = w.table_oid)
+               AND NOT EXISTS (SELECT FROM pg_attribute a
+                               WHERE a.attrelid = w.table_oid AND a.attname = w.key_column
+                                 AND a.attnum > 0 AND NOT a.attisdropped)
+             ORDER BY 1, 2",
+            &[],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            let (table, topic, column): (String, String, String) =
+                (row.get(0), row.get(1), row.get(2));
+            CaptureGap {
+                what: format!(
+                    "the watch on {table} for topic {topic} reads column {column}, which it no longer has (renamed or dropped): every write to {table} fails"
+                ),
+                fix: format!(
+                    "SELECT pgfresh.watch('{}', '<the key column now>', '{topic}'); then run `sweep` (or rename the column back)",
+                    table.replace('\'', "''")
+                ),
+            }
+        })
+        .collect())
+}
 
 /// Watches of tables dropped since: nothing to capture, and nothing `unwatch` can name.
 async fn dropped_tables(client: &Client) -> Result<Vec<CaptureGap>, Error> {
