@@ -355,3 +355,44 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
     assert!(pgfresh::install(&env.db).await.unwrap().is_empty());
     env.cleanup().await;
 }
+
+/// Uninstalling drops nothing of the DBA's: a view and a function over pgfresh's queue stop it,
+/// named, with everything left as it was; once they are gone it uninstalls.
+#[tokio::test]
+async fn uninstall_refuses_to_drop_what_depends_on_pgfresh_and_names_it() {
+    let env = TestEnv::shop(3).await;
+    let admin = env.client().await;
+    admin
+        .batch_execute(&format!(
+            "CREATE SCHEMA mon_{name};
+             CREATE VIEW mon_{name}.queue_depth AS SELECT count(*) FROM pgfresh.changes;
+             CREATE FUNCTION mon_{name}.queued() RETURNS bigint LANGUAGE sql
+                 BEGIN ATOMIC SELECT count(*) FROM pgfresh.changes; END;",
+            name = env.name
+        ))
+        .await
+        .unwrap();
+    let objects = pgfresh_objects(&env).await;
+    let error = pgfresh::uninstall(&env.db).await.unwrap_err().to_string();
+    for named in [
+        format!("view mon_{}.queue_depth", env.name),
+        format!("function mon_{}.queued()", env.name),
+    ] {
+        assert!(error.contains(&named), "{error}");
+    }
+    assert_eq!(pgfresh_objects(&env).await, objects, "nothing was dropped");
+    let sql = "SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'pgfresh%'";
+    assert!(
+        common::value::<i64>(&env.client().await, sql).await > 0,
+        "the triggers stay"
+    );
+    // The session it ran on went back to the pool usable.
+    pgfresh::installed_version(&env.db).await.unwrap();
+    admin
+        .batch_execute(&format!("DROP SCHEMA mon_{} CASCADE", env.name))
+        .await
+        .unwrap();
+    pgfresh::uninstall(&env.db).await.unwrap();
+    assert_eq!(pgfresh_objects(&env).await, 0);
+    env.cleanup().await;
+}

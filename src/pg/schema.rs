@@ -67,7 +67,12 @@ pub async fn install(db: &Database) -> Result<Vec<&'static str>, Error> {
 /// Removes every pgfresh object, triggers on user tables included; user tables are untouched.
 pub async fn uninstall(db: &Database) -> Result<(), Error> {
     // The file carries its own BEGIN/COMMIT for psql; as one simple-query batch it runs the same way.
-    db.pinned().await?.batch_execute(UNINSTALL_SQL).await?;
+    let client = db.pinned().await?;
+    if let Err(error) = client.batch_execute(UNINSTALL_SQL).await {
+        // Its transaction stopped part-way: ended here, so the session goes back to the pool usable.
+        let _ = client.batch_execute("ROLLBACK").await;
+        return Err(error.into());
+    }
     Ok(())
 }
 
