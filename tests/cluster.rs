@@ -82,6 +82,15 @@ async fn the_sweep_and_the_listener_keep_a_cluster_fresh() {
     for id in (1..=30).chain([40, 41]) {
         env.wait_fresh(id).await;
     }
+    // Which servers answer, as the listener notes them to tell a restart: every master's run id,
+    // not whichever node a command happened to reach (the note would change every second).
+    let note = format!("pgfresh:servers:{}", env.prefix);
+    eventually("the listener to note every master", || async {
+        env.get(&note)
+            .await
+            .is_some_and(|servers| servers.split(',').count() == 3)
+    })
+    .await;
     listener.stop().await;
     env.cleanup().await;
 }

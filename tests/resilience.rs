@@ -225,6 +225,50 @@ async fn a_redis_that_comes_back_empty_is_swept() {
     env.cleanup().await;
 }
 
+/// A Redis restarted from its snapshot (RDB or AOF) comes back with what it held when it saved,
+/// markers included, but not the writes since: the listener notices that another server answers
+/// and sweeps, so the change applied after the snapshot is not left undone. So does a listener
+/// started after both restarted (a host rebooted), from the note it left in Redis.
+#[tokio::test]
+async fn a_redis_restored_from_an_older_snapshot_is_swept() {
+    let dir = std::env::temp_dir().join(format!("pgfresh-rdb-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = TempRedis::start_with(&["--dir", dir.to_str().unwrap()]);
+    let env = TestEnv::shop_with_redis(3, &redis.url()).await;
+    env.sweep().await;
+    for (round, listener_stays) in [(1, true), (2, false)] {
+        let listener = env.start_listener(test_settings());
+        env.wait_fresh(1).await;
+        eventually("the listener to note which server answers", || async {
+            env.get(&format!("pgfresh:servers:{}", env.prefix))
+                .await
+                .is_some()
+        })
+        .await;
+        let _: () = redis::cmd("SAVE")
+            .query_async(&mut env.sink.connection())
+            .await
+            .unwrap();
+        let name = format!("After snapshot {round}");
+        env.rename(1, &name).await;
+        env.wait_name(1, &name).await;
+        let listener = match listener_stays {
+            true => Some(listener),
+            false => {
+                listener.stop().await;
+                None
+            }
+        };
+        // Killed, and started again from its snapshot: product 1 under its name before.
+        redis.start_again();
+        let listener = listener.unwrap_or_else(|| env.start_listener(test_settings()));
+        env.wait_name(1, &name).await;
+        listener.stop().await;
+    }
+    env.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
     let env = TestEnv::shop(50).await;

@@ -126,7 +126,7 @@ fn node_eviction(info: &str) -> Option<(Eviction, String)> {
 }
 
 /// Every text in a reply, however nested (a cluster answers INFO with one text per node).
-fn collect_texts(value: &Value, texts: &mut Vec<String>) {
+pub(super) fn collect_texts(value: &Value, texts: &mut Vec<String>) {
     match value {
         Value::BulkString(bytes) => texts.push(String::from_utf8_lossy(bytes).into_owned()),
         Value::SimpleString(text) | Value::VerbatimString { text, .. } => texts.push(text.clone()),

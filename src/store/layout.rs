@@ -6,7 +6,8 @@
 //! Redis Cluster the two must live in the same hash slot; likewise a marker and its canary.
 //!
 //! On a single server the layout is plain: `pgfresh:ticket:<fragment key>`,
-//! `pgfresh:fragment:<key prefix>`, `pgfresh:sweeping:<key prefix>`.
+//! `pgfresh:fragment:<key prefix>`, `pgfresh:sweeping:<key prefix>`, and `pgfresh:servers:<key
+//! prefix>` (which servers answered when a listener last looked; untagged in a cluster too).
 //!
 //! In a cluster each bookkeeping key carries a hash tag naming the slot it must live in:
 //! `pgfresh:ticket:{<tag>}<fragment key>`, where `<tag>` is a short string that hashes to the fragment
@@ -31,6 +32,10 @@ const MARKER_PREFIX: &str = "pgfresh:fragment:";
 
 /// Set while a listener sweeps a fragment, to tell whether Redis was emptied during the sweep.
 const SWEEPING_PREFIX: &str = "pgfresh:sweeping:";
+
+/// Which Redis servers (their run ids) answered when a listener last looked, by key prefix: kept in
+/// Redis, so that one restored from an older snapshot brings back an older answer.
+const SERVERS_PREFIX: &str = "pgfresh:servers:";
 
 /// Hash slots in a Redis Cluster.
 const SLOTS: usize = 16384;
@@ -61,6 +66,12 @@ impl Layout {
     /// The canary of a sweep of the fragment with `key_prefix`, in the same slot as its marker.
     pub(crate) fn canary(self, key_prefix: &str, anchor: Option<Slot>) -> String {
         self.anchored(SWEEPING_PREFIX, key_prefix, anchor)
+    }
+
+    /// Which servers answered when the fragment with `key_prefix` was last looked at (one key, on
+    /// whichever master serves it).
+    pub(crate) fn servers(self, key_prefix: &str) -> String {
+        format!("{SERVERS_PREFIX}{key_prefix}")
     }
 
     fn anchored(self, base: &str, key_prefix: &str, anchor: Option<Slot>) -> String {

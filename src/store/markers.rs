@@ -3,7 +3,10 @@
 //! marker means Redis came back empty or was never filled, or a sweep of another version did not
 //! finish; an older one, that the markup changed. A sweep sets a canary when it starts, and deletes a
 //! marker of another version (`start_sweep.lua`); it sets the marker when it ends, only if the canary
-//! survived (`finish_sweep.lua`), so a Redis emptied during the sweep is noticed.
+//! survived (`finish_sweep.lua`), so a Redis emptied during the sweep is noticed. Beside them,
+//! which servers answered when a listener last looked (their run ids, in Redis too): a Redis that
+//! restarted from a snapshot or failed over to a replica may hold less than was written to it, with
+//! its markers, and the listener that notices forgets them.
 
 use std::collections::HashMap;
 
@@ -80,6 +83,63 @@ impl RedisStore {
             all_set &= set == 1;
         }
         Ok(all_set)
+    }
+
+    /// Which servers answer now: the run id of every node, sorted and joined. A restart (from an
+    /// RDB or AOF file, which may be older than what was written since) or a failover to another
+    /// server changes it.
+    pub(crate) async fn servers(&self) -> Result<String, Error> {
+        let info: Value = redis::cmd("INFO")
+            .arg("server")
+            .query_async(&mut self.connection.clone())
+            .await?;
+        let mut texts = Vec::new();
+        super::eviction::collect_texts(&info, &mut texts);
+        let mut ids: Vec<&str> = texts
+            .iter()
+            .flat_map(|text| text.lines())
+            .filter_map(|line| line.strip_prefix("run_id:"))
+            .map(str::trim)
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.is_empty() {
+            return Err(Error::Internal("INFO server gave no run_id".into()));
+        }
+        Ok(ids.join(","))
+    }
+
+    /// What [`RedisStore::note_servers`] last recorded for each of these fragments, in Redis itself
+    /// (`None`: never, or lost with the rest of Redis's data).
+    pub(crate) async fn noted_servers(
+        &self,
+        key_prefixes: &[&str],
+    ) -> Result<Vec<Option<String>>, Error> {
+        let keys: Vec<String> = key_prefixes
+            .iter()
+            .map(|prefix| self.layout.servers(prefix))
+            .collect();
+        Ok(redis::cmd("MGET")
+            .arg(keys)
+            .query_async(&mut self.connection.clone())
+            .await?)
+    }
+
+    /// Records in Redis which servers answer now ([`RedisStore::servers`]) for a fragment.
+    pub(crate) async fn note_servers(&self, key_prefix: &str, servers: &str) -> Result<(), Error> {
+        self.set(&self.layout.servers(key_prefix), servers).await
+    }
+
+    /// Deletes a fragment's markers (every master's in a cluster): what Redis holds of it can no
+    /// longer be vouched for, and the next look at the markers finds it due for a sweep.
+    pub(crate) async fn forget_markers(&self, key_prefix: &str) -> Result<(), Error> {
+        for anchor in self.anchors().await? {
+            let _: () = redis::cmd("DEL")
+                .arg(self.layout.marker(key_prefix, anchor))
+                .query_async(&mut self.connection.clone())
+                .await?;
+        }
+        Ok(())
     }
 
     /// Records that every entry of a fragment was rendered by `version` (tests, and tools that fill

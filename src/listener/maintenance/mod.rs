@@ -4,7 +4,9 @@
 //! Each fragment has a marker in Redis (see `store::markers`) holding the fragment version of its last
 //! complete sweep. Every second the listener reads the markers: a missing marker means Redis came
 //! back empty or was never filled; an older version means this binary renders differently from what
-//! Redis holds. Either way the fragment is swept. Every complete sweep is recorded in
+//! Redis holds. Either way the fragment is swept. Before that it asks which servers answer: a Redis
+//! restarted from a snapshot or failed over to a replica keeps its markers but may have lost writes,
+//! and its markers are forgotten. Every complete sweep is recorded in
 //! `pgfresh.sweeps`, whoever ran it: a fragment's periodic sweep is due an interval after its last
 //! one, and after a PostgreSQL restart every fragment not swept since is due. Only one listener at a
 //! time sweeps, the one holding the sweep lease (`lease`); a listener that finds it held takes
@@ -89,7 +91,11 @@ impl Maintenance {
             // Back from standing aside: the newer listener may have left its markup behind.
             self.at_startup = true;
         }
-        if self.shared.stand_aside.active() || !self.schedule.may_sweep(Instant::now()) {
+        if self.shared.stand_aside.active() {
+            return;
+        }
+        self.notice_redis_restart().await;
+        if !self.schedule.may_sweep(Instant::now()) {
             return;
         }
         let truncated = Truncations::read(&self.shared.db, &self.shared.fragments)
@@ -112,6 +118,48 @@ impl Maintenance {
         // for a term) or the sweep failed.
         if done && markers_read {
             self.at_startup = false;
+        }
+    }
+
+    /// Forgets the markers of the fragments whose servers changed since a listener last noted them
+    /// in Redis (`store::markers`): a Redis restarted from its RDB or AOF file, or a replica that
+    /// took over, may hold less than was written to it (the writes since its last save, or that
+    /// had not reached it), and nothing else would tell. Noted in Redis itself, not here, so that a
+    /// Redis restored from an older snapshot brings back the older note, whether or not this
+    /// listener ran all along. The markers gone, the fragments are swept as after Redis lost its
+    /// data. (A Redis that lost the note too, with its data, has lost its markers as well.)
+    async fn notice_redis_restart(&self) {
+        let store = &self.shared.store;
+        let prefixes: Vec<&str> = self
+            .shared
+            .fragments
+            .iter()
+            .map(|f| f.key_prefix())
+            .collect();
+        let noticed = async {
+            let now = store.servers().await?;
+            let noted = store.noted_servers(&prefixes).await?;
+            for (prefix, noted) in prefixes.iter().zip(noted) {
+                match noted {
+                    Some(noted) if noted == now => continue,
+                    Some(noted) => {
+                        tracing::warn!(
+                            prefix,
+                            before = %noted,
+                            now = %now,
+                            "Redis restarted or failed over: what it holds may be older than what was written to it; sweeping the fragment"
+                        );
+                        // Before the note: should this fail, the next round finds the change again.
+                        store.forget_markers(prefix).await?;
+                    }
+                    None => {}
+                }
+                store.note_servers(prefix, &now).await?;
+            }
+            Ok::<_, Error>(())
+        };
+        if let Err(error) = noticed.await {
+            tracing::debug!(%error, "cannot tell whether Redis restarted");
         }
     }
 
