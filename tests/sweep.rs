@@ -1000,3 +1000,44 @@ async fn a_key_enumeration_that_does_not_move_on_fails_its_fragment() {
     assert!(shown.contains("keys_after listed \"2\" again"), "{shown}");
     env.cleanup().await;
 }
+
+/// Two sweeps of a fragment at once (a one-off `sweep` beside a listener's): of one version, each
+/// completes and sets the marker (one took the other's canary for a Redis that lost its data, and
+/// failed); of two versions, the one that started first does not set its marker, which would claim
+/// the other's entries for its own version.
+#[tokio::test]
+async fn two_sweeps_of_a_fragment_at_once_complete_unless_their_versions_differ() {
+    let env = TestEnv::shop(4).await;
+    for other_version in [1, 2] {
+        let (stalling, open) = common::AlteredCard::stalling();
+        let first = tokio::spawn({
+            let (db, sink) = (env.db.clone(), env.sink.clone());
+            let fragments = pgfresh::Fragments::new()
+                .with(&env.prefix, common::SharedFragment(stalling.clone()));
+            async move {
+                let settings = Default::default();
+                pgfresh::sweep(&db, &sink, &fragments, &settings, &Shutdown::new()).await
+            }
+        });
+        common::eventually("the first sweep's load to stall", || async {
+            stalling.gate_taken()
+        })
+        .await;
+        let other = common::AlteredCard::new("product_card", other_version);
+        let fragments = pgfresh::Fragments::new().with(&env.prefix, other);
+        let settings = Default::default();
+        let second = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &Shutdown::new())
+            .await
+            .unwrap();
+        assert!(second.succeeded(), "{second}");
+        open.send(()).unwrap();
+        let first = first.await.unwrap().unwrap();
+        assert_eq!(first.markers_lost, u64::from(other_version != 1), "{first}");
+        assert_eq!(
+            env.get(&env.marker_key()).await.as_deref(),
+            Some(other_version.to_string().as_str()),
+            "the marker of the version whose sweep started last"
+        );
+    }
+    env.cleanup().await;
+}

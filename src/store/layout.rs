@@ -63,8 +63,17 @@ impl Layout {
         self.anchored(MARKER_PREFIX, key_prefix, anchor)
     }
 
-    /// The canary of a sweep of the fragment with `key_prefix`, in the same slot as its marker.
-    pub(crate) fn canary(self, key_prefix: &str, anchor: Option<Slot>) -> String {
+    /// The canary of the sweep with `token` of the fragment with `key_prefix`, in the same slot as
+    /// its marker: one per sweep, so that two sweeps of a fragment at once (a one-off `sweep` beside
+    /// a listener's) do not take each other's for a Redis that lost its data.
+    pub(crate) fn canary(self, key_prefix: &str, anchor: Option<Slot>, token: &str) -> String {
+        format!("{}:{token}", self.latest_sweep(key_prefix, anchor))
+    }
+
+    /// The version the latest sweep of the fragment with `key_prefix` renders (`v<version>`), in
+    /// the same slot as its marker. (Before 2026-12-07 this key was a sweep's canary, holding its
+    /// token: a sweep of either kind started beside one of the other fails the other's check.)
+    pub(crate) fn latest_sweep(self, key_prefix: &str, anchor: Option<Slot>) -> String {
         self.anchored(SWEEPING_PREFIX, key_prefix, anchor)
     }
 
@@ -154,7 +163,7 @@ mod tests {
     fn markers_and_canaries_share_their_anchor_slot() {
         let anchor = Slot::new(5461).unwrap();
         let marker = Layout::Cluster.marker("shop:product:", Some(anchor));
-        let canary = Layout::Cluster.canary("shop:product:", Some(anchor));
+        let canary = Layout::Cluster.canary("shop:product:", Some(anchor), "0123456789abcdef");
         assert_eq!(Slot::for_key(&marker), anchor);
         assert_eq!(Slot::for_key(&canary), anchor);
         assert_ne!(marker, canary);

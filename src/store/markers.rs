@@ -1,9 +1,12 @@
 //! Per-fragment markers: `pgfresh:fragment:<key prefix>` holds the fragment version of its last
 //! complete sweep (one per master in a cluster, since each may lose its data on its own). A missing
 //! marker means Redis came back empty or was never filled, or a sweep of another version did not
-//! finish; an older one, that the markup changed. A sweep sets a canary when it starts, and deletes a
-//! marker of another version (`start_sweep.lua`); it sets the marker when it ends, only if the canary
-//! survived (`finish_sweep.lua`), so a Redis emptied during the sweep is noticed. Beside them,
+//! finish; an older one, that the markup changed. A sweep sets a canary of its own when it starts,
+//! notes the version it renders as the latest sweep's, and deletes a marker of another version
+//! (`start_sweep.lua`); it sets the marker when it ends, only if its canary survived and no sweep of
+//! another version started since (`finish_sweep.lua`), so a Redis emptied during the sweep is
+//! noticed, while sweeps of one version at once (a one-off `sweep` beside a listener's) each
+//! complete. Beside them,
 //! which servers answered when a listener last looked (their run ids, in Redis too): a Redis that
 //! restarted from a snapshot or failed over to a replica may hold less than was written to it, with
 //! its markers, and the listener that notices forgets them.
@@ -16,6 +19,10 @@ use redis::cluster_routing::Slot;
 
 use super::RedisStore;
 use crate::Error;
+
+/// How long a sweep's canary lives: far longer than any sweep takes, so that only the canaries of
+/// sweeps that never finished (their process killed) expire.
+const CANARY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
 
 impl RedisStore {
     /// The version of a fragment whose entries Redis holds (set after a complete sweep), or `None` when
@@ -51,10 +58,12 @@ impl RedisStore {
         let script = Script::new(include_str!("start_sweep.lua"));
         for anchor in self.anchors().await? {
             let _: i64 = script
-                .key(self.layout.canary(key_prefix, anchor))
+                .key(self.layout.canary(key_prefix, anchor, &token))
                 .key(self.layout.marker(key_prefix, anchor))
+                .key(self.layout.latest_sweep(key_prefix, anchor))
                 .arg(&token)
                 .arg(version)
+                .arg(CANARY_LIFETIME.as_secs())
                 .invoke_async(&mut self.connection.clone())
                 .await?;
         }
@@ -74,8 +83,9 @@ impl RedisStore {
         let mut all_set = true;
         for anchor in self.anchors().await? {
             let set: i64 = script
-                .key(self.layout.canary(key_prefix, anchor))
+                .key(self.layout.canary(key_prefix, anchor, token))
                 .key(self.layout.marker(key_prefix, anchor))
+                .key(self.layout.latest_sweep(key_prefix, anchor))
                 .arg(token)
                 .arg(version)
                 .invoke_async(&mut self.connection.clone())
