@@ -883,3 +883,30 @@ async fn a_listener_started_beside_a_newer_one_applies_nothing_before_standing_a
     old.stop().await;
     env.cleanup().await;
 }
+
+/// A listener killed (or whose host went away) leaves its row; a listener starting deletes the rows
+/// of those not seen for an hour, so that a fleet whose listeners are killed now and then does not
+/// grow the registry for good, and keeps the recent ones.
+#[tokio::test]
+async fn a_listener_starting_forgets_the_rows_of_listeners_long_gone() {
+    let env = TestEnv::shop(3).await;
+    let db = env.client().await;
+    db.batch_execute(
+        "INSERT INTO pgfresh.listeners (id, seen_at) VALUES
+             ('killed:1:yesterday', now() - interval '1 day'),
+             ('killed:2:a-minute-ago', now() - interval '2 minutes')",
+    )
+    .await
+    .unwrap();
+    let listener = env.start_listener(test_settings());
+    eventually("the listener to register", || async {
+        let sql = "SELECT count(*) FROM pgfresh.listeners WHERE id NOT LIKE 'killed:%'";
+        common::value::<i64>(&db, sql).await == 1
+    })
+    .await;
+    let sql = "SELECT array_agg(id ORDER BY id) FROM pgfresh.listeners WHERE id LIKE 'killed:%'";
+    let left: Vec<String> = common::value(&db, sql).await;
+    assert_eq!(left, ["killed:2:a-minute-ago"]);
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -41,12 +41,13 @@ impl Registration {
 
     /// Registers the listener, unless another live listener would share Redis with it badly (see
     /// `registry::check_sharing`): the check and the first row in one transaction, serialized with
-    /// every other listener's start.
+    /// every other listener's start. The rows of listeners long gone go in the same transaction.
     pub(crate) async fn register(&self, db: &Database, board: &StatusBoard) -> Result<(), Error> {
         let mut said = self.said.lock().await;
         let mut client = db.pinned().await?;
         let txn = client.transaction().await?;
         registry::lock_registrations(txn.client()).await?;
+        registry::forget_long_gone(txn.client()).await?;
         registry::check_sharing(txn.client(), &self.me).await?;
         let (applied, refused) = board.totals();
         let row = ListenerRow {

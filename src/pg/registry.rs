@@ -251,6 +251,23 @@ pub(crate) async fn older_listeners_working(
         .get(0))
 }
 
+/// How long the row of a listener that stopped heartbeating without removing it (killed, its host
+/// gone) stays: far past every window that counts it, so that a fleet whose listeners are killed now
+/// and then does not grow the table for good.
+const FORGOTTEN_AFTER: Duration = Duration::from_secs(3600);
+
+/// Deletes the rows of listeners not seen for [`FORGOTTEN_AFTER`]; a listener does it as it
+/// registers.
+pub(crate) async fn forget_long_gone(client: &Client) -> Result<(), Error> {
+    client
+        .execute_typed(
+            "DELETE FROM pgfresh.listeners WHERE seen_at < now() - $1::float8 * interval '1 second'",
+            &[(&seconds(FORGOTTEN_AFTER), Type::FLOAT8)],
+        )
+        .await?;
+    Ok(())
+}
+
 /// Removes a listener that is shutting down (and tells the triggers, if it was the last idle one).
 pub(crate) async fn deregister_listener(client: &Client, listener_id: &str) -> Result<(), Error> {
     client
