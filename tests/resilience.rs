@@ -269,6 +269,69 @@ async fn a_redis_restored_from_an_older_snapshot_is_swept() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A Redis restored from a snapshot taken while another listener swept: the sweep's canary came
+/// back with it, so that sweep would set its marker at its end, over the pages it wrote from rows
+/// it loaded before a change the restore then lost; the listener that notices the restore makes
+/// that sweep incomplete too, and the fragment is swept again.
+#[tokio::test]
+async fn a_redis_restored_during_another_listeners_sweep_is_swept_again() {
+    let dir = std::env::temp_dir().join(format!("pgfresh-rdb-{}", fastrand::u64(..)));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut redis = TempRedis::start_with(&["--dir", dir.to_str().unwrap()]);
+    let env = TestEnv::shop_with_redis(3, &redis.url()).await;
+    env.sweep().await;
+    // The sweeping listener: its marker gone, it sweeps, and its sweep's load stalls.
+    env.del(&env.marker_key()).await;
+    let (stalling, open) = AlteredCard::stalling();
+    let sweeping = env.start_listener_with(
+        Fragments::new().with(&env.prefix, common::SharedFragment(stalling.clone())),
+        test_settings(),
+    );
+    eventually("its sweep's load to stall", || async {
+        stalling.gate_taken()
+    })
+    .await;
+    let other = env.start_listener(test_settings());
+    let _: () = redis::cmd("SAVE")
+        .query_async(&mut env.sink.connection())
+        .await
+        .unwrap();
+    // A change after the snapshot, applied, then lost with the restore.
+    env.rename(2, "After the snapshot").await;
+    env.wait_name(2, "After the snapshot").await;
+    redis.start_again();
+    // The other listener notices the restore; then the stalled sweep goes on, with rows it loaded
+    // before the change, and ends.
+    // The first command after the restart may meet the connection it broke.
+    let info = std::sync::Mutex::new(String::new());
+    eventually("Redis to answer again", || async {
+        let answer = redis::cmd("INFO")
+            .arg("server")
+            .query_async::<String>(&mut env.sink.connection())
+            .await;
+        answer.map(|text| *info.lock().unwrap() = text).is_ok()
+    })
+    .await;
+    let run_id = info
+        .into_inner()
+        .unwrap()
+        .lines()
+        .find_map(|line| line.strip_prefix("run_id:"))
+        .unwrap()
+        .trim()
+        .to_string();
+    eventually("the other listener to notice the restore", || async {
+        env.get(&format!("pgfresh:servers:{}", env.prefix)).await == Some(run_id.clone())
+    })
+    .await;
+    open.send(()).unwrap();
+    env.wait_name(2, "After the snapshot").await;
+    sweeping.stop().await;
+    other.stop().await;
+    env.cleanup().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[tokio::test]
 async fn several_listeners_share_the_queue_without_doing_a_change_twice() {
     let env = TestEnv::shop(50).await;

@@ -908,9 +908,10 @@ async fn a_fragment_whose_keys_cannot_be_listed_fails_alone_and_the_others_are_s
     env.cleanup().await;
 }
 
-/// The shop's card listing at most two keys a call, whatever the page size (a cap of its own); with
-/// a bug, the first two every time, whatever key it is given.
+/// The shop's card listing at most `cap` keys a call, whatever the page size (a cap of its own); with
+/// a bug, or for a fragment of one entry, the first ones every time, whatever key it is given.
 struct CappedPagesCard {
+    cap: i64,
     ignores_after: bool,
 }
 
@@ -941,7 +942,7 @@ impl pgfresh::Fragment for CappedPagesCard {
         after: Option<&i64>,
         limit: i64,
     ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        let (capped, after) = (limit.min(2), after.filter(|_| !self.ignores_after));
+        let (capped, after) = (limit.min(self.cap), after.filter(|_| !self.ignores_after));
         pgfresh::Fragment::keys_after(&common::product_card::ProductCard, db, after, capped).await
     }
 }
@@ -953,6 +954,7 @@ async fn a_short_page_of_keys_does_not_end_the_sweep() {
     let env = TestEnv::shop(5).await;
     env.sweep().await;
     let capped = CappedPagesCard {
+        cap: 2,
         ignores_after: false,
     };
     let fragments = pgfresh::Fragments::new().with(&env.prefix, capped);
@@ -986,6 +988,7 @@ async fn a_short_page_of_keys_does_not_end_the_sweep() {
 async fn a_key_enumeration_that_does_not_move_on_fails_its_fragment() {
     let env = TestEnv::shop(5).await;
     let stuck = CappedPagesCard {
+        cap: 2,
         ignores_after: true,
     };
     let fragments = pgfresh::Fragments::new().with(&env.prefix, stuck);
@@ -1039,5 +1042,24 @@ async fn two_sweeps_of_a_fragment_at_once_complete_unless_their_versions_differ(
             "the marker of the version whose sweep started last"
         );
     }
+    env.cleanup().await;
+}
+
+/// A fragment of one entry whose `keys_after` lists its one key whatever it is given (no `after` to
+/// go past) is swept: its one key, listed again after itself, ends its keys.
+#[tokio::test]
+async fn a_fragment_of_one_key_listed_whatever_the_after_is_swept() {
+    let env = TestEnv::shop(1).await;
+    let single = CappedPagesCard {
+        cap: 1,
+        ignores_after: true,
+    };
+    let fragments = pgfresh::Fragments::new().with(&env.prefix, single);
+    let (settings, shutdown) = (Default::default(), Shutdown::new());
+    let report = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &shutdown)
+        .await
+        .unwrap();
+    assert!(report.succeeded(), "{report}");
+    assert_eq!(report.stats.rendered, 2, "{report}");
     env.cleanup().await;
 }

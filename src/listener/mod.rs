@@ -363,8 +363,7 @@ impl Listener {
         let shared = &self.shared;
         let listen_connected = Arc::new(AtomicBool::new(false));
         let mut tasks = JoinSet::new();
-        let mut serve_counts = None;
-        stand_aside::look(&shared.db, &shared.me, &shared.stand_aside).await?;
+        let (mut serve_counts, mut fragment_server) = (None, None);
         if let Some(address) = &shared.settings.serve {
             let stand_aside = shared.stand_aside.clone();
             let context = crate::serve::Context {
@@ -380,7 +379,7 @@ impl Listener {
                 shutdown: shared.shutdown.clone(),
             };
             let (server, counts) = crate::serve::bind(address, context).await?;
-            spawn(&mut tasks, "fragment server", server);
+            fragment_server = Some(server);
             serve_counts = Some(counts);
         }
         if let Some(address) = &shared.settings.http {
@@ -391,6 +390,14 @@ impl Listener {
             .registration
             .register(&shared.db, &shared.board)
             .await?;
+        // Before it renders anything (its first batch, a miss on demand), and after registering:
+        // registrations are serialized, so of an old listener and a newer one starting at once,
+        // either this look sees the newer one, or the newer one's wait for older listeners before
+        // its sweep counts this one.
+        stand_aside::look(&shared.db, &shared.me, &shared.stand_aside).await?;
+        if let Some(server) = fragment_server {
+            spawn(&mut tasks, "fragment server", server);
+        }
         crate::ops::telemetry::register_fragments(shared.fragments.iter().map(|f| f.name()));
         crate::ops::telemetry::standing_aside(false);
         tracing::info!(

@@ -20,10 +20,6 @@ use redis::cluster_routing::Slot;
 use super::RedisStore;
 use crate::Error;
 
-/// How long a sweep's canary lives: far longer than any sweep takes, so that only the canaries of
-/// sweeps that never finished (their process killed) expire.
-const CANARY_LIFETIME: std::time::Duration = std::time::Duration::from_secs(30 * 24 * 3600);
-
 impl RedisStore {
     /// The version of a fragment whose entries Redis holds (set after a complete sweep), or `None` when
     /// Redis has no record of it: never swept, or emptied since (restart, FLUSHALL, failover). In a
@@ -63,7 +59,6 @@ impl RedisStore {
                 .key(self.layout.latest_sweep(key_prefix, anchor))
                 .arg(&token)
                 .arg(version)
-                .arg(CANARY_LIFETIME.as_secs())
                 .invoke_async(&mut self.connection.clone())
                 .await?;
         }
@@ -141,11 +136,14 @@ impl RedisStore {
     }
 
     /// Deletes a fragment's markers (every master's in a cluster): what Redis holds of it can no
-    /// longer be vouched for, and the next look at the markers finds it due for a sweep.
+    /// longer be vouched for, and the next look at the markers finds it due for a sweep. The note of
+    /// the latest sweep's version goes too, so that a sweep under way (another listener's, a
+    /// one-off), whose canary may have come back with the rest, does not set the marker again.
     pub(crate) async fn forget_markers(&self, key_prefix: &str) -> Result<(), Error> {
         for anchor in self.anchors().await? {
             let _: () = redis::cmd("DEL")
                 .arg(self.layout.marker(key_prefix, anchor))
+                .arg(self.layout.latest_sweep(key_prefix, anchor))
                 .query_async(&mut self.connection.clone())
                 .await?;
         }

@@ -61,7 +61,8 @@ pub struct SweepReport {
     /// refreshed nor queued, so the sweep is incomplete.
     pub pages_failed: u64,
     /// Fragments whose marker could not be set because Redis lost data during their sweep (restart,
-    /// FLUSHALL, an evicted canary): their early pages may be gone, so the sweep is incomplete.
+    /// FLUSHALL, an evicted canary; their early pages may be gone), or a sweep of another version
+    /// started meanwhile (it may have written over this one's): the sweep is incomplete.
     pub markers_lost: u64,
     /// Fragments that could not be swept at all: their keys could not be listed (the pager's query
     /// failed), or PostgreSQL or Redis failed between pages. The others were swept all the same;
@@ -136,7 +137,7 @@ impl fmt::Display for SweepReport {
         if self.markers_lost > 0 {
             write!(
                 f,
-                "; Redis lost data during the sweep of {} fragments",
+                "; {} fragments not marked swept (Redis lost data, or a sweep of another version started, meanwhile)",
                 self.markers_lost
             )?;
         }
@@ -335,7 +336,7 @@ impl Sweeper<'_> {
         {
             tracing::warn!(
                 fragment = fragment.name(),
-                "Redis lost its data during the sweep; the fragment will be swept again"
+                "Redis lost its data during the sweep, or a sweep of another version started meanwhile; the fragment will be swept again"
             );
             report.markers_lost += 1;
         }
@@ -376,21 +377,26 @@ impl Sweeper<'_> {
                 report.interrupted = true;
                 break;
             }
-            let keys = fragment
+            let mut keys = fragment
                 .keys_after(pager, after.as_deref(), settings.page_size)
                 .await?;
+            // A `keys_after` that ignores `after` and lists one key (a fragment of one entry)
+            // ends there; one that lists more again, from where it began, is a bug said so.
+            if let (Some(asked), [only]) = (&after, keys.as_slice())
+                && asked == only
+            {
+                keys.clear();
+            } else if let (Some(asked), Some(last)) = (&after, keys.last())
+                && asked == last
+            {
+                return Err(Error::Fragment(format!(
+                    "keys_after listed {asked:?} again, after itself: it must list only keys after the one it is given"
+                )));
+            }
             // Only an empty page ends the keys: `keys_after` gives *up to* a page, and one that
             // gives fewer before the end (a cap of its own, rows filtered after its `LIMIT`) would
             // otherwise end the sweep early, and its orphan pass delete every entry past that page.
             let last_page = keys.is_empty();
-            if let (Some(asked), Some(last)) = (&after, keys.last())
-                && asked == last
-            {
-                return Err(Error::Fragment(format!(
-                    "{}: keys_after listed {asked:?} again, after itself: it must list only keys after the one it is given",
-                    fragment.name()
-                )));
-            }
             after = keys.last().cloned();
             if !keys.is_empty() {
                 while pages.len() >= settings.concurrency.max(1) {
