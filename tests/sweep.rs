@@ -835,20 +835,30 @@ async fn each_fragment_that_a_sweep_completes_is_recorded_whatever_the_others_di
     env.cleanup().await;
 }
 
-/// The shop's card whose key enumeration fails (its table is missing, or its role lacks a grant):
-/// its keys cannot be listed at all.
-struct UnlistableCard;
+/// The shop's card, listing its keys its own way.
+struct ListedCard(Listing);
 
-impl pgfresh::Fragment for UnlistableCard {
+enum Listing {
+    /// Its key enumeration fails (its table is missing, or its role lacks a grant).
+    Failing,
+    /// At most `cap` keys a call, whatever the page size (a cap of its own); `ignores_after`: the
+    /// first ones every time, whatever key it is given (a bug, or a fragment of one entry).
+    Capped { cap: i64, ignores_after: bool },
+}
+
+impl pgfresh::Fragment for ListedCard {
     type Key = i64;
     type Row = common::product_card::Product;
     type Variant = common::product_card::Card;
     type Error = pgfresh::tokio_postgres::Error;
     fn name(&self) -> &str {
-        "unlistable_card"
+        match self.0 {
+            Listing::Failing => "unlistable_card",
+            Listing::Capped { .. } => "product_card",
+        }
     }
     fn topics(&self) -> pgfresh::Topics {
-        pgfresh::Topics::new().direct("product")
+        pgfresh::Fragment::topics(&common::product_card::ProductCard)
     }
     async fn load(
         &self,
@@ -863,11 +873,15 @@ impl pgfresh::Fragment for UnlistableCard {
     async fn keys_after(
         &self,
         db: &pgfresh::tokio_postgres::Client,
-        _: Option<&i64>,
-        _: i64,
+        after: Option<&i64>,
+        limit: i64,
     ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        db.query("SELECT FROM no_such_table", &[]).await?;
-        Ok(Vec::new())
+        let Listing::Capped { cap, ignores_after } = self.0 else {
+            db.query("SELECT FROM no_such_table", &[]).await?;
+            return Ok(Vec::new());
+        };
+        let (capped, after) = (limit.min(cap), after.filter(|_| !ignores_after));
+        pgfresh::Fragment::keys_after(&common::product_card::ProductCard, db, after, capped).await
     }
 }
 
@@ -878,7 +892,10 @@ impl pgfresh::Fragment for UnlistableCard {
 async fn a_fragment_whose_keys_cannot_be_listed_fails_alone_and_the_others_are_swept() {
     let env = TestEnv::shop(5).await;
     let fragments = pgfresh::Fragments::new()
-        .with(format!("{}:unlistable:", env.name), UnlistableCard)
+        .with(
+            format!("{}:unlistable:", env.name),
+            ListedCard(Listing::Failing),
+        )
         .with(&env.prefix, common::product_card::ProductCard);
     let report = pgfresh::sweep(
         &env.db,
@@ -908,55 +925,16 @@ async fn a_fragment_whose_keys_cannot_be_listed_fails_alone_and_the_others_are_s
     env.cleanup().await;
 }
 
-/// The shop's card listing at most `cap` keys a call, whatever the page size (a cap of its own); with
-/// a bug, or for a fragment of one entry, the first ones every time, whatever key it is given.
-struct CappedPagesCard {
-    cap: i64,
-    ignores_after: bool,
-}
-
-impl pgfresh::Fragment for CappedPagesCard {
-    type Key = i64;
-    type Row = common::product_card::Product;
-    type Variant = common::product_card::Card;
-    type Error = pgfresh::tokio_postgres::Error;
-    fn name(&self) -> &str {
-        "product_card"
-    }
-    fn topics(&self) -> pgfresh::Topics {
-        pgfresh::Fragment::topics(&common::product_card::ProductCard)
-    }
-    async fn load(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        keys: &[i64],
-    ) -> pgfresh::Loaded<Self> {
-        pgfresh::Fragment::load(&common::product_card::ProductCard, db, keys).await
-    }
-    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> pgfresh::maud::Markup {
-        pgfresh::Fragment::render(&common::product_card::ProductCard, key, row, variant)
-    }
-    async fn keys_after(
-        &self,
-        db: &pgfresh::tokio_postgres::Client,
-        after: Option<&i64>,
-        limit: i64,
-    ) -> Result<Vec<i64>, pgfresh::tokio_postgres::Error> {
-        let (capped, after) = (limit.min(self.cap), after.filter(|_| !self.ignores_after));
-        pgfresh::Fragment::keys_after(&common::product_card::ProductCard, db, after, capped).await
-    }
-}
-
 /// A page shorter than asked for does not end the keys: the sweep goes on until a page is empty,
 /// and its orphan pass keeps the entries of every key (it deleted those past the first page).
 #[tokio::test]
 async fn a_short_page_of_keys_does_not_end_the_sweep() {
     let env = TestEnv::shop(5).await;
     env.sweep().await;
-    let capped = CappedPagesCard {
+    let capped = ListedCard(Listing::Capped {
         cap: 2,
         ignores_after: false,
-    };
+    });
     let fragments = pgfresh::Fragments::new().with(&env.prefix, capped);
     let report = pgfresh::sweep(
         &env.db,
@@ -987,10 +965,10 @@ async fn a_short_page_of_keys_does_not_end_the_sweep() {
 #[tokio::test]
 async fn a_key_enumeration_that_does_not_move_on_fails_its_fragment() {
     let env = TestEnv::shop(5).await;
-    let stuck = CappedPagesCard {
+    let stuck = ListedCard(Listing::Capped {
         cap: 2,
         ignores_after: true,
-    };
+    });
     let fragments = pgfresh::Fragments::new().with(&env.prefix, stuck);
     let (settings, shutdown) = (Default::default(), Shutdown::new());
     let sweep = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &shutdown);
@@ -1050,10 +1028,10 @@ async fn two_sweeps_of_a_fragment_at_once_complete_unless_their_versions_differ(
 #[tokio::test]
 async fn a_fragment_of_one_key_listed_whatever_the_after_is_swept() {
     let env = TestEnv::shop(1).await;
-    let single = CappedPagesCard {
+    let single = ListedCard(Listing::Capped {
         cap: 1,
         ignores_after: true,
-    };
+    });
     let fragments = pgfresh::Fragments::new().with(&env.prefix, single);
     let (settings, shutdown) = (Default::default(), Shutdown::new());
     let report = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &shutdown)
