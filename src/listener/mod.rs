@@ -258,7 +258,8 @@ impl Listener {
         let shared = &self.shared;
         // Registering (or binding an address) may wait on PostgreSQL too. Stopped there, the
         // tasks spawned so far go with `start`'s future, and a row written is removed. (A
-        // registration still waiting for a lock when given up can land after it, to expire.)
+        // registration given up inside its transaction rolls back; one given up as its COMMIT was
+        // on its way can land after the removal, to expire.)
         let mut tasks = tokio::select! {
             biased;
             _ = shared.shutdown.cancelled() => {
