@@ -1039,5 +1039,11 @@ async fn a_fragment_of_one_key_listed_whatever_the_after_is_swept() {
         .unwrap();
     assert!(report.succeeded(), "{report}");
     assert_eq!(report.stats.rendered, 2, "{report}");
+    // With pages of one key it cannot be told from a pager stuck on its first key: said so.
+    let one = tweak(SweepSettings::default(), |s| s.page_size = 1);
+    let report = pgfresh::sweep(&env.db, &env.sink, &fragments, &one, &shutdown)
+        .await
+        .unwrap();
+    assert_eq!(report.fragments_failed, 1, "{report}");
     env.cleanup().await;
 }

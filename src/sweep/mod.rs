@@ -381,9 +381,12 @@ impl Sweeper<'_> {
                 .keys_after(pager, after.as_deref(), settings.page_size)
                 .await?;
             // A `keys_after` that ignores `after` and lists one key (a fragment of one entry)
-            // ends there; one that lists more again, from where it began, is a bug said so.
+            // ends there; one that lists more again, from where it began, is a bug said so. (With
+            // pages of one key, a pager that lists the key it was given again cannot be told from
+            // one stuck on its first key: said so too.)
             if let (Some(asked), [only]) = (&after, keys.as_slice())
                 && asked == only
+                && settings.page_size > 1
             {
                 keys.clear();
             } else if let (Some(asked), Some(last)) = (&after, keys.last())
