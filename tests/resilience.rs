@@ -231,9 +231,7 @@ async fn a_redis_that_comes_back_empty_is_swept() {
 /// started after both restarted (a host rebooted), from the note it left in Redis.
 #[tokio::test]
 async fn a_redis_restored_from_an_older_snapshot_is_swept() {
-    let dir = std::env::temp_dir().join(format!("pgfresh-rdb-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut redis = TempRedis::start_with(&["--dir", dir.to_str().unwrap()]);
+    let mut redis = TempRedis::start_with_snapshots();
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;
     env.sweep().await;
     for (round, listener_stays) in [(1, true), (2, false)] {
@@ -245,10 +243,7 @@ async fn a_redis_restored_from_an_older_snapshot_is_swept() {
                 .is_some()
         })
         .await;
-        let _: () = redis::cmd("SAVE")
-            .query_async(&mut env.sink.connection())
-            .await
-            .unwrap();
+        redis.save();
         let name = format!("After snapshot {round}");
         env.rename(1, &name).await;
         env.wait_name(1, &name).await;
@@ -266,7 +261,6 @@ async fn a_redis_restored_from_an_older_snapshot_is_swept() {
         listener.stop().await;
     }
     env.cleanup().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// A Redis restored from a snapshot taken while another listener swept: the sweep's canary came
@@ -275,9 +269,7 @@ async fn a_redis_restored_from_an_older_snapshot_is_swept() {
 /// that sweep incomplete too, and the fragment is swept again.
 #[tokio::test]
 async fn a_redis_restored_during_another_listeners_sweep_is_swept_again() {
-    let dir = std::env::temp_dir().join(format!("pgfresh-rdb-{}", fastrand::u64(..)));
-    std::fs::create_dir_all(&dir).unwrap();
-    let mut redis = TempRedis::start_with(&["--dir", dir.to_str().unwrap()]);
+    let mut redis = TempRedis::start_with_snapshots();
     let env = TestEnv::shop_with_redis(3, &redis.url()).await;
     env.sweep().await;
     // The sweeping listener: its marker gone, it sweeps, and its sweep's load stalls.
@@ -292,10 +284,7 @@ async fn a_redis_restored_during_another_listeners_sweep_is_swept_again() {
     })
     .await;
     let other = env.start_listener(test_settings());
-    let _: () = redis::cmd("SAVE")
-        .query_async(&mut env.sink.connection())
-        .await
-        .unwrap();
+    redis.save();
     // A change after the snapshot, applied, then lost with the restore.
     env.rename(2, "After the snapshot").await;
     env.wait_name(2, "After the snapshot").await;
@@ -329,7 +318,6 @@ async fn a_redis_restored_during_another_listeners_sweep_is_swept_again() {
     sweeping.stop().await;
     other.stop().await;
     env.cleanup().await;
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[tokio::test]

@@ -897,15 +897,7 @@ async fn a_fragment_whose_keys_cannot_be_listed_fails_alone_and_the_others_are_s
             ListedCard(Listing::Failing),
         )
         .with(&env.prefix, common::product_card::ProductCard);
-    let report = pgfresh::sweep(
-        &env.db,
-        &env.sink,
-        &fragments,
-        &Default::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sweep_of(&fragments, Default::default()).await.unwrap();
     assert!(!report.completed(), "{report}");
     assert_eq!(report.fragments_failed, 1, "{report}");
     let shown = report.to_string();
@@ -936,15 +928,7 @@ async fn a_short_page_of_keys_does_not_end_the_sweep() {
         ignores_after: false,
     });
     let fragments = pgfresh::Fragments::new().with(&env.prefix, capped);
-    let report = pgfresh::sweep(
-        &env.db,
-        &env.sink,
-        &fragments,
-        &Default::default(),
-        &Shutdown::new(),
-    )
-    .await
-    .unwrap();
+    let report = env.sweep_of(&fragments, Default::default()).await.unwrap();
     assert!(report.succeeded(), "{report}");
     assert_eq!(
         (report.stats.rendered, report.orphans_deleted),
@@ -970,8 +954,7 @@ async fn a_key_enumeration_that_does_not_move_on_fails_its_fragment() {
         ignores_after: true,
     });
     let fragments = pgfresh::Fragments::new().with(&env.prefix, stuck);
-    let (settings, shutdown) = (Default::default(), Shutdown::new());
-    let sweep = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &shutdown);
+    let sweep = env.sweep_of(&fragments, Default::default());
     let report = tokio::time::timeout(common::PATIENCE, sweep)
         .await
         .expect("the sweep ends")
@@ -1006,10 +989,7 @@ async fn two_sweeps_of_a_fragment_at_once_complete_unless_their_versions_differ(
         .await;
         let other = common::AlteredCard::new("product_card", other_version);
         let fragments = pgfresh::Fragments::new().with(&env.prefix, other);
-        let settings = Default::default();
-        let second = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &Shutdown::new())
-            .await
-            .unwrap();
+        let second = env.sweep_of(&fragments, Default::default()).await.unwrap();
         assert!(second.succeeded(), "{second}");
         open.send(()).unwrap();
         let first = first.await.unwrap().unwrap();
@@ -1033,17 +1013,12 @@ async fn a_fragment_of_one_key_listed_whatever_the_after_is_swept() {
         ignores_after: true,
     });
     let fragments = pgfresh::Fragments::new().with(&env.prefix, single);
-    let (settings, shutdown) = (Default::default(), Shutdown::new());
-    let report = pgfresh::sweep(&env.db, &env.sink, &fragments, &settings, &shutdown)
-        .await
-        .unwrap();
+    let report = env.sweep_of(&fragments, Default::default()).await.unwrap();
     assert!(report.succeeded(), "{report}");
     assert_eq!(report.stats.rendered, 2, "{report}");
     // With pages of one key it cannot be told from a pager stuck on its first key: said so.
     let one = tweak(SweepSettings::default(), |s| s.page_size = 1);
-    let report = pgfresh::sweep(&env.db, &env.sink, &fragments, &one, &shutdown)
-        .await
-        .unwrap();
+    let report = env.sweep_of(&fragments, one).await.unwrap();
     assert_eq!(report.fragments_failed, 1, "{report}");
     env.cleanup().await;
 }

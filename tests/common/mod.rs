@@ -167,14 +167,17 @@ impl TestEnv {
         &self,
         settings: pgfresh::SweepSettings,
     ) -> Result<pgfresh::SweepReport, pgfresh::Error> {
-        pgfresh::sweep(
-            &self.db,
-            &self.sink,
-            &self.fragments(),
-            &settings,
-            &Shutdown::new(),
-        )
-        .await
+        self.sweep_of(&self.fragments(), settings).await
+    }
+
+    /// A full sweep of `fragments` with `settings`, into this test's database and Redis.
+    pub async fn sweep_of(
+        &self,
+        fragments: &Fragments,
+        settings: pgfresh::SweepSettings,
+    ) -> Result<pgfresh::SweepReport, pgfresh::Error> {
+        let shutdown = Shutdown::new();
+        pgfresh::sweep(&self.db, &self.sink, fragments, &settings, &shutdown).await
     }
 
     /// A full sweep of this test's fragments with the default settings.

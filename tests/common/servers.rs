@@ -459,7 +459,8 @@ impl Drop for TempPostgres {
     }
 }
 
-/// A Redis server of its own, with no persistence: a restart brings it back empty.
+/// A Redis server of its own, with no persistence (but for [`TempRedis::start_with_snapshots`]): a
+/// restart brings it back empty.
 pub struct TempRedis {
     pub port: u16,
     child: Option<Child>,
@@ -470,6 +471,8 @@ pub struct TempRedis {
     cluster: Option<(PathBuf, u16)>,
     /// More `--name value` settings.
     settings: Vec<String>,
+    /// With snapshots: the directory its `SAVE` writes to, and a restart reads back from.
+    snapshots: Option<PathBuf>,
 }
 
 impl TempRedis {
@@ -485,9 +488,29 @@ impl TempRedis {
             tls: None,
             cluster: None,
             settings: settings.iter().map(|s| s.to_string()).collect(),
+            snapshots: None,
         };
         server.start_server();
         server
+    }
+
+    /// A server whose `SAVE` writes a snapshot, which [`TempRedis::start_again`] starts from: what
+    /// it held then, and nothing written since (a restart from RDB, or a replica behind).
+    pub fn start_with_snapshots() -> TempRedis {
+        let dir = std::env::temp_dir().join(format!("pgfresh-rdb-{}", fastrand::u64(..)));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut server = TempRedis::start_with(&["--dir", dir.to_str().unwrap()]);
+        server.snapshots = Some(dir);
+        server
+    }
+
+    /// Writes the snapshot a restart starts from (`SAVE`).
+    pub fn save(&self) {
+        let saved = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string(), "SAVE"])
+            .output()
+            .expect("redis-cli runs");
+        assert_eq!(String::from_utf8_lossy(&saved.stdout).trim(), "OK");
     }
 
     /// A server that speaks only TLS, with a certificate for 127.0.0.1 signed by a throwaway CA
@@ -505,6 +528,7 @@ impl TempRedis {
             tls: Some(dir),
             cluster: None,
             settings: Vec::new(),
+            snapshots: None,
         };
         server.start_server();
         server
@@ -590,7 +614,7 @@ impl TempRedis {
 impl Drop for TempRedis {
     fn drop(&mut self) {
         self.stop();
-        if let Some(dir) = &self.tls {
+        for dir in [&self.tls, &self.snapshots].into_iter().flatten() {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
@@ -649,6 +673,7 @@ impl TempRedisCluster {
                     tls: None,
                     cluster: Some((dir.clone(), free_port())),
                     settings: Vec::new(),
+                    snapshots: None,
                 };
                 node.start_server();
                 node
