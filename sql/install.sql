@@ -53,6 +53,11 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 8) AS pgfresh_
 \ir migrations/0008_foreign_partitions.sql
 \endif
 
+SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 9) AS pgfresh_apply \gset
+\if :pgfresh_apply
+\ir migrations/0009_watch_beside_readers.sql
+\endif
+
 \ir finish.sql
 
 COMMIT;

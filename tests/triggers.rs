@@ -452,3 +452,75 @@ async fn a_renamed_key_column_watched_again_in_the_same_transaction_keeps_captur
     assert_eq!(queued(&client).await, ["SPRING", "SPRING", "SUMMER"]);
     env.cleanup().await;
 }
+
+/// `watch` waits for no reader: a transaction that has read the table (a report, a forgotten
+/// `BEGIN`) and stays open does not hold up a table's first watch, a second watch of it, nor the
+/// watch of a partitioned table one of whose partitions it read; nor do queries of the table queue
+/// behind `watch` meanwhile. The triggers it put in place capture each write once.
+#[tokio::test]
+async fn watch_waits_for_no_transaction_that_read_the_table() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY);
+             CREATE TABLE shipments (id int, region text) PARTITION BY LIST (region);
+             CREATE TABLE shipments_near PARTITION OF shipments FOR VALUES IN ('near');
+             SELECT pgfresh.watch('items', 'id', 'item');",
+        )
+        .await
+        .unwrap();
+    let reader = env.client().await;
+    reader
+        .batch_execute(
+            "BEGIN; SELECT count(*) FROM items; SELECT count(*) FROM shipments_near;",
+        )
+        .await
+        .unwrap();
+    // Were a lock taken that readers hold up, these would wait for the reader and fail after 10 s.
+    client
+        .batch_execute(
+            "SET lock_timeout = '10s';
+             SELECT pgfresh.watch('items', 'id', 'item');
+             SELECT pgfresh.watch('items', 'id', 'item_too');
+             SELECT pgfresh.watch('shipments', 'id', 'shipment');
+             SELECT pgfresh.watch('shipments', 'id', 'shipment');
+             RESET lock_timeout;",
+        )
+        .await
+        .unwrap();
+    reader.batch_execute("COMMIT").await.unwrap();
+    client
+        .batch_execute(
+            "INSERT INTO items VALUES (1); INSERT INTO shipments VALUES (2, 'near');
+             TRUNCATE shipments_near;",
+        )
+        .await
+        .unwrap();
+    let queued: Vec<(String, String)> = client
+        .query(
+            "SELECT topic, key FROM pgfresh.changes ORDER BY topic, key",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let pair = |topic: &str, key: &str| (topic.to_string(), key.to_string());
+    assert_eq!(
+        queued,
+        [pair("item", "1"), pair("item_too", "1"), pair("shipment", "2")]
+    );
+    let truncations: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pgfresh.truncations WHERE topic = 'shipment'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(truncations, 1);
+    env.cleanup().await;
+}
