@@ -273,3 +273,38 @@ BEGIN
     END IF;
 END
 $$;
+
+-- An upgrade from before version 7 rebuilds every watch (0006, 0007), replacing the triggers on the
+-- watched tables, and 0007 first takes pgfresh.listeners, which the old capture reads on every write:
+-- a writer holding a watched table and waiting for pgfresh.listeners, while the install holding it
+-- waited for the writer's table, was a deadlock that failed the write or the install. Writers take
+-- their table, then pgfresh's; so does the upgrade now: it locks every watched table first, in one
+-- order, as DROP TRIGGER would (ACCESS EXCLUSIVE, held until the install commits either way), and
+-- writers wait for it and go on with the new capture. A table held for 30 s is named.
+DO $$
+DECLARE
+    watched regclass;
+BEGIN
+    IF NOT EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 1)
+       OR EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 7) THEN
+        RETURN;
+    END IF;
+    FOR watched IN
+        SELECT DISTINCT c.oid::regclass FROM pgfresh.watches w
+        JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.table_oid
+        ORDER BY 1
+    LOOP
+        BEGIN
+            EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', watched);
+        EXCEPTION WHEN lock_not_available THEN
+            RAISE EXCEPTION 'pgfresh install: watched table % has been held by another transaction for 30 s; upgrading from schema version % rebuilds its trigger',
+                watched, (SELECT pg_catalog.max(m.version) FROM pgfresh.migrations m)
+                USING HINT = 'Find the transaction in pg_locks and pg_stat_activity, let it end (or end it), then install again.';
+        WHEN insufficient_privilege THEN
+            RAISE EXCEPTION 'pgfresh install: upgrading from schema version % rebuilds the trigger on watched table %, which only its owner or a superuser may',
+                (SELECT pg_catalog.max(m.version) FROM pgfresh.migrations m), watched
+                USING HINT = 'Install as a superuser, or as the owner of every watched table.';
+        END;
+    END LOOP;
+END
+$$;

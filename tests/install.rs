@@ -352,8 +352,90 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
         .unwrap()
         .get(0);
     assert_eq!(queued, 1);
-    // And installs at version 8 go through with the foreign partition there.
+    // And installs at the latest version go through with the foreign partition there.
     assert!(pgfresh::install(&env.db).await.unwrap().is_empty());
+    env.cleanup().await;
+}
+
+/// An upgrade from before version 7 rebuilds every watch after taking locks on pgfresh's own
+/// tables that the old capture reads on every write; writers that hold a watched table by then and
+/// wait for one of those used to deadlock with it. The upgrade locks the watched tables first, so
+/// writers wait for it and go on with the new capture, and it goes through.
+#[tokio::test]
+async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_and_deadlocks_with_none()
+{
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    install_up_to(&client, 6).await;
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY, n int NOT NULL DEFAULT 0);
+             SELECT pgfresh.watch('items', 'id', 'item');
+             INSERT INTO items VALUES (1), (2);
+             DELETE FROM pgfresh.changes;",
+        )
+        .await
+        .unwrap();
+    let waiting = || async {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting
+    };
+    // A writer in the middle of its transaction: it holds `items` and, through version 6's
+    // capture, pgfresh.listeners, so the upgrade waits for it.
+    let first = env.client().await;
+    first
+        .batch_execute("BEGIN; UPDATE items SET n = n + 1 WHERE id = 1")
+        .await
+        .unwrap();
+    let db = env.db.clone();
+    let upgrade = tokio::spawn(async move { pgfresh::install(&db).await });
+    common::eventually("the upgrade to wait for the first writer", || async {
+        waiting().await == 1
+    })
+    .await;
+    // A second writer comes while the upgrade waits.
+    let second = env.client().await;
+    let second_write = tokio::spawn(async move {
+        second
+            .batch_execute("BEGIN; UPDATE items SET n = n + 1 WHERE id = 2; COMMIT")
+            .await
+    });
+    common::eventually("the second writer to wait", || async {
+        waiting().await == 2
+    })
+    .await;
+    first.batch_execute("COMMIT").await.unwrap();
+
+    let applied = upgrade.await.unwrap();
+    let written = second_write.await.unwrap();
+    assert!(
+        applied.is_ok() && written.is_ok(),
+        "upgrade: {applied:?}; second writer: {written:?}"
+    );
+    assert_eq!(
+        pgfresh::installed_version(&env.db).await.unwrap(),
+        Some(pgfresh::required_version())
+    );
+    // Both writes are queued, the second by the new capture.
+    let keys: Vec<String> = client
+        .query(
+            "SELECT key FROM pgfresh.changes WHERE topic = 'item' ORDER BY id",
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    assert_eq!(keys, ["1", "2"]);
     env.cleanup().await;
 }
 
