@@ -39,6 +39,10 @@ pub(crate) struct Refreshed {
     /// Keys (by index into the input) that failed, with the reason; all others are in Redis but
     /// the unresolved.
     pub(crate) failed: Vec<(usize, String)>,
+    /// Whether every key failed with an error the server calls transient (a serialization
+    /// failure, a lock timeout: [`LoadError::Transient`]): failed like any other in a batch, but
+    /// a caller waiting for the render is told to ask again.
+    pub(crate) transient: bool,
     /// Keys (by index into the input) loaded only together with keys that failed, not told apart
     /// from them (see [`KeyOutcome::Unresolved`]): to be tried again soon, with no attempt
     /// counted, with the reason.
@@ -52,6 +56,21 @@ pub(crate) struct Refreshed {
     /// With [`Writes::SkipHeld`]: how many keys had every entry confirmed (found holding its
     /// render, its ticket raised), nothing written (so nothing that could fail).
     pub(crate) confirmed: usize,
+}
+
+impl Refreshed {
+    /// Every one of `keys` failed, for `reason`.
+    fn all_failed(keys: &[String], reason: String, transient: bool) -> Refreshed {
+        Refreshed {
+            stats: RefreshStats {
+                errors: keys.len() as u64,
+                ..RefreshStats::default()
+            },
+            failed: (0..keys.len()).map(|i| (i, reason.clone())).collect(),
+            transient,
+            ..Refreshed::default()
+        }
+    }
 }
 
 /// Loads, renders and writes `keys` (text form) of one fragment under `ticket`, which must have been
@@ -69,16 +88,8 @@ pub(crate) async fn refresh(
     let started = std::time::Instant::now();
     let rendered = match fragment.render_keys(db, keys).await {
         Ok(rendered) => rendered,
-        Err(LoadError::Failed(reason)) => {
-            return Ok(Refreshed {
-                stats: RefreshStats {
-                    errors: keys.len() as u64,
-                    ..RefreshStats::default()
-                },
-                failed: (0..keys.len()).map(|i| (i, reason.clone())).collect(),
-                ..Refreshed::default()
-            });
-        }
+        Err(LoadError::Failed(reason)) => return Ok(Refreshed::all_failed(keys, reason, false)),
+        Err(LoadError::Transient(reason)) => return Ok(Refreshed::all_failed(keys, reason, true)),
         Err(error) => return Err(error.into()),
     };
     crate::ops::telemetry::loaded(fragment.name(), rendered.load_time);

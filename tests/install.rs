@@ -363,7 +363,7 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
 /// writers wait for it and go on with the new capture, and it goes through.
 #[tokio::test]
 async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_and_deadlocks_with_none()
-{
+ {
     let env = TestEnv::empty().await;
     let client = env.client().await;
     install_up_to(&client, 6).await;

@@ -374,6 +374,80 @@ async fn a_key_the_fragment_fails_on_is_500_with_its_error_and_other_keys_still_
     env.cleanup().await;
 }
 
+/// A load that meets an error PostgreSQL calls transient (here a lock timeout, while a migration
+/// holds the table; a serialization failure or a standby's recovery conflict alike) is not the
+/// key's fault: 503 with `Retry-After`, and once the lock is gone the same request renders it.
+#[tokio::test]
+async fn a_load_that_meets_a_lock_timeout_is_503_with_retry_after_not_a_failure_of_the_key() {
+    let env = TestEnv::shop(3).await;
+    let fragments = Fragments::new().with(&env.prefix, ImpatientCard);
+    let (listener, serve, _) = serving(&env, fragments, |_| {}).await;
+    let key = env.key(2, "full");
+    assert_eq!(env.get(&key).await, None, "a cold cache");
+    let migration = env.client().await;
+    migration
+        .batch_execute("BEGIN; LOCK TABLE products IN ACCESS EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    let response = http_response(serve, &format!("/fragments/{key}"), &[])
+        .await
+        .unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 503"), "{response}");
+    assert!(
+        head.to_ascii_lowercase().contains("retry-after: 1"),
+        "{head}"
+    );
+    assert!(body.contains("lock timeout"), "{body}");
+    assert_eq!(body.trim().lines().count(), 1, "{body}");
+    migration.batch_execute("COMMIT").await.unwrap();
+    let (status, _, body) = get(serve, &key).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(body.contains("Product 2"), "{body}");
+    listener.stop().await;
+    env.cleanup().await;
+}
+
+/// The shop's card, whose loads give up on a lock after 200 ms.
+struct ImpatientCard;
+
+impl pgfresh::Fragment for ImpatientCard {
+    type Key = i64;
+    type Row = <ProductCard as pgfresh::Fragment>::Row;
+    type Variant = <ProductCard as pgfresh::Fragment>::Variant;
+    type Error = <ProductCard as pgfresh::Fragment>::Error;
+
+    fn name(&self) -> &str {
+        ProductCard.name()
+    }
+
+    fn topics(&self) -> pgfresh::Topics {
+        ProductCard.topics()
+    }
+
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        keys: &[i64],
+    ) -> pgfresh::Loaded<Self> {
+        db.batch_execute("SET lock_timeout = '200ms'").await?;
+        ProductCard.load(db, keys).await
+    }
+
+    fn render(&self, key: &i64, row: &Self::Row, variant: Self::Variant) -> maud::Markup {
+        ProductCard.render(key, row, variant)
+    }
+
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, Self::Error> {
+        ProductCard.keys_after(db, after, limit).await
+    }
+}
+
 #[tokio::test]
 async fn a_render_slower_than_serve_wait_is_answered_503_and_goes_on_to_store_its_entry() {
     let env = TestEnv::shop(20).await;

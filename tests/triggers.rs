@@ -473,9 +473,7 @@ async fn watch_waits_for_no_transaction_that_read_the_table() {
         .unwrap();
     let reader = env.client().await;
     reader
-        .batch_execute(
-            "BEGIN; SELECT count(*) FROM items; SELECT count(*) FROM shipments_near;",
-        )
+        .batch_execute("BEGIN; SELECT count(*) FROM items; SELECT count(*) FROM shipments_near;")
         .await
         .unwrap();
     // Were a lock taken that readers hold up, these would wait for the reader and fail after 10 s.
@@ -511,7 +509,11 @@ async fn watch_waits_for_no_transaction_that_read_the_table() {
     let pair = |topic: &str, key: &str| (topic.to_string(), key.to_string());
     assert_eq!(
         queued,
-        [pair("item", "1"), pair("item_too", "1"), pair("shipment", "2")]
+        [
+            pair("item", "1"),
+            pair("item_too", "1"),
+            pair("shipment", "2")
+        ]
     );
     let truncations: i64 = client
         .query_one(

@@ -51,10 +51,13 @@ pub(crate) struct RenderedKeys {
 }
 
 /// Why user code could not load: the connection went away (retry the whole batch later, counting
-/// no attempt), or anything else (a failure of the keys asked for). Each holds one line saying so.
+/// no attempt); the server said the statement may succeed if run again (a failure of the keys asked
+/// for, like the next, but one that a caller waiting for an answer should ask again for); or
+/// anything else (a failure of the keys asked for). Each holds one line saying so.
 #[derive(Debug)]
 pub(crate) enum LoadError {
     Connection(String),
+    Transient(String),
     Failed(String),
 }
 
@@ -102,12 +105,18 @@ impl Caught {
     }
 
     /// The server's error of class `code`: going away (08 connection exceptions, 57P the server
-    /// shutting down or ending the session), in the data (22: a bad cast, a division by zero), or
-    /// failing every key alike (a missing table or grant, a syntax error, a timeout).
+    /// shutting down or ending the session), in the data (22: a bad cast, a division by zero),
+    /// transient (below), or failing every key alike (a missing table or grant, a syntax error).
     fn sort_server(fragment: &str, what: &str, code: &SqlState, reason: String) -> Self {
         let code = code.code();
         if code.starts_with("08") || code.starts_with("57P") {
             return Self::connection_lost(&reason);
+        }
+        if is_transient(code) {
+            return Caught {
+                error: LoadError::Transient(format!("{what} of {fragment} failed: {reason}")),
+                in_the_data: false,
+            };
         }
         Self::failed(fragment, what, reason, code.starts_with("22"))
     }
@@ -152,6 +161,14 @@ impl Caught {
             in_the_data: true,
         }
     }
+}
+
+/// Whether an error of SQLSTATE `code` says the statement may succeed if run again, whatever the
+/// keys: class 40 (a serialization failure, a hot standby's recovery conflict, a deadlock), a lock
+/// or statement timeout (55P03, 57014) and class 53 (the server out of memory, disk or
+/// connections).
+fn is_transient(code: &str) -> bool {
+    code.starts_with("40") || code.starts_with("53") || code == "55P03" || code == "57014"
 }
 
 /// A session user code runs on, and what each call into user code runs in: nothing more than the
@@ -307,9 +324,9 @@ const SPLITTING_LOADS: usize = 24;
 impl From<LoadError> for crate::Error {
     fn from(error: LoadError) -> Self {
         match error {
-            LoadError::Connection(reason) | LoadError::Failed(reason) => {
-                crate::Error::Fragment(reason)
-            }
+            LoadError::Connection(reason)
+            | LoadError::Transient(reason)
+            | LoadError::Failed(reason) => crate::Error::Fragment(reason),
         }
     }
 }

@@ -7,8 +7,10 @@
 //!   ([`on_demand`]); **404** when the key's row does not exist; **400** for a key no fragment owns
 //!   or that does not parse; **401** without the bearer token `--serve-token` asks for; **429** when
 //!   more renders are in flight than `--serve-max-pending`; **500** when the fragment's own code
-//!   fails on the key; **503** when PostgreSQL or Redis cannot be reached, when the render takes
-//!   longer than `--serve-wait` (it goes on), or while this listener stands aside for a newer one.
+//!   fails on the key; **503** when PostgreSQL or Redis cannot be reached, when the load fails
+//!   with an error PostgreSQL calls transient (a lock or statement timeout, a serialization
+//!   failure, a deadlock, a standby's recovery conflict), when the render takes longer than
+//!   `--serve-wait` (it goes on), or while this listener stands aside for a newer one.
 //! - It binds a loopback address unless a token is set (checked by [`crate::ListenSettings`]), and
 //!   serves connections within the same limits as the status page (`ops::http::serve`).
 
@@ -157,7 +159,8 @@ enum Answer {
     /// One line saying why.
     Text(String),
     /// One line saying why, and that asking again in a second may do (`Retry-After`): the
-    /// renders in flight are many, or this one is still going and will store its entry.
+    /// renders in flight are many, this one is still going and will store its entry, or its load
+    /// met an error that may not recur.
     Later(String),
 }
 
@@ -241,6 +244,12 @@ async fn answer(
             );
         }
         Rendered::Unreachable(reason) => return unavailable(&reason),
+        Rendered::Transient(reason) => {
+            return (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Answer::Later(format!("{reason}: ask again shortly")),
+            );
+        }
     }
     match read().await {
         Ok(Some(html)) => (StatusCode::OK, Answer::Html(html)),

@@ -30,6 +30,9 @@ pub(super) enum Rendered {
     Failed(String),
     /// PostgreSQL or Redis could not be reached, or Redis refused the write.
     Unreachable(String),
+    /// The load failed with an error PostgreSQL calls transient (a serialization failure, a
+    /// deadlock, a lock or statement timeout, a standby's recovery conflict): asking again may do.
+    Transient(String),
     /// More renders are in flight than `--serve-max-pending`.
     Busy,
 }
@@ -156,6 +159,9 @@ impl OnDemand {
         if let Some((_, reason)) = refreshed.failed.first().or(refreshed.unresolved.first()) {
             if reason.starts_with(REDIS_REFUSED) {
                 return Rendered::Unreachable(reason.clone());
+            }
+            if refreshed.transient {
+                return Rendered::Transient(reason.clone());
             }
             shared.board.failed(fragment.own_topic(), &keys[0], reason);
             return Rendered::Failed(reason.clone());
