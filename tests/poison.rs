@@ -398,3 +398,89 @@ async fn a_lost_connection_behind_an_anyhow_error_is_waited_out_not_split_and_co
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// A card whose load fails in its data (a division by zero) for product 3 and for product 2
+/// grouped with others, and with a serialization failure (an error PostgreSQL calls transient) for
+/// product 2 alone: splitting isolates 2 and 3, and every other key loads.
+struct ConflictedCard;
+
+impl Fragment for ConflictedCard {
+    type Key = i64;
+    type Row = String;
+    type Variant = common::product_card::Card;
+    type Error = anyhow::Error;
+
+    fn name(&self) -> &str {
+        "conflicted_card"
+    }
+    fn topics(&self) -> Topics {
+        Topics::new().direct("product")
+    }
+    async fn load(&self, db: &Client, ids: &[i64]) -> pgfresh::Loaded<Self> {
+        if ids.contains(&3) || (ids.contains(&2) && ids.len() > 1) {
+            db.query("SELECT 1 / 0", &[]).await?;
+        }
+        if ids == [2] {
+            db.batch_execute(
+                "DO $$ BEGIN RAISE EXCEPTION 'could not serialize access'
+                 USING ERRCODE = 'serialization_failure'; END $$",
+            )
+            .await?;
+        }
+        let rows = db
+            .query("SELECT id, name FROM products WHERE id = ANY($1)", &[&ids])
+            .await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+    fn render(&self, _: &i64, name: &String, _: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::maud::html! { h2 { (name) } }
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, anyhow::Error> {
+        let keys = common::product_card::ProductCard.keys_after(db, after, limit);
+        Ok(keys.await?)
+    }
+}
+
+/// A transient error (a serialization failure) of a group that splitting a bad row's load made
+/// fails that group alone, as any failure there does: the keys loaded in other groups reach Redis.
+#[tokio::test]
+async fn a_transient_error_while_isolating_a_bad_row_fails_its_own_group_alone() {
+    let env = TestEnv::shop(4).await;
+    let listener = env.start_listener_with(
+        Fragments::new().with(&env.prefix, ConflictedCard),
+        tweak(common::test_settings(), |s| s.max_attempts = 1),
+    );
+    // One statement, so one batch.
+    env.client()
+        .await
+        .batch_execute("UPDATE products SET name = 'Again ' || id")
+        .await
+        .unwrap();
+    eventually("products 2 and 3 to be parked", || async {
+        env.parked().await == 2
+    })
+    .await;
+    for id in [1, 4] {
+        let key = env.key(id, "compact");
+        let expected = format!("<h2>Again {id}</h2>");
+        eventually(&key, || async {
+            env.get(&key).await.as_deref() == Some(&expected)
+        })
+        .await;
+    }
+    let errors = env.parked_errors("key").await;
+    assert!(
+        errors.len() == 2
+            && errors[0].contains("could not serialize access")
+            && errors[1].contains("division by zero"),
+        "{errors:?}"
+    );
+    assert_eq!(env.pending().await, 0);
+    listener.stop().await;
+    env.cleanup().await;
+}

@@ -1,7 +1,7 @@
 //! The object-safe view of a registered [`Fragment`] that the listener and the sweep work with: keys
 //! as text, loads and renders of a whole batch at once, a panic in user code turned into a failure of
 //! its key, and the user's errors sorted into lost connections (retry the batch) and failures (of its
-//! keys).
+//! keys), transient ones (a lock timeout, a serialization failure) told apart for a caller waiting.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -163,12 +163,12 @@ impl Caught {
     }
 }
 
-/// Whether an error of SQLSTATE `code` says the statement may succeed if run again, whatever the
-/// keys: class 40 (a serialization failure, a hot standby's recovery conflict, a deadlock), a lock
-/// or statement timeout (55P03, 57014) and class 53 (the server out of memory, disk or
-/// connections).
+/// Whether an error of SQLSTATE `code` says the statement may well succeed if run again, whatever
+/// the keys: a serialization failure (a hot standby's recovery conflict is one), a deadlock, a
+/// lock timeout. Not a statement timeout (57014), nor the server's limits (class 53: a
+/// `temp_file_limit`, too few lock slots): one key's load may meet those every time.
 fn is_transient(code: &str) -> bool {
-    code.starts_with("40") || code.starts_with("53") || code == "55P03" || code == "57014"
+    matches!(code, "40001" | "40P01" | "55P03")
 }
 
 /// A session user code runs on, and what each call into user code runs in: nothing more than the
@@ -453,7 +453,8 @@ impl<F: Fragment> Registered<F> {
     /// are spent: one bad row fails its own key, not every key loaded with it. Keys still in a
     /// failing group when the budget is spent are unresolved (tried again soon, apart, with no
     /// attempt counted: most of them are likely fine). A load that fails every key alike (no split
-    /// helps) fails the call; a lost connection always does.
+    /// helps; a transient error) fails the call, or after a split its own group; a lost connection
+    /// always fails the call.
     async fn load_isolating(
         &self,
         db: UserClient<'_>,
@@ -496,6 +497,13 @@ impl<F: Fragment> Registered<F> {
                     }
                     reason
                 }
+                // After a split, an error the server calls transient fails its own group, as any
+                // other failure there does: the groups loaded already, and those still to load,
+                // keep their outcomes. Before one, it fails the call as what it is.
+                Err(Caught {
+                    error: LoadError::Transient(reason),
+                    ..
+                }) if split => reason,
                 Err(Caught { error, .. }) => return Err(error),
             };
             if !split {

@@ -8,8 +8,8 @@
 //!   or that does not parse; **401** without the bearer token `--serve-token` asks for; **429** when
 //!   more renders are in flight than `--serve-max-pending`; **500** when the fragment's own code
 //!   fails on the key; **503** when PostgreSQL or Redis cannot be reached, when the load fails
-//!   with an error PostgreSQL calls transient (a lock or statement timeout, a serialization
-//!   failure, a deadlock, a standby's recovery conflict), when the render takes longer than
+//!   with an error PostgreSQL calls transient (a lock timeout, a serialization failure, a
+//!   deadlock, a standby's recovery conflict), when the render takes longer than
 //!   `--serve-wait` (it goes on), or while this listener stands aside for a newer one.
 //! - It binds a loopback address unless a token is set (checked by [`crate::ListenSettings`]), and
 //!   serves connections within the same limits as the status page (`ops::http::serve`).

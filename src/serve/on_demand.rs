@@ -31,7 +31,7 @@ pub(super) enum Rendered {
     /// PostgreSQL or Redis could not be reached, or Redis refused the write.
     Unreachable(String),
     /// The load failed with an error PostgreSQL calls transient (a serialization failure, a
-    /// deadlock, a lock or statement timeout, a standby's recovery conflict): asking again may do.
+    /// deadlock, a lock timeout, a standby's recovery conflict): asking again may do.
     Transient(String),
     /// More renders are in flight than `--serve-max-pending`.
     Busy,
@@ -160,10 +160,10 @@ impl OnDemand {
             if reason.starts_with(REDIS_REFUSED) {
                 return Rendered::Unreachable(reason.clone());
             }
+            shared.board.failed(fragment.own_topic(), &keys[0], reason);
             if refreshed.transient {
                 return Rendered::Transient(reason.clone());
             }
-            shared.board.failed(fragment.own_topic(), &keys[0], reason);
             return Rendered::Failed(reason.clone());
         }
         // Written without a ticket to check against (Redis may evict keys): rendered once more by
