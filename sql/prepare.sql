@@ -275,35 +275,72 @@ END
 $$;
 
 -- An upgrade from before version 7 rebuilds every watch (0006, 0007), replacing the triggers on the
--- watched tables, and 0007 first takes pgfresh.listeners, which the old capture reads on every write:
--- a writer holding a watched table and waiting for pgfresh.listeners, while the install holding it
--- waited for the writer's table, was a deadlock that failed the write or the install. Writers take
--- their table, then pgfresh's; so does the upgrade now: it locks every watched table first, in one
--- order, as DROP TRIGGER would (ACCESS EXCLUSIVE, held until the install commits either way), and
--- writers wait for it and go on with the new capture. A table held for 30 s is named.
+-- watched tables and their partitions, and 0007 first takes pgfresh.listeners, which the old capture
+-- reads on every write: a writer holding a watched table and waiting for pgfresh.listeners, while
+-- the install holding it waited for the writer's table, was a deadlock that failed the write or the
+-- install. So the upgrade takes everything the migrations will lock first (each watched table and
+-- each member of its partition tree, ONLY, in oid order, then pgfresh.listeners; ACCESS EXCLUSIVE,
+-- as replacing a trigger and dropping an index do, held to the end either way), in rounds that
+-- never deadlock with anyone: a round waits for each lock only until half of deadlock_timeout after
+-- it started, so the install always gives up before any waiter's deadlock check could find it in
+-- a cycle; a round that cannot finish releases what it took, waits (holding none of them) for the
+-- one it could not take, releases that too, and starts again. Writers wait for the install and go
+-- on with the new capture. After 30 s it stops, naming the relation it waited for.
 DO $$
 DECLARE
-    watched regclass;
+    deadline  timestamptz := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) interval '30 s';
+    round_for interval := LEAST(
+        pg_catalog.current_setting('deadlock_timeout')::interval OPERATOR(pg_catalog./) 2, interval '1 s');
+    targets   regclass[];
+    target    regclass;
+    busy      regclass;
+    ends      timestamptz;
 BEGIN
     IF NOT EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 1)
        OR EXISTS (SELECT FROM pgfresh.migrations m WHERE m.version OPERATOR(pg_catalog.=) 7) THEN
         RETURN;
     END IF;
-    FOR watched IN
-        SELECT DISTINCT c.oid::regclass FROM pgfresh.watches w
-        JOIN pg_catalog.pg_class c ON c.oid OPERATOR(pg_catalog.=) w.table_oid
-        ORDER BY 1
+    targets := ARRAY(
+        SELECT c.oid::regclass FROM pg_catalog.pg_class c
+        WHERE c.oid IN (SELECT w.table_oid FROM pgfresh.watches w
+                        UNION
+                        SELECT t.relid FROM pgfresh.watches w, LATERAL pg_catalog.pg_partition_tree(w.table_oid) t)
+        ORDER BY c.oid
+    ) OPERATOR(pg_catalog.||) 'pgfresh.listeners'::regclass;
     LOOP
         BEGIN
-            EXECUTE pg_catalog.format('LOCK TABLE %s IN ACCESS EXCLUSIVE MODE', watched);
-        EXCEPTION WHEN lock_not_available THEN
-            RAISE EXCEPTION 'pgfresh install: watched table % has been held by another transaction for 30 s; upgrading from schema version % rebuilds its trigger',
-                watched, (SELECT pg_catalog.max(m.version) FROM pgfresh.migrations m)
+            ends := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) round_for;
+            FOREACH target IN ARRAY targets LOOP
+                busy := target;
+                PERFORM pg_catalog.set_config('lock_timeout', pg_catalog.format('%s ms', GREATEST(1,
+                    (pg_catalog.date_part('epoch', ends OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())
+                     OPERATOR(pg_catalog.*) 1000)::integer)), true);
+                EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN ACCESS EXCLUSIVE MODE', target);
+            END LOOP;
+            PERFORM pg_catalog.set_config('lock_timeout', '30s', true);
+            RETURN;
+        EXCEPTION
+            WHEN lock_not_available THEN
+                NULL;  -- this round's locks are released with its block
+            WHEN insufficient_privilege THEN
+                RAISE EXCEPTION 'pgfresh install: upgrading from schema version % replaces the triggers on %, which only its owner or a superuser may',
+                    (SELECT pg_catalog.max(m.version) FROM pgfresh.migrations m), busy
+                    USING HINT = 'Install as a superuser, or as the owner of every watched table.';
+        END;
+        IF pg_catalog.clock_timestamp() OPERATOR(pg_catalog.>=) deadline THEN
+            RAISE EXCEPTION 'pgfresh install: waited 30 s for % (another transaction holds it); upgrading from schema version % replaces its triggers',
+                busy, (SELECT pg_catalog.max(m.version) FROM pgfresh.migrations m)
                 USING HINT = 'Find the transaction in pg_locks and pg_stat_activity, let it end (or end it), then install again.';
-        WHEN insufficient_privilege THEN
-            RAISE EXCEPTION 'pgfresh install: upgrading from schema version % rebuilds the trigger on watched table %, which only its owner or a superuser may',
-                (SELECT pg_catalog.max(m.version) FROM pgfresh.migrations m), watched
-                USING HINT = 'Install as a superuser, or as the owner of every watched table.';
+        END IF;
+        -- Wait for the one it could not take, holding nothing else, then let it go again.
+        BEGIN
+            PERFORM pg_catalog.set_config('lock_timeout', pg_catalog.format('%s ms', GREATEST(1,
+                (pg_catalog.date_part('epoch', deadline OPERATOR(pg_catalog.-) pg_catalog.clock_timestamp())
+                 OPERATOR(pg_catalog.*) 1000)::integer)), true);
+            EXECUTE pg_catalog.format('LOCK TABLE ONLY %s IN ACCESS EXCLUSIVE MODE', busy);
+            RAISE EXCEPTION USING ERRCODE = 'lock_not_available';
+        EXCEPTION WHEN lock_not_available THEN
+            NULL;
         END;
     END LOOP;
 END

@@ -408,8 +408,8 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
             .batch_execute("BEGIN; UPDATE items SET n = n + 1 WHERE id = 2; COMMIT")
             .await
     });
-    common::eventually("the second writer to wait", || async {
-        waiting().await == 2
+    common::eventually("the second writer to wait, or to be through", || async {
+        waiting().await == 2 || second_write.is_finished()
     })
     .await;
     first.batch_execute("COMMIT").await.unwrap();
@@ -436,6 +436,66 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
         .map(|row| row.get(0))
         .collect();
     assert_eq!(keys, ["1", "2"]);
+    env.cleanup().await;
+}
+
+/// A writer that changes two watched tables in one transaction, the later one first, while the
+/// upgrade waits for it: the upgrade never holds one table while it waits for another long enough
+/// to be found in a deadlock, so neither the write nor the install fails.
+#[tokio::test]
+async fn an_upgrade_from_version_6_beside_a_writer_of_two_tables_deadlocks_with_neither() {
+    let env = TestEnv::empty().await;
+    let client = env.client().await;
+    install_up_to(&client, 6).await;
+    client
+        .batch_execute(
+            "CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY);
+             SELECT pgfresh.watch('items', 'id', 'item'); SELECT pgfresh.watch('orders', 'id', 'order');",
+        )
+        .await
+        .unwrap();
+    let writer = env.client().await;
+    writer
+        .batch_execute("BEGIN; INSERT INTO orders VALUES (1)")
+        .await
+        .unwrap();
+    let db = env.db.clone();
+    let upgrade = tokio::spawn(async move { pgfresh::install(&db).await });
+    common::eventually("the upgrade to wait for the writer", || async {
+        let waiting: i64 = client
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        waiting == 1
+    })
+    .await;
+    let written = writer
+        .batch_execute("INSERT INTO items VALUES (2); COMMIT")
+        .await;
+    let applied = upgrade.await.unwrap();
+    assert!(
+        applied.is_ok() && written.is_ok(),
+        "upgrade: {applied:?}; writer: {written:?}"
+    );
+    let queued: Vec<(String, String)> = client
+        .query("SELECT topic, key FROM pgfresh.changes ORDER BY topic", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    assert_eq!(
+        queued,
+        [
+            ("item".to_string(), "2".to_string()),
+            ("order".to_string(), "1".to_string())
+        ]
+    );
     env.cleanup().await;
 }
 

@@ -526,3 +526,58 @@ async fn watch_waits_for_no_transaction_that_read_the_table() {
     assert_eq!(truncations, 1);
     env.cleanup().await;
 }
+
+/// A table watched on its own and then attached as a partition of a table watched under the same
+/// topic keeps its own watch, named, rather than having its trigger silently replaced by a copy of
+/// the table's (which would queue another column); a partition is not watched apart from the
+/// table whose watch covers it either.
+#[tokio::test]
+async fn a_partition_with_a_watch_of_its_own_under_the_topic_is_refused_by_name() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    client
+        .batch_execute(
+            "CREATE TABLE orders (id int, region text, other_id int) PARTITION BY LIST (region);
+             CREATE TABLE orders_eu (id int, region text, other_id int);
+             SELECT pgfresh.watch('orders_eu', 'other_id', 'order');
+             ALTER TABLE orders ATTACH PARTITION orders_eu FOR VALUES IN ('eu');",
+        )
+        .await
+        .unwrap();
+    let refused = error_of(&client, "SELECT pgfresh.watch('orders', 'id', 'order')").await;
+    assert!(
+        refused.contains(
+            "partition public.orders_eu of public.orders has a watch of its own for topic order"
+        ),
+        "{refused}"
+    );
+    // Its own watch still queues its own key column.
+    client
+        .batch_execute("INSERT INTO orders VALUES (1, 'eu', 100)")
+        .await
+        .unwrap();
+    assert_eq!(queued(&client).await, ["100"]);
+    // Unwatched first, the table's watch covers it.
+    client
+        .batch_execute(
+            "SELECT pgfresh.unwatch('orders_eu', 'order');
+             SELECT pgfresh.watch('orders', 'id', 'order');
+             INSERT INTO orders VALUES (2, 'eu', 200);",
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued(&client).await, ["2"]);
+    let refused = error_of(
+        &client,
+        "SELECT pgfresh.watch('orders_eu', 'other_id', 'order')",
+    )
+    .await;
+    assert!(
+        refused.contains(
+            "public.orders_eu is a partition of public.orders, whose watch of topic order covers it"
+        ),
+        "{refused}"
+    );
+    env.cleanup().await;
+}

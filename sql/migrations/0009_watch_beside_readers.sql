@@ -3,16 +3,22 @@
 -- Runs inside install.sql's transaction after prepare.sql; never edit it once released: later changes
 -- go into a new numbered file.
 --
--- watch() put its triggers in place with DROP TRIGGER IF EXISTS and CREATE TRIGGER. DROP TRIGGER
--- takes ACCESS EXCLUSIVE on the table, even when there is no trigger to drop: so every watch, the
--- first of a table included, waited for every transaction that had read the table (a report, a
--- forgotten BEGIN), and every query of the table queued behind it meanwhile, on a busy site an
--- outage of the table for as long as the longest reader. From PostgreSQL 14 on, CREATE OR REPLACE
--- TRIGGER puts a trigger in place, new or replaced, under SHARE ROW EXCLUSIVE, the lock CREATE
--- TRIGGER takes: writers of the table wait for watch() as before, readers no longer do. On
+-- watch() put its triggers in place with DROP TRIGGER IF EXISTS and CREATE TRIGGER. Where the trigger
+-- existed (watching a table again: a changed key column, a rebuild), DROP TRIGGER took ACCESS
+-- EXCLUSIVE on the table and each partition, so watch() waited for every transaction that had read
+-- them (a report, a forgotten BEGIN), and every query of them queued behind it meanwhile: on a busy
+-- site an outage of the table for as long as the longest reader. From PostgreSQL 14 on, CREATE OR
+-- REPLACE TRIGGER puts a trigger in place, new or replaced, under SHARE ROW EXCLUSIVE, the lock
+-- CREATE TRIGGER takes: writers of the table wait for watch() as before, readers no longer do. On
 -- PostgreSQL 13 watch() drops and creates as before. The triggers themselves do not change, nor
 -- does what they queue: nothing installed is rebuilt. (A replaced trigger is enabled as a new one
 -- is, as before: on a logical replication subscriber, ENABLE ALWAYS it again after each watch.)
+--
+-- One case where replacing differs from dropping: a partition watched on its own under the same
+-- topic before it was attached carries a trigger of that name that is not a copy of the table's.
+-- CREATE TRIGGER on the table failed on it ("already exists"); CREATE OR REPLACE would silently
+-- turn it into a copy, queueing the table's key column instead of the partition's. watch() refuses
+-- that case by name first.
 
 -- Puts trigger `name` on `tbl`, as `events` ... ON tbl `action`, in place of any of that name.
 CREATE OR REPLACE FUNCTION pgfresh.put_trigger(tbl regclass, name text, events text, action text) RETURNS void
@@ -26,6 +32,8 @@ BEGIN
     END IF;
 END
 $$;
+COMMENT ON FUNCTION pgfresh.put_trigger(regclass, text, text, text) IS
+    'pgfresh: puts a trigger in place, replacing one of the same name (part of watch)';
 REVOKE ALL ON FUNCTION pgfresh.put_trigger(regclass, text, text, text) FROM PUBLIC;
 
 -- The row trigger half of watch(), as 0007 wrote it but for how it puts the trigger in place.
@@ -39,6 +47,7 @@ DECLARE
     base_type oid;
     settings  text := '';
     body      text;
+    own       text;
 BEGIN
     IF topic IS NULL OR topic !~ '^[a-z][a-z0-9_]{0,39}$' THEN
         RAISE EXCEPTION 'pgfresh.watch: topic % is not a valid topic name', pg_catalog.quote_literal(topic)
@@ -108,6 +117,24 @@ BEGIN
     EXECUTE pg_catalog.format('COMMENT ON FUNCTION pgfresh.%I() IS %L', fn,
         pg_catalog.format('pgfresh: queues topic %s, key %s.%I, on every row change', topic, tbl, key_column));
     PERFORM pgfresh.give_to_capture_role(pg_catalog.format('pgfresh.%I()', fn)::regprocedure);
+
+    -- A partition's own watch of this topic (made before it was attached) is not replaced silently.
+    SELECT pg_catalog.string_agg(t.tgrelid::regclass::text, ', ' ORDER BY t.tgrelid) INTO own
+    FROM pg_catalog.pg_partition_tree(tbl) p
+    JOIN pg_catalog.pg_trigger t ON t.tgrelid = p.relid
+    WHERE p.relid <> tbl AND t.tgparentid = 0 AND t.tgname = pg_catalog.format('pgfresh_%s', topic);
+    IF own IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh.watch: partition % of % has a watch of its own for topic %', own, tbl, topic
+            USING HINT = 'Unwatch each such partition for this topic (pgfresh.unwatch), then watch the table: its watch covers every partition.';
+    END IF;
+    -- Nor is a partition watched apart from the table whose watch of this topic covers it.
+    SELECT pg_catalog.string_agg(parent.tgrelid::regclass::text, ', ') INTO own
+    FROM pg_catalog.pg_trigger t JOIN pg_catalog.pg_trigger parent ON parent.oid = t.tgparentid
+    WHERE t.tgrelid = tbl AND t.tgname = pg_catalog.format('pgfresh_%s', topic);
+    IF own IS NOT NULL THEN
+        RAISE EXCEPTION 'pgfresh.watch: % is a partition of %, whose watch of topic % covers it', tbl, own, topic
+            USING HINT = 'Watch it under a topic of its own, or unwatch the table first.';
+    END IF;
 
     PERFORM pgfresh.put_trigger(tbl, pg_catalog.format('pgfresh_%s', topic), 'AFTER INSERT OR UPDATE OR DELETE',
         pg_catalog.format('FOR EACH ROW EXECUTE FUNCTION pgfresh.%I()', fn));
