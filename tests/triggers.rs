@@ -581,3 +581,66 @@ async fn a_partition_with_a_watch_of_its_own_under_the_topic_is_refused_by_name(
     );
     env.cleanup().await;
 }
+
+/// On a logical replication subscriber the DBA enables pgfresh's triggers `ALWAYS` (or `REPLICA`),
+/// so that the apply worker's writes are captured: watching the table again keeps each trigger as
+/// it was, on the table and on each partition, instead of making it anew for the origin alone.
+#[tokio::test]
+async fn watch_again_keeps_triggers_enabled_always_or_replica() {
+    let env = TestEnv::empty().await;
+    pgfresh::install(&env.db).await.unwrap();
+    let client = env.client().await;
+    let states = || async {
+        client
+            .query(
+                "SELECT tgrelid::regclass::text || ' ' || tgname || ' ' || tgenabled::text
+                 FROM pg_trigger WHERE tgname LIKE 'pgfresh%' ORDER BY 1",
+                &[],
+            )
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect::<Vec<String>>()
+    };
+    client
+        .batch_execute(
+            r#"CREATE TABLE shipments (id int, region text) PARTITION BY LIST (region);
+               CREATE TABLE shipments_near PARTITION OF shipments FOR VALUES IN ('near');
+               CREATE TABLE shipments_far PARTITION OF shipments FOR VALUES IN ('far');
+               SELECT pgfresh.watch('shipments', 'id', 'shipment');
+               ALTER TABLE shipments ENABLE ALWAYS TRIGGER pgfresh_shipment;
+               ALTER TABLE shipments_far ENABLE REPLICA TRIGGER pgfresh_shipment;
+               ALTER TABLE shipments_near ENABLE ALWAYS TRIGGER "pgfresh_shipment:truncate";"#,
+        )
+        .await
+        .unwrap();
+    let before = states().await;
+    assert_eq!(
+        before,
+        [
+            "shipments pgfresh_shipment A",
+            "shipments pgfresh_shipment:truncate O",
+            "shipments_far pgfresh_shipment R",
+            "shipments_far pgfresh_shipment:truncate O",
+            "shipments_near pgfresh_shipment A",
+            "shipments_near pgfresh_shipment:truncate A",
+        ]
+    );
+    client
+        .batch_execute("SELECT pgfresh.watch('shipments', 'id', 'shipment')")
+        .await
+        .unwrap();
+    assert_eq!(states().await, before);
+    // Written as the apply worker writes: captured.
+    client
+        .batch_execute(
+            "SET session_replication_role = replica;
+             INSERT INTO shipments VALUES (1, 'near'), (2, 'far');
+             RESET session_replication_role;",
+        )
+        .await
+        .unwrap();
+    assert_eq!(queued(&client).await, ["1", "2"]);
+    env.cleanup().await;
+}

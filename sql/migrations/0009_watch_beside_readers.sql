@@ -11,8 +11,9 @@
 -- REPLACE TRIGGER puts a trigger in place, new or replaced, under SHARE ROW EXCLUSIVE, the lock
 -- CREATE TRIGGER takes: writers of the table wait for watch() as before, readers no longer do. On
 -- PostgreSQL 13 watch() drops and creates as before. The triggers themselves do not change, nor
--- does what they queue: nothing installed is rebuilt. (A replaced trigger is enabled as a new one
--- is, as before: on a logical replication subscriber, ENABLE ALWAYS it again after each watch.)
+-- does what they queue: nothing installed is rebuilt. A trigger enabled ALWAYS or REPLICA (on a
+-- logical replication subscriber) stays so through watch(): it was made anew, firing on the origin
+-- only, and the apply worker's writes went uncaptured until the DBA enabled it again.
 --
 -- One case where replacing differs from dropping: a partition watched on its own under the same
 -- topic before it was attached carries a trigger of that name that is not a copy of the table's.
@@ -20,16 +21,34 @@
 -- turn it into a copy, queueing the table's key column instead of the partition's. watch() refuses
 -- that case by name first.
 
--- Puts trigger `name` on `tbl`, as `events` ... ON tbl `action`, in place of any of that name.
-CREATE OR REPLACE FUNCTION pgfresh.put_trigger(tbl regclass, name text, events text, action text) RETURNS void
+-- Puts trigger `trigger_name` on `tbl`, as `events` ... ON tbl `action`, in place of any of that name. A
+-- trigger put in place fires on the origin only, but one that was enabled ALWAYS or REPLICA (on a
+-- logical replication subscriber, so that the apply worker's writes are captured) is again after,
+-- on the table and on each partition, as it was; a disabled one is enabled: watch() captures.
+CREATE OR REPLACE FUNCTION pgfresh.put_trigger(tbl regclass, trigger_name text, events text, action text) RETURNS void
 LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET client_min_messages = warning AS $$
+DECLARE
+    members regclass[];
+    states  text[];
 BEGIN
+    SELECT pg_catalog.array_agg(t.tgrelid::regclass ORDER BY member.level, member.relid),
+           pg_catalog.array_agg(t.tgenabled::text ORDER BY member.level, member.relid)
+    INTO members, states
+    FROM (SELECT tbl::oid AS relid, 0 AS level
+          UNION SELECT p.relid, p.level FROM pg_catalog.pg_partition_tree(tbl) p) member
+    JOIN pg_catalog.pg_trigger t ON t.tgrelid = member.relid
+    WHERE t.tgname = trigger_name AND t.tgenabled IN ('A', 'R');
     IF pg_catalog.current_setting('server_version_num')::integer < 140000 THEN
-        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', name, tbl);
-        EXECUTE pg_catalog.format('CREATE TRIGGER %I %s ON %s %s', name, events, tbl, action);
+        EXECUTE pg_catalog.format('DROP TRIGGER IF EXISTS %I ON %s', trigger_name, tbl);
+        EXECUTE pg_catalog.format('CREATE TRIGGER %I %s ON %s %s', trigger_name, events, tbl, action);
     ELSE
-        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER %I %s ON %s %s', name, events, tbl, action);
+        EXECUTE pg_catalog.format('CREATE OR REPLACE TRIGGER %I %s ON %s %s', trigger_name, events, tbl, action);
     END IF;
+    -- The table first: enabling a trigger on a partitioned table may reach its partitions' copies.
+    FOR i IN 1 .. coalesce(pg_catalog.array_length(members, 1), 0) LOOP
+        EXECUTE pg_catalog.format('ALTER TABLE %s ENABLE %s TRIGGER %I', members[i],
+            CASE states[i] WHEN 'A' THEN 'ALWAYS' ELSE 'REPLICA' END, trigger_name);
+    END LOOP;
 END
 $$;
 COMMENT ON FUNCTION pgfresh.put_trigger(regclass, text, text, text) IS
