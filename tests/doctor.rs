@@ -343,3 +343,54 @@ async fn a_redis_that_cannot_be_reached_is_a_problem_with_the_variable_to_check(
     );
     env.cleanup().await;
 }
+
+/// On a logical replication subscriber, the apply worker writes as a replica, for which a trigger
+/// firing on the origin alone does not fire: a watched table a subscription writes is named with
+/// `ENABLE ALWAYS`, and is not once its triggers fire always. (On a server of its own: a database
+/// with a subscription cannot be dropped, so a test that stopped half-way would leave it behind.)
+#[tokio::test]
+async fn a_watched_table_a_subscription_writes_needs_its_triggers_enabled_always() {
+    let server = common::servers::TempPostgres::start();
+    let admin = common::connect(&server.url("postgres")).await;
+    admin
+        .batch_execute(
+            "CREATE TABLE products (id bigint PRIMARY KEY);
+             CREATE PUBLICATION catalog FOR TABLE products;",
+        )
+        .await
+        .unwrap();
+    admin.batch_execute("CREATE DATABASE shop").await.unwrap();
+    let db = pgfresh::Database::new(&server.url("shop"), 4).unwrap();
+    common::setup::setup(&db, 3).await.unwrap();
+    let shop = common::connect(&server.url("shop")).await;
+    // Disabled, with no slot: no apply worker runs, but the subscription knows the tables it
+    // writes (from the publisher, here a database of the same server).
+    shop.batch_execute(&format!(
+        "CREATE SUBSCRIPTION catalog CONNECTION 'host=127.0.0.1 port={} user=postgres dbname=postgres'
+         PUBLICATION catalog WITH (copy_data = false, enabled = false, create_slot = false, slot_name = NONE)",
+        server.port
+    ))
+    .await
+    .unwrap();
+    let (passed, report) = doctor(&server.url("shop"), &common::redis_url());
+    assert!(!passed, "{report}");
+    assert_problem(
+        &report,
+        "trigger pgfresh_product on public.products fires on this server's own writes only, and subscription catalog writes public.products as a replica: changes there are not captured",
+        "ALTER TABLE public.products ENABLE ALWAYS TRIGGER pgfresh_product; then run `sweep`",
+    );
+    assert_problem(
+        &report,
+        "trigger \"pgfresh_product:truncate\" on public.products fires on this server's own writes only",
+        "ALTER TABLE public.products ENABLE ALWAYS TRIGGER \"pgfresh_product:truncate\";",
+    );
+    assert!(!report.contains("on public.reviews"), "{report}");
+    shop.batch_execute(
+        r#"ALTER TABLE products ENABLE ALWAYS TRIGGER pgfresh_product;
+           ALTER TABLE products ENABLE ALWAYS TRIGGER "pgfresh_product:truncate";"#,
+    )
+    .await
+    .unwrap();
+    let (_, report) = doctor(&server.url("shop"), &common::redis_url());
+    assert!(!report.contains("as a replica"), "{report}");
+}

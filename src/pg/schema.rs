@@ -245,7 +245,9 @@ pub(crate) struct CaptureGap {
 /// Every watch's triggers that do not capture: the row trigger on the table and on each of its
 /// partitions, and the TRUNCATE trigger on the table and on each partition but a foreign one (which
 /// takes none; migration 0008), found by the function they call (so a renamed trigger still
-/// counts), and each firing on the origin (`tgenabled` `O` or `A`).
+/// counts), and each firing on the origin (`tgenabled` `O` or `A`), and, where a logical
+/// replication subscription of this database writes the table, on the apply worker's writes too
+/// (`A`: the worker writes as a replica).
 pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Error> {
     let rows = client
         .query_typed(
@@ -265,9 +267,14 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
                         convert_to(topic, current_setting('server_encoding')) || '\\x00'::bytea
                  FROM watched
                  WHERE (SELECT c.relkind FROM pg_class c WHERE c.oid = watched.relid) <> 'f'
+             ), subscribed AS (
+                 SELECT r.srrelid AS relid, s.subname
+                 FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+                 WHERE s.subdbid = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
              )
              SELECT e.relid::regclass::text, e.kind, t.name, t.state,
-                    format('SELECT pgfresh.watch(%L, %L, %L);', e.table_oid::regclass::text, e.key_column, e.topic)
+                    format('SELECT pgfresh.watch(%L, %L, %L);', e.table_oid::regclass::text, e.key_column, e.topic),
+                    sub.subname::text
              FROM expected e
              LEFT JOIN LATERAL (
                  SELECT format('%I', t.tgname) AS name, t.tgenabled::text AS state
@@ -276,7 +283,13 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
                    AND p.proname = e.function AND (e.args IS NULL OR t.tgargs = e.args)
                  ORDER BY t.tgenabled IN ('O', 'A') DESC LIMIT 1
              ) t ON true
-             WHERE t.state IS DISTINCT FROM 'O' AND t.state IS DISTINCT FROM 'A'
+             LEFT JOIN LATERAL (
+                 SELECT subscribed.subname FROM subscribed
+                 WHERE subscribed.relid IN (e.relid, e.table_oid)
+                 ORDER BY 1 LIMIT 1
+             ) sub ON true
+             WHERE t.state IS DISTINCT FROM 'A'
+               AND (t.state IS DISTINCT FROM 'O' OR sub.subname IS NOT NULL)
              ORDER BY 1, 2",
             &[],
         )
@@ -289,16 +302,31 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
             row.get::<_, Option<String>>(2),
             row.get::<_, Option<String>>(3),
         ) {
-            (Some(trigger), Some(state)) => CaptureGap {
-                what: format!(
-                    "trigger {trigger} on {table} {}",
-                    if state == "R" {
-                        "fires only on replicas (ENABLE REPLICA TRIGGER)"
-                    } else {
-                        "is disabled"
-                    }
-                ),
-                fix: format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"),
+            (Some(trigger), Some(state)) => match row.get::<_, Option<String>>(5) {
+                Some(subscription) => CaptureGap {
+                    what: format!(
+                        "trigger {trigger} on {table} {}, and subscription {subscription} writes {table} as a replica",
+                        match state.as_str() {
+                            "O" => "fires on this server's own writes only",
+                            "R" => "fires only on replicas (ENABLE REPLICA TRIGGER)",
+                            _ => "is disabled",
+                        }
+                    ),
+                    fix: format!(
+                        "ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}; then run `sweep`"
+                    ),
+                },
+                None => CaptureGap {
+                    what: format!(
+                        "trigger {trigger} on {table} {}",
+                        if state == "R" {
+                            "fires only on replicas (ENABLE REPLICA TRIGGER)"
+                        } else {
+                            "is disabled"
+                        }
+                    ),
+                    fix: format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"),
+                },
             },
             _ => CaptureGap {
                 what: format!("the {kind} trigger of a watch on {table} is missing"),
