@@ -29,6 +29,11 @@ pub(crate) enum Writes {
     /// delete there, and the delete's ticket (kept a day, so that no older render brings the entry
     /// back) would let any client that asks for keys with no row grow Redis.
     NoDeletes,
+    /// Every write checked, and a delete only of an entry Redis holds, or its ticket: a fresh
+    /// on-demand render (`?fresh=1`). An entry of a row deleted since goes, with its ticket; for a
+    /// key that never had one nothing is written, as for a miss. (A render that loaded the row
+    /// before its delete and writes after is undone by the listener, which applies the delete.)
+    HeldDeletes,
 }
 
 /// The result of refreshing a batch of keys of one fragment.
@@ -95,12 +100,30 @@ pub(crate) async fn refresh(
     crate::ops::telemetry::loaded(fragment.name(), rendered.load_time);
     crate::ops::telemetry::rendered(fragment.name(), rendered.render_time);
     let mut planned = plan_writes(fragment.storage(), rendered.outcomes);
-    if writes == Writes::NoDeletes {
-        planned.drop_deletes();
+    match writes {
+        Writes::NoDeletes => planned.keep_deletes(|_| false),
+        Writes::HeldDeletes => {
+            let deletes: Vec<String> = planned
+                .writes
+                .iter()
+                .filter_map(|write| match write {
+                    Write::Delete { key } => Some(key.clone()),
+                    _ => None,
+                })
+                .collect();
+            let held: std::collections::HashSet<String> = deletes
+                .iter()
+                .zip(store.holds(&deletes).await?)
+                .filter(|(_, held)| *held)
+                .map(|(key, _)| key.clone())
+                .collect();
+            planned.keep_deletes(|key| held.contains(key));
+        }
+        Writes::AllChecked | Writes::SkipHeld => {}
     }
     let rendered_at = started.elapsed();
     let (results, held) = match writes {
-        Writes::AllChecked | Writes::NoDeletes => {
+        Writes::AllChecked | Writes::NoDeletes | Writes::HeldDeletes => {
             (store.write(ticket, &planned.writes).await?, Vec::new())
         }
         Writes::SkipHeld => write_unless_held(store, ticket, &planned.writes).await?,
@@ -170,12 +193,15 @@ struct PlannedWrites {
 }
 
 impl PlannedWrites {
-    /// Leaves out the deletes (and their owners, kept beside them).
-    fn drop_deletes(&mut self) {
+    /// Leaves out the deletes of keys `keep` refuses (and their owners, kept beside them).
+    fn keep_deletes(&mut self, keep: impl Fn(&str) -> bool) {
         let (writes, owners) = std::mem::take(&mut self.writes)
             .into_iter()
             .zip(std::mem::take(&mut self.owners))
-            .filter(|(write, _)| !matches!(write, Write::Delete { .. }))
+            .filter(|(write, _)| match write {
+                Write::Delete { key } => keep(key),
+                _ => true,
+            })
             .unzip();
         self.writes = writes;
         self.owners = owners;

@@ -152,6 +152,27 @@ async fn fresh_renders_the_committed_change_even_when_redis_holds_the_entry() {
     assert_eq!(status, 200, "{fresh}");
     assert!(fresh.contains("$4242.42"), "{fresh}");
     assert_eq!(env.get(&key).await, Some(fresh), "and Redis agrees");
+
+    // The row deleted, unreported as well: a fresh read deletes every variant Redis held.
+    let compact = env.key(2, "compact");
+    assert!(env.get(&compact).await.is_some());
+    env.client()
+        .await
+        .batch_execute("SET session_replication_role = replica; DELETE FROM products WHERE id = 2")
+        .await
+        .unwrap();
+    let (status, _, body) = get(serve, &format!("{key}?fresh=1")).await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!((env.get(&key).await, env.get(&compact).await), (None, None));
+    // A key that never had a row: nothing at all is written for it, not even a delete's ticket
+    // (kept a day), so fresh reads of made-up keys cannot grow Redis.
+    let (status, _, body) = get(serve, &format!("{}?fresh=1", env.key(999, "full"))).await;
+    assert_eq!(status, 404, "{body}");
+    let mut redis = env.sink.connection();
+    let left: Vec<String> = common::test_keys(&mut redis, &format!("{}999:", env.prefix))
+        .await
+        .unwrap();
+    assert!(left.is_empty(), "{left:?}");
     listener.stop().await;
     env.cleanup().await;
 }

@@ -201,9 +201,9 @@ impl OnDemand {
         }
         let loader = UserClient::of(db, &session).await?;
         // A miss: Redis holds no entry of this key to delete. A fresh read may find one of a row
-        // since deleted: that one goes.
+        // since deleted: that one goes, but a key that never had one gets no delete's ticket.
         let writes = match fresh {
-            true => Writes::AllChecked,
+            true => Writes::HeldDeletes,
             false => Writes::NoDeletes,
         };
         let refreshed =

@@ -290,6 +290,26 @@ impl RedisStore {
         Ok(held)
     }
 
+    /// Whether Redis holds each of these fragment keys' entry or its ticket (a live entry, or one
+    /// deleted within the day), in one round trip (one per node in a cluster).
+    pub(crate) async fn holds(&self, keys: &[String]) -> Result<Vec<bool>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tickets = keys.iter().map(|k| self.layout.ticket(k));
+        let both: Vec<String> = keys.iter().cloned().chain(tickets).collect();
+        let stored: Vec<Option<Vec<u8>>> = redis::cmd("MGET")
+            .arg(both)
+            .query_async(&mut self.connection.clone())
+            .await?;
+        let (entries, tickets) = stored.split_at(keys.len());
+        Ok(entries
+            .iter()
+            .zip(tickets)
+            .map(|(entry, ticket)| entry.is_some() || ticket.is_some())
+            .collect())
+    }
+
     /// The render tickets stored beside these fragment keys (`None` where there is none), in one round
     /// trip (one per node in a cluster).
     pub(crate) async fn tickets(&self, keys: &[String]) -> Result<Vec<Option<i64>>, Error> {
