@@ -284,8 +284,9 @@ $$;
 -- never deadlock with anyone: a round waits for each lock only until half of deadlock_timeout after
 -- it started, so the install always gives up before any waiter's deadlock check could find it in
 -- a cycle; a round that cannot finish releases what it took, waits (holding none of them) for the
--- one it could not take, releases that too, and starts again. Writers wait for the install and go
--- on with the new capture. After 30 s it stops, naming the relation it waited for.
+-- one it could not take, releases that too, and starts again. Writers wait for the install (or,
+-- between two rounds, write before it, with the old capture) and none fails. After 30 s it stops,
+-- naming the relation it waited for.
 DO $$
 DECLARE
     deadline  timestamptz := pg_catalog.clock_timestamp() OPERATOR(pg_catalog.+) interval '30 s';

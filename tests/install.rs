@@ -357,10 +357,30 @@ async fn an_upgrade_over_a_foreign_partition_added_since_its_table_was_watched_i
     env.cleanup().await;
 }
 
+/// Whether a session of this database holds (`granted`) or waits for (`!granted`) a lock of
+/// `mode` on `table`.
+async fn lock_on(
+    client: &pgfresh::tokio_postgres::Client,
+    table: &str,
+    mode: &str,
+    granted: bool,
+) -> bool {
+    client
+        .query_one(
+            "SELECT EXISTS (SELECT FROM pg_locks
+                            WHERE database = (SELECT oid FROM pg_database WHERE datname = current_database())
+                              AND relation = $1::text::regclass AND mode = $2 AND granted = $3)",
+            &[&table, &mode, &granted],
+        )
+        .await
+        .unwrap()
+        .get(0)
+}
+
 /// An upgrade from before version 7 rebuilds every watch after taking locks on pgfresh's own
 /// tables that the old capture reads on every write; writers that hold a watched table by then and
-/// wait for one of those used to deadlock with it. The upgrade locks the watched tables first, so
-/// writers wait for it and go on with the new capture, and it goes through.
+/// wait for one of those used to deadlock with it. The upgrade takes the watched tables first, so
+/// writers wait for it, and it goes through.
 #[tokio::test]
 async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_and_deadlocks_with_none()
  {
@@ -376,20 +396,8 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
         )
         .await
         .unwrap();
-    let waiting = || async {
-        let waiting: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        waiting
-    };
     // A writer in the middle of its transaction: it holds `items` and, through version 6's
-    // capture, pgfresh.listeners, so the upgrade waits for it.
+    // capture, pgfresh.listeners, so the upgrade waits for it, on `items` first.
     let first = env.client().await;
     first
         .batch_execute("BEGIN; UPDATE items SET n = n + 1 WHERE id = 1")
@@ -397,8 +405,8 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
         .unwrap();
     let db = env.db.clone();
     let upgrade = tokio::spawn(async move { pgfresh::install(&db).await });
-    common::eventually("the upgrade to wait for the first writer", || async {
-        waiting().await == 1
+    common::eventually("the upgrade to wait for items", || async {
+        lock_on(&client, "items", "AccessExclusiveLock", false).await
     })
     .await;
     // A second writer comes while the upgrade waits.
@@ -409,7 +417,7 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
             .await
     });
     common::eventually("the second writer to wait, or to be through", || async {
-        waiting().await == 2 || second_write.is_finished()
+        lock_on(&client, "items", "RowExclusiveLock", false).await || second_write.is_finished()
     })
     .await;
     first.batch_execute("COMMIT").await.unwrap();
@@ -424,7 +432,8 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
         pgfresh::installed_version(&env.db).await.unwrap(),
         Some(pgfresh::required_version())
     );
-    // Both writes are queued, the second by the new capture.
+    // Both writes are queued (the second by whichever capture was in place when it wrote: between
+    // two of the upgrade's rounds it may come before it).
     let keys: Vec<String> = client
         .query(
             "SELECT key FROM pgfresh.changes WHERE topic = 'item' ORDER BY id",
@@ -440,18 +449,26 @@ async fn an_upgrade_from_version_6_under_writes_locks_the_watched_tables_first_a
 }
 
 /// A writer that changes two watched tables in one transaction, the later one first, while the
-/// upgrade waits for it: the upgrade never holds one table while it waits for another long enough
-/// to be found in a deadlock, so neither the write nor the install fails.
+/// upgrade holds the earlier one and waits for the later: the upgrade gives up its round well
+/// before a deadlock check could find the two in a cycle, so neither the write nor the install
+/// fails.
 #[tokio::test]
 async fn an_upgrade_from_version_6_beside_a_writer_of_two_tables_deadlocks_with_neither() {
     let env = TestEnv::empty().await;
     let client = env.client().await;
     install_up_to(&client, 6).await;
+    // The upgrade's rounds last half of this (up to a second), whatever the server's setting.
+    let database: String = client
+        .query_one("SELECT current_database()", &[])
+        .await
+        .unwrap()
+        .get(0);
     client
-        .batch_execute(
-            "CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY);
-             SELECT pgfresh.watch('items', 'id', 'item'); SELECT pgfresh.watch('orders', 'id', 'order');",
-        )
+        .batch_execute(&format!(
+            "ALTER DATABASE {database} SET deadlock_timeout = '2s';
+             CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE orders (id int PRIMARY KEY);
+             SELECT pgfresh.watch('items', 'id', 'item'); SELECT pgfresh.watch('orders', 'id', 'order');"
+        ))
         .await
         .unwrap();
     let writer = env.client().await;
@@ -461,23 +478,20 @@ async fn an_upgrade_from_version_6_beside_a_writer_of_two_tables_deadlocks_with_
         .unwrap();
     let db = env.db.clone();
     let upgrade = tokio::spawn(async move { pgfresh::install(&db).await });
-    common::eventually("the upgrade to wait for the writer", || async {
-        let waiting: i64 = client
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND wait_event_type = 'Lock'",
-                &[],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        waiting == 1
+    // `items` comes first in the upgrade's order (created first, a lower oid): it holds it and
+    // waits for `orders`.
+    common::eventually("the upgrade to hold items and wait for orders", || async {
+        lock_on(&client, "items", "AccessExclusiveLock", true).await
+            && lock_on(&client, "orders", "AccessExclusiveLock", false).await
     })
     .await;
-    let written = writer
-        .batch_execute("INSERT INTO items VALUES (2); COMMIT")
-        .await;
+    let write = tokio::spawn(async move {
+        writer
+            .batch_execute("INSERT INTO items VALUES (2); COMMIT")
+            .await
+    });
     let applied = upgrade.await.unwrap();
+    let written = write.await.unwrap();
     assert!(
         applied.is_ok() && written.is_ok(),
         "upgrade: {applied:?}; writer: {written:?}"

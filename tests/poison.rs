@@ -477,6 +477,7 @@ async fn a_transient_error_while_isolating_a_bad_row_fails_its_own_group_alone()
     assert!(
         errors.len() == 2
             && errors[0].contains("could not serialize access")
+            && errors[0].contains("(key 2 alone)")
             && errors[1].contains("division by zero"),
         "{errors:?}"
     );

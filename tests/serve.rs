@@ -401,7 +401,14 @@ async fn a_key_the_fragment_fails_on_is_500_with_its_error_and_other_keys_still_
 #[tokio::test]
 async fn a_load_that_meets_a_lock_timeout_is_503_with_retry_after_not_a_failure_of_the_key() {
     let env = TestEnv::shop(3).await;
-    let fragments = Fragments::new().with(&env.prefix, ImpatientCard);
+    // A second card, under a prefix of its own, whose loads give up by statement timeout.
+    let slow_prefix = format!("{}slow:", env.prefix.trim_end_matches("product_card:"));
+    pgfresh::testing::set_fragment_marker(&env.sink, &slow_prefix, 1)
+        .await
+        .unwrap();
+    let fragments = Fragments::new()
+        .with(&env.prefix, ImpatientCard("lock_timeout"))
+        .with(&slow_prefix, ImpatientCard("statement_timeout"));
     let (listener, serve, _) = serving(&env, fragments, |_| {}).await;
     let key = env.key(2, "full");
     assert_eq!(env.get(&key).await, None, "a cold cache");
@@ -416,11 +423,16 @@ async fn a_load_that_meets_a_lock_timeout_is_503_with_retry_after_not_a_failure_
     let (head, body) = response.split_once("\r\n\r\n").unwrap();
     assert!(head.starts_with("HTTP/1.1 503"), "{response}");
     assert!(
-        head.to_ascii_lowercase().contains("retry-after: 1"),
+        head.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"),
         "{head}"
     );
     assert!(body.contains("lock timeout"), "{body}");
     assert_eq!(body.trim().lines().count(), 1, "{body}");
+    // A statement timeout is not transient: one key's load may meet it every time.
+    let slow = format!("{slow_prefix}2:full");
+    let (status, _, body) = get(serve, &slow).await;
+    assert_eq!(status, 500, "{body}");
+    assert!(body.contains("statement timeout"), "{body}");
     migration.batch_execute("COMMIT").await.unwrap();
     let (status, _, body) = get(serve, &key).await;
     assert_eq!(status, 200, "{body}");
@@ -429,8 +441,9 @@ async fn a_load_that_meets_a_lock_timeout_is_503_with_retry_after_not_a_failure_
     env.cleanup().await;
 }
 
-/// The shop's card, whose loads give up on a lock after 200 ms.
-struct ImpatientCard;
+/// The shop's card, whose loads give up after 200 ms, by the timeout it names
+/// (`lock_timeout`, `statement_timeout`).
+struct ImpatientCard(&'static str);
 
 impl pgfresh::Fragment for ImpatientCard {
     type Key = i64;
@@ -439,7 +452,10 @@ impl pgfresh::Fragment for ImpatientCard {
     type Error = <ProductCard as pgfresh::Fragment>::Error;
 
     fn name(&self) -> &str {
-        ProductCard.name()
+        match self.0 {
+            "lock_timeout" => ProductCard.name(),
+            _ => "slow_card",
+        }
     }
 
     fn topics(&self) -> pgfresh::Topics {
@@ -451,7 +467,8 @@ impl pgfresh::Fragment for ImpatientCard {
         db: &pgfresh::tokio_postgres::Client,
         keys: &[i64],
     ) -> pgfresh::Loaded<Self> {
-        db.batch_execute("SET lock_timeout = '200ms'").await?;
+        db.batch_execute(&format!("SET {} = '200ms'", self.0))
+            .await?;
         ProductCard.load(db, keys).await
     }
 
