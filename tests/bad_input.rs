@@ -62,6 +62,37 @@ async fn a_change_that_failed_dozens_of_times_is_still_retried_then_parked() {
     env.cleanup().await;
 }
 
+/// A change written by hand with an infinite `enqueued_at` has no age to measure, and subtracting
+/// it fails the statement: it must not fail every claim that reads it (the queue would stall
+/// behind it), nor the listener's figures.
+#[tokio::test]
+async fn a_change_queued_by_hand_at_an_infinite_time_is_applied_with_the_rest() {
+    let env = TestEnv::shop(2).await;
+    let listener = env.start_listener(test_settings());
+    env.client()
+        .await
+        .batch_execute(
+            "UPDATE products SET name = 'Renamed ' || id;
+             INSERT INTO pgfresh.changes (topic, key, enqueued_at) VALUES ('product', '1', '-infinity');
+             INSERT INTO pgfresh.changes (topic, key, enqueued_at) VALUES ('product', '2', 'infinity');",
+        )
+        .await
+        .unwrap();
+    for id in [1, 2] {
+        let key = env.key(id, "full");
+        eventually(&key, || async {
+            env.get(&key)
+                .await
+                .is_some_and(|card| card.contains("Renamed"))
+        })
+        .await;
+    }
+    eventually("the queue to drain", || async { env.pending().await == 0 }).await;
+    assert_eq!(env.parked().await, 0);
+    listener.stop().await;
+    env.cleanup().await;
+}
+
 #[tokio::test]
 async fn two_spellings_of_one_key_in_a_batch_render_it_once_and_keep_it() {
     let env = TestEnv::shop(50).await;

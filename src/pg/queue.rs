@@ -29,10 +29,13 @@ pub(crate) struct Change {
 /// When a queued change happened, in SQL over a `pgfresh.changes` row: its transaction's commit
 /// time where PostgreSQL records commit timestamps (`track_commit_timestamp = on`), else the start
 /// of its transaction (`enqueued_at`, the trigger's `now()`), which is earlier by however long the
-/// writing transaction ran, so freshness measured from it is never better than the truth.
+/// writing transaction ran, so freshness measured from it is never better than the truth. A row
+/// written by hand with an infinite `enqueued_at` has no origin (an age of 0): subtracting it
+/// fails the statement, and with it every claim that reads the row.
 const ORIGIN: &str = "coalesce(CASE WHEN current_setting('track_commit_timestamp')::bool
                                    THEN pg_xact_commit_timestamp(xid(changes.xid)) END,
-                              changes.enqueued_at)";
+                              CASE WHEN isfinite(changes.enqueued_at) THEN changes.enqueued_at END,
+                              clock_timestamp())";
 
 /// Changes claimed by one transaction, with the render ticket taken before any row is loaded.
 #[derive(Debug, Default)]
@@ -470,7 +473,7 @@ pub(crate) async fn stats(client: &Client, floor: i64) -> Result<QueueStats, Err
                        LIMIT $1) AS counted),
                 (SELECT max(id) - min(id) + 1 FROM pgfresh.changes WHERE id > $2),
                 (SELECT extract(epoch FROM now() - enqueued_at)::float8
-                 FROM pgfresh.changes WHERE id > $2 ORDER BY id LIMIT 1),
+                 FROM pgfresh.changes WHERE id > $2 AND isfinite(enqueued_at) ORDER BY id LIMIT 1),
                 (SELECT count(*) FROM (SELECT FROM pgfresh.failed LIMIT $1) AS counted),
                 (SELECT extract(epoch FROM clock_timestamp() - {ORIGIN})::float8
                  FROM pgfresh.changes WHERE id > $2 ORDER BY id LIMIT 1)"
