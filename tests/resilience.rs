@@ -935,6 +935,63 @@ async fn a_listener_started_beside_a_newer_one_applies_nothing_before_standing_a
     env.cleanup().await;
 }
 
+/// A release that adds a fragment and changes no version is newer too: an old listener beside one
+/// of its listeners stands aside (it would apply a change of a topic both handle, render its own
+/// fragments alone, and settle it, leaving the new fragment's entry stale until a sweep). A
+/// listener whose fragments only overlap another's (another binary on the same database) is
+/// neither newer nor older, and both work.
+#[tokio::test]
+async fn a_listener_stands_aside_for_one_rendering_all_its_fragments_and_more_not_for_an_overlap() {
+    let env = TestEnv::shop(3).await;
+    env.sweep().await;
+    let db = env.client().await;
+    let superseded = || async {
+        let sql = "SELECT EXISTS (SELECT FROM pgfresh.listeners WHERE superseded)";
+        common::value::<bool>(&db, sql).await
+    };
+    // Another binary's listener: the card at the same version, and a fragment of its own. This
+    // one's own fragments: the card and another.
+    db.batch_execute(
+        "INSERT INTO pgfresh.listeners (id, fragments, versions, seen_at)
+         VALUES ('other-binary:1:1', '{product_card,order_summary}', '{1,1}', now() + interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    let other_prefix = format!("{}other:", env.prefix.trim_end_matches("product_card:"));
+    pgfresh::testing::set_fragment_marker(&env.sink, &other_prefix, 1)
+        .await
+        .unwrap();
+    let fragments = env
+        .fragments()
+        .with(&other_prefix, common::AlteredCard::new("other_card", 1));
+    let listener = env.start_listener_with(fragments, test_settings());
+    env.rename(1, "Applied beside an overlap").await;
+    let key = env.key(1, "full");
+    eventually("the change to be applied", || async {
+        env.get(&key)
+            .await
+            .is_some_and(|card| card.contains("Applied beside an overlap"))
+    })
+    .await;
+    assert!(!superseded().await, "it stood aside for an overlap");
+    listener.stop().await;
+
+    // The next release of this binary: every fragment at the same version, and one more.
+    db.batch_execute(
+        "DELETE FROM pgfresh.listeners;
+         INSERT INTO pgfresh.listeners (id, fragments, versions, seen_at)
+         VALUES ('next-release:1:1', '{product_card,product_teaser}', '{1,1}', now() + interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    env.rename(2, "Queued beside the next release").await;
+    let old = env.start_listener(test_settings());
+    eventually("the old listener to stand aside", superseded).await;
+    assert_eq!(env.pending().await, 1, "the queued change was applied");
+    old.stop().await;
+    env.cleanup().await;
+}
+
 /// A listener killed (or whose host went away) leaves its row; a listener starting deletes the rows
 /// of those not seen for an hour, so that a fleet whose listeners are killed now and then does not
 /// grow the registry for good, and keeps the recent ones.

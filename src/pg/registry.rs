@@ -207,7 +207,28 @@ async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), E
     Ok(())
 }
 
-/// Whether a live listener other than `me` renders a newer version of one of `me`'s fragments.
+/// Live listeners other than `me` (`$1`, with fragments `$2` at versions `$3`) that render every
+/// fragment `me` renders, none at an older version, and more: a release that added a fragment
+/// (to a topic `me`'s fragments share, say) and changed no version. Its listeners are newer.
+const OTHERS_RENDERING_ALL_MINE_AND_MORE: &str = "FROM pgfresh.listeners l
+     WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'
+       AND $2::text[] <@ l.fragments AND NOT l.fragments <@ $2::text[]
+       AND NOT EXISTS (SELECT FROM unnest(l.fragments, l.versions) AS theirs(name, version)
+                       JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
+                       WHERE theirs.version < mine.version)";
+
+/// Live listeners other than `me` whose fragments `me` renders every one of, none at an older
+/// version, and more: older, as [`OTHERS_RENDERING_ALL_MINE_AND_MORE`] are newer.
+const OTHERS_RENDERING_PART_OF_MINE: &str = "FROM pgfresh.listeners l
+     WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'
+       AND l.fragments <@ $2::text[] AND NOT $2::text[] <@ l.fragments
+       AND NOT EXISTS (SELECT FROM unnest(l.fragments, l.versions) AS theirs(name, version)
+                       JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
+                       WHERE theirs.version > mine.version)";
+
+/// Whether a live listener other than `me` is newer: it renders a newer version of one of `me`'s
+/// fragments, or every one of them at the same version or newer, and more. (A listener whose
+/// fragments only overlap `me`'s, another binary's, is neither newer nor older.)
 pub(crate) async fn newer_listener_running(
     client: &Client,
     me: &ListenerIdentity,
@@ -216,7 +237,8 @@ pub(crate) async fn newer_listener_running(
         .query_typed_one(
             &format!(
                 "SELECT EXISTS (SELECT {OTHERS_SHARING_MY_FRAGMENTS}
-                 AND theirs.version > mine.version)"
+                                AND theirs.version > mine.version)
+                     OR EXISTS (SELECT {OTHERS_RENDERING_ALL_MINE_AND_MORE})"
             ),
             &[
                 (&me.id, Type::TEXT),
@@ -229,7 +251,8 @@ pub(crate) async fn newer_listener_running(
         .get(0))
 }
 
-/// Live listeners still applying changes with an older version of one of `me`'s fragments.
+/// Live listeners still applying changes that are older than `me`: with an older version of one
+/// of `me`'s fragments, or with part of `me`'s fragments (see [`newer_listener_running`]).
 pub(crate) async fn older_listeners_working(
     client: &Client,
     me: &ListenerIdentity,
@@ -237,8 +260,12 @@ pub(crate) async fn older_listeners_working(
     Ok(client
         .query_typed_one(
             &format!(
-                "SELECT count(DISTINCT l.id) {OTHERS_SHARING_MY_FRAGMENTS}
-                 AND NOT l.superseded AND theirs.version < mine.version"
+                "SELECT count(DISTINCT id) FROM (
+                     SELECT l.id {OTHERS_SHARING_MY_FRAGMENTS}
+                     AND NOT l.superseded AND theirs.version < mine.version
+                     UNION ALL
+                     SELECT l.id {OTHERS_RENDERING_PART_OF_MINE} AND NOT l.superseded
+                 ) AS older"
             ),
             &[
                 (&me.id, Type::TEXT),
