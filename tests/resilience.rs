@@ -1018,3 +1018,109 @@ async fn a_listener_starting_forgets_the_rows_of_listeners_long_gone() {
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// Another binary's fragment: a coupon's label, on topic `coupon`.
+struct CouponBadge;
+
+impl pgfresh::Fragment for CouponBadge {
+    type Key = String;
+    type Row = String;
+    type Variant = common::product_card::Card;
+    type Error = pgfresh::tokio_postgres::Error;
+
+    fn name(&self) -> &str {
+        "coupon_badge"
+    }
+    fn topics(&self) -> pgfresh::Topics {
+        pgfresh::Topics::new().direct("coupon")
+    }
+    async fn load(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        codes: &[String],
+    ) -> pgfresh::Loaded<Self> {
+        let rows = db
+            .query(
+                "SELECT code, label FROM coupons WHERE code = ANY($1)",
+                &[&codes],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| (row.get(0), row.get(1))).collect())
+    }
+    fn render(&self, _: &String, label: &String, _: Self::Variant) -> pgfresh::maud::Markup {
+        pgfresh::maud::html! { b { (label) } }
+    }
+    async fn keys_after(
+        &self,
+        db: &pgfresh::tokio_postgres::Client,
+        after: Option<&String>,
+        limit: i64,
+    ) -> Result<Vec<String>, Self::Error> {
+        let rows = db
+            .query(
+                "SELECT code FROM coupons WHERE code > coalesce($1, '') ORDER BY code LIMIT $2",
+                &[&after, &limit],
+            )
+            .await?;
+        Ok(rows.iter().map(|row| row.get(0)).collect())
+    }
+}
+
+/// Two binaries with fragments of their own on one database: each listener leaves the changes
+/// of the other's topics to it, so none fails here ("no fragment subscribes") and waits its
+/// backoff, or is parked (one failure parks, here).
+#[tokio::test]
+async fn listeners_of_two_binaries_on_one_database_each_apply_their_own_topics() {
+    let env = TestEnv::shop(20).await;
+    env.sweep().await;
+    let db = env.client().await;
+    db.batch_execute(
+        "CREATE TABLE coupons (code text PRIMARY KEY, label text NOT NULL);
+         SELECT pgfresh.watch('coupons', 'code', 'coupon');",
+    )
+    .await
+    .unwrap();
+    let coupon_prefix = format!("{}coupon:", env.prefix.trim_end_matches("product_card:"));
+    pgfresh::testing::set_fragment_marker(&env.sink, &coupon_prefix, 1)
+        .await
+        .unwrap();
+    let settings = || tweak(test_settings(), |s| s.max_attempts = 1);
+    let shop = env.start_listener_with(env.fragments(), settings());
+    let coupons = env.start_listener_with(
+        Fragments::new().with(&coupon_prefix, CouponBadge),
+        settings(),
+    );
+    eventually("both listeners to register", || async {
+        env.registered_listeners().await == 2
+    })
+    .await;
+    for id in 1..=20 {
+        db.batch_execute(&format!(
+            "UPDATE products SET name = 'Renamed {id}' WHERE id = {id};
+             INSERT INTO coupons VALUES ('C{id:02}', 'Coupon {id}');"
+        ))
+        .await
+        .unwrap();
+    }
+    eventually("every change to be applied", || async {
+        env.pending().await == 0
+    })
+    .await;
+    assert_eq!(
+        env.parked().await,
+        0,
+        "a listener failed the other's change"
+    );
+    for id in [1, 20] {
+        let card = env.get(&env.key(id, "full")).await.unwrap_or_default();
+        assert!(card.contains(&format!("Renamed {id}")), "{card}");
+        let badge = env
+            .get(&format!("{coupon_prefix}C{id:02}:full"))
+            .await
+            .unwrap_or_default();
+        assert_eq!(badge, format!("<b>Coupon {id}</b>"));
+    }
+    coupons.stop().await;
+    shop.stop().await;
+    env.cleanup().await;
+}
