@@ -485,3 +485,72 @@ async fn a_transient_error_while_isolating_a_bad_row_fails_its_own_group_alone()
     listener.stop().await;
     env.cleanup().await;
 }
+
+/// The careful card, counting its loads.
+#[derive(Default)]
+struct CountedCard {
+    loads: std::sync::atomic::AtomicUsize,
+}
+
+impl Fragment for CountedCard {
+    type Key = i64;
+    type Row = String;
+    type Variant = common::product_card::Card;
+    type Error = tokio_postgres::Error;
+
+    fn name(&self) -> &str {
+        CarefulCard.name()
+    }
+    fn topics(&self) -> Topics {
+        CarefulCard.topics()
+    }
+    async fn load(&self, db: &Client, ids: &[i64]) -> pgfresh::Loaded<Self> {
+        self.loads.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        CarefulCard.load(db, ids).await
+    }
+    fn render(&self, key: &i64, name: &String, variant: Self::Variant) -> pgfresh::maud::Markup {
+        CarefulCard.render(key, name, variant)
+    }
+    async fn keys_after(
+        &self,
+        db: &Client,
+        after: Option<&i64>,
+        limit: i64,
+    ) -> Result<Vec<i64>, tokio_postgres::Error> {
+        CarefulCard.keys_after(db, after, limit).await
+    }
+}
+
+/// A loader that fails in its data on every key (a deploy broke it: here a column read as the
+/// wrong type) cannot be split down to the keys that fail within a batch's budget: its keys are
+/// failures, counted and parked at the limit, in a bounded number of loads, not "unresolved" and
+/// tried again in round after round of splitting loads with no attempt counted.
+#[tokio::test]
+async fn a_loader_failing_on_every_key_of_a_large_batch_has_its_changes_parked() {
+    let env = TestEnv::shop(200).await;
+    let card = std::sync::Arc::new(CountedCard::default());
+    let listener = env.start_listener_with(
+        Fragments::new().with(&env.prefix, common::SharedFragment(card.clone())),
+        tweak(common::test_settings(), |s| s.max_attempts = 2),
+    );
+    // Every name read as a `String` is now an integer: every row fails the loader.
+    let db = env.client().await;
+    db.batch_execute(
+        "ALTER TABLE products ALTER name TYPE integer USING length(name);
+         UPDATE products SET price_cents = price_cents + 1;",
+    )
+    .await
+    .unwrap();
+    eventually("every change to be parked", || async {
+        env.pending().await == 0 && env.parked().await == 200
+    })
+    .await;
+    // Each attempt of a batch of n keys costs at most its load and the 24 that split it, or
+    // 2n - 1 loads where that isolates every key: at most about 450 for two attempts of 200 keys
+    // however the retries are batched (here 224). Left unresolved, the keys took about 2,600
+    // loads before they were split apart enough to fail and be counted.
+    let loads = card.loads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(loads <= 600, "{loads} loads");
+    listener.stop().await;
+    env.cleanup().await;
+}
