@@ -46,6 +46,9 @@ pub(crate) async fn process(
     // change past it, which is what moves the floor. Asked before the transaction begins, so
     // that its `now()`, against which the claim checks retry times, is later.
     let start = shared.floor.start();
+    // Before the claim is sent: its snapshot, taken later, sees at least as far, unless PostgreSQL
+    // hands out transaction ids again.
+    let newest_xmax = shared.recent.newest_xmax();
     // BEGIN goes out with the claim (`pg::transaction`), with the settings a pooler would not
     // take at connection, set for this transaction alone.
     let settings = pooled.then_some(crate::pg::POOLED_SETTINGS_LOCAL);
@@ -67,6 +70,14 @@ pub(crate) async fn process(
     let (begun, claim) = futures_util::future::join(txn.begun(), claim).await;
     begun?;
     let mut claim = claim?;
+    if let Some(snapshot) = &claim.snapshot
+        && shared.recent.went_back(snapshot, newest_xmax)
+    {
+        tracing::warn!(
+            "PostgreSQL hands out transaction ids again (it lost the end of its WAL: a crash or a failover): forgetting what earlier renders covered"
+        );
+        shared.floor.forget();
+    }
     if start.walk {
         shared.floor.walked(start, started.elapsed());
     }

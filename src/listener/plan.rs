@@ -51,6 +51,8 @@ struct Memory {
     /// The snapshot after which the key's last successful render loaded its rows. Set only once the
     /// render is in Redis: a failed render covers nothing.
     covered_by: HashMap<u128, Arc<Snapshot>>,
+    /// The highest `xmax` of the claims' snapshots seen so far.
+    newest_xmax: u64,
 }
 
 /// What a claimed batch comes to: changes to settle at once, changes to put back for a moment, and
@@ -90,6 +92,27 @@ impl RecentRenders {
     fn id(&self, topic: &str, key: &str) -> u128 {
         let half = |hasher: &RandomState| hasher.hash_one((topic, key));
         (u128::from(half(&self.hashers.0)) << 64) | u128::from(half(&self.hashers.1))
+    }
+
+    /// The highest `xmax` of the snapshots recorded renders loaded after: read before a claim is
+    /// sent, a bound its snapshot, taken later, can only be under if transaction ids went back.
+    pub(crate) fn newest_xmax(&self) -> u64 {
+        self.memory.lock().expect("recent renders lock").newest_xmax
+    }
+
+    /// Whether a claim's `snapshot`, taken after [`RecentRenders::newest_xmax`] said `before`, shows
+    /// transaction ids gone back. They go back when PostgreSQL lost the end of its WAL (a crash with
+    /// `synchronous_commit = off`, a failover to a standby that was behind): ids handed out before
+    /// are handed out again, and a remembered snapshot would take a new change's reused id for one
+    /// it saw, settling the change unrendered. Then every snapshot remembered is forgotten.
+    pub(crate) fn went_back(&self, snapshot: &Snapshot, before: u64) -> bool {
+        if snapshot.xmax() >= before {
+            return false;
+        }
+        let mut memory = self.memory.lock().expect("recent renders lock");
+        memory.covered_by.clear();
+        memory.newest_xmax = snapshot.xmax();
+        true
     }
 
     /// Decides what to do with a change to (topic, key) written by transaction `xid`. A key planned
@@ -154,6 +177,7 @@ impl RecentRenders {
         if memory.covered_by.len() > MAX_COVERED {
             memory.covered_by.clear();
         }
+        memory.newest_xmax = memory.newest_xmax.max(snapshot.xmax());
         memory.prune_started(landed);
         for (topic, key) in rendered {
             let id = self.id(topic, key);
@@ -190,6 +214,26 @@ mod tests {
             xid,
             age: Duration::ZERO,
         }
+    }
+
+    #[test]
+    fn transaction_ids_going_back_forget_every_snapshot_remembered() {
+        let recent = RecentRenders::default();
+        let start = Instant::now();
+        let seen = Snapshot::parse("1000:1000:").unwrap();
+        recent.record([("product", "1")].into_iter(), Arc::new(seen), start);
+        let later = start + HOT_KEY_INTERVAL * 2;
+        assert_eq!(recent.plan("product", "1", 950, later), Plan::Covered);
+        // A claim sent now whose snapshot is older than what a recorded render saw: PostgreSQL
+        // came back from losing the end of its WAL, and hands out ids from 900 on again, so 950
+        // is a change the render never saw.
+        let before = recent.newest_xmax();
+        assert_eq!(before, 1000);
+        assert!(recent.went_back(&Snapshot::parse("900:900:").unwrap(), before));
+        assert_eq!(recent.plan("product", "1", 950, later), Plan::Render);
+        // Ids going forward from there are not taken for going back.
+        let before = recent.newest_xmax();
+        assert!(!recent.went_back(&Snapshot::parse("960:960:").unwrap(), before));
     }
 
     #[test]
