@@ -452,7 +452,7 @@ impl<F: Fragment> Registered<F> {
     /// and those again, level by level, until the keys that fail are alone or [`SPLITTING_LOADS`]
     /// are spent: one bad row fails its own key, not every key loaded with it. Keys still in a
     /// failing group when the budget is spent are unresolved (tried again soon, apart, with no
-    /// attempt counted: most of them are likely fine), unless no group loaded at all. A load that fails every key alike (no split
+    /// attempt counted: most of them are likely fine). A load that fails every key alike (no split
     /// helps; a transient error) fails the call, or after a split its own group; a lost connection
     /// always fails the call.
     async fn load_isolating(
@@ -471,13 +471,11 @@ impl<F: Fragment> Registered<F> {
         }
         let mut budget = SPLITTING_LOADS;
         let mut split = false;
-        let mut any_loaded = false;
         while let Some(mut part) = parts.pop_front() {
             let load = self.fragment.load(db.client, &part);
             let loaded = guarded(self.name(), "load", db, load).await;
             let reason = match loaded {
                 Ok(rows) => {
-                    any_loaded = true;
                     loads.rows.extend(rows);
                     continue;
                 }
@@ -518,13 +516,6 @@ impl<F: Fragment> Registered<F> {
             loads
                 .failed
                 .extend(part.into_iter().map(|key| (key, reason.clone())));
-        }
-        // No group loaded at all: the loader fails on every key alike (a deploy broke it), not on
-        // a few bad rows among them. Left unresolved, its keys would be tried again within seconds,
-        // with no attempt counted, for good: they fail, and are parked at the limit like any other.
-        if !any_loaded && !loads.unresolved.is_empty() {
-            let unresolved = std::mem::take(&mut loads.unresolved);
-            loads.failed.extend(unresolved);
         }
         Ok(loads)
     }
