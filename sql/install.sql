@@ -58,11 +58,6 @@ SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 9) AS pgfresh_
 \ir migrations/0009_watch_beside_readers.sql
 \endif
 
-SELECT NOT EXISTS (SELECT FROM pgfresh.migrations WHERE version = 10) AS pgfresh_apply \gset
-\if :pgfresh_apply
-\ir migrations/0010_listener_topics.sql
-\endif
-
 \ir finish.sql
 
 COMMIT;

@@ -237,8 +237,7 @@ async fn upgrading_from_version_5_keeps_every_queued_and_parked_change_and_rebui
             "0006_sweep_lease",
             "0007_cheaper_capture",
             "0008_foreign_partitions",
-            "0009_watch_beside_readers",
-            "0010_listener_topics"
+            "0009_watch_beside_readers"
         ]
     );
     let (queued, parked): (Vec<String>, Vec<String>) = {

@@ -65,7 +65,6 @@ pub(crate) async fn process(
         after,
         from_floor,
         shared.settings.batch_size,
-        &shared.me,
     );
     let (begun, claim) = futures_util::future::join(txn.begun(), claim).await;
     begun?;

@@ -219,18 +219,6 @@ impl Listener {
             fragments: fragments.iter().map(|f| f.name().to_string()).collect(),
             versions: fragments.iter().map(|f| i64::from(f.version())).collect(),
             stored: fragments.iter().map(|f| f.stored_at()).collect(),
-            topics: {
-                let mut topics: Vec<String> = fragments
-                    .iter()
-                    .flat_map(|f| {
-                        let own = std::iter::once(f.own_topic().to_string());
-                        own.chain(f.topics().iter().map(|topic| topic.name.clone()))
-                    })
-                    .collect();
-                topics.sort();
-                topics.dedup();
-                topics
-            },
         };
         let board = Arc::new(StatusBoard::new(&fragments));
         let floor = floor::QueueFloor::new(sessions.ids_in_order);

@@ -7,7 +7,6 @@ use std::time::Duration;
 use tokio_postgres::Client;
 use tokio_postgres::types::Type;
 
-use super::registry::{self, ListenerIdentity};
 use super::statements::{Hot, Kept};
 use super::transaction::Pipelined;
 use crate::Error;
@@ -110,7 +109,6 @@ pub(crate) async fn claim_batch(
     after: i64,
     floor: Option<i64>,
     limit: i64,
-    me: &ListenerIdentity,
 ) -> Result<Claim, Error> {
     // The ticket comes from an uncorrelated subquery, evaluated once per statement. The rows are loaded
     // by later statements, whose snapshots are newer than the ticket: that is what makes tickets order
@@ -126,9 +124,6 @@ pub(crate) async fn claim_batch(
     // listener's clock may differ from the server's without skewing freshness.
     // The claim's own transaction id (it needs one to lock the rows) and, given `$2`, the first
     // change past it are what `listener::floor` proves its floor with; a NULL `$2` reads nothing.
-    // Changes of topics only other live listeners handle (another binary's: `$3` is this
-    // listener's id, `$4` its topics) are theirs, read from the registry at each claim so that a
-    // listener registered since is known at once; they still hold the floor until settled.
     let sql = format!(
         "WITH encoding AS (SELECT current_setting('server_encoding') = 'SQL_ASCII' AS raw)
          SELECT (SELECT nextval('pgfresh.render_tickets')), id,
@@ -141,23 +136,14 @@ pub(crate) async fn claim_batch(
                 (SELECT min(past.id) FROM pgfresh.changes past
                  WHERE past.id > $2 AND past.retry_at <= now() + interval '{look_ahead} seconds')
          FROM pgfresh.changes, encoding
-         WHERE retry_at <= now() AND id > $1 AND topic <> ALL({others_only})
+         WHERE retry_at <= now() AND id > $1
          ORDER BY id
          LIMIT {limit}
          FOR UPDATE OF changes SKIP LOCKED",
-        look_ahead = LOOK_AHEAD.as_secs(),
-        others_only = registry::topics_only_others_handle(),
+        look_ahead = LOOK_AHEAD.as_secs()
     );
     let rows = txn
-        .query(
-            &sql,
-            &[
-                (&after, Type::INT8),
-                (&floor, Type::INT8),
-                (&me.id, Type::TEXT),
-                (&me.topics, Type::TEXT_ARRAY),
-            ],
-        )
+        .query(&sql, &[(&after, Type::INT8), (&floor, Type::INT8)])
         .await?;
     // A prepared statement keeps the plan made at its first run (until the table is analyzed):
     // on a queue that was short then, a sequential scan and a sort of every row, which on a
@@ -166,10 +152,7 @@ pub(crate) async fn claim_batch(
     // that stops after `limit` rows). (The statements over a batch's ids need no such care: their
     // range keeps them on the index, see `bounds`.)
     if rows.len() as i64 >= limit {
-        txn.forget(
-            &sql,
-            &[Type::INT8, Type::INT8, Type::TEXT, Type::TEXT_ARRAY],
-        );
+        txn.forget(&sql, &[Type::INT8, Type::INT8]);
     }
     let mut claim = Claim {
         ticket: rows.first().map_or(0, |r| r.get(0)),

@@ -40,8 +40,6 @@ pub(crate) struct ListenerIdentity {
     pub(crate) versions: Vec<i64>,
     /// Where each is stored in Redis (`<stored prefix>* (<format>)`), in the same order.
     pub(crate) stored: Vec<String>,
-    /// The topics it handles: its fragments' topics and their own topics (`fragment:<name>`).
-    pub(crate) topics: Vec<String>,
 }
 
 /// The live listeners other than `me` ($1) rendering a fragment `me` renders too (names $2, versions
@@ -51,22 +49,6 @@ const OTHERS_SHARING_MY_FRAGMENTS: &str = "FROM pgfresh.listeners l
      CROSS JOIN LATERAL unnest(l.fragments, l.versions) AS theirs(name, version)
      JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
      WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'";
-
-/// The topics live listeners other than the claiming one (`$3`, with topics `$4`) handle and it
-/// does not: another binary's, whose changes it leaves to them. Listeners standing aside, and those
-/// of releases that do not record their topics (before schema version 10), hand nobody anything.
-/// An expression of type `text[]`, for a claim.
-pub(crate) fn topics_only_others_handle() -> String {
-    format!(
-        "coalesce((
-             SELECT array_agg(topic)
-             FROM pgfresh.listeners l, unnest(l.topics) AS topic
-             WHERE l.id <> $3 AND NOT l.superseded
-               AND l.seen_at > now() - interval '{} seconds'
-               AND topic <> ALL($4::text[])), '{{}}')",
-        SHARING_WINDOW.as_secs()
-    )
-}
 
 /// Serializes listeners' start-up checks, so that two conflicting listeners starting at once cannot
 /// both pass [`check_sharing`]: locks the sweep lease's row (which only listeners may update) until
@@ -101,11 +83,11 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
         .query_typed_one(
             "INSERT INTO pgfresh.listeners
                  (id, idle, superseded, changes_done, refused_writes, fragments, versions, stored,
-                  started_at, topics)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, coalesce(to_timestamp($9::float8), now()), $10)
+                  started_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, coalesce(to_timestamp($9::float8), now()))
              ON CONFLICT (id) DO UPDATE
              SET idle = $2, superseded = $3, changes_done = $4, refused_writes = $5,
-                 fragments = $6, versions = $7, stored = $8, seen_at = now(), topics = $10
+                 fragments = $6, versions = $7, stored = $8, seen_at = now()
              RETURNING extract(epoch FROM started_at)::float8",
             &[
                 (&me.id, Type::TEXT),
@@ -117,7 +99,6 @@ pub(crate) async fn write_row(client: &Client, row: &ListenerRow<'_>) -> Result<
                 (&me.versions, Type::INT8_ARRAY),
                 (&me.stored, Type::TEXT_ARRAY),
                 (&row.started_at, Type::FLOAT8),
-                (&me.topics, Type::TEXT_ARRAY),
             ],
         )
         .await?;
