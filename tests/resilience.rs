@@ -936,10 +936,11 @@ async fn a_listener_started_beside_a_newer_one_applies_nothing_before_standing_a
 }
 
 /// A release that adds a fragment and changes no version is newer too: an old listener beside one
-/// of its listeners stands aside (it would apply a change of a topic both handle, render its own
-/// fragments alone, and settle it, leaving the new fragment's entry stale until a sweep). A
-/// listener whose fragments only overlap another's (another binary on the same database) is
-/// neither newer nor older, and both work.
+/// of its listeners, started after it, stands aside (it would apply a change of a topic both
+/// handle, render its own fragments alone, and settle it, leaving the new fragment's entry stale
+/// until a sweep). A release that removed a fragment, started after the one before, does not stand
+/// aside for it. A listener whose fragments only overlap another's (another binary on the same
+/// database) is neither newer nor older, and both work.
 #[tokio::test]
 async fn a_listener_stands_aside_for_one_rendering_all_its_fragments_and_more_not_for_an_overlap() {
     let env = TestEnv::shop(3).await;
@@ -976,11 +977,35 @@ async fn a_listener_stands_aside_for_one_rendering_all_its_fragments_and_more_no
     assert!(!superseded().await, "it stood aside for an overlap");
     listener.stop().await;
 
-    // The next release of this binary: every fragment at the same version, and one more.
+    // The previous release of this binary, which had one fragment more (this release removed it),
+    // is still running: this one, started after it, is the newer and works.
     db.batch_execute(
         "DELETE FROM pgfresh.listeners;
-         INSERT INTO pgfresh.listeners (id, fragments, versions, seen_at)
-         VALUES ('next-release:1:1', '{product_card,product_teaser}', '{1,1}', now() + interval '1 hour')",
+         INSERT INTO pgfresh.listeners (id, fragments, versions, seen_at, started_at)
+         VALUES ('previous-release:1:1', '{product_card,product_teaser}', '{1,1}',
+                 now() + interval '1 hour', now() - interval '1 hour')",
+    )
+    .await
+    .unwrap();
+    let listener = env.start_listener(test_settings());
+    env.rename(3, "Applied after removing a fragment").await;
+    let key = env.key(3, "full");
+    eventually("the change to be applied", || async {
+        env.get(&key)
+            .await
+            .is_some_and(|card| card.contains("Applied after removing a fragment"))
+    })
+    .await;
+    assert!(!superseded().await, "it stood aside for the release before");
+    listener.stop().await;
+
+    // The next release of this binary, started after this one: every fragment at the same
+    // version, and one more.
+    db.batch_execute(
+        "DELETE FROM pgfresh.listeners;
+         INSERT INTO pgfresh.listeners (id, fragments, versions, seen_at, started_at)
+         VALUES ('next-release:1:1', '{product_card,product_teaser}', '{1,1}',
+                 now() + interval '1 hour', now() + interval '1 hour')",
     )
     .await
     .unwrap();

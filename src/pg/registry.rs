@@ -207,28 +207,35 @@ async fn prefix_conflict(client: &Client, me: &ListenerIdentity) -> Result<(), E
     Ok(())
 }
 
-/// Live listeners other than `me` (`$1`, with fragments `$2` at versions `$3`) that render every
-/// fragment `me` renders, none at an older version, and more: a release that added a fragment
-/// (to a topic `me`'s fragments share, say) and changed no version. Its listeners are newer.
+/// Live listeners other than `me` (`$1`, with fragments `$2` at versions `$3`) started after it that
+/// render every fragment `me` renders, none at an older version, and more, and do not stand aside
+/// themselves: a release that added a fragment (to a topic `me`'s fragments share, say) and
+/// changed no version. Its listeners are newer. (Started after: a release that removed a fragment
+/// renders part of what its predecessor does, and must not stand aside for it. Two binaries, one
+/// rendering part of what the other does, count as releases of one: the earlier stands aside.)
 const OTHERS_RENDERING_ALL_MINE_AND_MORE: &str = "FROM pgfresh.listeners l
      WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'
+       AND NOT l.superseded
+       AND l.started_at > (SELECT me.started_at FROM pgfresh.listeners me WHERE me.id = $1)
        AND $2::text[] <@ l.fragments AND NOT l.fragments <@ $2::text[]
        AND NOT EXISTS (SELECT FROM unnest(l.fragments, l.versions) AS theirs(name, version)
                        JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
                        WHERE theirs.version < mine.version)";
 
-/// Live listeners other than `me` whose fragments `me` renders every one of, none at an older
-/// version, and more: older, as [`OTHERS_RENDERING_ALL_MINE_AND_MORE`] are newer.
+/// Live listeners other than `me` started before it whose fragments `me` renders every one of,
+/// none at an older version, and more: older, as [`OTHERS_RENDERING_ALL_MINE_AND_MORE`] are newer.
 const OTHERS_RENDERING_PART_OF_MINE: &str = "FROM pgfresh.listeners l
      WHERE l.id <> $1 AND l.seen_at > now() - $4::float8 * interval '1 second'
+       AND l.started_at < (SELECT me.started_at FROM pgfresh.listeners me WHERE me.id = $1)
+       AND cardinality(l.fragments) > 0
        AND l.fragments <@ $2::text[] AND NOT $2::text[] <@ l.fragments
        AND NOT EXISTS (SELECT FROM unnest(l.fragments, l.versions) AS theirs(name, version)
                        JOIN unnest($2::text[], $3::bigint[]) AS mine(name, version) USING (name)
                        WHERE theirs.version > mine.version)";
 
 /// Whether a live listener other than `me` is newer: it renders a newer version of one of `me`'s
-/// fragments, or every one of them at the same version or newer, and more. (A listener whose
-/// fragments only overlap `me`'s, another binary's, is neither newer nor older.)
+/// fragments, or, started after `me`, every one of them at the same version or newer, and more.
+/// (A listener whose fragments only overlap `me`'s, another binary's, is neither newer nor older.)
 pub(crate) async fn newer_listener_running(
     client: &Client,
     me: &ListenerIdentity,
