@@ -83,6 +83,7 @@ async fn each_misconfiguration_is_found_with_its_fix() {
              SELECT pgfresh.watch('visits', 'product_id', 'product');
              ALTER TABLE visits_low DISABLE TRIGGER pgfresh_product;
              ALTER TABLE pgfresh.changes ALTER COLUMN id SET CACHE 20;
+             ALTER SEQUENCE pgfresh.render_tickets CACHE 20;
              CREATE TABLE vouchers (code text PRIMARY KEY);
              SELECT pgfresh.watch('vouchers', 'code', 'coupon');
              ALTER TABLE vouchers RENAME COLUMN code TO voucher_code;",
@@ -104,6 +105,11 @@ async fn each_misconfiguration_is_found_with_its_fix() {
         &report,
         "1 changes are parked in pgfresh.failed",
         "read their errors",
+    );
+    assert_problem(
+        &report,
+        "the sequence pgfresh.render_tickets has a cache or does not count up",
+        "ALTER SEQUENCE pgfresh.render_tickets CACHE 1 INCREMENT BY 1",
     );
     assert_problem(
         &report,

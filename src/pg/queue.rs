@@ -424,11 +424,29 @@ pub(crate) async fn requeue(
 /// Whether the queue's identity hands out ids in the order they are taken: no cache (each
 /// session would take ids in blocks of its own), counting up. What `listener::floor` counts on.
 pub(crate) async fn ids_in_order(client: &Client) -> Result<bool, Error> {
+    in_order(
+        client,
+        "pg_catalog.pg_get_serial_sequence('pgfresh.changes', 'id')",
+    )
+    .await
+}
+
+/// Whether `pgfresh.render_tickets` hands out tickets in the order they are taken, as
+/// [`ids_in_order`] asks of the queue's ids: renders on different sessions are ordered by them,
+/// and Redis keeps the render with the higher ticket.
+pub(crate) async fn tickets_in_order(client: &Client) -> Result<bool, Error> {
+    in_order(client, "'pgfresh.render_tickets'").await
+}
+
+/// Whether the sequence `sequence` (an SQL expression of its name) has no cache and counts up.
+async fn in_order(client: &Client, sequence: &str) -> Result<bool, Error> {
     let row = client
         .query_typed_one(
-            "SELECT s.seqcache = 1 AND s.seqincrement > 0
-             FROM pg_catalog.pg_sequence s
-             WHERE s.seqrelid = pg_catalog.pg_get_serial_sequence('pgfresh.changes', 'id')::regclass",
+            &format!(
+                "SELECT s.seqcache = 1 AND s.seqincrement > 0
+                 FROM pg_catalog.pg_sequence s
+                 WHERE s.seqrelid = {sequence}::regclass"
+            ),
             &[],
         )
         .await?;

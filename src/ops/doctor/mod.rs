@@ -248,6 +248,12 @@ pub(crate) async fn examine(
         );
     }
     check_notify(&mut report, queue::notification_queue_usage(&client).await?);
+    if !queue::tickets_in_order(&client).await? {
+        report.problem(
+            "the sequence pgfresh.render_tickets has a cache or does not count up: renders on different sessions take tickets out of order, and Redis keeps an older render over a newer one",
+            "ALTER SEQUENCE pgfresh.render_tickets CACHE 1 INCREMENT BY 1, then restart the listeners",
+        );
+    }
     if !queue::ids_in_order(&client).await? {
         report.problem(
             "the identity of pgfresh.changes has a cache or does not count up: listeners cannot tell which changes are settled, so while a session holds an old snapshot every claim reads every change applied since",
