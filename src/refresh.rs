@@ -111,13 +111,9 @@ pub(crate) async fn refresh(
                     _ => None,
                 })
                 .collect();
-            let held: std::collections::HashSet<String> = deletes
-                .iter()
-                .zip(store.holds(&deletes).await?)
-                .filter(|(_, held)| *held)
-                .map(|(key, _)| key.clone())
-                .collect();
-            planned.keep_deletes(|key| held.contains(key));
+            // In the order the deletes come, which is the order `keep_deletes` asks in.
+            let mut held = store.holds(&deletes).await?.into_iter();
+            planned.keep_deletes(|_| held.next().unwrap_or(true));
         }
         Writes::AllChecked | Writes::SkipHeld => {}
     }
@@ -193,8 +189,9 @@ struct PlannedWrites {
 }
 
 impl PlannedWrites {
-    /// Leaves out the deletes of keys `keep` refuses (and their owners, kept beside them).
-    fn keep_deletes(&mut self, keep: impl Fn(&str) -> bool) {
+    /// Leaves out the deletes of keys `keep` refuses, asked of each delete in order (and their
+    /// owners, kept beside them).
+    fn keep_deletes(&mut self, mut keep: impl FnMut(&str) -> bool) {
         let (writes, owners) = std::mem::take(&mut self.writes)
             .into_iter()
             .zip(std::mem::take(&mut self.owners))

@@ -51,7 +51,8 @@ struct Memory {
     /// The snapshot after which the key's last successful render loaded its rows. Set only once the
     /// render is in Redis: a failed render covers nothing.
     covered_by: HashMap<u128, Arc<Snapshot>>,
-    /// The highest `xmax` of the claims' snapshots seen so far.
+    /// The highest `xmax` of the snapshots recorded renders loaded after (since transaction ids
+    /// last went back, see [`RecentRenders::went_back`]).
     newest_xmax: u64,
 }
 

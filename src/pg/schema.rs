@@ -302,32 +302,31 @@ pub(crate) async fn capture_gaps(client: &Client) -> Result<Vec<CaptureGap>, Err
             row.get::<_, Option<String>>(2),
             row.get::<_, Option<String>>(3),
         ) {
-            (Some(trigger), Some(state)) => match row.get::<_, Option<String>>(5) {
-                Some(subscription) => CaptureGap {
-                    what: format!(
-                        "trigger {trigger} on {table} {}, and subscription {subscription} writes {table} as a replica",
-                        match state.as_str() {
-                            "O" => "fires on this server's own writes only",
-                            "R" => "fires only on replicas (ENABLE REPLICA TRIGGER)",
-                            _ => "is disabled",
-                        }
-                    ),
-                    fix: format!(
-                        "ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}; then run `sweep`"
-                    ),
-                },
-                None => CaptureGap {
-                    what: format!(
-                        "trigger {trigger} on {table} {}",
-                        if state == "R" {
-                            "fires only on replicas (ENABLE REPLICA TRIGGER)"
-                        } else {
-                            "is disabled"
-                        }
-                    ),
-                    fix: format!("ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"),
-                },
-            },
+            (Some(trigger), Some(state)) => {
+                let fires = match state.as_str() {
+                    "O" => "fires on this server's own writes only",
+                    "R" => "fires only on replicas (ENABLE REPLICA TRIGGER)",
+                    _ => "is disabled",
+                };
+                // A table a subscription writes needs it ALWAYS: the apply worker writes as a
+                // replica.
+                match row.get::<_, Option<String>>(5) {
+                    Some(subscription) => CaptureGap {
+                        what: format!(
+                            "trigger {trigger} on {table} {fires}, and subscription {subscription} writes {table} as a replica"
+                        ),
+                        fix: format!(
+                            "ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}; then run `sweep`"
+                        ),
+                    },
+                    None => CaptureGap {
+                        what: format!("trigger {trigger} on {table} {fires}"),
+                        fix: format!(
+                            "ALTER TABLE {table} ENABLE TRIGGER {trigger}; then run `sweep`"
+                        ),
+                    },
+                }
+            }
             _ => CaptureGap {
                 what: format!("the {kind} trigger of a watch on {table} is missing"),
                 fix: format!("{watch} (it recreates the watch's triggers); then run `sweep`"),
